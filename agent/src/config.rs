@@ -1,0 +1,489 @@
+//! The cluster's network configuration, as flannel keeps it at `<prefix>/config`.
+//!
+//! twill reads flannel's document unchanged (same field names, same defaults), so a cluster can
+//! mix flannel and twill nodes. Parsing is strict about values (an error names the field and the
+//! value) and lenient about unknown fields, because flannel's document grows fields for backends
+//! twill does not have and those must not stop a node from joining.
+//!
+//! Validation happens before anything touches the kernel: an invalid document is refused as a
+//! whole and the dataplane already in place stays as it is.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+
+/// Why a network config is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The document is not JSON, or a field has the wrong JSON type.
+    #[error("network config is not valid JSON: {0}")]
+    Json(String),
+    /// A field has a value twill cannot use.
+    #[error("network config field {field} has invalid value {value}: {reason}")]
+    Invalid {
+        /// The field, as flannel names it (`Backend.VNI`, `SubnetLen`, ...).
+        field: &'static str,
+        /// The offending value, as written.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A required field is absent.
+    #[error("network config field {0} is required")]
+    Missing(&'static str),
+}
+
+/// The overlay backend a network uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendType {
+    /// Kernel VXLAN device, flannel-compatible (`flannel.<VNI>`, UDP 8472).
+    Vxlan,
+    /// Direct routes to peers on the same L2 network.
+    HostGw,
+    /// Userspace UDP encapsulation over TUN (flannel's `udp`).
+    Udp,
+}
+
+impl BackendType {
+    /// The name used in the config and in leases (`BackendType`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendType::Vxlan => "vxlan",
+            BackendType::HostGw => "host-gw",
+            BackendType::Udp => "udp",
+        }
+    }
+}
+
+/// The `Backend` section, validated, with flannel's defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Which backend.
+    pub kind: BackendType,
+    /// VXLAN network identifier (default 1).
+    pub vni: u32,
+    /// UDP port (VXLAN default 8472, udp default 8285).
+    pub port: u16,
+    /// VXLAN only: peers on the same L2 network get a direct route, not the overlay.
+    pub direct_routing: bool,
+    /// Explicit overlay MTU; `None` derives it from the uplink.
+    pub mtu: Option<u32>,
+}
+
+/// The network config, validated, with flannel's defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// Whether IPv4 is enabled (default true).
+    pub enable_ipv4: bool,
+    /// Whether IPv6 is enabled (default false).
+    pub enable_ipv6: bool,
+    /// The IPv4 cluster network.
+    pub network: Option<Ipv4Net>,
+    /// IPv4 per-node subnet prefix length.
+    pub subnet_len: u8,
+    /// First IPv4 subnet that may be leased.
+    pub subnet_min: Option<Ipv4Addr>,
+    /// Last IPv4 subnet that may be leased.
+    pub subnet_max: Option<Ipv4Addr>,
+    /// The IPv6 cluster network.
+    pub ipv6_network: Option<Ipv6Net>,
+    /// IPv6 per-node subnet prefix length (default 64).
+    pub ipv6_subnet_len: u8,
+    /// First IPv6 subnet that may be leased.
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
+    /// Last IPv6 subnet that may be leased.
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
+    /// The backend.
+    pub backend: BackendConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawConfig {
+    #[serde(rename = "EnableIPv4")]
+    enable_ipv4: Option<bool>,
+    #[serde(rename = "EnableIPv6")]
+    enable_ipv6: Option<bool>,
+    network: Option<String>,
+    subnet_len: Option<u32>,
+    subnet_min: Option<String>,
+    subnet_max: Option<String>,
+    #[serde(rename = "IPv6Network")]
+    ipv6_network: Option<String>,
+    #[serde(rename = "IPv6SubnetLen")]
+    ipv6_subnet_len: Option<u32>,
+    #[serde(rename = "IPv6SubnetMin")]
+    ipv6_subnet_min: Option<String>,
+    #[serde(rename = "IPv6SubnetMax")]
+    ipv6_subnet_max: Option<String>,
+    backend: Option<RawBackend>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawBackend {
+    #[serde(rename = "Type")]
+    kind: Option<String>,
+    #[serde(rename = "VNI")]
+    vni: Option<i64>,
+    port: Option<i64>,
+    direct_routing: Option<bool>,
+    #[serde(rename = "MTU")]
+    mtu: Option<i64>,
+}
+
+fn invalid(field: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+impl NetworkConfig {
+    /// Parses and validates flannel's network config JSON.
+    pub fn parse(json: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let enable_ipv4 = raw.enable_ipv4.unwrap_or(true);
+        let enable_ipv6 = raw.enable_ipv6.unwrap_or(false);
+        if !enable_ipv4 && !enable_ipv6 {
+            return Err(invalid(
+                "EnableIPv4",
+                false,
+                "at least one of EnableIPv4 and EnableIPv6 must be true",
+            ));
+        }
+
+        let mut cfg = NetworkConfig {
+            enable_ipv4,
+            enable_ipv6,
+            network: None,
+            subnet_len: 24,
+            subnet_min: None,
+            subnet_max: None,
+            ipv6_network: None,
+            ipv6_subnet_len: 64,
+            ipv6_subnet_min: None,
+            ipv6_subnet_max: None,
+            backend: parse_backend(raw.backend.unwrap_or_default())?,
+        };
+
+        if enable_ipv4 {
+            let text = raw.network.ok_or(ConfigError::Missing("Network"))?;
+            let net: Ipv4Net = text
+                .parse()
+                .map_err(|e| invalid("Network", &text, format!("not an IPv4 CIDR: {e}")))?;
+            if net != net.trunc() {
+                return Err(invalid(
+                    "Network",
+                    &text,
+                    format!("host bits set (did you mean {}?)", net.trunc()),
+                ));
+            }
+            // flannel: 24 unless Network is smaller than a /22, then two less than the network.
+            let default_len = if net.prefix_len() > 22 {
+                net.prefix_len() + 2
+            } else {
+                24
+            };
+            let len = raw.subnet_len.map_or(Ok(default_len), |l| {
+                u8::try_from(l).map_err(|_| invalid("SubnetLen", l, "must be at most 30"))
+            })?;
+            if len > 30 || len <= net.prefix_len() {
+                return Err(invalid(
+                    "SubnetLen",
+                    len,
+                    format!(
+                        "must be longer than the Network prefix /{} and at most 30",
+                        net.prefix_len()
+                    ),
+                ));
+            }
+            cfg.network = Some(net);
+            cfg.subnet_len = len;
+            let (min, max) = v4_bounds(net, len);
+            cfg.subnet_min = Some(parse_bound_v4("SubnetMin", raw.subnet_min, net, len, min)?);
+            cfg.subnet_max = Some(parse_bound_v4("SubnetMax", raw.subnet_max, net, len, max)?);
+            if cfg.subnet_min > cfg.subnet_max {
+                return Err(invalid(
+                    "SubnetMin",
+                    cfg.subnet_min.unwrap(),
+                    format!("is above SubnetMax {}", cfg.subnet_max.unwrap()),
+                ));
+            }
+        }
+
+        if enable_ipv6 {
+            let text = raw.ipv6_network.ok_or(ConfigError::Missing("IPv6Network"))?;
+            let net: Ipv6Net = text
+                .parse()
+                .map_err(|e| invalid("IPv6Network", &text, format!("not an IPv6 CIDR: {e}")))?;
+            if net != net.trunc() {
+                return Err(invalid(
+                    "IPv6Network",
+                    &text,
+                    format!("host bits set (did you mean {}?)", net.trunc()),
+                ));
+            }
+            let len = raw.ipv6_subnet_len.map_or(Ok(64), |l| {
+                u8::try_from(l).map_err(|_| invalid("IPv6SubnetLen", l, "must be at most 126"))
+            })?;
+            if len > 126 || len <= net.prefix_len() {
+                return Err(invalid(
+                    "IPv6SubnetLen",
+                    len,
+                    format!(
+                        "must be longer than the IPv6Network prefix /{} and at most 126",
+                        net.prefix_len()
+                    ),
+                ));
+            }
+            cfg.ipv6_network = Some(net);
+            cfg.ipv6_subnet_len = len;
+            let (min, max) = v6_bounds(net, len);
+            cfg.ipv6_subnet_min = Some(parse_bound_v6(
+                "IPv6SubnetMin",
+                raw.ipv6_subnet_min,
+                net,
+                len,
+                min,
+            )?);
+            cfg.ipv6_subnet_max = Some(parse_bound_v6(
+                "IPv6SubnetMax",
+                raw.ipv6_subnet_max,
+                net,
+                len,
+                max,
+            )?);
+            if cfg.ipv6_subnet_min > cfg.ipv6_subnet_max {
+                return Err(invalid(
+                    "IPv6SubnetMin",
+                    cfg.ipv6_subnet_min.unwrap(),
+                    format!("is above IPv6SubnetMax {}", cfg.ipv6_subnet_max.unwrap()),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn parse_backend(raw: RawBackend) -> Result<BackendConfig, ConfigError> {
+    // flannel's default backend is udp.
+    let type_text = raw.kind.unwrap_or_else(|| "udp".to_string());
+    let kind = match type_text.as_str() {
+        "vxlan" => BackendType::Vxlan,
+        "host-gw" => BackendType::HostGw,
+        "udp" => BackendType::Udp,
+        other => {
+            return Err(invalid(
+                "Backend.Type",
+                other,
+                "supported backends are vxlan, host-gw and udp",
+            ));
+        }
+    };
+    let vni = match raw.vni {
+        None => 1,
+        Some(v) if (0..=0x00ff_ffff).contains(&v) => u32::try_from(v).unwrap(),
+        Some(v) => return Err(invalid("Backend.VNI", v, "must be between 0 and 16777215")),
+    };
+    let default_port = match kind {
+        BackendType::Udp => 8285,
+        _ => 8472,
+    };
+    let port = match raw.port {
+        None | Some(0) => default_port,
+        Some(p) => u16::try_from(p)
+            .map_err(|_| invalid("Backend.Port", p, "must be between 1 and 65535"))?,
+    };
+    let mtu = match raw.mtu {
+        None | Some(0) => None,
+        Some(m) if (68..=65535).contains(&m) => Some(u32::try_from(m).unwrap()),
+        Some(m) => return Err(invalid("Backend.MTU", m, "must be between 68 and 65535")),
+    };
+    Ok(BackendConfig {
+        kind,
+        vni,
+        port,
+        direct_routing: raw.direct_routing.unwrap_or(false),
+        mtu,
+    })
+}
+
+/// flannel's defaults: the second subnet of the network up to the last one.
+fn v4_bounds(net: Ipv4Net, len: u8) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(net.network());
+    let step = 1u32 << (32 - len);
+    let last = u32::from(net.broadcast()) & !(step - 1);
+    (Ipv4Addr::from(base + step), Ipv4Addr::from(last))
+}
+
+fn v6_bounds(net: Ipv6Net, len: u8) -> (Ipv6Addr, Ipv6Addr) {
+    let base = u128::from(net.network());
+    let step = 1u128 << (128 - len);
+    let last = u128::from(net.broadcast()) & !(step - 1);
+    (Ipv6Addr::from(base + step), Ipv6Addr::from(last))
+}
+
+fn parse_bound_v4(
+    field: &'static str,
+    text: Option<String>,
+    net: Ipv4Net,
+    len: u8,
+    default: Ipv4Addr,
+) -> Result<Ipv4Addr, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let addr: Ipv4Addr = text
+        .parse()
+        .map_err(|e| invalid(field, &text, format!("not an IPv4 address: {e}")))?;
+    if !net.contains(&addr) {
+        return Err(invalid(field, &text, format!("outside Network {net}")));
+    }
+    if u32::from(addr) & ((1u32 << (32 - len)) - 1) != 0 {
+        return Err(invalid(
+            field,
+            &text,
+            format!("not aligned to a /{len} subnet"),
+        ));
+    }
+    Ok(addr)
+}
+
+fn parse_bound_v6(
+    field: &'static str,
+    text: Option<String>,
+    net: Ipv6Net,
+    len: u8,
+    default: Ipv6Addr,
+) -> Result<Ipv6Addr, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let addr: Ipv6Addr = text
+        .parse()
+        .map_err(|e| invalid(field, &text, format!("not an IPv6 address: {e}")))?;
+    if !net.contains(&addr) {
+        return Err(invalid(field, &text, format!("outside IPv6Network {net}")));
+    }
+    if u128::from(addr) & ((1u128 << (128 - len)) - 1) != 0 {
+        return Err(invalid(
+            field,
+            &text,
+            format!("not aligned to a /{len} subnet"),
+        ));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flannel_defaults() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min.unwrap().to_string(), "10.244.1.0");
+        assert_eq!(c.subnet_max.unwrap().to_string(), "10.244.255.0");
+        assert_eq!(c.backend.vni, 1);
+        assert_eq!(c.backend.port, 8472);
+        assert!(!c.enable_ipv6);
+        let udp = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        assert_eq!(udp.backend.kind, BackendType::Udp);
+        assert_eq!(udp.backend.port, 8285);
+    }
+
+    #[test]
+    fn small_network_gets_smaller_subnets() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.1.2.0/24","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.subnet_min.unwrap().to_string(), "10.1.2.64");
+        assert_eq!(c.subnet_max.unwrap().to_string(), "10.1.2.192");
+    }
+
+    #[test]
+    fn dual_stack() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan","VNI":4,"Port":4789,"DirectRouting":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(c.ipv6_subnet_min.unwrap().to_string(), "fd74:10:0:1::");
+        assert_eq!(c.ipv6_subnet_max.unwrap().to_string(), "fd74:10:0:ff::");
+        assert_eq!(c.backend.vni, 4);
+        assert_eq!(c.backend.port, 4789);
+        assert!(c.backend.direct_routing);
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let cases = [
+            (r#"{"Network":"10.244.0.0/33"}"#, "Network", "10.244.0.0/33"),
+            (r#"{"Network":"10.244.1.0/16"}"#, "Network", "10.244.1.0/16"),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetLen":12}"#,
+                "SubnetLen",
+                "12",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+                "Backend.Type",
+                "wireguard",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#,
+                "Backend.VNI",
+                "16777216",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#,
+                "Backend.Port",
+                "70000",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#,
+                "SubnetMin",
+                "10.245.0.0",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.7"}"#,
+                "SubnetMax",
+                "10.244.3.7",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"10.0.0.0/8"}"#,
+                "IPv6Network",
+                "10.0.0.0/8",
+            ),
+        ];
+        for (json, field, value) in cases {
+            let err = NetworkConfig::parse(json).unwrap_err().to_string();
+            assert!(err.contains(field), "{json}: {err}");
+            assert!(err.contains(value), "{json}: {err}");
+        }
+        assert_eq!(
+            NetworkConfig::parse(r#"{"Backend":{"Type":"vxlan"}}"#).unwrap_err(),
+            ConfigError::Missing("Network")
+        );
+        assert!(matches!(
+            NetworkConfig::parse("{not json").unwrap_err(),
+            ConfigError::Json(_)
+        ));
+    }
+
+    #[test]
+    fn ipv6_only() {
+        let c = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        assert!(c.network.is_none());
+        assert_eq!(c.ipv6_subnet_min.unwrap().to_string(), "fd00:0:0:1::");
+    }
+}

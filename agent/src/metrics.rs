@@ -1,0 +1,226 @@
+//! `/healthz` and Prometheus `/metrics`, on a tiny HTTP/1.1 server.
+//!
+//! Two endpoints and a text format do not justify a web framework in a node agent whose memory
+//! is a feature; the server reads one request line per connection and answers with
+//! `Connection: close`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// Upper bounds of the reconcile duration histogram, in seconds.
+const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Packet counts of the overlay device, from the eBPF counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+/// A source of device counts read at scrape time.
+pub type CountsFn = Box<dyn Fn() -> Option<DeviceCounts> + Send + Sync>;
+
+/// The agent's state as exported.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    counts: Mutex<Option<(String, CountsFn)>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    ready: bool,
+    lease_expiry: Option<SystemTime>,
+    peers: usize,
+    reconciles: u64,
+    reconcile_errors: u64,
+    buckets: [u64; BUCKETS.len()],
+    duration_sum: f64,
+    last_error: Option<(SystemTime, String)>,
+    last_ops: usize,
+}
+
+fn secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Marks the agent ready (it holds a lease and programmed the overlay once).
+    pub fn set_ready(&self) {
+        self.inner.lock().unwrap().ready = true;
+    }
+
+    /// Whether the agent is ready.
+    pub fn ready(&self) -> bool {
+        self.inner.lock().unwrap().ready
+    }
+
+    /// Records the lease's expiry.
+    pub fn set_lease_expiry(&self, t: SystemTime) {
+        self.inner.lock().unwrap().lease_expiry = Some(t);
+    }
+
+    /// Records a reconcile.
+    pub fn observe_reconcile(&self, took: Duration, peers: usize, ops: usize, ok: bool) {
+        let mut g = self.inner.lock().unwrap();
+        g.reconciles += 1;
+        if !ok {
+            g.reconcile_errors += 1;
+        }
+        g.peers = peers;
+        g.last_ops = ops;
+        let s = took.as_secs_f64();
+        g.duration_sum += s;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                g.buckets[i] += 1;
+            }
+        }
+    }
+
+    /// Records an error (shown in `/healthz` and as `twill_last_error_info`).
+    pub fn set_error(&self, e: &str) {
+        self.inner.lock().unwrap().last_error = Some((SystemTime::now(), e.to_string()));
+    }
+
+    /// Registers the eBPF counter of the overlay device.
+    pub fn set_counts(&self, device: &str, f: CountsFn) {
+        *self.counts.lock().unwrap() = Some((device.to_string(), f));
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = self.inner.lock().unwrap();
+        let mut o = String::new();
+        let _ = writeln!(o, "# HELP twill_up Whether twilld holds a lease and programmed the overlay.\n# TYPE twill_up gauge\ntwill_up {}", u8::from(g.ready));
+        if let Some(t) = g.lease_expiry {
+            let _ = writeln!(o, "# HELP twill_lease_expiry_timestamp_seconds When this node's subnet lease expires unless renewed.\n# TYPE twill_lease_expiry_timestamp_seconds gauge\ntwill_lease_expiry_timestamp_seconds {}", secs(t));
+        }
+        let _ = writeln!(o, "# HELP twill_peers Remote nodes programmed in the overlay.\n# TYPE twill_peers gauge\ntwill_peers {}", g.peers);
+        let _ = writeln!(o, "# HELP twill_reconcile_operations Kernel operations of the last reconcile.\n# TYPE twill_reconcile_operations gauge\ntwill_reconcile_operations {}", g.last_ops);
+        let _ = writeln!(o, "# HELP twill_reconcile_errors_total Reconciles that failed.\n# TYPE twill_reconcile_errors_total counter\ntwill_reconcile_errors_total {}", g.reconcile_errors);
+        let _ = writeln!(o, "# HELP twill_reconcile_duration_seconds Time to observe, plan and apply the overlay.\n# TYPE twill_reconcile_duration_seconds histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "twill_reconcile_duration_seconds_bucket{{le=\"{b}\"}} {}", g.buckets[i]);
+        }
+        let _ = writeln!(o, "twill_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}", g.reconciles);
+        let _ = writeln!(o, "twill_reconcile_duration_seconds_sum {}", g.duration_sum);
+        let _ = writeln!(o, "twill_reconcile_duration_seconds_count {}", g.reconciles);
+        if let Some((t, e)) = &g.last_error {
+            let _ = writeln!(o, "# HELP twill_last_error_info The last error twilld met.\n# TYPE twill_last_error_info gauge\ntwill_last_error_info{{error=\"{}\"}} 1", escape(e));
+            let _ = writeln!(o, "# HELP twill_last_error_timestamp_seconds When the last error happened.\n# TYPE twill_last_error_timestamp_seconds gauge\ntwill_last_error_timestamp_seconds {}", secs(*t));
+        }
+        drop(g);
+        if let Some((dev, f)) = &*self.counts.lock().unwrap()
+            && let Some(c) = f()
+        {
+            let _ = writeln!(o, "# HELP twill_vxlan_packets_total Packets through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_packets_total counter");
+            let _ = writeln!(o, "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"rx\"}} {}", c.rx_packets);
+            let _ = writeln!(o, "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"tx\"}} {}", c.tx_packets);
+            let _ = writeln!(o, "# HELP twill_vxlan_bytes_total Bytes through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_bytes_total counter");
+            let _ = writeln!(o, "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"rx\"}} {}", c.rx_bytes);
+            let _ = writeln!(o, "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"tx\"}} {}", c.tx_bytes);
+        }
+        o
+    }
+
+    fn health(&self) -> (u16, String) {
+        let g = self.inner.lock().unwrap();
+        if g.ready {
+            (200, "ok\n".into())
+        } else {
+            let why = g
+                .last_error
+                .as_ref()
+                .map_or("starting".to_string(), |(_, e)| e.clone());
+            (503, format!("not ready: {why}\n"))
+        }
+    }
+}
+
+/// Serves `/healthz` and `/metrics` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz and /metrics");
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(r);
+            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
+            if read.await.is_err() {
+                return;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (code, ctype, body) = match path {
+                "/healthz" | "/livez" => {
+                    let (c, b) = m.health();
+                    (c, "text/plain", b)
+                }
+                "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
+                _ => (404, "text/plain", "not found\n".to_string()),
+            };
+            let reason = match code {
+                200 => "OK",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = w.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.observe_reconcile(Duration::from_millis(3), 2, 6, true);
+        m.set_error("etcd get: \"down\"");
+        m.set_counts(
+            "flannel.1",
+            Box::new(|| {
+                Some(DeviceCounts {
+                    rx_packets: 5,
+                    rx_bytes: 500,
+                    tx_packets: 6,
+                    tx_bytes: 600,
+                })
+            }),
+        );
+        let t = m.render();
+        assert!(t.contains("twill_peers 2\n"));
+        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0\n"));
+        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(t.contains("twill_last_error_info{error=\"etcd get: \\\"down\\\"\"} 1"));
+        assert!(t.contains("twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6"));
+        assert_eq!(m.health().0, 503);
+        m.set_ready();
+        assert_eq!(m.health().0, 200);
+    }
+}

@@ -1,0 +1,214 @@
+//! Privileged test of `twill_agent::ebpf::PacketCounter`: build, load, verify, attach (TCX) and
+//! read the per-interface counter on a real veth.
+//!
+//! Why it is shaped as it is:
+//! - Two throw-away network namespaces (`twe<pid>a`, `twe<pid>b`) joined by a veth with
+//!   10.250.0.0/30 addresses: every packet stays inside them, names are unique per process so runs
+//!   can overlap, and a guard deletes both namespaces on drop, pass or fail.
+//! - The counter is attached from a dedicated thread that did `setns` into namespace A, the way
+//!   `twilld` attaches by ifname in its own namespace; setns affects only the calling thread, and
+//!   the resulting links and map fds keep working from any thread afterwards.
+//! - Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Without root it skips loudly,
+//!   except under `CI=true`, where a skip would hide a broken pipeline, so it fails.
+
+use std::{
+    fs::File,
+    process::{Command, Output},
+    thread,
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use nix::sched::{CloneFlags, setns};
+use twill_agent::ebpf::{Counts, EbpfError, PacketCounter};
+use twill_common::counter::{PROG_EGRESS, PROG_INGRESS};
+
+/// Pings sent from namespace A to B.
+const PINGS: u64 = 5;
+/// IP-level size of a default `ping` echo (20 IP + 8 ICMP + 56 payload); `skb->len` at TC adds
+/// the 14-byte Ethernet header on top.
+const ECHO_IP_BYTES: u64 = 84;
+const ADDR_A: &str = "10.250.0.1";
+const ADDR_B: &str = "10.250.0.2";
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    output
+}
+
+/// Two network namespaces, deleted (with the veth between them) on drop.
+struct NetNsPair {
+    a: String,
+    b: String,
+}
+
+impl NetNsPair {
+    fn create() -> Self {
+        let pid = std::process::id();
+        let pair = Self {
+            a: format!("twe{pid}a"),
+            b: format!("twe{pid}b"),
+        };
+        // Create the guard first: a failure below still deletes whatever was created.
+        for ns in [&pair.a, &pair.b] {
+            run("ip", &["netns", "add", ns]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetNsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            match Command::new("ip").args(["netns", "del", ns]).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "cleanup: ip netns del {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(err) => eprintln!("cleanup: ip netns del {ns}: {err}"),
+            }
+        }
+    }
+}
+
+/// Runs `f` on a new thread that first joins network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let netns = File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
+        setns(&netns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|err| panic!("setns {path}: {err}"));
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// Names of the TCX programs attached to `ifname` at `attach_type`, queried from inside `ns`.
+fn tcx_programs(ns: &str, ifname: &str, attach_type: TcAttachType) -> Vec<String> {
+    let ifname = ifname.to_owned();
+    in_netns(ns, move || {
+        let (_revision, programs) = SchedClassifier::query_tcx(&ifname, attach_type)
+            .unwrap_or_else(|err| panic!("query tcx {ifname}: {err}"));
+        programs
+            .iter()
+            .map(|info| info.name_as_str().unwrap_or_default().to_owned())
+            .collect()
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+#[test]
+fn counts_veth_traffic_both_ways() {
+    if !is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "privileged test needs root"
+        );
+        eprintln!("skipping counts_veth_traffic_both_ways: privileged test needs root");
+        return;
+    }
+
+    let pair = NetNsPair::create();
+    let pid = std::process::id();
+    let (veth_a, veth_b) = (format!("twe{pid}x"), format!("twe{pid}y"));
+    run(
+        "ip",
+        &[
+            "-n", &pair.a, "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+            "netns", &pair.b,
+        ],
+    );
+    for (ns, veth, addr) in [(&pair.a, &veth_a, ADDR_A), (&pair.b, &veth_b, ADDR_B)] {
+        run(
+            "ip",
+            &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", veth],
+        );
+        run("ip", &["-n", ns, "link", "set", veth, "up"]);
+        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    let counter = {
+        let veth_a = veth_a.clone();
+        in_netns(&pair.a, move || PacketCounter::attach(&veth_a))
+    }
+    .unwrap_or_else(|err| panic!("attach counter to {veth_a}: {}", error_chain(&err)));
+    assert_eq!(counter.ifname(), veth_a);
+    assert!(
+        tcx_programs(&pair.a, &veth_a, TcAttachType::Ingress).contains(&PROG_INGRESS.to_owned())
+    );
+    assert!(tcx_programs(&pair.a, &veth_a, TcAttachType::Egress).contains(&PROG_EGRESS.to_owned()));
+    let before = counter.read().expect("read counts");
+
+    let count = PINGS.to_string();
+    run(
+        "ip",
+        &[
+            "netns", "exec", &pair.a, "ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", ADDR_B,
+        ],
+    );
+
+    let Counts {
+        rx_packets,
+        rx_bytes,
+        tx_packets,
+        tx_bytes,
+    } = counter.read().expect("read counts");
+    eprintln!("before ping: {before:?}");
+    eprintln!("after ping: rx {rx_packets} pkts {rx_bytes} B, tx {tx_packets} pkts {tx_bytes} B");
+    assert!(rx_packets >= PINGS, "rx_packets {rx_packets} < {PINGS}");
+    assert!(tx_packets >= PINGS, "tx_packets {tx_packets} < {PINGS}");
+    assert!(
+        rx_bytes >= PINGS * ECHO_IP_BYTES,
+        "rx_bytes {rx_bytes} too small"
+    );
+    assert!(
+        tx_bytes >= PINGS * ECHO_IP_BYTES,
+        "tx_bytes {tx_bytes} too small"
+    );
+
+    // Drop detaches both programs.
+    drop(counter);
+    for (attach_type, program) in [
+        (TcAttachType::Ingress, PROG_INGRESS),
+        (TcAttachType::Egress, PROG_EGRESS),
+    ] {
+        let programs = tcx_programs(&pair.a, &veth_a, attach_type);
+        assert!(
+            !programs.contains(&program.to_owned()),
+            "{program} still attached after drop: {programs:?}"
+        );
+    }
+
+    // An unknown interface is an attach error naming the interface, with the errno kept.
+    let err = in_netns(&pair.a, || PacketCounter::attach("twe-no-such-if"))
+        .expect_err("attach to a missing interface");
+    assert!(
+        matches!(&err, EbpfError::Attach { ifname, .. } if ifname == "twe-no-such-if"),
+        "unexpected error: {}",
+        error_chain(&err)
+    );
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
