@@ -7,14 +7,17 @@
 //!   plain `cargo build -p twill-agent` on stable produces everything. It needs the nightly
 //!   toolchain with `rust-src`, and `bpf-linker` built against nightly's LLVM.
 //! - The eBPF package is located with `cargo metadata` rather than a hard-coded relative path.
-//! - `bpf-linker` is looked up in `PATH`; when it is missing there (a CI shell or IDE that never
-//!   sourced `~/.cargo/env`) we append `$CARGO_HOME/bin` (default `~/.cargo/bin`), where
-//!   `cargo install` puts it, to the `PATH` the nested cargo inherits.
+//! - `rustup` (which aya-build uses to pick nightly) and `bpf-linker` (which rustc runs to link
+//!   for BPF) are looked up in `PATH`. Cargo started through the rustup proxy already puts
+//!   `$CARGO_HOME/bin` in `PATH`; when a tool is still missing (a toolchain's cargo run directly,
+//!   a shell that never sourced `~/.cargo/env`) we append `$CARGO_HOME/bin` (default
+//!   `~/.cargo/bin`, where rustup and `cargo install` put them) to the `PATH` the nested cargo
+//!   inherits.
 //! - `AYA_BUILD_SKIP=1` (honoured by aya-build) skips the eBPF build, e.g. for a lint job without
 //!   nightly; we then embed an empty object, which `twill_agent::ebpf` reports as
 //!   `EbpfError::NotBuilt` at load time instead of failing the host build.
-//! - aya-build only watches the eBPF crate's directory; the shared `twill-common` crate is watched
-//!   too, since its types are compiled into the object.
+//! - aya-build only watches the eBPF crate's directory; the shared `twill-common` crate and
+//!   `Cargo.lock` (the aya-ebpf version) are watched too, since both end up in the object.
 
 use std::{
     env,
@@ -31,7 +34,11 @@ const EBPF_BIN: &str = "twill-ebpf-progs";
 const COMMON_PACKAGE: &str = "twill-common";
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+    let cargo_metadata::Metadata {
+        packages,
+        workspace_root,
+        ..
+    } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
         .context("cargo metadata")?;
@@ -49,8 +56,10 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = package_dir(EBPF_PACKAGE)?;
     let common_dir = package_dir(COMMON_PACKAGE)?;
     println!("cargo:rerun-if-changed={}", common_dir.display());
+    // A changed lock file may change aya-ebpf, which is compiled into the object.
+    println!("cargo:rerun-if-changed={workspace_root}/Cargo.lock");
 
-    ensure_bpf_linker_in_path();
+    ensure_tools_in_path();
 
     let ebpf_dir = ebpf_dir
         .to_str()
@@ -77,10 +86,14 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends `$CARGO_HOME/bin` to `PATH` when `bpf-linker` is not already in `PATH` but is there.
-fn ensure_bpf_linker_in_path() {
+/// Appends `$CARGO_HOME/bin` to `PATH` when `rustup` or `bpf-linker` is missing from `PATH` but
+/// is there. (Cargo run through the rustup proxy already has it in `PATH`; a toolchain's cargo run
+/// directly, e.g. from a CI image, may not.)
+fn ensure_tools_in_path() {
+    const TOOLS: [&str; 2] = ["rustup", "bpf-linker"];
     let path = env::var_os("PATH").unwrap_or_default();
-    if env::split_paths(&path).any(|dir| is_file(&dir.join("bpf-linker"))) {
+    let in_path = |tool: &str| env::split_paths(&path).any(|dir| is_file(&dir.join(tool)));
+    if TOOLS.iter().all(|tool| in_path(tool)) {
         return;
     }
     let Some(cargo_bin) = env::var_os("CARGO_HOME")
@@ -90,19 +103,22 @@ fn ensure_bpf_linker_in_path() {
     else {
         return;
     };
-    if !is_file(&cargo_bin.join("bpf-linker")) {
+    let missing: Vec<&str> = TOOLS
+        .into_iter()
+        .filter(|tool| !in_path(tool) && !is_file(&cargo_bin.join(tool)))
+        .collect();
+    if !missing.is_empty() {
         println!(
-            "cargo:warning=bpf-linker not found in PATH nor in {}",
+            "cargo:warning={} not found in PATH nor in {}",
+            missing.join(", "),
             cargo_bin.display()
         );
-        return;
     }
     let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
     dirs.push(cargo_bin);
-    let Ok(new_path) = env::join_paths(dirs) else {
-        return;
-    };
-    set_path(new_path);
+    if let Ok(new_path) = env::join_paths(dirs) {
+        set_path(new_path);
+    }
 }
 
 fn set_path(path: OsString) {

@@ -23,7 +23,9 @@ use crate::lease::{self, Lease, LeaseAttrs, LeaseSubnets};
 use crate::masq;
 use crate::metrics::Metrics;
 use crate::overlay::{self, Devices, Uplink};
-use crate::store::{EtcdStore, EtcdTls, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease};
+use crate::store::{
+    EtcdStore, EtcdTls, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease,
+};
 use crate::uplink;
 use twill_facts::SubnetFacts;
 
@@ -32,7 +34,12 @@ pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// twilld's command line: flannel's flags, plus twill's own.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "twilld", version, about = "twill node agent: subnet leases and the overlay dataplane")]
+#[command(
+    name = "twilld",
+    version,
+    about = "twill node agent: subnet leases and the overlay dataplane",
+    args_override_self = true
+)]
 pub struct Options {
     /// etcd endpoints, comma-separated.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
@@ -165,9 +172,9 @@ pub async fn acquire<S: LeaseStore>(
 
 /// The facts written for the CNI plugin.
 pub fn facts(cfg: &NetworkConfig, held: &LeaseSubnets, mtu: u32, ipmasq: bool) -> SubnetFacts {
-    let gw4 = held
-        .v4
-        .map(|n| Ipv4Net::new(Ipv4Addr::from(u32::from(n.network()) + 1), n.prefix_len()).expect("len"));
+    let gw4 = held.v4.map(|n| {
+        Ipv4Net::new(Ipv4Addr::from(u32::from(n.network()) + 1), n.prefix_len()).expect("len")
+    });
     let gw6 = held.v6.map(|n| {
         Ipv6Net::new(Ipv6Addr::from(u128::from(n.network()) + 1), n.prefix_len()).expect("len")
     });
@@ -305,7 +312,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .await;
     if cfg.backend.kind == BackendType::Udp {
-        bail!("Backend.Type \"udp\" is not available in this build of twilld yet; use vxlan or host-gw");
+        bail!(
+            "Backend.Type \"udp\" is not available in this build of twilld yet; use vxlan or host-gw"
+        );
     }
     tracing::info!(?cfg, "network config");
 
@@ -325,7 +334,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         kernel.set_sysctl("net/ipv4/ip_forward", "1").await?;
     }
     if cfg.enable_ipv6 {
-        kernel.set_sysctl("net/ipv6/conf/all/forwarding", "1").await?;
+        kernel
+            .set_sysctl("net/ipv6/conf/all/forwarding", "1")
+            .await?;
     }
     let mut devices = overlay::ensure_devices(&kernel, &cfg, &up)
         .await
@@ -333,10 +344,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mtu = overlay::overlay_mtu(&cfg, &up);
     let mut attrs = overlay::lease_attrs(&cfg, &up, &devices);
 
-    let previous = SubnetFacts::read(&opts.subnet_file).ok().map(|f| LeaseSubnets {
-        v4: f.subnet_v4(),
-        v6: f.subnet_v6(),
-    });
+    let previous = SubnetFacts::read(&opts.subnet_file)
+        .ok()
+        .map(|f| LeaseSubnets {
+            v4: f.subnet_v4(),
+            v6: f.subnet_v6(),
+        });
     let mut held = retry("acquire a subnet lease", &metrics, || {
         acquire(&store, &cfg, &attrs, previous)
     })
@@ -465,7 +478,12 @@ async fn reconcile_once<K: Kernel>(
     match res {
         Ok(ops) => {
             if !ops.is_empty() {
-                tracing::info!(ops = ops.len(), peers = n_peers, ?took, "overlay reconciled");
+                tracing::info!(
+                    ops = ops.len(),
+                    peers = n_peers,
+                    ?took,
+                    "overlay reconciled"
+                );
             }
             metrics.observe_reconcile(took, n_peers, ops.len(), true);
             metrics.set_ready();
@@ -481,7 +499,9 @@ async fn reconcile_once<K: Kernel>(
 async fn check_config<S: LeaseStore>(store: &S, running: &str, prefix: &str, metrics: &Metrics) {
     match store.get_config().await {
         Ok(text) if text != running => match NetworkConfig::parse(&text) {
-            Ok(_) => tracing::warn!("network config changed in etcd; restart twilld to apply it (running on the previous one)"),
+            Ok(_) => tracing::warn!(
+                "network config changed in etcd; restart twilld to apply it (running on the previous one)"
+            ),
             Err(e) => {
                 let msg = format!("refusing network config at {prefix}/config: {e}");
                 tracing::error!(error = %msg, "keeping the running config and dataplane");
@@ -542,8 +562,12 @@ mod tests {
     async fn restart_gets_the_same_subnet_back() {
         let store = MemStore::new(CFG);
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), None).await.unwrap();
-        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), None).await.unwrap();
+        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), None)
+            .await
+            .unwrap();
+        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), None)
+            .await
+            .unwrap();
         assert_ne!(a.subnets, b.subnets);
         // Restart of node a (new VTEP MAC even): same subnet, new etcd lease, one key.
         let mut a2_attrs = attrs("198.18.0.11");
@@ -552,7 +576,11 @@ mod tests {
         assert_eq!(a2.subnets, a.subnets);
         assert_ne!(a2.etcd_lease, a.etcd_lease);
         assert_eq!(store.leases().len(), 2);
-        let stored = store.leases().into_iter().find(|l| l.lease.subnets == a.subnets).unwrap();
+        let stored = store
+            .leases()
+            .into_iter()
+            .find(|l| l.lease.subnets == a.subnets)
+            .unwrap();
         assert_eq!(stored.lease.attrs, a2_attrs);
     }
 
@@ -560,24 +588,34 @@ mod tests {
     async fn previous_subnet_from_file_is_preferred_when_free() {
         let store = MemStore::new(CFG);
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let prev = LeaseSubnets { v4: Some("10.244.77.0/24".parse().unwrap()), v6: None };
-        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), Some(prev)).await.unwrap();
+        let prev = LeaseSubnets {
+            v4: Some("10.244.77.0/24".parse().unwrap()),
+            v6: None,
+        };
+        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), Some(prev))
+            .await
+            .unwrap();
         assert_eq!(a.subnets, prev);
         // Taken by someone else: another one.
-        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), Some(prev)).await.unwrap();
+        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), Some(prev))
+            .await
+            .unwrap();
         assert_ne!(b.subnets, prev);
     }
 
     #[tokio::test]
     async fn many_nodes_never_share_a_subnet() {
         let store = MemStore::new(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#);
-        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
         let mut tasks = Vec::new();
         for i in 0..15 {
             let s = store.clone();
             let c = cfg.clone();
             tasks.push(tokio::spawn(async move {
-                acquire(&s, &c, &attrs(&format!("198.18.0.{}", 10 + i)), None).await.unwrap()
+                acquire(&s, &c, &attrs(&format!("198.18.0.{}", 10 + i)), None)
+                    .await
+                    .unwrap()
             }));
         }
         let mut got = std::collections::HashSet::new();
@@ -585,8 +623,13 @@ mod tests {
             assert!(got.insert(t.await.unwrap().subnets));
         }
         // 15 subnets between .1 and .15 of a /20 split in /24s: the range is now full.
-        let err = acquire(&store, &cfg, &attrs("198.18.0.99"), None).await.unwrap_err();
-        assert!(format!("{err:#}").contains("no free IPv4 subnet"), "{err:#}");
+        let err = acquire(&store, &cfg, &attrs("198.18.0.99"), None)
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no free IPv4 subnet"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -594,7 +637,10 @@ mod tests {
         let cfg = NetworkConfig::parse(CFG).unwrap();
         let f = facts(
             &cfg,
-            &LeaseSubnets { v4: Some("10.244.5.0/24".parse().unwrap()), v6: None },
+            &LeaseSubnets {
+                v4: Some("10.244.5.0/24".parse().unwrap()),
+                v6: None,
+            },
             1450,
             true,
         );

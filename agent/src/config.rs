@@ -216,7 +216,9 @@ impl NetworkConfig {
         }
 
         if enable_ipv6 {
-            let text = raw.ipv6_network.ok_or(ConfigError::Missing("IPv6Network"))?;
+            let text = raw
+                .ipv6_network
+                .ok_or(ConfigError::Missing("IPv6Network"))?;
             let net: Ipv6Net = text
                 .parse()
                 .map_err(|e| invalid("IPv6Network", &text, format!("not an IPv6 CIDR: {e}")))?;

@@ -59,7 +59,13 @@ impl LeaseSubnets {
     /// `10.244.1.0-24&fd00:0:0:1::-64`, or `fd00:0:0:1::-64`.
     pub fn key(&self) -> String {
         match (self.v4, self.v6) {
-            (Some(a), Some(b)) => format!("{}-{}&{}-{}", a.addr(), a.prefix_len(), b.addr(), b.prefix_len()),
+            (Some(a), Some(b)) => format!(
+                "{}-{}&{}-{}",
+                a.addr(),
+                a.prefix_len(),
+                b.addr(),
+                b.prefix_len()
+            ),
             (Some(a), None) => format!("{}-{}", a.addr(), a.prefix_len()),
             (None, Some(b)) => format!("{}-{}", b.addr(), b.prefix_len()),
             (None, None) => String::new(),
@@ -103,16 +109,32 @@ pub struct LeaseAttrs {
     #[serde(rename = "PublicIP", default, skip_serializing_if = "Option::is_none")]
     pub public_ip: Option<Ipv4Addr>,
     /// The node's public IPv6 address.
-    #[serde(rename = "PublicIPv6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub public_ipv6: Option<Ipv6Addr>,
     /// `vxlan`, `host-gw` or `udp`.
-    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
     /// Backend specifics for IPv4 (VXLAN: `{"VNI":1,"VtepMAC":"..."}`).
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<serde_json::Value>,
     /// Backend specifics for IPv6.
-    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
@@ -231,7 +253,11 @@ pub fn choose_v4(
         rng,
     )
     .map(|a| {
-        Ipv4Net::new(Ipv4Addr::from(u32::try_from(a).expect("v4")), cfg.subnet_len).expect("len")
+        Ipv4Net::new(
+            Ipv4Addr::from(u32::try_from(a).expect("v4")),
+            cfg.subnet_len,
+        )
+        .expect("len")
     })
     .ok_or(LeaseError::Exhausted {
         family: "IPv4",
@@ -327,7 +353,10 @@ mod tests {
         assert_eq!(attrs.public_ip.unwrap().to_string(), "198.18.0.11");
         let vx = attrs.vxlan(false).unwrap();
         assert_eq!(vx.vni, 1);
-        assert_eq!(parse_mac(&vx.vtep_mac), Some([0xde, 0xad, 0xbe, 0xef, 0, 1]));
+        assert_eq!(
+            parse_mac(&vx.vtep_mac),
+            Some([0xde, 0xad, 0xbe, 0xef, 0, 1])
+        );
         let ours = LeaseAttrs {
             public_ip: Some("198.18.0.12".parse().unwrap()),
             public_ipv6: None,
@@ -339,21 +368,34 @@ mod tests {
             ours.to_json(),
             r#"{"PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#
         );
-        assert!(LeaseAttrs::parse("k", b"{\"PublicIP\":\"nope\"}")
-            .unwrap_err()
-            .to_string()
-            .contains("k"));
+        assert!(
+            LeaseAttrs::parse("k", b"{\"PublicIP\":\"nope\"}")
+                .unwrap_err()
+                .to_string()
+                .contains("k")
+        );
     }
 
     #[test]
     fn chooses_only_free_aligned_subnets_in_range() {
-        let c = cfg(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0"}"#);
+        let c = cfg(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0"}"#,
+        );
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut taken = Vec::new();
         for _ in 0..11 {
             let n = choose_v4(&c, &taken, &mut rng).unwrap();
             assert!(!taken.contains(&n));
-            assert!(in_range(&c, &LeaseSubnets { v4: Some(n), v6: None }), "{n}");
+            assert!(
+                in_range(
+                    &c,
+                    &LeaseSubnets {
+                        v4: Some(n),
+                        v6: None
+                    }
+                ),
+                "{n}"
+            );
             assert_eq!(n, n.trunc());
             taken.push(n);
         }

@@ -45,7 +45,10 @@ pub fn render(spec: &MasqSpec) -> String {
     let _ = writeln!(out, "delete table inet {TABLE}");
     let _ = writeln!(out, "table inet {TABLE} {{");
     let _ = writeln!(out, "  chain postrouting {{");
-    let _ = writeln!(out, "    type nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(
+        out,
+        "    type nat hook postrouting priority srcnat; policy accept;"
+    );
     if let Some((net, sn)) = spec.v4 {
         let _ = writeln!(out, "    ip saddr {net} ip daddr {net} return");
         let _ = writeln!(

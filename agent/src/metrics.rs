@@ -52,7 +52,9 @@ struct Inner {
 }
 
 fn secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn escape(s: &str) -> String {
@@ -109,34 +111,95 @@ impl Metrics {
     pub fn render(&self) -> String {
         let g = self.inner.lock().unwrap();
         let mut o = String::new();
-        let _ = writeln!(o, "# HELP twill_up Whether twilld holds a lease and programmed the overlay.\n# TYPE twill_up gauge\ntwill_up {}", u8::from(g.ready));
+        let _ = writeln!(
+            o,
+            "# HELP twill_up Whether twilld holds a lease and programmed the overlay.\n# TYPE twill_up gauge\ntwill_up {}",
+            u8::from(g.ready)
+        );
         if let Some(t) = g.lease_expiry {
-            let _ = writeln!(o, "# HELP twill_lease_expiry_timestamp_seconds When this node's subnet lease expires unless renewed.\n# TYPE twill_lease_expiry_timestamp_seconds gauge\ntwill_lease_expiry_timestamp_seconds {}", secs(t));
+            let _ = writeln!(
+                o,
+                "# HELP twill_lease_expiry_timestamp_seconds When this node's subnet lease expires unless renewed.\n# TYPE twill_lease_expiry_timestamp_seconds gauge\ntwill_lease_expiry_timestamp_seconds {}",
+                secs(t)
+            );
         }
-        let _ = writeln!(o, "# HELP twill_peers Remote nodes programmed in the overlay.\n# TYPE twill_peers gauge\ntwill_peers {}", g.peers);
-        let _ = writeln!(o, "# HELP twill_reconcile_operations Kernel operations of the last reconcile.\n# TYPE twill_reconcile_operations gauge\ntwill_reconcile_operations {}", g.last_ops);
-        let _ = writeln!(o, "# HELP twill_reconcile_errors_total Reconciles that failed.\n# TYPE twill_reconcile_errors_total counter\ntwill_reconcile_errors_total {}", g.reconcile_errors);
-        let _ = writeln!(o, "# HELP twill_reconcile_duration_seconds Time to observe, plan and apply the overlay.\n# TYPE twill_reconcile_duration_seconds histogram");
+        let _ = writeln!(
+            o,
+            "# HELP twill_peers Remote nodes programmed in the overlay.\n# TYPE twill_peers gauge\ntwill_peers {}",
+            g.peers
+        );
+        let _ = writeln!(
+            o,
+            "# HELP twill_reconcile_operations Kernel operations of the last reconcile.\n# TYPE twill_reconcile_operations gauge\ntwill_reconcile_operations {}",
+            g.last_ops
+        );
+        let _ = writeln!(
+            o,
+            "# HELP twill_reconcile_errors_total Reconciles that failed.\n# TYPE twill_reconcile_errors_total counter\ntwill_reconcile_errors_total {}",
+            g.reconcile_errors
+        );
+        let _ = writeln!(
+            o,
+            "# HELP twill_reconcile_duration_seconds Time to observe, plan and apply the overlay.\n# TYPE twill_reconcile_duration_seconds histogram"
+        );
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "twill_reconcile_duration_seconds_bucket{{le=\"{b}\"}} {}", g.buckets[i]);
+            let _ = writeln!(
+                o,
+                "twill_reconcile_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                g.buckets[i]
+            );
         }
-        let _ = writeln!(o, "twill_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}", g.reconciles);
+        let _ = writeln!(
+            o,
+            "twill_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            g.reconciles
+        );
         let _ = writeln!(o, "twill_reconcile_duration_seconds_sum {}", g.duration_sum);
         let _ = writeln!(o, "twill_reconcile_duration_seconds_count {}", g.reconciles);
         if let Some((t, e)) = &g.last_error {
-            let _ = writeln!(o, "# HELP twill_last_error_info The last error twilld met.\n# TYPE twill_last_error_info gauge\ntwill_last_error_info{{error=\"{}\"}} 1", escape(e));
-            let _ = writeln!(o, "# HELP twill_last_error_timestamp_seconds When the last error happened.\n# TYPE twill_last_error_timestamp_seconds gauge\ntwill_last_error_timestamp_seconds {}", secs(*t));
+            let _ = writeln!(
+                o,
+                "# HELP twill_last_error_info The last error twilld met.\n# TYPE twill_last_error_info gauge\ntwill_last_error_info{{error=\"{}\"}} 1",
+                escape(e)
+            );
+            let _ = writeln!(
+                o,
+                "# HELP twill_last_error_timestamp_seconds When the last error happened.\n# TYPE twill_last_error_timestamp_seconds gauge\ntwill_last_error_timestamp_seconds {}",
+                secs(*t)
+            );
         }
         drop(g);
         if let Some((dev, f)) = &*self.counts.lock().unwrap()
             && let Some(c) = f()
         {
-            let _ = writeln!(o, "# HELP twill_vxlan_packets_total Packets through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_packets_total counter");
-            let _ = writeln!(o, "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"rx\"}} {}", c.rx_packets);
-            let _ = writeln!(o, "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"tx\"}} {}", c.tx_packets);
-            let _ = writeln!(o, "# HELP twill_vxlan_bytes_total Bytes through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_bytes_total counter");
-            let _ = writeln!(o, "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"rx\"}} {}", c.rx_bytes);
-            let _ = writeln!(o, "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"tx\"}} {}", c.tx_bytes);
+            let _ = writeln!(
+                o,
+                "# HELP twill_vxlan_packets_total Packets through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_packets_total counter"
+            );
+            let _ = writeln!(
+                o,
+                "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"rx\"}} {}",
+                c.rx_packets
+            );
+            let _ = writeln!(
+                o,
+                "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"tx\"}} {}",
+                c.tx_packets
+            );
+            let _ = writeln!(
+                o,
+                "# HELP twill_vxlan_bytes_total Bytes through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_bytes_total counter"
+            );
+            let _ = writeln!(
+                o,
+                "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"rx\"}} {}",
+                c.rx_bytes
+            );
+            let _ = writeln!(
+                o,
+                "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"tx\"}} {}",
+                c.tx_bytes
+            );
         }
         o
     }

@@ -290,7 +290,10 @@ pub fn desired(
     d
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call per family, all plain values")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per family, all plain values"
+)]
 fn peer_entries(
     d: &mut Desired,
     cfg: &NetworkConfig,
@@ -386,21 +389,17 @@ pub async fn observe<K: Kernel>(
     }
     if let Some(net) = cfg.network.filter(|_| cfg.enable_ipv4) {
         let own_v4 = own.v4.map(IpNet::V4);
-        o.routes.extend(
-            k.routes(false)
-                .await?
-                .into_iter()
-                .filter(|r| matches!(r.dst, IpNet::V4(d) if net.contains(&d)) && Some(r.dst) != own_v4),
-        );
+        o.routes
+            .extend(k.routes(false).await?.into_iter().filter(|r| {
+                matches!(r.dst, IpNet::V4(d) if net.contains(&d)) && Some(r.dst) != own_v4
+            }));
     }
     if let Some(net) = cfg.ipv6_network.filter(|_| cfg.enable_ipv6) {
         let own_v6 = own.v6.map(IpNet::V6);
-        o.routes.extend(
-            k.routes(true)
-                .await?
-                .into_iter()
-                .filter(|r| matches!(r.dst, IpNet::V6(d) if net.contains(&d)) && Some(r.dst) != own_v6),
-        );
+        o.routes
+            .extend(k.routes(true).await?.into_iter().filter(|r| {
+                matches!(r.dst, IpNet::V6(d) if net.contains(&d)) && Some(r.dst) != own_v6
+            }));
     }
     for i in dev_indices {
         o.neighs.extend(k.neighbours(i).await?);
@@ -611,7 +610,11 @@ mod tests {
         let up = uplink();
         let devs = ensure_devices(&k, &c, &up).await.unwrap();
         assert!(devs.v4.is_some() && devs.v6.is_some());
-        let peers = vec![peer(1, "198.18.0.11", 1), peer(2, "198.18.0.12", 2), peer(3, "198.18.0.13", 3)];
+        let peers = vec![
+            peer(1, "198.18.0.11", 1),
+            peer(2, "198.18.0.12", 2),
+            peer(3, "198.18.0.13", 3),
+        ];
         // peer(1) is ourselves (same subnets): skipped.
         let peers: Vec<Lease> = peers
             .into_iter()
@@ -634,13 +637,18 @@ mod tests {
             .unwrap();
         assert_eq!(r.gateway.unwrap().to_string(), "10.244.2.0");
         assert!(r.onlink);
-        assert!(s.fdb.iter().any(|f| f.dst.to_string() == "198.18.0.12"
-            && f.mac == [0x0e, 0, 0, 0, 0, 2]));
+        assert!(
+            s.fdb
+                .iter()
+                .any(|f| f.dst.to_string() == "198.18.0.12" && f.mac == [0x0e, 0, 0, 0, 0, 2])
+        );
         // FDB and neighbour before the route of the same peer.
         let pos = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).unwrap();
         assert!(
             pos(&|o| matches!(o, Op::ReplaceFdb(f) if f.dst.to_string() == "198.18.0.12"))
-                < pos(&|o| matches!(o, Op::ReplaceRoute(r) if r.dst.to_string() == "10.244.2.0/24"))
+                < pos(
+                    &|o| matches!(o, Op::ReplaceRoute(r) if r.dst.to_string() == "10.244.2.0/24")
+                )
         );
         k.take_calls();
         let ops = reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
@@ -671,12 +679,22 @@ mod tests {
         let ops = reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
         assert_eq!(ops.len(), 1, "{ops:?}");
         // Peer 3 leaves: its three entries go, the foreign route stays.
-        let ops = reconcile(&k, &c, &up, &devs, &own(), &peers[..1]).await.unwrap();
+        let ops = reconcile(&k, &c, &up, &devs, &own(), &peers[..1])
+            .await
+            .unwrap();
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert!(matches!(ops[0], Op::DelRoute(_)));
         let s = k.state();
-        assert!(s.routes.iter().any(|r| r.dst.to_string() == "192.168.7.0/24"));
-        assert!(!s.routes.iter().any(|r| r.dst.to_string() == "10.244.3.0/24"));
+        assert!(
+            s.routes
+                .iter()
+                .any(|r| r.dst.to_string() == "192.168.7.0/24")
+        );
+        assert!(
+            !s.routes
+                .iter()
+                .any(|r| r.dst.to_string() == "10.244.3.0/24")
+        );
         assert_eq!(s.fdb.len(), 1);
     }
 
@@ -702,7 +720,11 @@ mod tests {
         let mut c2 = c.clone();
         c2.backend.vni = 7;
         let devs3 = ensure_devices(&k, &c2, &up).await.unwrap();
-        assert!(k.take_calls().iter().any(|c| c.starts_with("create_vxlan flannel.7")));
+        assert!(
+            k.take_calls()
+                .iter()
+                .any(|c| c.starts_with("create_vxlan flannel.7"))
+        );
         assert_ne!(devs3.v4.unwrap().index, devs.v4.unwrap().index);
     }
 
@@ -718,7 +740,9 @@ mod tests {
         p2.attrs.backend_type = "host-gw".into();
         let mut far = peer(3, "203.0.113.9", 3);
         far.attrs.backend_type = "host-gw".into();
-        reconcile(&k, &c, &up, &devs, &own(), &[p2, far]).await.unwrap();
+        reconcile(&k, &c, &up, &devs, &own(), &[p2, far])
+            .await
+            .unwrap();
         let s = k.state();
         assert_eq!(s.routes.len(), 1);
         let r = s.routes.iter().next().unwrap();

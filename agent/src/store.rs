@@ -260,8 +260,13 @@ impl LeaseStore for EtcdStore {
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(etcd("get", &prefix))?;
-        let rev = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
-        Ok((resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(), rev))
+        let rev = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        Ok((
+            resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
+            rev,
+        ))
     }
 
     async fn create(
@@ -319,8 +324,10 @@ impl LeaseStore for EtcdStore {
             .await
             .map_err(etcd("lease keep-alive", &key))?;
         match resp {
-            Some(r) if r.ttl() > 0 => Ok(SystemTime::now()
-                + Duration::from_secs(u64::try_from(r.ttl()).unwrap_or_default())),
+            Some(r) if r.ttl() > 0 => {
+                Ok(SystemTime::now()
+                    + Duration::from_secs(u64::try_from(r.ttl()).unwrap_or_default()))
+            }
             _ => Err(StoreError::Etcd {
                 op: "lease keep-alive",
                 key,
@@ -413,8 +420,7 @@ impl MemStore {
             mod_revision: g.revision,
             etcd_lease: 0,
         };
-        g.leases
-            .insert(stored.lease.subnets.key(), stored.clone());
+        g.leases.insert(stored.lease.subnets.key(), stored.clone());
         g.watchers
             .retain(|w| w.try_send(vec![LeaseEvent::Put(stored.clone())]).is_ok());
     }
@@ -431,7 +437,13 @@ impl MemStore {
 
     /// A snapshot of every lease.
     pub fn leases(&self) -> Vec<StoredLease> {
-        self.inner.lock().unwrap().leases.values().cloned().collect()
+        self.inner
+            .lock()
+            .unwrap()
+            .leases
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn check(&self) -> Result<std::sync::MutexGuard<'_, MemInner>, StoreError> {

@@ -157,10 +157,30 @@ mod tests {
             addr(2, "fd74::11/64"),
             addr(3, "10.9.0.5/16"),
         ];
-        let up = choose(&links, &addrs, &[], &["eth9".into(), "eth1".into()], true, false, None, None).unwrap();
+        let up = choose(
+            &links,
+            &addrs,
+            &[],
+            &["eth9".into(), "eth1".into()],
+            true,
+            false,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(up.name, "eth1");
         assert_eq!(up.public_v4.unwrap().to_string(), "10.9.0.5");
-        let up = choose(&links, &addrs, &[], &["198.18.0.11".into()], true, true, None, None).unwrap();
+        let up = choose(
+            &links,
+            &addrs,
+            &[],
+            &["198.18.0.11".into()],
+            true,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(up.name, "eth0");
         assert_eq!(up.public_v6.unwrap().to_string(), "fd74::11");
         let default = Route {
@@ -169,12 +189,42 @@ mod tests {
             oif: 3,
             onlink: false,
         };
-        let up = choose(&links, &addrs, &[default], &[], true, false, Some("203.0.113.1".parse().unwrap()), None).unwrap();
+        let up = choose(
+            &links,
+            &addrs,
+            &[default],
+            &[],
+            true,
+            false,
+            Some("203.0.113.1".parse().unwrap()),
+            None,
+        )
+        .unwrap();
         assert_eq!(up.name, "eth1");
         assert_eq!(up.public_v4.unwrap().to_string(), "203.0.113.1");
-        let err = choose(&links, &addrs, &[], &["eth7".into()], true, false, None, None).unwrap_err();
+        let err = choose(
+            &links,
+            &addrs,
+            &[],
+            &["eth7".into()],
+            true,
+            false,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("eth7"));
-        let err = choose(&links, &addrs, &[], &["eth1".into()], true, true, None, None).unwrap_err();
+        let err = choose(
+            &links,
+            &addrs,
+            &[],
+            &["eth1".into()],
+            true,
+            true,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("IPv6") && err.to_string().contains("eth1"));
         assert!(matches!(
             choose(&links, &addrs, &[], &[], true, false, None, None),

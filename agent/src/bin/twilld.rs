@@ -7,7 +7,9 @@ use twill_agent::agent::{Options, run};
 fn main() -> anyhow::Result<()> {
     let opts = Options::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if opts.log_format == "json" {
         builder.json().init();
     } else {

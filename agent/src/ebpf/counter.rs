@@ -112,7 +112,7 @@ impl PacketCounter {
         }
         let mut ebpf = Ebpf::load(bytes).map_err(|source| EbpfError::Load {
             object: OBJECT_NAME,
-            source,
+            source: Box::new(source),
         })?;
 
         // On an early return, `ebpf` is dropped and detaches what was attached so far.
@@ -129,12 +129,12 @@ impl PacketCounter {
                 .map_err(|source| EbpfError::Program {
                     operation: "convert",
                     program,
-                    source,
+                    source: Box::new(source),
                 })?;
             prog.load().map_err(|source| EbpfError::Program {
                 operation: "load",
                 program,
-                source,
+                source: Box::new(source),
             })?;
             let link = prog
                 .attach_with_options(
@@ -146,7 +146,7 @@ impl PacketCounter {
                     program,
                     ifname: ifname.to_owned(),
                     direction,
-                    source,
+                    source: Box::new(source),
                 })?;
             links.push((program, link));
         }
@@ -158,7 +158,7 @@ impl PacketCounter {
         })?;
         let counts = PerCpuArray::try_from(map).map_err(|source| EbpfError::OpenMap {
             map: counter::MAP,
-            source,
+            source: Box::new(source),
         })?;
         debug!(ifname, "packet counter attached");
         Ok(Self {
@@ -184,7 +184,7 @@ impl PacketCounter {
                     map: counter::MAP,
                     slot,
                     ifname: self.ifname.clone(),
-                    source,
+                    source: Box::new(source),
                 })
         };
         Ok(Counts::from_slots(
@@ -263,8 +263,9 @@ mod tests {
     }
 
     #[test]
-    fn counter_is_send() {
-        fn assert_send<T: Send>() {}
-        assert_send::<PacketCounter>();
+    fn counter_is_send_and_sync() {
+        // twilld shares it (in an `Arc`) with the metrics endpoint.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PacketCounter>();
     }
 }

@@ -12,7 +12,8 @@
 //! - Interfaces are named, and resolved in the network namespace of the calling thread: `twilld`
 //!   runs under `nsenter --net=...`, and tests attach from a thread that did `setns`.
 //! - One error type, [`EbpfError`], names the operation and the object (program, map, interface)
-//!   and keeps aya's error, which keeps the errno and the verifier log.
+//!   and keeps aya's error, which keeps the errno and the verifier log. aya's errors are boxed:
+//!   some are over 100 bytes (verifier log, netlink details) and would bloat every `Result`.
 
 mod counter;
 
@@ -47,7 +48,7 @@ pub enum EbpfError {
         object: &'static str,
         /// aya's error.
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// The object has no program or map of that name: the agent and the object disagree (a build
     /// bug; names are shared through `twill-common`).
@@ -69,7 +70,7 @@ pub enum EbpfError {
         program: &'static str,
         /// aya's error; for `"load"` it carries the errno and the verifier log.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Attaching a program to an interface failed (no such interface in the calling thread's
     /// network namespace, or the kernel refused the TCX link).
@@ -83,7 +84,7 @@ pub enum EbpfError {
         direction: &'static str,
         /// aya's error, with the errno.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map could not be opened as the expected type.
     #[error("open map {map}")]
@@ -92,7 +93,7 @@ pub enum EbpfError {
         map: &'static str,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Reading a map slot failed.
     #[error("read map {map} slot {slot} (attached to {ifname})")]
@@ -105,7 +106,7 @@ pub enum EbpfError {
         ifname: String,
         /// aya's error, with the errno.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -164,7 +165,7 @@ mod tests {
             program: "p",
             ifname: "eth0".into(),
             direction: "ingress",
-            source: ProgramError::NotLoaded,
+            source: Box::new(ProgramError::NotLoaded),
         };
         assert_eq!(err.to_string(), "attach program p to eth0 at tc ingress");
         assert!(std::error::Error::source(&err).is_some());

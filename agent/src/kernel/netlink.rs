@@ -18,8 +18,8 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
@@ -383,10 +383,7 @@ impl Kernel for Netlink {
     }
 
     async fn set_up(&self, ifindex: u32, mtu: u32) -> Result<(), KernelError> {
-        let msg = LinkUnspec::new_with_index(ifindex)
-            .mtu(mtu)
-            .up()
-            .build();
+        let msg = LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build();
         self.handle
             .link()
             .set(msg)
@@ -403,7 +400,10 @@ impl Kernel for Netlink {
                 .execute()
                 .await,
         )
-        .map_err(nl("add address", format!("{} dev {}", addr.net, addr.ifindex)))
+        .map_err(nl(
+            "add address",
+            format!("{} dev {}", addr.net, addr.ifindex),
+        ))
     }
 
     async fn del_address(&self, addr: Addr) -> Result<(), KernelError> {
@@ -465,10 +465,11 @@ impl Kernel for Netlink {
             AddressFamily::Inet6
         };
         let mut m = Self::neigh_message(family, neigh.ifindex);
-        m.attributes.push(NeighbourAttribute::Destination(match neigh.ip {
-            IpAddr::V4(a) => NeighbourAddress::Inet(a),
-            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-        }));
+        m.attributes
+            .push(NeighbourAttribute::Destination(match neigh.ip {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
         tolerate_absent(self.handle.neighbours().del(m).execute().await)
             .map_err(nl("delete neighbour", format!("{neigh:?}")))
     }
@@ -491,10 +492,11 @@ impl Kernel for Netlink {
         m.header.flags = NeighbourFlags::Own;
         m.attributes
             .push(NeighbourAttribute::LinkLayerAddress(fdb.mac.to_vec()));
-        m.attributes.push(NeighbourAttribute::Destination(match fdb.dst {
-            IpAddr::V4(a) => NeighbourAddress::Inet(a),
-            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-        }));
+        m.attributes
+            .push(NeighbourAttribute::Destination(match fdb.dst {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
         tolerate_absent(self.handle.neighbours().del(m).execute().await)
             .map_err(nl("delete fdb", format!("{fdb:?}")))
     }

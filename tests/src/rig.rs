@@ -1,0 +1,843 @@
+//! The rig: an underlay "switch" namespace with a real etcd, N node namespaces plugged into it,
+//! twilld on the nodes, and pods behind them.
+//!
+//! ```text
+//!   <id>-u   br0 198.18.0.1/24 fd74:7769::1/64, etcd on :2379/:2380
+//!    ├─ n1 ── eth0 <id>-n1  198.18.0.11/24 fd74:7769::11/64   cni0 ── eth0 <id>-n1p1 ...
+//!    ├─ n2 ── eth0 <id>-n2  198.18.0.12/24 fd74:7769::12/64
+//!    └─ ...
+//! ```
+//!
+//! Why it is shaped as it is:
+//! - The addresses are from the RFC 2544 benchmark range and a ULA prefix: they never collide
+//!   with a real network, and the rig has no link to the root namespace anyway.
+//! - DAD is off in every rig namespace (and addresses are added `nodad`), so IPv6 works the moment
+//!   a link is up instead of 1-2 s later; forwarding is on in the nodes, as on a real node.
+//! - The guard's state sits behind a mutex so that every method takes `&self`: a test can share
+//!   the rig with scoped threads (a ping flood in one, a `kill -9` of twilld in another).
+//! - Pods are made by hand (a bridge `cni0` holding the gateway, a veth per pod) until the CNI
+//!   plugin exists; the end-to-end tests then switch to `twill-cni` without changing shape.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use twill_facts::SubnetFacts;
+
+use crate::ns::{self, ip_batch, nsenter};
+use crate::state::{self, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time};
+
+/// The underlay bridge's IPv4 address (etcd listens here).
+pub const UNDERLAY_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The underlay bridge's IPv6 address.
+pub const UNDERLAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd74, 0x7769, 0, 0, 0, 0, 0, 1);
+/// etcd's client URL, as seen from every rig namespace.
+pub const ETCD_ENDPOINT: &str = "http://198.18.0.1:2379";
+/// The etcd key prefix twilld uses by default (flannel's).
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+
+/// How long etcd gets to become healthy.
+const ETCD_READY: Duration = Duration::from_secs(15);
+/// How long a stopped process gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of each log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How to build a rig.
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    /// Number of node namespaces (1..=200).
+    pub nodes: usize,
+    /// Where the `twilld` binary is; by default `TWILL_BIN_DIR`, else the `target/<profile>/`
+    /// directory of the running test executable.
+    pub bin_dir: Option<PathBuf>,
+    /// Whether to start etcd right away (default true).
+    pub etcd: bool,
+    /// `RUST_LOG` for twilld (default `info`).
+    pub rust_log: String,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            nodes: 3,
+            bin_dir: None,
+            etcd: true,
+            rust_log: "info".to_string(),
+        }
+    }
+}
+
+/// A pod namespace made by [`Rig::add_pod`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Its namespace (`<id>-n<node>p<j>`); its interface is `eth0`.
+    pub ns: String,
+    /// The node it sits on (1-based).
+    pub node: usize,
+    /// Its IPv4 address, if the node has an IPv4 subnet.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Its IPv6 address, if the node has an IPv6 subnet.
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// A netns cluster; dropping it removes everything it made, pass or fail.
+///
+/// Nodes are numbered from 1. Methods take `&self`, so scoped threads can share a rig.
+#[derive(Debug)]
+pub struct Rig {
+    id: String,
+    nodes: usize,
+    temp_dir: PathBuf,
+    bin_dir: Option<PathBuf>,
+    rust_log: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: RigState,
+    etcd: Option<Child>,
+    twilld: BTreeMap<usize, Child>,
+    pods: BTreeMap<usize, u32>,
+}
+
+impl Rig {
+    /// A rig of `nodes` nodes with etcd running, see [`Rig::with_options`].
+    pub fn new(nodes: usize) -> Result<Rig> {
+        Rig::with_options(RigOptions {
+            nodes,
+            ..RigOptions::default()
+        })
+    }
+
+    /// Sweeps rigs left by killed runs, then builds the underlay, the nodes and (by default)
+    /// etcd, healthy. Needs root. On error everything built so far is removed.
+    pub fn with_options(opts: RigOptions) -> Result<Rig> {
+        ensure!(
+            nix::unistd::Uid::effective().is_root(),
+            "the netns rig needs root"
+        );
+        ensure!(
+            (1..=200).contains(&opts.nodes),
+            "a rig has 1 to 200 nodes, not {}",
+            opts.nodes
+        );
+        if let Err(e) = state::sweep_stale() {
+            eprintln!("twill-rig: sweeping stale rigs failed: {e:#}");
+        }
+        if let Err(e) = ensure_bpffs() {
+            eprintln!("twill-rig: {e:#}");
+        }
+        let id = next_id();
+        let temp_dir = state::temp_base().join(format!("{TEMP_PREFIX}{id}"));
+        let state = RigState::new(&id, temp_dir.clone())?;
+        state.save()?;
+        // From here on the guard exists: an error below drops it, which removes what was built.
+        let rig = Rig {
+            id,
+            nodes: opts.nodes,
+            temp_dir,
+            bin_dir: opts.bin_dir,
+            rust_log: opts.rust_log,
+            inner: Mutex::new(Inner {
+                state,
+                etcd: None,
+                twilld: BTreeMap::new(),
+                pods: BTreeMap::new(),
+            }),
+        };
+        std::fs::create_dir_all(&rig.temp_dir)
+            .with_context(|| format!("create {}", rig.temp_dir.display()))?;
+        rig.build_network().context("build the rig network")?;
+        if opts.etcd {
+            rig.start_etcd()?;
+        }
+        Ok(rig)
+    }
+
+    /// The rig id: the prefix of every namespace, directory and pin path it uses.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// The rig's temporary directory (etcd data, logs, subnet files).
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
+    }
+
+    /// The underlay namespace (the bridge `br0` and etcd).
+    pub fn underlay_ns(&self) -> String {
+        format!("{}-u", self.id)
+    }
+
+    /// Node `node`'s namespace (`<id>-n<node>`).
+    pub fn node_ns(&self, node: usize) -> String {
+        self.check_node(node);
+        format!("{}-n{node}", self.id)
+    }
+
+    /// Node `node`'s underlay IPv4 address, `198.18.0.(10+node)`.
+    pub fn node_ip(node: usize) -> Ipv4Addr {
+        let last = u8::try_from(10 + node).expect("node number below 246");
+        Ipv4Addr::new(198, 18, 0, last)
+    }
+
+    /// Node `node`'s underlay IPv6 address, `fd74:7769::(10+node)` (the same digits as the
+    /// last IPv4 octet, read as hex).
+    pub fn node_ip6(node: usize) -> Ipv6Addr {
+        format!("fd74:7769::{}", 10 + node)
+            .parse()
+            .expect("node number below 246")
+    }
+
+    /// Node `node`'s directory in the temp dir (subnet file, twilld log).
+    pub fn node_dir(&self, node: usize) -> PathBuf {
+        self.check_node(node);
+        self.temp_dir.join(format!("n{node}"))
+    }
+
+    fn check_node(&self, node: usize) {
+        assert!(
+            (1..=self.nodes).contains(&node),
+            "node {node} out of range 1..={}",
+            self.nodes
+        );
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records namespaces in the state file, then creates them with DAD off.
+    fn create_namespaces(&self, names: &[String]) -> Result<()> {
+        {
+            let mut inner = self.lock();
+            inner.state.namespaces.extend(names.iter().cloned());
+            inner.state.save()?;
+        }
+        for name in names {
+            ns::create_netns(name)?;
+            ns::sysctl(name, "net.ipv6.conf.all.accept_dad", "0")?;
+            ns::sysctl(name, "net.ipv6.conf.default.accept_dad", "0")?;
+        }
+        Ok(())
+    }
+
+    fn build_network(&self) -> Result<()> {
+        let underlay = self.underlay_ns();
+        let nodes: Vec<String> = (1..=self.nodes).map(|i| self.node_ns(i)).collect();
+        let mut all = vec![underlay.clone()];
+        all.extend(nodes.iter().cloned());
+        self.create_namespaces(&all)?;
+
+        let mut script = format!(
+            "link set lo up\n\
+             link add br0 type bridge mcast_snooping 0\n\
+             addr add {UNDERLAY_V4}/24 dev br0\n\
+             addr add {UNDERLAY_V6}/64 dev br0 nodad\n\
+             link set br0 up\n"
+        );
+        for (i, node_ns) in nodes.iter().enumerate() {
+            let n = i + 1;
+            let _ = write!(
+                script,
+                "link add n{n} type veth peer name eth0 netns {node_ns}\n\
+                 link set n{n} master br0 up\n"
+            );
+        }
+        ip_batch(Some(&underlay), &script)?;
+
+        for (i, node_ns) in nodes.iter().enumerate() {
+            let n = i + 1;
+            ns::sysctl(node_ns, "net.ipv4.ip_forward", "1")?;
+            ns::sysctl(node_ns, "net.ipv6.conf.default.forwarding", "1")?;
+            ns::sysctl(node_ns, "net.ipv6.conf.all.forwarding", "1")?;
+            ip_batch(
+                Some(node_ns),
+                &format!(
+                    "link set lo up\n\
+                     addr add {}/24 dev eth0\n\
+                     addr add {}/64 dev eth0 nodad\n\
+                     link set eth0 up\n",
+                    Rig::node_ip(n),
+                    Rig::node_ip6(n)
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---- etcd ----------------------------------------------------------------------------
+
+    /// Starts etcd in the underlay namespace (data dir `<temp>/etcd`, so a restart brings back the
+    /// same member and data) and waits until it reports healthy.
+    pub fn start_etcd(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(child) = inner.etcd.as_mut()
+            && child.try_wait()?.is_none()
+        {
+            bail!("etcd is already running");
+        }
+        let data_dir = self.temp_dir.join("etcd");
+        let log_path = self.temp_dir.join("etcd.log");
+        let log = append_log(&log_path, "starting etcd")?;
+        let peer = "http://198.18.0.1:2380";
+        let args: Vec<String> = vec![
+            "etcd".into(),
+            "--name".into(),
+            self.id.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen-client-urls".into(),
+            ETCD_ENDPOINT.into(),
+            "--advertise-client-urls".into(),
+            ETCD_ENDPOINT.into(),
+            "--listen-peer-urls".into(),
+            peer.into(),
+            "--initial-advertise-peer-urls".into(),
+            peer.into(),
+            "--initial-cluster".into(),
+            format!("{}={peer}", self.id),
+            "--initial-cluster-token".into(),
+            self.id.clone(),
+            "--initial-cluster-state".into(),
+            "new".into(),
+            "--logger".into(),
+            "zap".into(),
+            "--log-outputs".into(),
+            "stderr".into(),
+        ];
+        let mut cmd = nsenter(&self.underlay_ns(), &args);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn etcd (is etcd-server installed? run cargo xtask setup)")?;
+        let pid = child_pid(&child);
+        inner.state.pids.push(ProcRecord {
+            pid,
+            start: proc_start_time(pid).unwrap_or(0),
+            what: "etcd".into(),
+        });
+        inner.etcd = Some(child);
+        inner.state.save()?;
+
+        let addr = SocketAddr::from((UNDERLAY_V4, 2379));
+        let deadline = Instant::now() + ETCD_READY;
+        loop {
+            if let Ok(resp) = ns::http_get(&self.underlay_ns(), addr, "/health")
+                && resp.body.contains("\"health\":\"true\"")
+            {
+                return Ok(());
+            }
+            if let Some(status) = inner
+                .etcd
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "etcd exited ({status}) before becoming healthy:\n{}",
+                    tail(&log_path, 20)
+                );
+            }
+            if crate::interrupted() {
+                bail!("interrupted");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "etcd not healthy after {ETCD_READY:?}:\n{}",
+                    tail(&log_path, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops etcd (SIGTERM, SIGKILL after 10 s) and waits for it to exit.
+    pub fn stop_etcd(&self) -> Result<()> {
+        let mut inner = self.lock();
+        let mut child = inner
+            .etcd
+            .take()
+            .ok_or_else(|| anyhow!("etcd is not running"))?;
+        let pid = child_pid(&child);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let status = ns::wait_uninterruptible(&mut child, STOP_GRACE).context("stop etcd");
+        inner.state.pids.retain(|p| p.pid != pid);
+        inner.state.save()?;
+        status.map(|_| ())
+    }
+
+    /// Runs `etcdctl` (API v3, against the rig's etcd) inside the underlay namespace; its stdout,
+    /// or an error with its stderr.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let endpoints = format!("--endpoints={ETCD_ENDPOINT}");
+        let mut full = vec!["etcdctl", &endpoints, "--dial-timeout=2s"];
+        full.extend_from_slice(args);
+        let mut cmd = nsenter(&self.underlay_ns(), &full);
+        cmd.env("ETCDCTL_API", "3");
+        let what = format!(
+            "{} in netns {}",
+            ns::display_args(&full),
+            self.underlay_ns()
+        );
+        let out = ns::output_bounded(cmd, None, Duration::from_secs(30), true, &what)?;
+        ns::check_output(&out, &what)
+    }
+
+    /// Writes the network config twilld reads (`<prefix>/config`, default prefix).
+    pub fn put_network_config(&self, json: &str) -> Result<()> {
+        let key = format!("{ETCD_PREFIX}/config");
+        self.etcdctl(&["put", &key, json])
+            .map(|_| ())
+            .with_context(|| format!("put {key}"))
+    }
+
+    // ---- twilld --------------------------------------------------------------------------
+
+    /// Where `twilld` is expected: [`RigOptions::bin_dir`], else `TWILL_BIN_DIR`, else the
+    /// `target/<profile>/` directory of the running executable (test binaries live in
+    /// `target/<profile>/deps/`).
+    pub fn twilld_path(&self) -> Result<PathBuf> {
+        let dir = match (&self.bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) => PathBuf::from(dir),
+            (None, None) => {
+                let exe = std::env::current_exe().context("locate the running executable")?;
+                let dir = exe.parent().context("executable has no directory")?;
+                if dir.file_name().is_some_and(|n| n == "deps") {
+                    dir.parent().context("deps has no parent")?.to_path_buf()
+                } else {
+                    dir.to_path_buf()
+                }
+            }
+        };
+        let path = dir.join("twilld");
+        ensure!(
+            path.is_file(),
+            "twilld not found at {}: build it with cargo build -p twill-agent \
+             (or point TWILL_BIN_DIR at its directory)",
+            path.display()
+        );
+        Ok(path)
+    }
+
+    /// The subnet file node `node`'s twilld writes.
+    pub fn subnet_file(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("subnet.env")
+    }
+
+    /// The bpf pin directory the rig gives node `node`'s twilld (`/sys/fs/bpf/twill/<id>-n<node>`).
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.check_node(node);
+        Path::new(PIN_ROOT).join(format!("{}-n{node}", self.id))
+    }
+
+    /// The log of node `node`'s twilld (all its runs, appended).
+    pub fn twilld_log_path(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("twilld.log")
+    }
+
+    /// Starts twilld on node `node`:
+    /// `twilld --etcd-endpoints http://198.18.0.1:2379 --iface eth0 --subnet-file
+    /// <temp>/n<node>/subnet.env --healthz-port 0 --bpf-pin-dir <pin dir> <extra_args>`, with
+    /// `RUST_LOG` and its output appended to [`Rig::twilld_log_path`].
+    pub fn start_twilld(&self, node: usize, extra_args: &[&str]) -> Result<()> {
+        let bin = self.twilld_path()?;
+        let node_ns = self.node_ns(node);
+        let mut inner = self.lock();
+        if let Some(child) = inner.twilld.get_mut(&node)
+            && child.try_wait()?.is_none()
+        {
+            bail!("twilld already runs on node {node}");
+        }
+        let dir = self.node_dir(node);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut args: Vec<String> = vec![
+            bin.display().to_string(),
+            "--etcd-endpoints".into(),
+            ETCD_ENDPOINT.into(),
+            "--iface".into(),
+            "eth0".into(),
+            "--subnet-file".into(),
+            self.subnet_file(node).display().to_string(),
+            "--healthz-port".into(),
+            "0".into(),
+        ];
+        if !extra_args.contains(&"--bpf-pin-dir") {
+            let pin = self.pin_dir(node);
+            if !inner.state.pin_dirs.contains(&pin) {
+                inner.state.pin_dirs.push(pin.clone());
+                inner.state.save()?;
+            }
+            if let Err(e) = std::fs::create_dir_all(&pin) {
+                eprintln!(
+                    "twill-rig: create {}: {e} (is bpffs mounted?)",
+                    pin.display()
+                );
+            }
+            args.extend(["--bpf-pin-dir".into(), pin.display().to_string()]);
+        }
+        args.extend(extra_args.iter().map(|s| (*s).to_string()));
+        let log_path = self.twilld_log_path(node);
+        let log = append_log(&log_path, &format!("starting {}", args.join(" ")))?;
+        let child = nsenter(&node_ns, &args)
+            .env("RUST_LOG", &self.rust_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn twilld on node {node}"))?;
+        let pid = child_pid(&child);
+        inner.state.pids.push(ProcRecord {
+            pid,
+            start: proc_start_time(pid).unwrap_or(0),
+            what: format!("twilld n{node}"),
+        });
+        inner.twilld.insert(node, child);
+        inner.state.save()
+    }
+
+    /// Sends `signal` to node `node`'s twilld and waits (up to 10 s, then SIGKILL) for it to
+    /// exit; its exit status. Use [`Rig::signal_twilld`] for signals that do not end it.
+    pub fn kill_twilld(&self, node: usize, signal: Signal) -> Result<ExitStatus> {
+        let mut inner = self.lock();
+        let mut child = inner
+            .twilld
+            .remove(&node)
+            .ok_or_else(|| anyhow!("twilld was not started on node {node}"))?;
+        let pid = child_pid(&child);
+        let _ = kill(Pid::from_raw(pid), signal);
+        let status = ns::wait_uninterruptible(&mut child, STOP_GRACE)
+            .with_context(|| format!("stop twilld on node {node} with {signal}"));
+        inner.state.pids.retain(|p| p.pid != pid);
+        inner.state.save()?;
+        status
+    }
+
+    /// Sends `signal` to node `node`'s twilld without waiting.
+    pub fn signal_twilld(&self, node: usize, signal: Signal) -> Result<()> {
+        let inner = self.lock();
+        let child = inner
+            .twilld
+            .get(&node)
+            .ok_or_else(|| anyhow!("twilld was not started on node {node}"))?;
+        kill(Pid::from_raw(child_pid(child)), signal)
+            .with_context(|| format!("kill({signal}) twilld on node {node}"))
+    }
+
+    /// Whether node `node`'s twilld is running.
+    pub fn twilld_running(&self, node: usize) -> bool {
+        let mut inner = self.lock();
+        inner
+            .twilld
+            .get_mut(&node)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until node `node`'s subnet file exists and parses; an error (with the log's tail)
+    /// on timeout or if twilld exits first.
+    pub fn wait_subnet_file(&self, node: usize, timeout: Duration) -> Result<SubnetFacts> {
+        let path = self.subnet_file(node);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(facts) = SubnetFacts::read(&path) {
+                return Ok(facts);
+            }
+            let exited = {
+                let mut inner = self.lock();
+                match inner.twilld.get_mut(&node) {
+                    None => Some("was never started".to_string()),
+                    Some(c) => c.try_wait()?.map(|s| format!("exited ({s})")),
+                }
+            };
+            if let Some(why) = exited {
+                bail!(
+                    "no subnet file {}: twilld on node {node} {why}; its log ends:\n{}",
+                    path.display(),
+                    tail(&self.twilld_log_path(node), 30)
+                );
+            }
+            if crate::interrupted() {
+                bail!("interrupted");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no subnet file {} after {timeout:?}; twilld's log on node {node} ends:\n{}",
+                    path.display(),
+                    tail(&self.twilld_log_path(node), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Node `node`'s twilld log so far (empty if it never ran).
+    pub fn twilld_log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.twilld_log_path(node)).unwrap_or_default()
+    }
+
+    // ---- pods ----------------------------------------------------------------------------
+
+    /// Creates a pod on node `node` without CNI: the bridge `cni0` holding the gateway address(es)
+    /// of `facts` (made once per node), and a pod namespace `<id>-n<node>p<j>` whose `eth0` gets
+    /// the next free address(es) of the subnet, default routes via the gateway, MTU from `facts`.
+    pub fn add_pod(&self, node: usize, facts: &SubnetFacts) -> Result<Pod> {
+        let node_ns = self.node_ns(node);
+        let j = {
+            let mut inner = self.lock();
+            let j = inner.pods.entry(node).or_insert(0);
+            *j += 1;
+            *j
+        };
+        let pod_ns = format!("{node_ns}p{j}");
+        let host_if = format!("vp{j}");
+        let mtu = facts.mtu;
+
+        let ipv4 = match (facts.subnet, facts.subnet_v4()) {
+            (Some(gw), Some(net)) => {
+                let ip = Ipv4Addr::from(u32::from(gw.addr()) + j);
+                ensure!(
+                    net.contains(&ip) && ip != net.broadcast(),
+                    "subnet {net} is full"
+                );
+                Some((ip, gw))
+            }
+            _ => None,
+        };
+        let ipv6 = match (facts.ipv6_subnet, facts.subnet_v6()) {
+            (Some(gw), Some(net)) => {
+                let ip = Ipv6Addr::from(u128::from(gw.addr()) + u128::from(j));
+                ensure!(net.contains(&ip), "subnet {net} is full");
+                Some((ip, gw))
+            }
+            _ => None,
+        };
+        ensure!(
+            ipv4.is_some() || ipv6.is_some(),
+            "facts carry no subnet: {facts:?}"
+        );
+
+        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
+
+        let has_bridge = ns::output_bounded(
+            {
+                let mut c = std::process::Command::new("ip");
+                c.args(["-n", &node_ns, "link", "show", "dev", "cni0"]);
+                c
+            },
+            None,
+            ns::DEFAULT_TIMEOUT,
+            false,
+            "ip link show cni0",
+        )?
+        .status
+        .success();
+        let mut node_script = String::new();
+        if !has_bridge {
+            let _ = writeln!(node_script, "link add cni0 mtu {mtu} type bridge");
+            if let Some((_, gw)) = ipv4 {
+                let _ = writeln!(node_script, "addr add {gw} dev cni0");
+            }
+            if let Some((_, gw)) = ipv6 {
+                let _ = writeln!(node_script, "addr add {gw} dev cni0 nodad");
+            }
+            node_script.push_str("link set cni0 up\n");
+        }
+        let _ = write!(
+            node_script,
+            "link add {host_if} mtu {mtu} type veth peer name eth0 netns {pod_ns}\n\
+             link set {host_if} master cni0 up\n"
+        );
+        ip_batch(Some(&node_ns), &node_script)?;
+
+        let mut pod_script = format!("link set lo up\nlink set eth0 mtu {mtu} up\n");
+        if let Some((ip, gw)) = ipv4 {
+            let _ = write!(
+                pod_script,
+                "addr add {ip}/{} dev eth0\nroute add default via {}\n",
+                gw.prefix_len(),
+                gw.addr()
+            );
+        }
+        if let Some((ip, gw)) = ipv6 {
+            let _ = write!(
+                pod_script,
+                "addr add {ip}/{} dev eth0 nodad\nroute add ::/0 via {}\n",
+                gw.prefix_len(),
+                gw.addr()
+            );
+        }
+        ip_batch(Some(&pod_ns), &pod_script)?;
+        Ok(Pod {
+            ns: pod_ns,
+            node,
+            ipv4: ipv4.map(|(ip, _)| ip),
+            ipv6: ipv6.map(|(ip, _)| ip),
+        })
+    }
+
+    // ---- teardown ------------------------------------------------------------------------
+
+    /// Prints the tail of etcd's log and of every node's twilld log to stderr. The guard does
+    /// this by itself when dropped during a panic (a failing test) or when `TWILL_RIG_LOGS` is set.
+    pub fn print_logs(&self) {
+        let mut out = String::new();
+        let etcd = self.temp_dir.join("etcd.log");
+        if etcd.exists() {
+            let _ = write!(
+                out,
+                "---- rig {}: etcd log (last 20 lines) ----\n{}\n",
+                self.id,
+                tail(&etcd, 20)
+            );
+        }
+        for node in 1..=self.nodes {
+            let path = self.twilld_log_path(node);
+            if path.exists() {
+                let _ = write!(
+                    out,
+                    "---- rig {}: twilld log of node {node} (last {LOG_TAIL_LINES} lines) ----\n{}\n",
+                    self.id,
+                    tail(&path, LOG_TAIL_LINES)
+                );
+            }
+        }
+        eprint!("{out}");
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("TWILL_RIG_LOGS").is_some() {
+            self.print_logs();
+        }
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let children = inner.twilld.values_mut().chain(inner.etcd.as_mut());
+        for child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for err in state::teardown(&inner.state) {
+            eprintln!("twill-rig: teardown of {}: {err:#}", self.id);
+        }
+    }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is there already; whether it mounted it.
+pub fn ensure_bpffs() -> Result<bool> {
+    let target = Path::new("/sys/fs/bpf");
+    let st =
+        nix::sys::statfs::statfs(target).with_context(|| format!("statfs {}", target.display()))?;
+    if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    nix::mount::mount(
+        Some("bpffs"),
+        target,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount bpffs at {}", target.display()))?;
+    Ok(true)
+}
+
+/// A fresh rig id: `tw`, the pid in base36 (5 digits, enough for any pid), a counter in base36.
+fn next_id() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "tw{:0>5}{}",
+        base36(u64::from(std::process::id())),
+        base36(u64::from(n))
+    )
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[usize::try_from(n % 36).expect("below 36")]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+fn child_pid(child: &Child) -> i32 {
+    i32::try_from(child.id()).expect("pid fits i32")
+}
+
+/// Opens `path` for appending and writes a header line.
+fn append_log(path: &Path, header: &str) -> Result<std::fs::File> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    writeln!(f, "==== twill-rig: {header}")?;
+    Ok(f)
+}
+
+/// The last `n` lines of the file at `path` (a note if it cannot be read).
+pub(crate) fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_short_and_unique() {
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(35), "z");
+        assert_eq!(base36(36), "10");
+        assert_eq!(base36(4_194_304).len(), 5); // pid_max on 64-bit
+        let (a, b) = (next_id(), next_id());
+        assert_ne!(a, b);
+        assert!(a.len() <= 9, "{a}");
+        // The longest names: pod namespaces and pin dirs stay short.
+        assert!(format!("{a}-n200p99").len() <= 16);
+    }
+
+    #[test]
+    fn node_addresses() {
+        assert_eq!(Rig::node_ip(1).to_string(), "198.18.0.11");
+        assert_eq!(Rig::node_ip6(3).to_string(), "fd74:7769::13");
+    }
+}

@@ -1,0 +1,549 @@
+//! End-to-end tests of the overlay (issue: overlay core): real etcd, real kernel, real twilld on
+//! every node of a netns rig. Each test asserts what a user would see: packets arrive, subnets are
+//! unique, a departed node's entries go, a restart loses nothing, an invalid config is refused.
+//!
+//! Privileged: as root they run; under CI a non-root run fails (see `require_root`).
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use twill_facts::SubnetFacts;
+use twill_tests::{
+    Pod, Rig, RigOptions, exec, fdb, http_get, ping, require_root, routes, run, wait_until,
+};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan"}}"#;
+const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"host-gw"}}"#;
+
+const UP: Duration = Duration::from_secs(15);
+
+/// Brings up `n` nodes with twilld (extra args for every node) and one pod each.
+fn cluster(config: &str, n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
+    let rig = Rig::new(n).expect("rig");
+    rig.put_network_config(config).unwrap();
+    for node in 1..=n {
+        rig.start_twilld(node, extra).unwrap();
+    }
+    let facts = wait_facts(&rig, 1..=n);
+    let pods: Vec<Pod> = (1..=n)
+        .map(|node| rig.add_pod(node, &facts[node - 1]).unwrap())
+        .collect();
+    (rig, facts, pods)
+}
+
+/// Waits for the subnet file of each node, printing the agent's log if it never comes.
+fn wait_facts(rig: &Rig, nodes: impl IntoIterator<Item = usize>) -> Vec<SubnetFacts> {
+    nodes
+        .into_iter()
+        .map(|node| {
+            rig.wait_subnet_file(node, UP)
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
+        })
+        .collect()
+}
+
+/// Every pod reaches every other pod (bounded pings), waiting for the overlay to converge.
+fn assert_full_mesh(rig: &Rig, pods: &[Pod], v6: bool) {
+    for a in pods {
+        for b in pods {
+            if a == b {
+                continue;
+            }
+            let dst: IpAddr = if v6 {
+                b.ipv6.expect("pod v6").into()
+            } else {
+                b.ipv4.expect("pod v4").into()
+            };
+            let ok = wait_until(UP, || ping(&a.ns, dst, 1).is_ok_and(|s| s.all_received()));
+            if ok.is_err() {
+                rig.print_logs();
+                panic!(
+                    "pod on n{} cannot reach pod on n{} at {dst}\nroutes of n{}:\n{}",
+                    a.node,
+                    b.node,
+                    a.node,
+                    routes(&rig.node_ns(a.node)).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+fn subnets_unique(facts: &[SubnetFacts]) {
+    let set: HashSet<_> = facts.iter().map(SubnetFacts::subnet_v4).collect();
+    assert_eq!(set.len(), facts.len(), "subnets shared: {facts:?}");
+}
+
+#[test]
+fn vxlan_three_nodes_full_mesh() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(VXLAN, 3, &[]);
+    subnets_unique(&facts);
+    for f in &facts {
+        assert_eq!(f.mtu, 1450, "VXLAN MTU is the uplink's minus 50");
+        assert_eq!(f.network.unwrap().to_string(), "10.244.0.0/16");
+    }
+    assert_full_mesh(&rig, &pods, false);
+    // flannel's device, and one route + neighbour + FDB entry per peer.
+    let link = run(&rig.node_ns(1), &["ip", "-d", "link", "show", "flannel.1"]).unwrap();
+    assert!(
+        link.contains("vxlan id 1") && link.contains("dstport 8472") && link.contains("nolearning"),
+        "{link}"
+    );
+    let f = fdb(&rig.node_ns(1), "flannel.1").unwrap();
+    assert_eq!(f.lines().filter(|l| l.contains(" dst ")).count(), 2, "{f}");
+}
+
+#[test]
+fn host_gw_three_nodes_full_mesh() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(HOST_GW, 3, &[]);
+    subnets_unique(&facts);
+    assert_eq!(facts[0].mtu, 1500, "host-gw keeps the uplink MTU");
+    assert_full_mesh(&rig, &pods, false);
+    let r = routes(&rig.node_ns(1)).unwrap();
+    let peer = facts[1].subnet_v4().unwrap();
+    assert!(
+        r.contains(&format!("{peer} via {} dev eth0", Rig::node_ip(2))),
+        "host-gw route via the peer's address: {r}"
+    );
+}
+
+#[test]
+fn dual_stack_vxlan_and_host_gw() {
+    if !require_root() {
+        return;
+    }
+    for config in [DUAL, DUAL_HOST_GW] {
+        let (rig, facts, pods) = cluster(config, 3, &[]);
+        for f in &facts {
+            assert!(f.ipv6_subnet.is_some(), "{config}: no IPv6 subnet in {f:?}");
+        }
+        assert_full_mesh(&rig, &pods, false);
+        assert_full_mesh(&rig, &pods, true);
+        drop(rig);
+    }
+}
+
+#[test]
+fn deleted_lease_disappears_from_peers() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, _pods) = cluster(VXLAN, 3, &[]);
+    let gone = facts[2].subnet_v4().unwrap();
+    let key = format!(
+        "/coreos.com/network/subnets/{}-{}",
+        gone.addr(),
+        gone.prefix_len()
+    );
+    wait_until(UP, || {
+        routes(&rig.node_ns(1)).is_ok_and(|r| r.contains(&gone.to_string()))
+    })
+    .unwrap();
+    // The node goes away (its agent stops), then its lease is deleted.
+    rig.kill_twilld(3, Signal::SIGKILL).unwrap();
+    rig.etcdctl(&["del", &key]).unwrap();
+    let node3_ip = Rig::node_ip(3).to_string();
+    for node in [1, 2] {
+        let ns = rig.node_ns(node);
+        wait_until(Duration::from_secs(5), || {
+            routes(&ns).is_ok_and(|r| !r.contains(&gone.to_string()))
+                && fdb(&ns, "flannel.1").is_ok_and(|f| !f.contains(&node3_ip))
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "n{node} still has entries for {gone}:\n{}",
+                routes(&ns).unwrap_or_default()
+            )
+        });
+    }
+}
+
+/// Configures a namespace by hand exactly as flannel configures a VXLAN node, and writes its
+/// lease as flannel writes it.
+fn flannel_by_hand(rig: &Rig, node: usize, subnet: &str, mac: &str) {
+    let ns = rig.node_ns(node);
+    let ip = Rig::node_ip(node).to_string();
+    let vtep = subnet.replace(".0/24", ".0/32");
+    for cmd in [
+        vec![
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &ip,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+        vec![
+            "ip",
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            mac,
+            "mtu",
+            "1450",
+            "up",
+        ],
+        vec!["ip", "addr", "add", &vtep, "dev", "flannel.1"],
+    ] {
+        run(&ns, &cmd).unwrap();
+    }
+    let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
+    let value = format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    );
+    rig.etcdctl(&["put", &key, &value]).unwrap();
+}
+
+#[test]
+fn interoperates_with_a_flannel_node() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(3).unwrap();
+    rig.put_network_config(VXLAN).unwrap();
+    // Node 3 is "flannel": configured by hand, its lease in etcd before the twill nodes start.
+    flannel_by_hand(&rig, 3, "10.244.200.0/24", "0e:fa:00:00:00:03");
+    for node in [1, 2] {
+        rig.start_twilld(node, &[]).unwrap();
+    }
+    let facts = wait_facts(&rig, [1, 2]);
+    // The flannel node programs its peers the way flanneld would, from their twill leases.
+    let ns3 = rig.node_ns(3);
+    for (i, f) in facts.iter().enumerate() {
+        let sn = f.subnet_v4().unwrap();
+        let key = format!("/coreos.com/network/subnets/{}-24", sn.addr());
+        let value = rig.etcdctl(&["get", "--print-value-only", &key]).unwrap();
+        let lease: serde_json::Value = serde_json::from_str(value.trim()).unwrap();
+        assert_eq!(lease["BackendType"], "vxlan", "{value}");
+        assert_eq!(
+            lease["PublicIP"],
+            Rig::node_ip(i + 1).to_string(),
+            "{value}"
+        );
+        let mac = lease["BackendData"]["VtepMAC"].as_str().unwrap();
+        let vtep = sn.addr().to_string();
+        let peer_ip = Rig::node_ip(i + 1).to_string();
+        let peer_sn = sn.to_string();
+        run(
+            &ns3,
+            &[
+                "ip",
+                "route",
+                "add",
+                &peer_sn,
+                "via",
+                &vtep,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        )
+        .unwrap();
+        run(
+            &ns3,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &vtep,
+                "lladdr",
+                mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+        run(
+            &ns3,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer_ip,
+            ],
+        )
+        .unwrap();
+    }
+    // Traffic both ways between the flannel node's VTEP address and twill pods.
+    let pods: Vec<Pod> = [1, 2]
+        .iter()
+        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
+        .collect();
+    let flannel_vtep: IpAddr = "10.244.200.0".parse().unwrap();
+    for pod in &pods {
+        let ok = wait_until(UP, || {
+            ping(&pod.ns, flannel_vtep, 1).is_ok_and(|s| s.all_received())
+        });
+        if ok.is_err() {
+            rig.print_logs();
+            panic!("twill pod on n{} cannot reach the flannel node", pod.node);
+        }
+        let back = ping(&ns3, pod.ipv4.unwrap(), 2).unwrap();
+        assert!(
+            back.all_received(),
+            "flannel node cannot reach twill pod: {back}"
+        );
+    }
+}
+
+#[test]
+fn kill_and_restart_during_ping_flood_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(VXLAN, 2, &[]);
+    assert_full_mesh(&rig, &pods, false);
+    let link_before = run(&rig.node_ns(1), &["ip", "-o", "link", "show", "flannel.1"]).unwrap();
+    // 600 pings 10 ms apart (~6 s) span a kill -9 and a restart of node 1's agent.
+    let dst = pods[1].ipv4.unwrap().to_string();
+    let flood = twill_tests::nsenter(
+        &pods[0].ns,
+        &["ping", "-q", "-c", "600", "-i", "0.01", "-W", "1", &dst],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    rig.kill_twilld(1, Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    rig.start_twilld(1, &[]).unwrap();
+    let out = flood.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = twill_tests::PingStats::parse(&text).unwrap();
+    assert_eq!(stats.transmitted, 600, "{text}");
+    assert_eq!(
+        stats.received, stats.transmitted,
+        "packets lost across a restart: {text}"
+    );
+    // Same subnet and same device after the restart.
+    wait_until(UP, || rig.twilld_log(1).contains("reclaimed our lease"))
+        .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    let again = rig.wait_subnet_file(1, UP).unwrap();
+    assert_eq!(again.subnet, facts[0].subnet);
+    let link_after = run(&rig.node_ns(1), &["ip", "-o", "link", "show", "flannel.1"]).unwrap();
+    assert_eq!(
+        link_before.split_whitespace().next(),
+        link_after.split_whitespace().next(),
+        "the device was recreated"
+    );
+}
+
+#[test]
+fn etcd_outage_disturbs_nothing() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(3).unwrap();
+    rig.put_network_config(VXLAN).unwrap();
+    for node in [1, 2] {
+        rig.start_twilld(node, &["--resync-interval", "2"]).unwrap();
+    }
+    let facts = wait_facts(&rig, [1, 2]);
+    let pods: Vec<Pod> = [1, 2]
+        .iter()
+        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
+        .collect();
+    assert_full_mesh(&rig, &pods, false);
+
+    rig.stop_etcd().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let s = ping(&pods[0].ns, pods[1].ipv4.unwrap(), 3).unwrap();
+        assert!(s.all_received(), "traffic broke while etcd was down: {s}");
+        assert!(
+            rig.twilld_running(1) && rig.twilld_running(2),
+            "an agent died while etcd was down"
+        );
+    }
+    rig.start_etcd().unwrap();
+    // The agents are back on etcd: a node joining now is programmed on the others.
+    rig.start_twilld(3, &[]).unwrap();
+    let f3 = wait_facts(&rig, [3]).remove(0);
+    let p3 = rig.add_pod(3, &f3).unwrap();
+    assert_full_mesh(&rig, &[pods[0].clone(), pods[1].clone(), p3], false);
+}
+
+#[test]
+fn twenty_agents_at_once_never_share_a_subnet() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::with_options(RigOptions {
+        nodes: 20,
+        ..RigOptions::default()
+    })
+    .unwrap();
+    // A small range makes collisions likely if creation were not atomic: 30 subnets, 20 nodes.
+    rig.put_network_config(
+        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.30.0","Backend":{"Type":"host-gw"}}"#,
+    )
+    .unwrap();
+    for node in 1..=20 {
+        rig.start_twilld(node, &[]).unwrap();
+    }
+    let facts = wait_facts(&rig, 1..=20);
+    subnets_unique(&facts);
+    let keys = rig
+        .etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .unwrap();
+    assert_eq!(
+        keys.lines().filter(|l| !l.trim().is_empty()).count(),
+        20,
+        "{keys}"
+    );
+}
+
+#[test]
+fn invalid_config_is_refused_and_the_dataplane_stays() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(2).unwrap();
+    // A node that starts on a bad config does nothing but say why.
+    rig.put_network_config(
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":99999999}}"#,
+    )
+    .unwrap();
+    rig.start_twilld(1, &[]).unwrap();
+    wait_until(UP, || rig.twilld_log(1).contains("Backend.VNI"))
+        .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    let log = rig.twilld_log(1);
+    assert!(log.contains("99999999"), "the error names the value: {log}");
+    assert!(!rig.subnet_file(1).exists());
+    assert!(
+        run(&rig.node_ns(1), &["ip", "link", "show", "flannel.1"]).is_err(),
+        "a device was created"
+    );
+    rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+
+    // Running nodes keep their dataplane when the config turns bad under them.
+    rig.put_network_config(VXLAN).unwrap();
+    for node in [1, 2] {
+        rig.start_twilld(node, &["--resync-interval", "1"]).unwrap();
+    }
+    let facts = wait_facts(&rig, [1, 2]);
+    let pods: Vec<Pod> = [1, 2]
+        .iter()
+        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
+        .collect();
+    assert_full_mesh(&rig, &pods, false);
+    rig.put_network_config(r#"{"Network":"10.244.0.0/33","Backend":{"Type":"vxlan"}}"#)
+        .unwrap();
+    wait_until(UP, || rig.twilld_log(1).contains("10.244.0.0/33"))
+        .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    assert_full_mesh(&rig, &pods, false);
+}
+
+#[test]
+fn ip_masq_masquerades_egress_but_not_pod_to_pod() {
+    if !require_root() {
+        return;
+    }
+    let (rig, _facts, pods) = cluster(VXLAN, 2, &["--ip-masq"]);
+    assert_full_mesh(&rig, &pods, false);
+    // The underlay namespace stands for "outside the cluster": it has no route to pods, so a
+    // reply only comes back if the pod's traffic was masqueraded to the node's address.
+    let s = ping(&pods[0].ns, twill_tests::rig::UNDERLAY_V4, 2).unwrap();
+    assert!(s.all_received(), "egress not masqueraded: {s}");
+    // Pod to pod keeps the pod's source address: the server sees the client pod's IP.
+    let server = twill_tests::nsenter(&pods[1].ns, &["iperf3", "-s", "-1", "-J"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dst = pods[1].ipv4.unwrap().to_string();
+    wait_until(UP, || {
+        exec(&pods[0].ns, &["iperf3", "-c", &dst, "-t", "1", "-J"])
+            .is_ok_and(|o| o.status.success())
+    })
+    .unwrap();
+    let out = server.wait_with_output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = &json["start"]["connected"][0]["remote_host"];
+    assert_eq!(
+        seen.as_str(),
+        Some(pods[0].ipv4.unwrap().to_string().as_str()),
+        "pod-to-pod traffic was masqueraded: the server saw {seen}"
+    );
+    // The rules live in twill's own table, in the node.
+    let t = run(
+        &rig.node_ns(1),
+        &["nft", "list", "table", "inet", "twill-masq"],
+    )
+    .unwrap();
+    assert!(t.contains("masquerade"), "{t}");
+}
+
+#[test]
+fn metrics_and_healthz_report_the_node() {
+    if !require_root() {
+        return;
+    }
+    let (rig, _facts, pods) = cluster(
+        VXLAN,
+        2,
+        &["--metrics-addr", "127.0.0.1:9615", "--healthz-port", "9616"],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let ns = rig.node_ns(1);
+    let health = http_get(&ns, SocketAddr::from(([127, 0, 0, 1], 9616)), "/healthz").unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+    let m = http_get(&ns, SocketAddr::from(([127, 0, 0, 1], 9615)), "/metrics").unwrap();
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("twill_peers 1\n"), "{}", m.body);
+    assert!(
+        m.body.contains("twill_lease_expiry_timestamp_seconds"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("twill_reconcile_duration_seconds_count"),
+        "{}",
+        m.body
+    );
+    // The eBPF counter on flannel.1 saw the pings.
+    let tx: u64 = m
+        .body
+        .lines()
+        .find(|l| l.starts_with("twill_vxlan_packets_total{") && l.contains("direction=\"tx\""))
+        .unwrap_or_else(|| panic!("no eBPF counter in metrics:\n{}", m.body))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tx >= 1, "{}", m.body);
+}
