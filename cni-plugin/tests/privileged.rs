@@ -1,0 +1,1089 @@
+//! Privileged end-to-end tests: the built `twill-cni` binary executed exactly as a runtime
+//! executes it (CNI_* environment, config on stdin, result or error JSON on stdout).
+//!
+//! Each test builds its own little node: a network namespace `twc<pid>t<n>n` in which the plugin
+//! runs (through `nsenter --net=`, as a runtime on that node would run it), a subnet file and an
+//! IPAM directory in a temporary directory, and pod namespaces `twc<pid>t<n>p<i>`. All traffic
+//! stays inside those namespaces. The [`Rig`] guard deletes every namespace it made when dropped,
+//! pass or fail; deleting the node namespace takes the bridge and the host veths with it.
+//!
+//! Needs root (netns, veth, bridge). Without root the tests print why and pass as skipped —
+//! unless `CI=true`, where a skip is a failure.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_twill-cni");
+const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+static SAID: std::sync::Once = std::sync::Once::new();
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "twill-cni privileged tests need root (netns, veth, bridge); CI=true, so not skipping"
+    );
+    // Straight to fd 2, past the test harness's output capture, once per run.
+    SAID.call_once(|| {
+        let _ = std::io::stderr().write_all(
+            b"SKIPPED: twill-cni privileged tests need root (netns, veth, bridge); run as root \
+              (CI=true makes this a failure)\n",
+        );
+    });
+    false
+}
+
+/// The reference plugins (Debian's containernetworking-plugins) used as delegate and chain peers.
+fn reference_plugins() -> bool {
+    if Path::new("/usr/lib/cni/host-local").exists() && Path::new("/usr/lib/cni/portmap").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "/usr/lib/cni/{{host-local,portmap}} missing (apt-get install containernetworking-plugins); \
+         CI=true, so not skipping"
+    );
+    let _ =
+        std::io::stderr().write_all(b"SKIPPED: /usr/lib/cni/{host-local,portmap} not installed\n");
+    false
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `ip -n NETNS ARGS...`, stdout.
+fn ip_in(netns: &str, args: &[&str]) -> String {
+    let mut a = vec!["-n", netns];
+    a.extend_from_slice(args);
+    String::from_utf8_lossy(&run("ip", &a).stdout).into_owned()
+}
+
+/// What one plugin invocation returned.
+#[derive(Debug)]
+struct Reply {
+    ok: bool,
+    json: Value,
+    stdout: String,
+    stderr: String,
+}
+
+impl Reply {
+    fn code(&self) -> u64 {
+        self.json["code"].as_u64().unwrap_or(0)
+    }
+
+    fn msg(&self) -> &str {
+        self.json["msg"].as_str().unwrap_or("")
+    }
+
+    fn expect_ok(self, what: &str) -> Self {
+        assert!(self.ok, "{what} failed: {} {}", self.stdout, self.stderr);
+        self
+    }
+
+    fn expect_err(self, code: u64, what: &str) -> Self {
+        assert!(!self.ok, "{what} unexpectedly succeeded: {}", self.stdout);
+        assert_eq!(self.code(), code, "{what}: {}", self.stdout);
+        for k in ["cniVersion", "code", "msg"] {
+            assert!(
+                self.json.get(k).is_some(),
+                "{what}: error JSON lacks {k}: {}",
+                self.stdout
+            );
+        }
+        self
+    }
+
+    fn ip(&self) -> IpAddr {
+        let a = self.json["ips"][0]["address"].as_str().expect("no address");
+        a.split('/').next().unwrap().parse().unwrap()
+    }
+}
+
+/// One node with its pods; everything it made is deleted on drop.
+struct Rig {
+    tag: String,
+    node: String,
+    pods: Vec<String>,
+    dir: tempfile::TempDir,
+    third: usize,
+}
+
+impl Rig {
+    fn new() -> Option<Rig> {
+        if !privileged() {
+            return None;
+        }
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("twc{}t{n}", std::process::id());
+        let node = format!("{tag}n");
+        let rig = Rig {
+            node: node.clone(),
+            tag,
+            pods: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+            third: 10 + n,
+        };
+        run("ip", &["netns", "add", &node]);
+        run("ip", &["-n", &node, "link", "set", "lo", "up"]);
+        rig.write_subnet(&format!(
+            "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.99.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+            rig.third
+        ));
+        Some(rig)
+    }
+
+    fn write_subnet(&self, text: &str) {
+        File::create(self.subnet_file())
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+
+    fn subnet_file(&self) -> PathBuf {
+        self.dir.path().join("subnet.env")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+
+    fn gateway(&self) -> String {
+        format!("10.99.{}.1", self.third)
+    }
+
+    fn pod(&mut self) -> String {
+        let name = format!("{}p{}", self.tag, self.pods.len());
+        run("ip", &["netns", "add", &name]);
+        self.pods.push(name.clone());
+        name
+    }
+
+    fn netns_path(name: &str) -> String {
+        format!("/run/netns/{name}")
+    }
+
+    /// The base config, with `extra` merged in (a `null` value removes a key).
+    fn conf(&self, version: &str, extra: &Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "twtest",
+            "type": "twill-cni",
+            "subnetFile": self.subnet_file(),
+            "dataDir": self.data_dir(),
+            "logFile": self.dir.path().join("twill-cni.log"),
+        });
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                if v.is_null() {
+                    c.as_object_mut().unwrap().remove(k);
+                } else {
+                    c[k] = v.clone();
+                }
+            }
+        }
+        c
+    }
+
+    /// Runs the plugin inside the node namespace with a runtime's environment.
+    fn invoke(&self, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Self::netns_path(&self.node)))
+            .arg(BIN)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn nsenter twill-cni");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Reply {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn cni(&self, command: &str, id: &str, pod: &str, conf: &Value) -> Reply {
+        self.cni_if(command, id, pod, "eth0", conf)
+    }
+
+    fn cni_if(&self, command: &str, id: &str, pod: &str, ifname: &str, conf: &Value) -> Reply {
+        let netns = if pod.is_empty() {
+            String::new()
+        } else {
+            Self::netns_path(pod)
+        };
+        self.invoke(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", ifname),
+                ("CNI_PATH", "/usr/lib/cni"),
+                (
+                    "CNI_ARGS",
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
+                ),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    fn leases(&self) -> Vec<IpAddr> {
+        let Ok(rd) = std::fs::read_dir(self.data_dir().join("twtest")) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Names of the twill veths in the node namespace.
+    fn host_veths(&self) -> Vec<String> {
+        let out = run("ip", &["-n", &self.node, "-o", "link", "show"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap().to_string())
+            .filter(|n| n.starts_with("tw"))
+            .collect()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for ns in self.pods.iter().chain(std::iter::once(&self.node)) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A UDP round trip from `from` (a pod namespace) to `to_ip` in pod `to`: proves pod-to-pod
+/// reachability without depending on `ping`. Sockets are opened by threads that enter the pods'
+/// namespaces (setns changes only the calling thread).
+fn udp_reachable(from: &str, to: &str, to_ip: IpAddr) -> bool {
+    fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(Rig::netns_path(ns)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+    let server = in_netns(to, || UdpSocket::bind(SocketAddr::new(to_ip, 0)).unwrap());
+    let addr = server.local_addr().unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let client = in_netns(from, || {
+        let unspecified: IpAddr = if to_ip.is_ipv4() {
+            "0.0.0.0".parse().unwrap()
+        } else {
+            "::".parse().unwrap()
+        };
+        UdpSocket::bind(SocketAddr::new(unspecified, 0)).unwrap()
+    });
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // A few tries: the first datagram may wait on ARP/ND.
+    for _ in 0..3 {
+        client.send_to(b"twill", addr).unwrap();
+        let mut buf = [0u8; 16];
+        if let Ok((n, peer)) = server.recv_from(&mut buf) {
+            server.send_to(&buf[..n], peer).unwrap();
+            if client.recv_from(&mut buf).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn version_reports_supported_versions() {
+    let Some(rig) = Rig::new() else { return };
+    let r = rig
+        .invoke(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"0.4.0"}"#)
+        .expect_ok("VERSION");
+    assert_eq!(r.json["cniVersion"], "1.1.0");
+    let got: Vec<&str> = r.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(got, VERSIONS);
+}
+
+#[test]
+fn every_command_in_every_version() {
+    let Some(mut rig) = Rig::new() else { return };
+    for (i, v) in VERSIONS.iter().enumerate() {
+        let pod = rig.pod();
+        let id = format!("ver{i}");
+        let conf = rig.conf(v, &json!({}));
+        let r = rig
+            .cni("ADD", &id, &pod, &conf)
+            .expect_ok(&format!("ADD {v}"));
+        let j = &r.json;
+        assert_eq!(j["cniVersion"], *v);
+        let ifs = j["interfaces"].as_array().unwrap();
+        assert_eq!(ifs.len(), 2, "{j}");
+        for i in ifs {
+            assert_eq!(
+                i["mac"].as_str().unwrap().len(),
+                17,
+                "every interface has a MAC: {j}"
+            );
+        }
+        assert!(ifs[0].get("sandbox").is_none());
+        assert_eq!(ifs[1]["name"], "eth0");
+        assert_eq!(ifs[1]["sandbox"], Rig::netns_path(&pod));
+        let ip0 = &j["ips"][0];
+        assert_eq!(ip0["interface"], 1);
+        assert_eq!(ip0["gateway"], rig.gateway());
+        assert!(ip0["address"].as_str().unwrap().ends_with("/24"));
+        if v.starts_with("0.") {
+            assert_eq!(ip0["version"], "4", "{v} results tag IPs: {j}");
+            assert!(ifs[1].get("mtu").is_none());
+        } else {
+            assert!(
+                ip0.get("version").is_none(),
+                "{v} results have no ips[].version: {j}"
+            );
+        }
+        if *v == "1.1.0" {
+            assert_eq!(ifs[1]["mtu"], 1450);
+        }
+        assert_eq!(j["routes"][0]["dst"], "0.0.0.0/0");
+        // The pod end is configured as the result says.
+        let addr = ip_in(&pod, &["-o", "addr", "show", "eth0"]);
+        assert!(addr.contains(ip0["address"].as_str().unwrap()), "{addr}");
+        assert!(ip_in(&pod, &["link", "show", "eth0"]).contains("mtu 1450"));
+        let routes = ip_in(&pod, &["route"]);
+        assert!(
+            routes.contains(&format!("default via {}", rig.gateway())),
+            "{routes}"
+        );
+
+        let mut check = conf.clone();
+        check["prevResult"] = j.clone();
+        let c = rig.cni("CHECK", &id, &pod, &check);
+        if v.starts_with("0.3") {
+            c.expect_err(1, &format!("CHECK {v}"));
+        } else {
+            c.expect_ok(&format!("CHECK {v}"));
+        }
+        let st = rig.invoke(&[("CNI_COMMAND", "STATUS")], conf.to_string().as_bytes());
+        let mut gc = conf.clone();
+        gc["cni.dev/valid-attachments"] = json!([{"containerID": id, "ifname": "eth0"}]);
+        let g = rig.invoke(
+            &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")],
+            gc.to_string().as_bytes(),
+        );
+        if *v == "1.1.0" {
+            st.expect_ok("STATUS 1.1.0");
+            g.expect_ok("GC 1.1.0");
+            assert_eq!(rig.leases().len(), 1, "GC kept the valid attachment");
+        } else {
+            st.expect_err(1, &format!("STATUS {v}"));
+            g.expect_err(1, &format!("GC {v}"));
+        }
+        rig.cni("DEL", &id, &pod, &conf)
+            .expect_ok(&format!("DEL {v}"));
+        rig.cni("DEL", &id, &pod, &conf)
+            .expect_ok(&format!("second DEL {v}"));
+        assert!(rig.leases().is_empty(), "{v}: {:?}", rig.leases());
+        assert!(rig.host_veths().is_empty(), "{v}: {:?}", rig.host_veths());
+        assert!(!ip_in(&pod, &["link"]).contains("eth0"));
+    }
+}
+
+#[test]
+fn repeated_add_returns_the_same_address() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let conf = rig.conf("0.4.0", &json!({}));
+    let first = rig.cni("ADD", "same", &pod, &conf).expect_ok("ADD");
+    let second = rig.cni("ADD", "same", &pod, &conf).expect_ok("second ADD");
+    assert_eq!(first.ip(), second.ip());
+    assert_eq!(first.json["interfaces"], second.json["interfaces"]);
+    assert_eq!(rig.leases(), vec![first.ip()]);
+    assert_eq!(rig.host_veths().len(), 1);
+    // A requested address (podman --ip: runtimeConfig.ips) for another container.
+    let pod2 = rig.pod();
+    let want = format!("10.99.{}.77", rig.third);
+    let mut asked = conf.clone();
+    asked["runtimeConfig"] = json!({"ips": [format!("{want}/24")]});
+    let asked_reply = rig
+        .cni("ADD", "asked", &pod2, &asked)
+        .expect_ok("ADD with runtimeConfig.ips");
+    assert_eq!(asked_reply.ip().to_string(), want);
+    let taken = rig.cni("ADD", "asked2", &pod2, &asked);
+    assert_eq!(
+        taken.code(),
+        102,
+        "an address held by another container: {}",
+        taken.stdout
+    );
+    rig.cni("DEL", "asked", &pod2, &conf).expect_ok("DEL asked");
+    // A second interface of the same container gets its own address.
+    let net1 = rig
+        .cni_if("ADD", "same", &pod, "net1", &conf)
+        .expect_ok("ADD net1");
+    assert_ne!(net1.ip(), first.ip());
+    rig.cni_if("DEL", "same", &pod, "net1", &conf)
+        .expect_ok("DEL net1");
+    assert_eq!(
+        rig.leases(),
+        vec![first.ip()],
+        "DEL net1 must not release eth0's address"
+    );
+    rig.cni("DEL", "same", &pod, &conf).expect_ok("DEL");
+}
+
+#[test]
+fn del_succeeds_when_things_are_gone() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let conf = rig.conf("1.0.0", &json!({}));
+    rig.cni("ADD", "gone", &pod, &conf).expect_ok("ADD");
+    run("ip", &["netns", "del", &pod]);
+    rig.pods.retain(|p| *p != pod);
+    // The netns is gone: with its path, and with CNI_NETNS empty as runtimes may send.
+    rig.cni("DEL", "gone", &pod, &conf)
+        .expect_ok("DEL after netns removed");
+    rig.cni("DEL", "gone", "", &conf)
+        .expect_ok("DEL without CNI_NETNS");
+    assert!(rig.leases().is_empty());
+    assert!(rig.host_veths().is_empty());
+    // Never added at all, and no IPAM directory yet.
+    rig.cni("DEL", "never", "", &conf)
+        .expect_ok("DEL of unknown container");
+    // Without a subnet file (twilld down) DEL still works.
+    std::fs::remove_file(rig.subnet_file()).unwrap();
+    rig.cni("DEL", "never", "", &conf)
+        .expect_ok("DEL without subnet file");
+}
+
+#[test]
+fn hundred_concurrent_adds_get_distinct_addresses() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pods: Vec<String> = (0..100).map(|_| rig.pod()).collect();
+    let conf = rig.conf("0.4.0", &json!({}));
+    let rig_ref = &rig;
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let conf = &conf;
+                s.spawn(move || rig_ref.cni("ADD", &format!("c{i}"), pod, conf))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips = HashSet::new();
+    for r in replies {
+        let r = r.expect_ok("concurrent ADD");
+        assert!(ips.insert(r.ip()), "address handed out twice: {}", r.ip());
+    }
+    assert_eq!(ips.len(), 100);
+    assert_eq!(rig.leases().len(), 100);
+    assert_eq!(rig.host_veths().len(), 100);
+    std::thread::scope(|s| {
+        for (i, pod) in pods.iter().enumerate() {
+            let conf = &conf;
+            s.spawn(move || {
+                rig_ref
+                    .cni("DEL", &format!("c{i}"), pod, conf)
+                    .expect_ok("concurrent DEL")
+            });
+        }
+    });
+    assert!(rig.leases().is_empty());
+    assert!(rig.host_veths().is_empty());
+}
+
+#[test]
+fn failed_add_rolls_back_address_and_veth() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    // Something else already owns eth0 in the pod.
+    run(
+        "ip",
+        &[
+            "-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+        ],
+    );
+    let conf = rig.conf("1.0.0", &json!({}));
+    let r = rig
+        .cni("ADD", "taken", &pod, &conf)
+        .expect_err(101, "ADD with eth0 taken");
+    assert!(r.msg().contains("eth0"), "{}", r.msg());
+    assert!(
+        rig.leases().is_empty(),
+        "address leaked: {:?}",
+        rig.leases()
+    );
+    assert!(
+        rig.host_veths().is_empty(),
+        "veth leaked: {:?}",
+        rig.host_veths()
+    );
+    // The runtime then calls DEL: it must succeed and leave the foreign eth0 alone.
+    rig.cni("DEL", "taken", &pod, &conf)
+        .expect_ok("DEL after failed ADD");
+    assert!(ip_in(&pod, &["link"]).contains("eth0"));
+    // And a real ADD on another name works and gets the address back.
+    rig.cni_if("ADD", "taken", &pod, "eth1", &conf)
+        .expect_ok("ADD eth1");
+}
+
+#[test]
+fn pods_on_one_node_reach_each_other_bridge_mode() {
+    let Some(mut rig) = Rig::new() else { return };
+    let (p1, p2) = (rig.pod(), rig.pod());
+    let conf = rig.conf("1.1.0", &json!({}));
+    let a = rig.cni("ADD", "a", &p1, &conf).expect_ok("ADD a");
+    let b = rig.cni("ADD", "b", &p2, &conf).expect_ok("ADD b");
+    assert!(udp_reachable(&p1, &p2, b.ip()), "a cannot reach b");
+    assert!(udp_reachable(&p2, &p1, a.ip()), "b cannot reach a");
+    // The bridge holds the gateway, is up, hairpin is on for the pod ports.
+    let br = ip_in(&rig.node, &["addr", "show", "cni0"]);
+    assert!(br.contains(&format!("{}/24", rig.gateway())), "{br}");
+    assert!(br.contains("UP"), "{br}");
+    let port = a.json["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = ip_in(&rig.node, &["-d", "link", "show", &port]);
+    assert!(d.contains("master cni0") && d.contains("hairpin on"), "{d}");
+    assert!(d.contains("alias twill:twtest:a:eth0"), "{d}");
+}
+
+#[test]
+fn pods_on_one_node_reach_each_other_routed_mode() {
+    let Some(mut rig) = Rig::new() else { return };
+    // Forwarding is twilld's job on a real node; the rig does it here.
+    run(
+        "nsenter",
+        &[
+            &format!("--net={}", Rig::netns_path(&rig.node)),
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ],
+    );
+    let (p1, p2) = (rig.pod(), rig.pod());
+    let conf = rig.conf("1.0.0", &json!({"mode": "routed"}));
+    let a = rig.cni("ADD", "a", &p1, &conf).expect_ok("ADD a");
+    let b = rig.cni("ADD", "b", &p2, &conf).expect_ok("ADD b");
+    assert!(
+        a.json["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .ends_with("/32")
+    );
+    assert!(
+        ip_in(&rig.node, &["link"])
+            .lines()
+            .all(|l| !l.contains("cni0")),
+        "no bridge"
+    );
+    let routes = ip_in(&rig.node, &["route"]);
+    assert!(routes.contains(&format!("{} dev tw", a.ip())), "{routes}");
+    assert!(udp_reachable(&p1, &p2, b.ip()), "a cannot reach b");
+    assert!(udp_reachable(&p2, &p1, a.ip()), "b cannot reach a");
+    let mut check = conf.clone();
+    check["prevResult"] = a.json.clone();
+    rig.cni("CHECK", "a", &p1, &check).expect_ok("CHECK routed");
+    rig.cni("DEL", "a", &p1, &conf).expect_ok("DEL a");
+    assert!(!ip_in(&rig.node, &["route"]).contains(&a.ip().to_string()));
+}
+
+#[test]
+fn gc_removes_what_is_not_valid() {
+    let Some(mut rig) = Rig::new() else { return };
+    let conf = rig.conf("1.1.0", &json!({}));
+    let pods: Vec<String> = (0..3).map(|_| rig.pod()).collect();
+    let mut ips = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        ips.push(
+            rig.cni("ADD", &format!("g{i}"), p, &conf)
+                .expect_ok("ADD")
+                .ip(),
+        );
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
+    rig.invoke(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")],
+        gc.to_string().as_bytes(),
+    )
+    .expect_ok("GC");
+    assert_eq!(rig.leases(), vec![ips[1]]);
+    assert_eq!(rig.host_veths().len(), 1);
+    assert!(ip_in(&pods[1], &["link"]).contains("eth0"));
+    assert!(!ip_in(&pods[0], &["link"]).contains("eth0"));
+    // The older key, and an empty list: everything goes.
+    let mut gc = conf.clone();
+    gc["cni.dev/attachments"] = json!([]);
+    rig.invoke(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes())
+        .expect_ok("GC with cni.dev/attachments");
+    assert!(rig.leases().is_empty());
+    assert!(rig.host_veths().is_empty());
+}
+
+#[test]
+fn gc_cleans_up_after_killed_adds() {
+    let Some(mut rig) = Rig::new() else { return };
+    let conf = rig.conf("1.1.0", &json!({}));
+    // One live pod first, so the bridge exists and there is something GC must keep.
+    let live = rig.pod();
+    let keep = rig.cni("ADD", "live", &live, &conf).expect_ok("ADD live");
+    // kill -9 ADDs at staggered points of their run.
+    let pods: Vec<String> = (0..12).map(|_| rig.pod()).collect();
+    let mut children = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", Rig::netns_path(&rig.node)))
+            .arg(BIN)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs([
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &*format!("k{i}")),
+                ("CNI_NETNS", &*Rig::netns_path(pod)),
+                ("CNI_IFNAME", "eth0"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        children.push(child);
+        std::thread::sleep(Duration::from_micros(300 * i as u64));
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // What a crash can leave beyond that: a lease file never written to, and a port of the
+    // bridge that was never labelled. And another network's veth, which GC must not touch.
+    let dir = rig.data_dir().join("twtest");
+    File::create(dir.join(format!("10.99.{}.250", rig.third))).unwrap();
+    let node = rig.node.clone();
+    run(
+        "ip",
+        &[
+            "-n",
+            &node,
+            "link",
+            "add",
+            "tw0000000000000",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "xpeer0",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &node,
+            "link",
+            "set",
+            "tw0000000000000",
+            "master",
+            "cni0",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &node,
+            "link",
+            "add",
+            "tw1111111111111",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "xpeer1",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &node,
+            "link",
+            "set",
+            "tw1111111111111",
+            "alias",
+            "twill:othernet:x:eth0",
+        ],
+    );
+
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
+    rig.invoke(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes())
+        .expect_ok("GC");
+    assert_eq!(rig.leases(), vec![keep.ip()], "leaked allocation");
+    let mut veths = rig.host_veths();
+    veths.sort();
+    let kept_port = keep.json["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut want = vec![kept_port, "tw1111111111111".to_string()];
+    want.sort();
+    assert_eq!(veths, want, "leaked veth");
+    // The live pod still works: a pod added after GC reaches it.
+    let after = rig.pod();
+    rig.cni("ADD", "after", &after, &conf)
+        .expect_ok("ADD after GC");
+    assert!(
+        udp_reachable(&after, &live, keep.ip()),
+        "GC broke the live pod"
+    );
+}
+
+#[test]
+fn delegated_ipam_host_local() {
+    let Some(mut rig) = Rig::new() else { return };
+    if !reference_plugins() {
+        return;
+    }
+    let pod = rig.pod();
+    let hl = rig.dir.path().join("host-local");
+    let conf = rig.conf(
+        "1.0.0",
+        &json!({"ipam": {
+            "type": "host-local",
+            "subnet": format!("10.99.{}.0/24", rig.third),
+            "rangeStart": format!("10.99.{}.200", rig.third),
+            "dataDir": hl,
+        }}),
+    );
+    let r = rig
+        .cni("ADD", "hl", &pod, &conf)
+        .expect_ok("ADD via host-local");
+    assert_eq!(r.ip().to_string(), format!("10.99.{}.200", rig.third));
+    assert!(hl.join("twtest").join(r.ip().to_string()).exists());
+    assert!(rig.leases().is_empty(), "built-in IPAM must not be used");
+    let mut check = conf.clone();
+    check["prevResult"] = r.json.clone();
+    rig.cni("CHECK", "hl", &pod, &check)
+        .expect_ok("CHECK via host-local");
+    rig.cni("DEL", "hl", &pod, &conf)
+        .expect_ok("DEL via host-local");
+    assert!(!hl.join("twtest").join(r.ip().to_string()).exists());
+    // GC/STATUS are not passed to a plugin that predates 1.1.0 (host-local 1.1.1 here).
+    let mut gc = rig.conf(
+        "1.1.0",
+        &json!({"ipam": {"type": "host-local", "subnet": "10.99.0.0/24", "dataDir": hl}}),
+    );
+    gc["cni.dev/valid-attachments"] = json!([]);
+    rig.invoke(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")],
+        gc.to_string().as_bytes(),
+    )
+    .expect_ok("GC with host-local");
+}
+
+#[test]
+fn chained_portmap_accepts_the_result() {
+    let Some(mut rig) = Rig::new() else { return };
+    if !reference_plugins() {
+        return;
+    }
+    let pod = rig.pod();
+    let conf = rig.conf("0.4.0", &json!({}));
+    let r = rig.cni("ADD", "pm", &pod, &conf).expect_ok("ADD");
+    let pm = json!({
+        "cniVersion": "0.4.0",
+        "name": "twtest",
+        "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]},
+        "prevResult": r.json,
+    });
+    let env = |cmd| {
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", "pm"),
+            (
+                "CNI_NETNS",
+                Box::leak(Rig::netns_path(&pod).into_boxed_str()) as &str,
+            ),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ]
+    };
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
+        .arg("/usr/lib/cni/portmap")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env("ADD"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pm.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "portmap ADD: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pr: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pr["ips"][0]["address"], r.json["ips"][0]["address"]);
+    let nat = run(
+        "nsenter",
+        &[
+            &format!("--net={}", Rig::netns_path(&rig.node)),
+            "iptables-save",
+            "-t",
+            "nat",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&nat.stdout).contains("18080"));
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
+        .arg("/usr/lib/cni/portmap")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env("DEL"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pm.to_string().as_bytes())
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    // twill after something else: prevResult is kept and twill's interface indices are shifted.
+    let pod2 = rig.pod();
+    let mut chained = rig.conf("1.0.0", &json!({}));
+    chained["prevResult"] = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "lo", "sandbox": Rig::netns_path(&pod2)}],
+        "ips": [{"address": "127.0.0.1/8", "interface": 0}],
+        "dns": {"nameservers": ["10.96.0.10"]}
+    });
+    let c = rig
+        .cni("ADD", "ch", &pod2, &chained)
+        .expect_ok("chained ADD");
+    assert_eq!(c.json["interfaces"].as_array().unwrap().len(), 3);
+    assert_eq!(c.json["ips"][1]["interface"], 2);
+    assert_eq!(c.json["dns"]["nameservers"][0], "10.96.0.10");
+}
+
+#[test]
+fn dual_stack_when_the_subnet_file_has_ipv6() {
+    let Some(mut rig) = Rig::new() else { return };
+    rig.write_subnet(&format!(
+        "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.99.{t}.1/24\nFLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_IPV6_SUBNET=fd99:0:0:{t}::1/64\nFLANNEL_MTU=1450\n",
+        t = rig.third
+    ));
+    let (p1, p2) = (rig.pod(), rig.pod());
+    let conf = rig.conf("1.0.0", &json!({}));
+    let a = rig.cni("ADD", "a", &p1, &conf).expect_ok("ADD a");
+    let b = rig.cni("ADD", "b", &p2, &conf).expect_ok("ADD b");
+    let ips = b.json["ips"].as_array().unwrap();
+    assert_eq!(ips.len(), 2, "{}", b.json);
+    let b6: IpAddr = ips[1]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(b6.is_ipv6());
+    assert!(udp_reachable(&p1, &p2, b6), "no IPv6 between pods");
+    assert_eq!(a.json["routes"].as_array().unwrap().len(), 2);
+    rig.cni("DEL", "a", &p1, &conf).expect_ok("DEL a");
+    rig.cni("DEL", "b", &p2, &conf).expect_ok("DEL b");
+    assert!(rig.leases().is_empty());
+}
+
+#[test]
+fn every_error_code() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let pod2 = rig.pod();
+    let base = rig.conf("1.0.0", &json!({}));
+    let add = |conf: &Value| rig.cni("ADD", "e", &pod, conf);
+
+    // 1: incompatible version.
+    add(&rig.conf("0.2.0", &json!({}))).expect_err(1, "cniVersion 0.2.0");
+    // 2: unknown field, named with its value.
+    let r = add(&rig.conf("1.0.0", &json!({"subnetfile": "/x"}))).expect_err(2, "typo");
+    assert!(
+        r.msg().contains("subnetfile") && r.msg().contains("/x"),
+        "{}",
+        r.msg()
+    );
+    // 3: the netns does not exist.
+    rig.cni("ADD", "e", "twc-no-such-netns", &base)
+        .expect_err(3, "missing netns");
+    // 4: a missing variable, named.
+    let r = rig
+        .invoke(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_NETNS", "/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            base.to_string().as_bytes(),
+        )
+        .expect_err(4, "no CNI_CONTAINERID");
+    assert!(r.msg().contains("CNI_CONTAINERID"), "{}", r.msg());
+    let r = rig
+        .invoke(&[("CNI_COMMAND", "BOGUS")], base.to_string().as_bytes())
+        .expect_err(4, "bad CNI_COMMAND");
+    assert!(r.msg().contains("CNI_COMMAND"));
+    // 6: not JSON.
+    rig.invoke(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "e"),
+            ("CNI_NETNS", &Rig::netns_path(&pod)),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        b"{not json",
+    )
+    .expect_err(6, "undecodable");
+    // 7: invalid value, field and value named.
+    let r = add(&rig.conf("1.0.0", &json!({"mode": "bridged"}))).expect_err(7, "bad mode");
+    assert!(
+        r.msg().contains("mode") && r.msg().contains("bridged"),
+        "{}",
+        r.msg()
+    );
+    let r = add(&rig.conf("1.0.0", &json!({"mtu": 12}))).expect_err(7, "bad mtu");
+    assert!(
+        r.msg().contains("mtu") && r.msg().contains("12"),
+        "{}",
+        r.msg()
+    );
+    // 11: the IPAM lock is held by someone else past the timeout.
+    {
+        let dir = rig.data_dir().join("twtest");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = File::create(dir.join("lock")).unwrap();
+        let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        let conf = rig.conf("1.0.0", &json!({"ipam": {"lockTimeoutMs": 200}}));
+        let r = add(&conf).expect_err(11, "lock timeout");
+        assert!(r.msg().contains("lock"), "{}", r.msg());
+    }
+    assert!(rig.host_veths().is_empty());
+    // 11 also while the subnet file is not there yet; 103 when it is garbage.
+    let text = std::fs::read_to_string(rig.subnet_file()).unwrap();
+    std::fs::remove_file(rig.subnet_file()).unwrap();
+    add(&base).expect_err(11, "no subnet file");
+    // 50: STATUS while the node network is not ready.
+    let status = rig.conf("1.1.0", &json!({}));
+    rig.invoke(&[("CNI_COMMAND", "STATUS")], status.to_string().as_bytes())
+        .expect_err(50, "STATUS without subnet file");
+    rig.write_subnet("FLANNEL_SUBNET=banana\n");
+    add(&base).expect_err(103, "garbage subnet file");
+    rig.invoke(&[("CNI_COMMAND", "STATUS")], status.to_string().as_bytes())
+        .expect_err(50, "STATUS with garbage subnet file");
+    rig.write_subnet(&text);
+    // 100: the bridge name is taken by a non-bridge.
+    let conf = rig.conf("1.0.0", &json!({"bridge": "twcbr0"}));
+    run(
+        "ip",
+        &[
+            "-n", &rig.node, "link", "add", "twcbr0", "type", "veth", "peer", "name", "twcbr0p",
+        ],
+    );
+    let r = add(&conf).expect_err(100, "bridge name taken");
+    assert!(r.msg().contains("twcbr0"), "{}", r.msg());
+    assert!(rig.leases().is_empty());
+    // 101 is covered by failed_add_rolls_back_address_and_veth.
+    // 102: range exhausted.
+    let one = rig.conf(
+        "1.0.0",
+        &json!({"ipam": {"rangeStart": format!("10.99.{}.9", rig.third), "rangeEnd": format!("10.99.{}.9", rig.third)}}),
+    );
+    add(&one).expect_ok("ADD of the only address");
+    rig.cni("ADD", "e2", &pod2, &one)
+        .expect_err(102, "exhausted");
+    // 104: the delegated IPAM plugin does not exist.
+    let r = rig
+        .cni(
+            "ADD",
+            "e3",
+            &pod2,
+            &rig.conf("1.0.0", &json!({"ipam": {"type": "no-such-ipam"}})),
+        )
+        .expect_err(104, "missing IPAM plugin");
+    assert!(r.msg().contains("no-such-ipam"), "{}", r.msg());
+    // 105: CHECK finds the address gone.
+    let r = add(&one).expect_ok("repeat ADD");
+    run("ip", &["-n", &pod, "addr", "flush", "dev", "eth0"]);
+    let mut check = one.clone();
+    check["prevResult"] = r.json.clone();
+    rig.cni("CHECK", "e", &pod, &check)
+        .expect_err(105, "CHECK after address removed");
+    // CHECK without prevResult is an invalid config.
+    rig.cni("CHECK", "e", &pod, &one)
+        .expect_err(7, "CHECK without prevResult");
+}
