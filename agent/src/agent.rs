@@ -26,11 +26,12 @@ use crate::overlay::{self, Devices, Uplink};
 use crate::store::{
     EtcdStore, EtcdTls, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease,
 };
+use crate::udp::{self, UdpBackend};
 use crate::uplink;
 use twill_facts::SubnetFacts;
 
 /// Lease TTL (flannel's: 24 h).
-pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const LEASE_TTL: Duration = Duration::from_hours(24);
 
 /// twilld's command line: flannel's flags, plus twill's own.
 #[derive(Debug, Clone, Parser)]
@@ -230,7 +231,7 @@ async fn lease_cache<S: LeaseStore + Clone>(store: S, out: watch::Sender<Option<
                     let _ = out.send(Some(Arc::new(cache.values().cloned().collect())));
                 }
                 res = &mut watch_task => {
-                    let e = res.map_or_else(|j| StoreError::WatchEnded(j.to_string()), |e| e);
+                    let e = res.unwrap_or_else(|j| StoreError::WatchEnded(j.to_string()));
                     tracing::warn!(error = %e, "lease watch broke; re-listing");
                     // Drain what arrived before the break.
                     while let Ok(batch) = rx.try_recv() {
@@ -312,22 +313,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .await;
     if cfg.backend.kind == BackendType::Udp {
-        bail!(
-            "Backend.Type \"udp\" is not available in this build of twilld yet; use vxlan or host-gw"
-        );
+        udp::check_config(&cfg)
+            .with_context(|| format!("refusing network config at {}/config", opts.etcd_prefix))?;
     }
     tracing::info!(?cfg, "network config");
 
-    let up = uplink::discover(
-        &kernel,
-        &opts.iface,
-        cfg.enable_ipv4,
-        cfg.enable_ipv6,
-        opts.public_ip,
-        opts.public_ipv6,
-    )
-    .await
-    .context("choose the uplink interface")?;
+    let wish = uplink::Wish {
+        ifaces: opts.iface.clone(),
+        want_v4: cfg.enable_ipv4,
+        want_v6: cfg.enable_ipv6,
+        public_v4: opts.public_ip,
+        public_v6: opts.public_ipv6,
+    };
+    let up = uplink::discover(&kernel, &wish)
+        .await
+        .context("choose the uplink interface")?;
     tracing::info!(iface = %up.name, public_ip = ?up.public_v4, public_ipv6 = ?up.public_v6, mtu = up.mtu, "uplink");
 
     if cfg.enable_ipv4 {
@@ -338,6 +338,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .set_sysctl("net/ipv6/conf/all/forwarding", "1")
             .await?;
     }
+    // udp: the data path (TUN device, port, workers) comes first, so the device exists for
+    // ensure_devices; it drops everything until the routing table arrives with the leases.
+    let mut udp = if cfg.backend.kind == BackendType::Udp {
+        let spec = udp::Spec::new(&cfg, &up)?;
+        let b = UdpBackend::start(&kernel, spec)
+            .await
+            .context("start the udp backend")?;
+        metrics.set_udp_counts(b.counts_fn());
+        Some(b)
+    } else {
+        None
+    };
     let mut devices = overlay::ensure_devices(&kernel, &cfg, &up)
         .await
         .context("set up the VXLAN device")?;
@@ -370,7 +382,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .context("install masquerade rules")?;
     }
 
-    let _counter = attach_counter(&devices, &metrics);
+    // The udp backend counts its own packets; the eBPF counter is for the VXLAN device.
+    let _counter = if udp.is_none() {
+        attach_counter(&devices, &metrics)
+    } else {
+        None
+    };
+    if let Some(u) = &udp {
+        u.set_table(held.subnets.v4, &[]);
+    }
 
     let (snap_tx, mut snap_rx) = watch::channel(None);
     let cache = tokio::spawn(lease_cache(store.clone(), snap_tx));
@@ -393,18 +413,31 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
                 peers = snap;
                 have_snapshot = true;
+                if let Some(u) = &udp {
+                    u.set_table(held.subnets.v4, &peers);
+                }
                 if !peers.iter().any(|l| l.subnets == held.subnets) {
                     tracing::warn!(subnet = %held.subnets.key(), "our lease is gone (deleted or expired); re-acquiring");
                     held = retry("re-acquire a subnet lease", &metrics, || acquire(&store, &cfg, &attrs, Some(held.subnets))).await;
                     metrics.set_lease_expiry(held.expires);
                     write_facts(&held)?;
                     renew_at = Instant::now() + renew_delay(held.expires, margin);
+                    if let Some(u) = &udp {
+                        u.set_table(held.subnets.v4, &peers);
+                    }
                     continue;
                 }
                 reconcile_once(&kernel, &cfg, &up, &devices, &held, &peers, &metrics).await;
             }
             _ = resync_tick.tick() => {
                 // Heal: devices someone deleted, entries someone removed, masq table, config drift.
+                if let Some(u) = &mut udp {
+                    match u.heal(&kernel).await {
+                        Ok(false) => {}
+                        Ok(true) => tracing::warn!("udp data path restarted"),
+                        Err(e) => { tracing::warn!(error = %e, "healing the udp data path failed"); metrics.set_error(&e.to_string()); }
+                    }
+                }
                 match overlay::ensure_devices(&kernel, &cfg, &up).await {
                     Ok(d) if d != devices => {
                         tracing::warn!("overlay device changed; republishing the lease");

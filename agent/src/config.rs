@@ -133,7 +133,11 @@ struct RawBackend {
     mtu: Option<i64>,
 }
 
-fn invalid(field: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Display,
+    reason: impl std::fmt::Display,
+) -> ConfigError {
     ConfigError::Invalid {
         field,
         value: value.to_string(),

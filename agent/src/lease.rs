@@ -372,7 +372,7 @@ mod tests {
             LeaseAttrs::parse("k", b"{\"PublicIP\":\"nope\"}")
                 .unwrap_err()
                 .to_string()
-                .contains("k")
+                .contains('k')
         );
     }
 

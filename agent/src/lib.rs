@@ -16,5 +16,7 @@ pub mod lease;
 pub mod masq;
 pub mod metrics;
 pub mod overlay;
+pub mod services;
 pub mod store;
+pub mod udp;
 pub mod uplink;

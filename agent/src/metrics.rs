@@ -31,11 +31,36 @@ pub struct DeviceCounts {
 /// A source of device counts read at scrape time.
 pub type CountsFn = Box<dyn Fn() -> Option<DeviceCounts> + Send + Sync>;
 
+/// Counters of the udp backend's data path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UdpCounts {
+    /// Peers in the routing table.
+    pub peers: u64,
+    /// Datagrams sent to peers.
+    pub tx_packets: u64,
+    /// UDP payload bytes sent.
+    pub tx_bytes: u64,
+    /// Datagrams received from the port.
+    pub rx_packets: u64,
+    /// UDP payload bytes received.
+    pub rx_bytes: u64,
+    /// Packets read from the TUN (a GSO super-packet counts once).
+    pub tun_reads: u64,
+    /// Packets written to the TUN (a coalesced super-packet counts once).
+    pub tun_writes: u64,
+    /// Drops by reason (every reason, zeros included).
+    pub drops: Vec<(&'static str, u64)>,
+}
+
+/// A source of udp backend counts read at scrape time.
+pub type UdpCountsFn = Box<dyn Fn() -> UdpCounts + Send + Sync>;
+
 /// The agent's state as exported.
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
     counts: Mutex<Option<(String, CountsFn)>>,
+    udp: Mutex<Option<UdpCountsFn>>,
 }
 
 #[derive(Default)]
@@ -105,6 +130,11 @@ impl Metrics {
     /// Registers the eBPF counter of the overlay device.
     pub fn set_counts(&self, device: &str, f: CountsFn) {
         *self.counts.lock().unwrap() = Some((device.to_string(), f));
+    }
+
+    /// Registers the udp backend's counters.
+    pub fn set_udp_counts(&self, f: UdpCountsFn) {
+        *self.udp.lock().unwrap() = Some(f);
     }
 
     /// Prometheus text exposition.
@@ -201,6 +231,9 @@ impl Metrics {
                 c.tx_bytes
             );
         }
+        if let Some(f) = &*self.udp.lock().unwrap() {
+            render_udp(&mut o, &f());
+        }
         o
     }
 
@@ -218,17 +251,47 @@ impl Metrics {
     }
 }
 
+fn render_udp(o: &mut String, c: &UdpCounts) {
+    let _ = writeln!(
+        o,
+        "# HELP twill_udp_peers Peers in the udp backend's routing table.\n# TYPE twill_udp_peers gauge\ntwill_udp_peers {}",
+        c.peers
+    );
+    let _ = writeln!(
+        o,
+        "# HELP twill_udp_packets_total Datagrams through the udp backend's port.\n# TYPE twill_udp_packets_total counter\ntwill_udp_packets_total{{direction=\"tx\"}} {}\ntwill_udp_packets_total{{direction=\"rx\"}} {}",
+        c.tx_packets, c.rx_packets
+    );
+    let _ = writeln!(
+        o,
+        "# HELP twill_udp_bytes_total UDP payload bytes through the udp backend's port.\n# TYPE twill_udp_bytes_total counter\ntwill_udp_bytes_total{{direction=\"tx\"}} {}\ntwill_udp_bytes_total{{direction=\"rx\"}} {}",
+        c.tx_bytes, c.rx_bytes
+    );
+    let _ = writeln!(
+        o,
+        "# HELP twill_udp_tun_packets_total Packets between the udp backend and its TUN device (a GSO super-packet counts once).\n# TYPE twill_udp_tun_packets_total counter\ntwill_udp_tun_packets_total{{direction=\"read\"}} {}\ntwill_udp_tun_packets_total{{direction=\"write\"}} {}",
+        c.tun_reads, c.tun_writes
+    );
+    let _ = writeln!(
+        o,
+        "# HELP twill_udp_drops_total Packets the udp backend dropped, by reason.\n# TYPE twill_udp_drops_total counter"
+    );
+    for (reason, n) in &c.drops {
+        let _ = writeln!(o, "twill_udp_drops_total{{reason=\"{reason}\"}} {n}");
+    }
+}
+
 /// Serves `/healthz` and `/metrics` on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz and /metrics");
     loop {
         let (sock, _) = listener.accept().await?;
-        let m = metrics.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let (r, mut w) = sock.into_split();
+            let (rd, mut wr) = sock.into_split();
             let mut line = String::new();
-            let mut reader = BufReader::new(r);
+            let mut reader = BufReader::new(rd);
             let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
             if read.await.is_err() {
                 return;
@@ -236,10 +299,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (code, ctype, body) = match path {
                 "/healthz" | "/livez" => {
-                    let (c, b) = m.health();
-                    (c, "text/plain", b)
+                    let (code, text) = metrics.health();
+                    (code, "text/plain", text)
                 }
-                "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
+                "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
                 _ => (404, "text/plain", "not found\n".to_string()),
             };
             let reason = match code {
@@ -251,7 +314,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = w.write_all(resp.as_bytes()).await;
+            let _ = wr.write_all(resp.as_bytes()).await;
         });
     }
 }
@@ -282,6 +345,31 @@ mod tests {
         assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(t.contains("twill_last_error_info{error=\"etcd get: \\\"down\\\"\"} 1"));
         assert!(t.contains("twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6"));
+        m.set_udp_counts(Box::new(|| UdpCounts {
+            peers: 2,
+            tx_packets: 3,
+            rx_bytes: 99,
+            drops: vec![("malformed", 2), ("no_route", 0)],
+            ..UdpCounts::default()
+        }));
+        let t = m.render();
+        assert!(t.contains("twill_udp_peers 2\n"), "{t}");
+        assert!(
+            t.contains("twill_udp_packets_total{direction=\"tx\"} 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twill_udp_bytes_total{direction=\"rx\"} 99\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twill_udp_drops_total{reason=\"malformed\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twill_udp_drops_total{reason=\"no_route\"} 0\n"),
+            "{t}"
+        );
         assert_eq!(m.health().0, 503);
         m.set_ready();
         assert_eq!(m.health().0, 200);

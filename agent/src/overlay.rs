@@ -140,6 +140,15 @@ pub async fn ensure_devices<K: Kernel>(
     cfg: &NetworkConfig,
     uplink: &Uplink,
 ) -> Result<Devices, KernelError> {
+    if cfg.backend.kind == BackendType::Udp {
+        // The udp backend made the TUN device (it holds its queues); here it is only found,
+        // kept up at the overlay MTU, and handed to the reconciler for its address and route.
+        let tun = crate::udp::ensure_device(k, overlay_mtu(cfg, uplink)).await?;
+        return Ok(Devices {
+            v4: Some(tun),
+            v6: None,
+        });
+    }
     let mut devices = Devices::default();
     for (v6, spec) in vxlan_specs(cfg, uplink) {
         let links = k.links().await?;
@@ -151,12 +160,11 @@ pub async fn ensure_devices<K: Kernel>(
             k.delete_link(l.index).await?;
             link = None;
         }
-        let link = match link {
-            Some(l) => l,
-            None => {
-                k.create_vxlan(&spec).await?;
-                find_link(k, &spec.name).await?
-            }
+        let link = if let Some(l) = link {
+            l
+        } else {
+            k.create_vxlan(&spec).await?;
+            find_link(k, &spec.name).await?
         };
         if !link.up || link.mtu != spec.mtu {
             k.set_up(link.index, spec.mtu).await?;
@@ -189,13 +197,16 @@ async fn find_link<K: Kernel>(k: &K, name: &str) -> Result<LinkInfo, KernelError
 /// What this node publishes in its lease.
 pub fn lease_attrs(cfg: &NetworkConfig, uplink: &Uplink, devices: &Devices) -> LeaseAttrs {
     let data = |d: &Option<Device>| {
-        d.as_ref().map(|d| {
-            serde_json::to_value(VxlanData {
-                vni: cfg.backend.vni,
-                vtep_mac: format_mac(&d.mac),
+        // Only VXLAN publishes BackendData (flannel writes none for udp).
+        d.as_ref()
+            .filter(|_| cfg.backend.kind == BackendType::Vxlan)
+            .map(|d| {
+                serde_json::to_value(VxlanData {
+                    vni: cfg.backend.vni,
+                    vtep_mac: format_mac(&d.mac),
+                })
+                .expect("vxlan data serializes")
             })
-            .expect("vxlan data serializes")
-        })
     };
     LeaseAttrs {
         public_ip: uplink.public_v4,
@@ -246,6 +257,17 @@ pub fn desired(
         d.addrs.push(Addr {
             ifindex: dev.index,
             net: IpNet::V6(Ipv6Net::new(sn.network(), 128).expect("/128")),
+        });
+    }
+    // udp: the whole cluster Network routes into the TUN; the backend picks the peer.
+    if cfg.backend.kind == BackendType::Udp
+        && let (Some(dev), Some(net)) = (&devices.v4, cfg.network)
+    {
+        d.routes.insert(Route {
+            dst: IpNet::V4(net),
+            gateway: None,
+            oif: dev.index,
+            onlink: false,
         });
     }
     for peer in peers {
@@ -348,6 +370,7 @@ fn peer_entries(
                 onlink: true,
             });
         }
+        // Per-peer state lives in the udp backend's routing table, not in the kernel.
         BackendType::Udp => {}
     }
 }

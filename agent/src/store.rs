@@ -527,7 +527,7 @@ impl LeaseStore for MemStore {
         let g = self.check()?;
         match g.leases.get(&held.subnets.key()) {
             Some(l) if l.etcd_lease == held.etcd_lease => {
-                Ok(SystemTime::now() + Duration::from_secs(24 * 3600))
+                Ok(SystemTime::now() + Duration::from_hours(24))
             }
             _ => Err(StoreError::WatchEnded("lease gone".into())),
         }

@@ -35,17 +35,29 @@ fn global_v6(a: &Ipv6Addr) -> bool {
     !a.is_loopback() && !a.is_unicast_link_local() && !a.is_multicast()
 }
 
+/// What the command line asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Wish {
+    /// `--iface` values (names or addresses), first match wins; empty: the default route's.
+    pub ifaces: Vec<String>,
+    /// The IPv4 overlay is enabled (an IPv4 address is needed).
+    pub want_v4: bool,
+    /// The IPv6 overlay is enabled (a global IPv6 address is needed).
+    pub want_v6: bool,
+    /// `--public-ip`.
+    pub public_v4: Option<Ipv4Addr>,
+    /// `--public-ipv6`.
+    pub public_v6: Option<Ipv6Addr>,
+}
+
 /// Picks the uplink from pure inputs (links, addresses, default routes).
 pub fn choose(
     links: &[LinkInfo],
     addrs: &[Addr],
     defaults: &[Route],
-    ifaces: &[String],
-    want_v4: bool,
-    want_v6: bool,
-    public_v4: Option<Ipv4Addr>,
-    public_v6: Option<Ipv6Addr>,
+    wish: &Wish,
 ) -> Result<Uplink, UplinkError> {
+    let (ifaces, want_v4, want_v6) = (&wish.ifaces, wish.want_v4, wish.want_v6);
     let link = if ifaces.is_empty() {
         let idx = defaults
             .iter()
@@ -78,8 +90,8 @@ pub fn choose(
         IpAddr::V6(a) if global_v6(&a) => Some(a),
         _ => None,
     });
-    let public_v4 = public_v4.or(first_v4);
-    let public_v6 = public_v6.or(first_v6);
+    let public_v4 = wish.public_v4.or(first_v4);
+    let public_v6 = wish.public_v6.or(first_v6);
     if want_v4 && public_v4.is_none() {
         return Err(UplinkError::NoAddress {
             iface: link.name.clone(),
@@ -103,26 +115,17 @@ pub fn choose(
 }
 
 /// Reads the kernel and picks the uplink.
-pub async fn discover<K: Kernel>(
-    k: &K,
-    ifaces: &[String],
-    want_v4: bool,
-    want_v6: bool,
-    public_v4: Option<Ipv4Addr>,
-    public_v6: Option<Ipv6Addr>,
-) -> Result<Uplink, UplinkError> {
+pub async fn discover<K: Kernel>(k: &K, wish: &Wish) -> Result<Uplink, UplinkError> {
     let links = k.links().await?;
     let addrs = k.addresses().await?;
     let mut defaults = Vec::new();
-    if ifaces.is_empty() {
-        if want_v4 {
+    if wish.ifaces.is_empty() {
+        if wish.want_v4 {
             defaults.extend(k.routes(false).await?);
         }
         defaults.extend(k.routes(true).await?);
     }
-    choose(
-        &links, &addrs, &defaults, ifaces, want_v4, want_v6, public_v4, public_v6,
-    )
+    choose(&links, &addrs, &defaults, wish)
 }
 
 #[cfg(test)]
@@ -137,6 +140,22 @@ mod tests {
             mtu: 1500,
             up: true,
             vxlan: None,
+        }
+    }
+
+    fn wish(
+        ifaces: Vec<String>,
+        want_v4: bool,
+        want_v6: bool,
+        public_v4: Option<Ipv4Addr>,
+        public_v6: Option<Ipv6Addr>,
+    ) -> Wish {
+        Wish {
+            ifaces,
+            want_v4,
+            want_v6,
+            public_v4,
+            public_v6,
         }
     }
 
@@ -161,11 +180,7 @@ mod tests {
             &links,
             &addrs,
             &[],
-            &["eth9".into(), "eth1".into()],
-            true,
-            false,
-            None,
-            None,
+            &wish(vec!["eth9".into(), "eth1".into()], true, false, None, None),
         )
         .unwrap();
         assert_eq!(up.name, "eth1");
@@ -174,11 +189,7 @@ mod tests {
             &links,
             &addrs,
             &[],
-            &["198.18.0.11".into()],
-            true,
-            true,
-            None,
-            None,
+            &wish(vec!["198.18.0.11".into()], true, true, None, None),
         )
         .unwrap();
         assert_eq!(up.name, "eth0");
@@ -193,11 +204,13 @@ mod tests {
             &links,
             &addrs,
             &[default],
-            &[],
-            true,
-            false,
-            Some("203.0.113.1".parse().unwrap()),
-            None,
+            &wish(
+                vec![],
+                true,
+                false,
+                Some("203.0.113.1".parse().unwrap()),
+                None,
+            ),
         )
         .unwrap();
         assert_eq!(up.name, "eth1");
@@ -206,11 +219,7 @@ mod tests {
             &links,
             &addrs,
             &[],
-            &["eth7".into()],
-            true,
-            false,
-            None,
-            None,
+            &wish(vec!["eth7".into()], true, false, None, None),
         )
         .unwrap_err();
         assert!(err.to_string().contains("eth7"));
@@ -218,16 +227,12 @@ mod tests {
             &links,
             &addrs,
             &[],
-            &["eth1".into()],
-            true,
-            true,
-            None,
-            None,
+            &wish(vec!["eth1".into()], true, true, None, None),
         )
         .unwrap_err();
         assert!(err.to_string().contains("IPv6") && err.to_string().contains("eth1"));
         assert!(matches!(
-            choose(&links, &addrs, &[], &[], true, false, None, None),
+            choose(&links, &addrs, &[], &wish(vec![], true, false, None, None)),
             Err(UplinkError::NoDefaultRoute)
         ));
     }

@@ -23,6 +23,7 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,6 +68,10 @@ pub struct RigOptions {
     pub etcd: bool,
     /// `RUST_LOG` for twilld (default `info`).
     pub rust_log: String,
+    /// Start etcd and twilld in process groups of their own, so that a rig that will be
+    /// [`Rig::detach`]ed survives signals sent to its creator's group (Ctrl-C, a job control
+    /// `kill -- -PGID`). Default false: a test's processes die with the test's group.
+    pub detachable: bool,
 }
 
 impl Default for RigOptions {
@@ -76,6 +81,7 @@ impl Default for RigOptions {
             bin_dir: None,
             etcd: true,
             rust_log: "info".to_string(),
+            detachable: false,
         }
     }
 }
@@ -103,6 +109,9 @@ pub struct Rig {
     temp_dir: PathBuf,
     bin_dir: Option<PathBuf>,
     rust_log: String,
+    detachable: bool,
+    /// Set by [`Rig::detach`]: the guard's drop leaves everything in place.
+    detached: bool,
     inner: Mutex<Inner>,
 }
 
@@ -152,6 +161,8 @@ impl Rig {
             temp_dir,
             bin_dir: opts.bin_dir,
             rust_log: opts.rust_log,
+            detachable: opts.detachable,
+            detached: false,
             inner: Mutex::new(Inner {
                 state,
                 etcd: None,
@@ -166,6 +177,68 @@ impl Rig {
             rig.start_etcd()?;
         }
         Ok(rig)
+    }
+
+    /// Lets the rig outlive this guard and this process (`cargo xtask rig up`): marks its state
+    /// file detached, so [`state::sweep_stale`] leaves it alone, and drops the guard without
+    /// tearing anything down. etcd and twilld keep running (build the rig with
+    /// [`RigOptions::detachable`] so they also survive signals to this process's group).
+    /// Returns the id for [`Rig::attach`] or [`state::remove`].
+    pub fn detach(mut self) -> Result<String> {
+        {
+            let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+            inner.state.detached = true;
+            inner.state.save()?;
+        }
+        self.detached = true;
+        Ok(self.id.clone())
+    }
+
+    /// A guard for detached rig `id`, owned by this process from now on: dropping it tears the
+    /// rig down (call [`Rig::detach`] again to leave it up). The guard knows the rig's nodes and
+    /// pods from the namespaces; it has no handles on the processes an earlier owner started, so
+    /// [`Rig::kill_twilld`] and [`Rig::twilld_running`] do not see those (teardown does).
+    pub fn attach(id: &str) -> Result<Rig> {
+        let mut state = RigState::load(id)?;
+        let me = std::process::id();
+        state.owner_pid = me;
+        state.owner_start = proc_start_time(i32::try_from(me).context("pid out of range")?)
+            .context("read own start time in /proc/self/stat")?;
+        state.detached = false;
+        let node_prefix = format!("{id}-n");
+        let mut nodes = 0;
+        let mut pods: BTreeMap<usize, u32> = BTreeMap::new();
+        for name in &state.namespaces {
+            let Some(rest) = name.strip_prefix(&node_prefix) else {
+                continue;
+            };
+            let (node, pod) = rest.split_once('p').unwrap_or((rest, ""));
+            let Ok(node) = node.parse::<usize>() else {
+                continue;
+            };
+            nodes = nodes.max(node);
+            if let Ok(j) = pod.parse::<u32>() {
+                let e = pods.entry(node).or_insert(0);
+                *e = (*e).max(j);
+            }
+        }
+        ensure!(nodes > 0, "rig {id} has no node namespaces");
+        state.save()?;
+        Ok(Rig {
+            id: id.to_string(),
+            nodes,
+            temp_dir: state.temp_dir.clone(),
+            bin_dir: None,
+            rust_log: "info".to_string(),
+            detachable: true,
+            detached: false,
+            inner: Mutex::new(Inner {
+                state,
+                etcd: None,
+                twilld: BTreeMap::new(),
+                pods,
+            }),
+        })
     }
 
     /// The rig id: the prefix of every namespace, directory and pin path it uses.
@@ -326,6 +399,9 @@ impl Rig {
             "stderr".into(),
         ];
         let mut cmd = nsenter(&self.underlay_ns(), &args);
+        if self.detachable {
+            cmd.process_group(0);
+        }
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("ETCD") {
                 cmd.env_remove(key);
@@ -505,7 +581,11 @@ impl Rig {
         args.extend(extra_args.iter().map(|s| (*s).to_string()));
         let log_path = self.twilld_log_path(node);
         let log = append_log(&log_path, &format!("starting {}", args.join(" ")))?;
-        let child = nsenter(&node_ns, &args)
+        let mut cmd = nsenter(&node_ns, &args);
+        if self.detachable {
+            cmd.process_group(0);
+        }
+        let child = cmd
             .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -733,6 +813,9 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if std::thread::panicking() || std::env::var_os("TWILL_RIG_LOGS").is_some() {
             self.print_logs();
         }

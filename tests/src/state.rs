@@ -62,6 +62,13 @@ pub struct ProcRecord {
     pub what: String,
 }
 
+impl ProcRecord {
+    /// Whether the process still runs (same pid and start time, not a zombie).
+    pub fn alive(&self) -> bool {
+        proc_alive(self.pid) && proc_start_time(self.pid) == Some(self.start)
+    }
+}
+
 /// Everything a rig owns, as written to its state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RigState {
@@ -79,6 +86,10 @@ pub struct RigState {
     pub pin_dirs: Vec<PathBuf>,
     /// The rig's temporary directory (etcd data, logs, subnet files).
     pub temp_dir: PathBuf,
+    /// Set by [`crate::Rig::detach`]: the rig outlives its owner on purpose (`cargo xtask rig
+    /// up`), so [`sweep_stale`] leaves it alone; [`crate::Rig::attach`] and [`remove`] end it.
+    #[serde(default)]
+    pub detached: bool,
 }
 
 impl RigState {
@@ -94,7 +105,33 @@ impl RigState {
             pids: Vec::new(),
             pin_dirs: Vec::new(),
             temp_dir,
+            detached: false,
         })
+    }
+
+    /// Reads the state file of rig `id`.
+    pub fn load(id: &str) -> Result<Self> {
+        let path = Self::path_of(id);
+        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+    }
+
+    /// Every readable state file, sorted by rig id.
+    pub fn list() -> Result<Vec<Self>> {
+        let dir = match std::fs::read_dir(STATE_DIR) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).context(format!("read {STATE_DIR}")),
+        };
+        let mut states: Vec<Self> = dir
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                Self::load(&name).ok()
+            })
+            .collect();
+        states.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(states)
     }
 
     /// The state file of rig `id`.
@@ -153,7 +190,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             }
             Err(_) => continue, // removed by its owner meanwhile
         };
-        if state.owner_alive() {
+        if state.detached || state.owner_alive() {
             continue;
         }
         eprintln!(
@@ -166,6 +203,18 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         swept.push(state.id);
     }
     Ok(swept)
+}
+
+/// Removes rig `id` (detached or not, its owner alive or not) as [`sweep_stale`] would; an
+/// error listing what could not be removed.
+pub fn remove(id: &str) -> Result<()> {
+    let state = RigState::load(id)?;
+    let errors = teardown(&state);
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+    Err(anyhow!("teardown of rig {id}: {}", lines.join("; ")))
 }
 
 /// Removes everything `state` names, tolerating what is already gone, and returns the errors

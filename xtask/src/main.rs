@@ -1,5 +1,6 @@
-//! `cargo xtask`: the jobs around the build — machine set-up, the full test run CI uses, and the
-//! demo cluster.
+//! `cargo xtask`: the jobs around the build — machine set-up, the full test run CI uses, the
+//! demo cluster, a standing rig (`rig`) and the benchmarks (`bench`, in the library so the smoke
+//! test can call it).
 //!
 //! Why it is shaped as it is:
 //! - xtask is plain Rust run through a cargo alias (`.cargo/config.toml`), so a newcomer needs
@@ -11,9 +12,11 @@
 //! - Output is a line per step; errors carry the failing step and command.
 
 mod demo;
+mod rig_cmd;
 mod setup;
 mod test;
-mod util;
+
+use xtask::{bench, util};
 
 use std::process::ExitCode;
 
@@ -51,6 +54,13 @@ enum Cmd {
     },
     /// Remove rigs left behind by killed runs (namespaces, processes, pins, temp dirs).
     Sweep,
+    /// A netns cluster that stays up between commands: `rig up`, `status`, `exec`, `down`.
+    Rig {
+        #[command(subcommand)]
+        cmd: rig_cmd::RigCmd,
+    },
+    /// Measure twill against the kernel baseline and write a report (bench-report/<time>/).
+    Bench(bench::cli::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +75,8 @@ fn main() -> ExitCode {
         Cmd::Sweep => twill_tests::sweep_stale().map(|ids| {
             util::say(&format!("swept {} stale rig(s) {ids:?}", ids.len()));
         }),
+        Cmd::Rig { cmd } => rig_cmd::rig(cmd),
+        Cmd::Bench(args) => bench::cli::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,8 +16,10 @@
 //!   some are over 100 bytes (verifier log, netlink details) and would bloat every `Result`.
 
 mod counter;
+pub mod service;
 
 pub use counter::{CountSource, Counts, PacketCounter};
+pub use service::{EbpfLb, EbpfLbConfig, EbpfLbError, IfaceRole, LbLimits, TcIface};
 
 use aya::{maps::MapError, programs::ProgramError};
 

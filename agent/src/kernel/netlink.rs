@@ -43,7 +43,10 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-fn nl(op: &'static str, object: impl ToString) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+fn nl(
+    op: &'static str,
+    object: impl std::fmt::Display,
+) -> impl FnOnce(rtnetlink::Error) -> KernelError {
     let object = object.to_string();
     move |source| KernelError::Netlink { op, object, source }
 }

@@ -11,6 +11,8 @@
 //!   compile error on the other rather than a "map not found" at load time.
 #![no_std]
 
+pub mod service;
+
 /// Packet and byte totals for one direction of one interface, for one CPU.
 ///
 /// The kernel side keeps one of these per CPU and per slot (see [`counter`]) in a per-CPU array,

@@ -15,6 +15,9 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod lb;
+
+#[cfg(target_arch = "bpf")]
 mod bpf {
     use aya_ebpf::{
         bindings::tcx_action_base::TCX_NEXT,

@@ -1,0 +1,508 @@
+//! `twilld apply -f`, `twilld delete -f`, `twilld get services`: the standalone source's
+//! command line, as a library so it is tested without a binary.
+//!
+//! Why this shape:
+//! - Apply is all-or-nothing: every file is read and every document parsed and validated first;
+//!   the result is checked against what etcd already holds (a node port, external IP or
+//!   cluster IP:port that another Service owns is refused); then everything is written in one
+//!   etcd transaction. A bad document means nothing is written, and the error names the file,
+//!   the document (kind, namespace/name or its number) and the field.
+//! - The etcd flags are the agent's (`--etcd-endpoints`, `--etcd-prefix`, `--etcd-cafile`,
+//!   `--etcd-certfile`, `--etcd-keyfile`) with the same defaults, so one prefix serves both.
+//! - `get services` reads etcd only: the dataplane lives in the agent's process (and pinned
+//!   maps only it interprets); the FRONTENDS column is what the agent will program on a node,
+//!   computed by the same pure function it uses.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+
+use crate::services::desired::{NodeIdentity, Snapshot, desired};
+use crate::services::model::{Kind, Object, ObjectKey, Service, ServiceType, parse_manifest};
+use crate::services::source::{EtcdServiceStore, ServiceStore};
+use crate::store::EtcdTls;
+
+/// etcd connection flags shared by the subcommands (same names and defaults as the agent's).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix (services live under `<prefix>/services/`).
+    #[arg(long, default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA bundle for etcd TLS.
+    #[arg(long)]
+    pub etcd_cafile: Option<String>,
+    /// Client certificate for etcd mTLS.
+    #[arg(long)]
+    pub etcd_certfile: Option<String>,
+    /// Client key for etcd mTLS.
+    #[arg(long)]
+    pub etcd_keyfile: Option<String>,
+}
+
+impl EtcdArgs {
+    /// Connects to etcd.
+    pub async fn connect(&self) -> anyhow::Result<EtcdServiceStore> {
+        let tls = EtcdTls {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+        };
+        EtcdServiceStore::connect(&self.etcd_endpoints, &self.etcd_prefix, &tls)
+            .await
+            .context("connect to etcd")
+    }
+}
+
+/// The service subcommands of `twilld`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServiceCmd {
+    /// Create or replace Services and EndpointSlices from YAML/JSON manifests (all or nothing).
+    Apply {
+        /// Manifest file (`-` for stdin); repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// etcd flags.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete the objects named in manifests (all in one transaction).
+    Delete {
+        /// Manifest file (`-` for stdin); repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// etcd flags.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Show stored objects.
+    Get {
+        /// What to show.
+        #[arg(value_parser = ["services", "service", "svc"])]
+        what: String,
+        /// The node name to compute node-local endpoints for (FRONTENDS column).
+        #[arg(long, default_value = "")]
+        node_name: String,
+        /// etcd flags.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Reads and validates every file; all or nothing. Errors name the file, document and field.
+pub fn load_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
+    let mut out: Vec<Object> = Vec::new();
+    let mut seen: BTreeMap<ObjectKey, String> = BTreeMap::new();
+    for f in files {
+        let (name, text) = if f.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("read manifest from stdin")?;
+            ("<stdin>".to_string(), s)
+        } else {
+            let s = std::fs::read_to_string(f)
+                .with_context(|| format!("read manifest {}", f.display()))?;
+            (f.display().to_string(), s)
+        };
+        let objs = parse_manifest(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        for o in objs {
+            if let Some(first) = seen.insert(o.key(), name.clone()) {
+                bail!("{name}: {} is also defined in {first}", o.key());
+            }
+            out.push(o);
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no objects in {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(out)
+}
+
+/// Checks that `new` objects, merged over `existing`, claim no frontend twice; names the Service
+/// refused and who has the frontend.
+pub fn check_conflicts(existing: &[Object], new: &[Object]) -> anyhow::Result<()> {
+    let mut merged: BTreeMap<ObjectKey, Object> =
+        existing.iter().map(|o| (o.key(), o.clone())).collect();
+    for o in new {
+        merged.insert(o.key(), o.clone());
+    }
+    let snap = Snapshot::from_objects(merged.into_values());
+    let d = desired(&snap, &NodeIdentity::default());
+    let ours: Vec<String> = new
+        .iter()
+        .filter(|o| o.key().kind == Kind::Service)
+        .map(|o| format!("{}/{}", o.key().namespace, o.key().name))
+        .collect();
+    let involves = |n: &str| {
+        ours.iter().any(|o| {
+            n == o
+                || n.strip_prefix(o.as_str())
+                    .is_some_and(|r| r.starts_with(':'))
+        })
+    };
+    let mut msgs = Vec::new();
+    for c in &d.conflicts {
+        if involves(&c.kept) || involves(&c.refused) {
+            let (a, b) = if involves(&c.refused) {
+                (&c.refused, &c.kept)
+            } else {
+                (&c.kept, &c.refused)
+            };
+            msgs.push(format!(
+                "Service {a}: frontend {} is also claimed by {b}",
+                c.frontend
+            ));
+        }
+    }
+    if !msgs.is_empty() {
+        bail!("{}", msgs.join("; "));
+    }
+    Ok(())
+}
+
+/// `apply`: validates everything, checks conflicts, writes in one transaction. Returns the
+/// report lines (`Service default/web created|configured|unchanged`).
+pub async fn apply<S: ServiceStore>(store: &S, objects: &[Object]) -> anyhow::Result<Vec<String>> {
+    let listing = store.list().await.context("list stored services")?;
+    check_conflicts(&listing.objects, objects)
+        .context("refusing the whole apply; nothing was written")?;
+    let existing: BTreeMap<ObjectKey, &Object> =
+        listing.objects.iter().map(|o| (o.key(), o)).collect();
+    let mut report = Vec::new();
+    let mut changed = Vec::new();
+    for o in objects {
+        let verb = match existing.get(&o.key()) {
+            None => "created",
+            Some(old) if *old == o => "unchanged",
+            Some(_) => "configured",
+        };
+        if verb != "unchanged" {
+            changed.push(o.clone());
+        }
+        report.push(format!("{} {verb}", o.key()));
+    }
+    if !changed.is_empty() {
+        store
+            .put_all(&changed)
+            .await
+            .context("write objects (one transaction; nothing was written)")?;
+    }
+    Ok(report)
+}
+
+/// `delete`: deletes every object named, in one transaction.
+pub async fn delete<S: ServiceStore>(store: &S, objects: &[Object]) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<ObjectKey> = objects.iter().map(Object::key).collect();
+    let existed = store.delete_all(&keys).await.context("delete objects")?;
+    Ok(keys
+        .iter()
+        .zip(existed)
+        .map(|(k, e)| format!("{k} {}", if e { "deleted" } else { "not found" }))
+        .collect())
+}
+
+fn ports_column(s: &Service) -> String {
+    let ports: Vec<String> = s
+        .spec
+        .ports
+        .iter()
+        .map(|p| match p.node_port() {
+            Some(np) => format!("{}:{np}/{}", p.port(), p.proto()),
+            None => format!("{}/{}", p.port(), p.proto()),
+        })
+        .collect();
+    if ports.is_empty() {
+        "<none>".into()
+    } else {
+        ports.join(",")
+    }
+}
+
+/// The `get services` table.
+pub fn services_table(objects: &[Object], node: &NodeIdentity) -> String {
+    let snap = Snapshot::from_objects(objects.iter().cloned());
+    let d = desired(&snap, node);
+    let mut rows = vec![[
+        "NAMESPACE/NAME".to_string(),
+        "TYPE".into(),
+        "CLUSTER-IP".into(),
+        "EXTERNAL-IP".into(),
+        "PORT(S)".into(),
+        "ENDPOINTS".into(),
+        "FRONTENDS".into(),
+    ]];
+    for (key, s) in snap.services() {
+        let ty = if s.is_headless() {
+            "ClusterIP(headless)".to_string()
+        } else {
+            format!("{:?}", s.type_())
+        };
+        let cip = if s.is_headless() {
+            "None".to_string()
+        } else if s.type_() == ServiceType::ExternalName {
+            s.spec.external_name.clone().unwrap_or_default()
+        } else {
+            s.cluster_ips()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut ext: Vec<String> = s.external_ips().iter().map(ToString::to_string).collect();
+        ext.extend(s.lb_ingress_ips().iter().map(ToString::to_string));
+        let (mut ready, mut total) = (0, 0);
+        for slice in snap.slices_of(key) {
+            for e in &slice.endpoints {
+                total += 1;
+                if e.ready() {
+                    ready += 1;
+                }
+            }
+        }
+        let prefix = format!("{}/{}", key.0, key.1);
+        let frontends = d
+            .services
+            .iter()
+            .filter(|l| {
+                l.name == prefix
+                    || l.name
+                        .strip_prefix(&prefix)
+                        .is_some_and(|r| r.starts_with(':'))
+            })
+            .count();
+        rows.push([
+            prefix,
+            ty,
+            if cip.is_empty() { "<none>".into() } else { cip },
+            if ext.is_empty() {
+                "<none>".into()
+            } else {
+                ext.join(",")
+            },
+            ports_column(s),
+            format!("{ready}/{total}"),
+            frontends.to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}   ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    for c in &d.conflicts {
+        let _ = writeln!(out, "conflict: {c}");
+    }
+    out.push_str("(from etcd; ENDPOINTS = ready/total, FRONTENDS = entries the agent programs; the dataplane itself is not queried)\n");
+    out
+}
+
+/// Runs a subcommand, printing its report to stdout.
+pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Apply { files, etcd } => {
+            let objects = load_manifests(&files)?;
+            let store = etcd.connect().await?;
+            for line in apply(&store, &objects).await? {
+                println!("{line}");
+            }
+        }
+        ServiceCmd::Delete { files, etcd } => {
+            let objects = load_manifests(&files)?;
+            let store = etcd.connect().await?;
+            for line in delete(&store, &objects).await? {
+                println!("{line}");
+            }
+        }
+        ServiceCmd::Get {
+            what: _,
+            node_name,
+            etcd,
+        } => {
+            let store = etcd.connect().await?;
+            let listing = store.list().await.context("list stored services")?;
+            print!(
+                "{}",
+                services_table(
+                    &listing.objects,
+                    &NodeIdentity {
+                        name: node_name,
+                        addresses: Vec::new()
+                    }
+                )
+            );
+            for (key, e) in &listing.invalid {
+                println!("invalid (ignored by the agent): {key}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::source::MemServiceStore;
+
+    const WEB: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.10]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.5]}
+- {addresses: [10.244.2.5], conditions: {ready: false}}
+ports: [{name: http, port: 8080}]
+";
+
+    fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("twill-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn apply_is_all_or_nothing_and_reports() {
+        let dir = tmpdir("apply");
+        let good = write(&dir, "good.yaml", WEB);
+        let bad = write(
+            &dir,
+            "bad.yaml",
+            &WEB.replace("web, namespace: shop}", "api}")
+                .replace("port: 80,", "port: 70000,")
+                .replace("web-1", "api-1"),
+        );
+        let store = MemServiceStore::new();
+        let e = load_manifests(&[good.clone(), bad.clone()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: document 1 (Service default/api): spec.ports[0].port: 70000 is not a valid port (1-65535)",
+                bad.display()
+            )
+        );
+        assert!(store.objects().is_empty());
+        let objs = load_manifests(std::slice::from_ref(&good)).unwrap();
+        assert_eq!(
+            apply(&store, &objs).await.unwrap(),
+            vec![
+                "Service shop/web created",
+                "EndpointSlice shop/web-1 created"
+            ]
+        );
+        assert_eq!(
+            apply(&store, &objs).await.unwrap(),
+            vec![
+                "Service shop/web unchanged",
+                "EndpointSlice shop/web-1 unchanged"
+            ]
+        );
+        let objs2 = load_manifests(&[write(
+            &dir,
+            "v2.yaml",
+            &WEB.replace("10.244.1.5", "10.244.1.6"),
+        )])
+        .unwrap();
+        assert_eq!(
+            apply(&store, &objs2).await.unwrap(),
+            vec![
+                "Service shop/web unchanged",
+                "EndpointSlice shop/web-1 configured"
+            ]
+        );
+        // Same file twice: refused.
+        let e = load_manifests(&[good.clone(), good.clone()]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Service shop/web is also defined in"),
+            "{e}"
+        );
+        // A second service taking web's node port: refused whole, nothing written.
+        let clash = WEB
+            .replace("name: web, namespace: shop", "name: other, namespace: shop")
+            .replace("10.96.0.10", "10.96.0.99")
+            .replace("externalIPs: [192.0.2.10]", "externalIPs: []")
+            .replace("web-1", "other-1")
+            .replace("service-name: web", "service-name: other");
+        let objs3 = load_manifests(&[write(&dir, "clash.yaml", &clash)]).unwrap();
+        let e = apply(&store, &objs3).await.unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "refusing the whole apply; nothing was written: \
+             Service shop/other:dns: frontend 0.0.0.0:30053/UDP is also claimed by shop/web:dns; \
+             Service shop/other:http: frontend 0.0.0.0:30080/TCP is also claimed by shop/web:http"
+        );
+        assert_eq!(store.objects().len(), 2);
+        // Delete.
+        assert_eq!(
+            delete(&store, &objs).await.unwrap(),
+            vec![
+                "Service shop/web deleted",
+                "EndpointSlice shop/web-1 deleted"
+            ]
+        );
+        assert_eq!(
+            delete(&store, &objs).await.unwrap()[0],
+            "Service shop/web not found"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn table() {
+        let objs = parse_manifest(WEB).unwrap();
+        let t = services_table(&objs, &NodeIdentity::default());
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAMESPACE/NAME   TYPE       CLUSTER-IP   EXTERNAL-IP   PORT(S)                     ENDPOINTS   FRONTENDS"
+        );
+        assert_eq!(
+            lines[1],
+            "shop/web         NodePort   10.96.0.10   192.0.2.10    80:30080/TCP,53:30053/UDP   1/2         6"
+        );
+        assert!(lines[2].contains("the dataplane itself is not queried"));
+    }
+}

@@ -1,0 +1,1135 @@
+//! The desired load-balancer state: a pure function of the services, their EndpointSlices and
+//! this node's identity, applying kube-proxy's semantics once for every dataplane.
+//!
+//! Why this shape:
+//! - kube-proxy's rules live here and nowhere else: a dataplane receives resolved backends.
+//!   - Slice ports are matched to a Service port by **name and protocol**, as kube-proxy does (the
+//!     EndpointSlice controller writes the Service port's name with the resolved target port).
+//!     Hand-written slices may instead name the port after a named `targetPort`; that is the
+//!     second lookup. A slice with no matching port contributes nothing for that Service port.
+//!   - Only an endpoint's first address counts; an address seen in two slices keeps its readiest
+//!     copy (slices overlap while the controller moves endpoints).
+//!   - Categorisation is kube-proxy's `CategorizeEndpoints`: cluster backends are the ready
+//!     endpoints, else the serving-and-terminating ones; local backends are the ready local ones,
+//!     else the serving-terminating local ones. ClusterIP frontends use the local set when
+//!     `internalTrafficPolicy: Local`, external frontends (NodePort, ExternalIP, LoadBalancer)
+//!     when `externalTrafficPolicy: Local`.
+//!   - External IPs and LB IPs of a family the Service has no cluster IP of are ignored (as
+//!     kube-proxy filters them by the Service's IP families). NodePort frontends exist for each
+//!     family of the Service that this node has an address of.
+//! - Two Services claiming one frontend (the same external IP and port, the same node port) can
+//!   only happen without an API server; the first by namespace/name keeps it and the clash is
+//!   reported ([`Desired::conflicts`]), so `twilld apply` can refuse it and the agent logs it.
+//! - Ids come from [`IdAllocator`], which keeps an id for as long as its frontend exists, hands
+//!   out the lowest free one (compact: dataplanes can size arrays by the number of frontends),
+//!   never reuses an id in the same build that freed it, and is re-seeded from what the
+//!   dataplane reports ([`crate::services::lb::LbDataplane::observed`]) so a restarted agent
+//!   derives the same ids as its predecessor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::services::lb::{
+    Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService, MAGLEV_M,
+};
+use crate::services::maglev;
+use crate::services::model::{
+    AddressType, Change, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, ServicePort,
+    TargetPort,
+};
+
+/// What the node is: its name (matched against `nodeName`) and addresses (their families decide
+/// which NodePort frontends exist; empty means both).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The node's name, as in EndpointSlices' `nodeName`.
+    pub name: String,
+    /// The node's addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// (namespace, name) of a Service or an EndpointSlice.
+pub type NsName = (String, String);
+
+/// Every Service and EndpointSlice, keyed by (namespace, name), with slices indexed by the
+/// Service they belong to (so one Service's endpoints are found without a scan).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    services: BTreeMap<NsName, Service>,
+    slices: BTreeMap<NsName, EndpointSlice>,
+    by_service: BTreeMap<NsName, BTreeSet<NsName>>,
+}
+
+impl Snapshot {
+    /// A snapshot of `objects` (later ones replace earlier ones with the same key).
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut s = Snapshot::default();
+        for o in objects {
+            s.put(o);
+        }
+        s
+    }
+
+    /// Services.
+    pub fn services(&self) -> &BTreeMap<NsName, Service> {
+        &self.services
+    }
+
+    /// EndpointSlices.
+    pub fn slices(&self) -> &BTreeMap<NsName, EndpointSlice> {
+        &self.slices
+    }
+
+    /// The slices of a service.
+    pub fn slices_of<'a>(&'a self, svc: &NsName) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.by_service
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+    }
+
+    /// Adds or replaces an object; returns the Services whose frontends may change.
+    pub fn put(&mut self, o: Object) -> Vec<NsName> {
+        match o {
+            Object::Service(svc) => {
+                let key = svc.key();
+                self.services.insert(key.clone(), svc);
+                vec![key]
+            }
+            Object::EndpointSlice(slice) => {
+                let key = slice.key();
+                let mut touched = self.remove_slice(&key);
+                if let Some(svc) = slice.service() {
+                    self.by_service
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    touched.push(svc);
+                }
+                self.slices.insert(key, slice);
+                touched
+            }
+        }
+    }
+
+    /// Removes an object; returns the Services whose frontends may change.
+    pub fn remove(&mut self, key: &ObjectKey) -> Vec<NsName> {
+        let k = (key.namespace.clone(), key.name.clone());
+        match key.kind {
+            Kind::Service => {
+                self.services.remove(&k);
+                vec![k]
+            }
+            Kind::EndpointSlice => self.remove_slice(&k),
+        }
+    }
+
+    fn remove_slice(&mut self, key: &NsName) -> Vec<NsName> {
+        let Some(old) = self.slices.remove(key) else {
+            return Vec::new();
+        };
+        let Some(svc) = old.service() else {
+            return Vec::new();
+        };
+        if let Some(set) = self.by_service.get_mut(&svc) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_service.remove(&svc);
+            }
+        }
+        vec![svc]
+    }
+}
+
+/// Two services wanted one frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The frontend.
+    pub frontend: FrontendKey,
+    /// Who has it (`ns/name:port`).
+    pub kept: String,
+    /// Who was refused it.
+    pub refused: String,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} wants {}, already used by {}",
+            self.refused, self.frontend, self.kept
+        )
+    }
+}
+
+/// The desired state, ids not yet assigned (all 0) until [`IdAllocator::assign`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    /// One entry per frontend, sorted by frontend key.
+    pub services: Vec<LbService>,
+    /// Frontends claimed twice, sorted by frontend key.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// An endpoint address and port, with what decides its eligibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "mirrors the EndpointSlice conditions one to one"
+)]
+struct Ep {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+fn slice_proto(p: Option<Protocol>) -> Protocol {
+    p.unwrap_or_default()
+}
+
+fn svc_proto(p: &ServicePort) -> Protocol {
+    p.protocol.unwrap_or_default()
+}
+
+/// The endpoint port a slice gives a Service port: by the Service port's name, else by a named
+/// target port; `None` when the slice has no such port.
+fn slice_port(slice: &EndpointSlice, sp: &ServicePort) -> Option<u16> {
+    let proto = svc_proto(sp);
+    let by_name = |name: &str| {
+        slice
+            .ports
+            .iter()
+            .find(|p| {
+                p.name.as_deref().unwrap_or_default() == name && slice_proto(p.protocol) == proto
+            })
+            .and_then(|p| u16::try_from(p.port?).ok())
+    };
+    by_name(sp.name()).or_else(|| match sp.target() {
+        TargetPort::Name(n) => by_name(&n),
+        TargetPort::Number(_) => None,
+    })
+}
+
+/// Endpoints of one family for one Service port, deduplicated by address and port.
+fn endpoints(
+    snap: &Snapshot,
+    key: &NsName,
+    sp: &ServicePort,
+    v6: bool,
+    node: &str,
+) -> BTreeMap<(IpAddr, u16), Ep> {
+    let want = if v6 {
+        AddressType::IPv6
+    } else {
+        AddressType::IPv4
+    };
+    let mut out: BTreeMap<(IpAddr, u16), Ep> = BTreeMap::new();
+    for slice in snap.slices_of(key).filter(|s| s.address_type == want) {
+        let Some(port) = slice_port(slice, sp) else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let Some(ip) = e.address() else { continue };
+            let ep = Ep {
+                ready: e.ready(),
+                serving: e.serving(),
+                terminating: e.terminating(),
+                local: !node.is_empty() && e.node_name.as_deref() == Some(node),
+            };
+            out.entry((ip, port))
+                .and_modify(|old| {
+                    if ep.ready && !old.ready {
+                        *old = ep;
+                    }
+                })
+                .or_insert(ep);
+        }
+    }
+    out
+}
+
+fn backends(eps: &BTreeMap<(IpAddr, u16), Ep>, pick: impl Fn(&Ep) -> bool) -> Vec<Backend> {
+    eps.iter()
+        .filter(|(_, e)| pick(e))
+        .map(|(&(ip, port), e)| Backend {
+            ip,
+            port,
+            node_local: e.local,
+            state: if e.ready {
+                BackendState::Ready
+            } else {
+                BackendState::ServingTerminating
+            },
+        })
+        .collect()
+}
+
+/// kube-proxy's categorisation: (cluster backends, local backends).
+fn categorize(eps: &BTreeMap<(IpAddr, u16), Ep>) -> (Vec<Backend>, Vec<Backend>) {
+    let mut cluster = backends(eps, |e| e.ready);
+    if cluster.is_empty() {
+        cluster = backends(eps, |e| e.serving && e.terminating);
+    }
+    let mut local = backends(eps, |e| e.ready && e.local);
+    if local.is_empty() {
+        local = backends(eps, |e| e.serving && e.terminating && e.local);
+    }
+    (cluster, local)
+}
+
+/// The frontends (ids 0) one Service asks for, before conflicts between Services are resolved.
+pub fn service_frontends(
+    snap: &Snapshot,
+    key: &NsName,
+    svc: &Service,
+    node: &NodeIdentity,
+) -> Vec<LbService> {
+    let mut out = Vec::new();
+    if !svc.has_frontends() {
+        return out;
+    }
+    let node_v4 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv4);
+    let node_v6 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv6);
+    let cluster_ips = svc.cluster_ips();
+    let families: BTreeSet<bool> = cluster_ips.iter().map(IpAddr::is_ipv6).collect();
+    for sp in &svc.spec.ports {
+        let name = if sp.name().is_empty() {
+            format!("{}/{}", key.0, key.1)
+        } else {
+            format!("{}/{}:{}", key.0, key.1, sp.name())
+        };
+        for &v6 in &families {
+            let eps = endpoints(snap, key, sp, v6, &node.name);
+            let (cluster, local) = categorize(&eps);
+            let mut frontends: Vec<Frontend> = Vec::new();
+            let fe = |ip: IpAddr, port: u16, kind: FrontendKind| Frontend {
+                ip,
+                port,
+                proto: sp.proto(),
+                kind,
+            };
+            for ip in cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                frontends.push(fe(*ip, sp.port(), FrontendKind::ClusterIp));
+            }
+            if let Some(np) = sp.node_port()
+                && ((v6 && node_v6) || (!v6 && node_v4))
+            {
+                frontends.push(fe(Frontend::any_addr(v6), np, FrontendKind::NodePort));
+            }
+            for ip in svc
+                .external_ips()
+                .into_iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+            {
+                frontends.push(fe(ip, sp.port(), FrontendKind::ExternalIp));
+            }
+            for ip in svc
+                .lb_ingress_ips()
+                .into_iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+            {
+                frontends.push(fe(ip, sp.port(), FrontendKind::LoadBalancer));
+            }
+            for frontend in frontends {
+                let internal = frontend.kind == FrontendKind::ClusterIp;
+                let (internal_local, external_local) = if internal {
+                    (svc.internal_local(), false)
+                } else {
+                    (false, svc.external_local())
+                };
+                let chosen = if internal_local || external_local {
+                    local.clone()
+                } else {
+                    cluster.clone()
+                };
+                let maglev = if chosen.is_empty() {
+                    Vec::new()
+                } else {
+                    maglev::table(&chosen, MAGLEV_M)
+                };
+                out.push(LbService {
+                    id: 0,
+                    name: name.clone(),
+                    frontend,
+                    backends: chosen,
+                    maglev,
+                    affinity_timeout_secs: svc.affinity_timeout_secs(),
+                    external_local,
+                    internal_local,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Computes the desired frontends (ids 0) for every Service: the first Service by
+/// (namespace, name) claiming a frontend keeps it. Sorted by frontend key.
+pub fn desired(snap: &Snapshot, node: &NodeIdentity) -> Desired {
+    let mut out: BTreeMap<FrontendKey, LbService> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for (key, svc) in &snap.services {
+        for lb in service_frontends(snap, key, svc, node) {
+            let k = lb.frontend.key();
+            match out.get(&k) {
+                Some(kept) => conflicts.push(Conflict {
+                    frontend: k,
+                    kept: kept.name.clone(),
+                    refused: lb.name.clone(),
+                }),
+                None => {
+                    out.insert(k, lb);
+                }
+            }
+        }
+    }
+    conflicts.sort_by(|a, b| (a.frontend, &a.refused).cmp(&(b.frontend, &b.refused)));
+    Desired {
+        services: out.into_values().collect(),
+        conflicts,
+    }
+}
+
+/// Stable ids per frontend: see the module notes.
+#[derive(Debug, Clone)]
+pub struct IdAllocator {
+    by_key: BTreeMap<FrontendKey, u32>,
+    used: BTreeSet<u32>,
+    /// Freed, not reusable until [`IdAllocator::commit`] (the dataplane may still hold them).
+    pending: Vec<u32>,
+    /// No id below this is free.
+    hint: u32,
+}
+
+impl Default for IdAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IdAllocator {
+    /// An empty allocator.
+    pub fn new() -> Self {
+        IdAllocator {
+            by_key: BTreeMap::new(),
+            used: BTreeSet::new(),
+            pending: Vec::new(),
+            hint: 1,
+        }
+    }
+
+    /// Adopts the ids a dataplane reports (after a restart or a failed apply): each frontend
+    /// keeps the id the dataplane has for it, unless another frontend already holds that id here
+    /// (a corrupt read-back), in which case it keeps or gets another one.
+    pub fn seed(&mut self, observed: &[LbService]) {
+        for s in observed {
+            let key = s.frontend.key();
+            if s.id == 0 || self.by_key.get(&key) == Some(&s.id) || self.used.contains(&s.id) {
+                continue;
+            }
+            if let Some(old) = self.by_key.insert(key, s.id) {
+                self.pending.push(old);
+            }
+            self.used.insert(s.id);
+        }
+    }
+
+    /// The id of a frontend, if it has one.
+    pub fn get(&self, key: &FrontendKey) -> Option<u32> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The id of a frontend, allocating the lowest free one if it has none.
+    pub fn id_for(&mut self, key: FrontendKey) -> u32 {
+        if let Some(&id) = self.by_key.get(&key) {
+            return id;
+        }
+        let mut id = self.hint.max(1);
+        while self.used.contains(&id) {
+            id += 1;
+        }
+        self.hint = id + 1;
+        self.by_key.insert(key, id);
+        self.used.insert(id);
+        id
+    }
+
+    /// Frees a frontend's id; it becomes reusable after the next [`IdAllocator::commit`].
+    pub fn free(&mut self, key: &FrontendKey) {
+        if let Some(id) = self.by_key.remove(key) {
+            self.pending.push(id);
+        }
+    }
+
+    /// Makes freed ids reusable: call once the dataplane no longer holds them (after a
+    /// successful apply of the plan that deleted their frontends).
+    pub fn commit(&mut self) {
+        for id in std::mem::take(&mut self.pending) {
+            if !self.by_key.values().any(|v| *v == id) {
+                self.used.remove(&id);
+                self.hint = self.hint.min(id);
+            }
+        }
+    }
+
+    /// Sets the id of every service (keeping existing ones) and frees the ids of frontends not
+    /// in `services` (reusable after [`IdAllocator::commit`]).
+    pub fn assign(&mut self, services: &mut [LbService]) {
+        let keep: BTreeSet<FrontendKey> = services.iter().map(|s| s.frontend.key()).collect();
+        let gone: Vec<FrontendKey> = self
+            .by_key
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .copied()
+            .collect();
+        for s in services.iter_mut() {
+            s.id = self.id_for(s.frontend.key());
+        }
+        for k in gone {
+            self.free(&k);
+        }
+    }
+}
+
+/// [`desired`] with ids assigned by `ids`.
+pub fn build(snap: &Snapshot, node: &NodeIdentity, ids: &mut IdAllocator) -> Desired {
+    let mut d = desired(snap, node);
+    ids.assign(&mut d.services);
+    d
+}
+
+/// The incremental form of [`build`]: keeps the objects, each Service's candidate frontends,
+/// who claims which frontend and the ids, so a change recomputes only the Services it touches
+/// (one endpoint change costs one Service's Maglev tables, not 10k). Same result as [`build`]
+/// at every step (checked by a property test): the first claimant by (namespace, name) owns a
+/// frontend.
+#[derive(Debug, Clone)]
+pub struct LbState {
+    node: NodeIdentity,
+    snap: Snapshot,
+    per_service: BTreeMap<NsName, BTreeMap<FrontendKey, LbService>>,
+    claims: BTreeMap<FrontendKey, BTreeSet<NsName>>,
+    ids: IdAllocator,
+}
+
+impl LbState {
+    /// Empty state for this node.
+    pub fn new(node: NodeIdentity) -> Self {
+        LbState {
+            node,
+            snap: Snapshot::default(),
+            per_service: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            ids: IdAllocator::new(),
+        }
+    }
+
+    /// The objects.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// The id allocator (seed it from the dataplane's read-back; commit after applies).
+    pub fn ids_mut(&mut self) -> &mut IdAllocator {
+        &mut self.ids
+    }
+
+    /// Replaces every object (after a re-list); returns the frontends that may have changed.
+    pub fn reset(&mut self, objects: Vec<Object>) -> BTreeSet<FrontendKey> {
+        let mut touched: BTreeSet<NsName> = self.snap.services.keys().cloned().collect();
+        self.snap = Snapshot::from_objects(objects);
+        touched.extend(self.snap.services.keys().cloned());
+        self.recompute(touched)
+    }
+
+    /// Applies changes; returns the frontends that may have changed.
+    pub fn change(&mut self, changes: Vec<Change>) -> BTreeSet<FrontendKey> {
+        let mut touched = BTreeSet::new();
+        for c in changes {
+            match c {
+                Change::Put(o) => touched.extend(self.snap.put(o)),
+                Change::Delete(k) => touched.extend(self.snap.remove(&k)),
+            }
+        }
+        self.recompute(touched)
+    }
+
+    fn recompute(&mut self, services: BTreeSet<NsName>) -> BTreeSet<FrontendKey> {
+        let mut dirty = BTreeSet::new();
+        for key in services {
+            let new: BTreeMap<FrontendKey, LbService> = match self.snap.services.get(&key) {
+                Some(svc) => service_frontends(&self.snap, &key, svc, &self.node)
+                    .into_iter()
+                    .map(|s| (s.frontend.key(), s))
+                    .collect(),
+                None => BTreeMap::new(),
+            };
+            let old = self.per_service.remove(&key).unwrap_or_default();
+            for k in old.keys() {
+                if !new.contains_key(k)
+                    && let Some(set) = self.claims.get_mut(k)
+                {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        self.claims.remove(k);
+                    }
+                }
+                dirty.insert(*k);
+            }
+            for k in new.keys() {
+                self.claims.entry(*k).or_default().insert(key.clone());
+                dirty.insert(*k);
+            }
+            if !new.is_empty() {
+                self.per_service.insert(key, new);
+            }
+        }
+        for k in &dirty {
+            if self.claims.contains_key(k) {
+                self.ids.id_for(*k);
+            } else {
+                self.ids.free(k);
+            }
+        }
+        dirty
+    }
+
+    /// The desired service for a frontend, with its id.
+    pub fn get(&self, key: &FrontendKey) -> Option<LbService> {
+        let owner = self.claims.get(key)?.first()?;
+        let mut s = self.per_service.get(owner)?.get(key)?.clone();
+        s.id = self.ids.get(key)?;
+        Some(s)
+    }
+
+    /// Every desired service, sorted by frontend key.
+    pub fn desired(&self) -> Vec<LbService> {
+        self.claims.keys().filter_map(|k| self.get(k)).collect()
+    }
+
+    /// Number of desired frontends.
+    pub fn len(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// No desired frontend.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+
+    /// Frontends claimed by more than one Service.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let mut out = Vec::new();
+        for (k, owners) in &self.claims {
+            let mut it = owners.iter();
+            let Some(first) = it.next() else { continue };
+            let name = |o: &NsName| {
+                self.per_service
+                    .get(o)
+                    .and_then(|m| m.get(k))
+                    .map_or_else(|| format!("{}/{}", o.0, o.1), |s| s.name.clone())
+            };
+            for other in it {
+                out.push(Conflict {
+                    frontend: *k,
+                    kept: name(first),
+                    refused: name(other),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::lb::{Proto, plan};
+    use crate::services::model::parse_manifest;
+
+    fn snap(yaml: &str) -> Snapshot {
+        Snapshot::from_objects(parse_manifest(yaml).unwrap())
+    }
+
+    fn node() -> NodeIdentity {
+        NodeIdentity {
+            name: "node-1".into(),
+            addresses: vec!["198.18.0.11".parse().unwrap()],
+        }
+    }
+
+    fn show(services: &[LbService]) -> Vec<String> {
+        services
+            .iter()
+            .map(|s| {
+                let b: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}:{}{}{}",
+                            b.ip,
+                            b.port,
+                            if b.node_local { "L" } else { "" },
+                            if b.state == BackendState::Ready {
+                                ""
+                            } else {
+                                "T"
+                            }
+                        )
+                    })
+                    .collect();
+                format!("{} {} [{}]", s.name, s.frontend, b.join(" "))
+            })
+            .collect()
+    }
+
+    const WEB: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.10, 2001:db8::10]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: dns}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-1}
+- {addresses: [10.244.2.5], nodeName: node-2, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.6], nodeName: node-2}
+- {addresses: [10.244.2.7], nodeName: node-2, conditions: {ready: false, serving: false}}
+ports:
+- {name: http, port: 8080}
+- {name: dns, port: 5353, protocol: UDP}
+";
+
+    #[test]
+    fn frontends_and_backends_follow_kube_proxy() {
+        let d = desired(&snap(WEB), &node());
+        assert!(d.conflicts.is_empty());
+        assert_eq!(
+            show(&d.services),
+            vec![
+                "shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L 10.244.2.6:8080]",
+                "shop/web:dns ClusterIP 10.96.0.10:53/UDP [10.244.1.5:5353L 10.244.2.6:5353]",
+                "shop/web:http ClusterIP 10.96.0.10:80/TCP [10.244.1.5:8080L 10.244.2.6:8080]",
+                "shop/web:dns ExternalIP 192.0.2.10:53/UDP [10.244.1.5:5353L 10.244.2.6:5353]",
+                "shop/web:http ExternalIP 192.0.2.10:80/TCP [10.244.1.5:8080L 10.244.2.6:8080]",
+                "shop/web:dns LoadBalancer 203.0.113.10:53/UDP [10.244.1.5:5353L 10.244.2.6:5353]",
+                "shop/web:http LoadBalancer 203.0.113.10:80/TCP [10.244.1.5:8080L 10.244.2.6:8080]",
+            ]
+        );
+        // The v6 external IP is ignored: the service has no IPv6 cluster IP.
+        for s in &d.services {
+            assert_eq!(s.maglev.len(), MAGLEV_M);
+            assert_eq!(s.affinity_timeout_secs, None);
+        }
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_no_ready_one() {
+        let y = WEB
+            .replace("- {addresses: [10.244.1.5], nodeName: node-1}\n", "")
+            .replace("- {addresses: [10.244.2.6], nodeName: node-2}\n", "");
+        let d = desired(&snap(&y), &node());
+        assert_eq!(
+            show(&d.services[2..3]),
+            vec!["shop/web:http ClusterIP 10.96.0.10:80/TCP [10.244.2.5:8080T]"]
+        );
+        assert_eq!(
+            d.services[2].backends[0].state,
+            BackendState::ServingTerminating
+        );
+        // Nothing serving at all: no backends, no table.
+        let y = y.replace("serving: true, ", "");
+        let y = y.replace(
+            "ready: false, terminating: true",
+            "ready: false, serving: false, terminating: true",
+        );
+        let d = desired(&snap(&y), &node());
+        assert!(
+            d.services
+                .iter()
+                .all(|s| s.backends.is_empty() && s.maglev.is_empty())
+        );
+    }
+
+    #[test]
+    fn traffic_policies_local() {
+        let y = WEB.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        );
+        let d = desired(&snap(&y), &node());
+        for s in &d.services {
+            assert_eq!(s.backends.len(), 1, "{}", s.frontend);
+            assert!(s.backends[0].node_local);
+            assert_eq!(s.affinity_timeout_secs, Some(60));
+            let cip = s.frontend.kind == FrontendKind::ClusterIp;
+            assert_eq!((s.internal_local, s.external_local), (cip, !cip));
+        }
+        // On another node with only a terminating local endpoint: that one is used.
+        let other = NodeIdentity {
+            name: "node-2".into(),
+            addresses: vec![],
+        };
+        let y2 = y.replace("- {addresses: [10.244.2.6], nodeName: node-2}\n", "");
+        let d = desired(&snap(&y2), &other);
+        assert_eq!(
+            show(&d.services[..1]),
+            vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.2.5:8080LT]"]
+        );
+        // External Local only: ClusterIP keeps cluster-wide backends.
+        let y3 = WEB.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
+        );
+        let d = desired(&snap(&y3), &node());
+        let cip = d
+            .services
+            .iter()
+            .find(|s| s.frontend.kind == FrontendKind::ClusterIp)
+            .unwrap();
+        assert_eq!(cip.backends.len(), 2);
+        let np = d
+            .services
+            .iter()
+            .find(|s| s.frontend.kind == FrontendKind::NodePort)
+            .unwrap();
+        assert_eq!(np.backends.len(), 1);
+    }
+
+    #[test]
+    fn named_target_port_and_dual_stack() {
+        let y = r"
+apiVersion: v1
+kind: Service
+metadata: {name: ds}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.0.20, fd00::20]
+  ports:
+  - {port: 80, targetPort: web, nodePort: 30090}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-4, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.9]}]
+ports: [{name: web, port: 9000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-6, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00:244::9']}, {addresses: ['fd00:244::9']}]
+ports: [{port: 9001}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other, labels: {kubernetes.io/service-name: nope}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.99]}]
+ports: [{port: 9000}]
+";
+        let both = NodeIdentity {
+            name: "node-1".into(),
+            addresses: vec![
+                "198.18.0.11".parse().unwrap(),
+                "fd00:18::11".parse().unwrap(),
+            ],
+        };
+        let d = desired(&snap(y), &both);
+        assert_eq!(
+            show(&d.services),
+            vec![
+                "default/ds NodePort 0.0.0.0:30090/TCP [10.244.1.9:9000]",
+                "default/ds ClusterIP 10.96.0.20:80/TCP [10.244.1.9:9000]",
+                "default/ds NodePort [::]:30090/TCP [fd00:244::9:9001]",
+                "default/ds ClusterIP [fd00::20]:80/TCP [fd00:244::9:9001]",
+            ]
+        );
+        // A v4-only node gets no v6 node port.
+        let d = desired(&snap(y), &node());
+        assert_eq!(d.services.len(), 3);
+    }
+
+    #[test]
+    fn conflicts_keep_the_first() {
+        let y = r"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}]}
+";
+        let d = desired(&snap(y), &node());
+        assert_eq!(d.services.len(), 3);
+        assert_eq!(
+            d.conflicts
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec!["default/b wants 0.0.0.0:30000/TCP, already used by default/a"]
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_compact_and_survive_restart() {
+        let s = snap(WEB);
+        let mut ids = IdAllocator::new();
+        let d1 = build(&s, &node(), &mut ids);
+        let got: BTreeSet<u32> = d1.services.iter().map(|s| s.id).collect();
+        assert_eq!(got, (1..=7).collect());
+        // Same input: same ids, empty plan.
+        let d2 = build(&s, &node(), &mut ids);
+        assert!(plan(&d2.services, &d1.services).is_empty());
+        // Remove the external IP: its ids are freed, only after this build.
+        let s2 = snap(&WEB.replace("  externalIPs: [192.0.2.10, 2001:db8::10]\n", ""));
+        let d3 = build(&s2, &node(), &mut ids);
+        assert_eq!(d3.services.len(), 5);
+        for x in &d3.services {
+            let before = d1
+                .services
+                .iter()
+                .find(|y| y.frontend == x.frontend)
+                .unwrap();
+            assert_eq!(x.id, before.id);
+        }
+        let p = plan(&d3.services, &d2.services);
+        assert!(p.upserts.is_empty());
+        assert_eq!(p.deletes.len(), 2);
+        // Back again before the delete was applied: fresh ids (the dataplane may still hold
+        // the old ones).
+        let mut uncommitted = ids.clone();
+        let early = build(&s, &node(), &mut uncommitted);
+        assert_eq!(early.services.iter().map(|s| s.id).max(), Some(9));
+        // After the apply: the freed ids are reused (compact).
+        ids.commit();
+        let d4 = build(&s, &node(), &mut ids);
+        let got: BTreeSet<u32> = d4.services.iter().map(|s| s.id).collect();
+        assert_eq!(got, (1..=7).collect());
+        // A restarted agent seeded from the dataplane derives the same ids.
+        let mut fresh = IdAllocator::new();
+        fresh.seed(&d4.services);
+        let d5 = build(&s, &node(), &mut fresh);
+        assert!(plan(&d5.services, &d4.services).is_empty());
+        // Even when the services arrive in a different order than the ids were given.
+        let mut fresh = IdAllocator::new();
+        let mut reversed = d1.services.clone();
+        reversed.reverse();
+        fresh.seed(&reversed);
+        assert!(plan(&build(&s, &node(), &mut fresh).services, &d1.services).is_empty());
+    }
+
+    #[test]
+    fn seeding_tolerates_duplicate_ids() {
+        let d = desired(&snap(WEB), &node());
+        let mut obs = d.services.clone();
+        for s in &mut obs {
+            s.id = 5;
+        }
+        let mut ids = IdAllocator::new();
+        ids.seed(&obs);
+        let mut services = d.services.clone();
+        ids.assign(&mut services);
+        let unique: BTreeSet<u32> = services.iter().map(|s| s.id).collect();
+        assert_eq!(unique.len(), services.len());
+        assert!(services.iter().any(|s| s.id == 5));
+    }
+
+    #[test]
+    fn one_endpoint_change_touches_only_its_service() {
+        let two = format!(
+            "{WEB}---\n{}",
+            WEB.replace("name: web", "name: api")
+                .replace("web-a", "api-a")
+                .replace("service-name: web", "service-name: api")
+                .replace("10.96.0.10", "10.96.0.11")
+                .replace("192.0.2.10", "192.0.2.11")
+                .replace("203.0.113.10", "203.0.113.11")
+                .replace("30080", "30081")
+        );
+        let mut ids = IdAllocator::new();
+        let before = build(&snap(&two), &node(), &mut ids);
+        let changed = two.replacen("10.244.2.6", "10.244.3.6", 1);
+        let after = build(&snap(&changed), &node(), &mut ids);
+        let p = plan(&after.services, &before.services);
+        assert_eq!(p.upserts.len(), 7);
+        assert!(p.upserts.iter().all(|s| s.name.starts_with("shop/web")));
+        assert!(p.deletes.is_empty());
+        assert_eq!(p.stale_backends.len(), 7);
+        assert!(
+            p.upserts
+                .iter()
+                .all(|s| s.frontend.proto == Proto::Tcp || s.backends[1].port == 5353)
+        );
+    }
+
+    /// The incremental state equals the batch computation after every step of random changes
+    /// (services appearing, disappearing, clashing; slices moving between services).
+    #[test]
+    fn property_incremental_equals_batch() {
+        let mut seed = 0x1234_5678_u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let svc = |i: u64, ip: u64, np: u64, ext: bool| {
+            let ext = if ext {
+                "\n  externalIPs: [192.0.2.1]"
+            } else {
+                ""
+            };
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.{ip}{ext}\n  ports: [{{port: 80, nodePort: {}}}]\n",
+                30000 + np
+            )
+        };
+        let slice = |i: u64, owner: u64, ep: u64, local: bool| {
+            let node = if local { "node-1" } else { "node-2" };
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{i}, labels: {{kubernetes.io/service-name: s{owner}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.{ep}], nodeName: {node}}}]\nports: [{{port: 8080}}]\n"
+            )
+        };
+        let mut state = LbState::new(node());
+        let mut batch_ids = IdAllocator::new();
+        let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        for step in 0..400 {
+            let mut changes = Vec::new();
+            for _ in 0..=rnd(3) {
+                let i = rnd(8);
+                let text = match rnd(5) {
+                    0 | 1 => svc(i, rnd(6) + 1, rnd(4), rnd(4) == 0),
+                    2 | 3 => slice(i, rnd(8), rnd(20) + 1, rnd(2) == 0),
+                    _ => {
+                        let kind = if rnd(2) == 0 {
+                            Kind::Service
+                        } else {
+                            Kind::EndpointSlice
+                        };
+                        let name = format!("{}{i}", if kind == Kind::Service { "s" } else { "e" });
+                        let key = ObjectKey {
+                            kind,
+                            namespace: "default".into(),
+                            name,
+                        };
+                        objects.remove(&key);
+                        changes.push(Change::Delete(key));
+                        continue;
+                    }
+                };
+                let o = parse_manifest(&text).unwrap().remove(0);
+                objects.insert(o.key(), o.clone());
+                changes.push(Change::Put(o));
+            }
+            if step % 50 == 0 {
+                state.reset(objects.values().cloned().collect());
+            } else {
+                state.change(changes);
+            }
+            let snap = Snapshot::from_objects(objects.values().cloned());
+            let want = desired(&snap, &node());
+            let got = state.desired();
+            let strip = |v: &[LbService]| {
+                v.iter()
+                    .map(|s| LbService { id: 0, ..s.clone() })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(strip(&got), strip(&want.services), "step {step}");
+            assert_eq!(state.conflicts(), want.conflicts, "step {step}");
+            // Ids: unique, non-zero.
+            let ids: BTreeSet<u32> = got.iter().map(|s| s.id).collect();
+            assert_eq!(ids.len(), got.len());
+            assert!(!ids.contains(&0));
+            state.ids_mut().commit();
+            let _ = build(&snap, &node(), &mut batch_ids);
+        }
+    }
+}
+
+#[cfg(test)]
+mod scale {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::services::model::parse_manifest;
+
+    /// Not a timed test: prints how long 10k services × 10 endpoints take to compute, and one
+    /// endpoint change. `cargo test --release -p twill-agent --lib scale -- --ignored --nocapture`
+    #[test]
+    #[ignore = "measurement, run by hand"]
+    fn ten_thousand_services() {
+        let mut text = String::new();
+        for i in 0..10_000u32 {
+            let (a, b) = (i / 250, i % 250);
+            let _ = std::fmt::Write::write_fmt(
+                &mut text,
+                format_args!(
+                    "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{a}.{b}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{i}, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{port: 8080}}]\n",
+                    (0..10).map(|e| format!("{{addresses: [10.{}.{a}.{b}]}}", 100 + e)).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        let bs: Vec<Backend> = (0..10u8)
+            .map(|e| Backend {
+                ip: IpAddr::from([10, 100 + e, 1, 1]),
+                port: 8080,
+                node_local: false,
+                state: BackendState::Ready,
+            })
+            .collect();
+        let t = Instant::now();
+        for _ in 0..10_000 {
+            std::hint::black_box(maglev::table(std::hint::black_box(&bs), MAGLEV_M));
+        }
+        eprintln!("10k maglev tables of 10 backends: {:?}", t.elapsed());
+        let t = Instant::now();
+        let objects = parse_manifest(&text).unwrap();
+        eprintln!("parse 20k objects: {:?}", t.elapsed());
+        let t = Instant::now();
+        let snap = Snapshot::from_objects(objects.clone());
+        eprintln!("clone + index 20k objects: {:?}", t.elapsed());
+        let t = Instant::now();
+        let d = desired(&snap, &NodeIdentity::default());
+        eprintln!("batch desired: {:?} ({} frontends)", t.elapsed(), d.services.len());
+        drop((snap, d));
+        let mut state = LbState::new(NodeIdentity::default());
+        let t = Instant::now();
+        let dirty = state.reset(objects.clone());
+        eprintln!("desired for 10k services x 10 endpoints: {:?} ({} frontends)", t.elapsed(), dirty.len());
+        let t = Instant::now();
+        let all = state.desired();
+        let p = crate::services::lb::plan(&all, &[]);
+        eprintln!("full plan: {:?} ({} upserts)", t.elapsed(), p.upserts.len());
+        let Object::EndpointSlice(mut e) = objects[1].clone() else { panic!() };
+        e.endpoints.pop();
+        let t = Instant::now();
+        let dirty = state.change(vec![Change::Put(Object::EndpointSlice(e))]);
+        let d: Vec<LbService> = dirty.iter().filter_map(|k| state.get(k)).collect();
+        let a: Vec<LbService> = dirty.iter().filter_map(|k| all.iter().find(|s| s.frontend.key() == *k).cloned()).collect();
+        let p = crate::services::lb::plan(&d, &a);
+        eprintln!("one endpoint change, recompute + plan: {:?} ({} upserts)", t.elapsed(), p.upserts.len());
+    }
+}

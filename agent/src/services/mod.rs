@@ -1,0 +1,20 @@
+//! Service load balancing: the service model, its sources, the desired LB state and the seam
+//! every proxy mode (eBPF, nftables, iptables) implements.
+//!
+//! The flow is the agent's usual one: **source → model → desired → plan → dataplane seam**.
+//! - [`model`]: Kubernetes `v1 Service` and `discovery.k8s.io/v1 EndpointSlice`, parsed from
+//!   YAML or JSON exactly as `kubectl get -o yaml` prints them, and validated.
+//! - [`source`]: the standalone source (objects in etcd under `<prefix>/services/`), list+watch
+//!   into snapshots, and [`source::run_services`], the loop that drives a dataplane.
+//! - [`desired`]: a pure function from a snapshot and this node's identity to [`lb::LbService`]s
+//!   (kube-proxy semantics resolved there, once, for every dataplane).
+//! - [`maglev`]: the Maglev table each service carries.
+//! - [`lb`]: the dataplane-facing desired state, [`lb::plan`] (the minimal diff) and the
+//!   [`lb::LbDataplane`] seam with its recording fake.
+
+pub mod cli;
+pub mod desired;
+pub mod lb;
+pub mod maglev;
+pub mod model;
+pub mod source;

@@ -1,0 +1,1532 @@
+//! The udp backend's packet core: every decision about a packet, and no I/O.
+//!
+//! Shaped like boringtun's `noise` module: functions from bytes to an *action* (send these bytes
+//! to that peer, write these bytes to the TUN, drop for this reason), while the caller owns the
+//! sockets, the TUN queues, the buffers and the threads. That keeps the part that can be wrong in
+//! interesting ways (segmentation arithmetic, checksums, header parsing of attacker-controlled
+//! datagrams) testable without root, property-testable and fuzzable, and keeps the edge a thin
+//! loop of syscalls. Nothing here depends on time: the core keeps no timers (coalescing only
+//! merges what one receive batch already holds), so no clock is passed in.
+//!
+//! # Wire format
+//! flannel's: the UDP payload is one plain IPv4 packet, sent from the node's port (8285 by
+//! default) to the peer's `PublicIP` and the same port. No header of our own, no version byte:
+//! a flannel node and a twill node exchange traffic as they are.
+//!
+//! # Offloads, and why segmentation lives here
+//! The TUN device is opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD` (checksum, TSO4, USO), so the
+//! kernel hands over TCP (and UDP-GSO) *super-packets* of up to 64 KiB with a virtio-net header
+//! saying how to cut them ([`VnetHdr`]), and with the transport checksum left partial. The wire
+//! format needs real packets, so [`encapsulate`] cuts a super-packet into MTU-sized IPv4 packets
+//! with correct sequence numbers, IP ids, lengths and checksums — laid out back to back, all of
+//! one size but the last, which is exactly the layout UDP GSO (`UDP_SEGMENT`) wants: the edge
+//! sends the whole train with one `sendmsg`, and the kernel makes one datagram per packet.
+//!
+//! On the way in, the socket has `UDP_GRO`: one receive returns a train of datagrams of one size.
+//! [`Gro`] re-assembles consecutive TCP segments of one flow into one super-packet (headers of
+//! the first, payloads of all, a virtio-net header asking the kernel for GSO and a partial
+//! checksum), so the TUN sees one write per train instead of one per 1.4 KiB packet. Payloads are
+//! never copied to do this: [`Gro::for_each_write`] hands out a small rewritten head and the
+//! payload slices, for one `writev`.
+//!
+//! # What is dropped (never a panic)
+//! Every reason is a [`DropReason`], counted by the edge in `twill_udp_drops_total{reason}`:
+//! a datagram that is not one well-formed IPv4 packet, a sender that is not a known peer, an
+//! inner destination that is not this node's subnet, TTL 0, a destination with no peer, a
+//! packet larger than the underlay can carry.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+
+use crate::lease::Lease;
+
+/// Bytes of the virtio-net header in front of every packet on the TUN (`IFF_VNET_HDR`, the
+/// 10-byte layout without `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+/// Encapsulation overhead on an IPv4 underlay: outer IPv4 header (20) + UDP header (8).
+pub const OVERHEAD: usize = 28;
+/// The largest UDP payload one `sendmsg` may carry, GSO or not (IPv4 total length limit).
+pub const MAX_UDP_PAYLOAD: usize = 65_535 - OVERHEAD;
+/// Datagrams per UDP GSO send: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.10).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// The largest IPv4 packet.
+pub const MAX_IP_LEN: usize = 65_535;
+/// The largest head [`Gro::for_each_write`] produces: virtio-net header, IPv4 and TCP headers
+/// with options.
+pub const MAX_HEAD_LEN: usize = VNET_HDR_LEN + 60 + 60;
+
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_CWR: u8 = 0x80;
+/// IPv4 flags/fragment field: "more fragments" and the offset.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// Why a packet was dropped. `as_str` is the `reason` label in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not one well-formed IPv4 packet (short, bad version/IHL/length/checksum, bad virtio-net
+    /// header).
+    Malformed,
+    /// Well formed, but not something this backend carries (IPv6 inner packets, unknown GSO
+    /// types).
+    Unsupported,
+    /// A datagram from an address that is no known peer.
+    UnknownPeer,
+    /// A packet for a destination no peer owns (its lease is gone, or never was).
+    NoRoute,
+    /// A datagram whose inner destination is not this node's subnet.
+    NotLocal,
+    /// A datagram whose inner TTL is 0.
+    Ttl,
+    /// A packet (or GSO segment) larger than the underlay can carry.
+    TooBig,
+    /// The kernel refused to send the datagram.
+    SendError,
+    /// The kernel refused the packet written to the TUN.
+    TunError,
+}
+
+impl DropReason {
+    /// Every reason, in a fixed order (an index per reason for counters).
+    pub const ALL: [DropReason; 9] = [
+        DropReason::Malformed,
+        DropReason::Unsupported,
+        DropReason::UnknownPeer,
+        DropReason::NoRoute,
+        DropReason::NotLocal,
+        DropReason::Ttl,
+        DropReason::TooBig,
+        DropReason::SendError,
+        DropReason::TunError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Unsupported => "unsupported",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::NoRoute => "no_route",
+            DropReason::NotLocal => "not_local",
+            DropReason::Ttl => "ttl",
+            DropReason::TooBig => "too_big",
+            DropReason::SendError => "send_error",
+            DropReason::TunError => "tun_error",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+// ---- checksums ------------------------------------------------------------------------------
+
+/// A ones-complement (RFC 1071) running sum.
+///
+/// Bytes are added in native-endian 64-bit words with end-around carry (2^64 ≡ 1 mod 2^16-1, so
+/// the wide sum folds to the same 16-bit sum); the byte order is fixed once, at [`Csum::fold`].
+/// Every piece added must start at an even offset of the checksummed region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Csum(u64);
+
+fn add_carry(a: u64, b: u64) -> u64 {
+    let (s, c) = a.overflowing_add(b);
+    s + u64::from(c)
+}
+
+impl Csum {
+    /// Adds `data` (starting at an even offset of the region).
+    #[must_use]
+    pub fn add(self, data: &[u8]) -> Csum {
+        let mut a = self.0;
+        let mut b = 0u64;
+        let mut chunks = data.chunks_exact(16);
+        for c in &mut chunks {
+            a = add_carry(a, u64::from_ne_bytes(c[..8].try_into().expect("8 bytes")));
+            b = add_carry(b, u64::from_ne_bytes(c[8..].try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        let mut tail = [0u8; 16];
+        tail[..rest.len()].copy_from_slice(rest);
+        a = add_carry(a, u64::from_ne_bytes(tail[..8].try_into().expect("8 bytes")));
+        b = add_carry(b, u64::from_ne_bytes(tail[8..].try_into().expect("8 bytes")));
+        Csum(add_carry(a, b))
+    }
+
+    /// Adds one big-endian 16-bit word (a pseudo-header field).
+    #[must_use]
+    pub fn add_u16(self, v: u16) -> Csum {
+        self.add(&v.to_be_bytes())
+    }
+
+    /// The IPv4 pseudo-header of a transport segment of `len` bytes.
+    #[must_use]
+    pub fn pseudo_v4(self, src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> Csum {
+        let l = len.to_be_bytes();
+        self.add(&[
+            src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, proto, l[0], l[1],
+        ])
+    }
+
+    /// The folded 16-bit sum (not complemented), as a host integer of the big-endian word.
+    pub fn fold(self) -> u16 {
+        let mut s = self.0;
+        s = (s & 0xffff_ffff) + (s >> 32);
+        s = (s & 0xffff_ffff) + (s >> 32);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        let native = u16::try_from(s).expect("folded to 16 bits");
+        // The words were read native-endian: on little-endian hosts the sum is byte-swapped.
+        u16::from_be(native)
+    }
+
+    /// The checksum to store: the complemented fold.
+    pub fn finish(self) -> u16 {
+        !self.fold()
+    }
+}
+
+/// The IPv4 header checksum of `hdr` (its checksum field included: 0 means valid when the field
+/// holds the right value, so this both computes — with the field zeroed — and verifies).
+pub fn ipv4_header_checksum(hdr: &[u8]) -> u16 {
+    Csum::default().add(hdr).finish()
+}
+
+fn set_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn set_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn len_u16(n: usize) -> u16 {
+    u16::try_from(n).expect("IPv4 lengths fit 16 bits")
+}
+
+/// Rewrites the IPv4 header checksum of `hdr` (the whole header, `ihl` bytes).
+fn fix_ipv4_checksum(hdr: &mut [u8]) {
+    set_u16(hdr, 10, 0);
+    let c = ipv4_header_checksum(hdr);
+    set_u16(hdr, 10, c);
+}
+
+// ---- virtio-net header ----------------------------------------------------------------------
+
+/// The virtio-net header the TUN puts in front of each packet (`struct virtio_net_hdr`,
+/// little-endian: the TUN uses the host's order and twill runs on little-endian hosts only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    /// `VIRTIO_NET_HDR_F_*`.
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*`.
+    pub gso_type: u8,
+    /// Length of the headers (advisory; the kernel fills it loosely, so it is not relied on).
+    pub hdr_len: u16,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// Where checksumming starts (the transport header), from the start of the IP header.
+    pub csum_start: u16,
+    /// Where, from `csum_start`, the checksum is stored.
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// The transport checksum is partial: complete it from `csum_start` to the end.
+    pub const F_NEEDS_CSUM: u8 = 1;
+    /// Not a GSO packet.
+    pub const GSO_NONE: u8 = 0;
+    /// TCP over IPv4 super-packet.
+    pub const GSO_TCPV4: u8 = 1;
+    /// TCP over IPv6 super-packet.
+    pub const GSO_TCPV6: u8 = 4;
+    /// UDP segmentation (USO) super-packet.
+    pub const GSO_UDP_L4: u8 = 5;
+    /// Bit set with the TCP types when the super-packet carries CWR.
+    pub const GSO_ECN: u8 = 0x80;
+
+    /// Reads the header at the start of `b`.
+    pub fn parse(b: &[u8]) -> Option<VnetHdr> {
+        let b = b.get(..VNET_HDR_LEN)?;
+        let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: le(2),
+            gso_size: le(4),
+            csum_start: le(6),
+            csum_offset: le(8),
+        })
+    }
+
+    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `out`.
+    pub fn write(&self, out: &mut [u8]) {
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        out[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        out[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        out[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        out[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+}
+
+// ---- IPv4 -----------------------------------------------------------------------------------
+
+/// The fields of an IPv4 header the core needs, after bounds checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Info {
+    /// Header length in bytes.
+    pub ihl: usize,
+    /// Total length (header + payload) from the header.
+    pub total: usize,
+    /// Transport protocol.
+    pub proto: u8,
+    /// TTL.
+    pub ttl: u8,
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+}
+
+/// Parses the IPv4 header at the start of `pkt`: version 4 (6 is [`DropReason::Unsupported`]),
+/// IHL ≥ 5 and within the buffer, total length between the header length and the buffer length.
+pub fn parse_ipv4(pkt: &[u8]) -> Result<Ipv4Info, DropReason> {
+    let first = *pkt.first().ok_or(DropReason::Malformed)?;
+    match first >> 4 {
+        4 => {}
+        6 => return Err(DropReason::Unsupported),
+        _ => return Err(DropReason::Malformed),
+    }
+    let ihl = usize::from(first & 0x0f) * 4;
+    if ihl < 20 || pkt.len() < ihl {
+        return Err(DropReason::Malformed);
+    }
+    let total = usize::from(get_u16(pkt, 2));
+    if total < ihl || total > pkt.len() {
+        return Err(DropReason::Malformed);
+    }
+    Ok(Ipv4Info {
+        ihl,
+        total,
+        proto: pkt[9],
+        ttl: pkt[8],
+        src: Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
+        dst: Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]),
+    })
+}
+
+// ---- routing --------------------------------------------------------------------------------
+
+/// Where packets go: peer subnet → peer `PublicIP:Port`, plus this node's own subnet (inner
+/// destinations accepted from the wire) and the set of peer addresses (senders accepted).
+///
+/// Built whole from a lease snapshot and swapped in atomically by the edge; never mutated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    own: Option<Ipv4Net>,
+    /// Per prefix length (longest first): masked network address → peer.
+    by_len: Vec<(u8, HashMap<u32, SocketAddrV4>)>,
+    peers: HashSet<Ipv4Addr>,
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+impl RouteTable {
+    /// A table of `own` subnet and `(peer subnet, peer public address)` routes, all on `port`.
+    /// A subnet listed twice keeps its last address.
+    pub fn new(
+        own: Option<Ipv4Net>,
+        port: u16,
+        routes: impl IntoIterator<Item = (Ipv4Net, Ipv4Addr)>,
+    ) -> RouteTable {
+        let mut t = RouteTable {
+            own: own.map(|n| n.trunc()),
+            ..RouteTable::default()
+        };
+        for (net, ip) in routes {
+            let net = net.trunc();
+            let len = net.prefix_len();
+            let key = u32::from(net.network());
+            let slot = match t.by_len.iter().position(|(l, _)| *l == len) {
+                Some(i) => i,
+                None => {
+                    t.by_len.push((len, HashMap::new()));
+                    t.by_len.len() - 1
+                }
+            };
+            t.by_len[slot].1.insert(key, SocketAddrV4::new(ip, port));
+            t.peers.insert(ip);
+        }
+        t.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+        t
+    }
+
+    /// The table for a lease snapshot: every udp lease other than `own` with an IPv4 subnet and a
+    /// `PublicIP`; leases of other backends are ignored (as the overlay does).
+    pub fn from_leases(own: Option<Ipv4Net>, port: u16, leases: &[Lease]) -> RouteTable {
+        let routes = leases.iter().filter_map(|l| {
+            let sn = l.subnets.v4?;
+            let ip = l.attrs.public_ip?;
+            (Some(sn) != own && l.attrs.backend_type == "udp").then_some((sn, ip))
+        });
+        RouteTable::new(own, port, routes)
+    }
+
+    /// The peer owning `dst` (longest prefix first).
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<SocketAddrV4> {
+        let d = u32::from(dst);
+        self.by_len
+            .iter()
+            .find_map(|(len, m)| m.get(&(d & mask(*len))).copied())
+    }
+
+    /// Whether `ip` is a peer's public address.
+    pub fn is_peer(&self, ip: Ipv4Addr) -> bool {
+        self.peers.contains(&ip)
+    }
+
+    /// Whether `dst` lies in this node's subnet.
+    pub fn is_local(&self, dst: Ipv4Addr) -> bool {
+        self.own.is_some_and(|n| n.contains(&dst))
+    }
+
+    /// This node's subnet.
+    pub fn own(&self) -> Option<Ipv4Net> {
+        self.own
+    }
+
+    /// Number of peer routes.
+    pub fn len(&self) -> usize {
+        self.by_len.iter().map(|(_, m)| m.len()).sum()
+    }
+
+    /// Whether there is no peer route.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// ---- encapsulation (TUN → wire) -------------------------------------------------------------
+
+/// What to do with one packet read from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// Send `input[start..start + len]` (one IPv4 packet, checksums complete) to `dst`.
+    Packet {
+        /// The peer.
+        dst: SocketAddrV4,
+        /// Offset of the packet in the input.
+        start: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// Send `out[..len]`: `count` IPv4 packets back to back, each `seg` bytes but the last
+    /// (which may be shorter), one datagram each, to `dst`. [`gso_groups`] cuts it into sends.
+    Segments {
+        /// The peer.
+        dst: SocketAddrV4,
+        /// Bytes per packet (the last may be shorter).
+        seg: usize,
+        /// Bytes in `out`.
+        len: usize,
+        /// Packets.
+        count: usize,
+    },
+    /// `out` is too small for the segments: send what is pending, then call again with at least
+    /// this many bytes of `out`.
+    NeedSpace(usize),
+    /// Drop the packet.
+    Drop(DropReason),
+}
+
+/// Turns one read from the TUN (`input`: virtio-net header + packet) into datagrams for a peer.
+///
+/// `max_packet` is the largest inner packet the underlay carries (uplink MTU − 28). Packets
+/// without GSO are fixed in place (a partial checksum is completed) and sent from `input`;
+/// super-packets are cut into `out`.
+pub fn encapsulate(
+    table: &RouteTable,
+    max_packet: usize,
+    input: &mut [u8],
+    out: &mut [u8],
+) -> Encap {
+    match encap_inner(table, max_packet, input, out) {
+        Ok(e) => e,
+        Err(r) => Encap::Drop(r),
+    }
+}
+
+fn encap_inner(
+    table: &RouteTable,
+    max_packet: usize,
+    input: &mut [u8],
+    out: &mut [u8],
+) -> Result<Encap, DropReason> {
+    let hdr = VnetHdr::parse(input).ok_or(DropReason::Malformed)?;
+    let pkt = &mut input[VNET_HDR_LEN..];
+    let ip = parse_ipv4(pkt)?;
+    let dst = table.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
+    let pkt = &mut pkt[..ip.total];
+    match hdr.gso_type & !VnetHdr::GSO_ECN {
+        VnetHdr::GSO_NONE => {
+            if ip.total > max_packet {
+                return Err(DropReason::TooBig);
+            }
+            if hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 {
+                complete_checksum(pkt, &ip, hdr)?;
+            }
+            Ok(Encap::Packet {
+                dst,
+                start: VNET_HDR_LEN,
+                len: ip.total,
+            })
+        }
+        VnetHdr::GSO_TCPV4 => segment(pkt, &ip, hdr, max_packet, out, dst, true),
+        VnetHdr::GSO_UDP_L4 => segment(pkt, &ip, hdr, max_packet, out, dst, false),
+        _ => Err(DropReason::Unsupported),
+    }
+}
+
+/// Completes a partial transport checksum: the field holds the pseudo-header sum; the checksum
+/// covers `csum_start..` to the end of the packet.
+fn complete_checksum(pkt: &mut [u8], ip: &Ipv4Info, hdr: VnetHdr) -> Result<(), DropReason> {
+    let start = usize::from(hdr.csum_start);
+    let at = start + usize::from(hdr.csum_offset);
+    if start < ip.ihl || at + 2 > pkt.len() || start % 2 != 0 {
+        return Err(DropReason::Malformed);
+    }
+    let mut c = Csum::default().add(&pkt[start..]).finish();
+    if c == 0 && ip.proto == PROTO_UDP {
+        c = 0xffff;
+    }
+    set_u16(pkt, at, c);
+    Ok(())
+}
+
+/// Cuts a TCP (`tcp`) or UDP super-packet into packets of `hl + gso_size` bytes in `out`.
+fn segment(
+    pkt: &[u8],
+    ip: &Ipv4Info,
+    hdr: VnetHdr,
+    max_packet: usize,
+    out: &mut [u8],
+    dst: SocketAddrV4,
+    tcp: bool,
+) -> Result<Encap, DropReason> {
+    let ihl = ip.ihl;
+    let want_proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    if ip.proto != want_proto || usize::from(hdr.csum_start) != ihl {
+        return Err(DropReason::Malformed);
+    }
+    // The kernel never hands over a fragment as a super-packet.
+    if get_u16(pkt, 6) & IP_MF_OFFSET != 0 {
+        return Err(DropReason::Malformed);
+    }
+    let thl = if tcp {
+        let b = *pkt.get(ihl + 12).ok_or(DropReason::Malformed)?;
+        usize::from(b >> 4) * 4
+    } else {
+        8
+    };
+    let hl = ihl + thl;
+    if thl < 8 || hl > ip.total || (tcp && thl < 20) {
+        return Err(DropReason::Malformed);
+    }
+    let mss = usize::from(hdr.gso_size);
+    if mss == 0 {
+        return Err(DropReason::Malformed);
+    }
+    if hl + mss > max_packet {
+        return Err(DropReason::TooBig);
+    }
+    let payload = ip.total - hl;
+    let count = payload.div_ceil(mss).max(1);
+    let need = count * hl + payload;
+    if need > out.len() {
+        return Ok(Encap::NeedSpace(need));
+    }
+    let (src, dstip) = (ip.src.octets(), ip.dst.octets());
+    let id0 = get_u16(pkt, 4);
+    let (seq0, flags0) = if tcp {
+        (get_u32(pkt, ihl + 4), pkt[ihl + 13])
+    } else {
+        (0, 0)
+    };
+    let mut off = 0;
+    for i in 0..count {
+        let start = i * mss;
+        let plen = mss.min(payload - start);
+        let o = &mut out[off..off + hl + plen];
+        o[..hl].copy_from_slice(&pkt[..hl]);
+        o[hl..].copy_from_slice(&pkt[hl + start..hl + start + plen]);
+        set_u16(o, 2, len_u16(hl + plen));
+        set_u16(o, 4, id0.wrapping_add(u16::try_from(i & 0xffff).expect("masked")));
+        fix_ipv4_checksum(&mut o[..ihl]);
+        let l4 = len_u16(thl + plen);
+        if tcp {
+            let seq = seq0.wrapping_add(u32::try_from(start).expect("below 64 KiB"));
+            set_u32(o, ihl + 4, seq);
+            let mut flags = flags0;
+            if i + 1 != count {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i != 0 {
+                flags &= !TCP_CWR;
+            }
+            o[ihl + 13] = flags;
+            set_u16(o, ihl + 16, 0);
+        } else {
+            set_u16(o, ihl + 4, l4);
+            set_u16(o, ihl + 6, 0);
+        }
+        let mut c = Csum::default()
+            .pseudo_v4(src, dstip, want_proto, l4)
+            .add(&o[ihl..])
+            .finish();
+        if c == 0 && !tcp {
+            c = 0xffff;
+        }
+        set_u16(o, ihl + if tcp { 16 } else { 6 }, c);
+        off += hl + plen;
+    }
+    Ok(Encap::Segments {
+        dst,
+        seg: hl + mss,
+        len: off,
+        count,
+    })
+}
+
+/// Cuts `len` bytes of `seg`-byte packets into UDP GSO sends: `(offset, bytes)` pairs, each at
+/// most [`GSO_MAX_SEGMENTS`] packets and [`MAX_UDP_PAYLOAD`] bytes, each a whole number of
+/// packets.
+pub fn gso_groups(seg: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let per = (MAX_UDP_PAYLOAD / seg.max(1)).clamp(1, GSO_MAX_SEGMENTS);
+    let step = per * seg.max(1);
+    (0..len)
+        .step_by(step.max(1))
+        .map(move |off| (off, step.min(len - off)))
+}
+
+// ---- decapsulation (wire → TUN) -------------------------------------------------------------
+
+/// Checks one received datagram from `src`: a whole, well-formed IPv4 packet (valid header
+/// checksum, total length equal to the datagram's), from a known peer, for this node's subnet,
+/// with a TTL left. Returns the packet's header facts.
+pub fn decapsulate(
+    table: &RouteTable,
+    src: Ipv4Addr,
+    dgram: &[u8],
+) -> Result<Ipv4Info, DropReason> {
+    if !table.is_peer(src) {
+        return Err(DropReason::UnknownPeer);
+    }
+    let ip = parse_ipv4(dgram)?;
+    if ip.total != dgram.len() || ipv4_header_checksum(&dgram[..ip.ihl]) != 0 {
+        return Err(DropReason::Malformed);
+    }
+    if !table.is_local(ip.dst) {
+        return Err(DropReason::NotLocal);
+    }
+    if ip.ttl == 0 {
+        return Err(DropReason::Ttl);
+    }
+    Ok(ip)
+}
+
+/// The datagrams of one receive: `gso` bytes each but the last (`UDP_GRO`), or one datagram.
+pub fn split_datagrams(data: &[u8], gso: Option<usize>) -> std::slice::Chunks<'_, u8> {
+    let size = gso.filter(|g| *g > 0).unwrap_or(data.len()).max(1);
+    data.chunks(size)
+}
+
+// ---- receive coalescing ---------------------------------------------------------------------
+
+/// A TCP flow: addresses and ports.
+type FlowKey = (u32, u32, u32);
+
+#[derive(Debug)]
+struct Item<'a> {
+    /// The first packet, whole (headers come from it).
+    first: &'a [u8],
+    /// Header bytes (IPv4 + TCP) of the first packet; 0 for an item that is not coalescable.
+    hl: usize,
+    /// Payload of every merged packet after the first.
+    more: Vec<&'a [u8]>,
+    /// Payload bytes per segment (the first packet's).
+    mss: usize,
+    /// Payload bytes in all.
+    payload: usize,
+    /// The sequence number the next segment must have.
+    next_seq: u32,
+    /// Whether PSH was seen (on the last merged packet).
+    psh: bool,
+    /// No more merging.
+    closed: bool,
+}
+
+/// Coalesces the TCP segments of one receive batch into super-packets for the TUN (software GRO).
+///
+/// Rules (Linux's `tcp_gro_receive`, stricter where it is cheap): same flow, IPv4 without
+/// options or fragments, same TOS/TTL/DF, same TCP header length, options, ACK number and
+/// window; flags exactly ACK (PSH allowed on the last merged segment, which closes the item);
+/// sequence numbers contiguous; every segment but the last exactly the first one's size; each
+/// segment's TCP checksum verified before it is merged (a bad one passes through alone, for the
+/// receiver to drop); at most 64 KiB in all. A packet that cannot be merged closes its flow's
+/// item and starts a new one, so a flow's packets keep their order.
+#[derive(Debug, Default)]
+pub struct Gro<'a> {
+    items: Vec<Item<'a>>,
+    open: Vec<(FlowKey, usize)>,
+}
+
+/// Why a TCP segment can start a merge item: the header length, or `None` (pass it alone).
+fn coalescable(pkt: &[u8], ip: &Ipv4Info) -> Option<usize> {
+    if ip.proto != PROTO_TCP || ip.ihl != 20 || get_u16(pkt, 6) & IP_MF_OFFSET != 0 {
+        return None;
+    }
+    let thl = usize::from(*pkt.get(ip.ihl + 12)? >> 4) * 4;
+    let hl = ip.ihl + thl;
+    if thl < 20 || hl >= ip.total {
+        return None; // bad header, or no payload (a pure ACK): nothing to merge
+    }
+    let flags = pkt[ip.ihl + 13];
+    if flags != TCP_ACK && flags != TCP_ACK | TCP_PSH {
+        return None;
+    }
+    let l4 = len_u16(ip.total - ip.ihl);
+    let ok = Csum::default()
+        .pseudo_v4(ip.src.octets(), ip.dst.octets(), PROTO_TCP, l4)
+        .add(&pkt[ip.ihl..ip.total])
+        .finish()
+        == 0;
+    ok.then_some(hl)
+}
+
+fn flow_key(pkt: &[u8], ihl: usize) -> FlowKey {
+    let ports = if pkt.len() >= ihl + 4 {
+        get_u32(pkt, ihl)
+    } else {
+        0
+    };
+    (get_u32(pkt, 12), get_u32(pkt, 16), ports)
+}
+
+impl<'a> Gro<'a> {
+    /// An empty batch.
+    pub fn new() -> Gro<'a> {
+        Gro::default()
+    }
+
+    /// Adds a packet that passed [`decapsulate`] (with its header facts).
+    pub fn push(&mut self, pkt: &'a [u8], ip: &Ipv4Info) {
+        let pkt = &pkt[..ip.total];
+        let hl = coalescable(pkt, ip);
+        let key = flow_key(pkt, ip.ihl);
+        let open = self
+            .open
+            .iter()
+            .position(|(k, _)| ip.proto == PROTO_TCP && *k == key);
+        if let (Some(pos), Some(hl)) = (open, hl) {
+            let idx = self.open[pos].1;
+            if self.try_merge(idx, pkt, hl) {
+                if self.items[idx].closed {
+                    self.open.swap_remove(pos);
+                }
+                return;
+            }
+        }
+        if let Some(pos) = open {
+            self.items[self.open[pos].1].closed = true;
+            self.open.swap_remove(pos);
+        }
+        let Some(hl) = hl else {
+            self.items.push(Item {
+                first: pkt,
+                hl: 0,
+                more: Vec::new(),
+                mss: 0,
+                payload: 0,
+                next_seq: 0,
+                psh: false,
+                closed: true,
+            });
+            return;
+        };
+        let payload = pkt.len() - hl;
+        let flags = pkt[ip.ihl + 13];
+        let closed = flags & TCP_PSH != 0;
+        self.items.push(Item {
+            first: pkt,
+            hl,
+            more: Vec::new(),
+            mss: payload,
+            payload,
+            next_seq: get_u32(pkt, ip.ihl + 4)
+                .wrapping_add(u32::try_from(payload).expect("below 64 KiB")),
+            psh: closed,
+            closed,
+        });
+        if !closed {
+            self.open.push((key, self.items.len() - 1));
+        }
+    }
+
+    fn try_merge(&mut self, idx: usize, pkt: &'a [u8], hl: usize) -> bool {
+        let it = &mut self.items[idx];
+        let f = it.first;
+        let plen = pkt.len() - hl;
+        let last_len = it.more.last().map_or(it.mss, |p| p.len());
+        let same = hl == it.hl
+            && f[1] == pkt[1] // TOS
+            && f[8] == pkt[8] // TTL
+            && get_u16(f, 6) == get_u16(pkt, 6) // DF
+            && get_u32(f, 28) == get_u32(pkt, 28) // ACK number
+            && get_u16(f, 34) == get_u16(pkt, 34) // window
+            && f[40..hl] == pkt[40..hl]; // options
+        if !same
+            || get_u32(pkt, 24) != it.next_seq
+            || plen > it.mss
+            || last_len != it.mss
+            || it.hl + it.payload + plen > MAX_IP_LEN
+        {
+            return false;
+        }
+        it.more.push(&pkt[hl..]);
+        it.payload += plen;
+        it.next_seq = it
+            .next_seq
+            .wrapping_add(u32::try_from(plen).expect("below 64 KiB"));
+        if pkt[33] & TCP_PSH != 0 {
+            it.psh = true;
+            it.closed = true;
+        }
+        if plen < it.mss {
+            it.closed = true;
+        }
+        true
+    }
+
+    /// Number of TUN writes this batch makes.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Calls `f(head, body)` for each TUN write, in order: write `head` then every slice of
+    /// `body` (one `writev`). `head` starts with the virtio-net header; for a merged item it also
+    /// holds the rewritten IPv4 and TCP headers, and `body` the payloads.
+    pub fn for_each_write(&self, mut f: impl FnMut(&[u8], &[&'a [u8]])) {
+        let mut head = [0u8; MAX_HEAD_LEN];
+        let mut body: Vec<&'a [u8]> = Vec::new();
+        for it in &self.items {
+            body.clear();
+            if it.more.is_empty() {
+                VnetHdr::default().write(&mut head);
+                body.push(it.first);
+                f(&head[..VNET_HDR_LEN], &body);
+                continue;
+            }
+            let n = render_head(it, &mut head);
+            body.push(&it.first[it.hl..]);
+            body.extend_from_slice(&it.more);
+            f(&head[..n], &body);
+        }
+    }
+}
+
+/// Writes the virtio-net header and the rewritten IPv4/TCP headers of a merged item; its length.
+fn render_head(it: &Item<'_>, head: &mut [u8; MAX_HEAD_LEN]) -> usize {
+    let hl = it.hl;
+    let ihl = 20;
+    let total = hl + it.payload;
+    VnetHdr {
+        flags: VnetHdr::F_NEEDS_CSUM,
+        gso_type: VnetHdr::GSO_TCPV4,
+        hdr_len: len_u16(hl),
+        gso_size: len_u16(it.mss),
+        csum_start: len_u16(ihl),
+        csum_offset: 16,
+    }
+    .write(head);
+    let h = &mut head[VNET_HDR_LEN..VNET_HDR_LEN + hl];
+    h.copy_from_slice(&it.first[..hl]);
+    set_u16(h, 2, len_u16(total));
+    fix_ipv4_checksum(&mut h[..ihl]);
+    if it.psh {
+        h[ihl + 13] |= TCP_PSH;
+    }
+    // A partial checksum: the pseudo-header sum, not complemented; the kernel (or the receiving
+    // stack, which trusts CHECKSUM_PARTIAL) finishes it.
+    let src: [u8; 4] = h[12..16].try_into().expect("4 bytes");
+    let dst: [u8; 4] = h[16..20].try_into().expect("4 bytes");
+    let pseudo = Csum::default()
+        .pseudo_v4(src, dst, PROTO_TCP, len_u16(total - ihl))
+        .fold();
+    set_u16(h, ihl + 16, pseudo);
+    VNET_HDR_LEN + hl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const SRC: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+    const DST: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 3);
+    const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+    const ME: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+
+    /// The reference checksum: RFC 1071 word by word.
+    fn naive_sum(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            s += u32::from(w);
+            s = (s & 0xffff) + (s >> 16);
+        }
+        u16::try_from(s).unwrap()
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(
+            Some("10.244.1.0/24".parse().unwrap()),
+            8285,
+            [
+                ("10.244.2.0/24".parse().unwrap(), PEER),
+                ("10.244.3.0/24".parse().unwrap(), Ipv4Addr::new(198, 18, 0, 13)),
+            ],
+        )
+    }
+
+    /// The receiving node's view: own 10.244.2.0/24, peer ME.
+    fn rx_table() -> RouteTable {
+        RouteTable::new(
+            Some("10.244.2.0/24".parse().unwrap()),
+            8285,
+            [("10.244.1.0/24".parse().unwrap(), ME)],
+        )
+    }
+
+    /// An IPv4 header + TCP header (with a 12-byte timestamp option) + payload, checksums valid.
+    fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
+        let thl = 32;
+        let total = 20 + thl + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        set_u16(&mut p, 2, len_u16(total));
+        set_u16(&mut p, 4, id);
+        set_u16(&mut p, 6, 0x4000);
+        p[8] = 64;
+        p[9] = PROTO_TCP;
+        p[12..16].copy_from_slice(&SRC.octets());
+        p[16..20].copy_from_slice(&DST.octets());
+        fix_ipv4_checksum(&mut p[..20]);
+        set_u16(&mut p, 20, 40000);
+        set_u16(&mut p, 22, 5201);
+        set_u32(&mut p, 24, seq);
+        set_u32(&mut p, 28, 777);
+        p[32] = (u8::try_from(thl).unwrap() / 4) << 4;
+        p[33] = flags;
+        set_u16(&mut p, 34, 500);
+        p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        p[52..].copy_from_slice(payload);
+        let c = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, len_u16(total - 20))
+            .add(&p[20..])
+            .finish();
+        set_u16(&mut p, 36, c);
+        p
+    }
+
+    fn udp_packet(payload: &[u8]) -> Vec<u8> {
+        let total = 28 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        set_u16(&mut p, 2, len_u16(total));
+        p[8] = 64;
+        p[9] = PROTO_UDP;
+        p[12..16].copy_from_slice(&SRC.octets());
+        p[16..20].copy_from_slice(&DST.octets());
+        fix_ipv4_checksum(&mut p[..20]);
+        set_u16(&mut p, 20, 4444);
+        set_u16(&mut p, 22, 5555);
+        set_u16(&mut p, 24, len_u16(total - 20));
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    /// A super-packet as the TUN hands it over: virtio-net header, partial TCP checksum.
+    fn tso_input(payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
+        let mut p = tcp_packet(1000, flags, payload, 7);
+        let total = len_u16(p.len());
+        // The TUN gives the pseudo-header sum in the checksum field.
+        let partial = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, total - 20)
+            .fold();
+        set_u16(&mut p, 36, partial);
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type: VnetHdr::GSO_TCPV4,
+            hdr_len: 52,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        }
+        .write(&mut input);
+        input.extend_from_slice(&p);
+        input
+    }
+
+    fn valid_tcp(p: &[u8]) -> bool {
+        let ip = parse_ipv4(p).unwrap();
+        ip.total == p.len()
+            && ipv4_header_checksum(&p[..20]) == 0
+            && Csum::default()
+                .pseudo_v4(
+                    ip.src.octets(),
+                    ip.dst.octets(),
+                    PROTO_TCP,
+                    len_u16(p.len() - 20),
+                )
+                .add(&p[20..])
+                .finish()
+                == 0
+    }
+
+    #[test]
+    fn checksum_matches_rfc1071_reference() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for len in 0..300 {
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            assert_eq!(Csum::default().add(&data).fold(), naive_sum(&data), "{len}");
+        }
+        // Split at even offsets, the sum is the same.
+        let data: Vec<u8> = (0..999).map(|_| rng.random()).collect();
+        for cut in (0..data.len()).step_by(2) {
+            let s = Csum::default().add(&data[..cut]).add(&data[cut..]);
+            assert_eq!(s.fold(), naive_sum(&data));
+        }
+        // RFC 1071's example.
+        let ex = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(Csum::default().add(&ex).fold(), 0xddf2);
+    }
+
+    #[test]
+    fn routing_lookup_longest_prefix_and_from_leases() {
+        let t = RouteTable::new(
+            Some("10.244.1.0/24".parse().unwrap()),
+            8285,
+            [
+                ("10.244.0.0/16".parse().unwrap(), Ipv4Addr::new(1, 1, 1, 1)),
+                ("10.244.2.0/24".parse().unwrap(), PEER),
+                ("10.244.2.128/25".parse().unwrap(), Ipv4Addr::new(2, 2, 2, 2)),
+            ],
+        );
+        assert_eq!(
+            t.lookup("10.244.2.3".parse().unwrap()),
+            Some(SocketAddrV4::new(PEER, 8285))
+        );
+        assert_eq!(
+            t.lookup("10.244.2.200".parse().unwrap()).unwrap().ip(),
+            &Ipv4Addr::new(2, 2, 2, 2)
+        );
+        assert_eq!(
+            t.lookup("10.244.9.9".parse().unwrap()).unwrap().ip(),
+            &Ipv4Addr::new(1, 1, 1, 1)
+        );
+        assert_eq!(t.lookup("10.245.0.1".parse().unwrap()), None);
+        assert!(t.is_local("10.244.1.77".parse().unwrap()));
+        assert!(!t.is_local("10.244.2.77".parse().unwrap()));
+        assert!(t.is_peer(PEER) && !t.is_peer(ME));
+
+        let lease = |sn: &str, ip: &str, kind: &str| Lease {
+            subnets: crate::lease::LeaseSubnets {
+                v4: Some(sn.parse().unwrap()),
+                v6: None,
+            },
+            attrs: crate::lease::LeaseAttrs {
+                public_ip: Some(ip.parse().unwrap()),
+                public_ipv6: None,
+                backend_type: kind.into(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            expires: None,
+        };
+        let own: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let t = RouteTable::from_leases(
+            Some(own),
+            9999,
+            &[
+                lease("10.244.1.0/24", "198.18.0.11", "udp"),
+                lease("10.244.2.0/24", "198.18.0.12", "udp"),
+                lease("10.244.3.0/24", "198.18.0.13", "vxlan"),
+            ],
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t.lookup("10.244.2.1".parse().unwrap()),
+            Some("198.18.0.12:9999".parse().unwrap())
+        );
+        assert_eq!(t.lookup("10.244.1.1".parse().unwrap()), None, "own subnet");
+        assert_eq!(t.lookup("10.244.3.1".parse().unwrap()), None, "other backend");
+    }
+
+    #[test]
+    fn routing_property_matches_linear_scan() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..200 {
+            let routes: Vec<(Ipv4Net, Ipv4Addr)> = (0..rng.random_range(0..20))
+                .map(|_| {
+                    let len = rng.random_range(8..=30);
+                    let net = Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>() | 0x0a00_0000), len)
+                        .unwrap()
+                        .trunc();
+                    (net, Ipv4Addr::from(rng.random::<u32>()))
+                })
+                .collect();
+            let t = RouteTable::new(None, 1, routes.clone());
+            for _ in 0..50 {
+                let ip = if let Some((n, _)) = routes.first()
+                    && rng.random_bool(0.5)
+                {
+                    Ipv4Addr::from(u32::from(n.network()) | (rng.random::<u32>() & !mask(n.prefix_len())))
+                } else {
+                    Ipv4Addr::from(rng.random::<u32>())
+                };
+                // Reference: longest matching prefix, the last inserted on ties.
+                let want = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (n, _))| n.contains(&ip))
+                    .max_by_key(|(i, (n, _))| (n.prefix_len(), *i))
+                    .map(|(_, (_, a))| SocketAddrV4::new(*a, 1));
+                assert_eq!(t.lookup(ip), want, "{ip} in {routes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_packet_is_sent_as_is_with_checksum_completed() {
+        let t = table();
+        let pkt = udp_packet(b"hello");
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 6,
+            ..VnetHdr::default()
+        }
+        .write(&mut input);
+        let mut partial = pkt.clone();
+        let p = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, 13)
+            .fold();
+        set_u16(&mut partial, 26, p);
+        input.extend_from_slice(&partial);
+        let mut out = [0u8; 16];
+        let e = encapsulate(&t, 1472, &mut input, &mut out);
+        assert_eq!(
+            e,
+            Encap::Packet {
+                dst: SocketAddrV4::new(PEER, 8285),
+                start: VNET_HDR_LEN,
+                len: pkt.len()
+            }
+        );
+        let sent = &input[VNET_HDR_LEN..];
+        let sum = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, 13)
+            .add(&sent[20..])
+            .fold();
+        assert_eq!(sum, 0xffff, "UDP checksum verifies");
+
+        // Without NEEDS_CSUM the bytes go untouched.
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        input.extend_from_slice(&pkt);
+        assert!(matches!(
+            encapsulate(&t, 1472, &mut input, &mut out),
+            Encap::Packet { .. }
+        ));
+        assert_eq!(&input[VNET_HDR_LEN..], &pkt[..]);
+    }
+
+    #[test]
+    fn drops_by_reason_on_encap() {
+        let t = table();
+        let mut out = [0u8; 16];
+        let mut short = vec![0u8; 5];
+        assert_eq!(
+            encapsulate(&t, 1472, &mut short, &mut out),
+            Encap::Drop(DropReason::Malformed)
+        );
+        let mut v6 = vec![0u8; VNET_HDR_LEN + 40];
+        v6[VNET_HDR_LEN] = 0x60;
+        assert_eq!(
+            encapsulate(&t, 1472, &mut v6, &mut out),
+            Encap::Drop(DropReason::Unsupported)
+        );
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        let mut p = udp_packet(b"x");
+        p[16..20].copy_from_slice(&[10, 244, 9, 9]);
+        input.extend_from_slice(&p);
+        assert_eq!(
+            encapsulate(&t, 1472, &mut input, &mut out),
+            Encap::Drop(DropReason::NoRoute)
+        );
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        input.extend_from_slice(&udp_packet(&[0; 1500]));
+        assert_eq!(
+            encapsulate(&t, 1472, &mut input, &mut out),
+            Encap::Drop(DropReason::TooBig)
+        );
+        let mut input = tso_input(&[0; 3000], 1420, TCP_ACK);
+        assert_eq!(
+            encapsulate(&t, 1400, &mut input, &mut [0u8; 8000]),
+            Encap::Drop(DropReason::TooBig)
+        );
+        let mut input = tso_input(&[0; 3000], 1420, TCP_ACK);
+        input[1] = 42; // an unknown GSO type
+        assert_eq!(
+            encapsulate(&t, 1472, &mut input, &mut [0u8; 8000]),
+            Encap::Drop(DropReason::Unsupported)
+        );
+    }
+
+    fn payload(rng: &mut StdRng, n: usize) -> Vec<u8> {
+        (0..n).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn tso_segmentation_property() {
+        let t = table();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut out = vec![0u8; 256 * 1024];
+        for round in 0..300 {
+            let mss: u16 = if round % 3 == 0 {
+                1420
+            } else {
+                rng.random_range(48..=1420)
+            };
+            let n = rng.random_range(1..=65_535 - 52);
+            let data = payload(&mut rng, n);
+            let flags = [TCP_ACK | TCP_PSH, TCP_ACK | TCP_PSH | TCP_FIN, TCP_ACK | TCP_CWR]
+                [round % 3];
+            let mut input = tso_input(&data, mss, flags);
+            let e = encapsulate(&t, 1472, &mut input, &mut out);
+            let Encap::Segments {
+                dst,
+                seg,
+                len,
+                count,
+            } = e
+            else {
+                panic!("{e:?}");
+            };
+            assert_eq!(dst, SocketAddrV4::new(PEER, 8285));
+            assert_eq!(seg, 52 + usize::from(mss));
+            assert_eq!(count, n.div_ceil(usize::from(mss)));
+            let mut joined = Vec::new();
+            for (i, p) in out[..len].chunks(seg).enumerate() {
+                assert!(valid_tcp(p), "segment {i} of {count}");
+                assert_eq!(get_u16(p, 4), 7u16.wrapping_add(u16::try_from(i).unwrap()));
+                assert_eq!(
+                    get_u32(p, 24),
+                    1000 + u32::try_from(i * usize::from(mss)).unwrap()
+                );
+                let last = i + 1 == count;
+                assert_eq!(p[33] & TCP_PSH != 0, last && flags & TCP_PSH != 0);
+                assert_eq!(p[33] & TCP_FIN != 0, last && flags & TCP_FIN != 0);
+                assert_eq!(p[33] & TCP_CWR != 0, i == 0 && flags & TCP_CWR != 0);
+                assert_eq!(&p[40..52], &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+                joined.extend_from_slice(&p[52..]);
+            }
+            assert_eq!(joined, data);
+            // The GSO groups cover the train in whole packets within the kernel's limits.
+            let mut covered = 0;
+            for (off, bytes) in gso_groups(seg, len) {
+                assert_eq!(off, covered);
+                assert!(bytes <= MAX_UDP_PAYLOAD && bytes.div_ceil(seg) <= GSO_MAX_SEGMENTS);
+                assert!(off + bytes == len || bytes % seg == 0);
+                covered += bytes;
+            }
+            assert_eq!(covered, len);
+        }
+    }
+
+    #[test]
+    fn tso_needs_space_then_fits() {
+        let t = table();
+        let mut input = tso_input(&[7; 10_000], 1000, TCP_ACK);
+        let mut small = [0u8; 1000];
+        let Encap::NeedSpace(n) = encapsulate(&t, 1472, &mut input, &mut small) else {
+            panic!()
+        };
+        assert_eq!(n, 10_000 + 10 * 52);
+        let mut big = vec![0u8; n];
+        assert!(matches!(
+            encapsulate(&t, 1472, &mut input, &mut big),
+            Encap::Segments { count: 10, .. }
+        ));
+    }
+
+    #[test]
+    fn uso_segmentation() {
+        let t = table();
+        let mut rng = StdRng::seed_from_u64(4);
+        let data = payload(&mut rng, 5000);
+        let mut p = udp_packet(&data);
+        let partial = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, len_u16(p.len() - 20))
+            .fold();
+        set_u16(&mut p, 26, partial);
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type: VnetHdr::GSO_UDP_L4,
+            hdr_len: 28,
+            gso_size: 1200,
+            csum_start: 20,
+            csum_offset: 6,
+        }
+        .write(&mut input);
+        input.extend_from_slice(&p);
+        let mut out = vec![0u8; 16_384];
+        let Encap::Segments {
+            seg, len, count, ..
+        } = encapsulate(&t, 1472, &mut input, &mut out)
+        else {
+            panic!()
+        };
+        assert_eq!((seg, count), (1228, 5));
+        let mut joined = Vec::new();
+        for s in out[..len].chunks(seg) {
+            assert_eq!(ipv4_header_checksum(&s[..20]), 0);
+            assert_eq!(usize::from(get_u16(s, 24)), s.len() - 20);
+            let sum = Csum::default()
+                .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, len_u16(s.len() - 20))
+                .add(&s[20..])
+                .fold();
+            assert_eq!(sum, 0xffff);
+            joined.extend_from_slice(&s[28..]);
+        }
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn decap_checks_peer_destination_and_framing() {
+        let t = rx_table();
+        let p = tcp_packet(1, TCP_ACK, b"abc", 1);
+        assert!(decapsulate(&t, ME, &p).is_ok());
+        assert_eq!(
+            decapsulate(&t, PEER, &p),
+            Err(DropReason::UnknownPeer)
+        );
+        assert_eq!(decapsulate(&t, ME, &p[..10]), Err(DropReason::Malformed));
+        let mut padded = p.clone();
+        padded.push(0);
+        assert_eq!(decapsulate(&t, ME, &padded), Err(DropReason::Malformed));
+        let mut badsum = p.clone();
+        badsum[10] ^= 1;
+        assert_eq!(decapsulate(&t, ME, &badsum), Err(DropReason::Malformed));
+        let mut elsewhere = p.clone();
+        elsewhere[18] = 9;
+        fix_ipv4_checksum(&mut elsewhere[..20]);
+        assert_eq!(decapsulate(&t, ME, &elsewhere), Err(DropReason::NotLocal));
+        let mut dead = p.clone();
+        dead[8] = 0;
+        fix_ipv4_checksum(&mut dead[..20]);
+        assert_eq!(decapsulate(&t, ME, &dead), Err(DropReason::Ttl));
+        assert_eq!(
+            decapsulate(&t, ME, b"\x01garbage garbage garbage"),
+            Err(DropReason::Malformed)
+        );
+        // An IPv6 packet (or anything starting with 0x6_): not carried.
+        assert_eq!(
+            decapsulate(&t, ME, b"garbage garbage garbage"),
+            Err(DropReason::Unsupported)
+        );
+        assert_eq!(split_datagrams(&[0; 10], Some(4)).count(), 3);
+        assert_eq!(split_datagrams(&[0; 10], None).count(), 1);
+        assert_eq!(split_datagrams(&[], None).count(), 0);
+    }
+
+    /// Everything written for a batch, as whole packets: (virtio-net header, packet bytes).
+    fn writes(g: &Gro<'_>) -> Vec<(VnetHdr, Vec<u8>)> {
+        let mut v = Vec::new();
+        g.for_each_write(|head, body| {
+            let h = VnetHdr::parse(head).unwrap();
+            let mut p = head[VNET_HDR_LEN..].to_vec();
+            for b in body {
+                p.extend_from_slice(b);
+            }
+            v.push((h, p));
+        });
+        v
+    }
+
+    /// What the kernel does with a GSO write: cut it into segments with full checksums.
+    fn kernel_segment(h: VnetHdr, p: &[u8]) -> Vec<Vec<u8>> {
+        if h.gso_type == VnetHdr::GSO_NONE {
+            return vec![p.to_vec()];
+        }
+        let mut input = vec![0u8; VNET_HDR_LEN];
+        h.write(&mut input);
+        input.extend_from_slice(p);
+        let mut out = vec![0u8; 256 * 1024];
+        let t = table();
+        let Encap::Segments { seg, len, .. } = encapsulate(&t, 65_535, &mut input, &mut out)
+        else {
+            panic!()
+        };
+        out[..len].chunks(seg).map(<[u8]>::to_vec).collect()
+    }
+
+    #[test]
+    fn gro_round_trip_property() {
+        // Segment a super-packet, coalesce the segments, segment again: the same packets.
+        let t = table();
+        let rt = rx_table();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut out = vec![0u8; 256 * 1024];
+        for _ in 0..200 {
+            let mss: u16 = rng.random_range(100..=1420);
+            let n = rng.random_range(1..=60_000);
+            let data = payload(&mut rng, n);
+            let mut input = tso_input(&data, mss, TCP_ACK | TCP_PSH);
+            let Encap::Segments { seg, len, count, .. } =
+                encapsulate(&t, 1472, &mut input, &mut out)
+            else {
+                panic!()
+            };
+            let segs: Vec<&[u8]> = out[..len].chunks(seg).collect();
+            let mut g = Gro::new();
+            for s in &segs {
+                let ip = decapsulate(&rt, ME, s).unwrap();
+                g.push(s, &ip);
+            }
+            assert_eq!(g.len(), 1, "one train, one write");
+            let w = writes(&g);
+            let (h, p) = &w[0];
+            if count == 1 {
+                assert_eq!(h.gso_type, VnetHdr::GSO_NONE);
+            } else {
+                assert_eq!(h.gso_type, VnetHdr::GSO_TCPV4);
+                assert_eq!(h.gso_size, mss);
+                assert_eq!(p.len(), 52 + n);
+            }
+            let again = kernel_segment(*h, p);
+            assert_eq!(again.len(), segs.len());
+            for (a, b) in again.iter().zip(&segs) {
+                assert_eq!(&a[..], *b);
+            }
+        }
+    }
+
+    #[test]
+    fn gro_keeps_order_and_refuses_what_does_not_fit() {
+        let rt = rx_table();
+        let a = tcp_packet(100, TCP_ACK, &[1; 100], 1);
+        let b = tcp_packet(200, TCP_ACK, &[2; 100], 2);
+        let gap = tcp_packet(400, TCP_ACK, &[3; 100], 3);
+        let pure_ack = tcp_packet(500, TCP_ACK, &[], 4);
+        let c = tcp_packet(500, TCP_ACK, &[4; 50], 5);
+        let d = tcp_packet(550, TCP_ACK, &[5; 50], 6); // merges: c set the segment size
+        let mut bad = tcp_packet(600, TCP_ACK, &[6; 50], 7);
+        bad[60] ^= 0xff; // payload corrupted: checksum fails
+        let syn = tcp_packet(650, 0x02, &[], 8);
+        let pkts = [&a, &b, &gap, &pure_ack, &c, &d, &bad, &syn];
+        let mut g = Gro::new();
+        for p in pkts {
+            let ip = decapsulate(&rt, ME, p).unwrap();
+            g.push(p, &ip);
+        }
+        let w = writes(&g);
+        let seqs: Vec<(u32, usize, u8)> = w
+            .iter()
+            .map(|(h, p)| (get_u32(p, 24), p.len() - 52, h.gso_type))
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![
+                (100, 200, VnetHdr::GSO_TCPV4),
+                (400, 100, VnetHdr::GSO_NONE),
+                (500, 0, VnetHdr::GSO_NONE),
+                (500, 100, VnetHdr::GSO_TCPV4),
+                (600, 50, VnetHdr::GSO_NONE),
+                (650, 0, VnetHdr::GSO_NONE),
+            ]
+        );
+        // The merged head is a valid IPv4 header with a partial TCP checksum.
+        let (h, p) = &w[0];
+        assert_eq!(ipv4_header_checksum(&p[..20]), 0);
+        assert_eq!(usize::from(get_u16(p, 2)), p.len());
+        assert_eq!((h.csum_start, h.csum_offset, h.gso_size), (20, 16, 100));
+        let fixed = kernel_segment(*h, p);
+        assert_eq!(fixed, vec![a.clone(), b.clone()]);
+    }
+
+    #[test]
+    fn gro_interleaved_flows_and_other_protocols() {
+        let rt = rx_table();
+        let a1 = tcp_packet(0, TCP_ACK, &[1; 64], 1);
+        let mut b1 = tcp_packet(0, TCP_ACK, &[2; 64], 1);
+        // Flow b: another source port.
+        set_u16(&mut b1, 20, 40001);
+        set_u16(&mut b1, 36, 0);
+        let c = Csum::default()
+            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, len_u16(b1.len() - 20))
+            .add(&b1[20..])
+            .finish();
+        set_u16(&mut b1, 36, c);
+        let a2 = tcp_packet(64, TCP_ACK | TCP_PSH, &[3; 64], 2);
+        let mut u = udp_packet(b"dns");
+        u[16..20].copy_from_slice(&DST.octets());
+        let mut g = Gro::new();
+        for p in [&a1, &b1, &u, &a2] {
+            let ip = decapsulate(&rt, ME, p).unwrap();
+            g.push(p, &ip);
+        }
+        let w = writes(&g);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0].1.len(), 52 + 128);
+        assert!(w[0].1[33] & TCP_PSH != 0, "PSH of the last merged segment kept");
+        assert_eq!(w[1].1, b1);
+        assert_eq!(w[2].1, u);
+    }
+}

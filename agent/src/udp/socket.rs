@@ -1,0 +1,362 @@
+//! The UDP edge: the port's socket(s), batched sends with UDP GSO, batched receives with UDP GRO.
+//!
+//! Each worker owns one socket of a `SO_REUSEPORT` group bound to the same `address:port`, so
+//! there is still exactly one port on the wire (flannel's framing: datagrams from and to
+//! `PublicIP:8285`) while no two threads ever contend for a socket. The kernel picks the socket
+//! of an incoming datagram by a hash of its addresses and ports: all traffic from one peer lands
+//! on one worker, in order.
+//!
+//! - Sends go out with `sendmmsg` (Linux ≥ 3.0), a batch per wake-up, each message carrying a
+//!   `UDP_SEGMENT` control message when it is a train of equal-sized packets (UDP GSO,
+//!   Linux ≥ 4.18): one message, one skb through the stack, one datagram per packet on the wire.
+//! - Receives use `recvmmsg` and `UDP_GRO` (Linux ≥ 5.0): a train from one peer arrives as one
+//!   buffer plus the segment size in a control message; over veth the sender's GSO skb is
+//!   never even split.
+//! - The socket's buffers are raised with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (root): bursts of
+//!   64 KiB trains otherwise overflow the default receive buffer.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::UdpError;
+
+/// Socket buffer size asked for (bytes).
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// Bytes of one receive buffer: the largest GRO train.
+pub const RECV_BUF: usize = 65_536;
+/// Control-message space for one `u16`/`int` option, in `u64`s (alignment for `cmsghdr`).
+const CTRL_WORDS: usize = 4;
+
+/// One UDP socket of the port.
+#[derive(Debug)]
+pub struct UdpSocket {
+    fd: OwnedFd,
+    gro: bool,
+}
+
+fn setsockopt(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option is an int that lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const v).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("small"),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
+}
+
+const SOCKADDR_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+
+impl UdpSocket {
+    /// A socket of the port's `SO_REUSEPORT` group bound to `addr` (or to `0.0.0.0` and its port
+    /// when `addr`'s address is not on this node, as with a NAT `--public-ip`), with large
+    /// buffers and `UDP_GRO` where the kernel has it.
+    pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, UdpError> {
+        let what = addr.to_string();
+        let err = |call: &'static str| UdpError::Syscall {
+            call,
+            object: what.clone(),
+            source: io::Error::last_os_error(),
+        };
+        // SAFETY: plain socket(2); the result is checked.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(err("socket"));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let opt = |level, name, v, call: &'static str| {
+            setsockopt(fd.as_raw_fd(), level, name, v).map_err(|source| UdpError::Syscall {
+                call,
+                object: what.clone(),
+                source,
+            })
+        };
+        opt(
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            1,
+            "setsockopt SO_REUSEPORT",
+        )?;
+        for (name, call) in [
+            (libc::SO_RCVBUFFORCE, "setsockopt SO_RCVBUFFORCE"),
+            (libc::SO_SNDBUFFORCE, "setsockopt SO_SNDBUFFORCE"),
+        ] {
+            if let Err(e) = opt(libc::SOL_SOCKET, name, SOCKET_BUFFER, call) {
+                tracing::debug!(error = %e, "keeping the default socket buffer");
+            }
+        }
+        let gro = setsockopt(fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
+        let bind = |a: SocketAddrV4| {
+            let sa = sockaddr(a);
+            // SAFETY: a sockaddr_in of the length given.
+            unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), SOCKADDR_LEN) }
+        };
+        if bind(addr) < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) {
+                return Err(UdpError::Syscall {
+                    call: "bind",
+                    object: what,
+                    source: e,
+                });
+            }
+            let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, addr.port());
+            tracing::info!(%addr, %any, "public address is not on this node; binding the port on every address");
+            if bind(any) < 0 {
+                return Err(err("bind"));
+            }
+        }
+        Ok(UdpSocket { fd, gro })
+    }
+
+    /// Whether `UDP_GRO` is on.
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    /// The descriptor (for poll).
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// One datagram (or GSO train) to send.
+#[derive(Debug, Clone, Copy)]
+pub struct OutMsg<'a> {
+    /// The peer.
+    pub dst: SocketAddrV4,
+    /// The bytes.
+    pub data: &'a [u8],
+    /// Segment size when `data` is a train of packets (`UDP_SEGMENT`).
+    pub gso: Option<u16>,
+}
+
+/// Reusable `sendmmsg` arrays.
+#[derive(Default)]
+pub struct Sender {
+    names: Vec<libc::sockaddr_in>,
+    iovs: Vec<libc::iovec>,
+    ctrl: Vec<[u64; CTRL_WORDS]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl Sender {
+    /// Sends `msgs` with as few `sendmmsg` calls as the kernel allows; `done(i, result)` for each
+    /// message, in order. A message the kernel refuses is reported and skipped; the rest go on.
+    pub fn send(
+        &mut self,
+        sock: &UdpSocket,
+        msgs: &[OutMsg<'_>],
+        mut done: impl FnMut(usize, io::Result<()>),
+    ) {
+        let n = msgs.len();
+        self.names.clear();
+        self.iovs.clear();
+        self.ctrl.clear();
+        self.hdrs.clear();
+        for m in msgs {
+            self.names.push(sockaddr(m.dst));
+            self.iovs.push(libc::iovec {
+                iov_base: m.data.as_ptr().cast_mut().cast(),
+                iov_len: m.data.len(),
+            });
+            self.ctrl.push([0; CTRL_WORDS]);
+        }
+        for (i, m) in msgs.iter().enumerate() {
+            // SAFETY: mmsghdr is plain old data; all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
+            h.msg_hdr.msg_namelen = SOCKADDR_LEN;
+            h.msg_hdr.msg_iov = &raw mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            if let Some(seg) = m.gso {
+                let ctrl = &mut self.ctrl[i];
+                h.msg_hdr.msg_control = ctrl.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE is arithmetic.
+                h.msg_hdr.msg_controllen =
+                    unsafe { libc::CMSG_SPACE(u32::try_from(size_of::<u16>()).expect("2")) }
+                        as usize;
+                // SAFETY: the control buffer is large enough and aligned for one cmsghdr with a
+                // u16 (CTRL_WORDS u64s), and msg_control/msg_controllen describe it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&raw const h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len =
+                        libc::CMSG_LEN(u32::try_from(size_of::<u16>()).expect("2")) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+                }
+            }
+            self.hdrs.push(h);
+        }
+        let mut i = 0;
+        while i < n {
+            let left = libc::c_uint::try_from(n - i).expect("batch fits");
+            // SAFETY: hdrs[i..] are valid mmsghdrs whose pointers target live arrays of self
+            // and the callers' slices.
+            let r = unsafe { libc::sendmmsg(sock.raw(), self.hdrs[i..].as_mut_ptr(), left, 0) };
+            match usize::try_from(r) {
+                Ok(sent) if sent > 0 => {
+                    for j in i..i + sent {
+                        done(j, Ok(()));
+                    }
+                    i += sent;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    done(i, Err(e));
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// One received datagram (or GRO train).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The sender.
+    pub src: Option<SocketAddrV4>,
+    /// The datagram size when the buffer holds a train (`UDP_GRO`).
+    pub gso: Option<usize>,
+    /// The datagram did not fit the buffer.
+    pub truncated: bool,
+}
+
+/// Reusable `recvmmsg` buffers and arrays.
+pub struct Receiver {
+    bufs: Vec<Box<[u8]>>,
+    names: Vec<libc::sockaddr_in>,
+    iovs: Vec<libc::iovec>,
+    ctrl: Vec<[u64; CTRL_WORDS]>,
+    hdrs: Vec<libc::mmsghdr>,
+    got: Vec<Received>,
+}
+
+impl Receiver {
+    /// Room for `batch` receives per call.
+    pub fn new(batch: usize) -> Receiver {
+        let mut r = Receiver {
+            bufs: (0..batch)
+                .map(|_| vec![0u8; RECV_BUF].into_boxed_slice())
+                .collect(),
+            // SAFETY: sockaddr_in is plain old data; all-zero is valid.
+            names: vec![unsafe { std::mem::zeroed() }; batch],
+            iovs: Vec::with_capacity(batch),
+            ctrl: vec![[0; CTRL_WORDS]; batch],
+            hdrs: Vec::with_capacity(batch),
+            got: vec![Received::default(); batch],
+        };
+        for b in &mut r.bufs {
+            r.iovs.push(libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            });
+        }
+        for i in 0..batch {
+            // SAFETY: mmsghdr is plain old data; all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (&raw mut r.names[i]).cast();
+            h.msg_hdr.msg_iov = &raw mut r.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = r.ctrl[i].as_mut_ptr().cast();
+            r.hdrs.push(h);
+        }
+        r
+    }
+
+    /// Receives what is queued without blocking (`recvmmsg`, `MSG_DONTWAIT`): how many; 0 when
+    /// nothing was waiting.
+    pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        for h in &mut self.hdrs {
+            h.msg_hdr.msg_namelen = SOCKADDR_LEN;
+            h.msg_hdr.msg_controllen = CTRL_WORDS * size_of::<u64>();
+            h.msg_hdr.msg_flags = 0;
+        }
+        let vlen = libc::c_uint::try_from(self.hdrs.len()).expect("batch fits");
+        let r = loop {
+            // SAFETY: every mmsghdr points at live buffers of self, sized as declared.
+            let r = unsafe {
+                libc::recvmmsg(
+                    sock.raw(),
+                    self.hdrs.as_mut_ptr(),
+                    vlen,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break usize::try_from(r).expect("non-negative");
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for i in 0..r {
+            let h = &self.hdrs[i];
+            let mut gso = None;
+            // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk within them.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&raw const h.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                        let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                        gso = usize::try_from(v).ok().filter(|g| *g > 0);
+                    }
+                    c = libc::CMSG_NXTHDR(&raw const h.msg_hdr, c);
+                }
+            }
+            let src = (usize::try_from(h.msg_hdr.msg_namelen).ok() == Some(size_of::<libc::sockaddr_in>()))
+                .then(|| from_sockaddr(&self.names[i]));
+            self.got[i] = Received {
+                len: h.msg_len as usize,
+                src,
+                gso,
+                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            };
+        }
+        Ok(r)
+    }
+
+    /// The `i`-th receive of the last call: its bytes and facts.
+    pub fn get(&self, i: usize) -> (&[u8], Received) {
+        let g = self.got[i];
+        (&self.bufs[i][..g.len.min(RECV_BUF)], g)
+    }
+}

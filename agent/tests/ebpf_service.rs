@@ -1,0 +1,918 @@
+//! Privileged tests of `twill_agent::ebpf::EbpfLb`, the eBPF service dataplane: load and verify
+//! every program, then drive real traffic through socket-LB and the tc path.
+//!
+//! Why it is shaped as it is:
+//! - Three throw-away network namespaces per test (`tws<pid><tag>n` the node, `...b` the
+//!   backends, `...c` a host outside the cluster) joined by veths; a unique cgroup under the
+//!   cgroup2 mount and a unique pin directory under `/sys/fs/bpf`. A guard removes all of them
+//!   on drop, pass or fail, and traffic never leaves namespaces the test created.
+//! - Socket-LB only affects processes in the cgroup, so clients run as a child process (this test
+//!   binary re-executed in "helper" mode through the `helper` test) that joins the cgroup and
+//!   the node namespace between fork and exec. Its results come back as `R ...` lines.
+//! - The dataplane is driven from threads that `setns` into the node namespace, as `twilld`
+//!   runs inside it (interfaces, addresses and the netns cookie are resolved there).
+//! - Backends are plain std listeners in the backend namespace that answer with their name and
+//!   the peer address they saw, so the tests can tell which backend served a flow and whether it
+//!   was source-NATed.
+//! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sched::{CloneFlags, setns};
+use twill_agent::{
+    ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface},
+    services::{
+        lb::{
+            Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, MAGLEV_M,
+            Proto, plan,
+        },
+        maglev,
+    },
+};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const HELPER_ENV: &str = "TWILL_LB_HELPER";
+
+const NODE_TO_BE: &str = "10.251.0.1";
+const BE1: &str = "10.251.0.2";
+const BE2: &str = "10.251.0.3";
+const NODE_TO_OUT: &str = "10.252.0.1";
+const OUTSIDE: &str = "10.252.0.2";
+const BE1_V6: &str = "fd51::2";
+const VIP: &str = "10.96.0.10";
+const VIP_V6: &str = "fd96::10";
+const NODE_PORT: u16 = 30080;
+
+// ---------------------------------------------------------------------------------------------
+// Helper mode: the client side, run in a child process inside the cgroup and a namespace.
+
+/// Not a test: the client half of the tests when `TWILL_LB_HELPER` is set (see module notes).
+#[test]
+fn helper() {
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split_whitespace().collect();
+    let addr: SocketAddr = parts[1].parse().expect("helper address");
+    let n: usize = parts[2].parse().expect("helper count");
+    let timeout = Duration::from_secs(2);
+    let unspecified: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let mut out = std::io::stdout().lock();
+    // libtest printed `test helper ... ` without a newline: start result lines on a fresh line.
+    writeln!(out).unwrap();
+    for i in 0..n {
+        let line = match parts[0] {
+            "tcp" => match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => {
+                    stream.set_read_timeout(Some(timeout)).unwrap();
+                    let peer = stream.peer_addr().map(|a| a.to_string());
+                    let mut reply = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut reply);
+                    format!("peer={} reply={}", peer.unwrap_or_default(), reply.trim())
+                }
+                Err(err) => format!("error={}", err.kind()),
+            },
+            "udp" | "udpc" | "udpstream" => {
+                // `udpstream` keeps one connected socket; the others use a new socket per message.
+                thread_local!(static SOCK: std::cell::RefCell<Option<UdpSocket>> =
+                    const { std::cell::RefCell::new(None) });
+                let sock = SOCK.with(|s| {
+                    let mut s = s.borrow_mut();
+                    if parts[0] != "udpstream" || s.is_none() {
+                        let sock = UdpSocket::bind(unspecified).unwrap();
+                        sock.set_read_timeout(Some(Duration::from_millis(400)))
+                            .unwrap();
+                        if parts[0] != "udp" {
+                            sock.connect(addr).unwrap();
+                        }
+                        *s = Some(sock);
+                    }
+                    s.as_ref().unwrap().try_clone().unwrap()
+                });
+                let sent = if parts[0] == "udp" {
+                    sock.send_to(b"hello", addr)
+                } else {
+                    sock.send(b"hello")
+                };
+                let mut buf = [0u8; 256];
+                match sent.and_then(|_| sock.recv_from(&mut buf)) {
+                    Ok((len, from)) => {
+                        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                        format!(
+                            "from={from} peer={peer} reply={}",
+                            String::from_utf8_lossy(&buf[..len])
+                        )
+                    }
+                    Err(err) => format!("error={}", err.kind()),
+                }
+            }
+            other => panic!("unknown helper mode {other}"),
+        };
+        writeln!(out, "R {i} {line}").unwrap();
+        out.flush().unwrap();
+        if parts[0] == "udpstream" {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One result line of the helper.
+#[derive(Debug, Clone)]
+struct Reply {
+    /// What the client saw as its peer (`getpeername`, or `recvfrom`'s source for UDP).
+    peer: String,
+    /// The source of UDP replies (`recvfrom`).
+    from: String,
+    /// The backend's name (first word of its answer), empty on error.
+    backend: String,
+    /// The client address as the backend saw it.
+    seen_as: String,
+    /// The error kind, if the exchange failed.
+    error: Option<String>,
+}
+
+fn parse_reply(line: &str) -> Option<Reply> {
+    let rest = line.strip_prefix("R ")?;
+    let field = |name: &str| {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let reply = rest.split_once("reply=").map_or("", |(_, r)| r.trim());
+    let mut words = reply.split_whitespace();
+    Some(Reply {
+        peer: field("peer"),
+        from: field("from"),
+        backend: words.next().unwrap_or_default().to_owned(),
+        seen_as: words
+            .next()
+            .and_then(|w| w.strip_prefix("peer="))
+            .unwrap_or_default()
+            .to_owned(),
+        error: rest
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("error="))
+            .map(str::to_owned),
+    })
+}
+
+/// Runs the helper in `ns` (and in `cgroup` if given) and returns its replies.
+fn client(ns: &str, cgroup: Option<&Path>, spec: &str) -> Vec<Reply> {
+    let output = client_command(ns, cgroup, spec)
+        .output()
+        .unwrap_or_else(|err| panic!("spawn helper: {err}"));
+    assert!(
+        output.status.success(),
+        "helper {spec} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(parse_reply)
+        .collect()
+}
+
+fn client_command(ns: &str, cgroup: Option<&Path>, spec: &str) -> Command {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "helper", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let netns = File::open(format!("/run/netns/{ns}")).expect("open netns");
+    let procs = cgroup.map(|cg| {
+        OpenOptions::new()
+            .write(true)
+            .open(cg.join("cgroup.procs"))
+            .expect("open cgroup.procs")
+    });
+    // SAFETY: between fork and exec the closure only makes two raw syscalls on file descriptors
+    // opened beforehand (moved into the closure, so they outlive it); no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs
+                && libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// The environment: namespaces, cgroup, pin directory, backends.
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    output
+}
+
+/// Namespaces, cgroup and pin directory of one test; removed on drop.
+struct Env {
+    node: String,
+    backends: String,
+    outside: String,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl Env {
+    fn new(tag: &str) -> Self {
+        let pid = std::process::id();
+        let env = Self {
+            node: format!("tws{pid}{tag}n"),
+            backends: format!("tws{pid}{tag}b"),
+            outside: format!("tws{pid}{tag}c"),
+            cgroup: Path::new(CGROUP_ROOT).join(format!("twill-lb-test-{pid}-{tag}")),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/twill-lb-test-{pid}-{tag}")),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        for ns in [&env.node, &env.backends, &env.outside] {
+            run("ip", &["netns", "add", ns]);
+        }
+        fs::create_dir(&env.cgroup).expect("create test cgroup");
+        let (n, b, c) = (&env.node, &env.backends, &env.outside);
+        let script = format!(
+            "link add nb type veth peer name bn netns {b}\n\
+             link add nc type veth peer name cn netns {c}\n\
+             link set lo up\nlink set nb up\nlink set nc up\n\
+             addr add {NODE_TO_BE}/24 dev nb\naddr add fd51::1/64 dev nb nodad\n\
+             addr add {NODE_TO_OUT}/24 dev nc\naddr add fd52::1/64 dev nc nodad\n"
+        );
+        ip_batch(n, &script);
+        ip_batch(
+            b,
+            &format!(
+                "link set lo up\nlink set bn up\naddr add {BE1}/24 dev bn\n\
+                 addr add {BE2}/24 dev bn\naddr add {BE1_V6}/64 dev bn nodad\n\
+                 route add default via {NODE_TO_BE}\nroute add default via fd51::1\n"
+            ),
+        );
+        ip_batch(
+            c,
+            &format!(
+                "link set lo up\nlink set cn up\naddr add {OUTSIDE}/24 dev cn\n\
+                 addr add fd52::2/64 dev cn nodad\n\
+                 route add default via {NODE_TO_OUT}\nroute add default via fd52::1\n"
+            ),
+        );
+        in_netns(n, || {
+            fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+            fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding6");
+        });
+        env
+    }
+
+    fn config(&self) -> EbpfLbConfig {
+        EbpfLbConfig {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: Some(self.cgroup.clone()),
+            ifaces: vec![TcIface::external("nb"), TcIface::external("nc")],
+            limits: LbLimits {
+                max_ct: 4096,
+                max_affinity: 1024,
+                max_sock: 4096,
+                ..LbLimits::default()
+            },
+        }
+    }
+
+    /// Starts a TCP and a UDP server answering `<name> peer=<client>` on `addr`.
+    fn serve(&self, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
+        let ip: IpAddr = ip.parse().unwrap();
+        let stop = self.stop.clone();
+        let ns = self.backends.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            join_netns(&ns);
+            let tcp = TcpListener::bind((ip, tcp_port)).expect("bind tcp");
+            tcp.set_nonblocking(true).unwrap();
+            let udp = UdpSocket::bind((ip, udp_port)).expect("bind udp");
+            udp.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = writeln!(stream, "{name} peer={peer}");
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(err) => panic!("accept: {err}"),
+                }
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server ready");
+    }
+
+    /// Runs `f` with the dataplane on a thread inside the node namespace.
+    fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = self.node.clone();
+        thread::scope(|s| {
+            s.spawn(move || {
+                join_netns(&ns);
+                f()
+            })
+            .join()
+            .expect("node thread panicked")
+        })
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Links and maps pinned by the test (uninstall normally removed them already).
+        remove_tree(&self.pin_dir);
+        for ns in [&self.node, &self.backends, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        // Helper processes have exited (`output()` waits), so the cgroup is empty.
+        if let Err(err) = fs::remove_dir(&self.cgroup) {
+            eprintln!("cleanup: rmdir {}: {err}", self.cgroup.display());
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            remove_tree(&path);
+        } else {
+            let _ = fs::remove_file(&path);
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+fn ip_batch(ns: &str, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ip -batch");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} -batch failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn join_netns(ns: &str) {
+    let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
+    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        s.spawn(|| {
+            join_netns(ns);
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "privileged test {test} needs root"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: privileged test needs root"
+    );
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services.
+
+fn backend(ip: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip.parse().unwrap(),
+        port,
+        node_local: false,
+        state: BackendState::Ready,
+    }
+}
+
+fn service(
+    id: u32,
+    kind: FrontendKind,
+    vip: &str,
+    port: u16,
+    proto: Proto,
+    backends: Vec<Backend>,
+) -> LbService {
+    let table = if backends.is_empty() {
+        Vec::new()
+    } else {
+        maglev::table(&backends, MAGLEV_M)
+    };
+    LbService {
+        id,
+        name: format!("test/svc{id}"),
+        frontend: Frontend {
+            ip: vip.parse().unwrap(),
+            port,
+            proto,
+            kind,
+        },
+        backends,
+        maglev: table,
+        affinity_timeout_secs: None,
+        external_local: false,
+        internal_local: false,
+    }
+}
+
+fn services(with_be2: bool) -> Vec<LbService> {
+    let tcp = |port| {
+        let mut v = vec![backend(BE1, port)];
+        if with_be2 {
+            v.push(backend(BE2, port));
+        }
+        v
+    };
+    vec![
+        service(1, FrontendKind::ClusterIp, VIP, 80, Proto::Tcp, tcp(8080)),
+        service(2, FrontendKind::ClusterIp, VIP, 53, Proto::Udp, tcp(5353)),
+        service(
+            3,
+            FrontendKind::ClusterIp,
+            VIP_V6,
+            80,
+            Proto::Tcp,
+            vec![backend(BE1_V6, 8080)],
+        ),
+        service(
+            4,
+            FrontendKind::NodePort,
+            "0.0.0.0",
+            NODE_PORT,
+            Proto::Tcp,
+            tcp(8080),
+        ),
+        service(
+            5,
+            FrontendKind::ClusterIp,
+            "10.96.0.99",
+            80,
+            Proto::Tcp,
+            vec![],
+        ),
+        service(
+            6,
+            FrontendKind::NodePort,
+            "::",
+            NODE_PORT,
+            Proto::Tcp,
+            vec![backend(BE1_V6, 8080)],
+        ),
+    ]
+}
+
+fn backends_of(replies: &[Reply]) -> BTreeSet<String> {
+    replies.iter().map(|r| r.backend.clone()).collect()
+}
+
+fn assert_all_ok(what: &str, replies: &[Reply], n: usize) {
+    assert_eq!(replies.len(), n, "{what}: {replies:?}");
+    let failed: Vec<&Reply> = replies.iter().filter(|r| r.error.is_some()).collect();
+    assert!(failed.is_empty(), "{what}: failures {failed:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+/// Socket-LB (TCP, UDP, IPv6, getpeername/recvmsg), the tc path (NodePort and ClusterIP from
+/// outside, with SNAT), endpoint removal, restart with pinned state, counters, uninstall.
+#[test]
+fn socket_and_tc_load_balancing() {
+    if !require_root("socket_and_tc_load_balancing") {
+        return;
+    }
+    let env = Env::new("a");
+    env.serve("be1", BE1, 8080, 5353);
+    env.serve("be2", BE2, 8080, 5353);
+    env.serve("be1v6", BE1_V6, 8080, 5353);
+
+    let config = env.config();
+    let mut lb = env
+        .on_node(|| EbpfLb::open_with(&config))
+        .unwrap_or_else(|err| panic!("open: {}", error_chain(&err)));
+    let desired = services(true);
+    let first = plan(&desired, &[]);
+    let mut lb = env.on_node(move || {
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    let cg = Some(env.cgroup.as_path());
+
+    // TCP through socket-LB: every connect works, the peer is the VIP, both backends serve.
+    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 20"));
+    assert_all_ok("tcp via socket-LB", &replies, 20);
+    assert!(
+        replies.iter().all(|r| r.peer == format!("{VIP}:80")),
+        "getpeername must show the VIP: {replies:?}"
+    );
+    assert_eq!(
+        backends_of(&replies),
+        ["be1", "be2"].map(String::from).into()
+    );
+    // Socket-LB does not NAT: the backend sees the node's own address.
+    assert!(replies.iter().all(|r| r.seen_as.starts_with(NODE_TO_BE)));
+
+    // Unconnected UDP: recvfrom shows the VIP; sockets spread over both backends.
+    let replies = client(&env.node, cg, &format!("udp {VIP}:53 20"));
+    assert_all_ok("udp via socket-LB", &replies, 20);
+    assert!(
+        replies.iter().all(|r| r.from == format!("{VIP}:53")),
+        "recvfrom must show the VIP: {replies:?}"
+    );
+    assert_eq!(
+        backends_of(&replies),
+        ["be1", "be2"].map(String::from).into()
+    );
+
+    // Connected UDP from the node's own namespace: socket-LB at connect().
+    let replies = client(&env.node, cg, &format!("udpc {VIP}:53 5"));
+    assert_all_ok("connected udp via socket-LB", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:53")));
+
+    // IPv6.
+    let replies = client(&env.node, cg, &format!("tcp [{VIP_V6}]:80 5"));
+    assert_all_ok("tcp6 via socket-LB", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("[{VIP_V6}]:80")));
+    assert_eq!(backends_of(&replies), ["be1v6"].map(String::from).into());
+
+    // A dual-stack socket connecting to a v4-mapped VIP is balanced as IPv4.
+    let replies = client(&env.node, cg, &format!("tcp [::ffff:{VIP}]:80 3"));
+    assert_all_ok("v4-mapped via socket-LB", &replies, 3);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == format!("[::ffff:{VIP}]:80"))
+    );
+
+    // NodePort on the node's own address, from the node.
+    let replies = client(&env.node, cg, &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"));
+    assert_all_ok("nodeport via socket-LB", &replies, 5);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == format!("{NODE_TO_OUT}:{NODE_PORT}"))
+    );
+
+    // A service without endpoints refuses connections.
+    let replies = client(&env.node, cg, "tcp 10.96.0.99:80 1");
+    assert!(replies[0].error.is_some(), "no endpoints: {replies:?}");
+
+    // Outside the cgroup nothing is translated by socket-LB: the same connect from the
+    // outside namespace goes through the tc path. NodePort from outside: SNAT to the node.
+    let replies = client(
+        &env.outside,
+        None,
+        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10"),
+    );
+    assert_all_ok("nodeport via tc", &replies, 10);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == format!("{NODE_TO_OUT}:{NODE_PORT}"))
+    );
+    for r in &replies {
+        let seen: SocketAddr = r.seen_as.parse().unwrap();
+        assert_eq!(seen.ip().to_string(), NODE_TO_BE, "SNAT to the node: {r:?}");
+        assert!(seen.port() >= 61_000, "SNAT port range: {r:?}");
+    }
+    assert_eq!(
+        backends_of(&replies),
+        ["be1", "be2"].map(String::from).into()
+    );
+
+    // ClusterIP from outside (routed to the node), TCP and UDP.
+    ip_batch(&env.outside, "route add 10.96.0.0/16 via 10.252.0.1\n");
+    let replies = client(&env.outside, None, &format!("tcp {VIP}:80 10"));
+    assert_all_ok("clusterip via tc", &replies, 10);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
+    let replies = client(&env.outside, None, &format!("udp {VIP}:53 10"));
+    assert_all_ok("udp clusterip via tc", &replies, 10);
+    assert!(replies.iter().all(|r| r.from == format!("{VIP}:53")));
+
+    // IPv6 through the tc path: NodePort and ClusterIP from outside, SNAT to the node.
+    let replies = client(&env.outside, None, &format!("tcp [fd52::1]:{NODE_PORT} 5"));
+    assert_all_ok("nodeport6 via tc", &replies, 5);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.peer == format!("[fd52::1]:{NODE_PORT}"))
+    );
+    assert!(
+        replies.iter().all(|r| r.seen_as.starts_with("[fd51::1]:")),
+        "SNAT6 to the node: {replies:?}"
+    );
+    ip_batch(&env.outside, "route add fd96::/64 via fd52::1\n");
+    let replies = client(&env.outside, None, &format!("tcp [{VIP_V6}]:80 5"));
+    assert_all_ok("clusterip6 via tc", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("[{VIP_V6}]:80")));
+    assert_eq!(backends_of(&replies), ["be1v6"].map(String::from).into());
+
+    // Counters saw the connections.
+    let counters = lb.counters().expect("counters");
+    assert!(counters[&1].conns >= 20 + 10, "{counters:?}");
+    assert!(counters[&2].packets >= 20, "{counters:?}");
+    for usage in lb.occupancy().expect("occupancy") {
+        eprintln!("map usage: {usage:?}");
+    }
+
+    // Remove be2: no new flow reaches it, socket-LB or tc, TCP or UDP.
+    let without = services(false);
+    let change = plan(&without, &desired);
+    assert!(!change.stale_backends.is_empty());
+    let start = Instant::now();
+    let mut lb = env.on_node(move || {
+        lb.apply(&change).expect("apply removal");
+        lb
+    });
+    eprintln!("endpoint removal applied in {:?}", start.elapsed());
+    for (ns, cg, spec) in [
+        (&env.node, cg, format!("tcp {VIP}:80 20")),
+        (&env.node, cg, format!("udp {VIP}:53 20")),
+        (
+            &env.outside,
+            None,
+            format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10"),
+        ),
+        (&env.outside, None, format!("udp {VIP}:53 10")),
+    ] {
+        let replies = client(ns, cg, &spec);
+        assert!(
+            replies.iter().all(|r| r.error.is_none()),
+            "{spec}: {replies:?}"
+        );
+        assert_eq!(
+            backends_of(&replies),
+            ["be1"].map(String::from).into(),
+            "{spec} after removing be2"
+        );
+    }
+
+    // Read-back equals what was applied: a restarted agent plans nothing.
+    let observed = lb.observed().expect("observed");
+    assert!(plan(&without, &observed).is_empty(), "{observed:#?}");
+
+    // Restart: drop without uninstall; the pinned links keep serving.
+    drop(lb);
+    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("tcp while no agent runs", &replies, 5);
+    let replies = client(
+        &env.outside,
+        None,
+        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
+    );
+    assert_all_ok("nodeport while no agent runs", &replies, 5);
+    let mut lb = env
+        .on_node(|| EbpfLb::open_with(&config))
+        .unwrap_or_else(|err| panic!("reopen: {}", error_chain(&err)));
+    let observed = lb.observed().expect("observed after restart");
+    assert!(
+        plan(&without, &observed).is_empty(),
+        "restart must re-read the programmed services"
+    );
+    let links = fs::read_dir(env.pin_dir.join("links")).unwrap().count();
+    assert_eq!(links, 8 + 2 * 2, "old links replaced, not added");
+    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("tcp after restart", &replies, 5);
+
+    let stats = lb.gc().expect("gc");
+    eprintln!("gc: {stats:?}");
+
+    lb.uninstall().expect("uninstall");
+    assert!(!env.pin_dir.exists(), "uninstall removes the pin directory");
+}
+
+/// A UDP flow through the tc path (connected socket outside the cgroup) moves off a removed
+/// endpoint: after removal plus 1 s, the removed backend gets nothing.
+#[test]
+fn udp_flow_leaves_removed_endpoint() {
+    if !require_root("udp_flow_leaves_removed_endpoint") {
+        return;
+    }
+    let env = Env::new("u");
+    env.serve("be1", BE1, 8080, 5353);
+    env.serve("be2", BE2, 8080, 5353);
+    let config = env.config();
+    let desired = services(true);
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    ip_batch(&env.outside, "route add 10.96.0.0/16 via 10.252.0.1\n");
+
+    // 60 datagrams 100 ms apart on one connected socket (one flow, one backend).
+    let mut child = client_command(&env.outside, None, &format!("udpstream {VIP}:53 60"))
+        .spawn()
+        .expect("spawn stream");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Reply)>();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(reply) = parse_reply(&line) {
+                let _ = tx.send((Instant::now(), reply));
+            }
+        }
+    });
+    // Wait for the flow to settle on a backend, then remove that backend.
+    let mut first_backend = String::new();
+    for _ in 0..10 {
+        let (_, reply) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("stream reply");
+        assert!(reply.error.is_none(), "{reply:?}");
+        first_backend = reply.backend;
+    }
+    let keep = if first_backend == "be1" { BE2 } else { BE1 };
+    let mut remaining = services(true);
+    for svc in &mut remaining {
+        svc.backends
+            .retain(|b| b.ip.to_string() == keep || b.ip.is_ipv6());
+        svc.maglev = if svc.backends.is_empty() {
+            Vec::new()
+        } else {
+            maglev::table(&svc.backends, MAGLEV_M)
+        };
+    }
+    let change = plan(&remaining, &desired);
+    let removed_at = Instant::now();
+    let lb = env.on_node(move || {
+        let mut lb = lb;
+        lb.apply(&change).expect("apply removal");
+        lb
+    });
+    let mut after = Vec::new();
+    while let Ok((at, reply)) = rx.recv_timeout(Duration::from_secs(5)) {
+        after.push((at.duration_since(removed_at), reply));
+    }
+    let _ = child.wait();
+    reader.join().unwrap();
+    let late: Vec<_> = after
+        .iter()
+        .filter(|(t, _)| *t > Duration::from_secs(1))
+        .collect();
+    assert!(late.len() > 20, "stream ended early: {after:?}");
+    for (t, reply) in &late {
+        assert!(reply.error.is_none(), "flow broken at {t:?}: {reply:?}");
+        assert_ne!(
+            reply.backend, first_backend,
+            "removed endpoint still served at {t:?}"
+        );
+    }
+    lb.uninstall().expect("uninstall");
+}
+
+/// Removes a pin directory on drop.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_tree(&self.0);
+    }
+}
+
+/// Loads 10 000 services × 10 backends, prints the map memory and the sync time.
+#[test]
+fn ten_thousand_services() {
+    if !require_root("ten_thousand_services") {
+        return;
+    }
+    let pid = std::process::id();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/twill-lb-test-{pid}-10k"));
+    let _cleanup = Cleanup(pin_dir.clone());
+    let mut lb = EbpfLb::open_with(&EbpfLbConfig {
+        pin_dir: pin_dir.clone(),
+        cgroup: None,
+        ifaces: Vec::new(),
+        limits: LbLimits::default(),
+    })
+    .unwrap_or_else(|err| panic!("open: {}", error_chain(&err)));
+    let empty = lb.counters().expect("counters");
+    assert!(empty.is_empty());
+    let services: Vec<LbService> = (1..=10_000u32)
+        .map(|id| {
+            let vip = format!("10.{}.{}.{}", 96 + id / 65_536, (id / 256) % 256, id % 256);
+            let backends = (0..10)
+                .map(|i| {
+                    backend(
+                        &format!("10.244.{}.{}", id % 200, i + 2 + (id / 200) % 50),
+                        8080,
+                    )
+                })
+                .collect();
+            service(id, FrontendKind::ClusterIp, &vip, 80, Proto::Tcp, backends)
+        })
+        .collect();
+    let full = plan(&services, &[]);
+    let start = Instant::now();
+    lb.apply(&full).expect("apply 10k");
+    let sync = start.elapsed();
+    let mut total = 0;
+    for usage in lb.occupancy().expect("occupancy") {
+        total += usage.memlock_bytes.unwrap_or(0);
+        eprintln!(
+            "{:<14} entries {:>8?} max {:>8} memlock {:>10?}",
+            usage.name, usage.entries, usage.max_entries, usage.memlock_bytes
+        );
+    }
+    eprintln!("10k services x 10 backends: full sync {sync:?}, total memlock {total} bytes");
+
+    // One endpoint change touches one service.
+    let mut changed = services.clone();
+    changed[4_999].backends.pop();
+    changed[4_999].maglev = maglev::table(&changed[4_999].backends, MAGLEV_M);
+    let one = plan(&changed, &services);
+    assert_eq!(one.upserts.len(), 1);
+    let start = Instant::now();
+    lb.apply(&one).expect("apply one change");
+    eprintln!("one endpoint change applied in {:?}", start.elapsed());
+
+    let start = Instant::now();
+    let observed = lb.observed().expect("observed");
+    eprintln!("read back 10k services in {:?}", start.elapsed());
+    assert!(plan(&changed, &observed).is_empty());
+    lb.uninstall().expect("uninstall");
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}

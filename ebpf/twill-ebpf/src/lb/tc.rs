@@ -1,0 +1,722 @@
+//! Per-packet load balancing at tc (TCX, Linux >= 6.6; `BPF_FIB_LOOKUP_SRC` needs 6.7), for what
+//! socket-LB does not see: NodePort/ExternalIP/LoadBalancer traffic from outside the node, pods
+//! whose sockets are outside the attached cgroup, and pods' connected UDP sockets.
+//!
+//! - Three entry points share one body: `twl_lb_ext_in` (ingress of the uplink and overlay
+//!   devices), `twl_lb_pod_in` (ingress of the pod bridge) and `twl_lb_egress` (egress of both).
+//!   Where a packet comes from decides SNAT, nothing else.
+//! - Forward direction (ingress only): a packet to a frontend looks up its flow in [`CT`]; a new
+//!   flow gets a Maglev backend (or its affinity one), a forward entry (client → VIP, rewrite to
+//!   backend) and a reply entry (backend → client, rewrite back to the VIP). Entries are
+//!   validated on every use (idle timeout, slot still holding that backend), so a removed
+//!   endpoint gets no more packets and the flow is re-balanced at its next packet, UDP included.
+//! - SNAT to the node: from the uplink when the backend is on another node and the service is
+//!   `externalTrafficPolicy: Cluster` (else the reply would leave the backend's node directly);
+//!   from the pod bridge when the backend is a local pod ("hairpin": the reply would be bridged
+//!   straight back to the client pod, never crossing a hook of ours). The address is the one the
+//!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is taken from
+//!   61000–65535, above the kernel's ephemeral range, and claimed with `BPF_NOEXIST` on the reply
+//!   key so two flows never share one.
+//! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or bridge
+//!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself).
+//! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
+//!   packet: once its source is a node address (an SNATed packet, a reply whose VIP is a node
+//!   address, i.e. a NodePort) an ingress packet is a martian and fails the input route's source
+//!   validation, and a reply with a VIP source can fail `rp_filter` when the VIP has no route.
+//!   Those packets are forwarded with `bpf_fib_lookup` + `bpf_redirect` (neighbour known) or
+//!   `bpf_redirect_neigh` (not yet resolved), with the TTL decremented as `ip_forward` would.
+//!   Everything else keeps the kernel's routing, netfilter (FORWARD policy, masquerade), MTU and
+//!   ICMP handling.
+//! - Checksums: `bpf_l3_csum_replace` for the IPv4 header, `bpf_l4_csum_replace` with
+//!   `BPF_F_PSEUDO_HDR` for addresses (IPv6: a `bpf_csum_diff` of the 16 bytes), plain for ports;
+//!   `BPF_F_MARK_MANGLED_0` keeps an IPv4 UDP checksum of 0 meaning "none".
+//! - Not handled (passed unchanged): IP fragments, IPv6 extension headers, VLAN tags, ICMP errors
+//!   about translated flows.
+//! - Verdicts: `TCX_NEXT` for everything not ours and on any internal error (never drop by
+//!   accident), `TC_ACT_SHOT` only for a frontend without backends (kube-proxy rejects those).
+
+//! - Stack: the verifier limits the *sum* of the frames along a call chain to 512 bytes. The
+//!   parsed packet, conntrack keys and values and the FIB parameters therefore live in a per-CPU
+//!   scratch entry ([`TC_SCRATCH`]); frames keep only small scalars. Per-CPU is safe here: tc
+//!   programs run with bottom halves disabled and never nest on a CPU (a redirect happens after
+//!   the program returns).
+
+use core::{mem::size_of, ptr::null_mut};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams, tcx_action_base::TCX_NEXT,
+    },
+    cty::c_long,
+    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, map},
+    maps::PerCpuArray,
+    programs::TcContext,
+};
+use twill_common::service::{
+    AFF_CLIENT_ADDR, AffinityKey, BE_F_NODE_LOCAL, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_F_SNAT, CT_REFRESH_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4,
+    PROTO_TCP, PROTO_UDP, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_EXTERNAL_LOCAL, SvcKey, SvcValue,
+    mix64,
+};
+
+use super::{CT, backend_still, count, lookup_service, select_backend};
+
+/// Where the program is attached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// Ingress of an interface facing the outside (uplink, overlay).
+    ExtIngress,
+    /// Ingress of the pod bridge.
+    PodIngress,
+    /// Egress of any attached interface: replies only.
+    Egress,
+}
+
+#[classifier]
+pub fn twl_lb_ext_in(ctx: TcContext) -> i32 {
+    try_lb(&ctx, Hook::ExtIngress).unwrap_or(TCX_NEXT)
+}
+
+#[classifier]
+pub fn twl_lb_pod_in(ctx: TcContext) -> i32 {
+    try_lb(&ctx, Hook::PodIngress).unwrap_or(TCX_NEXT)
+}
+
+#[classifier]
+pub fn twl_lb_egress(ctx: TcContext) -> i32 {
+    try_lb(&ctx, Hook::Egress).unwrap_or(TCX_NEXT)
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IP4_TTL: usize = ETH_HLEN + 8;
+const IP4_CSUM: usize = ETH_HLEN + 10;
+const IP4_SRC: usize = ETH_HLEN + 12;
+const IP4_DST: usize = ETH_HLEN + 16;
+const IP6_HOP_LIMIT: usize = ETH_HLEN + 7;
+const IP6_SRC: usize = ETH_HLEN + 8;
+const IP6_DST: usize = ETH_HLEN + 24;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// Idle timeout of a TCP flow after FIN or RST.
+const CT_TIMEOUT_CLOSING_NS: u64 = 10_000_000_000;
+/// SNAT ports tried per new flow before giving up (the client retries).
+const SNAT_TRIES: u16 = 8;
+/// Conntrack flag (kernel-only): a FIN or RST was seen.
+const CT_F_CLOSING: u8 = 0x80;
+
+/// The parsed headers of a TCP or UDP packet.
+#[repr(C)]
+pub struct Packet {
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Extra flags for `bpf_l4_csum_replace` (`BPF_F_MARK_MANGLED_0` for IPv4 UDP).
+    csum_flags: u64,
+    /// Offset of the L4 header.
+    l4: u32,
+    /// Offset of the L4 checksum.
+    csum_off: u32,
+    /// Network order.
+    sport: u16,
+    /// Network order.
+    dport: u16,
+    family: u8,
+    proto: u8,
+    /// TCP flags (0 for UDP).
+    tcp_flags: u8,
+    pad: u8,
+}
+
+/// Per-CPU scratch space of the tc programs (see the module notes).
+#[repr(C)]
+pub struct Scratch {
+    pkt: Packet,
+    /// The flow's key: forward key in [`forward`], reply key in [`reply`] and [`new_flow`].
+    key: CtKey,
+    /// The forward entry being created.
+    entry: CtValue,
+    /// The reply entry being created, or a copy of the entry being applied.
+    back: CtValue,
+    fib: FibParams,
+    affinity: AffinityKey,
+    svc_key: SvcKey,
+    svc: SvcValue,
+    be: BackendValue,
+}
+
+/// The scratch entry (one per CPU).
+#[map(name = "TWL_LB_SCRATCH")]
+static TC_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Which address/port of the packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Src,
+    Dst,
+}
+
+#[inline(always)]
+fn try_lb(ctx: &TcContext, hook: Hook) -> Result<i32, c_long> {
+    let scratch = TC_SCRATCH.get_ptr_mut(0).ok_or(0)?;
+    // SAFETY: this CPU's scratch entry; tc programs do not nest on a CPU (module notes), so
+    // nothing else uses it while this program runs.
+    let s = unsafe { &mut *scratch };
+    if !parse(ctx, &mut s.pkt)? {
+        return Ok(TCX_NEXT);
+    }
+    if hook != Hook::Egress {
+        s.svc_key = SvcKey {
+            addr: s.pkt.dst,
+            port: s.pkt.dport,
+            proto: s.pkt.proto,
+            family: s.pkt.family,
+        };
+        if lookup_service(&mut s.svc_key, false, &mut s.svc) {
+            return forward(ctx, hook, s);
+        }
+    }
+    reply(ctx, hook, s)
+}
+
+/// Parses a TCP or UDP packet over IPv4 or IPv6 into `pkt`; `false` for anything else.
+#[inline(always)]
+fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, c_long> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let l4 = if ethertype == ETH_P_IP {
+        let ver_ihl: u8 = ctx.load(ETH_HLEN)?;
+        let ihl = usize::from(ver_ihl & 0x0f) * 4;
+        if ver_ihl >> 4 != 4 || ihl < 20 {
+            return Ok(false);
+        }
+        // More-fragments flag or a fragment offset: not translatable (no ports in later
+        // fragments), left alone.
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
+        if frag & 0x3fff != 0 {
+            return Ok(false);
+        }
+        pkt.proto = ctx.load(ETH_HLEN + 9)?;
+        pkt.family = FAMILY_V4;
+        pkt.src = [0; 16];
+        pkt.dst = [0; 16];
+        let src: [u8; 4] = ctx.load(IP4_SRC)?;
+        let dst: [u8; 4] = ctx.load(IP4_DST)?;
+        pkt.src[..4].copy_from_slice(&src);
+        pkt.dst[..4].copy_from_slice(&dst);
+        ETH_HLEN + ihl
+    } else if ethertype == ETH_P_IPV6 {
+        pkt.proto = ctx.load(ETH_HLEN + 6)?;
+        pkt.family = twill_common::service::FAMILY_V6;
+        pkt.src = ctx.load(IP6_SRC)?;
+        pkt.dst = ctx.load(IP6_DST)?;
+        ETH_HLEN + 40
+    } else {
+        return Ok(false);
+    };
+    let (csum_off, csum_flags, tcp_flags) = match pkt.proto {
+        PROTO_TCP => (l4 + 16, 0, ctx.load::<u8>(l4 + 13)?),
+        PROTO_UDP if pkt.family == FAMILY_V4 => (l4 + 6, u64::from(BPF_F_MARK_MANGLED_0), 0),
+        PROTO_UDP => (l4 + 6, 0, 0),
+        _ => return Ok(false),
+    };
+    pkt.sport = ctx.load(l4)?;
+    pkt.dport = ctx.load(l4 + 2)?;
+    // Offsets are below 14 + 60 + 16.
+    pkt.l4 = l4 as u32;
+    pkt.csum_off = csum_off as u32;
+    pkt.csum_flags = csum_flags;
+    pkt.tcp_flags = tcp_flags;
+    Ok(true)
+}
+
+/// A packet to a frontend (`s.svc`): translate it to its flow's backend.
+#[inline(never)]
+fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    s.key = CtKey {
+        src: s.pkt.src,
+        dst: s.pkt.dst,
+        sport: s.pkt.sport,
+        dport: s.pkt.dport,
+        proto: s.pkt.proto,
+        family: s.pkt.family,
+        dir: CT_DIR_FORWARD,
+        pad: 0,
+    };
+    if !lookup_flow(s, now) && (s.svc.backends == 0 || !new_flow(ctx, hook, s, now)?) {
+        return Ok(TC_ACT_SHOT);
+    }
+    // `s.back` now holds the flow's forward entry.
+    rewrite_addr(ctx, &s.pkt, Field::Dst, &s.pkt.dst, &s.back.nat_addr)?;
+    rewrite_port(ctx, &s.pkt, Field::Dst, s.pkt.dport, s.back.nat_port)?;
+    count(s.back.svc_id, 0, 1);
+    if s.back.flags & CT_F_SNAT == 0 {
+        return Ok(TCX_NEXT);
+    }
+    rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.alt_addr)?;
+    rewrite_port(ctx, &s.pkt, Field::Src, s.pkt.sport, s.back.alt_port)?;
+    s.pkt.src = s.back.alt_addr;
+    s.pkt.dst = s.back.nat_addr;
+    redirect(ctx, s)
+}
+
+/// Looks up the live forward entry of `s.key` and copies it to `s.back` (refreshing its
+/// timestamp); `false` when there is none, it expired, or its backend is gone.
+#[inline(always)]
+fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
+    let Some(ptr) = CT.get_ptr_mut(&s.key) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful LRU lookup, copied out at once; a torn read can only fail
+    // the validation below, which then re-balances the flow.
+    s.back = unsafe { *ptr };
+    if expired(&s.back, s.pkt.proto, now) {
+        return false;
+    }
+    if !backend_still(
+        s.back.svc_id,
+        s.back.slot,
+        &s.back.nat_addr,
+        s.back.nat_port,
+    ) {
+        return false;
+    }
+    touch(ptr, &s.back, &s.pkt, now);
+    true
+}
+
+#[inline(always)]
+fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
+    let timeout = if entry.flags & CT_F_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else if proto == PROTO_TCP {
+        CT_TIMEOUT_TCP_NS
+    } else {
+        CT_TIMEOUT_UDP_NS
+    };
+    now.wrapping_sub(entry.last_seen_ns) > timeout
+}
+
+/// Refreshes `last_seen_ns` (at most every [`CT_REFRESH_NS`]) and marks a closing TCP flow.
+#[inline(always)]
+fn touch(ptr: *mut CtValue, entry: &CtValue, pkt: &Packet, now: u64) {
+    let closing = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & CT_F_CLOSING == 0;
+    // SAFETY: pointer from a successful LRU lookup; racing writers can only lose a refresh.
+    unsafe {
+        if closing {
+            (*ptr).flags = entry.flags | CT_F_CLOSING;
+        }
+        if closing || now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+            (*ptr).last_seen_ns = now;
+        }
+    }
+}
+
+/// Balances a new flow of `s.svc`: chooses the backend, decides SNAT, writes the reply and the
+/// forward conntrack entries, and leaves the forward entry in `s.back`. `false`: drop the packet
+/// (no backend, or no free SNAT port; the client retries).
+#[inline(never)]
+fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bool, c_long> {
+    let hash = flow_hash(&s.pkt);
+    s.affinity = AffinityKey {
+        client: s.pkt.src,
+        svc_id: s.svc.id,
+        family: s.pkt.family,
+        kind: AFF_CLIENT_ADDR,
+        pad: 0,
+    };
+    let Some(slot) = select_backend(&s.svc, hash, Some(&s.affinity), now, &mut s.be) else {
+        return Ok(false);
+    };
+    if s.be.family != s.pkt.family {
+        return Ok(false);
+    }
+    let local = s.be.flags & BE_F_NODE_LOCAL != 0;
+    let want_snat = match hook {
+        Hook::PodIngress => local,
+        Hook::ExtIngress => !local && s.svc.flags & SVC_F_EXTERNAL_LOCAL == 0,
+        Hook::Egress => false,
+    };
+
+    // Field by field: a struct literal would be built on the stack first.
+    let e = &mut s.entry;
+    e.nat_addr = s.be.addr;
+    e.alt_addr = [0; 16];
+    e.nat_port = s.be.port;
+    e.alt_port = 0;
+    e.flags = 0;
+    e.pad = 0;
+    e.slot = slot;
+    e.svc_id = s.svc.id;
+    e.pad2 = 0;
+    e.created_ns = now;
+    e.last_seen_ns = now;
+    let b = &mut s.back;
+    b.nat_addr = s.pkt.dst;
+    b.alt_addr = s.pkt.src;
+    b.nat_port = s.pkt.dport;
+    b.alt_port = s.pkt.sport;
+    b.flags = 0;
+    b.pad = 0;
+    b.slot = slot;
+    b.svc_id = s.svc.id;
+    b.pad2 = 0;
+    b.created_ns = now;
+    b.last_seen_ns = now;
+    s.key.src = s.be.addr;
+    s.key.sport = s.be.port;
+    s.key.dir = CT_DIR_REPLY;
+    if want_snat && source_towards(ctx, s) {
+        // `source_towards` left the node's address in `s.entry.alt_addr`.
+        s.entry.flags = CT_F_SNAT;
+        s.back.flags = CT_F_SNAT;
+        s.key.dst = s.entry.alt_addr;
+        #[expect(clippy::cast_possible_truncation, reason = "a slice of the hash")]
+        let base = (hash >> 40) as u16;
+        let mut tries = 0;
+        loop {
+            if tries == SNAT_TRIES {
+                return Ok(false);
+            }
+            let port =
+                SNAT_PORT_MIN + base.wrapping_add(tries.wrapping_mul(1031)) % SNAT_PORT_COUNT;
+            s.key.dport = port.to_be();
+            if claim(s, now) {
+                s.entry.alt_port = port.to_be();
+                break;
+            }
+            tries += 1;
+        }
+    } else {
+        s.key.dst = s.pkt.src;
+        s.key.dport = s.pkt.sport;
+        CT.insert(&s.key, &s.back, 0).map_err(c_long::from)?;
+    }
+    s.key.src = s.pkt.src;
+    s.key.dst = s.pkt.dst;
+    s.key.sport = s.pkt.sport;
+    s.key.dport = s.pkt.dport;
+    s.key.dir = CT_DIR_FORWARD;
+    CT.insert(&s.key, &s.entry, 0).map_err(c_long::from)?;
+    count(s.svc.id, 1, 0);
+    s.back = s.entry;
+    Ok(true)
+}
+
+/// Claims the SNAT reply key `s.key` for `s.back`: free, or held by an idle (expired) flow.
+#[inline(never)]
+fn claim(s: &mut Scratch, now: u64) -> bool {
+    if CT.insert(&s.key, &s.back, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    match CT.get_ptr(&s.key) {
+        // SAFETY: pointer from a successful LRU lookup; only two fields are read.
+        Some(old) if expired(unsafe { &*old }, s.key.proto, now) => {
+            CT.insert(&s.key, &s.back, 0).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// A packet from a backend: translate it back if it belongs to one of our flows.
+#[inline(never)]
+fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
+    s.key = CtKey {
+        src: s.pkt.src,
+        dst: s.pkt.dst,
+        sport: s.pkt.sport,
+        dport: s.pkt.dport,
+        proto: s.pkt.proto,
+        family: s.pkt.family,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let Some(ptr) = CT.get_ptr_mut(&s.key) else {
+        return Ok(TCX_NEXT);
+    };
+    // SAFETY: pointer from a successful LRU lookup, copied out at once.
+    s.back = unsafe { *ptr };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    touch(ptr, &s.back, &s.pkt, now);
+
+    rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.nat_addr)?;
+    rewrite_port(ctx, &s.pkt, Field::Src, s.pkt.sport, s.back.nat_port)?;
+    if s.back.flags & CT_F_SNAT != 0 {
+        rewrite_addr(ctx, &s.pkt, Field::Dst, &s.pkt.dst, &s.back.alt_addr)?;
+        rewrite_port(ctx, &s.pkt, Field::Dst, s.pkt.dport, s.back.alt_port)?;
+        s.pkt.dst = s.back.alt_addr;
+    }
+    if hook == Hook::Egress {
+        return Ok(TCX_NEXT);
+    }
+    s.pkt.src = s.back.nat_addr;
+    redirect(ctx, s)
+}
+
+/// Forwards a translated ingress packet (now `s.pkt.src` → `s.pkt.dst`) itself (see the
+/// module notes): FIB lookup, then `bpf_redirect` with the neighbour's MAC or
+/// `bpf_redirect_neigh`. Anything the FIB does not forward (a local destination, forwarding
+/// disabled, no route) goes to the stack.
+#[inline(never)]
+fn redirect(ctx: &TcContext, s: &mut Scratch) -> Result<i32, c_long> {
+    fib_params(ctx, &mut s.fib, &s.pkt);
+    // SAFETY: `s.fib` is a properly sized, initialised `bpf_fib_lookup` in map memory.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &raw mut s.fib,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "compared with the helper's return codes"
+    )]
+    let rc = rc as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Ok(TCX_NEXT);
+    }
+    if !decrement_ttl(ctx, s.pkt.family)? {
+        // TTL exhausted: the stack sends the ICMP error.
+        return Ok(TCX_NEXT);
+    }
+    let verdict = if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        ctx.store(0, &s.fib.dmac, 0)?;
+        ctx.store(6, &s.fib.smac, 0)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(s.fib.ifindex, 0) }
+    } else {
+        // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
+        unsafe { bpf_redirect_neigh(s.fib.ifindex, null_mut(), 0, 0) }
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "TC verdicts are small")]
+    Ok(verdict as i32)
+}
+
+/// Puts the address the node would use towards the chosen backend (`s.be`) in
+/// `s.entry.alt_addr` (`BPF_FIB_LOOKUP_SRC`, Linux >= 6.7); `false` when the FIB has no
+/// forwarding route.
+#[inline(never)]
+fn source_towards(ctx: &TcContext, s: &mut Scratch) -> bool {
+    let real_dst = s.pkt.dst;
+    s.pkt.dst = s.be.addr;
+    fib_params(ctx, &mut s.fib, &s.pkt);
+    s.pkt.dst = real_dst;
+    // SAFETY: as in `redirect`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &raw mut s.fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "compared with the helper's return codes"
+    )]
+    let rc = rc as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return false;
+    }
+    let out = &mut s.entry.alt_addr;
+    // SAFETY: the helper filled the union member of the family we asked for.
+    unsafe {
+        if s.pkt.family == FAMILY_V4 {
+            out[..4].copy_from_slice(&s.fib.__bindgen_anon_3.ipv4_src.to_ne_bytes());
+        } else {
+            let words = s.fib.__bindgen_anon_3.ipv6_src;
+            out[..4].copy_from_slice(&words[0].to_ne_bytes());
+            out[4..8].copy_from_slice(&words[1].to_ne_bytes());
+            out[8..12].copy_from_slice(&words[2].to_ne_bytes());
+            out[12..].copy_from_slice(&words[3].to_ne_bytes());
+        }
+    }
+    true
+}
+
+/// FIB lookup parameters for `pkt.src` → `pkt.dst` arriving on the packet's interface.
+#[inline(always)]
+fn fib_params(ctx: &TcContext, fib: &mut FibParams, pkt: &Packet) {
+    // SAFETY: `bpf_fib_lookup` is plain data; all zero is its "no options" value.
+    *fib = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = pkt.proto;
+    fib.sport = pkt.sport;
+    fib.dport = pkt.dport;
+    // SAFETY: the context pointer is the program's `__sk_buff`.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    if pkt.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = word(&pkt.src, 0);
+        fib.__bindgen_anon_4.ipv4_dst = word(&pkt.dst, 0);
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = [
+            word(&pkt.src, 0),
+            word(&pkt.src, 4),
+            word(&pkt.src, 8),
+            word(&pkt.src, 12),
+        ];
+        fib.__bindgen_anon_4.ipv6_dst = [
+            word(&pkt.dst, 0),
+            word(&pkt.dst, 4),
+            word(&pkt.dst, 8),
+            word(&pkt.dst, 12),
+        ];
+    }
+}
+
+/// Decrements the IPv4 TTL / IPv6 hop limit of a packet we forward ourselves; `false` when it
+/// would reach 0.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, family: u8) -> Result<bool, c_long> {
+    if family == FAMILY_V4 {
+        let old: [u8; 2] = ctx.load(IP4_TTL)?;
+        if old[0] <= 1 {
+            return Ok(false);
+        }
+        let new = [old[0] - 1, old[1]];
+        ctx.l3_csum_replace(
+            IP4_CSUM,
+            u64::from(u16::from_ne_bytes(old)),
+            u64::from(u16::from_ne_bytes(new)),
+            2,
+        )?;
+        ctx.store(IP4_TTL, &new[0], 0)?;
+    } else {
+        let hops: u8 = ctx.load(IP6_HOP_LIMIT)?;
+        if hops <= 1 {
+            return Ok(false);
+        }
+        ctx.store(IP6_HOP_LIMIT, &(hops - 1), 0)?;
+    }
+    Ok(true)
+}
+
+/// Rewrites the source or destination address, fixing the IPv4 header and L4 checksums.
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    pkt: &Packet,
+    field: Field,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> Result<(), c_long> {
+    match rewrite_addr_raw(ctx, pkt, field, old, new) {
+        0 => Ok(()),
+        err => Err(err),
+    }
+}
+
+/// [`rewrite_addr`] returning the helpers' error code (0: done): not inlined (its IPv6 buffers
+/// stay in its own frame), and BPF-to-BPF calls take at most five arguments, so no `Result`
+/// out-pointer.
+#[inline(never)]
+fn rewrite_addr_raw(
+    ctx: &TcContext,
+    pkt: &Packet,
+    field: Field,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> c_long {
+    let done = |r: Result<(), c_long>| r.err().unwrap_or(0);
+    let csum_off = pkt.csum_off as usize;
+    if pkt.family == FAMILY_V4 {
+        let off = if field == Field::Dst {
+            IP4_DST
+        } else {
+            IP4_SRC
+        };
+        let from = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]);
+        let to = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]);
+        done(
+            ctx.l4_csum_replace(
+                csum_off,
+                u64::from(from),
+                u64::from(to),
+                u64::from(BPF_F_PSEUDO_HDR) | 4 | pkt.csum_flags,
+            )
+            .and_then(|()| ctx.l3_csum_replace(IP4_CSUM, u64::from(from), u64::from(to), 4))
+            .and_then(|()| ctx.store(off, &to, 0)),
+        )
+    } else {
+        let off = if field == Field::Dst {
+            IP6_DST
+        } else {
+            IP6_SRC
+        };
+        let mut from = *old;
+        let mut to = *new;
+        // SAFETY: both buffers are 16 initialised bytes on our stack.
+        let diff =
+            unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+        if diff < 0 {
+            return diff;
+        }
+        #[expect(clippy::cast_sign_loss, reason = "checked non-negative")]
+        let diff = diff as u64;
+        done(
+            ctx.l4_csum_replace(
+                csum_off,
+                0,
+                diff,
+                u64::from(BPF_F_PSEUDO_HDR) | pkt.csum_flags,
+            )
+            .and_then(|()| ctx.store(off, &to, 0)),
+        )
+    }
+}
+
+/// Rewrites the source or destination port (network order values), fixing the L4 checksum.
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    pkt: &Packet,
+    field: Field,
+    old: u16,
+    new: u16,
+) -> Result<(), c_long> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(
+        pkt.csum_off as usize,
+        u64::from(old),
+        u64::from(new),
+        2 | pkt.csum_flags,
+    )?;
+    let l4 = pkt.l4 as usize;
+    let off = if field == Field::Dst { l4 + 2 } else { l4 };
+    ctx.store(off, &new, 0)
+}
+
+/// Hash of the 5-tuple, for Maglev (one choice per flow; connections of one client spread).
+#[inline(always)]
+fn flow_hash(pkt: &Packet) -> u64 {
+    let fold = |a: &[u8; 16]| {
+        let mut x = 0u64;
+        let mut i = 0;
+        while i < 16 {
+            x = x.rotate_left(8) ^ u64::from(a[i]);
+            i += 1;
+        }
+        x
+    };
+    mix64(
+        fold(&pkt.src)
+            ^ fold(&pkt.dst).rotate_left(17)
+            ^ (u64::from(pkt.sport) << 32)
+            ^ (u64::from(pkt.dport) << 16)
+            ^ u64::from(pkt.proto),
+    )
+}

@@ -1,0 +1,135 @@
+//! The `cargo xtask bench` command line: options, building the twilld to measure, Ctrl-C.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, ValueEnum};
+
+use super::{Backend, BenchOptions, Which};
+use crate::util::{cargo, step, target_dir};
+
+/// `--backend`: one backend or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// Kernel VXLAN.
+    Vxlan,
+    /// Routes via the peer node.
+    HostGw,
+    /// Userspace UDP over TUN (vs kernel VXLAN).
+    Udp,
+    /// vxlan, host-gw and udp.
+    All,
+}
+
+impl BackendArg {
+    fn backends(self) -> Vec<Backend> {
+        match self {
+            BackendArg::Vxlan => vec![Backend::Vxlan],
+            BackendArg::HostGw => vec![Backend::HostGw],
+            BackendArg::Udp => vec![Backend::Udp],
+            BackendArg::All => Backend::ALL.to_vec(),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            BackendArg::All => "all",
+            BackendArg::Vxlan => "vxlan",
+            BackendArg::HostGw => "host-gw",
+            BackendArg::Udp => "udp",
+        }
+    }
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which benchmark; `all` runs every one that exists.
+    #[arg(value_enum, default_value_t = Which::All)]
+    pub which: Which,
+    /// Overlay backend(s) to measure.
+    #[arg(long, value_enum, default_value_t = BackendArg::All)]
+    pub backend: BackendArg,
+    /// Short runs and few samples (a smoke run; figures are rougher).
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of every measurement (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub reps: u16,
+    /// Report directory (default: bench-report/<UTC timestamp>/ in the workspace).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Measure a debug build of twilld (quicker to build; not for figures you quote).
+    #[arg(long)]
+    pub debug: bool,
+    /// Do not build twilld; use the one in target/ (or TWILL_BIN_DIR).
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+impl BenchArgs {
+    /// The command line that reproduces this run.
+    pub fn command(&self) -> String {
+        let mut cmd = format!(
+            "cargo xtask bench {} --backend {}",
+            self.which.as_str(),
+            self.backend.as_str()
+        );
+        if self.quick {
+            cmd.push_str(" --quick");
+        }
+        if self.reps != 3 {
+            let _ = write!(cmd, " --reps {}", self.reps);
+        }
+        if self.debug {
+            cmd.push_str(" --debug");
+        }
+        cmd
+    }
+}
+
+/// Runs `cargo xtask bench`.
+pub fn main(args: &BenchArgs) -> Result<()> {
+    install_interrupt_handler()?;
+    let profile = if args.debug { "debug" } else { "release" };
+    let bin_dir = match std::env::var_os("TWILL_BIN_DIR") {
+        Some(dir) if args.no_build => PathBuf::from(dir),
+        _ => target_dir()?.join(profile),
+    };
+    if !args.no_build {
+        let mut build = cargo();
+        build.args(["build", "-p", "twill-agent", "--bin", "twilld"]);
+        if !args.debug {
+            build.arg("--release");
+        }
+        step(&mut build)?;
+    }
+    let opts = BenchOptions {
+        which: args.which,
+        backends: args.backend.backends(),
+        quick: args.quick,
+        reps: usize::from(args.reps),
+        out_dir: args.out.clone(),
+        bin_dir: Some(bin_dir),
+        command: args.command(),
+    };
+    super::run(&opts).map(|_| ())
+}
+
+/// SIGINT/SIGTERM raise the rig's interrupt flag: waits and commands stop early and the rigs'
+/// guards tear everything down; a second signal exits at once (`cargo xtask sweep` or the next
+/// rig cleans up).
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if twill_tests::interrupted() {
+            eprintln!(
+                "\nxtask: second interrupt, exiting without teardown (cargo xtask sweep cleans up)"
+            );
+            std::process::exit(130);
+        }
+        eprintln!("\nxtask: interrupted, tearing down");
+        twill_tests::interrupt();
+    })
+    .context("install the Ctrl-C handler")
+}

@@ -1,0 +1,313 @@
+//! `cargo xtask bench`: twill measured against the kernel's own baseline, in one run, with a
+//! report.
+//!
+//! Why it is shaped as it is:
+//! - Every benchmark is a [`Benchmark`]: it gets a [`Context`] (options, progress display, the
+//!   twilld binary) and returns a [`report::Section`]. The runner owns everything around it:
+//!   machine facts, the report directory, plots, the terminal table, `results.json` and the
+//!   sanity check. `services`, `cni` and `control-plane` plug in as one module and one line in
+//!   [`benchmark`] each, once their dataplanes exist; until then `bench all` says they were
+//!   skipped and why.
+//! - Benchmarks are not timed tests (STYLE.md): a missed target is reported, not a failure. A run
+//!   fails only when it could not measure (a rig that does not come up, a tool that errors) or
+//!   when its numbers are not sane (zero, NaN) — what the CI smoke run checks.
+//! - Twill and its baseline run in the same invocation, interleaved repetition by repetition,
+//!   and only their ratio is quoted: on a shared two-core machine absolute figures drift by tens
+//!   of percent between runs, a ratio of neighbours in time much less.
+
+pub mod cli;
+pub mod cni;
+pub mod machine;
+pub mod overlay;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod stats;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use self::progress::Progress;
+use self::report::{Report, SCHEMA, Section};
+
+/// An overlay backend, as in the network config's `Backend.Type`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Kernel VXLAN (`flannel.1`).
+    Vxlan,
+    /// Plain routes via the peer node.
+    HostGw,
+    /// Userspace UDP encapsulation over TUN.
+    Udp,
+}
+
+impl Backend {
+    /// Every backend, in report order.
+    pub const ALL: [Backend; 3] = [Backend::Vxlan, Backend::HostGw, Backend::Udp];
+
+    /// The name in the network config (`host-gw`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::HostGw => "host-gw",
+            Backend::Udp => "udp",
+        }
+    }
+
+    /// The network config twill's rigs use for this backend.
+    pub fn network_config(self) -> String {
+        format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
+            self.as_str()
+        )
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which benchmark(s) to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Which {
+    /// Pod-to-pod throughput and latency per backend vs the hand-built kernel baseline, and
+    /// lease-to-programmed latency.
+    Overlay,
+    /// Service connection rate per proxy mode (comes with the service dataplanes).
+    Services,
+    /// CNI ADD/DEL vs the reference plugins (comes with the CNI plugin).
+    Cni,
+    /// 1000 nodes' leases and 10k services into one twilld (comes with the service dataplanes).
+    ControlPlane,
+    /// Everything that exists.
+    All,
+}
+
+impl Which {
+    /// The single benchmarks, in the order `all` runs them.
+    pub const EACH: [Which; 4] = [
+        Which::Overlay,
+        Which::Services,
+        Which::Cni,
+        Which::ControlPlane,
+    ];
+
+    /// The command-line name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Which::Overlay => "overlay",
+            Which::Services => "services",
+            Which::Cni => "cni",
+            Which::ControlPlane => "control-plane",
+            Which::All => "all",
+        }
+    }
+}
+
+/// What to run and where to put the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchOptions {
+    /// The benchmark(s).
+    pub which: Which,
+    /// The backends the overlay benchmark measures.
+    pub backends: Vec<Backend>,
+    /// Short durations and few samples (CI smoke runs, a quick look).
+    pub quick: bool,
+    /// Repetitions (default 3; at least 3 give a median worth the name).
+    pub reps: usize,
+    /// The report directory; default `bench-report/<UTC timestamp>/` in the workspace.
+    pub out_dir: Option<PathBuf>,
+    /// Where `twilld` is; default the rig's (`TWILL_BIN_DIR`, else next to the running binary).
+    pub bin_dir: Option<PathBuf>,
+    /// The command line that reproduces the run (for the report).
+    pub command: String,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            which: Which::All,
+            backends: Backend::ALL.to_vec(),
+            quick: false,
+            reps: 3,
+            out_dir: None,
+            bin_dir: None,
+            command: "cargo xtask bench".into(),
+        }
+    }
+}
+
+/// What a benchmark gets to work with.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// The run's options.
+    pub opts: &'a BenchOptions,
+    /// The progress display.
+    pub progress: &'a Progress,
+}
+
+/// One benchmark.
+pub trait Benchmark {
+    /// The command-line name.
+    fn name(&self) -> &'static str;
+    /// Measures; a section for the report. Errors only when it could not measure.
+    fn run(&self, ctx: &Context<'_>) -> Result<Section>;
+}
+
+/// The benchmark behind `which`, or why it does not exist yet.
+pub fn benchmark(which: Which) -> Result<Box<dyn Benchmark>, &'static str> {
+    match which {
+        Which::Overlay => Ok(Box::new(overlay::Overlay)),
+        Which::Services => Err("the service dataplanes (iptables, nftables, eBPF) are not in yet"),
+        Which::Cni => Ok(Box::new(cni::Cni)),
+        Which::ControlPlane => Err("it needs the service dataplanes, which are not in yet"),
+        Which::All => Err("`all` is not a single benchmark"),
+    }
+}
+
+/// The outcome of [`run`].
+#[derive(Debug)]
+pub struct Outcome {
+    /// The report directory.
+    pub dir: PathBuf,
+    /// The report.
+    pub report: Report,
+}
+
+/// Runs the benchmark(s), writes the report directory (`report.md`, SVG plots, `results.json`)
+/// and prints the tables. An error if nothing could be measured, a benchmark failed, or the
+/// numbers are not sane; the report is written first whenever there is one.
+pub fn run(opts: &BenchOptions) -> Result<Outcome> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the benchmarks build network namespaces and need root");
+    }
+    if opts.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if opts.which != Which::All
+        && let Err(why) = benchmark(opts.which)
+    {
+        bail!("`bench {}` is not available yet: {why}", opts.which.as_str());
+    }
+    let started = machine::now_secs();
+    let clock = Instant::now();
+    let dir = opts.out_dir.clone().unwrap_or_else(|| {
+        crate::util::workspace_root()
+            .join("bench-report")
+            .join(machine::compact(started))
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+
+    let twilld = twilld_path(opts.bin_dir.as_deref())?;
+    let machine = machine::facts(&twilld);
+    let progress = Progress::new();
+    let ctx = Context {
+        opts,
+        progress: &progress,
+    };
+
+    let wanted: Vec<Which> = if opts.which == Which::All {
+        Which::EACH.to_vec()
+    } else {
+        vec![opts.which]
+    };
+    let mut sections = Vec::new();
+    let mut failures = Vec::new();
+    for which in wanted {
+        let bench = match benchmark(which) {
+            Ok(b) => b,
+            Err(why) if opts.which == Which::All => {
+                progress.note(&format!("bench {}: skipped: {why}", which.as_str()));
+                sections.push(Section {
+                    name: which.as_str().into(),
+                    title: format!("{} (not measured)", which.as_str()),
+                    notes: vec![format!("skipped: {why}")],
+                    ..Section::default()
+                });
+                continue;
+            }
+            Err(why) => bail!("`bench {}` is not available yet: {why}", which.as_str()),
+        };
+        match bench.run(&ctx) {
+            Ok(section) => sections.push(section),
+            Err(e) if twill_tests::interrupted() => return Err(e),
+            Err(e) => {
+                progress.note(&format!("bench {} failed: {e:#}", bench.name()));
+                failures.push(format!("{}: {e:#}", bench.name()));
+            }
+        }
+    }
+
+    for section in &mut sections {
+        for plot in &section.plots {
+            plot::render(plot, &dir)?;
+            section.plot_files.push(plot.file().to_string());
+        }
+    }
+    let report = Report {
+        schema: SCHEMA,
+        started_utc: machine::rfc3339(started),
+        duration_s: clock.elapsed().as_secs_f64(),
+        command: opts.command.clone(),
+        options: serde_json::to_value(opts)?,
+        machine,
+        sections,
+    };
+    write_report(&report, &dir)?;
+    print!("\n{}", report.to_terminal());
+    println!("report: {}", dir.join("report.md").display());
+
+    if !failures.is_empty() {
+        bail!("benchmark(s) failed:\n{}", failures.join("\n"));
+    }
+    let insane = report.sanity_errors();
+    if !insane.is_empty() {
+        bail!("the figures are not sane:\n{}", insane.join("\n"));
+    }
+    Ok(Outcome { dir, report })
+}
+
+/// Writes `report.md` and `results.json` into `dir`.
+pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
+    let md = dir.join("report.md");
+    std::fs::write(&md, report.to_markdown()).with_context(|| format!("write {}", md.display()))?;
+    let json = dir.join("results.json");
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(&json, text + "\n").with_context(|| format!("write {}", json.display()))
+}
+
+/// The twilld binary the rigs will run (checked to exist, so a missing build fails up front).
+fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = match (bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(d)) => PathBuf::from(d),
+        (None, None) => {
+            let exe = std::env::current_exe().context("locate the running executable")?;
+            let dir = exe.parent().context("executable has no directory")?;
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent().context("deps has no parent")?.to_path_buf()
+            } else {
+                dir.to_path_buf()
+            }
+        }
+    };
+    let path = dir.join("twilld");
+    if !path.is_file() {
+        bail!(
+            "twilld not found at {}: build it (cargo build --release -p twill-agent --bin twilld)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

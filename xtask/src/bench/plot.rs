@@ -1,0 +1,342 @@
+//! SVG plots of benchmark results, drawn with plotters' SVG backend alone.
+//!
+//! Two shapes cover what the benchmarks show: grouped bars (a figure per configuration for twill
+//! and its baseline side by side, the whiskers spanning the repetitions' min..max) and empirical
+//! CDFs (a latency distribution per configuration; a CDF shows the median and the tail at once
+//! and overlays cleanly, where histograms of unequal sample counts do not). Plots are data
+//! ([`Plot`]) until [`render`]: benchmarks build them without touching files, and the unit
+//! tests render them into a temporary directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+
+/// A plot to draw into `file` inside the report directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plot {
+    /// Grouped bars.
+    Bars(BarChart),
+    /// Empirical cumulative distributions.
+    Cdf(CdfChart),
+}
+
+impl Plot {
+    /// The file name the plot is written to.
+    pub fn file(&self) -> &str {
+        match self {
+            Plot::Bars(b) => &b.file,
+            Plot::Cdf(c) => &c.file,
+        }
+    }
+}
+
+/// Bars for each group (x) and series (colour).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarChart {
+    /// File name, e.g. `overlay-throughput.svg`.
+    pub file: String,
+    /// Caption.
+    pub title: String,
+    /// Y axis description.
+    pub y_label: String,
+    /// Group labels along x.
+    pub groups: Vec<String>,
+    /// One bar per group per series.
+    pub series: Vec<BarSeries>,
+}
+
+/// One colour of bars.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarSeries {
+    /// Legend entry.
+    pub name: String,
+    /// Per group: the bar (median) and whisker (min, max), or `None` for no bar.
+    pub values: Vec<Option<Bar>>,
+}
+
+/// A bar with its whisker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bar {
+    /// The bar's height.
+    pub value: f64,
+    /// Whisker bottom.
+    pub low: f64,
+    /// Whisker top.
+    pub high: f64,
+}
+
+/// Empirical CDFs on a logarithmic x axis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CdfChart {
+    /// File name.
+    pub file: String,
+    /// Caption.
+    pub title: String,
+    /// X axis description (with unit).
+    pub x_label: String,
+    /// `(legend entry, samples)`; samples must be positive.
+    pub series: Vec<(String, Vec<f64>)>,
+}
+
+const SIZE: (u32, u32) = (960, 540);
+
+/// Colours in series order: twill's first, the baseline's second, then the rest.
+fn colour(i: usize) -> RGBColor {
+    const COLOURS: [RGBColor; 6] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+    ];
+    COLOURS[i % COLOURS.len()]
+}
+
+/// Draws `plot` into `dir`; the path written.
+pub fn render(plot: &Plot, dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(plot.file());
+    match plot {
+        Plot::Bars(b) => draw_bars(b, &path),
+        Plot::Cdf(c) => draw_cdf(c, &path),
+    }
+    .with_context(|| format!("draw {}", path.display()))?;
+    Ok(path)
+}
+
+/// plotters' errors are generic over the backend's; keep their text.
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let top = chart
+        .series
+        .iter()
+        .flat_map(|s| s.values.iter().flatten())
+        .map(|b| b.high.max(b.value))
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max);
+    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    #[expect(clippy::cast_precision_loss, reason = "a handful of groups and series")]
+    let (groups, nseries) = (chart.groups.len() as f64, chart.series.len().max(1) as f64);
+    // Groups sit at integers 0..n, so that plotters puts one x label at each.
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..(groups - 0.5), 0.0..y_max)
+        .map_err(err)?;
+    let labels = chart.groups.clone();
+    ctx.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(chart.groups.len().max(1))
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "checked non-negative and integral"
+                )]
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_label_style(("sans-serif", 14))
+        .y_desc(&chart.y_label)
+        .y_label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+
+    let width = 0.8 / nseries;
+    for (si, series) in chart.series.iter().enumerate() {
+        let c = colour(si);
+        #[expect(clippy::cast_precision_loss, reason = "a handful of series")]
+        let offset = -0.4 + width * (si as f64);
+        let bars: Vec<(f64, Bar)> = series
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(gi, b)| {
+                #[expect(clippy::cast_precision_loss, reason = "a handful of groups")]
+                let x = gi as f64 + offset;
+                b.filter(|b| b.value.is_finite()).map(|b| (x, b))
+            })
+            .collect();
+        ctx.draw_series(bars.iter().map(|(x, b)| {
+            Rectangle::new(
+                [(*x + width * 0.05, 0.0), (*x + width * 0.95, b.value)],
+                c.filled(),
+            )
+        }))
+        .map_err(err)?
+        .label(series.name.clone())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
+        // Whiskers: min..max of the repetitions.
+        let cap = width * 0.15;
+        ctx.draw_series(bars.iter().flat_map(|(x, b)| {
+            let mid = x + width / 2.0;
+            [
+                PathElement::new(vec![(mid, b.low), (mid, b.high)], BLACK.stroke_width(1)),
+                PathElement::new(
+                    vec![(mid - cap, b.low), (mid + cap, b.low)],
+                    BLACK.stroke_width(1),
+                ),
+                PathElement::new(
+                    vec![(mid - cap, b.high), (mid + cap, b.high)],
+                    BLACK.stroke_width(1),
+                ),
+            ]
+        }))
+        .map_err(err)?;
+    }
+    ctx.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let all = || {
+        chart
+            .series
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let lo = all().fold(f64::INFINITY, f64::min);
+    let hi = all().fold(0.0_f64, f64::max);
+    let (mut lo, hi) = if lo.is_finite() && hi > lo {
+        (lo / 1.2, hi * 1.2)
+    } else if lo.is_finite() {
+        (lo / 2.0, lo * 2.0)
+    } else {
+        (0.01, 1.0)
+    };
+    // plotters labels a log axis from the first power of ten inside the range: make sure there
+    // is one.
+    if 10f64.powf(lo.log10().ceil()) > hi {
+        lo = 10f64.powf(lo.log10().floor());
+    }
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
+        .map_err(err)?;
+    ctx.configure_mesh()
+        .x_desc(&chart.x_label)
+        .y_desc("fraction of samples ≤ x")
+        .x_label_formatter(&|x| super::report::fmt_num(*x))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (i, (name, samples)) in chart.series.iter().enumerate() {
+        let c = colour(i);
+        let sorted = super::stats::sorted(samples);
+        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+        let n = sorted.len() as f64;
+        let points: Vec<(f64, f64)> = sorted
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite() && **v > 0.0)
+            .flat_map(|(k, v)| {
+                #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+                let k = k as f64;
+                // A step: up at each sample.
+                [(*v, k / n), (*v, (k + 1.0) / n)]
+            })
+            .collect();
+        ctx.draw_series(LineSeries::new(points, c.stroke_width(2)))
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    ctx.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_both_kinds_as_svg() {
+        let dir = std::env::temp_dir().join(format!("xtask-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bars = Plot::Bars(BarChart {
+            file: "bars.svg".into(),
+            title: "Throughput".into(),
+            y_label: "Gbit/s".into(),
+            groups: vec!["vxlan 1 stream".into(), "host-gw 1 stream".into()],
+            series: vec![
+                BarSeries {
+                    name: "twill".into(),
+                    values: vec![
+                        Some(Bar {
+                            value: 9.0,
+                            low: 8.5,
+                            high: 9.5,
+                        }),
+                        None,
+                    ],
+                },
+                BarSeries {
+                    name: "kernel".into(),
+                    values: vec![
+                        Some(Bar {
+                            value: 10.0,
+                            low: 9.0,
+                            high: 11.0,
+                        }),
+                        Some(Bar {
+                            value: 14.0,
+                            low: 14.0,
+                            high: 14.0,
+                        }),
+                    ],
+                },
+            ],
+        });
+        let cdf = Plot::Cdf(CdfChart {
+            file: "cdf.svg".into(),
+            title: "Latency".into(),
+            x_label: "ms".into(),
+            series: vec![
+                ("twill".into(), vec![0.05, 0.06, 0.07, 0.5]),
+                ("kernel".into(), vec![0.04, 0.05]),
+            ],
+        });
+        for plot in [bars, cdf] {
+            let path = render(&plot, &dir).unwrap();
+            let svg = std::fs::read_to_string(&path).unwrap();
+            assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+            assert!(
+                svg.contains("twill") && svg.contains("kernel"),
+                "legend missing"
+            );
+        }
+        let bars_svg = std::fs::read_to_string(dir.join("bars.svg")).unwrap();
+        assert!(bars_svg.contains("vxlan 1 stream"), "group label missing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

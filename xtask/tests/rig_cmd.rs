@@ -1,0 +1,180 @@
+//! `cargo xtask rig`'s lifecycle through the real binary: `up` leaves a cluster running after it
+//! exits, `exec` reaches nodes and pods and passes exit codes through, `status` reports, and
+//! `down` leaves nothing behind — also after the rig's processes were `kill -9`ed, and after
+//! `up` itself was killed half-way.
+//!
+//! Privileged; uses the debug `twilld` in `target/debug/` (`cargo xtask test` builds it). Each
+//! test names its rig by id, so tests (and other engineers' rigs) never touch each other's.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use twill_tests::state::{RigState, STATE_DIR};
+use twill_tests::{leftovers, require_root};
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run xtask")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_gone(id: &str) {
+    let left = leftovers(id);
+    assert!(left.is_empty(), "rig {id} left:\n{}", left.join("\n"));
+}
+
+/// `rig up` with the debug twilld; the rig id.
+fn up(nodes: &str) -> String {
+    let out = xtask(&[
+        "rig",
+        "up",
+        "--nodes",
+        nodes,
+        "--pods-per-node",
+        "1",
+        "--debug",
+        "--no-build",
+    ]);
+    assert!(out.status.success(), "rig up failed:\n{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("xtask: rig ")?
+                .split_once(" up in ")?
+                .0
+                .into()
+        })
+        .unwrap_or_else(|| panic!("no rig id in:\n{}", text(&out)));
+    id.to_string()
+}
+
+#[test]
+fn up_exec_status_down_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let id = up("2");
+    let state = RigState::load(&id).unwrap();
+    assert!(state.detached, "up must leave a detached rig");
+    // The owner (the xtask process) is gone, yet a sweep leaves the rig alone.
+    assert!(!state.owner_alive());
+    twill_tests::sweep_stale().unwrap();
+    assert!(
+        RigState::load(&id).is_ok(),
+        "a sweep removed a detached rig"
+    );
+    assert!(state.pids.iter().all(twill_tests::state::ProcRecord::alive));
+
+    let status = xtask(&["rig", "status", "--id", &id]);
+    let status_text = text(&status);
+    assert!(status.status.success(), "{status_text}");
+    assert!(status_text.contains("twilld running"), "{status_text}");
+    assert!(status_text.contains("n1p1"), "{status_text}");
+
+    // Node 1's pod reaches node 2's pod (address from the status listing).
+    let peer = status_text
+        .lines()
+        .find(|l| l.trim_start().starts_with("n2p1"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no n2p1 in {status_text}"))
+        .to_string();
+    let ping = xtask(&[
+        "rig", "exec", "--id", &id, "n1p1", "--", "ping", "-c", "1", "-W", "2", &peer,
+    ]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    // Exit codes come through.
+    let f = xtask(&["rig", "exec", "--id", &id, "n1", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(f.status.code(), Some(3), "{}", text(&f));
+
+    let down = xtask(&["rig", "down", "--id", &id]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_gone(&id);
+}
+
+#[test]
+fn down_after_kill_9_of_the_rig_processes() {
+    if !require_root() {
+        return;
+    }
+    let id = up("1");
+    let state = RigState::load(&id).unwrap();
+    for rec in &state.pids {
+        let _ = kill(Pid::from_raw(rec.pid), Signal::SIGKILL);
+    }
+    // SIGKILL is delivered asynchronously.
+    twill_tests::wait_until(Duration::from_secs(10), || {
+        state.pids.iter().all(|p| !p.alive())
+    })
+    .expect("rig processes survived SIGKILL");
+    let status = xtask(&["rig", "status", "--id", &id]);
+    assert!(
+        text(&status).contains("NOT RUNNING"),
+        "status does not notice: {}",
+        text(&status)
+    );
+    let down = xtask(&["rig", "down", "--id", &id]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_gone(&id);
+}
+
+#[test]
+fn down_after_up_was_killed_half_way() {
+    if !require_root() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "rig",
+            "up",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--debug",
+            "--no-build",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until its rig has namespaces and processes, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let found = RigState::list()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.owner_pid == pid && s.pids.iter().any(|p| p.what.starts_with("twilld")));
+        if let Some(s) = found {
+            break s.id;
+        }
+        assert!(Instant::now() < deadline, "rig up never got to twilld");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rig up finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(Path::new(STATE_DIR).join(format!("{id}.json")).exists());
+
+    let down = xtask(&["rig", "down", "--id", &id]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_gone(&id);
+}
