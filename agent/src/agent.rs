@@ -91,6 +91,15 @@ pub struct Options {
     /// Seconds between full resyncs that heal drift.
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
+    /// Service proxy dataplane: `ebpf` (socket-level LB + tc) or `none`.
+    #[arg(long, default_value = "none", value_parser = ["none", "ebpf"])]
+    pub proxy_mode: String,
+    /// This node's name, matched against EndpointSlices' `nodeName` (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// cgroup2 directory the socket-level load balancer attaches to (default: the cgroup2 root).
+    #[arg(long)]
+    pub lb_cgroup: Option<PathBuf>,
     /// Directory for pinned eBPF objects.
     #[arg(long, default_value = "/sys/fs/bpf/twill")]
     pub bpf_pin_dir: PathBuf,
@@ -388,6 +397,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         None
     };
+
+    // Services: a task of its own; the overlay loop below never waits on it.
+    let services = crate::proxy::start(&opts, &up, &devices, &metrics)
+        .await
+        .context("start the service proxy")?;
     if let Some(u) = &udp {
         u.set_table(held.subnets.v4, &[]);
     }
@@ -482,6 +496,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down; the dataplane stays in place");
     cache.abort();
+    if let Some(s) = services {
+        s.abort();
+    }
     for s in servers {
         s.abort();
     }

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod masq;
 pub mod metrics;
 pub mod overlay;
+pub mod proxy;
 pub mod services;
 pub mod store;
 pub mod udp;

@@ -61,7 +61,11 @@ pub struct Metrics {
     inner: Mutex<Inner>,
     counts: Mutex<Option<(String, CountsFn)>>,
     udp: Mutex<Option<UdpCountsFn>>,
+    extra: Mutex<Vec<Renderer>>,
 }
+
+/// A renderer of more Prometheus text (another subsystem's metrics), called at scrape time.
+pub type Renderer = Box<dyn Fn() -> String + Send + Sync>;
 
 #[derive(Default)]
 struct Inner {
@@ -135,6 +139,11 @@ impl Metrics {
     /// Registers the udp backend's counters.
     pub fn set_udp_counts(&self, f: UdpCountsFn) {
         *self.udp.lock().unwrap() = Some(f);
+    }
+
+    /// Appends another subsystem's metrics to every scrape.
+    pub fn add_renderer(&self, f: Renderer) {
+        self.extra.lock().unwrap().push(f);
     }
 
     /// Prometheus text exposition.
@@ -233,6 +242,9 @@ impl Metrics {
         }
         if let Some(f) = &*self.udp.lock().unwrap() {
             render_udp(&mut o, &f());
+        }
+        for f in self.extra.lock().unwrap().iter() {
+            o.push_str(&f());
         }
         o
     }

@@ -628,10 +628,10 @@ mod tests {
 
     #[tokio::test]
     async fn vxlan_three_entries_per_peer_then_nothing_to_do() {
-        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-        let c = cfg(r#"{"Type":"vxlan"}"#);
+        let kernel = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+        let conf = cfg(r#"{"Type":"vxlan"}"#);
         let up = uplink();
-        let devs = ensure_devices(&k, &c, &up).await.unwrap();
+        let devs = ensure_devices(&kernel, &conf, &up).await.unwrap();
         assert!(devs.v4.is_some() && devs.v6.is_some());
         let peers = vec![
             peer(1, "198.18.0.11", 1),
@@ -648,20 +648,23 @@ mod tests {
                 p
             })
             .collect();
-        let ops = reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
-        let s = k.state();
-        assert_eq!(s.routes.len(), 4, "{:?}", s.routes); // 2 peers × 2 families
-        assert_eq!(s.neighs.len(), 4);
-        assert_eq!(s.fdb.len(), 4);
-        let r = s
+        let ops = reconcile(&kernel, &conf, &up, &devs, &own(), &peers)
+            .await
+            .unwrap();
+        let state = kernel.state();
+        assert_eq!(state.routes.len(), 4, "{:?}", state.routes); // 2 peers × 2 families
+        assert_eq!(state.neighs.len(), 4);
+        assert_eq!(state.fdb.len(), 4);
+        let route = state
             .routes
             .iter()
             .find(|r| r.dst.to_string() == "10.244.2.0/24")
             .unwrap();
-        assert_eq!(r.gateway.unwrap().to_string(), "10.244.2.0");
-        assert!(r.onlink);
+        assert_eq!(route.gateway.unwrap().to_string(), "10.244.2.0");
+        assert!(route.onlink);
         assert!(
-            s.fdb
+            state
+                .fdb
                 .iter()
                 .any(|f| f.dst.to_string() == "198.18.0.12" && f.mac == [0x0e, 0, 0, 0, 0, 2])
         );
@@ -673,10 +676,12 @@ mod tests {
                     &|o| matches!(o, Op::ReplaceRoute(r) if r.dst.to_string() == "10.244.2.0/24")
                 )
         );
-        k.take_calls();
-        let ops = reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
+        kernel.take_calls();
+        let ops = reconcile(&kernel, &conf, &up, &devs, &own(), &peers)
+            .await
+            .unwrap();
         assert!(ops.is_empty(), "{ops:?}");
-        assert!(k.take_calls().is_empty());
+        assert!(kernel.take_calls().is_empty());
     }
 
     #[tokio::test]

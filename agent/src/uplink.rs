@@ -75,7 +75,7 @@ pub fn choose(
             }
         })
     }
-    .ok_or_else(|| UplinkError::NoMatch(ifaces.to_vec()))?;
+    .ok_or_else(|| UplinkError::NoMatch(ifaces.clone()))?;
 
     let nets: Vec<IpNet> = addrs
         .iter()

@@ -312,11 +312,17 @@ impl Env {
         }
     }
 
-    /// Starts a TCP and a UDP server answering `<name> peer=<client>` on `addr`.
+    /// Starts a TCP and a UDP server answering `<name> peer=<client>` on `addr`, in the
+    /// backend namespace.
     fn serve(&self, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
+        self.serve_in(&self.backends.clone(), name, ip, tcp_port, udp_port);
+    }
+
+    /// [`serve`](Self::serve) in namespace `ns`.
+    fn serve_in(&self, ns: &str, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
         let ip: IpAddr = ip.parse().unwrap();
         let stop = self.stop.clone();
-        let ns = self.backends.clone();
+        let ns = ns.to_owned();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         thread::spawn(move || {
             join_netns(&ns);
@@ -719,9 +725,15 @@ fn socket_and_tc_load_balancing() {
         );
     }
 
-    // Read-back equals what was applied: a restarted agent plans nothing.
-    let observed = lb.observed().expect("observed");
+    // Read-back equals what was applied: a restarted agent plans nothing. (Like every call that
+    // may refresh the node addresses, `observed` runs in the node namespace.)
+    let (mut lb, observed) = env.on_node(move || {
+        let observed = lb.observed().expect("observed");
+        (lb, observed)
+    });
     assert!(plan(&without, &observed).is_empty(), "{observed:#?}");
+    let stats = lb.gc().expect("gc");
+    eprintln!("gc after removal: {stats:?}");
 
     // Restart: drop without uninstall; the pinned links keep serving.
     drop(lb);
@@ -733,10 +745,12 @@ fn socket_and_tc_load_balancing() {
         &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
     );
     assert_all_ok("nodeport while no agent runs", &replies, 5);
-    let mut lb = env
-        .on_node(|| EbpfLb::open_with(&config))
-        .unwrap_or_else(|err| panic!("reopen: {}", error_chain(&err)));
-    let observed = lb.observed().expect("observed after restart");
+    let (lb, observed) = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config)
+            .unwrap_or_else(|err| panic!("reopen: {}", error_chain(&err)));
+        let observed = lb.observed().expect("observed after restart");
+        (lb, observed)
+    });
     assert!(
         plan(&without, &observed).is_empty(),
         "restart must re-read the programmed services"
@@ -745,9 +759,6 @@ fn socket_and_tc_load_balancing() {
     assert_eq!(links, 8 + 2 * 2, "old links replaced, not added");
     let replies = client(&env.node, cg, &format!("tcp {VIP}:80 5"));
     assert_all_ok("tcp after restart", &replies, 5);
-
-    let stats = lb.gc().expect("gc");
-    eprintln!("gc: {stats:?}");
 
     lb.uninstall().expect("uninstall");
     assert!(!env.pin_dir.exists(), "uninstall removes the pin directory");
@@ -841,6 +852,134 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         remove_tree(&self.0);
     }
+}
+
+/// Pod namespaces behind a bridge in the node namespace; deleted on drop.
+struct Pods(Vec<String>);
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The pod-bridge path (`IfaceRole::Pods`): pods behind a bridge reach a local backend pod
+/// through hairpin SNAT, a remote backend without SNAT (the reply comes back through the uplink
+/// hook), and pods' connected UDP sockets take the tc path even inside the cgroup.
+#[test]
+fn pods_behind_a_bridge() {
+    if !require_root("pods_behind_a_bridge") {
+        return;
+    }
+    let env = Env::new("p");
+    let pid = std::process::id();
+    let pods = Pods(vec![format!("tws{pid}p1"), format!("tws{pid}p2")]);
+    for ns in &pods.0 {
+        run("ip", &["netns", "add", ns]);
+    }
+    let (p1, p2) = (&pods.0[0], &pods.0[1]);
+
+    let mut local = backend("10.253.0.3", 8080);
+    local.node_local = true;
+    let mut local_udp = backend("10.253.0.3", 5353);
+    local_udp.node_local = true;
+    let desired = vec![
+        service(1, FrontendKind::ClusterIp, VIP, 80, Proto::Tcp, vec![local]),
+        service(
+            2,
+            FrontendKind::ClusterIp,
+            VIP,
+            53,
+            Proto::Udp,
+            vec![local_udp],
+        ),
+        service(
+            3,
+            FrontendKind::ClusterIp,
+            "10.96.0.11",
+            80,
+            Proto::Tcp,
+            vec![backend(BE1, 8080)],
+        ),
+    ];
+    // The bridge does not exist yet when the dataplane starts (as `cni0` before the first pod).
+    let mut config = env.config();
+    config.ifaces.push(TcIface::pods("br0"));
+    let first = plan(&desired, &[]);
+    let mut lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    assert_eq!(lb.pending_interfaces(), [TcIface::pods("br0")]);
+    ip_batch(
+        &env.node,
+        &format!(
+            "link add br0 type bridge\naddr add 10.253.0.1/24 dev br0\nlink set br0 up\n\
+             link add vp1 type veth peer name eth0 netns {p1}\nlink set vp1 master br0 up\n\
+             link add vp2 type veth peer name eth0 netns {p2}\nlink set vp2 master br0 up\n"
+        ),
+    );
+    for (ns, ip) in [(p1, "10.253.0.2"), (p2, "10.253.0.3")] {
+        ip_batch(
+            ns,
+            &format!(
+                "link set lo up\nlink set eth0 up\naddr add {ip}/24 dev eth0\n\
+                 route add default via 10.253.0.1\n"
+            ),
+        );
+    }
+    // The backend namespace routes pod addresses back through the node.
+    ip_batch(&env.backends, "route add 10.253.0.0/24 via 10.251.0.1\n");
+    env.serve_in(p2, "pod2", "10.253.0.3", 8080, 5353);
+    env.serve("be1", BE1, 8080, 5353);
+    let lb = env.on_node(move || {
+        assert_eq!(lb.attach_pending().expect("attach pending"), ["br0"]);
+        assert!(lb.pending_interfaces().is_empty());
+        lb
+    });
+    let cg = Some(env.cgroup.as_path());
+
+    // Pod outside the cgroup → local backend pod: hairpin SNAT to the bridge address.
+    let replies = client(p1, None, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("pod to local pod via tc", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
+    assert!(
+        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.1:")),
+        "hairpin SNAT to the bridge address: {replies:?}"
+    );
+
+    // Pod outside the cgroup → backend on another node: no SNAT, the reply is translated at
+    // the uplink's ingress and forwarded to the bridge.
+    let replies = client(p1, None, "tcp 10.96.0.11:80 5");
+    assert_all_ok("pod to remote backend via tc", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == "10.96.0.11:80"));
+    assert!(
+        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")),
+        "no SNAT towards another node: {replies:?}"
+    );
+
+    // Pod in the cgroup: TCP by socket-LB (the backend sees the pod itself) ...
+    let replies = client(p1, cg, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("pod via socket-LB", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
+    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")));
+    // ... connected UDP by the tc path (hairpin SNAT shows it), unconnected UDP by socket-LB.
+    let replies = client(p1, cg, &format!("udpc {VIP}:53 5"));
+    assert_all_ok("pod connected udp", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:53")));
+    assert!(
+        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.1:")),
+        "connected UDP of a pod goes through tc: {replies:?}"
+    );
+    let replies = client(p1, cg, &format!("udp {VIP}:53 5"));
+    assert_all_ok("pod unconnected udp", &replies, 5);
+    assert!(replies.iter().all(|r| r.from == format!("{VIP}:53")));
+    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")));
+
+    lb.uninstall().expect("uninstall");
 }
 
 /// Loads 10 000 services × 10 backends, prints the map memory and the sync time.

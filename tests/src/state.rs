@@ -289,6 +289,8 @@ pub(crate) fn teardown(state: &RigState) -> Vec<anyhow::Error> {
 
     if errors.is_empty() {
         let path = RigState::path_of(&state.id);
+        // A save interrupted by a kill leaves its temporary file behind.
+        let _ = std::fs::remove_file(path.with_extension("json.tmp"));
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != ErrorKind::NotFound
         {
@@ -323,8 +325,10 @@ pub fn leftovers(id: &str) -> Vec<String> {
         left.push(format!("temp dir {}", temp.display()));
     }
     let state = RigState::path_of(id);
-    if state.exists() {
-        left.push(format!("state file {}", state.display()));
+    for f in [state.clone(), state.with_extension("json.tmp")] {
+        if f.exists() {
+            left.push(format!("state file {}", f.display()));
+        }
     }
     // Processes started by the rig name its temp dir on their command line (etcd's data dir,
     // twilld's subnet file).

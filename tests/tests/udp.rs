@@ -41,7 +41,9 @@ fn cluster(n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
 
 fn reach(rig: &Rig, from: &Pod, to: &Pod) {
     let dst: IpAddr = to.ipv4.expect("pod v4").into();
-    let ok = wait_until(UP, || ping(&from.ns, dst, 1).is_ok_and(|s| s.all_received()));
+    let ok = wait_until(UP, || {
+        ping(&from.ns, dst, 1).is_ok_and(|s| s.all_received())
+    });
     if ok.is_err() {
         rig.print_logs();
         panic!(
@@ -92,7 +94,10 @@ fn sample(text: &str, series: &str) -> u64 {
 }
 
 fn drops(text: &str, reason: &str) -> u64 {
-    sample(text, &format!("twill_udp_drops_total{{reason=\"{reason}\"}}"))
+    sample(
+        text,
+        &format!("twill_udp_drops_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// The ifindex of `dev` in `ns` (the number before the name in `ip -o link`).
@@ -228,18 +233,26 @@ fn udp_mtu_sized_df_passes_and_larger_gets_frag_needed() {
     // 1444 + 8 (ICMP) + 20 (IP) = 1472: fits, DF set, crosses the overlay whole.
     let ok = exec(
         &pod.ns,
-        &["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1444", &dst],
+        &[
+            "ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1444", &dst,
+        ],
     )
     .unwrap();
     let text = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success() && text.contains(" 0% packet loss"), "{text}");
+    assert!(
+        ok.status.success() && text.contains(" 0% packet loss"),
+        "{text}"
+    );
     // One byte more: the node answers with ICMP frag-needed, MTU 1472.
     let big = exec(
         &pod.ns,
-        &["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1445", &dst],
+        &[
+            "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1445", &dst,
+        ],
     )
     .unwrap();
-    let text = String::from_utf8_lossy(&big.stdout).to_string() + &String::from_utf8_lossy(&big.stderr);
+    let text =
+        String::from_utf8_lossy(&big.stdout).to_string() + &String::from_utf8_lossy(&big.stderr);
     assert!(
         text.contains("Frag needed") && text.contains("mtu = 1472"),
         "no ICMP frag-needed: {text}"
@@ -266,7 +279,10 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
         }
         s.send_to(&[0x45, 0, 0, 60, 0, 0], target)?;
         let src = Ipv4Addr::from(u32::from(peer_subnet.network()) + 5);
-        s.send_to(&echo_request(src, Ipv4Addr::new(10, 244, 250, 1), 1, 64), target)?;
+        s.send_to(
+            &echo_request(src, Ipv4Addr::new(10, 244, 250, 1), 1, 64),
+            target,
+        )?;
         s.send_to(&echo_request(src, pod1, 2, 0), target)?;
         Ok(())
     })
@@ -275,7 +291,10 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
     in_netns(&rig.underlay_ns(), || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         for _ in 0..5 {
-            s.send_to(&echo_request(Ipv4Addr::new(10, 244, 99, 1), pod1, 3, 64), target)?;
+            s.send_to(
+                &echo_request(Ipv4Addr::new(10, 244, 99, 1), pod1, 3, 64),
+                target,
+            )?;
         }
         Ok(())
     })
@@ -292,7 +311,10 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
             .all(|(r, n)| drops(&now, r) >= drops(&before, r) + n)
     });
     let now = metrics(&rig, 1);
-    assert!(ok.is_ok(), "drops not counted: before\n{before}\nafter\n{now}");
+    assert!(
+        ok.is_ok(),
+        "drops not counted: before\n{before}\nafter\n{now}"
+    );
     assert!(rig.twilld_running(1), "twilld died on garbage");
     full_mesh(&rig, &pods);
 }
@@ -333,7 +355,10 @@ fn udp_kill_and_restart_recovers() {
     assert!(lost < 250, "{lost} of 600 lost across a restart: {text}");
     reach(&rig, &pods[0], &pods[1]);
     reach(&rig, &pods[1], &pods[0]);
-    eprintln!("traffic back {:?} after the restart began", restart.elapsed());
+    eprintln!(
+        "traffic back {:?} after the restart began",
+        restart.elapsed()
+    );
     let again = rig.wait_subnet_file(1, UP).unwrap();
     assert_eq!(again.subnet, facts[0].subnet);
     assert_eq!(
@@ -395,7 +420,10 @@ fn udp_speaks_flannels_wire_format() {
             {
                 return Ok((from, buf[..n].to_vec()));
             }
-            anyhow::ensure!(Instant::now() < deadline, "no echo reply from the twill pod");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no echo reply from the twill pod"
+            );
         }
     })
     .unwrap_or_else(|e| {
@@ -404,7 +432,10 @@ fn udp_speaks_flannels_wire_format() {
     });
     assert_eq!(from, SocketAddr::from((Rig::node_ip(1), 8285)));
     assert_eq!(reply[0], 0x45, "a plain IPv4 packet, no header of ours");
-    assert_eq!(usize::from(u16::from_be_bytes([reply[2], reply[3]])), reply.len());
+    assert_eq!(
+        usize::from(u16::from_be_bytes([reply[2], reply[3]])),
+        reply.len()
+    );
     assert_eq!(&reply[12..16], &pod_ip.octets());
     assert_eq!(&reply[16..20], &flannel_pod.octets());
     assert_eq!(csum(&reply[..20]), 0, "IPv4 header checksum");
@@ -428,15 +459,24 @@ fn iperf(rig: &Rig, from: &Pod, to: &Pod, streams: u32, secs: u32) -> f64 {
     let _ = rig;
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("   retransmits {}", j["end"]["sum_sent"]["retransmits"]);
-    j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e9
 }
 
 #[test]
 #[ignore = "measurement"]
 fn measure_udp_vs_vxlan() {
     let vx = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let secs: u32 = std::env::var("SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let secs: u32 = std::env::var("SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let mut res: Vec<(String, u32, f64)> = Vec::new();
     for _ in 0..rounds {
         for (name, cfg) in [("udp", UDP), ("vxlan", vx)] {
@@ -445,26 +485,66 @@ fn measure_udp_vs_vxlan() {
             for n in 1..=2 {
                 rig.start_twilld(n, &["--metrics-addr", METRICS]).unwrap();
             }
-            let f: Vec<SubnetFacts> = (1..=2).map(|n| rig.wait_subnet_file(n, UP).unwrap()).collect();
-            let pods: Vec<Pod> = (1..=2).map(|n| rig.add_pod(n, &f[n - 1]).unwrap()).collect();
+            let f: Vec<SubnetFacts> = (1..=2)
+                .map(|n| rig.wait_subnet_file(n, UP).unwrap())
+                .collect();
+            let pods: Vec<Pod> = (1..=2)
+                .map(|n| rig.add_pod(n, &f[n - 1]).unwrap())
+                .collect();
             full_mesh(&rig, &pods);
+            let lat = ping(&pods[0].ns, pods[1].ipv4.unwrap(), 20).unwrap();
+            eprintln!("{name} ping: {lat}");
             for streams in [1, 2] {
-                let perf = (std::env::var("PERF").is_ok() && streams == 1 && name == "udp").then(|| {
-                    std::process::Command::new("perf")
-                        .args(["record", "-a", "-g", "-o", "/tmp/udp-perf.data", "--", "sleep", "3"])
-                        .stdout(Stdio::null()).stderr(Stdio::null())
-                        .spawn().unwrap()
-                });
+                let perf =
+                    (std::env::var("PERF").is_ok() && streams == 1 && name == "udp").then(|| {
+                        std::process::Command::new("perf")
+                            .args([
+                                "record",
+                                "-a",
+                                "-g",
+                                "-o",
+                                "/tmp/udp-perf.data",
+                                "--",
+                                "sleep",
+                                "3",
+                            ])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .unwrap()
+                    });
                 let g = iperf(&rig, &pods[0], &pods[1], streams, secs);
-                if let Some(p) = perf { let _ = p.wait_with_output(); }
+                if let Some(p) = perf {
+                    let _ = p.wait_with_output();
+                }
                 eprintln!("{name} P{streams}: {g:.2} Gbit/s");
                 res.push((name.into(), streams, g));
             }
             if name == "udp" {
                 for n in 1..=2 {
                     let ns = rig.node_ns(n);
-                    eprintln!("  n{n} {}", run(&ns, &["ip", "-s", "link", "show", "flannel0"]).unwrap().replace('\n', " | "));
-                    eprintln!("  n{n} {}", run(&ns, &["nstat", "-az", "UdpRcvbufErrors", "UdpSndbufErrors", "UdpInErrors", "TcpRetransSegs"]).unwrap().replace('\n', " | "));
+                    eprintln!(
+                        "  n{n} {}",
+                        run(&ns, &["ip", "-s", "link", "show", "flannel0"])
+                            .unwrap()
+                            .replace('\n', " | ")
+                    );
+                    eprintln!(
+                        "  n{n} {}",
+                        run(
+                            &ns,
+                            &[
+                                "nstat",
+                                "-az",
+                                "UdpRcvbufErrors",
+                                "UdpSndbufErrors",
+                                "UdpInErrors",
+                                "TcpRetransSegs"
+                            ]
+                        )
+                        .unwrap()
+                        .replace('\n', " | ")
+                    );
                 }
                 let m = metrics(&rig, 1);
                 for l in m.lines().filter(|l| l.starts_with("twill_udp_")) {
@@ -479,10 +559,19 @@ fn measure_udp_vs_vxlan() {
     }
     for streams in [1, 2] {
         let med = |n: &str| {
-            let mut v: Vec<f64> = res.iter().filter(|r| r.0 == n && r.1 == streams).map(|r| r.2).collect();
+            let mut v: Vec<f64> = res
+                .iter()
+                .filter(|r| r.0 == n && r.1 == streams)
+                .map(|r| r.2)
+                .collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        eprintln!("P{streams}: udp {:.2} vxlan {:.2} ratio {:.2}", med("udp"), med("vxlan"), med("udp") / med("vxlan"));
+        eprintln!(
+            "P{streams}: udp {:.2} vxlan {:.2} ratio {:.2}",
+            med("udp"),
+            med("vxlan"),
+            med("udp") / med("vxlan")
+        );
     }
 }

@@ -178,3 +178,36 @@ fn down_after_up_was_killed_half_way() {
     assert!(down.status.success(), "{}", text(&down));
     assert_gone(&id);
 }
+
+#[test]
+fn attach_takes_a_detached_rig_back_and_its_drop_tears_down() {
+    if !require_root() {
+        return;
+    }
+    let id = up("2");
+    let rig = twill_tests::Rig::attach(&id).unwrap();
+    assert_eq!(rig.nodes(), 2);
+    assert!(
+        !RigState::load(&id).unwrap().detached,
+        "attached means owned"
+    );
+    // etcd answers through the guard, and a new pod gets the next free name and address.
+    let leases = rig
+        .etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .unwrap();
+    assert_eq!(
+        leases.lines().filter(|l| !l.is_empty()).count(),
+        2,
+        "{leases}"
+    );
+    let facts = twill_facts::SubnetFacts::read(&rig.subnet_file(1)).unwrap();
+    let pod = rig.add_pod(1, &facts).unwrap();
+    assert_eq!(pod.ns, format!("{id}-n1p2"));
+    drop(rig);
+    assert_gone(&id);
+}

@@ -45,7 +45,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cmd {
-        Some(cmd) => rt.block_on(cli::run(cmd)),
+        // A user-facing tool: one line naming what failed, no backtrace, exit status 1.
+        Some(cmd) => {
+            if let Err(e) = rt.block_on(cli::run(cmd)) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         None => rt.block_on(run(opts)),
     }
 }

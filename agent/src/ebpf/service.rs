@@ -20,7 +20,7 @@
 //! - **Incremental, ordered updates.** [`LbDataplane::apply`] touches only the entries of the
 //!   services in the plan. Per service: write new backend slots, replace the Maglev table (one
 //!   atomic hash update), write the service entry, then delete the freed slots; slot choice is
-//!   in [`entries`] (pure, unit-tested). A user-space mirror of what is programmed (everything
+//!   in the private `entries` module (pure, unit-tested). A user-space mirror of what is programmed (everything
 //!   but the Maglev tables) makes unchanged entries cost nothing; it is rebuilt from the maps at
 //!   open and by [`LbDataplane::observed`].
 //! - **Removed endpoints stop at once.** The kernel validates every conntrack and affinity entry
@@ -28,11 +28,15 @@
 //!   next packet (UDP included). `apply` then purges the conntrack and affinity entries of the
 //!   plan's stale backends. Socket-LB state needs no purge for correctness: unconnected UDP picks
 //!   its backend per datagram from the current table, and the `TWL_LB_SOCK` entries only map a
-//!   backend back to its VIP; [`EbpfLb::gc`] clears stale ones off the hot path (the map can be
-//!   large, and one endpoint change must stay in the millisecond range).
+//!   backend back to its VIP; [`EbpfLb::gc`] clears stale ones on every full resync
+//!   (`observed`), off the update path (the map can be large, and one endpoint change must stay
+//!   in the millisecond range).
 //! - **NodePorts need the node's addresses**, which the kernel side looks up in
 //!   `TWL_LB_LADDR`; [`EbpfLb::sync_local_addrs`] fills it from `getifaddrs` in the calling
-//!   thread's network namespace (at open, and on each `apply`; call it on address changes).
+//!   thread's network namespace (at open, on each `apply` and each full resync). Every call
+//!   that may refresh them must run in the node's namespace (true for all of `twilld`).
+//! - Interfaces that do not exist yet (the pod bridge appears with the first pod) stay pending
+//!   and are attached by [`EbpfLb::attach_pending`], which every full resync calls.
 //! - Interfaces and the cgroup are resolved in the calling thread's network namespace and mount
 //!   view: `twilld` runs under `nsenter --net=...`; tests call from a thread that did `setns`.
 //! - Errors: [`EbpfLbError`] names the operation and the object (map and key, program and
@@ -99,6 +103,8 @@ const SOCK_PROGRAMS: [&str; 8] = [
 ];
 /// The tc programs.
 const TC_PROGRAMS: [&str; 3] = [PROG_TC_EXT_INGRESS, PROG_TC_POD_INGRESS, PROG_TC_EGRESS];
+/// Link pin suffixes of an interface's ingress and egress attachments.
+const TC_TAGS: [&str; 2] = ["in", "eg"];
 
 /// What an interface faces; decides the ingress program (and so when flows are SNATed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +371,10 @@ pub struct EbpfLb {
     maps: LbMaps,
     /// Pinned links with their pin paths.
     links: Vec<(PathBuf, PinnedLink)>,
+    /// Configured interfaces that did not exist yet (see [`EbpfLb::attach_pending`]).
+    pending: Vec<TcIface>,
+    /// The global settings last written.
+    settings: LbConfig,
     programmed: StdHashMap<SvcKey, Programmed>,
     ids: StdHashMap<u32, SvcKey>,
 }
@@ -486,6 +496,9 @@ impl EbpfLb {
     /// Loads the embedded object with its maps pinned in `config.pin_dir` (re-using pinned maps
     /// of a previous run), loads and attaches the programs, replaces the links of a previous run,
     /// writes the global settings and the node addresses, and reads back what is programmed.
+    ///
+    /// A configured interface that does not exist yet is left pending (logged), not an error:
+    /// call [`attach_pending`](Self::attach_pending) later. A missing cgroup is an error.
     #[instrument(level = "info", skip_all, fields(pin_dir = %config.pin_dir.display()), err)]
     pub fn open_with(config: &EbpfLbConfig) -> Result<Self, EbpfLbError> {
         let bytes = object();
@@ -549,41 +562,78 @@ impl EbpfLb {
             ebpf,
             maps,
             links: Vec::new(),
+            pending: Vec::new(),
+            settings: LbConfig {
+                host_netns_cookie: netns_cookie()?,
+                flags: 0,
+                pad: 0,
+            },
             programmed: StdHashMap::new(),
             ids: StdHashMap::new(),
         };
-
-        let flags = if config.ifaces.iter().any(|i| i.role == IfaceRole::Pods) {
-            CFG_UDP_CONNECT_VIA_TC
-        } else {
-            0
-        };
-        let settings = LbConfig {
-            host_netns_cookie: netns_cookie()?,
-            flags,
-            pad: 0,
-        };
-        lb.maps
-            .config
-            .set(0, settings, 0)
-            .map_err(map_err("update", MAP_CONFIG, 0))?;
+        lb.write_settings()?;
         lb.sync_local_addrs()?;
         lb.read_back()?;
 
-        let mut pins = BTreeSet::new();
+        // Pins of every configured interface are kept, attached now or not: a missing
+        // interface's old link is defunct anyway, and `attach_pending` replaces it.
+        let mut pins: BTreeSet<PathBuf> = config
+            .ifaces
+            .iter()
+            .flat_map(|iface| TC_TAGS.map(|tag| lb.tc_pin(iface, tag)))
+            .collect();
         if let Some(cgroup) = &config.cgroup {
             lb.attach_cgroup(cgroup, &mut pins)?;
         }
-        for iface in &config.ifaces {
-            lb.attach_tc(iface, &mut pins)?;
-        }
+        lb.pending.clone_from(&config.ifaces);
+        lb.attach_pending()?;
         remove_stale_links(&links_dir, &pins);
         info!(
             services = lb.programmed.len(),
             links = lb.links.len(),
+            pending = ?lb.pending.iter().map(|i| &i.name).collect::<Vec<_>>(),
             "eBPF service dataplane ready"
         );
         Ok(lb)
+    }
+
+    /// Attaches the tc programs to the configured interfaces that did not exist until now
+    /// (the pod bridge appears with the first pod); returns the names attached by this call.
+    /// Cheap when nothing is pending: call it on every resync.
+    pub fn attach_pending(&mut self) -> Result<Vec<String>, EbpfLbError> {
+        let mut attached = Vec::new();
+        for iface in std::mem::take(&mut self.pending) {
+            if nix::net::if_::if_nametoindex(iface.name.as_str()).is_err() {
+                self.pending.push(iface);
+                continue;
+            }
+            self.attach_tc(&iface)?;
+            if iface.role == IfaceRole::Pods {
+                // Pods' connected UDP is left to the tc path only once a pod-facing hook exists.
+                self.settings.flags |= CFG_UDP_CONNECT_VIA_TC;
+                self.write_settings()?;
+            }
+            attached.push(iface.name);
+        }
+        Ok(attached)
+    }
+
+    /// Configured interfaces still waiting for [`attach_pending`](Self::attach_pending).
+    pub fn pending_interfaces(&self) -> &[TcIface] {
+        &self.pending
+    }
+
+    fn write_settings(&mut self) -> Result<(), EbpfLbError> {
+        self.maps
+            .config
+            .set(0, self.settings, 0)
+            .map_err(map_err("update", MAP_CONFIG, 0))
+    }
+
+    fn tc_pin(&self, iface: &TcIface, tag: &str) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("tc_{}_{tag}", iface.name))
     }
 
     /// The pin directory.
@@ -631,18 +681,14 @@ impl EbpfLb {
 
     /// Attaches the tc programs of `iface`'s role at its ingress and egress (TCX, after the
     /// programs already there), replacing the links of a previous run.
-    fn attach_tc(
-        &mut self,
-        iface: &TcIface,
-        pins: &mut BTreeSet<PathBuf>,
-    ) -> Result<(), EbpfLbError> {
+    fn attach_tc(&mut self, iface: &TcIface) -> Result<(), EbpfLbError> {
         let ingress = match iface.role {
             IfaceRole::External => PROG_TC_EXT_INGRESS,
             IfaceRole::Pods => PROG_TC_POD_INGRESS,
         };
         for (program, attach_type, direction, tag) in [
-            (ingress, TcAttachType::Ingress, "ingress", "in"),
-            (PROG_TC_EGRESS, TcAttachType::Egress, "egress", "eg"),
+            (ingress, TcAttachType::Ingress, "ingress", TC_TAGS[0]),
+            (PROG_TC_EGRESS, TcAttachType::Egress, "egress", TC_TAGS[1]),
         ] {
             let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, program)?;
             let attach_err = |source| EbpfError::Attach {
@@ -659,20 +705,16 @@ impl EbpfLb {
                 )
                 .map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
-            let path = self
-                .pin_dir
-                .join(LINKS_DIR)
-                .join(format!("tc_{}_{tag}", iface.name));
+            let path = self.tc_pin(iface, tag);
             let link = FdLink::try_from(link).map_err(|source| EbpfLbError::Link {
                 operation: "convert",
                 path: path.clone(),
                 source: Box::new(source),
             })?;
             let pinned = replace_pin(&path, link)?;
-            self.links.push((path.clone(), pinned));
-            pins.insert(path);
+            self.links.push((path, pinned));
         }
-        debug!(ifname = %iface.name, "tc programs attached");
+        info!(ifname = %iface.name, role = ?iface.role, "tc programs attached");
         Ok(())
     }
 
@@ -703,18 +745,30 @@ impl EbpfLb {
     /// Applies a plan (see [`LbDataplane::apply`]).
     #[instrument(level = "debug", skip_all, fields(upserts = plan.upserts.len(),
         deletes = plan.deletes.len(), stale = plan.stale_backends.len()), err)]
+    ///
+    /// A service the maps cannot hold (id out of range, malformed table) is skipped and
+    /// reported after the rest of the plan is applied, so one bad service does not hold back
+    /// the others; a failing map operation stops at once (the caller re-reads and re-plans).
     pub fn apply_plan(&mut self, plan: &LbPlan) -> Result<(), EbpfLbError> {
         for frontend in &plan.deletes {
             self.delete_key(&entries::frontend_key(frontend))?;
         }
+        let mut rejected = None;
         for svc in &plan.upserts {
-            self.upsert(svc)?;
+            match self.upsert(svc) {
+                Ok(()) => {}
+                Err(err @ EbpfLbError::Entry { .. }) => {
+                    warn!(error = %error_chain(&err), "service not programmed");
+                    rejected.get_or_insert(err);
+                }
+                Err(err) => return Err(err),
+            }
         }
         if !plan.stale_backends.is_empty() {
             self.purge(&plan.stale_backends)?;
         }
         self.sync_local_addrs()?;
-        Ok(())
+        rejected.map_or(Ok(()), Err)
     }
 
     fn upsert(&mut self, svc: &LbService) -> Result<(), EbpfLbError> {
@@ -1171,6 +1225,29 @@ impl EbpfLb {
     }
 }
 
+impl EbpfLb {
+    /// The periodic chores, run on every full resync (`observed`): attach interfaces that have
+    /// appeared, refresh the node addresses, read back, and free stale conntrack/affinity/socket
+    /// entries. Only the read-back can fail the call; the chores log their errors.
+    fn resync(&mut self) -> Result<Vec<LbService>, EbpfLbError> {
+        match self.attach_pending() {
+            Ok(names) if !names.is_empty() => info!(?names, "attached pending interfaces"),
+            Ok(_) => {}
+            Err(err) => warn!(error = %error_chain(&err), "attach pending interfaces"),
+        }
+        if let Err(err) = self.sync_local_addrs() {
+            warn!(error = %error_chain(&err), "refresh node addresses");
+        }
+        let services = self.read_back()?;
+        match self.gc() {
+            Ok(stats) if stats != GcStats::default() => debug!(?stats, "freed stale entries"),
+            Ok(_) => {}
+            Err(err) => warn!(error = %error_chain(&err), "free stale entries"),
+        }
+        Ok(services)
+    }
+}
+
 impl LbDataplane for EbpfLb {
     fn mode(&self) -> &'static str {
         "ebpf"
@@ -1180,8 +1257,29 @@ impl LbDataplane for EbpfLb {
         self.apply_plan(plan).map_err(LbError::from)
     }
 
+    /// Reads back what is programmed; also runs the periodic chores (see `resync`).
     fn observed(&mut self) -> Result<Vec<LbService>, LbError> {
-        self.read_back().map_err(LbError::from)
+        self.resync().map_err(LbError::from)
+    }
+}
+
+/// A dataplane shared between the service loop (which owns one clone) and the agent's metrics
+/// or `dump` (which lock another).
+impl LbDataplane for std::sync::Arc<std::sync::Mutex<EbpfLb>> {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn apply(&mut self, plan: &LbPlan) -> Result<(), LbError> {
+        self.lock()
+            .map_err(|_| LbError::Unavailable("eBPF dataplane lock poisoned".into()))?
+            .apply(plan)
+    }
+
+    fn observed(&mut self) -> Result<Vec<LbService>, LbError> {
+        self.lock()
+            .map_err(|_| LbError::Unavailable("eBPF dataplane lock poisoned".into()))?
+            .observed()
     }
 }
 
@@ -1468,8 +1566,9 @@ mod tests {
 
     #[test]
     fn dataplane_is_send() {
-        fn assert_send<T: Send + 'static>() {}
-        assert_send::<EbpfLb>();
+        fn assert_dataplane<T: LbDataplane>() {}
+        assert_dataplane::<EbpfLb>();
+        assert_dataplane::<std::sync::Arc<std::sync::Mutex<EbpfLb>>>();
     }
 
     /// The embedded object defines every program and map `EbpfLb` looks up (no root needed).

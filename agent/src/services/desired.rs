@@ -1088,7 +1088,10 @@ mod scale {
                 &mut text,
                 format_args!(
                     "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{a}.{b}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{i}, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{port: 8080}}]\n",
-                    (0..10).map(|e| format!("{{addresses: [10.{}.{a}.{b}]}}", 100 + e)).collect::<Vec<_>>().join(", ")
+                    (0..10)
+                        .map(|e| format!("{{addresses: [10.{}.{a}.{b}]}}", 100 + e))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
@@ -1100,36 +1103,57 @@ mod scale {
                 state: BackendState::Ready,
             })
             .collect();
-        let t = Instant::now();
+        let start = Instant::now();
         for _ in 0..10_000 {
             std::hint::black_box(maglev::table(std::hint::black_box(&bs), MAGLEV_M));
         }
-        eprintln!("10k maglev tables of 10 backends: {:?}", t.elapsed());
-        let t = Instant::now();
+        eprintln!("10k maglev tables of 10 backends: {:?}", start.elapsed());
+        let start = Instant::now();
         let objects = parse_manifest(&text).unwrap();
-        eprintln!("parse 20k objects: {:?}", t.elapsed());
-        let t = Instant::now();
+        eprintln!("parse 20k objects: {:?}", start.elapsed());
+        let start = Instant::now();
         let snap = Snapshot::from_objects(objects.clone());
-        eprintln!("clone + index 20k objects: {:?}", t.elapsed());
-        let t = Instant::now();
-        let d = desired(&snap, &NodeIdentity::default());
-        eprintln!("batch desired: {:?} ({} frontends)", t.elapsed(), d.services.len());
-        drop((snap, d));
+        eprintln!("clone + index 20k objects: {:?}", start.elapsed());
+        let start = Instant::now();
+        let batch = desired(&snap, &NodeIdentity::default());
+        eprintln!(
+            "batch desired: {:?} ({} frontends)",
+            start.elapsed(),
+            batch.services.len()
+        );
+        drop((snap, batch));
         let mut state = LbState::new(NodeIdentity::default());
-        let t = Instant::now();
+        let start = Instant::now();
         let dirty = state.reset(objects.clone());
-        eprintln!("desired for 10k services x 10 endpoints: {:?} ({} frontends)", t.elapsed(), dirty.len());
-        let t = Instant::now();
+        eprintln!(
+            "desired for 10k services x 10 endpoints: {:?} ({} frontends)",
+            start.elapsed(),
+            dirty.len()
+        );
+        let start = Instant::now();
         let all = state.desired();
-        let p = crate::services::lb::plan(&all, &[]);
-        eprintln!("full plan: {:?} ({} upserts)", t.elapsed(), p.upserts.len());
-        let Object::EndpointSlice(mut e) = objects[1].clone() else { panic!() };
+        let full = crate::services::lb::plan(&all, &[]);
+        eprintln!(
+            "full plan: {:?} ({} upserts)",
+            start.elapsed(),
+            full.upserts.len()
+        );
+        let Object::EndpointSlice(mut e) = objects[1].clone() else {
+            panic!()
+        };
         e.endpoints.pop();
-        let t = Instant::now();
+        let start = Instant::now();
         let dirty = state.change(vec![Change::Put(Object::EndpointSlice(e))]);
         let d: Vec<LbService> = dirty.iter().filter_map(|k| state.get(k)).collect();
-        let a: Vec<LbService> = dirty.iter().filter_map(|k| all.iter().find(|s| s.frontend.key() == *k).cloned()).collect();
+        let a: Vec<LbService> = dirty
+            .iter()
+            .filter_map(|k| all.iter().find(|s| s.frontend.key() == *k).cloned())
+            .collect();
         let p = crate::services::lb::plan(&d, &a);
-        eprintln!("one endpoint change, recompute + plan: {:?} ({} upserts)", t.elapsed(), p.upserts.len());
+        eprintln!(
+            "one endpoint change, recompute + plan: {:?} ({} upserts)",
+            start.elapsed(),
+            p.upserts.len()
+        );
     }
 }

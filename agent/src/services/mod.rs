@@ -11,6 +11,11 @@
 //! - [`maglev`]: the Maglev table each service carries.
 //! - [`lb`]: the dataplane-facing desired state, [`lb::plan`] (the minimal diff) and the
 //!   [`lb::LbDataplane`] seam with its recording fake.
+//! - [`cli`]: `twilld apply -f`, `twilld delete -f`, `twilld get services`.
+//!
+//! The agent wires it with one call, once it knows the node's name and addresses:
+//! `tokio::spawn(source::run_services(source::EtcdServiceStore::new(client, &prefix), node,
+//! dataplane, resync, metrics))`; `metrics.render()` is appended to `/metrics`.
 
 pub mod cli;
 pub mod desired;

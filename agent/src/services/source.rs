@@ -49,16 +49,16 @@ pub const MAX_TXN_OPS: usize = 128;
 /// Errors of the service source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// An etcd call failed.
-    #[error("etcd {op} {key}: {source}")]
+    /// An etcd call failed. (The client's error is in the message, not chained as a source:
+    /// it is the last link anyway, and `{:#}` would print it twice.)
+    #[error("etcd {op} {key}: {cause}")]
     Etcd {
         /// The call (`get`, `txn`, `watch`, `connect`).
         op: &'static str,
         /// The key or prefix.
         key: String,
-        /// The client's error.
-        #[source]
-        source: etcd_client::Error,
+        /// The client's error (with the gRPC status and the OS error).
+        cause: etcd_client::Error,
     },
     /// A TLS file could not be read.
     #[error("read {path}: {source}")]
@@ -194,7 +194,7 @@ fn etcd(
     key: impl Into<String>,
 ) -> impl FnOnce(etcd_client::Error) -> SourceError {
     let key = key.into();
-    move |source| SourceError::Etcd { op, key, source }
+    move |cause| SourceError::Etcd { op, key, cause }
 }
 
 fn read_file(path: &str) -> Result<Vec<u8>, SourceError> {

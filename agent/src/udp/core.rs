@@ -145,7 +145,7 @@ fn add_carry(a: u64, b: u64) -> u64 {
 impl Csum {
     /// Adds `data` (starting at an even offset of the region).
     #[must_use]
-    pub fn add(self, data: &[u8]) -> Csum {
+    pub fn add_bytes(self, data: &[u8]) -> Csum {
         let mut a = self.0;
         let mut b = 0u64;
         let mut chunks = data.chunks_exact(16);
@@ -156,22 +156,22 @@ impl Csum {
         let rest = chunks.remainder();
         let mut tail = [0u8; 16];
         tail[..rest.len()].copy_from_slice(rest);
-        a = add_carry(a, u64::from_ne_bytes(tail[..8].try_into().expect("8 bytes")));
-        b = add_carry(b, u64::from_ne_bytes(tail[8..].try_into().expect("8 bytes")));
+        a = add_carry(
+            a,
+            u64::from_ne_bytes(tail[..8].try_into().expect("8 bytes")),
+        );
+        b = add_carry(
+            b,
+            u64::from_ne_bytes(tail[8..].try_into().expect("8 bytes")),
+        );
         Csum(add_carry(a, b))
-    }
-
-    /// Adds one big-endian 16-bit word (a pseudo-header field).
-    #[must_use]
-    pub fn add_u16(self, v: u16) -> Csum {
-        self.add(&v.to_be_bytes())
     }
 
     /// The IPv4 pseudo-header of a transport segment of `len` bytes.
     #[must_use]
     pub fn pseudo_v4(self, src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> Csum {
         let l = len.to_be_bytes();
-        self.add(&[
+        self.add_bytes(&[
             src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, proto, l[0], l[1],
         ])
     }
@@ -198,7 +198,7 @@ impl Csum {
 /// The IPv4 header checksum of `hdr` (its checksum field included: 0 means valid when the field
 /// holds the right value, so this both computes — with the field zeroed — and verifies).
 pub fn ipv4_header_checksum(hdr: &[u8]) -> u16 {
-    Csum::default().add(hdr).finish()
+    Csum::default().add_bytes(hdr).finish()
 }
 
 fn set_u16(b: &mut [u8], at: usize, v: u16) {
@@ -371,17 +371,18 @@ impl RouteTable {
             let net = net.trunc();
             let len = net.prefix_len();
             let key = u32::from(net.network());
-            let slot = match t.by_len.iter().position(|(l, _)| *l == len) {
-                Some(i) => i,
-                None => {
+            let slot = t
+                .by_len
+                .iter()
+                .position(|(l, _)| *l == len)
+                .unwrap_or_else(|| {
                     t.by_len.push((len, HashMap::new()));
                     t.by_len.len() - 1
-                }
-            };
+                });
             t.by_len[slot].1.insert(key, SocketAddrV4::new(ip, port));
             t.peers.insert(ip);
         }
-        t.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+        t.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
         t
     }
 
@@ -519,7 +520,7 @@ fn complete_checksum(pkt: &mut [u8], ip: &Ipv4Info, hdr: VnetHdr) -> Result<(), 
     if start < ip.ihl || at + 2 > pkt.len() || start % 2 != 0 {
         return Err(DropReason::Malformed);
     }
-    let mut c = Csum::default().add(&pkt[start..]).finish();
+    let mut c = Csum::default().add_bytes(&pkt[start..]).finish();
     if c == 0 && ip.proto == PROTO_UDP {
         c = 0xffff;
     }
@@ -584,7 +585,11 @@ fn segment(
         o[..hl].copy_from_slice(&pkt[..hl]);
         o[hl..].copy_from_slice(&pkt[hl + start..hl + start + plen]);
         set_u16(o, 2, len_u16(hl + plen));
-        set_u16(o, 4, id0.wrapping_add(u16::try_from(i & 0xffff).expect("masked")));
+        set_u16(
+            o,
+            4,
+            id0.wrapping_add(u16::try_from(i & 0xffff).expect("masked")),
+        );
         fix_ipv4_checksum(&mut o[..ihl]);
         let l4 = len_u16(thl + plen);
         if tcp {
@@ -605,7 +610,7 @@ fn segment(
         }
         let mut c = Csum::default()
             .pseudo_v4(src, dstip, want_proto, l4)
-            .add(&o[ihl..])
+            .add_bytes(&o[ihl..])
             .finish();
         if c == 0 && !tcp {
             c = 0xffff;
@@ -721,7 +726,7 @@ fn coalescable(pkt: &[u8], ip: &Ipv4Info) -> Option<usize> {
     let l4 = len_u16(ip.total - ip.ihl);
     let ok = Csum::default()
         .pseudo_v4(ip.src.octets(), ip.dst.octets(), PROTO_TCP, l4)
-        .add(&pkt[ip.ihl..ip.total])
+        .add_bytes(&pkt[ip.ihl..ip.total])
         .finish()
         == 0;
     ok.then_some(hl)
@@ -806,7 +811,9 @@ impl<'a> Gro<'a> {
             && f[8] == pkt[8] // TTL
             && get_u16(f, 6) == get_u16(pkt, 6) // DF
             && get_u32(f, 28) == get_u32(pkt, 28) // ACK number
+            && f[32] == pkt[32] // data offset, reserved bits, AE
             && get_u16(f, 34) == get_u16(pkt, 34) // window
+            && get_u16(f, 38) == get_u16(pkt, 38) // urgent pointer
             && f[40..hl] == pkt[40..hl]; // options
         if !same
             || get_u32(pkt, 24) != it.next_seq
@@ -927,7 +934,10 @@ mod tests {
             8285,
             [
                 ("10.244.2.0/24".parse().unwrap(), PEER),
-                ("10.244.3.0/24".parse().unwrap(), Ipv4Addr::new(198, 18, 0, 13)),
+                (
+                    "10.244.3.0/24".parse().unwrap(),
+                    Ipv4Addr::new(198, 18, 0, 13),
+                ),
             ],
         )
     }
@@ -966,7 +976,7 @@ mod tests {
         p[52..].copy_from_slice(payload);
         let c = Csum::default()
             .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, len_u16(total - 20))
-            .add(&p[20..])
+            .add_bytes(&p[20..])
             .finish();
         set_u16(&mut p, 36, c);
         p
@@ -1023,7 +1033,7 @@ mod tests {
                     PROTO_TCP,
                     len_u16(p.len() - 20),
                 )
-                .add(&p[20..])
+                .add_bytes(&p[20..])
                 .finish()
                 == 0
     }
@@ -1033,17 +1043,23 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         for len in 0..300 {
             let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-            assert_eq!(Csum::default().add(&data).fold(), naive_sum(&data), "{len}");
+            assert_eq!(
+                Csum::default().add_bytes(&data).fold(),
+                naive_sum(&data),
+                "{len}"
+            );
         }
         // Split at even offsets, the sum is the same.
         let data: Vec<u8> = (0..999).map(|_| rng.random()).collect();
         for cut in (0..data.len()).step_by(2) {
-            let s = Csum::default().add(&data[..cut]).add(&data[cut..]);
+            let s = Csum::default()
+                .add_bytes(&data[..cut])
+                .add_bytes(&data[cut..]);
             assert_eq!(s.fold(), naive_sum(&data));
         }
         // RFC 1071's example.
         let ex = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(Csum::default().add(&ex).fold(), 0xddf2);
+        assert_eq!(Csum::default().add_bytes(&ex).fold(), 0xddf2);
     }
 
     #[test]
@@ -1054,7 +1070,10 @@ mod tests {
             [
                 ("10.244.0.0/16".parse().unwrap(), Ipv4Addr::new(1, 1, 1, 1)),
                 ("10.244.2.0/24".parse().unwrap(), PEER),
-                ("10.244.2.128/25".parse().unwrap(), Ipv4Addr::new(2, 2, 2, 2)),
+                (
+                    "10.244.2.128/25".parse().unwrap(),
+                    Ipv4Addr::new(2, 2, 2, 2),
+                ),
             ],
         );
         assert_eq!(
@@ -1104,7 +1123,11 @@ mod tests {
             Some("198.18.0.12:9999".parse().unwrap())
         );
         assert_eq!(t.lookup("10.244.1.1".parse().unwrap()), None, "own subnet");
-        assert_eq!(t.lookup("10.244.3.1".parse().unwrap()), None, "other backend");
+        assert_eq!(
+            t.lookup("10.244.3.1".parse().unwrap()),
+            None,
+            "other backend"
+        );
     }
 
     #[test]
@@ -1125,7 +1148,9 @@ mod tests {
                 let ip = if let Some((n, _)) = routes.first()
                     && rng.random_bool(0.5)
                 {
-                    Ipv4Addr::from(u32::from(n.network()) | (rng.random::<u32>() & !mask(n.prefix_len())))
+                    Ipv4Addr::from(
+                        u32::from(n.network()) | (rng.random::<u32>() & !mask(n.prefix_len())),
+                    )
                 } else {
                     Ipv4Addr::from(rng.random::<u32>())
                 };
@@ -1172,7 +1197,7 @@ mod tests {
         let sent = &input[VNET_HDR_LEN..];
         let sum = Csum::default()
             .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, 13)
-            .add(&sent[20..])
+            .add_bytes(&sent[20..])
             .fold();
         assert_eq!(sum, 0xffff, "UDP checksum verifies");
 
@@ -1245,8 +1270,11 @@ mod tests {
             };
             let n = rng.random_range(1..=65_535 - 52);
             let data = payload(&mut rng, n);
-            let flags = [TCP_ACK | TCP_PSH, TCP_ACK | TCP_PSH | TCP_FIN, TCP_ACK | TCP_CWR]
-                [round % 3];
+            let flags = [
+                TCP_ACK | TCP_PSH,
+                TCP_ACK | TCP_PSH | TCP_FIN,
+                TCP_ACK | TCP_CWR,
+            ][round % 3];
             let mut input = tso_input(&data, mss, flags);
             let e = encapsulate(&t, 1472, &mut input, &mut out);
             let Encap::Segments {
@@ -1340,7 +1368,7 @@ mod tests {
             assert_eq!(usize::from(get_u16(s, 24)), s.len() - 20);
             let sum = Csum::default()
                 .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, len_u16(s.len() - 20))
-                .add(&s[20..])
+                .add_bytes(&s[20..])
                 .fold();
             assert_eq!(sum, 0xffff);
             joined.extend_from_slice(&s[28..]);
@@ -1353,10 +1381,7 @@ mod tests {
         let t = rx_table();
         let p = tcp_packet(1, TCP_ACK, b"abc", 1);
         assert!(decapsulate(&t, ME, &p).is_ok());
-        assert_eq!(
-            decapsulate(&t, PEER, &p),
-            Err(DropReason::UnknownPeer)
-        );
+        assert_eq!(decapsulate(&t, PEER, &p), Err(DropReason::UnknownPeer));
         assert_eq!(decapsulate(&t, ME, &p[..10]), Err(DropReason::Malformed));
         let mut padded = p.clone();
         padded.push(0);
@@ -1410,8 +1435,7 @@ mod tests {
         input.extend_from_slice(p);
         let mut out = vec![0u8; 256 * 1024];
         let t = table();
-        let Encap::Segments { seg, len, .. } = encapsulate(&t, 65_535, &mut input, &mut out)
-        else {
+        let Encap::Segments { seg, len, .. } = encapsulate(&t, 65_535, &mut input, &mut out) else {
             panic!()
         };
         out[..len].chunks(seg).map(<[u8]>::to_vec).collect()
@@ -1420,66 +1444,69 @@ mod tests {
     #[test]
     fn gro_round_trip_property() {
         // Segment a super-packet, coalesce the segments, segment again: the same packets.
-        let t = table();
-        let rt = rx_table();
+        let tx = table();
+        let rx = rx_table();
         let mut rng = StdRng::seed_from_u64(5);
         let mut out = vec![0u8; 256 * 1024];
         for _ in 0..200 {
             let mss: u16 = rng.random_range(100..=1420);
-            let n = rng.random_range(1..=60_000);
-            let data = payload(&mut rng, n);
+            let size = rng.random_range(1..=60_000);
+            let data = payload(&mut rng, size);
             let mut input = tso_input(&data, mss, TCP_ACK | TCP_PSH);
-            let Encap::Segments { seg, len, count, .. } =
-                encapsulate(&t, 1472, &mut input, &mut out)
+            let Encap::Segments {
+                seg, len, count, ..
+            } = encapsulate(&tx, 1472, &mut input, &mut out)
             else {
                 panic!()
             };
             let segs: Vec<&[u8]> = out[..len].chunks(seg).collect();
-            let mut g = Gro::new();
-            for s in &segs {
-                let ip = decapsulate(&rt, ME, s).unwrap();
-                g.push(s, &ip);
+            let mut gro = Gro::new();
+            for one in &segs {
+                let ip = decapsulate(&rx, ME, one).unwrap();
+                gro.push(one, &ip);
             }
-            assert_eq!(g.len(), 1, "one train, one write");
-            let w = writes(&g);
-            let (h, p) = &w[0];
+            assert_eq!(gro.len(), 1, "one train, one write");
+            let written = writes(&gro);
+            let (hdr, pkt) = &written[0];
             if count == 1 {
-                assert_eq!(h.gso_type, VnetHdr::GSO_NONE);
+                assert_eq!(hdr.gso_type, VnetHdr::GSO_NONE);
             } else {
-                assert_eq!(h.gso_type, VnetHdr::GSO_TCPV4);
-                assert_eq!(h.gso_size, mss);
-                assert_eq!(p.len(), 52 + n);
+                assert_eq!(hdr.gso_type, VnetHdr::GSO_TCPV4);
+                assert_eq!(hdr.gso_size, mss);
+                assert_eq!(pkt.len(), 52 + size);
             }
-            let again = kernel_segment(*h, p);
+            let again = kernel_segment(*hdr, pkt);
             assert_eq!(again.len(), segs.len());
-            for (a, b) in again.iter().zip(&segs) {
-                assert_eq!(&a[..], *b);
+            for (got, want) in again.iter().zip(&segs) {
+                assert_eq!(&got[..], *want);
             }
         }
     }
 
     #[test]
     fn gro_keeps_order_and_refuses_what_does_not_fit() {
-        let rt = rx_table();
-        let a = tcp_packet(100, TCP_ACK, &[1; 100], 1);
-        let b = tcp_packet(200, TCP_ACK, &[2; 100], 2);
+        let rx = rx_table();
+        let first = tcp_packet(100, TCP_ACK, &[1; 100], 1);
+        let second = tcp_packet(200, TCP_ACK, &[2; 100], 2);
         let gap = tcp_packet(400, TCP_ACK, &[3; 100], 3);
         let pure_ack = tcp_packet(500, TCP_ACK, &[], 4);
-        let c = tcp_packet(500, TCP_ACK, &[4; 50], 5);
-        let d = tcp_packet(550, TCP_ACK, &[5; 50], 6); // merges: c set the segment size
+        let short1 = tcp_packet(500, TCP_ACK, &[4; 50], 5);
+        let short2 = tcp_packet(550, TCP_ACK, &[5; 50], 6); // merges: short1 set the segment size
         let mut bad = tcp_packet(600, TCP_ACK, &[6; 50], 7);
         bad[60] ^= 0xff; // payload corrupted: checksum fails
         let syn = tcp_packet(650, 0x02, &[], 8);
-        let pkts = [&a, &b, &gap, &pure_ack, &c, &d, &bad, &syn];
-        let mut g = Gro::new();
-        for p in pkts {
-            let ip = decapsulate(&rt, ME, p).unwrap();
-            g.push(p, &ip);
+        let pkts = [
+            &first, &second, &gap, &pure_ack, &short1, &short2, &bad, &syn,
+        ];
+        let mut gro = Gro::new();
+        for pkt in pkts {
+            let ip = decapsulate(&rx, ME, pkt).unwrap();
+            gro.push(pkt, &ip);
         }
-        let w = writes(&g);
-        let seqs: Vec<(u32, usize, u8)> = w
+        let written = writes(&gro);
+        let seqs: Vec<(u32, usize, u8)> = written
             .iter()
-            .map(|(h, p)| (get_u32(p, 24), p.len() - 52, h.gso_type))
+            .map(|(hdr, pkt)| (get_u32(pkt, 24), pkt.len() - 52, hdr.gso_type))
             .collect();
         assert_eq!(
             seqs,
@@ -1493,12 +1520,15 @@ mod tests {
             ]
         );
         // The merged head is a valid IPv4 header with a partial TCP checksum.
-        let (h, p) = &w[0];
-        assert_eq!(ipv4_header_checksum(&p[..20]), 0);
-        assert_eq!(usize::from(get_u16(p, 2)), p.len());
-        assert_eq!((h.csum_start, h.csum_offset, h.gso_size), (20, 16, 100));
-        let fixed = kernel_segment(*h, p);
-        assert_eq!(fixed, vec![a.clone(), b.clone()]);
+        let (hdr, pkt) = &written[0];
+        assert_eq!(ipv4_header_checksum(&pkt[..20]), 0);
+        assert_eq!(usize::from(get_u16(pkt, 2)), pkt.len());
+        assert_eq!(
+            (hdr.csum_start, hdr.csum_offset, hdr.gso_size),
+            (20, 16, 100)
+        );
+        let fixed = kernel_segment(*hdr, pkt);
+        assert_eq!(fixed, vec![first.clone(), second.clone()]);
     }
 
     #[test]
@@ -1510,8 +1540,13 @@ mod tests {
         set_u16(&mut b1, 20, 40001);
         set_u16(&mut b1, 36, 0);
         let c = Csum::default()
-            .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, len_u16(b1.len() - 20))
-            .add(&b1[20..])
+            .pseudo_v4(
+                SRC.octets(),
+                DST.octets(),
+                PROTO_TCP,
+                len_u16(b1.len() - 20),
+            )
+            .add_bytes(&b1[20..])
             .finish();
         set_u16(&mut b1, 36, c);
         let a2 = tcp_packet(64, TCP_ACK | TCP_PSH, &[3; 64], 2);
@@ -1525,7 +1560,10 @@ mod tests {
         let w = writes(&g);
         assert_eq!(w.len(), 3);
         assert_eq!(w[0].1.len(), 52 + 128);
-        assert!(w[0].1[33] & TCP_PSH != 0, "PSH of the last merged segment kept");
+        assert!(
+            w[0].1[33] & TCP_PSH != 0,
+            "PSH of the last merged segment kept"
+        );
         assert_eq!(w[1].1, b1);
         assert_eq!(w[2].1, u);
     }

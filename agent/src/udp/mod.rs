@@ -175,7 +175,8 @@ impl Running {
     }
 
     fn healthy(&self) -> bool {
-        !self.shared.broken.load(Ordering::Relaxed) && !self.threads.iter().any(|t| t.is_finished())
+        !self.shared.broken.load(Ordering::Relaxed)
+            && !self.threads.iter().any(JoinHandle::is_finished)
     }
 }
 
@@ -204,10 +205,7 @@ impl std::fmt::Debug for UdpBackend {
 /// Opens `spec.workers` queues of the device, creating it (persistent) if needed. A device of
 /// that name that cannot take our queues (another kind, or a TUN without multi-queue, such as
 /// flannel's) is deleted and made anew.
-async fn open_queues<K: Kernel>(
-    k: &K,
-    spec: &Spec,
-) -> Result<(Vec<TunQueue>, Offloads), UdpError> {
+async fn open_queues<K: Kernel>(k: &K, spec: &Spec) -> Result<(Vec<TunQueue>, Offloads), UdpError> {
     let first = match TunQueue::open(&spec.name) {
         Ok(q) => q,
         Err(UdpError::Syscall { source, .. })
@@ -269,6 +267,11 @@ impl UdpBackend {
             .collect::<Result<Vec<_>, _>>()?;
         self.offloads = offloads;
         self.gro = socks.iter().all(UdpSocket::gro);
+        if socks.len() > 1
+            && let Err(e) = socks[0].spread_by_inner_flow(socks.len())
+        {
+            tracing::warn!(error = %e, "cannot steer datagrams by inner flow; a peer's traffic stays on one worker");
+        }
         // SAFETY: plain eventfd(2); the result is checked.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -399,5 +402,140 @@ impl Drop for UdpBackend {
         if let Some(r) = self.running.take() {
             r.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fake::FakeKernel;
+    use crate::kernel::{LinkInfo, Route};
+    use crate::lease::{LeaseAttrs, LeaseSubnets};
+    use ipnet::IpNet;
+
+    const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+    fn uplink() -> Uplink {
+        Uplink {
+            index: 2,
+            name: "eth0".into(),
+            mtu: 1500,
+            public_v4: Some("198.18.0.11".parse().unwrap()),
+            public_v6: None,
+            nets: vec!["198.18.0.11/24".parse().unwrap()],
+        }
+    }
+
+    fn lease(n: u8) -> Lease {
+        Lease {
+            subnets: LeaseSubnets {
+                v4: Some(format!("10.244.{n}.0/24").parse().unwrap()),
+                v6: None,
+            },
+            attrs: LeaseAttrs {
+                public_ip: Some(format!("198.18.0.{}", 10 + n).parse().unwrap()),
+                public_ipv6: None,
+                backend_type: "udp".into(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn spec_and_config_checks() {
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let spec = Spec::new(&cfg, &uplink()).unwrap();
+        assert_eq!(spec.name, "flannel0");
+        assert_eq!(spec.mtu, 1472);
+        assert_eq!(spec.max_packet, 1472);
+        assert_eq!(spec.bind.to_string(), "198.18.0.11:8285");
+        assert!(spec.workers >= 1);
+        assert!(check_config(&cfg).is_ok());
+        let dual = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"udp","Port":9999}}"#,
+        )
+        .unwrap();
+        let err = check_config(&dual).unwrap_err().to_string();
+        assert!(
+            err.contains("IPv4 only") && err.contains("EnableIPv6"),
+            "{err}"
+        );
+        let mut up = uplink();
+        up.public_v4 = None;
+        assert!(Spec::new(&cfg, &up).is_err());
+    }
+
+    #[tokio::test]
+    async fn tun_gets_address_and_network_route_from_the_reconciler() {
+        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let up = uplink();
+        // No device yet: the overlay cannot go on without the backend's TUN.
+        assert!(overlay::ensure_devices(&k, &cfg, &up).await.is_err());
+        // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left.
+        k.tamper(|s| {
+            s.links.push(LinkInfo {
+                index: 50,
+                name: TUN_NAME.into(),
+                mac: None,
+                mtu: 1500,
+                up: false,
+                vxlan: None,
+            });
+            s.routes.insert(Route {
+                dst: "10.244.3.0/24".parse().unwrap(),
+                gateway: Some("10.244.3.0".parse().unwrap()),
+                oif: 9,
+                onlink: true,
+            });
+        });
+        let devs = overlay::ensure_devices(&k, &cfg, &up).await.unwrap();
+        assert_eq!(devs.v4.as_ref().unwrap().index, 50);
+        assert!(devs.v6.is_none());
+        assert!(
+            k.take_calls()
+                .iter()
+                .any(|c| c.contains("set_up") && c.contains("1472"))
+        );
+        let own = lease(1).subnets;
+        let peers = [lease(1), lease(2), lease(3)];
+        overlay::reconcile(&k, &cfg, &up, &devs, &own, &peers)
+            .await
+            .unwrap();
+        let s = k.state();
+        let on_tun: Vec<String> = s
+            .addrs
+            .iter()
+            .filter(|a| a.ifindex == 50)
+            .map(|a| a.net.to_string())
+            .collect();
+        assert_eq!(on_tun, ["10.244.1.0/32"]);
+        let routes: Vec<&Route> = s
+            .routes
+            .iter()
+            .filter(|r| matches!(r.dst, IpNet::V4(_)))
+            .collect();
+        assert_eq!(
+            routes,
+            [&Route {
+                dst: "10.244.0.0/16".parse().unwrap(),
+                gateway: None,
+                oif: 50,
+                onlink: false,
+            }],
+            "one route for the Network, none per peer, the stale one gone"
+        );
+        k.take_calls();
+        let ops = overlay::reconcile(&k, &cfg, &up, &devs, &own, &peers)
+            .await
+            .unwrap();
+        assert!(ops.is_empty(), "{ops:?}");
+        // flannel's udp lease: no BackendData.
+        assert_eq!(
+            overlay::lease_attrs(&cfg, &up, &devs).to_json(),
+            r#"{"PublicIP":"198.18.0.11","BackendType":"udp"}"#
+        );
     }
 }

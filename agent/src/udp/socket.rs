@@ -72,6 +72,10 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
     )
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "16 bytes; try_from is not const"
+)]
 const SOCKADDR_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
 
 impl UdpSocket {
@@ -135,6 +139,76 @@ impl UdpSocket {
             }
         }
         Ok(UdpSocket { fd, gro })
+    }
+
+    /// Makes the kernel pick the socket of an incoming datagram among the `n` sockets of this
+    /// socket's `SO_REUSEPORT` group by the *inner* packet's flow (addresses and ports of the
+    /// encapsulated IPv4 packet), with a classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`,
+    /// Linux ≥ 4.5).
+    ///
+    /// flannel's framing has no entropy of its own: everything from one peer comes from the same
+    /// `PublicIP:8285` to the same port, so the default 4-tuple hash sends all of it to one
+    /// socket and one worker. Hashing the inner flow spreads a peer's flows over the workers
+    /// while every flow stays on one worker (no reordering). The program sees the datagram from
+    /// the end of the UDP header; a GRO train is steered by its first packet (all one flow).
+    pub fn spread_by_inner_flow(&self, n: usize) -> io::Result<()> {
+        // Classic BPF encodings (linux/filter.h).
+        const LDX_B_MSH: u16 = 0xb1; // X = 4 * (P[k] & 0xf)
+        const LD_W_IND: u16 = 0x40; // A = P[X + k] (32 bits)
+        const LD_W_ABS: u16 = 0x20; // A = P[k] (32 bits)
+        const ST: u16 = 0x02; // M[k] = A
+        const LD_MEM: u16 = 0x60; // A = M[k]
+        const TAX: u16 = 0x07; // X = A
+        const XOR_X: u16 = 0xac; // A ^= X
+        const RSH_K: u16 = 0x74; // A >>= k
+        const MOD_K: u16 = 0x94; // A %= k
+        const RET_A: u16 = 0x16; // return A
+        let n = u32::try_from(n.max(1)).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let op = |code: u16, k: u32| libc::sock_filter {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let mut prog = [
+            op(LDX_B_MSH, 0), // X = inner IHL in bytes
+            op(LD_W_IND, 0),  // A = inner source and destination ports
+            op(ST, 0),
+            op(LD_W_ABS, 12), // A = inner source address
+            op(TAX, 0),
+            op(LD_W_ABS, 16), // A = inner destination address
+            op(XOR_X, 0),
+            op(TAX, 0),
+            op(LD_MEM, 0),
+            op(XOR_X, 0), // A = addresses ^ ports
+            op(TAX, 0),
+            op(RSH_K, 16),
+            op(XOR_X, 0), // A ^= A >> 16
+            op(TAX, 0),
+            op(RSH_K, 8),
+            op(XOR_X, 0), // A ^= A >> 8
+            op(MOD_K, n),
+            op(RET_A, 0),
+        ];
+        let fprog = libc::sock_fprog {
+            len: u16::try_from(prog.len()).expect("short program"),
+            filter: prog.as_mut_ptr(),
+        };
+        // SAFETY: a sock_fprog pointing at `prog`, both alive across the call.
+        let r = unsafe {
+            libc::setsockopt(
+                self.raw(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_REUSEPORT_CBPF,
+                (&raw const fprog).cast(),
+                libc::socklen_t::try_from(size_of::<libc::sock_fprog>()).expect("small"),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Whether `UDP_GRO` is on.
@@ -342,8 +416,9 @@ impl Receiver {
                     c = libc::CMSG_NXTHDR(&raw const h.msg_hdr, c);
                 }
             }
-            let src = (usize::try_from(h.msg_hdr.msg_namelen).ok() == Some(size_of::<libc::sockaddr_in>()))
-                .then(|| from_sockaddr(&self.names[i]));
+            let src = (usize::try_from(h.msg_hdr.msg_namelen).ok()
+                == Some(size_of::<libc::sockaddr_in>()))
+            .then(|| from_sockaddr(&self.names[i]));
             self.got[i] = Received {
                 len: h.msg_len as usize,
                 src,

@@ -160,7 +160,8 @@ impl TunQueue {
 
     /// Writes one packet gathered from `iov` (virtio-net header first).
     pub fn writev(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
-        let cnt = libc::c_int::try_from(iov.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let cnt = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
         let n = unsafe { libc::writev(self.raw(), iov.as_ptr().cast::<libc::iovec>(), cnt) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())

@@ -4,8 +4,8 @@
 //! - It is `#![no_std]` and dependency-free so that the kernel side can build it for
 //!   `bpfel-unknown-none`; the `user` feature adds the `aya::Pod` impls user space needs to read
 //!   maps, without pulling aya into the eBPF build.
-//! - Every map value is `#[repr(C)]`, `Copy`, with explicit padding fields (none needed so far)
-//!   and no `bool`, so both sides agree on the layout byte for byte; the layout is pinned by
+//! - Every map key and value is `#[repr(C)]`, `Copy`, with explicit padding fields and no
+//!   `bool`, so both sides agree on the layout byte for byte; the layout is pinned by
 //!   compile-time size assertions.
 //! - Map, program and slot names live here, next to the types, so that a rename on one side is a
 //!   compile error on the other rather than a "map not found" at load time.

@@ -636,7 +636,10 @@ impl RevNatValue {
 
 /// 64-bit mixer (splitmix64's finaliser): spreads socket cookies and 5-tuple sums over the
 /// Maglev table. Shared so user space and tests can predict the kernel's choice.
-#[expect(clippy::inline_always, reason = "called from BPF programs, where calls are costly")]
+#[expect(
+    clippy::inline_always,
+    reason = "called from BPF programs, where calls are costly"
+)]
 #[inline(always)]
 pub const fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
@@ -649,7 +652,10 @@ pub const fn mix64(mut x: u64) -> u64 {
 /// Maglev entry for a hash: the low 32 bits scaled to `0..MAGLEV_M` (multiply and shift, as in
 /// Lemire's range reduction). Not `hash % M`: the verifier loses the bounds of a 64-bit modulo
 /// and then rejects the table access, while it tracks a multiply by a constant and a shift.
-#[expect(clippy::inline_always, reason = "called from BPF programs, where calls are costly")]
+#[expect(
+    clippy::inline_always,
+    reason = "called from BPF programs, where calls are costly"
+)]
 #[inline(always)]
 pub const fn maglev_index(hash: u64) -> usize {
     (((hash & 0xffff_ffff) * MAGLEV_M as u64) >> 32) as usize

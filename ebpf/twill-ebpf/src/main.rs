@@ -10,6 +10,10 @@
 //! - Programs return `TCX_NEXT` (-1, the same value as legacy `TC_ACT_UNSPEC`): a counter must
 //!   never decide a packet's fate, so it lets the next TCX program (or the default action, pass)
 //!   decide. `TC_ACT_OK` would be a final verdict that skips programs attached after ours.
+//! - The service load balancer (socket-LB on a cgroup, tc with conntrack, Maglev) is the `lb`
+//!   module; its maps and names are shared through `twill_common::service`. Every loader of
+//!   this object creates all of its maps, so the LB maps are declared tiny and sized by
+//!   `EbpfLb` when it loads them.
 //! - Counters live in a `PERCPU_ARRAY` indexed by direction: per-CPU slots need no atomics, and
 //!   one object per interface (the agent loads one per attachment) keeps interfaces apart.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]

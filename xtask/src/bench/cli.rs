@@ -99,7 +99,17 @@ pub fn main(args: &BenchArgs) -> Result<()> {
     };
     if !args.no_build {
         let mut build = cargo();
-        build.args(["build", "-p", "twill-agent", "--bin", "twilld"]);
+        build.args([
+            "build",
+            "-p",
+            "twill-agent",
+            "--bin",
+            "twilld",
+            "-p",
+            "twill-cni",
+            "--bin",
+            "twill-cni",
+        ]);
         if !args.debug {
             build.arg("--release");
         }

@@ -42,7 +42,14 @@ pub fn facts(twilld: &Path) -> Machine {
         load_avg,
         iperf3: first_line(probe("iperf3", &["--version"])),
         etcd: first_line(probe("etcd", &["--version"])),
-        twilld: twilld.display().to_string(),
+        twilld: std::fs::metadata(twilld)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or_else(
+                || twilld.display().to_string(),
+                |d| format!("{} (built {})", twilld.display(), rfc3339(d.as_secs())),
+            ),
         git,
     }
 }

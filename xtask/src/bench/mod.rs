@@ -5,9 +5,9 @@
 //! - Every benchmark is a [`Benchmark`]: it gets a [`Context`] (options, progress display, the
 //!   twilld binary) and returns a [`report::Section`]. The runner owns everything around it:
 //!   machine facts, the report directory, plots, the terminal table, `results.json` and the
-//!   sanity check. `services`, `cni` and `control-plane` plug in as one module and one line in
-//!   [`benchmark`] each, once their dataplanes exist; until then `bench all` says they were
-//!   skipped and why.
+//!   sanity check. A benchmark plugs in as one module and one line in [`benchmark`] (`cni` did;
+//!   `services` and `control-plane` will once their dataplanes exist); until then `bench all`
+//!   says they were skipped and why.
 //! - Benchmarks are not timed tests (STYLE.md): a missed target is reported, not a failure. A run
 //!   fails only when it could not measure (a rig that does not come up, a tool that errors) or
 //!   when its numbers are not sane (zero, NaN) — what the CI smoke run checks.
@@ -198,7 +198,10 @@ pub fn run(opts: &BenchOptions) -> Result<Outcome> {
     if opts.which != Which::All
         && let Err(why) = benchmark(opts.which)
     {
-        bail!("`bench {}` is not available yet: {why}", opts.which.as_str());
+        bail!(
+            "`bench {}` is not available yet: {why}",
+            opts.which.as_str()
+        );
     }
     let started = machine::now_secs();
     let clock = Instant::now();

@@ -148,7 +148,7 @@ fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
                 String::new()
             }
         })
-        .x_label_style(("sans-serif", 14))
+        .x_label_style(("sans-serif", 13))
         .y_desc(&chart.y_label)
         .y_label_style(("sans-serif", 14))
         .draw()
@@ -240,7 +240,7 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
     ctx.configure_mesh()
         .x_desc(&chart.x_label)
         .y_desc("fraction of samples ≤ x")
-        .x_label_formatter(&|x| super::report::fmt_num(*x))
+        .x_label_formatter(&|x| log_label(*x))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
@@ -275,9 +275,33 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
     root.present().map_err(err)
 }
 
+/// A log axis label: 1, 2 and 5 times a power of ten, without trailing zeros; nothing for the
+/// other grid lines (plotters puts one at every integer multiple, too dense to read).
+fn log_label(x: f64) -> String {
+    if !(x.is_finite() && x > 0.0) {
+        return String::new();
+    }
+    let decade = 10f64.powf(x.log10().floor());
+    let mantissa = (x / decade).round();
+    if ![1.0, 2.0, 5.0].contains(&mantissa) || ((x / decade) - mantissa).abs() > 1e-6 {
+        return String::new();
+    }
+    let text = format!("{x:.6}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_axis_labels() {
+        assert_eq!(log_label(0.1), "0.1");
+        assert_eq!(log_label(2.0), "2");
+        assert_eq!(log_label(50.0), "50");
+        assert_eq!(log_label(3.0), "");
+        assert_eq!(log_label(0.02), "0.02");
+    }
 
     #[test]
     fn renders_both_kinds_as_svg() {

@@ -1,0 +1,143 @@
+//! The service proxy inside the agent: which dataplane (`--proxy-mode`), opened on which
+//! interfaces and cgroup, fed by the standalone etcd source.
+//!
+//! The overlay loop in [`crate::agent`] and this loop share nothing but the process: the service
+//! loop runs on its own task, never blocks the overlay, and keeps the dataplane it has while etcd
+//! is away (the source's contract).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+
+use crate::agent::Options;
+use crate::ebpf::{EbpfLb, TcIface};
+use crate::metrics::Metrics;
+use crate::overlay::{Devices, Uplink};
+use crate::services::desired::NodeIdentity;
+use crate::services::source::{EtcdServiceStore, ServiceMetrics, run_services};
+use crate::store::EtcdTls;
+
+/// The default cgroup for socket-level load balancing: the cgroup2 root, so every process of
+/// the node is balanced (mounted at `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn default_cgroup() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+/// The node's name for EndpointSlice locality: `--node-name`, else the host name.
+pub fn node_name(opts: &Options) -> String {
+    opts.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "localhost".to_string(), |h| h.trim().to_string())
+    })
+}
+
+/// How often interfaces that do not exist yet (the pod bridge, created with the first pod) are
+/// looked for.
+const PENDING_POLL: Duration = Duration::from_secs(1);
+
+/// Attaches the tc programs to configured interfaces as soon as they appear, then stops.
+///
+/// The pod bridge appears with the node's first pod, usually just after the agent started; until
+/// its hooks exist, pods whose sockets are outside the LB cgroup (and pods' connected UDP) reach
+/// no service at all, so waiting for the next full resync (`--resync-interval`) is too late.
+/// The node's addresses are refreshed on the tick of the attach and the one after it, so a
+/// NodePort on the bridge's gateway address (assigned just after the bridge is created) works
+/// at once too.
+async fn attach_when_present(lb: Arc<Mutex<EbpfLb>>) {
+    let mut tick = tokio::time::interval(PENDING_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh_addrs = 0u8;
+    loop {
+        tick.tick().await;
+        let Ok(mut lb) = lb.lock() else {
+            return;
+        };
+        match lb.attach_pending() {
+            Ok(names) if !names.is_empty() => {
+                tracing::info!(?names, "attached pending interfaces");
+                refresh_addrs = 2;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "attach pending interfaces"),
+        }
+        if refresh_addrs > 0 {
+            refresh_addrs -= 1;
+            if let Err(e) = lb.sync_local_addrs() {
+                tracing::warn!(error = %e, "refresh node addresses");
+            }
+        }
+        if lb.pending_interfaces().is_empty() && refresh_addrs == 0 {
+            return;
+        }
+    }
+}
+
+/// Opens the dataplane `--proxy-mode` names and spawns the service loop; `None` when the mode is
+/// `none`.
+pub async fn start(
+    opts: &Options,
+    up: &Uplink,
+    devices: &Devices,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    if opts.proxy_mode == "none" {
+        return Ok(None);
+    }
+    let mut ifaces = vec![TcIface::external(&up.name), TcIface::pods("cni0")];
+    for dev in [&devices.v4, &devices.v6].into_iter().flatten() {
+        ifaces.push(TcIface::external(&dev.name));
+    }
+    let pin_dir = opts.bpf_pin_dir.join("lb");
+    let cgroup = opts.lb_cgroup.clone().unwrap_or_else(default_cgroup);
+    let lb = tokio::task::spawn_blocking({
+        let (pin_dir, cgroup) = (pin_dir.clone(), cgroup.clone());
+        move || EbpfLb::open(&pin_dir, &cgroup, &ifaces)
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "open the eBPF service dataplane (pins {}, cgroup {})",
+            pin_dir.display(),
+            cgroup.display()
+        )
+    })?;
+    // The node name decides which endpoints are local (`externalTrafficPolicy: Local`, hairpin
+    // SNAT): logged, since a wrong one (the host name where EndpointSlices say otherwise) only
+    // shows as failing connections.
+    let name = node_name(opts);
+    tracing::info!(pins = %pin_dir.display(), cgroup = %cgroup.display(), node = %name, "eBPF service dataplane ready");
+    let pending = !lb.pending_interfaces().is_empty();
+    let shared = Arc::new(Mutex::new(lb));
+    if pending {
+        tokio::spawn(attach_when_present(shared.clone()));
+    }
+    let tls = EtcdTls {
+        ca_file: opts.etcd_cafile.clone(),
+        cert_file: opts.etcd_certfile.clone(),
+        key_file: opts.etcd_keyfile.clone(),
+    };
+    let store = EtcdServiceStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls)
+        .await
+        .context("connect the service source to etcd")?;
+    let node = NodeIdentity {
+        name,
+        addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
+    };
+    let svc_metrics = Arc::new(ServiceMetrics::default());
+    let render = svc_metrics.clone();
+    metrics.add_renderer(Box::new(move || render.render()));
+    let resync = Duration::from_secs(opts.resync_interval.max(1));
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = run_services(store, node, shared, resync, svc_metrics).await {
+            tracing::error!(error = format!("{e:#}"), "service loop stopped");
+        }
+    })))
+}

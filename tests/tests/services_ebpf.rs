@@ -1,0 +1,440 @@
+//! End-to-end tests of the eBPF service dataplane (issue 4) in the netns rig: real etcd, real
+//! twilld on every node with the eBPF proxy, services written with `twilld apply -f`.
+//!
+//! Why it is shaped as it is:
+//! - Every node gets a cgroup2 directory of its own (`<cgroup2>/twill-<rig id>-n<node>`), passed
+//!   to its twilld for socket-LB; "in-cluster" clients that must go through socket-LB run as
+//!   processes moved into that cgroup (`busybox nc` under `nsenter` into a pod), clients that
+//!   must take the tc path run as threads of this test (outside any node cgroup).
+//! - Backends are threads of this test inside pod namespaces answering `<name> peer=<client>`,
+//!   so a test can tell which backend served a flow and which source address it saw.
+//! - The flags that turn the eBPF proxy on are in one place, [`proxy_flags`].
+//! - Privileged: as root they run; under CI a non-root run fails (see `require_root`).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::Signal;
+use twill_facts::SubnetFacts;
+use twill_tests::{Pod, Rig, require_root, wait_until};
+
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const UP: Duration = Duration::from_secs(20);
+const VIP: &str = "10.96.0.10";
+const NODE_PORT: u16 = 30080;
+
+/// The agent flags enabling the eBPF service dataplane of `node` with socket-LB on `cgroup`.
+///
+/// `--node-name` is what makes an endpoint local (EndpointSlices' `nodeName`, as kube-proxy
+/// matches it): the rig's nodes share the host's UTS namespace, so without it every node would
+/// be named after the host, no endpoint would be local, `externalTrafficPolicy: Local` would
+/// have no endpoints and a pod reaching a backend on its own node through tc would get no
+/// hairpin SNAT.
+fn proxy_flags(node: usize, cgroup: &Path) -> Vec<String> {
+    vec![
+        "--proxy-mode".into(),
+        "ebpf".into(),
+        "--lb-cgroup".into(),
+        cgroup.display().to_string(),
+        "--node-name".into(),
+        format!("n{node}"),
+    ]
+}
+
+/// Per-node cgroups, removed on drop (after the rig's processes are gone).
+struct Cgroups(Vec<PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            // Processes still inside (a failed test's clients) are moved out first.
+            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
+                }
+            }
+            if let Err(err) = fs::remove_dir(dir) {
+                eprintln!("cleanup: rmdir {}: {err}", dir.display());
+            }
+        }
+    }
+}
+
+/// A cluster of `n` host-gw nodes running twilld with the eBPF proxy, and its cgroups.
+struct Cluster {
+    // Dropped first: stops twilld, removes namespaces and pins.
+    rig: Rig,
+    cgroups: Cgroups,
+    facts: Vec<SubnetFacts>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        let rig = Rig::new(n).expect("rig");
+        rig.put_network_config(HOST_GW).unwrap();
+        let cgroups = Cgroups(
+            (1..=n)
+                .map(|node| {
+                    let dir = Path::new(CGROUP_ROOT).join(format!("twill-{}-n{node}", rig.id()));
+                    fs::create_dir(&dir).expect("create node cgroup");
+                    dir
+                })
+                .collect(),
+        );
+        for node in 1..=n {
+            let flags = proxy_flags(node, &cgroups.0[node - 1]);
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            rig.start_twilld(node, &flags).unwrap();
+        }
+        let facts = (1..=n)
+            .map(|node| {
+                rig.wait_subnet_file(node, UP)
+                    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
+            })
+            .collect();
+        Cluster {
+            rig,
+            cgroups,
+            facts,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn pod(&self, node: usize) -> Pod {
+        self.rig.add_pod(node, &self.facts[node - 1]).unwrap()
+    }
+
+    fn cgroup(&self, node: usize) -> &Path {
+        &self.cgroups.0[node - 1]
+    }
+
+    /// `twilld apply -f` of `yaml`.
+    fn apply(&self, yaml: &str) {
+        let file = self.rig.temp_dir().join(format!(
+            "manifest-{}.yaml",
+            Instant::now().elapsed().as_nanos()
+        ));
+        fs::write(&file, yaml).unwrap();
+        let bin = self.rig.twilld_path().unwrap();
+        let out = twill_tests::exec(
+            &self.rig.node_ns(1),
+            &[
+                bin.to_str().unwrap(),
+                "apply",
+                "-f",
+                file.to_str().unwrap(),
+                "--etcd-endpoints",
+                twill_tests::rig::ETCD_ENDPOINT,
+            ],
+        )
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "twilld apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A TCP and a UDP server in `pod` answering `<name> peer=<client>`.
+    fn serve(&self, pod: &Pod, name: &'static str) {
+        let ip = IpAddr::V4(pod.ipv4.expect("pod v4"));
+        let ns = pod.ns.clone();
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            join_netns(&ns);
+            let tcp = TcpListener::bind((ip, 8080)).expect("bind tcp");
+            tcp.set_nonblocking(true).unwrap();
+            let udp = UdpSocket::bind((ip, 5353)).expect("bind udp");
+            udp.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((mut s, peer)) = tcp.accept() {
+                    let _ = writeln!(s, "{name} peer={peer}");
+                }
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+    }
+}
+
+fn join_netns(ns: &str) {
+    let file = fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// One TCP exchange from a thread in `ns` (outside every node cgroup: the tc path). Returns
+/// the server's line (`<name> peer=<addr>`).
+fn tcp_from_thread(ns: &str, addr: SocketAddr) -> Option<String> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        join_netns(&ns);
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim().to_owned())
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// One TCP exchange from a process in `ns` inside `cgroup` (socket-LB).
+fn tcp_from_cgroup(ns: &str, cgroup: &Path, addr: SocketAddr) -> Option<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- \
+         busybox nc -w 2 {} {} </dev/null",
+        cgroup.display(),
+        addr.ip(),
+        addr.port()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
+fn backend_name(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or_default()
+}
+
+fn web(endpoints: &[(&Pod, &str)], extra_spec: &str) -> String {
+    let mut eps = String::new();
+    for (p, node) in endpoints {
+        let _ = writeln!(
+            eps,
+            "- {{addresses: [{}], nodeName: {node}}}",
+            p.ipv4.expect("pod v4")
+        );
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: test}}\nspec:\n  \
+         type: NodePort\n  clusterIP: {VIP}\n{extra_spec}  ports:\n  \
+         - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}\n  \
+         - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+         namespace: test\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         endpoints:\n{eps}ports:\n- {{name: http, port: 8080}}\n\
+         - {{name: dns, port: 5353, protocol: UDP}}\n"
+    )
+}
+
+/// ClusterIP from a pod on another node (socket-LB and tc path) reaches every backend and never
+/// a removed one; NodePort from outside the cluster (the underlay) works too.
+#[test]
+fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
+    c.serve(&b1, "b1");
+    c.serve(&b2, "b2");
+    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect");
+        let b = tcp_from_thread(&client.ns, vip).expect("tc-path connect");
+        seen.insert(backend_name(&a).to_owned());
+        seen.insert(backend_name(&b).to_owned());
+    }
+    assert_eq!(seen, ["b1", "b2"].map(String::from).into());
+
+    let node_port: SocketAddr = SocketAddr::new(Rig::node_ip(1).into(), NODE_PORT);
+    let outside = c.rig.underlay_ns();
+    // `externalTrafficPolicy: Cluster` SNATs to the node only when the backend is on another
+    // node (Cilium's NodePort, as documented in the tc program): b2's reply must come back
+    // through node 1, while b1's reply leaves node 1 anyway and b1 keeps the client's address.
+    // Kubernetes promises source preservation only for `Local`; for `Cluster` either is allowed.
+    for _ in 0..10 {
+        let line = tcp_from_thread(&outside, node_port).expect("NodePort from outside");
+        let peer = match backend_name(&line) {
+            "b1" => "peer=198.18.0.1:",
+            _ => "peer=198.18.0.11:",
+        };
+        assert!(line.contains(peer), "NodePort source: {line}");
+    }
+
+    // Remove b1: within a second no new flow reaches it.
+    c.apply(&web(&[(&b2, "n2")], ""));
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..20 {
+        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect");
+        let b = tcp_from_thread(&client.ns, vip).expect("tc-path connect");
+        let n = tcp_from_thread(&outside, node_port).expect("NodePort connect");
+        for line in [&a, &b, &n] {
+            assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
+        }
+    }
+}
+
+/// A UDP flow (a pod's connected socket) to a removed endpoint moves within 1 s.
+#[test]
+fn udp_flow_moves_off_a_removed_endpoint_within_a_second() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
+    c.serve(&b1, "b1");
+    c.serve(&b2, "b2");
+    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], ""));
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    let ns = client.ns.clone();
+    let stop = c.stop.clone();
+    std::thread::spawn(move || {
+        join_netns(&ns);
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        sock.connect(format!("{VIP}:53")).unwrap();
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            let _ = sock.send(b"ping");
+            let reply = match sock.recv(&mut buf) {
+                Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(_) => "timeout".into(),
+            };
+            if tx.send((Instant::now(), reply)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let first = wait_first_reply(&rx);
+    let (gone_name, keep) = if backend_name(&first) == "b1" {
+        ("b1", (&b2, "n2"))
+    } else {
+        ("b2", (&b1, "n1"))
+    };
+    let removed = Instant::now();
+    c.apply(&web(&[keep], ""));
+    let mut late = 0;
+    while removed.elapsed() < Duration::from_secs(4) {
+        let (at, reply) = rx.recv_timeout(Duration::from_secs(2)).expect("stream");
+        if at.duration_since(removed) > Duration::from_secs(1) {
+            late += 1;
+            assert_ne!(
+                backend_name(&reply),
+                gone_name,
+                "removed endpoint still served"
+            );
+            assert_ne!(reply, "timeout", "flow broken after the removal");
+        }
+    }
+    assert!(late > 10, "too few datagrams after the removal: {late}");
+}
+
+fn wait_first_reply(rx: &std::sync::mpsc::Receiver<(Instant, String)>) -> String {
+    let deadline = Instant::now() + UP;
+    while Instant::now() < deadline {
+        if let Ok((_, reply)) = rx.recv_timeout(Duration::from_secs(1))
+            && reply != "timeout"
+        {
+            return reply;
+        }
+    }
+    panic!("no UDP reply through the VIP");
+}
+
+/// `externalTrafficPolicy: Local` keeps the client's address (no SNAT); `sessionAffinity:
+/// ClientIP` keeps one client on one backend.
+#[test]
+fn external_local_keeps_source_and_affinity_sticks() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (b1, b2, b3) = (c.pod(1), c.pod(1), c.pod(2));
+    c.serve(&b1, "b1");
+    c.serve(&b2, "b2");
+    c.serve(&b3, "b3");
+    let node_names = [(&b1, "n1"), (&b2, "n1"), (&b3, "n2")];
+    c.apply(&web(
+        &node_names,
+        "  externalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n",
+    ));
+    let node_port: SocketAddr = SocketAddr::new(Rig::node_ip(1).into(), NODE_PORT);
+    let outside = c.rig.underlay_ns();
+    wait_until(UP, || tcp_from_thread(&outside, node_port).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(1)));
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let line = tcp_from_thread(&outside, node_port).expect("NodePort");
+        assert!(
+            line.contains("peer=198.18.0.1:"),
+            "Local policy must keep the client address: {line}"
+        );
+        backends.insert(backend_name(&line).to_owned());
+    }
+    assert_eq!(backends.len(), 1, "affinity: one backend, got {backends:?}");
+    assert!(
+        !backends.contains("b3"),
+        "Local policy: only node 1's endpoints"
+    );
+}
+
+/// kill -9 and restart of twilld during a stream of fresh connections to a VIP: none fails.
+#[test]
+fn restart_under_fresh_connections_loses_none() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(2);
+    let (b1, client) = (c.pod(1), c.pod(2));
+    c.serve(&b1, "b1");
+    c.apply(&web(&[(&b1, "n1")], ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    wait_until(UP, || {
+        tcp_from_cgroup(&client.ns, c.cgroup(2), vip).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    let failures = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            let mut failures = 0;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(6) {
+                if tcp_from_cgroup(&client.ns, c.cgroup(2), vip).is_none() {
+                    failures += 1;
+                }
+                if tcp_from_thread(&client.ns, vip).is_none() {
+                    failures += 1;
+                }
+            }
+            failures
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        c.rig.kill_twilld(2, Signal::SIGKILL).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let flags = proxy_flags(2, c.cgroup(2));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        c.rig.start_twilld(2, &flags).unwrap();
+        stream.join().unwrap()
+    });
+    assert_eq!(failures, 0, "connections failed across the restart");
+}
