@@ -144,33 +144,38 @@ fn read_file(path: &str) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+/// Dials etcd with twill's client settings (2 s connect, 5 s request timeouts, keep-alives) and
+/// the (m)TLS material of flannel's `--etcd-*file` flags. Shared by every etcd user in the agent.
+pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Client, StoreError> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if tls.ca_file.is_some() || tls.cert_file.is_some() {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &tls.ca_file {
+            t = t.ca_certificate(Certificate::from_pem(read_file(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            t = t.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+        }
+        opts = opts.with_tls(t);
+    }
+    Client::connect(endpoints, Some(opts))
+        .await
+        .map_err(etcd("connect", endpoints.join(",")))
+}
+
 impl EtcdStore {
-    /// Connects (lazily: the first call dials) to `endpoints` under `prefix`.
+    /// Connects to `endpoints` under `prefix`.
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
         tls: &EtcdTls,
     ) -> Result<Self, StoreError> {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if tls.ca_file.is_some() || tls.cert_file.is_some() {
-            let mut t = TlsOptions::new();
-            if let Some(ca) = &tls.ca_file {
-                t = t.ca_certificate(Certificate::from_pem(read_file(ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                t = t.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
-            }
-            opts = opts.with_tls(t);
-        }
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(etcd("connect", endpoints.join(",")))?;
         Ok(EtcdStore {
-            client,
+            client: connect_client(endpoints, tls).await?,
             prefix: prefix.trim_end_matches('/').to_string(),
         })
     }

@@ -30,10 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
-};
+use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use tokio::sync::{Notify, mpsc};
 
 use crate::services::desired::{LbState, NodeIdentity};
@@ -60,15 +57,9 @@ pub enum SourceError {
         /// The client's error (with the gRPC status and the OS error).
         cause: etcd_client::Error,
     },
-    /// A TLS file could not be read.
-    #[error("read {path}: {source}")]
-    TlsFile {
-        /// The file.
-        path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Connecting to etcd failed (or its TLS files could not be read).
+    #[error(transparent)]
+    Connect(#[from] crate::store::StoreError),
     /// Too many objects for one transaction.
     #[error(
         "{count} objects in one apply; etcd takes at most {max} operations per transaction (--max-txn-ops): split the manifest"
@@ -197,13 +188,6 @@ fn etcd(
     move |cause| SourceError::Etcd { op, key, cause }
 }
 
-fn read_file(path: &str) -> Result<Vec<u8>, SourceError> {
-    std::fs::read(path).map_err(|source| SourceError::TlsFile {
-        path: path.to_string(),
-        source,
-    })
-}
-
 impl EtcdServiceStore {
     /// Uses an existing client (the agent's).
     pub fn new(client: Client, prefix: &str) -> Self {
@@ -213,30 +197,13 @@ impl EtcdServiceStore {
         }
     }
 
-    /// Connects to `endpoints` (as the agent does: 2 s connect, 5 s request timeouts).
+    /// Connects to `endpoints` with the agent's client settings.
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
         tls: &EtcdTls,
     ) -> Result<Self, SourceError> {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if tls.ca_file.is_some() || tls.cert_file.is_some() {
-            let mut t = TlsOptions::new();
-            if let Some(ca) = &tls.ca_file {
-                t = t.ca_certificate(Certificate::from_pem(read_file(ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                t = t.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
-            }
-            opts = opts.with_tls(t);
-        }
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(etcd("connect", endpoints.join(",")))?;
+        let client = crate::store::connect_client(endpoints, tls).await?;
         Ok(Self::new(client, prefix))
     }
 
@@ -1245,7 +1212,9 @@ ports: [{port: 8080}]
         // No server needed: the check happens before dialling.
         let client = Client::connect(
             ["http://127.0.0.1:9"],
-            Some(ConnectOptions::new().with_connect_timeout(Duration::from_millis(10))),
+            Some(
+                etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(10)),
+            ),
         )
         .await;
         if let Ok(client) = client {
