@@ -73,6 +73,12 @@ mod bpf {
     fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
         loop {}
     }
+
+    /// The license the kernel sees. The kernel-side programs are dual-licensed so the verifier
+    /// allows GPL-only helpers; the rest of twill is Apache-2.0.
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 }
 
 /// On the host this crate is an empty binary; see the crate docs.
