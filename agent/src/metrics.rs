@@ -308,6 +308,18 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             if read.await.is_err() {
                 return;
             }
+            // Read the rest of the request head, so closing does not reset a client that is
+            // still writing its headers.
+            let mut header = String::new();
+            for _ in 0..64 {
+                header.clear();
+                let more =
+                    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut header));
+                match more.await {
+                    Ok(Ok(n)) if n > 0 && header.trim_end() != "" => {}
+                    _ => break,
+                }
+            }
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (code, ctype, body) = match path {
                 "/healthz" | "/livez" => {

@@ -479,15 +479,17 @@ fn ip_masq_masquerades_egress_but_not_pod_to_pod() {
     let s = ping(&pods[0].ns, twill_tests::rig::UNDERLAY_V4, 2).unwrap();
     assert!(s.all_received(), "egress not masqueraded: {s}");
     // Pod to pod keeps the pod's source address: the server sees the client pod's IP.
-    let server = twill_tests::nsenter(&pods[1].ns, &["iperf3", "-s", "-1", "-J"])
+    let server = twill_tests::nsenter(&pods[1].ns, &["timeout", "30", "iperf3", "-s", "-1", "-J"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let dst = pods[1].ipv4.unwrap().to_string();
     wait_until(UP, || {
-        exec(&pods[0].ns, &["iperf3", "-c", &dst, "-t", "1", "-J"])
-            .is_ok_and(|o| o.status.success())
+        // iperf3 3.12 exits 0 with -J even when it cannot connect: look at the JSON.
+        exec(&pods[0].ns, &["iperf3", "-c", &dst, "-t", "1", "-J"]).is_ok_and(|o| {
+            o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("\"error\"")
+        })
     })
     .unwrap();
     let out = server.wait_with_output().unwrap();

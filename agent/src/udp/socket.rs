@@ -2,9 +2,10 @@
 //!
 //! Each worker owns one socket of a `SO_REUSEPORT` group bound to the same `address:port`, so
 //! there is still exactly one port on the wire (flannel's framing: datagrams from and to
-//! `PublicIP:8285`) while no two threads ever contend for a socket. The kernel picks the socket
-//! of an incoming datagram by a hash of its addresses and ports: all traffic from one peer lands
-//! on one worker, in order.
+//! `PublicIP:8285`) while no two threads ever contend for a socket. Which socket gets an incoming
+//! datagram is decided by a small classic BPF program on the group
+//! ([`UdpSocket::spread_by_inner_flow`]): a hash of the *inner* packet's addresses and ports, so
+//! a peer's flows spread over the workers and each flow stays on one worker, in order.
 //!
 //! - Sends go out with `sendmmsg` (Linux ≥ 3.0), a batch per wake-up, each message carrying a
 //!   `UDP_SEGMENT` control message when it is a train of equal-sized packets (UDP GSO,

@@ -275,6 +275,8 @@ pub fn tx_loop(shared: &Shared, tun: &TunQueue, sock: &UdpSocket, stats: &Stats)
         }
         tx.flush();
         tx.local.flush(stats);
+        // A table guard is for a batch, never for a sleep.
+        drop(table);
         if n == 0 && !wait_readable(tun.raw(), shared) {
             return;
         }
@@ -292,7 +294,7 @@ pub fn rx_loop(shared: &Shared, tun: &TunQueue, sock: &UdpSocket, stats: &Stats)
         let n = match recv.recv(sock) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
+                tracing::debug!(error = %e, "UDP receive failed");
                 0
             }
         };
