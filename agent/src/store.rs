@@ -167,6 +167,54 @@ pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Clien
         .map_err(etcd("connect", endpoints.join(",")))
 }
 
+/// Why [`watch_prefix`] returned.
+#[derive(Debug)]
+pub enum WatchEnd {
+    /// The watch call or stream failed.
+    Etcd(etcd_client::Error),
+    /// The stream ended, was canceled or compacted, or the receiver went away.
+    Ended(String),
+}
+
+/// Watches every key under `prefix` after `revision` (with progress notifications), decodes each
+/// event with `decode` and sends each response's changes as one batch into `tx`, until the stream
+/// breaks; the caller then re-lists. Shared by the lease store and the service source.
+pub async fn watch_prefix<T>(
+    client: &Client,
+    prefix: &str,
+    revision: i64,
+    tx: &mpsc::Sender<Vec<T>>,
+    mut decode: impl FnMut(&etcd_client::Event) -> Option<T>,
+) -> WatchEnd {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_progress_notify();
+    let mut stream = match client.clone().watch(prefix, Some(opts)).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Etcd(e),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    return WatchEnd::Ended(format!(
+                        "canceled ({}), compacted at {}",
+                        resp.cancel_reason(),
+                        resp.compact_revision()
+                    ));
+                }
+                let batch: Vec<T> = resp.events().iter().filter_map(&mut decode).collect();
+                if !batch.is_empty() && tx.send(batch).await.is_err() {
+                    return WatchEnd::Ended("receiver gone".into());
+                }
+            }
+            Ok(None) => return WatchEnd::Ended("stream closed".into()),
+            Err(e) => return WatchEnd::Etcd(e),
+        }
+    }
+}
+
 impl EtcdStore {
     /// Connects to `endpoints` under `prefix`.
     pub async fn connect(
@@ -343,46 +391,20 @@ impl LeaseStore for EtcdStore {
 
     async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<LeaseEvent>>) -> StoreError {
         let prefix = self.subnets_prefix();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1)
-            .with_progress_notify();
-        let mut stream = match self.client.clone().watch(prefix.as_str(), Some(opts)).await {
-            Ok(s) => s,
-            Err(e) => return etcd("watch", &prefix)(e),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.canceled() || resp.compact_revision() > 0 {
-                        return StoreError::WatchEnded(format!(
-                            "canceled ({}), compacted at {}",
-                            resp.cancel_reason(),
-                            resp.compact_revision()
-                        ));
-                    }
-                    let events: Vec<LeaseEvent> = resp
-                        .events()
-                        .iter()
-                        .filter_map(|ev| {
-                            let kv = ev.kv()?;
-                            match ev.event_type() {
-                                EventType::Put => self.decode(kv).map(LeaseEvent::Put),
-                                EventType::Delete => {
-                                    let key = kv.key_str().ok()?;
-                                    let short = key.strip_prefix(&self.subnets_prefix())?;
-                                    LeaseSubnets::parse_key(short).ok().map(LeaseEvent::Delete)
-                                }
-                            }
-                        })
-                        .collect();
-                    if !events.is_empty() && tx.send(events).await.is_err() {
-                        return StoreError::WatchEnded("receiver gone".into());
-                    }
+        let end = watch_prefix(&self.client, &prefix, revision, &tx, |ev| {
+            let kv = ev.kv()?;
+            match ev.event_type() {
+                EventType::Put => self.decode(kv).map(LeaseEvent::Put),
+                EventType::Delete => {
+                    let short = kv.key_str().ok()?.strip_prefix(&prefix)?;
+                    LeaseSubnets::parse_key(short).ok().map(LeaseEvent::Delete)
                 }
-                Ok(None) => return StoreError::WatchEnded("stream closed".into()),
-                Err(e) => return etcd("watch", &prefix)(e),
             }
+        })
+        .await;
+        match end {
+            WatchEnd::Etcd(e) => etcd("watch", &prefix)(e),
+            WatchEnd::Ended(why) => StoreError::WatchEnded(why),
         }
     }
 }

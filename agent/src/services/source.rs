@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::{Notify, mpsc};
 
 use crate::services::desired::{LbState, NodeIdentity};
@@ -38,7 +38,7 @@ use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan};
 use crate::services::model::{
     Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
 };
-use crate::store::EtcdTls;
+use crate::store::{EtcdTls, WatchEnd, watch_prefix};
 
 /// At most this many objects per transaction (etcd's default `--max-txn-ops`).
 pub const MAX_TXN_OPS: usize = 128;
@@ -249,49 +249,24 @@ impl ServiceStore for EtcdServiceStore {
 
     async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<Change>>) -> SourceError {
         let prefix = services_prefix(&self.prefix);
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1)
-            .with_progress_notify();
-        let mut stream = match self.client.clone().watch(prefix.as_str(), Some(opts)).await {
-            Ok(s) => s,
-            Err(e) => return etcd("watch", &prefix)(e),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.canceled() || resp.compact_revision() > 0 {
-                        return SourceError::WatchEnded(format!(
-                            "canceled ({}), compacted at {}",
-                            resp.cancel_reason(),
-                            resp.compact_revision()
-                        ));
+        let end = watch_prefix(&self.client, &prefix, revision, &tx, |ev| {
+            let kv = ev.kv()?;
+            let key = parse_object_key(&self.prefix, kv.key_str().ok()?)?;
+            Some(match ev.event_type() {
+                EventType::Delete => Change::Delete(key),
+                EventType::Put => match decode(&key, kv.value()) {
+                    Ok(o) => Change::Put(o),
+                    Err(e) => {
+                        tracing::warn!(key = %self.key(&key), error = %e, "invalid object in etcd; treating it as absent");
+                        Change::Delete(key)
                     }
-                    let changes: Vec<Change> = resp
-                        .events()
-                        .iter()
-                        .filter_map(|ev| {
-                            let kv = ev.kv()?;
-                            let key = parse_object_key(&self.prefix, kv.key_str().ok()?)?;
-                            Some(match ev.event_type() {
-                                EventType::Delete => Change::Delete(key),
-                                EventType::Put => match decode(&key, kv.value()) {
-                                    Ok(o) => Change::Put(o),
-                                    Err(e) => {
-                                        tracing::warn!(key = %self.key(&key), error = %e, "invalid object in etcd; treating it as absent");
-                                        Change::Delete(key)
-                                    }
-                                },
-                            })
-                        })
-                        .collect();
-                    if !changes.is_empty() && tx.send(changes).await.is_err() {
-                        return SourceError::WatchEnded("receiver gone".into());
-                    }
-                }
-                Ok(None) => return SourceError::WatchEnded("stream closed".into()),
-                Err(e) => return etcd("watch", &prefix)(e),
-            }
+                },
+            })
+        })
+        .await;
+        match end {
+            WatchEnd::Etcd(e) => etcd("watch", &prefix)(e),
+            WatchEnd::Ended(why) => SourceError::WatchEnded(why),
         }
     }
 
