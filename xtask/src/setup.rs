@@ -19,6 +19,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // protoc's well-known types (google/protobuf/*.proto): only a recommendation of
+    // protobuf-compiler, which `--no-install-recommends` leaves out.
+    "libprotobuf-dev",
     "iproute2",
     "iptables",
     "nftables",

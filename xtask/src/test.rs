@@ -54,7 +54,7 @@ struct Totals {
 impl Totals {
     /// Adds `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`.
     fn add(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result:") else {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
         };
         for part in rest.split(';') {
@@ -88,7 +88,7 @@ fn cargo_test(args: &[String]) -> Result<()> {
     for l in BufReader::new(stdout).lines() {
         let l = l.context("read cargo test output")?;
         println!("{l}");
-        if l.starts_with("test result:") {
+        if l.starts_with("test result: ") {
             totals.add(&l);
             summaries.push(l);
         }
