@@ -326,12 +326,20 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                     let (code, text) = metrics.health();
                     (code, "text/plain", text)
                 }
-                "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+                "/metrics" => {
+                    // Renderers read kernel maps (syscalls, maybe many): off the async threads.
+                    let m = metrics.clone();
+                    match tokio::task::spawn_blocking(move || m.render()).await {
+                        Ok(text) => (200, "text/plain; version=0.0.4", text),
+                        Err(e) => (500, "text/plain", format!("render metrics: {e}\n")),
+                    }
+                }
                 _ => (404, "text/plain", "not found\n".to_string()),
             };
             let reason = match code {
                 200 => "OK",
                 404 => "Not Found",
+                500 => "Internal Server Error",
                 _ => "Service Unavailable",
             };
             let resp = format!(

@@ -13,6 +13,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::agent::Options;
+use crate::ebpf::service::EbpfLbView;
 use crate::ebpf::{EbpfLb, TcIface};
 use crate::metrics::Metrics;
 use crate::overlay::{Devices, Uplink};
@@ -134,6 +135,12 @@ pub async fn start(
     let svc_metrics = Arc::new(ServiceMetrics::default());
     let render = svc_metrics.clone();
     metrics.add_renderer(Box::new(move || render.render()));
+    // Per-service counters and map occupancy, read through handles of its own (see
+    // `EbpfLbView`): a scrape never waits for, or delays, a sync.
+    match EbpfLbView::open(&pin_dir) {
+        Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
+        Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
+    }
     let resync = Duration::from_secs(opts.resync_interval.max(1));
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = run_services(store, node, shared, resync, svc_metrics).await {

@@ -34,7 +34,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 use twill_agent::{
-    ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface},
+    ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface, service::EbpfLbView},
     services::{
         lb::{
             Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, MAGLEV_M,
@@ -121,7 +121,16 @@ fn helper() {
                             String::from_utf8_lossy(&buf[..len])
                         )
                     }
-                    Err(err) => format!("error={}", err.kind()),
+                    Err(err) => {
+                        // As a resolver does: a socket that failed (aborted by the dataplane,
+                        // say) is replaced by a new one for the next message.
+                        if err.kind() != std::io::ErrorKind::WouldBlock
+                            && err.kind() != std::io::ErrorKind::TimedOut
+                        {
+                            SOCK.with(|s| s.borrow_mut().take());
+                        }
+                        format!("error={}", err.kind())
+                    }
                 }
             }
             other => panic!("unknown helper mode {other}"),
@@ -692,6 +701,33 @@ fn socket_and_tc_load_balancing() {
     for usage in lb.occupancy().expect("occupancy") {
         eprintln!("map usage: {usage:?}");
     }
+    // The read-only view over the pins (what `twilld get services` and /metrics read) sees the
+    // same services and counters as the dataplane that wrote them.
+    let view = EbpfLbView::open(&env.pin_dir).expect("open the pinned maps");
+    let dumped: Vec<LbService> = view
+        .dump()
+        .expect("dump")
+        .into_iter()
+        .map(|s| s.service)
+        .collect();
+    assert!(plan(&desired, &dumped).is_empty(), "{dumped:#?}");
+    let text = view.render_metrics();
+    let series = text
+        .lines()
+        .find(|l| {
+            l.starts_with("twill_service_connections_total{")
+                && l.contains(&format!("frontend=\"{VIP}:80/TCP\""))
+        })
+        .unwrap_or_else(|| panic!("no connection counter for {VIP}:80: {text}"));
+    assert!(
+        series.ends_with(&format!(" {}", counters[&1].conns)),
+        "{series} vs {counters:?}"
+    );
+    assert!(
+        text.contains("twill_bpf_map_entries{map=\"TWL_LB_SVC\"}"),
+        "{text}"
+    );
+    assert!(text.contains("twill_services_ebpf_read_errors 0"), "{text}");
 
     // Remove be2: no new flow reaches it, socket-LB or tc, TCP or UDP.
     let without = services(false);
@@ -771,7 +807,25 @@ fn udp_flow_leaves_removed_endpoint() {
     if !require_root("udp_flow_leaves_removed_endpoint") {
         return;
     }
-    let env = Env::new("u");
+    udp_stream_leaves_removed_endpoint("u", false);
+}
+
+/// The node's own connected UDP socket, which socket-LB connected to a backend at `connect()`:
+/// when that backend is removed the socket is aborted (sock_diag), the client opens a new one
+/// and lands on a live backend; after removal plus 1 s the removed backend gets nothing.
+#[test]
+fn node_connected_udp_leaves_removed_endpoint() {
+    if !require_root("node_connected_udp_leaves_removed_endpoint") {
+        return;
+    }
+    udp_stream_leaves_removed_endpoint("k", true);
+}
+
+/// 60 datagrams 100 ms apart on one connected socket, from the node inside the LB cgroup
+/// (`via_socket_lb`) or from the outside host through the tc path; the backend serving it is
+/// removed mid-stream.
+fn udp_stream_leaves_removed_endpoint(tag: &str, via_socket_lb: bool) {
+    let env = Env::new(tag);
     env.serve("be1", BE1, 8080, 5353);
     env.serve("be2", BE2, 8080, 5353);
     let config = env.config();
@@ -785,7 +839,12 @@ fn udp_flow_leaves_removed_endpoint() {
     ip_batch(&env.outside, "route add 10.96.0.0/16 via 10.252.0.1\n");
 
     // 60 datagrams 100 ms apart on one connected socket (one flow, one backend).
-    let mut child = client_command(&env.outside, None, &format!("udpstream {VIP}:53 60"))
+    let (ns, cg) = if via_socket_lb {
+        (&env.node, Some(env.cgroup.as_path()))
+    } else {
+        (&env.outside, None)
+    };
+    let mut child = client_command(ns, cg, &format!("udpstream {VIP}:53 60"))
         .spawn()
         .expect("spawn stream");
     let stdout = child.stdout.take().unwrap();
@@ -841,6 +900,9 @@ fn udp_flow_leaves_removed_endpoint() {
             reply.backend, first_backend,
             "removed endpoint still served at {t:?}"
         );
+        if via_socket_lb {
+            assert_eq!(reply.from, format!("{VIP}:53"), "replies come from the VIP");
+        }
     }
     lb.uninstall().expect("uninstall");
 }

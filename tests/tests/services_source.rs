@@ -6,11 +6,13 @@
 //! Privileged: as root they run; under CI a non-root run fails (see `require_root`).
 
 use std::io::Write as _;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use twill_tests::rig::{ETCD_ENDPOINT, ETCD_PREFIX};
-use twill_tests::{Rig, exec, nsenter, require_root};
+use twill_tests::{Rig, exec, http_get, nsenter, require_root, wait_for};
 
 const WEB: &str = r"# what kubectl get -o yaml prints, status and bookkeeping included
 apiVersion: v1
@@ -240,10 +242,7 @@ fn apply_get_delete_through_etcd() {
         dns_row.contains("53/UDP,53/TCP") && dns_row.contains("0/0"),
         "{dns_row}"
     );
-    assert!(
-        table.contains("the dataplane itself is not queried"),
-        "{table}"
-    );
+    assert!(table.contains("no service dataplane found"), "{table}");
 
     // Delete: everything named in the files goes, in one transaction.
     let out = ok(&twilld(&rig, &["delete", "-f", &web, "-f", &dns], None));
@@ -279,4 +278,146 @@ fn etcd_down_fails_cleanly() {
         err.contains("connect to etcd") || err.contains("list stored services"),
         "{err}"
     );
+}
+
+/// A cgroup under the cgroup2 mount for one node's socket-LB, removed on drop (after moving out
+/// any process a failed test left in it).
+struct Cgroup(PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.0) {
+            eprintln!("cleanup: rmdir {}: {e}", self.0.display());
+        }
+    }
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// `twilld get services` reads the node's dataplane (the pinned eBPF maps) next to etcd, and
+/// `/metrics` exports per-service counters and map occupancy: what an operator checks to see
+/// whether the node does what the objects say.
+#[test]
+fn get_services_and_metrics_show_the_dataplane() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).expect("rig");
+    rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    let cg = Cgroup(Path::new(CGROUP_ROOT).join(format!("twill-{}-n1", rig.id())));
+    std::fs::create_dir(&cg.0).expect("create node cgroup");
+    // Fields drop in order: the rig (and its twilld) before the cgroup.
+    let node = NodeWithCgroup { rig, cg };
+    let (rig, cg) = (&node.rig, &node.cg);
+    let metrics: SocketAddr = (Rig::node_ip(1), 9615).into();
+    let cg_arg = cg.0.display().to_string();
+    let metrics_arg = metrics.to_string();
+    rig.start_twilld(
+        1,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--lb-cgroup",
+            &cg_arg,
+            "--node-name",
+            "node-1",
+            "--metrics-addr",
+            &metrics_arg,
+        ],
+    )
+    .unwrap();
+    rig.wait_subnet_file(1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    let web = write(rig.temp_dir(), "web.yaml", WEB);
+    ok(&twilld(rig, &["apply", "-f", &web], None));
+
+    let pins = rig.pin_dir(1).display().to_string();
+    let get = |wide: bool| {
+        let mut args = vec!["get", "services", "--node-name", "node-1", "--bpf-pin-dir"];
+        args.push(&pins);
+        if wide {
+            args.extend(["-o", "wide"]);
+        }
+        ok(&twilld(rig, &args, None))
+    };
+    // ClusterIP and NodePort of shop/web's one port: both programmed with the ready endpoint.
+    let table = wait_for(Duration::from_secs(10), || {
+        let t = get(false);
+        t.lines()
+            .any(|l| l.starts_with("shop/web ") && l.contains(" 2/2 "))
+            .then_some(t)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", get(false), rig.twilld_log(1)));
+    assert!(
+        table.contains("dataplane: ebpf (pinned maps in")
+            && table.contains("2/2 frontends in sync, 0 not desired"),
+        "{table}"
+    );
+
+    // A connection from a process of the node's LB cgroup is counted on the ClusterIP
+    // frontend (the backend need not answer: socket-LB counts at connect()).
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; exec timeout 3 busybox nc -w 1 10.96.0.10 80 </dev/null",
+        cg.0.display()
+    );
+    let _ = exec(&rig.node_ns(1), &["sh", "-c", &script]);
+    let wide = get(true);
+    let row = wide
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80/TCP"))
+        .unwrap_or_else(|| panic!("{wide}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols[..5],
+        [
+            "10.96.0.10:80/TCP",
+            "ClusterIP",
+            "shop/web:http",
+            "10.244.1.5:8080",
+            "in"
+        ],
+        "{wide}"
+    );
+    assert!(cols[6].parse::<u64>().unwrap() >= 1, "CONNS: {wide}");
+
+    let body = http_get(&rig.node_ns(1), metrics, "/metrics").unwrap().body;
+    let conns: u64 = body
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "twill_service_connections_total{service=\"shop/web:http\",frontend=\"10.96.0.10:80/TCP\"",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter for shop/web:http in\n{body}"));
+    assert!(conns >= 1, "{body}");
+    assert!(
+        body.contains("twill_bpf_map_entries{map=\"TWL_LB_SVC\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("twill_service_backends{service=\"shop/web:http\",frontend=\"0.0.0.0:30080/TCP\",kind=\"NodePort\"} 1"),
+        "{body}"
+    );
+
+    // Deleted objects leave the dataplane, and get says so.
+    ok(&twilld(rig, &["delete", "-f", &web], None));
+    wait_for(Duration::from_secs(10), || {
+        get(false)
+            .contains("0/0 frontends in sync, 0 not desired")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", get(true)));
+}
+
+/// A rig node and its LB cgroup, dropped in that order.
+struct NodeWithCgroup {
+    rig: Rig,
+    cg: Cgroup,
 }

@@ -26,11 +26,13 @@
 //! - **Removed endpoints stop at once.** The kernel validates every conntrack and affinity entry
 //!   against the backend slot on each use, so a flow to a removed endpoint is re-balanced at its
 //!   next packet (UDP included). `apply` then purges the conntrack and affinity entries of the
-//!   plan's stale backends. Socket-LB state needs no purge for correctness: unconnected UDP picks
-//!   its backend per datagram from the current table, and the `TWL_LB_SOCK` entries only map a
-//!   backend back to its VIP; [`EbpfLb::gc`] clears stale ones on every full resync
-//!   (`observed`), off the update path (the map can be large, and one endpoint change must stay
-//!   in the millisecond range).
+//!   plan's stale backends. Unconnected UDP through socket-LB picks its backend per datagram
+//!   from the current table; a *connected* UDP socket of the node cannot be moved, so the ones
+//!   socket-LB connected to a removed backend (cookies from `TWL_LB_SOCK`) are aborted through
+//!   `sock_diag` (the `sockdiag` module) and the application reconnects to a live backend. The
+//!   `TWL_LB_SOCK` entries themselves only map a backend back to its VIP; [`EbpfLb::gc`] clears
+//!   stale ones on every full resync (`observed`). All of this runs after the new backend set
+//!   is written, so it never delays the change itself.
 //! - **NodePorts need the node's addresses**, which the kernel side looks up in
 //!   `TWL_LB_LADDR`; [`EbpfLb::sync_local_addrs`] fills it from `getifaddrs` in the calling
 //!   thread's network namespace (at open, on each `apply` and each full resync). Every call
@@ -47,8 +49,11 @@
 //! per-map memory in fdinfo 6.4) and `CAP_BPF` + `CAP_NET_ADMIN` + `CAP_SYS_ADMIN` (or root).
 
 mod entries;
+mod sockdiag;
+mod view;
 
 pub use entries::EntryError;
+pub use view::{EbpfLbView, ServiceCounters};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
@@ -360,6 +365,172 @@ struct LbMaps {
     count: PerCpuArray<MapData, SvcCount>,
     local_addrs: HashMap<MapData, LocalAddrKey, u32>,
     config: Array<MapData, LbConfig>,
+}
+
+type ReadBack = (
+    Vec<LbService>,
+    StdHashMap<SvcKey, Programmed>,
+    StdHashMap<u32, SvcKey>,
+);
+
+impl LbMaps {
+    /// Opens the maps pinned in `pin_dir` by a running (or stopped) dataplane, without loading
+    /// any program: what [`EbpfLbView`] reads.
+    fn from_pins(pin_dir: &Path) -> Result<Self, EbpfLbError> {
+        use aya::maps::Map;
+        fn pinned<T: TryFrom<Map, Error = MapError>>(
+            pin_dir: &Path,
+            name: &'static str,
+            wrap: fn(MapData) -> Map,
+        ) -> Result<T, EbpfLbError> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| EbpfLbError::Map {
+                operation: "open pinned",
+                map: name,
+                key: path.display().to_string(),
+                source: Box::new(source),
+            })?;
+            T::try_from(wrap(data)).map_err(|source| EbpfLbError::Map {
+                operation: "open pinned",
+                map: name,
+                key: path.display().to_string(),
+                source: Box::new(source),
+            })
+        }
+        Ok(Self {
+            svc: pinned(pin_dir, MAP_SVC, Map::HashMap)?,
+            backends: pinned(pin_dir, MAP_BACKEND, Map::HashMap)?,
+            maglev: pinned(pin_dir, MAP_MAGLEV, Map::HashMap)?,
+            ct: pinned(pin_dir, MAP_CT, Map::LruHashMap)?,
+            affinity: pinned(pin_dir, MAP_AFFINITY, Map::LruHashMap)?,
+            sock: pinned(pin_dir, MAP_SOCK, Map::LruHashMap)?,
+            revnat: pinned(pin_dir, MAP_REVNAT, Map::HashMap)?,
+            count: pinned(pin_dir, MAP_COUNT, Map::PerCpuArray)?,
+            local_addrs: pinned(pin_dir, MAP_LOCAL_ADDR, Map::HashMap)?,
+            config: pinned(pin_dir, MAP_CONFIG, Map::Array)?,
+        })
+    }
+
+    /// Every programmed service, rebuilt from the maps, with the mirror of what is programmed
+    /// and the id index.
+    fn read_services(&self) -> Result<ReadBack, EbpfLbError> {
+        let entries: Vec<(SvcKey, SvcValue)> = self
+            .svc
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate", MAP_SVC, ""))?;
+        let mut services = Vec::with_capacity(entries.len());
+        let mut programmed = StdHashMap::with_capacity(entries.len());
+        let mut ids = StdHashMap::with_capacity(entries.len());
+        for (key, value) in entries {
+            let id = value.id;
+            let revnat =
+                optional(self.revnat.get(&id, 0)).map_err(map_err("lookup", MAP_REVNAT, id))?;
+            let mut backends = Vec::with_capacity(usize::from(value.backends));
+            for slot in 0..value.slots {
+                let be_key = BackendKey { id, slot, pad: 0 };
+                if let Some(b) = optional(self.backends.get(&be_key, 0)).map_err(map_err(
+                    "lookup",
+                    MAP_BACKEND,
+                    be_key,
+                ))? {
+                    backends.push((slot, b));
+                }
+            }
+            let table = if value.backends > 0 {
+                optional(self.maglev.get(&id, 0)).map_err(map_err("lookup", MAP_MAGLEV, id))?
+            } else {
+                None
+            };
+            if let Some(svc) = entries::reconstruct(
+                &key,
+                &value,
+                revnat.as_ref(),
+                backends.clone(),
+                table.as_ref(),
+            ) {
+                services.push(svc);
+            }
+            let backends = backends
+                .into_iter()
+                .filter_map(|(slot, b)| Some(((b.ip()?, b.port()), (slot, b))))
+                .collect();
+            programmed.insert(
+                key,
+                Programmed {
+                    value,
+                    revnat: revnat.unwrap_or_default(),
+                    backends,
+                },
+            );
+            ids.insert(id, key);
+        }
+        services.sort_by_key(|s| s.frontend.key());
+        Ok((services, programmed, ids))
+    }
+
+    /// Counters of the services `ids`, summed over CPUs.
+    fn counters(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<BTreeMap<u32, SvcCount>, EbpfLbError> {
+        let mut out = BTreeMap::new();
+        for id in ids {
+            let per_cpu = self
+                .count
+                .get(&id, 0)
+                .map_err(map_err("lookup", MAP_COUNT, id))?;
+            let total = per_cpu
+                .iter()
+                .fold(SvcCount::default(), |acc, c| acc.wrapping_add(*c));
+            out.insert(id, total);
+        }
+        Ok(out)
+    }
+
+    /// Fill level and kernel memory of every map; the user-space-written maps are counted from
+    /// the service values (`fill`), the LRU maps by iterating them.
+    fn occupancy<'a>(&self, fill: impl IntoIterator<Item = &'a SvcValue>) -> Vec<MapUsage> {
+        let (mut n, mut programmed_backends, mut with_table) = (0u64, 0u64, 0u64);
+        for value in fill {
+            n += 1;
+            programmed_backends += u64::from(value.backends);
+            with_table += u64::from(value.backends > 0);
+        }
+        let usage = |name: &'static str, map: &MapData, entries: Option<u64>| {
+            let info = map.info().ok();
+            MapUsage {
+                name,
+                entries,
+                max_entries: info.as_ref().map_or(0, MapInfo::max_entries),
+                memlock_bytes: memlock(map),
+            }
+        };
+        vec![
+            usage(MAP_SVC, self.svc.map(), Some(n)),
+            usage(MAP_BACKEND, self.backends.map(), Some(programmed_backends)),
+            usage(MAP_MAGLEV, self.maglev.map(), Some(with_table)),
+            usage(MAP_CT, self.ct.map(), Some(count_keys(self.ct.keys()))),
+            usage(
+                MAP_AFFINITY,
+                self.affinity.map(),
+                Some(count_keys(self.affinity.keys())),
+            ),
+            usage(
+                MAP_SOCK,
+                self.sock.map(),
+                Some(count_keys(self.sock.keys())),
+            ),
+            usage(MAP_REVNAT, self.revnat.map(), Some(n)),
+            usage(MAP_COUNT, self.count.map(), None),
+            usage(
+                MAP_LOCAL_ADDR,
+                self.local_addrs.map(),
+                Some(count_keys(self.local_addrs.keys())),
+            ),
+            usage(MAP_CONFIG, self.config.map(), None),
+        ]
+    }
 }
 
 /// The eBPF service dataplane of one node. See the module notes.
@@ -950,9 +1121,29 @@ impl EbpfLb {
         for key in &affinity {
             remove(&mut self.maps.affinity, MAP_AFFINITY, key)?;
         }
+        // Sockets socket-LB connected to a removed backend (see `sockdiag`): the node's own
+        // connected UDP would keep sending there. Failing to abort them is logged, not fatal:
+        // the maps are already right.
+        let cookies: BTreeSet<u64> = self
+            .maps
+            .sock
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| gone.contains(&(k.addr, k.family, k.port)))
+            .map(|(k, _)| k.cookie)
+            .collect();
+        let peers: BTreeSet<(IpAddr, u16)> = stale.iter().map(|s| (s.ip, s.port)).collect();
+        let sockets = match sockdiag::destroy_udp(&cookies, &peers) {
+            Ok(done) => done.sockets,
+            Err(err) => {
+                warn!(error = %err, candidates = cookies.len(), "abort UDP sockets connected to removed backends (sock_diag SOCK_DESTROY)");
+                0
+            }
+        };
         debug!(
             ct = ct.len(),
             affinity = affinity.len(),
+            sockets,
             "purged entries of removed backends"
         );
         Ok(())
@@ -1048,59 +1239,7 @@ impl EbpfLb {
 
     /// Reads every programmed service back from the maps and rebuilds the mirror.
     fn read_back(&mut self) -> Result<Vec<LbService>, EbpfLbError> {
-        let entries: Vec<(SvcKey, SvcValue)> = self
-            .maps
-            .svc
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("iterate", MAP_SVC, ""))?;
-        let mut services = Vec::with_capacity(entries.len());
-        let mut programmed = StdHashMap::with_capacity(entries.len());
-        let mut ids = StdHashMap::with_capacity(entries.len());
-        for (key, value) in entries {
-            let id = value.id;
-            let revnat = optional(self.maps.revnat.get(&id, 0))
-                .map_err(map_err("lookup", MAP_REVNAT, id))?;
-            let mut backends = Vec::with_capacity(usize::from(value.backends));
-            for slot in 0..value.slots {
-                let be_key = BackendKey { id, slot, pad: 0 };
-                if let Some(b) = optional(self.maps.backends.get(&be_key, 0)).map_err(map_err(
-                    "lookup",
-                    MAP_BACKEND,
-                    be_key,
-                ))? {
-                    backends.push((slot, b));
-                }
-            }
-            let table = if value.backends > 0 {
-                optional(self.maps.maglev.get(&id, 0)).map_err(map_err("lookup", MAP_MAGLEV, id))?
-            } else {
-                None
-            };
-            if let Some(svc) = entries::reconstruct(
-                &key,
-                &value,
-                revnat.as_ref(),
-                backends.clone(),
-                table.as_ref(),
-            ) {
-                services.push(svc);
-            }
-            let backends = backends
-                .into_iter()
-                .filter_map(|(slot, b)| Some(((b.ip()?, b.port()), (slot, b))))
-                .collect();
-            programmed.insert(
-                key,
-                Programmed {
-                    value,
-                    revnat: revnat.unwrap_or_default(),
-                    backends,
-                },
-            );
-            ids.insert(id, key);
-        }
-        services.sort_by_key(|s| s.frontend.key());
+        let (services, programmed, ids) = self.maps.read_services()?;
         self.programmed = programmed;
         self.ids = ids;
         Ok(services)
@@ -1108,19 +1247,7 @@ impl EbpfLb {
 
     /// Per-service counters summed over CPUs, by service id.
     pub fn counters(&self) -> Result<BTreeMap<u32, SvcCount>, EbpfLbError> {
-        let mut out = BTreeMap::new();
-        for id in self.ids.keys() {
-            let per_cpu = self
-                .maps
-                .count
-                .get(id, 0)
-                .map_err(map_err("lookup", MAP_COUNT, id))?;
-            let total = per_cpu
-                .iter()
-                .fold(SvcCount::default(), |acc, c| acc.wrapping_add(*c));
-            out.insert(*id, total);
-        }
-        Ok(out)
+        self.maps.counters(self.ids.keys().copied())
     }
 
     /// Every programmed service with its counters, read from the maps (for `twilld get
@@ -1139,54 +1266,9 @@ impl EbpfLb {
 
     /// Fill level and kernel memory of every map (LRU maps are counted by iterating them).
     pub fn occupancy(&self) -> Result<Vec<MapUsage>, EbpfLbError> {
-        let programmed_backends: usize = self.programmed.values().map(|p| p.backends.len()).sum();
-        let with_table = self
-            .programmed
-            .values()
-            .filter(|p| p.value.backends > 0)
-            .count();
-        let n = self.programmed.len() as u64;
-        let usage = |name: &'static str, map: &MapData, entries: Option<u64>| {
-            let info = map.info().ok();
-            MapUsage {
-                name,
-                entries,
-                max_entries: info.as_ref().map_or(0, MapInfo::max_entries),
-                memlock_bytes: memlock(map),
-            }
-        };
-        Ok(vec![
-            usage(MAP_SVC, self.maps.svc.map(), Some(n)),
-            usage(
-                MAP_BACKEND,
-                self.maps.backends.map(),
-                Some(programmed_backends as u64),
-            ),
-            usage(MAP_MAGLEV, self.maps.maglev.map(), Some(with_table as u64)),
-            usage(
-                MAP_CT,
-                self.maps.ct.map(),
-                Some(count_keys(self.maps.ct.keys())),
-            ),
-            usage(
-                MAP_AFFINITY,
-                self.maps.affinity.map(),
-                Some(count_keys(self.maps.affinity.keys())),
-            ),
-            usage(
-                MAP_SOCK,
-                self.maps.sock.map(),
-                Some(count_keys(self.maps.sock.keys())),
-            ),
-            usage(MAP_REVNAT, self.maps.revnat.map(), Some(n)),
-            usage(MAP_COUNT, self.maps.count.map(), None),
-            usage(
-                MAP_LOCAL_ADDR,
-                self.maps.local_addrs.map(),
-                Some(count_keys(self.maps.local_addrs.keys())),
-            ),
-            usage(MAP_CONFIG, self.maps.config.map(), None),
-        ])
+        Ok(self
+            .maps
+            .occupancy(self.programmed.values().map(|p| &p.value)))
     }
 
     /// Detaches every program and removes the pinned links and maps (and the pin directory if

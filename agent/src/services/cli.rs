@@ -9,19 +9,24 @@
 //!   the document (kind, namespace/name or its number) and the field.
 //! - The etcd flags are the agent's (`--etcd-endpoints`, `--etcd-prefix`, `--etcd-cafile`,
 //!   `--etcd-certfile`, `--etcd-keyfile`) with the same defaults, so one prefix serves both.
-//! - `get services` reads etcd only: the dataplane lives in the agent's process (and pinned
-//!   maps only it interprets); the FRONTENDS column is what the agent will program on a node,
-//!   computed by the same pure function it uses.
+//! - `get services` reads etcd for what should be, and the node's dataplane for what is: the
+//!   FRONTENDS column is what the agent programs on a node (computed by the same pure function
+//!   it uses), PROGRAMMED how many of those the dataplane holds with exactly the desired
+//!   backends, CONNS the connections it counted. The dataplane is read directly (the pinned eBPF
+//!   maps), not through the agent, so a node whose agent is down still shows what its kernel
+//!   does; `-o wide` lists every frontend with its backends.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 
-use crate::services::desired::{NodeIdentity, Snapshot, desired};
+use crate::ebpf::service::EbpfLbView;
+use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
+use crate::services::lb::{FrontendKey, LbService};
 use crate::services::model::{Kind, Object, ObjectKey, Service, ServiceType, parse_manifest};
 use crate::services::source::{EtcdServiceStore, ServiceStore};
 use crate::store::EtcdTls;
@@ -89,6 +94,13 @@ pub enum ServiceCmd {
         /// The node name to compute node-local endpoints for (FRONTENDS column).
         #[arg(long, default_value = "")]
         node_name: String,
+        /// The agent's pin directory: its eBPF service maps (`<dir>/lb`) are read to show what
+        /// the dataplane holds.
+        #[arg(long, default_value = "/sys/fs/bpf/twill")]
+        bpf_pin_dir: PathBuf,
+        /// `wide`: one line per frontend, with its backends and what the dataplane holds.
+        #[arg(short = 'o', long = "output", value_parser = ["wide"])]
+        output: Option<String>,
         /// etcd flags.
         #[command(flatten)]
         etcd: EtcdArgs,
@@ -232,8 +244,124 @@ fn ports_column(s: &Service) -> String {
     }
 }
 
-/// The `get services` table.
-pub fn services_table(objects: &[Object], node: &NodeIdentity) -> String {
+/// One frontend as a node's dataplane holds it.
+#[derive(Debug, Clone)]
+pub struct ProgrammedFrontend {
+    /// What is programmed (read back).
+    pub service: LbService,
+    /// Connections counted, where the dataplane counts them.
+    pub conns: Option<u64>,
+    /// Packets counted, where the dataplane counts them.
+    pub packets: Option<u64>,
+}
+
+/// What a node's service dataplane holds, read back for `get services`.
+#[derive(Debug, Clone)]
+pub struct DataplaneReading {
+    /// The proxy mode that programmed it (`ebpf`).
+    pub mode: &'static str,
+    /// Where it was read (`pinned maps in /sys/fs/bpf/twill/lb`).
+    pub location: String,
+    /// Programmed frontends.
+    pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
+}
+
+/// Reads the dataplane of the node this runs on: the eBPF maps pinned under
+/// `<bpf_pin_dir>/lb`. `None` when no dataplane is found there.
+pub fn read_dataplane(bpf_pin_dir: &Path) -> anyhow::Result<Option<DataplaneReading>> {
+    let dir = bpf_pin_dir.join("lb");
+    if !EbpfLbView::exists(&dir) {
+        return Ok(None);
+    }
+    let view = EbpfLbView::open(&dir)
+        .with_context(|| format!("open the eBPF service maps in {}", dir.display()))?;
+    let dump = view
+        .dump()
+        .with_context(|| format!("read the eBPF service maps in {}", dir.display()))?;
+    Ok(Some(DataplaneReading {
+        mode: "ebpf",
+        location: format!("pinned maps in {}", dir.display()),
+        frontends: dump
+            .into_iter()
+            .map(|st| {
+                (
+                    st.service.frontend.key(),
+                    ProgrammedFrontend {
+                        conns: Some(st.counts.conns),
+                        packets: Some(st.counts.packets),
+                        service: st.service,
+                    },
+                )
+            })
+            .collect(),
+    }))
+}
+
+/// The frontends `desired` holds for the Service `ns/name`.
+fn frontends_of<'a>(d: &'a Desired, ns_name: &str) -> Vec<&'a LbService> {
+    d.services
+        .iter()
+        .filter(|l| {
+            l.name == ns_name
+                || l.name
+                    .strip_prefix(ns_name)
+                    .is_some_and(|r| r.starts_with(':'))
+        })
+        .collect()
+}
+
+/// Whether the dataplane holds `want` with exactly its backends (addresses and ports).
+fn in_sync(want: &LbService, have: &LbService) -> bool {
+    let set = |s: &LbService| {
+        let mut v: Vec<_> = s.backends.iter().map(|b| (b.ip, b.port)).collect();
+        v.sort_unstable();
+        v
+    };
+    set(want) == set(have)
+}
+
+fn backends_list(s: &LbService) -> String {
+    if s.backends.is_empty() {
+        return "<none>".into();
+    }
+    s.backends
+        .iter()
+        .map(|b| std::net::SocketAddr::new(b.ip, b.port).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Left-aligned columns separated by three spaces.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}   ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `get services` table: one row per Service, with what the dataplane (`dp`, when one was
+/// found) holds of it.
+pub fn services_table(
+    objects: &[Object],
+    node: &NodeIdentity,
+    dp: Option<&DataplaneReading>,
+) -> String {
     let snap = Snapshot::from_objects(objects.iter().cloned());
     let d = desired(&snap, node);
     let mut rows = vec![[
@@ -244,6 +372,8 @@ pub fn services_table(objects: &[Object], node: &NodeIdentity) -> String {
         "PORT(S)".into(),
         "ENDPOINTS".into(),
         "FRONTENDS".into(),
+        "PROGRAMMED".into(),
+        "CONNS".into(),
     ]];
     for (key, s) in snap.services() {
         let ty = if s.is_headless() {
@@ -274,16 +404,29 @@ pub fn services_table(objects: &[Object], node: &NodeIdentity) -> String {
             }
         }
         let prefix = format!("{}/{}", key.0, key.1);
-        let frontends = d
-            .services
-            .iter()
-            .filter(|l| {
-                l.name == prefix
-                    || l.name
-                        .strip_prefix(&prefix)
-                        .is_some_and(|r| r.starts_with(':'))
-            })
-            .count();
+        let frontends = frontends_of(&d, &prefix);
+        let (programmed, conns) = match dp {
+            Some(dp) => {
+                let have: Vec<&ProgrammedFrontend> = frontends
+                    .iter()
+                    .filter_map(|f| dp.frontends.get(&f.frontend.key()))
+                    .collect();
+                let synced = frontends
+                    .iter()
+                    .filter(|f| {
+                        dp.frontends
+                            .get(&f.frontend.key())
+                            .is_some_and(|p| in_sync(f, &p.service))
+                    })
+                    .count();
+                let conns: Option<u64> = have.iter().map(|p| p.conns).sum();
+                (
+                    format!("{synced}/{}", frontends.len()),
+                    conns.map_or_else(|| "-".into(), |c| c.to_string()),
+                )
+            }
+            None => ("-".into(), "-".into()),
+        };
         rows.push([
             prefix,
             ty,
@@ -295,33 +438,108 @@ pub fn services_table(objects: &[Object], node: &NodeIdentity) -> String {
             },
             ports_column(s),
             format!("{ready}/{total}"),
-            frontends.to_string(),
+            frontends.len().to_string(),
+            programmed,
+            conns,
         ]);
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i + 1 == r.len() {
-                line.push_str(c);
-            } else {
-                let _ = write!(line, "{c:<w$}   ", w = widths[i]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     for c in &d.conflicts {
         let _ = writeln!(out, "conflict: {c}");
     }
-    out.push_str("(from etcd; ENDPOINTS = ready/total, FRONTENDS = entries the agent programs; the dataplane itself is not queried)\n");
+    out.push_str(&dataplane_footer(&d, dp));
     out
+}
+
+/// `-o wide`: one row per frontend (desired, then programmed-only), with its backends and what
+/// the dataplane holds.
+pub fn frontends_table(
+    objects: &[Object],
+    node: &NodeIdentity,
+    dp: Option<&DataplaneReading>,
+) -> String {
+    let snap = Snapshot::from_objects(objects.iter().cloned());
+    let d = desired(&snap, node);
+    let mut rows = vec![[
+        "FRONTEND".to_string(),
+        "KIND".into(),
+        "SERVICE".into(),
+        "BACKENDS".into(),
+        "DATAPLANE".into(),
+        "CONNS".into(),
+        "PACKETS".into(),
+    ]];
+    let count = |v: Option<u64>| v.map_or_else(|| "-".into(), |c| c.to_string());
+    for want in &d.services {
+        let have = dp.and_then(|dp| dp.frontends.get(&want.frontend.key()));
+        let state = match (dp, have) {
+            (None, _) => "-".to_string(),
+            (Some(_), None) => "missing".into(),
+            (Some(_), Some(h)) if in_sync(want, &h.service) => "in sync".into(),
+            (Some(_), Some(h)) => format!("differs: {}", backends_list(&h.service)),
+        };
+        rows.push([
+            want.frontend.key().to_string(),
+            want.frontend.kind.as_str().into(),
+            want.name.clone(),
+            backends_list(want),
+            state,
+            count(have.and_then(|h| h.conns)),
+            count(have.and_then(|h| h.packets)),
+        ]);
+    }
+    if let Some(dp) = dp {
+        let wanted: std::collections::BTreeSet<FrontendKey> =
+            d.services.iter().map(|s| s.frontend.key()).collect();
+        for (key, have) in &dp.frontends {
+            if wanted.contains(key) {
+                continue;
+            }
+            rows.push([
+                key.to_string(),
+                have.service.frontend.kind.as_str().into(),
+                have.service.name.clone(),
+                "<not desired>".into(),
+                format!("stale: {}", backends_list(&have.service)),
+                count(have.conns),
+                count(have.packets),
+            ]);
+        }
+    }
+    let mut out = columns(&rows);
+    out.push_str(&dataplane_footer(&d, dp));
+    out
+}
+
+fn dataplane_footer(d: &Desired, dp: Option<&DataplaneReading>) -> String {
+    match dp {
+        None => {
+            "(from etcd; no service dataplane found on this node: PROGRAMMED and CONNS unknown)\n"
+                .to_string()
+        }
+        Some(dp) => {
+            let synced = d
+                .services
+                .iter()
+                .filter(|w| {
+                    dp.frontends
+                        .get(&w.frontend.key())
+                        .is_some_and(|h| in_sync(w, &h.service))
+                })
+                .count();
+            let stale = dp
+                .frontends
+                .keys()
+                .filter(|k| !d.services.iter().any(|w| w.frontend.key() == **k))
+                .count();
+            format!(
+                "(desired from etcd; dataplane: {} ({}): {synced}/{} frontends in sync, {stale} not desired)\n",
+                dp.mode,
+                dp.location,
+                d.services.len()
+            )
+        }
+    }
 }
 
 /// Runs a subcommand, printing its report to stdout.
@@ -344,20 +562,23 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Get {
             what: _,
             node_name,
+            bpf_pin_dir,
+            output,
             etcd,
         } => {
             let store = etcd.connect().await?;
             let listing = store.list().await.context("list stored services")?;
-            print!(
-                "{}",
-                services_table(
-                    &listing.objects,
-                    &NodeIdentity {
-                        name: node_name,
-                        addresses: Vec::new()
-                    }
-                )
-            );
+            let dp = read_dataplane(&bpf_pin_dir)?;
+            let node = NodeIdentity {
+                name: node_name,
+                addresses: Vec::new(),
+            };
+            let table = if output.as_deref() == Some("wide") {
+                frontends_table(&listing.objects, &node, dp.as_ref())
+            } else {
+                services_table(&listing.objects, &node, dp.as_ref())
+            };
+            print!("{table}");
             for (key, e) in &listing.invalid {
                 println!("invalid (ignored by the agent): {key}: {e}");
             }
@@ -493,16 +714,66 @@ ports: [{name: http, port: 8080}]
     #[test]
     fn table() {
         let objs = parse_manifest(WEB).unwrap();
-        let t = services_table(&objs, &NodeIdentity::default());
+        let node = NodeIdentity::default();
+        let t = services_table(&objs, &node, None);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "NAMESPACE/NAME   TYPE       CLUSTER-IP   EXTERNAL-IP   PORT(S)                     ENDPOINTS   FRONTENDS"
+            "NAMESPACE/NAME   TYPE       CLUSTER-IP   EXTERNAL-IP   PORT(S)                     ENDPOINTS   FRONTENDS   PROGRAMMED   CONNS"
         );
         assert_eq!(
             lines[1],
-            "shop/web         NodePort   10.96.0.10   192.0.2.10    80:30080/TCP,53:30053/UDP   1/2         6"
+            "shop/web         NodePort   10.96.0.10   192.0.2.10    80:30080/TCP,53:30053/UDP   1/2         6           -            -"
         );
-        assert!(lines[2].contains("the dataplane itself is not queried"));
+        assert!(lines[2].contains("no service dataplane found"), "{t}");
+
+        // A dataplane holding two frontends: one as desired, one with a stale backend, plus a
+        // frontend nobody wants any more.
+        let d = desired(&Snapshot::from_objects(objs.clone()), &node);
+        let mut frontends = BTreeMap::new();
+        let pick = |f: &str| {
+            d.services
+                .iter()
+                .find(|s| s.frontend.key().to_string() == f)
+                .unwrap()
+                .clone()
+        };
+        let mut good = pick("10.96.0.10:80/TCP");
+        good.id = 77;
+        let mut off = pick("0.0.0.0:30080/TCP");
+        off.backends[0].ip = "10.244.9.9".parse().unwrap();
+        let mut gone = pick("10.96.0.10:80/TCP");
+        gone.frontend.ip = "10.96.0.99".parse().unwrap();
+        gone.name = "shop/old:http".into();
+        for (svc, conns) in [(good, 5), (off, 2), (gone, 1)] {
+            frontends.insert(
+                svc.frontend.key(),
+                ProgrammedFrontend {
+                    service: svc,
+                    conns: Some(conns),
+                    packets: Some(conns * 10),
+                },
+            );
+        }
+        let dp = DataplaneReading {
+            mode: "ebpf",
+            location: "pinned maps in /x".into(),
+            frontends,
+        };
+        let t = services_table(&objs, &node, Some(&dp));
+        let row = t.lines().nth(1).unwrap();
+        assert!(row.ends_with("6           1/6          7"), "{t}");
+        assert!(
+            t.contains("dataplane: ebpf (pinned maps in /x): 1/6 frontends in sync, 1 not desired"),
+            "{t}"
+        );
+        let w = frontends_table(&objs, &node, Some(&dp));
+        assert!(w.contains("in sync"), "{w}");
+        assert!(w.contains("differs: 10.244.9.9:"), "{w}");
+        assert!(w.contains("missing"), "{w}");
+        assert!(
+            w.contains("10.96.0.99:80/TCP") && w.contains("stale: 10.244.1.5:8080"),
+            "{w}"
+        );
     }
 }

@@ -1,0 +1,305 @@
+//! A read-only view of a node's eBPF service dataplane, opened from its pinned maps: what
+//! `twilld get services` shows next to the stored objects, and what `/metrics` exports
+//! (per-service counters, map occupancy).
+//!
+//! Why a separate view instead of asking the [`super::EbpfLb`] that programs the maps:
+//! - The maps are pinned, so they can be read by any process, with or without a running agent
+//!   (`twilld get services` on a node whose agent is down still shows what the kernel does).
+//! - A `/metrics` scrape reads through its own map handles and never takes the lock the
+//!   service loop holds while it applies a plan, so a slow scrape (iterating a large conntrack
+//!   map to count it) cannot delay a sync.
+//! - Nothing here writes: opening pins loads no program and attaches nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use twill_common::service::{MAP_SVC, MAPS, SvcCount, SvcKey, SvcValue};
+
+use super::{EbpfLbError, LbMaps, MapUsage, ServiceState, entries, map_err, optional};
+use crate::services::lb::LbService;
+use twill_common::service::MAP_REVNAT;
+
+/// One programmed frontend's identity and counters (no backends: cheap enough for every
+/// scrape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// The frontend as programmed (`backends` and `maglev` left empty).
+    pub service: LbService,
+    /// Backends in use.
+    pub backends: u16,
+    /// Its counters summed over CPUs.
+    pub counts: SvcCount,
+}
+
+/// The pinned maps of one dataplane, opened read-only. See the module notes.
+pub struct EbpfLbView {
+    pin_dir: PathBuf,
+    maps: LbMaps,
+}
+
+impl std::fmt::Debug for EbpfLbView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfLbView")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EbpfLbView {
+    /// Whether `pin_dir` holds every map of a dataplane (an agent that is starting pins them
+    /// one by one).
+    pub fn exists(pin_dir: &Path) -> bool {
+        MAPS.iter().all(|name| pin_dir.join(name).exists())
+    }
+
+    /// Opens the maps pinned in `pin_dir` (the agent's `--bpf-pin-dir` followed by `lb`).
+    pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self, EbpfLbError> {
+        let pin_dir = pin_dir.as_ref().to_owned();
+        let maps = LbMaps::from_pins(&pin_dir)?;
+        Ok(Self { pin_dir, maps })
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Every programmed service with its backends, Maglev table and counters.
+    pub fn dump(&self) -> Result<Vec<ServiceState>, EbpfLbError> {
+        let (services, _, ids) = self.maps.read_services()?;
+        let counters = self.maps.counters(ids.keys().copied())?;
+        Ok(services
+            .into_iter()
+            .map(|service| ServiceState {
+                counts: counters.get(&service.id).copied().unwrap_or_default(),
+                service,
+            })
+            .collect())
+    }
+
+    fn entries(&self) -> Result<Vec<(SvcKey, SvcValue)>, EbpfLbError> {
+        self.maps
+            .svc
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate", MAP_SVC, ""))
+    }
+
+    /// Every programmed frontend with its counters, sorted by frontend; backends are not read.
+    pub fn service_counters(&self) -> Result<Vec<ServiceCounters>, EbpfLbError> {
+        let entries = self.entries()?;
+        let counters = self.maps.counters(entries.iter().map(|(_, v)| v.id))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let revnat = optional(self.maps.revnat.get(&value.id, 0))
+                .map_err(map_err("lookup", MAP_REVNAT, value.id))?;
+            if let Some(service) =
+                entries::reconstruct(&key, &value, revnat.as_ref(), Vec::new(), None)
+            {
+                out.push(ServiceCounters {
+                    service,
+                    backends: value.backends,
+                    counts: counters.get(&value.id).copied().unwrap_or_default(),
+                });
+            }
+        }
+        out.sort_by_key(|c| c.service.frontend.key());
+        Ok(out)
+    }
+
+    /// Fill level and kernel memory of every map.
+    pub fn occupancy(&self) -> Result<Vec<MapUsage>, EbpfLbError> {
+        let entries = self.entries()?;
+        Ok(self.maps.occupancy(entries.iter().map(|(_, v)| v)))
+    }
+
+    /// Prometheus text: per-frontend connection and packet counters, backends per frontend,
+    /// and every map's entries, capacity and kernel memory. A read error becomes a
+    /// `twill_services_ebpf_read_errors` sample (a scrape never fails half way silently).
+    pub fn render_metrics(&self) -> String {
+        let mut o = String::new();
+        let mut errors = Vec::new();
+        match self.service_counters() {
+            Ok(services) => render_services(&mut o, &services),
+            Err(e) => errors.push(super::error_chain(&e)),
+        }
+        match self.occupancy() {
+            Ok(maps) => render_maps(&mut o, &maps),
+            Err(e) => errors.push(super::error_chain(&e)),
+        }
+        let _ = writeln!(
+            o,
+            "# HELP twill_services_ebpf_read_errors Errors reading the pinned maps in this scrape.\n\
+             # TYPE twill_services_ebpf_read_errors gauge\n\
+             twill_services_ebpf_read_errors {}",
+            errors.len()
+        );
+        for e in &errors {
+            tracing::warn!(error = %e, "read the eBPF service maps for /metrics");
+        }
+        o
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn render_services(o: &mut String, services: &[ServiceCounters]) {
+    let series = |s: &ServiceCounters| {
+        format!(
+            "service=\"{}\",frontend=\"{}\",kind=\"{}\"",
+            label(&s.service.name),
+            label(&s.service.frontend.key().to_string()),
+            s.service.frontend.kind.as_str()
+        )
+    };
+    let mut blocks: BTreeMap<&str, (&str, &str, Vec<String>)> = BTreeMap::new();
+    for (name, help, kind) in [
+        (
+            "twill_service_connections_total",
+            "New connections (socket connect or first packet of a tc flow) to a frontend.",
+            "counter",
+        ),
+        (
+            "twill_service_packets_total",
+            "Packets (tc path) and datagrams (socket sendmsg) to a frontend.",
+            "counter",
+        ),
+        (
+            "twill_service_backends",
+            "Backends a frontend balances over in the dataplane.",
+            "gauge",
+        ),
+    ] {
+        blocks.insert(name, (help, kind, Vec::with_capacity(services.len())));
+    }
+    for s in services {
+        let labels = series(s);
+        for (name, v) in [
+            ("twill_service_connections_total", s.counts.conns),
+            ("twill_service_packets_total", s.counts.packets),
+            ("twill_service_backends", u64::from(s.backends)),
+        ] {
+            if let Some((_, _, lines)) = blocks.get_mut(name) {
+                lines.push(format!("{name}{{{labels}}} {v}"));
+            }
+        }
+    }
+    for (name, (help, kind, lines)) in blocks {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in lines {
+            let _ = writeln!(o, "{l}");
+        }
+    }
+}
+
+fn render_maps(o: &mut String, maps: &[MapUsage]) {
+    let _ = writeln!(
+        o,
+        "# HELP twill_bpf_map_entries Entries in use in a service map.\n# TYPE twill_bpf_map_entries gauge"
+    );
+    for m in maps {
+        if let Some(n) = m.entries {
+            let _ = writeln!(o, "twill_bpf_map_entries{{map=\"{}\"}} {n}", m.name);
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP twill_bpf_map_max_entries Capacity of a service map.\n# TYPE twill_bpf_map_max_entries gauge"
+    );
+    for m in maps {
+        let _ = writeln!(
+            o,
+            "twill_bpf_map_max_entries{{map=\"{}\"}} {}",
+            m.name, m.max_entries
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP twill_bpf_map_memory_bytes Kernel memory charged to a service map.\n# TYPE twill_bpf_map_memory_bytes gauge"
+    );
+    for m in maps {
+        if let Some(b) = m.memlock_bytes {
+            let _ = writeln!(o, "twill_bpf_map_memory_bytes{{map=\"{}\"}} {b}", m.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::lb::{Frontend, FrontendKind, Proto};
+
+    fn counters(name: &str, ip: &str, port: u16, conns: u64) -> ServiceCounters {
+        ServiceCounters {
+            service: LbService {
+                id: 1,
+                name: name.into(),
+                frontend: Frontend {
+                    ip: ip.parse().unwrap(),
+                    port,
+                    proto: Proto::Tcp,
+                    kind: FrontendKind::ClusterIp,
+                },
+                backends: Vec::new(),
+                maglev: Vec::new(),
+                affinity_timeout_secs: None,
+                external_local: false,
+                internal_local: false,
+            },
+            backends: 2,
+            counts: SvcCount { conns, packets: 7 },
+        }
+    }
+
+    #[test]
+    fn service_series_are_labelled_by_name_and_frontend() {
+        let mut o = String::new();
+        render_services(
+            &mut o,
+            &[
+                counters("shop/web:http", "10.96.0.10", 80, 3),
+                counters("odd\"name", "fd00::10", 443, 0),
+            ],
+        );
+        assert!(o.contains("# TYPE twill_service_connections_total counter"));
+        assert!(o.contains(
+            "twill_service_connections_total{service=\"shop/web:http\",frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\"} 3"
+        ), "{o}");
+        assert!(o.contains(
+            "twill_service_packets_total{service=\"odd\\\"name\",frontend=\"[fd00::10]:443/TCP\",kind=\"ClusterIP\"} 7"
+        ), "{o}");
+        assert!(o.contains("twill_service_backends{service=\"shop/web:http\""));
+    }
+
+    #[test]
+    fn maps_render_entries_capacity_and_memory() {
+        let mut o = String::new();
+        render_maps(
+            &mut o,
+            &[
+                MapUsage {
+                    name: "TWL_LB_SVC",
+                    entries: Some(4),
+                    max_entries: 65536,
+                    memlock_bytes: Some(1024),
+                },
+                MapUsage {
+                    name: "TWL_LB_COUNT",
+                    entries: None,
+                    max_entries: 65536,
+                    memlock_bytes: None,
+                },
+            ],
+        );
+        assert!(o.contains("twill_bpf_map_entries{map=\"TWL_LB_SVC\"} 4"));
+        assert!(!o.contains("twill_bpf_map_entries{map=\"TWL_LB_COUNT\"}"));
+        assert!(o.contains("twill_bpf_map_max_entries{map=\"TWL_LB_COUNT\"} 65536"));
+        assert!(o.contains("twill_bpf_map_memory_bytes{map=\"TWL_LB_SVC\"} 1024"));
+    }
+}
