@@ -458,6 +458,57 @@ fn services_follow_the_api_server() {
     assert!(c.api.delete(Resource::Services, NS, "web"));
     wait_until(UP, || tcp_from_thread(&client.ns, vip(8000)).is_none())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+
+    // Everything twilld asked of the API server, the ClusterRole in deploy/ grants.
+    let requests = c.api.requests();
+    assert!(requests.len() > 10, "{requests:?}");
+    for r in &requests {
+        assert!(
+            granted(r),
+            "deploy/kube-twill.yml's ClusterRole does not grant {r}"
+        );
+    }
+}
+
+/// Whether the ClusterRole of deploy/kube-twill.yml grants a request line of the stand-in.
+fn granted(request: &str) -> bool {
+    use serde::Deserialize as _;
+    let manifest = include_str!("../../deploy/kube-twill.yml");
+    let role = serde_yaml_ng::Deserializer::from_str(manifest)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let (method, target) = request.split_once(' ').unwrap();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", g, "v1", rest @ ..] => (*g, rest),
+        _ => return false,
+    };
+    let rest = match rest {
+        ["namespaces", _, rest @ ..] => rest,
+        r => r,
+    };
+    let (resource, named) = match rest {
+        [r] => ((*r).to_string(), false),
+        [r, _] => ((*r).to_string(), true),
+        [r, _, sub] => (format!("{r}/{sub}"), true),
+        _ => return false,
+    };
+    let verb = match (method, named) {
+        ("GET", true) => "get",
+        ("GET", false) if query.contains("watch=") => "watch",
+        ("GET", false) => "list",
+        ("PATCH", _) => "patch",
+        _ => return false,
+    };
+    let has = |v: &Value, x: &str| v.as_array().is_some_and(|a| a.iter().any(|e| e == x));
+    role["rules"].as_array().unwrap().iter().any(|rule| {
+        has(&rule["apiGroups"], group)
+            && has(&rule["resources"], &resource)
+            && has(&rule["verbs"], verb)
+    })
 }
 
 /// The API server goes away (watches cut, 503s, history compacted) while a change is made:
