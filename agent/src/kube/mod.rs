@@ -142,3 +142,62 @@ pub(crate) fn api_err(
     let object = object.into();
     move |source| KubeError::Api { op, object, source }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn configuration_from_flags() {
+        let c = config(Some("http://198.18.0.1:8080"), None).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://198.18.0.1:8080/");
+        let e = config(Some("not a url"), None).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--kube-api-url \"not a url\" is not a URL"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("twill-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\ncurrent-context: x\n\
+             clusters: [{name: c, cluster: {server: 'https://10.0.0.1:6443', insecure-skip-tls-verify: true}}]\n\
+             users: [{name: u, user: {token: abc}}]\n\
+             contexts: [{name: x, context: {cluster: c, user: u}}]\n",
+        )
+        .unwrap();
+        let c = config(None, Some(&path)).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://10.0.0.1:6443/");
+        // --kube-api-url replaces the kubeconfig's server, as flannel's flags do.
+        let c = config(Some("https://10.0.0.2:6443"), Some(&path))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://10.0.0.2:6443/");
+        let missing = dir.join("missing");
+        let e = config(None, Some(&missing)).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("kubeconfig {}", missing.display())),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn which_source_serves_services() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["twilld"];
+            argv.extend(args);
+            services_from_kubernetes(&Options::try_parse_from(argv).unwrap())
+        };
+        assert!(!parse(&[]));
+        assert!(parse(&["--kube-subnet-mgr"]));
+        assert!(parse(&["--kubeconfig-file", "/etc/k"]));
+        assert!(parse(&["--kube-api-url", "http://a:8080"]));
+        assert!(!parse(&["--kube-subnet-mgr", "--service-source", "etcd"]));
+        assert!(parse(&["--service-source", "kubernetes"]));
+    }
+}

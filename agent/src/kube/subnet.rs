@@ -401,3 +401,123 @@ impl LeaseStore for AnyLeaseStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::watch::Bookmark;
+
+    fn store(dir: &Path) -> KubeSubnetStore {
+        let path = dir.join("net-conf.json");
+        std::fs::write(
+            &path,
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        KubeSubnetStore::new(client, "n1", annotations::DEFAULT_PREFIX, &path).unwrap()
+    }
+
+    fn node(rv: &str, annotated: bool) -> Node {
+        let mut ann = serde_json::json!({"node.alpha.kubernetes.io/ttl": "0"});
+        if annotated {
+            for (k, v) in [
+                ("backend-data", r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:02"}"#),
+                ("backend-type", "vxlan"),
+                ("kube-subnet-manager", "true"),
+                ("public-ip", "198.18.0.12"),
+            ] {
+                ann[format!("flannel.alpha.coreos.com/{k}")] = serde_json::json!(v);
+            }
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n2", "resourceVersion": rv, "annotations": ann},
+            "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn node_events_become_lease_events() {
+        let dir = std::env::temp_dir().join(format!("twill-ksm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = store(&dir);
+        let sn: LeaseSubnets = LeaseSubnets::parse_key("10.244.2.0-24").unwrap();
+
+        let (rv, evs) = s.events(WatchEvent::Added(node("7", true))).unwrap();
+        assert_eq!(rv.as_deref(), Some("7"));
+        match &evs[..] {
+            [LeaseEvent::Put(l)] => {
+                assert_eq!(l.lease.subnets, sn);
+                assert_eq!(l.mod_revision, 7);
+                assert_eq!(l.lease.attrs.public_ip.unwrap().to_string(), "198.18.0.12");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Its annotations removed: no longer a lease, so a delete of its subnet.
+        let (_, evs) = s.events(WatchEvent::Modified(node("8", false))).unwrap();
+        assert_eq!(evs, vec![LeaseEvent::Delete(sn)]);
+        let (_, evs) = s.events(WatchEvent::Deleted(node("9", true))).unwrap();
+        assert_eq!(evs, vec![LeaseEvent::Delete(sn)]);
+        // A bookmark moves the version on; a 410 ends the watch (the cache re-lists).
+        let bm: Bookmark = serde_json::from_value(serde_json::json!({
+            "kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "12"}
+        }))
+        .unwrap();
+        let (rv, evs) = s.events(WatchEvent::Bookmark(bm)).unwrap();
+        assert_eq!((rv.as_deref(), evs.len()), (Some("12"), 0));
+        let gone: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "message": "too old resource version: 5 (12)",
+            "reason": "Expired", "code": 410
+        }))
+        .unwrap();
+        let e = s.events(WatchEvent::Error(Box::new(gone))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kubernetes watch nodes: 410 Expired: too old resource version: 5 (12)"
+        );
+        // Creating or reclaiming a subnet is refused: Kubernetes assigns them.
+        let e = s
+            .create(
+                sn,
+                &LeaseAttrs::parse("k", b"{}").unwrap(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("subnets are assigned by Kubernetes"),
+            "{e}"
+        );
+        let any = AnyLeaseStore::Kube(s);
+        assert_eq!(
+            any.config_location("/coreos.com/network"),
+            dir.join("net-conf.json").display().to_string()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_config_file_is_refused_naming_it() {
+        let e = read_config(Path::new("/nonexistent/net-conf.json")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("read network config /nonexistent/net-conf.json"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("twill-ksm-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("net-conf.json");
+        std::fs::write(&path, r#"{"Network":"10.244.0.0/33"}"#).unwrap();
+        let e = read_config(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("refusing network config {}: ", path.display()))
+                && e.contains("10.244.0.0/33"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

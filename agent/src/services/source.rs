@@ -1448,4 +1448,96 @@ ports: [{port: 8080}]
             assert!(e.to_string().starts_with("129 objects in one apply"), "{e}");
         }
     }
+
+    #[tokio::test]
+    async fn kube_proxy_metrics_and_health_times() {
+        let dp = FakeLbDataplane::new();
+        let m = Arc::new(ServiceMetrics::default());
+        assert_eq!(m.proxy_health_times(), (None, None));
+        let trigger = SystemTime::now() - Duration::from_millis(1500);
+        let objects = objs(WEB);
+        let slice = objects[2].clone();
+        let task = tokio::spawn(run_services_with(
+            move |tx| async move {
+                let listing = Listing {
+                    objects,
+                    ..Listing::default()
+                };
+                let _ = tx.send(SourceUpdate::Reset(listing)).await;
+                let _ = tx
+                    .send(SourceUpdate::Changes(vec![Change::Put(slice)]))
+                    .await;
+                let _ = tx.send(SourceUpdate::Triggers(vec![trigger])).await;
+                std::future::pending::<()>().await;
+            },
+            node(),
+            dp.clone(),
+            Duration::from_hours(1),
+            m.clone(),
+        ));
+        eventually("the trigger observed", || {
+            m.render()
+                .contains("kubeproxy_network_programming_duration_seconds_count 1\n")
+        })
+        .await;
+        let r = m.render();
+        // 1.5 s from trigger to programmed: above 1 s, within 2 s.
+        assert!(
+            r.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_service_changes_total 2\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0\n"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"),
+            "{r}"
+        );
+        let (pending, last) = m.proxy_health_times();
+        assert_eq!(pending, None, "everything received was synced");
+        assert!(last.is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failing_dataplane_leaves_updates_pending() {
+        let store = MemServiceStore::new();
+        store.put_all(&objs(WEB)).await.unwrap();
+        let dp = FakeLbDataplane::new();
+        dp.tamper(|s| s.fail_next_apply = Some("map full".into()));
+        let m = Arc::new(ServiceMetrics::default());
+        let task = tokio::spawn(run_services(
+            store,
+            node(),
+            dp.clone(),
+            Duration::from_hours(1),
+            m.clone(),
+        ));
+        eventually("the failed sync", || dp.state().apply_calls >= 1).await;
+        // Between the failure and the retry the update is pending; the health server turns
+        // 503 if that lasts (see kube::healthz).
+        // (The retry waits 100 ms of backoff; this runs within 10 ms of the failure.)
+        assert!(dp.services().is_empty());
+        assert!(m.proxy_health_times().0.is_some());
+        eventually("the retry", || dp.services().len() == 3).await;
+        assert_eq!(m.proxy_health_times().0, None);
+        task.abort();
+    }
 }
