@@ -10,7 +10,8 @@
 //! - `/healthz` is also 503 while the node is not eligible: its Node is being deleted or carries
 //!   the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint (so cloud load balancers
 //!   drain it first); `/livez` ignores the node;
-//! - the body is kube-proxy's JSON, times formatted as Go prints a `time.Time`:
+//! - the body is kube-proxy's JSON, times formatted as Go prints a `time.Time` in UTC (without
+//!   the monotonic-clock suffix `m=+…` Go appends to the current time):
 //!   `{"lastUpdated": "…","currentTime": "…", "nodeEligible": true}` (`/livez` without
 //!   `nodeEligible`); when healthy, `lastUpdated` is the current time, as kube-proxy reports it
 //!   for compatibility with older releases.
