@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{BackendType, NetworkConfig};
 use crate::kernel::Kernel;
 use crate::kernel::netlink::Netlink;
+use crate::kube::subnet::{AnyLeaseStore, KubeSubnetStore};
 use crate::lease::{self, Lease, LeaseAttrs, LeaseSubnets};
 use crate::masq;
 use crate::metrics::Metrics;
@@ -94,8 +95,9 @@ pub struct Options {
     /// Service proxy dataplane: `ebpf` (socket-level LB + tc) or `none`.
     #[arg(long, default_value = "none", value_parser = ["none", "ebpf"])]
     pub proxy_mode: String,
-    /// This node's name, matched against EndpointSlices' `nodeName` (default: the host name).
-    #[arg(long)]
+    /// This node's name, matched against EndpointSlices' `nodeName` and, with
+    /// `--kube-subnet-mgr`, the Node whose podCIDRs it uses (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// cgroup2 directory the socket-level load balancer attaches to (default: the cgroup2 root).
     #[arg(long)]
@@ -103,6 +105,35 @@ pub struct Options {
     /// Directory for pinned eBPF objects.
     #[arg(long, default_value = "/sys/fs/bpf/twill")]
     pub bpf_pin_dir: PathBuf,
+    /// Kubernetes API server URL; with `--kubeconfig`, replaces its server (default: the
+    /// kubeconfig's, else the in-cluster service account's).
+    #[arg(long)]
+    pub kube_api_url: Option<String>,
+    /// kubeconfig file for the Kubernetes API (flannel's `--kubeconfig-file`).
+    #[arg(long, alias = "kubeconfig-file")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Take this node's subnet from its Kubernetes Node (`spec.podCIDRs`) and publish the
+    /// lease as flannel's node annotations, instead of leasing from etcd.
+    #[arg(long)]
+    pub kube_subnet_mgr: bool,
+    /// Prefix of the node annotations in kube-subnet-mgr mode.
+    #[arg(long, default_value = crate::kube::annotations::DEFAULT_PREFIX)]
+    pub kube_annotation_prefix: String,
+    /// The network config file in kube-subnet-mgr mode (flannel's net-conf.json).
+    #[arg(long, default_value = "/etc/kube-flannel/net-conf.json")]
+    pub net_config_path: PathBuf,
+    /// Where services come from: `etcd` or `kubernetes` (default: kubernetes when
+    /// `--kube-subnet-mgr`, `--kube-api-url` or `--kubeconfig` is given).
+    #[arg(long, value_parser = ["etcd", "kubernetes"])]
+    pub service_source: Option<String>,
+    /// This proxy's name: Services labelled `service.kubernetes.io/service-proxy-name` with it
+    /// are programmed, other labelled ones skipped (empty: skip every labelled one).
+    #[arg(long, default_value = "")]
+    pub service_proxy_name: String,
+    /// kube-proxy's health server (`/healthz`, `/livez`) with the Kubernetes service source
+    /// (empty: off).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
 }
 
 /// Exponential backoff between 100 ms and 10 s.
@@ -128,6 +159,10 @@ pub async fn acquire<S: LeaseStore>(
     attrs: &LeaseAttrs,
     previous: Option<LeaseSubnets>,
 ) -> anyhow::Result<HeldLease> {
+    // Kubernetes assigns the subnet in kube-subnet-mgr mode: publish our attributes for it.
+    if let Some(held) = store.acquire_assigned(cfg, attrs, LEASE_TTL).await? {
+        return Ok(held);
+    }
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     for attempt in 0..20 {
         let (leases, _) = store.list().await.context("list leases")?;
@@ -308,22 +343,33 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         cert_file: opts.etcd_certfile.clone(),
         key_file: opts.etcd_keyfile.clone(),
     };
-    let store = retry("connect to etcd", &metrics, || async {
-        Ok(EtcdStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls).await?)
-    })
-    .await;
+    let store = if opts.kube_subnet_mgr {
+        AnyLeaseStore::Kube(
+            retry("start the kube subnet manager", &metrics, || async {
+                Ok(KubeSubnetStore::connect(&opts).await?)
+            })
+            .await,
+        )
+    } else {
+        AnyLeaseStore::Etcd(
+            retry("connect to etcd", &metrics, || async {
+                Ok(EtcdStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls).await?)
+            })
+            .await,
+        )
+    };
+    let cfg_at = store.config_location(&opts.etcd_prefix);
 
     // The config: refused as a whole when invalid; we wait for a valid one and touch nothing.
     let (cfg_text, cfg) = retry("read network config", &metrics, || async {
         let text = store.get_config().await?;
         let cfg = NetworkConfig::parse(&text)
-            .with_context(|| format!("refusing network config at {}/config", opts.etcd_prefix))?;
+            .with_context(|| format!("refusing network config at {cfg_at}"))?;
         Ok((text, cfg))
     })
     .await;
     if cfg.backend.kind == BackendType::Udp {
-        udp::check_config(&cfg)
-            .with_context(|| format!("refusing network config at {}/config", opts.etcd_prefix))?;
+        udp::check_config(&cfg).with_context(|| format!("refusing network config at {cfg_at}"))?;
     }
     tracing::info!(?cfg, "network config");
 
@@ -475,7 +521,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if !opts.subnet_file.exists() {
                     write_facts(&held)?;
                 }
-                check_config(&store, &cfg_text, &opts.etcd_prefix, &metrics).await;
+                check_config(&store, &cfg_text, &cfg_at, &metrics).await;
             }
             () = tokio::time::sleep_until(renew_at.into()) => {
                 match store.renew(&held).await {
@@ -546,14 +592,15 @@ async fn reconcile_once<K: Kernel>(
     }
 }
 
-async fn check_config<S: LeaseStore>(store: &S, running: &str, prefix: &str, metrics: &Metrics) {
+async fn check_config<S: LeaseStore>(store: &S, running: &str, at: &str, metrics: &Metrics) {
     match store.get_config().await {
         Ok(text) if text != running => match NetworkConfig::parse(&text) {
             Ok(_) => tracing::warn!(
-                "network config changed in etcd; restart twilld to apply it (running on the previous one)"
+                config = %at,
+                "network config changed; restart twilld to apply it (running on the previous one)"
             ),
             Err(e) => {
-                let msg = format!("refusing network config at {prefix}/config: {e}");
+                let msg = format!("refusing network config at {at}: {e}");
                 tracing::error!(error = %msg, "keeping the running config and dataplane");
                 metrics.set_error(&msg);
             }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod config;
 pub mod ebpf;
 pub mod kernel;
+pub mod kube;
 pub mod lease;
 pub mod masq;
 pub mod metrics;

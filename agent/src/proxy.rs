@@ -120,6 +120,15 @@ pub async fn start(
     if pending {
         tokio::spawn(attach_when_present(shared.clone()));
     }
+    if crate::kube::services_from_kubernetes(opts) {
+        let node = NodeIdentity {
+            name,
+            addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
+        };
+        return crate::kube::services::spawn(opts, node, shared, metrics)
+            .await
+            .map(Some);
+    }
     let tls = EtcdTls {
         ca_file: opts.etcd_cafile.clone(),
         cert_file: opts.etcd_certfile.clone(),

@@ -46,6 +46,10 @@ pub enum StoreError {
     /// The watch stream ended or broke; the caller re-lists.
     #[error("lease watch ended: {0}")]
     WatchEnded(String),
+    /// The kube subnet manager failed (the Kubernetes API, the node's `podCIDRs`, the network
+    /// config file).
+    #[error(transparent)]
+    Kube(Box<crate::kube::subnet::SubnetError>),
 }
 
 /// A lease as stored, with the store's bookkeeping.
@@ -112,6 +116,18 @@ pub trait LeaseStore: Send + Sync + 'static {
         revision: i64,
         tx: mpsc::Sender<Vec<LeaseEvent>>,
     ) -> impl Future<Output = StoreError> + Send;
+    /// For stores where something else assigns this node's subnets (Kubernetes'
+    /// `node.spec.podCIDRs`): publishes `attrs` for them and returns the lease. `None`, the
+    /// default, lets the agent choose a free subnet and [`LeaseStore::create`] it.
+    fn acquire_assigned(
+        &self,
+        cfg: &crate::config::NetworkConfig,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<HeldLease>, StoreError>> + Send {
+        let _ = (cfg, attrs, ttl);
+        async { Ok(None) }
+    }
 }
 
 /// TLS material for etcd (flannel's `--etcd-cafile/--etcd-certfile/--etcd-keyfile`).

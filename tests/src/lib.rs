@@ -19,6 +19,7 @@
 
 #![deny(missing_docs)]
 
+pub mod apiserver;
 pub mod bench_support;
 pub mod net;
 pub mod ns;

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -474,6 +474,11 @@ pub enum SourceUpdate {
     Reset(Listing),
     /// Changes since the last update.
     Changes(Vec<Change>),
+    /// When the changes sent just before were triggered (the Kubernetes source reads
+    /// EndpointSlices' `endpoints.kubernetes.io/last-change-trigger-time`): observed as
+    /// `kubeproxy_network_programming_duration_seconds` once a sync has applied them. Sent after
+    /// its changes on the same channel, so the loop never counts a change it has not applied.
+    Triggers(Vec<SystemTime>),
 }
 
 /// Exponential backoff between 100 ms and 10 s.
@@ -543,8 +548,85 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// `kubeproxy_sync_proxy_rules_duration_seconds`' buckets (kube-proxy's: 1 ms doubling 15 times).
+const KUBE_PROXY_SYNC_BUCKETS: [f64; 15] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384,
+];
+
+/// `kubeproxy_network_programming_duration_seconds`' buckets (kube-proxy's: 0.25 s, 0.5 s, each
+/// second to 59 s, every 5 s to 115 s, every 30 s to 5 min).
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+/// A Prometheus histogram whose bounds are given at each call (they are constants).
+#[derive(Default)]
+struct Hist {
+    buckets: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+impl Hist {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        self.buckets.resize(bounds.len(), 0);
+        for (i, b) in bounds.iter().enumerate() {
+            if v <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, o: &mut String, name: &str, help: &str, bounds: &[f64]) {
+        let _ = writeln!(o, "# HELP {name} {help}");
+        let _ = writeln!(o, "# TYPE {name} histogram");
+        for (i, b) in bounds.iter().enumerate() {
+            let n = self.buckets.get(i).copied().unwrap_or_default();
+            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(o, "{name}_sum {}", self.sum);
+        let _ = writeln!(o, "{name}_count {}", self.count);
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The kube-proxy-compatible part of the service loop's state: what kube-proxy exports under
+/// the same names, and what its `/healthz` and `/livez` are computed from.
+#[derive(Default)]
+struct KubeProxyState {
+    sync: Hist,
+    full: Hist,
+    partial: Hist,
+    network_programming: Hist,
+    /// The last successful sync.
+    last_synced: Option<SystemTime>,
+    /// The oldest update received and not yet synced (kube-proxy's `oldestPendingQueued`).
+    oldest_queued: Option<SystemTime>,
+    /// The newest update received.
+    last_queued: Option<SystemTime>,
+    service_changes: u64,
+    endpoint_changes: u64,
+    service_pending: u64,
+    endpoint_pending: u64,
+    /// Trigger times of changes received and not yet synced.
+    triggers: Vec<SystemTime>,
+}
+
 #[derive(Default)]
 struct MetricsInner {
+    kube_proxy: KubeProxyState,
     mode: &'static str,
     syncs: BTreeMap<(&'static str, &'static str), u64>,
     buckets: [u64; BUCKETS.len()],
@@ -585,6 +667,46 @@ impl ServiceMetrics {
         if ok {
             g.last_ops = ops;
         }
+        let kp = &mut g.kube_proxy;
+        kp.sync.observe(&KUBE_PROXY_SYNC_BUCKETS, s);
+        if kind == "full" {
+            kp.full.observe(&KUBE_PROXY_SYNC_BUCKETS, s);
+        } else {
+            kp.partial.observe(&KUBE_PROXY_SYNC_BUCKETS, s);
+        }
+        if ok {
+            let now = SystemTime::now();
+            kp.last_synced = Some(now);
+            kp.oldest_queued = None;
+            kp.service_pending = 0;
+            kp.endpoint_pending = 0;
+            let bounds = network_programming_buckets();
+            for t in std::mem::take(&mut kp.triggers) {
+                let took = now.duration_since(t).unwrap_or_default();
+                kp.network_programming.observe(&bounds, took.as_secs_f64());
+            }
+        }
+    }
+
+    /// Records updates received from the source and not yet synced: `services` and
+    /// `endpoints` objects changed (kube-proxy's `QueuedUpdate`, and its change counters).
+    pub(crate) fn queued(&self, services: u64, endpoints: u64) {
+        let now = SystemTime::now();
+        let mut g = self.lock();
+        let kp = &mut g.kube_proxy;
+        kp.oldest_queued.get_or_insert(now);
+        kp.last_queued = Some(now);
+        kp.service_changes += services;
+        kp.endpoint_changes += endpoints;
+        kp.service_pending += services;
+        kp.endpoint_pending += endpoints;
+    }
+
+    /// What kube-proxy's health server decides on: the oldest update received and not yet
+    /// synced, and the last successful sync (`None`: none yet).
+    pub fn proxy_health_times(&self) -> (Option<SystemTime>, Option<SystemTime>) {
+        let g = self.lock();
+        (g.kube_proxy.oldest_queued, g.kube_proxy.last_synced)
     }
 
     /// The last error, if the last sync failed.
@@ -673,7 +795,89 @@ impl ServiceMetrics {
             let _ = writeln!(o, "# TYPE twill_services_{name} gauge");
             let _ = writeln!(o, "twill_services_{name} {v}");
         }
+        render_kube_proxy(&mut o, &g.kube_proxy);
         o
+    }
+}
+
+/// kube-proxy's metrics, under its names, where twill's meaning is the same: a "sync" is one
+/// plan-and-apply of the service loop (partial: the frontends a change touched; full: everything,
+/// against what the dataplane reports).
+fn render_kube_proxy(o: &mut String, kp: &KubeProxyState) {
+    kp.sync.render(
+        o,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds",
+        &KUBE_PROXY_SYNC_BUCKETS,
+    );
+    kp.full.render(
+        o,
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds for full resyncs",
+        &KUBE_PROXY_SYNC_BUCKETS,
+    );
+    kp.partial.render(
+        o,
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds for partial resyncs",
+        &KUBE_PROXY_SYNC_BUCKETS,
+    );
+    kp.network_programming.render(
+        o,
+        "kubeproxy_network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds",
+        &network_programming_buckets(),
+    );
+    for (name, help, kind, v) in [
+        (
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            "gauge",
+            kp.last_synced.map_or(0.0, unix_secs),
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            "gauge",
+            kp.last_queued.map_or(0.0, unix_secs),
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    for (name, help, kind, v) in [
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "Cumulative proxy rules Service changes",
+            "counter",
+            kp.service_changes,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "Cumulative proxy rules Endpoint changes",
+            "counter",
+            kp.endpoint_changes,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            "gauge",
+            kp.service_pending,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            "gauge",
+            kp.endpoint_pending,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}
+
+impl ServiceMetrics {
+    /// Adds the trigger times of changes just received (observed after the next good sync).
+    fn add_triggers(&self, t: Vec<SystemTime>) {
+        self.lock().kube_proxy.triggers.extend(t);
     }
 }
 
@@ -816,6 +1020,33 @@ pub async fn run_services<S: ServiceStore, D: LbDataplane>(
     resync: Duration,
     metrics: Arc<ServiceMetrics>,
 ) -> anyhow::Result<()> {
+    run_services_with(
+        |tx| service_cache(store, tx),
+        node,
+        dataplane,
+        resync,
+        metrics,
+    )
+    .await
+}
+
+/// [`run_services`] fed by any source: `source` gets the sender of the loop's channel and
+/// returns the task that lists and watches (the etcd cache, [`service_cache`], or the Kubernetes
+/// watchers in [`crate::kube::services`]). The task is spawned, and aborted when the loop ends.
+/// A source sends a [`SourceUpdate::Reset`] after every (re-)list and
+/// [`SourceUpdate::Changes`] in between; it never needs to stop.
+pub async fn run_services_with<F, Fut, D>(
+    source: F,
+    node: NodeIdentity,
+    dataplane: D,
+    resync: Duration,
+    metrics: Arc<ServiceMetrics>,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(mpsc::Sender<SourceUpdate>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: LbDataplane,
+{
     metrics.lock().mode = dataplane.mode();
     let mut lp = Loop {
         dp: Some(dataplane),
@@ -835,7 +1066,7 @@ pub async fn run_services<S: ServiceStore, D: LbDataplane>(
         Err(e) => tracing::warn!(error = %e, "reading the service dataplane back failed"),
     }
     let (tx, mut rx) = mpsc::channel(64);
-    let cache = tokio::spawn(service_cache(store, tx));
+    let cache = tokio::spawn(source(tx));
     let _guard = AbortOnDrop(cache);
     let mut have_snapshot = false;
     let mut tick = tokio::time::interval(resync.max(Duration::from_millis(100)));
@@ -863,9 +1094,19 @@ pub async fn run_services<S: ServiceStore, D: LbDataplane>(
                         SourceUpdate::Reset(l) => {
                             have_snapshot = true;
                             lp.metrics.lock().invalid_objects = l.invalid.len();
+                            let (svcs, eps) = count_kinds(l.objects.iter().map(Object::key));
+                            lp.metrics.queued(svcs, eps);
                             dirty.extend(lp.state.reset(l.objects));
                         }
-                        SourceUpdate::Changes(c) => { dirty.extend(lp.state.change(c)); }
+                        SourceUpdate::Changes(c) => {
+                            let (svcs, eps) = count_kinds(c.iter().map(|c| match c {
+                                Change::Put(o) => o.key(),
+                                Change::Delete(k) => k.clone(),
+                            }));
+                            lp.metrics.queued(svcs, eps);
+                            dirty.extend(lp.state.change(c));
+                        }
+                        SourceUpdate::Triggers(t) => lp.metrics.add_triggers(t),
                     }
                 }
                 if !have_snapshot {
@@ -889,6 +1130,14 @@ pub async fn run_services<S: ServiceStore, D: LbDataplane>(
             backoff = Backoff::new();
         }
     }
+}
+
+/// How many of `keys` are Services and how many EndpointSlices.
+fn count_kinds(keys: impl Iterator<Item = ObjectKey>) -> (u64, u64) {
+    keys.fold((0, 0), |(s, e), k| match k.kind {
+        Kind::Service => (s + 1, e),
+        Kind::EndpointSlice => (s, e + 1),
+    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -1198,5 +1447,97 @@ ports: [{port: 8080}]
             let e = s.put_all(&many).await.unwrap_err();
             assert!(e.to_string().starts_with("129 objects in one apply"), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn kube_proxy_metrics_and_health_times() {
+        let dp = FakeLbDataplane::new();
+        let m = Arc::new(ServiceMetrics::default());
+        assert_eq!(m.proxy_health_times(), (None, None));
+        let trigger = SystemTime::now() - Duration::from_millis(1500);
+        let objects = objs(WEB);
+        let slice = objects[2].clone();
+        let task = tokio::spawn(run_services_with(
+            move |tx| async move {
+                let listing = Listing {
+                    objects,
+                    ..Listing::default()
+                };
+                let _ = tx.send(SourceUpdate::Reset(listing)).await;
+                let _ = tx
+                    .send(SourceUpdate::Changes(vec![Change::Put(slice)]))
+                    .await;
+                let _ = tx.send(SourceUpdate::Triggers(vec![trigger])).await;
+                std::future::pending::<()>().await;
+            },
+            node(),
+            dp.clone(),
+            Duration::from_hours(1),
+            m.clone(),
+        ));
+        eventually("the trigger observed", || {
+            m.render()
+                .contains("kubeproxy_network_programming_duration_seconds_count 1\n")
+        })
+        .await;
+        let r = m.render();
+        // 1.5 s from trigger to programmed: above 1 s, within 2 s.
+        assert!(
+            r.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_service_changes_total 2\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0\n"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"),
+            "{r}"
+        );
+        let (pending, last) = m.proxy_health_times();
+        assert_eq!(pending, None, "everything received was synced");
+        assert!(last.is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failing_dataplane_leaves_updates_pending() {
+        let store = MemServiceStore::new();
+        store.put_all(&objs(WEB)).await.unwrap();
+        let dp = FakeLbDataplane::new();
+        dp.tamper(|s| s.fail_next_apply = Some("map full".into()));
+        let m = Arc::new(ServiceMetrics::default());
+        let task = tokio::spawn(run_services(
+            store,
+            node(),
+            dp.clone(),
+            Duration::from_hours(1),
+            m.clone(),
+        ));
+        eventually("the failed sync", || dp.state().apply_calls >= 1).await;
+        // Between the failure and the retry the update is pending; the health server turns
+        // 503 if that lasts (see kube::healthz).
+        // (The retry waits 100 ms of backoff; this runs within 10 ms of the failure.)
+        assert!(dp.services().is_empty());
+        assert!(m.proxy_health_times().0.is_some());
+        eventually("the retry", || dp.services().len() == 3).await;
+        assert_eq!(m.proxy_health_times().0, None);
+        task.abort();
     }
 }
