@@ -120,6 +120,12 @@ pub async fn start(
     if pending {
         tokio::spawn(attach_when_present(shared.clone()));
     }
+    // Per-service counters and map occupancy, read through handles of its own (see
+    // `EbpfLbView`): a scrape never waits for, or delays, a sync.
+    match EbpfLbView::open(&pin_dir) {
+        Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
+        Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
+    }
     if crate::kube::services_from_kubernetes(opts) {
         let node = NodeIdentity {
             name,
@@ -144,12 +150,6 @@ pub async fn start(
     let svc_metrics = Arc::new(ServiceMetrics::default());
     let render = svc_metrics.clone();
     metrics.add_renderer(Box::new(move || render.render()));
-    // Per-service counters and map occupancy, read through handles of its own (see
-    // `EbpfLbView`): a scrape never waits for, or delays, a sync.
-    match EbpfLbView::open(&pin_dir) {
-        Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
-        Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
-    }
     let resync = Duration::from_secs(opts.resync_interval.max(1));
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = run_services(store, node, shared, resync, svc_metrics).await {

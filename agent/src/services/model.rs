@@ -2,9 +2,10 @@
 //! `kubectl get -o yaml` / `-o json` prints them, parsed and validated.
 //!
 //! Why this shape:
-//! - A hand-written serde subset instead of `k8s-openapi`: the agent needs ~30 fields of two
-//!   kinds, and `k8s-openapi` costs minutes of build on a 2-core node for types we would still
-//!   have to validate. Every field a real object carries is listed, though: the fields twill
+//! - A hand-written serde subset, not `k8s-openapi`'s types, is the model: the agent needs ~30
+//!   fields of two kinds, and both sources (etcd manifests and, through `crate::kube`, the API
+//!   server, whose objects are re-serialised and parsed here) must mean the same and be
+//!   validated the same way. Every field a real object carries is listed, though: the fields twill
 //!   uses are typed, the ones it ignores (`managedFields`, `uid`, `selector`, `ipFamilies`,
 //!   `status.conditions`, ...) are accepted and dropped, and anything else is refused
 //!   (`deny_unknown_fields`), so a typo such as `sesionAffinity` or `namepsace` is an error
