@@ -5,9 +5,7 @@
 //! - Every benchmark is a [`Benchmark`]: it gets a [`Context`] (options, progress display, the
 //!   twilld binary) and returns a [`report::Section`]. The runner owns everything around it:
 //!   machine facts, the report directory, plots, the terminal table, `results.json` and the
-//!   sanity check. A benchmark plugs in as one module and one line in [`benchmark`] (`cni` did;
-//!   `services` and `control-plane` will once their dataplanes exist); until then `bench all`
-//!   says they were skipped and why.
+//!   sanity check. A benchmark plugs in as one module and one line in [`benchmark`].
 //! - Benchmarks are not timed tests (STYLE.md): a missed target is reported, not a failure. A run
 //!   fails only when it could not measure (a rig that does not come up, a tool that errors) or
 //!   when its numbers are not sane (zero, NaN) — what the CI smoke run checks.
@@ -17,11 +15,13 @@
 
 pub mod cli;
 pub mod cni;
+pub mod control_plane;
 pub mod machine;
 pub mod overlay;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod services;
 pub mod stats;
 
 use std::fmt;
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use self::progress::Progress;
 use self::report::{Report, SCHEMA, Section};
+use crate::cluster::ProxyMode;
 
 /// An overlay backend, as in the network config's `Backend.Type`.
 #[derive(
@@ -84,11 +85,13 @@ pub enum Which {
     /// Pod-to-pod throughput and latency per backend vs the hand-built kernel baseline, and
     /// lease-to-programmed latency.
     Overlay,
-    /// Service connection rate per proxy mode (comes with the service dataplanes).
+    /// Service connection rate vs number of services per proxy mode and vs direct pod IP, full
+    /// and one-change sync latency, hand-written nft/iptables rules as baselines.
     Services,
-    /// CNI ADD/DEL vs the reference plugins (comes with the CNI plugin).
+    /// CNI ADD/DEL vs the reference plugins.
     Cni,
-    /// 1000 nodes' leases and 10k services into one twilld (comes with the service dataplanes).
+    /// 1000 nodes' leases and 10k services × 10 endpoints into one twilld: time to programmed,
+    /// memory.
     ControlPlane,
     /// Everything that exists.
     All,
@@ -122,6 +125,9 @@ pub struct BenchOptions {
     pub which: Which,
     /// The backends the overlay benchmark measures.
     pub backends: Vec<Backend>,
+    /// The proxy modes the services benchmark measures (those twilld does not accept are
+    /// reported unavailable).
+    pub modes: Vec<ProxyMode>,
     /// Short durations and few samples (CI smoke runs, a quick look).
     pub quick: bool,
     /// Repetitions (default 3; at least 3 give a median worth the name).
@@ -139,6 +145,7 @@ impl Default for BenchOptions {
         BenchOptions {
             which: Which::All,
             backends: Backend::ALL.to_vec(),
+            modes: ProxyMode::SERVICE_MODES.to_vec(),
             quick: false,
             reps: 3,
             out_dir: None,
@@ -169,9 +176,9 @@ pub trait Benchmark {
 pub fn benchmark(which: Which) -> Result<Box<dyn Benchmark>, &'static str> {
     match which {
         Which::Overlay => Ok(Box::new(overlay::Overlay)),
-        Which::Services => Err("the service dataplanes (iptables, nftables, eBPF) are not in yet"),
+        Which::Services => Ok(Box::new(services::Services)),
         Which::Cni => Ok(Box::new(cni::Cni)),
-        Which::ControlPlane => Err("it needs the service dataplanes, which are not in yet"),
+        Which::ControlPlane => Ok(Box::new(control_plane::ControlPlane)),
         Which::All => Err("`all` is not a single benchmark"),
     }
 }
@@ -291,7 +298,7 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
 }
 
 /// The twilld binary the rigs will run (checked to exist, so a missing build fails up front).
-fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
     let dir = match (bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
         (Some(d), _) => d.to_path_buf(),
         (None, Some(d)) => PathBuf::from(d),
