@@ -399,8 +399,7 @@ fn measure(
 }
 
 fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    super::log_tail(text, n)
 }
 
 /// Strips `ip monitor`'s optional `[LABEL]` prefixes.

@@ -288,6 +288,55 @@ pub fn run(opts: &BenchOptions) -> Result<Outcome> {
     Ok(Outcome { dir, report })
 }
 
+/// The last `n` lines of a twilld log worth reading in an error: ANSI colours removed, and
+/// without the lines of a backtrace (with `RUST_BACKTRACE` set, an agent that fails to start
+/// ends its log with dozens of frames that would push the error itself out of the tail).
+pub fn log_tail(text: &str, n: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut in_backtrace = false;
+    for line in text.lines() {
+        let plain = strip_ansi(line);
+        let t = plain.trim_start();
+        if t.starts_with("Stack backtrace:") {
+            in_backtrace = true;
+            continue;
+        }
+        if t.starts_with("====") {
+            in_backtrace = false;
+        }
+        let frame = t.split_once(": ").is_some_and(|(num, _)| {
+            !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit())
+        }) || t.starts_with("at ");
+        if in_backtrace && (frame || t.is_empty()) {
+            continue;
+        }
+        in_backtrace = false;
+        lines.push(plain);
+    }
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Writes `report.md` and `results.json` into `dir`.
 pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
     let md = dir.join("report.md");
@@ -295,6 +344,24 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
     let json = dir.join("results.json");
     let text = serde_json::to_string_pretty(report)?;
     std::fs::write(&json, text + "\n").with_context(|| format!("write {}", json.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_tails_skip_backtraces_and_colours() {
+        let log = "==== twill-rig: starting twilld\n\
+                   \u{1b}[2m2026\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m pin link /x/tc_flannel.1_in\n\
+                   Error: start the service proxy\n\nCaused by:\n    pin link: EPERM\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n             at /src/x.rs:1:1\n\
+                   \n  32: _start\n";
+        let t = super::log_tail(log, 4);
+        assert_eq!(
+            t,
+            "Error: start the service proxy\n\nCaused by:\n    pin link: EPERM"
+        );
+        assert!(super::log_tail(log, 10).contains("2026 ERROR pin link"));
+    }
 }
 
 /// The twilld binary the rigs will run (checked to exist, so a missing build fails up front).

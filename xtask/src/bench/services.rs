@@ -492,8 +492,7 @@ impl Bench {
 }
 
 fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    super::log_tail(text, n)
 }
 
 // ---- one mode -----------------------------------------------------------------------------
