@@ -154,6 +154,8 @@ pub fn build_binaries(release: bool) -> Result<()> {
         "twill-cni",
         "-p",
         "twill-probe",
+        "--bin",
+        "twill-probe",
     ]);
     if release {
         build.arg("--release");

@@ -150,6 +150,8 @@ pub fn main(args: &BenchArgs) -> Result<()> {
             "twill-cni",
             "-p",
             "twill-probe",
+            "--bin",
+            "twill-probe",
         ]);
         if !args.debug {
             build.arg("--release");

@@ -324,6 +324,12 @@ fn measure(
         if twill_tests::interrupted() {
             bail!("interrupted");
         }
+        if let Some(why) = super::service_failure(&rig.twilld_log(node)) {
+            bail!(
+                "twilld on node {node} cannot program its services ({} frontends so far): {why}",
+                rep.frontends
+            );
+        }
         if t0.elapsed() > PROGRAM_TIMEOUT {
             bail!(
                 "not programmed after {PROGRAM_TIMEOUT:?}: {} routes, {} neighbours, {} FDB \

@@ -319,6 +319,22 @@ pub fn log_tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The last line of a twilld log saying its service loop cannot program (a failed list of the
+/// store, a failed apply, the loop stopped), without colours; `None` when there is none. A
+/// benchmark waiting for services to be programmed stops at such a line instead of waiting out
+/// its timeout: twilld retries forever, so the wait could never end well.
+pub fn service_failure(log: &str) -> Option<String> {
+    const SIGNS: [&str; 3] = [
+        "listing services failed",
+        "service dataplane sync failed",
+        "service loop stopped",
+    ];
+    log.lines()
+        .rev()
+        .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(strip_ansi)
+}
+
 /// `text` without ANSI escape sequences (`ESC [ ... letter`).
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -346,24 +362,6 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
     std::fs::write(&json, text + "\n").with_context(|| format!("write {}", json.display()))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn log_tails_skip_backtraces_and_colours() {
-        let log = "==== twill-rig: starting twilld\n\
-                   \u{1b}[2m2026\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m pin link /x/tc_flannel.1_in\n\
-                   Error: start the service proxy\n\nCaused by:\n    pin link: EPERM\n\n\
-                   Stack backtrace:\n   0: anyhow::error\n             at /src/x.rs:1:1\n\
-                   \n  32: _start\n";
-        let t = super::log_tail(log, 4);
-        assert_eq!(
-            t,
-            "Error: start the service proxy\n\nCaused by:\n    pin link: EPERM"
-        );
-        assert!(super::log_tail(log, 10).contains("2026 ERROR pin link"));
-    }
-}
-
 /// The twilld binary the rigs will run (checked to exist, so a missing build fails up front).
 pub(crate) fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
     let dir = match (bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
@@ -387,4 +385,33 @@ pub(crate) fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_tails_skip_backtraces_and_colours() {
+        let log = "==== twill-rig: starting twilld\n\
+                   \u{1b}[2m2026\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m pin link /x/tc_flannel.1_in\n\
+                   Error: start the service proxy\n\nCaused by:\n    pin link: EPERM\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n             at /src/x.rs:1:1\n\
+                   \n  32: _start\n";
+        let t = super::log_tail(log, 4);
+        assert_eq!(
+            t,
+            "Error: start the service proxy\n\nCaused by:\n    pin link: EPERM"
+        );
+        assert!(super::log_tail(log, 10).contains("2026 ERROR pin link"));
+    }
+
+    #[test]
+    fn spots_a_service_loop_that_cannot_program() {
+        let log = "x INFO service dataplane read back frontends=0\n\
+                   \u{1b}[33m WARN\u{1b}[0m listing services failed; keeping the dataplane as it \
+                   is error=etcd get /p/services/: decoded message length too large\n";
+        let why = super::service_failure(log).unwrap();
+        assert!(why.starts_with(" WARN listing services failed"), "{why}");
+        assert!(why.contains("too large"));
+        assert_eq!(super::service_failure("x INFO all good\n"), None);
+    }
 }
