@@ -83,7 +83,11 @@ pub struct Services;
 /// Counts and durations, full or `--quick`.
 #[derive(Debug, Clone, Serialize)]
 struct Params {
+    /// Repetitions of the full syncs.
     reps: usize,
+    /// VIP/direct pairs of connection-rate runs per step (twice the repetitions: short runs,
+    /// many pairs, so a paired ratio rides out the machine's swings).
+    pairs: usize,
     /// Services installed at each step (the last is where one-change latency is measured).
     steps: Vec<usize>,
     /// The step whose services a fresh twilld syncs in full.
@@ -101,6 +105,7 @@ impl Params {
         if quick {
             Params {
                 reps,
+                pairs: 2 * reps,
                 steps: vec![1, 30, 100],
                 sync_step: 30,
                 rate_secs: 0.3,
@@ -110,9 +115,10 @@ impl Params {
         } else {
             Params {
                 reps,
+                pairs: 2 * reps,
                 steps: vec![1, 10_000, 30_000],
                 sync_step: 10_000,
-                rate_secs: 2.0,
+                rate_secs: 1.0,
                 changes: 50,
                 baseline_services: 10_000,
             }
@@ -579,7 +585,7 @@ fn measure_mode(
             progress.note(&format!("{mode}: full sync not measured: {e:#}"));
             res.full_sync_error = Some(format!("{e:#}"));
         }
-        b.rates(vip, &mut step, p.reps, progress, &label)?;
+        b.rates(vip, &mut step, p.pairs, progress, &label)?;
         res.steps.push(step);
         last_vip = Some((mname, vip));
     }
@@ -883,7 +889,7 @@ fn measure_baselines(
         res.nft_add_one_ms.push(ms(took));
     }
     res.nft.services = n;
-    b.rates(vip, &mut res.nft, p.reps, progress, "nft by hand")?;
+    b.rates(vip, &mut res.nft, p.pairs, progress, "nft by hand")?;
     run(&node, &["nft", "delete", "table", "ip", "twbench"])?;
 
     let what = format!("iptables-legacy, {n} services: load");
@@ -899,7 +905,7 @@ fn measure_baselines(
         &format!("iptables-legacy-restore took {} s", fmt_num(res.ipt_load_s)),
     );
     res.ipt.services = n;
-    b.rates(vip, &mut res.ipt, p.reps, progress, "iptables-legacy by hand")?;
+    b.rates(vip, &mut res.ipt, p.pairs, progress, "iptables-legacy by hand")?;
     run(&node, &["iptables-legacy", "-t", "nat", "-F"])?;
     run(&node, &["iptables-legacy", "-t", "nat", "-X"])?;
     Ok(res)
@@ -921,8 +927,8 @@ impl Benchmark for Services {
         modes.retain(|m| *m != ProxyMode::None);
         ensure!(!modes.is_empty(), "no proxy mode selected");
         let twilld = super::twilld_path(ctx.opts.bin_dir.as_deref())?;
-        let per_mode = 1 + p.steps.len() * (1 + 2 * p.reps) + p.reps + 1;
-        progress.plan(modes.len() * per_mode + 3 + 4 * p.reps);
+        let per_mode = 1 + p.steps.len() * (1 + 2 * p.pairs) + p.reps + 1;
+        progress.plan(modes.len() * per_mode + 3 + 4 * p.pairs);
         let mut outcomes = Vec::new();
         let mut notes = Vec::new();
         for mode in modes {
@@ -1001,7 +1007,7 @@ fn section(
         title: format!(
             "Fresh TCP connections/s, one at a time from a pod on another node \
              ({} runs of {} s per figure, median)",
-            p.reps, p.rate_secs
+            p.pairs, p.rate_secs
         ),
         header: [
             "mode",
@@ -1249,6 +1255,13 @@ fn section(
             });
             lat_series.push((format!("{label} VIP, {} svc", bl.services), step.vip_lat_us.clone()));
         }
+        notes.push(format!(
+            "iptables (by hand, and twill's iptables mode): the first packet of *every* new \
+             connection through node 2 walks the nat table's services chain, direct ones \
+             included, so a VIP/direct ratio near 1 there does not mean the {} rules are free — \
+             compare its direct rate with the other rows' instead",
+            bl.services
+        ));
         let add_one = Summary::of(&bl.nft_add_one_ms);
         metric("services.nft_by_hand.add_one.p50".into(), "ms", add_one.p50);
         syncs.rows.push(vec![
@@ -1335,7 +1348,7 @@ fn section(
          server closes first), run in the client pod and — for eBPF — in node 2's cgroup, where \
          the socket-level load balancer is attached. VIP runs (→ a:8080) and direct runs (→ \
          a:8081; another port, so the server's TIME_WAIT sockets never see both) alternate, {} \
-         repetitions per step; figures are medians, VIP/direct the median of the paired \
+         pairs per step after a short warm-up of both; figures are medians, VIP/direct the median of the paired \
          ratios.\n\n\
          Full sync: at {} services a fresh twilld starts on an extra node (one per repetition); \
          its first sync's duration is read from its own `twill_services_sync_duration_seconds` \
@@ -1352,7 +1365,7 @@ fn section(
          measured like the modes. Node namespaces set `nf_conntrack_tcp_timeout_time_wait` to \
          10 s, for every mode and baseline alike (at thousands of connections a second the \
          default 120 s fills the machine-wide table).",
-        p.rate_secs, p.reps, p.sync_step, last_step, p.changes, p.baseline_services
+        p.rate_secs, p.pairs, p.sync_step, last_step, p.changes, p.baseline_services
     );
     Section {
         name: "services".into(),
