@@ -16,6 +16,11 @@
 //! - Memory is twilld's peak resident set (`VmHWM` of `/proc/PID/status`) once programmed and
 //!   settled; the eBPF maps live in kernel memory, not in the agent's RSS, and are reported
 //!   separately (`bytes_memlock` of the pinned maps, from `bpftool`).
+//! - The backend is VXLAN (`--backend vxlan`, the default). host-gw works too for small runs
+//!   (`--backend host-gw --quick`: its peers' public addresses must sit on the rig's underlay
+//!   /24, so at most 150 of them), which is what the CI smoke run uses until twilld can run the
+//!   eBPF proxy on a VXLAN node (it pins a tc link named after `flannel.1`, and bpffs refuses
+//!   dots in names).
 //! - One repetition per rig node: each starts a fresh twilld on a node that has never run one;
 //!   the previous repetition's twilld is stopped and its lease removed first, so every run sees
 //!   exactly 999 peers.
@@ -39,12 +44,20 @@ use super::progress::Progress;
 use super::report::{Check, Metric, Section, Table, fmt_num};
 use super::services::filler_entries;
 use super::stats::{Summary, median};
-use super::{Benchmark, Context};
+use super::{Backend, Benchmark, Context};
 use crate::cluster::{METRICS_ADDR, ProxyMode, check_proxy_mode};
 
-/// The cluster network: room for 32768 /24 node subnets.
-const NETWORK_CONFIG: &str =
-    r#"{"Network":"10.128.0.0/9","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+/// The cluster network (room for 32768 /24 node subnets) for `backend`.
+fn network_config(backend: Backend) -> String {
+    format!(
+        r#"{{"Network":"10.128.0.0/9","SubnetLen":24,"Backend":{{"Type":"{backend}"}}}}"#
+    )
+}
+
+/// host-gw peers' public addresses: `198.18.0.(HOST_GW_BASE + k)`, on the rig's underlay.
+const HOST_GW_BASE: usize = 100;
+/// ... so at most this many fake host-gw nodes (and extra leases) fit.
+const HOST_GW_MAX: usize = 150;
 /// The VXLAN device twilld makes (VNI 1).
 const VXLAN_DEV: &str = "flannel.1";
 /// Targets (issue 7).
@@ -63,6 +76,7 @@ pub struct ControlPlane;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Params {
+    backend: Backend,
     reps: usize,
     /// Nodes in the simulated cluster (twilld's own included).
     nodes: usize,
@@ -73,8 +87,9 @@ struct Params {
 }
 
 impl Params {
-    fn new(quick: bool, reps: usize) -> Self {
+    fn new(backend: Backend, quick: bool, reps: usize) -> Self {
         Params {
+            backend,
             reps,
             nodes: if quick { 50 } else { 1000 },
             services: if quick { 100 } else { 10_000 },
@@ -85,30 +100,44 @@ impl Params {
 
 /// Fake peer `k` (1-based): its subnet, key, public address, VTEP MAC and lease JSON.
 struct FakeNode {
-    net: Ipv4Addr,
     key: String,
-    public: Ipv4Addr,
-    mac: String,
     value: String,
+    /// Line prefixes of `ip monitor` / `bridge monitor` that mean "programmed".
+    programmed: Vec<String>,
 }
 
 impl FakeNode {
-    fn new(k: usize) -> Self {
+    fn new(backend: Backend, k: usize) -> Self {
         let k16 = u16::try_from(k).expect("fewer than 65536 fake nodes");
         let [hi, lo] = k16.to_be_bytes();
         // 10.128.0.0/9 in /24s: subnet number k (k < 32768).
         let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (u32::from(k16) << 8));
-        let public = Ipv4Addr::new(198, 19, hi, lo);
         let mac = format!("0e:74:77:01:{hi:02x}:{lo:02x}");
-        let value = format!(
-            r#"{{"PublicIP":"{public}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-        );
+        let (value, programmed) = if backend == Backend::Vxlan {
+            let public = Ipv4Addr::new(198, 19, hi, lo);
+            (
+                format!(
+                    r#"{{"PublicIP":"{public}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+                ),
+                vec![
+                    format!("{net}/24 "),
+                    format!("{net} dev {VXLAN_DEV} "),
+                    format!("{mac} dev {VXLAN_DEV} dst {public} "),
+                ],
+            )
+        } else {
+            assert!(k <= HOST_GW_MAX, "host-gw peer {k} does not fit the underlay");
+            let last = u8::try_from(HOST_GW_BASE + k).expect("checked above");
+            let public = Ipv4Addr::new(198, 18, 0, last);
+            (
+                format!(r#"{{"PublicIP":"{public}","BackendType":"{backend}"}}"#),
+                vec![format!("{net}/24 via {public} ")],
+            )
+        };
         FakeNode {
-            net,
             key: format!("{ETCD_PREFIX}/subnets/{net}-24"),
-            public,
-            mac,
             value,
+            programmed,
         }
     }
 }
@@ -144,7 +173,22 @@ impl Benchmark for ControlPlane {
     }
 
     fn run(&self, ctx: &Context<'_>) -> Result<Section> {
-        let p = Params::new(ctx.opts.quick, ctx.opts.reps);
+        let backend = if ctx.opts.backends.contains(&Backend::Vxlan) {
+            Backend::Vxlan
+        } else if ctx.opts.backends.contains(&Backend::HostGw) {
+            Backend::HostGw
+        } else {
+            bail!("the control-plane benchmark runs the vxlan or the host-gw backend");
+        };
+        let p = Params::new(backend, ctx.opts.quick, ctx.opts.reps);
+        if backend == Backend::HostGw {
+            let need = p.nodes + p.reps * (p.leases + 1);
+            ensure!(
+                need <= HOST_GW_MAX,
+                "host-gw peers must sit on the rig's underlay: {need} addresses needed, {HOST_GW_MAX} \
+                 available (use --quick, or the vxlan backend)"
+            );
+        }
         let progress = ctx.progress;
         let twilld = super::twilld_path(ctx.opts.bin_dir.as_deref())?;
         if let Err(why) = check_proxy_mode(&twilld, ProxyMode::Ebpf) {
@@ -161,14 +205,14 @@ impl Benchmark for ControlPlane {
             bin_dir: ctx.opts.bin_dir.clone(),
             ..RigOptions::default()
         })?;
-        rig.put_network_config(NETWORK_CONFIG)?;
+        rig.put_network_config(&network_config(backend))?;
         let etcd = EtcdHttp {
             addr: SocketAddr::from((UNDERLAY_V4, 2379)),
         };
         let t0 = Instant::now();
         let mut kvs: Vec<(String, String)> = (1..p.nodes)
             .map(|k| {
-                let f = FakeNode::new(k);
+                let f = FakeNode::new(backend, k);
                 (f.key, f.value)
             })
             .collect();
@@ -244,8 +288,14 @@ fn vm_mib(pid: i32, field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// Routes, permanent neighbours and FDB entries on the VXLAN device in `ns`.
-fn overlay_counts(ns: &str) -> Result<(usize, usize, usize)> {
+/// Routes, permanent neighbours and FDB entries on the VXLAN device in `ns` (host-gw: routes
+/// via another node, and the other two counts equal to it).
+fn overlay_counts(ns: &str, backend: Backend) -> Result<(usize, usize, usize)> {
+    if backend != Backend::Vxlan {
+        let routes = run(ns, &["ip", "-4", "route", "show"])?;
+        let n = routes.lines().filter(|l| l.contains(" via ")).count();
+        return Ok((n, n, n));
+    }
     let script = format!(
         "ip -4 route show dev {VXLAN_DEV} 2>/dev/null | grep -c . ; \
          ip -4 neigh show dev {VXLAN_DEV} nud permanent 2>/dev/null | grep -c . ; \
@@ -342,7 +392,7 @@ fn measure(
             );
         }
         if overlay.is_none() {
-            let (r, n, f) = overlay_counts(&ns).unwrap_or_default();
+            let (r, n, f) = overlay_counts(&ns, p.backend).unwrap_or_default();
             (rep.routes, rep.neighbours, rep.fdb) = (r, n, f);
             if r >= peers && n >= peers && f >= peers {
                 overlay = Some(t0.elapsed());
@@ -427,20 +477,23 @@ fn lease_latency(rig: &Rig, node: usize, p: &Params, etcd: &EtcdHttp, rep: &mut 
     let route: &[&str] = &["ip", "-4", "monitor", "route"];
     let neigh: &[&str] = &["ip", "-4", "monitor", "neigh"];
     let fdb: &[&str] = &["bridge", "monitor", "fdb"];
-    let monitor = LineMonitor::spawn_many(&ns, &[route, neigh, fdb])?;
+    let commands: Vec<&[&str]> = if p.backend == Backend::Vxlan {
+        vec![route, neigh, fdb]
+    } else {
+        vec![route]
+    };
+    let monitor = LineMonitor::spawn_many(&ns, &commands)?;
     std::thread::sleep(Duration::from_millis(200));
     // Subnet numbers above the cluster's, different per repetition.
     let first = p.nodes + node * (p.leases + 1);
-    let extra: Vec<FakeNode> = (first..=first + p.leases).map(FakeNode::new).collect();
+    let extra: Vec<FakeNode> = (first..=first + p.leases)
+        .map(|k| FakeNode::new(p.backend, k))
+        .collect();
     let (lease_ms, timeouts) = in_netns(&rig.underlay_ns(), move || {
         let mut lease_ms = Vec::new();
         let mut timeouts = 0;
         for (i, f) in extra.iter().enumerate() {
-            let want = [
-                format!("{}/24 ", f.net),
-                format!("{} dev {VXLAN_DEV} ", f.net),
-                format!("{} dev {VXLAN_DEV} dst {} ", f.mac, f.public),
-            ];
+            let want = &f.programmed;
             monitor.drain();
             let t0 = Instant::now();
             etcd.put(&f.key, &f.value)?;
@@ -516,9 +569,9 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
 
     let mut table = Table {
         title: format!(
-            "One twilld (VXLAN + eBPF proxy) starting against {} nodes' leases and {} services × \
+            "One twilld ({} + eBPF proxy) starting against {} nodes' leases and {} services × \
              10 endpoints, per repetition",
-            p.nodes, p.services
+            p.backend, p.nodes, p.services
         ),
         header: [
             "rep",
@@ -551,8 +604,13 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
     }
     let lease_table = Table {
         title: format!(
-            "One more lease with {} peers in place → its route, neighbour and FDB entry, ms",
-            p.nodes - 1
+            "One more lease with {} peers in place → programmed ({}), ms",
+            p.nodes - 1,
+            if p.backend == Backend::Vxlan {
+                "route, neighbour and FDB entry"
+            } else {
+                "route"
+            }
         ),
         header: ["samples", "p50", "p99", "max", "timeouts"]
             .map(String::from)
@@ -598,20 +656,22 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
     let mut about = String::new();
     let _ = write!(
         about,
-        "{} fake nodes' leases (flannel's JSON: VXLAN, VNI 1, public addresses in 198.19.0.0/16 \
-         that nothing has) and {} ClusterIP services × 10 endpoints are written into etcd (128 \
-         keys per transaction). Then one real twilld starts on a fresh rig node with the VXLAN \
-         backend and the eBPF service proxy. The clock runs from just before its spawn until the \
-         node's `{VXLAN_DEV}` has a route, a permanent neighbour and an FDB entry for every peer \
-         (counted with `ip`/`bridge` every 25 ms) and its `/metrics` report every frontend and \
-         backend programmed. Memory: `VmHWM` (peak resident set) of twilld 2 s after that; the \
+        "{} fake nodes' leases (flannel's JSON; VXLAN: VNI 1, public addresses in 198.19.0.0/16 \
+         that nothing has; host-gw: addresses on the rig's underlay no namespace has) and {} \
+         ClusterIP services × 10 endpoints are written into etcd (128 keys per transaction). \
+         Then one real twilld starts on a fresh rig node with the {} backend and the eBPF \
+         service proxy. The clock runs from just before its spawn until the node has every \
+         peer programmed (VXLAN: a route, a permanent neighbour and an FDB entry on \
+         `{VXLAN_DEV}`; host-gw: a route; counted with `ip`/`bridge` every 25 ms) and its \
+         `/metrics` report every frontend and backend programmed. Memory: `VmHWM` (peak resident set) of twilld 2 s after that; the \
          eBPF maps are kernel memory (`bytes_memlock` of the pinned maps) and not part of it. \
          With the cluster in place, {} more leases are written one at a time and timed to their \
-         route, neighbour and FDB entry (`ip monitor`, `bridge monitor`). {} repetition(s), each \
+         entries (`ip monitor`, `bridge monitor`). {} repetition(s), each \
          on a node that never ran twilld, with the previous twilld stopped and its lease removed. \
          The anchor: the Cilium agent averages {CILIUM_ANCHOR_MIB} MiB at 1000 nodes / 50k pods.",
         p.nodes - 1,
         p.services,
+        p.backend,
         p.leases,
         p.reps
     );
@@ -634,7 +694,14 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
                     p.nodes - 1
                 ),
                 x_label: "ms (log scale)".into(),
-                series: vec![("vxlan: route + neighbour + FDB".into(), leases)],
+                series: vec![(
+                    if p.backend == Backend::Vxlan {
+                        "vxlan: route + neighbour + FDB".into()
+                    } else {
+                        format!("{}: route", p.backend)
+                    },
+                    leases,
+                )],
             })]
         },
         raw: serde_json::json!({"params": p, "repetitions": reps}),
@@ -647,18 +714,32 @@ mod tests {
 
     #[test]
     fn fake_nodes_are_flannel_leases_outside_the_rig() {
-        let f = FakeNode::new(999);
-        assert_eq!(f.net, Ipv4Addr::new(10, 131, 231, 0));
+        let f = FakeNode::new(Backend::Vxlan, 999);
         assert_eq!(f.key, "/coreos.com/network/subnets/10.131.231.0-24");
-        assert_eq!(f.public, Ipv4Addr::new(198, 19, 3, 231));
         let v: serde_json::Value = serde_json::from_str(&f.value).unwrap();
+        assert_eq!(v["PublicIP"], "198.19.3.231");
         assert_eq!(v["BackendData"]["VtepMAC"], "0e:74:77:01:03:e7");
         assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(
+            f.programmed,
+            [
+                "10.131.231.0/24 ",
+                "10.131.231.0 dev flannel.1 ",
+                "0e:74:77:01:03:e7 dev flannel.1 dst 198.19.3.231 "
+            ]
+        );
         // Distinct subnets for every node of a 1000-node cluster, inside the Network.
-        let nets: std::collections::BTreeSet<Ipv4Addr> =
-            (1..1000).map(|k| FakeNode::new(k).net).collect();
-        assert_eq!(nets.len(), 999);
-        assert!(nets.iter().all(|n| n.octets()[0] == 10 && n.octets()[1] >= 128));
+        let keys: std::collections::BTreeSet<String> =
+            (1..1000).map(|k| FakeNode::new(Backend::Vxlan, k).key).collect();
+        assert_eq!(keys.len(), 999);
+        assert!(keys.iter().all(|k| k.contains("/subnets/10.1")));
+        // host-gw peers sit on the rig's underlay, above its nodes.
+        let h = FakeNode::new(Backend::HostGw, 7);
+        assert_eq!(h.programmed, ["10.128.7.0/24 via 198.18.0.107 "]);
+        assert_eq!(
+            h.value,
+            r#"{"PublicIP":"198.18.0.107","BackendType":"host-gw"}"#
+        );
     }
 
     #[test]
@@ -678,7 +759,7 @@ mod tests {
             lease_ms: vec![3.0, 4.0],
             lease_timeouts: 0,
         };
-        let s = section(&Params::new(false, 1), &[rep]);
+        let s = section(&Params::new(Backend::Vxlan, false, 1), &[rep]);
         assert!(s.checks.iter().all(|c| c.pass), "{:?}", s.checks);
         assert!(s.metrics.iter().all(|m| m.value.is_finite() && m.value > 0.0));
         assert_eq!(s.plots.len(), 1);
