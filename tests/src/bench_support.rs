@@ -353,7 +353,10 @@ pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Result<
     });
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().with_context(|| format!("wait for {what}"))? {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("wait for {what}"))?
+        {
             break status;
         }
         if start.elapsed() >= timeout || crate::interrupted() {
@@ -411,7 +414,10 @@ mod tests {
                     twill_services_frontends_extra 1\n\
                     twill_services_sync_duration_seconds_sum 0.3125\n";
         assert_eq!(
-            prometheus_value(text, r#"twill_services_syncs_total{kind="full",result="ok"}"#),
+            prometheus_value(
+                text,
+                r#"twill_services_syncs_total{kind="full",result="ok"}"#
+            ),
             Some(3.0)
         );
         assert_eq!(

@@ -170,6 +170,12 @@ fn up(o: &UpOptions) -> Result<()> {
         build_binaries(!o.debug)?;
     }
     let bin_dir = target_dir()?.join(profile);
+    // Refuse a mode this twilld does not know before building anything.
+    if o.proxy_mode != ProxyMode::None
+        && let Err(why) = cluster::check_proxy_mode(&bin_dir.join("twilld"), o.proxy_mode)
+    {
+        bail!(why);
+    }
     let started = Instant::now();
     let rig = Rig::with_options(RigOptions {
         nodes: o.nodes,

@@ -49,9 +49,7 @@ use crate::cluster::{METRICS_ADDR, ProxyMode, check_proxy_mode};
 
 /// The cluster network (room for 32768 /24 node subnets) for `backend`.
 fn network_config(backend: Backend) -> String {
-    format!(
-        r#"{{"Network":"10.128.0.0/9","SubnetLen":24,"Backend":{{"Type":"{backend}"}}}}"#
-    )
+    format!(r#"{{"Network":"10.128.0.0/9","SubnetLen":24,"Backend":{{"Type":"{backend}"}}}}"#)
 }
 
 /// host-gw peers' public addresses: `198.18.0.(HOST_GW_BASE + k)`, on the rig's underlay.
@@ -126,7 +124,10 @@ impl FakeNode {
                 ],
             )
         } else {
-            assert!(k <= HOST_GW_MAX, "host-gw peer {k} does not fit the underlay");
+            assert!(
+                k <= HOST_GW_MAX,
+                "host-gw peer {k} does not fit the underlay"
+            );
             let last = u8::try_from(HOST_GW_BASE + k).expect("checked above");
             let public = Ipv4Addr::new(198, 18, 0, last);
             (
@@ -283,7 +284,14 @@ fn vm_mib(pid: i32, field: &str) -> Result<f64> {
         .with_context(|| format!("read /proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
 }
@@ -517,7 +525,11 @@ fn lease_latency(rig: &Rig, node: usize, p: &Params, etcd: &EtcdHttp, rep: &mut 
             }
             // The first is a warm-up (the monitors proved subscribed), not counted.
             if i == 0 {
-                ensure!(missing.is_empty(), "the warm-up lease {} was not programmed", f.key);
+                ensure!(
+                    missing.is_empty(),
+                    "the warm-up lease {} was not programmed",
+                    f.key
+                );
                 continue;
             }
             match (missing.is_empty(), last) {
@@ -634,7 +646,9 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
             "s",
         ),
         Check::at_most(
-            format!("twilld peak RSS (VmHWM), same load (Cilium agent: {CILIUM_ANCHOR_MIB} MiB at 1000 nodes / 50k pods)"),
+            format!(
+                "twilld peak RSS (VmHWM), same load (Cilium agent: {CILIUM_ANCHOR_MIB} MiB at 1000 nodes / 50k pods)"
+            ),
             median(&hwm),
             RSS_TARGET_MIB,
             "MiB",
@@ -729,8 +743,9 @@ mod tests {
             ]
         );
         // Distinct subnets for every node of a 1000-node cluster, inside the Network.
-        let keys: std::collections::BTreeSet<String> =
-            (1..1000).map(|k| FakeNode::new(Backend::Vxlan, k).key).collect();
+        let keys: std::collections::BTreeSet<String> = (1..1000)
+            .map(|k| FakeNode::new(Backend::Vxlan, k).key)
+            .collect();
         assert_eq!(keys.len(), 999);
         assert!(keys.iter().all(|k| k.contains("/subnets/10.1")));
         // host-gw peers sit on the rig's underlay, above its nodes.
@@ -761,7 +776,11 @@ mod tests {
         };
         let s = section(&Params::new(Backend::Vxlan, false, 1), &[rep]);
         assert!(s.checks.iter().all(|c| c.pass), "{:?}", s.checks);
-        assert!(s.metrics.iter().all(|m| m.value.is_finite() && m.value > 0.0));
+        assert!(
+            s.metrics
+                .iter()
+                .all(|m| m.value.is_finite() && m.value > 0.0)
+        );
         assert_eq!(s.plots.len(), 1);
         assert!(s.notes.is_empty());
     }

@@ -304,9 +304,10 @@ pub fn log_tail(text: &str, n: usize) -> String {
         if t.starts_with("====") {
             in_backtrace = false;
         }
-        let frame = t.split_once(": ").is_some_and(|(num, _)| {
-            !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit())
-        }) || t.starts_with("at ");
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(num, _)| !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()))
+            || t.starts_with("at ");
         if in_backtrace && (frame || t.is_empty()) {
             continue;
         }

@@ -360,17 +360,17 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
         ))
         .map_err(err)?
         .label(series.name.clone())
-        .legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-        });
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         ctx.draw_series(
             pts.iter()
                 .map(|(x, b)| Circle::new((*x, b.value), 4, c.filled())),
         )
         .map_err(err)?;
-        ctx.draw_series(pts.iter().filter(|(_, b)| b.high > b.low).map(|(x, b)| {
-            PathElement::new(vec![(*x, b.low), (*x, b.high)], c.stroke_width(1))
-        }))
+        ctx.draw_series(
+            pts.iter()
+                .filter(|(_, b)| b.high > b.low)
+                .map(|(x, b)| PathElement::new(vec![(*x, b.low), (*x, b.high)], c.stroke_width(1))),
+        )
         .map_err(err)?;
     }
     ctx.configure_series_labels()

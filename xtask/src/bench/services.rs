@@ -341,11 +341,7 @@ impl Bench {
         let a = rig.add_cni_pod(1)?;
         let b = rig.add_cni_pod(1)?;
         let client = rig.add_cni_pod(2)?;
-        twill_tests::ns::sysctl(
-            &client.ns,
-            "net.ipv4.ip_local_port_range",
-            "1024 65535",
-        )?;
+        twill_tests::ns::sysctl(&client.ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
         rig.start_responder(&a, "a", &[VIP_TARGET_PORT, DIRECT_PORT])?;
         rig.start_responder(&b, "b", &[VIP_TARGET_PORT, DIRECT_PORT])?;
         let probe = rig.binary("twill-probe")?.display().to_string();
@@ -386,7 +382,15 @@ impl Bench {
             &self.rig,
             &self.client,
             self.mode,
-            &[&self.probe, "rate", &target, "--secs", &secs_arg, "--expect", "a"],
+            &[
+                &self.probe,
+                "rate",
+                &target,
+                "--secs",
+                &secs_arg,
+                "--expect",
+                "a",
+            ],
         )?;
         let what = format!("twill-probe rate {target} in {}", self.client.ns);
         let out = output_within(cmd, Duration::from_secs_f64(secs) + RUN_SLACK, &what)?;
@@ -455,7 +459,11 @@ impl Bench {
     fn metrics(&self, node: usize) -> Result<String> {
         let addr: SocketAddr = METRICS_ADDR.parse().expect("a socket address");
         let resp = http_get(&self.rig.node_ns(node), addr, "/metrics")?;
-        ensure!(resp.status == 200, "/metrics of node {node}: HTTP {}", resp.status);
+        ensure!(
+            resp.status == 200,
+            "/metrics of node {node}: HTTP {}",
+            resp.status
+        );
         Ok(resp.body)
     }
 
@@ -619,7 +627,8 @@ fn full_syncs(
         let done = b.wait_programmed(node, n, progress, &what)?;
         let m = wait_for(Duration::from_secs(10), || {
             let m = b.metrics(node).ok()?;
-            let full = prometheus_value(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
+            let full =
+                prometheus_value(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
             (full >= 1.0).then_some(m)
         })
         .context("no full sync in the metrics")?;
@@ -632,8 +641,7 @@ fn full_syncs(
             "expected the fresh twilld's first sync alone, found {count} syncs"
         );
         res.full_sync_s.push(sum);
-        res.start_to_programmed_s
-            .push((done - t0).as_secs_f64());
+        res.start_to_programmed_s.push((done - t0).as_secs_f64());
         res.full_sync_frontends =
             prometheus_value(&m, "twill_services_frontends").unwrap_or(f64::NAN);
         res.full_sync_backends =
@@ -675,14 +683,26 @@ fn one_change(
         &b.rig,
         &b.client,
         b.mode,
-        &[&b.probe, "follow", &target, "--interval-us", "200", "--secs", "600"],
+        &[
+            &b.probe,
+            "follow",
+            &target,
+            "--interval-us",
+            "200",
+            "--secs",
+            "600",
+        ],
     )?;
     let follow = LineMonitor::from_command(cmd, &format!("twill-probe follow {target}"))?;
     let first = wait_for(Duration::from_secs(10), || {
         follow.next_line(Duration::from_millis(100)).ok().flatten()
     })
     .context("twill-probe follow printed nothing")?;
-    ensure!(first.1 == "a", "the follower's first answer is {:?}, not a", first.1);
+    ensure!(
+        first.1 == "a",
+        "the follower's first answer is {:?}, not a",
+        first.1
+    );
     let etcd = etcd();
     let key = slice_key(name);
     let (a_ip, b_ip) = (b.a_ip(), b.b_ip());
@@ -905,7 +925,13 @@ fn measure_baselines(
         &format!("iptables-legacy-restore took {} s", fmt_num(res.ipt_load_s)),
     );
     res.ipt.services = n;
-    b.rates(vip, &mut res.ipt, p.pairs, progress, "iptables-legacy by hand")?;
+    b.rates(
+        vip,
+        &mut res.ipt,
+        p.pairs,
+        progress,
+        "iptables-legacy by hand",
+    )?;
     run(&node, &["iptables-legacy", "-t", "nat", "-F"])?;
     run(&node, &["iptables-legacy", "-t", "nat", "-X"])?;
     Ok(res)
@@ -1082,7 +1108,11 @@ fn section(
             let direct = median(&s.direct);
             let ratio = paired(s);
             let scale = vip / base_rate;
-            metric(format!("services.{mode}.vip_rate.{}", s.services), "conn/s", vip);
+            metric(
+                format!("services.{mode}.vip_rate.{}", s.services),
+                "conn/s",
+                vip,
+            );
             metric(
                 format!("services.{mode}.direct_rate.{}", s.services),
                 "conn/s",
@@ -1106,7 +1136,10 @@ fn section(
             vip_line.extend(bar(&s.vip).map(|b| (s.services as f64, b)));
             direct_line.extend(bar(&s.direct).map(|b| (s.services as f64, b)));
             if s.services == last_step {
-                lat_series.push((format!("{mode} VIP, {} svc", s.services), s.vip_lat_us.clone()));
+                lat_series.push((
+                    format!("{mode} VIP, {} svc", s.services),
+                    s.vip_lat_us.clone(),
+                ));
                 lat_series.push((format!("{mode} direct"), s.direct_lat_us.clone()));
             }
         }
@@ -1125,7 +1158,10 @@ fn section(
         let full = median(&r.full_sync_s);
         let start = median(&r.start_to_programmed_s);
         if let Some(e) = &r.full_sync_error {
-            notes.push(format!("{mode}: full sync of {} services not measured: {e}", p.sync_step));
+            notes.push(format!(
+                "{mode}: full sync of {} services not measured: {e}",
+                p.sync_step
+            ));
         } else {
             metric(format!("services.{mode}.full_sync"), "s", full);
             metric(format!("services.{mode}.start_to_programmed"), "s", start);
@@ -1220,7 +1256,12 @@ fn section(
     }
     if let Some(bl) = baseline {
         for (label, key, step, load) in [
-            ("nft verdict map (by hand)", "nft_by_hand", &bl.nft, bl.nft_load_s),
+            (
+                "nft verdict map (by hand)",
+                "nft_by_hand",
+                &bl.nft,
+                bl.nft_load_s,
+            ),
             (
                 "iptables-legacy (by hand)",
                 "iptables_legacy_by_hand",
@@ -1230,7 +1271,11 @@ fn section(
         ] {
             let vip = median(&step.vip);
             let direct = median(&step.direct);
-            metric(format!("services.{key}.vip_rate.{}", bl.services), "conn/s", vip);
+            metric(
+                format!("services.{key}.vip_rate.{}", bl.services),
+                "conn/s",
+                vip,
+            );
             metric(
                 format!("services.{key}.direct_rate.{}", bl.services),
                 "conn/s",
@@ -1253,7 +1298,10 @@ fn section(
                     .into_iter()
                     .collect(),
             });
-            lat_series.push((format!("{label} VIP, {} svc", bl.services), step.vip_lat_us.clone()));
+            lat_series.push((
+                format!("{label} VIP, {} svc", bl.services),
+                step.vip_lat_us.clone(),
+            ));
         }
         notes.push(format!(
             "iptables (by hand, and twill's iptables mode): the first packet of *every* new \
@@ -1481,8 +1529,17 @@ mod tests {
             s.metrics
         );
         assert!(!s.metrics.iter().any(|m| m.name.contains("nftables")));
-        assert!(s.notes.iter().any(|n| n.starts_with("nftables: unavailable")));
-        assert!(s.tables[0].rows.iter().any(|r| r[0] == "nftables" && r[2] == "unavailable"));
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n.starts_with("nftables: unavailable"))
+        );
+        assert!(
+            s.tables[0]
+                .rows
+                .iter()
+                .any(|r| r[0] == "nftables" && r[2] == "unavailable")
+        );
         let scale = s
             .metrics
             .iter()
