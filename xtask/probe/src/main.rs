@@ -5,7 +5,9 @@
 //!   which backend a Service picked.
 //! - `rate` opens fresh connections one after the other for a fixed time and prints one JSON
 //!   line (count, failures, latencies): the fresh-connection rate of `cargo xtask bench
-//!   services`.
+//!   services`. Given several addresses it takes them in turn, connection by connection (a VIP,
+//!   then the pod IP, then the VIP...), so both meet the same background load; each address's
+//!   rate is its connections over the time spent on them.
 //! - `follow` connects every few hundred microseconds and prints the answering backend's name
 //!   each time it changes: the benchmark timestamps those lines to see when an endpoint change
 //!   reached the dataplane.
@@ -60,10 +62,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// Fresh connections one after the other for SECS; one JSON line with the figures.
+    /// Fresh connections one after the other for SECS, taking the addresses in turn (one
+    /// connection each); one JSON line with each address's figures.
     Rate {
-        /// Where to connect.
-        addr: SocketAddr,
+        /// Where to connect (several: alternate between them, connection by connection).
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
         /// How long, seconds.
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
@@ -97,12 +101,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Rate {
-            addr,
+            addrs,
             secs,
             expect,
             samples,
         } => {
-            let figures = rate(addr, secs_duration(secs)?, expect.as_deref(), samples);
+            let figures = rate(&addrs, secs_duration(secs)?, expect.as_deref(), samples);
             println!("{}", serde_json::to_string(&figures)?);
             Ok(())
         }
@@ -190,16 +194,27 @@ fn request(addr: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(body.to_string())
 }
 
-/// What `rate` prints.
+/// What `rate` prints: one entry per target, in the order given.
+#[derive(Debug, Serialize)]
+struct RateRun {
+    /// The run's wall time, seconds.
+    secs: f64,
+    /// Per target.
+    targets: Vec<RateFigures>,
+}
+
+/// One target's share of a `rate` run.
 #[derive(Debug, Serialize)]
 struct RateFigures {
+    /// The address.
+    addr: SocketAddr,
     /// Connections that got the expected answer.
     ok: u64,
     /// Connections that failed (refused, timed out, wrong answer).
     failed: u64,
-    /// The run's length, seconds.
-    secs: f64,
-    /// `ok / secs`.
+    /// Time spent on this target's connections (successful or not), seconds.
+    busy_secs: f64,
+    /// `ok / busy_secs`: the fresh-connection rate of this target had it run alone.
     rate: f64,
     /// The first failure, if any.
     first_error: Option<String>,
@@ -208,46 +223,67 @@ struct RateFigures {
     lat_us: Vec<f64>,
 }
 
-fn rate(addr: SocketAddr, dur: Duration, expect: Option<&str>, samples: usize) -> RateFigures {
+/// Fresh connections for `dur`, one at a time, to each of `addrs` in turn: connection `i` goes
+/// to `addrs[i % len]`, so every target meets the same background load.
+fn rate(addrs: &[SocketAddr], dur: Duration, expect: Option<&str>, samples: usize) -> RateRun {
     let timeout = Duration::from_secs(1);
-    let mut lat = Vec::new();
-    let mut failed = 0u64;
-    let mut first_error = None;
+    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); addrs.len()];
+    let mut failed = vec![0u64; addrs.len()];
+    let mut busy = vec![Duration::ZERO; addrs.len()];
+    let mut first_error: Vec<Option<String>> = vec![None; addrs.len()];
     let start = Instant::now();
+    let mut i = 0usize;
     while start.elapsed() < dur {
+        let k = i % addrs.len();
+        i += 1;
         let t0 = Instant::now();
-        let outcome = request(addr, timeout).and_then(|body| match expect {
+        let outcome = request(addrs[k], timeout).and_then(|body| match expect {
             Some(want) if body != want => bail!("answer {body:?}, expected {want:?}"),
             _ => Ok(()),
         });
+        let took = t0.elapsed();
+        busy[k] += took;
         match outcome {
-            Ok(()) => lat.push(t0.elapsed().as_secs_f64() * 1e6),
+            Ok(()) => lat[k].push(took.as_secs_f64() * 1e6),
             Err(e) => {
-                failed += 1;
-                first_error.get_or_insert_with(|| format!("{e:#}"));
+                failed[k] += 1;
+                first_error[k].get_or_insert_with(|| format!("{e:#}"));
                 // Nothing answers: no point hammering for the rest of the run.
-                if lat.is_empty() && failed >= 20 {
+                if lat.iter().all(Vec::is_empty) && failed.iter().sum::<u64>() >= 20 {
                     break;
                 }
             }
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let ok = lat.len() as u64;
-    let stride = lat.len().div_ceil(samples.max(1)).max(1);
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "connection counts are far below 2^52"
-    )]
-    let rate = ok as f64 / secs;
-    RateFigures {
-        ok,
-        failed,
-        secs,
-        rate,
-        first_error,
-        lat_us: lat.into_iter().step_by(stride).collect(),
-    }
+    let targets = addrs
+        .iter()
+        .enumerate()
+        .map(|(k, addr)| {
+            let ok = lat[k].len() as u64;
+            let stride = lat[k].len().div_ceil(samples.max(1)).max(1);
+            let busy_secs = busy[k].as_secs_f64();
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "connection counts are far below 2^52"
+            )]
+            let rate = if busy_secs > 0.0 {
+                ok as f64 / busy_secs
+            } else {
+                0.0
+            };
+            RateFigures {
+                addr: *addr,
+                ok,
+                failed: failed[k],
+                busy_secs,
+                rate,
+                first_error: first_error[k].take(),
+                lat_us: lat[k].iter().copied().step_by(stride).collect(),
+            }
+        })
+        .collect();
+    RateRun { secs, targets }
 }
 
 fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
@@ -291,10 +327,12 @@ mod tests {
             }
         });
         assert_eq!(request(addr, Duration::from_secs(2)).unwrap(), "n1p2");
-        let figures = rate(addr, Duration::from_millis(50), Some("n1p2"), 10);
+        let run = rate(&[addr], Duration::from_millis(50), Some("n1p2"), 10);
+        let figures = &run.targets[0];
         assert!(figures.ok >= 1, "{figures:?}");
         assert!(figures.lat_us.len() <= 10);
         assert!(figures.rate > 0.0);
+        assert!(figures.busy_secs <= run.secs);
     }
 
     #[test]
@@ -306,10 +344,31 @@ mod tests {
                 let _ = answer_one(c.unwrap(), &response("other"));
             }
         });
-        let f = rate(addr, Duration::from_millis(300), Some("n1p1"), 10);
+        let mut run = rate(&[addr], Duration::from_millis(300), Some("n1p1"), 10);
+        let f = run.targets.remove(0);
         assert_eq!(f.ok, 0);
         assert!(f.failed >= 1);
         assert!(f.first_error.unwrap().contains("other"));
+    }
+
+    #[test]
+    fn alternates_between_targets() {
+        let mut addrs = Vec::new();
+        for name in ["x", "y"] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            addrs.push(l.local_addr().unwrap());
+            std::thread::spawn(move || {
+                for c in l.incoming().take(40) {
+                    let _ = answer_one(c.unwrap(), &response(name));
+                }
+            });
+        }
+        let run = rate(&addrs, Duration::from_millis(100), None, 100);
+        let (x, y) = (&run.targets[0], &run.targets[1]);
+        assert_eq!(x.addr, addrs[0]);
+        assert!(x.ok >= 1 && y.ok >= 1, "{run:?}");
+        // Taken in turn: the counts differ by at most one (or the last ones found no server).
+        assert!(x.ok.abs_diff(y.ok) <= 1 || x.ok + y.ok >= 79, "{run:?}");
     }
 
     #[test]

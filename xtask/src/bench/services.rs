@@ -85,9 +85,9 @@ pub struct Services;
 struct Params {
     /// Repetitions of the full syncs.
     reps: usize,
-    /// VIP/direct pairs of connection-rate runs per step (twice the repetitions: short runs,
-    /// many pairs, so a paired ratio rides out the machine's swings).
-    pairs: usize,
+    /// Connection-rate runs per step (twice the repetitions), each taking the VIP and the pod IP
+    /// in turn, connection by connection.
+    runs: usize,
     /// Services installed at each step (the last is where one-change latency is measured).
     steps: Vec<usize>,
     /// The step whose services a fresh twilld syncs in full.
@@ -105,20 +105,20 @@ impl Params {
         if quick {
             Params {
                 reps,
-                pairs: 2 * reps,
+                runs: 2 * reps,
                 steps: vec![1, 30, 100],
                 sync_step: 30,
-                rate_secs: 0.3,
+                rate_secs: 0.4,
                 changes: 6,
                 baseline_services: 100,
             }
         } else {
             Params {
                 reps,
-                pairs: 2 * reps,
+                runs: 2 * reps,
                 steps: vec![1, 10_000, 30_000],
                 sync_step: 10_000,
-                rate_secs: 1.0,
+                rate_secs: 2.0,
                 changes: 50,
                 baseline_services: 10_000,
             }
@@ -214,11 +214,18 @@ fn etcd() -> EtcdHttp {
 // ---- samples ------------------------------------------------------------------------------
 
 /// What `twill-probe rate` prints.
-#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
+#[derive(Debug, Clone, serde::Deserialize)]
 struct RateRun {
+    targets: Vec<TargetRun>,
+}
+
+/// One address's share of a `twill-probe rate` run.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct TargetRun {
+    addr: SocketAddr,
     ok: u64,
     failed: u64,
-    secs: f64,
+    /// Connections over the time spent on them.
     rate: f64,
     first_error: Option<String>,
     lat_us: Vec<f64>,
@@ -355,9 +362,7 @@ impl Bench {
             rate_secs,
         };
         let direct = bench.direct();
-        wait_for(Duration::from_secs(30), || {
-            bench.rate(direct, 0.05).ok().filter(|r| r.ok > 0)
-        })
+        wait_for(Duration::from_secs(30), || bench.rate(&[direct], 0.05).ok())
         .with_context(|| format!("the client does not reach {direct}"))?;
         Ok(bench)
     }
@@ -375,24 +380,18 @@ impl Bench {
     }
 
     /// One `twill-probe rate` run from the client (in node 2's cgroup with eBPF).
-    fn rate(&self, addr: SocketAddr, secs: f64) -> Result<RateRun> {
-        let target = addr.to_string();
+    fn rate(&self, addrs: &[SocketAddr], secs: f64) -> Result<Vec<TargetRun>> {
+        let targets: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let secs_arg = format!("{secs}");
-        let cmd = pod_command(
-            &self.rig,
-            &self.client,
-            self.mode,
-            &[
-                &self.probe,
-                "rate",
-                &target,
-                "--secs",
-                &secs_arg,
-                "--expect",
-                "a",
-            ],
-        )?;
-        let what = format!("twill-probe rate {target} in {}", self.client.ns);
+        let mut args: Vec<&str> = vec![&self.probe, "rate"];
+        args.extend(targets.iter().map(String::as_str));
+        args.extend(["--secs", &secs_arg, "--expect", "a"]);
+        let cmd = pod_command(&self.rig, &self.client, self.mode, &args)?;
+        let what = format!(
+            "twill-probe rate {} in {}",
+            targets.join(" "),
+            self.client.ns
+        );
         let out = output_within(cmd, Duration::from_secs_f64(secs) + RUN_SLACK, &what)?;
         ensure!(
             out.status.success(),
@@ -402,55 +401,54 @@ impl Bench {
         );
         let run: RateRun = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("{what}: unreadable output"))?;
-        ensure!(
-            run.ok > 0,
-            "{what}: no connection succeeded ({} failed: {})",
-            run.failed,
-            run.first_error.as_deref().unwrap_or("?")
-        );
-        Ok(run)
+        for t in &run.targets {
+            ensure!(
+                t.ok > 0,
+                "{what}: no connection to {} succeeded ({} failed: {})",
+                t.addr,
+                t.failed,
+                t.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        Ok(run.targets)
     }
 
-    /// Repetitions of VIP and direct runs, interleaved, into `step` (after a short warm-up of
-    /// both, not counted: the first connections after a change pay for cold caches).
+    /// Runs of connections to the VIP and the pod IP taken in turn, into `step` (after a short
+    /// warm-up, not counted: the first connections after a change pay for cold caches).
     fn rates(
         &self,
         vip: SocketAddr,
         step: &mut Step,
-        reps: usize,
+        runs: usize,
         progress: &Progress,
         label: &str,
     ) -> Result<()> {
-        let warm = self.rate_secs.min(0.5);
-        self.rate(vip, warm)?;
-        self.rate(self.direct(), warm)?;
-        for rep in 0..reps {
-            let order: [(bool, SocketAddr); 2] = if rep % 2 == 0 {
-                [(true, vip), (false, self.direct())]
+        self.rate(&[vip, self.direct()], self.rate_secs.min(0.5))?;
+        for run in 0..runs {
+            // Which goes first alternates too.
+            let (addrs, vip_at) = if run % 2 == 0 {
+                ([vip, self.direct()], 0)
             } else {
-                [(false, self.direct()), (true, vip)]
+                ([self.direct(), vip], 1)
             };
-            for (is_vip, addr) in order {
-                let what = format!(
-                    "{label} rep {}/{reps} {}",
-                    rep + 1,
-                    if is_vip { "VIP" } else { "direct" }
-                );
-                progress.working(&what);
-                let r = self.rate(addr, self.rate_secs)?;
-                progress.done(
-                    &what,
-                    &format!("{} conn/s ({} failed)", fmt_num(r.rate), r.failed),
-                );
-                step.failed += r.failed;
-                if is_vip {
-                    step.vip.push(r.rate);
-                    step.vip_lat_us.extend(r.lat_us);
-                } else {
-                    step.direct.push(r.rate);
-                    step.direct_lat_us.extend(r.lat_us);
-                }
-            }
+            let what = format!("{label} run {}/{runs}", run + 1);
+            progress.working(&what);
+            let r = self.rate(&addrs, self.rate_secs)?;
+            let (v, d) = (&r[vip_at], &r[1 - vip_at]);
+            progress.done(
+                &what,
+                &format!(
+                    "VIP {} conn/s, direct {} conn/s ({} failed)",
+                    fmt_num(v.rate),
+                    fmt_num(d.rate),
+                    v.failed + d.failed
+                ),
+            );
+            step.failed += v.failed + d.failed;
+            step.vip.push(v.rate);
+            step.direct.push(d.rate);
+            step.vip_lat_us.extend(&v.lat_us);
+            step.direct_lat_us.extend(&d.lat_us);
         }
         Ok(())
     }
@@ -568,9 +566,7 @@ fn measure_mode(
         fillers = want_fillers.max(fillers);
         let done = b.wait_programmed(2, n, progress, &what)?;
         let vip = SocketAddr::from((mvip, PORT));
-        wait_for(Duration::from_secs(30), || {
-            b.rate(vip, 0.05).ok().filter(|r| r.ok > 0)
-        })
+        wait_for(Duration::from_secs(30), || b.rate(&[vip], 0.05).ok())
         .with_context(|| format!("the measured service {vip} does not answer"))?;
         progress.done(
             &what,
@@ -593,7 +589,7 @@ fn measure_mode(
             progress.note(&format!("{mode}: full sync not measured: {e:#}"));
             res.full_sync_error = Some(format!("{e:#}"));
         }
-        b.rates(vip, &mut step, p.pairs, progress, &label)?;
+        b.rates(vip, &mut step, p.runs, progress, &label)?;
         res.steps.push(step);
         last_vip = Some((mname, vip));
     }
@@ -909,7 +905,7 @@ fn measure_baselines(
         res.nft_add_one_ms.push(ms(took));
     }
     res.nft.services = n;
-    b.rates(vip, &mut res.nft, p.pairs, progress, "nft by hand")?;
+    b.rates(vip, &mut res.nft, p.runs, progress, "nft by hand")?;
     run(&node, &["nft", "delete", "table", "ip", "twbench"])?;
 
     let what = format!("iptables-legacy, {n} services: load");
@@ -928,7 +924,7 @@ fn measure_baselines(
     b.rates(
         vip,
         &mut res.ipt,
-        p.pairs,
+        p.runs,
         progress,
         "iptables-legacy by hand",
     )?;
@@ -953,8 +949,8 @@ impl Benchmark for Services {
         modes.retain(|m| *m != ProxyMode::None);
         ensure!(!modes.is_empty(), "no proxy mode selected");
         let twilld = super::twilld_path(ctx.opts.bin_dir.as_deref())?;
-        let per_mode = 1 + p.steps.len() * (1 + 2 * p.pairs) + p.reps + 1;
-        progress.plan(modes.len() * per_mode + 3 + 4 * p.pairs);
+        let per_mode = 1 + p.steps.len() * (1 + 2 * p.runs) + p.reps + 1;
+        progress.plan(modes.len() * per_mode + 3 + 4 * p.runs);
         let mut outcomes = Vec::new();
         let mut notes = Vec::new();
         for mode in modes {
@@ -1031,9 +1027,9 @@ fn section(
     };
     let mut rates = Table {
         title: format!(
-            "Fresh TCP connections/s, one at a time from a pod on another node \
-             ({} runs of {} s per figure, median)",
-            p.pairs, p.rate_secs
+            "Fresh TCP connections/s, one at a time from a pod on another node ({} runs of {} s \
+             per step, VIP and pod IP taken in turn; medians)",
+            p.runs, p.rate_secs
         ),
         header: [
             "mode",
@@ -1041,7 +1037,8 @@ fn section(
             "VIP conn/s",
             "direct pod IP conn/s",
             "VIP/direct",
-            "VIP rate / rate at 1",
+            "VIP rate vs 1 service",
+            "VIP/direct vs 1 service",
             "written → programmed",
         ]
         .map(String::from)
@@ -1085,6 +1082,7 @@ fn section(
                     "-".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
                 ]);
                 syncs.rows.push(vec![
                     mode.clone(),
@@ -1101,6 +1099,7 @@ fn section(
         };
         let mode = r.mode.as_str();
         let base_rate = r.steps.first().map_or(f64::NAN, |s| median(&s.vip));
+        let base_ratio = r.steps.first().map_or(f64::NAN, paired);
         let mut vip_line = Vec::new();
         let mut direct_line = Vec::new();
         for s in &r.steps {
@@ -1108,6 +1107,7 @@ fn section(
             let direct = median(&s.direct);
             let ratio = paired(s);
             let scale = vip / base_rate;
+            let scale_rel = ratio / base_ratio;
             metric(
                 format!("services.{mode}.vip_rate.{}", s.services),
                 "conn/s",
@@ -1130,6 +1130,7 @@ fn section(
                 fmt_num(direct),
                 format!("{ratio:.3}"),
                 format!("{scale:.3}"),
+                format!("{scale_rel:.3}"),
                 s.programmed_s
                     .map_or_else(|| "-".into(), |t| format!("{} s", fmt_num(t))),
             ]);
@@ -1152,9 +1153,14 @@ fn section(
             points: direct_line,
         });
         let last = r.steps.last();
-        let scale = last.map_or(f64::NAN, |s| median(&s.vip)) / base_rate;
+        // The VIP's rate at the last step over its rate at the first, each taken relative to the
+        // pod IP's measured alongside: steps are minutes apart, and this machine's load moves
+        // more than that in minutes. (The raw ratio is in the table and the metrics.)
         let vip_direct = last.map_or(f64::NAN, paired);
+        let scale = vip_direct / base_ratio;
+        let scale_raw = last.map_or(f64::NAN, |s| median(&s.vip)) / base_rate;
         metric(format!("services.{mode}.scale_ratio"), "ratio", scale);
+        metric(format!("services.{mode}.scale_ratio_raw"), "ratio", scale_raw);
         let full = median(&r.full_sync_s);
         let start = median(&r.start_to_programmed_s);
         if let Some(e) = &r.full_sync_error {
@@ -1209,7 +1215,10 @@ fn section(
             sync_groups.push(format!("twill {mode}"));
             sync_bars.push(bar(&r.full_sync_s));
         }
-        let scale_what = format!("{mode}: VIP rate at {last_step} / at {first_step} services");
+        let scale_what = format!(
+            "{mode}: VIP rate at {last_step} / at {first_step} services (each relative to the pod \
+             IP's alongside)"
+        );
         let change_what = format!("{mode}: one endpoint change p99 (agent), {last_step} services");
         match mode {
             "ebpf" => {
@@ -1288,6 +1297,7 @@ fn section(
                 fmt_num(vip),
                 fmt_num(direct),
                 format!("{:.3}", paired(step)),
+                "-".into(),
                 "-".into(),
                 format!("{} s (load)", fmt_num(load)),
             ]);
@@ -1392,12 +1402,18 @@ fn section(
          nothing answers on) and are written straight into etcd in 128-object transactions; at \
          each step a new measured service (endpoint `a`) is created last, with the name that \
          sorts last and the highest VIP, so even a linear dataplane meets it after all others. \
-         The client is `twill-probe rate`: fresh TCP connections one at a time for {} s (the \
-         server closes first), run in the client pod and — for eBPF — in node 2's cgroup, where \
-         the socket-level load balancer is attached. VIP runs (→ a:8080) and direct runs (→ \
-         a:8081; another port, so the server's TIME_WAIT sockets never see both) alternate, {} \
-         pairs per step after a short warm-up of both; figures are medians, VIP/direct the median of the paired \
-         ratios.\n\n\
+         The client is `twill-probe rate`: fresh TCP connections one at a time (the server \
+         closes first), run in the client pod and — for eBPF — in node 2's cgroup, where the \
+         socket-level load balancer is attached. It takes the VIP (→ a:8080) and the pod IP \
+         (→ a:8081; another port, so the server's TIME_WAIT sockets never see both) in turn, \
+         connection by connection, so both meet the same background load; an address's rate is \
+         its connections over the time spent on them. {} runs of {} s per step after a short \
+         warm-up; figures are medians, VIP/direct the median of the runs' ratios. \
+         \"VIP/direct vs 1 service\" (the ratio the scale targets are checked on) is that \
+         ratio at a step over the same at 1 service: the steps are minutes apart, and on this \
+         machine the load moves the absolute rates by tens of percent in minutes, while the pod \
+         IP's path does not depend on the number of services (except with iptables, see the \
+         notes). The raw \"VIP rate vs 1 service\" is given too.\n\n\
          Full sync: at {} services a fresh twilld starts on an extra node (one per repetition); \
          its first sync's duration is read from its own `twill_services_sync_duration_seconds` \
          (plan + apply), and the time from its start until `/metrics` reports every frontend \
@@ -1413,7 +1429,7 @@ fn section(
          measured like the modes. Node namespaces set `nf_conntrack_tcp_timeout_time_wait` to \
          10 s, for every mode and baseline alike (at thousands of connections a second the \
          default 120 s fills the machine-wide table).",
-        p.rate_secs, p.pairs, p.sync_step, last_step, p.changes, p.baseline_services
+        p.runs, p.rate_secs, p.sync_step, last_step, p.changes, p.baseline_services
     );
     Section {
         name: "services".into(),
