@@ -251,6 +251,9 @@ struct Step {
 struct ModeResult {
     mode: String,
     steps: Vec<Step>,
+    /// The last step again after deleting the fillers (only the measured services remain):
+    /// what state left behind by the run, rather than the number of services, does.
+    after: Option<Step>,
     /// First full sync of a fresh twilld (agent's histogram), s.
     full_sync_s: Vec<f64>,
     /// Fresh twilld started → every frontend programmed, s.
@@ -287,7 +290,7 @@ struct BaselineResult {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]
 enum ModeOutcome {
-    Measured(ModeResult),
+    Measured(Box<ModeResult>),
     Unavailable { mode: String, reason: String },
 }
 
@@ -465,6 +468,37 @@ impl Bench {
         Ok(resp.body)
     }
 
+    /// Waits until node `node` has at most `frontends` frontends programmed (after deletions).
+    fn wait_programmed_at_most(
+        &self,
+        node: usize,
+        frontends: usize,
+        progress: &Progress,
+        what: &str,
+    ) -> Result<()> {
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let want = frontends as f64;
+        let start = Instant::now();
+        loop {
+            let now = self
+                .metrics(node)
+                .ok()
+                .and_then(|m| prometheus_value(&m, "twill_services_frontends"))
+                .unwrap_or(f64::INFINITY);
+            if now <= want {
+                return Ok(());
+            }
+            if twill_tests::interrupted() {
+                bail!("interrupted");
+            }
+            if start.elapsed() > PROGRAM_TIMEOUT {
+                bail!("node {node} still has {now} frontends, not {frontends}");
+            }
+            progress.working(&format!("{what}: {now} frontends"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until node `node` has programmed at least `frontends` frontends.
     fn wait_programmed(
         &self,
@@ -595,6 +629,32 @@ fn measure_mode(
     }
     let (mname, vip) = last_vip.context("no step")?;
     one_change(&b, &mname, vip, p.changes, &mut res, progress)?;
+
+    // Back to the measured services alone.
+    let left = p.steps.len();
+    let what = format!("{mode}: delete the fillers");
+    progress.working(&what);
+    in_netns(&underlay, || {
+        // Every filler's Service and EndpointSlice ("f-<n>", "f-<n>-1").
+        etcd.delete_prefix(&service_key("f-"))?;
+        etcd.delete_prefix(&format!(
+            "{ETCD_PREFIX}/services/endpointslices/{NAMESPACE}/f-"
+        ))
+    })?;
+    b.wait_programmed_at_most(2, left, progress, &what)?;
+    progress.done(&what, &format!("{left} services left"));
+    let mut after = Step {
+        services: left,
+        ..Step::default()
+    };
+    b.rates(
+        vip,
+        &mut after,
+        p.runs,
+        progress,
+        &format!("{mode} {left} svc (fillers deleted)"),
+    )?;
+    res.after = Some(after);
     Ok(res)
 }
 
@@ -949,8 +1009,8 @@ impl Benchmark for Services {
         modes.retain(|m| *m != ProxyMode::None);
         ensure!(!modes.is_empty(), "no proxy mode selected");
         let twilld = super::twilld_path(ctx.opts.bin_dir.as_deref())?;
-        let per_mode = 1 + p.steps.len() * (1 + 2 * p.runs) + p.reps + 1;
-        progress.plan(modes.len() * per_mode + 3 + 4 * p.runs);
+        let per_mode = 1 + p.steps.len() * (1 + p.runs) + p.reps + 1 + 1 + p.runs;
+        progress.plan(modes.len() * per_mode + 3 + 2 * p.runs);
         let mut outcomes = Vec::new();
         let mut notes = Vec::new();
         for mode in modes {
@@ -972,7 +1032,7 @@ impl Benchmark for Services {
                     r.steps.iter().map(|s| s.failed).sum::<u64>()
                 ));
             }
-            outcomes.push(ModeOutcome::Measured(r));
+            outcomes.push(ModeOutcome::Measured(Box::new(r)));
         }
         let baseline = match measure_baselines(&p, ctx.opts.bin_dir.clone(), progress) {
             Ok(b) => Some(b),
@@ -1143,6 +1203,24 @@ fn section(
                 ));
                 lat_series.push((format!("{mode} direct"), s.direct_lat_us.clone()));
             }
+        }
+        if let Some(a) = &r.after {
+            let ratio = paired(a);
+            metric(
+                format!("services.{mode}.vip_over_direct.fillers_deleted"),
+                "ratio",
+                ratio,
+            );
+            rates.rows.push(vec![
+                mode.to_string(),
+                format!("{} (fillers deleted)", a.services),
+                fmt_num(median(&a.vip)),
+                fmt_num(median(&a.direct)),
+                format!("{ratio:.3}"),
+                format!("{:.3}", median(&a.vip) / base_rate),
+                format!("{:.3}", ratio / base_ratio),
+                "-".into(),
+            ]);
         }
         lines.push(Line {
             name: format!("{mode}: VIP"),
@@ -1519,6 +1597,7 @@ mod tests {
         let ebpf = ModeResult {
             mode: "ebpf".into(),
             steps: vec![step(1, 1000.0), step(30, 990.0), step(100, 980.0)],
+            after: Some(step(3, 1000.0)),
             full_sync_s: vec![0.01],
             start_to_programmed_s: vec![0.2],
             full_sync_frontends: 30.0,
@@ -1530,7 +1609,7 @@ mod tests {
             change_glitches: 0,
         };
         let outcomes = vec![
-            ModeOutcome::Measured(ebpf),
+            ModeOutcome::Measured(Box::new(ebpf)),
             ModeOutcome::Unavailable {
                 mode: "nftables".into(),
                 reason: "twilld does not support --proxy-mode nftables".into(),
