@@ -119,7 +119,7 @@ impl Params {
                 steps: vec![1, 10_000, 30_000],
                 sync_step: 10_000,
                 rate_secs: 2.0,
-                changes: 50,
+                changes: 200,
                 baseline_services: 10_000,
             }
         }
