@@ -276,20 +276,7 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
         .map_err(err)?;
     for (i, (name, samples)) in chart.series.iter().enumerate() {
         let c = colour(i);
-        let sorted = super::stats::sorted(samples);
-        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
-        let n = sorted.len() as f64;
-        let points: Vec<(f64, f64)> = sorted
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite() && **v > 0.0)
-            .flat_map(|(k, v)| {
-                #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
-                let k = k as f64;
-                // A step: up at each sample.
-                [(*v, k / n), (*v, (k + 1.0) / n)]
-            })
-            .collect();
+        let points = cdf_points(samples);
         ctx.draw_series(LineSeries::new(points, c.stroke_width(2)))
             .map_err(err)?
             .label(name.clone())
@@ -383,6 +370,45 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
     root.present().map_err(err)
 }
 
+/// At most this many steps per CDF line: beyond it a line is drawn through evenly spaced ranks
+/// (the smallest and largest samples always included), which no eye can tell from every step
+/// but keeps an SVG of 10k samples small.
+const CDF_MAX_STEPS: usize = 800;
+
+/// The step line of the empirical CDF of `samples` (finite, positive ones), as `(x, fraction)`.
+fn cdf_points(samples: &[f64]) -> Vec<(f64, f64)> {
+    let sorted: Vec<f64> = super::stats::sorted(samples)
+        .into_iter()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let ranks: Vec<usize> = if n <= CDF_MAX_STEPS {
+        (0..n).collect()
+    } else {
+        let mut r: Vec<usize> = (0..CDF_MAX_STEPS)
+            .map(|i| i * (n - 1) / (CDF_MAX_STEPS - 1))
+            .collect();
+        r.dedup();
+        r
+    };
+    #[expect(clippy::cast_precision_loss, reason = "sample counts far below 2^52")]
+    let total = n as f64;
+    let mut points = Vec::with_capacity(2 * ranks.len());
+    let mut below = 0.0;
+    for k in ranks {
+        #[expect(clippy::cast_precision_loss, reason = "sample counts far below 2^52")]
+        let at = (k + 1) as f64 / total;
+        // A step: up at each (kept) sample.
+        points.push((sorted[k], below));
+        points.push((sorted[k], at));
+        below = at;
+    }
+    points
+}
+
 /// A log axis label: 1, 2 and 5 times a power of ten, without trailing zeros; nothing for the
 /// other grid lines (plotters puts one at every integer multiple, too dense to read).
 fn log_label(x: f64) -> String {
@@ -401,6 +427,20 @@ fn log_label(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cdf_lines_are_steps_and_stay_small() {
+        assert_eq!(
+            cdf_points(&[2.0, 1.0, f64::NAN, 0.0]),
+            [(1.0, 0.0), (1.0, 0.5), (2.0, 0.5), (2.0, 1.0)]
+        );
+        let many: Vec<f64> = (1..=10_000).map(f64::from).collect();
+        let p = cdf_points(&many);
+        assert!(p.len() <= 2 * CDF_MAX_STEPS, "{}", p.len());
+        assert_eq!(p.first(), Some(&(1.0, 0.0)));
+        assert_eq!(p.last(), Some(&(10_000.0, 1.0)));
+        assert!(p.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
 
     #[test]
     fn log_axis_labels() {

@@ -372,7 +372,7 @@ impl Bench {
         };
         let direct = bench.direct();
         wait_for(Duration::from_secs(30), || bench.rate(&[direct], 0.05).ok())
-        .with_context(|| format!("the client does not reach {direct}"))?;
+            .with_context(|| format!("the client does not reach {direct}"))?;
         Ok(bench)
     }
 
@@ -612,7 +612,7 @@ fn measure_mode(
         let done = b.wait_programmed(2, n, progress, &what)?;
         let vip = SocketAddr::from((mvip, PORT));
         wait_for(Duration::from_secs(30), || b.rate(&[vip], 0.05).ok())
-        .with_context(|| format!("the measured service {vip} does not answer"))?;
+            .with_context(|| format!("the measured service {vip} does not answer"))?;
         progress.done(
             &what,
             &format!(
@@ -1263,7 +1263,11 @@ fn section(
         let scale = vip_direct / base_ratio;
         let scale_raw = last.map_or(f64::NAN, |s| median(&s.vip)) / base_rate;
         metric(format!("services.{mode}.scale_ratio"), "ratio", scale);
-        metric(format!("services.{mode}.scale_ratio_raw"), "ratio", scale_raw);
+        metric(
+            format!("services.{mode}.scale_ratio_raw"),
+            "ratio",
+            scale_raw,
+        );
         let full = median(&r.full_sync_s);
         let start = median(&r.start_to_programmed_s);
         if let Some(e) = &r.full_sync_error {
