@@ -1021,12 +1021,17 @@ impl Benchmark for Services {
         ensure!(!modes.is_empty(), "no proxy mode selected");
         let twilld = super::twilld_path(ctx.opts.bin_dir.as_deref())?;
         let per_mode = 1 + p.steps.len() * (1 + p.runs) + p.reps + 1 + 1 + p.runs;
-        progress.plan(modes.len() * per_mode + 3 + 2 * p.runs);
+        // Which modes this twilld knows, before planning: the progress total stays honest.
+        let availability: Vec<(ProxyMode, Result<(), String>)> = modes
+            .iter()
+            .map(|&m| (m, check_proxy_mode(&twilld, m)))
+            .collect();
+        let measurable = availability.iter().filter(|(_, a)| a.is_ok()).count();
+        progress.plan(measurable * per_mode + 3 + 2 * p.runs);
         let mut outcomes = Vec::new();
         let mut notes = Vec::new();
-        for mode in modes {
-            if let Err(reason) = check_proxy_mode(&twilld, mode) {
-                progress.unplan(per_mode);
+        for (mode, available) in availability {
+            if let Err(reason) = available {
                 progress.note(&format!("services {mode}: unavailable — {reason}"));
                 outcomes.push(ModeOutcome::Unavailable {
                     mode: mode.to_string(),
