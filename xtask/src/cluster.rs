@@ -26,7 +26,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use twill_facts::SubnetFacts;
 use twill_tests::rig::{nsenter_in_cgroup, service_manifest};
-use twill_tests::{Pod, Rig, ns, ping, wait_until};
+use twill_tests::{Pod, Rig, ns, ping, wait_for, wait_until};
 
 use crate::bench::Backend;
 use crate::bench::machine::{now_secs, rfc3339};
@@ -327,23 +327,27 @@ pub fn populate(rig: &Rig, spec: &Spec, say: &dyn Fn(&str)) -> Result<RigInfo> {
             .rev()
             .find(|p| p.node == spec.nodes)
             .unwrap_or(&pods[0]);
-        let mut answer = String::new();
-        wait_until(UP, || {
-            match request(rig, client, spec.proxy_mode, service.vip()) {
-                Ok(a) => {
-                    answer = a;
-                    true
-                }
-                Err(_) => false,
+        // A twilld that died (it cannot start its proxy) ends the wait at once, with its reason.
+        let outcome = wait_for(UP, || {
+            if let Ok(a) = request(rig, client, spec.proxy_mode, service.vip()) {
+                return Some(Ok(a));
             }
-        })
-        .with_context(|| {
-            format!(
-                "the sample Service {} does not answer from {}",
+            let stopped = stopped_twilld(rig, spec.nodes);
+            (!stopped.is_empty()).then_some(Err(stopped))
+        });
+        let answer = match outcome {
+            Ok(Ok(a)) => a,
+            Ok(Err(stopped)) => bail!(
+                "the sample Service {} does not answer from {}{stopped}",
                 service.vip(),
                 client.name()
-            )
-        })?;
+            ),
+            Err(e) => bail!(
+                "the sample Service {} does not answer from {}: {e}",
+                service.vip(),
+                client.name()
+            ),
+        };
         ensure!(
             service.endpoints.iter().any(|(name, _)| *name == answer),
             "the sample Service answered {answer:?}, which is none of its endpoints"
@@ -360,6 +364,20 @@ pub fn populate(rig: &Rig, spec: &Spec, say: &dyn Fn(&str)) -> Result<RigInfo> {
         info.service = Some(service);
     }
     Ok(info)
+}
+
+/// Why the cluster may not work: the first twilld that is no longer running and the end of its
+/// log (without backtrace), as text to append to an error; empty when all run.
+fn stopped_twilld(rig: &Rig, nodes: usize) -> String {
+    (1..=nodes)
+        .find(|&n| !rig.twilld_running(n))
+        .map(|n| {
+            format!(
+                ": twilld on node {n} is not running; its log ends:\n{}",
+                crate::bench::log_tail(&rig.twilld_log(n), 12)
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// A command run by a process of `pod`: inside the pod's namespace and, with the eBPF proxy, its
