@@ -14,9 +14,10 @@
 //!   ([`crate::ns::in_netns`]); nothing here calls `setns` itself.
 
 use std::ffi::OsStr;
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -101,9 +102,76 @@ impl EtcdHttp {
             .map(|_| ())
     }
 
+    /// Puts every `(key, value)` in one transaction (etcd takes at most 128 operations per
+    /// transaction by default: split larger batches, see [`EtcdHttp::put_many`]).
+    pub fn txn_put(&self, kvs: &[(String, String)]) -> Result<()> {
+        let mut body = String::from(r#"{"success":["#);
+        for (i, (k, v)) in kvs.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let _ = write!(
+                body,
+                r#"{{"request_put":{{"key":"{}","value":"{}"}}}}"#,
+                base64(k.as_bytes()),
+                base64(v.as_bytes())
+            );
+        }
+        body.push_str("]}");
+        let reply = self
+            .post_timeout("/v3/kv/txn", &body, Duration::from_secs(30))
+            .with_context(|| format!("etcd txn of {} puts", kvs.len()))?;
+        // A transaction without compares always succeeds; anything else is a gateway surprise.
+        if !reply.contains(r#""succeeded":true"#) {
+            bail!("etcd txn of {} puts did not succeed: {reply}", kvs.len());
+        }
+        Ok(())
+    }
+
+    /// Puts every `(key, value)`, `batch` per transaction (at most 128), calling `progress` with
+    /// the number written after each transaction.
+    pub fn put_many(
+        &self,
+        kvs: &[(String, String)],
+        batch: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<()> {
+        let batch = batch.clamp(1, 128);
+        let mut done = 0;
+        for chunk in kvs.chunks(batch) {
+            if crate::interrupted() {
+                bail!("interrupted");
+            }
+            self.txn_put(chunk)?;
+            done += chunk.len();
+            progress(done);
+        }
+        Ok(())
+    }
+
+    /// Deletes every key starting with `prefix`.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let mut end = prefix.as_bytes().to_vec();
+        // The range end of a prefix: the prefix with its last byte incremented.
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}"}}"#,
+            base64(prefix.as_bytes()),
+            base64(&end)
+        );
+        self.post("/v3/kv/deleterange", &body)
+            .with_context(|| format!("etcd delete prefix {prefix}"))
+            .map(|_| ())
+    }
+
     /// POSTs `body` (JSON) to `path`; the response body on a 200, an error otherwise.
     fn post(&self, path: &str, body: &str) -> Result<String> {
-        let timeout = Duration::from_secs(5);
+        self.post_timeout(path, body, Duration::from_secs(5))
+    }
+
+    fn post_timeout(&self, path: &str, body: &str, timeout: Duration) -> Result<String> {
         let mut stream = TcpStream::connect_timeout(&self.addr, timeout)
             .with_context(|| format!("connect to {}", self.addr))?;
         stream.set_read_timeout(Some(timeout))?;
@@ -171,6 +239,34 @@ impl LineMonitor {
         Self::spawn_many(ns, &[args])
     }
 
+    /// Starts `cmd` (already set up to run where it should, e.g. [`crate::rig::nsenter_in_cgroup`])
+    /// with its stdout read line by line; its stdin is a pipe that is closed when the monitor is
+    /// dropped (a polite "stop" for programs that watch their stdin, such as `twill-probe
+    /// follow`), before the process is killed.
+    pub fn from_command(mut cmd: Command, what: &str) -> Result<Self> {
+        let (tx, lines) = mpsc::channel();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {what}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LineMonitor {
+            children: vec![child],
+            lines,
+            what: what.to_string(),
+        })
+    }
+
     /// Starts every command of `commands` in namespace `ns`; their lines arrive in one stream,
     /// in the order read.
     pub fn spawn_many<S: AsRef<OsStr>>(ns: &str, commands: &[&[S]]) -> Result<Self> {
@@ -227,10 +323,67 @@ impl LineMonitor {
 impl Drop for LineMonitor {
     fn drop(&mut self) {
         for child in &mut self.children {
+            drop(child.stdin.take());
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it after `timeout` (or on
+/// [`crate::interrupt`]); its output whatever its exit status.
+pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {what}"))?;
+    let mut out_pipe = child.stdout.take().expect("stdout is piped");
+    let mut err_pipe = child.stderr.take().expect("stderr is piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("wait for {what}"))?
+        {
+            break status;
+        }
+        if start.elapsed() >= timeout || crate::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if crate::interrupted() {
+                bail!("{what}: interrupted");
+            }
+            bail!("{what}: killed after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
+}
+
+/// The value of the Prometheus sample `series` (name and labels exactly as exposed, e.g.
+/// `twill_services_syncs_total{kind="full",result="ok"}`) in a `/metrics` text, if present.
+pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 #[cfg(test)]
@@ -251,6 +404,31 @@ mod tests {
         for (plain, encoded) in cases {
             assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
         }
+    }
+
+    #[test]
+    fn reads_prometheus_samples() {
+        let text = "# HELP x y\n# TYPE x counter\n\
+                    twill_services_syncs_total{kind=\"full\",result=\"ok\"} 3\n\
+                    twill_services_frontends 10000\n\
+                    twill_services_frontends_extra 1\n\
+                    twill_services_sync_duration_seconds_sum 0.3125\n";
+        assert_eq!(
+            prometheus_value(
+                text,
+                r#"twill_services_syncs_total{kind="full",result="ok"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            prometheus_value(text, "twill_services_frontends"),
+            Some(10000.0)
+        );
+        assert_eq!(
+            prometheus_value(text, "twill_services_sync_duration_seconds_sum"),
+            Some(0.3125)
+        );
+        assert_eq!(prometheus_value(text, "twill_services_backends"), None);
     }
 
     #[test]

@@ -15,17 +15,27 @@
 //!   a link is up instead of 1-2 s later; forwarding is on in the nodes, as on a real node.
 //! - The guard's state sits behind a mutex so that every method takes `&self`: a test can share
 //!   the rig with scoped threads (a ping flood in one, a `kill -9` of twilld in another).
-//! - Pods are made by hand (a bridge `cni0` holding the gateway, a veth per pod) until the CNI
-//!   plugin exists; the end-to-end tests then switch to `twill-cni` without changing shape.
+//! - Pods come two ways: by hand ([`Rig::add_pod`]: a bridge `cni0` holding the gateway, a veth
+//!   per pod), for tests of the overlay that must not depend on the CNI plugin; or through the
+//!   real `twill-cni` ([`Rig::add_cni_pod`]), exec'ed exactly as a runtime execs it (CNI
+//!   environment, the network config on stdin, inside the node's namespace), for everything that
+//!   should look like a real node. Both give the same layout (`cni0`, `eth0`, the subnet file's
+//!   gateway and MTU), so tests switch without changing shape.
+//! - Services: [`Rig::node_cgroup`] gives each node a cgroup2 directory of its own (recorded, so
+//!   a sweep removes it) for the eBPF socket-level load balancer, [`Rig::proxy_args`] the flags
+//!   that turn a node's service proxy on, [`Rig::start_responder`] a `twill-probe serve` in a pod
+//!   (the backend a Service points at), [`Rig::apply_manifest`] a `twilld apply -f`.
 
 use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -36,7 +46,9 @@ use nix::unistd::Pid;
 use twill_facts::SubnetFacts;
 
 use crate::ns::{self, ip_batch, nsenter};
-use crate::state::{self, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time};
+use crate::state::{
+    self, CGROUP_PREFIX, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time,
+};
 
 /// The underlay bridge's IPv4 address (etcd listens here).
 pub const UNDERLAY_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -46,6 +58,11 @@ pub const UNDERLAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd74, 0x7769, 0, 0, 0, 0, 0, 1
 pub const ETCD_ENDPOINT: &str = "http://198.18.0.1:2379";
 /// The etcd key prefix twilld uses by default (flannel's).
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
+
+/// The CNI network name of the rig's pods (the conflist's `name`; names the IPAM directory).
+pub const CNI_NETWORK: &str = "twill";
+/// The CNI version the rig's conflist declares (what twill-cni answers in).
+pub const CNI_VERSION: &str = "1.1.0";
 
 /// How long etcd gets to become healthy.
 const ETCD_READY: Duration = Duration::from_secs(15);
@@ -99,6 +116,20 @@ pub struct Pod {
     pub ipv6: Option<Ipv6Addr>,
 }
 
+impl Pod {
+    /// The pod's name inside its rig, `n<node>p<j>` (its namespace without the rig id).
+    pub fn name(&self) -> &str {
+        self.ns.split_once('-').map_or(self.ns.as_str(), |(_, n)| n)
+    }
+
+    /// Its address: IPv4 if it has one, else IPv6.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ipv4
+            .map(IpAddr::from)
+            .or_else(|| self.ipv6.map(IpAddr::from))
+    }
+}
+
 /// A netns cluster; dropping it removes everything it made, pass or fail.
 ///
 /// Nodes are numbered from 1. Methods take `&self`, so scoped threads can share a rig.
@@ -121,6 +152,8 @@ struct Inner {
     etcd: Option<Child>,
     twilld: BTreeMap<usize, Child>,
     pods: BTreeMap<usize, u32>,
+    /// Responders and other helpers started in pods; killed on drop.
+    helpers: Vec<Child>,
 }
 
 impl Rig {
@@ -168,6 +201,7 @@ impl Rig {
                 etcd: None,
                 twilld: BTreeMap::new(),
                 pods: BTreeMap::new(),
+                helpers: Vec::new(),
             }),
         };
         std::fs::create_dir_all(&rig.temp_dir)
@@ -237,6 +271,7 @@ impl Rig {
                 etcd: None,
                 twilld: BTreeMap::new(),
                 pods,
+                helpers: Vec::new(),
             }),
         })
     }
@@ -495,27 +530,37 @@ impl Rig {
 
     // ---- twilld --------------------------------------------------------------------------
 
-    /// Where `twilld` is expected: [`RigOptions::bin_dir`], else `TWILL_BIN_DIR`, else the
-    /// `target/<profile>/` directory of the running executable (test binaries live in
-    /// `target/<profile>/deps/`).
+    /// Where `twilld` is expected:
+    /// [`RigOptions::bin_dir`], else `TWILL_BIN_DIR`, else the `target/<profile>/` directory of
+    /// the running executable (test binaries live in `target/<profile>/deps/`).
     pub fn twilld_path(&self) -> Result<PathBuf> {
-        let dir = match (&self.bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(dir)) => PathBuf::from(dir),
+        self.binary("twilld")
+    }
+
+    /// The directory the rig takes twill's binaries from (see [`Rig::twilld_path`]).
+    pub fn bin_dir(&self) -> Result<PathBuf> {
+        match (&self.bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
+            (Some(dir), _) => Ok(dir.clone()),
+            (None, Some(dir)) => Ok(PathBuf::from(dir)),
             (None, None) => {
                 let exe = std::env::current_exe().context("locate the running executable")?;
                 let dir = exe.parent().context("executable has no directory")?;
                 if dir.file_name().is_some_and(|n| n == "deps") {
-                    dir.parent().context("deps has no parent")?.to_path_buf()
+                    Ok(dir.parent().context("deps has no parent")?.to_path_buf())
                 } else {
-                    dir.to_path_buf()
+                    Ok(dir.to_path_buf())
                 }
             }
-        };
-        let path = dir.join("twilld");
+        }
+    }
+
+    /// twill's binary `name` (`twilld`, `twill-cni`, `twill-probe`) in [`Rig::bin_dir`]; an
+    /// error saying how to build it if it is not there.
+    pub fn binary(&self, name: &str) -> Result<PathBuf> {
+        let path = self.bin_dir()?.join(name);
         ensure!(
             path.is_file(),
-            "twilld not found at {}: build it with cargo build -p twill-agent \
+            "{name} not found at {}: build it with cargo build --workspace --bins \
              (or point TWILL_BIN_DIR at its directory)",
             path.display()
         );
@@ -781,6 +826,222 @@ impl Rig {
         })
     }
 
+    /// The network configuration list node `node`'s pods are made with (`twill.conflist` in the
+    /// node's directory: twill-cni reading the node's subnet file, its IPAM state in the node's
+    /// directory). Written by the first [`Rig::add_cni_pod`]; usable with podman or `cnitool`.
+    pub fn cni_conflist_path(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("twill.conflist")
+    }
+
+    /// Creates a pod on node `node` through the real `twill-cni`: a pod namespace
+    /// `<id>-n<node>p<j>`, then `CNI_COMMAND=ADD` exec'ed inside the node's namespace with the
+    /// CNI environment (`CNI_NETNS=/run/netns/<pod>`, `CNI_IFNAME=eth0`, ...) and the plugin's
+    /// network config on stdin, as a runtime does it. The node's twilld must have written its
+    /// subnet file. The pod's addresses are the ones in the plugin's result.
+    pub fn add_cni_pod(&self, node: usize) -> Result<Pod> {
+        let cni = self.binary("twill-cni")?;
+        let node_ns = self.node_ns(node);
+        let conflist = self.cni_conflist_path(node);
+        if !conflist.exists() {
+            let list = serde_json::json!({
+                "cniVersion": CNI_VERSION,
+                "name": CNI_NETWORK,
+                "plugins": [{
+                    "type": "twill-cni",
+                    "subnetFile": self.subnet_file(node),
+                    "dataDir": self.node_dir(node).join("cni"),
+                }],
+            });
+            std::fs::write(&conflist, serde_json::to_vec_pretty(&list)?)
+                .with_context(|| format!("write {}", conflist.display()))?;
+        }
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&conflist).with_context(|| format!("read {}", conflist.display()))?,
+        )
+        .with_context(|| format!("parse {}", conflist.display()))?;
+        // What a runtime sends each plugin of a list: the list's version and name, the plugin's
+        // own object.
+        let mut netconf = list["plugins"][0].clone();
+        netconf["cniVersion"] = list["cniVersion"].clone();
+        netconf["name"] = list["name"].clone();
+
+        let j = {
+            let mut inner = self.lock();
+            let j = inner.pods.entry(node).or_insert(0);
+            *j += 1;
+            *j
+        };
+        let pod_ns = format!("{node_ns}p{j}");
+        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
+        ip_batch(Some(&pod_ns), "link set lo up\n")?;
+
+        let cni_dir = cni.parent().context("twill-cni has no directory")?;
+        let mut cmd = nsenter(&node_ns, &[&cni]);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &pod_ns)
+            .env("CNI_NETNS", ns::netns_path(&pod_ns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", format!("{}:/usr/lib/cni", cni_dir.display()));
+        let what = format!("twill-cni ADD {pod_ns} in netns {node_ns}");
+        let out = ns::output_bounded(
+            cmd,
+            Some(&serde_json::to_vec(&netconf)?),
+            Duration::from_secs(30),
+            true,
+            &what,
+        )?;
+        ensure!(
+            out.status.success(),
+            "{what} failed ({}): {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{what}: the result is not JSON"))?;
+        let (ipv4, ipv6) = cni_result_addresses(&result);
+        ensure!(
+            ipv4.is_some() || ipv6.is_some(),
+            "{what}: the result has no address: {result}"
+        );
+        Ok(Pod {
+            ns: pod_ns,
+            node,
+            ipv4,
+            ipv6,
+        })
+    }
+
+    /// Node `node`'s cgroup2 directory (`<cgroup2>/twill-<id>-n<node>`), created on first use
+    /// and recorded first, so teardown and sweeps remove it. The eBPF service proxy's socket-level
+    /// load balancer attaches here ([`Rig::proxy_args`]); processes of the node's "pods" that
+    /// should be balanced at connect() run inside it ([`nsenter_in_cgroup`]).
+    pub fn node_cgroup(&self, node: usize) -> Result<PathBuf> {
+        self.check_node(node);
+        let dir = state::cgroup2_root().join(format!("{CGROUP_PREFIX}{}-n{node}", self.id));
+        {
+            let mut inner = self.lock();
+            if !inner.state.cgroups.contains(&dir) {
+                inner.state.cgroups.push(dir.clone());
+                inner.state.save()?;
+            }
+        }
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                Err(e).with_context(|| format!("create cgroup {}", dir.display()))
+            }
+            _ => Ok(dir),
+        }
+    }
+
+    /// The twilld flags that turn node `node`'s service proxy on in `mode` (`ebpf`, `nftables`,
+    /// `iptables`): `--proxy-mode MODE --node-name n<node>`, and for `ebpf` `--lb-cgroup` with
+    /// the node's own cgroup (never the cgroup2 root, which other users of the machine share).
+    /// `--node-name` is what makes an EndpointSlice's `nodeName: n<node>` local: the rig's nodes
+    /// share the host's UTS namespace, so without it every node would carry the host's name.
+    pub fn proxy_args(&self, node: usize, mode: &str) -> Result<Vec<String>> {
+        let mut args = vec![
+            "--proxy-mode".to_string(),
+            mode.to_string(),
+            "--node-name".to_string(),
+            format!("n{node}"),
+        ];
+        if mode == "ebpf" {
+            args.push("--lb-cgroup".into());
+            args.push(self.node_cgroup(node)?.display().to_string());
+        }
+        Ok(args)
+    }
+
+    /// Starts `twill-probe serve` in `pod`, answering every TCP connection on each of `ports`
+    /// (on the pod's address) with `name`, and waits until it accepts. Recorded with the rig's
+    /// processes (and in a process group of its own when the rig is detachable); its output
+    /// goes to `<temp>/responders.log`.
+    pub fn start_responder(&self, pod: &Pod, name: &str, ports: &[u16]) -> Result<()> {
+        let probe = self.binary("twill-probe")?;
+        let ip = pod
+            .ip()
+            .with_context(|| format!("pod {} has no address", pod.ns))?;
+        ensure!(!ports.is_empty(), "a responder needs a port");
+        let mut args: Vec<String> = vec![probe.display().to_string(), "serve".into()];
+        for port in ports {
+            args.push("--listen".into());
+            args.push(SocketAddr::new(ip, *port).to_string());
+        }
+        args.push("--name".into());
+        args.push(name.to_string());
+        let log = append_log(
+            &self.temp_dir.join("responders.log"),
+            &format!("starting {}", args.join(" ")),
+        )?;
+        let mut cmd = nsenter(&pod.ns, &args);
+        if self.detachable {
+            cmd.process_group(0);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn the responder in {}", pod.ns))?;
+        let pid = child_pid(&child);
+        {
+            let mut inner = self.lock();
+            inner.state.pids.push(ProcRecord {
+                pid,
+                start: proc_start_time(pid).unwrap_or(0),
+                what: format!("responder {name}"),
+            });
+            inner.helpers.push(child);
+            inner.state.save()?;
+        }
+        let addr = SocketAddr::new(ip, ports[0]);
+        crate::wait_until(Duration::from_secs(10), || {
+            ns::in_netns(&pod.ns, || {
+                Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            })
+            .unwrap_or(false)
+        })
+        .with_context(|| {
+            format!(
+                "the responder in {} does not accept on {addr}:\n{}",
+                pod.ns,
+                tail(&self.temp_dir.join("responders.log"), 10)
+            )
+        })
+    }
+
+    /// `twilld apply -f` of `manifest` (YAML or JSON, several documents allowed), run in the
+    /// underlay namespace against the rig's etcd.
+    pub fn apply_manifest(&self, manifest: &str) -> Result<()> {
+        let dir = self.temp_dir.join("manifests");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let n = std::fs::read_dir(&dir).map_or(0, Iterator::count);
+        let file = dir.join(format!("{n:04}.yaml"));
+        std::fs::write(&file, manifest).with_context(|| format!("write {}", file.display()))?;
+        let bin = self.twilld_path()?;
+        let file_arg = file.display().to_string();
+        let args = [
+            bin.to_str().context("twilld path is not UTF-8")?,
+            "apply",
+            "-f",
+            &file_arg,
+            "--etcd-endpoints",
+            ETCD_ENDPOINT,
+        ];
+        let what = format!("twilld apply -f {file_arg}");
+        let out = ns::output_bounded(
+            nsenter(&self.underlay_ns(), &args),
+            None,
+            Duration::from_secs(30),
+            true,
+            &what,
+        )?;
+        ns::check_output(&out, &what).map(|_| ())
+    }
+
     // ---- teardown ------------------------------------------------------------------------
 
     /// Prints the tail of etcd's log and of every node's twilld log to stderr. The guard does
@@ -820,7 +1081,11 @@ impl Drop for Rig {
             self.print_logs();
         }
         let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let children = inner.twilld.values_mut().chain(inner.etcd.as_mut());
+        let children = inner
+            .twilld
+            .values_mut()
+            .chain(inner.etcd.as_mut())
+            .chain(inner.helpers.iter_mut());
         for child in children {
             let _ = child.kill();
             let _ = child.wait();
@@ -829,6 +1094,95 @@ impl Drop for Rig {
             eprintln!("twill-rig: teardown of {}: {err:#}", self.id);
         }
     }
+}
+
+/// The pod addresses in a CNI result (any version from 0.3.0 on): the first IPv4 and the first
+/// IPv6 address of `ips[]`, without their prefix length.
+pub fn cni_result_addresses(result: &serde_json::Value) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let mut v4 = None;
+    let mut v6 = None;
+    for ip in result["ips"].as_array().into_iter().flatten() {
+        let Some(addr) = ip["address"].as_str() else {
+            continue;
+        };
+        match addr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+        {
+            Some(IpAddr::V4(a)) if v4.is_none() => v4 = Some(a),
+            Some(IpAddr::V6(a)) if v6.is_none() => v6 = Some(a),
+            _ => {}
+        }
+    }
+    (v4, v6)
+}
+
+/// A `Command` that runs `args` inside namespace `ns` *and* cgroup `cgroup`: the child moves
+/// itself into the cgroup (writes `0` to its `cgroup.procs`) before exec'ing `nsenter`. A
+/// process of a node's pod started this way is balanced by the node's eBPF socket-level load
+/// balancer at `connect()`, as a real pod's processes are.
+pub fn nsenter_in_cgroup<S: AsRef<OsStr>>(ns: &str, cgroup: &Path, args: &[S]) -> Command {
+    let mut cmd = nsenter(ns, args);
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("a cgroup path has no NUL byte");
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) on memory
+    // allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A Service and its EndpointSlice as `twilld apply -f` takes them: `name` in namespace
+/// `default`, ClusterIP `cluster_ip`, TCP `port` → `target_port`, type NodePort when
+/// `node_port` is given, one ready endpoint per `(address, node)` with `nodeName: n<node>`.
+pub fn service_manifest(
+    name: &str,
+    cluster_ip: IpAddr,
+    port: u16,
+    target_port: u16,
+    node_port: Option<u16>,
+    endpoints: &[(IpAddr, usize)],
+) -> String {
+    let (kind, node_port) = match node_port {
+        Some(p) => ("NodePort", format!(", nodePort: {p}")),
+        None => ("ClusterIP", String::new()),
+    };
+    let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let mut eps = String::new();
+    for (addr, node) in endpoints {
+        let _ = writeln!(
+            eps,
+            "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: n{node}}}"
+        );
+    }
+    let eps = if eps.is_empty() {
+        "endpoints: []\n".to_string()
+    } else {
+        format!("endpoints:\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: {kind}\n  clusterIP: \"{cluster_ip}\"\n  ports:\n  \
+         - {{name: http, port: {port}, targetPort: {target_port}{node_port}}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+         name: {name}-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\n\
+         {eps}ports:\n- {{name: http, port: {target_port}}}\n"
+    )
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` unless it is there already; whether it mounted it.
@@ -916,6 +1270,51 @@ mod tests {
         assert!(a.len() <= 9, "{a}");
         // The longest names: pod namespaces and pin dirs stay short.
         assert!(format!("{a}-n200p99").len() <= 16);
+    }
+
+    #[test]
+    fn cni_results_give_the_pod_addresses() {
+        let r: serde_json::Value = serde_json::from_str(
+            r#"{"cniVersion":"1.1.0","ips":[{"address":"10.244.3.2/24","gateway":"10.244.3.1"},
+                {"address":"fd00:10:0:3::2/64"},{"address":"10.244.3.9/24"}]}"#,
+        )
+        .unwrap();
+        let (v4, v6) = cni_result_addresses(&r);
+        assert_eq!(v4, Some(Ipv4Addr::new(10, 244, 3, 2)));
+        assert_eq!(v6, Some("fd00:10:0:3::2".parse().unwrap()));
+        assert_eq!(
+            cni_result_addresses(&serde_json::json!({"ips": []})),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn service_manifests_name_every_endpoint_and_its_node() {
+        let m = service_manifest(
+            "echo",
+            "10.96.0.10".parse().unwrap(),
+            80,
+            8080,
+            Some(30080),
+            &[
+                ("10.244.1.2".parse().unwrap(), 1),
+                ("10.244.2.2".parse().unwrap(), 2),
+            ],
+        );
+        for needle in [
+            "kind: Service",
+            "type: NodePort",
+            "clusterIP: \"10.96.0.10\"",
+            "- {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
+            "kind: EndpointSlice",
+            "labels: {kubernetes.io/service-name: echo}",
+            "- {addresses: [\"10.244.2.2\"], conditions: {ready: true}, nodeName: n2}",
+            "addressType: IPv4",
+        ] {
+            assert!(m.contains(needle), "{needle:?} missing in\n{m}");
+        }
+        let empty = service_manifest("x", "10.96.0.11".parse().unwrap(), 80, 80, None, &[]);
+        assert!(empty.contains("type: ClusterIP") && empty.contains("endpoints: []"));
     }
 
     #[test]

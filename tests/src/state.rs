@@ -34,6 +34,20 @@ pub const STATE_DIR: &str = "/run/twill-rig";
 /// Where the rigs' twilld instances pin their bpf objects, one directory per node.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/twill";
 
+/// Where the rigs' per-node cgroup2 directories live (the socket-level load balancer of a node's
+/// twilld attaches there): the cgroup2 mount of a hybrid host, or the unified hierarchy itself.
+pub fn cgroup2_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified.to_path_buf()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+/// Prefix of a rig's cgroup directory names (`twill-<id>-n<node>`); the rig id follows.
+pub const CGROUP_PREFIX: &str = "twill-";
+
 /// Prefix of a rig's temporary directory name; the rig id follows.
 pub const TEMP_PREFIX: &str = "twill-rig-";
 
@@ -84,6 +98,10 @@ pub struct RigState {
     pub pids: Vec<ProcRecord>,
     /// bpf pin directories handed to twilld.
     pub pin_dirs: Vec<PathBuf>,
+    /// cgroup2 directories made for the nodes (`<cgroup2>/twill-<id>-n<node>`), removed after
+    /// the processes and pins.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
     /// The rig's temporary directory (etcd data, logs, subnet files).
     pub temp_dir: PathBuf,
     /// Set by [`crate::Rig::detach`]: the rig outlives its owner on purpose (`cargo xtask rig
@@ -104,6 +122,7 @@ impl RigState {
             namespaces: Vec::new(),
             pids: Vec::new(),
             pin_dirs: Vec::new(),
+            cgroups: Vec::new(),
             temp_dir,
             detached: false,
         })
@@ -271,6 +290,23 @@ pub(crate) fn teardown(state: &RigState) -> Vec<anyhow::Error> {
         }
     }
 
+    for dir in &state.cgroups {
+        let named = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{CGROUP_PREFIX}{}-", state.id)));
+        if !named || dir.parent() != Some(cgroup2_root().as_path()) {
+            errors.push(anyhow!(
+                "refusing to remove {}: not a rig cgroup",
+                dir.display()
+            ));
+            continue;
+        }
+        if let Err(e) = remove_cgroup(dir) {
+            errors.push(e);
+        }
+    }
+
     let temp_named = state
         .temp_dir
         .file_name()
@@ -320,6 +356,14 @@ pub fn leftovers(id: &str) -> Vec<String> {
             }
         }
     }
+    let cgroup_prefix = format!("{CGROUP_PREFIX}{id}-");
+    if let Ok(dir) = std::fs::read_dir(cgroup2_root()) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&cgroup_prefix) {
+                left.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
     let temp = temp_base().join(format!("{TEMP_PREFIX}{id}"));
     if temp.exists() {
         left.push(format!("temp dir {}", temp.display()));
@@ -360,6 +404,32 @@ fn remove_dir_all(dir: &Path) -> Result<()> {
             Err(e).with_context(|| format!("remove {}", dir.display()))
         }
         _ => Ok(()),
+    }
+}
+
+/// Removes a (leaf) cgroup directory, treating "already gone" as success. Processes still in it
+/// (a client a crashed run moved there, outside every rig namespace) are moved to the cgroup2
+/// root first; a cgroup whose last process just died can report busy for a moment, so the rmdir
+/// is retried briefly.
+fn remove_cgroup(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines() {
+            let _ = std::fs::write(cgroup2_root().join("cgroup.procs"), pid);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("rmdir {}", dir.display())),
+        }
     }
 }
 

@@ -3,7 +3,10 @@
 //! later run sweeps it.
 //!
 //! These tests need root; under CI a non-root run fails rather than skipping. The twilld tests
-//! use a stand-in shell script, so the rig is proven before (and independently of) the agent.
+//! use a stand-in shell script, so the rig is proven before (and independently of) the agent;
+//! the CNI and service test runs the real twilld, twill-cni and twill-probe (debug builds in
+//! `target/debug/`), since what it proves is that pods, cgroups, responders and a Service made
+//! through them are removed too.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use twill_facts::SubnetFacts;
-use twill_tests::rig::UNDERLAY_V4;
+use twill_tests::rig::{UNDERLAY_V4, nsenter_in_cgroup, service_manifest};
 use twill_tests::{Rig, RigOptions, http_get, leftovers, ping, require_root, run, sweep_stale};
 
 /// Facts as twilld would publish them for node `node` (dual stack).
@@ -93,6 +96,103 @@ fn three_node_rig_comes_up_and_leaves_nothing() {
 
     drop(rig);
     assert_nothing_left(&id);
+}
+
+/// Pods made by the real twill-cni get addresses from their node's lease and reach each other
+/// across nodes; responders answer with their pod's name; a Service (eBPF proxy, socket-LB in
+/// the node's cgroup) answers from a pod with one of its endpoints; and the rig's teardown
+/// removes all of it, cgroups included.
+#[test]
+fn cni_pods_responders_and_a_service_leave_nothing() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(2).unwrap();
+    let id = rig.id().to_string();
+    rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    for node in 1..=2 {
+        let mut args = rig.proxy_args(node, "ebpf").unwrap();
+        args.extend(["--resync-interval".to_string(), "3600".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rig.start_twilld(node, &args).unwrap();
+    }
+    let facts: Vec<SubnetFacts> = (1..=2)
+        .map(|n| {
+            rig.wait_subnet_file(n, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .collect();
+    let cgroup = rig.node_cgroup(2).unwrap();
+    assert!(cgroup.join("cgroup.procs").exists());
+    assert!(
+        cgroup
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&format!("twill-{id}-")),
+        "{}",
+        cgroup.display()
+    );
+
+    let a = rig.add_cni_pod(1).unwrap();
+    let b = rig.add_cni_pod(2).unwrap();
+    let c = rig.add_cni_pod(2).unwrap();
+    for (pod, f) in [(&a, &facts[0]), (&b, &facts[1]), (&c, &facts[1])] {
+        let ip = pod.ipv4.unwrap();
+        assert!(f.subnet_v4().unwrap().contains(&ip), "{ip} not in {f:?}");
+        let link = run(&pod.ns, &["ip", "-o", "link", "show", "dev", "eth0"]).unwrap();
+        assert!(link.contains(&format!(" mtu {} ", f.mtu)), "{link}");
+    }
+    assert_ne!(b.ipv4, c.ipv4, "two pods of a node got one address");
+    assert_eq!(b.name(), "n2p1");
+    assert!(rig.cni_conflist_path(1).is_file());
+    // Each twilld programs the other's lease as it learns of it.
+    twill_tests::wait_until(Duration::from_secs(20), || {
+        ping(&c.ns, a.ipv4.unwrap(), 1).is_ok_and(|p| p.all_received())
+    })
+    .unwrap_or_else(|e| panic!("pod to pod across nodes: {e}"));
+
+    rig.start_responder(&a, "a", &[8080]).unwrap();
+    rig.start_responder(&b, "b", &[8080]).unwrap();
+    let probe = rig.binary("twill-probe").unwrap();
+    let probe = probe.to_str().unwrap();
+    let direct = format!("{}:8080", a.ipv4.unwrap());
+    let got = run(&c.ns, &[probe, "get", &direct]).unwrap();
+    assert_eq!(got.trim(), "a");
+
+    rig.apply_manifest(&service_manifest(
+        "echo",
+        "10.96.0.10".parse().unwrap(),
+        80,
+        8080,
+        Some(30080),
+        &[(a.ipv4.unwrap().into(), 1), (b.ipv4.unwrap().into(), 2)],
+    ))
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        let out = nsenter_in_cgroup(&c.ns, &cgroup, &[probe, "get", "10.96.0.10:80"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+    }
+    assert_eq!(
+        seen,
+        ["a", "b"].map(String::from).into(),
+        "the Service did not reach both endpoints:\n{}",
+        rig.twilld_log(2)
+    );
+    // The client processes ran in the node's cgroup and are gone from it.
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert!(procs.trim().is_empty(), "{procs}");
+
+    drop(rig);
+    assert_nothing_left(&id);
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
 }
 
 /// A stand-in for twilld: logs where it runs, publishes a subnet file, then waits.
@@ -253,6 +353,7 @@ fn sweep_cleans_up_after_a_crash() {
         before.iter().any(|l| l.starts_with("state file")),
         "{before:?}"
     );
+    assert!(before.iter().any(|l| l.starts_with("cgroup")), "{before:?}");
 
     kill(
         Pid::from_raw(i32::try_from(child.id()).unwrap()),
@@ -271,10 +372,12 @@ fn sweep_cleans_up_after_a_crash() {
     );
 }
 
-/// The child's side: a rig with etcd, a pod and a stray process, then a hang until SIGKILL.
+/// The child's side: a rig with etcd, a pod, a node cgroup and a stray process, then a hang until
+/// SIGKILL.
 fn crash_child() -> ! {
     let rig = Rig::new(2).unwrap();
     rig.add_pod(1, &facts_for(1)).unwrap();
+    rig.node_cgroup(2).unwrap();
     #[expect(
         clippy::zombie_processes,
         reason = "left running on purpose: the parent kills this process and sweeps"

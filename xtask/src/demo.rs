@@ -1,23 +1,30 @@
-//! `cargo xtask demo`: the README's main job — a 3-node cluster in network namespaces with a
-//! real etcd and `twilld` on every node, its leases, a cross-node ping and an iperf3 figure
-//! between two pods, then a complete teardown.
+//! `cargo xtask demo`: the README's main job — the rig of `cargo xtask rig up` (3 nodes in
+//! network namespaces, a real etcd, `twilld` with the eBPF service proxy on every node, 2 pods
+//! per node made by `twill-cni`, a sample Service), then what it does: its leases, its pods, a
+//! cross-node ping, an iperf3 figure between two pods, requests to the Service's ClusterIP from a
+//! pod on another node — and a complete teardown.
 //!
-//! Teardown is the rig's guard: every way out of [`demo`] (success, error, Ctrl-C) drops the rig.
+//! It runs `cargo xtask setup` first, so it works on a fresh machine on its own. The cluster is
+//! [`xtask::cluster::populate`], the very code behind `rig up`, on a rig owned by this process:
+//! every way out of [`demo`] (success, error, Ctrl-C) drops the rig, which tears it down.
 //! SIGINT/SIGTERM only raise the rig's interrupt flag, which makes its waits and commands stop
 //! early; a second signal exits at once, leaving the next rig (or `cargo xtask sweep`) to remove
 //! what is left.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use twill_tests::rig::ETCD_PREFIX;
 use twill_tests::{Pod, Rig, RigOptions};
+use xtask::cluster::{self, ProxyMode, Spec};
 
-use crate::util::{cargo, is_root, say, step, target_dir};
+use crate::util::{is_root, say, target_dir};
 
 const NODES: usize = 3;
-const NETWORK_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const PODS_PER_NODE: usize = 2;
+/// Requests to the Service's ClusterIP.
+const REQUESTS: usize = 12;
 
 /// Runs the demo; with `hold`, keeps the cluster up until Ctrl-C; with `debug`, uses a debug
 /// build of twilld.
@@ -25,30 +32,18 @@ pub fn demo(hold: bool, debug: bool) -> Result<()> {
     if !is_root() {
         bail!("the demo builds network namespaces and needs root");
     }
-    ctrlc::set_handler(|| {
-        if twill_tests::interrupted() {
-            eprintln!(
-                "xtask: second interrupt, exiting without teardown (cargo xtask sweep cleans up)"
-            );
-            std::process::exit(130);
-        }
-        eprintln!("xtask: interrupted, tearing down");
-        twill_tests::interrupt();
-    })
-    .context("install the Ctrl-C handler")?;
+    xtask::bench::cli::install_interrupt_handler()?;
 
     crate::setup::setup()?;
     check_interrupt()?;
-    let mut build = cargo();
-    build.args(["build", "-p", "twill-agent", "--bins"]);
-    if !debug {
-        build.arg("--release");
-    }
-    step(&mut build)?;
+    crate::rig_cmd::build_binaries(!debug)?;
     check_interrupt()?;
 
     let bin_dir = target_dir()?.join(if debug { "debug" } else { "release" });
-    say(&format!("bringing up {NODES} nodes and etcd"));
+    say(&format!(
+        "bringing up {NODES} nodes ({} overlay, eBPF service proxy) and etcd",
+        cluster::DEFAULT_BACKEND
+    ));
     let rig = Rig::with_options(RigOptions {
         nodes: NODES,
         bin_dir: Some(bin_dir),
@@ -84,50 +79,89 @@ fn check_interrupt() -> Result<()> {
 }
 
 fn run(rig: &Rig, hold: bool) -> Result<()> {
-    rig.put_network_config(NETWORK_CONFIG)?;
-    say(&format!("network config: {NETWORK_CONFIG}"));
-    for node in 1..=NODES {
-        rig.start_twilld(node, &[])?;
-    }
-    say("twilld started on every node; waiting for subnet leases");
-    let mut facts = Vec::new();
-    for node in 1..=NODES {
-        facts.push(rig.wait_subnet_file(node, Duration::from_mins(1))?);
-    }
-
-    say("leases:");
-    let leases = rig.etcdctl(&["get", "--prefix", &format!("{ETCD_PREFIX}/subnets")])?;
-    let lines: Vec<&str> = leases.lines().collect();
-    for pair in lines.chunks(2) {
-        println!("  {}  {}", pair[0], pair.get(1).unwrap_or(&""));
-    }
-
-    let pod_a = rig.add_pod(1, &facts[0])?;
-    let pod_b = rig.add_pod(NODES, &facts[NODES - 1])?;
-    let target = pod_addr(&pod_b)?;
+    let spec = Spec {
+        nodes: NODES,
+        backend: cluster::DEFAULT_BACKEND,
+        pods_per_node: PODS_PER_NODE,
+        ip_masq: false,
+        proxy_mode: ProxyMode::Ebpf,
+    };
     say(&format!(
-        "pods: {} {} on node 1, {} {} on node {NODES}",
-        pod_a.ns,
-        pod_addr(&pod_a)?,
-        pod_b.ns,
-        target
+        "network config: {}",
+        spec.backend.network_config()
     ));
+    let info = cluster::populate(rig, &spec, &say)?;
+
+    say("leases in etcd:");
+    for l in cluster::leases(rig.id())? {
+        println!("  {l}");
+    }
+    say("pods (made by twill-cni, each answering its name on :8080):");
+    for p in &info.pods {
+        println!(
+            "  {:<5} node n{}  {}  {}",
+            p.name,
+            p.node,
+            p.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
+            p.ns
+        );
+    }
+
+    let pod = |name: &str| -> Result<Pod> {
+        let p = info
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        Ok(Pod {
+            ns: p.ns.clone(),
+            node: p.node,
+            ipv4: p.ip,
+            ipv6: None,
+        })
+    };
+    let pod_a = pod("n1p1")?;
+    let pod_b = pod(&format!("n{NODES}p1"))?;
+    let target = pod_addr(&pod_b)?;
 
     let stats = twill_tests::ping(&pod_a.ns, target, 5)?;
-    say(&format!("ping {} -> {target}: {stats}", pod_a.ns));
+    say(&format!("ping n1p1 -> n{NODES}p1 ({target}): {stats}"));
     if stats.received == 0 {
         bail!("no ping reply across nodes");
     }
 
     let gbits = iperf3(&pod_a, &pod_b)?;
     say(&format!(
-        "iperf3 {} -> {}: {gbits:.2} Gbit/s (TCP, 5 s)",
-        pod_a.ns, pod_b.ns
+        "iperf3 n1p1 -> n{NODES}p1: {gbits:.2} Gbit/s (TCP, 5 s)"
     ));
+
+    let svc = info.service.as_ref().context("no sample Service")?;
+    let client = pod(&format!("n{NODES}p2"))?;
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..REQUESTS {
+        let who = cluster::request(rig, &client, spec.proxy_mode, svc.vip())?;
+        *answers.entry(who).or_default() += 1;
+    }
+    say(&format!(
+        "{REQUESTS} requests from n{NODES}p2 to service {} at {} answered by: {}",
+        svc.name,
+        svc.vip(),
+        answers
+            .iter()
+            .map(|(who, n)| format!("{who} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if answers
+        .keys()
+        .all(|who| who.starts_with(&format!("n{NODES}")))
+    {
+        say("(all from the client's own node this time: Maglev picks per connection)");
+    }
 
     if hold {
         say(&format!(
-            "holding the cluster up; press Ctrl-C to tear down. Enter a namespace with \
+            "holding the cluster up; press Ctrl-C to tear down. Enter a pod with \
              `nsenter --net=/run/netns/{}` (logs in {})",
             pod_a.ns,
             rig.temp_dir().display()

@@ -5,4 +5,5 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod cluster;
 pub mod util;

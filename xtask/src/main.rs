@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Bring up a 3-node cluster with etcd and twilld, show leases, ping and iperf3, tear down.
+    /// Bring up the rig (3 nodes, etcd, twilld with the eBPF proxy, pods via twill-cni, a sample
+    /// Service), show leases, pods, ping, iperf3 and requests to the Service, tear down.
     Demo {
         /// Keep the cluster up after the figures until Ctrl-C.
         #[arg(long)]

@@ -10,44 +10,30 @@
 //! - `down` removes it from that state file alone (processes by pid and start time, anything
 //!   else in its namespaces, namespaces, pins, temp dir), so it works after `up` crashed, after
 //!   a `kill -9`, or from another shell; it also sweeps rigs of crashed runs.
-//! - What the state file does not know (backend, pods and their addresses) `up` writes next to
-//!   the rig's logs in its temp dir, so it disappears with the rig.
+//! - What `up` builds on the rig (twilld with a service proxy, pods through `twill-cni`, the
+//!   sample Service) is [`xtask::cluster::populate`], shared with `cargo xtask demo`. What the
+//!   state file does not know (backend, proxy mode, pods, the Service) `up` writes next to the
+//!   rig's logs in its temp dir, so it disappears with the rig.
 //! - `exec` is `nsenter --net`, not `ip netns exec`: the command keeps the host's `/sys`, bpffs
-//!   and cgroup mounts, as twilld does.
+//!   and cgroup mounts, as twilld does. A command for a node or a pod also runs in the node's
+//!   cgroup, as the node's own processes do, so the eBPF socket-level load balancer sees it.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
+use clap::Subcommand;
 use twill_facts::SubnetFacts;
-use twill_tests::rig::{ETCD_ENDPOINT, ETCD_PREFIX};
+use twill_tests::rig::{ETCD_ENDPOINT, nsenter_in_cgroup};
 use twill_tests::state::{self, RigState};
-use twill_tests::{Rig, RigOptions, leftovers, ns, ping, wait_until};
+use twill_tests::{Rig, RigOptions, leftovers, ns};
 use xtask::bench::Backend;
-use xtask::bench::machine::{now_secs, rfc3339};
+use xtask::cluster::{self, ProxyMode, RigInfo, Spec};
 
 use crate::util::{cargo, is_root, say, step, target_dir};
 
 /// The file `up` writes into the rig's temp dir.
 const INFO_FILE: &str = "xtask-rig.json";
-
-/// How long the cluster gets to converge.
-const UP: Duration = Duration::from_secs(30);
-
-/// Service proxy modes (recorded; the service dataplanes are not in yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProxyMode {
-    /// eBPF socket/tc load balancing.
-    Ebpf,
-    /// nftables verdict maps.
-    Nftables,
-    /// iptables (kube-proxy's classic mode).
-    Iptables,
-}
 
 /// `cargo xtask rig ...`.
 #[derive(Debug, Subcommand)]
@@ -57,8 +43,8 @@ pub enum RigCmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=200))]
         nodes: u8,
-        /// The overlay backend.
-        #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
+        /// The overlay backend (vxlan with the eBPF proxy needs an agent fix, see DEFAULT_BACKEND).
+        #[arg(long, value_enum, default_value_t = cluster::DEFAULT_BACKEND)]
         backend: Backend,
         /// Pods on every node.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -66,9 +52,9 @@ pub enum RigCmd {
         /// Run twilld with --ip-masq.
         #[arg(long)]
         ip_masq: bool,
-        /// Service proxy mode (recorded for now: the service dataplanes are not in yet).
-        #[arg(long, value_enum)]
-        proxy_mode: Option<ProxyMode>,
+        /// Service proxy mode of every twilld (`none`: no proxy and no sample Service).
+        #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
+        proxy_mode: ProxyMode,
         /// Use a debug build of twilld (quicker to build).
         #[arg(long)]
         debug: bool,
@@ -76,7 +62,7 @@ pub enum RigCmd {
         #[arg(long)]
         no_build: bool,
     },
-    /// Show the rig(s): processes, nodes, subnets, pods.
+    /// Show the rig(s): processes, nodes, leases, pods, the sample Service.
     Status {
         /// The rig (default: every rig that is up).
         #[arg(long)]
@@ -102,56 +88,6 @@ pub enum RigCmd {
         #[arg(long)]
         all: bool,
     },
-}
-
-/// What `up` knows that the rig's state file does not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RigInfo {
-    /// The rig id.
-    pub id: String,
-    /// When it came up (RFC 3339, UTC).
-    pub created_utc: String,
-    /// The overlay backend.
-    pub backend: Backend,
-    /// The proxy mode asked for, if any.
-    pub proxy_mode: Option<ProxyMode>,
-    /// Whether twilld masquerades.
-    pub ip_masq: bool,
-    /// The twilld binary.
-    pub twilld: String,
-    /// Nodes.
-    pub nodes: Vec<NodeInfo>,
-    /// Pods.
-    pub pods: Vec<PodInfo>,
-}
-
-/// A node of [`RigInfo`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeInfo {
-    /// 1-based.
-    pub node: usize,
-    /// Its namespace.
-    pub ns: String,
-    /// Its underlay address.
-    pub ip: Ipv4Addr,
-    /// Its pod subnet when it came up.
-    pub subnet: String,
-}
-
-/// A pod of [`RigInfo`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PodInfo {
-    /// Short name, `n<node>p<j>`.
-    pub name: String,
-    /// Its namespace.
-    pub ns: String,
-    /// The node it is on.
-    pub node: usize,
-    /// Its address.
-    pub ip: Option<Ipv4Addr>,
 }
 
 /// Runs a `rig` subcommand.
@@ -198,23 +134,48 @@ struct UpOptions {
     backend: Backend,
     pods_per_node: usize,
     ip_masq: bool,
-    proxy_mode: Option<ProxyMode>,
+    proxy_mode: ProxyMode,
     debug: bool,
     no_build: bool,
+}
+
+/// `cargo build` of what a rig runs: twilld, twill-cni and the pods' responder.
+pub fn build_binaries(release: bool) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "-p",
+        "twill-agent",
+        "--bin",
+        "twilld",
+        "-p",
+        "twill-cni",
+        "--bin",
+        "twill-cni",
+        "-p",
+        "twill-probe",
+        "--bin",
+        "twill-probe",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    step(&mut build)
 }
 
 fn up(o: &UpOptions) -> Result<()> {
     xtask::bench::cli::install_interrupt_handler()?;
     let profile = if o.debug { "debug" } else { "release" };
     if !o.no_build {
-        let mut build = cargo();
-        build.args(["build", "-p", "twill-agent", "--bin", "twilld"]);
-        if !o.debug {
-            build.arg("--release");
-        }
-        step(&mut build)?;
+        build_binaries(!o.debug)?;
     }
     let bin_dir = target_dir()?.join(profile);
+    // Refuse a mode this twilld does not know before building anything.
+    if o.proxy_mode != ProxyMode::None
+        && let Err(why) = cluster::check_proxy_mode(&bin_dir.join("twilld"), o.proxy_mode)
+    {
+        bail!(why);
+    }
     let started = Instant::now();
     let rig = Rig::with_options(RigOptions {
         nodes: o.nodes,
@@ -223,7 +184,14 @@ fn up(o: &UpOptions) -> Result<()> {
         ..RigOptions::default()
     })?;
     // Any error from here on drops the guard, which removes what was built.
-    let info = match populate(&rig, o) {
+    let spec = Spec {
+        nodes: o.nodes,
+        backend: o.backend,
+        pods_per_node: o.pods_per_node,
+        ip_masq: o.ip_masq,
+        proxy_mode: o.proxy_mode,
+    };
+    let info = match cluster::populate(&rig, &spec, &say) {
         Ok(info) => info,
         Err(e) => {
             if !twill_tests::interrupted() {
@@ -241,77 +209,24 @@ fn up(o: &UpOptions) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     print!("{}", describe(&info, Some(&state_of(&id)?)));
-    if let Some(mode) = o.proxy_mode {
+    let peer = info
+        .pods
+        .iter()
+        .find(|p| p.node == o.nodes.min(2) && o.nodes > 1)
+        .or(info.pods.first())
+        .and_then(|p| p.ip)
+        .map_or_else(|| "<pod ip>".to_string(), |ip| ip.to_string());
+    say(&format!(
+        "try: cargo xtask rig exec n1p1 -- ping -c 3 {peer}   |   cargo xtask rig down"
+    ));
+    if let Some(svc) = &info.service {
         say(&format!(
-            "proxy mode {mode:?} recorded; the service dataplanes are not in yet, so no Service \
-             was created"
+            "     cargo xtask rig exec n{}p1 -- busybox wget -qO- http://{}/",
+            o.nodes,
+            svc.vip()
         ));
     }
-    say(&format!(
-        "try: cargo xtask rig exec n1p1 -- ping -c 3 {}   |   cargo xtask rig down",
-        info.pods
-            .iter()
-            .find(|p| p.node == o.nodes.min(2) && o.nodes > 1)
-            .or(info.pods.first())
-            .and_then(|p| p.ip)
-            .map_or_else(|| "<pod ip>".to_string(), |ip| ip.to_string())
-    ));
     Ok(())
-}
-
-/// Config, twilld on every node, subnet files, pods, a ping across.
-fn populate(rig: &Rig, o: &UpOptions) -> Result<RigInfo> {
-    rig.put_network_config(&o.backend.network_config())?;
-    let extra: &[&str] = if o.ip_masq { &["--ip-masq"] } else { &[] };
-    for node in 1..=o.nodes {
-        rig.start_twilld(node, extra)?;
-    }
-    let mut facts: Vec<SubnetFacts> = Vec::new();
-    for node in 1..=o.nodes {
-        facts.push(rig.wait_subnet_file(node, UP)?);
-    }
-    let mut info = RigInfo {
-        id: rig.id().to_string(),
-        created_utc: rfc3339(now_secs()),
-        backend: o.backend,
-        proxy_mode: o.proxy_mode,
-        ip_masq: o.ip_masq,
-        twilld: rig.twilld_path()?.display().to_string(),
-        nodes: Vec::new(),
-        pods: Vec::new(),
-    };
-    for (i, f) in facts.iter().enumerate() {
-        let node = i + 1;
-        info.nodes.push(NodeInfo {
-            node,
-            ns: rig.node_ns(node),
-            ip: Rig::node_ip(node),
-            subnet: f
-                .subnet_v4()
-                .map_or_else(|| "-".to_string(), |s| s.to_string()),
-        });
-        for j in 1..=o.pods_per_node {
-            let pod = rig.add_pod(node, f)?;
-            info.pods.push(PodInfo {
-                name: format!("n{node}p{j}"),
-                ns: pod.ns,
-                node,
-                ip: pod.ipv4,
-            });
-        }
-    }
-    // The first pod of node 1 reaches the first pod of every other node.
-    if let Some(from) = info.pods.iter().find(|p| p.node == 1) {
-        for to in info.pods.iter().filter(|p| p.node != 1) {
-            if info.pods.iter().find(|p| p.node == to.node) != Some(to) {
-                continue;
-            }
-            let Some(ip) = to.ip else { continue };
-            wait_until(UP, || ping(&from.ns, ip, 1).is_ok_and(|s| s.all_received()))
-                .with_context(|| format!("{} does not reach {} at {ip}", from.name, to.name))?;
-        }
-    }
-    Ok(info)
 }
 
 /// The state of rig `id`.
@@ -360,43 +275,46 @@ fn status(id: Option<&str>) -> Result<()> {
         say("no rig is up (cargo xtask rig up)");
     }
     for state in rigs {
-        match read_info(&state) {
-            Some(info) => print!("{}", describe(&info, Some(&state))),
+        let info = read_info(&state);
+        match &info {
+            Some(info) => print!("{}", describe(info, Some(&state))),
             None => println!(
                 "rig {}: namespaces {}",
                 state.id,
                 state.namespaces.join(" ")
             ),
         }
-        let underlay = format!("{}-u", state.id);
-        let endpoints = format!("--endpoints={ETCD_ENDPOINT}");
-        let prefix = format!("{ETCD_PREFIX}/subnets/");
-        match ns::run(
-            &underlay,
-            &[
-                "etcdctl",
-                &endpoints,
-                "--dial-timeout=2s",
-                "get",
-                "--prefix",
-                "--keys-only",
-                &prefix,
-            ],
-        ) {
-            Ok(keys) => {
-                let leases: Vec<&str> = keys
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(&prefix))
-                    .collect();
-                println!("  leases in etcd: {}", leases.join(" "));
+        match cluster::leases(&state.id) {
+            Ok(leases) => {
+                println!("  leases in etcd ({}):", leases.len());
+                for l in leases {
+                    println!("    {l}");
+                }
             }
             Err(e) => println!("  leases in etcd: unavailable ({e:#})"),
+        }
+        // What the service source holds, as twilld itself reads it.
+        if let Some(info) = info.filter(|i| i.service.is_some()) {
+            let endpoints = format!("--etcd-endpoints={ETCD_ENDPOINT}");
+            match ns::run(
+                &format!("{}-u", state.id),
+                &[info.twilld.as_str(), "get", "services", &endpoints],
+            ) {
+                Ok(text) => {
+                    println!("  services in etcd (twilld get services):");
+                    for l in text.lines() {
+                        println!("    {l}");
+                    }
+                }
+                Err(e) => println!("  services in etcd: unavailable ({e:#})"),
+            }
         }
     }
     Ok(())
 }
 
-/// The rig as text: processes (alive or not), nodes with their subnet and twilld, pods.
+/// The rig as text: processes (alive or not), nodes with their subnet and twilld, pods, the
+/// sample Service.
 fn describe(info: &RigInfo, state: Option<&RigState>) -> String {
     let proc_status = |what: &str| -> String {
         let Some(rec) = state.and_then(|s| s.pids.iter().rev().find(|p| p.what == what)) else {
@@ -417,8 +335,7 @@ fn describe(info: &RigInfo, state: Option<&RigState>) -> String {
         info.nodes.len(),
         info.pods.len(),
         if info.ip_masq { "on" } else { "off" },
-        info.proxy_mode
-            .map_or_else(|| "-".to_string(), |m| format!("{m:?}").to_lowercase()),
+        info.proxy_mode,
         info.created_utc
     );
     let _ = writeln!(
@@ -445,15 +362,35 @@ fn describe(info: &RigInfo, state: Option<&RigState>) -> String {
         for p in info.pods.iter().filter(|p| p.node == n.node) {
             let _ = writeln!(
                 out,
-                "    {:<7} {}  {}",
+                "    {:<7} {}  {}  responder {}",
                 p.name,
                 p.ns,
-                p.ip.map_or_else(|| "-".to_string(), |ip| ip.to_string())
+                p.ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+                proc_status(&format!("responder {}", p.name))
             );
         }
     }
+    if let Some(svc) = &info.service {
+        let _ = writeln!(
+            out,
+            "  service {}  ClusterIP {}  NodePort {}  endpoints {}",
+            svc.name,
+            svc.vip(),
+            svc.node_port,
+            svc.endpoints
+                .iter()
+                .map(|(pod, addr)| format!("{pod}={addr}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     if let Some(s) = state {
-        let _ = writeln!(out, "  logs: {}", s.temp_dir.display());
+        let _ = writeln!(
+            out,
+            "  logs: {}  metrics: rig exec n<N> -- busybox wget -qO- http://{}/metrics",
+            s.temp_dir.display(),
+            cluster::METRICS_ADDR
+        );
     }
     out
 }
@@ -495,7 +432,24 @@ fn exec(id: Option<&str>, target: &str, command: &[String]) -> Result<i32> {
         state.id,
         state.namespaces.join(" ")
     );
-    let status = ns::nsenter(&netns, command)
+    // A node's (or its pods') command runs in the node's cgroup, if the rig made one.
+    let node_cgroup = netns
+        .strip_prefix(&format!("{}-", state.id))
+        .and_then(|rest| rest.strip_prefix('n'))
+        .map(|rest| rest.split('p').next().unwrap_or(rest))
+        .and_then(|node| {
+            let name = format!("{}{}-n{node}", state::CGROUP_PREFIX, state.id);
+            state
+                .cgroups
+                .iter()
+                .find(|c| c.file_name().is_some_and(|n| *n == *name))
+                .filter(|c| c.is_dir())
+        });
+    let mut cmd = match node_cgroup {
+        Some(cg) => nsenter_in_cgroup(&netns, cg, command),
+        None => ns::nsenter(&netns, command),
+    };
+    let status = cmd
         .status()
         .with_context(|| format!("run {} in netns {netns}", command.join(" ")))?;
     Ok(status.code().unwrap_or(128 + 9))
@@ -552,6 +506,10 @@ fn down(id: Option<&str>, all: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use xtask::cluster::{NodeInfo, PodInfo};
+
     use super::*;
 
     #[test]
@@ -576,7 +534,7 @@ mod tests {
             id: "tw00abc0".into(),
             created_utc: "2026-01-01T00:00:00Z".into(),
             backend: Backend::HostGw,
-            proxy_mode: Some(ProxyMode::Nftables),
+            proxy_mode: ProxyMode::Nftables,
             ip_masq: true,
             twilld: "/x/twilld".into(),
             nodes: vec![NodeInfo {
@@ -591,12 +549,23 @@ mod tests {
                 node: 1,
                 ip: Some(Ipv4Addr::new(10, 244, 7, 2)),
             }],
+            service: Some(cluster::ServiceInfo {
+                name: "default/echo".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                node_port: 30080,
+                endpoints: vec![("n1p1".into(), "10.244.7.2:8080".into())],
+            }),
         };
         let text = describe(&info, None);
         assert!(text.contains("backend host-gw"), "{text}");
         assert!(text.contains("proxy mode nftables"), "{text}");
         assert!(text.contains("subnet 10.244.7.0/24"), "{text}");
         assert!(text.contains("n1p1    tw00abc0-n1p1  10.244.7.2"), "{text}");
+        assert!(
+            text.contains("service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080  endpoints n1p1=10.244.7.2:8080"),
+            "{text}"
+        );
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<RigInfo>(&json).unwrap(), info);
     }

@@ -43,6 +43,7 @@ fn quick_overlay_run_writes_a_sane_report() {
         out_dir: Some(out.0.clone()),
         bin_dir: None,
         command: "cargo xtask bench overlay --backend vxlan --quick".into(),
+        ..BenchOptions::default()
     };
     let outcome = bench::run(&opts).expect("bench overlay --quick");
     assert_eq!(outcome.dir, out.0);

@@ -1,10 +1,13 @@
 //! `cargo xtask rig`'s lifecycle through the real binary: `up` leaves a cluster running after it
-//! exits, `exec` reaches nodes and pods and passes exit codes through, `status` reports, and
-//! `down` leaves nothing behind — also after the rig's processes were `kill -9`ed, and after
-//! `up` itself was killed half-way.
+//! exits (twilld with the eBPF proxy, pods made by twill-cni answering their names, the sample
+//! Service), `exec` reaches nodes and pods (in the node's cgroup) and passes exit codes through,
+//! `status` reports nodes, pods, leases and the Service, and `down` leaves nothing behind — no
+//! namespace, process, pin, cgroup or file — also after the rig's processes were `kill -9`ed, and
+//! after `up` itself was killed half-way.
 //!
-//! Privileged; uses the debug `twilld` in `target/debug/` (`cargo xtask test` builds it). Each
-//! test names its rig by id, so tests (and other engineers' rigs) never touch each other's.
+//! Privileged; uses the debug `twilld`, `twill-cni` and `twill-probe` in `target/debug/`
+//! (`cargo xtask test` builds them). Each test names its rig by id, so tests (and other
+//! engineers' rigs) never touch each other's.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -29,6 +32,18 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Takes a detached rig down when the test ends, pass or fail (`rig down` of a rig already
+/// down is a no-op error, ignored).
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if RigState::load(&self.0).is_ok() {
+            let _ = xtask(&["rig", "down", "--id", &self.0]);
+        }
+    }
 }
 
 fn assert_gone(id: &str) {
@@ -68,6 +83,7 @@ fn up_exec_status_down_leaves_nothing() {
         return;
     }
     let id = up("2");
+    let _down = Down(id.clone());
     let state = RigState::load(&id).unwrap();
     assert!(state.detached, "up must leave a detached rig");
     // The owner (the xtask process) is gone, yet a sweep leaves the rig alone.
@@ -84,12 +100,51 @@ fn up_exec_status_down_leaves_nothing() {
     assert!(status.status.success(), "{status_text}");
     assert!(status_text.contains("twilld running"), "{status_text}");
     assert!(status_text.contains("n1p1"), "{status_text}");
+    assert!(status_text.contains("proxy mode ebpf"), "{status_text}");
+    assert!(status_text.contains("responder running"), "{status_text}");
+    assert!(status_text.contains("leases in etcd (2)"), "{status_text}");
+    assert!(
+        status_text.contains("service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080"),
+        "{status_text}"
+    );
+    // twilld's own view of the service source.
+    assert!(status_text.contains("10.96.0.10"), "{status_text}");
+    assert!(
+        state.cgroups.iter().all(|c| c.is_dir()),
+        "{:?}",
+        state.cgroups
+    );
+
+    // The sample Service answers from a pod, with the name of one of its endpoints (busybox
+    // wget, as a user would; the command runs in the node's cgroup, so socket-LB picks).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let get = xtask(&[
+            "rig",
+            "exec",
+            "--id",
+            &id,
+            "n2p1",
+            "--",
+            "timeout",
+            "5",
+            "busybox",
+            "wget",
+            "-qO-",
+            "http://10.96.0.10/",
+        ]);
+        assert!(get.status.success(), "{}", text(&get));
+        let who = String::from_utf8_lossy(&get.stdout).trim().to_string();
+        assert!(["n1p1", "n2p1"].contains(&who.as_str()), "answer {who:?}");
+        seen.insert(who);
+    }
+    assert!(!seen.is_empty());
 
     // Node 1's pod reaches node 2's pod (address from the status listing).
     let peer = status_text
         .lines()
         .find(|l| l.trim_start().starts_with("n2p1"))
-        .and_then(|l| l.split_whitespace().last())
+        .and_then(|l| l.split_whitespace().nth(2))
         .unwrap_or_else(|| panic!("no n2p1 in {status_text}"))
         .to_string();
     let ping = xtask(&[
@@ -105,13 +160,82 @@ fn up_exec_status_down_leaves_nothing() {
     assert_gone(&id);
 }
 
+/// `--proxy-mode iptables` (a dataplane of another branch) either comes up with a working
+/// Service, or is refused up front with twilld's reason — and never leaves anything behind.
+#[test]
+fn a_proxy_mode_twilld_does_not_know_is_refused_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let before: Vec<String> = RigState::list()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let out = xtask(&[
+        "rig",
+        "up",
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "1",
+        "--proxy-mode",
+        "iptables",
+        "--debug",
+        "--no-build",
+    ]);
+    let all = text(&out);
+    if out.status.success() {
+        assert!(all.contains("proxy mode iptables"), "{all}");
+        assert!(all.contains("service default/echo"), "{all}");
+        let id = all
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("xtask: rig ")?
+                    .split_once(" up in ")
+                    .map(|(id, _)| id)
+            })
+            .unwrap()
+            .to_string();
+        let _down = Down(id.clone());
+        let down = xtask(&["rig", "down", "--id", &id]);
+        assert!(down.status.success(), "{}", text(&down));
+        assert_gone(&id);
+    } else {
+        assert!(
+            all.contains("does not support --proxy-mode iptables"),
+            "the refusal must name the mode:\n{all}"
+        );
+        let new: Vec<String> = RigState::list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .filter(|id| !before.contains(id))
+            .collect();
+        for id in &new {
+            // Another test's rig may be coming up meanwhile: only ours (owned by no one) counts.
+            let s = RigState::load(id);
+            assert!(
+                s.is_err() || s.unwrap().owner_alive(),
+                "a refused rig up left rig {id}"
+            );
+        }
+    }
+}
+
 #[test]
 fn down_after_kill_9_of_the_rig_processes() {
     if !require_root() {
         return;
     }
     let id = up("1");
+    let _down = Down(id.clone());
     let state = RigState::load(&id).unwrap();
+    assert!(
+        state.pids.iter().any(|p| p.what.starts_with("responder")),
+        "{:?}",
+        state.pids
+    );
     for rec in &state.pids {
         let _ = kill(Pid::from_raw(rec.pid), Signal::SIGKILL);
     }

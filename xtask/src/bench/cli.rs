@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 
 use super::{Backend, BenchOptions, Which};
+use crate::cluster::ProxyMode;
 use crate::util::{cargo, step, target_dir};
 
 /// `--backend`: one backend or all of them.
@@ -42,6 +43,39 @@ impl BackendArg {
     }
 }
 
+/// `--mode`: one service proxy mode or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// eBPF socket-level LB + tc.
+    Ebpf,
+    /// nftables verdict maps.
+    Nftables,
+    /// iptables.
+    Iptables,
+    /// ebpf, nftables and iptables (what twilld does not accept is reported unavailable).
+    All,
+}
+
+impl ModeArg {
+    fn modes(self) -> Vec<ProxyMode> {
+        match self {
+            ModeArg::Ebpf => vec![ProxyMode::Ebpf],
+            ModeArg::Nftables => vec![ProxyMode::Nftables],
+            ModeArg::Iptables => vec![ProxyMode::Iptables],
+            ModeArg::All => ProxyMode::SERVICE_MODES.to_vec(),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ModeArg::Ebpf => "ebpf",
+            ModeArg::Nftables => "nftables",
+            ModeArg::Iptables => "iptables",
+            ModeArg::All => "all",
+        }
+    }
+}
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -51,6 +85,9 @@ pub struct BenchArgs {
     /// Overlay backend(s) to measure.
     #[arg(long, value_enum, default_value_t = BackendArg::All)]
     pub backend: BackendArg,
+    /// Service proxy mode(s) the services benchmark measures.
+    #[arg(long, value_enum, default_value_t = ModeArg::All)]
+    pub mode: ModeArg,
     /// Short runs and few samples (a smoke run; figures are rougher).
     #[arg(long)]
     pub quick: bool,
@@ -71,11 +108,13 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The command line that reproduces this run.
     pub fn command(&self) -> String {
-        let mut cmd = format!(
-            "cargo xtask bench {} --backend {}",
-            self.which.as_str(),
-            self.backend.as_str()
-        );
+        let mut cmd = format!("cargo xtask bench {}", self.which.as_str());
+        if matches!(self.which, Which::Overlay | Which::All) {
+            let _ = write!(cmd, " --backend {}", self.backend.as_str());
+        }
+        if matches!(self.which, Which::Services | Which::All) {
+            let _ = write!(cmd, " --mode {}", self.mode.as_str());
+        }
         if self.quick {
             cmd.push_str(" --quick");
         }
@@ -109,6 +148,10 @@ pub fn main(args: &BenchArgs) -> Result<()> {
             "twill-cni",
             "--bin",
             "twill-cni",
+            "-p",
+            "twill-probe",
+            "--bin",
+            "twill-probe",
         ]);
         if !args.debug {
             build.arg("--release");
@@ -118,6 +161,7 @@ pub fn main(args: &BenchArgs) -> Result<()> {
     let opts = BenchOptions {
         which: args.which,
         backends: args.backend.backends(),
+        modes: args.mode.modes(),
         quick: args.quick,
         reps: usize::from(args.reps),
         out_dir: args.out.clone(),

@@ -5,9 +5,7 @@
 //! - Every benchmark is a [`Benchmark`]: it gets a [`Context`] (options, progress display, the
 //!   twilld binary) and returns a [`report::Section`]. The runner owns everything around it:
 //!   machine facts, the report directory, plots, the terminal table, `results.json` and the
-//!   sanity check. A benchmark plugs in as one module and one line in [`benchmark`] (`cni` did;
-//!   `services` and `control-plane` will once their dataplanes exist); until then `bench all`
-//!   says they were skipped and why.
+//!   sanity check. A benchmark plugs in as one module and one line in [`benchmark`].
 //! - Benchmarks are not timed tests (STYLE.md): a missed target is reported, not a failure. A run
 //!   fails only when it could not measure (a rig that does not come up, a tool that errors) or
 //!   when its numbers are not sane (zero, NaN) — what the CI smoke run checks.
@@ -17,11 +15,13 @@
 
 pub mod cli;
 pub mod cni;
+pub mod control_plane;
 pub mod machine;
 pub mod overlay;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod services;
 pub mod stats;
 
 use std::fmt;
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use self::progress::Progress;
 use self::report::{Report, SCHEMA, Section};
+use crate::cluster::ProxyMode;
 
 /// An overlay backend, as in the network config's `Backend.Type`.
 #[derive(
@@ -84,11 +85,13 @@ pub enum Which {
     /// Pod-to-pod throughput and latency per backend vs the hand-built kernel baseline, and
     /// lease-to-programmed latency.
     Overlay,
-    /// Service connection rate per proxy mode (comes with the service dataplanes).
+    /// Service connection rate vs number of services per proxy mode and vs direct pod IP, full
+    /// and one-change sync latency, hand-written nft/iptables rules as baselines.
     Services,
-    /// CNI ADD/DEL vs the reference plugins (comes with the CNI plugin).
+    /// CNI ADD/DEL vs the reference plugins.
     Cni,
-    /// 1000 nodes' leases and 10k services into one twilld (comes with the service dataplanes).
+    /// 1000 nodes' leases and 10k services × 10 endpoints into one twilld: time to programmed,
+    /// memory.
     ControlPlane,
     /// Everything that exists.
     All,
@@ -122,6 +125,9 @@ pub struct BenchOptions {
     pub which: Which,
     /// The backends the overlay benchmark measures.
     pub backends: Vec<Backend>,
+    /// The proxy modes the services benchmark measures (those twilld does not accept are
+    /// reported unavailable).
+    pub modes: Vec<ProxyMode>,
     /// Short durations and few samples (CI smoke runs, a quick look).
     pub quick: bool,
     /// Repetitions (default 3; at least 3 give a median worth the name).
@@ -139,6 +145,7 @@ impl Default for BenchOptions {
         BenchOptions {
             which: Which::All,
             backends: Backend::ALL.to_vec(),
+            modes: ProxyMode::SERVICE_MODES.to_vec(),
             quick: false,
             reps: 3,
             out_dir: None,
@@ -169,9 +176,9 @@ pub trait Benchmark {
 pub fn benchmark(which: Which) -> Result<Box<dyn Benchmark>, &'static str> {
     match which {
         Which::Overlay => Ok(Box::new(overlay::Overlay)),
-        Which::Services => Err("the service dataplanes (iptables, nftables, eBPF) are not in yet"),
+        Which::Services => Ok(Box::new(services::Services)),
         Which::Cni => Ok(Box::new(cni::Cni)),
-        Which::ControlPlane => Err("it needs the service dataplanes, which are not in yet"),
+        Which::ControlPlane => Ok(Box::new(control_plane::ControlPlane)),
         Which::All => Err("`all` is not a single benchmark"),
     }
 }
@@ -281,6 +288,72 @@ pub fn run(opts: &BenchOptions) -> Result<Outcome> {
     Ok(Outcome { dir, report })
 }
 
+/// The last `n` lines of a twilld log worth reading in an error: ANSI colours removed, and
+/// without the lines of a backtrace (with `RUST_BACKTRACE` set, an agent that fails to start
+/// ends its log with dozens of frames that would push the error itself out of the tail).
+pub fn log_tail(text: &str, n: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut in_backtrace = false;
+    for line in text.lines() {
+        let plain = strip_ansi(line);
+        let t = plain.trim_start();
+        if t.starts_with("Stack backtrace:") {
+            in_backtrace = true;
+            continue;
+        }
+        if t.starts_with("====") {
+            in_backtrace = false;
+        }
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(num, _)| !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()))
+            || t.starts_with("at ");
+        if in_backtrace && (frame || t.is_empty()) {
+            continue;
+        }
+        in_backtrace = false;
+        lines.push(plain);
+    }
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last line of a twilld log saying its service loop cannot program (a failed list of the
+/// store, a failed apply, the loop stopped), without colours; `None` when there is none. A
+/// benchmark waiting for services to be programmed stops at such a line instead of waiting out
+/// its timeout: twilld retries forever, so the wait could never end well.
+pub fn service_failure(log: &str) -> Option<String> {
+    const SIGNS: [&str; 3] = [
+        "listing services failed",
+        "service dataplane sync failed",
+        "service loop stopped",
+    ];
+    log.lines()
+        .rev()
+        .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(strip_ansi)
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Writes `report.md` and `results.json` into `dir`.
 pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
     let md = dir.join("report.md");
@@ -291,7 +364,7 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
 }
 
 /// The twilld binary the rigs will run (checked to exist, so a missing build fails up front).
-fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
     let dir = match (bin_dir, std::env::var_os("TWILL_BIN_DIR")) {
         (Some(d), _) => d.to_path_buf(),
         (None, Some(d)) => PathBuf::from(d),
@@ -313,4 +386,33 @@ fn twilld_path(bin_dir: Option<&Path>) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_tails_skip_backtraces_and_colours() {
+        let log = "==== twill-rig: starting twilld\n\
+                   \u{1b}[2m2026\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m pin link /x/tc_flannel.1_in\n\
+                   Error: start the service proxy\n\nCaused by:\n    pin link: EPERM\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n             at /src/x.rs:1:1\n\
+                   \n  32: _start\n";
+        let t = super::log_tail(log, 4);
+        assert_eq!(
+            t,
+            "Error: start the service proxy\n\nCaused by:\n    pin link: EPERM"
+        );
+        assert!(super::log_tail(log, 10).contains("2026 ERROR pin link"));
+    }
+
+    #[test]
+    fn spots_a_service_loop_that_cannot_program() {
+        let log = "x INFO service dataplane read back frontends=0\n\
+                   \u{1b}[33m WARN\u{1b}[0m listing services failed; keeping the dataplane as it \
+                   is error=etcd get /p/services/: decoded message length too large\n";
+        let why = super::service_failure(log).unwrap();
+        assert!(why.starts_with(" WARN listing services failed"), "{why}");
+        assert!(why.contains("too large"));
+        assert_eq!(super::service_failure("x INFO all good\n"), None);
+    }
 }

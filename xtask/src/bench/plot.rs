@@ -1,9 +1,11 @@
 //! SVG plots of benchmark results, drawn with plotters' SVG backend alone.
 //!
-//! Two shapes cover what the benchmarks show: grouped bars (a figure per configuration for twill
-//! and its baseline side by side, the whiskers spanning the repetitions' min..max) and empirical
+//! Three shapes cover what the benchmarks show: grouped bars (a figure per configuration for twill
+//! and its baseline side by side, the whiskers spanning the repetitions' min..max), empirical
 //! CDFs (a latency distribution per configuration; a CDF shows the median and the tail at once
-//! and overlays cleanly, where histograms of unequal sample counts do not). Plots are data
+//! and overlays cleanly, where histograms of unequal sample counts do not), and lines over a
+//! logarithmic x axis (a figure against a count spanning decades: connection rate against the
+//! number of services installed). Plots are data
 //! ([`Plot`]) until [`render`]: benchmarks build them without touching files, and the unit
 //! tests render them into a temporary directory.
 
@@ -19,6 +21,8 @@ pub enum Plot {
     Bars(BarChart),
     /// Empirical cumulative distributions.
     Cdf(CdfChart),
+    /// Lines with markers over a logarithmic x axis.
+    Lines(LineChart),
 }
 
 impl Plot {
@@ -27,8 +31,33 @@ impl Plot {
         match self {
             Plot::Bars(b) => &b.file,
             Plot::Cdf(c) => &c.file,
+            Plot::Lines(l) => &l.file,
         }
     }
+}
+
+/// Lines with markers (and min–max whiskers) over a logarithmic x axis; y starts at zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineChart {
+    /// File name.
+    pub file: String,
+    /// Caption.
+    pub title: String,
+    /// X axis description (with unit).
+    pub x_label: String,
+    /// Y axis description (with unit).
+    pub y_label: String,
+    /// One line per series.
+    pub series: Vec<Line>,
+}
+
+/// One line of a [`LineChart`]: points `(x, bar)`, x positive; a single point draws a marker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    /// Legend entry.
+    pub name: String,
+    /// Points, in x order.
+    pub points: Vec<(f64, Bar)>,
 }
 
 /// Bars for each group (x) and series (colour).
@@ -100,6 +129,7 @@ pub fn render(plot: &Plot, dir: &Path) -> Result<PathBuf> {
     match plot {
         Plot::Bars(b) => draw_bars(b, &path),
         Plot::Cdf(c) => draw_cdf(c, &path),
+        Plot::Lines(l) => draw_lines(l, &path),
     }
     .with_context(|| format!("draw {}", path.display()))?;
     Ok(path)
@@ -246,20 +276,7 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
         .map_err(err)?;
     for (i, (name, samples)) in chart.series.iter().enumerate() {
         let c = colour(i);
-        let sorted = super::stats::sorted(samples);
-        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
-        let n = sorted.len() as f64;
-        let points: Vec<(f64, f64)> = sorted
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite() && **v > 0.0)
-            .flat_map(|(k, v)| {
-                #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
-                let k = k as f64;
-                // A step: up at each sample.
-                [(*v, k / n), (*v, (k + 1.0) / n)]
-            })
-            .collect();
+        let points = cdf_points(samples);
         ctx.draw_series(LineSeries::new(points, c.stroke_width(2)))
             .map_err(err)?
             .label(name.clone())
@@ -273,6 +290,123 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
         .draw()
         .map_err(err)?;
     root.present().map_err(err)
+}
+
+fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let points = || {
+        chart
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
+    };
+    let x_lo = points().map(|(x, _)| *x).fold(f64::INFINITY, f64::min);
+    let x_hi = points().map(|(x, _)| *x).fold(0.0_f64, f64::max);
+    let (mut x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo {
+        (x_lo / 1.5, x_hi * 1.5)
+    } else if x_lo.is_finite() {
+        (x_lo / 2.0, x_lo * 2.0)
+    } else {
+        (1.0, 10.0)
+    };
+    if 10f64.powf(x_lo.log10().ceil()) > x_hi {
+        x_lo = 10f64.powf(x_lo.log10().floor());
+    }
+    let y_top = points()
+        .map(|(_, b)| b.high.max(b.value))
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max);
+    let y_max = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_max)
+        .map_err(err)?;
+    ctx.configure_mesh()
+        .x_desc(&chart.x_label)
+        .y_desc(&chart.y_label)
+        .x_label_formatter(&|x| log_label(*x))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (i, series) in chart.series.iter().enumerate() {
+        let c = colour(i);
+        let pts: Vec<(f64, Bar)> = series
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
+            .collect();
+        ctx.draw_series(LineSeries::new(
+            pts.iter().map(|(x, b)| (*x, b.value)),
+            c.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label(series.name.clone())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        ctx.draw_series(
+            pts.iter()
+                .map(|(x, b)| Circle::new((*x, b.value), 4, c.filled())),
+        )
+        .map_err(err)?;
+        ctx.draw_series(
+            pts.iter()
+                .filter(|(_, b)| b.high > b.low)
+                .map(|(x, b)| PathElement::new(vec![(*x, b.low), (*x, b.high)], c.stroke_width(1))),
+        )
+        .map_err(err)?;
+    }
+    ctx.configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// At most this many steps per CDF line: beyond it a line is drawn through evenly spaced ranks
+/// (the smallest and largest samples always included), which no eye can tell from every step
+/// but keeps an SVG of 10k samples small.
+const CDF_MAX_STEPS: usize = 800;
+
+/// The step line of the empirical CDF of `samples` (finite, positive ones), as `(x, fraction)`.
+fn cdf_points(samples: &[f64]) -> Vec<(f64, f64)> {
+    let sorted: Vec<f64> = super::stats::sorted(samples)
+        .into_iter()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let ranks: Vec<usize> = if n <= CDF_MAX_STEPS {
+        (0..n).collect()
+    } else {
+        let mut r: Vec<usize> = (0..CDF_MAX_STEPS)
+            .map(|i| i * (n - 1) / (CDF_MAX_STEPS - 1))
+            .collect();
+        r.dedup();
+        r
+    };
+    #[expect(clippy::cast_precision_loss, reason = "sample counts far below 2^52")]
+    let total = n as f64;
+    let mut points = Vec::with_capacity(2 * ranks.len());
+    let mut below = 0.0;
+    for k in ranks {
+        #[expect(clippy::cast_precision_loss, reason = "sample counts far below 2^52")]
+        let at = (k + 1) as f64 / total;
+        // A step: up at each (kept) sample.
+        points.push((sorted[k], below));
+        points.push((sorted[k], at));
+        below = at;
+    }
+    points
 }
 
 /// A log axis label: 1, 2 and 5 times a power of ten, without trailing zeros; nothing for the
@@ -293,6 +427,20 @@ fn log_label(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cdf_lines_are_steps_and_stay_small() {
+        assert_eq!(
+            cdf_points(&[2.0, 1.0, f64::NAN, 0.0]),
+            [(1.0, 0.0), (1.0, 0.5), (2.0, 0.5), (2.0, 1.0)]
+        );
+        let many: Vec<f64> = (1..=10_000).map(f64::from).collect();
+        let p = cdf_points(&many);
+        assert!(p.len() <= 2 * CDF_MAX_STEPS, "{}", p.len());
+        assert_eq!(p.first(), Some(&(1.0, 0.0)));
+        assert_eq!(p.last(), Some(&(10_000.0, 1.0)));
+        assert!(p.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
 
     #[test]
     fn log_axis_labels() {
@@ -350,7 +498,47 @@ mod tests {
                 ("kernel".into(), vec![0.04, 0.05]),
             ],
         });
-        for plot in [bars, cdf] {
+        let lines = Plot::Lines(LineChart {
+            file: "lines.svg".into(),
+            title: "Rate".into(),
+            x_label: "services".into(),
+            y_label: "conn/s".into(),
+            series: vec![
+                Line {
+                    name: "twill".into(),
+                    points: vec![
+                        (
+                            1.0,
+                            Bar {
+                                value: 8000.0,
+                                low: 7900.0,
+                                high: 8100.0,
+                            },
+                        ),
+                        (
+                            30_000.0,
+                            Bar {
+                                value: 7900.0,
+                                low: 7900.0,
+                                high: 7900.0,
+                            },
+                        ),
+                    ],
+                },
+                Line {
+                    name: "kernel".into(),
+                    points: vec![(
+                        10_000.0,
+                        Bar {
+                            value: 5000.0,
+                            low: 5000.0,
+                            high: 5000.0,
+                        },
+                    )],
+                },
+            ],
+        });
+        for plot in [bars, cdf, lines] {
             let path = render(&plot, &dir).unwrap();
             let svg = std::fs::read_to_string(&path).unwrap();
             assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
