@@ -31,11 +31,8 @@ use twill_tests::{Pod, Rig, ns, ping, wait_for, wait_until};
 use crate::bench::Backend;
 use crate::bench::machine::{now_secs, rfc3339};
 
-/// The overlay backend of `rig up` and `demo` when none is given: host-gw, because twilld with
-/// the eBPF proxy cannot start on a VXLAN node yet — it pins a tc link named after the
-/// interface (`tc_flannel.1_in`) and bpffs refuses names with a dot (EPERM). Switch back to
-/// VXLAN once the agent's pin names are fixed.
-pub const DEFAULT_BACKEND: Backend = Backend::HostGw;
+/// The overlay backend of `rig up` and `demo` when none is given: VXLAN, flannel's default.
+pub const DEFAULT_BACKEND: Backend = Backend::Vxlan;
 
 /// How long the cluster gets to converge (subnet files, first ping, the Service answering).
 pub const UP: Duration = Duration::from_secs(30);

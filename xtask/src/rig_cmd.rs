@@ -43,7 +43,7 @@ pub enum RigCmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=200))]
         nodes: u8,
-        /// The overlay backend (vxlan with the eBPF proxy needs an agent fix, see DEFAULT_BACKEND).
+        /// The overlay backend.
         #[arg(long, value_enum, default_value_t = cluster::DEFAULT_BACKEND)]
         backend: Backend,
         /// Pods on every node.

@@ -1,9 +1,7 @@
 //! The CI smoke run of `cargo xtask bench control-plane` (issue 7): a `--quick` run (50 nodes'
 //! leases and 100 services × 10 endpoints into one twilld, two repetitions), checking that the
 //! report is written and its figures are sane, and that twilld really programmed every peer and
-//! every service. It runs the host-gw backend: twilld cannot run the eBPF proxy on a VXLAN node
-//! yet (it pins a tc link named after `flannel.1`, and bpffs refuses dots in names); the full
-//! benchmark's default is VXLAN.
+//! every service, on the VXLAN backend with the eBPF proxy (as the full benchmark).
 //!
 //! Privileged: under CI a non-root run fails. About 10 s.
 
@@ -38,11 +36,11 @@ fn quick_control_plane_run_writes_a_sane_report() {
     let out = TempDir::new("bench-control-plane-smoke");
     let opts = BenchOptions {
         which: Which::ControlPlane,
-        backends: vec![Backend::HostGw],
+        backends: vec![Backend::Vxlan],
         quick: true,
         reps: 2,
         out_dir: Some(out.0.clone()),
-        command: "cargo xtask bench control-plane --backend host-gw --quick --reps 2".into(),
+        command: "cargo xtask bench control-plane --backend vxlan --quick --reps 2".into(),
         ..BenchOptions::default()
     };
     let outcome = bench::run(&opts).expect("bench control-plane --quick");

@@ -801,10 +801,12 @@ impl EbpfLb {
             .map_err(map_err("update", MAP_CONFIG, 0))
     }
 
+    /// Where the link of `iface`'s `tag` attachment is pinned. bpffs refuses names with a dot
+    /// (`flannel.1`), so dots become underscores.
     fn tc_pin(&self, iface: &TcIface, tag: &str) -> PathBuf {
         self.pin_dir
             .join(LINKS_DIR)
-            .join(format!("tc_{}_{tag}", iface.name))
+            .join(format!("tc_{}_{tag}", iface.name.replace('.', "_")))
     }
 
     /// The pin directory.
@@ -1122,21 +1124,27 @@ impl EbpfLb {
             remove(&mut self.maps.affinity, MAP_AFFINITY, key)?;
         }
         // Sockets socket-LB connected to a removed backend (see `sockdiag`): the node's own
-        // connected UDP would keep sending there. Failing to abort them is logged, not fatal:
-        // the maps are already right.
-        let cookies: BTreeSet<u64> = self
-            .maps
-            .sock
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| gone.contains(&(k.addr, k.family, k.port)))
-            .map(|(k, _)| k.cookie)
-            .collect();
+        // connected UDP would keep sending there. The node's connected UDP sockets are few, the
+        // socket map may hold an entry per TCP connection too: list the sockets and look each
+        // candidate up, never iterate the map. Failing to abort them is logged, not fatal: the
+        // maps are already right.
         let peers: BTreeSet<(IpAddr, u16)> = stale.iter().map(|s| (s.ip, s.port)).collect();
-        let sockets = match sockdiag::destroy_udp(&cookies, &peers) {
+        let sock_map = &self.maps.sock;
+        let balanced = |cookie: u64, (ip, port): (IpAddr, u16)| {
+            let (addr, family) = encode_addr(ip);
+            let key = SockKey {
+                cookie,
+                addr,
+                port: port.to_be(),
+                family,
+                pad: [0; 5],
+            };
+            sock_map.get(&key, 0).is_ok()
+        };
+        let sockets = match sockdiag::destroy_udp(&peers, balanced) {
             Ok(done) => done.sockets,
             Err(err) => {
-                warn!(error = %err, candidates = cookies.len(), "abort UDP sockets connected to removed backends (sock_diag SOCK_DESTROY)");
+                warn!(error = %err, "abort UDP sockets connected to removed backends (sock_diag SOCK_DESTROY)");
                 0
             }
         };

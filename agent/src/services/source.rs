@@ -225,23 +225,41 @@ impl EtcdServiceStore {
 impl ServiceStore for EtcdServiceStore {
     async fn list(&self) -> Result<Listing, SourceError> {
         let prefix = services_prefix(&self.prefix);
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd("get", &prefix))?;
-        let mut out = Listing {
-            revision: resp
-                .header()
-                .map_or(0, etcd_client::ResponseHeader::revision),
-            ..Listing::default()
-        };
-        for kv in resp.kvs() {
-            match self.decode_kv(kv) {
-                Some((_, Ok(o))) => out.objects.push(o),
-                Some((k, Err(e))) => out.invalid.push((self.key(&k), e)),
-                None => {}
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut start = prefix.as_bytes().to_vec();
+        let mut out = Listing::default();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+            if out.revision > 0 {
+                opts = opts.with_revision(out.revision);
+            }
+            let resp = self
+                .client
+                .clone()
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(etcd("get", &prefix))?;
+            if out.revision == 0 {
+                out.revision = resp
+                    .header()
+                    .map_or(0, etcd_client::ResponseHeader::revision);
+            }
+            for kv in resp.kvs() {
+                match self.decode_kv(kv) {
+                    Some((_, Ok(o))) => out.objects.push(o),
+                    Some((k, Err(e))) => out.invalid.push((self.key(&k), e)),
+                    None => {}
+                }
+            }
+            match resp.kvs().last() {
+                Some(kv) if resp.more() => {
+                    start = kv.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
             }
         }
         Ok(out)

@@ -9,9 +9,11 @@
 //! like any UDP client that handles errors (resolvers do), opens a new socket, which socket-LB
 //! sends to a live backend. Cilium terminates such sockets the same way.
 //!
-//! Only sockets that socket-LB connected to the removed backend are aborted: their cookies come
-//! from `TWL_LB_SOCK`, and each is matched on its destination too, so a socket that connected to
-//! the backend's address directly is never touched. TCP is left alone, as kube-proxy leaves it:
+//! Only sockets that socket-LB connected to the removed backend are aborted: the node's
+//! connected UDP sockets to that backend are listed, and only those whose cookie and peer have
+//! an entry in `TWL_LB_SOCK` are aborted, so a socket that connected to the backend's address
+//! directly is never touched. (The map is looked up per candidate, never iterated: it holds an
+//! entry per socket-LB TCP connection too, and one endpoint change must stay cheap.) TCP is left alone, as kube-proxy leaves it:
 //! the backend's own reset or the application's timeout ends it.
 //!
 //! The messages are encoded and decoded by pure functions (unit tested); [`destroy_udp`] is the
@@ -291,14 +293,15 @@ pub struct Destroyed {
     pub gone: usize,
 }
 
-/// Aborts every connected UDP socket of the calling thread's network namespace whose cookie is
-/// in `cookies` and whose peer is in `peers`. A socket closed in the meantime is not an error.
+/// Aborts every connected UDP socket of the calling thread's network namespace whose peer is in
+/// `peers` and for which `balanced(cookie, peer)` holds (socket-LB connected it there). A socket
+/// closed in the meantime is not an error.
 pub fn destroy_udp(
-    cookies: &BTreeSet<u64>,
     peers: &BTreeSet<(IpAddr, u16)>,
+    balanced: impl Fn(u64, (IpAddr, u16)) -> bool,
 ) -> io::Result<Destroyed> {
     let mut done = Destroyed::default();
-    if cookies.is_empty() {
+    if peers.is_empty() {
         return Ok(done);
     }
     let sock = DiagSocket::open()?;
@@ -308,7 +311,10 @@ pub fn destroy_udp(
         let victims: Vec<SockId> = sock
             .dump(family, seq)?
             .into_iter()
-            .filter(|id| cookies.contains(&id.cookie) && peers.contains(&peer(id)))
+            .filter(|id| {
+                let p = peer(id);
+                peers.contains(&p) && balanced(id.cookie, p)
+            })
             .collect();
         for id in victims {
             seq += 1;
