@@ -18,8 +18,11 @@
 //! dataplane, resync, metrics))`; `metrics.render()` is appended to `/metrics`.
 
 pub mod cli;
+pub mod conntrack;
 pub mod desired;
 pub mod lb;
 pub mod maglev;
 pub mod model;
+pub mod nfnl;
+pub mod nft;
 pub mod source;
