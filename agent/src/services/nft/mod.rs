@@ -39,13 +39,14 @@ use tracing::{debug, info, warn};
 
 use self::expr::{VERDICT_GOTO, data_verdict, decode, decode_verdict};
 use self::render::{
-    ChainDef, Mirror, Op, Programmed, Record, RecordSet, Rule, SetDef, TABLE, affinity_set_id,
-    chain_id, frontend_rules, hairpin_counts, hairpin_key, hairpin_set,
-    parse_backend_comment, parse_comment, parse_hairpin_key, parse_key, record, static_chains,
-    static_sets,
+    ChainDef, Class, ElemData, Mirror, Op, PICK, Programmed, Record, RecordSet, Rule, SetData,
+    SetDef, TABLE, affinity_rules, affinity_set_id, backend_map, chain_id, counts,
+    hairpin_key, hairpin_set, local_key, local_set, parse_backend_comment, parse_comment,
+    parse_hairpin_key, parse_key, parse_local_key, parse_slot_key, parse_slot_value, record,
+    static_chains, static_sets,
 };
 use super::conntrack;
-use super::lb::{BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService, MAGLEV_M};
+use super::lb::{Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService, MAGLEV_M};
 use super::maglev;
 use super::nfnl::{
     Attr, Batch, F_APPEND, F_CREATE, Msg, MsgBuf, NfSocket, NfnlError, SUBSYS_NFTABLES,
@@ -91,6 +92,7 @@ const SET_FLAGS: u16 = 3;
 const SET_KEY_TYPE: u16 = 4;
 const SET_KEY_LEN: u16 = 5;
 const SET_DATA_TYPE: u16 = 6;
+const SET_DATA_LEN: u16 = 7;
 const SET_DESC: u16 = 9;
 const SET_ID: u16 = 10;
 const SET_TIMEOUT: u16 = 11;
@@ -171,19 +173,25 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                 set_id += 1;
                 encode_set(&mut b, table, s, set_id);
             }
-            Op::DelSet(name) => b.push(MSG_DELSET, 0, NFPROTO_INET, format!("delete set {name}"), |m| {
-                m.str(SET_TABLE, table);
-                m.str(SET_NAME, name);
-            }),
+            Op::DelSet(name) => {
+                b.push(MSG_DELSET, 0, NFPROTO_INET, format!("delete set {name}"), |m| {
+                    m.str(SET_TABLE, table);
+                    m.str(SET_NAME, name);
+                });
+            }
             Op::AddChain(c) => encode_chain(&mut b, table, c),
-            Op::FlushChain(c) => b.push(MSG_DELRULE, 0, NFPROTO_INET, format!("flush chain {c}"), |m| {
-                m.str(RULE_TABLE, table);
-                m.str(RULE_CHAIN, c);
-            }),
-            Op::DelChain(c) => b.push(MSG_DELCHAIN, 0, NFPROTO_INET, format!("delete chain {c}"), |m| {
-                m.str(CHAIN_TABLE, table);
-                m.str(CHAIN_NAME, c);
-            }),
+            Op::FlushChain(c) => {
+                b.push(MSG_DELRULE, 0, NFPROTO_INET, format!("flush chain {c}"), |m| {
+                    m.str(RULE_TABLE, table);
+                    m.str(RULE_CHAIN, c);
+                });
+            }
+            Op::DelChain(c) => {
+                b.push(MSG_DELCHAIN, 0, NFPROTO_INET, format!("delete chain {c}"), |m| {
+                    m.str(CHAIN_TABLE, table);
+                    m.str(CHAIN_NAME, c);
+                });
+            }
             Op::AddRule { chain, rule } => b.push(
                 MSG_NEWRULE,
                 F_CREATE | F_APPEND,
@@ -201,7 +209,7 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
             Op::AddElem {
                 set,
                 key,
-                chain,
+                data,
                 comment,
             } => b.push(
                 MSG_NEWSETELEM,
@@ -210,8 +218,14 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                 format!("add element to {set}"),
                 |m| {
                     elem_list(m, table, set, key, |m| {
-                        if let Some(c) = chain {
-                            data_verdict(m, ELEM_DATA, VERDICT_GOTO, Some(c));
+                        match data {
+                            ElemData::None => {}
+                            ElemData::Goto(c) => data_verdict(m, ELEM_DATA, VERDICT_GOTO, Some(c)),
+                            ElemData::Value(v) => {
+                                m.nest(ELEM_DATA);
+                                m.attr(DATA_VALUE, v);
+                                m.nest_end();
+                            }
                         }
                         if let Some(c) = comment {
                             m.attr(ELEM_USERDATA, &comment_udata(c));
@@ -251,8 +265,13 @@ fn encode_set(b: &mut Batch, table: &str, s: &SetDef, id: u32) {
         m.u32_be(SET_FLAGS, s.flags);
         m.u32_be(SET_KEY_TYPE, s.key_type);
         m.u32_be(SET_KEY_LEN, s.key_len);
-        if s.verdict_map {
-            m.u32_be(SET_DATA_TYPE, render::DATA_VERDICT_TYPE);
+        match s.data {
+            SetData::None => {}
+            SetData::Verdict => m.u32_be(SET_DATA_TYPE, render::DATA_VERDICT_TYPE),
+            SetData::Value(ty, len) => {
+                m.u32_be(SET_DATA_TYPE, ty);
+                m.u32_be(SET_DATA_LEN, len);
+            }
         }
         m.u32_be(SET_ID, id);
         if let Some(t) = s.timeout_ms {
@@ -303,15 +322,23 @@ struct DumpedSet {
     key_len: u32,
 }
 
+/// An element as dumped: key, data, comment.
+type Elem = (Vec<u8>, ElemData, Option<String>);
+
 /// Everything in the table, as dumped.
 #[derive(Debug, Default)]
 struct Dump {
     sets: BTreeMap<String, DumpedSet>,
     chains: BTreeSet<String>,
     rules: BTreeMap<String, Vec<Rule>>,
-    /// Record set -> (key, goto chain, comment).
-    records: BTreeMap<RecordSet, Vec<(Vec<u8>, Option<String>, Option<String>)>>,
-    hairpin: BTreeSet<IpAddr>,
+    /// Elements of every static set, by set name.
+    elems: BTreeMap<String, Vec<Elem>>,
+}
+
+impl Dump {
+    fn elems(&self, set: &str) -> &[Elem] {
+        self.elems.get(set).map_or(&[][..], Vec::as_slice)
+    }
 }
 
 /// The nftables service dataplane.
@@ -461,30 +488,20 @@ impl NftLb {
                 .or_default()
                 .push(Rule { exprs, comment });
         }
-        for rs in RecordSet::ALL {
-            if !d.sets.contains_key(rs.name()) {
-                continue;
-            }
-            let elems = self.dump_elems(rs.name())?;
-            d.records.insert(rs, elems);
-        }
-        for v6 in [false, true] {
-            if d.sets.contains_key(hairpin_set(v6)) {
-                for (k, _, _) in self.dump_elems(hairpin_set(v6))? {
-                    if let Some(ip) = parse_hairpin_key(&k) {
-                        d.hairpin.insert(ip);
-                    }
-                }
-            }
+        let names: Vec<String> = static_sets()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| d.sets.contains_key(n))
+            .chain(d.sets.keys().filter(|n| Class::from_set(n).is_some()).cloned())
+            .collect();
+        for name in names {
+            let elems = self.dump_elems(&name)?;
+            d.elems.insert(name, elems);
         }
         Ok(Some(d))
     }
 
-    #[expect(clippy::type_complexity, reason = "a local tuple: key, goto chain, comment")]
-    fn dump_elems(
-        &mut self,
-        set: &str,
-    ) -> Result<Vec<(Vec<u8>, Option<String>, Option<String>)>, NftError> {
+    fn dump_elems(&mut self, set: &str) -> Result<Vec<Elem>, NftError> {
         let msgs: Vec<Msg> = self
             .sock
             .dump((SUBSYS_NFTABLES << 8) | MSG_GETSETELEM, NFPROTO_INET, |m| {
@@ -506,17 +523,25 @@ impl NftLb {
                 else {
                     continue;
                 };
-                let chain = match e.get(ELEM_DATA) {
-                    Some(d) => match decode_verdict(d) {
-                        Ok((VERDICT_GOTO, c)) => c,
-                        _ => Some(String::new()),
-                    },
-                    None => None,
+                let data = match e.get(ELEM_DATA) {
+                    Some(d) if d.nested().get(expr::DATA_VERDICT).is_some() => {
+                        match decode_verdict(d) {
+                            Ok((VERDICT_GOTO, Some(c))) => ElemData::Goto(c),
+                            _ => ElemData::Value(Vec::new()),
+                        }
+                    }
+                    Some(d) => ElemData::Value(
+                        d.nested()
+                            .get(DATA_VALUE)
+                            .map(|v| v.data.to_vec())
+                            .unwrap_or_default(),
+                    ),
+                    None => ElemData::None,
                 };
                 let comment = e
                     .get(ELEM_USERDATA)
                     .and_then(|u| parse_udata_comment(u.data));
-                out.push((key, chain, comment));
+                out.push((key, data, comment));
             }
         }
         Ok(out)
@@ -578,40 +603,94 @@ fn layout_ok(d: &Dump) -> bool {
 }
 
 /// Rebuilds services and the mirror from a dump; lists the operations that repair what twill
-/// did not write (stray chains and sets, damaged static chains, wrong hairpin elements, records
-/// that do not parse). Pure.
+/// did not write (stray chains, sets and elements, damaged static or pick chains, wrong
+/// hairpin/local elements, records that do not parse). Pure.
+#[expect(clippy::too_many_lines, reason = "one pass over the dump, in order")]
 fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
     let mut repairs = Vec::new();
     for (chain, rules) in static_chains() {
-        if d.rules.get(&chain.name).map_or(&[][..], Vec::as_slice) != rules.as_slice()
-            || !d.chains.contains(&chain.name)
+        let dynamic = chain.name == PICK;
+        if !d.chains.contains(&chain.name)
+            || (!dynamic
+                && d.rules.get(&chain.name).map_or(&[][..], Vec::as_slice) != rules.as_slice())
         {
             let name = chain.name.clone();
             repairs.push(Op::AddChain(chain));
-            repairs.push(Op::FlushChain(name.clone()));
-            repairs.extend(rules.into_iter().map(|rule| Op::AddRule {
-                chain: name.clone(),
-                rule,
-            }));
+            if !dynamic {
+                repairs.push(Op::FlushChain(name.clone()));
+                repairs.extend(rules.into_iter().map(|rule| Op::AddRule {
+                    chain: name.clone(),
+                    rule,
+                }));
+            }
         }
     }
     let mut mirror = Mirror::default();
+    // Classes: a set each, and one rule each in `pick`.
+    let classes: BTreeSet<Class> = d.sets.keys().filter_map(|n| Class::from_set(n)).collect();
+    let mut want: Vec<Rule> = classes.iter().map(|c| c.rule()).collect();
+    let mut have: Vec<Rule> = d.rules.get(PICK).cloned().unwrap_or_default();
+    want.sort_by(|a, b| a.comment.cmp(&b.comment));
+    have.sort_by(|a, b| a.comment.cmp(&b.comment));
+    if want != have {
+        repairs.push(Op::FlushChain(PICK.into()));
+        repairs.extend(classes.iter().map(|c| Op::AddRule {
+            chain: PICK.into(),
+            rule: c.rule(),
+        }));
+    }
+    mirror.classes = classes.clone();
+    // Backend slots, by backend map and frontend key.
+    let mut slots: BTreeMap<(&'static str, Vec<u8>), BTreeMap<u32, (IpAddr, u16)>> =
+        BTreeMap::new();
+    for v6 in [false, true] {
+        for np in [false, true] {
+            let map = backend_map(v6, np);
+            for (key, data, _) in d.elems(map) {
+                let parsed = match data {
+                    ElemData::Value(v) => parse_slot_key(key).zip(parse_slot_value(v)),
+                    _ => None,
+                };
+                match parsed {
+                    Some(((fk, slot), be)) => {
+                        slots
+                            .entry((map, fk.to_vec()))
+                            .or_default()
+                            .insert(slot, be);
+                    }
+                    None => repairs.push(Op::DelElem {
+                        set: map.into(),
+                        key: key.clone(),
+                    }),
+                }
+            }
+        }
+    }
+    let local: BTreeSet<IpAddr> = [false, true]
+        .into_iter()
+        .flat_map(|v6| d.elems(local_set(v6)).iter())
+        .filter_map(|(k, _, _)| parse_local_key(k))
+        .collect();
     let mut services = Vec::new();
     let mut used_chains = BTreeSet::new();
-    for (rs, elems) in &d.records {
-        for (key, chain, comment) in elems {
-            let fk = parse_key(*rs, key);
+    let record_sets: Vec<RecordSet> = RecordSet::STATIC
+        .into_iter()
+        .chain(classes.iter().map(|c| RecordSet::Class(*c)))
+        .collect();
+    for rs in record_sets {
+        for (key, data, comment) in d.elems(&rs.name()) {
+            let fk = parse_key(rs, key);
             let meta = comment.as_deref().and_then(parse_comment);
             let (Some(fk), Some(meta)) = (fk, meta) else {
                 repairs.push(Op::DelElem {
-                    set: rs.name().into(),
+                    set: rs.name(),
                     key: key.clone(),
                 });
                 continue;
             };
             if mirror.frontends.contains_key(&fk) {
                 repairs.push(Op::DelElem {
-                    set: rs.name().into(),
+                    set: rs.name(),
                     key: key.clone(),
                 });
                 continue;
@@ -621,14 +700,36 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
             } else {
                 BackendState::Ready
             };
-            let actual_rules = chain
+            let v6 = fk.ip.is_ipv6();
+            let chain = match data {
+                ElemData::Goto(c) => Some(c.clone()),
+                _ => None,
+            };
+            let chain_exists = chain.as_ref().filter(|c| d.chains.contains(*c)).cloned();
+            let actual_rules = chain_exists
                 .as_ref()
                 .and_then(|c| d.rules.get(c))
                 .map_or(&[][..], Vec::as_slice);
-            let backends = actual_rules
-                .iter()
-                .filter_map(|r| r.comment.as_deref())
-                .filter_map(|c| parse_backend_comment(c, state))
+            let my_slots = slots
+                .remove(&(backend_map(v6, rs.node_port()), key.clone()))
+                .unwrap_or_default();
+            let addrs: Vec<(IpAddr, u16)> = match rs {
+                RecordSet::Class(_) => my_slots.values().copied().collect(),
+                RecordSet::Aff(_) | RecordSet::AffNp(_) => actual_rules
+                    .iter()
+                    .filter_map(|r| r.comment.as_deref())
+                    .filter_map(parse_backend_comment)
+                    .collect(),
+                RecordSet::NoEp(_) | RecordSet::NoEpNp(_) => Vec::new(),
+            };
+            let backends = addrs
+                .into_iter()
+                .map(|(ip, port)| Backend {
+                    ip,
+                    port,
+                    node_local: local.contains(&ip),
+                    state,
+                })
                 .collect();
             let mut svc = LbService {
                 id: meta.id,
@@ -646,31 +747,36 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
                 internal_local: meta.internal_local,
             };
             let actual = Record {
-                set: *rs,
+                set: rs,
                 key: key.clone(),
-                chain: chain.clone(),
+                data: data.clone(),
                 comment: comment.clone().unwrap_or_default(),
             };
-            let chain_exists = chain.as_ref().filter(|c| d.chains.contains(*c)).cloned();
             let aff_sets: BTreeSet<String> = d
                 .sets
                 .keys()
                 .filter(|n| affinity_set_id(n) == Some(svc.id))
                 .cloned()
                 .collect();
+            let wanted = record(&svc);
             let wanted_sets: BTreeSet<String> = render::affinity_sets(&svc)
                 .into_iter()
                 .map(|s| s.name)
                 .collect();
-            let faithful = record(&svc) == actual
-                && chain.as_deref().is_none_or(|c| chain_id(c) == Some(svc.id))
-                && (svc.backends.is_empty() || chain_exists.is_some())
-                && frontend_rules(&svc).as_slice() == actual_rules
-                && wanted_sets == aff_sets
-                && (*rs == RecordSet::Svc(fk.ip.is_ipv6())
-                    || *rs == RecordSet::NodePort(fk.ip.is_ipv6())
-                    || svc.backends.is_empty());
-            if !faithful {
+            let slots_ok = match rs {
+                RecordSet::Class(_) => {
+                    let n = u32::try_from(my_slots.len()).unwrap_or(u32::MAX);
+                    my_slots.keys().copied().eq(0..n)
+                }
+                _ => my_slots.is_empty(),
+            };
+            let rules_ok = match rs {
+                RecordSet::Aff(_) | RecordSet::AffNp(_) => {
+                    chain_exists.is_some() && affinity_rules(&svc).as_slice() == actual_rules
+                }
+                _ => true,
+            };
+            if !(wanted == actual && slots_ok && rules_ok && wanted_sets == aff_sets) {
                 svc.name.push_str(" (drifted)");
             }
             if let Some(c) = &chain_exists {
@@ -683,12 +789,24 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
                     record: actual,
                     chain: chain_exists,
                     aff_sets,
+                    slots: my_slots,
                 },
             );
             services.push(svc);
         }
     }
-    // Stray frontend chains, then stray affinity sets (a chain's rules may reference them).
+    // Slots of no frontend.
+    for ((map, fk), stray) in slots {
+        for slot in stray.keys() {
+            let mut key = fk.clone();
+            key.extend(slot.to_ne_bytes());
+            repairs.push(Op::DelElem {
+                set: map.into(),
+                key,
+            });
+        }
+    }
+    // Stray affinity chains, then stray affinity sets (a chain's rules may reference them).
     for c in &d.chains {
         if chain_id(c).is_some() && !used_chains.contains(c) {
             repairs.push(Op::FlushChain(c.clone()));
@@ -705,25 +823,38 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
             repairs.push(Op::DelSet(s.clone()));
         }
     }
-    mirror.hairpin = hairpin_counts(mirror.frontends.values().map(|p| &p.svc));
-    for ip in mirror.hairpin.keys() {
-        if !d.hairpin.contains(ip) {
+    let (hairpin, local_counts) = counts(mirror.frontends.values().map(|p| &p.svc));
+    for (want, set, key, parse) in [
+        (
+            &hairpin,
+            hairpin_set as fn(bool) -> &'static str,
+            hairpin_key as fn(IpAddr) -> Vec<u8>,
+            parse_hairpin_key as fn(&[u8]) -> Option<IpAddr>,
+        ),
+        (&local_counts, local_set, local_key, parse_local_key),
+    ] {
+        let have: BTreeSet<IpAddr> = [false, true]
+            .into_iter()
+            .flat_map(|v6| d.elems(set(v6)).iter())
+            .filter_map(|(k, _, _)| parse(k))
+            .collect();
+        for ip in want.keys().filter(|ip| !have.contains(*ip)) {
             repairs.push(Op::AddElem {
-                set: hairpin_set(ip.is_ipv6()).into(),
-                key: hairpin_key(*ip),
-                chain: None,
+                set: set(ip.is_ipv6()).into(),
+                key: key(*ip),
+                data: ElemData::None,
                 comment: None,
             });
         }
-    }
-    for ip in &d.hairpin {
-        if !mirror.hairpin.contains_key(ip) {
+        for ip in have.iter().filter(|ip| !want.contains_key(*ip)) {
             repairs.push(Op::DelElem {
-                set: hairpin_set(ip.is_ipv6()).into(),
-                key: hairpin_key(*ip),
+                set: set(ip.is_ipv6()).into(),
+                key: key(*ip),
             });
         }
     }
+    mirror.hairpin = hairpin;
+    mirror.local = local_counts;
     services.sort_by_key(|s| s.frontend.key());
     (services, mirror, repairs)
 }
@@ -760,9 +891,10 @@ impl LbDataplane for NftLb {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::lb::{Backend, FrontendKind, Proto, plan};
+    use crate::services::lb::{FrontendKind, Proto, plan};
+    use render::slot_key;
 
-    fn svc(id: u32, ip: &str, backends: &[&str]) -> LbService {
+    fn svc(id: u32, ip: &str, backends: &[&str], affinity: bool) -> LbService {
         LbService {
             id,
             name: format!("default/s{id}"),
@@ -774,15 +906,16 @@ mod tests {
             },
             backends: backends
                 .iter()
-                .map(|b| Backend {
+                .enumerate()
+                .map(|(k, b)| Backend {
                     ip: b.parse().unwrap(),
                     port: 8080,
-                    node_local: false,
+                    node_local: k == 0,
                     state: BackendState::Ready,
                 })
                 .collect(),
             maglev: Vec::new(),
-            affinity_timeout_secs: Some(100),
+            affinity_timeout_secs: affinity.then_some(100),
             external_local: false,
             internal_local: false,
         }
@@ -829,25 +962,18 @@ mod tests {
                 Op::AddElem {
                     set,
                     key,
-                    chain,
+                    data,
                     comment,
-                } => {
-                    if let Some(rs) = RecordSet::ALL.iter().find(|r| r.name() == set) {
-                        d.records.entry(*rs).or_default().push((
-                            key.clone(),
-                            chain.clone(),
-                            comment.clone(),
-                        ));
-                    } else if let Some(ip) = parse_hairpin_key(key) {
-                        d.hairpin.insert(ip);
-                    }
-                }
+                } => d.elems.entry(set.clone()).or_default().push((
+                    key.clone(),
+                    data.clone(),
+                    comment.clone(),
+                )),
                 Op::DelElem { set, key } => {
-                    if let Some(rs) = RecordSet::ALL.iter().find(|r| r.name() == set) {
-                        d.records.entry(*rs).or_default().retain(|(k, _, _)| k != key);
-                    } else if let Some(ip) = parse_hairpin_key(key) {
-                        d.hairpin.remove(&ip);
-                    }
+                    d.elems
+                        .entry(set.clone())
+                        .or_default()
+                        .retain(|(k, _, _)| k != key);
                 }
             }
         }
@@ -856,14 +982,15 @@ mod tests {
 
     #[test]
     fn a_table_read_back_yields_the_same_services_and_no_repairs() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"]);
-        let b = svc(2, "fd00::2", &[]);
+        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
+        let b = svc(2, "fd00::2", &[], false);
+        let c = svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true);
         let mut ops = skeleton_ops();
-        let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone()], &[]));
+        let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone(), c.clone()], &[]));
         ops.extend(tx.ops.clone());
         let (services, mirror, repairs) = reconstruct(&dump_of(&ops));
         assert!(repairs.is_empty(), "{repairs:?}");
-        assert_eq!(services, vec![a.clone(), b.clone()]);
+        assert_eq!(services, vec![a.clone(), c.clone(), b.clone()]);
         let mut m = Mirror::default();
         m.commit(tx);
         assert_eq!(mirror, m);
@@ -871,12 +998,22 @@ mod tests {
 
     #[test]
     fn drift_is_detected_and_strays_are_removed() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"]);
+        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
+        let c = svc(3, "10.96.0.3", &["10.0.1.2"], true);
         let mut ops = skeleton_ops();
-        ops.extend(Mirror::default().transaction(&plan(std::slice::from_ref(&a), &[])).ops);
+        ops.extend(
+            Mirror::default()
+                .transaction(&plan(&[a.clone(), c.clone()], &[]))
+                .ops,
+        );
         let mut d = dump_of(&ops);
-        // Someone changed a rule, left a chain and a set behind, and flushed a static chain.
-        d.rules.get_mut("s1").unwrap()[2].exprs.pop();
+        // Someone removed a backend slot, changed an affinity rule, left a chain, a set and a
+        // slot behind, and flushed a static chain.
+        d.elems
+            .get_mut("be4")
+            .unwrap()
+            .retain(|(k, _, _)| *k != slot_key(&a.frontend.key(), 1));
+        d.rules.get_mut("s3").unwrap()[0].exprs.pop();
         d.chains.insert("s99".into());
         d.sets.insert(
             "a99-0a0000010050".into(),
@@ -885,10 +1022,20 @@ mod tests {
                 key_len: 4,
             },
         );
+        d.elems.get_mut("be4").unwrap().push((
+            slot_key(&svc(42, "10.96.0.42", &[], false).frontend.key(), 0),
+            ElemData::Value(render::slot_value("10.9.9.9".parse().unwrap(), 1)),
+            None,
+        ));
         d.rules.remove("nat_output");
-        d.hairpin.insert("10.9.9.9".parse().unwrap());
+        d.elems.get_mut("hairpin4").unwrap().push((
+            hairpin_key("10.9.9.9".parse().unwrap()),
+            ElemData::None,
+            None,
+        ));
         let (services, _, repairs) = reconstruct(&d);
-        assert_eq!(services[0].name, "default/s1 (drifted)");
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["default/s1 (drifted)", "default/s3 (drifted)"]);
         let text: Vec<String> = repairs.iter().map(ToString::to_string).collect();
         for want in [
             "add chain nat_output",
@@ -900,24 +1047,33 @@ mod tests {
         ] {
             assert!(text.contains(&want.to_string()), "{want} missing in {text:?}");
         }
-        // A drifted service differs from the desired one, so the plan rewrites it.
-        let p = plan(std::slice::from_ref(&a), &services);
-        assert_eq!(p.upserts.len(), 1);
+        assert!(text.iter().any(|t| t.starts_with("delete element be4 0a60002a")));
+        // Drifted services differ from the desired ones, so the plan rewrites them, and the
+        // rewrite restores the missing slot.
+        let p = plan(&[a.clone(), c.clone()], &services);
+        assert_eq!(p.upserts.len(), 2);
+        let (_, mirror, _) = reconstruct(&d);
+        let tx = mirror.transaction(&p);
+        assert!(
+            tx.ops
+                .iter()
+                .any(|o| matches!(o, Op::AddElem { set, key, .. } if set == "be4" && *key == slot_key(&a.frontend.key(), 1)))
+        );
     }
 
     #[test]
     fn udata_comments_round_trip() {
-        let u = comment_udata("b 10.0.0.1 80 l");
-        assert_eq!(parse_udata_comment(&u).as_deref(), Some("b 10.0.0.1 80 l"));
+        let u = comment_udata("b 10.0.0.1 80");
+        assert_eq!(parse_udata_comment(&u).as_deref(), Some("b 10.0.0.1 80"));
         assert_eq!(parse_udata_comment(&[1, 1, 0]), None);
     }
 
     #[test]
     fn encoded_batches_describe_their_messages() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2"]);
+        let a = svc(1, "10.96.0.1", &["10.0.1.2"], false);
         let tx = Mirror::default().transaction(&plan(std::slice::from_ref(&a), &[]));
         let b = encode_ops(TABLE, &tx.ops);
         assert_eq!(b.len(), tx.ops.len());
-        assert_eq!(b.descriptions()[0], "add chain s1");
+        assert_eq!(b.descriptions()[0], "add set c4-1");
     }
 }
