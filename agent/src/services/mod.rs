@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod conntrack;
 pub mod desired;
+pub mod iptables;
 pub mod lb;
 pub mod maglev;
 pub mod model;
