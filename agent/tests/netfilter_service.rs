@@ -202,7 +202,8 @@ impl Env {
         let ns = self.outside.clone();
         thread::spawn(move || {
             join_netns(&ns);
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind())?;
+            let s =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind())?;
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let mut line = String::new();
             BufReader::new(s)
@@ -239,7 +240,14 @@ fn be(ip: &str, port: u16) -> Backend {
     }
 }
 
-fn svc(id: u32, ip: &str, port: u16, proto: Proto, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
+fn svc(
+    id: u32,
+    ip: &str,
+    port: u16,
+    proto: Proto,
+    kind: FrontendKind,
+    backends: Vec<Backend>,
+) -> LbService {
     let maglev = if backends.is_empty() {
         Vec::new()
     } else {
@@ -270,12 +278,40 @@ fn services() -> Vec<LbService> {
     ext.affinity_timeout_secs = Some(60);
     let mut out = vec![
         svc(1, VIP, 80, Proto::Tcp, FrontendKind::ClusterIp, two()),
-        svc(2, VIP, 53, Proto::Udp, FrontendKind::ClusterIp, vec![be(BE1, 5353), be(BE2, 5353)]),
-        svc(3, "0.0.0.0", NODE_PORT, Proto::Tcp, FrontendKind::NodePort, two()),
+        svc(
+            2,
+            VIP,
+            53,
+            Proto::Udp,
+            FrontendKind::ClusterIp,
+            vec![be(BE1, 5353), be(BE2, 5353)],
+        ),
+        svc(
+            3,
+            "0.0.0.0",
+            NODE_PORT,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            two(),
+        ),
         ext,
-        svc(5, VIP_V6, 80, Proto::Tcp, FrontendKind::ClusterIp, vec![be(BE1_V6, 8080)]),
+        svc(
+            5,
+            VIP_V6,
+            80,
+            Proto::Tcp,
+            FrontendKind::ClusterIp,
+            vec![be(BE1_V6, 8080)],
+        ),
         svc(6, VIP_NOEP, 80, Proto::Tcp, FrontendKind::ClusterIp, vec![]),
-        svc(7, "0.0.0.0", NODE_PORT_NOEP, Proto::Tcp, FrontendKind::NodePort, vec![]),
+        svc(
+            7,
+            "0.0.0.0",
+            NODE_PORT_NOEP,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            vec![],
+        ),
     ];
     out.sort_by_key(|s| s.frontend.key());
     out
@@ -303,7 +339,13 @@ fn nft_programs_reads_back_restarts_and_balances() {
     });
     // `nft` decodes what we wrote (a wrong encoding shows as an error or garbage here).
     let listing = env.nft("list table inet twill");
-    for needle in ["numgen random mod 2 map @be4", "jump pick", "fib daddr type local", "masquerade", "@local4"] {
+    for needle in [
+        "numgen random mod 2 map @be4",
+        "jump pick",
+        "fib daddr type local",
+        "masquerade",
+        "@local4",
+    ] {
         assert!(listing.contains(needle), "{needle} missing:\n{listing}");
     }
     // A restarted agent finds exactly what it would program.
@@ -356,14 +398,18 @@ fn nft_programs_reads_back_restarts_and_balances() {
         for _ in 0..2 {
             sock.send(b"x").unwrap();
             let n = sock.recv(&mut buf).expect("UDP reply");
-            tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).unwrap();
+            tx.send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .unwrap();
             let _ = go_rx.recv();
         }
     });
     let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let keep = if name(&first) == "b1" { BE2 } else { BE1 };
     let mut after = want.clone();
-    let udp = after.iter_mut().find(|s| s.frontend.proto == Proto::Udp).unwrap();
+    let udp = after
+        .iter_mut()
+        .find(|s| s.frontend.proto == Proto::Udp)
+        .unwrap();
     udp.backends = vec![be(keep, 5353)];
     udp.maglev = maglev::table(&udp.backends, MAGLEV_M);
     env.on_node(|| {
@@ -375,7 +421,11 @@ fn nft_programs_reads_back_restarts_and_balances() {
     });
     go_tx.send(()).unwrap();
     let second = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_ne!(name(&second), name(&first), "UDP flow stuck on a removed endpoint");
+    assert_ne!(
+        name(&second),
+        name(&first),
+        "UDP flow stuck on a removed endpoint"
+    );
     go_tx.send(()).unwrap();
     client.join().unwrap();
 
@@ -393,7 +443,17 @@ fn nft_leaves_other_tables_alone() {
     let foreign = "table inet filter {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 22 counter accept\n }\n}\ntable ip nat {\n chain POSTROUTING {\n  type nat hook postrouting priority 100; policy accept;\n  oifname \"nc\" masquerade\n }\n}\n";
     let path = std::env::temp_dir().join(format!("twill-foreign-{}.nft", std::process::id()));
     std::fs::write(&path, foreign).unwrap();
-    run("ip", &["netns", "exec", &env.node, "nft", "-f", path.to_str().unwrap()]);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &env.node,
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ],
+    );
     let _ = std::fs::remove_file(&path);
     let before_filter = env.nft("list table inet filter");
     let before_nat = env.nft("list table ip nat");
@@ -417,7 +477,14 @@ fn many(n: u32, eps: u32) -> Vec<LbService> {
             let backends = (0..eps)
                 .map(|k| be(&format!("10.244.{}.{}", (i + k) % 250, 2 + k), 8080))
                 .collect::<Vec<_>>();
-            let mut s = svc(i + 1, &ip, 80, Proto::Tcp, FrontendKind::ClusterIp, Vec::new());
+            let mut s = svc(
+                i + 1,
+                &ip,
+                80,
+                Proto::Tcp,
+                FrontendKind::ClusterIp,
+                Vec::new(),
+            );
             s.backends = backends;
             s
         })
@@ -455,7 +522,11 @@ fn nft_sync_figures() {
                 let i = (j * 7919) % cur.len();
                 let old = cur[i].clone();
                 let mut new = old.clone();
-                new.backends[0].port = if old.backends[0].port == 8080 { 8081 } else { 8080 };
+                new.backends[0].port = if old.backends[0].port == 8080 {
+                    8081
+                } else {
+                    8080
+                };
                 let p = plan(std::slice::from_ref(&new), std::slice::from_ref(&old));
                 let t = Instant::now();
                 lb.apply(&p).expect("one change");
@@ -476,9 +547,9 @@ fn nft_sync_figures() {
 #[ignore = "experiment"]
 fn nft_experiment() {
     use twill_agent::services::nfnl::NfSocket;
+    use twill_agent::services::nft::encode_ops;
     use twill_agent::services::nft::expr::{Expr, Imm};
     use twill_agent::services::nft::render::{Op, Rule, TABLE};
-    use twill_agent::services::nft::encode_ops;
     let env = Env::new("x");
     env.on_node(|| {
         let mut lb = NftLb::open().expect("open");
@@ -486,16 +557,103 @@ fn nft_experiment() {
         lb.apply(&plan(&all, &[])).expect("full sync");
         let mut sock = NfSocket::open().unwrap();
         let cases: Vec<(&str, Vec<Expr>)> = vec![
-            ("numgen+cmp", vec![Expr::Numgen { dreg: 1, modulus: 3, ty: 1, offset: 0 }, Expr::Cmp { sreg: 1, op: 0, data: vec![0; 4] }]),
-            ("payload+cmp", vec![Expr::Payload { base: 1, offset: 12, len: 4, dreg: 1 }, Expr::Cmp { sreg: 1, op: 0, data: vec![0; 4] }]),
-            ("immediate value", vec![Expr::Immediate { dreg: 1, data: Imm::Value(vec![1, 2, 3, 4]) }]),
+            (
+                "numgen+cmp",
+                vec![
+                    Expr::Numgen {
+                        dreg: 1,
+                        modulus: 3,
+                        ty: 1,
+                        offset: 0,
+                    },
+                    Expr::Cmp {
+                        sreg: 1,
+                        op: 0,
+                        data: vec![0; 4],
+                    },
+                ],
+            ),
+            (
+                "payload+cmp",
+                vec![
+                    Expr::Payload {
+                        base: 1,
+                        offset: 12,
+                        len: 4,
+                        dreg: 1,
+                    },
+                    Expr::Cmp {
+                        sreg: 1,
+                        op: 0,
+                        data: vec![0; 4],
+                    },
+                ],
+            ),
+            (
+                "immediate value",
+                vec![Expr::Immediate {
+                    dreg: 1,
+                    data: Imm::Value(vec![1, 2, 3, 4]),
+                }],
+            ),
             ("meta get", vec![Expr::Meta { key: 3, dreg: 1 }]),
-            ("meta set mark", vec![Expr::Meta { key: 3, dreg: 1 }, Expr::MetaSet { key: 3, sreg: 1 }]),
-            ("lookup set", vec![Expr::Payload { base: 1, offset: 12, len: 4, dreg: 1 }, Expr::Payload { base: 1, offset: 12, len: 4, dreg: 9 }, Expr::Lookup { set: "hairpin4".into(), sreg: 1, dreg: None }]),
-            ("nat", vec![Expr::Immediate { dreg: 1, data: Imm::Value(vec![1, 2, 3, 4]) }, Expr::Nat { ty: 1, family: 2, reg_addr: Some(1), reg_proto: None, flags: 0 }]),
+            (
+                "meta set mark",
+                vec![
+                    Expr::Meta { key: 3, dreg: 1 },
+                    Expr::MetaSet { key: 3, sreg: 1 },
+                ],
+            ),
+            (
+                "lookup set",
+                vec![
+                    Expr::Payload {
+                        base: 1,
+                        offset: 12,
+                        len: 4,
+                        dreg: 1,
+                    },
+                    Expr::Payload {
+                        base: 1,
+                        offset: 12,
+                        len: 4,
+                        dreg: 9,
+                    },
+                    Expr::Lookup {
+                        set: "hairpin4".into(),
+                        sreg: 1,
+                        dreg: None,
+                    },
+                ],
+            ),
+            (
+                "nat",
+                vec![
+                    Expr::Immediate {
+                        dreg: 1,
+                        data: Imm::Value(vec![1, 2, 3, 4]),
+                    },
+                    Expr::Nat {
+                        ty: 1,
+                        family: 2,
+                        reg_addr: Some(1),
+                        reg_proto: None,
+                        flags: 0,
+                    },
+                ],
+            ),
         ];
         for (name, exprs) in cases {
-            let ops = vec![Op::FlushChain("s5".into()), Op::AddRule { chain: "s5".into(), rule: Rule { exprs, comment: None } }];
+            let ops = vec![
+                Op::FlushChain("s5".into()),
+                Op::AddRule {
+                    chain: "s5".into(),
+                    rule: Rule {
+                        exprs,
+                        comment: None,
+                    },
+                },
+            ];
             let t = Instant::now();
             for _ in 0..5 {
                 sock.commit(&encode_ops(TABLE, &ops)).unwrap();
@@ -504,7 +662,16 @@ fn nft_experiment() {
         }
         let t = Instant::now();
         for _ in 0..5 {
-            sock.commit(&encode_ops(TABLE, &[Op::AddElem { set: "classes".into(), key: vec![9,9,9,0], data: twill_agent::services::nft::render::ElemData::Goto("p4-10".into()), comment: None }])).unwrap();
+            sock.commit(&encode_ops(
+                TABLE,
+                &[Op::AddElem {
+                    set: "classes".into(),
+                    key: vec![9, 9, 9, 0],
+                    data: twill_agent::services::nft::render::ElemData::Goto("p4-10".into()),
+                    comment: None,
+                }],
+            ))
+            .unwrap();
         }
         println!("goto element: {:?} per tx", t.elapsed() / 5);
     });

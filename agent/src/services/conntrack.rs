@@ -100,8 +100,7 @@ pub fn purge_udp(sock: &mut NfSocket, stale: &[StaleBackend]) -> Result<usize, N
         let mut count = 0;
         for e in &entries {
             let attrs = e.attrs();
-            let (Some(o), Some(r)) = (attrs.get(CTA_TUPLE_ORIG), attrs.get(CTA_TUPLE_REPLY))
-            else {
+            let (Some(o), Some(r)) = (attrs.get(CTA_TUPLE_ORIG), attrs.get(CTA_TUPLE_REPLY)) else {
                 continue;
             };
             let (Some(orig), Some(reply)) = (parse_tuple(o.nested()), parse_tuple(r.nested()))

@@ -195,8 +195,14 @@ pub fn choose_backend(
     version: &str,
 ) -> (IptBackend, String) {
     match (legacy, nft) {
-        ((true, _), (false, _)) => (IptBackend::Legacy, "TWILL- chains found in iptables-legacy".into()),
-        ((false, _), (true, _)) => (IptBackend::Nft, "TWILL- chains found in iptables-nft".into()),
+        ((true, _), (false, _)) => (
+            IptBackend::Legacy,
+            "TWILL- chains found in iptables-legacy".into(),
+        ),
+        ((false, _), (true, _)) => (
+            IptBackend::Nft,
+            "TWILL- chains found in iptables-nft".into(),
+        ),
         ((_, l), (_, n)) if l > n => (
             IptBackend::Legacy,
             format!("iptables-legacy holds more rules ({l} vs {n})"),
@@ -292,7 +298,8 @@ pub fn comment(svc: &LbService) -> String {
 
 /// `iptables-save`'s probability text for 1/n (the kernel keeps `round(p * 2^31)`).
 pub fn probability(n: usize) -> String {
-    let q = (f64::from(0x8000_0000u32) / n as f64).round();
+    let n = f64::from(u32::try_from(n).unwrap_or(u32::MAX));
+    let q = (f64::from(0x8000_0000u32) / n).round();
     format!("{:.11}", q / f64::from(0x8000_0000u32))
 }
 
@@ -410,7 +417,9 @@ fn static_nat() -> Vec<(String, Vec<String>)> {
         (
             POSTROUTING.into(),
             vec![
-                format!("-A {POSTROUTING} -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
+                format!(
+                    "-A {POSTROUTING} -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"
+                ),
                 format!("-A {POSTROUTING} -j MARK --xor-mark {MASQ_MARK:#x}"),
                 format!("-A {POSTROUTING} -j MASQUERADE --random-fully"),
             ],
@@ -608,7 +617,9 @@ fn parse_comment(c: &str) -> Option<Meta> {
 }
 
 fn value_of(t: &[String], opt: &str) -> Option<String> {
-    t.iter().position(|x| x == opt).and_then(|i| t.get(i + 1).cloned())
+    t.iter()
+        .position(|x| x == opt)
+        .and_then(|i| t.get(i + 1).cloned())
 }
 
 fn parse_dest(d: &str) -> Option<(IpAddr, u16)> {
@@ -625,11 +636,7 @@ pub fn reconstruct(saved: &Saved, v6: bool) -> (Vec<LbService>, Vec<String>) {
         .into_iter()
         .map(String::from)
         .collect();
-    let dispatch = [
-        ("nat", SERVICES),
-        ("nat", NODEPORTS),
-        ("filter", SERVICES),
-    ];
+    let dispatch = [("nat", SERVICES), ("nat", NODEPORTS), ("filter", SERVICES)];
     for (table, chain) in dispatch {
         for line in saved.rules(table, chain).into_iter().flatten() {
             let t = tokens(line);
@@ -676,9 +683,11 @@ pub fn reconstruct(saved: &Saved, v6: bool) -> (Vec<LbService>, Vec<String>) {
                     };
                     let sep = sep_chain(&key, bip, bport);
                     used.insert(sep.clone());
-                    let local = saved.rules("nat", &sep).into_iter().flatten().any(|l| {
-                        value_of(&tokens(l), "--comment").as_deref() == Some("local")
-                    });
+                    let local = saved
+                        .rules("nat", &sep)
+                        .into_iter()
+                        .flatten()
+                        .any(|l| value_of(&tokens(l), "--comment").as_deref() == Some("local"));
                     backends.push(Backend {
                         ip: bip,
                         port: bport,
@@ -703,11 +712,9 @@ pub fn reconstruct(saved: &Saved, v6: bool) -> (Vec<LbService>, Vec<String>) {
                 internal_local: il,
             };
             let faithful = same(std::slice::from_ref(line), &[dispatch_rule(&svc)])
-                && frontend_chains(&svc).iter().all(|(c, rules)| {
-                    saved
-                        .rules("nat", c)
-                        .is_some_and(|have| same(have, rules))
-                });
+                && frontend_chains(&svc)
+                    .iter()
+                    .all(|(c, rules)| saved.rules("nat", c).is_some_and(|have| same(have, rules)));
             if !faithful {
                 svc.name.push_str(" (drifted)");
             }
@@ -785,7 +792,10 @@ impl IptLb {
             let mut nat = String::new();
             let mut filter = String::new();
             for (chain, rules) in static_nat() {
-                if saved.rules("nat", &chain).is_none_or(|have| !same(have, &rules)) {
+                if saved
+                    .rules("nat", &chain)
+                    .is_none_or(|have| !same(have, &rules))
+                {
                     let _ = writeln!(nat, ":{chain} - [0:0]");
                     for r in rules {
                         let _ = writeln!(nat, "{r}");
@@ -794,7 +804,11 @@ impl IptLb {
             }
             for (table, chain) in [("nat", SERVICES), ("nat", NODEPORTS), ("filter", SERVICES)] {
                 if saved.rules(table, chain).is_none() {
-                    let out = if table == "nat" { &mut nat } else { &mut filter };
+                    let out = if table == "nat" {
+                        &mut nat
+                    } else {
+                        &mut filter
+                    };
                     let _ = writeln!(out, ":{chain} - [0:0]");
                 }
             }
@@ -804,7 +818,11 @@ impl IptLb {
                     .rules(table, chain)
                     .is_some_and(|have| have.iter().any(|h| signature(h) == signature(&want)));
                 if !present {
-                    let out = if table == "nat" { &mut nat } else { &mut filter };
+                    let out = if table == "nat" {
+                        &mut nat
+                    } else {
+                        &mut filter
+                    };
                     let pos = if rule.contains(NODEPORTS) { 2 } else { 1 };
                     let pos = pos.min(saved.rules(table, chain).map_or(0, Vec::len) + 1);
                     let _ = writeln!(out, "-I {chain} {pos} {rule}");
@@ -896,7 +914,10 @@ pub fn render_plan(
     let mut nat_rules = Vec::new();
     let mut nat_delete_chains = BTreeSet::new();
     let mut filter_rules = Vec::new();
-    let dispatch = |old: Option<&LbService>, new: Option<&LbService>, nat_rules: &mut Vec<String>, filter_rules: &mut Vec<String>| {
+    let dispatch = |old: Option<&LbService>,
+                    new: Option<&LbService>,
+                    nat_rules: &mut Vec<String>,
+                    filter_rules: &mut Vec<String>| {
         let old_rule = old.map(dispatch_rule);
         let new_rule = new.map(dispatch_rule);
         if old_rule == new_rule {
@@ -1022,7 +1043,10 @@ impl LbDataplane for IptLb {
         {
             match conntrack::purge_udp(sock, &plan.stale_backends) {
                 Ok(n) if n > 0 => {
-                    debug!(deleted = n, "deleted UDP conntrack entries of removed backends");
+                    debug!(
+                        deleted = n,
+                        "deleted UDP conntrack entries of removed backends"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
@@ -1065,7 +1089,11 @@ mod tests {
             name: format!("test/s{id}:http"),
             frontend: Frontend {
                 ip: ip.parse().unwrap(),
-                port: if kind == FrontendKind::NodePort { 30080 } else { 80 },
+                port: if kind == FrontendKind::NodePort {
+                    30080
+                } else {
+                    80
+                },
                 proto: Proto::Tcp,
                 kind,
             },
@@ -1094,7 +1122,11 @@ mod tests {
             3,
             "0.0.0.0",
             FrontendKind::NodePort,
-            vec![be("10.0.1.2", true), be("10.0.2.2", false), be("10.0.3.2", false)],
+            vec![
+                be("10.0.1.2", true),
+                be("10.0.2.2", false),
+                be("10.0.3.2", false),
+            ],
         );
         assert_eq!(
             dispatch_rule(&s),
@@ -1133,14 +1165,27 @@ mod tests {
             signature("-A X -j DNAT --to-destination 10.0.0.1:80"),
             signature("-A X -j DNAT --to-destination 10.0.0.2:80")
         );
-        assert_eq!(tokens("-A X --comment \"a b\" -j Y"), vec!["-A", "X", "--comment", "a b", "-j", "Y"]);
+        assert_eq!(
+            tokens("-A X --comment \"a b\" -j Y"),
+            vec!["-A", "X", "--comment", "a b", "-j", "Y"]
+        );
     }
 
     #[test]
     fn read_back_round_trips_and_detects_drift() {
-        let mut a = svc(1, "10.96.0.1", FrontendKind::ClusterIp, vec![be("10.0.1.2", true), be("10.0.2.2", false)]);
+        let mut a = svc(
+            1,
+            "10.96.0.1",
+            FrontendKind::ClusterIp,
+            vec![be("10.0.1.2", true), be("10.0.2.2", false)],
+        );
         a.affinity_timeout_secs = Some(60);
-        let n = svc(2, "0.0.0.0", FrontendKind::NodePort, vec![be("10.0.1.2", true)]);
+        let n = svc(
+            2,
+            "0.0.0.0",
+            FrontendKind::NodePort,
+            vec![be("10.0.1.2", true)],
+        );
         let e = svc(3, "10.96.0.3", FrontendKind::ClusterIp, vec![]);
         let mut text = String::from("*nat\n");
         for s in [&a, &n] {
@@ -1162,8 +1207,11 @@ mod tests {
         got.sort_by_key(|s| s.frontend.key());
         assert_eq!(got, want);
         // A changed DNAT target makes the frontend drifted; a stray chain is reported.
-        let broken = text.replacen("--to-destination 10.0.2.2:8080", "--to-destination 10.0.9.9:8080", 1)
-            + "*nat\n:TWILL-SEP-0000000000000000 - [0:0]\nCOMMIT\n";
+        let broken = text.replacen(
+            "--to-destination 10.0.2.2:8080",
+            "--to-destination 10.0.9.9:8080",
+            1,
+        ) + "*nat\n:TWILL-SEP-0000000000000000 - [0:0]\nCOMMIT\n";
         let (got, stray) = reconstruct(&Saved::parse(&broken), false);
         assert!(got.iter().any(|s| s.name.ends_with("(drifted)")));
         assert_eq!(stray, vec!["TWILL-SEP-0000000000000000".to_string()]);
@@ -1171,10 +1219,22 @@ mod tests {
 
     #[test]
     fn partial_sync_rewrites_only_changed_chains() {
-        let a = svc(1, "10.96.0.1", FrontendKind::ClusterIp, vec![be("10.0.1.2", true), be("10.0.2.2", false)]);
-        let b = svc(2, "10.96.0.2", FrontendKind::ClusterIp, vec![be("10.0.1.3", true)]);
-        let have: BTreeMap<FrontendKey, LbService> =
-            [&a, &b].into_iter().map(|s| (s.frontend.key(), s.clone())).collect();
+        let a = svc(
+            1,
+            "10.96.0.1",
+            FrontendKind::ClusterIp,
+            vec![be("10.0.1.2", true), be("10.0.2.2", false)],
+        );
+        let b = svc(
+            2,
+            "10.96.0.2",
+            FrontendKind::ClusterIp,
+            vec![be("10.0.1.3", true)],
+        );
+        let have: BTreeMap<FrontendKey, LbService> = [&a, &b]
+            .into_iter()
+            .map(|s| (s.frontend.key(), s.clone()))
+            .collect();
         let mut a2 = a.clone();
         a2.backends.pop();
         let p = plan(&[a2.clone(), b.clone()], &[a.clone(), b.clone()]);
@@ -1182,7 +1242,10 @@ mod tests {
         let input = render_plan(&have, &ups, &[]);
         let k = a.frontend.key();
         assert!(input.contains(&format!(":{} - [0:0]", svc_chain(&k))));
-        assert!(input.contains(&format!("-X {}", sep_chain(&k, "10.0.2.2".parse().unwrap(), 8080))));
+        assert!(input.contains(&format!(
+            "-X {}",
+            sep_chain(&k, "10.0.2.2".parse().unwrap(), 8080)
+        )));
         assert!(!input.contains(&svc_chain(&b.frontend.key())));
         // The dispatch rule did not change, so TWILL-SERVICES is not touched.
         assert!(!input.contains("-A TWILL-SERVICES") && !input.contains("-D TWILL-SERVICES"));
@@ -1197,9 +1260,15 @@ mod tests {
 
     #[test]
     fn backend_choice_never_mixes() {
-        assert_eq!(choose_backend((true, 5), (false, 100), "").0, IptBackend::Legacy);
+        assert_eq!(
+            choose_backend((true, 5), (false, 100), "").0,
+            IptBackend::Legacy
+        );
         assert_eq!(choose_backend((false, 5), (true, 0), "").0, IptBackend::Nft);
-        assert_eq!(choose_backend((false, 50), (false, 3), "").0, IptBackend::Legacy);
+        assert_eq!(
+            choose_backend((false, 50), (false, 3), "").0,
+            IptBackend::Legacy
+        );
         assert_eq!(
             choose_backend((false, 0), (false, 0), "iptables v1.8.9 (nf_tables)").0,
             IptBackend::Nft

@@ -19,6 +19,7 @@
 
 pub mod cli;
 pub mod conntrack;
+pub mod dataplane;
 pub mod desired;
 pub mod iptables;
 pub mod lb;

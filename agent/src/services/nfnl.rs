@@ -184,7 +184,8 @@ impl MsgBuf {
     pub fn nest(&mut self, ty: u16) {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
     }
 
     /// Closes the innermost nested attribute.
@@ -244,6 +245,10 @@ impl<'a> Attr<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a>(pub &'a [u8]);
 
+#[expect(
+    clippy::copy_iterator,
+    reason = "a cheap view over a byte slice; copying it restarts the walk, which lookups want"
+)]
 impl<'a> Iterator for Attrs<'a> {
     type Item = Attr<'a>;
 
@@ -292,7 +297,10 @@ impl Msg {
 }
 
 /// Splits a datagram into messages: (type, flags, seq, body).
-fn split(mut buf: &[u8]) -> Result<Vec<(u16, u16, u32, &[u8])>, NfnlError> {
+/// A received message's header fields and body: (type, flags, seq, body).
+type Raw<'a> = (u16, u16, u32, &'a [u8]);
+
+fn split(mut buf: &[u8]) -> Result<Vec<Raw<'_>>, NfnlError> {
     let mut out = Vec::new();
     while buf.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4")) as usize;

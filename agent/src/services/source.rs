@@ -546,6 +546,7 @@ const BUCKETS: [f64; 12] = [
 #[derive(Default)]
 struct MetricsInner {
     mode: &'static str,
+    reason: String,
     syncs: BTreeMap<(&'static str, &'static str), u64>,
     buckets: [u64; BUCKETS.len()],
     count: u64,
@@ -587,6 +588,12 @@ impl ServiceMetrics {
         }
     }
 
+    /// Why the dataplane was chosen (`requested`, or `auto`'s reason), a label of
+    /// `twill_services_dataplane_info`.
+    pub fn set_dataplane_reason(&self, reason: &str) {
+        self.lock().reason = reason.replace(['"', '\\', '\n'], " ");
+    }
+
     /// The last error, if the last sync failed.
     pub fn last_error(&self) -> Option<String> {
         self.lock().last_error.clone()
@@ -611,7 +618,11 @@ impl ServiceMetrics {
             "# HELP twill_services_dataplane_info The service proxy mode."
         );
         let _ = writeln!(o, "# TYPE twill_services_dataplane_info gauge");
-        let _ = writeln!(o, "twill_services_dataplane_info{{mode=\"{}\"}} 1", g.mode);
+        let _ = writeln!(
+            o,
+            "twill_services_dataplane_info{{mode=\"{}\",reason=\"{}\"}} 1",
+            g.mode, g.reason
+        );
         let _ = writeln!(
             o,
             "# HELP twill_services_syncs_total Service dataplane syncs."
@@ -1062,7 +1073,7 @@ ports: [{port: 8080}]
         assert!(
             metrics
                 .render()
-                .contains("twill_services_dataplane_info{mode=\"fake\"} 1")
+                .contains("twill_services_dataplane_info{mode=\"fake\",reason=\"\"} 1")
         );
         task.abort();
     }

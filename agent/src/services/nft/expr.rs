@@ -427,7 +427,7 @@ fn decode_one(elem: Attr<'_>) -> Result<Expr, NfnlError> {
         .get(EXPR_NAME)
         .ok_or_else(|| NfnlError::Malformed("expression without a name".into()))?
         .str();
-    let d = attrs.get(EXPR_DATA).map(|a| a.nested()).unwrap_or(Attrs(&[]));
+    let d = attrs.get(EXPR_DATA).map_or(Attrs(&[]), |a| a.nested());
     let e = match name.as_str() {
         "meta" => match u32_of(d, 1)? {
             Some(dreg) => Expr::Meta {
@@ -519,10 +519,7 @@ fn decode_one(elem: Attr<'_>) -> Result<Expr, NfnlError> {
         }
         "reject" => Expr::Reject {
             ty: need(d, 1, "reject")?,
-            code: d
-                .get(2)
-                .and_then(|a| a.data.first().copied())
-                .unwrap_or(0),
+            code: d.get(2).and_then(|a| a.data.first().copied()).unwrap_or(0),
         },
         _ => Expr::Other(name),
     };

@@ -40,13 +40,15 @@ use tracing::{debug, info, warn};
 use self::expr::{VERDICT_GOTO, data_verdict, decode, decode_verdict};
 use self::render::{
     ChainDef, Class, ElemData, Mirror, Op, PICK, Programmed, Record, RecordSet, Rule, SetData,
-    SetDef, TABLE, affinity_rules, affinity_set_id, backend_map, chain_id, counts,
-    hairpin_key, hairpin_set, local_key, local_set, parse_backend_comment, parse_comment,
-    parse_hairpin_key, parse_key, parse_local_key, parse_slot_key, parse_slot_value, record,
-    static_chains, static_sets,
+    SetDef, TABLE, affinity_rules, affinity_set_id, backend_map, chain_id, counts, hairpin_key,
+    hairpin_set, local_key, local_set, parse_backend_comment, parse_comment, parse_hairpin_key,
+    parse_key, parse_local_key, parse_slot_key, parse_slot_value, record, static_chains,
+    static_sets,
 };
 use super::conntrack;
-use super::lb::{Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService, MAGLEV_M};
+use super::lb::{
+    Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService, MAGLEV_M,
+};
 use super::maglev;
 use super::nfnl::{
     Attr, Batch, F_APPEND, F_CREATE, Msg, MsgBuf, NfSocket, NfnlError, SUBSYS_NFTABLES,
@@ -174,23 +176,41 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                 encode_set(&mut b, table, s, set_id);
             }
             Op::DelSet(name) => {
-                b.push(MSG_DELSET, 0, NFPROTO_INET, format!("delete set {name}"), |m| {
-                    m.str(SET_TABLE, table);
-                    m.str(SET_NAME, name);
-                });
+                b.push(
+                    MSG_DELSET,
+                    0,
+                    NFPROTO_INET,
+                    format!("delete set {name}"),
+                    |m| {
+                        m.str(SET_TABLE, table);
+                        m.str(SET_NAME, name);
+                    },
+                );
             }
             Op::AddChain(c) => encode_chain(&mut b, table, c),
             Op::FlushChain(c) => {
-                b.push(MSG_DELRULE, 0, NFPROTO_INET, format!("flush chain {c}"), |m| {
-                    m.str(RULE_TABLE, table);
-                    m.str(RULE_CHAIN, c);
-                });
+                b.push(
+                    MSG_DELRULE,
+                    0,
+                    NFPROTO_INET,
+                    format!("flush chain {c}"),
+                    |m| {
+                        m.str(RULE_TABLE, table);
+                        m.str(RULE_CHAIN, c);
+                    },
+                );
             }
             Op::DelChain(c) => {
-                b.push(MSG_DELCHAIN, 0, NFPROTO_INET, format!("delete chain {c}"), |m| {
-                    m.str(CHAIN_TABLE, table);
-                    m.str(CHAIN_NAME, c);
-                });
+                b.push(
+                    MSG_DELCHAIN,
+                    0,
+                    NFPROTO_INET,
+                    format!("delete chain {c}"),
+                    |m| {
+                        m.str(CHAIN_TABLE, table);
+                        m.str(CHAIN_NAME, c);
+                    },
+                );
             }
             Op::AddRule { chain, rule } => b.push(
                 MSG_NEWRULE,
@@ -259,45 +279,57 @@ fn elem_list(m: &mut MsgBuf, table: &str, set: &str, key: &[u8], extra: impl FnO
 }
 
 fn encode_set(b: &mut Batch, table: &str, s: &SetDef, id: u32) {
-    b.push(MSG_NEWSET, F_CREATE, NFPROTO_INET, format!("add set {}", s.name), |m| {
-        m.str(SET_TABLE, table);
-        m.str(SET_NAME, &s.name);
-        m.u32_be(SET_FLAGS, s.flags);
-        m.u32_be(SET_KEY_TYPE, s.key_type);
-        m.u32_be(SET_KEY_LEN, s.key_len);
-        match s.data {
-            SetData::None => {}
-            SetData::Verdict => m.u32_be(SET_DATA_TYPE, render::DATA_VERDICT_TYPE),
-            SetData::Value(ty, len) => {
-                m.u32_be(SET_DATA_TYPE, ty);
-                m.u32_be(SET_DATA_LEN, len);
+    b.push(
+        MSG_NEWSET,
+        F_CREATE,
+        NFPROTO_INET,
+        format!("add set {}", s.name),
+        |m| {
+            m.str(SET_TABLE, table);
+            m.str(SET_NAME, &s.name);
+            m.u32_be(SET_FLAGS, s.flags);
+            m.u32_be(SET_KEY_TYPE, s.key_type);
+            m.u32_be(SET_KEY_LEN, s.key_len);
+            match s.data {
+                SetData::None => {}
+                SetData::Verdict => m.u32_be(SET_DATA_TYPE, render::DATA_VERDICT_TYPE),
+                SetData::Value(ty, len) => {
+                    m.u32_be(SET_DATA_TYPE, ty);
+                    m.u32_be(SET_DATA_LEN, len);
+                }
             }
-        }
-        m.u32_be(SET_ID, id);
-        if let Some(t) = s.timeout_ms {
-            m.u64_be(SET_TIMEOUT, t);
-        }
-        if let Some(size) = s.size {
-            m.nest(SET_DESC);
-            m.u32_be(SET_DESC_SIZE, size);
-            m.nest_end();
-        }
-    });
+            m.u32_be(SET_ID, id);
+            if let Some(t) = s.timeout_ms {
+                m.u64_be(SET_TIMEOUT, t);
+            }
+            if let Some(size) = s.size {
+                m.nest(SET_DESC);
+                m.u32_be(SET_DESC_SIZE, size);
+                m.nest_end();
+            }
+        },
+    );
 }
 
 fn encode_chain(b: &mut Batch, table: &str, c: &ChainDef) {
-    b.push(MSG_NEWCHAIN, F_CREATE, NFPROTO_INET, format!("add chain {}", c.name), |m| {
-        m.str(CHAIN_TABLE, table);
-        m.str(CHAIN_NAME, &c.name);
-        if let Some(h) = c.hook {
-            m.nest(CHAIN_HOOK);
-            m.u32_be(HOOK_HOOKNUM, h.hooknum);
-            m.u32_be(HOOK_PRIORITY, h.priority.cast_unsigned());
-            m.nest_end();
-            m.u32_be(CHAIN_POLICY, NF_ACCEPT);
-            m.str(CHAIN_TYPE, h.ty);
-        }
-    });
+    b.push(
+        MSG_NEWCHAIN,
+        F_CREATE,
+        NFPROTO_INET,
+        format!("add chain {}", c.name),
+        |m| {
+            m.str(CHAIN_TABLE, table);
+            m.str(CHAIN_NAME, &c.name);
+            if let Some(h) = c.hook {
+                m.nest(CHAIN_HOOK);
+                m.u32_be(HOOK_HOOKNUM, h.hooknum);
+                m.u32_be(HOOK_PRIORITY, h.priority.cast_unsigned());
+                m.nest_end();
+                m.u32_be(CHAIN_POLICY, NF_ACCEPT);
+                m.str(CHAIN_TYPE, h.ty);
+            }
+        },
+    );
 }
 
 /// The operations that create the skeleton (idempotently) and rewrite the static chains.
@@ -321,6 +353,9 @@ struct DumpedSet {
     flags: u32,
     key_len: u32,
 }
+
+/// Backend slots of one frontend: slot -> backend.
+type Slots = BTreeMap<u32, (IpAddr, u16)>;
 
 /// An element as dumped: key, data, comment.
 type Elem = (Vec<u8>, ElemData, Option<String>);
@@ -382,9 +417,15 @@ impl NftLb {
     pub fn uninstall() -> Result<bool, NftError> {
         let mut sock = NfSocket::open().map_err(nl("open", "netlink socket"))?;
         let mut b = Batch::new();
-        b.push(MSG_DELTABLE, 0, NFPROTO_INET, format!("delete table inet {TABLE}"), |m| {
-            m.str(TABLE_NAME, TABLE);
-        });
+        b.push(
+            MSG_DELTABLE,
+            0,
+            NFPROTO_INET,
+            format!("delete table inet {TABLE}"),
+            |m| {
+                m.str(TABLE_NAME, TABLE);
+            },
+        );
         match sock.commit(&b) {
             Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(ENOENT) => Ok(false),
@@ -405,9 +446,15 @@ impl NftLb {
     fn ensure_skeleton(&mut self) -> Result<(), NftError> {
         let mut ops = vec![];
         let mut b = Batch::new();
-        b.push(MSG_NEWTABLE, F_CREATE, NFPROTO_INET, format!("add table inet {TABLE}"), |m| {
-            m.str(TABLE_NAME, TABLE);
-        });
+        b.push(
+            MSG_NEWTABLE,
+            F_CREATE,
+            NFPROTO_INET,
+            format!("add table inet {TABLE}"),
+            |m| {
+                m.str(TABLE_NAME, TABLE);
+            },
+        );
         ops.extend(skeleton_ops());
         let rest = encode_ops(TABLE, &ops);
         self.commit_two(b, &rest)
@@ -422,11 +469,11 @@ impl NftLb {
 
     fn dump_table(&mut self) -> Result<Option<Dump>, NftError> {
         let mut d = Dump::default();
-        let sets = match self.sock.dump(
-            (SUBSYS_NFTABLES << 8) | MSG_GETSET,
-            NFPROTO_INET,
-            |m| m.str(SET_TABLE, TABLE),
-        ) {
+        let sets = match self
+            .sock
+            .dump((SUBSYS_NFTABLES << 8) | MSG_GETSET, NFPROTO_INET, |m| {
+                m.str(SET_TABLE, TABLE)
+            }) {
             Ok(s) => s,
             Err(e) if e.errno() == Some(ENOENT) => return Ok(None),
             Err(e) => return Err(nl("dump", "sets")(e)),
@@ -439,7 +486,11 @@ impl NftLb {
             let Some(name) = a.get(SET_NAME).map(|n| n.str()) else {
                 continue;
             };
-            let u = |ty| a.get(ty).and_then(|x: Attr<'_>| x.u32_be().ok()).unwrap_or(0);
+            let u = |ty| {
+                a.get(ty)
+                    .and_then(|x: Attr<'_>| x.u32_be().ok())
+                    .unwrap_or(0)
+            };
             d.sets.insert(
                 name,
                 DumpedSet {
@@ -492,7 +543,12 @@ impl NftLb {
             .into_iter()
             .map(|s| s.name)
             .filter(|n| d.sets.contains_key(n))
-            .chain(d.sets.keys().filter(|n| Class::from_set(n).is_some()).cloned())
+            .chain(
+                d.sets
+                    .keys()
+                    .filter(|n| Class::from_set(n).is_some())
+                    .cloned(),
+            )
             .collect();
         for name in names {
             let elems = self.dump_elems(&name)?;
@@ -556,7 +612,10 @@ impl NftLb {
                 // No table, or one with another layout (an older twill): start over in one
                 // transaction. The plan that follows re-adds every service.
                 if found.is_some() {
-                    warn!(table = TABLE, "nftables table has an unexpected layout; recreating it");
+                    warn!(
+                        table = TABLE,
+                        "nftables table has an unexpected layout; recreating it"
+                    );
                 }
                 let mut b = Batch::new();
                 if found.is_some() {
@@ -639,10 +698,9 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
             rule: c.rule(),
         }));
     }
-    mirror.classes = classes.clone();
+    mirror.classes.clone_from(&classes);
     // Backend slots, by backend map and frontend key.
-    let mut slots: BTreeMap<(&'static str, Vec<u8>), BTreeMap<u32, (IpAddr, u16)>> =
-        BTreeMap::new();
+    let mut slots: BTreeMap<(&'static str, Vec<u8>), Slots> = BTreeMap::new();
     for v6 in [false, true] {
         for np in [false, true] {
             let map = backend_map(v6, np);
@@ -875,7 +933,10 @@ impl LbDataplane for NftLb {
         self.mirror.commit(tx);
         if !plan.stale_backends.is_empty() {
             match conntrack::purge_udp(&mut self.sock, &plan.stale_backends) {
-                Ok(n) if n > 0 => debug!(deleted = n, "deleted UDP conntrack entries of removed backends"),
+                Ok(n) if n > 0 => debug!(
+                    deleted = n,
+                    "deleted UDP conntrack entries of removed backends"
+                ),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
             }
@@ -1045,9 +1106,15 @@ mod tests {
             "delete set a99-0a0000010050",
             "delete element hairpin4 0a0909090a090909",
         ] {
-            assert!(text.contains(&want.to_string()), "{want} missing in {text:?}");
+            assert!(
+                text.contains(&want.to_string()),
+                "{want} missing in {text:?}"
+            );
         }
-        assert!(text.iter().any(|t| t.starts_with("delete element be4 0a60002a")));
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("delete element be4 0a60002a"))
+        );
         // Drifted services differ from the desired ones, so the plan rewrites them, and the
         // rewrite restores the missing slot.
         let p = plan(&[a.clone(), c.clone()], &services);

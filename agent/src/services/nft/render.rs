@@ -57,7 +57,7 @@
 //!   their locality is `localN`; so a restarted agent re-derives the same [`LbService`]s.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::expr::{
@@ -295,7 +295,12 @@ pub fn static_sets() -> Vec<SetDef> {
                 SetData::Value(concat_type(&[t, T_SERVICE]), l + 4),
             ));
         }
-        out.push(map_def(hairpin_set(v6), concat_type(&[t, t]), 2 * l, SetData::None));
+        out.push(map_def(
+            hairpin_set(v6),
+            concat_type(&[t, t]),
+            2 * l,
+            SetData::None,
+        ));
         out.push(map_def(local_set(v6), t, l, SetData::None));
     }
     out
@@ -714,12 +719,7 @@ pub fn chain_name(id: u32) -> String {
 
 /// The affinity set of one backend of frontend `id`.
 pub fn affinity_set(id: u32, b: &Backend) -> String {
-    let mut s = format!("a{id}-");
-    for o in ip_bytes(b.ip) {
-        s.push_str(&format!("{o:02x}"));
-    }
-    s.push_str(&format!("{:04x}", b.port));
-    s
+    format!("a{id}-{}{:04x}", hex(&ip_bytes(b.ip)), b.port)
 }
 
 /// Whether a set name is an affinity set, and of which frontend id.
@@ -915,8 +915,14 @@ pub fn slot_value(ip: IpAddr, port: u16) -> Vec<u8> {
 /// Parses a `beN` value.
 pub fn parse_slot_value(v: &[u8]) -> Option<(IpAddr, u16)> {
     let (ip, rest) = match v.len() {
-        8 => (IpAddr::V4(<[u8; 4]>::try_from(&v[..4]).ok()?.into()), &v[4..]),
-        20 => (IpAddr::V6(<[u8; 16]>::try_from(&v[..16]).ok()?.into()), &v[16..]),
+        8 => (
+            IpAddr::V4(<[u8; 4]>::try_from(&v[..4]).ok()?.into()),
+            &v[4..],
+        ),
+        20 => (
+            IpAddr::V6(<[u8; 16]>::try_from(&v[..16]).ok()?.into()),
+            &v[16..],
+        ),
         _ => return None,
     };
     Some((ip, u16::from_be_bytes([rest[0], rest[1]])))
@@ -1143,7 +1149,10 @@ pub enum Op {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 impl fmt::Display for Op {
@@ -1257,7 +1266,7 @@ fn programmed(svc: &LbService) -> Programmed {
 
 fn add_record(ops: &mut Vec<Op>, rec: &Record) {
     ops.push(Op::AddElem {
-        set: rec.set.name().into(),
+        set: rec.set.name(),
         key: rec.key.clone(),
         data: rec.data.clone(),
         comment: Some(rec.comment.clone()),
@@ -1266,7 +1275,7 @@ fn add_record(ops: &mut Vec<Op>, rec: &Record) {
 
 fn del_record(ops: &mut Vec<Op>, rec: &Record) {
     ops.push(Op::DelElem {
-        set: rec.set.name().into(),
+        set: rec.set.name(),
         key: rec.key.clone(),
     });
 }
@@ -1334,7 +1343,7 @@ impl Mirror {
                 continue;
             };
             del_record(&mut tx.ops, &old.record);
-            self.slot_ops(&mut tx.ops, old, &BTreeMap::new());
+            Self::slot_ops(&mut tx.ops, old, &BTreeMap::new());
             if let Some(c) = &old.chain {
                 tx.ops.push(Op::FlushChain(c.clone()));
                 tx.ops.push(Op::DelChain(c.clone()));
@@ -1352,18 +1361,19 @@ impl Mirror {
             {
                 del_record(&mut tx.ops, &old.record);
             }
-            if let RecordSet::Class(c) = new.record.set {
-                if !self.classes.contains(&c) && new_classes.insert(c) {
-                    tx.ops.extend(class_ops(c));
-                    tx.classes.push(c);
-                }
+            if let RecordSet::Class(c) = new.record.set
+                && !self.classes.contains(&c)
+                && new_classes.insert(c)
+            {
+                tx.ops.extend(class_ops(c));
+                tx.classes.push(c);
             }
             let old_slots = old.map(|o| o.slots.clone()).unwrap_or_default();
             let empty = Programmed {
                 slots: old_slots,
                 ..new.clone()
             };
-            self.slot_ops(&mut tx.ops, &empty, &new.slots);
+            Self::slot_ops(&mut tx.ops, &empty, &new.slots);
             let old_chain = old.and_then(|o| o.chain.clone());
             let old_sets = old.map(|o| o.aff_sets.clone()).unwrap_or_default();
             if let Some(chain) = &new.chain {
@@ -1381,12 +1391,11 @@ impl Mirror {
                         .filter(|d| !old_sets.contains(&d.name))
                         .map(Op::AddSet),
                 );
-                tx.ops.extend(affinity_rules(svc).into_iter().map(|rule| {
-                    Op::AddRule {
+                tx.ops
+                    .extend(affinity_rules(svc).into_iter().map(|rule| Op::AddRule {
                         chain: chain.clone(),
                         rule,
-                    }
-                }));
+                    }));
             }
             if let Some(c) = &old_chain
                 && new.chain.as_ref() != Some(c)
@@ -1410,15 +1419,29 @@ impl Mirror {
             tx.changes.push((svc.frontend.key(), Some(new)));
         }
         let (mut hairpin, mut local) = (BTreeMap::new(), BTreeMap::new());
-        counted(&mut tx.ops, &mut hairpin, &self.hairpin, hp, hairpin_set, hairpin_key);
-        counted(&mut tx.ops, &mut local, &self.local, lo, local_set, local_key);
+        counted(
+            &mut tx.ops,
+            &mut hairpin,
+            &self.hairpin,
+            hp,
+            hairpin_set,
+            hairpin_key,
+        );
+        counted(
+            &mut tx.ops,
+            &mut local,
+            &self.local,
+            lo,
+            local_set,
+            local_key,
+        );
         tx.hairpin = hairpin;
         tx.local = local;
         tx
     }
 
     /// Element operations taking `old`'s `beN` slots to `new`.
-    fn slot_ops(&self, ops: &mut Vec<Op>, old: &Programmed, new: &BTreeMap<u32, (IpAddr, u16)>) {
+    fn slot_ops(ops: &mut Vec<Op>, old: &Programmed, new: &BTreeMap<u32, (IpAddr, u16)>) {
         let fk = old.svc.frontend.key();
         let v6 = fk.ip.is_ipv6();
         let np = fk.ip.is_unspecified();
@@ -1546,12 +1569,11 @@ mod tests {
                     (7, kind, "default/s7:http", aff)
                 );
                 assert_eq!(m.external_local, s.external_local);
-                match aff {
-                    Some(_) => assert_eq!(r.data, ElemData::Goto("s7".into())),
-                    None => {
-                        assert_eq!(r.set, RecordSet::Class(class_of(&s)));
-                        assert_eq!(r.data, ElemData::None);
-                    }
+                if aff.is_some() {
+                    assert_eq!(r.data, ElemData::Goto("s7".into()));
+                } else {
+                    assert_eq!(r.set, RecordSet::Class(class_of(&s)));
+                    assert_eq!(r.data, ElemData::None);
                 }
             }
         }
@@ -1574,7 +1596,9 @@ mod tests {
             parse_slot_value(&slot_value("fd00::1".parse().unwrap(), 8080)),
             Some(("fd00::1".parse().unwrap(), 8080))
         );
-        let fk = svc(5, "10.96.0.5", FrontendKind::ClusterIp, vec![]).frontend.key();
+        let fk = svc(5, "10.96.0.5", FrontendKind::ClusterIp, vec![])
+            .frontend
+            .key();
         let k = slot_key(&fk, 2);
         assert_eq!(parse_slot_key(&k), Some((&k[..12], 2)));
     }
@@ -1608,15 +1632,16 @@ mod tests {
             vec![be("10.0.1.3", 80, true), be("10.0.2.3", 80, false)],
         );
         let tx = m.transaction(&plan(std::slice::from_ref(&b), &[]));
-        assert!(!text(&tx.ops).iter().any(|o| o.contains("rule") || o.contains("set")));
+        assert!(
+            !text(&tx.ops)
+                .iter()
+                .any(|o| o.contains("rule") || o.contains("set"))
+        );
         m.commit(tx);
         // Replacing one endpoint: one slot, one hairpin element; no rule, no chain.
         let mut a2 = a.clone();
         a2.backends[1] = be("10.0.3.2", 80, false);
-        let tx = m.transaction(&plan(
-            &[a2.clone(), b.clone()],
-            &[a.clone(), b.clone()],
-        ));
+        let tx = m.transaction(&plan(&[a2.clone(), b.clone()], &[a.clone(), b.clone()]));
         assert_eq!(
             text(&tx.ops),
             vec![
@@ -1691,13 +1716,21 @@ mod tests {
 
     #[test]
     fn losing_all_endpoints_moves_the_record_and_frees_slots() {
-        let a = svc(1, "10.96.0.1", FrontendKind::ClusterIp, vec![be("10.0.1.2", 80, true)]);
+        let a = svc(
+            1,
+            "10.96.0.1",
+            FrontendKind::ClusterIp,
+            vec![be("10.0.1.2", 80, true)],
+        );
         let mut m = Mirror::default();
         let tx = m.transaction(&plan(std::slice::from_ref(&a), &[]));
         m.commit(tx);
         let mut empty = a.clone();
         empty.backends.clear();
-        let tx = m.transaction(&plan(std::slice::from_ref(&empty), std::slice::from_ref(&a)));
+        let tx = m.transaction(&plan(
+            std::slice::from_ref(&empty),
+            std::slice::from_ref(&a),
+        ));
         assert_eq!(
             text(&tx.ops),
             vec![
@@ -1720,8 +1753,18 @@ mod tests {
 
     #[test]
     fn shared_backends_keep_their_elements_until_the_last_user_goes() {
-        let a = svc(1, "10.96.0.1", FrontendKind::ClusterIp, vec![be("10.0.1.2", 80, true)]);
-        let n = svc(2, "0.0.0.0", FrontendKind::NodePort, vec![be("10.0.1.2", 80, true)]);
+        let a = svc(
+            1,
+            "10.96.0.1",
+            FrontendKind::ClusterIp,
+            vec![be("10.0.1.2", 80, true)],
+        );
+        let n = svc(
+            2,
+            "0.0.0.0",
+            FrontendKind::NodePort,
+            vec![be("10.0.1.2", 80, true)],
+        );
         let mut m = Mirror::default();
         let tx = m.transaction(&plan(&[a.clone(), n.clone()], &[]));
         assert_eq!(
@@ -1735,7 +1778,10 @@ mod tests {
         let tx = m.transaction(&plan(std::slice::from_ref(&n), &[a.clone(), n.clone()]));
         assert!(!text(&tx.ops).iter().any(|o| o.contains("hairpin")));
         m.commit(tx);
-        assert_eq!(counts(std::slice::from_ref(&n)), (m.hairpin.clone(), m.local.clone()));
+        assert_eq!(
+            counts(std::slice::from_ref(&n)),
+            (m.hairpin.clone(), m.local.clone())
+        );
     }
 
     #[test]
@@ -1773,6 +1819,5 @@ mod tests {
             Some("fd00::1".parse().unwrap())
         );
         assert_eq!(clip(&"é".repeat(150)).len(), 200);
-
     }
 }
