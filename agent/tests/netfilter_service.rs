@@ -26,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
+use twill_agent::services::iptables::{IptBackend, IptLb};
 use twill_agent::services::lb::{
     Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, MAGLEV_M, Proto, plan,
 };
@@ -434,6 +435,89 @@ fn nft_programs_reads_back_restarts_and_balances() {
     assert!(!env.nft("list tables").contains("twill"));
 }
 
+fn ipt_save(env: &Env, backend: IptBackend) -> String {
+    let mut out = String::new();
+    for v6 in ["", "6"] {
+        let tool = format!("ip{v6}tables-{}-save", backend.as_str());
+        out.push_str(&String::from_utf8_lossy(
+            &run("ip", &["netns", "exec", &env.node, &tool]).stdout,
+        ));
+    }
+    out
+}
+
+fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: &str) {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new(tag);
+    env.serve("b1", BE1, 8080, 5353);
+    env.serve("b2", BE2, 8080, 5353);
+    env.serve("b1v6", BE1_V6, 8080, 5353);
+    let want = services();
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("open");
+        assert!(lb.observed().unwrap().is_empty());
+        lb.apply(&plan(&want, &[])).expect("apply");
+        assert_eq!(lb.observed().unwrap(), want);
+    });
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("reopen");
+        let seen = lb.observed().unwrap();
+        assert_eq!(seen, want);
+        assert!(plan(&want, &seen).is_empty());
+    });
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let line = env.tcp(vip).expect("ClusterIP from outside");
+        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+        let line = env.tcp(np).expect("NodePort");
+        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
+    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
+    let sticky: BTreeSet<String> = (0..8)
+        .map(|_| name(&env.tcp(ext).expect("external IP")).to_owned())
+        .collect();
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
+    assert_eq!(name(&env.tcp(v6).expect("v6 ClusterIP")), "b1v6");
+    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    // Uninstalling (services still programmed) leaves no TWILL- chain and no jump; so does
+    // removing everything first.
+    env.on_node(|| {
+        assert!(IptLb::uninstall(backend).unwrap() > 0);
+    });
+    let left = ipt_save(&env, backend);
+    assert!(!left.contains("TWILL") && !left.contains("twill"), "{left}");
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("reopen");
+        lb.apply(&plan(&want, &[])).expect("apply");
+        lb.apply(&plan(&[], &want)).expect("delete all");
+        assert!(lb.observed().unwrap().is_empty());
+        assert!(IptLb::uninstall(backend).unwrap() > 0);
+    });
+    let left = ipt_save(&env, backend);
+    assert!(!left.contains("TWILL") && !left.contains("twill"), "{left}");
+}
+
+#[test]
+fn iptables_legacy_programs_reads_back_restarts_and_balances() {
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Legacy, "l");
+}
+
+#[test]
+fn iptables_nft_programs_reads_back_restarts_and_balances() {
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Nft, "i");
+}
+
 #[test]
 fn nft_leaves_other_tables_alone() {
     if !require_root() {
@@ -540,139 +624,5 @@ fn nft_sync_figures() {
             );
         }
         let _ = NftLb::uninstall();
-    });
-}
-
-#[test]
-#[ignore = "experiment"]
-fn nft_experiment() {
-    use twill_agent::services::nfnl::NfSocket;
-    use twill_agent::services::nft::encode_ops;
-    use twill_agent::services::nft::expr::{Expr, Imm};
-    use twill_agent::services::nft::render::{Op, Rule, TABLE};
-    let env = Env::new("x");
-    env.on_node(|| {
-        let mut lb = NftLb::open().expect("open");
-        let all = many(30_000, 10);
-        lb.apply(&plan(&all, &[])).expect("full sync");
-        let mut sock = NfSocket::open().unwrap();
-        let cases: Vec<(&str, Vec<Expr>)> = vec![
-            (
-                "numgen+cmp",
-                vec![
-                    Expr::Numgen {
-                        dreg: 1,
-                        modulus: 3,
-                        ty: 1,
-                        offset: 0,
-                    },
-                    Expr::Cmp {
-                        sreg: 1,
-                        op: 0,
-                        data: vec![0; 4],
-                    },
-                ],
-            ),
-            (
-                "payload+cmp",
-                vec![
-                    Expr::Payload {
-                        base: 1,
-                        offset: 12,
-                        len: 4,
-                        dreg: 1,
-                    },
-                    Expr::Cmp {
-                        sreg: 1,
-                        op: 0,
-                        data: vec![0; 4],
-                    },
-                ],
-            ),
-            (
-                "immediate value",
-                vec![Expr::Immediate {
-                    dreg: 1,
-                    data: Imm::Value(vec![1, 2, 3, 4]),
-                }],
-            ),
-            ("meta get", vec![Expr::Meta { key: 3, dreg: 1 }]),
-            (
-                "meta set mark",
-                vec![
-                    Expr::Meta { key: 3, dreg: 1 },
-                    Expr::MetaSet { key: 3, sreg: 1 },
-                ],
-            ),
-            (
-                "lookup set",
-                vec![
-                    Expr::Payload {
-                        base: 1,
-                        offset: 12,
-                        len: 4,
-                        dreg: 1,
-                    },
-                    Expr::Payload {
-                        base: 1,
-                        offset: 12,
-                        len: 4,
-                        dreg: 9,
-                    },
-                    Expr::Lookup {
-                        set: "hairpin4".into(),
-                        sreg: 1,
-                        dreg: None,
-                    },
-                ],
-            ),
-            (
-                "nat",
-                vec![
-                    Expr::Immediate {
-                        dreg: 1,
-                        data: Imm::Value(vec![1, 2, 3, 4]),
-                    },
-                    Expr::Nat {
-                        ty: 1,
-                        family: 2,
-                        reg_addr: Some(1),
-                        reg_proto: None,
-                        flags: 0,
-                    },
-                ],
-            ),
-        ];
-        for (name, exprs) in cases {
-            let ops = vec![
-                Op::FlushChain("s5".into()),
-                Op::AddRule {
-                    chain: "s5".into(),
-                    rule: Rule {
-                        exprs,
-                        comment: None,
-                    },
-                },
-            ];
-            let t = Instant::now();
-            for _ in 0..5 {
-                sock.commit(&encode_ops(TABLE, &ops)).unwrap();
-            }
-            println!("{name}: {:?} per tx", t.elapsed() / 5);
-        }
-        let t = Instant::now();
-        for _ in 0..5 {
-            sock.commit(&encode_ops(
-                TABLE,
-                &[Op::AddElem {
-                    set: "classes".into(),
-                    key: vec![9, 9, 9, 0],
-                    data: twill_agent::services::nft::render::ElemData::Goto("p4-10".into()),
-                    comment: None,
-                }],
-            ))
-            .unwrap();
-        }
-        println!("goto element: {:?} per tx", t.elapsed() / 5);
     });
 }

@@ -458,7 +458,18 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
             twill_tests::run(&ns, &["nft", "-f", file.to_str().unwrap()]).unwrap();
             for args in [
                 &["-t", "nat", "-N", "FOREIGN-CHAIN"][..],
-                &["-t", "nat", "-A", "FOREIGN-CHAIN", "-p", "tcp", "--dport", "9999", "-j", "RETURN"],
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "FOREIGN-CHAIN",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "9999",
+                    "-j",
+                    "RETURN",
+                ],
                 &["-t", "nat", "-A", "PREROUTING", "-j", "FOREIGN-CHAIN"],
             ] {
                 let mut a = vec!["iptables"];
@@ -510,16 +521,29 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
             .contains(":TWILL-SERVICES")
     };
     let has_pins = || fs::read_dir(&pins).is_ok_and(|mut d| d.next().is_some());
+    // Cleanup of the other modes happens before the proxy logs "service dataplane ready".
+    let ready = || {
+        c.rig
+            .twilld_log(2)
+            .lines()
+            .filter(|l| l.contains("twill_agent::proxy") && l.contains("service dataplane ready"))
+            .count()
+    };
     let restart = |mode: &str, env: &[(&str, &str)]| {
+        let before = ready();
         c.rig.kill_twilld(2, Signal::SIGTERM).unwrap();
         let flags = proxy_flags(mode, 2, c.cgroup(2));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         c.rig.start_twilld_env(2, &flags, env).unwrap();
+        wait_until(UP, || ready() > before)
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
         wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
             .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
     };
-    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || {
+        ready() > 0 && tcp_from_thread(&client.ns, vip).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let log = c.rig.twilld_log(2);
     assert!(
         log.lines()
@@ -540,12 +564,22 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
         line.contains("nftables") && line.contains("disabled by TWILL_TEST_DISABLE_EBPF"),
         "no fallback to nftables: {line}"
     );
-    assert!(has_table() && !has_pins(), "eBPF pins left after the switch");
+    assert!(
+        has_table() && !has_pins(),
+        "eBPF pins left after the switch"
+    );
 
     restart("iptables", &[]);
-    assert!(has_chains() && !has_table(), "nftables table left after the switch");
+    assert!(
+        has_chains() && !has_table(),
+        "nftables table left after the switch"
+    );
     restart("ebpf", &[]);
-    assert!(has_pins() && !has_chains(), "iptables chains left after the switch");
+    assert!(
+        has_pins() && !has_chains(),
+        "iptables chains left after the switch:\n{}",
+        twill_tests::run(&ns, &["iptables-save", "-t", "nat"]).unwrap()
+    );
 }
 
 /// One module per proxy mode, each running the shared scenarios (and the mode's extras).

@@ -136,7 +136,7 @@ pub fn cleanup_except(keep: Mode, pin_dir: &Path) {
                     "removed iptables service chains of an earlier proxy mode"
                 ),
                 Err(e) => {
-                    tracing::debug!(backend = b.as_str(), error = %e, "remove iptables service chains")
+                    warn!(backend = b.as_str(), error = %e, "remove iptables service chains");
                 }
             }
         }

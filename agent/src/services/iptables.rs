@@ -44,6 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 
 use tracing::{debug, info, warn};
@@ -132,6 +133,17 @@ impl From<IptError> for LbError {
 
 fn run(tool: &str, args: &[&str], input: Option<&str>) -> Result<String, IptError> {
     let mut cmd = Command::new(tool);
+    // A restore still running when twilld dies must not land after its successor's cleanup:
+    // the child dies with the thread that waits for it (a killed restore commits nothing).
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -812,20 +824,32 @@ impl IptLb {
                     let _ = writeln!(out, ":{chain} - [0:0]");
                 }
             }
+            // Our jumps go first in each built-in chain, in order; if one is missing, the
+            // present ones are removed and all are inserted again (one commit, no gap).
+            let mut groups: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
             for (table, chain, rule) in jumps() {
-                let want = format!("-A {chain} {rule}");
-                let present = saved
-                    .rules(table, chain)
-                    .is_some_and(|have| have.iter().any(|h| signature(h) == signature(&want)));
-                if !present {
-                    let out = if table == "nat" {
-                        &mut nat
-                    } else {
-                        &mut filter
-                    };
-                    let pos = if rule.contains(NODEPORTS) { 2 } else { 1 };
-                    let pos = pos.min(saved.rules(table, chain).map_or(0, Vec::len) + 1);
-                    let _ = writeln!(out, "-I {chain} {pos} {rule}");
+                groups.entry((table, chain)).or_default().push(rule);
+            }
+            for ((table, chain), rules) in groups {
+                let present = |rule: &str| {
+                    let want = format!("-A {chain} {rule}");
+                    saved
+                        .rules(table, chain)
+                        .is_some_and(|have| have.iter().any(|h| signature(h) == signature(&want)))
+                };
+                if rules.iter().all(|r| present(r)) {
+                    continue;
+                }
+                let out = if table == "nat" {
+                    &mut nat
+                } else {
+                    &mut filter
+                };
+                for r in rules.iter().filter(|r| present(r)) {
+                    let _ = writeln!(out, "-D {chain} {r}");
+                }
+                for (i, r) in rules.iter().enumerate() {
+                    let _ = writeln!(out, "-I {chain} {} {r}", i + 1);
                 }
             }
             for c in &stray {

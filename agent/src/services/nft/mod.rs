@@ -472,7 +472,7 @@ impl NftLb {
         let sets = match self
             .sock
             .dump((SUBSYS_NFTABLES << 8) | MSG_GETSET, NFPROTO_INET, |m| {
-                m.str(SET_TABLE, TABLE)
+                m.str(SET_TABLE, TABLE);
             }) {
             Ok(s) => s,
             Err(e) if e.errno() == Some(ENOENT) => return Ok(None),
