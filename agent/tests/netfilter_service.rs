@@ -580,6 +580,38 @@ fn p99(mut v: Vec<Duration>) -> (Duration, Duration) {
     (v[v.len() / 2], v[(v.len() * 99 / 100).min(v.len() - 1)])
 }
 
+/// Times `changes` one-endpoint changes on `lb` (alternately a replaced endpoint — same
+/// count — and an added/removed one): (p50, p99) of each kind.
+fn one_change_latency(
+    lb: &mut dyn LbDataplane,
+    cur: &mut [LbService],
+    changes: usize,
+) -> ((Duration, Duration), (Duration, Duration)) {
+    let (mut same, mut count) = (Vec::new(), Vec::new());
+    for j in 0..changes {
+        let i = (j * 7919) % cur.len();
+        let old = cur[i].clone();
+        let mut new = old.clone();
+        if j % 2 == 0 {
+            new.backends[0].port = if old.backends[0].port == 8080 { 8081 } else { 8080 };
+        } else if new.backends.len() > 10 {
+            new.backends.pop();
+        } else {
+            new.backends.push(be(&format!("10.245.{}.{}", j % 250, 2 + j % 200), 8080));
+        }
+        let p = plan(std::slice::from_ref(&new), std::slice::from_ref(&old));
+        let t = Instant::now();
+        lb.apply(&p).expect("one change");
+        if j % 2 == 0 {
+            same.push(t.elapsed());
+        } else {
+            count.push(t.elapsed());
+        }
+        cur[i] = new;
+    }
+    (p99(same), p99(count))
+}
+
 /// Prints full-sync and one-change timings of the nftables dataplane (10k x 10, 30k x 10).
 #[test]
 #[ignore = "measurement, run by hand with --ignored --nocapture"]
@@ -592,37 +624,70 @@ fn nft_sync_figures() {
         for n in [10_000u32, 30_000] {
             let _ = NftLb::uninstall();
             let mut lb = NftLb::open().expect("open");
-            let all = many(n, 10);
+            let mut all = many(n, 10);
             let t = Instant::now();
             lb.apply(&plan(&all, &[])).expect("full sync");
             let full = t.elapsed();
             let t = Instant::now();
             let seen = lb.observed().expect("observed");
+            let resync = t.elapsed();
+            assert_eq!(seen.len(), all.len());
+            drop(lb);
+            let t = Instant::now();
+            let mut lb = NftLb::open().expect("reopen");
+            let seen = lb.observed().expect("observed");
             let read = t.elapsed();
             assert_eq!(seen.len(), all.len());
-            let mut lat = Vec::new();
-            let mut cur = all.clone();
-            for j in 0..200usize {
-                let i = (j * 7919) % cur.len();
-                let old = cur[i].clone();
-                let mut new = old.clone();
-                new.backends[0].port = if old.backends[0].port == 8080 {
-                    8081
-                } else {
-                    8080
-                };
-                let p = plan(std::slice::from_ref(&new), std::slice::from_ref(&old));
-                let t = Instant::now();
-                lb.apply(&p).expect("one change");
-                lat.push(t.elapsed());
-                cur[i] = new;
-            }
-            let (p50, p99) = p99(lat);
+            let (same, count) = one_change_latency(&mut lb, &mut all, 400);
             println!(
-                "nftables {n} services x 10 endpoints: full sync {full:?}, read back {read:?}, \
-                 one endpoint change p50 {p50:?} p99 {p99:?}"
+                "nftables {n} services x 10 endpoints: full sync {full:?}, resync (unchanged \
+                 table) {resync:?}, restart read back {read:?}, \
+                 one endpoint replaced p50 {:?} p99 {:?}, one endpoint added/removed p50 {:?} \
+                 p99 {:?}",
+                same.0, same.1, count.0, count.1
             );
         }
         let _ = NftLb::uninstall();
+    });
+}
+
+/// Prints full-sync and one-change timings of the iptables dataplane, legacy and nft backends.
+#[test]
+#[ignore = "measurement, run by hand with --ignored --nocapture"]
+fn iptables_sync_figures() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new("q");
+    env.on_node(|| {
+        for (backend, sizes) in [
+            (IptBackend::Legacy, &[10_000u32, 30_000][..]),
+            (IptBackend::Nft, &[1_000u32][..]),
+        ] {
+            for &n in sizes {
+                let _ = IptLb::uninstall(backend);
+                let mut lb = IptLb::open(backend).expect("open");
+                let mut all = many(n, 10);
+                let t = Instant::now();
+                lb.apply(&plan(&all, &[])).expect("full sync");
+                let full = t.elapsed();
+                let t = Instant::now();
+                let seen = lb.observed().expect("observed");
+                let read = t.elapsed();
+                assert_eq!(seen.len(), all.len());
+                let (same, count) = one_change_latency(&mut lb, &mut all, 20);
+                println!(
+                    "iptables-{} {n} services x 10 endpoints: full sync {full:?}, read back \
+                     {read:?}, one endpoint replaced p50 {:?} max {:?}, added/removed p50 {:?} \
+                     max {:?}",
+                    backend.as_str(),
+                    same.0,
+                    same.1,
+                    count.0,
+                    count.1
+                );
+            }
+            let _ = IptLb::uninstall(backend);
+        }
     });
 }

@@ -523,6 +523,50 @@ impl NfSocket {
         Ok(out)
     }
 
+    /// Sends one request (not a dump) and returns its answers up to the ACK.
+    pub fn get(
+        &mut self,
+        ty: u16,
+        family: u8,
+        build: impl Fn(&mut MsgBuf),
+    ) -> Result<Vec<Msg>, NfnlError> {
+        let mut m = MsgBuf::new();
+        let seq = self.next_seq();
+        m.begin(ty, F_REQUEST | F_ACK, seq, family, 0);
+        build(&mut m);
+        m.end();
+        self.send(m.bytes())?;
+        let mut out = Vec::new();
+        loop {
+            let n = self.recv()?;
+            let rx = self.rx[..n].to_vec();
+            for (mty, flags, mseq, body) in split(&rx)? {
+                if mseq != seq {
+                    continue;
+                }
+                if mty == NLMSG_ERROR {
+                    let (errno, message) = parse_error(flags, body)?;
+                    if errno == 0 {
+                        return Ok(out);
+                    }
+                    return Err(NfnlError::Kernel {
+                        what: format!("get {ty:#x}"),
+                        message,
+                        errno,
+                    });
+                }
+                if body.len() >= NFGEN_LEN {
+                    out.push(Msg {
+                        ty: mty,
+                        flags,
+                        family: body[0],
+                        payload: body[NFGEN_LEN..].to_vec(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Runs a dump request (`build` writes the request's attributes) and returns every
     /// answer. A dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is retried.
     pub fn dump(

@@ -74,6 +74,8 @@ const MSG_DELSET: u16 = 11;
 const MSG_NEWSETELEM: u16 = 12;
 const MSG_GETSETELEM: u16 = 13;
 const MSG_DELSETELEM: u16 = 14;
+const MSG_GETGEN: u16 = 16;
+const GEN_ID: u16 = 1;
 
 // Attributes.
 const TABLE_NAME: u16 = 1;
@@ -380,6 +382,9 @@ impl Dump {
 pub struct NftLb {
     sock: NfSocket,
     mirror: Mirror,
+    /// The ruleset generation after our last transaction or read-back: while the kernel
+    /// reports the same, nothing changed since and the mirror is the table.
+    genid: Option<u32>,
 }
 
 impl std::fmt::Debug for NftLb {
@@ -398,6 +403,7 @@ impl NftLb {
         let mut lb = NftLb {
             sock,
             mirror: Mirror::default(),
+            genid: None,
         };
         lb.ensure_skeleton()?;
         lb.read_back()?;
@@ -441,6 +447,22 @@ impl NftLb {
     /// No frontend programmed.
     pub fn is_empty(&self) -> bool {
         self.mirror.frontends.is_empty()
+    }
+
+    /// The ruleset generation (`NFT_MSG_GETGEN`); it changes with every committed
+    /// transaction of any owner in this namespace.
+    fn generation(&mut self) -> Option<u32> {
+        let msgs = self
+            .sock
+            .get((SUBSYS_NFTABLES << 8) | MSG_GETGEN, 0, |_| {})
+            .ok()?;
+        msgs.iter()
+            .find_map(|m| m.attrs().get(GEN_ID).and_then(|a| a.u32_be().ok()))
+    }
+
+    /// The services the mirror holds (after a read-back or our own transactions).
+    fn mirrored(&self) -> Vec<LbService> {
+        self.mirror.frontends.values().map(|p| p.svc.clone()).collect()
     }
 
     fn ensure_skeleton(&mut self) -> Result<(), NftError> {
@@ -606,6 +628,23 @@ impl NftLb {
     /// Reads the table, repairs what is not twill's doing, rebuilds the mirror, and returns
     /// the services it holds.
     fn read_back(&mut self) -> Result<Vec<LbService>, NftError> {
+        let services = self.read_back_raw()?;
+        Ok(services
+            .into_iter()
+            .map(|mut s| {
+                if !s.backends.is_empty() {
+                    s.maglev = maglev::table(&s.backends, MAGLEV_M);
+                }
+                s
+            })
+            .collect())
+    }
+
+    fn read_back_raw(&mut self) -> Result<Vec<LbService>, NftError> {
+        let before = self.generation();
+        if before.is_some() && before == self.genid {
+            return Ok(self.mirrored());
+        }
         let dump = match self.dump_table()? {
             Some(d) if layout_ok(&d) => d,
             found => {
@@ -629,6 +668,7 @@ impl NftLb {
                 let rest = encode_ops(TABLE, &skeleton_ops());
                 self.commit_two(b, &rest)?;
                 self.mirror = Mirror::default();
+                self.genid = None;
                 return Ok(Vec::new());
             }
         };
@@ -641,15 +681,14 @@ impl NftLb {
                 .map_err(nl("repair", format!("table inet {TABLE}")))?;
         }
         self.mirror = mirror;
-        Ok(services
-            .into_iter()
-            .map(|mut s| {
-                if !s.backends.is_empty() {
-                    s.maglev = maglev::table(&s.backends, MAGLEV_M);
-                }
-                s
-            })
-            .collect())
+        // Only trust the shortcut next time if nobody changed anything while we read.
+        let after = self.generation();
+        let repaired = u32::from(!repairs.is_empty());
+        self.genid = match (before, after) {
+            (Some(b), Some(a)) if a == b.wrapping_add(repaired) => Some(a),
+            _ => None,
+        };
+        Ok(services)
     }
 }
 
@@ -926,9 +965,16 @@ impl LbDataplane for NftLb {
         let tx = self.mirror.transaction(plan);
         if !tx.ops.is_empty() {
             let batch = encode_ops(TABLE, &tx.ops);
-            self.sock
-                .commit(&batch)
-                .map_err(nl("transaction", format!("table inet {TABLE}")))?;
+            if let Err(e) = self.sock.commit(&batch) {
+                self.genid = None;
+                return Err(nl("transaction", format!("table inet {TABLE}"))(e).into());
+            }
+            // Our commit advanced the generation by one; anything more is someone else's.
+            let now = self.generation();
+            self.genid = match (self.genid, now) {
+                (Some(g), Some(n)) if n == g.wrapping_add(1) => Some(n),
+                _ => None,
+            };
         }
         self.mirror.commit(tx);
         if !plan.stale_backends.is_empty() {
