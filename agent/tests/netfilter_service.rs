@@ -593,11 +593,16 @@ fn one_change_latency(
         let old = cur[i].clone();
         let mut new = old.clone();
         if j % 2 == 0 {
-            new.backends[0].port = if old.backends[0].port == 8080 { 8081 } else { 8080 };
-        } else if new.backends.len() > 10 {
+            new.backends[0].port = if old.backends[0].port == 8080 {
+                8081
+            } else {
+                8080
+            };
+        } else if new.backends.len() > 10 || (new.backends.len() > 1 && j % 4 == 3) {
             new.backends.pop();
         } else {
-            new.backends.push(be(&format!("10.245.{}.{}", j % 250, 2 + j % 200), 8080));
+            new.backends
+                .push(be(&format!("10.245.{}.{}", j % 250, 2 + j % 200), 8080));
         }
         let p = plan(std::slice::from_ref(&new), std::slice::from_ref(&old));
         let t = Instant::now();
@@ -661,13 +666,16 @@ fn iptables_sync_figures() {
     let env = Env::new("q");
     env.on_node(|| {
         for (backend, sizes) in [
-            (IptBackend::Legacy, &[10_000u32, 30_000][..]),
-            (IptBackend::Nft, &[1_000u32][..]),
+            (
+                IptBackend::Legacy,
+                &[(10_000u32, 1u32), (10_000, 10), (30_000, 10)][..],
+            ),
+            (IptBackend::Nft, &[(1_000u32, 10u32)][..]),
         ] {
-            for &n in sizes {
+            for &(n, eps) in sizes {
                 let _ = IptLb::uninstall(backend);
                 let mut lb = IptLb::open(backend).expect("open");
-                let mut all = many(n, 10);
+                let mut all = many(n, eps);
                 let t = Instant::now();
                 lb.apply(&plan(&all, &[])).expect("full sync");
                 let full = t.elapsed();
@@ -677,7 +685,7 @@ fn iptables_sync_figures() {
                 assert_eq!(seen.len(), all.len());
                 let (same, count) = one_change_latency(&mut lb, &mut all, 20);
                 println!(
-                    "iptables-{} {n} services x 10 endpoints: full sync {full:?}, read back \
+                    "iptables-{} {n} services x {eps} endpoints: full sync {full:?}, read back \
                      {read:?}, one endpoint replaced p50 {:?} max {:?}, added/removed p50 {:?} \
                      max {:?}",
                     backend.as_str(),

@@ -462,7 +462,11 @@ impl NftLb {
 
     /// The services the mirror holds (after a read-back or our own transactions).
     fn mirrored(&self) -> Vec<LbService> {
-        self.mirror.frontends.values().map(|p| p.svc.clone()).collect()
+        self.mirror
+            .frontends
+            .values()
+            .map(|p| p.svc.clone())
+            .collect()
     }
 
     fn ensure_skeleton(&mut self) -> Result<(), NftError> {
