@@ -92,9 +92,14 @@ pub struct Options {
     /// Seconds between full resyncs that heal drift.
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
-    /// Service proxy dataplane: `ebpf` (socket-level LB + tc) or `none`.
-    #[arg(long, default_value = "none", value_parser = ["none", "ebpf"])]
+    /// Service proxy dataplane: `ebpf` (socket-level LB + tc), `nftables`, `iptables`, `auto`
+    /// (eBPF if twill's programs load and attach, else nftables, else iptables) or `none`.
+    #[arg(long, default_value = "none", value_parser = ["none", "ebpf", "nftables", "iptables", "auto"])]
     pub proxy_mode: String,
+    /// iptables implementation for `--proxy-mode iptables`: `auto` (the one already holding
+    /// rules, else what `iptables --version` names), `legacy` or `nft`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "legacy", "nft"])]
+    pub iptables_backend: String,
     /// This node's name, matched against EndpointSlices' `nodeName` and, with
     /// `--kube-subnet-mgr`, the Node whose podCIDRs it uses (default: the host name).
     #[arg(long, env = "NODE_NAME")]

@@ -17,7 +17,10 @@ use crate::ebpf::service::EbpfLbView;
 use crate::ebpf::{EbpfLb, TcIface};
 use crate::metrics::Metrics;
 use crate::overlay::{Devices, Uplink};
+use crate::services::dataplane::{self, AnyLb, Mode};
 use crate::services::desired::NodeIdentity;
+use crate::services::iptables::{IptBackend, IptLb, detect_backend};
+use crate::services::nft::NftLb;
 use crate::services::source::{EtcdServiceStore, ServiceMetrics, run_services};
 use crate::store::EtcdTls;
 
@@ -81,25 +84,23 @@ async fn attach_when_present(lb: Arc<Mutex<EbpfLb>>) {
     }
 }
 
-/// Opens the dataplane `--proxy-mode` names and spawns the service loop; `None` when the mode is
-/// `none`.
-pub async fn start(
+/// Loads and attaches the eBPF service dataplane (`EbpfLb::open`) on the node's interfaces.
+async fn open_ebpf(
     opts: &Options,
     up: &Uplink,
     devices: &Devices,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<Option<JoinHandle<()>>> {
-    if opts.proxy_mode == "none" {
-        return Ok(None);
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<EbpfLb> {
+    if dataplane::ebpf_disabled() {
+        anyhow::bail!("disabled by {}=1", dataplane::DISABLE_EBPF_ENV);
     }
     let mut ifaces = vec![TcIface::external(&up.name), TcIface::pods("cni0")];
     for dev in [&devices.v4, &devices.v6].into_iter().flatten() {
         ifaces.push(TcIface::external(&dev.name));
     }
-    let pin_dir = opts.bpf_pin_dir.join("lb");
     let cgroup = opts.lb_cgroup.clone().unwrap_or_else(default_cgroup);
-    let lb = tokio::task::spawn_blocking({
-        let (pin_dir, cgroup) = (pin_dir.clone(), cgroup.clone());
+    tokio::task::spawn_blocking({
+        let (pin_dir, cgroup) = (pin_dir.to_path_buf(), cgroup.clone());
         move || EbpfLb::open(&pin_dir, &cgroup, &ifaces)
     })
     .await?
@@ -109,29 +110,107 @@ pub async fn start(
             pin_dir.display(),
             cgroup.display()
         )
-    })?;
+    })
+}
+
+/// Opens the netfilter dataplane of `mode` (nftables or iptables).
+async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<AnyLb> {
+    let backend = iptables_backend.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<AnyLb> {
+        dataplane::ensure_bridge_nf();
+        if mode == Mode::Nftables {
+            return Ok(AnyLb::Nft(NftLb::open().context(
+                "open the nftables service dataplane (table inet twill)",
+            )?));
+        }
+        let (b, why) = match backend.as_str() {
+            "legacy" => (IptBackend::Legacy, "requested".to_string()),
+            "nft" => (IptBackend::Nft, "requested".to_string()),
+            _ => detect_backend(),
+        };
+        tracing::info!(backend = b.as_str(), reason = %why, "iptables backend");
+        Ok(AnyLb::Ipt(IptLb::open(b).with_context(|| {
+            format!(
+                "open the iptables service dataplane ({} backend)",
+                b.as_str()
+            )
+        })?))
+    })
+    .await?
+}
+
+/// Opens the dataplane `--proxy-mode` names and spawns the service loop; `None` when the mode is
+/// `none`. `auto` tries eBPF, then nftables, then iptables; the choice and the reason are
+/// logged and exported. The other modes' state is removed.
+pub async fn start(
+    opts: &Options,
+    up: &Uplink,
+    devices: &Devices,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    if opts.proxy_mode == "none" {
+        return Ok(None);
+    }
+    let pin_dir = opts.bpf_pin_dir.join("lb");
+    let mut probe = dataplane::Probe::default();
+    let mut ebpf = None;
+    if opts.proxy_mode == "auto" {
+        match open_ebpf(opts, up, devices, &pin_dir).await {
+            Ok(lb) => ebpf = Some(lb),
+            Err(e) => probe.ebpf = Err(format!("{e:#}")),
+        }
+        if probe.ebpf.is_err() {
+            probe.nftables =
+                tokio::task::spawn_blocking(|| NftLb::probe().map_err(|e| e.to_string())).await?;
+        }
+    }
+    let (mode, reason) = dataplane::choose(&opts.proxy_mode, &probe).map_err(anyhow::Error::msg)?;
+    tracing::info!(mode = mode.as_str(), reason = %reason, "service proxy mode");
+    let (dp, pending) = match mode {
+        Mode::Ebpf => {
+            let lb = match ebpf {
+                Some(lb) => lb,
+                None => open_ebpf(opts, up, devices, &pin_dir).await?,
+            };
+            let pending = !lb.pending_interfaces().is_empty();
+            (AnyLb::Ebpf(Arc::new(Mutex::new(lb))), pending)
+        }
+        Mode::Nftables | Mode::Iptables => {
+            drop(ebpf);
+            (open_netfilter(mode, &opts.iptables_backend).await?, false)
+        }
+    };
+    tokio::task::spawn_blocking({
+        let pin_dir = pin_dir.clone();
+        move || dataplane::cleanup_except(mode, &pin_dir)
+    })
+    .await?;
     // The node name decides which endpoints are local (`externalTrafficPolicy: Local`, hairpin
     // SNAT): logged, since a wrong one (the host name where EndpointSlices say otherwise) only
     // shows as failing connections.
     let name = node_name(opts);
-    tracing::info!(pins = %pin_dir.display(), cgroup = %cgroup.display(), node = %name, "eBPF service dataplane ready");
-    let pending = !lb.pending_interfaces().is_empty();
-    let shared = Arc::new(Mutex::new(lb));
-    if pending {
+    tracing::info!(mode = mode.as_str(), node = %name, "service dataplane ready");
+    if let (AnyLb::Ebpf(shared), true) = (&dp, pending) {
         tokio::spawn(attach_when_present(shared.clone()));
     }
     // Per-service counters and map occupancy, read through handles of its own (see
     // `EbpfLbView`): a scrape never waits for, or delays, a sync.
-    match EbpfLbView::open(&pin_dir) {
-        Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
-        Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
+    if mode == Mode::Ebpf {
+        match EbpfLbView::open(&pin_dir) {
+            Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
+            Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
+        }
     }
+    let svc_metrics = Arc::new(ServiceMetrics::default());
+    svc_metrics.set_dataplane_reason(&reason);
+    let render = svc_metrics.clone();
+    metrics.add_renderer(Box::new(move || render.render()));
+    let node = NodeIdentity {
+        name,
+        addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
+    };
     if crate::kube::services_from_kubernetes(opts) {
-        let node = NodeIdentity {
-            name,
-            addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
-        };
-        return crate::kube::services::spawn(opts, node, shared, metrics)
+        return crate::kube::services::spawn(opts, node, dp, svc_metrics, metrics)
             .await
             .map(Some);
     }
@@ -143,16 +222,9 @@ pub async fn start(
     let store = EtcdServiceStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls)
         .await
         .context("connect the service source to etcd")?;
-    let node = NodeIdentity {
-        name,
-        addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
-    };
-    let svc_metrics = Arc::new(ServiceMetrics::default());
-    let render = svc_metrics.clone();
-    metrics.add_renderer(Box::new(move || render.render()));
     let resync = Duration::from_secs(opts.resync_interval.max(1));
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = run_services(store, node, shared, resync, svc_metrics).await {
+        if let Err(e) = run_services(store, node, dp, resync, svc_metrics).await {
             tracing::error!(error = format!("{e:#}"), "service loop stopped");
         }
     })))

@@ -588,6 +588,17 @@ impl Rig {
     /// <temp>/n<node>/subnet.env --healthz-port 0 --bpf-pin-dir <pin dir> <extra_args>`, with
     /// `RUST_LOG` and its output appended to [`Rig::twilld_log_path`].
     pub fn start_twilld(&self, node: usize, extra_args: &[&str]) -> Result<()> {
+        self.start_twilld_env(node, extra_args, &[])
+    }
+
+    /// [`Rig::start_twilld`] with extra environment variables (test hooks such as
+    /// `TWILL_TEST_DISABLE_EBPF=1`).
+    pub fn start_twilld_env(
+        &self,
+        node: usize,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let bin = self.twilld_path()?;
         let node_ns = self.node_ns(node);
         let mut inner = self.lock();
@@ -632,6 +643,7 @@ impl Rig {
         }
         let child = cmd
             .env("RUST_LOG", &self.rust_log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,14 +1,19 @@
-//! End-to-end tests of the eBPF service dataplane (issue 4) in the netns rig: real etcd, real
-//! twilld on every node with the eBPF proxy, services written with `twilld apply -f`.
+//! End-to-end tests of the service dataplanes (issues 4 and 5) in the netns rig: real etcd, real
+//! twilld on every node, services written with `twilld apply -f`. Every scenario is one body run
+//! for each proxy mode (`ebpf`, `nftables`, `iptables`): the `modes!` macro at the end makes a
+//! module per mode, so `cargo test --test services_ebpf nftables::` runs one mode, and the modes
+//! run in parallel test threads.
 //!
 //! Why it is shaped as it is:
 //! - Every node gets a cgroup2 directory of its own (`<cgroup2>/twill-<rig id>-n<node>`), passed
 //!   to its twilld for socket-LB; "in-cluster" clients that must go through socket-LB run as
 //!   processes moved into that cgroup (`busybox nc` under `nsenter` into a pod), clients that
-//!   must take the tc path run as threads of this test (outside any node cgroup).
+//!   must take the tc path run as threads of this test (outside any node cgroup). In the
+//!   netfilter modes there is no socket-LB: both kinds of client take the netfilter path, and
+//!   the scenarios assert the same user-visible behaviour.
 //! - Backends are threads of this test inside pod namespaces answering `<name> peer=<client>`,
 //!   so a test can tell which backend served a flow and which source address it saw.
-//! - The flags that turn the eBPF proxy on are in one place, [`proxy_flags`].
+//! - The flags that turn a proxy mode on are in one place, [`proxy_flags`].
 //! - Privileged: as root they run; under CI a non-root run fails (see `require_root`).
 
 use std::fmt::Write as _;
@@ -32,22 +37,24 @@ const UP: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const NODE_PORT: u16 = 30080;
 
-/// The agent flags enabling the eBPF service dataplane of `node` with socket-LB on `cgroup`.
+/// The agent flags enabling proxy `mode` on `node` (for eBPF, with socket-LB on `cgroup`).
 ///
 /// `--node-name` is what makes an endpoint local (EndpointSlices' `nodeName`, as kube-proxy
 /// matches it): the rig's nodes share the host's UTS namespace, so without it every node would
 /// be named after the host, no endpoint would be local, `externalTrafficPolicy: Local` would
 /// have no endpoints and a pod reaching a backend on its own node through tc would get no
 /// hairpin SNAT.
-fn proxy_flags(node: usize, cgroup: &Path) -> Vec<String> {
-    vec![
+fn proxy_flags(mode: &str, node: usize, cgroup: &Path) -> Vec<String> {
+    let mut flags = vec![
         "--proxy-mode".into(),
-        "ebpf".into(),
-        "--lb-cgroup".into(),
-        cgroup.display().to_string(),
+        mode.into(),
         "--node-name".into(),
         format!("n{node}"),
-    ]
+    ];
+    if mode == "ebpf" || mode == "auto" {
+        flags.extend(["--lb-cgroup".into(), cgroup.display().to_string()]);
+    }
+    flags
 }
 
 /// Per-node cgroups, removed on drop (after the rig's processes are gone).
@@ -69,8 +76,9 @@ impl Drop for Cgroups {
     }
 }
 
-/// A cluster of `n` host-gw nodes running twilld with the eBPF proxy, and its cgroups.
+/// A cluster of `n` host-gw nodes running twilld with one proxy mode, and its cgroups.
 struct Cluster {
+    mode: &'static str,
     // Dropped first: stops twilld, removes namespaces and pins.
     rig: Rig,
     cgroups: Cgroups,
@@ -85,7 +93,12 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    fn new(n: usize) -> Self {
+    fn new(mode: &'static str, n: usize) -> Self {
+        Self::with(mode, n, |_| {})
+    }
+
+    /// A cluster whose node namespaces get `prepare(rig)` before twilld starts.
+    fn with(mode: &'static str, n: usize, prepare: impl FnOnce(&Rig)) -> Self {
         let rig = Rig::new(n).expect("rig");
         rig.put_network_config(HOST_GW).unwrap();
         let cgroups = Cgroups(
@@ -97,8 +110,9 @@ impl Cluster {
                 })
                 .collect(),
         );
+        prepare(&rig);
         for node in 1..=n {
-            let flags = proxy_flags(node, &cgroups.0[node - 1]);
+            let flags = proxy_flags(mode, node, &cgroups.0[node - 1]);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             rig.start_twilld(node, &flags).unwrap();
         }
@@ -109,6 +123,7 @@ impl Cluster {
             })
             .collect();
         Cluster {
+            mode,
             rig,
             cgroups,
             facts,
@@ -242,12 +257,8 @@ fn web(endpoints: &[(&Pod, &str)], extra_spec: &str) -> String {
 
 /// ClusterIP from a pod on another node (socket-LB and tc path) reaches every backend and never
 /// a removed one; NodePort from outside the cluster (the underlay) works too.
-#[test]
-fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend() {
-    if !require_root() {
-        return;
-    }
-    let c = Cluster::new(2);
+fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static str) {
+    let c = Cluster::new(mode, 2);
     let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
@@ -294,12 +305,8 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend() {
 }
 
 /// A UDP flow (a pod's connected socket) to a removed endpoint moves within 1 s.
-#[test]
-fn udp_flow_moves_off_a_removed_endpoint_within_a_second() {
-    if !require_root() {
-        return;
-    }
-    let c = Cluster::new(2);
+fn udp_flow_moves_off_a_removed_endpoint_within_a_second(mode: &'static str) {
+    let c = Cluster::new(mode, 2);
     let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
@@ -364,12 +371,8 @@ fn wait_first_reply(rx: &std::sync::mpsc::Receiver<(Instant, String)>) -> String
 
 /// `externalTrafficPolicy: Local` keeps the client's address (no SNAT); `sessionAffinity:
 /// ClientIP` keeps one client on one backend.
-#[test]
-fn external_local_keeps_source_and_affinity_sticks() {
-    if !require_root() {
-        return;
-    }
-    let c = Cluster::new(2);
+fn external_local_keeps_source_and_affinity_sticks(mode: &'static str) {
+    let c = Cluster::new(mode, 2);
     let (b1, b2, b3) = (c.pod(1), c.pod(1), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
@@ -400,12 +403,8 @@ fn external_local_keeps_source_and_affinity_sticks() {
 }
 
 /// kill -9 and restart of twilld during a stream of fresh connections to a VIP: none fails.
-#[test]
-fn restart_under_fresh_connections_loses_none() {
-    if !require_root() {
-        return;
-    }
-    let c = Cluster::new(2);
+fn restart_under_fresh_connections_loses_none(mode: &'static str) {
+    let c = Cluster::new(mode, 2);
     let (b1, client) = (c.pod(1), c.pod(2));
     c.serve(&b1, "b1");
     c.apply(&web(&[(&b1, "n1")], ""));
@@ -431,10 +430,200 @@ fn restart_under_fresh_connections_loses_none() {
         std::thread::sleep(Duration::from_secs(1));
         c.rig.kill_twilld(2, Signal::SIGKILL).unwrap();
         std::thread::sleep(Duration::from_secs(1));
-        let flags = proxy_flags(2, c.cgroup(2));
+        let flags = proxy_flags(c.mode, 2, c.cgroup(2));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         c.rig.start_twilld(2, &flags).unwrap();
         stream.join().unwrap()
     });
     assert_eq!(failures, 0, "connections failed across the restart");
+}
+
+/// Rules of another owner in the same tables (an `inet filter` table, a chain of its own in the
+/// iptables `nat` table with a jump from PREROUTING) are left exactly as they were, through
+/// syncs and a restart; twill's services work beside them.
+fn other_owners_rules_are_left_alone(mode: &'static str) {
+    const FOREIGN_NFT: &str = "table inet filter {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 22 counter accept\n }\n}\n";
+    let foreign = |rig: &Rig, node: usize| -> (String, String) {
+        let ns = rig.node_ns(node);
+        let nft = twill_tests::run(&ns, &["nft", "list", "table", "inet", "filter"]).unwrap();
+        let ipt = twill_tests::run(&ns, &["iptables-save", "-t", "nat"]).unwrap();
+        let ipt: Vec<&str> = ipt.lines().filter(|l| l.contains("FOREIGN")).collect();
+        (nft, ipt.join("\n"))
+    };
+    let c = Cluster::with(mode, 2, |rig| {
+        for node in 1..=2 {
+            let ns = rig.node_ns(node);
+            let file = rig.temp_dir().join(format!("foreign-{node}.nft"));
+            fs::write(&file, FOREIGN_NFT).unwrap();
+            twill_tests::run(&ns, &["nft", "-f", file.to_str().unwrap()]).unwrap();
+            for args in [
+                &["-t", "nat", "-N", "FOREIGN-CHAIN"][..],
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "FOREIGN-CHAIN",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "9999",
+                    "-j",
+                    "RETURN",
+                ],
+                &["-t", "nat", "-A", "PREROUTING", "-j", "FOREIGN-CHAIN"],
+            ] {
+                let mut a = vec!["iptables"];
+                a.extend_from_slice(args);
+                twill_tests::run(&ns, &a).unwrap();
+            }
+        }
+    });
+    let before = foreign(&c.rig, 2);
+    assert!(before.1.contains("--dport 9999"), "{}", before.1);
+    let (b1, client) = (c.pod(1), c.pod(2));
+    c.serve(&b1, "b1");
+    c.apply(&web(&[(&b1, "n1")], ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    c.rig.kill_twilld(2, Signal::SIGKILL).unwrap();
+    let flags = proxy_flags(mode, 2, c.cgroup(2));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    c.rig.start_twilld(2, &flags).unwrap();
+    c.apply(&web(&[(&b1, "n1")], "  sessionAffinity: ClientIP\n"));
+    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some()).unwrap();
+    assert_eq!(foreign(&c.rig, 2), before, "another owner's rules changed");
+}
+
+/// `--proxy-mode auto` picks eBPF here; with eBPF made unavailable it falls back to nftables;
+/// switching to another mode removes the previous one's state, and services keep working in
+/// each.
+#[test]
+fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new("auto", 2);
+    let (b1, client) = (c.pod(1), c.pod(2));
+    c.serve(&b1, "b1");
+    c.apply(&web(&[(&b1, "n1")], ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let ns = c.rig.node_ns(2);
+    let pins = c.rig.pin_dir(2).join("lb");
+    let has_table = || {
+        twill_tests::run(&ns, &["nft", "list", "tables"])
+            .unwrap()
+            .contains("inet twill")
+    };
+    let has_chains = || {
+        twill_tests::run(&ns, &["iptables-save", "-t", "nat"])
+            .unwrap()
+            .contains(":TWILL-SERVICES")
+    };
+    let has_pins = || fs::read_dir(&pins).is_ok_and(|mut d| d.next().is_some());
+    // Cleanup of the other modes happens before the proxy logs "service dataplane ready".
+    let ready = || {
+        c.rig
+            .twilld_log(2)
+            .lines()
+            .filter(|l| l.contains("twill_agent::proxy") && l.contains("service dataplane ready"))
+            .count()
+    };
+    let restart = |mode: &str, env: &[(&str, &str)]| {
+        let before = ready();
+        c.rig.kill_twilld(2, Signal::SIGTERM).unwrap();
+        let flags = proxy_flags(mode, 2, c.cgroup(2));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        c.rig.start_twilld_env(2, &flags, env).unwrap();
+        wait_until(UP, || ready() > before)
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
+        wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
+    };
+    wait_until(UP, || {
+        ready() > 0 && tcp_from_thread(&client.ns, vip).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    let log = c.rig.twilld_log(2);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("service proxy mode") && l.contains("ebpf")),
+        "auto did not pick eBPF:\n{log}"
+    );
+    assert!(has_pins() && !has_table() && !has_chains());
+
+    restart("auto", &[("TWILL_TEST_DISABLE_EBPF", "1")]);
+    let log = c.rig.twilld_log(2);
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("service proxy mode"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("nftables") && line.contains("disabled by TWILL_TEST_DISABLE_EBPF"),
+        "no fallback to nftables: {line}"
+    );
+    assert!(
+        has_table() && !has_pins(),
+        "eBPF pins left after the switch"
+    );
+
+    restart("iptables", &[]);
+    assert!(
+        has_chains() && !has_table(),
+        "nftables table left after the switch"
+    );
+    restart("ebpf", &[]);
+    assert!(
+        has_pins() && !has_chains(),
+        "iptables chains left after the switch:\n{}",
+        twill_tests::run(&ns, &["iptables-save", "-t", "nat"]).unwrap()
+    );
+}
+
+/// One module per proxy mode, each running the shared scenarios (and the mode's extras).
+macro_rules! modes {
+    ($($mode:ident: [$($extra:ident),*]);* $(;)?) => {$(
+        mod $mode {
+            fn run(scenario: fn(&'static str)) {
+                if twill_tests::require_root() {
+                    scenario(stringify!($mode));
+                }
+            }
+
+            #[test]
+            fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend() {
+                run(super::clusterip_and_nodeport_reach_all_and_never_a_removed_backend);
+            }
+
+            #[test]
+            fn udp_flow_moves_off_a_removed_endpoint_within_a_second() {
+                run(super::udp_flow_moves_off_a_removed_endpoint_within_a_second);
+            }
+
+            #[test]
+            fn external_local_keeps_source_and_affinity_sticks() {
+                run(super::external_local_keeps_source_and_affinity_sticks);
+            }
+
+            #[test]
+            fn restart_under_fresh_connections_loses_none() {
+                run(super::restart_under_fresh_connections_loses_none);
+            }
+
+            $(
+                #[test]
+                fn $extra() {
+                    run(super::$extra);
+                }
+            )*
+        }
+    )*};
+}
+
+modes! {
+    ebpf: [];
+    nftables: [other_owners_rules_are_left_alone];
+    iptables: [other_owners_rules_are_left_alone];
 }

@@ -372,23 +372,23 @@ pub fn healthz_addr(text: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Starts the service loop fed by the Kubernetes API, and kube-proxy's health server unless
-/// `--healthz-bind-address` is empty. The loop's metrics, and the health server's counters, are
-/// added to the agent's `/metrics`.
+/// `--healthz-bind-address` is empty. The loop reports to `svc_metrics` (which the caller
+/// exports); the health server's counters are added to the agent's `/metrics`.
 pub async fn spawn<D: LbDataplane>(
     opts: &Options,
     node: NodeIdentity,
     dataplane: D,
+    svc_metrics: Arc<ServiceMetrics>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let client = super::client(opts)
         .await
         .context("connect the service source to the Kubernetes API")?;
     let resync = Duration::from_secs(opts.resync_interval.max(1));
-    let svc_metrics = Arc::new(ServiceMetrics::default());
     // kube-proxy's health timeout: twice its sync period.
     let health = Arc::new(ProxyHealth::new(svc_metrics.clone(), 2 * resync));
-    let (m, h) = (svc_metrics.clone(), health.clone());
-    metrics.add_renderer(Box::new(move || m.render() + &h.render()));
+    let h = health.clone();
+    metrics.add_renderer(Box::new(move || h.render()));
     let server = if opts.healthz_bind_address.is_empty() {
         None
     } else {

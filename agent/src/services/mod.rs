@@ -12,14 +12,22 @@
 //! - [`lb`]: the dataplane-facing desired state, [`lb::plan`] (the minimal diff) and the
 //!   [`lb::LbDataplane`] seam with its recording fake.
 //! - [`cli`]: `twilld apply -f`, `twilld delete -f`, `twilld get services`.
+//! - [`nft`] and [`iptables`]: the netfilter dataplanes (the eBPF one is in `crate::ebpf`), with
+//!   [`nfnl`] (nf_tables/ctnetlink netlink) and [`conntrack`] (UDP entries of removed
+//!   backends); [`dataplane`] picks one for `--proxy-mode` and removes the others' state.
 //!
 //! The agent wires it with one call, once it knows the node's name and addresses:
 //! `tokio::spawn(source::run_services(source::EtcdServiceStore::new(client, &prefix), node,
 //! dataplane, resync, metrics))`; `metrics.render()` is appended to `/metrics`.
 
 pub mod cli;
+pub mod conntrack;
+pub mod dataplane;
 pub mod desired;
+pub mod iptables;
 pub mod lb;
 pub mod maglev;
 pub mod model;
+pub mod nfnl;
+pub mod nft;
 pub mod source;

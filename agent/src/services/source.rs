@@ -646,6 +646,7 @@ struct KubeProxyState {
 struct MetricsInner {
     kube_proxy: KubeProxyState,
     mode: &'static str,
+    reason: String,
     syncs: BTreeMap<(&'static str, &'static str), u64>,
     buckets: [u64; BUCKETS.len()],
     count: u64,
@@ -727,6 +728,12 @@ impl ServiceMetrics {
         (g.kube_proxy.oldest_queued, g.kube_proxy.last_synced)
     }
 
+    /// Why the dataplane was chosen (`requested`, or `auto`'s reason), a label of
+    /// `twill_services_dataplane_info`.
+    pub fn set_dataplane_reason(&self, reason: &str) {
+        self.lock().reason = reason.replace(['"', '\\', '\n'], " ");
+    }
+
     /// The last error, if the last sync failed.
     pub fn last_error(&self) -> Option<String> {
         self.lock().last_error.clone()
@@ -751,7 +758,11 @@ impl ServiceMetrics {
             "# HELP twill_services_dataplane_info The service proxy mode."
         );
         let _ = writeln!(o, "# TYPE twill_services_dataplane_info gauge");
-        let _ = writeln!(o, "twill_services_dataplane_info{{mode=\"{}\"}} 1", g.mode);
+        let _ = writeln!(
+            o,
+            "twill_services_dataplane_info{{mode=\"{}\",reason=\"{}\"}} 1",
+            g.mode, g.reason
+        );
         let _ = writeln!(
             o,
             "# HELP twill_services_syncs_total Service dataplane syncs."
@@ -1329,7 +1340,7 @@ ports: [{port: 8080}]
         assert!(
             metrics
                 .render()
-                .contains("twill_services_dataplane_info{mode=\"fake\"} 1")
+                .contains("twill_services_dataplane_info{mode=\"fake\",reason=\"\"} 1")
         );
         task.abort();
     }

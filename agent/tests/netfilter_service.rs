@@ -1,0 +1,701 @@
+//! Privileged tests of the netfilter service dataplanes (`NftLb`, `IptLb`) against the real
+//! kernel: program services, read them back, restart, drive traffic, leave other owners' rules
+//! alone. (The scenarios through `twilld` and etcd are in `tests/tests/services.rs`; these
+//! exercise the seam directly and faster.)
+//!
+//! Why it is shaped as it is:
+//! - Three throw-away namespaces per test (`twn<pid><tag>n` the node, `...b` the backends,
+//!   `...c` a host outside the cluster) joined by veths, removed by a guard on drop, pass or
+//!   fail. Traffic never leaves them.
+//! - The dataplane is driven from a thread that `setns`es into the node namespace, as `twilld`
+//!   runs inside it; netfilter state is per namespace, so nothing outside is touched.
+//! - Backends answer `<name> peer=<client>`, so a test sees which backend served a flow and
+//!   which source it saw.
+//! - The `#[ignore]`d `*_sync_figures` tests print sync timings at scale (run by hand with
+//!   `--ignored --nocapture`); they assert nothing about time.
+//! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use twill_agent::services::iptables::{IptBackend, IptLb};
+use twill_agent::services::lb::{
+    Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, MAGLEV_M, Proto, plan,
+};
+use twill_agent::services::maglev;
+use twill_agent::services::nft::NftLb;
+
+const NODE_TO_BE: &str = "10.253.0.1";
+const BE1: &str = "10.253.0.2";
+const BE2: &str = "10.253.0.3";
+const NODE_TO_OUT: &str = "10.254.0.1";
+const OUTSIDE: &str = "10.254.0.2";
+const BE1_V6: &str = "fd53::2";
+const VIP: &str = "10.96.0.10";
+const VIP_NOEP: &str = "10.96.0.11";
+const EXT_IP: &str = "192.0.2.10";
+const VIP_V6: &str = "fd96::10";
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_NOEP: u16 = 30081;
+
+fn require_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "privileged test run without root under CI"
+    );
+    eprintln!("SKIPPED: needs root");
+    false
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    output
+}
+
+fn ip_batch(ns: &str, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ip -batch");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} -batch failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn join_netns(ns: &str) {
+    let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
+    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// The namespaces of one test; removed on drop. The node has a default route (towards the
+/// backends' namespace, as a real node has one somewhere), so a service address without
+/// endpoints reaches the forward hook and is rejected there instead of being unroutable.
+struct Env {
+    node: String,
+    backends: String,
+    outside: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Env {
+    fn new(tag: &str) -> Self {
+        let pid = std::process::id();
+        let env = Self {
+            node: format!("twn{pid}{tag}n"),
+            backends: format!("twn{pid}{tag}b"),
+            outside: format!("twn{pid}{tag}c"),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        for ns in [&env.node, &env.backends, &env.outside] {
+            run("ip", &["netns", "add", ns]);
+        }
+        let (n, b, c) = (&env.node, &env.backends, &env.outside);
+        ip_batch(
+            n,
+            &format!(
+                "link add nb type veth peer name bn netns {b}\n\
+                 link add nc type veth peer name cn netns {c}\n\
+                 link set lo up\nlink set nb up\nlink set nc up\n\
+                 addr add {NODE_TO_BE}/24 dev nb\naddr add fd53::1/64 dev nb nodad\n\
+                 addr add {NODE_TO_OUT}/24 dev nc\naddr add fd54::1/64 dev nc nodad\n\
+                 route add default via {BE1}\n"
+            ),
+        );
+        ip_batch(
+            b,
+            &format!(
+                "link set lo up\nlink set bn up\naddr add {BE1}/24 dev bn\n\
+                 addr add {BE2}/24 dev bn\naddr add {BE1_V6}/64 dev bn nodad\n\
+                 route add default via {NODE_TO_BE}\nroute add default via fd53::1\n"
+            ),
+        );
+        ip_batch(
+            c,
+            &format!(
+                "link set lo up\nlink set cn up\naddr add {OUTSIDE}/24 dev cn\n\
+                 addr add fd54::2/64 dev cn nodad\n\
+                 route add default via {NODE_TO_OUT}\nroute add default via fd54::1\n"
+            ),
+        );
+        env.on_node(|| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding6");
+        });
+        env
+    }
+
+    /// Starts a TCP and a UDP server answering `<name> peer=<client>` in the backend namespace.
+    fn serve(&self, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
+        let ip: IpAddr = ip.parse().unwrap();
+        let stop = self.stop.clone();
+        let ns = self.backends.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            join_netns(&ns);
+            let tcp = TcpListener::bind((ip, tcp_port)).expect("bind tcp");
+            tcp.set_nonblocking(true).unwrap();
+            let udp = UdpSocket::bind((ip, udp_port)).expect("bind udp");
+            udp.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((mut stream, peer)) = tcp.accept() {
+                    let _ = writeln!(stream, "{name} peer={peer}");
+                }
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server ready");
+    }
+
+    /// Runs `f` on a thread inside the node namespace.
+    fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = self.node.clone();
+        thread::scope(|s| {
+            s.spawn(move || {
+                join_netns(&ns);
+                f()
+            })
+            .join()
+            .expect("node thread panicked")
+        })
+    }
+
+    /// One TCP exchange from the outside namespace: the server's line, or the error kind.
+    fn tcp(&self, addr: SocketAddr) -> Result<String, std::io::ErrorKind> {
+        let ns = self.outside.clone();
+        thread::spawn(move || {
+            join_netns(&ns);
+            let s =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind())?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            BufReader::new(s)
+                .read_line(&mut line)
+                .map_err(|e| e.kind())?;
+            Ok(line.trim().to_owned())
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn nft(&self, args: &str) -> String {
+        let mut a = vec!["netns", "exec", self.node.as_str(), "nft"];
+        a.extend(args.split_whitespace());
+        String::from_utf8_lossy(&run("ip", &a).stdout).into_owned()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for ns in [&self.node, &self.backends, &self.outside] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn be(ip: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip.parse().unwrap(),
+        port,
+        node_local: false,
+        state: BackendState::Ready,
+    }
+}
+
+fn svc(
+    id: u32,
+    ip: &str,
+    port: u16,
+    proto: Proto,
+    kind: FrontendKind,
+    backends: Vec<Backend>,
+) -> LbService {
+    let maglev = if backends.is_empty() {
+        Vec::new()
+    } else {
+        maglev::table(&backends, MAGLEV_M)
+    };
+    LbService {
+        id,
+        name: format!("test/s{id}:p"),
+        frontend: Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            proto,
+            kind,
+        },
+        backends,
+        maglev,
+        affinity_timeout_secs: None,
+        external_local: false,
+        internal_local: false,
+    }
+}
+
+/// The services of the functional tests: ClusterIP (TCP and UDP, v4 and v6), a NodePort, an
+/// external IP with affinity, and two frontends without endpoints.
+fn services() -> Vec<LbService> {
+    let two = || vec![be(BE1, 8080), be(BE2, 8080)];
+    let mut ext = svc(4, EXT_IP, 80, Proto::Tcp, FrontendKind::ExternalIp, two());
+    ext.affinity_timeout_secs = Some(60);
+    let mut out = vec![
+        svc(1, VIP, 80, Proto::Tcp, FrontendKind::ClusterIp, two()),
+        svc(
+            2,
+            VIP,
+            53,
+            Proto::Udp,
+            FrontendKind::ClusterIp,
+            vec![be(BE1, 5353), be(BE2, 5353)],
+        ),
+        svc(
+            3,
+            "0.0.0.0",
+            NODE_PORT,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            two(),
+        ),
+        ext,
+        svc(
+            5,
+            VIP_V6,
+            80,
+            Proto::Tcp,
+            FrontendKind::ClusterIp,
+            vec![be(BE1_V6, 8080)],
+        ),
+        svc(6, VIP_NOEP, 80, Proto::Tcp, FrontendKind::ClusterIp, vec![]),
+        svc(
+            7,
+            "0.0.0.0",
+            NODE_PORT_NOEP,
+            Proto::Tcp,
+            FrontendKind::NodePort,
+            vec![],
+        ),
+    ];
+    out.sort_by_key(|s| s.frontend.key());
+    out
+}
+
+fn name(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or_default()
+}
+
+#[test]
+fn nft_programs_reads_back_restarts_and_balances() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new("a");
+    env.serve("b1", BE1, 8080, 5353);
+    env.serve("b2", BE2, 8080, 5353);
+    env.serve("b1v6", BE1_V6, 8080, 5353);
+    let want = services();
+    env.on_node(|| {
+        let mut lb = NftLb::open().expect("open");
+        assert!(lb.observed().unwrap().is_empty());
+        lb.apply(&plan(&want, &[])).expect("apply");
+        assert_eq!(lb.observed().unwrap(), want);
+    });
+    // `nft` decodes what we wrote (a wrong encoding shows as an error or garbage here).
+    let listing = env.nft("list table inet twill");
+    for needle in [
+        "numgen random mod 2 map @be4",
+        "jump pick",
+        "fib daddr type local",
+        "masquerade",
+        "@local4",
+    ] {
+        assert!(listing.contains(needle), "{needle} missing:\n{listing}");
+    }
+    // A restarted agent finds exactly what it would program.
+    env.on_node(|| {
+        let mut lb = NftLb::open().expect("reopen");
+        let seen = lb.observed().unwrap();
+        assert_eq!(seen, want);
+        assert!(plan(&want, &seen).is_empty());
+    });
+
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let line = env.tcp(vip).expect("ClusterIP from outside");
+        // ClusterIP keeps the client's address.
+        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+        let line = env.tcp(np).expect("NodePort");
+        // External traffic to a backend on another node is masqueraded to the node.
+        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
+    // Affinity: one backend for one client.
+    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
+    let sticky: BTreeSet<String> = (0..8)
+        .map(|_| name(&env.tcp(ext).expect("external IP")).to_owned())
+        .collect();
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    // IPv6.
+    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
+    assert_eq!(name(&env.tcp(v6).expect("v6 ClusterIP")), "b1v6");
+    // No endpoints: refused (not a timeout).
+    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+
+    // A UDP flow moves off a removed endpoint at the next datagram.
+    let ns = env.outside.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        join_netns(&ns);
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        sock.connect(format!("{VIP}:53")).unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..2 {
+            sock.send(b"x").unwrap();
+            let n = sock.recv(&mut buf).expect("UDP reply");
+            tx.send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .unwrap();
+            let _ = go_rx.recv();
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let keep = if name(&first) == "b1" { BE2 } else { BE1 };
+    let mut after = want.clone();
+    let udp = after
+        .iter_mut()
+        .find(|s| s.frontend.proto == Proto::Udp)
+        .unwrap();
+    udp.backends = vec![be(keep, 5353)];
+    udp.maglev = maglev::table(&udp.backends, MAGLEV_M);
+    env.on_node(|| {
+        let mut lb = NftLb::open().expect("reopen");
+        let p = plan(&after, &lb.observed().unwrap());
+        assert_eq!(p.upserts.len(), 1);
+        assert_eq!(p.stale_backends.len(), 1);
+        lb.apply(&p).expect("apply");
+    });
+    go_tx.send(()).unwrap();
+    let second = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_ne!(
+        name(&second),
+        name(&first),
+        "UDP flow stuck on a removed endpoint"
+    );
+    go_tx.send(()).unwrap();
+    client.join().unwrap();
+
+    // Uninstall removes the table.
+    env.on_node(|| assert!(NftLb::uninstall().unwrap()));
+    assert!(!env.nft("list tables").contains("twill"));
+}
+
+fn ipt_save(env: &Env, backend: IptBackend) -> String {
+    let mut out = String::new();
+    for v6 in ["", "6"] {
+        let tool = format!("ip{v6}tables-{}-save", backend.as_str());
+        out.push_str(&String::from_utf8_lossy(
+            &run("ip", &["netns", "exec", &env.node, &tool]).stdout,
+        ));
+    }
+    out
+}
+
+fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: &str) {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new(tag);
+    env.serve("b1", BE1, 8080, 5353);
+    env.serve("b2", BE2, 8080, 5353);
+    env.serve("b1v6", BE1_V6, 8080, 5353);
+    let want = services();
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("open");
+        assert!(lb.observed().unwrap().is_empty());
+        lb.apply(&plan(&want, &[])).expect("apply");
+        assert_eq!(lb.observed().unwrap(), want);
+    });
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("reopen");
+        let seen = lb.observed().unwrap();
+        assert_eq!(seen, want);
+        assert!(plan(&want, &seen).is_empty());
+    });
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let line = env.tcp(vip).expect("ClusterIP from outside");
+        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+        let line = env.tcp(np).expect("NodePort");
+        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
+    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
+    let sticky: BTreeSet<String> = (0..8)
+        .map(|_| name(&env.tcp(ext).expect("external IP")).to_owned())
+        .collect();
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
+    assert_eq!(name(&env.tcp(v6).expect("v6 ClusterIP")), "b1v6");
+    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
+    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    // Uninstalling (services still programmed) leaves no TWILL- chain and no jump; so does
+    // removing everything first.
+    env.on_node(|| {
+        assert!(IptLb::uninstall(backend).unwrap() > 0);
+    });
+    let left = ipt_save(&env, backend);
+    assert!(!left.contains("TWILL") && !left.contains("twill"), "{left}");
+    env.on_node(|| {
+        let mut lb = IptLb::open(backend).expect("reopen");
+        lb.apply(&plan(&want, &[])).expect("apply");
+        lb.apply(&plan(&[], &want)).expect("delete all");
+        assert!(lb.observed().unwrap().is_empty());
+        assert!(IptLb::uninstall(backend).unwrap() > 0);
+    });
+    let left = ipt_save(&env, backend);
+    assert!(!left.contains("TWILL") && !left.contains("twill"), "{left}");
+}
+
+#[test]
+fn iptables_legacy_programs_reads_back_restarts_and_balances() {
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Legacy, "l");
+}
+
+#[test]
+fn iptables_nft_programs_reads_back_restarts_and_balances() {
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Nft, "i");
+}
+
+#[test]
+fn nft_leaves_other_tables_alone() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new("f");
+    let foreign = "table inet filter {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 22 counter accept\n }\n}\ntable ip nat {\n chain POSTROUTING {\n  type nat hook postrouting priority 100; policy accept;\n  oifname \"nc\" masquerade\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("twill-foreign-{}.nft", std::process::id()));
+    std::fs::write(&path, foreign).unwrap();
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &env.node,
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ],
+    );
+    let _ = std::fs::remove_file(&path);
+    let before_filter = env.nft("list table inet filter");
+    let before_nat = env.nft("list table ip nat");
+    let want = services();
+    env.on_node(|| {
+        let mut lb = NftLb::open().expect("open");
+        lb.apply(&plan(&want, &[])).expect("apply");
+        lb.apply(&plan(&[], &want)).expect("delete all");
+        assert!(lb.observed().unwrap().is_empty());
+        NftLb::uninstall().expect("uninstall");
+    });
+    assert_eq!(env.nft("list table inet filter"), before_filter);
+    assert_eq!(env.nft("list table ip nat"), before_nat);
+}
+
+/// Many services: `n` ClusterIPs with `eps` endpoints each.
+fn many(n: u32, eps: u32) -> Vec<LbService> {
+    (0..n)
+        .map(|i| {
+            let ip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 255, i & 255);
+            let backends = (0..eps)
+                .map(|k| be(&format!("10.244.{}.{}", (i + k) % 250, 2 + k), 8080))
+                .collect::<Vec<_>>();
+            let mut s = svc(
+                i + 1,
+                &ip,
+                80,
+                Proto::Tcp,
+                FrontendKind::ClusterIp,
+                Vec::new(),
+            );
+            s.backends = backends;
+            s
+        })
+        .collect()
+}
+
+fn p99(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[(v.len() * 99 / 100).min(v.len() - 1)])
+}
+
+/// Times `changes` one-endpoint changes on `lb` (alternately a replaced endpoint — same
+/// count — and an added/removed one): (p50, p99) of each kind.
+fn one_change_latency(
+    lb: &mut dyn LbDataplane,
+    cur: &mut [LbService],
+    changes: usize,
+) -> ((Duration, Duration), (Duration, Duration)) {
+    let (mut same, mut count) = (Vec::new(), Vec::new());
+    for j in 0..changes {
+        let i = (j * 7919) % cur.len();
+        let old = cur[i].clone();
+        let mut new = old.clone();
+        if j % 2 == 0 {
+            new.backends[0].port = if old.backends[0].port == 8080 {
+                8081
+            } else {
+                8080
+            };
+        } else if new.backends.len() > 10 || (new.backends.len() > 1 && j % 4 == 3) {
+            new.backends.pop();
+        } else {
+            new.backends
+                .push(be(&format!("10.245.{}.{}", j % 250, 2 + j % 200), 8080));
+        }
+        let p = plan(std::slice::from_ref(&new), std::slice::from_ref(&old));
+        let t = Instant::now();
+        lb.apply(&p).expect("one change");
+        if j % 2 == 0 {
+            same.push(t.elapsed());
+        } else {
+            count.push(t.elapsed());
+        }
+        cur[i] = new;
+    }
+    (p99(same), p99(count))
+}
+
+/// Prints full-sync and one-change timings of the nftables dataplane (10k x 10, 30k x 10).
+#[test]
+#[ignore = "measurement, run by hand with --ignored --nocapture"]
+fn nft_sync_figures() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new("p");
+    env.on_node(|| {
+        for n in [10_000u32, 30_000] {
+            let _ = NftLb::uninstall();
+            let mut lb = NftLb::open().expect("open");
+            let mut all = many(n, 10);
+            let t = Instant::now();
+            lb.apply(&plan(&all, &[])).expect("full sync");
+            let full = t.elapsed();
+            let t = Instant::now();
+            let seen = lb.observed().expect("observed");
+            let resync = t.elapsed();
+            assert_eq!(seen.len(), all.len());
+            drop(lb);
+            let t = Instant::now();
+            let mut lb = NftLb::open().expect("reopen");
+            let seen = lb.observed().expect("observed");
+            let read = t.elapsed();
+            assert_eq!(seen.len(), all.len());
+            let (same, count) = one_change_latency(&mut lb, &mut all, 400);
+            println!(
+                "nftables {n} services x 10 endpoints: full sync {full:?}, resync (unchanged \
+                 table) {resync:?}, restart read back {read:?}, \
+                 one endpoint replaced p50 {:?} p99 {:?}, one endpoint added/removed p50 {:?} \
+                 p99 {:?}",
+                same.0, same.1, count.0, count.1
+            );
+        }
+        let _ = NftLb::uninstall();
+    });
+}
+
+/// Prints full-sync and one-change timings of the iptables dataplane, legacy and nft backends.
+#[test]
+#[ignore = "measurement, run by hand with --ignored --nocapture"]
+fn iptables_sync_figures() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new("q");
+    env.on_node(|| {
+        for (backend, sizes) in [
+            (
+                IptBackend::Legacy,
+                &[(10_000u32, 1u32), (10_000, 10), (30_000, 10)][..],
+            ),
+            (IptBackend::Nft, &[(1_000u32, 10u32)][..]),
+        ] {
+            for &(n, eps) in sizes {
+                let _ = IptLb::uninstall(backend);
+                let mut lb = IptLb::open(backend).expect("open");
+                let mut all = many(n, eps);
+                let t = Instant::now();
+                lb.apply(&plan(&all, &[])).expect("full sync");
+                let full = t.elapsed();
+                let t = Instant::now();
+                let seen = lb.observed().expect("observed");
+                let read = t.elapsed();
+                assert_eq!(seen.len(), all.len());
+                let (same, count) = one_change_latency(&mut lb, &mut all, 20);
+                println!(
+                    "iptables-{} {n} services x {eps} endpoints: full sync {full:?}, read back \
+                     {read:?}, one endpoint replaced p50 {:?} max {:?}, added/removed p50 {:?} \
+                     max {:?}",
+                    backend.as_str(),
+                    same.0,
+                    same.1,
+                    count.0,
+                    count.1
+                );
+            }
+            let _ = IptLb::uninstall(backend);
+        }
+    });
+}
