@@ -35,12 +35,8 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 use twill_agent::{
     ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface, service::EbpfLbView},
-    services::{
-        lb::{
-            Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, MAGLEV_M,
-            Proto, plan,
-        },
-        maglev,
+    services::lb::{
+        Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, Proto, plan,
     },
 };
 
@@ -480,11 +476,6 @@ fn service(
     proto: Proto,
     backends: Vec<Backend>,
 ) -> LbService {
-    let table = if backends.is_empty() {
-        Vec::new()
-    } else {
-        maglev::table(&backends, MAGLEV_M)
-    };
     LbService {
         id,
         name: format!("test/svc{id}"),
@@ -495,7 +486,6 @@ fn service(
             kind,
         },
         backends,
-        maglev: table,
         affinity_timeout_secs: None,
         external_local: false,
         internal_local: false,
@@ -870,11 +860,6 @@ fn udp_stream_leaves_removed_endpoint(tag: &str, via_socket_lb: bool) {
     for svc in &mut remaining {
         svc.backends
             .retain(|b| b.ip.to_string() == keep || b.ip.is_ipv6());
-        svc.maglev = if svc.backends.is_empty() {
-            Vec::new()
-        } else {
-            maglev::table(&svc.backends, MAGLEV_M)
-        };
     }
     let change = plan(&remaining, &desired);
     let removed_at = Instant::now();
@@ -1093,7 +1078,6 @@ fn ten_thousand_services() {
     // One endpoint change touches one service.
     let mut changed = services.clone();
     changed[4_999].backends.pop();
-    changed[4_999].maglev = maglev::table(&changed[4_999].backends, MAGLEV_M);
     let one = plan(&changed, &services);
     assert_eq!(one.upserts.len(), 1);
     let start = Instant::now();

@@ -28,9 +28,8 @@ use std::time::{Duration, Instant};
 use nix::sched::{CloneFlags, setns};
 use twill_agent::services::iptables::{IptBackend, IptLb};
 use twill_agent::services::lb::{
-    Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, MAGLEV_M, Proto, plan,
+    Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, Proto, plan,
 };
-use twill_agent::services::maglev;
 use twill_agent::services::nft::NftLb;
 
 const NODE_TO_BE: &str = "10.253.0.1";
@@ -249,11 +248,6 @@ fn svc(
     kind: FrontendKind,
     backends: Vec<Backend>,
 ) -> LbService {
-    let maglev = if backends.is_empty() {
-        Vec::new()
-    } else {
-        maglev::table(&backends, MAGLEV_M)
-    };
     LbService {
         id,
         name: format!("test/s{id}:p"),
@@ -264,7 +258,6 @@ fn svc(
             kind,
         },
         backends,
-        maglev,
         affinity_timeout_secs: None,
         external_local: false,
         internal_local: false,
@@ -412,7 +405,6 @@ fn nft_programs_reads_back_restarts_and_balances() {
         .find(|s| s.frontend.proto == Proto::Udp)
         .unwrap();
     udp.backends = vec![be(keep, 5353)];
-    udp.maglev = maglev::table(&udp.backends, MAGLEV_M);
     env.on_node(|| {
         let mut lb = NftLb::open().expect("reopen");
         let p = plan(&after, &lb.observed().unwrap());

@@ -437,18 +437,8 @@ impl LbMaps {
                     backends.push((slot, b));
                 }
             }
-            let table = if value.backends > 0 {
-                optional(self.maglev.get(&id, 0)).map_err(map_err("lookup", MAP_MAGLEV, id))?
-            } else {
-                None
-            };
-            if let Some(svc) = entries::reconstruct(
-                &key,
-                &value,
-                revnat.as_ref(),
-                backends.clone(),
-                table.as_ref(),
-            ) {
+            if let Some(svc) = entries::reconstruct(&key, &value, revnat.as_ref(), backends.clone())
+            {
                 services.push(svc);
             }
             let backends = backends
@@ -999,7 +989,7 @@ impl EbpfLb {
         if svc.backends.is_empty() {
             remove(&mut self.maps.maglev, MAP_MAGLEV, &id)?;
         } else {
-            let table = entries::maglev_table(&svc.maglev, &slots.slots).map_err(entry_err)?;
+            let table = entries::maglev_table(&svc.backends, &slots.slots).map_err(entry_err)?;
             self.maps
                 .maglev
                 .insert(id, *table, 0)

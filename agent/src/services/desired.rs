@@ -29,10 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::services::lb::{
-    Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService, MAGLEV_M,
-};
-use crate::services::maglev;
+use crate::services::lb::{Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService};
 use crate::services::model::{
     AddressType, Change, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, ServicePort,
     TargetPort,
@@ -344,17 +341,11 @@ pub fn service_frontends(
                 } else {
                     cluster.clone()
                 };
-                let maglev = if chosen.is_empty() {
-                    Vec::new()
-                } else {
-                    maglev::table(&chosen, MAGLEV_M)
-                };
                 out.push(LbService {
                     id: 0,
                     name: name.clone(),
                     frontend,
                     backends: chosen,
-                    maglev,
                     affinity_timeout_secs: svc.affinity_timeout_secs(),
                     external_local,
                     internal_local,
@@ -736,7 +727,6 @@ ports:
         );
         // The v6 external IP is ignored: the service has no IPv6 cluster IP.
         for s in &d.services {
-            assert_eq!(s.maglev.len(), MAGLEV_M);
             assert_eq!(s.affinity_timeout_secs, None);
         }
     }
@@ -762,11 +752,7 @@ ports:
             "ready: false, serving: false, terminating: true",
         );
         let d = desired(&snap(&y), &node());
-        assert!(
-            d.services
-                .iter()
-                .all(|s| s.backends.is_empty() && s.maglev.is_empty())
-        );
+        assert!(d.services.iter().all(|s| s.backends.is_empty()));
     }
 
     #[test]
@@ -1074,6 +1060,8 @@ mod scale {
     use std::time::Instant;
 
     use super::*;
+    use crate::services::lb::MAGLEV_M;
+    use crate::services::maglev;
     use crate::services::model::parse_manifest;
 
     /// Not a timed test: prints how long 10k services × 10 endpoints take to compute, and one

@@ -52,9 +52,8 @@ use tracing::{debug, info, warn};
 use super::conntrack;
 use super::lb::{
     Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbDataplane, LbError, LbPlan,
-    LbService, MAGLEV_M, Proto,
+    LbService, Proto,
 };
-use super::maglev;
 use super::nfnl::NfSocket;
 
 /// The packet mark bit asking `TWILL-POSTROUTING` to masquerade (kube-proxy's bit).
@@ -718,7 +717,6 @@ pub fn reconstruct(saved: &Saved, v6: bool) -> (Vec<LbService>, Vec<String>) {
                     kind,
                 },
                 backends,
-                maglev: Vec::new(),
                 affinity_timeout_secs: aff,
                 external_local: el,
                 internal_local: il,
@@ -1057,9 +1055,7 @@ impl LbDataplane for IptLb {
                 fam.frontends.remove(k);
             }
             for s in upserts {
-                let mut s = s.clone();
-                s.maglev = Vec::new();
-                fam.frontends.insert(s.frontend.key(), s);
+                fam.frontends.insert(s.frontend.key(), s.clone());
             }
         }
         if !plan.stale_backends.is_empty()
@@ -1080,16 +1076,7 @@ impl LbDataplane for IptLb {
     }
 
     fn observed(&mut self) -> Result<Vec<LbService>, LbError> {
-        let services = self.read_back()?;
-        Ok(services
-            .into_iter()
-            .map(|mut s| {
-                if !s.backends.is_empty() {
-                    s.maglev = maglev::table(&s.backends, MAGLEV_M);
-                }
-                s
-            })
-            .collect())
+        Ok(self.read_back()?)
     }
 }
 
@@ -1122,7 +1109,6 @@ mod tests {
                 kind,
             },
             backends,
-            maglev: Vec::new(),
             affinity_timeout_secs: None,
             external_local: false,
             internal_local: false,

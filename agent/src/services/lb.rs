@@ -183,10 +183,11 @@ pub struct LbService {
     /// Eligible backends, sorted by (ip, port): ready ones, or serving-terminating ones only if
     /// no ready one is left; traffic-policy Local already applied. Empty: the service has no
     /// endpoints (dataplanes reject/drop, as kube-proxy does).
+    /// A dataplane that balances with Maglev derives the table from this list
+    /// ([`crate::services::maglev::table`] over [`MAGLEV_M`] entries): being a pure function of
+    /// the backends it is not stored, so equal backends mean an equal table and a service costs
+    /// its backends, not 4 KiB of table per copy.
     pub backends: Vec<Backend>,
-    /// Maglev lookup table of [`MAGLEV_M`] entries, each an index into `backends`; empty when
-    /// `backends` is.
-    pub maglev: Vec<u32>,
     /// `sessionAffinity: ClientIP` with its timeout (default 10800 s); `None`: no affinity.
     pub affinity_timeout_secs: Option<u32>,
     /// `externalTrafficPolicy: Local` on a NodePort/ExternalIP/LoadBalancer frontend: keep the
@@ -436,11 +437,6 @@ mod tests {
     }
 
     fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbService {
-        let maglev = if backends.is_empty() {
-            Vec::new()
-        } else {
-            crate::services::maglev::table(&backends, MAGLEV_M)
-        };
         LbService {
             id,
             name: format!("default/s{id}"),
@@ -451,7 +447,6 @@ mod tests {
                 kind: FrontendKind::ClusterIp,
             },
             backends,
-            maglev,
             affinity_timeout_secs: None,
             external_local: false,
             internal_local: false,

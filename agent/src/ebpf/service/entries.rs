@@ -24,6 +24,7 @@ use twill_common::service::{
 use crate::services::lb::{
     Backend, BackendState, Frontend, FrontendKind, LbService, MAGLEV_M as DESIRED_MAGLEV_M, Proto,
 };
+use crate::services::maglev;
 
 // The desired-state builder and the kernel agree on the table size.
 const _: () = assert!(MAGLEV_M == DESIRED_MAGLEV_M);
@@ -145,9 +146,16 @@ pub fn assign_slots(
     Ok(SlotPlan { slots, freed, high })
 }
 
-/// The kernel's Maglev table: each entry of `maglev` (an index into the service's backends)
-/// replaced by that backend's slot.
-pub fn maglev_table(maglev: &[u32], slots: &[u16]) -> Result<Box<MaglevTable>, EntryError> {
+/// The kernel's Maglev table of a service with `backends` (sorted, as the desired state has
+/// them) in `slots`: the Maglev permutation table over the backends, each entry (an index into
+/// `backends`) replaced by that backend's slot.
+pub fn maglev_table(backends: &[Backend], slots: &[u16]) -> Result<Box<MaglevTable>, EntryError> {
+    let indices = maglev::table(backends, DESIRED_MAGLEV_M);
+    maglev_slots(&indices, slots)
+}
+
+/// [`maglev_table`] from a table of indices.
+fn maglev_slots(maglev: &[u32], slots: &[u16]) -> Result<Box<MaglevTable>, EntryError> {
     if maglev.len() != MAGLEV_M {
         return Err(EntryError::Maglev(format!(
             "{} entries, expected {MAGLEV_M}",
@@ -167,8 +175,7 @@ pub fn maglev_table(maglev: &[u32], slots: &[u16]) -> Result<Box<MaglevTable>, E
     Ok(table)
 }
 
-/// Checks what the kernel side relies on: a usable id, one family, a table when there are
-/// backends.
+/// Checks what the kernel side relies on: a usable id, one family, slots for every backend.
 pub fn validate(svc: &LbService, max_services: u32) -> Result<(), EntryError> {
     if svc.id == 0 || svc.id >= max_services {
         return Err(EntryError::IdOutOfRange {
@@ -182,13 +189,6 @@ pub fn validate(svc: &LbService, max_services: u32) -> Result<(), EntryError> {
         .find(|b| b.ip.is_ipv4() != svc.frontend.ip.is_ipv4())
     {
         return Err(EntryError::Family(b.ip));
-    }
-    if !svc.backends.is_empty() && svc.maglev.len() != MAGLEV_M {
-        return Err(EntryError::Maglev(format!(
-            "{} entries for {} backends, expected {MAGLEV_M}",
-            svc.maglev.len(),
-            svc.backends.len()
-        )));
     }
     Ok(())
 }
@@ -225,16 +225,24 @@ pub fn revnat_value(svc: &LbService) -> RevNatValue {
     )
 }
 
+/// Marks a read-back service whose entries are not what one complete upsert leaves (see
+/// [`reconstruct`]), so it differs from any desired service and the next plan re-upserts it.
+pub const INCONSISTENT: &str = " (inconsistent)";
+
 /// Rebuilds the service programmed by these entries; `None` when the key is not a valid
 /// frontend. Backends come back sorted by (address, port), the order the desired-state builder
-/// uses, with the Maglev table re-expressed as indices into that order. A table entry naming a
-/// missing slot becomes index 0 (the next plan then re-upserts the service).
+/// uses.
+///
+/// The Maglev table is not read: it is a pure function of the backends and is written, by an
+/// upsert, after the backend slots and before the service entry, whose backend count comes
+/// last; the freed slots are deleted after that. So a service whose backend entries do not
+/// number `value.backends` is one an agent stopped in the middle of an upsert (its table may be
+/// stale): its name gets [`INCONSISTENT`] appended and the next plan rewrites it whole.
 pub fn reconstruct(
     key: &SvcKey,
     value: &SvcValue,
     info: Option<&RevNatValue>,
     mut backends: Vec<(u16, BackendValue)>,
-    table: Option<&MaglevTable>,
 ) -> Option<LbService> {
     let ip = key.ip()?;
     let proto = match key.proto {
@@ -242,21 +250,13 @@ pub fn reconstruct(
         PROTO_UDP => Proto::Udp,
         _ => return None,
     };
+    let complete = backends.len() == usize::from(value.backends);
     backends.retain(|(_, b)| b.ip().is_some());
     backends.sort_by_key(|(_, b)| (b.ip(), b.port()));
-    let index_of: BTreeMap<u16, u32> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, (slot, _))| (*slot, u32::try_from(i).unwrap_or(u32::MAX)))
-        .collect();
-    let maglev = match table {
-        Some(table) if !backends.is_empty() => table
-            .slots
-            .iter()
-            .map(|slot| index_of.get(slot).copied().unwrap_or(0))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let mut name = info.map(|i| i.name().to_owned()).unwrap_or_default();
+    if !complete {
+        name.push_str(INCONSISTENT);
+    }
     let backends = backends
         .iter()
         .filter_map(|(_, b)| {
@@ -274,7 +274,7 @@ pub fn reconstruct(
         .collect();
     Some(LbService {
         id: value.id,
-        name: info.map(|i| i.name().to_owned()).unwrap_or_default(),
+        name,
         frontend: Frontend {
             ip,
             port: key.port(),
@@ -282,7 +282,6 @@ pub fn reconstruct(
             kind: info.map_or(FrontendKind::ClusterIp, |i| kind_from_code(i.kind)),
         },
         backends,
-        maglev,
         affinity_timeout_secs: (value.flags & SVC_F_AFFINITY != 0)
             .then_some(value.affinity_timeout_secs),
         external_local: value.flags & SVC_F_EXTERNAL_LOCAL != 0,
@@ -293,7 +292,6 @@ pub fn reconstruct(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::maglev;
 
     fn be(ip: &str, port: u16) -> Backend {
         Backend {
@@ -305,11 +303,6 @@ mod tests {
     }
 
     fn service(id: u32, backends: Vec<Backend>) -> LbService {
-        let table = if backends.is_empty() {
-            Vec::new()
-        } else {
-            maglev::table(&backends, MAGLEV_M)
-        };
         LbService {
             id,
             name: format!("default/svc{id}:http"),
@@ -320,7 +313,6 @@ mod tests {
                 kind: FrontendKind::ClusterIp,
             },
             backends,
-            maglev: table,
             affinity_timeout_secs: None,
             external_local: false,
             internal_local: false,
@@ -401,15 +393,16 @@ mod tests {
     #[test]
     fn maglev_indices_become_slots() {
         let svc = service(1, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)]);
-        let table = maglev_table(&svc.maglev, &[7, 3]).unwrap();
-        for (slot, index) in table.slots.iter().zip(&svc.maglev) {
+        let indices = maglev::table(&svc.backends, DESIRED_MAGLEV_M);
+        let table = maglev_table(&svc.backends, &[7, 3]).unwrap();
+        for (slot, index) in table.slots.iter().zip(&indices) {
             assert_eq!(*slot, if *index == 0 { 7 } else { 3 });
         }
         assert!(
-            maglev_table(&svc.maglev, &[7]).is_err(),
+            maglev_table(&svc.backends, &[7]).is_err(),
             "index 1 has no slot"
         );
-        assert!(maglev_table(&[0; 10], &[7]).is_err(), "wrong size");
+        assert!(maglev_slots(&[0; 10], &[7]).is_err(), "wrong size");
     }
 
     #[test]
@@ -427,9 +420,6 @@ mod tests {
         let mut bad = ok.clone();
         bad.backends.push(be("fd00::1", 80));
         assert!(matches!(validate(&bad, 10), Err(EntryError::Family(_))));
-        let mut bad = ok;
-        bad.maglev.truncate(3);
-        assert!(matches!(validate(&bad, 10), Err(EntryError::Maglev(_))));
         assert_eq!(validate(&service(2, vec![]), 10), Ok(()));
     }
 
@@ -474,7 +464,6 @@ mod tests {
             svc.backends[1].node_local = true;
             svc.backends[2].state = BackendState::ServingTerminating;
             let slots = [4u16, 0, 9];
-            let table = maglev_table(&svc.maglev, &slots).unwrap();
             // Entries come back from a hash map in any order.
             let entries: Vec<(u16, BackendValue)> = vec![
                 (slots[2], backend_value(&svc.backends[2])),
@@ -486,11 +475,30 @@ mod tests {
                 &key,
                 &svc_value(&svc, 10),
                 Some(&revnat_value(&svc)),
-                entries,
-                Some(&table),
+                entries.clone(),
             )
             .unwrap();
             assert_eq!(back, svc);
+            // An upsert stopped half way (one more entry than the service value counts, or
+            // one fewer) reads back as a service no plan leaves alone.
+            let mut more = entries.clone();
+            more.push((
+                7,
+                backend_value(&be(if v6 { "fd00::4" } else { "10.0.0.4" }, 80)),
+            ));
+            let mut fewer = entries;
+            fewer.pop();
+            for partial in [more, fewer] {
+                let back = reconstruct(
+                    &key,
+                    &svc_value(&svc, 10),
+                    Some(&revnat_value(&svc)),
+                    partial,
+                )
+                .unwrap();
+                assert_eq!(back.name, format!("{}{INCONSISTENT}", svc.name));
+                assert_ne!(back, svc);
+            }
         }
     }
 
@@ -498,24 +506,18 @@ mod tests {
     fn reconstruct_service_without_backends() {
         let svc = service(4, vec![]);
         let key = frontend_key(&svc.frontend);
-        let back = reconstruct(
-            &key,
-            &svc_value(&svc, 0),
-            Some(&revnat_value(&svc)),
-            vec![],
-            None,
-        )
-        .unwrap();
+        let back =
+            reconstruct(&key, &svc_value(&svc, 0), Some(&revnat_value(&svc)), vec![]).unwrap();
         assert_eq!(back, svc);
     }
 
     #[test]
     fn reconstruct_rejects_bad_keys() {
         let mut key = SvcKey::new("10.0.0.1".parse().unwrap(), 80, 1);
-        assert!(reconstruct(&key, &SvcValue::default(), None, vec![], None).is_none());
+        assert!(reconstruct(&key, &SvcValue::default(), None, vec![]).is_none());
         key.proto = PROTO_UDP;
         key.family = 0;
-        assert!(reconstruct(&key, &SvcValue::default(), None, vec![], None).is_none());
+        assert!(reconstruct(&key, &SvcValue::default(), None, vec![]).is_none());
     }
 
     #[test]

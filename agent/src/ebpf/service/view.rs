@@ -24,7 +24,7 @@ use twill_common::service::MAP_REVNAT;
 /// scrape).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceCounters {
-    /// The frontend as programmed (`backends` and `maglev` left empty).
+    /// The frontend as programmed (`backends` left empty).
     pub service: LbService,
     /// Backends in use.
     pub backends: u16,
@@ -94,12 +94,13 @@ impl EbpfLbView {
         for (key, value) in entries {
             let revnat = optional(self.maps.revnat.get(&value.id, 0))
                 .map_err(map_err("lookup", MAP_REVNAT, value.id))?;
-            if let Some(service) =
-                entries::reconstruct(&key, &value, revnat.as_ref(), Vec::new(), None)
-            {
+            let mut value = value;
+            // Backends are not read here; count them as none so the name stays as written.
+            let backends = std::mem::take(&mut value.backends);
+            if let Some(service) = entries::reconstruct(&key, &value, revnat.as_ref(), Vec::new()) {
                 out.push(ServiceCounters {
                     service,
-                    backends: value.backends,
+                    backends,
                     counts: counters.get(&value.id).copied().unwrap_or_default(),
                 });
             }
@@ -247,7 +248,6 @@ mod tests {
                     kind: FrontendKind::ClusterIp,
                 },
                 backends: Vec::new(),
-                maglev: Vec::new(),
                 affinity_timeout_secs: None,
                 external_local: false,
                 internal_local: false,

@@ -46,10 +46,7 @@ use self::render::{
     static_sets,
 };
 use super::conntrack;
-use super::lb::{
-    Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService, MAGLEV_M,
-};
-use super::maglev;
+use super::lb::{Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService};
 use super::nfnl::{
     Attr, Batch, F_APPEND, F_CREATE, Msg, MsgBuf, NfSocket, NfnlError, SUBSYS_NFTABLES,
 };
@@ -632,16 +629,7 @@ impl NftLb {
     /// Reads the table, repairs what is not twill's doing, rebuilds the mirror, and returns
     /// the services it holds.
     fn read_back(&mut self) -> Result<Vec<LbService>, NftError> {
-        let services = self.read_back_raw()?;
-        Ok(services
-            .into_iter()
-            .map(|mut s| {
-                if !s.backends.is_empty() {
-                    s.maglev = maglev::table(&s.backends, MAGLEV_M);
-                }
-                s
-            })
-            .collect())
+        self.read_back_raw()
     }
 
     fn read_back_raw(&mut self) -> Result<Vec<LbService>, NftError> {
@@ -842,7 +830,6 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
                     kind: meta.kind,
                 },
                 backends,
-                maglev: Vec::new(),
                 affinity_timeout_secs: meta.affinity_timeout_secs,
                 external_local: meta.external_local,
                 internal_local: meta.internal_local,
@@ -1025,7 +1012,6 @@ mod tests {
                     state: BackendState::Ready,
                 })
                 .collect(),
-            maglev: Vec::new(),
             affinity_timeout_secs: affinity.then_some(100),
             external_local: false,
             internal_local: false,

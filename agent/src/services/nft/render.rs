@@ -1249,8 +1249,7 @@ fn slots_of(svc: &LbService) -> BTreeMap<u32, (IpAddr, u16)> {
 }
 
 fn programmed(svc: &LbService) -> Programmed {
-    let mut s = svc.clone();
-    s.maglev = Vec::new();
+    let s = svc.clone();
     let rec = record(svc);
     Programmed {
         chain: match &rec.data {
@@ -1538,7 +1537,6 @@ mod tests {
                 kind,
             },
             backends,
-            maglev: Vec::new(),
             affinity_timeout_secs: None,
             external_local: false,
             internal_local: false,
