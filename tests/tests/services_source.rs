@@ -421,3 +421,48 @@ struct NodeWithCgroup {
     rig: Rig,
     cg: Cgroup,
 }
+
+/// The netfilter modes have no pinned maps: `get services`, run in the node's namespace, reads
+/// the nftables table or the iptables chains instead.
+#[test]
+fn get_services_reads_the_netfilter_dataplanes() {
+    if !require_root() {
+        return;
+    }
+    for (mode, location) in [
+        ("nftables", "nftables (table inet twill)"),
+        ("iptables", "iptables (TWILL-* chains, iptables-"),
+    ] {
+        let rig = Rig::new(1).expect("rig");
+        rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
+        rig.start_twilld(1, &["--proxy-mode", mode, "--node-name", "node-1"])
+            .unwrap();
+        rig.wait_subnet_file(1, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+        let web = write(rig.temp_dir(), "web.yaml", WEB);
+        ok(&twilld(&rig, &["apply", "-f", &web], None));
+        let get = || {
+            ok(&twilld(
+                &rig,
+                &["get", "services", "--node-name", "node-1", "-o", "wide"],
+                None,
+            ))
+        };
+        let table = wait_for(Duration::from_secs(10), || {
+            let t = get();
+            t.contains("2/2 frontends in sync, 0 not desired")
+                .then_some(t)
+        })
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}: {}\n{}", get(), rig.twilld_log(1)));
+        assert!(table.contains(&format!("dataplane: {location}")), "{table}");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("0.0.0.0:30080/TCP"))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            row.contains("10.244.1.5:8080") && row.contains("in sync"),
+            "{row}"
+        );
+    }
+}

@@ -12,8 +12,9 @@
 //! - `get services` reads etcd for what should be, and the node's dataplane for what is: the
 //!   FRONTENDS column is what the agent programs on a node (computed by the same pure function
 //!   it uses), PROGRAMMED how many of those the dataplane holds with exactly the desired
-//!   backends, CONNS the connections it counted. The dataplane is read directly (the pinned eBPF
-//!   maps), not through the agent, so a node whose agent is down still shows what its kernel
+//!   backends, CONNS the connections it counted (eBPF only). The dataplane is read directly (the
+//!   pinned eBPF maps, else the nftables table or the iptables chains of the namespace `get`
+//!   runs in), not through the agent, so a node whose agent is down still shows what its kernel
 //!   does; `-o wide` lists every frontend with its backends.
 
 use std::collections::BTreeMap;
@@ -26,8 +27,10 @@ use clap::{Args, Subcommand};
 
 use crate::ebpf::service::EbpfLbView;
 use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
+use crate::services::iptables::IptLb;
 use crate::services::lb::{FrontendKey, LbService};
 use crate::services::model::{Kind, Object, ObjectKey, Service, ServiceType, parse_manifest};
+use crate::services::nft::NftLb;
 use crate::services::source::{EtcdServiceStore, ServiceStore};
 use crate::store::EtcdTls;
 
@@ -258,7 +261,7 @@ pub struct ProgrammedFrontend {
 /// What a node's service dataplane holds, read back for `get services`.
 #[derive(Debug, Clone)]
 pub struct DataplaneReading {
-    /// The proxy mode that programmed it (`ebpf`).
+    /// The proxy mode that programmed it (`ebpf`, `nftables`, `iptables`).
     pub mode: &'static str,
     /// Where it was read (`pinned maps in /sys/fs/bpf/twill/lb`).
     pub location: String,
@@ -266,12 +269,13 @@ pub struct DataplaneReading {
     pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
 }
 
-/// Reads the dataplane of the node this runs on: the eBPF maps pinned under
-/// `<bpf_pin_dir>/lb`. `None` when no dataplane is found there.
+/// Reads the service dataplane of the node (network namespace) this runs on: the eBPF maps
+/// pinned under `<bpf_pin_dir>/lb`, else the nftables table `inet twill`, else twill's iptables
+/// chains. `None` when there is none.
 pub fn read_dataplane(bpf_pin_dir: &Path) -> anyhow::Result<Option<DataplaneReading>> {
     let dir = bpf_pin_dir.join("lb");
     if !EbpfLbView::exists(&dir) {
-        return Ok(None);
+        return read_netfilter();
     }
     let view = EbpfLbView::open(&dir)
         .with_context(|| format!("open the eBPF service maps in {}", dir.display()))?;
@@ -295,6 +299,41 @@ pub fn read_dataplane(bpf_pin_dir: &Path) -> anyhow::Result<Option<DataplaneRead
             })
             .collect(),
     }))
+}
+
+/// The nftables or iptables dataplane, read back (no counters: rules count nothing per
+/// frontend).
+fn read_netfilter() -> anyhow::Result<Option<DataplaneReading>> {
+    let programmed = |services: Vec<LbService>| {
+        services
+            .into_iter()
+            .map(|service| {
+                (
+                    service.frontend.key(),
+                    ProgrammedFrontend {
+                        service,
+                        conns: None,
+                        packets: None,
+                    },
+                )
+            })
+            .collect()
+    };
+    if let Some(services) = NftLb::peek().context("read the nftables table inet twill")? {
+        return Ok(Some(DataplaneReading {
+            mode: "nftables",
+            location: "table inet twill".into(),
+            frontends: programmed(services),
+        }));
+    }
+    if let Some((backend, services)) = IptLb::peek().context("read twill's iptables chains")? {
+        return Ok(Some(DataplaneReading {
+            mode: "iptables",
+            location: format!("TWILL-* chains, iptables-{}", backend.as_str()),
+            frontends: programmed(services),
+        }));
+    }
+    Ok(None)
 }
 
 /// The frontends `desired` holds for the Service `ns/name`.

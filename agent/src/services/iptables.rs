@@ -771,6 +771,26 @@ impl IptLb {
         Ok(lb)
     }
 
+    /// What twill's chains of the calling thread's namespace hold (both families), read
+    /// without changing anything (for `twilld get services`); `None` when no backend has
+    /// twill's chains.
+    pub fn peek() -> Result<Option<(IptBackend, Vec<LbService>)>, IptError> {
+        let (backend, _) = detect_backend();
+        let lb = IptLb {
+            backend,
+            families: [Family::default(), Family::default()],
+            ct: None,
+        };
+        let mut all = Vec::new();
+        let mut found = false;
+        for v6 in [false, true] {
+            let saved = lb.save(v6)?;
+            found |= saved.rules("nat", SERVICES).is_some();
+            all.extend(reconstruct(&saved, v6).0);
+        }
+        Ok(found.then_some((backend, all)))
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> IptBackend {
         self.backend

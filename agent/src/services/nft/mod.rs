@@ -407,6 +407,17 @@ impl NftLb {
         Ok(lb)
     }
 
+    /// What the table `inet twill` of the calling thread's namespace holds, read without
+    /// creating or repairing anything (for `twilld get services`); `None` without the table.
+    pub fn peek() -> Result<Option<Vec<LbService>>, NftError> {
+        let mut lb = NftLb {
+            sock: NfSocket::open().map_err(nl("open", "netlink socket"))?,
+            mirror: Mirror::default(),
+            genid: None,
+        };
+        Ok(lb.dump_table()?.map(|d| reconstruct(&d).0))
+    }
+
     /// Whether nf_tables answers in this namespace (the kernel has it and we may use it).
     pub fn probe() -> Result<(), NftError> {
         let mut sock = NfSocket::open().map_err(nl("open", "netlink socket"))?;
