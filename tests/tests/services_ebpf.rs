@@ -36,6 +36,9 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const UP: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const NODE_PORT: u16 = 30080;
+/// An external IP of the test service: an address of the rig's underlay range that no
+/// interface holds; the underlay (the "outside") routes it to node 1.
+const EXTERNAL_IP: &str = "198.18.200.10";
 
 /// The agent flags enabling proxy `mode` on `node` (for eBPF, with socket-LB on `cgroup`).
 ///
@@ -256,13 +259,21 @@ fn web(endpoints: &[(&Pod, &str)], extra_spec: &str) -> String {
 }
 
 /// ClusterIP from a pod on another node (socket-LB and tc path) reaches every backend and never
-/// a removed one; NodePort from outside the cluster (the underlay) works too.
+/// a removed one; NodePort and an ExternalIP from outside the cluster (the underlay) work too.
 fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static str) {
     let c = Cluster::new(mode, 2);
     let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
-    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], ""));
+    let external = format!("  externalIPs: [{EXTERNAL_IP}]\n");
+    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], &external));
+    // The outside host routes the external IP to node 1, as a router in front of a cluster
+    // would (the address lives only inside the rig).
+    twill_tests::ns::ip_batch(
+        Some(&c.rig.underlay_ns()),
+        &format!("route add {EXTERNAL_IP}/32 via {}\n", Rig::node_ip(1)),
+    )
+    .unwrap();
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
@@ -290,15 +301,23 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
         };
         assert!(line.contains(peer), "NodePort source: {line}");
     }
+    let external_ip: SocketAddr = format!("{EXTERNAL_IP}:80").parse().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let line = tcp_from_thread(&outside, external_ip).expect("ExternalIP from outside");
+        seen.insert(backend_name(&line).to_owned());
+    }
+    assert_eq!(seen, ["b1", "b2"].map(String::from).into(), "ExternalIP");
 
     // Remove b1: within a second no new flow reaches it.
-    c.apply(&web(&[(&b2, "n2")], ""));
+    c.apply(&web(&[(&b2, "n2")], &external));
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
         let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect");
         let b = tcp_from_thread(&client.ns, vip).expect("tc-path connect");
         let n = tcp_from_thread(&outside, node_port).expect("NodePort connect");
-        for line in [&a, &b, &n] {
+        let e = tcp_from_thread(&outside, external_ip).expect("ExternalIP connect");
+        for line in [&a, &b, &n, &e] {
             assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
         }
     }
