@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod config;
 pub mod ebpf;
+pub mod http;
 pub mod kernel;
 pub mod kube;
 pub mod lease;

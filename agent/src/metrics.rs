@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use crate::http::Response;
 
 /// Upper bounds of the reconcile duration histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -293,62 +292,30 @@ fn render_udp(o: &mut String, c: &UdpCounts) {
     }
 }
 
-/// Serves `/healthz` and `/metrics` on `addr` until the task is dropped.
+/// Serves `/healthz` (and `/livez`) and `/metrics` on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz and /metrics");
-    loop {
-        let (sock, _) = listener.accept().await?;
+    crate::http::serve(addr, "/healthz and /metrics", move |path| {
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let (rd, mut wr) = sock.into_split();
-            let mut line = String::new();
-            let mut reader = BufReader::new(rd);
-            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
-            if read.await.is_err() {
-                return;
-            }
-            // Read the rest of the request head, so closing does not reset a client that is
-            // still writing its headers.
-            let mut header = String::new();
-            for _ in 0..64 {
-                header.clear();
-                let more =
-                    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut header));
-                match more.await {
-                    Ok(Ok(n)) if n > 0 && header.trim_end() != "" => {}
-                    _ => break,
-                }
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (code, ctype, body) = match path {
+        async move {
+            match path.as_str() {
                 "/healthz" | "/livez" => {
                     let (code, text) = metrics.health();
-                    (code, "text/plain", text)
+                    Response::new(code, "text/plain", text)
                 }
                 "/metrics" => {
                     // Renderers read kernel maps (syscalls, maybe many): off the async threads.
-                    let m = metrics.clone();
-                    match tokio::task::spawn_blocking(move || m.render()).await {
-                        Ok(text) => (200, "text/plain; version=0.0.4", text),
-                        Err(e) => (500, "text/plain", format!("render metrics: {e}\n")),
+                    match tokio::task::spawn_blocking(move || metrics.render()).await {
+                        Ok(text) => Response::new(200, "text/plain; version=0.0.4", text),
+                        Err(e) => {
+                            Response::new(500, "text/plain", format!("render metrics: {e}\n"))
+                        }
                     }
                 }
-                _ => (404, "text/plain", "not found\n".to_string()),
-            };
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                500 => "Internal Server Error",
-                _ => "Service Unavailable",
-            };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = wr.write_all(resp.as_bytes()).await;
-        });
-    }
+                _ => Response::new(404, "text/plain", "not found\n"),
+            }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -313,11 +313,13 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     c.apply(&web(&[(&b2, "n2")], &external));
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
-        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect");
-        let b = tcp_from_thread(&client.ns, vip).expect("tc-path connect");
-        let n = tcp_from_thread(&outside, node_port).expect("NodePort connect");
-        let e = tcp_from_thread(&outside, external_ip).expect("ExternalIP connect");
-        for line in [&a, &b, &n, &e] {
+        let lines = [
+            tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect"),
+            tcp_from_thread(&client.ns, vip).expect("tc-path connect"),
+            tcp_from_thread(&outside, node_port).expect("NodePort connect"),
+            tcp_from_thread(&outside, external_ip).expect("ExternalIP connect"),
+        ];
+        for line in &lines {
             assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
         }
     }

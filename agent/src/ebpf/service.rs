@@ -1248,20 +1248,6 @@ impl EbpfLb {
         self.maps.counters(self.ids.keys().copied())
     }
 
-    /// Every programmed service with its counters, read from the maps (for `twilld get
-    /// services` and the metrics).
-    pub fn dump(&mut self) -> Result<Vec<ServiceState>, EbpfLbError> {
-        let services = self.read_back()?;
-        let counters = self.counters()?;
-        Ok(services
-            .into_iter()
-            .map(|service| ServiceState {
-                counts: counters.get(&service.id).copied().unwrap_or_default(),
-                service,
-            })
-            .collect())
-    }
-
     /// Fill level and kernel memory of every map (LRU maps are counted by iterating them).
     pub fn occupancy(&self) -> Result<Vec<MapUsage>, EbpfLbError> {
         Ok(self

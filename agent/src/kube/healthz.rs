@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Node;
+
+use crate::http::Response;
 use k8s_openapi::jiff::Timestamp;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::services::source::ServiceMetrics;
 
@@ -134,52 +135,16 @@ impl ProxyHealth {
 
 /// Serves `/healthz` and `/livez` on `addr` until the task is aborted.
 pub async fn serve(addr: SocketAddr, health: Arc<ProxyHealth>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "kube-proxy health server listening");
-    loop {
-        let (sock, _) = listener.accept().await?;
+    crate::http::serve(addr, "kube-proxy's /healthz and /livez", move |path| {
         let health = health.clone();
-        tokio::spawn(async move {
-            let (rd, mut wr) = sock.into_split();
-            let mut reader = BufReader::new(rd);
-            let mut line = String::new();
-            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
-            if read.await.is_err() {
-                return;
+        async move {
+            match health.answer(&path, SystemTime::now()) {
+                Some((code, body)) => Response::new(code, "application/json", body),
+                None => Response::not_found(),
             }
-            // The rest of the head, so closing does not reset a client still writing headers.
-            let mut header = String::new();
-            for _ in 0..64 {
-                header.clear();
-                let more =
-                    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut header));
-                match more.await {
-                    Ok(Ok(n)) if n > 0 && !header.trim_end().is_empty() => {}
-                    _ => break,
-                }
-            }
-            let target = line.split_whitespace().nth(1).unwrap_or("/");
-            let path = target.split('?').next().unwrap_or(target);
-            let (code, ctype, body) = match health.answer(path, SystemTime::now()) {
-                Some((code, body)) => (code, "application/json", body),
-                None => (
-                    404,
-                    "text/plain; charset=utf-8",
-                    "404 page not found\n".into(),
-                ),
-            };
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                _ => "Service Unavailable",
-            };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = wr.write_all(resp.as_bytes()).await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
