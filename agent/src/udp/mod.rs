@@ -240,7 +240,7 @@ impl UdpBackend {
     /// [`UdpBackend::set_table`]).
     pub async fn start<K: Kernel>(k: &K, spec: Spec) -> Result<UdpBackend, UdpError> {
         let mut b = UdpBackend {
-            stats: (0..spec.workers * 2).map(|_| Stats::default()).collect(),
+            stats: (0..spec.workers).map(|_| Stats::default()).collect(),
             spec,
             table: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             running: None,
@@ -291,37 +291,27 @@ impl UdpBackend {
             max_packet: self.spec.max_packet,
         });
         let mut threads = Vec::new();
-        for (i, pair) in queues.into_iter().zip(socks).enumerate() {
-            let pair = Arc::new(pair);
-            for rx in [false, true] {
-                let (sh, pair, stats) = (shared.clone(), pair.clone(), self.stats.clone());
-                let name = format!("udp-{}{i}", if rx { "rx" } else { "tx" });
-                let t = std::thread::Builder::new()
-                    .name(name.clone())
-                    .spawn(move || {
-                        let s = &stats[2 * i + usize::from(rx)];
-                        if rx {
-                            worker::rx_loop(&sh, &pair.0, &pair.1, s);
-                        } else {
-                            worker::tx_loop(&sh, &pair.0, &pair.1, s);
-                        }
-                    })
-                    .map_err(|source| UdpError::Syscall {
-                        call: "spawn thread",
-                        object: name,
-                        source,
-                    });
-                match t {
-                    Ok(t) => threads.push(t),
-                    Err(e) => {
-                        Running {
-                            shared,
-                            _wake: wake,
-                            threads,
-                        }
-                        .stop();
-                        return Err(e);
+        for (i, (tun, sock)) in queues.into_iter().zip(socks).enumerate() {
+            let (sh, stats) = (shared.clone(), self.stats.clone());
+            let name = format!("udp-{i}");
+            let t = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || worker::run(&sh, &tun, &sock, &stats[i]))
+                .map_err(|source| UdpError::Syscall {
+                    call: "spawn thread",
+                    object: name,
+                    source,
+                });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    Running {
+                        shared,
+                        _wake: wake,
+                        threads,
                     }
+                    .stop();
+                    return Err(e);
                 }
             }
         }

@@ -16,7 +16,7 @@
 //! - The socket's buffers are raised with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (root): bursts of
 //!   64 KiB trains otherwise overflow the default receive buffer.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -223,14 +223,15 @@ impl UdpSocket {
     }
 }
 
-/// One datagram (or GSO train) to send.
-#[derive(Debug, Clone, Copy)]
-pub struct OutMsg<'a> {
+/// One datagram (or GSO train) to send: its bytes are the slices `iov` of the `iov` list given to
+/// [`Sender::send`], gathered in order (a train's headers and payloads need not be contiguous).
+#[derive(Debug, Clone)]
+pub struct OutMsg {
     /// The peer.
     pub dst: SocketAddrV4,
-    /// The bytes.
-    pub data: &'a [u8],
-    /// Segment size when `data` is a train of packets (`UDP_SEGMENT`).
+    /// Its slices in the send's `iov` list.
+    pub iov: std::ops::Range<usize>,
+    /// Segment size when the bytes are a train of packets (`UDP_SEGMENT`).
     pub gso: Option<u16>,
 }
 
@@ -238,40 +239,38 @@ pub struct OutMsg<'a> {
 #[derive(Default)]
 pub struct Sender {
     names: Vec<libc::sockaddr_in>,
-    iovs: Vec<libc::iovec>,
     ctrl: Vec<[u64; CTRL_WORDS]>,
     hdrs: Vec<libc::mmsghdr>,
 }
 
 impl Sender {
-    /// Sends `msgs` with as few `sendmmsg` calls as the kernel allows; `done(i, result)` for each
-    /// message, in order. A message the kernel refuses is reported and skipped; the rest go on.
+    /// Sends `msgs`, whose bytes are slices of `iov`, with as few `sendmmsg` calls as the kernel
+    /// allows; `done(i, result)` for each message, in order. A message the kernel refuses is
+    /// reported and skipped; the rest go on.
     pub fn send(
         &mut self,
         sock: &UdpSocket,
-        msgs: &[OutMsg<'_>],
+        msgs: &[OutMsg],
+        iov: &[IoSlice<'_>],
         mut done: impl FnMut(usize, io::Result<()>),
     ) {
         let n = msgs.len();
         self.names.clear();
-        self.iovs.clear();
         self.ctrl.clear();
         self.hdrs.clear();
         for m in msgs {
             self.names.push(sockaddr(m.dst));
-            self.iovs.push(libc::iovec {
-                iov_base: m.data.as_ptr().cast_mut().cast(),
-                iov_len: m.data.len(),
-            });
             self.ctrl.push([0; CTRL_WORDS]);
         }
         for (i, m) in msgs.iter().enumerate() {
+            let slices = &iov[m.iov.clone()];
             // SAFETY: mmsghdr is plain old data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
             h.msg_hdr.msg_namelen = SOCKADDR_LEN;
-            h.msg_hdr.msg_iov = &raw mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
+            // IoSlice is ABI-compatible with iovec; the kernel only reads through it.
+            h.msg_hdr.msg_iov = slices.as_ptr().cast::<libc::iovec>().cast_mut();
+            h.msg_hdr.msg_iovlen = slices.len();
             if let Some(seg) = m.gso {
                 let ctrl = &mut self.ctrl[i];
                 h.msg_hdr.msg_control = ctrl.as_mut_ptr().cast();
@@ -296,7 +295,7 @@ impl Sender {
         while i < n {
             let left = libc::c_uint::try_from(n - i).expect("batch fits");
             // SAFETY: hdrs[i..] are valid mmsghdrs whose pointers target live arrays of self
-            // and the callers' slices.
+            // and the caller's `iov` (and the buffers its slices borrow).
             let r = unsafe { libc::sendmmsg(sock.raw(), self.hdrs[i..].as_mut_ptr(), left, 0) };
             match usize::try_from(r) {
                 Ok(sent) if sent > 0 => {
