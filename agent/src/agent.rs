@@ -324,6 +324,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if cfg.backend.kind == BackendType::Udp {
         udp::check_config(&cfg)
             .with_context(|| format!("refusing network config at {}/config", opts.etcd_prefix))?;
+        udp::check_proxy_mode(&opts.proxy_mode).with_context(|| {
+            format!(
+                "refusing --proxy-mode {} with the network config at {}/config",
+                opts.proxy_mode, opts.etcd_prefix
+            )
+        })?;
     }
     tracing::info!(?cfg, "network config");
 

@@ -136,6 +136,26 @@ pub fn check_config(cfg: &NetworkConfig) -> Result<(), UdpError> {
     Ok(())
 }
 
+/// Checks the agent's `--proxy-mode` against this backend: the eBPF service dataplane is refused.
+///
+/// Its tc programs parse Ethernet frames, and `flannel0` is an L3 TUN device whose packets start
+/// at the IP header: attached there, they would see no IPv4 or IPv6 packet at all, and replies of
+/// NodePort flows SNATed to a backend on another node (they come back through `flannel0`) would
+/// reach the node's stack untranslated and be reset. Refused at start, before anything is
+/// created, rather than half-working.
+pub fn check_proxy_mode(mode: &str) -> Result<(), UdpError> {
+    if mode == "ebpf" {
+        return Err(UdpError::Config(
+            "--proxy-mode ebpf does not work with Backend.Type \"udp\" yet: its tc programs \
+             parse Ethernet frames and the udp backend's flannel0 is an L3 TUN device without \
+             one, so NodePort replies from backends on other nodes would not be translated; use \
+             Backend.Type vxlan or host-gw with --proxy-mode ebpf, or --proxy-mode none"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// Finds the TUN device for the overlay reconciler and makes sure it is up with the overlay
 /// MTU. The device itself is made by [`UdpBackend::start`] (it needs the queues' descriptors).
 pub async fn ensure_device<K: Kernel>(k: &K, mtu: u32) -> Result<Device, KernelError> {
@@ -455,6 +475,12 @@ mod tests {
         let mut up = uplink();
         up.public_v4 = None;
         assert!(Spec::new(&cfg, &up).is_err());
+        assert!(check_proxy_mode("none").is_ok());
+        let err = check_proxy_mode("ebpf").unwrap_err().to_string();
+        assert!(
+            err.contains("--proxy-mode ebpf") && err.contains("L3 TUN"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
