@@ -584,16 +584,6 @@ impl Train {
             (&out[h], &input[p])
         })
     }
-
-    /// The UDP GSO sends of the train: ranges of packet indices, each at most
-    /// [`GSO_MAX_SEGMENTS`] packets and [`MAX_UDP_PAYLOAD`] bytes.
-    pub fn groups(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
-        let per = (MAX_UDP_PAYLOAD / self.seg().max(1)).clamp(1, GSO_MAX_SEGMENTS);
-        let count = self.count;
-        (0..count)
-            .step_by(per)
-            .map(move |first| first..(first + per).min(count))
-    }
 }
 
 /// Cuts a TCP (`tcp`) or UDP super-packet into a [`Train`] of packets of `hl + gso_size` bytes:
@@ -727,6 +717,95 @@ fn segment(
         payload: base + hl,
         payload_len: payload,
     }))
+}
+
+// ---- batching sends (UDP GSO) --------------------------------------------------------------
+
+/// One send: `count` consecutive packets (from [`Batcher::push`] index `first` on) to one peer;
+/// every packet but the last is `seg` bytes. Two or more go as one UDP GSO message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Send {
+    /// The peer.
+    pub dst: SocketAddrV4,
+    /// Index of the first packet.
+    pub first: usize,
+    /// Packets.
+    pub count: usize,
+    /// Bytes of every packet but the last (the `UDP_SEGMENT` size).
+    pub seg: usize,
+    /// Bytes in all.
+    pub bytes: usize,
+}
+
+impl Send {
+    /// The `UDP_SEGMENT` size to give the kernel: `None` for a single datagram.
+    pub fn gso(&self) -> Option<u16> {
+        (self.count > 1).then(|| u16::try_from(self.seg).expect("datagrams below 64 KiB"))
+    }
+}
+
+/// Packs a turn's packets, in order, into as few sends as UDP GSO allows.
+///
+/// A packet joins the send before it when it goes to the same peer, is no longer than that
+/// send's segment size, the send's last packet was full-sized, and the send stays within
+/// [`GSO_MAX_SEGMENTS`] packets and [`MAX_UDP_PAYLOAD`] bytes. So a train of full-sized TCP
+/// segments continues across super-packets (a 64 KiB super-packet is 46 segments of 1472 bytes,
+/// a send holds 44: cut per super-packet that is two sends, the second of two packets, where
+/// packed it is one send per 44), and a burst of equal-sized ACKs to one peer is one send. Every
+/// send is one skb through the underlay and one receive at the peer: what costs there is per
+/// skb, not per byte.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    sends: Vec<Send>,
+    packets: usize,
+}
+
+impl Batcher {
+    /// An empty batch.
+    pub fn new() -> Batcher {
+        Batcher::default()
+    }
+
+    /// Adds the next packet (`len` bytes, for `dst`); its index.
+    pub fn push(&mut self, dst: SocketAddrV4, len: usize) -> usize {
+        let i = self.packets;
+        self.packets += 1;
+        if let Some(s) = self.sends.last_mut()
+            && s.dst == dst
+            && len <= s.seg
+            && s.bytes == s.count * s.seg
+            && s.count < GSO_MAX_SEGMENTS
+            && s.bytes + len <= MAX_UDP_PAYLOAD
+        {
+            s.count += 1;
+            s.bytes += len;
+            return i;
+        }
+        self.sends.push(Send {
+            dst,
+            first: i,
+            count: 1,
+            seg: len,
+            bytes: len,
+        });
+        i
+    }
+
+    /// The sends so far, in order.
+    pub fn sends(&self) -> &[Send] {
+        &self.sends
+    }
+
+    /// Packets pushed.
+    pub fn packets(&self) -> usize {
+        self.packets
+    }
+
+    /// Empties the batch.
+    pub fn clear(&mut self) {
+        self.sends.clear();
+        self.packets = 0;
+    }
 }
 
 // ---- decapsulation (wire → TUN) -------------------------------------------------------------
@@ -1405,15 +1484,105 @@ mod tests {
                 all.extend_from_slice(&p[52..]);
             }
             assert_eq!(all, data);
-            // The GSO groups cover the train in order, within the kernel's limits.
-            let mut covered = 0;
-            for g in train.groups() {
-                assert_eq!(g.start, covered);
-                let bytes: usize = pkts[g.clone()].iter().map(Vec::len).sum();
-                assert!(bytes <= MAX_UDP_PAYLOAD && g.len() <= GSO_MAX_SEGMENTS && !g.is_empty());
-                covered = g.end;
+            // Batched, the train is cut only where the kernel's limits say.
+            let mut b = Batcher::new();
+            for p in &pkts {
+                b.push(train.dst, p.len());
             }
-            assert_eq!(covered, count);
+            let lens: Vec<_> = pkts.iter().map(|p| (train.dst, p.len())).collect();
+            check_sends(&b, &lens);
+        }
+    }
+
+    /// Checks the sends of a batch against the packets pushed: in order, each within the
+    /// kernel's limits, all but its last packet of its segment size, one peer each.
+    fn check_sends(b: &Batcher, packets: &[(SocketAddrV4, usize)]) {
+        let mut next = 0;
+        for s in b.sends() {
+            assert_eq!(s.first, next, "in order, none skipped");
+            let ps = &packets[s.first..s.first + s.count];
+            assert!(s.count >= 1 && s.count <= GSO_MAX_SEGMENTS);
+            assert!(s.bytes <= MAX_UDP_PAYLOAD.max(s.seg));
+            assert_eq!(s.bytes, ps.iter().map(|p| p.1).sum::<usize>());
+            assert!(ps.iter().all(|p| p.0 == s.dst));
+            assert!(ps[..s.count - 1].iter().all(|p| p.1 == s.seg));
+            assert!(ps[s.count - 1].1 <= s.seg);
+            assert_eq!(s.gso().is_some(), s.count > 1);
+            next += s.count;
+            // Greedy: the next packet could not have joined.
+            if let Some(&(dst, len)) = packets.get(next) {
+                assert!(
+                    dst != s.dst
+                        || len > s.seg
+                        || s.bytes != s.count * s.seg
+                        || s.count == GSO_MAX_SEGMENTS
+                        || s.bytes + len > MAX_UDP_PAYLOAD,
+                    "{s:?} could take {len} more bytes"
+                );
+            }
+        }
+        assert_eq!(next, packets.len());
+        assert_eq!(b.packets(), packets.len());
+    }
+
+    #[test]
+    fn batcher_packs_trains_across_super_packets_and_acks() {
+        let a = SocketAddrV4::new(PEER, 8285);
+        let c = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 13), 8285);
+        // Three super-packets of 46 full segments: 138 packets in sends of 44.
+        let mut b = Batcher::new();
+        let pkts: Vec<_> = (0..138).map(|_| (a, 1472)).collect();
+        for p in &pkts {
+            b.push(p.0, p.1);
+        }
+        check_sends(&b, &pkts);
+        let counts: Vec<usize> = b.sends().iter().map(|s| s.count).collect();
+        assert_eq!(counts, [44, 44, 44, 6]);
+        // ACKs to one peer: one send; a short packet closes a send; another peer starts one.
+        b.clear();
+        let pkts = [
+            (a, 52),
+            (a, 52),
+            (a, 52),
+            (a, 40),
+            (a, 52),
+            (c, 52),
+            (c, 1472),
+            (a, 60),
+        ];
+        for p in &pkts {
+            b.push(p.0, p.1);
+        }
+        check_sends(&b, &pkts);
+        let counts: Vec<usize> = b.sends().iter().map(|s| s.count).collect();
+        assert_eq!(counts, [4, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn batcher_property() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let peers = [
+            SocketAddrV4::new(PEER, 8285),
+            SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 13), 8285),
+        ];
+        for _ in 0..500 {
+            let mut b = Batcher::new();
+            let n = rng.random_range(0..300);
+            let pkts: Vec<(SocketAddrV4, usize)> = (0..n)
+                .map(|_| {
+                    let len = match rng.random_range(0..4) {
+                        0 => 1472,
+                        1 => 52,
+                        2 => rng.random_range(1..=1472),
+                        _ => rng.random_range(1..=MAX_UDP_PAYLOAD),
+                    };
+                    (peers[usize::from(rng.random_bool(0.1))], len)
+                })
+                .collect();
+            for p in &pkts {
+                b.push(p.0, p.1);
+            }
+            check_sends(&b, &pkts);
         }
     }
 

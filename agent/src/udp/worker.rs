@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use super::core::{
-    DropReason, Encap, Gro, RouteTable, VNET_HDR_LEN, decapsulate, encapsulate, split_datagrams,
+    Batcher, DropReason, Encap, Gro, RouteTable, VNET_HDR_LEN, decapsulate, encapsulate,
+    split_datagrams,
 };
 use super::socket::{OutMsg, Receiver, Sender, UdpSocket};
 use super::tun::TunQueue;
@@ -148,19 +149,6 @@ struct Piece {
     len: usize,
 }
 
-/// A send waiting for the turn's `sendmmsg`.
-#[derive(Debug, Clone)]
-struct Pending {
-    dst: std::net::SocketAddrV4,
-    /// Its slices in `Tx::pieces`.
-    pieces: std::ops::Range<usize>,
-    gso: Option<u16>,
-    /// Datagrams it makes.
-    count: usize,
-    /// UDP payload bytes.
-    bytes: usize,
-}
-
 /// The transmit side's buffers.
 struct Tx {
     sender: Sender,
@@ -168,8 +156,12 @@ struct Tx {
     arena: Box<[u8]>,
     /// Bytes of the arena in use.
     used: usize,
+    /// The slices of the turn's packets, in order.
     pieces: Vec<Piece>,
-    pending: Vec<Pending>,
+    /// Where each packet's slices start in `pieces`.
+    starts: Vec<usize>,
+    /// The turn's packets packed into sends.
+    batch: Batcher,
     msgs: Vec<OutMsg>,
 }
 
@@ -183,74 +175,65 @@ impl Tx {
             arena: vec![0u8; ARENA].into_boxed_slice(),
             used: 0,
             pieces: Vec::with_capacity(TX_BATCH * 2),
-            pending: Vec::with_capacity(TX_BATCH * 2),
+            starts: Vec::with_capacity(TX_BATCH * 2),
+            batch: Batcher::new(),
             msgs: Vec::with_capacity(TX_BATCH * 2),
         }
     }
 
-    fn push(&mut self, p: Piece) {
-        self.pieces.push(p);
-    }
-
-    /// Queues a send made of the pieces pushed since `first`.
-    fn queue(&mut self, dst: std::net::SocketAddrV4, first: usize, gso: Option<u16>, count: usize) {
-        let bytes = self.pieces[first..].iter().map(|p| p.len).sum();
-        self.pending.push(Pending {
-            dst,
-            pieces: first..self.pieces.len(),
-            gso,
-            count,
-            bytes,
-        });
+    /// Queues one packet: its slices (header and payload, or the whole packet) for `dst`.
+    fn packet(&mut self, dst: std::net::SocketAddrV4, slices: &[Piece]) {
+        self.starts.push(self.pieces.len());
+        self.pieces.extend_from_slice(slices);
+        self.batch.push(dst, slices.iter().map(|p| p.len).sum());
     }
 
     /// Sends everything queued (one `sendmmsg`, more if the kernel takes fewer) and frees the
     /// arena.
     fn flush(&mut self, sock: &UdpSocket, local: &mut Local) {
-        if self.pending.is_empty() {
-            self.used = 0;
-            return;
-        }
-        let iov: Vec<IoSlice<'_>> = self
-            .pieces
-            .iter()
-            .map(|p| {
-                let buf: &[u8] = match p.input {
-                    Some(i) => &self.inputs[i],
-                    None => &self.arena,
-                };
-                IoSlice::new(&buf[p.off..p.off + p.len])
-            })
-            .collect();
-        self.msgs.clear();
-        self.msgs.extend(self.pending.iter().map(|p| OutMsg {
-            dst: p.dst,
-            iov: p.pieces.clone(),
-            gso: p.gso,
-        }));
-        let pending = &self.pending;
-        self.sender.send(sock, &self.msgs, &iov, |i, r| {
-            let p = &pending[i];
-            match r {
-                Ok(()) => {
-                    local.tx_packets += p.count as u64;
-                    local.tx_bytes += p.bytes as u64;
-                }
-                Err(e) => {
-                    let reason = match e.raw_os_error() {
-                        Some(libc::EMSGSIZE | libc::EINVAL) => DropReason::TooBig,
-                        _ => DropReason::SendError,
+        if self.batch.packets() > 0 {
+            let iov: Vec<IoSlice<'_>> = self
+                .pieces
+                .iter()
+                .map(|p| {
+                    let buf: &[u8] = match p.input {
+                        Some(i) => &self.inputs[i],
+                        None => &self.arena,
                     };
-                    tracing::debug!(error = %e, dst = %p.dst, len = p.bytes, "send failed");
-                    for _ in 0..p.count {
-                        local.drop(reason);
+                    IoSlice::new(&buf[p.off..p.off + p.len])
+                })
+                .collect();
+            let end = |i: usize| self.starts.get(i).copied().unwrap_or(self.pieces.len());
+            self.msgs.clear();
+            self.msgs.extend(self.batch.sends().iter().map(|s| OutMsg {
+                dst: s.dst,
+                iov: end(s.first)..end(s.first + s.count),
+                gso: s.gso(),
+            }));
+            let sends = self.batch.sends();
+            self.sender.send(sock, &self.msgs, &iov, |i, r| {
+                let s = &sends[i];
+                match r {
+                    Ok(()) => {
+                        local.tx_packets += s.count as u64;
+                        local.tx_bytes += s.bytes as u64;
+                    }
+                    Err(e) => {
+                        let reason = match e.raw_os_error() {
+                            Some(libc::EMSGSIZE | libc::EINVAL) => DropReason::TooBig,
+                            _ => DropReason::SendError,
+                        };
+                        tracing::debug!(error = %e, dst = %s.dst, len = s.bytes, "send failed");
+                        for _ in 0..s.count {
+                            local.drop(reason);
+                        }
                     }
                 }
-            }
-        });
-        drop(iov);
-        self.pending.clear();
+            });
+        }
+        self.batch.clear();
         self.pieces.clear();
+        self.starts.clear();
         self.used = 0;
     }
 
@@ -305,36 +288,29 @@ impl Tx {
             let out = &mut self.arena[used..];
             match encapsulate(table, shared.max_packet, &mut self.inputs[n][..len], out) {
                 Encap::Packet { dst, start, len } => {
-                    let first = self.pieces.len();
-                    self.push(Piece {
+                    let whole = Piece {
                         input: Some(n),
                         off: start,
                         len,
-                    });
-                    self.queue(dst, first, None, 1);
+                    };
+                    self.packet(dst, &[whole]);
                 }
                 Encap::Segments(train) => {
-                    for g in train.groups() {
-                        let first = self.pieces.len();
-                        for i in g.clone() {
-                            let (h, p) = train.packet(i);
-                            self.push(Piece {
-                                input: None,
-                                off: used + h.start,
-                                len: h.len(),
-                            });
-                            if !p.is_empty() {
-                                self.push(Piece {
-                                    input: Some(n),
-                                    off: p.start,
-                                    len: p.len(),
-                                });
-                            }
-                        }
-                        let count = g.len();
-                        let gso = (count > 1)
-                            .then(|| u16::try_from(train.seg()).expect("segments below 64 KiB"));
-                        self.queue(train.dst, first, gso, count);
+                    for i in 0..train.count {
+                        let (h, p) = train.packet(i);
+                        let header = Piece {
+                            input: None,
+                            off: used + h.start,
+                            len: h.len(),
+                        };
+                        let payload = Piece {
+                            input: Some(n),
+                            off: p.start,
+                            len: p.len(),
+                        };
+                        let slices = [header, payload];
+                        let k = if p.is_empty() { 1 } else { 2 };
+                        self.packet(train.dst, &slices[..k]);
                     }
                     self.used += train.headers_len();
                 }
