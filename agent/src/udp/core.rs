@@ -17,10 +17,13 @@
 //! The TUN device is opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD` (checksum, TSO4, USO), so the
 //! kernel hands over TCP (and UDP-GSO) *super-packets* of up to 64 KiB with a virtio-net header
 //! saying how to cut them ([`VnetHdr`]), and with the transport checksum left partial. The wire
-//! format needs real packets, so [`encapsulate`] cuts a super-packet into MTU-sized IPv4 packets
-//! with correct sequence numbers, IP ids, lengths and checksums — laid out back to back, all of
-//! one size but the last, which is exactly the layout UDP GSO (`UDP_SEGMENT`) wants: the edge
-//! sends the whole train with one `sendmsg`, and the kernel makes one datagram per packet.
+//! format needs real packets, so [`encapsulate`] cuts a super-packet into a [`Train`] of MTU-sized
+//! IPv4 packets with correct sequence numbers, IP ids, lengths and checksums: only the headers
+//! are written (to a small buffer), the payloads stay where the TUN read put them, and the edge
+//! gathers header, payload, header, payload... into one `sendmsg`. All packets but the last are
+//! of one size, which is what UDP GSO (`UDP_SEGMENT`) wants: the kernel makes one datagram per
+//! packet. [`Batcher`] packs consecutive packets to a peer into as few such sends as the kernel
+//! allows, across super-packets.
 //!
 //! On the way in, the socket has `UDP_GRO`: one receive returns a train of datagrams of one size.
 //! [`Gro`] re-assembles consecutive TCP segments of one flow into one super-packet (headers of

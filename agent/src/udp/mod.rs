@@ -10,18 +10,25 @@
 //!  pod ─ cni0 ─ routing ─ flannel0 (TUN, persistent, multi-queue, vnet hdr + TSO/USO)
 //!                            │ read: 64 KiB super-packet        ▲ writev: coalesced super-packet
 //!                      [core::encapsulate]                 [core::Gro]
-//!                            │ cut into MTU packets             ▲ split by UDP_GRO size
-//!                    sendmmsg + UDP_SEGMENT              recvmmsg + UDP_GRO
+//!                 headers cut, payload left in place            ▲ split by UDP_GRO size
+//!                      [core::Batcher]                          │
+//!               sendmmsg + UDP_SEGMENT, gathered          recvmmsg + UDP_GRO
 //!                            ▼                                  │
 //!                      UDP :8285 (one port, a SO_REUSEPORT socket per worker) ── underlay
 //! ```
 //!
 //! - [`core`] does every per-packet decision and does no I/O (boringtun's shape): routing
-//!   lookup, segmentation with correct TCP sequence numbers / IP ids / checksums, validation of
-//!   datagrams from the wire, receive coalescing. It is unit-, property- and fuzz-tested
-//!   (`agent/fuzz/fuzz_targets/udp_decap.rs`).
+//!   lookup, segmentation with correct TCP sequence numbers / IP ids / checksums, packing of
+//!   packets into GSO sends, validation of datagrams from the wire, receive coalescing. It is
+//!   unit-, property- and fuzz-tested (`agent/fuzz/fuzz_targets/udp_decap.rs`).
 //! - [`tun`] and [`socket`] are the kernel edge; [`worker`] is the loop between them: per core, a
-//!   TUN queue and a socket, a thread per direction, batches, no lock on the packet path.
+//!   TUN queue, a socket and one thread that carries both directions in turns, batches, no lock
+//!   on the packet path.
+//! - Where the bytes are copied: four times, all by the kernel (TUN read, UDP send, UDP receive,
+//!   TUN write). User space reads each payload byte once more, for the TCP checksums (computed
+//!   per packet when cutting, verified before coalescing), and writes none: a send gathers the
+//!   packet headers written by the core and the payload slices of the TUN read, a TUN write
+//!   gathers a rewritten head and the received payloads.
 //! - The routing table (peer subnet → `PublicIP:Port`, built from lease snapshots) is swapped
 //!   whole with `arc-swap`; workers load it once per batch. A lease that goes away is gone from
 //!   the next batch on.
