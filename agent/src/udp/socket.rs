@@ -16,7 +16,7 @@
 //! - The socket's buffers are raised with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (root): bursts of
 //!   64 KiB trains otherwise overflow the default receive buffer.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -231,13 +231,13 @@ impl UdpSocket {
     }
 }
 
-/// One datagram (or GSO train) to send: its bytes are the slices `iov` of the `iov` list given to
+/// One datagram (or GSO train) to send: its bytes are the slices `iov` of the slices given to
 /// [`Sender::send`], gathered in order (a train's headers and payloads need not be contiguous).
 #[derive(Debug, Clone)]
 pub struct OutMsg {
     /// The peer.
     pub dst: SocketAddrV4,
-    /// Its slices in the send's `iov` list.
+    /// Its slices, by index in the send's slices.
     pub iov: std::ops::Range<usize>,
     /// Segment size when the bytes are a train of packets (`UDP_SEGMENT`).
     pub gso: Option<u16>,
@@ -246,23 +246,29 @@ pub struct OutMsg {
 /// Reusable `sendmmsg` arrays.
 #[derive(Default)]
 pub struct Sender {
+    iovs: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_in>,
     ctrl: Vec<[u64; CTRL_WORDS]>,
     hdrs: Vec<libc::mmsghdr>,
 }
 
 impl Sender {
-    /// Sends `msgs`, whose bytes are slices of `iov`, with as few `sendmmsg` calls as the kernel
+    /// Sends `msgs`, whose bytes are among `slices`, with as few `sendmmsg` calls as the kernel
     /// allows; `done(i, result)` for each message, in order. A message the kernel refuses is
     /// reported and skipped; the rest go on.
-    pub fn send(
+    pub fn send<'a>(
         &mut self,
         sock: &UdpSocket,
         msgs: &[OutMsg],
-        iov: &[IoSlice<'_>],
+        slices: impl IntoIterator<Item = &'a [u8]>,
         mut done: impl FnMut(usize, io::Result<()>),
     ) {
         let n = msgs.len();
+        self.iovs.clear();
+        self.iovs.extend(slices.into_iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        }));
         self.names.clear();
         self.ctrl.clear();
         self.hdrs.clear();
@@ -271,14 +277,13 @@ impl Sender {
             self.ctrl.push([0; CTRL_WORDS]);
         }
         for (i, m) in msgs.iter().enumerate() {
-            let slices = &iov[m.iov.clone()];
+            let iov = &mut self.iovs[m.iov.clone()];
             // SAFETY: mmsghdr is plain old data; all-zero is valid.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&raw mut self.names[i]).cast();
             h.msg_hdr.msg_namelen = SOCKADDR_LEN;
-            // IoSlice is ABI-compatible with iovec; the kernel only reads through it.
-            h.msg_hdr.msg_iov = slices.as_ptr().cast::<libc::iovec>().cast_mut();
-            h.msg_hdr.msg_iovlen = slices.len();
+            h.msg_hdr.msg_iovlen = iov.len();
+            h.msg_hdr.msg_iov = iov.as_mut_ptr();
             if let Some(seg) = m.gso {
                 let ctrl = &mut self.ctrl[i];
                 h.msg_hdr.msg_control = ctrl.as_mut_ptr().cast();
@@ -302,8 +307,8 @@ impl Sender {
         let mut i = 0;
         while i < n {
             let left = libc::c_uint::try_from(n - i).expect("batch fits");
-            // SAFETY: hdrs[i..] are valid mmsghdrs whose pointers target live arrays of self
-            // and the caller's `iov` (and the buffers its slices borrow).
+            // SAFETY: hdrs[i..] are valid mmsghdrs whose pointers target live arrays of self,
+            // whose iovecs point into the caller's slices, borrowed for this call.
             let r = unsafe { libc::sendmmsg(sock.raw(), self.hdrs[i..].as_mut_ptr(), left, 0) };
             match usize::try_from(r) {
                 Ok(sent) if sent > 0 => {

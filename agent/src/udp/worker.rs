@@ -30,7 +30,7 @@
 //! worker per node instead of one per core made no difference for one flow and puts every flow
 //! on one core.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -202,17 +202,14 @@ impl Tx {
     /// arena.
     fn flush(&mut self, sock: &UdpSocket, local: &mut Local) {
         if self.batch.packets() > 0 {
-            let iov: Vec<IoSlice<'_>> = self
-                .pieces
-                .iter()
-                .map(|p| {
-                    let buf: &[u8] = match p.input {
-                        Some(i) => &self.inputs[i],
-                        None => &self.arena,
-                    };
-                    IoSlice::new(&buf[p.off..p.off + p.len])
-                })
-                .collect();
+            let (inputs, arena) = (&self.inputs, &self.arena);
+            let slices = self.pieces.iter().map(|p| {
+                let buf: &[u8] = match p.input {
+                    Some(i) => &inputs[i],
+                    None => arena,
+                };
+                &buf[p.off..p.off + p.len]
+            });
             let end = |i: usize| self.starts.get(i).copied().unwrap_or(self.pieces.len());
             self.msgs.clear();
             self.msgs.extend(self.batch.sends().iter().map(|s| OutMsg {
@@ -221,7 +218,7 @@ impl Tx {
                 gso: s.gso(),
             }));
             let sends = self.batch.sends();
-            self.sender.send(sock, &self.msgs, &iov, |i, r| {
+            self.sender.send(sock, &self.msgs, slices, |i, r| {
                 let s = &sends[i];
                 match r {
                     Ok(()) => {
@@ -346,6 +343,8 @@ struct Detached;
 /// The receive side's buffers.
 struct Rx {
     recv: Receiver,
+    /// The `iovec` array of TUN writes.
+    iovs: Vec<libc::iovec>,
 }
 
 impl Rx {
@@ -385,17 +384,13 @@ impl Rx {
             }
         }
         let mut gone = false;
-        gro.for_each_write(|head, body| {
-            let mut iov = Vec::with_capacity(body.len() + 1);
-            iov.push(IoSlice::new(head));
-            iov.extend(body.iter().map(|b| IoSlice::new(b)));
-            match tun.writev(&iov) {
-                Ok(_) => local.tun_writes += 1,
-                Err(e) => {
-                    gone |= device_gone(&e);
-                    tracing::debug!(error = %e, "TUN write failed");
-                    local.drop(DropReason::TunError);
-                }
+        let iovs = &mut self.iovs;
+        gro.for_each_write(|head, body| match tun.writev(head, body, iovs) {
+            Ok(_) => local.tun_writes += 1,
+            Err(e) => {
+                gone |= device_gone(&e);
+                tracing::debug!(error = %e, "TUN write failed");
+                local.drop(DropReason::TunError);
             }
         });
         if gone { Err(Detached) } else { Ok(n) }
@@ -407,6 +402,7 @@ pub fn run(shared: &Shared, tun: &TunQueue, sock: &UdpSocket, stats: &Stats) {
     let mut tx = Tx::new();
     let mut rx = Rx {
         recv: Receiver::new(RX_BATCH),
+        iovs: Vec::new(),
     };
     let mut local = Local::default();
     loop {
