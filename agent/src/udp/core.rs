@@ -453,6 +453,8 @@ pub enum Encap {
     Packet {
         /// The peer.
         dst: SocketAddrV4,
+        /// Its flow.
+        flow: Flow,
         /// Offset of the packet in the input.
         start: usize,
         /// Its length.
@@ -507,6 +509,7 @@ fn encap_inner(
             }
             Ok(Encap::Packet {
                 dst,
+                flow: flow_of(pkt, ip.ihl),
                 start: VNET_HDR_LEN,
                 len: ip.total,
             })
@@ -542,6 +545,8 @@ fn complete_checksum(pkt: &mut [u8], ip: &Ipv4Info, hdr: VnetHdr) -> Result<(), 
 pub struct Train {
     /// The peer.
     pub dst: SocketAddrV4,
+    /// The super-packet's flow.
+    pub flow: Flow,
     /// Header bytes per packet (IPv4 + TCP or UDP).
     pub hl: usize,
     /// Payload bytes per packet (the last may carry fewer).
@@ -714,6 +719,7 @@ fn segment(
     }
     Ok(Encap::Segments(Train {
         dst,
+        flow: flow_of(pkt, ihl),
         hl,
         mss,
         count,
@@ -730,6 +736,8 @@ fn segment(
 pub struct Send {
     /// The peer.
     pub dst: SocketAddrV4,
+    /// The flow of its packets.
+    pub flow: Flow,
     /// Index of the first packet.
     pub first: usize,
     /// Packets.
@@ -749,14 +757,16 @@ impl Send {
 
 /// Packs a turn's packets, in order, into as few sends as UDP GSO allows.
 ///
-/// A packet joins the send before it when it goes to the same peer, is no longer than that
+/// A packet joins the send before it when it goes to the same peer, belongs to the same flow, is
+/// no longer than that
 /// send's segment size, the send's last packet was full-sized, and the send stays within
 /// [`GSO_MAX_SEGMENTS`] packets and [`MAX_UDP_PAYLOAD`] bytes. So a train of full-sized TCP
 /// segments continues across super-packets (a 64 KiB super-packet is 46 segments of 1472 bytes,
 /// a send holds 44: cut per super-packet that is two sends, the second of two packets, where
 /// packed it is one send per 44), and a burst of equal-sized ACKs to one peer is one send. Every
 /// send is one skb through the underlay and one receive at the peer: what costs there is per
-/// skb, not per byte.
+/// skb, not per byte. Flows are never mixed in a send: the peer's socket group steers a whole
+/// train to one worker by its first packet, and a flow must stay on one worker to stay in order.
 #[derive(Debug, Default)]
 pub struct Batcher {
     sends: Vec<Send>,
@@ -769,12 +779,13 @@ impl Batcher {
         Batcher::default()
     }
 
-    /// Adds the next packet (`len` bytes, for `dst`); its index.
-    pub fn push(&mut self, dst: SocketAddrV4, len: usize) -> usize {
+    /// Adds the next packet (`len` bytes of `flow`, for `dst`); its index.
+    pub fn push(&mut self, dst: SocketAddrV4, flow: Flow, len: usize) -> usize {
         let i = self.packets;
         self.packets += 1;
         if let Some(s) = self.sends.last_mut()
             && s.dst == dst
+            && s.flow == flow
             && len <= s.seg
             && s.bytes == s.count * s.seg
             && s.count < GSO_MAX_SEGMENTS
@@ -786,6 +797,7 @@ impl Batcher {
         }
         self.sends.push(Send {
             dst,
+            flow,
             first: i,
             count: 1,
             seg: len,
@@ -845,8 +857,9 @@ pub fn split_datagrams(data: &[u8], gso: Option<usize>) -> std::slice::Chunks<'_
 
 // ---- receive coalescing ---------------------------------------------------------------------
 
-/// A TCP flow: addresses and ports.
-type FlowKey = (u32, u32, u32);
+/// A flow: source and destination address, and the first 4 bytes of the transport header (the
+/// ports of TCP and UDP).
+pub type Flow = (u32, u32, u32);
 
 #[derive(Debug)]
 struct Item<'a> {
@@ -880,7 +893,7 @@ struct Item<'a> {
 #[derive(Debug, Default)]
 pub struct Gro<'a> {
     items: Vec<Item<'a>>,
-    open: Vec<(FlowKey, usize)>,
+    open: Vec<(Flow, usize)>,
 }
 
 /// Why a TCP segment can start a merge item: the header length, or `None` (pass it alone).
@@ -906,7 +919,8 @@ fn coalescable(pkt: &[u8], ip: &Ipv4Info) -> Option<usize> {
     ok.then_some(hl)
 }
 
-fn flow_key(pkt: &[u8], ihl: usize) -> FlowKey {
+/// The [`Flow`] of an IPv4 packet whose header is `ihl` bytes.
+pub fn flow_of(pkt: &[u8], ihl: usize) -> Flow {
     let ports = if pkt.len() >= ihl + 4 {
         get_u32(pkt, ihl)
     } else {
@@ -925,7 +939,7 @@ impl<'a> Gro<'a> {
     pub fn push(&mut self, pkt: &'a [u8], ip: &Ipv4Info) {
         let pkt = &pkt[..ip.total];
         let hl = coalescable(pkt, ip);
-        let key = flow_key(pkt, ip.ihl);
+        let key = flow_of(pkt, ip.ihl);
         let open = self
             .open
             .iter()
@@ -1364,6 +1378,7 @@ mod tests {
             e,
             Encap::Packet {
                 dst: SocketAddrV4::new(PEER, 8285),
+                flow: flow_of(&pkt, 20),
                 start: VNET_HDR_LEN,
                 len: pkt.len()
             }
@@ -1490,32 +1505,39 @@ mod tests {
             // Batched, the train is cut only where the kernel's limits say.
             let mut b = Batcher::new();
             for p in &pkts {
-                b.push(train.dst, p.len());
+                b.push(train.dst, train.flow, p.len());
             }
-            let lens: Vec<_> = pkts.iter().map(|p| (train.dst, p.len())).collect();
+            let lens: Vec<_> = pkts
+                .iter()
+                .map(|p| (train.dst, train.flow, p.len()))
+                .collect();
             check_sends(&b, &lens);
         }
     }
 
+    /// A packet as the batcher sees it: peer, flow, length.
+    type Out = (SocketAddrV4, Flow, usize);
+
     /// Checks the sends of a batch against the packets pushed: in order, each within the
-    /// kernel's limits, all but its last packet of its segment size, one peer each.
-    fn check_sends(b: &Batcher, packets: &[(SocketAddrV4, usize)]) {
+    /// kernel's limits, all but its last packet of its segment size, one peer and flow each, and
+    /// greedy (the packet after a send could not have joined it).
+    fn check_sends(b: &Batcher, packets: &[Out]) {
         let mut next = 0;
         for s in b.sends() {
             assert_eq!(s.first, next, "in order, none skipped");
             let ps = &packets[s.first..s.first + s.count];
             assert!(s.count >= 1 && s.count <= GSO_MAX_SEGMENTS);
             assert!(s.bytes <= MAX_UDP_PAYLOAD.max(s.seg));
-            assert_eq!(s.bytes, ps.iter().map(|p| p.1).sum::<usize>());
-            assert!(ps.iter().all(|p| p.0 == s.dst));
-            assert!(ps[..s.count - 1].iter().all(|p| p.1 == s.seg));
-            assert!(ps[s.count - 1].1 <= s.seg);
+            assert_eq!(s.bytes, ps.iter().map(|p| p.2).sum::<usize>());
+            assert!(ps.iter().all(|p| p.0 == s.dst && p.1 == s.flow));
+            assert!(ps[..s.count - 1].iter().all(|p| p.2 == s.seg));
+            assert!(ps[s.count - 1].2 <= s.seg);
             assert_eq!(s.gso().is_some(), s.count > 1);
             next += s.count;
-            // Greedy: the next packet could not have joined.
-            if let Some(&(dst, len)) = packets.get(next) {
+            if let Some(&(dst, flow, len)) = packets.get(next) {
                 assert!(
                     dst != s.dst
+                        || flow != s.flow
                         || len > s.seg
                         || s.bytes != s.count * s.seg
                         || s.count == GSO_MAX_SEGMENTS
@@ -1528,37 +1550,42 @@ mod tests {
         assert_eq!(b.packets(), packets.len());
     }
 
+    fn push_all(b: &mut Batcher, pkts: &[Out]) {
+        for p in pkts {
+            b.push(p.0, p.1, p.2);
+        }
+    }
+
     #[test]
     fn batcher_packs_trains_across_super_packets_and_acks() {
         let a = SocketAddrV4::new(PEER, 8285);
         let c = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 13), 8285);
+        let (one, two) = ((1, 2, 3), (1, 2, 4));
         // Three super-packets of 46 full segments: 138 packets in sends of 44.
         let mut b = Batcher::new();
-        let pkts: Vec<_> = (0..138).map(|_| (a, 1472)).collect();
-        for p in &pkts {
-            b.push(p.0, p.1);
-        }
+        let pkts: Vec<Out> = (0..138).map(|_| (a, one, 1472)).collect();
+        push_all(&mut b, &pkts);
         check_sends(&b, &pkts);
         let counts: Vec<usize> = b.sends().iter().map(|s| s.count).collect();
         assert_eq!(counts, [44, 44, 44, 6]);
-        // ACKs to one peer: one send; a short packet closes a send; another peer starts one.
+        // ACKs of one flow to one peer: one send; a short packet closes a send; another peer or
+        // another flow starts one.
         b.clear();
         let pkts = [
-            (a, 52),
-            (a, 52),
-            (a, 52),
-            (a, 40),
-            (a, 52),
-            (c, 52),
-            (c, 1472),
-            (a, 60),
+            (a, one, 52),
+            (a, one, 52),
+            (a, one, 52),
+            (a, one, 40),
+            (a, one, 52),
+            (a, two, 52),
+            (c, two, 52),
+            (c, two, 1472),
+            (a, one, 60),
         ];
-        for p in &pkts {
-            b.push(p.0, p.1);
-        }
+        push_all(&mut b, &pkts);
         check_sends(&b, &pkts);
         let counts: Vec<usize> = b.sends().iter().map(|s| s.count).collect();
-        assert_eq!(counts, [4, 1, 1, 1, 1]);
+        assert_eq!(counts, [4, 1, 1, 1, 1, 1]);
     }
 
     #[test]
@@ -1571,7 +1598,7 @@ mod tests {
         for _ in 0..500 {
             let mut b = Batcher::new();
             let n = rng.random_range(0..300);
-            let pkts: Vec<(SocketAddrV4, usize)> = (0..n)
+            let pkts: Vec<Out> = (0..n)
                 .map(|_| {
                     let len = match rng.random_range(0..4) {
                         0 => 1472,
@@ -1579,12 +1606,11 @@ mod tests {
                         2 => rng.random_range(1..=1472),
                         _ => rng.random_range(1..=MAX_UDP_PAYLOAD),
                     };
-                    (peers[usize::from(rng.random_bool(0.1))], len)
+                    let flow = (1, 2, u32::from(rng.random_bool(0.2)));
+                    (peers[usize::from(rng.random_bool(0.1))], flow, len)
                 })
                 .collect();
-            for p in &pkts {
-                b.push(p.0, p.1);
-            }
+            push_all(&mut b, &pkts);
             check_sends(&b, &pkts);
         }
     }

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use super::core::{
-    Batcher, DropReason, Encap, Gro, RouteTable, VNET_HDR_LEN, decapsulate, encapsulate,
+    Batcher, DropReason, Encap, Flow, Gro, RouteTable, VNET_HDR_LEN, decapsulate, encapsulate,
     split_datagrams,
 };
 use super::socket::{OutMsg, Receiver, Sender, UdpSocket};
@@ -191,11 +191,13 @@ impl Tx {
         }
     }
 
-    /// Queues one packet: its slices (header and payload, or the whole packet) for `dst`.
-    fn packet(&mut self, dst: std::net::SocketAddrV4, slices: &[Piece]) {
+    /// Queues one packet of `flow`: its slices (header and payload, or the whole packet) for
+    /// `dst`.
+    fn packet(&mut self, dst: std::net::SocketAddrV4, flow: Flow, slices: &[Piece]) {
         self.starts.push(self.pieces.len());
         self.pieces.extend_from_slice(slices);
-        self.batch.push(dst, slices.iter().map(|p| p.len).sum());
+        self.batch
+            .push(dst, flow, slices.iter().map(|p| p.len).sum());
     }
 
     /// Sends everything queued (one `sendmmsg`, more if the kernel takes fewer) and frees the
@@ -294,13 +296,18 @@ impl Tx {
             let used = self.used;
             let out = &mut self.arena[used..];
             match encapsulate(table, shared.max_packet, &mut self.inputs[n][..len], out) {
-                Encap::Packet { dst, start, len } => {
+                Encap::Packet {
+                    dst,
+                    flow,
+                    start,
+                    len,
+                } => {
                     let whole = Piece {
                         input: Some(n),
                         off: start,
                         len,
                     };
-                    self.packet(dst, &[whole]);
+                    self.packet(dst, flow, &[whole]);
                 }
                 Encap::Segments(train) => {
                     for i in 0..train.count {
@@ -317,7 +324,7 @@ impl Tx {
                         };
                         let slices = [header, payload];
                         let k = if p.is_empty() { 1 } else { 2 };
-                        self.packet(train.dst, &slices[..k]);
+                        self.packet(train.dst, train.flow, &slices[..k]);
                     }
                     self.used += train.headers_len();
                 }
