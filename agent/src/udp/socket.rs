@@ -153,6 +153,14 @@ impl UdpSocket {
     /// while every flow stays on one worker (no reordering). The program sees the datagram from
     /// the end of the UDP header; a GRO train is steered by its first packet (all one flow).
     ///
+    /// A limit: on a NIC, the kernel's UDP GRO may coalesce back-to-back datagrams of two inner
+    /// flows from one peer (same outer addresses and ports, same size) into one train, which
+    /// goes to the worker of its first packet; the second flow's packets at that boundary then
+    /// pass another worker than the rest of their flow and can be reordered against them. Over
+    /// veth a train is exactly one send, and twill's sends never mix flows
+    /// ([`super::core::Batcher`]). Handing such packets to their own worker would need a
+    /// lock-free queue per pair of workers.
+    ///
     /// The hash folds addresses and ports to 16 bits (symmetric: a flow and its replies hash
     /// alike) and mixes them with a multiplication before taking the remainder: the remainder of
     /// a plain XOR fold depends on few bits, and two connections of one client, whose source
