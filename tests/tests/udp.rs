@@ -720,3 +720,166 @@ fn udp_tcp_both_ways_with_a_flannel_style_node() {
     assert_eq!(drops(&m, "malformed"), 0, "{m}");
     assert_eq!(drops(&m, "send_error"), 0, "{m}");
 }
+
+/// `text` without ANSI escape sequences (tracing colours its fields when it likes).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The steering bucket of a TCP flow, as twilld computes it (`core::bucket`): addresses and
+/// ports folded to 16 bits, mixed, 32 buckets.
+fn steer_bucket(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> u32 {
+    let a = u32::from(src) ^ u32::from(dst) ^ (u32::from(sport) << 16 | u32::from(dport));
+    let a = (a ^ (a >> 16)) & 0xffff;
+    (a.wrapping_mul(0x9e37_79b1) >> 16) % 32
+}
+
+/// A TCP connection from `src` (bound: the source port is chosen) to `dst`.
+fn connect_from(src: SocketAddr, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
+        anyhow::bail!("IPv4 only");
+    };
+    let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>())?;
+    // SAFETY: plain socket(2); the result is checked and owned by the stream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor we own.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (s, d) = (sa(s), sa(d));
+    // SAFETY: sockaddr_in values of the length given.
+    anyhow::ensure!(
+        unsafe { libc::bind(fd, (&raw const s).cast(), len) } == 0,
+        "bind {src}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above.
+    anyhow::ensure!(
+        unsafe { libc::connect(fd, (&raw const d).cast(), len) } == 0,
+        "connect {dst}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(stream)
+}
+
+/// Two heavy flows that hash to one worker are spread: each node's agent moves one of them to
+/// the other worker (its steering table is rewritten), and both transfers arrive whole.
+#[test]
+fn udp_two_heavy_flows_on_one_worker_are_spread() {
+    if !require_root() {
+        return;
+    }
+    let (rig, _facts, pods) = cluster(2, &[]);
+    full_mesh(&rig, &pods);
+    let workers: u32 = strip_ansi(&rig.twilld_log(1))
+        .split("workers=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .expect("twilld logs its worker count");
+    let (client_ip, server_ip) = (pods[0].ipv4.unwrap(), pods[1].ipv4.unwrap());
+    // Two flows whose buckets differ but start on one worker (buckets are dealt round-robin).
+    let mut flows: Vec<(u16, u32)> = Vec::new();
+    for sport in 41_000u16..42_000 {
+        let bk = steer_bucket(
+            client_ip,
+            server_ip,
+            sport,
+            5300 + u16::try_from(flows.len()).unwrap(),
+        );
+        if flows.is_empty() || (bk != flows[0].1 && bk % workers == flows[0].1 % workers) {
+            flows.push((sport, bk));
+            if flows.len() == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(flows.len(), 2, "two flows found");
+    let secs = Duration::from_secs(4);
+    let results: Vec<(u64, u64)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = flows
+            .iter()
+            .enumerate()
+            .map(|(i, &(sport, _))| {
+                let dport = 5300 + u16::try_from(i).unwrap();
+                let (from, to) = (pods[0].ns.clone(), pods[1].ns.clone());
+                sc.spawn(move || {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let server = std::thread::spawn(move || {
+                        in_netns(&to, || {
+                            let listener = TcpListener::bind((server_ip, dport))?;
+                            let _ = tx.send(());
+                            let (mut conn, _) = listener.accept()?;
+                            conn.set_read_timeout(Some(UP))?;
+                            let mut buf = vec![0u8; 1 << 16];
+                            let mut got = 0u64;
+                            loop {
+                                let n = conn.read(&mut buf)?;
+                                if n == 0 {
+                                    return Ok(got);
+                                }
+                                got += n as u64;
+                            }
+                        })
+                    });
+                    rx.recv_timeout(UP).expect("server listening");
+                    let sent = in_netns(&from, || {
+                        let mut s = connect_from(
+                            SocketAddr::from((client_ip, sport)),
+                            SocketAddr::from((server_ip, dport)),
+                        )?;
+                        s.set_write_timeout(Some(UP))?;
+                        let buf = vec![7u8; 1 << 16];
+                        let end = Instant::now() + secs;
+                        let mut sent = 0u64;
+                        while Instant::now() < end {
+                            s.write_all(&buf)?;
+                            sent += buf.len() as u64;
+                        }
+                        s.shutdown(std::net::Shutdown::Write)?;
+                        Ok(sent)
+                    })
+                    .unwrap();
+                    (sent, server.join().expect("server thread").unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (sent, got) in &results {
+        assert_eq!(sent, got, "a transfer arrived whole");
+        assert!(*sent > 10 << 20, "a heavy flow: {sent} bytes");
+    }
+    if workers < 2 {
+        eprintln!("one worker per node here: nothing to spread (buckets {flows:?})");
+        return;
+    }
+    for node in [1, 2] {
+        let log = rig.twilld_log(node);
+        assert!(
+            log.contains("udp steering table rebalanced"),
+            "node {node} did not spread flows {flows:?}:\n{log}"
+        );
+    }
+}

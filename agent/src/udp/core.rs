@@ -728,6 +728,95 @@ fn segment(
     }))
 }
 
+// ---- steering flows to workers -------------------------------------------------------------
+
+/// Buckets of the steering table (an RSS indirection table): a flow's hash picks a bucket, the
+/// table a worker.
+pub const STEER_BUCKETS: usize = 32;
+/// The steering table: worker index per bucket.
+pub type SteerTable = [u8; STEER_BUCKETS];
+/// A rebalance moves buckets only when the busiest worker's load drops to this fraction or less.
+const REBALANCE_GAIN: f64 = 0.9;
+/// ... and only when that worker moved at least this many bytes in the period (idle nodes are
+/// left alone).
+const REBALANCE_MIN_BYTES: u64 = 1 << 20;
+
+/// The steering hash of a flow: addresses and ports folded to 16 bits (symmetric: a flow and its
+/// replies hash alike), then mixed by a multiplication (Fibonacci hashing), 16 bits. The socket
+/// group's classic BPF program computes the same ([`super::socket::UdpSocket::steer`]).
+pub fn steer_hash(flow: Flow) -> u32 {
+    let (src, dst, ports) = flow;
+    let a = src ^ dst ^ ports;
+    let a = (a ^ (a >> 16)) & 0xffff;
+    a.wrapping_mul(0x9e37_79b1) >> 16
+}
+
+/// The bucket of a flow.
+pub fn bucket(flow: Flow) -> usize {
+    steer_hash(flow) as usize % STEER_BUCKETS
+}
+
+/// The table a node starts with: buckets dealt round-robin over `workers`.
+pub fn default_table(workers: usize) -> SteerTable {
+    let n = workers.clamp(1, usize::from(u8::MAX));
+    std::array::from_fn(|b| u8::try_from(b % n).expect("fewer than 256 workers"))
+}
+
+/// Rebalances the steering table from the bytes each bucket moved in the last period: moves
+/// buckets from the busiest worker to the idlest while that lowers the busier of the two to at
+/// most [`REBALANCE_GAIN`] of what the busiest carried. `None` when nothing is worth moving.
+///
+/// A bucket is moved whole, so one heavy flow is never split, and a move never just swaps which
+/// worker is the busiest (that would gain nothing and move the flow back and forth). A moved
+/// flow can see its packets reordered once, at the switch; that is the price of spreading, paid
+/// only when it gains at least 10 %, as a NIC pays it when its RSS table is rewritten.
+pub fn rebalance(
+    load: &[u64; STEER_BUCKETS],
+    table: &SteerTable,
+    workers: usize,
+) -> Option<SteerTable> {
+    if workers < 2 {
+        return None;
+    }
+    let mut t = *table;
+    let mut changed = false;
+    for _ in 0..STEER_BUCKETS {
+        let mut per = vec![0u64; workers];
+        for (b, w) in t.iter().enumerate() {
+            if let Some(p) = per.get_mut(usize::from(*w)) {
+                *p += load[b];
+            }
+        }
+        let (busy, &max) = per
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, l)| **l)
+            .expect("workers");
+        let (idle, &min) = per
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| **l)
+            .expect("workers");
+        if max < REBALANCE_MIN_BYTES {
+            break;
+        }
+        // The bucket of the busiest worker whose move leaves the pair most even.
+        let best = (0..STEER_BUCKETS)
+            .filter(|&b| usize::from(t[b]) == busy && load[b] > 0)
+            .min_by_key(|&b| (max - load[b]).abs_diff(min + load[b]));
+        let Some(b) = best else { break };
+        let after = (max - load[b]).max(min + load[b]);
+        #[expect(clippy::cast_precision_loss, reason = "a ratio of byte counts")]
+        let gain = after as f64 / max as f64;
+        if gain > REBALANCE_GAIN {
+            break;
+        }
+        t[b] = u8::try_from(idle).expect("fewer than 256 workers");
+        changed = true;
+    }
+    changed.then_some(t)
+}
+
 // ---- batching sends (UDP GSO) --------------------------------------------------------------
 
 /// One send: `count` consecutive packets (from [`Batcher::push`] index `first` on) to one peer;
@@ -1612,6 +1701,80 @@ mod tests {
                 .collect();
             push_all(&mut b, &pkts);
             check_sends(&b, &pkts);
+        }
+    }
+
+    #[test]
+    fn steering_moves_a_heavy_bucket_off_a_shared_worker_and_nothing_else() {
+        let t = default_table(2);
+        assert_eq!(&t[..4], &[0, 1, 0, 1]);
+        assert_eq!(default_table(1), [0; STEER_BUCKETS]);
+        // Two heavy flows in buckets 2 and 4, both on worker 0; a little elsewhere.
+        let mut load = [0u64; STEER_BUCKETS];
+        load[2] = 600 << 20;
+        load[4] = 500 << 20;
+        load[7] = 3 << 20;
+        let moved = rebalance(&load, &t, 2).expect("a move pays off");
+        let on = |tb: &SteerTable, w: u8| -> u64 {
+            (0..STEER_BUCKETS)
+                .filter(|&b| tb[b] == w)
+                .map(|b| load[b])
+                .sum()
+        };
+        assert_ne!(moved[2], moved[4], "the two heavy flows split");
+        assert!(on(&moved, 0).max(on(&moved, 1)) <= 603 << 20);
+        // Balanced now: nothing more to do, and the result is stable.
+        assert_eq!(rebalance(&load, &moved, 2), None);
+        // One elephant alone: moving it would only move the problem.
+        let mut one = [0u64; STEER_BUCKETS];
+        one[2] = 900 << 20;
+        assert_eq!(rebalance(&one, &t, 2), None);
+        // An idle node is left alone; a single worker has nothing to balance.
+        let mut idle = [0u64; STEER_BUCKETS];
+        idle[2] = 1000;
+        idle[4] = 1000;
+        assert_eq!(rebalance(&idle, &t, 2), None);
+        assert_eq!(rebalance(&load, &default_table(1), 1), None);
+    }
+
+    #[test]
+    fn steering_property() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..300 {
+            let workers = rng.random_range(1..=8);
+            let mut load = [0u64; STEER_BUCKETS];
+            for l in &mut load {
+                if rng.random_bool(0.3) {
+                    *l = rng.random_range(0..1u64 << 32);
+                }
+            }
+            let mut t = default_table(workers);
+            for _ in 0..3 {
+                let per = |tb: &SteerTable| {
+                    let mut v = vec![0u64; workers];
+                    for b in 0..STEER_BUCKETS {
+                        v[usize::from(tb[b])] += load[b];
+                    }
+                    v
+                };
+                let before = per(&t).into_iter().max().unwrap();
+                match rebalance(&load, &t, workers) {
+                    Some(next) => {
+                        assert!(next.iter().all(|w| usize::from(*w) < workers));
+                        let after = per(&next).into_iter().max().unwrap();
+                        assert!(after < before, "a rebalance lowers the busiest load");
+                        t = next;
+                    }
+                    None => break,
+                }
+            }
+        }
+        // The hash is symmetric: a flow and its replies share a bucket.
+        for _ in 0..1000 {
+            let (a, b, p, q): (u32, u32, u16, u16) = rng.random();
+            let fwd = (a, b, u32::from(p) << 16 | u32::from(q));
+            let rev = (b, a, u32::from(q) << 16 | u32::from(p));
+            assert_eq!(bucket(fwd), bucket(rev));
         }
     }
 

@@ -71,6 +71,10 @@ use self::worker::{Shared, Stats};
 pub const TUN_NAME: &str = "flannel0";
 /// At most this many workers, whatever the core count.
 const MAX_WORKERS: usize = 8;
+const _: () = assert!(
+    MAX_WORKERS <= socket::MAX_STEERED,
+    "the steering table names every worker"
+);
 
 /// Errors of the udp backend.
 #[derive(Debug, thiserror::Error)]
@@ -290,14 +294,18 @@ impl UdpBackend {
     async fn launch<K: Kernel>(&mut self, k: &K) -> Result<(), UdpError> {
         let (queues, offloads) = open_queues(k, &self.spec).await?;
         let socks = (0..self.spec.workers)
-            .map(|_| UdpSocket::bind(self.spec.bind))
+            .map(|_| UdpSocket::bind(self.spec.bind).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         self.offloads = offloads;
-        self.gro = socks.iter().all(UdpSocket::gro);
-        if socks.len() > 1
-            && let Err(e) = socks[0].spread_by_inner_flow(socks.len())
-        {
-            tracing::warn!(error = %e, "cannot steer datagrams by inner flow; a peer's traffic stays on one worker");
+        self.gro = socks.iter().all(|s| s.gro());
+        let mut steered = false;
+        if socks.len() > 1 {
+            match socks[0].steer(&core::default_table(socks.len())) {
+                Ok(()) => steered = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot steer datagrams by inner flow; a peer's traffic stays on one worker");
+                }
+            }
         }
         // SAFETY: plain eventfd(2); the result is checked.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -318,29 +326,43 @@ impl UdpBackend {
             max_packet: self.spec.max_packet,
         });
         let mut threads = Vec::new();
-        for (i, (tun, sock)) in queues.into_iter().zip(socks).enumerate() {
-            let (sh, stats) = (shared.clone(), self.stats.clone());
-            let name = format!("udp-{i}");
-            let t = std::thread::Builder::new()
+        let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || worker::run(&sh, &tun, &sock, &stats[i]))
+                .spawn(f)
+                .map(|t| threads.push(t))
                 .map_err(|source| UdpError::Syscall {
                     call: "spawn thread",
                     object: name,
                     source,
-                });
-            match t {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    Running {
-                        shared,
-                        _wake: wake,
-                        threads,
-                    }
-                    .stop();
-                    return Err(e);
-                }
+                })
+        };
+        let mut spawned = Ok(());
+        if steered {
+            let (sh, sock, stats) = (shared.clone(), socks[0].clone(), self.stats.clone());
+            spawned = spawn(
+                "udp-steer".into(),
+                Box::new(move || worker::balance(&sh, &sock, &stats)),
+            );
+        }
+        for (i, (tun, sock)) in queues.into_iter().zip(socks).enumerate() {
+            if spawned.is_err() {
+                break;
             }
+            let (sh, stats) = (shared.clone(), self.stats.clone());
+            spawned = spawn(
+                format!("udp-{i}"),
+                Box::new(move || worker::run(&sh, &tun, &sock, &stats[i])),
+            );
+        }
+        if let Err(e) = spawned {
+            Running {
+                shared,
+                _wake: wake,
+                threads,
+            }
+            .stop();
+            return Err(e);
         }
         self.running = Some(Running {
             shared,

@@ -38,8 +38,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use super::core::{
-    Batcher, DropReason, Encap, Flow, Gro, RouteTable, VNET_HDR_LEN, decapsulate, encapsulate,
-    split_datagrams,
+    Batcher, DropReason, Encap, Flow, Gro, RouteTable, STEER_BUCKETS, VNET_HDR_LEN, bucket,
+    decapsulate, default_table, encapsulate, flow_of, rebalance, split_datagrams,
 };
 use super::socket::{OutMsg, Receiver, Sender, UdpSocket};
 use super::tun::TunQueue;
@@ -74,6 +74,8 @@ pub struct Stats {
     pub tun_writes: AtomicU64,
     /// Drops by [`DropReason::index`].
     pub drops: [AtomicU64; DropReason::ALL.len()],
+    /// Bytes carried (both ways) per steering bucket, for rebalancing.
+    pub buckets: [AtomicU64; STEER_BUCKETS],
 }
 
 /// Counts of one batch, added to [`Stats`] at its end.
@@ -86,6 +88,7 @@ struct Local {
     tun_reads: u64,
     tun_writes: u64,
     drops: [u64; DropReason::ALL.len()],
+    buckets: [u64; STEER_BUCKETS],
 }
 
 fn add(c: &AtomicU64, v: u64) {
@@ -107,6 +110,9 @@ impl Local {
         add(&s.tun_reads, self.tun_reads);
         add(&s.tun_writes, self.tun_writes);
         for (c, v) in s.drops.iter().zip(self.drops) {
+            add(c, v);
+        }
+        for (c, v) in s.buckets.iter().zip(self.buckets) {
             add(c, v);
         }
         *self = Local::default();
@@ -307,6 +313,7 @@ impl Tx {
                         off: start,
                         len,
                     };
+                    local.buckets[bucket(flow)] += len as u64;
                     self.packet(dst, flow, &[whole]);
                 }
                 Encap::Segments(train) => {
@@ -327,6 +334,8 @@ impl Tx {
                         self.packet(train.dst, train.flow, &slices[..k]);
                     }
                     self.used += train.headers_len();
+                    local.buckets[bucket(train.flow)] +=
+                        (train.headers_len() + train.payload_len) as u64;
                 }
                 Encap::NeedSpace(need) => {
                     if self.used > 0 && need <= ARENA {
@@ -385,7 +394,10 @@ impl Rx {
                 local.rx_packets += 1;
                 local.rx_bytes += d.len() as u64;
                 match decapsulate(table, *src.ip(), d) {
-                    Ok(ip) => gro.push(d, &ip),
+                    Ok(ip) => {
+                        local.buckets[bucket(flow_of(d, ip.ihl))] += d.len() as u64;
+                        gro.push(d, &ip);
+                    }
                     Err(r) => local.drop(r),
                 }
             }
@@ -434,6 +446,58 @@ pub fn run(shared: &Shared, tun: &TunQueue, sock: &UdpSocket, stats: &Stats) {
             return;
         }
     }
+}
+
+/// How often the steering table is reconsidered.
+const REBALANCE_PERIOD_MS: i32 = 500;
+
+/// Rebalances the steering table of the socket group `sock` belongs to, every
+/// [`REBALANCE_PERIOD_MS`], from the bytes each bucket carried meanwhile
+/// ([`rebalance`]), until stopped.
+pub fn balance(shared: &Shared, sock: &UdpSocket, stats: &[Stats]) {
+    let workers = stats.len();
+    let mut table = default_table(workers);
+    let mut last = bucket_bytes(stats);
+    loop {
+        let mut p = libc::pollfd {
+            fd: shared.wake,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&raw mut p, 1, REBALANCE_PERIOD_MS) };
+        if r > 0 || shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = bucket_bytes(stats);
+        let load: [u64; STEER_BUCKETS] = std::array::from_fn(|b| now[b].saturating_sub(last[b]));
+        last = now;
+        let Some(next) = rebalance(&load, &table, workers) else {
+            continue;
+        };
+        let moved: Vec<String> = (0..STEER_BUCKETS)
+            .filter(|&b| next[b] != table[b])
+            .map(|b| format!("{b}:{}→{} ({} KiB)", table[b], next[b], load[b] >> 10))
+            .collect();
+        match sock.steer(&next) {
+            Ok(()) => {
+                tracing::info!(moved = %moved.join(", "), "udp steering table rebalanced");
+                table = next;
+            }
+            Err(e) => tracing::warn!(error = %e, "udp steering table not replaced"),
+        }
+    }
+}
+
+/// Bytes per steering bucket so far, over every worker.
+pub fn bucket_bytes(stats: &[Stats]) -> [u64; STEER_BUCKETS] {
+    let mut b = [0u64; STEER_BUCKETS];
+    for s in stats {
+        for (t, c) in b.iter_mut().zip(&s.buckets) {
+            *t += c.load(Ordering::Relaxed);
+        }
+    }
+    b
 }
 
 /// The counters of every thread, summed.
