@@ -29,6 +29,11 @@
 //!   per packet when cutting, verified before coalescing), and writes none: a send gathers the
 //!   packet headers written by the core and the payload slices of the TUN read, a TUN write
 //!   gathers a rewritten head and the received payloads.
+//! - Which worker gets a flow: the socket group's BPF program hashes the inner flow into one of
+//!   32 buckets and a table names the bucket's worker; the TUN sends a flow's packets to the
+//!   queue its replies were last written on, so both directions follow. A thread per node
+//!   (`udp-steer`) rewrites the table every 500 ms when two heavy flows share a worker
+//!   ([`core::rebalance`]).
 //! - The routing table (peer subnet → `PublicIP:Port`, built from lease snapshots) is swapped
 //!   whole with `arc-swap`; workers load it once per batch. A lease that goes away is gone from
 //!   the next batch on.

@@ -28,7 +28,8 @@
 //! lower rate): on a veth underlay the kernel copies zero-copy frags before a local socket sees
 //! them, so the copy only moves, and the TUN buffers would have to wait for completions; one
 //! worker per node instead of one per core made no difference for one flow and puts every flow
-//! on one core.
+//! on one core; a thread per direction (two per worker) carried one flow no faster and two
+//! flows slower, at 10–30 % more CPU per GB.
 
 use std::io;
 use std::os::fd::RawFd;
