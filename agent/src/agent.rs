@@ -375,6 +375,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     .await;
     if cfg.backend.kind == BackendType::Udp {
         udp::check_config(&cfg).with_context(|| format!("refusing network config at {cfg_at}"))?;
+        udp::check_proxy_mode(&opts.proxy_mode).with_context(|| {
+            format!(
+                "refusing --proxy-mode {} with the network config at {cfg_at}",
+                opts.proxy_mode
+            )
+        })?;
     }
     tracing::info!(?cfg, "network config");
 
@@ -450,7 +456,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
 
     // Services: a task of its own; the overlay loop below never waits on it.
-    let services = crate::proxy::start(&opts, &up, &devices, &metrics)
+    let services = crate::proxy::start(&opts, cfg.backend.kind, &up, &devices, &metrics)
         .await
         .context("start the service proxy")?;
     if let Some(u) = &udp {

@@ -13,6 +13,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::agent::Options;
+use crate::config::BackendType;
 use crate::ebpf::service::EbpfLbView;
 use crate::ebpf::{EbpfLb, TcIface};
 use crate::metrics::Metrics;
@@ -144,6 +145,7 @@ async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<An
 /// logged and exported. The other modes' state is removed.
 pub async fn start(
     opts: &Options,
+    backend: BackendType,
     up: &Uplink,
     devices: &Devices,
     metrics: &Arc<Metrics>,
@@ -155,9 +157,16 @@ pub async fn start(
     let mut probe = dataplane::Probe::default();
     let mut ebpf = None;
     if opts.proxy_mode == "auto" {
-        match open_ebpf(opts, up, devices, &pin_dir).await {
-            Ok(lb) => ebpf = Some(lb),
-            Err(e) => probe.ebpf = Err(format!("{e:#}")),
+        if backend == BackendType::Udp {
+            // See `udp::check_proxy_mode`: the tc programs need an Ethernet header.
+            probe.ebpf = Err(
+                "the udp backend's flannel0 is an L3 device the tc programs cannot parse".into(),
+            );
+        } else {
+            match open_ebpf(opts, up, devices, &pin_dir).await {
+                Ok(lb) => ebpf = Some(lb),
+                Err(e) => probe.ebpf = Err(format!("{e:#}")),
+            }
         }
         if probe.ebpf.is_err() {
             probe.nftables =

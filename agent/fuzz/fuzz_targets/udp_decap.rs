@@ -106,9 +106,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut out = vec![0u8; 256 * 1024];
         match encapsulate(&tx, 65_535, &mut input, &mut out) {
-            Encap::Segments { seg, len, .. } => {
-                for p in out[..len].chunks(seg) {
-                    again.push(normalize(p));
+            Encap::Segments(train) => {
+                for (h, p) in train.pieces(&out, &input) {
+                    again.push(normalize(&[h, p].concat()));
                 }
             }
             other => panic!("a coalesced write does not segment: {other:?}"),

@@ -10,18 +10,30 @@
 //!  pod ─ cni0 ─ routing ─ flannel0 (TUN, persistent, multi-queue, vnet hdr + TSO/USO)
 //!                            │ read: 64 KiB super-packet        ▲ writev: coalesced super-packet
 //!                      [core::encapsulate]                 [core::Gro]
-//!                            │ cut into MTU packets             ▲ split by UDP_GRO size
-//!                    sendmmsg + UDP_SEGMENT              recvmmsg + UDP_GRO
+//!                 headers cut, payload left in place            ▲ split by UDP_GRO size
+//!                      [core::Batcher]                          │
+//!               sendmmsg + UDP_SEGMENT, gathered          recvmmsg + UDP_GRO
 //!                            ▼                                  │
 //!                      UDP :8285 (one port, a SO_REUSEPORT socket per worker) ── underlay
 //! ```
 //!
 //! - [`core`] does every per-packet decision and does no I/O (boringtun's shape): routing
-//!   lookup, segmentation with correct TCP sequence numbers / IP ids / checksums, validation of
-//!   datagrams from the wire, receive coalescing. It is unit-, property- and fuzz-tested
-//!   (`agent/fuzz/fuzz_targets/udp_decap.rs`).
+//!   lookup, segmentation with correct TCP sequence numbers / IP ids / checksums, packing of
+//!   packets into GSO sends, validation of datagrams from the wire, receive coalescing. It is
+//!   unit-, property- and fuzz-tested (`agent/fuzz/fuzz_targets/udp_decap.rs`).
 //! - [`tun`] and [`socket`] are the kernel edge; [`worker`] is the loop between them: per core, a
-//!   TUN queue and a socket, a thread per direction, batches, no lock on the packet path.
+//!   TUN queue, a socket and one thread that carries both directions in turns, batches, no lock
+//!   on the packet path.
+//! - Where the bytes are copied: four times, all by the kernel (TUN read, UDP send, UDP receive,
+//!   TUN write). User space reads each payload byte once more, for the TCP checksums (computed
+//!   per packet when cutting, verified before coalescing), and writes none: a send gathers the
+//!   packet headers written by the core and the payload slices of the TUN read, a TUN write
+//!   gathers a rewritten head and the received payloads.
+//! - Which worker gets a flow: the socket group's BPF program hashes the inner flow into one of
+//!   32 buckets and a table names the bucket's worker; the TUN sends a flow's packets to the
+//!   queue its replies were last written on, so both directions follow. A thread per node
+//!   (`udp-steer`) rewrites the table every 500 ms when two heavy flows share a worker
+//!   ([`core::rebalance`]).
 //! - The routing table (peer subnet → `PublicIP:Port`, built from lease snapshots) is swapped
 //!   whole with `arc-swap`; workers load it once per batch. A lease that goes away is gone from
 //!   the next batch on.
@@ -64,6 +76,10 @@ use self::worker::{Shared, Stats};
 pub const TUN_NAME: &str = "flannel0";
 /// At most this many workers, whatever the core count.
 const MAX_WORKERS: usize = 8;
+const _: () = assert!(
+    MAX_WORKERS <= socket::MAX_STEERED,
+    "the steering table names every worker"
+);
 
 /// Errors of the udp backend.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +146,26 @@ pub fn check_config(cfg: &NetworkConfig) -> Result<(), UdpError> {
         return Err(UdpError::Config(
             "Backend.Type \"udp\" carries IPv4 only (as flannel's): set EnableIPv4 true and \
              EnableIPv6 false, or use vxlan for IPv6"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the agent's `--proxy-mode` against this backend: the eBPF service dataplane is refused.
+///
+/// Its tc programs parse Ethernet frames, and `flannel0` is an L3 TUN device whose packets start
+/// at the IP header: attached there, they would see no IPv4 or IPv6 packet at all, and replies of
+/// NodePort flows SNATed to a backend on another node (they come back through `flannel0`) would
+/// reach the node's stack untranslated and be reset. Refused at start, before anything is
+/// created, rather than half-working.
+pub fn check_proxy_mode(mode: &str) -> Result<(), UdpError> {
+    if mode == "ebpf" {
+        return Err(UdpError::Config(
+            "--proxy-mode ebpf does not work with Backend.Type \"udp\" yet: its tc programs \
+             parse Ethernet frames and the udp backend's flannel0 is an L3 TUN device without \
+             one, so NodePort replies from backends on other nodes would not be translated; use \
+             Backend.Type vxlan or host-gw with --proxy-mode ebpf, or --proxy-mode none"
                 .to_string(),
         ));
     }
@@ -240,7 +276,7 @@ impl UdpBackend {
     /// [`UdpBackend::set_table`]).
     pub async fn start<K: Kernel>(k: &K, spec: Spec) -> Result<UdpBackend, UdpError> {
         let mut b = UdpBackend {
-            stats: (0..spec.workers * 2).map(|_| Stats::default()).collect(),
+            stats: (0..spec.workers).map(|_| Stats::default()).collect(),
             spec,
             table: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             running: None,
@@ -263,14 +299,18 @@ impl UdpBackend {
     async fn launch<K: Kernel>(&mut self, k: &K) -> Result<(), UdpError> {
         let (queues, offloads) = open_queues(k, &self.spec).await?;
         let socks = (0..self.spec.workers)
-            .map(|_| UdpSocket::bind(self.spec.bind))
+            .map(|_| UdpSocket::bind(self.spec.bind).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         self.offloads = offloads;
-        self.gro = socks.iter().all(UdpSocket::gro);
-        if socks.len() > 1
-            && let Err(e) = socks[0].spread_by_inner_flow(socks.len())
-        {
-            tracing::warn!(error = %e, "cannot steer datagrams by inner flow; a peer's traffic stays on one worker");
+        self.gro = socks.iter().all(|s| s.gro());
+        let mut steered = false;
+        if socks.len() > 1 {
+            match socks[0].steer(&core::default_table(socks.len())) {
+                Ok(()) => steered = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot steer datagrams by inner flow; a peer's traffic stays on one worker");
+                }
+            }
         }
         // SAFETY: plain eventfd(2); the result is checked.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -291,39 +331,43 @@ impl UdpBackend {
             max_packet: self.spec.max_packet,
         });
         let mut threads = Vec::new();
-        for (i, pair) in queues.into_iter().zip(socks).enumerate() {
-            let pair = Arc::new(pair);
-            for rx in [false, true] {
-                let (sh, pair, stats) = (shared.clone(), pair.clone(), self.stats.clone());
-                let name = format!("udp-{}{i}", if rx { "rx" } else { "tx" });
-                let t = std::thread::Builder::new()
-                    .name(name.clone())
-                    .spawn(move || {
-                        let s = &stats[2 * i + usize::from(rx)];
-                        if rx {
-                            worker::rx_loop(&sh, &pair.0, &pair.1, s);
-                        } else {
-                            worker::tx_loop(&sh, &pair.0, &pair.1, s);
-                        }
-                    })
-                    .map_err(|source| UdpError::Syscall {
-                        call: "spawn thread",
-                        object: name,
-                        source,
-                    });
-                match t {
-                    Ok(t) => threads.push(t),
-                    Err(e) => {
-                        Running {
-                            shared,
-                            _wake: wake,
-                            threads,
-                        }
-                        .stop();
-                        return Err(e);
-                    }
-                }
+        let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(f)
+                .map(|t| threads.push(t))
+                .map_err(|source| UdpError::Syscall {
+                    call: "spawn thread",
+                    object: name,
+                    source,
+                })
+        };
+        let mut spawned = Ok(());
+        if steered {
+            let (sh, sock, stats) = (shared.clone(), socks[0].clone(), self.stats.clone());
+            spawned = spawn(
+                "udp-steer".into(),
+                Box::new(move || worker::balance(&sh, &sock, &stats)),
+            );
+        }
+        for (i, (tun, sock)) in queues.into_iter().zip(socks).enumerate() {
+            if spawned.is_err() {
+                break;
             }
+            let (sh, stats) = (shared.clone(), self.stats.clone());
+            spawned = spawn(
+                format!("udp-{i}"),
+                Box::new(move || worker::run(&sh, &tun, &sock, &stats[i])),
+            );
+        }
+        if let Err(e) = spawned {
+            Running {
+                shared,
+                _wake: wake,
+                threads,
+            }
+            .stop();
+            return Err(e);
         }
         self.running = Some(Running {
             shared,
@@ -465,6 +509,12 @@ mod tests {
         let mut up = uplink();
         up.public_v4 = None;
         assert!(Spec::new(&cfg, &up).is_err());
+        assert!(check_proxy_mode("none").is_ok());
+        let err = check_proxy_mode("ebpf").unwrap_err().to_string();
+        assert!(
+            err.contains("--proxy-mode ebpf") && err.contains("L3 TUN"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@
 //! nothing leaks. The cost: the device outlives twilld; deleting it is `ip link del flannel0`
 //! (and a namespace's deletion removes it).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use super::UdpError;
@@ -158,12 +158,28 @@ impl TunQueue {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
-    /// Writes one packet gathered from `iov` (virtio-net header first).
-    pub fn writev(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
-        let cnt = libc::c_int::try_from(iov.len())
+    /// Writes one packet gathered from `head` and the slices of `body` (virtio-net header first),
+    /// with `scratch` as the `iovec` array (reused: no allocation per packet).
+    pub fn writev(
+        &self,
+        head: &[u8],
+        body: &[&[u8]],
+        scratch: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        scratch.clear();
+        scratch.extend(
+            std::iter::once(head)
+                .chain(body.iter().copied())
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                }),
+        );
+        let cnt = libc::c_int::try_from(scratch.len())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
-        let n = unsafe { libc::writev(self.raw(), iov.as_ptr().cast::<libc::iovec>(), cnt) };
+        // SAFETY: the iovecs point into `head` and `body`, borrowed across the call; writev only
+        // reads through them.
+        let n = unsafe { libc::writev(self.raw(), scratch.as_ptr(), cnt) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }

@@ -151,6 +151,11 @@ impl Drop for Setup {
 struct Samples {
     tcp1_gbps: Vec<f64>,
     tcp2_gbps: Vec<f64>,
+    /// CPU-seconds per GB moved, per repetition (see [`IperfRun`]).
+    #[serde(default)]
+    tcp1_cpu_s_per_gb: Vec<f64>,
+    #[serde(default)]
+    tcp2_cpu_s_per_gb: Vec<f64>,
     ping_avg_ms: Vec<f64>,
     ping_p99_ms: Vec<f64>,
     ping_lost: u32,
@@ -564,13 +569,19 @@ fn measure_one(s: &Setup, test: Test, p: Params, entry: &mut Samples) -> Result<
     match test {
         Test::Tcp1 | Test::Tcp2 => {
             let streams = if test == Test::Tcp1 { 1 } else { 2 };
-            let g = iperf(s, streams, p.iperf_secs)?;
-            if streams == 1 {
-                entry.tcp1_gbps.push(g);
+            let run = iperf(s, streams, p.iperf_secs)?;
+            let (rates, costs) = if streams == 1 {
+                (&mut entry.tcp1_gbps, &mut entry.tcp1_cpu_s_per_gb)
             } else {
-                entry.tcp2_gbps.push(g);
-            }
-            Ok(format!("{} Gbit/s", fmt_num(g)))
+                (&mut entry.tcp2_gbps, &mut entry.tcp2_cpu_s_per_gb)
+            };
+            rates.push(run.gbps);
+            costs.push(run.cpu_s_per_gb);
+            Ok(format!(
+                "{} Gbit/s, {} CPU-s/GB",
+                fmt_num(run.gbps),
+                fmt_num(run.cpu_s_per_gb)
+            ))
         }
         Test::Ping => {
             let rtts = ping_rtts(&s.client.ns, s.server_ip, p.ping_count, PING_INTERVAL)?;
@@ -586,9 +597,23 @@ fn measure_one(s: &Setup, test: Test, p: Params, entry: &mut Samples) -> Result<
     }
 }
 
-/// A TCP iperf3 run from the client pod to the server pod; the received rate in Gbit/s. One
-/// retry: the server can still be wrapping up the previous test.
-fn iperf(s: &Setup, streams: u32, secs: u32) -> Result<f64> {
+/// What one iperf3 run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IperfRun {
+    /// The received rate.
+    gbps: f64,
+    /// CPU time spent per GB received, in seconds: iperf3's client and server (their own
+    /// accounting, user + system) plus every twilld of the rig (from /proc). The kernel's
+    /// forwarding work (softirqs) is charged to the process it runs in, so this is the whole
+    /// path's cost, wherever it ran: for the hand-built rigs all of it sits in the two iperf3
+    /// processes, for twill's udp backend most of it in the agents. Work that lands in an
+    /// interrupt of an unrelated process is not counted, for either.
+    cpu_s_per_gb: f64,
+}
+
+/// A TCP iperf3 run from the client pod to the server pod. One retry: the server can still be
+/// wrapping up the previous test.
+fn iperf(s: &Setup, streams: u32, secs: u32) -> Result<IperfRun> {
     let addr = s.server_ip.to_string();
     let t = secs.to_string();
     let p = streams.to_string();
@@ -598,31 +623,102 @@ fn iperf(s: &Setup, streams: u32, secs: u32) -> Result<f64> {
         if attempt > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
+        let before = agents_cpu_s(&s.rig);
         let out = exec_timeout(
             &s.client.ns,
             &args,
             Duration::from_secs(u64::from(secs) + 30),
         )?;
-        match parse_iperf(&out.stdout) {
-            Ok(g) => return Ok(g),
+        let agents = agents_cpu_s(&s.rig) - before;
+        match parse_iperf_run(&out.stdout, agents) {
+            Ok(r) => return Ok(r),
             Err(e) => last = Some(e.context(format!("iperf3 exited {}", out.status))),
         }
     }
     Err(last.expect("two attempts"))
 }
 
-/// `end.sum_received.bits_per_second` of iperf3's JSON, in Gbit/s.
-fn parse_iperf(stdout: &[u8]) -> Result<f64> {
+/// The rate and the CPU cost of an iperf3 run (its JSON), with `agents_s` CPU-seconds spent by
+/// the agents meanwhile.
+fn parse_iperf_run(stdout: &[u8], agents_s: f64) -> Result<IperfRun> {
     let report: serde_json::Value =
         serde_json::from_slice(stdout).context("iperf3 printed no JSON")?;
     if let Some(err) = report.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {err}");
     }
-    let bps = report["end"]["sum_received"]["bits_per_second"]
+    let sum = &report["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
         .as_f64()
         .context("no end.sum_received.bits_per_second in iperf3's report")?;
     ensure!(bps > 0.0, "iperf3 received nothing");
-    Ok(bps / 1e9)
+    let bytes = sum["bytes"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().unwrap_or(0.0);
+    let cpu = &report["end"]["cpu_utilization_percent"];
+    let pct =
+        cpu["host_total"].as_f64().unwrap_or(0.0) + cpu["remote_total"].as_f64().unwrap_or(0.0);
+    let cpu_s = pct / 100.0 * secs + agents_s.max(0.0);
+    Ok(IperfRun {
+        gbps: bps / 1e9,
+        cpu_s_per_gb: if bytes > 0.0 {
+            cpu_s / (bytes / 1e9)
+        } else {
+            f64::NAN
+        },
+    })
+}
+
+/// CPU time (user + system, seconds) of every twilld of `rig` so far: the processes whose
+/// command line names twilld and the rig's directory. 0 for the hand-built rigs.
+fn agents_cpu_s(rig: &Rig) -> f64 {
+    let dir = rig.temp_dir().display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+        let is_twilld = args
+            .next()
+            .is_some_and(|a| a.rsplit('/').next() == Some("twilld"));
+        if !is_twilld || !args.any(|a| a.contains(&dir)) {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+            ticks += stat_ticks(&stat).unwrap_or(0);
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks of a benchmark")]
+    let secs = ticks as f64 / clock_ticks_per_s();
+    secs
+}
+
+/// utime + stime (clock ticks) from a `/proc/<pid>/stat` line.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis,
+    // where field 3 (state) is index 0, utime (14) index 11, stime (15) index 12.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The kernel's clock ticks per second for /proc times (`getconf CLK_TCK`; USER_HZ is 100 on
+/// every Linux this runs on, the fallback).
+fn clock_ticks_per_s() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// A fake peer's lease.
@@ -899,6 +995,40 @@ fn section(
         .to_vec(),
         rows: Vec::new(),
     };
+    let mut cpu = Table {
+        title: "CPU cost per GB moved, CPU-seconds (iperf3 client + server + twilld on both \
+                nodes; the kernel's forwarding work counts where it runs; median [min–max] of \
+                the repetitions)"
+            .into(),
+        header: [
+            "backend",
+            "test",
+            "twill",
+            "kernel baseline",
+            "twill/kernel",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: Vec::new(),
+    };
+    let mut reps = Table {
+        title: "Per repetition: throughput (Gbit/s) and CPU cost (CPU-s/GB), twill next to its \
+                baseline"
+            .into(),
+        header: [
+            "backend",
+            "test",
+            "rep",
+            "twill Gbit/s",
+            "kernel Gbit/s",
+            "ratio",
+            "twill CPU-s/GB",
+            "kernel CPU-s/GB",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: Vec::new(),
+    };
     let mut groups = Vec::new();
     let mut twill_bars = Vec::new();
     let mut kernel_bars = Vec::new();
@@ -916,10 +1046,72 @@ fn section(
         } else {
             "kernel".to_string()
         };
-        for (test, tv, kv) in [
-            (Test::Tcp1, &t.tcp1_gbps, &k.tcp1_gbps),
-            (Test::Tcp2, &t.tcp2_gbps, &k.tcp2_gbps),
+        for (test, tv, kv, tc, kc) in [
+            (
+                Test::Tcp1,
+                &t.tcp1_gbps,
+                &k.tcp1_gbps,
+                &t.tcp1_cpu_s_per_gb,
+                &k.tcp1_cpu_s_per_gb,
+            ),
+            (
+                Test::Tcp2,
+                &t.tcp2_gbps,
+                &k.tcp2_gbps,
+                &t.tcp2_cpu_s_per_gb,
+                &k.tcp2_cpu_s_per_gb,
+            ),
         ] {
+            let short = if test == Test::Tcp1 { "tcp1" } else { "tcp2" };
+            let tc: Vec<f64> = tc.iter().copied().filter(|v| v.is_finite()).collect();
+            let kc: Vec<f64> = kc.iter().copied().filter(|v| v.is_finite()).collect();
+            if !tc.is_empty() && !kc.is_empty() {
+                let cost = paired_ratio(&tc, &kc);
+                metric(
+                    &mut metrics,
+                    format!("{backend}.{short}.cpu_s_per_gb.twill"),
+                    "CPU-s/GB",
+                    median(&tc),
+                );
+                metric(
+                    &mut metrics,
+                    format!("{backend}.{short}.cpu_s_per_gb.kernel"),
+                    "CPU-s/GB",
+                    median(&kc),
+                );
+                metric(
+                    &mut metrics,
+                    format!("{backend}.ratio.{short}_cpu"),
+                    "ratio",
+                    cost,
+                );
+                cpu.rows.push(vec![
+                    backend.to_string(),
+                    test.label().into(),
+                    med_range(&tc),
+                    med_range(&kc),
+                    format!("{cost:.3}"),
+                ]);
+            }
+            let cell =
+                |v: &Vec<f64>, i: usize| v.get(i).map_or_else(|| "-".into(), |x| fmt_num(*x));
+            let (tca, kca) = if test == Test::Tcp1 {
+                (&t.tcp1_cpu_s_per_gb, &k.tcp1_cpu_s_per_gb)
+            } else {
+                (&t.tcp2_cpu_s_per_gb, &k.tcp2_cpu_s_per_gb)
+            };
+            for (i, (a, b)) in tv.iter().zip(kv.iter()).enumerate() {
+                reps.rows.push(vec![
+                    backend.to_string(),
+                    test.label().into(),
+                    (i + 1).to_string(),
+                    fmt_num(*a),
+                    fmt_num(*b),
+                    format!("{:.3}", a / b),
+                    cell(tca, i),
+                    cell(kca, i),
+                ]);
+            }
             let ratio = paired_ratio(tv, kv);
             let what = format!("{backend} {} twill/{base_name}", test.label());
             metric(
@@ -1100,7 +1292,7 @@ fn section(
         title: "Overlay: pod-to-pod throughput and latency, lease-to-programmed".into(),
         about,
         metrics,
-        tables: [tput, lat, lease_table]
+        tables: [tput, cpu, reps, lat, lease_table]
             .into_iter()
             .filter(|t| !t.rows.is_empty())
             .collect(),
@@ -1184,10 +1376,31 @@ mod tests {
     #[test]
     fn parses_iperf_json() {
         let ok = br#"{"end":{"sum_received":{"bits_per_second":9.5e9}}}"#;
-        assert!((parse_iperf(ok).unwrap() - 9.5).abs() < 1e-9);
+        assert!((parse_iperf_run(ok, 0.0).unwrap().gbps - 9.5).abs() < 1e-9);
         let busy = br#"{"error":"the server is busy running a test. try again later"}"#;
-        assert!(parse_iperf(busy).unwrap_err().to_string().contains("busy"));
-        assert!(parse_iperf(b"").is_err());
+        assert!(
+            parse_iperf_run(busy, 0.0)
+                .unwrap_err()
+                .to_string()
+                .contains("busy")
+        );
+        assert!(parse_iperf_run(b"", 0.0).is_err());
+        // 5 GB in 4 s; client 50 % and server 25 % of a CPU (3 CPU-s) and the agents' 2 CPU-s:
+        // 1 CPU-s per GB.
+        let full = br#"{"end":{"sum_received":{"bits_per_second":1e10,"bytes":5e9,"seconds":4},
+            "cpu_utilization_percent":{"host_total":50,"remote_total":25}}}"#;
+        let r = parse_iperf_run(full, 2.0).unwrap();
+        assert!((r.cpu_s_per_gb - 1.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn reads_cpu_ticks_from_proc_stat() {
+        let line = "4479 (udp worker) S 1 4479 4479 0 -1 4194560 1 0 0 0 150 27 0 0 20 0 5 0";
+        assert_eq!(stat_ticks(line), Some(177));
+        assert_eq!(stat_ticks("garbage"), None);
+        // Our own process: some CPU time, read the same way.
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(stat_ticks(&me).is_some());
     }
 
     #[test]
@@ -1200,6 +1413,8 @@ mod tests {
         let s = |g: f64| Samples {
             tcp1_gbps: vec![g, g * 1.1, g * 0.9],
             tcp2_gbps: vec![g * 2.0; 3],
+            tcp1_cpu_s_per_gb: vec![10.0 / g; 3],
+            tcp2_cpu_s_per_gb: vec![f64::NAN, 5.0 / g, 5.0 / g],
             ping_avg_ms: vec![0.05; 3],
             ping_p99_ms: vec![0.1; 3],
             ping_lost: 0,
@@ -1223,6 +1438,11 @@ mod tests {
         assert!((ratio("vxlan.ratio.tcp1") - 0.98).abs() < 1e-9);
         assert!((ratio("udp.ratio.tcp1") - 0.75).abs() < 1e-9);
         assert!(sec.checks.iter().all(|c| c.pass), "{:?}", sec.checks);
+        assert!((ratio("udp.ratio.tcp1_cpu") - 10.0 / 7.5 / 1.0).abs() < 1e-9);
+        assert!((ratio("udp.tcp2.cpu_s_per_gb.kernel") - 0.5).abs() < 1e-9);
+        assert_eq!(sec.tables[1].rows.len(), 4, "CPU cost per pair and test");
+        assert_eq!(sec.tables[2].rows.len(), 12, "per repetition");
+        assert_eq!(sec.tables[2].rows[0][2], "1");
         assert_eq!(sec.tables[0].rows.len(), 4);
         assert!(sec.tables[0].rows[2][3].ends_with("(VXLAN)"));
         assert_eq!(sec.plots.len(), 3);
