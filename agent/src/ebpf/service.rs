@@ -65,7 +65,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, IterableMap as _, MapData, MapError, MapInfo, MapType, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -679,7 +679,7 @@ impl EbpfLb {
         let specs = map_specs(&config.limits);
         check_pinned_maps(&pin_dir, &specs)?;
 
-        let mut loader = EbpfLoader::new();
+        let mut loader = super::loader();
         for (name, _, _, _, _, max_entries) in specs {
             loader.map_max_entries(name, max_entries);
             loader.map_pin_path(name, pin_dir.join(name));
