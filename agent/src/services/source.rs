@@ -1010,6 +1010,8 @@ impl<D: LbDataplane> Loop<D> {
             self.need_full = false;
         }
         self.after("full", start, ops, &res);
+        // A full sync's copies (the read-back, the plan) are gone: hand their pages back.
+        crate::memory::trim();
         Ok(())
     }
 
