@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod kube;
 pub mod lease;
 pub mod masq;
+pub mod memory;
 pub mod metrics;
 pub mod overlay;
 pub mod proxy;

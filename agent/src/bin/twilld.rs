@@ -28,6 +28,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    twill_agent::memory::tune();
     let Cli { agent: opts, cmd } = Cli::parse();
     let default_level = if cmd.is_some() { "warn" } else { "info" };
     let filter =

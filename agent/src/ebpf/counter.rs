@@ -110,10 +110,12 @@ impl PacketCounter {
                 object: OBJECT_NAME,
             });
         }
-        let mut ebpf = Ebpf::load(bytes).map_err(|source| EbpfError::Load {
-            object: OBJECT_NAME,
-            source: Box::new(source),
-        })?;
+        let mut ebpf = super::loader()
+            .load(bytes)
+            .map_err(|source| EbpfError::Load {
+                object: OBJECT_NAME,
+                source: Box::new(source),
+            })?;
 
         // On an early return, `ebpf` is dropped and detaches what was attached so far.
         let mut links = Vec::with_capacity(PROGRAMS.len());

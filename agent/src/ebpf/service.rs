@@ -65,7 +65,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, IterableMap as _, MapData, MapError, MapInfo, MapType, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -345,12 +345,56 @@ pub struct GcStats {
     pub sock: usize,
 }
 
-/// What is programmed for one frontend (the Maglev table excepted).
+/// What is programmed for one frontend: its service entry and backend slots (the Maglev
+/// table and the reverse-NAT entry are derived from the service and rewritten with it). Kept
+/// for every frontend for as long as the agent runs, so it is compact: no per-frontend tree.
 #[derive(Debug, Clone)]
 struct Programmed {
     value: SvcValue,
-    revnat: RevNatValue,
-    backends: BTreeMap<BackendId, (u16, BackendValue)>,
+    backends: Slots,
+}
+
+/// A frontend's programmed backends, `(slot, value)` sorted by address and port.
+#[derive(Debug, Clone, Default)]
+struct Slots(Box<[(u16, BackendValue)]>);
+
+fn backend_id(value: &BackendValue) -> Option<BackendId> {
+    Some((value.ip()?, value.port()))
+}
+
+impl Slots {
+    /// From `(slot, value)` pairs; values without a valid address are left out.
+    fn new(pairs: impl IntoIterator<Item = (u16, BackendValue)>) -> Self {
+        let mut v: Vec<(BackendId, u16, BackendValue)> = pairs
+            .into_iter()
+            .filter_map(|(slot, b)| Some((backend_id(&b)?, slot, b)))
+            .collect();
+        v.sort_unstable_by_key(|e| e.0);
+        v.dedup_by_key(|e| e.0);
+        Self(v.into_iter().map(|(_, slot, b)| (slot, b)).collect())
+    }
+
+    /// The slot and value of a backend.
+    fn get(&self, id: &BackendId) -> Option<&(u16, BackendValue)> {
+        self.0
+            .binary_search_by_key(id, |(_, b)| {
+                backend_id(b).unwrap_or((IpAddr::from([0; 4]), 0))
+            })
+            .ok()
+            .map(|i| &self.0[i])
+    }
+
+    /// Every backend with its slot.
+    fn slots(&self) -> impl Iterator<Item = (BackendId, u16)> + '_ {
+        self.0
+            .iter()
+            .filter_map(|(slot, b)| Some((backend_id(b)?, *slot)))
+    }
+
+    /// Every `(slot, value)`.
+    fn values(&self) -> impl Iterator<Item = &(u16, BackendValue)> + '_ {
+        self.0.iter()
+    }
 }
 
 /// The typed maps.
@@ -441,16 +485,11 @@ impl LbMaps {
             {
                 services.push(svc);
             }
-            let backends = backends
-                .into_iter()
-                .filter_map(|(slot, b)| Some(((b.ip()?, b.port()), (slot, b))))
-                .collect();
             programmed.insert(
                 key,
                 Programmed {
                     value,
-                    revnat: revnat.unwrap_or_default(),
-                    backends,
+                    backends: Slots::new(backends),
                 },
             );
             ids.insert(id, key);
@@ -679,7 +718,7 @@ impl EbpfLb {
         let specs = map_specs(&config.limits);
         check_pinned_maps(&pin_dir, &specs)?;
 
-        let mut loader = EbpfLoader::new();
+        let mut loader = super::loader();
         for (name, _, _, _, _, max_entries) in specs {
             loader.map_max_entries(name, max_entries);
             loader.map_pin_path(name, pin_dir.join(name));
@@ -955,17 +994,12 @@ impl EbpfLb {
         }
         let old_slots: BTreeMap<BackendId, u16> = old
             .as_ref()
-            .map(|p| {
-                p.backends
-                    .iter()
-                    .map(|(b, (slot, _))| (*b, *slot))
-                    .collect()
-            })
+            .map(|p| p.backends.slots().collect())
             .unwrap_or_default();
         let slots = entries::assign_slots(&old_slots, &svc.backends).map_err(entry_err)?;
 
         // 1. New and changed backends, in slots the installed table does not reference.
-        let mut backends = BTreeMap::new();
+        let mut backends = Vec::with_capacity(svc.backends.len());
         for (backend, slot) in svc.backends.iter().zip(&slots.slots) {
             let value = entries::backend_value(backend);
             let unchanged = old
@@ -983,7 +1017,7 @@ impl EbpfLb {
                     .insert(be_key, value, 0)
                     .map_err(map_err("update", MAP_BACKEND, be_key))?;
             }
-            backends.insert((backend.ip, backend.port), (*slot, value));
+            backends.push((*slot, value));
         }
         // 2. The Maglev table, switched in one update.
         if svc.backends.is_empty() {
@@ -995,14 +1029,13 @@ impl EbpfLb {
                 .insert(id, *table, 0)
                 .map_err(map_err("update", MAP_MAGLEV, id))?;
         }
-        // 3. Reverse NAT / info and the service entry.
+        // 3. Reverse NAT / info and the service entry. The reverse-NAT entry is written with
+        // every upsert (one update) rather than mirrored (168 bytes a frontend).
         let revnat = entries::revnat_value(svc);
-        if old.as_ref().is_none_or(|p| p.revnat != revnat) {
-            self.maps
-                .revnat
-                .insert(id, revnat, 0)
-                .map_err(map_err("update", MAP_REVNAT, id))?;
-        }
+        self.maps
+            .revnat
+            .insert(id, revnat, 0)
+            .map_err(map_err("update", MAP_REVNAT, id))?;
         let value = entries::svc_value(svc, slots.high);
         if old.as_ref().is_none_or(|p| p.value != value) {
             self.maps.svc.insert(key, value, 0).map_err(map_err(
@@ -1023,8 +1056,7 @@ impl EbpfLb {
             key,
             Programmed {
                 value,
-                revnat,
-                backends,
+                backends: Slots::new(backends),
             },
         );
         self.ids.insert(id, key);

@@ -29,7 +29,9 @@ use crate::ebpf::service::EbpfLbView;
 use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
 use crate::services::iptables::IptLb;
 use crate::services::lb::{FrontendKey, LbService};
-use crate::services::model::{Kind, Object, ObjectKey, Service, ServiceType, parse_manifest};
+use crate::services::model::{
+    EndpointSlice, Kind, Object, ObjectKey, Service, ServiceType, parse_manifest,
+};
 use crate::services::nft::NftLb;
 use crate::services::source::{EtcdServiceStore, ServiceStore};
 use crate::store::EtcdTls;
@@ -414,7 +416,23 @@ pub fn services_table(
         "PROGRAMMED".into(),
         "CONNS".into(),
     ]];
-    for (key, s) in snap.services() {
+    // The table shows the objects as written: index them here (the snapshot keeps only what
+    // the dataplane needs).
+    let mut services: BTreeMap<(String, String), &Service> = BTreeMap::new();
+    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for o in objects {
+        match o {
+            Object::Service(s) => {
+                services.insert(s.key(), s);
+            }
+            Object::EndpointSlice(e) => {
+                if let Some(svc) = e.service() {
+                    slices.entry(svc).or_default().push(e);
+                }
+            }
+        }
+    }
+    for (key, s) in services {
         let ty = if s.is_headless() {
             "ClusterIP(headless)".to_string()
         } else {
@@ -434,7 +452,7 @@ pub fn services_table(
         let mut ext: Vec<String> = s.external_ips().iter().map(ToString::to_string).collect();
         ext.extend(s.lb_ingress_ips().iter().map(ToString::to_string));
         let (mut ready, mut total) = (0, 0);
-        for slice in snap.slices_of(key) {
+        for slice in slices.get(&key).into_iter().flatten() {
             for e in &slice.endpoints {
                 total += 1;
                 if e.ready() {

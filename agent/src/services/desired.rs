@@ -26,13 +26,15 @@
 //!   dataplane reports ([`crate::services::lb::LbDataplane::observed`]) so a restarted agent
 //!   derives the same ids as its predecessor.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use crate::services::lb::{Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService};
+use crate::services::lb::{
+    Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService, Proto,
+};
 use crate::services::model::{
-    AddressType, Change, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, ServicePort,
-    TargetPort,
+    AddressType, Change, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, TargetPort,
 };
 
 /// What the node is: its name (matched against `nodeName`) and addresses (their families decide
@@ -45,16 +47,190 @@ pub struct NodeIdentity {
     pub addresses: Vec<IpAddr>,
 }
 
-/// (namespace, name) of a Service or an EndpointSlice.
-pub type NsName = (String, String);
+/// (namespace, name) of a Service or an EndpointSlice. The strings are shared (see
+/// [`Snapshot`]): every index that names an object holds a pointer, not a copy.
+pub type NsName = (Arc<str>, Arc<str>);
+
+/// A Service port, as the desired state reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortInfo {
+    /// `""` when unnamed.
+    name: Arc<str>,
+    proto: Proto,
+    port: u16,
+    node_port: Option<u16>,
+    /// A named target port (looked up among the slices' ports); `None`: a number.
+    target_name: Option<Arc<str>>,
+}
+
+/// What of a Service decides its frontends, read once from the validated object: addresses
+/// parsed, defaults applied, everything else (metadata, selector, status conditions, the
+/// strings as written) dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Cluster IPs; empty for a Service that programs nothing (headless, ExternalName).
+    cluster_ips: Box<[IpAddr]>,
+    external_ips: Box<[IpAddr]>,
+    lb_ingress_ips: Box<[IpAddr]>,
+    ports: Box<[PortInfo]>,
+    affinity_timeout_secs: Option<u32>,
+    internal_local: bool,
+    external_local: bool,
+}
+
+/// An EndpointSlice port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SlicePort {
+    /// `""` when unnamed.
+    name: Arc<str>,
+    /// `None`: absent or not a port number (matches, contributes nothing).
+    port: Option<u16>,
+    /// `None`: a protocol no Service port has (SCTP).
+    proto: Option<Proto>,
+}
+
+/// An endpoint with an address: its first one (as kube-proxy), its conditions and node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EndpointInfo {
+    ip: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<Arc<str>>,
+}
+
+/// What of an EndpointSlice the desired state reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceInfo {
+    /// The Service it belongs to.
+    service: Option<NsName>,
+    /// Address family: `Some(true)` IPv6, `Some(false)` IPv4, `None` FQDN (ignored).
+    v6: Option<bool>,
+    ports: Box<[SlicePort]>,
+    /// Endpoints that have an address.
+    endpoints: Box<[EndpointInfo]>,
+}
+
+/// Strings that repeat across objects (namespaces, Service names in slices' labels, port and
+/// node names) are kept once. Entries nobody else points at any more are swept when the set
+/// has doubled since the last sweep, so churn (slices with generated names, nodes coming and
+/// going) does not accumulate.
+#[derive(Debug, Clone, Default)]
+struct Strings {
+    set: HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Strings {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
+        }
+        if self.set.len() >= 2 * self.swept_at.max(512) {
+            self.set.retain(|a| Arc::strong_count(a) > 1);
+            self.swept_at = self.set.len();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.set.insert(a.clone());
+        a
+    }
+
+    fn ns_name(&mut self, ns: &str, name: &str) -> NsName {
+        (self.get(ns), self.get(name))
+    }
+
+    fn service_info(&mut self, svc: &Service) -> ServiceInfo {
+        let ports = if svc.has_frontends() {
+            svc.spec
+                .ports
+                .iter()
+                .map(|sp| PortInfo {
+                    name: self.get(sp.name()),
+                    proto: sp.proto(),
+                    port: sp.port(),
+                    node_port: sp.node_port(),
+                    target_name: match sp.target() {
+                        TargetPort::Name(n) => Some(self.get(&n)),
+                        TargetPort::Number(_) => None,
+                    },
+                })
+                .collect()
+        } else {
+            Box::default()
+        };
+        ServiceInfo {
+            cluster_ips: svc.cluster_ips().into(),
+            external_ips: svc.external_ips().into(),
+            lb_ingress_ips: svc.lb_ingress_ips().into(),
+            ports,
+            affinity_timeout_secs: svc.affinity_timeout_secs(),
+            internal_local: svc.internal_local(),
+            external_local: svc.external_local(),
+        }
+    }
+
+    fn slice_info(&mut self, slice: &EndpointSlice) -> SliceInfo {
+        let service = slice.service().map(|(ns, name)| self.ns_name(&ns, &name));
+        let ports = slice
+            .ports
+            .iter()
+            .map(|p| SlicePort {
+                name: self.get(p.name.as_deref().unwrap_or_default()),
+                port: p.port.and_then(|n| u16::try_from(n).ok()),
+                proto: match p.protocol.unwrap_or_default() {
+                    Protocol::TCP => Some(Proto::Tcp),
+                    Protocol::UDP => Some(Proto::Udp),
+                    Protocol::SCTP => None,
+                },
+            })
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                Some(EndpointInfo {
+                    ip: e.address()?,
+                    ready: e.ready(),
+                    serving: e.serving(),
+                    terminating: e.terminating(),
+                    node: e.node_name.as_deref().map(|n| self.get(n)),
+                })
+            })
+            .collect();
+        SliceInfo {
+            service,
+            v6: match slice.address_type {
+                AddressType::IPv4 => Some(false),
+                AddressType::IPv6 => Some(true),
+                AddressType::FQDN => None,
+            },
+            ports,
+            endpoints,
+        }
+    }
+}
 
 /// Every Service and EndpointSlice, keyed by (namespace, name), with slices indexed by the
 /// Service they belong to (so one Service's endpoints are found without a scan).
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// It keeps what the desired state reads ([`ServiceInfo`], [`SliceInfo`]), not the objects:
+/// at 10k Services × 10 endpoints the objects as parsed take ~3 KiB a Service, what is kept
+/// here a fraction of it, and an agent keeps this for as long as it runs.
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    services: BTreeMap<NsName, Service>,
-    slices: BTreeMap<NsName, EndpointSlice>,
-    by_service: BTreeMap<NsName, BTreeSet<NsName>>,
+    services: BTreeMap<NsName, ServiceInfo>,
+    slices: BTreeMap<NsName, SliceInfo>,
+    /// Each Service's slices, sorted (usually one).
+    by_service: BTreeMap<NsName, Vec<NsName>>,
+    strings: Strings,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.slices == other.slices
+            && self.by_service == other.by_service
+    }
 }
 
 impl Snapshot {
@@ -67,18 +243,18 @@ impl Snapshot {
         s
     }
 
-    /// Services.
-    pub fn services(&self) -> &BTreeMap<NsName, Service> {
+    /// Services, by (namespace, name).
+    pub fn services(&self) -> &BTreeMap<NsName, ServiceInfo> {
         &self.services
     }
 
-    /// EndpointSlices.
-    pub fn slices(&self) -> &BTreeMap<NsName, EndpointSlice> {
-        &self.slices
+    /// Number of EndpointSlices.
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
     }
 
     /// The slices of a service.
-    pub fn slices_of<'a>(&'a self, svc: &NsName) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+    fn slices_of<'a>(&'a self, svc: &NsName) -> impl Iterator<Item = &'a SliceInfo> + 'a {
         self.by_service
             .get(svc)
             .into_iter()
@@ -90,21 +266,25 @@ impl Snapshot {
     pub fn put(&mut self, o: Object) -> Vec<NsName> {
         match o {
             Object::Service(svc) => {
-                let key = svc.key();
-                self.services.insert(key.clone(), svc);
+                let (ns, name) = svc.key();
+                let key = self.strings.ns_name(&ns, &name);
+                let info = self.strings.service_info(&svc);
+                self.services.insert(key.clone(), info);
                 vec![key]
             }
             Object::EndpointSlice(slice) => {
-                let key = slice.key();
+                let (ns, name) = slice.key();
+                let key = self.strings.ns_name(&ns, &name);
+                let info = self.strings.slice_info(&slice);
                 let mut touched = self.remove_slice(&key);
-                if let Some(svc) = slice.service() {
-                    self.by_service
-                        .entry(svc.clone())
-                        .or_default()
-                        .insert(key.clone());
-                    touched.push(svc);
+                if let Some(svc) = &info.service {
+                    let set = self.by_service.entry(svc.clone()).or_default();
+                    if let Err(at) = set.binary_search(&key) {
+                        set.insert(at, key.clone());
+                    }
+                    touched.push(svc.clone());
                 }
-                self.slices.insert(key, slice);
+                self.slices.insert(key, info);
                 touched
             }
         }
@@ -112,7 +292,7 @@ impl Snapshot {
 
     /// Removes an object; returns the Services whose frontends may change.
     pub fn remove(&mut self, key: &ObjectKey) -> Vec<NsName> {
-        let k = (key.namespace.clone(), key.name.clone());
+        let k = self.strings.ns_name(&key.namespace, &key.name);
         match key.kind {
             Kind::Service => {
                 self.services.remove(&k);
@@ -126,11 +306,11 @@ impl Snapshot {
         let Some(old) = self.slices.remove(key) else {
             return Vec::new();
         };
-        let Some(svc) = old.service() else {
+        let Some(svc) = old.service else {
             return Vec::new();
         };
         if let Some(set) = self.by_service.get_mut(&svc) {
-            set.remove(key);
+            set.retain(|k| k != key);
             if set.is_empty() {
                 self.by_service.remove(&svc);
             }
@@ -182,60 +362,40 @@ struct Ep {
     local: bool,
 }
 
-fn slice_proto(p: Option<Protocol>) -> Protocol {
-    p.unwrap_or_default()
-}
-
-fn svc_proto(p: &ServicePort) -> Protocol {
-    p.protocol.unwrap_or_default()
-}
-
 /// The endpoint port a slice gives a Service port: by the Service port's name, else by a named
 /// target port; `None` when the slice has no such port.
-fn slice_port(slice: &EndpointSlice, sp: &ServicePort) -> Option<u16> {
-    let proto = svc_proto(sp);
+fn slice_port(slice: &SliceInfo, sp: &PortInfo) -> Option<u16> {
     let by_name = |name: &str| {
         slice
             .ports
             .iter()
-            .find(|p| {
-                p.name.as_deref().unwrap_or_default() == name && slice_proto(p.protocol) == proto
-            })
-            .and_then(|p| u16::try_from(p.port?).ok())
+            .find(|p| &*p.name == name && p.proto == Some(sp.proto))
+            .and_then(|p| p.port)
     };
-    by_name(sp.name()).or_else(|| match sp.target() {
-        TargetPort::Name(n) => by_name(&n),
-        TargetPort::Number(_) => None,
-    })
+    by_name(&sp.name).or_else(|| sp.target_name.as_deref().and_then(by_name))
 }
 
 /// Endpoints of one family for one Service port, deduplicated by address and port.
 fn endpoints(
     snap: &Snapshot,
     key: &NsName,
-    sp: &ServicePort,
+    sp: &PortInfo,
     v6: bool,
     node: &str,
 ) -> BTreeMap<(IpAddr, u16), Ep> {
-    let want = if v6 {
-        AddressType::IPv6
-    } else {
-        AddressType::IPv4
-    };
     let mut out: BTreeMap<(IpAddr, u16), Ep> = BTreeMap::new();
-    for slice in snap.slices_of(key).filter(|s| s.address_type == want) {
+    for slice in snap.slices_of(key).filter(|s| s.v6 == Some(v6)) {
         let Some(port) = slice_port(slice, sp) else {
             continue;
         };
         for e in &slice.endpoints {
-            let Some(ip) = e.address() else { continue };
             let ep = Ep {
-                ready: e.ready(),
-                serving: e.serving(),
-                terminating: e.terminating(),
-                local: !node.is_empty() && e.node_name.as_deref() == Some(node),
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                local: !node.is_empty() && e.node.as_deref() == Some(node),
             };
-            out.entry((ip, port))
+            out.entry((e.ip, port))
                 .and_modify(|old| {
                     if ep.ready && !old.ready {
                         *old = ep;
@@ -280,22 +440,18 @@ fn categorize(eps: &BTreeMap<(IpAddr, u16), Ep>) -> (Vec<Backend>, Vec<Backend>)
 pub fn service_frontends(
     snap: &Snapshot,
     key: &NsName,
-    svc: &Service,
+    svc: &ServiceInfo,
     node: &NodeIdentity,
 ) -> Vec<LbService> {
     let mut out = Vec::new();
-    if !svc.has_frontends() {
-        return out;
-    }
     let node_v4 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv4);
     let node_v6 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv6);
-    let cluster_ips = svc.cluster_ips();
-    let families: BTreeSet<bool> = cluster_ips.iter().map(IpAddr::is_ipv6).collect();
-    for sp in &svc.spec.ports {
-        let name = if sp.name().is_empty() {
+    let families: BTreeSet<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
+    for sp in &svc.ports {
+        let name = if sp.name.is_empty() {
             format!("{}/{}", key.0, key.1)
         } else {
-            format!("{}/{}:{}", key.0, key.1, sp.name())
+            format!("{}/{}:{}", key.0, key.1, sp.name)
         };
         for &v6 in &families {
             let eps = endpoints(snap, key, sp, v6, &node.name);
@@ -304,37 +460,29 @@ pub fn service_frontends(
             let fe = |ip: IpAddr, port: u16, kind: FrontendKind| Frontend {
                 ip,
                 port,
-                proto: sp.proto(),
+                proto: sp.proto,
                 kind,
             };
-            for ip in cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-                frontends.push(fe(*ip, sp.port(), FrontendKind::ClusterIp));
+            for ip in svc.cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                frontends.push(fe(*ip, sp.port, FrontendKind::ClusterIp));
             }
-            if let Some(np) = sp.node_port()
+            if let Some(np) = sp.node_port
                 && ((v6 && node_v6) || (!v6 && node_v4))
             {
                 frontends.push(fe(Frontend::any_addr(v6), np, FrontendKind::NodePort));
             }
-            for ip in svc
-                .external_ips()
-                .into_iter()
-                .filter(|ip| ip.is_ipv6() == v6)
-            {
-                frontends.push(fe(ip, sp.port(), FrontendKind::ExternalIp));
+            for ip in svc.external_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                frontends.push(fe(*ip, sp.port, FrontendKind::ExternalIp));
             }
-            for ip in svc
-                .lb_ingress_ips()
-                .into_iter()
-                .filter(|ip| ip.is_ipv6() == v6)
-            {
-                frontends.push(fe(ip, sp.port(), FrontendKind::LoadBalancer));
+            for ip in svc.lb_ingress_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                frontends.push(fe(*ip, sp.port, FrontendKind::LoadBalancer));
             }
             for frontend in frontends {
                 let internal = frontend.kind == FrontendKind::ClusterIp;
                 let (internal_local, external_local) = if internal {
-                    (svc.internal_local(), false)
+                    (svc.internal_local, false)
                 } else {
-                    (false, svc.external_local())
+                    (false, svc.external_local)
                 };
                 let chosen = if internal_local || external_local {
                     local.clone()
@@ -346,7 +494,7 @@ pub fn service_frontends(
                     name: name.clone(),
                     frontend,
                     backends: chosen,
-                    affinity_timeout_secs: svc.affinity_timeout_secs(),
+                    affinity_timeout_secs: svc.affinity_timeout_secs,
                     external_local,
                     internal_local,
                 });
@@ -493,16 +641,30 @@ pub fn build(snap: &Snapshot, node: &NodeIdentity, ids: &mut IdAllocator) -> Des
 
 /// The incremental form of [`build`]: keeps the objects, each Service's candidate frontends,
 /// who claims which frontend and the ids, so a change recomputes only the Services it touches
-/// (one endpoint change costs one Service's Maglev tables, not 10k). Same result as [`build`]
+/// (one endpoint change costs one Service's backends, not 10k). Same result as [`build`]
 /// at every step (checked by a property test): the first claimant by (namespace, name) owns a
 /// frontend.
+///
+/// Each candidate is kept once, behind an [`Arc`], with its id set: [`LbState::get_shared`]
+/// and [`LbState::desired_shared`] hand out pointers, so the service loop's record of what it
+/// applied shares them instead of holding a second copy of every frontend.
 #[derive(Debug, Clone)]
 pub struct LbState {
     node: NodeIdentity,
     snap: Snapshot,
-    per_service: BTreeMap<NsName, BTreeMap<FrontendKey, LbService>>,
-    claims: BTreeMap<FrontendKey, BTreeSet<NsName>>,
+    /// Each Service's candidate frontends, sorted by frontend key.
+    per_service: BTreeMap<NsName, Box<[Arc<LbService>]>>,
+    /// Who claims each frontend, sorted by (namespace, name): the first owns it. Almost always
+    /// one.
+    claims: BTreeMap<FrontendKey, Vec<NsName>>,
     ids: IdAllocator,
+}
+
+/// The candidate for `key` among one Service's sorted frontends.
+fn find<'a>(list: &'a [Arc<LbService>], key: &FrontendKey) -> Option<&'a Arc<LbService>> {
+    list.binary_search_by_key(key, |s| s.frontend.key())
+        .ok()
+        .map(|i| &list[i])
 }
 
 impl LbState {
@@ -529,8 +691,14 @@ impl LbState {
 
     /// Replaces every object (after a re-list); returns the frontends that may have changed.
     pub fn reset(&mut self, objects: Vec<Object>) -> BTreeSet<FrontendKey> {
+        self.replace(Snapshot::from_objects(objects))
+    }
+
+    /// Replaces every object with `snap` (a listing built page by page); returns the frontends
+    /// that may have changed.
+    pub fn replace(&mut self, snap: Snapshot) -> BTreeSet<FrontendKey> {
         let mut touched: BTreeSet<NsName> = self.snap.services.keys().cloned().collect();
-        self.snap = Snapshot::from_objects(objects);
+        self.snap = snap;
         touched.extend(self.snap.services.keys().cloned());
         self.recompute(touched)
     }
@@ -550,28 +718,36 @@ impl LbState {
     fn recompute(&mut self, services: BTreeSet<NsName>) -> BTreeSet<FrontendKey> {
         let mut dirty = BTreeSet::new();
         for key in services {
-            let new: BTreeMap<FrontendKey, LbService> = match self.snap.services.get(&key) {
+            let new: Box<[Arc<LbService>]> = match self.snap.services.get(&key) {
                 Some(svc) => service_frontends(&self.snap, &key, svc, &self.node)
                     .into_iter()
                     .map(|s| (s.frontend.key(), s))
+                    .collect::<BTreeMap<_, _>>()
+                    .into_values()
+                    .map(Arc::new)
                     .collect(),
-                None => BTreeMap::new(),
+                None => Box::default(),
             };
             let old = self.per_service.remove(&key).unwrap_or_default();
-            for k in old.keys() {
-                if !new.contains_key(k)
-                    && let Some(set) = self.claims.get_mut(k)
+            for s in &old {
+                let k = s.frontend.key();
+                if find(&new, &k).is_none()
+                    && let Some(set) = self.claims.get_mut(&k)
                 {
-                    set.remove(&key);
+                    set.retain(|o| *o != key);
                     if set.is_empty() {
-                        self.claims.remove(k);
+                        self.claims.remove(&k);
                     }
                 }
-                dirty.insert(*k);
+                dirty.insert(k);
             }
-            for k in new.keys() {
-                self.claims.entry(*k).or_default().insert(key.clone());
-                dirty.insert(*k);
+            for s in &new {
+                let k = s.frontend.key();
+                let set = self.claims.entry(k).or_default();
+                if let Err(at) = set.binary_search(&key) {
+                    set.insert(at, key.clone());
+                }
+                dirty.insert(k);
             }
             if !new.is_empty() {
                 self.per_service.insert(key, new);
@@ -579,7 +755,8 @@ impl LbState {
         }
         for k in &dirty {
             if self.claims.contains_key(k) {
-                self.ids.id_for(*k);
+                let id = self.ids.id_for(*k);
+                self.set_id(k, id);
             } else {
                 self.ids.free(k);
             }
@@ -587,12 +764,59 @@ impl LbState {
         dirty
     }
 
+    /// Writes `id` into every candidate for `key`.
+    fn set_id(&mut self, key: &FrontendKey, id: u32) {
+        let Some(owners) = self.claims.get(key) else {
+            return;
+        };
+        for owner in owners {
+            if let Some(list) = self.per_service.get_mut(owner)
+                && let Ok(i) = list.binary_search_by_key(key, |s| s.frontend.key())
+                && list[i].id != id
+            {
+                Arc::make_mut(&mut list[i]).id = id;
+            }
+        }
+    }
+
+    /// Adopts the ids a dataplane reports ([`IdAllocator::seed`]) and writes them into the
+    /// candidates.
+    pub fn seed(&mut self, observed: &[LbService]) {
+        self.ids.seed(observed);
+        for s in observed {
+            let k = s.frontend.key();
+            if let Some(id) = self.ids.get(&k) {
+                self.set_id(&k, id);
+            }
+        }
+    }
+
+    /// The desired service for a frontend, with its id, shared.
+    pub fn get_shared(&self, key: &FrontendKey) -> Option<Arc<LbService>> {
+        let owner = self.claims.get(key)?.first()?;
+        let s = find(self.per_service.get(owner)?, key)?;
+        let id = self.ids.get(key)?;
+        if s.id == id {
+            Some(s.clone())
+        } else {
+            // Only if the allocator was seeded behind this state's back (`ids_mut`).
+            let mut copy = LbService::clone(s);
+            copy.id = id;
+            Some(Arc::new(copy))
+        }
+    }
+
     /// The desired service for a frontend, with its id.
     pub fn get(&self, key: &FrontendKey) -> Option<LbService> {
-        let owner = self.claims.get(key)?.first()?;
-        let mut s = self.per_service.get(owner)?.get(key)?.clone();
-        s.id = self.ids.get(key)?;
-        Some(s)
+        self.get_shared(key).map(Arc::unwrap_or_clone)
+    }
+
+    /// Every desired service, sorted by frontend key, shared.
+    pub fn desired_shared(&self) -> Vec<Arc<LbService>> {
+        self.claims
+            .keys()
+            .filter_map(|k| self.get_shared(k))
+            .collect()
     }
 
     /// Every desired service, sorted by frontend key.
@@ -619,7 +843,7 @@ impl LbState {
             let name = |o: &NsName| {
                 self.per_service
                     .get(o)
-                    .and_then(|m| m.get(k))
+                    .and_then(|m| find(m, k))
                     .map_or_else(|| format!("{}/{}", o.0, o.1), |s| s.name.clone())
             };
             for other in it {

@@ -238,10 +238,19 @@ impl LbPlan {
 /// list holds a key twice, the last entry wins (the desired-state builder never produces that).
 /// The output is sorted by frontend key, so plans are deterministic.
 pub fn plan(desired: &[LbService], applied: &[LbService]) -> LbPlan {
+    plan_refs(desired, applied)
+}
+
+/// [`plan`] over any two collections of services held elsewhere (the service loop's, shared
+/// with its desired state): nothing is copied but the upserts.
+pub fn plan_refs<'a>(
+    desired: impl IntoIterator<Item = &'a LbService>,
+    applied: impl IntoIterator<Item = &'a LbService>,
+) -> LbPlan {
     let desired: BTreeMap<FrontendKey, &LbService> =
-        desired.iter().map(|s| (s.frontend.key(), s)).collect();
+        desired.into_iter().map(|s| (s.frontend.key(), s)).collect();
     let applied: BTreeMap<FrontendKey, &LbService> =
-        applied.iter().map(|s| (s.frontend.key(), s)).collect();
+        applied.into_iter().map(|s| (s.frontend.key(), s)).collect();
     let mut out = LbPlan::default();
     for (key, want) in &desired {
         match applied.get(key) {

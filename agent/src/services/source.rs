@@ -33,8 +33,8 @@ use anyhow::Context as _;
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::{Notify, mpsc};
 
-use crate::services::desired::{LbState, NodeIdentity};
-use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan};
+use crate::services::desired::{LbState, NodeIdentity, Snapshot};
+use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan_refs};
 use crate::services::model::{
     Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
 };
@@ -93,6 +93,17 @@ pub struct Listing {
 pub trait ServiceStore: Clone + Send + Sync + 'static {
     /// Every object, and the revision.
     fn list(&self) -> impl Future<Output = Result<Listing, SourceError>> + Send;
+    /// [`list`](Self::list), handing every page but the last to `pages` as it is read
+    /// ([`SourceUpdate::Page`]) so that a large store is never held whole as parsed objects;
+    /// returns the last page, which completes the listing. The default lists everything at
+    /// once.
+    fn list_paged(
+        &self,
+        pages: &mpsc::Sender<SourceUpdate>,
+    ) -> impl Future<Output = Result<Listing, SourceError>> + Send {
+        let _ = pages;
+        self.list()
+    }
     /// Streams changes after `revision` into `tx` until the stream breaks (then returns the
     /// error; the caller re-lists).
     fn watch(
@@ -222,47 +233,91 @@ impl EtcdServiceStore {
     }
 }
 
-impl ServiceStore for EtcdServiceStore {
-    async fn list(&self) -> Result<Listing, SourceError> {
+impl EtcdServiceStore {
+    /// Objects per page of a listing.
+    const PAGE: i64 = 1000;
+
+    /// Reads one page of the listing from `start` (at `revision`, or the current one when 0):
+    /// the decoded page and where the next one starts.
+    async fn page(
+        &self,
+        start: Vec<u8>,
+        revision: i64,
+    ) -> Result<(Listing, Option<Vec<u8>>), SourceError> {
         let prefix = services_prefix(&self.prefix);
         let mut end = prefix.as_bytes().to_vec();
         if let Some(last) = end.last_mut() {
             *last += 1;
         }
-        let mut start = prefix.as_bytes().to_vec();
-        let mut out = Listing::default();
-        loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
-            if out.revision > 0 {
-                opts = opts.with_revision(out.revision);
-            }
-            let resp = self
-                .client
-                .clone()
-                .get(start.clone(), Some(opts))
-                .await
-                .map_err(etcd("get", &prefix))?;
-            if out.revision == 0 {
-                out.revision = resp
-                    .header()
-                    .map_or(0, etcd_client::ResponseHeader::revision);
-            }
-            for kv in resp.kvs() {
-                match self.decode_kv(kv) {
-                    Some((_, Ok(o))) => out.objects.push(o),
-                    Some((k, Err(e))) => out.invalid.push((self.key(&k), e)),
-                    None => {}
-                }
-            }
-            match resp.kvs().last() {
-                Some(kv) if resp.more() => {
-                    start = kv.key().to_vec();
-                    start.push(0);
-                }
-                _ => break,
+        let mut opts = GetOptions::new().with_range(end).with_limit(Self::PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(start, Some(opts))
+            .await
+            .map_err(etcd("get", &prefix))?;
+        let mut out = Listing {
+            revision: if revision > 0 {
+                revision
+            } else {
+                resp.header()
+                    .map_or(0, etcd_client::ResponseHeader::revision)
+            },
+            ..Listing::default()
+        };
+        for kv in resp.kvs() {
+            match self.decode_kv(kv) {
+                Some((_, Ok(o))) => out.objects.push(o),
+                Some((k, Err(e))) => out.invalid.push((self.key(&k), e)),
+                None => {}
             }
         }
-        Ok(out)
+        let next = match resp.kvs().last() {
+            Some(kv) if resp.more() => {
+                let mut start = kv.key().to_vec();
+                start.push(0);
+                Some(start)
+            }
+            _ => None,
+        };
+        Ok((out, next))
+    }
+}
+
+impl ServiceStore for EtcdServiceStore {
+    async fn list(&self) -> Result<Listing, SourceError> {
+        let mut start = services_prefix(&self.prefix).into_bytes();
+        let mut out = Listing::default();
+        loop {
+            let (page, next) = self.page(start, out.revision).await?;
+            out.revision = page.revision;
+            out.objects.extend(page.objects);
+            out.invalid.extend(page.invalid);
+            match next {
+                Some(n) => start = n,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    async fn list_paged(&self, pages: &mpsc::Sender<SourceUpdate>) -> Result<Listing, SourceError> {
+        let mut start = services_prefix(&self.prefix).into_bytes();
+        let mut revision = 0;
+        loop {
+            let (page, next) = self.page(start, revision).await?;
+            revision = page.revision;
+            let Some(n) = next else { return Ok(page) };
+            start = n;
+            for (key, e) in &page.invalid {
+                tracing::warn!(%key, error = %e, "invalid object in etcd; treating it as absent");
+            }
+            if pages.send(SourceUpdate::Page(page)).await.is_err() {
+                return Err(SourceError::WatchEnded("receiver gone".into()));
+            }
+        }
     }
 
     async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<Change>>) -> SourceError {
@@ -490,6 +545,11 @@ impl ServiceStore for MemServiceStore {
 pub enum SourceUpdate {
     /// A fresh list: replace everything.
     Reset(Listing),
+    /// One page of a list in progress, read at `revision` ([`ServiceStore::list_paged`]): the
+    /// loop keeps what it needs of its objects and drops them, until the `Reset` of the same
+    /// revision completes the listing. A page or a `Reset` of another revision starts over (a
+    /// list that failed half way is simply read again).
+    Page(Listing),
     /// Changes since the last update.
     Changes(Vec<Change>),
     /// When the changes sent just before were triggered (the Kubernetes source reads
@@ -518,7 +578,7 @@ impl Backoff {
 pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUpdate>) {
     let mut backoff = Backoff::new();
     loop {
-        let listing = match store.list().await {
+        let listing = match store.list_paged(&out).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing services failed; keeping the dataplane as it is");
@@ -932,8 +992,8 @@ async fn on_dataplane<D: LbDataplane, T: Send + 'static>(
 struct Loop<D: LbDataplane> {
     dp: Option<D>,
     state: LbState,
-    /// What the dataplane holds, as far as we know.
-    applied: BTreeMap<FrontendKey, LbService>,
+    /// What the dataplane holds, as far as we know (shared with `state` once applied).
+    applied: BTreeMap<FrontendKey, Arc<LbService>>,
     /// The next sync must re-read the dataplane and plan everything.
     need_full: bool,
     metrics: Arc<ServiceMetrics>,
@@ -993,16 +1053,21 @@ impl<D: LbDataplane> Loop<D> {
         let start = Instant::now();
         match on_dataplane(&mut self.dp, |d| d.observed().map_err(|e| e.to_string())).await? {
             Ok(obs) => {
-                self.state.ids_mut().seed(&obs);
-                self.applied = obs.into_iter().map(|s| (s.frontend.key(), s)).collect();
+                self.state.seed(&obs);
+                self.applied = obs
+                    .into_iter()
+                    .map(|s| (s.frontend.key(), Arc::new(s)))
+                    .collect();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the service dataplane back failed; planning against what was applied");
             }
         }
-        let desired = self.state.desired();
-        let applied: Vec<LbService> = self.applied.values().cloned().collect();
-        let p = plan(&desired, &applied);
+        let desired = self.state.desired_shared();
+        let p = plan_refs(
+            desired.iter().map(|s| &**s),
+            self.applied.values().map(|s| &**s),
+        );
         let ops = p.len();
         let res = self.apply(p).await?;
         if res.is_ok() {
@@ -1010,18 +1075,25 @@ impl<D: LbDataplane> Loop<D> {
             self.need_full = false;
         }
         self.after("full", start, ops, &res);
+        // A full sync's copies (the read-back, the plan) are gone: hand their pages back.
+        crate::memory::trim();
         Ok(())
     }
 
     /// Plans the touched frontends only.
     async fn partial(&mut self, dirty: &BTreeSet<FrontendKey>) -> anyhow::Result<()> {
         let start = Instant::now();
-        let desired: Vec<LbService> = dirty.iter().filter_map(|k| self.state.get(k)).collect();
-        let applied: Vec<LbService> = dirty
+        let desired: Vec<Arc<LbService>> = dirty
             .iter()
-            .filter_map(|k| self.applied.get(k).cloned())
+            .filter_map(|k| self.state.get_shared(k))
             .collect();
-        let p = plan(&desired, &applied);
+        let p = plan_refs(
+            desired.iter().map(|s| &**s),
+            dirty
+                .iter()
+                .filter_map(|k| self.applied.get(k))
+                .map(|s| &**s),
+        );
         let ops = p.len();
         let res = self.apply(p).await?;
         if res.is_ok() {
@@ -1089,8 +1161,11 @@ where
     match on_dataplane(&mut lp.dp, |d| d.observed().map_err(|e| e.to_string())).await? {
         Ok(obs) => {
             tracing::info!(frontends = obs.len(), "service dataplane read back");
-            lp.state.ids_mut().seed(&obs);
-            lp.applied = obs.into_iter().map(|s| (s.frontend.key(), s)).collect();
+            lp.state.seed(&obs);
+            lp.applied = obs
+                .into_iter()
+                .map(|s| (s.frontend.key(), Arc::new(s)))
+                .collect();
         }
         Err(e) => tracing::warn!(error = %e, "reading the service dataplane back failed"),
     }
@@ -1098,6 +1173,8 @@ where
     let cache = tokio::spawn(source(tx));
     let _guard = AbortOnDrop(cache);
     let mut have_snapshot = false;
+    // A listing arriving page by page: its revision, what is kept of it, its invalid objects.
+    let mut staged: Option<(i64, Snapshot, usize)> = None;
     let mut tick = tokio::time::interval(resync.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -1114,18 +1191,40 @@ where
             up = rx.recv() => {
                 let Some(up) = up else { anyhow::bail!("service source task stopped") };
                 let mut dirty = BTreeSet::new();
+                let mut only_pages = true;
                 let mut pending = vec![up];
                 while let Ok(more) = rx.try_recv() {
                     pending.push(more);
                 }
                 for up in pending {
+                    only_pages &= matches!(up, SourceUpdate::Page(_));
                     match up {
-                        SourceUpdate::Reset(l) => {
-                            have_snapshot = true;
-                            lp.metrics.lock().invalid_objects = l.invalid.len();
+                        SourceUpdate::Page(l) => {
                             let (svcs, eps) = count_kinds(l.objects.iter().map(Object::key));
                             lp.metrics.queued(svcs, eps);
-                            dirty.extend(lp.state.reset(l.objects));
+                            let st = match staged.take() {
+                                Some(st) if st.0 == l.revision => st,
+                                _ => (l.revision, Snapshot::default(), 0),
+                            };
+                            let (_, snap, invalid) = staged.insert(st);
+                            *invalid += l.invalid.len();
+                            for o in l.objects {
+                                snap.put(o);
+                            }
+                        }
+                        SourceUpdate::Reset(l) => {
+                            have_snapshot = true;
+                            let (mut snap, invalid) = match staged.take() {
+                                Some((rev, snap, n)) if rev == l.revision => (snap, n),
+                                _ => (Snapshot::default(), 0),
+                            };
+                            lp.metrics.lock().invalid_objects = invalid + l.invalid.len();
+                            let (svcs, eps) = count_kinds(l.objects.iter().map(Object::key));
+                            lp.metrics.queued(svcs, eps);
+                            for o in l.objects {
+                                snap.put(o);
+                            }
+                            dirty.extend(lp.state.replace(snap));
                         }
                         SourceUpdate::Changes(c) => {
                             let (svcs, eps) = count_kinds(c.iter().map(|c| match c {
@@ -1138,7 +1237,7 @@ where
                         SourceUpdate::Triggers(t) => lp.metrics.add_triggers(t),
                     }
                 }
-                if !have_snapshot {
+                if !have_snapshot || only_pages {
                     continue;
                 }
                 if lp.need_full { lp.full().await?; } else { lp.partial(&dirty).await?; }
@@ -1542,6 +1641,55 @@ ports: [{port: 8080}]
         let (pending, last) = m.proxy_health_times();
         assert_eq!(pending, None, "everything received was synced");
         assert!(last.is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_listing_in_pages_counts_only_once_its_reset_completes_it() {
+        let dp = FakeLbDataplane::new();
+        let m = Arc::new(ServiceMetrics::default());
+        let o = objs(WEB);
+        let (web, api, slice) = (o[0].clone(), o[1].clone(), o[2].clone());
+        let page = |objects, revision| {
+            SourceUpdate::Page(Listing {
+                objects,
+                invalid: Vec::new(),
+                revision,
+            })
+        };
+        let task = tokio::spawn(run_services_with(
+            move |tx| async move {
+                // A list that broke after its first page (revision 5: `api` only), then a whole
+                // one at revision 6 in two parts, one invalid object in its last part.
+                let _ = tx.send(page(vec![api], 5)).await;
+                let _ = tx.send(page(vec![web], 6)).await;
+                let last = Listing {
+                    objects: vec![slice],
+                    invalid: vec![(
+                        "/x/services/services/default/bad".into(),
+                        FieldError {
+                            field: "spec".into(),
+                            message: "bad".into(),
+                        },
+                    )],
+                    revision: 6,
+                };
+                let _ = tx.send(SourceUpdate::Reset(last)).await;
+                std::future::pending::<()>().await;
+            },
+            node(),
+            dp.clone(),
+            Duration::from_hours(1),
+            m.clone(),
+        ));
+        eventually("the listing programmed", || m.ok_syncs() > 0).await;
+        // Pages alone program nothing; the first sync has the whole revision-6 listing and
+        // nothing of the abandoned one.
+        assert_eq!(dp.state().apply_calls, 1);
+        let names: BTreeSet<String> = dp.services().iter().map(|s| s.name.clone()).collect();
+        assert_eq!(names, BTreeSet::from(["default/web".to_string()]));
+        assert_eq!(backends_of(&dp, 30080), vec!["10.244.1.5", "10.244.2.5"]);
+        assert!(m.render().contains("twill_services_invalid_objects 1\n"));
         task.abort();
     }
 
