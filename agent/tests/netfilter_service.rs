@@ -119,6 +119,20 @@ impl Env {
         };
         for ns in [&env.node, &env.backends, &env.outside] {
             run("ip", &["netns", "add", ns]);
+            // No duplicate address detection: a tentative link-local address delays the first
+            // IPv6 exchanges by a second or more.
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            );
         }
         let (n, b, c) = (&env.node, &env.backends, &env.outside);
         ip_batch(
@@ -648,7 +662,8 @@ fn nft_sync_figures() {
     });
 }
 
-/// Prints full-sync and one-change timings of the iptables dataplane, legacy and nft backends.
+/// Prints full-sync, read-back and one-change timings of the iptables dataplane, legacy and
+/// nft backends.
 #[test]
 #[ignore = "measurement, run by hand with --ignored --nocapture"]
 fn iptables_sync_figures() {
@@ -660,11 +675,11 @@ fn iptables_sync_figures() {
         for (backend, sizes) in [
             (
                 IptBackend::Legacy,
-                &[(10_000u32, 1u32), (10_000, 10), (30_000, 10)][..],
+                &[(10_000u32, 1u32, 2usize), (10_000, 10, 2)][..],
             ),
-            (IptBackend::Nft, &[(1_000u32, 10u32)][..]),
+            (IptBackend::Nft, &[][..]),
         ] {
-            for &(n, eps) in sizes {
+            for &(n, eps, changes) in sizes {
                 let _ = IptLb::uninstall(backend);
                 let mut lb = IptLb::open(backend).expect("open");
                 let mut all = many(n, eps);
@@ -674,12 +689,23 @@ fn iptables_sync_figures() {
                 let t = Instant::now();
                 let seen = lb.observed().expect("observed");
                 let read = t.elapsed();
-                assert_eq!(seen.len(), all.len());
-                let (same, count) = one_change_latency(&mut lb, &mut all, 20);
+                assert_eq!(seen, all);
+                let t = Instant::now();
+                let seen = lb.observed().expect("observed");
+                let resync = t.elapsed();
+                assert_eq!(seen, all);
+                drop(lb);
+                let t = Instant::now();
+                let mut lb = IptLb::open(backend).expect("reopen");
+                let seen = lb.observed().expect("observed");
+                let restart = t.elapsed();
+                assert!(plan(&all, &seen).is_empty());
+                let (same, count) = one_change_latency(&mut lb, &mut all, changes);
                 println!(
                     "iptables-{} {n} services x {eps} endpoints: full sync {full:?}, read back \
-                     {read:?}, one endpoint replaced p50 {:?} max {:?}, added/removed p50 {:?} \
-                     max {:?}",
+                     {read:?}, resync (unchanged) {resync:?}, restart read back {restart:?}, \
+                     one endpoint replaced p50 {:?} p99 {:?}, added/removed p50 {:?} p99 {:?} \
+                     ({changes} changes)",
                     backend.as_str(),
                     same.0,
                     same.1,
