@@ -45,7 +45,9 @@ impl Response {
         Self::new(404, "text/plain; charset=utf-8", "404 page not found\n")
     }
 
-    fn encode(&self) -> String {
+    /// The status line and headers; the body goes out after them as it is (a scrape body can
+    /// be megabytes, not worth a copy).
+    fn head(&self) -> String {
         let reason = match self.code {
             200 => "OK",
             404 => "Not Found",
@@ -54,11 +56,10 @@ impl Response {
             _ => "",
         };
         format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.code,
             self.content_type,
             self.body.len(),
-            self.body
         )
     }
 }
@@ -81,6 +82,8 @@ where
         let (sock, _) = listener.accept().await?;
         let handler = handler.clone();
         tokio::spawn(async move {
+            // Head and body are two writes: no Nagle wait between them.
+            let _ = sock.set_nodelay(true);
             let (rd, mut wr) = sock.into_split();
             let mut reader = BufReader::new(rd);
             let mut line = String::new();
@@ -99,7 +102,9 @@ where
                 }
             }
             let response = handler(path_of(&line).to_string()).await;
-            let _ = wr.write_all(response.encode().as_bytes()).await;
+            if wr.write_all(response.head().as_bytes()).await.is_ok() {
+                let _ = wr.write_all(response.body.as_bytes()).await;
+            }
         });
     }
 }
@@ -117,10 +122,10 @@ mod tests {
 
     #[test]
     fn responses_carry_length_and_reason() {
-        let r = Response::new(503, "application/json", "{}").encode();
+        let r = Response::new(503, "application/json", "{}").head();
         assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
         assert!(
-            r.contains("Content-Length: 2\r\n") && r.ends_with("\r\n\r\n{}"),
+            r.contains("Content-Length: 2\r\n") && r.ends_with("\r\n\r\n"),
             "{r}"
         );
     }

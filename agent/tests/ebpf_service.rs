@@ -269,6 +269,20 @@ impl Env {
         };
         for ns in [&env.node, &env.backends, &env.outside] {
             run("ip", &["netns", "add", ns]);
+            // No duplicate address detection: a tentative link-local address delays the first
+            // IPv6 exchanges by a second or more.
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            );
         }
         fs::create_dir(&env.cgroup).expect("create test cgroup");
         let (n, b, c) = (&env.node, &env.backends, &env.outside);
