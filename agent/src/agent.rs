@@ -25,7 +25,7 @@ use crate::masq;
 use crate::metrics::Metrics;
 use crate::overlay::{self, Devices, Uplink};
 use crate::store::{
-    EtcdStore, EtcdTls, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease,
+    EtcdArgs, EtcdStore, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease,
 };
 use crate::udp::{self, UdpBackend};
 use crate::uplink;
@@ -43,21 +43,9 @@ pub const LEASE_TTL: Duration = Duration::from_hours(24);
     args_override_self = true
 )]
 pub struct Options {
-    /// etcd endpoints, comma-separated.
-    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-    /// etcd key prefix holding `config` and `subnets/`.
-    #[arg(long, default_value = "/coreos.com/network")]
-    pub etcd_prefix: String,
-    /// CA bundle for etcd TLS.
-    #[arg(long)]
-    pub etcd_cafile: Option<String>,
-    /// Client certificate for etcd mTLS.
-    #[arg(long)]
-    pub etcd_certfile: Option<String>,
-    /// Client key for etcd mTLS.
-    #[arg(long)]
-    pub etcd_keyfile: Option<String>,
+    /// etcd flags.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Interface to use (name or address); repeatable, first match wins. Default: the default
     /// route's interface.
     #[arg(long)]
@@ -343,11 +331,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let kernel = Netlink::connect().context("open netlink")?;
-    let tls = EtcdTls {
-        ca_file: opts.etcd_cafile.clone(),
-        cert_file: opts.etcd_certfile.clone(),
-        key_file: opts.etcd_keyfile.clone(),
-    };
+    let tls = opts.etcd.tls();
     let store = if opts.kube_subnet_mgr {
         AnyLeaseStore::Kube(
             retry("start the kube subnet manager", &metrics, || async {
@@ -358,12 +342,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         AnyLeaseStore::Etcd(
             retry("connect to etcd", &metrics, || async {
-                Ok(EtcdStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls).await?)
+                Ok(
+                    EtcdStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls)
+                        .await?,
+                )
             })
             .await,
         )
     };
-    let cfg_at = store.config_location(&opts.etcd_prefix);
+    let cfg_at = store.config_location(&opts.etcd.etcd_prefix);
 
     // The config: refused as a whole when invalid; we wait for a valid one and touch nothing.
     let (cfg_text, cfg) = retry("read network config", &metrics, || async {

@@ -23,7 +23,6 @@ use crate::services::desired::NodeIdentity;
 use crate::services::iptables::{IptBackend, IptLb, detect_backend};
 use crate::services::nft::NftLb;
 use crate::services::source::{EtcdServiceStore, ServiceMetrics, run_services};
-use crate::store::EtcdTls;
 
 /// The default cgroup for socket-level load balancing: the cgroup2 root, so every process of
 /// the node is balanced (mounted at `/sys/fs/cgroup/unified` on hybrid hosts).
@@ -223,12 +222,8 @@ pub async fn start(
             .await
             .map(Some);
     }
-    let tls = EtcdTls {
-        ca_file: opts.etcd_cafile.clone(),
-        cert_file: opts.etcd_certfile.clone(),
-        key_file: opts.etcd_keyfile.clone(),
-    };
-    let store = EtcdServiceStore::connect(&opts.etcd_endpoints, &opts.etcd_prefix, &tls)
+    let tls = opts.etcd.tls();
+    let store = EtcdServiceStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls)
         .await
         .context("connect the service source to etcd")?;
     let resync = Duration::from_secs(opts.resync_interval.max(1));

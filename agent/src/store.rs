@@ -141,6 +141,38 @@ pub struct EtcdTls {
     pub key_file: Option<String>,
 }
 
+/// flannel's etcd flags, shared by the agent and by `twilld apply/get/delete`, so one prefix
+/// serves both.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix holding `config`, `subnets/` and `services/`.
+    #[arg(long, default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA bundle for etcd TLS.
+    #[arg(long)]
+    pub etcd_cafile: Option<String>,
+    /// Client certificate for etcd mTLS.
+    #[arg(long)]
+    pub etcd_certfile: Option<String>,
+    /// Client key for etcd mTLS.
+    #[arg(long)]
+    pub etcd_keyfile: Option<String>,
+}
+
+impl EtcdArgs {
+    /// The TLS material the flags name.
+    pub fn tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+        }
+    }
+}
+
 /// The etcd v3 lease store.
 #[derive(Clone)]
 pub struct EtcdStore {

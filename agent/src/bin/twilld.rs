@@ -75,7 +75,7 @@ mod tests {
         ])
         .unwrap();
         assert!(c.cmd.is_none());
-        assert_eq!(c.agent.etcd_endpoints, vec!["http://198.18.0.1:2379"]);
+        assert_eq!(c.agent.etcd.etcd_endpoints, vec!["http://198.18.0.1:2379"]);
         assert_eq!(c.agent.iface, vec!["eth0"]);
         assert!(c.agent.ip_masq);
         assert!(Cli::try_parse_from(["twilld"]).unwrap().cmd.is_none());

@@ -23,7 +23,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 
 use crate::ebpf::service::EbpfLbView;
 use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
@@ -34,40 +34,13 @@ use crate::services::model::{
 };
 use crate::services::nft::NftLb;
 use crate::services::source::{EtcdServiceStore, ServiceStore};
-use crate::store::EtcdTls;
+use crate::store::EtcdArgs;
 
-/// etcd connection flags shared by the subcommands (same names and defaults as the agent's).
-#[derive(Debug, Clone, Args)]
-pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-    /// etcd key prefix (services live under `<prefix>/services/`).
-    #[arg(long, default_value = "/coreos.com/network")]
-    pub etcd_prefix: String,
-    /// CA bundle for etcd TLS.
-    #[arg(long)]
-    pub etcd_cafile: Option<String>,
-    /// Client certificate for etcd mTLS.
-    #[arg(long)]
-    pub etcd_certfile: Option<String>,
-    /// Client key for etcd mTLS.
-    #[arg(long)]
-    pub etcd_keyfile: Option<String>,
-}
-
-impl EtcdArgs {
-    /// Connects to etcd.
-    pub async fn connect(&self) -> anyhow::Result<EtcdServiceStore> {
-        let tls = EtcdTls {
-            ca_file: self.etcd_cafile.clone(),
-            cert_file: self.etcd_certfile.clone(),
-            key_file: self.etcd_keyfile.clone(),
-        };
-        EtcdServiceStore::connect(&self.etcd_endpoints, &self.etcd_prefix, &tls)
-            .await
-            .context("connect to etcd")
-    }
+/// Connects to the etcd the flags name.
+async fn connect(etcd: &EtcdArgs) -> anyhow::Result<EtcdServiceStore> {
+    EtcdServiceStore::connect(&etcd.etcd_endpoints, &etcd.etcd_prefix, &etcd.tls())
+        .await
+        .context("connect to etcd")
 }
 
 /// The service subcommands of `twilld`.
@@ -604,14 +577,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     match cmd {
         ServiceCmd::Apply { files, etcd } => {
             let objects = load_manifests(&files)?;
-            let store = etcd.connect().await?;
+            let store = connect(&etcd).await?;
             for line in apply(&store, &objects).await? {
                 println!("{line}");
             }
         }
         ServiceCmd::Delete { files, etcd } => {
             let objects = load_manifests(&files)?;
-            let store = etcd.connect().await?;
+            let store = connect(&etcd).await?;
             for line in delete(&store, &objects).await? {
                 println!("{line}");
             }
@@ -623,7 +596,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             output,
             etcd,
         } => {
-            let store = etcd.connect().await?;
+            let store = connect(&etcd).await?;
             let listing = store.list().await.context("list stored services")?;
             let dp = read_dataplane(&bpf_pin_dir)?;
             let node = NodeIdentity {
