@@ -12,10 +12,14 @@ pub fn say(msg: &str) {
     println!("xtask: {msg}");
 }
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root (xtask lives one level below it). `cargo run` and `cargo test` tell the
+/// process where its manifest is; that wins over the directory xtask was compiled in, which
+/// belongs to another checkout when checkouts share a `CARGO_TARGET_DIR` and cargo reused the
+/// binary.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.parent()
         .expect("xtask sits inside the workspace")
         .to_path_buf()
 }

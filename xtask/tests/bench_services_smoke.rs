@@ -54,6 +54,7 @@ fn quick_services_run_writes_a_sane_report() {
             &format!("services.{mode}.vip_over_direct.100"),
             &format!("services.{mode}.scale_ratio"),
             &format!("services.{mode}.full_sync"),
+            &format!("services.{mode}.full_sync_one_endpoint"),
             &format!("services.{mode}.change.agent.p99"),
             &format!("services.{mode}.change.e2e.p99"),
         ]);

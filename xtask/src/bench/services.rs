@@ -60,6 +60,10 @@ const VIP_TARGET_PORT: u16 = 8080;
 const DIRECT_PORT: u16 = 8081;
 /// Endpoints per filler service.
 const ENDPOINTS: usize = 10;
+/// A second etcd prefix holding the sync step's services with one endpoint each (kube-proxy's
+/// common shape, and that of the hand-written baselines), synced in full by fresh twillds
+/// pointed at it.
+const ONE_ENDPOINT_PREFIX: &str = "/twill-bench-one-endpoint";
 /// How long a connection-rate run may take beyond its length.
 const RUN_SLACK: Duration = Duration::from_secs(30);
 /// How long the agent gets to program a step's services.
@@ -151,11 +155,19 @@ fn measured(k: usize) -> (String, Ipv4Addr) {
 }
 
 fn service_key(name: &str) -> String {
-    format!("{ETCD_PREFIX}/services/services/{NAMESPACE}/{name}")
+    service_key_at(ETCD_PREFIX, name)
+}
+
+fn service_key_at(prefix: &str, name: &str) -> String {
+    format!("{prefix}/services/services/{NAMESPACE}/{name}")
 }
 
 fn slice_key(name: &str) -> String {
-    format!("{ETCD_PREFIX}/services/endpointslices/{NAMESPACE}/{name}-1")
+    slice_key_at(ETCD_PREFIX, name)
+}
+
+fn slice_key_at(prefix: &str, name: &str) -> String {
+    format!("{prefix}/services/endpointslices/{NAMESPACE}/{name}-1")
 }
 
 /// A ClusterIP Service as stored (Kubernetes JSON).
@@ -203,6 +215,19 @@ pub(crate) fn filler_entries(from: usize, to: usize) -> Vec<(String, String)> {
         kvs.push((slice_key(&name), slice_json(&name, &eps)));
     }
     kvs
+}
+
+/// Fillers `0..n` with their first endpoint only, under `prefix`.
+fn one_endpoint_entries(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .flat_map(|i| {
+            let (name, vip, eps) = filler(i);
+            [
+                (service_key_at(prefix, &name), service_json(&name, vip)),
+                (slice_key_at(prefix, &name), slice_json(&name, &eps[..1])),
+            ]
+        })
+        .collect()
 }
 
 fn etcd() -> EtcdHttp {
@@ -269,6 +294,10 @@ struct ModeResult {
     /// Frontends and backends the full syncs programmed.
     full_sync_frontends: f64,
     full_sync_backends: f64,
+    /// The same with one endpoint per service (agent's histogram), s.
+    full_sync_one_s: Vec<f64>,
+    /// Fresh twilld started → every frontend programmed, one endpoint per service, s.
+    start_to_programmed_one_s: Vec<f64>,
     /// One endpoint change: the agent's plan + apply, ms.
     change_agent_ms: Vec<f64>,
     /// ... etcd write → the client's connections reach the new backend, ms.
@@ -577,7 +606,8 @@ fn measure_mode(
 ) -> Result<ModeResult> {
     let what = format!("{mode}: rig");
     progress.working(&what);
-    let b = Bench::new(mode, p.reps, p.rate_secs, bin_dir)?;
+    // A fresh node per full sync: two shapes per repetition.
+    let b = Bench::new(mode, 2 * p.reps, p.rate_secs, bin_dir)?;
     progress.done(&what, &format!("up ({})", b.rig.id()));
     let mut res = ModeResult {
         mode: mode.to_string(),
@@ -627,6 +657,7 @@ fn measure_mode(
         };
         if n == p.sync_step
             && let Err(e) = full_syncs(&b, n, p.reps, &mut res, progress)
+                .and_then(|()| one_endpoint_full_syncs(&b, n, p.reps, &mut res, progress))
         {
             if twill_tests::interrupted() {
                 return Err(e);
@@ -678,55 +709,109 @@ fn full_syncs(
     progress: &Progress,
 ) -> Result<()> {
     for r in 0..reps {
-        let node = 3 + r;
         let what = format!("{} full sync of {n} services, rep {}/{reps}", b.mode, r + 1);
-        progress.working(&what);
-        let mut args = vec![
-            "--metrics-addr".to_string(),
-            METRICS_ADDR.to_string(),
-            "--resync-interval".to_string(),
-            "3600".to_string(),
-        ];
-        args.extend(b.rig.proxy_args(node, b.mode.as_str())?);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let t0 = Instant::now();
-        b.rig.start_twilld(node, &args)?;
-        let done = b.wait_programmed(node, n, progress, &what)?;
-        let m = wait_for(Duration::from_secs(10), || {
-            let m = b.metrics(node).ok()?;
-            let full =
-                prometheus_value(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
-            (full >= 1.0).then_some(m)
-        })
-        .context("no full sync in the metrics")?;
-        let count = prometheus_value(&m, "twill_services_sync_duration_seconds_count")
-            .context("no sync histogram")?;
-        let sum = prometheus_value(&m, "twill_services_sync_duration_seconds_sum")
-            .context("no sync histogram")?;
-        ensure!(
-            (count - 1.0).abs() < f64::EPSILON,
-            "expected the fresh twilld's first sync alone, found {count} syncs"
-        );
+        let (sum, start, m) = fresh_full_sync(b, 3 + r, n, &[], progress, &what)?;
         res.full_sync_s.push(sum);
-        res.start_to_programmed_s.push((done - t0).as_secs_f64());
+        res.start_to_programmed_s.push(start);
         res.full_sync_frontends =
             prometheus_value(&m, "twill_services_frontends").unwrap_or(f64::NAN);
         res.full_sync_backends =
             prometheus_value(&m, "twill_services_backends").unwrap_or(f64::NAN);
-        progress.done(
-            &what,
-            &format!(
-                "{} ms (agent), {} s from start to programmed",
-                fmt_num(sum * 1000.0),
-                fmt_num((done - t0).as_secs_f64())
-            ),
-        );
-        // Its CPU and memory are not part of the rest of the run.
-        b.rig
-            .kill_twilld(node, nix::sys::signal::Signal::SIGTERM)
-            .with_context(|| format!("stop twilld on node {node}"))?;
     }
     Ok(())
+}
+
+/// The same `n` services with one endpoint each, under [`ONE_ENDPOINT_PREFIX`] (with a copy of
+/// the network config, so the fresh twilld is a node of that prefix's cluster of one).
+fn one_endpoint_full_syncs(
+    b: &Bench,
+    n: usize,
+    reps: usize,
+    res: &mut ModeResult,
+    progress: &Progress,
+) -> Result<()> {
+    let what = format!("{}: write {n} services × 1 endpoint", b.mode);
+    progress.working(&what);
+    let mut kvs = one_endpoint_entries(ONE_ENDPOINT_PREFIX, n);
+    kvs.push((
+        format!("{ONE_ENDPOINT_PREFIX}/config"),
+        Backend::HostGw.network_config(),
+    ));
+    let etcd = etcd();
+    in_netns(&b.rig.underlay_ns(), || etcd.put_many(&kvs, 128, |_| {}))?;
+    progress.done(&what, &format!("{} objects", kvs.len()));
+    for r in 0..reps {
+        let what = format!(
+            "{} full sync of {n} services × 1 endpoint, rep {}/{reps}",
+            b.mode,
+            r + 1
+        );
+        let (sum, start, _) = fresh_full_sync(
+            b,
+            3 + reps + r,
+            n,
+            &["--etcd-prefix", ONE_ENDPOINT_PREFIX],
+            progress,
+            &what,
+        )?;
+        res.full_sync_one_s.push(sum);
+        res.start_to_programmed_one_s.push(start);
+    }
+    Ok(())
+}
+
+/// Starts a fresh twilld on `node` (with `extra` flags), waits until it has programmed `n`
+/// frontends, stops it. Its first sync (agent's histogram), s; start → programmed, s; its last
+/// metrics.
+fn fresh_full_sync(
+    b: &Bench,
+    node: usize,
+    n: usize,
+    extra: &[&str],
+    progress: &Progress,
+    what: &str,
+) -> Result<(f64, f64, String)> {
+    progress.working(what);
+    let mut args = vec![
+        "--metrics-addr".to_string(),
+        METRICS_ADDR.to_string(),
+        "--resync-interval".to_string(),
+        "3600".to_string(),
+    ];
+    args.extend(b.rig.proxy_args(node, b.mode.as_str())?);
+    args.extend(extra.iter().map(ToString::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    b.rig.start_twilld(node, &args)?;
+    let done = b.wait_programmed(node, n, progress, what)?;
+    let m = wait_for(Duration::from_secs(10), || {
+        let m = b.metrics(node).ok()?;
+        let full = prometheus_value(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
+        (full >= 1.0).then_some(m)
+    })
+    .context("no full sync in the metrics")?;
+    let count = prometheus_value(&m, "twill_services_sync_duration_seconds_count")
+        .context("no sync histogram")?;
+    let sum = prometheus_value(&m, "twill_services_sync_duration_seconds_sum")
+        .context("no sync histogram")?;
+    ensure!(
+        (count - 1.0).abs() < f64::EPSILON,
+        "expected the fresh twilld's first sync alone, found {count} syncs"
+    );
+    let start = (done - t0).as_secs_f64();
+    progress.done(
+        what,
+        &format!(
+            "{} ms (agent), {} s from start to programmed",
+            fmt_num(sum * 1000.0),
+            fmt_num(start)
+        ),
+    );
+    // Its CPU and memory are not part of the rest of the run.
+    b.rig
+        .kill_twilld(node, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("stop twilld on node {node}"))?;
+    Ok((sum, start, m))
 }
 
 /// Swaps the measured service's endpoint between `a` and `b`, timing each change at the agent
@@ -1133,8 +1218,8 @@ fn section(
     };
     let mut syncs = Table {
         title: format!(
-            "Programming: full sync of {} services × {ENDPOINTS} endpoints by a fresh twilld, \
-             one endpoint change with {} services installed",
+            "Programming: full sync of {} services × {ENDPOINTS} endpoints (and × 1) by a fresh \
+             twilld, one endpoint change with {} services installed",
             p.sync_step,
             p.steps.last().copied().unwrap_or(0)
         ),
@@ -1142,6 +1227,8 @@ fn section(
             "mode",
             "full sync (agent)",
             "start → programmed",
+            "full sync × 1 endpoint (agent)",
+            "start → programmed × 1",
             "one change p50 / p99 (agent)",
             "one change p50 / p99 (etcd write → traffic)",
             "lost",
@@ -1275,6 +1362,8 @@ fn section(
         );
         let full = median(&r.full_sync_s);
         let start = median(&r.start_to_programmed_s);
+        let full_one = median(&r.full_sync_one_s);
+        let start_one = median(&r.start_to_programmed_one_s);
         if let Some(e) = &r.full_sync_error {
             notes.push(format!(
                 "{mode}: full sync of {} services not measured: {e}",
@@ -1283,6 +1372,16 @@ fn section(
         } else {
             metric(format!("services.{mode}.full_sync"), "s", full);
             metric(format!("services.{mode}.start_to_programmed"), "s", start);
+            metric(
+                format!("services.{mode}.full_sync_one_endpoint"),
+                "s",
+                full_one,
+            );
+            metric(
+                format!("services.{mode}.start_to_programmed_one_endpoint"),
+                "s",
+                start_one,
+            );
         }
         let agent = Summary::of(&r.change_agent_ms);
         let e2e = Summary::of(&r.change_e2e_ms);
@@ -1301,6 +1400,8 @@ fn section(
             mode.to_string(),
             failed(full, format!("{} ms", fmt_num(full * 1000.0))),
             failed(start, format!("{} s", fmt_num(start))),
+            failed(full_one, format!("{} ms", fmt_num(full_one * 1000.0))),
+            failed(start_one, format!("{} s", fmt_num(start_one))),
             format!("{} / {} ms", fmt_num(agent.p50), fmt_num(agent.p99)),
             format!("{} / {} ms", fmt_num(e2e.p50), fmt_num(e2e.p99)),
             format!("{}", r.change_lost),
@@ -1362,13 +1463,14 @@ fn section(
                     "ms",
                 ));
             }
+            // The shape of the hand-written iptables-legacy-restore baseline: one endpoint.
             "iptables" => checks.push(Check::at_most(
                 format!(
-                    "iptables: full sync of {} services × {ENDPOINTS} (target is for the legacy \
+                    "iptables: full sync of {} services × 1 endpoint (target is for the legacy \
                      backend)",
                     p.sync_step
                 ),
-                full,
+                full_one,
                 IPT_FULL_SYNC_TARGET_S,
                 "s",
             )),
@@ -1533,7 +1635,8 @@ fn section(
          Full sync: at {} services a fresh twilld starts on an extra node (one per repetition); \
          its first sync's duration is read from its own `twill_services_sync_duration_seconds` \
          (plan + apply), and the time from its start until `/metrics` reports every frontend \
-         programmed is given too. One change: with {} services installed, the measured service's \
+         programmed is given too; then again on other fresh nodes with the same services at one \
+         endpoint each (a second etcd prefix), the shape of the hand-written baselines. One change: with {} services installed, the measured service's \
          only endpoint is swapped between `a` and `b` {} times through etcd; the agent figure is \
          the one sync it caused (histogram sum before and after), the end-to-end figure runs \
          from just before the etcd write until `twill-probe follow` (a connection every 200 µs \
@@ -1643,6 +1746,8 @@ mod tests {
             full_sync_frontends: 30.0,
             full_sync_error: None,
             full_sync_backends: 300.0,
+            full_sync_one_s: vec![0.005],
+            start_to_programmed_one_s: vec![0.1],
             change_agent_ms: vec![0.3, 0.4],
             change_e2e_ms: vec![2.0, 3.0],
             change_lost: 0,
