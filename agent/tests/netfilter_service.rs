@@ -1,6 +1,6 @@
 //! Privileged tests of the netfilter service dataplanes (`NftLb`, `IptLb`) against the real
 //! kernel: program services, read them back, restart, drive traffic, leave other owners' rules
-//! alone. (The scenarios through `twilld` and etcd are in `tests/tests/services.rs`; these
+//! alone. (The scenarios through `twilld` and etcd are in `tests/tests/services_ebpf.rs`; these
 //! exercise the seam directly and faster.)
 //!
 //! Why it is shaped as it is:
@@ -11,8 +11,7 @@
 //!   runs inside it; netfilter state is per namespace, so nothing outside is touched.
 //! - Backends answer `<name> peer=<client>`, so a test sees which backend served a flow and
 //!   which source it saw.
-//! - The `#[ignore]`d `*_sync_figures` tests print sync timings at scale (run by hand with
-//!   `--ignored --nocapture`); they assert nothing about time.
+//! - Timings at scale are `cargo xtask bench services --mode all`'s, not a test's.
 //! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
 
 use std::collections::BTreeSet;
