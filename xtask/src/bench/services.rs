@@ -331,6 +331,17 @@ enum ModeOutcome {
 
 // ---- the rig ------------------------------------------------------------------------------
 
+/// twilld's proxy flags for `mode` on `node`. iptables runs on the legacy backend, the one its
+/// target is for (`--iptables-backend auto` would take iptables-nft here, what
+/// `iptables --version` names on Debian).
+fn proxy_args(rig: &Rig, node: usize, mode: ProxyMode) -> Result<Vec<String>> {
+    let mut args = rig.proxy_args(node, mode.as_str())?;
+    if mode == ProxyMode::Iptables {
+        args.extend(["--iptables-backend".to_string(), "legacy".to_string()]);
+    }
+    Ok(args)
+}
+
 /// A mode's rig: backends on node 1, the client and the proxy on node 2.
 struct Bench {
     rig: Rig,
@@ -364,7 +375,7 @@ impl Bench {
                 "3600".to_string(),
             ];
             if node == 2 && mode != ProxyMode::None {
-                args.extend(rig.proxy_args(node, mode.as_str())?);
+                args.extend(proxy_args(&rig, node, mode)?);
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             rig.start_twilld(node, &args)
@@ -778,7 +789,7 @@ fn fresh_full_sync(
         "--resync-interval".to_string(),
         "3600".to_string(),
     ];
-    args.extend(b.rig.proxy_args(node, b.mode.as_str())?);
+    args.extend(proxy_args(&b.rig, node, b.mode)?);
     args.extend(extra.iter().map(ToString::to_string));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let t0 = Instant::now();
@@ -1611,7 +1622,8 @@ fn section(
     let about = format!(
         "Per proxy mode a rig of its own: node 1 hosts two backend pods (`a`, `b`, made by \
          twill-cni, each a `twill-probe serve` answering its name on :8080 and :8081), node 2 the \
-         client pod and the only twilld with a service proxy (`--resync-interval 3600`). Services \
+         client pod and the only twilld with a service proxy (`--resync-interval 3600`; iptables \
+         on its legacy backend, `--iptables-backend legacy`). Services \
          are ClusterIP, port {PORT} → 8080; fillers have {ENDPOINTS} endpoints each (addresses \
          nothing answers on) and are written straight into etcd in 128-object transactions; at \
          each step a new measured service (endpoint `a`) is created last, with the name that \
@@ -1636,7 +1648,8 @@ fn section(
          its first sync's duration is read from its own `twill_services_sync_duration_seconds` \
          (plan + apply), and the time from its start until `/metrics` reports every frontend \
          programmed is given too; then again on other fresh nodes with the same services at one \
-         endpoint each (a second etcd prefix), the shape of the hand-written baselines. One change: with {} services installed, the measured service's \
+         endpoint each (a second etcd prefix), the shape of the hand-written baselines. One \
+         change: with {} services installed, the measured service's \
          only endpoint is swapped between `a` and `b` {} times through etcd; the agent figure is \
          the one sync it caused (histogram sum before and after), the end-to-end figure runs \
          from just before the etcd write until `twill-probe follow` (a connection every 200 µs \
