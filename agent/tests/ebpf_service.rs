@@ -1088,6 +1088,7 @@ fn ten_thousand_services() {
         );
     }
     eprintln!("10k services x 10 backends: full sync {sync:?}, total memlock {total} bytes");
+    check_maglev_tables(&pin_dir, &services);
 
     // One endpoint change touches one service.
     let mut changed = services.clone();
@@ -1103,6 +1104,42 @@ fn ten_thousand_services() {
     eprintln!("read back 10k services in {:?}", start.elapsed());
     assert!(plan(&changed, &observed).is_empty());
     lb.uninstall().expect("uninstall");
+}
+
+/// Every Maglev entry the kernel holds for `services` (written while a second thread computed
+/// the tables ahead, at this size) names the backend the Maglev permutation puts there.
+fn check_maglev_tables(pin_dir: &Path, services: &[LbService]) {
+    use aya::maps::{HashMap as BpfHash, Map, MapData};
+    use twill_common::service::{
+        BackendKey, BackendValue, MAGLEV_M, MAP_BACKEND, MAP_MAGLEV, MaglevTable,
+    };
+    let open = |name: &str| MapData::from_pin(pin_dir.join(name)).expect("open pinned map");
+    let tables: BpfHash<_, u32, MaglevTable> =
+        BpfHash::try_from(Map::HashMap(open(MAP_MAGLEV))).expect("maglev map");
+    let backends: BpfHash<_, BackendKey, BackendValue> =
+        BpfHash::try_from(Map::HashMap(open(MAP_BACKEND))).expect("backend map");
+    for svc in services.iter().step_by(997) {
+        let table = tables.get(&svc.id, 0).expect("maglev table");
+        let want = twill_agent::services::maglev::table(&svc.backends, MAGLEV_M);
+        for (slot, index) in table.slots.iter().zip(&want) {
+            let key = BackendKey {
+                id: svc.id,
+                slot: *slot,
+                pad: 0,
+            };
+            let got = backends.get(&key, 0).expect("backend of a table entry");
+            let b = &svc.backends[usize::try_from(*index).unwrap()];
+            let IpAddr::V4(ip) = b.ip else {
+                panic!("v4 services only here")
+            };
+            assert_eq!(
+                (&got.addr[..4], u16::from_be(got.port)),
+                (&ip.octets()[..], b.port),
+                "service {} slot {slot}",
+                svc.id
+            );
+        }
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -90,6 +90,11 @@ use super::{EbpfError, OBJECT_NAME, object};
 use crate::services::lb::{LbDataplane, LbError, LbPlan, LbService, StaleBackend};
 use entries::BackendId;
 
+/// Upserts from which a plan's Maglev tables are computed on a second thread (full syncs).
+const PIPELINE_MIN_UPSERTS: usize = 256;
+/// Maglev tables computed ahead of the map writes at most (4 KiB each).
+const PIPELINE_DEPTH: usize = 64;
+
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/twill";
 /// Sub-directory of the pin directory holding the pinned program links.
@@ -956,15 +961,44 @@ impl EbpfLb {
             self.delete_key(&entries::frontend_key(frontend))?;
         }
         let mut rejected = None;
-        for svc in &plan.upserts {
-            match self.upsert(svc) {
-                Ok(()) => {}
-                Err(err @ EbpfLbError::Entry { .. }) => {
-                    warn!(error = %error_chain(&err), "service not programmed");
-                    rejected.get_or_insert(err);
-                }
-                Err(err) => return Err(err),
+        let mut one = |this: &mut Self, svc: &LbService, indices: Option<Vec<u32>>| match this
+            .upsert(svc, indices)
+        {
+            Ok(()) => Ok(()),
+            Err(err @ EbpfLbError::Entry { .. }) => {
+                warn!(error = %error_chain(&err), "service not programmed");
+                rejected.get_or_insert(err);
+                Ok(())
             }
+            Err(err) => Err(err),
+        };
+        let upserts = &plan.upserts;
+        if upserts.len() < PIPELINE_MIN_UPSERTS
+            || std::thread::available_parallelism().map_or(1, std::num::NonZero::get) < 2
+        {
+            for svc in upserts {
+                one(self, svc, None)?;
+            }
+        } else {
+            // A second thread computes the Maglev tables (pure, ~10 µs each: a good part of a
+            // full sync) a few services ahead of the map writes, which are syscalls.
+            std::thread::scope(|scope| -> Result<(), EbpfLbError> {
+                let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+                scope.spawn(move || {
+                    for svc in upserts {
+                        let indices = (!svc.backends.is_empty())
+                            .then(|| entries::maglev_indices(&svc.backends));
+                        // The writer stopped early (a failed map operation).
+                        if tx.send(indices).is_err() {
+                            return;
+                        }
+                    }
+                });
+                for svc in upserts {
+                    one(self, svc, rx.recv().ok().flatten())?;
+                }
+                Ok(())
+            })?;
         }
         if !plan.stale_backends.is_empty() {
             self.purge(&plan.stale_backends)?;
@@ -973,7 +1007,8 @@ impl EbpfLb {
         rejected.map_or(Ok(()), Err)
     }
 
-    fn upsert(&mut self, svc: &LbService) -> Result<(), EbpfLbError> {
+    /// Writes `svc`; `indices` is its Maglev table of backend indices if already computed.
+    fn upsert(&mut self, svc: &LbService, indices: Option<Vec<u32>>) -> Result<(), EbpfLbError> {
         let entry_err = |source| EbpfLbError::Entry {
             frontend: svc.frontend.to_string(),
             source,
@@ -1023,7 +1058,11 @@ impl EbpfLb {
         if svc.backends.is_empty() {
             remove(&mut self.maps.maglev, MAP_MAGLEV, &id)?;
         } else {
-            let table = entries::maglev_table(&svc.backends, &slots.slots).map_err(entry_err)?;
+            let table = match indices {
+                Some(indices) => entries::maglev_slots(&indices, &slots.slots),
+                None => entries::maglev_table(&svc.backends, &slots.slots),
+            }
+            .map_err(entry_err)?;
             self.maps
                 .maglev
                 .insert(id, *table, 0)
