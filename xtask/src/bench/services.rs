@@ -144,14 +144,17 @@ fn filler(i: usize) -> (String, Ipv4Addr, Vec<Ipv4Addr>) {
     (format!("f-{i:05}"), vip, eps)
 }
 
-/// The measured service of step `k`: the name that sorts after every filler and the highest
-/// VIPs of the range.
+/// The measured service of step `k`: the name that sorts after every filler, and the highest
+/// VIP of the range — the same VIP at every step (the previous step's service is deleted
+/// first). Through a DNAT dataplane, a client reaching one backend through two VIPs from the
+/// same source port within the backend's TIME_WAIT (60 s) has its SYN refused by PAWS: Linux
+/// derives a connection's TCP timestamp offset from its destination address, the VIP, so the
+/// two VIPs' timestamps are unrelated, and each refused SYN costs the client ~10 ms. At
+/// thousands of connections a second that is a quarter of the connections; a step that
+/// measured a new VIP would measure that, not the dataplane. (Socket-level load balancing is
+/// immune: the socket is connected to the backend itself.)
 fn measured(k: usize) -> (String, Ipv4Addr) {
-    let k8 = u8::try_from(k).expect("a handful of steps");
-    (
-        format!("zz-measured-{k}"),
-        Ipv4Addr::new(10, 111, 255, 200 + k8),
-    )
+    (format!("zz-measured-{k}"), Ipv4Addr::new(10, 111, 255, 200))
 }
 
 fn service_key(name: &str) -> String {
@@ -627,12 +630,12 @@ fn measure_mode(
     let etcd = etcd();
     let underlay = b.rig.underlay_ns();
     let mut fillers = 0;
-    let mut last_vip = None;
+    let mut last_vip: Option<(String, SocketAddr)> = None;
     for (k, &n) in p.steps.iter().enumerate() {
         let label = format!("{mode} {n} svc");
         let what = format!("{label}: install");
         progress.working(&what);
-        let want_fillers = n.saturating_sub(k + 1);
+        let want_fillers = n.saturating_sub(1);
         let (mname, mvip) = measured(k);
         let t0 = Instant::now();
         let kvs = filler_entries(fillers, want_fillers.max(fillers));
@@ -643,7 +646,11 @@ fn measure_mode(
                     progress.working(&format!("{what}: {done}/{} objects written", kvs.len()));
                 }
             })?;
-            // The measured service last, its endpoint the backend `a`.
+            // The measured service last (its VIP freed first), its endpoint the backend `a`.
+            if let Some((previous, _)) = &last_vip {
+                etcd.delete_prefix(&service_key(previous))?;
+                etcd.delete_prefix(&slice_key(previous))?;
+            }
             etcd.txn_put(&[
                 (service_key(&mname), service_json(&mname, mvip)),
                 (slice_key(&mname), slice_json(&mname, &[a_ip])),
@@ -683,8 +690,8 @@ fn measure_mode(
     let (mname, vip) = last_vip.context("no step")?;
     one_change(&b, &mname, vip, p.changes, &mut res, progress)?;
 
-    // Back to the measured services alone.
-    let left = p.steps.len();
+    // Back to the measured service alone.
+    let left = 1;
     let what = format!("{mode}: delete the fillers");
     progress.working(&what);
     in_netns(&underlay, || {
@@ -1627,7 +1634,11 @@ fn section(
          are ClusterIP, port {PORT} → 8080; fillers have {ENDPOINTS} endpoints each (addresses \
          nothing answers on) and are written straight into etcd in 128-object transactions; at \
          each step a new measured service (endpoint `a`) is created last, with the name that \
-         sorts last and the highest VIP, so even a linear dataplane meets it after all others. \
+         sorts last and the highest VIP, so even a linear dataplane meets it after all others; \
+         the previous step's measured service is deleted first and the new one takes its VIP \
+         (through DNAT, one backend reached through two VIPs from reused source ports has SYNs \
+         refused by PAWS on the backend's TIME_WAIT sockets, ~10 ms each: Linux derives TCP \
+         timestamp offsets from the destination address). \
          The client is `twill-probe rate`: fresh TCP connections one at a time (the server \
          closes first), run in the client pod and — for eBPF — in node 2's cgroup, where the \
          socket-level load balancer is attached. It takes the VIP (→ a:8080) and the pod IP \
