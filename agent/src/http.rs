@@ -6,6 +6,11 @@
 //! they need, with every read under a timeout so a stuck client costs a task, never the agent.
 //! The rest of the request head is read before answering, so closing does not reset a client
 //! that is still writing its headers.
+//!
+//! A large body (a `/metrics` scrape with 10k frontends is megabytes) can be streamed: a
+//! [`Reply::Streamed`] body is written as it is made, on a blocking thread (its writer may
+//! read kernel maps), in chunks (`Transfer-Encoding: chunked` to HTTP/1.1 clients; to HTTP/1.0
+//! ones the closing connection ends it), so the agent never holds it whole.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +23,47 @@ use tokio::net::TcpListener;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Header lines read at most.
 const MAX_HEADERS: usize = 64;
+/// How long a streamed body's client may take to accept each write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes a streamed body into the connection; runs on a blocking thread.
+pub type BodyWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send>;
+
+/// One answer: whole, or streamed as it is written.
+pub enum Reply {
+    /// A body held whole, sent with its length.
+    Whole(Response),
+    /// A body written as it is made (see the module notes).
+    Streamed {
+        /// Status code.
+        code: u16,
+        /// `Content-Type`.
+        content_type: &'static str,
+        /// Writes the body.
+        write: BodyWriter,
+    },
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Self {
+        Self::Whole(r)
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole(r) => f.debug_tuple("Whole").field(r).finish(),
+            Self::Streamed {
+                code, content_type, ..
+            } => f
+                .debug_struct("Streamed")
+                .field("code", code)
+                .field("content_type", content_type)
+                .finish_non_exhaustive(),
+        }
+    }
+}
 
 /// One answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,19 +94,76 @@ impl Response {
     /// The status line and headers; the body goes out after them as it is (a scrape body can
     /// be megabytes, not worth a copy).
     fn head(&self) -> String {
-        let reason = match self.code {
-            200 => "OK",
-            404 => "Not Found",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            _ => "",
-        };
-        format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        head(
             self.code,
             self.content_type,
-            self.body.len(),
+            &format!("Content-Length: {}\r\n", self.body.len()),
         )
+    }
+}
+
+/// A status line and headers; `framing` is the header line that delimits the body, if any.
+fn head(code: u16, content_type: &str, framing: &str) -> String {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\n{framing}Connection: close\r\n\r\n",
+    )
+}
+
+/// A body in `Transfer-Encoding: chunked`: each write one chunk.
+struct Chunked<W: std::io::Write>(W);
+
+impl<W: std::io::Write> Chunked<W> {
+    /// Writes the last chunk.
+    fn finish(mut self) -> std::io::Result<()> {
+        self.0.write_all(b"0\r\n\r\n")?;
+        self.0.flush()
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Chunked<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        write!(self.0, "{:x}\r\n", buf.len())?;
+        self.0.write_all(buf)?;
+        self.0.write_all(b"\r\n")?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Sends a streamed body on `sock` (blocking: run on a blocking thread).
+fn send_streamed(
+    sock: std::net::TcpStream,
+    http10: bool,
+    code: u16,
+    content_type: &str,
+    write: BodyWriter,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    sock.set_nonblocking(false)?;
+    sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut sock = sock;
+    if http10 {
+        sock.write_all(head(code, content_type, "").as_bytes())?;
+        write(&mut sock)?;
+        sock.flush()
+    } else {
+        sock.write_all(head(code, content_type, "Transfer-Encoding: chunked\r\n").as_bytes())?;
+        let mut body = Chunked(sock);
+        write(&mut body)?;
+        body.finish()
     }
 }
 
@@ -76,6 +179,19 @@ where
     F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send,
 {
+    serve_replies(addr, what, move |path| {
+        let handler = handler.clone();
+        async move { Reply::Whole(handler(path).await) }
+    })
+    .await
+}
+
+/// [`serve`] with answers that may be streamed ([`Reply`]).
+pub async fn serve_replies<F, Fut>(addr: SocketAddr, what: &str, handler: F) -> std::io::Result<()>
+where
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send,
+{
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving {what}");
     loop {
@@ -84,8 +200,8 @@ where
         tokio::spawn(async move {
             // Head and body are two writes: no Nagle wait between them.
             let _ = sock.set_nodelay(true);
-            let (rd, mut wr) = sock.into_split();
-            let mut reader = BufReader::new(rd);
+            let mut sock = sock;
+            let mut reader = BufReader::new(&mut sock);
             let mut line = String::new();
             if tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line))
                 .await
@@ -101,9 +217,28 @@ where
                     _ => break,
                 }
             }
-            let response = handler(path_of(&line).to_string()).await;
-            if wr.write_all(response.head().as_bytes()).await.is_ok() {
-                let _ = wr.write_all(response.body.as_bytes()).await;
+            drop(reader);
+            match handler(path_of(&line).to_string()).await {
+                Reply::Whole(response) => {
+                    if sock.write_all(response.head().as_bytes()).await.is_ok() {
+                        let _ = sock.write_all(response.body.as_bytes()).await;
+                    }
+                }
+                Reply::Streamed {
+                    code,
+                    content_type,
+                    write,
+                } => {
+                    let http10 = line.trim_end().ends_with("HTTP/1.0");
+                    let Ok(sock) = sock.into_std() else { return };
+                    let sent = tokio::task::spawn_blocking(move || {
+                        send_streamed(sock, http10, code, content_type, write)
+                    })
+                    .await;
+                    if let Ok(Err(e)) = sent {
+                        tracing::debug!(error = %e, "stream a response");
+                    }
+                }
             }
         });
     }
@@ -118,6 +253,40 @@ mod tests {
         assert_eq!(path_of("GET /metrics HTTP/1.1\r\n"), "/metrics");
         assert_eq!(path_of("GET /healthz?verbose=1 HTTP/1.0"), "/healthz");
         assert_eq!(path_of(""), "/");
+    }
+
+    /// A streamed body on a loopback connection, as an HTTP/1.1 and an HTTP/1.0 client read it.
+    fn streamed(http10: bool) -> String {
+        use std::io::Read as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let write: BodyWriter = Box::new(|w| {
+            w.write_all(b"twill_up 1\n")?;
+            w.write_all(b"")?;
+            w.write_all(b"twill_peers 999\n")
+        });
+        send_streamed(server, http10, 200, "text/plain", write).unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        got
+    }
+
+    #[test]
+    fn streamed_bodies_are_chunked_for_http11_and_close_delimited_for_http10() {
+        let r = streamed(false);
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(head.contains("Transfer-Encoding: chunked"), "{r}");
+        assert!(!head.contains("Content-Length"), "{r}");
+        assert_eq!(
+            body,
+            "b\r\ntwill_up 1\n\r\n10\r\ntwill_peers 999\n\r\n0\r\n\r\n"
+        );
+        let r = streamed(true);
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(!head.contains("Transfer-Encoding") && !head.contains("Content-Length"));
+        assert_eq!(body, "twill_up 1\ntwill_peers 999\n");
     }
 
     #[test]

@@ -3,13 +3,21 @@
 //! Two endpoints and a text format do not justify a web framework in a node agent whose memory
 //! is a feature; the server reads one request line per connection and answers with
 //! `Connection: close`.
+//!
+//! A scrape is written to the client as it is made, in pieces of [`SCRAPE_PIECE`] bytes: with
+//! 10k frontends the eBPF service series are megabytes, and a body held whole (twice, while a
+//! subsystem's text was appended to it) was the agent's peak resident set during its first
+//! full sync. No lock the agent's loops take is held while a piece goes out to the client.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::http::Response;
+use crate::http::{Reply, Response};
+
+/// Bytes of scrape text gathered before they go out to the client.
+const SCRAPE_PIECE: usize = 64 * 1024;
 
 /// Upper bounds of the reconcile duration histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -60,11 +68,54 @@ pub struct Metrics {
     inner: Mutex<Inner>,
     counts: Mutex<Option<(String, CountsFn)>>,
     udp: Mutex<Option<UdpCountsFn>>,
-    extra: Mutex<Vec<Renderer>>,
+    extra: Mutex<Vec<SharedWriter>>,
 }
 
 /// A renderer of more Prometheus text (another subsystem's metrics), called at scrape time.
 pub type Renderer = Box<dyn Fn() -> String + Send + Sync>;
+
+/// Like [`Renderer`], writing its text into the scrape as it makes it (for large outputs).
+pub type Writer = Box<dyn Fn(&mut dyn std::fmt::Write) + Send + Sync>;
+
+/// A registered [`Writer`], taken out of its list for a scrape (the list's lock is not held
+/// while a scrape goes out).
+type SharedWriter = Arc<dyn Fn(&mut dyn std::fmt::Write) + Send + Sync>;
+
+/// Scrape text on its way to the client: gathered in pieces, each written out when full.
+struct Pieces<'a> {
+    buf: String,
+    out: &'a mut dyn std::io::Write,
+    err: Option<std::io::Error>,
+}
+
+impl Pieces<'_> {
+    fn send(&mut self) -> std::fmt::Result {
+        if self.err.is_none()
+            && let Err(e) = self.out.write_all(self.buf.as_bytes())
+        {
+            self.err = Some(e);
+        }
+        self.buf.clear();
+        if self.err.is_some() {
+            Err(std::fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl std::fmt::Write for Pieces<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.err.is_some() {
+            return Err(std::fmt::Error);
+        }
+        self.buf.push_str(s);
+        if self.buf.len() >= SCRAPE_PIECE {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Default)]
 struct Inner {
@@ -142,13 +193,40 @@ impl Metrics {
 
     /// Appends another subsystem's metrics to every scrape.
     pub fn add_renderer(&self, f: Renderer) {
-        self.extra.lock().unwrap().push(f);
+        self.extra.lock().unwrap().push(Arc::new(move |o| {
+            let _ = o.write_str(&f());
+        }));
+    }
+
+    /// Appends another subsystem's metrics to every scrape, written as they are made.
+    pub fn add_writer(&self, f: Writer) {
+        self.extra.lock().unwrap().push(Arc::from(f));
     }
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        let g = self.inner.lock().unwrap();
         let mut o = String::new();
+        self.write(&mut o);
+        o
+    }
+
+    /// The exposition written to `out` in pieces of [`SCRAPE_PIECE`] bytes (a scrape).
+    pub fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut pieces = Pieces {
+            buf: String::with_capacity(SCRAPE_PIECE + 4096),
+            out,
+            err: None,
+        };
+        self.write(&mut pieces);
+        let _ = pieces.send();
+        pieces.err.map_or(Ok(()), Err)
+    }
+
+    /// The exposition written into `out`; the agent's own figures are copied out under their
+    /// lock and written after it is released.
+    fn write(&self, out: &mut dyn std::fmt::Write) {
+        let mut o = String::new();
+        let g = self.inner.lock().unwrap();
         let _ = writeln!(
             o,
             "# HELP twill_up Whether twilld holds a lease and programmed the overlay.\n# TYPE twill_up gauge\ntwill_up {}",
@@ -242,10 +320,14 @@ impl Metrics {
         if let Some(f) = &*self.udp.lock().unwrap() {
             render_udp(&mut o, &f());
         }
-        for f in self.extra.lock().unwrap().iter() {
-            o.push_str(&f());
+        if out.write_str(&o).is_err() {
+            return;
         }
-        o
+        drop(o);
+        let extra = self.extra.lock().unwrap().clone();
+        for f in extra {
+            f(out);
+        }
     }
 
     fn health(&self) -> (u16, String) {
@@ -294,24 +376,22 @@ fn render_udp(o: &mut String, c: &UdpCounts) {
 
 /// Serves `/healthz` (and `/livez`) and `/metrics` on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    crate::http::serve(addr, "/healthz and /metrics", move |path| {
+    crate::http::serve_replies(addr, "/healthz and /metrics", move |path| {
         let metrics = metrics.clone();
         async move {
             match path.as_str() {
                 "/healthz" | "/livez" => {
                     let (code, text) = metrics.health();
-                    Response::new(code, "text/plain", text)
+                    Response::new(code, "text/plain", text).into()
                 }
-                "/metrics" => {
-                    // Renderers read kernel maps (syscalls, maybe many): off the async threads.
-                    match tokio::task::spawn_blocking(move || metrics.render()).await {
-                        Ok(text) => Response::new(200, "text/plain; version=0.0.4", text),
-                        Err(e) => {
-                            Response::new(500, "text/plain", format!("render metrics: {e}\n"))
-                        }
-                    }
-                }
-                _ => Response::new(404, "text/plain", "not found\n"),
+                // Streamed (see the module notes); renderers read kernel maps (syscalls, maybe
+                // many), and the server runs the writer on a blocking thread.
+                "/metrics" => Reply::Streamed {
+                    code: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    write: Box::new(move |w| metrics.write_to(w)),
+                },
+                _ => Response::new(404, "text/plain", "not found\n").into(),
             }
         }
     })
@@ -321,6 +401,37 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_streams_what_render_returns_in_pieces() {
+        /// Records the size of each write.
+        struct Writes(Vec<u8>, Vec<usize>);
+        impl std::io::Write for Writes {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.extend_from_slice(b);
+                self.1.push(b.len());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let m = Metrics::default();
+        m.observe_reconcile(Duration::from_millis(3), 2, 6, true);
+        m.add_renderer(Box::new(|| "twill_extra 1\n".to_string()));
+        m.add_writer(Box::new(|o| {
+            for i in 0..20_000 {
+                let _ = writeln!(o, "twill_series{{n=\"{i}\"}} {i}");
+            }
+        }));
+        let mut w = Writes(Vec::new(), Vec::new());
+        m.write_to(&mut w).unwrap();
+        let text = m.render();
+        assert_eq!(String::from_utf8(w.0).unwrap(), text);
+        assert!(text.contains("twill_extra 1\ntwill_series{n=\"0\"} 0\n"));
+        assert!(w.1.len() > 1, "one piece for {} bytes", text.len());
+        assert!(w.1.iter().all(|&n| n < SCRAPE_PIECE + 4096), "{:?}", w.1);
+    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -205,7 +205,7 @@ pub async fn start(
     // `EbpfLbView`): a scrape never waits for, or delays, a sync.
     if mode == Mode::Ebpf {
         match EbpfLbView::open(&pin_dir) {
-            Ok(view) => metrics.add_renderer(Box::new(move || view.render_metrics())),
+            Ok(view) => metrics.add_writer(Box::new(move |o| view.write_metrics(o))),
             Err(e) => tracing::warn!(error = %e, "open the pinned service maps for /metrics"),
         }
     }

@@ -234,6 +234,13 @@ impl PartialEq for Snapshot {
 }
 
 impl Snapshot {
+    /// Rebuilds the maps with full nodes (after a listing, which inserts in key order).
+    fn compact(&mut self) {
+        dense(&mut self.services);
+        dense(&mut self.slices);
+        dense(&mut self.by_service);
+    }
+
     /// A snapshot of `objects` (later ones replace earlier ones with the same key).
     pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
         let mut s = Snapshot::default();
@@ -278,10 +285,7 @@ impl Snapshot {
                 let info = self.strings.slice_info(&slice);
                 let mut touched = self.remove_slice(&key);
                 if let Some(svc) = &info.service {
-                    let set = self.by_service.entry(svc.clone()).or_default();
-                    if let Err(at) = set.binary_search(&key) {
-                        set.insert(at, key.clone());
-                    }
+                    insert_sorted(self.by_service.entry(svc.clone()).or_default(), &key);
                     touched.push(svc.clone());
                 }
                 self.slices.insert(key, info);
@@ -316,6 +320,25 @@ impl Snapshot {
             }
         }
         vec![svc]
+    }
+}
+
+/// Rebuilds `map` with full nodes. Inserting keys in ascending order (a listing, a full
+/// recompute) leaves every node but the last one just over half full, because a full node
+/// splits in the middle; a map built from a sorted sequence fills its nodes. At 10k Services
+/// the maps of the snapshot and of the desired state hold 1-2 MiB less.
+fn dense<K: Ord, V>(map: &mut BTreeMap<K, V>) {
+    *map = std::mem::take(map).into_iter().collect();
+}
+
+/// Inserts `key` into the sorted `set` unless present. Such sets usually hold one or two names:
+/// they grow one at a time up to four, where a `Vec` would reserve room for four at once.
+fn insert_sorted(set: &mut Vec<NsName>, key: &NsName) {
+    if let Err(at) = set.binary_search(key) {
+        if set.len() == set.capacity() && set.len() < 4 {
+            set.reserve_exact(1);
+        }
+        set.insert(at, key.clone());
     }
 }
 
@@ -696,11 +719,16 @@ impl LbState {
 
     /// Replaces every object with `snap` (a listing built page by page); returns the frontends
     /// that may have changed.
-    pub fn replace(&mut self, snap: Snapshot) -> BTreeSet<FrontendKey> {
+    pub fn replace(&mut self, mut snap: Snapshot) -> BTreeSet<FrontendKey> {
         let mut touched: BTreeSet<NsName> = self.snap.services.keys().cloned().collect();
+        snap.compact();
         self.snap = snap;
         touched.extend(self.snap.services.keys().cloned());
-        self.recompute(touched)
+        let dirty = self.recompute(touched);
+        // Every service was just recomputed, in key order: the maps are as sparse as they get.
+        dense(&mut self.per_service);
+        dense(&mut self.claims);
+        dirty
     }
 
     /// Applies changes; returns the frontends that may have changed.
@@ -743,10 +771,7 @@ impl LbState {
             }
             for s in &new {
                 let k = s.frontend.key();
-                let set = self.claims.entry(k).or_default();
-                if let Err(at) = set.binary_search(&key) {
-                    set.insert(at, key.clone());
-                }
+                insert_sorted(self.claims.entry(k).or_default(), &key);
                 dirty.insert(k);
             }
             if !new.is_empty() {

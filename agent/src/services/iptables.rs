@@ -1516,6 +1516,7 @@ impl LbDataplane for IptLb {
                 .upserts
                 .iter()
                 .filter(|s| s.frontend.ip.is_ipv6() == v6)
+                .map(|s| &**s)
                 .collect();
             let deletes: Vec<FrontendKey> = plan
                 .deletes
@@ -2045,7 +2046,7 @@ mod tests {
         let mut a2 = a.clone();
         a2.backends.remove(0);
         let p = plan(&[a2.clone(), b.clone()], &[a.clone(), b.clone()]);
-        let ups: Vec<&LbService> = p.upserts.iter().collect();
+        let ups: Vec<&LbService> = p.upserts.iter().map(|s| &**s).collect();
         let input = render_plan(&have, &ups, &[]);
         let sep = sep_chain(&k, "10.0.1.2".parse().unwrap(), 8080);
         let mut gone = [svc_chain(&k), sep.clone()];

@@ -211,10 +211,11 @@ pub struct StaleBackend {
 }
 
 /// The minimal set of changes from what is applied to what is desired.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbPlan {
-    /// New or changed services (replace the whole entry for the frontend).
-    pub upserts: Vec<LbService>,
+    /// New or changed services (replace the whole entry for the frontend); shared with the
+    /// desired state that holds them (a first full sync upserts every service: no copy).
+    pub upserts: Vec<Arc<LbService>>,
     /// Frontends to remove.
     pub deletes: Vec<Frontend>,
     /// Backends removed from a frontend (or whose frontend is deleted).
@@ -238,30 +239,31 @@ impl LbPlan {
 /// list holds a key twice, the last entry wins (the desired-state builder never produces that).
 /// The output is sorted by frontend key, so plans are deterministic.
 pub fn plan(desired: &[LbService], applied: &[LbService]) -> LbPlan {
-    plan_refs(desired, applied)
+    let desired: Vec<Arc<LbService>> = desired.iter().cloned().map(Arc::new).collect();
+    plan_refs(&desired, applied)
 }
 
 /// [`plan`] over any two collections of services held elsewhere (the service loop's, shared
-/// with its desired state): nothing is copied but the upserts.
+/// with its desired state): nothing is copied, the upserts are shared.
 pub fn plan_refs<'a>(
-    desired: impl IntoIterator<Item = &'a LbService>,
+    desired: impl IntoIterator<Item = &'a Arc<LbService>>,
     applied: impl IntoIterator<Item = &'a LbService>,
 ) -> LbPlan {
-    let desired: BTreeMap<FrontendKey, &LbService> =
+    let desired: BTreeMap<FrontendKey, &Arc<LbService>> =
         desired.into_iter().map(|s| (s.frontend.key(), s)).collect();
     let applied: BTreeMap<FrontendKey, &LbService> =
         applied.into_iter().map(|s| (s.frontend.key(), s)).collect();
     let mut out = LbPlan::default();
     for (key, want) in &desired {
         match applied.get(key) {
-            Some(have) if *have == *want => {}
+            Some(have) if *have == &***want => {}
             Some(have) => {
-                out.upserts.push((*want).clone());
+                out.upserts.push(Arc::clone(want));
                 let keep: BTreeSet<(IpAddr, u16)> =
                     want.backends.iter().map(|b| (b.ip, b.port)).collect();
                 stale(&mut out, *key, have, &keep);
             }
-            None => out.upserts.push((*want).clone()),
+            None => out.upserts.push(Arc::clone(want)),
         }
     }
     for (key, have) in &applied {
@@ -413,7 +415,7 @@ impl LbDataplane for FakeLbDataplane {
             s.services.remove(&f.key());
         }
         for svc in &plan.upserts {
-            s.services.insert(svc.frontend.key(), svc.clone());
+            s.services.insert(svc.frontend.key(), (**svc).clone());
         }
         s.flushed.extend(plan.stale_backends.iter().copied());
         s.plans.push(plan.clone());
@@ -487,7 +489,7 @@ mod tests {
             vec![be("10.0.1.2", 8080), be("10.0.3.2", 8080)],
         );
         let p = plan(&[a2.clone(), c.clone()], &[a, b.clone()]);
-        assert_eq!(p.upserts, vec![a2, c]);
+        assert_eq!(p.upserts, vec![Arc::new(a2), Arc::new(c)]);
         assert_eq!(p.deletes, vec![b.frontend]);
         let stale: Vec<String> = p
             .stale_backends
@@ -510,7 +512,7 @@ mod tests {
         let mut b = a.clone();
         b.frontend.kind = FrontendKind::ExternalIp;
         let p = plan(&[b.clone()], &[a]);
-        assert_eq!(p.upserts, vec![b]);
+        assert_eq!(p.upserts, vec![Arc::new(b)]);
         assert!(p.deletes.is_empty());
         assert!(p.stale_backends.is_empty());
     }

@@ -1064,10 +1064,7 @@ impl<D: LbDataplane> Loop<D> {
             }
         }
         let desired = self.state.desired_shared();
-        let p = plan_refs(
-            desired.iter().map(|s| &**s),
-            self.applied.values().map(|s| &**s),
-        );
+        let p = plan_refs(desired.iter(), self.applied.values().map(|s| &**s));
         let ops = p.len();
         let res = self.apply(p).await?;
         if res.is_ok() {
@@ -1088,7 +1085,7 @@ impl<D: LbDataplane> Loop<D> {
             .filter_map(|k| self.state.get_shared(k))
             .collect();
         let p = plan_refs(
-            desired.iter().map(|s| &**s),
+            desired.iter(),
             dirty
                 .iter()
                 .filter_map(|k| self.applied.get(k))

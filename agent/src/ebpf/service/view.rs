@@ -119,13 +119,20 @@ impl EbpfLbView {
     /// `twill_services_ebpf_read_errors` sample (a scrape never fails half way silently).
     pub fn render_metrics(&self) -> String {
         let mut o = String::new();
+        self.write_metrics(&mut o);
+        o
+    }
+
+    /// [`Self::render_metrics`] written into `o` as it is made (a scrape streams it to the
+    /// client instead of holding a body of megabytes).
+    pub fn write_metrics(&self, o: &mut dyn std::fmt::Write) {
         let mut errors = Vec::new();
         match self.service_counters() {
-            Ok(services) => render_services(&mut o, &services),
+            Ok(services) => render_services(o, &services),
             Err(e) => errors.push(super::error_chain(&e)),
         }
         match self.occupancy() {
-            Ok(maps) => render_maps(&mut o, &maps),
+            Ok(maps) => render_maps(o, &maps),
             Err(e) => errors.push(super::error_chain(&e)),
         }
         let _ = writeln!(
@@ -138,7 +145,6 @@ impl EbpfLbView {
         for e in &errors {
             tracing::warn!(error = %e, "read the eBPF service maps for /metrics");
         }
-        o
     }
 }
 
@@ -170,7 +176,7 @@ impl<T: std::fmt::Display> std::fmt::Display for Label<'_, T> {
 
 /// Writes the per-frontend series straight into `o`, one family at a time: with 10k
 /// frontends that is 30k lines, so no line is built on its own and kept.
-fn render_services(o: &mut String, services: &[ServiceCounters]) {
+fn render_services(o: &mut dyn std::fmt::Write, services: &[ServiceCounters]) {
     type Value = fn(&ServiceCounters) -> u64;
     let families: [(&str, &str, &str, Value); 3] = [
         (
@@ -207,7 +213,7 @@ fn render_services(o: &mut String, services: &[ServiceCounters]) {
     }
 }
 
-fn render_maps(o: &mut String, maps: &[MapUsage]) {
+fn render_maps(o: &mut dyn std::fmt::Write, maps: &[MapUsage]) {
     let _ = writeln!(
         o,
         "# HELP twill_bpf_map_entries Entries in use in a service map.\n# TYPE twill_bpf_map_entries gauge"
