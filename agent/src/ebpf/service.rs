@@ -510,23 +510,31 @@ impl LbMaps {
     ) -> Result<BTreeMap<u32, SvcCount>, EbpfLbError> {
         let mut out = BTreeMap::new();
         for id in ids {
-            let per_cpu = self
-                .count
-                .get(&id, 0)
-                .map_err(map_err("lookup", MAP_COUNT, id))?;
-            let total = per_cpu
-                .iter()
-                .fold(SvcCount::default(), |acc, c| acc.wrapping_add(*c));
-            out.insert(id, total);
+            out.insert(id, self.count_of(id)?);
         }
         Ok(out)
     }
 
+    /// One service's counters, summed over CPUs.
+    fn count_of(&self, id: u32) -> Result<SvcCount, EbpfLbError> {
+        let per_cpu = self
+            .count
+            .get(&id, 0)
+            .map_err(map_err("lookup", MAP_COUNT, id))?;
+        Ok(per_cpu
+            .iter()
+            .fold(SvcCount::default(), |acc, c| acc.wrapping_add(*c)))
+    }
+
     /// Fill level and kernel memory of every map; the user-space-written maps are counted from
     /// the service values (`fill`), the LRU maps by iterating them.
-    fn occupancy<'a>(&self, fill: impl IntoIterator<Item = &'a SvcValue>) -> Vec<MapUsage> {
+    fn occupancy(
+        &self,
+        fill: impl IntoIterator<Item = impl std::borrow::Borrow<SvcValue>>,
+    ) -> Vec<MapUsage> {
         let (mut n, mut programmed_backends, mut with_table) = (0u64, 0u64, 0u64);
         for value in fill {
+            let value = value.borrow();
             n += 1;
             programmed_backends += u64::from(value.backends);
             with_table += u64::from(value.backends > 0);

@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use twill_common::service::{MAP_SVC, MAPS, SvcCount, SvcKey, SvcValue};
+use twill_common::service::{MAP_SVC, MAPS, SvcCount};
 
 use super::{EbpfLbError, LbMaps, MapUsage, ServiceState, entries, map_err, optional};
 use crate::services::lb::LbService;
@@ -77,30 +77,22 @@ impl EbpfLbView {
             .collect())
     }
 
-    fn entries(&self) -> Result<Vec<(SvcKey, SvcValue)>, EbpfLbError> {
-        self.maps
-            .svc
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("iterate", MAP_SVC, ""))
-    }
-
     /// Every programmed frontend with its counters, sorted by frontend; backends are not read.
+    /// The map is read one entry at a time (a scrape holds no copy of it beside its result).
     pub fn service_counters(&self) -> Result<Vec<ServiceCounters>, EbpfLbError> {
-        let entries = self.entries()?;
-        let counters = self.maps.counters(entries.iter().map(|(_, v)| v.id))?;
-        let mut out = Vec::with_capacity(entries.len());
-        for (key, value) in entries {
+        let mut out = Vec::new();
+        for entry in &self.maps.svc {
+            let (key, mut value) = entry.map_err(map_err("iterate", MAP_SVC, ""))?;
+            let counts = self.maps.count_of(value.id)?;
             let revnat = optional(self.maps.revnat.get(&value.id, 0))
                 .map_err(map_err("lookup", MAP_REVNAT, value.id))?;
-            let mut value = value;
             // Backends are not read here; count them as none so the name stays as written.
             let backends = std::mem::take(&mut value.backends);
             if let Some(service) = entries::reconstruct(&key, &value, revnat.as_ref(), Vec::new()) {
                 out.push(ServiceCounters {
                     service,
                     backends,
-                    counts: counters.get(&value.id).copied().unwrap_or_default(),
+                    counts,
                 });
             }
         }
@@ -110,8 +102,19 @@ impl EbpfLbView {
 
     /// Fill level and kernel memory of every map.
     pub fn occupancy(&self) -> Result<Vec<MapUsage>, EbpfLbError> {
-        let entries = self.entries()?;
-        Ok(self.maps.occupancy(entries.iter().map(|(_, v)| v)))
+        let mut failed = None;
+        let values = self.maps.svc.iter().map_while(|entry| match entry {
+            Ok((_, value)) => Some(value),
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
+        });
+        let usage = self.maps.occupancy(values);
+        match failed {
+            Some(e) => Err(map_err("iterate", MAP_SVC, "")(e)),
+            None => Ok(usage),
+        }
     }
 
     /// Prometheus text: per-frontend connection and packet counters, backends per frontend,
