@@ -626,7 +626,9 @@ impl Rig {
                 inner.state.pin_dirs.push(pin.clone());
                 inner.state.save()?;
             }
-            if let Err(e) = std::fs::create_dir_all(&pin) {
+            // A second try: another rig's teardown may remove the shared parent in between.
+            if let Err(e) = std::fs::create_dir_all(&pin).or_else(|_| std::fs::create_dir_all(&pin))
+            {
                 eprintln!(
                     "twill-rig: create {}: {e} (is bpffs mounted?)",
                     pin.display()

@@ -289,6 +289,11 @@ pub(crate) fn teardown(state: &RigState) -> Vec<anyhow::Error> {
             errors.push(e);
         }
     }
+    // The shared parent goes with the last rig: removing a directory fails while it holds
+    // anything (another rig's pins, a real twilld's), and rigs create it again as they need it.
+    if !state.pin_dirs.is_empty() {
+        let _ = std::fs::remove_dir(PIN_ROOT);
+    }
 
     for dir in &state.cgroups {
         let named = dir
