@@ -11,16 +11,14 @@
 //! - Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Without root it skips loudly,
 //!   except under `CI=true`, where a skip would hide a broken pipeline, so it fails.
 
-use std::{
-    fs::File,
-    process::{Command, Output},
-    thread,
-};
+use std::process::Command;
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use nix::sched::{CloneFlags, setns};
+use common::{error_chain, in_netns, require_root, run};
 use twill_agent::ebpf::{Counts, EbpfError, PacketCounter};
 use twill_common::counter::{PROG_EGRESS, PROG_INGRESS};
+
+mod common;
 
 /// Pings sent from namespace A to B.
 const PINGS: u64 = 5;
@@ -29,21 +27,6 @@ const PINGS: u64 = 5;
 const ECHO_IP_BYTES: u64 = 84;
 const ADDR_A: &str = "10.250.0.1";
 const ADDR_B: &str = "10.250.0.2";
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    output
-}
 
 /// Two network namespaces, deleted (with the veth between them) on drop.
 struct NetNsPair {
@@ -81,18 +64,6 @@ impl Drop for NetNsPair {
     }
 }
 
-/// Runs `f` on a new thread that first joins network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let netns = File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
-        setns(&netns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|err| panic!("setns {path}: {err}"));
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
-
 /// Names of the TCX programs attached to `ifname` at `attach_type`, queried from inside `ns`.
 fn tcx_programs(ns: &str, ifname: &str, attach_type: TcAttachType) -> Vec<String> {
     let ifname = ifname.to_owned();
@@ -106,18 +77,9 @@ fn tcx_programs(ns: &str, ifname: &str, attach_type: TcAttachType) -> Vec<String
     })
 }
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 #[test]
 fn counts_veth_traffic_both_ways() {
-    if !is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "privileged test needs root"
-        );
-        eprintln!("skipping counts_veth_traffic_both_ways: privileged test needs root");
+    if !require_root("counts_veth_traffic_both_ways") {
         return;
     }
 
@@ -200,15 +162,4 @@ fn counts_veth_traffic_both_ways() {
         "unexpected error: {}",
         error_chain(&err)
     );
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }

@@ -23,7 +23,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,13 +32,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sched::{CloneFlags, setns};
+use common::{add_netns, error_chain, in_netns, ip_batch, join_netns, require_root, run};
 use twill_agent::{
     ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface, service::EbpfLbView},
     services::lb::{
         Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, Proto, plan,
     },
 };
+
+mod common;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const HELPER_ENV: &str = "TWILL_LB_HELPER";
@@ -231,21 +233,6 @@ fn client_command(ns: &str, cgroup: Option<&Path>, spec: &str) -> Command {
 // ---------------------------------------------------------------------------------------------
 // The environment: namespaces, cgroup, pin directory, backends.
 
-fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    output
-}
-
 /// Namespaces, cgroup and pin directory of one test; removed on drop.
 struct Env {
     node: String,
@@ -268,21 +255,7 @@ impl Env {
             stop: Arc::new(AtomicBool::new(false)),
         };
         for ns in [&env.node, &env.backends, &env.outside] {
-            run("ip", &["netns", "add", ns]);
-            // No duplicate address detection: a tentative link-local address delays the first
-            // IPv6 exchanges by a second or more.
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            );
+            add_netns(ns);
         }
         fs::create_dir(&env.cgroup).expect("create test cgroup");
         let (n, b, c) = (&env.node, &env.backends, &env.outside);
@@ -412,62 +385,6 @@ fn remove_tree(dir: &Path) {
         }
     }
     let _ = fs::remove_dir(dir);
-}
-
-fn ip_batch(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ip -batch");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip -n {ns} -batch failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn join_netns(ns: &str) {
-    let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
-    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            join_netns(ns);
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
-    })
-}
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "privileged test {test} needs root"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: privileged test needs root"
-    );
-    false
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1140,15 +1057,4 @@ fn check_maglev_tables(pin_dir: &Path, services: &[LbService]) {
             );
         }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }

@@ -15,21 +15,22 @@
 //! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use nix::sched::{CloneFlags, setns};
+use common::{add_netns, ip_batch, join_netns, require_root, run};
 use twill_agent::services::iptables::{IptBackend, IptLb};
 use twill_agent::services::lb::{
     Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, Proto, plan,
 };
 use twill_agent::services::nft::NftLb;
+
+mod common;
 
 const NODE_TO_BE: &str = "10.253.0.1";
 const BE1: &str = "10.253.0.2";
@@ -43,59 +44,6 @@ const EXT_IP: &str = "192.0.2.10";
 const VIP_V6: &str = "fd96::10";
 const NODE_PORT: u16 = 30080;
 const NODE_PORT_NOEP: u16 = 30081;
-
-fn require_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "privileged test run without root under CI"
-    );
-    eprintln!("SKIPPED: needs root");
-    false
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    output
-}
-
-fn ip_batch(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ip -batch");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip -n {ns} -batch failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn join_netns(ns: &str) {
-    let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
-    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-}
 
 /// The namespaces of one test; removed on drop. The node has a default route (towards the
 /// backends' namespace, as a real node has one somewhere), so a service address without
@@ -117,21 +65,7 @@ impl Env {
             stop: Arc::new(AtomicBool::new(false)),
         };
         for ns in [&env.node, &env.backends, &env.outside] {
-            run("ip", &["netns", "add", ns]);
-            // No duplicate address detection: a tentative link-local address delays the first
-            // IPv6 exchanges by a second or more.
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            );
+            add_netns(ns);
         }
         let (n, b, c) = (&env.node, &env.backends, &env.outside);
         ip_batch(
@@ -330,7 +264,7 @@ fn name(line: &str) -> &str {
 
 #[test]
 fn nft_programs_reads_back_restarts_and_balances() {
-    if !require_root() {
+    if !require_root("nft_programs_reads_back_restarts_and_balances") {
         return;
     }
     let env = Env::new("a");
@@ -452,7 +386,7 @@ fn ipt_save(env: &Env, backend: IptBackend) -> String {
 }
 
 fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: &str) {
-    if !require_root() {
+    if !require_root("iptables_programs_reads_back_restarts_and_balances") {
         return;
     }
     let env = Env::new(tag);
@@ -525,7 +459,7 @@ fn iptables_nft_programs_reads_back_restarts_and_balances() {
 
 #[test]
 fn nft_leaves_other_tables_alone() {
-    if !require_root() {
+    if !require_root("nft_leaves_other_tables_alone") {
         return;
     }
     let env = Env::new("f");
