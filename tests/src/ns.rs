@@ -159,6 +159,37 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     })
 }
 
+/// One TCP exchange from a thread in `ns` (outside every node cgroup, so an eBPF proxy sees it
+/// on its tc path): the first line the server sends, trimmed; `None` on any failure or an empty
+/// answer (2 s connect and read timeouts).
+pub fn tcp_line(ns: &str, addr: SocketAddr) -> Option<String> {
+    in_netns(ns, || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)?;
+        Ok(line)
+    })
+    .ok()
+    .map(|l| l.trim().to_owned())
+    .filter(|l| !l.is_empty())
+}
+
+/// The same from a process in `ns` inside `cgroup` (so socket-level load balancing attached to
+/// that cgroup sees it): `busybox nc` with a 2 s timeout.
+pub fn tcp_line_in_cgroup(ns: &str, cgroup: &Path, addr: SocketAddr) -> Option<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- \
+         busybox nc -w 2 {} {} </dev/null",
+        cgroup.display(),
+        addr.ip(),
+        addr.port()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
 /// A response from [`http_get`].
 #[derive(Debug, Clone)]
 pub struct HttpResponse {

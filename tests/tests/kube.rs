@@ -15,10 +15,9 @@
 //! - Privileged: as root they run; under CI a non-root run fails (see `require_root`).
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -218,36 +217,6 @@ fn join_netns(ns: &str) {
     setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
-/// One TCP exchange from a thread in `ns` (outside every node cgroup: the tc path).
-fn tcp_from_thread(ns: &str, addr: SocketAddr) -> Option<String> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        join_netns(&ns);
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        Some(line.trim().to_owned()).filter(|l| !l.is_empty())
-    })
-    .join()
-    .ok()
-    .flatten()
-}
-
-/// One TCP exchange from a process in `ns` inside `cgroup` (socket-LB).
-fn tcp_from_cgroup(ns: &str, cgroup: &Path, addr: SocketAddr) -> Option<String> {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- \
-         busybox nc -w 2 {} {} </dev/null",
-        cgroup.display(),
-        addr.ip(),
-        addr.port()
-    );
-    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (!line.is_empty()).then_some(line)
-}
-
 fn backend_name(line: &str) -> &str {
     line.split_whitespace().next().unwrap_or_default()
 }
@@ -369,12 +338,15 @@ fn services_follow_the_api_server() {
     c.api
         .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
         .unwrap();
-    wait_until(UP, || tcp_from_thread(&client.ns, vip(80)).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || {
+        twill_tests::ns::tcp_line(&client.ns, vip(80)).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..16 {
-        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip(80)).expect("socket-LB connect");
-        let b = tcp_from_thread(&client.ns, vip(80)).expect("tc-path connect");
+        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(80))
+            .expect("socket-LB connect");
+        let b = twill_tests::ns::tcp_line(&client.ns, vip(80)).expect("tc-path connect");
         seen.insert(backend_name(&a).to_owned());
         seen.insert(backend_name(&b).to_owned());
     }
@@ -403,23 +375,26 @@ fn services_follow_the_api_server() {
     c.api
         .apply(service("web", VIP, 8000, &json!({"app": "web"})))
         .unwrap();
-    wait_until(UP, || tcp_from_thread(&client.ns, vip(8000)).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || {
+        twill_tests::ns::tcp_line(&client.ns, vip(8000)).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     for _ in 0..10 {
-        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip(8000)).expect("socket-LB connect");
-        let b = tcp_from_thread(&client.ns, vip(8000)).expect("tc-path connect");
+        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(8000))
+            .expect("socket-LB connect");
+        let b = twill_tests::ns::tcp_line(&client.ns, vip(8000)).expect("tc-path connect");
         for line in [&a, &b] {
             assert_eq!(backend_name(line), "b2", "removed endpoint served: {line}");
         }
     }
     assert_eq!(
-        tcp_from_thread(&client.ns, vip(80)),
+        twill_tests::ns::tcp_line(&client.ns, vip(80)),
         None,
         "old port still served"
     );
     let other: SocketAddr = "10.96.0.20:80".parse().unwrap();
     assert_eq!(
-        tcp_from_thread(&client.ns, other),
+        twill_tests::ns::tcp_line(&client.ns, other),
         None,
         "a service for another proxy was programmed"
     );
@@ -456,8 +431,10 @@ fn services_follow_the_api_server() {
 
     // Deleted: the VIP stops answering.
     assert!(c.api.delete(Resource::Services, NS, "web"));
-    wait_until(UP, || tcp_from_thread(&client.ns, vip(8000)).is_none())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || {
+        twill_tests::ns::tcp_line(&client.ns, vip(8000)).is_none()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
 
     // Everything twilld asked of the API server, the ClusterRole in deploy/ grants.
     let requests = c.api.requests();
@@ -530,8 +507,10 @@ fn a_broken_watch_relists_without_dropping_state() {
     c.api
         .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
         .unwrap();
-    wait_until(UP, || tcp_from_thread(&client.ns, vip(80)).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || {
+        twill_tests::ns::tcp_line(&client.ns, vip(80)).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let lists_before = c.api.lists(Resource::EndpointSlices);
 
     let (failures, after) = std::thread::scope(|s| {
@@ -542,7 +521,7 @@ fn a_broken_watch_relists_without_dropping_state() {
             let mut landed_at = None;
             while start.elapsed() < Duration::from_secs(40) {
                 tries += 1;
-                match tcp_from_thread(&client.ns, vip(80)) {
+                match twill_tests::ns::tcp_line(&client.ns, vip(80)) {
                     None => failures.push(start.elapsed()),
                     Some(line) if start.elapsed() > Duration::from_secs(4) => {
                         after.push(backend_name(&line).to_owned());

@@ -18,10 +18,9 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -202,37 +201,6 @@ fn join_netns(ns: &str) {
     setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
-/// One TCP exchange from a thread in `ns` (outside every node cgroup: the tc path). Returns
-/// the server's line (`<name> peer=<addr>`).
-fn tcp_from_thread(ns: &str, addr: SocketAddr) -> Option<String> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        join_netns(&ns);
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        Some(line.trim().to_owned())
-    })
-    .join()
-    .ok()
-    .flatten()
-}
-
-/// One TCP exchange from a process in `ns` inside `cgroup` (socket-LB).
-fn tcp_from_cgroup(ns: &str, cgroup: &Path, addr: SocketAddr) -> Option<String> {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- \
-         busybox nc -w 2 {} {} </dev/null",
-        cgroup.display(),
-        addr.ip(),
-        addr.port()
-    );
-    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (!line.is_empty()).then_some(line)
-}
-
 fn backend_name(line: &str) -> &str {
     line.split_whitespace().next().unwrap_or_default()
 }
@@ -275,13 +243,14 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     )
     .unwrap();
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
 
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let a = tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect");
-        let b = tcp_from_thread(&client.ns, vip).expect("tc-path connect");
+        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
+            .expect("socket-LB connect");
+        let b = twill_tests::ns::tcp_line(&client.ns, vip).expect("tc-path connect");
         seen.insert(backend_name(&a).to_owned());
         seen.insert(backend_name(&b).to_owned());
     }
@@ -294,7 +263,7 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     // through node 1, while b1's reply leaves node 1 anyway and b1 keeps the client's address.
     // Kubernetes promises source preservation only for `Local`; for `Cluster` either is allowed.
     for _ in 0..10 {
-        let line = tcp_from_thread(&outside, node_port).expect("NodePort from outside");
+        let line = twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort from outside");
         let peer = match backend_name(&line) {
             "b1" => "peer=198.18.0.1:",
             _ => "peer=198.18.0.11:",
@@ -304,7 +273,8 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     let external_ip: SocketAddr = format!("{EXTERNAL_IP}:80").parse().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let line = tcp_from_thread(&outside, external_ip).expect("ExternalIP from outside");
+        let line =
+            twill_tests::ns::tcp_line(&outside, external_ip).expect("ExternalIP from outside");
         seen.insert(backend_name(&line).to_owned());
     }
     assert_eq!(seen, ["b1", "b2"].map(String::from).into(), "ExternalIP");
@@ -314,10 +284,11 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
         let lines = [
-            tcp_from_cgroup(&client.ns, c.cgroup(2), vip).expect("socket-LB connect"),
-            tcp_from_thread(&client.ns, vip).expect("tc-path connect"),
-            tcp_from_thread(&outside, node_port).expect("NodePort connect"),
-            tcp_from_thread(&outside, external_ip).expect("ExternalIP connect"),
+            twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
+                .expect("socket-LB connect"),
+            twill_tests::ns::tcp_line(&client.ns, vip).expect("tc-path connect"),
+            twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort connect"),
+            twill_tests::ns::tcp_line(&outside, external_ip).expect("ExternalIP connect"),
         ];
         for line in &lines {
             assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
@@ -405,11 +376,13 @@ fn external_local_keeps_source_and_affinity_sticks(mode: &'static str) {
     ));
     let node_port: SocketAddr = SocketAddr::new(Rig::node_ip(1).into(), NODE_PORT);
     let outside = c.rig.underlay_ns();
-    wait_until(UP, || tcp_from_thread(&outside, node_port).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(1)));
+    wait_until(UP, || {
+        twill_tests::ns::tcp_line(&outside, node_port).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(1)));
     let mut backends = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let line = tcp_from_thread(&outside, node_port).expect("NodePort");
+        let line = twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort");
         assert!(
             line.contains("peer=198.18.0.1:"),
             "Local policy must keep the client address: {line}"
@@ -431,7 +404,7 @@ fn restart_under_fresh_connections_loses_none(mode: &'static str) {
     c.apply(&web(&[(&b1, "n1")], ""));
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     wait_until(UP, || {
-        tcp_from_cgroup(&client.ns, c.cgroup(2), vip).is_some()
+        twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip).is_some()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let failures = std::thread::scope(|s| {
@@ -439,10 +412,10 @@ fn restart_under_fresh_connections_loses_none(mode: &'static str) {
             let mut failures = 0;
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(6) {
-                if tcp_from_cgroup(&client.ns, c.cgroup(2), vip).is_none() {
+                if twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip).is_none() {
                     failures += 1;
                 }
-                if tcp_from_thread(&client.ns, vip).is_none() {
+                if twill_tests::ns::tcp_line(&client.ns, vip).is_none() {
                     failures += 1;
                 }
             }
@@ -505,14 +478,14 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
     c.serve(&b1, "b1");
     c.apply(&web(&[(&b1, "n1")], ""));
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     c.rig.kill_twilld(2, Signal::SIGKILL).unwrap();
     let flags = proxy_flags(mode, 2, c.cgroup(2));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.rig.start_twilld(2, &flags).unwrap();
     c.apply(&web(&[(&b1, "n1")], "  sessionAffinity: ClientIP\n"));
-    wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some()).unwrap();
+    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some()).unwrap();
     assert_eq!(foreign(&c.rig, 2), before, "another owner's rules changed");
 }
 
@@ -558,11 +531,11 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
         c.rig.start_twilld_env(2, &flags, env).unwrap();
         wait_until(UP, || ready() > before)
             .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
-        wait_until(UP, || tcp_from_thread(&client.ns, vip).is_some())
+        wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
             .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
     };
     wait_until(UP, || {
-        ready() > 0 && tcp_from_thread(&client.ns, vip).is_some()
+        ready() > 0 && twill_tests::ns::tcp_line(&client.ns, vip).is_some()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let log = c.rig.twilld_log(2);
