@@ -27,7 +27,7 @@ use twill_facts::SubnetFacts;
 use twill_tests::rig::{ETCD_ENDPOINT, nsenter_in_cgroup};
 use twill_tests::state::{self, RigState};
 use twill_tests::{Rig, RigOptions, leftovers, ns};
-use xtask::bench::Backend;
+use xtask::cluster::Backend;
 use xtask::cluster::{self, ProxyMode, RigInfo, Spec};
 
 use crate::util::{cargo, is_root, say, step, target_dir};

@@ -74,3 +74,98 @@ pub fn probe<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Option<String> {
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
+
+/// The last `n` lines of a twilld log worth reading in an error: ANSI colours removed, and
+/// without the lines of a backtrace (with `RUST_BACKTRACE` set, an agent that fails to start
+/// ends its log with dozens of frames that would push the error itself out of the tail).
+pub fn log_tail(text: &str, n: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut in_backtrace = false;
+    for line in text.lines() {
+        let plain = strip_ansi(line);
+        let t = plain.trim_start();
+        if t.starts_with("Stack backtrace:") {
+            in_backtrace = true;
+            continue;
+        }
+        if t.starts_with("====") {
+            in_backtrace = false;
+        }
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(num, _)| !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()))
+            || t.starts_with("at ");
+        if in_backtrace && (frame || t.is_empty()) {
+            continue;
+        }
+        in_backtrace = false;
+        lines.push(plain);
+    }
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last line of a twilld log saying its service loop cannot program (a failed list of the
+/// store, a failed apply, the loop stopped), without colours; `None` when there is none. A
+/// benchmark waiting for services to be programmed stops at such a line instead of waiting out
+/// its timeout: twilld retries forever, so the wait could never end well.
+pub fn service_failure(log: &str) -> Option<String> {
+    const SIGNS: [&str; 3] = [
+        "listing services failed",
+        "service dataplane sync failed",
+        "service loop stopped",
+    ];
+    log.lines()
+        .rev()
+        .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(strip_ansi)
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_tails_skip_backtraces_and_colours() {
+        let log = "==== twill-rig: starting twilld\n\
+                   \u{1b}[2m2026\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m pin link /x/tc_flannel.1_in\n\
+                   Error: start the service proxy\n\nCaused by:\n    pin link: EPERM\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n             at /src/x.rs:1:1\n\
+                   \n  32: _start\n";
+        let t = super::log_tail(log, 4);
+        assert_eq!(
+            t,
+            "Error: start the service proxy\n\nCaused by:\n    pin link: EPERM"
+        );
+        assert!(super::log_tail(log, 10).contains("2026 ERROR pin link"));
+    }
+
+    #[test]
+    fn spots_a_service_loop_that_cannot_program() {
+        let log = "x INFO service dataplane read back frontends=0\n\
+                   \u{1b}[33m WARN\u{1b}[0m listing services failed; keeping the dataplane as it \
+                   is error=etcd get /p/services/: decoded message length too large\n";
+        let why = super::service_failure(log).unwrap();
+        assert!(why.starts_with(" WARN listing services failed"), "{why}");
+        assert!(why.contains("too large"));
+        assert_eq!(super::service_failure("x INFO all good\n"), None);
+    }
+}

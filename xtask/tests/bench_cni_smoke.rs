@@ -8,7 +8,7 @@
 //! containernetworking-plugins. Under CI a non-root run fails. About 15 s.
 
 use twill_tests::require_root;
-use xtask::bench::{BenchOptions, Which};
+use xtask::bench::kit::{BenchOptions, Which};
 
 mod common;
 

@@ -6,7 +6,8 @@
 //! Privileged: under CI a non-root run fails. About 10 s.
 
 use twill_tests::require_root;
-use xtask::bench::{Backend, BenchOptions, Which};
+use xtask::bench::kit::{BenchOptions, Which};
+use xtask::cluster::Backend;
 
 mod common;
 

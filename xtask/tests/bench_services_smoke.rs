@@ -8,7 +8,7 @@
 //! under CI a non-root run fails. About 10 s per mode.
 
 use twill_tests::require_root;
-use xtask::bench::{BenchOptions, Which};
+use xtask::bench::kit::{BenchOptions, Which};
 use xtask::cluster::ProxyMode;
 
 mod common;

@@ -7,7 +7,8 @@
 //! fails. About 30 s.
 
 use twill_tests::require_root;
-use xtask::bench::{Backend, BenchOptions, Which};
+use xtask::bench::kit::{BenchOptions, Which};
+use xtask::cluster::Backend;
 
 mod common;
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 
-use super::{Backend, BenchOptions, Which};
+use super::kit::{BenchOptions, Which};
+use crate::cluster::Backend;
 use crate::cluster::ProxyMode;
 use crate::util::{cargo, step, target_dir};
 

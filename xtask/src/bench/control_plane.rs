@@ -39,12 +39,13 @@ use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
 use twill_tests::state::RigState;
 use twill_tests::{Rig, RigOptions, run};
 
+use super::kit::{Benchmark, Context};
 use super::plot::{CdfChart, Plot};
 use super::progress::Progress;
 use super::report::{Check, Metric, Section, Table, fmt_num};
 use super::services::filler_entries;
 use super::stats::{Summary, median};
-use super::{Backend, Benchmark, Context};
+use crate::cluster::Backend;
 use crate::cluster::{METRICS_ADDR, ProxyMode, check_proxy_mode};
 
 /// The cluster network (room for 32768 /24 node subnets) for `backend`.
@@ -382,7 +383,7 @@ fn measure(
         if twill_tests::interrupted() {
             bail!("interrupted");
         }
-        if let Some(why) = super::service_failure(&rig.twilld_log(node)) {
+        if let Some(why) = crate::util::service_failure(&rig.twilld_log(node)) {
             bail!(
                 "twilld on node {node} cannot program its services ({} frontends so far): {why}",
                 rep.frontends
@@ -463,7 +464,7 @@ fn measure(
 }
 
 fn tail(text: &str, n: usize) -> String {
-    super::log_tail(text, n)
+    crate::util::log_tail(text, n)
 }
 
 /// Strips `ip monitor`'s optional `[LABEL]` prefixes.

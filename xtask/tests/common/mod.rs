@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use xtask::bench::{self, BenchOptions};
+use xtask::bench::{self, kit::BenchOptions};
 
 /// A fresh directory, removed on drop.
 pub struct TempDir(pub PathBuf);
