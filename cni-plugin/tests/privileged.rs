@@ -662,6 +662,9 @@ fn pods_on_one_node_reach_each_other_bridge_mode() {
     let d = ip_in(&rig.node, &["-d", "link", "show", &port]);
     assert!(d.contains("master cni0") && d.contains("hairpin on"), "{d}");
     assert!(d.contains("alias twill:twtest:a:eth0"), "{d}");
+    // The log file (not a terminal) is plain text.
+    let log = std::fs::read_to_string(rig.dir.path().join("twill-cni.log")).unwrap();
+    assert!(log.contains("ok") && !log.contains('\x1b'), "{log}");
 }
 
 #[test]
