@@ -1325,3 +1325,155 @@ fn del_and_gc_create_no_ipam_directory() {
         .expect_ok("GC");
     rig.assert_untouched("DEL and GC");
 }
+
+/// The conflist of the README's containerd section, as the runtime reads it.
+fn readme_conflist() -> Value {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read cni-plugin/README.md");
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("containerd"))
+        .expect("README has a containerd section");
+    let block = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("containerd section has a json block");
+    serde_json::from_str(block).unwrap_or_else(|e| panic!("README conflist: {e}\n{block}"))
+}
+
+/// The CNI versions libcni 1.1.x (containerd 1.6 and 1.7, podman 4) parses results of.
+const LIBCNI_1_1_RESULTS: [&str; 6] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+
+/// The README's containerd conflist run the way libcni runs a list (ADD in order, each plugin
+/// given the previous result; DEL in reverse order with the cached result), with twill-cni and
+/// the reference portmap installed here: every plugin supports the list's version, every
+/// command succeeds, the results are in a version containerd 1.6/1.7 parses, and DEL leaves
+/// nothing behind.
+#[test]
+fn readme_containerd_conflist_runs_with_the_reference_portmap() {
+    let Some(mut rig) = Rig::new() else { return };
+    if !reference_plugins() {
+        return;
+    }
+    let list = readme_conflist();
+    let version = list["cniVersion"].as_str().expect("cniVersion").to_string();
+    let plugins = list["plugins"].as_array().expect("plugins").clone();
+    assert_eq!(plugins[0]["type"], "twill-cni");
+    let binary = |plugin: &Value| -> String {
+        match plugin["type"].as_str().unwrap() {
+            "twill-cni" => BIN.to_string(),
+            other => format!("/usr/lib/cni/{other}"),
+        }
+    };
+    let pod = rig.pod();
+    let netns = Rig::netns_path(&pod);
+    let exec = |plugin: &Value, command: &str, conf: &Value| -> Reply {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
+            .arg(binary(plugin))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs([
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "readme"),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/usr/lib/cni"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Reply {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    // What libcni hands each plugin: its object with the list's version and name, runtimeConfig
+    // for the capabilities it declares, the previous result. (The node's paths are the test's.)
+    let netconf = |plugin: &Value, prev: Option<&Value>| -> Value {
+        let mut c = plugin.clone();
+        c["cniVersion"] = json!(version);
+        c["name"] = list["name"].clone();
+        if c["type"] == "twill-cni" {
+            c["subnetFile"] = json!(rig.subnet_file());
+            c["dataDir"] = json!(rig.data_dir());
+        }
+        if c["capabilities"]["portMappings"] == true {
+            c["runtimeConfig"] = json!({"portMappings": [
+                {"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}]});
+        }
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    };
+    for plugin in &plugins {
+        let v = exec(plugin, "VERSION", &json!({"cniVersion": version}))
+            .expect_ok(&format!("VERSION of {}", plugin["type"]));
+        assert!(
+            v.json["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(version)),
+            "{} does not support the README's cniVersion {version}: {}",
+            plugin["type"],
+            v.stdout
+        );
+    }
+    let mut prev: Option<Value> = None;
+    for plugin in &plugins {
+        let r = exec(plugin, "ADD", &netconf(plugin, prev.as_ref()))
+            .expect_ok(&format!("ADD {}", plugin["type"]));
+        assert_eq!(r.json["cniVersion"], json!(version), "{}", r.stdout);
+        prev = Some(r.json);
+    }
+    assert!(
+        LIBCNI_1_1_RESULTS.contains(&version.as_str()),
+        "containerd 1.6/1.7 cannot parse a {version} result"
+    );
+    let result = prev.unwrap();
+    assert!(
+        result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("10.99.{}.", rig.third))
+    );
+    let nat = || {
+        let out = run(
+            "nsenter",
+            &[
+                &format!("--net={}", Rig::netns_path(&rig.node)),
+                "iptables-save",
+                "-t",
+                "nat",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        nat().contains("18081"),
+        "portmap's hostPort rule is missing"
+    );
+    // CHECK of twill-cni with the list's result (portmap 1.1.1's own CHECK looks for its IPv6
+    // chain even for an IPv4-only pod, and fails whatever came before it).
+    exec(&plugins[0], "CHECK", &netconf(&plugins[0], Some(&result))).expect_ok("CHECK twill-cni");
+    for plugin in plugins.iter().rev() {
+        exec(plugin, "DEL", &netconf(plugin, Some(&result)))
+            .expect_ok(&format!("DEL {}", plugin["type"]));
+    }
+    assert!(rig.leases().is_empty(), "{:?}", rig.leases());
+    assert!(rig.host_veths().is_empty(), "{:?}", rig.host_veths());
+    assert!(!nat().contains("18081"), "portmap's hostPort rule stayed");
+}
