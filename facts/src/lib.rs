@@ -517,6 +517,60 @@ mod tests {
         );
     }
 
+    /// What every accepted file satisfies (the fuzz target `subnet_file` checks the same).
+    fn assert_sane(f: &SubnetFacts) {
+        if let Some(s) = f.subnet {
+            assert!(IPV4_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+            assert!(f.network.is_none_or(|n| n.contains(&s.trunc())), "{f:?}");
+        }
+        if let Some(s) = f.ipv6_subnet {
+            assert!(IPV6_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+            assert!(
+                f.ipv6_network.is_none_or(|n| n.contains(&s.trunc())),
+                "{f:?}"
+            );
+        }
+        assert!((68..=65535).contains(&f.mtu), "{f:?}");
+        assert_eq!(SubnetFacts::parse(&f.render()).as_ref().ok(), Some(f));
+    }
+
+    #[test]
+    fn mutated_files_never_panic_and_accepted_ones_are_sane() {
+        let seed = sample().render();
+        let alphabet = b"=/:.\n#\"0123456789abcdefFLANNEL_SUBNETWORKIPV6MTU ";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut b = seed.as_bytes().to_vec();
+            for _ in 0..=next() % 4 {
+                let i = usize::try_from(next() % b.len() as u64).unwrap();
+                let c = alphabet[usize::try_from(next() % alphabet.len() as u64).unwrap()];
+                match next() % 3 {
+                    0 => b[i] = c,
+                    1 if b.len() > 1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, c),
+                }
+            }
+            match SubnetFacts::parse(&String::from_utf8(b).unwrap()) {
+                Ok(f) => {
+                    assert_sane(&f);
+                    accepted += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        // Both sides are exercised, or the test proves nothing.
+        assert!(accepted > 1_000 && refused > 1_000, "{accepted} {refused}");
+    }
+
     #[test]
     fn atomic_write_then_read() {
         let dir = std::env::temp_dir().join(format!("twill-facts-{}", std::process::id()));
