@@ -8,7 +8,6 @@
 //! attachment twill finds (lease files, veth aliases) that the runtime did not list as valid.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
@@ -18,14 +17,14 @@ use serde_json::Map;
 use tracing::{debug, info, warn};
 use twill_facts::{FactsError, SubnetFacts};
 
-use crate::config::{Attachment, Ipam, Mode, NetConf};
+use crate::config::{Attachment, Ipam, Mode, NetConf, add_requested};
 use crate::dataplane::{
     BridgeSpec, ContainerSpec, Dataplane, HostPort, Netns, RouteSpec, VethSpec,
 };
 use crate::delegate;
 use crate::env::CniEnv;
 use crate::error::{CniError, code};
-use crate::ipam::{Pool, Store};
+use crate::ipam::{IpamError, Pool, Store};
 use crate::names;
 use crate::result::{CniResult, Interface, IpConfig, Route};
 
@@ -47,34 +46,30 @@ impl Invocation<'_> {
 }
 
 /// Reads the node's subnet facts: 11 while the file does not exist yet (twilld not up), 5 when
-/// it cannot be read, 103 when it does not parse.
+/// it cannot be read, 103 when it is not a subnet file (not a regular file, too large, not
+/// UTF-8) or does not parse.
 pub fn read_facts(path: &Path) -> Result<SubnetFacts, CniError> {
     SubnetFacts::read(path).map_err(|e| match &e {
         FactsError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
-            CniError::from_error(code::TRY_AGAIN, &e).context(format!(
-                "subnet file {} not written yet (is twilld running?)",
-                path.display()
-            ))
+            CniError::from_error(code::TRY_AGAIN, &e)
+                .context("subnet file not written yet (is twilld running?)")
         }
         FactsError::Io { .. } => CniError::from_error(code::IO_FAILURE, &e),
-        _ => CniError::from_error(code::BAD_SUBNET_FILE, &e)
-            .context(format!("subnet file {}", path.display())),
+        // These name the file themselves.
+        FactsError::NotRegular { .. }
+        | FactsError::TooLarge { .. }
+        | FactsError::NotUtf8 { .. } => {
+            CniError::from_error(code::BAD_SUBNET_FILE, &e).context("bad subnet file")
+        }
+        FactsError::BadValue { .. } | FactsError::Malformed { .. } | FactsError::Missing(_) => {
+            CniError::from_error(code::BAD_SUBNET_FILE, &e)
+                .context(format!("subnet file {}", path.display()))
+        }
     })
 }
 
 fn open_netns(path: &Path) -> Result<Netns, CniError> {
-    match File::open(path) {
-        Ok(file) => Ok(Netns {
-            path: path.to_path_buf(),
-            file,
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CniError::new(
-            code::UNKNOWN_CONTAINER,
-            format!("network namespace {} does not exist", path.display()),
-        )),
-        Err(e) => Err(CniError::from_error(code::INVALID_ENV, &e)
-            .context(format!("open CNI_NETNS {}", path.display()))),
-    }
+    Ok(Netns::open(path)?)
 }
 
 /// One address as ADD hands it to the pod.
@@ -129,13 +124,30 @@ fn lease(inv: Invocation<'_>, facts: &SubnetFacts) -> Result<Lease, CniError> {
             let mut requested = conf.requested_ips.clone();
             if let Some(ip) = env.arg("IP") {
                 for part in ip.split(',') {
-                    requested.push(part.parse().map_err(|_| {
+                    let bad = |why: &str| {
                         CniError::new(
                             code::INVALID_ENV,
-                            format!("invalid CNI_ARGS IP={part:?}: not an IP address"),
+                            format!("invalid CNI_ARGS IP={part:?}: {why}"),
                         )
-                    })?);
+                    };
+                    let ip = part.parse().map_err(|_| bad("not an IP address"))?;
+                    add_requested(&mut requested, ip).map_err(|why| bad(&why))?;
                 }
+            }
+            // An address of a family the node has no subnet for would be silently dropped.
+            if let Some(ip) = requested
+                .iter()
+                .find(|ip| !pools.iter().any(|p| p.start.is_ipv4() == ip.is_ipv4()))
+            {
+                return Err(IpamError::Unavailable {
+                    ip: *ip,
+                    reason: format!(
+                        "the node has no IPv{} subnet (subnet file {})",
+                        if ip.is_ipv4() { 4 } else { 6 },
+                        conf.subnet_file.display()
+                    ),
+                }
+                .into());
             }
             let store = Store::open(&conf.data_dir, &conf.name, b.lock_timeout)?;
             let got = store.allocate(
@@ -229,14 +241,15 @@ fn give_back(inv: Invocation<'_>, undo: &Undo) {
                 Ipam::Builtin(b) => b.lock_timeout,
                 Ipam::Delegate { .. } => crate::config::DEFAULT_LOCK_TIMEOUT,
             };
-            match Store::open(&conf.data_dir, &conf.name, timeout) {
-                Ok(s) => {
+            match Store::open_existing(&conf.data_dir, &conf.name, timeout) {
+                Ok(Some(s)) => {
                     for ip in ips {
                         if let Err(e) = s.release(*ip) {
                             warn!(error = %e, "rollback: release address");
                         }
                     }
                 }
+                Ok(None) => {}
                 Err(e) => warn!(error = %e, "rollback: open IPAM store"),
             }
         }
@@ -487,9 +500,11 @@ pub fn del(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError> 
     debug!(host, existed, "deleted veth");
     match &conf.ipam {
         Ipam::Builtin(b) => {
-            let store = Store::open(&conf.data_dir, &conf.name, b.lock_timeout)?;
-            let released = store.release_owner(&env.container_id, &env.ifname)?;
-            debug!(?released, "released");
+            // No state directory: nothing was ever allocated, and DEL creates nothing.
+            if let Some(store) = Store::open_existing(&conf.data_dir, &conf.name, b.lock_timeout)? {
+                let released = store.release_owner(&env.container_id, &env.ifname)?;
+                debug!(?released, "released");
+            }
         }
         Ipam::Delegate { plugin } => {
             let path = delegate::find(plugin, &env.path)?;
@@ -595,8 +610,10 @@ pub fn check(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError
 
     match &conf.ipam {
         Ipam::Builtin(b) => {
-            let store = Store::open(&conf.data_dir, &conf.name, b.lock_timeout)?;
-            let held = store.by_owner(&env.container_id, &env.ifname)?;
+            let held = match Store::open_existing(&conf.data_dir, &conf.name, b.lock_timeout)? {
+                Some(store) => store.by_owner(&env.container_id, &env.ifname)?,
+                None => Vec::new(),
+            };
             for ip in &want_ips {
                 if !held.contains(&ip.address.addr()) {
                     return Err(check_failed(format!(
@@ -604,7 +621,7 @@ pub fn check(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError
                         ip.address.addr(),
                         env.container_id,
                         env.ifname,
-                        store.dir().display()
+                        conf.data_dir.join(&conf.name).display()
                     )));
                 }
             }
@@ -639,11 +656,12 @@ pub fn gc(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError> {
     })?;
     match &conf.ipam {
         Ipam::Builtin(b) => {
-            let store = Store::open(&conf.data_dir, &conf.name, b.lock_timeout)?;
-            for (ip, owner) in store.all()? {
-                if !is_valid(valid, &owner.container_id, owner.ifname.as_deref()) {
-                    info!(%ip, container = owner.container_id, "GC: releasing address");
-                    store.release(ip)?;
+            if let Some(store) = Store::open_existing(&conf.data_dir, &conf.name, b.lock_timeout)? {
+                for (ip, owner) in store.all()? {
+                    if !is_valid(valid, &owner.container_id, owner.ifname.as_deref()) {
+                        info!(%ip, container = owner.container_id, "GC: releasing address");
+                        store.release(ip)?;
+                    }
                 }
             }
         }
@@ -720,21 +738,20 @@ mod tests {
 
     struct Fixture {
         dir: tempfile::TempDir,
-        netns: tempfile::NamedTempFile,
     }
+
+    /// A real network namespace file (the test's own; the fake dataplane never enters it).
+    const OWN_NETNS: &str = "/proc/self/ns/net";
 
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let mut f = File::create(dir.path().join("subnet.env")).unwrap();
+            let mut f = std::fs::File::create(dir.path().join("subnet.env")).unwrap();
             f.write_all(
                 b"FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n",
             )
             .unwrap();
-            Fixture {
-                dir,
-                netns: tempfile::NamedTempFile::new().unwrap(),
-            }
+            Fixture { dir }
         }
 
         fn conf(&self, extra: &str) -> NetConf {
@@ -749,17 +766,34 @@ mod tests {
             .unwrap()
         }
 
-        fn env(&self, cmd: &str, id: &str) -> CniEnv {
-            let vars: HashMap<String, String> = [
+        fn env(cmd: &str, id: &str) -> CniEnv {
+            Self::env_with(cmd, id, &[])
+        }
+
+        /// [`Fixture::env`] with more (or other) variables.
+        fn env_with(cmd: &str, id: &str, more: &[(&str, &str)]) -> CniEnv {
+            let mut vars: HashMap<String, String> = [
                 ("CNI_COMMAND", cmd),
                 ("CNI_CONTAINERID", id),
                 ("CNI_IFNAME", "eth0"),
-                ("CNI_NETNS", self.netns.path().to_str().unwrap()),
+                ("CNI_NETNS", OWN_NETNS),
             ]
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect();
+            vars.extend(
+                more.iter()
+                    .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+            );
             CniEnv::from_map(vars).unwrap()
+        }
+
+        fn subnet_file(&self) -> std::path::PathBuf {
+            self.dir.path().join("subnet.env")
+        }
+
+        fn data_dir(&self) -> std::path::PathBuf {
+            self.dir.path().join("data")
         }
 
         fn leases(&self) -> usize {
@@ -789,7 +823,7 @@ mod tests {
     #[test]
     fn add_builds_bridge_veth_pod_in_order() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(""));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         let r = add(&mut dp, inv(&env, &conf)).unwrap();
         let host = names::host_veth("net", "c1", "eth0");
@@ -812,7 +846,7 @@ mod tests {
     #[test]
     fn failed_pod_configuration_rolls_back_veth_and_address() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(""));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         dp.fail.insert("configure_container", libc::EPERM);
         let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
@@ -830,7 +864,7 @@ mod tests {
     #[test]
     fn taken_ifname_is_101_and_releases_the_address() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(""));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         dp.pod_taken.push("eth0".into());
         let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
@@ -846,7 +880,7 @@ mod tests {
     #[test]
     fn repeated_add_replaces_the_veth_and_keeps_the_address() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(""));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         let a = add(&mut dp, inv(&env, &conf)).unwrap();
         let b = add(&mut dp, inv(&env, &conf)).unwrap();
@@ -863,7 +897,7 @@ mod tests {
     #[test]
     fn routed_mode_uses_host_routes_and_a_static_neighbour() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(r#","mode":"routed""#));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(r#","mode":"routed""#));
         let mut dp = FakeDataplane::default();
         let r = add(&mut dp, inv(&env, &conf)).unwrap();
         assert!(!dp.calls.iter().any(|c| c.starts_with("ensure_bridge")));
@@ -873,7 +907,7 @@ mod tests {
     #[test]
     fn missing_subnet_file_is_11_and_garbage_is_103() {
         let fx = Fixture::new();
-        let (env, conf) = (fx.env("ADD", "c1"), fx.conf(""));
+        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         std::fs::remove_file(fx.dir.path().join("subnet.env")).unwrap();
         let mut dp = FakeDataplane::default();
         let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
@@ -894,10 +928,192 @@ mod tests {
     }
 
     #[test]
+    fn cni_netns_must_be_a_network_namespace() {
+        let fx = Fixture::new();
+        let conf = fx.conf("");
+        let file = fx.dir.path().join("not-a-netns");
+        std::fs::write(&file, "").unwrap();
+        let file = file.to_str().unwrap().to_string();
+        for (path, what) in [
+            (file.as_str(), "regular file"),
+            ("/dev/null", "character device"),
+            ("/proc/self/ns/mnt", "mnt namespace"),
+            ("/proc/self", "directory"),
+        ] {
+            for cmd in ["ADD", "CHECK"] {
+                let env = Fixture::env_with(cmd, "c1", &[("CNI_NETNS", path)]);
+                let mut dp = FakeDataplane::default();
+                let e = if cmd == "ADD" {
+                    add(&mut dp, inv(&env, &conf)).unwrap_err()
+                } else {
+                    let with_prev = fx.conf(r#","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}]}"#);
+                    check(&mut dp, inv(&env, &with_prev)).unwrap_err()
+                };
+                assert_eq!(e.code, code::INVALID_ENV, "{cmd} {path}: {e}");
+                assert!(
+                    e.msg.contains("CNI_NETNS") && e.msg.contains(path) && e.msg.contains(what),
+                    "{cmd} {path}: {}",
+                    e.msg
+                );
+                assert!(dp.calls.is_empty(), "{cmd} {path}: {:?}", dp.calls);
+            }
+        }
+        assert!(!fx.data_dir().exists(), "an IPAM directory was created");
+        // A path that does not exist is an unknown container (3).
+        let env = Fixture::env_with("ADD", "c1", &[("CNI_NETNS", "/run/netns/twill-no-such")]);
+        let e = add(&mut FakeDataplane::default(), inv(&env, &conf)).unwrap_err();
+        assert_eq!(e.code, code::UNKNOWN_CONTAINER, "{e}");
+    }
+
+    #[test]
+    fn subnet_file_problems_are_103_and_touch_nothing() {
+        let fx = Fixture::new();
+        let good = std::fs::read_to_string(fx.subnet_file()).unwrap();
+        let mut padded = good.clone();
+        while padded.len() <= 64 * 1024 {
+            padded.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        let fifo = fx.dir.path().join("fifo.env");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let subnet = fx.subnet_file().display().to_string();
+        let fifo = fifo.display().to_string();
+        // Control: a harmless addition (a UTF-8 comment) is still accepted.
+        std::fs::write(fx.subnet_file(), format!("{good}# café\n")).unwrap();
+        let mut dp = FakeDataplane::default();
+        add(&mut dp, inv(&Fixture::env("ADD", "ok"), &fx.conf(""))).unwrap();
+        del(&mut dp, inv(&Fixture::env("DEL", "ok"), &fx.conf(""))).unwrap();
+        dp.calls.clear();
+        std::fs::remove_dir_all(fx.data_dir()).unwrap();
+        for (text, name, why) in [
+            (
+                [good.as_bytes(), b"# caf\xe9\n"].concat(),
+                subnet.as_str(),
+                "UTF-8",
+            ),
+            (padded.into_bytes(), subnet.as_str(), "larger than"),
+            (
+                b"FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.245.1.1/24\nFLANNEL_MTU=1450\n"
+                    .to_vec(),
+                "10.245.1.1/24",
+                "outside FLANNEL_NETWORK",
+            ),
+            (
+                b"FLANNEL_SUBNET=0.0.0.1/0\nFLANNEL_MTU=1450\n".to_vec(),
+                "0.0.0.1/0",
+                "FLANNEL_SUBNET",
+            ),
+        ] {
+            std::fs::write(fx.subnet_file(), &text).unwrap();
+            let e = add(&mut dp, inv(&Fixture::env("ADD", "c1"), &fx.conf(""))).unwrap_err();
+            assert_eq!(e.code, code::BAD_SUBNET_FILE, "{name}: {e}");
+            assert!(
+                e.msg.contains(name) && e.msg.contains(why),
+                "{name}: {}",
+                e.msg
+            );
+        }
+        // Paths that are not a subnet file at all; /dev/zero last (it must not be read to its end).
+        for (path, why) in [
+            (fifo.as_str(), "FIFO"),
+            ("/tmp", "directory"),
+            ("/dev/zero", "character device"),
+        ] {
+            let conf = fx.conf(&format!(r#","subnetFile":"{path}""#));
+            let e = add(&mut dp, inv(&Fixture::env("ADD", "c1"), &conf)).unwrap_err();
+            assert_eq!(e.code, code::BAD_SUBNET_FILE, "{path}: {e}");
+            assert!(
+                e.msg.contains(path) && e.msg.contains(why),
+                "{path}: {}",
+                e.msg
+            );
+            let s = status(inv(&Fixture::env("ADD", "c1"), &conf)).unwrap_err();
+            assert_eq!(s.code, code::NOT_AVAILABLE, "{path}: {s}");
+        }
+        assert!(dp.calls.is_empty(), "{:?}", dp.calls);
+        assert!(!fx.data_dir().exists(), "an IPAM directory was created");
+    }
+
+    #[test]
+    fn missing_subnet_file_says_the_os_error_once() {
+        let fx = Fixture::new();
+        std::fs::remove_file(fx.subnet_file()).unwrap();
+        let e = add(
+            &mut FakeDataplane::default(),
+            inv(&Fixture::env("ADD", "c1"), &fx.conf("")),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN);
+        let shown = format!("{}; {}", e.msg, e.details);
+        assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
+        assert_eq!(shown.matches("subnet.env").count(), 1, "{shown}");
+        assert!(shown.contains("twilld"), "{shown}");
+    }
+
+    #[test]
+    fn del_and_gc_never_create_the_ipam_directory() {
+        let fx = Fixture::new();
+        let mut dp = FakeDataplane::default();
+        del(&mut dp, inv(&Fixture::env("DEL", "c1"), &fx.conf(""))).unwrap();
+        let gc_conf = fx.conf(r#","cniVersion":"1.1.0","cni.dev/valid-attachments":[]"#);
+        let env = CniEnv::from_map([("CNI_COMMAND".to_string(), "GC".to_string())].into()).unwrap();
+        gc(&mut dp, inv(&env, &gc_conf)).unwrap();
+        assert!(
+            !fx.data_dir().exists(),
+            "DEL or GC created {}",
+            fx.data_dir().display()
+        );
+        // Once ADD made it, DEL releases in it as before.
+        add(&mut dp, inv(&Fixture::env("ADD", "c1"), &fx.conf(""))).unwrap();
+        assert_eq!(fx.leases(), 1);
+        del(&mut dp, inv(&Fixture::env("DEL", "c1"), &fx.conf(""))).unwrap();
+        assert_eq!(fx.leases(), 0);
+    }
+
+    #[test]
+    fn requested_addresses_are_never_dropped() {
+        let fx = Fixture::new();
+        let mut dp = FakeDataplane::default();
+        // runtimeConfig.ips and CNI_ARGS IP= asking for two IPv4 addresses.
+        let conf = fx.conf(r#","runtimeConfig":{"ips":["10.244.1.7/24"]}"#);
+        let env = Fixture::env_with(
+            "ADD",
+            "c1",
+            &[("CNI_ARGS", "IgnoreUnknown=1;IP=10.244.1.8")],
+        );
+        let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV, "{e}");
+        assert!(
+            e.msg.contains("10.244.1.8") && e.msg.contains("10.244.1.7"),
+            "{}",
+            e.msg
+        );
+        let env = Fixture::env_with("ADD", "c1", &[("CNI_ARGS", "IP=10.244.1.8,10.244.1.9")]);
+        let e = add(&mut dp, inv(&env, &fx.conf(""))).unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV, "{e}");
+        assert!(e.msg.contains("10.244.1.9"), "{}", e.msg);
+        // An IPv6 address while the node has no IPv6 subnet.
+        let conf = fx.conf(r#","runtimeConfig":{"ips":["10.244.1.7/24","fd00::7"]}"#);
+        let e = add(&mut dp, inv(&Fixture::env("ADD", "c1"), &conf)).unwrap_err();
+        assert_eq!(e.code, code::ADDRESS_EXHAUSTED, "{e}");
+        assert!(
+            e.msg.contains("fd00::7") && e.msg.contains("IPv6"),
+            "{}",
+            e.msg
+        );
+        assert_eq!(fx.leases(), 0);
+        assert!(dp.calls.is_empty(), "{:?}", dp.calls);
+        // The same address through both is one request.
+        let conf = fx.conf(r#","runtimeConfig":{"ips":["10.244.1.7/24"]}"#);
+        let env = Fixture::env_with("ADD", "c1", &[("CNI_ARGS", "IP=10.244.1.7")]);
+        let r = add(&mut dp, inv(&env, &conf)).unwrap();
+        assert_eq!(r.ips[0].address.to_string(), "10.244.1.7/24");
+    }
+
+    #[test]
     fn del_is_idempotent() {
         let fx = Fixture::new();
         let conf = fx.conf("");
-        let (add_env, del_env) = (fx.env("ADD", "c1"), fx.env("DEL", "c1"));
+        let (add_env, del_env) = (Fixture::env("ADD", "c1"), Fixture::env("DEL", "c1"));
         let mut dp = FakeDataplane::default();
         add(&mut dp, inv(&add_env, &conf)).unwrap();
         del(&mut dp, inv(&del_env, &conf)).unwrap();
@@ -912,7 +1128,7 @@ mod tests {
         let conf = fx.conf("");
         let mut dp = FakeDataplane::default();
         for id in ["a", "b", "c"] {
-            add(&mut dp, inv(&fx.env("ADD", id), &conf)).unwrap();
+            add(&mut dp, inv(&Fixture::env("ADD", id), &conf)).unwrap();
         }
         // An unlabelled port of our bridge (killed mid-ADD) and a foreign veth.
         dp.links.insert(

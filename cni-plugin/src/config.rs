@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::env::valid_ifname;
-use crate::error::{CniError, code};
+use crate::error::{CniError, code, quoted};
 use crate::result::{CniResult, Dns};
 use crate::version::Version;
 
@@ -28,6 +28,9 @@ pub const DEFAULT_SUBNET_FILE: &str = twill_facts::DEFAULT_SUBNET_FILE;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 /// Default bridge (flannel's).
 pub const DEFAULT_BRIDGE: &str = "cni0";
+/// The longest network name twill takes: it is part of every host veth's alias, which the kernel
+/// limits to 255 bytes (see [`crate::names::MAX_ALIAS_LEN`]).
+pub const MAX_NETWORK_NAME_LEN: usize = 100;
 /// Default time to wait for the IPAM lock before answering 11.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,7 +102,8 @@ pub struct NetConf {
     pub log_file: Option<PathBuf>,
     /// `dns`, or `runtimeConfig.dns` when the runtime sends one.
     pub dns: Dns,
-    /// Addresses the runtime asks for (`runtimeConfig.ips`, `args.cni.ips`).
+    /// Addresses the runtime asks for (`runtimeConfig.ips`, `args.cni.ips`); with the built-in
+    /// IPAM at most one per family.
     pub requested_ips: Vec<IpAddr>,
     /// `prevResult`.
     pub prev_result: Option<CniResult>,
@@ -270,6 +274,23 @@ fn ip_list(field: &str, v: &Value) -> Result<Vec<IpAddr>, CniError> {
         .collect()
 }
 
+/// Adds `ip` to the addresses asked of the built-in IPAM, which gives one per family: the same
+/// address again is one request; a second one of a family is refused (it would be dropped).
+pub fn add_requested(requested: &mut Vec<IpAddr>, ip: IpAddr) -> Result<(), String> {
+    match requested.iter().find(|r| r.is_ipv4() == ip.is_ipv4()) {
+        Some(r) if *r == ip => Ok(()),
+        Some(r) => Err(format!(
+            "a second IPv{} address ({r} is asked for already): the built-in IPAM gives one \
+             address per family",
+            if ip.is_ipv4() { 4 } else { 6 }
+        )),
+        None => {
+            requested.push(ip);
+            Ok(())
+        }
+    }
+}
+
 /// The `cniVersion` of a config, best effort, for tagging an error reply.
 pub fn peek_version(stdin: &[u8]) -> Option<Version> {
     #[derive(Deserialize)]
@@ -323,8 +344,15 @@ pub fn load_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
     if !valid_network_name(&name) {
         return Err(invalid(
             "name",
-            format!("{name:?}"),
+            quoted(&name),
             "must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+        ));
+    }
+    if name.len() > MAX_NETWORK_NAME_LEN {
+        return Err(invalid(
+            "name",
+            quoted(&name),
+            format!("longer than {MAX_NETWORK_NAME_LEN} bytes"),
         ));
     }
     let plugin_type = raw
@@ -358,9 +386,10 @@ pub fn load_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
 
     let mut dns = raw.dns.unwrap_or_default();
     let mut requested_ips = Vec::new();
+    let mut requested_in = "runtimeConfig.ips";
     if let Some(rc) = &raw.runtime_config {
         if let Some(ips) = rc.get("ips") {
-            requested_ips = ip_list("runtimeConfig.ips", ips)?;
+            requested_ips = ip_list(requested_in, ips)?;
         }
         if let Some(d) = rc.get("dns") {
             dns = runtime_dns(d)?;
@@ -373,7 +402,15 @@ pub fn load_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             .and_then(|a| a.get("cni"))
             .and_then(|c| c.get("ips"))
     {
-        requested_ips = ip_list("args.cni.ips", ips)?;
+        requested_in = "args.cni.ips";
+        requested_ips = ip_list(requested_in, ips)?;
+    }
+    if matches!(ipam, Ipam::Builtin(_)) {
+        let mut one_each = Vec::new();
+        for ip in requested_ips {
+            add_requested(&mut one_each, ip).map_err(|why| invalid(requested_in, ip, why))?;
+        }
+        requested_ips = one_each;
     }
     let prev_result = raw
         .prev_result
@@ -664,6 +701,55 @@ mod tests {
     fn args_cni_ips() {
         let c = conf(r#""args":{"cni":{"ips":["10.0.0.7"]}}"#).unwrap();
         assert_eq!(c.requested_ips, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn one_requested_address_per_family() {
+        for (extra, field, value) in [
+            (
+                r#""runtimeConfig":{"ips":["10.1.0.5/24","10.1.0.6/24"]}"#,
+                "runtimeConfig.ips",
+                "10.1.0.6",
+            ),
+            (
+                r#""runtimeConfig":{"ips":["fd00::5","10.1.0.5","fd00::6"]}"#,
+                "runtimeConfig.ips",
+                "fd00::6",
+            ),
+            (
+                r#""args":{"cni":{"ips":["10.1.0.7","10.1.0.8"]}}"#,
+                "args.cni.ips",
+                "10.1.0.8",
+            ),
+        ] {
+            let e = conf(extra).unwrap_err();
+            assert_eq!(e.code, 7, "{extra}: {e}");
+            assert!(
+                e.msg.contains(field) && e.msg.contains(value),
+                "{extra}: {}",
+                e.msg
+            );
+        }
+        let c = conf(r#""runtimeConfig":{"ips":["10.1.0.5/24","fd00::5","10.1.0.5"]}"#).unwrap();
+        assert_eq!(c.requested_ips.len(), 2, "{:?}", c.requested_ips);
+        // A delegated IPAM plugin decides for itself (host-local takes one per range).
+        conf(r#""ipam":{"type":"host-local"},"runtimeConfig":{"ips":["10.1.0.5","10.1.0.6"]}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn network_name_fits_the_host_veth_alias() {
+        let longest = "n".repeat(MAX_NETWORK_NAME_LEN);
+        let text = format!(r#"{{"cniVersion":"1.0.0","name":"{longest}","type":"t"}}"#);
+        load_conf(text.as_bytes()).unwrap();
+        let text = format!(r#"{{"cniVersion":"1.0.0","name":"{longest}x","type":"t"}}"#);
+        let e = load_conf(text.as_bytes()).unwrap_err();
+        assert_eq!(e.code, 7, "{e}");
+        assert!(
+            e.msg.contains("name") && e.msg.contains("nnnn"),
+            "{}",
+            e.msg
+        );
     }
 
     /// A tiny xorshift generator: property tests without a dependency, reproducible.

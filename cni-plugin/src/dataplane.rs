@@ -9,11 +9,16 @@
 //!
 //! Every operation is idempotent in the direction that matters for retries: creating what exists
 //! is tolerated (EEXIST), deleting what is gone is not an error.
+//!
+//! [`Netns::open`] is the one kernel query outside the trait: it only opens `CNI_NETNS` and asks
+//! the kernel what it is, so that a path that is no network namespace is refused while nothing
+//! has been created yet.
 
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
@@ -41,14 +46,43 @@ pub enum NetError {
         /// Why it is a problem.
         reason: String,
     },
+    /// `CNI_NETNS` names nothing: the container is gone (CNI error 3).
+    #[error("network namespace {} does not exist", path.display())]
+    NoNetns {
+        /// `CNI_NETNS`.
+        path: PathBuf,
+    },
+    /// `CNI_NETNS` exists but cannot be opened or inspected (CNI error 4).
+    #[error("{op} CNI_NETNS {}: {source}", path.display())]
+    OpenNetns {
+        /// `open`, `fstatfs`, `NS_GET_NSTYPE`.
+        op: &'static str,
+        /// `CNI_NETNS`.
+        path: PathBuf,
+        /// The error, errno kept.
+        #[source]
+        source: io::Error,
+    },
+    /// `CNI_NETNS` is something else than a network namespace (CNI error 4).
+    #[error("invalid CNI_NETNS {}: a {what}, not a network namespace", path.display())]
+    NotNetns {
+        /// `CNI_NETNS`.
+        path: PathBuf,
+        /// What it is (`regular file`, `mnt namespace`, ...).
+        what: String,
+    },
 }
 
 impl NetError {
     /// The errno of a failed operation.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            NetError::Op { source, .. } => source.raw_os_error(),
-            NetError::Unexpected { .. } => None,
+            NetError::Op { source, .. } | NetError::OpenNetns { source, .. } => {
+                source.raw_os_error()
+            }
+            NetError::Unexpected { .. } | NetError::NoNetns { .. } | NetError::NotNetns { .. } => {
+                None
+            }
         }
     }
 
@@ -60,7 +94,12 @@ impl NetError {
 
 impl From<NetError> for CniError {
     fn from(e: NetError) -> Self {
-        CniError::from_error(code::NETLINK, &e)
+        let c = match &e {
+            NetError::NoNetns { .. } => code::UNKNOWN_CONTAINER,
+            NetError::OpenNetns { .. } | NetError::NotNetns { .. } => code::INVALID_ENV,
+            NetError::Op { .. } | NetError::Unexpected { .. } => code::NETLINK,
+        };
+        CniError::from_error(c, &e)
     }
 }
 
@@ -71,6 +110,87 @@ pub struct Netns {
     pub path: PathBuf,
     /// The open namespace file (kept open so the namespace cannot vanish mid-ADD).
     pub file: File,
+}
+
+/// `NS_GET_NSTYPE` (`_IO(0xb7, 0x3)`, Linux 4.11): the `CLONE_NEW*` type of a namespace file.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+
+impl Netns {
+    /// Opens `CNI_NETNS` and makes sure it is a network namespace, so a wrong path is refused
+    /// (error 4, naming it and what it is) before anything is created, rather than failing in the
+    /// middle of ADD when the kernel is handed a file that is no namespace. The file must be on
+    /// nsfs and `NS_GET_NSTYPE` (Linux 4.11+) must say `CLONE_NEWNET`.
+    pub fn open(path: &Path) -> Result<Self, NetError> {
+        let failed = |op, source| NetError::OpenNetns {
+            op,
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(NetError::NoNetns {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(failed("open", e)),
+        };
+        let not = |what: String| NetError::NotNetns {
+            path: path.to_path_buf(),
+            what,
+        };
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| failed("fstatfs", e.into()))?;
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+            let kind = file.metadata().map_err(|e| failed("stat", e))?.file_type();
+            return Err(not(file_kind(kind).to_string()));
+        }
+        // SAFETY: NS_GET_NSTYPE takes no argument and only returns the type; the fd is open.
+        let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+        if nstype < 0 {
+            return Err(failed("NS_GET_NSTYPE on", io::Error::last_os_error()));
+        }
+        if nstype != libc::CLONE_NEWNET {
+            return Err(not(format!("{} namespace", ns_kind(nstype))));
+        }
+        Ok(Netns {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+}
+
+/// The name of a namespace type (`CLONE_NEW*`), as `/proc/<pid>/ns/` names it.
+fn ns_kind(nstype: libc::c_int) -> &'static str {
+    match nstype {
+        libc::CLONE_NEWNS => "mnt",
+        libc::CLONE_NEWPID => "pid",
+        libc::CLONE_NEWUSER => "user",
+        libc::CLONE_NEWUTS => "uts",
+        libc::CLONE_NEWIPC => "ipc",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        0x80 => "time",
+        _ => "other",
+    }
+}
+
+/// What a file that is not a namespace is, for an error message.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
 }
 
 /// The node bridge and the gateway addresses it holds.

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::error::{CniError, code};
+use crate::error::{CniError, code, quoted};
 
 /// A CNI command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +77,20 @@ pub struct CniEnv {
     pub raw: HashMap<String, String>,
 }
 
+/// The longest `CNI_CONTAINERID` twill takes (runtimes use 64 hex digits). The ID is part of the
+/// host veth's alias, which the kernel limits to 255 bytes (see [`crate::names::MAX_ALIAS_LEN`]).
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+
 fn invalid(var: &str, why: impl std::fmt::Display) -> CniError {
     CniError::new(code::INVALID_ENV, format!("invalid {var}: {why}"))
 }
 
-/// Checks a Linux interface name: 1..=15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
+/// Checks a Linux interface name as the kernel's `dev_valid_name` and libcni's
+/// `ValidateInterfaceName` do, so a name the kernel would refuse or change is refused here, before
+/// anything is created: 1..=15 bytes, not `.` or `..`, no `/`, `:`, NUL or whitespace — the
+/// kernel's (`\t \n \v \f \r`, space, and byte 0xa0, which is also the second byte of UTF-8
+/// characters such as `à`) and Unicode's (libcni). And no `%`: the kernel takes such a name as a
+/// template (`eth%d` becomes `eth0`), so the pod end would not get the name asked for.
 pub fn valid_ifname(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
@@ -92,25 +101,33 @@ pub fn valid_ifname(name: &str) -> Result<(), &'static str> {
     if name == "." || name == ".." {
         return Err("reserved name");
     }
-    if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-    {
-        return Err("contains '/', ':', NUL or whitespace");
+    if name.bytes().any(|b| matches!(b, b'/' | b':' | b'%' | 0)) {
+        return Err("contains '/', ':', '%' or NUL");
+    }
+    let kernel_space = |b: u8| matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ' | 0xa0);
+    if name.bytes().any(kernel_space) || name.chars().any(char::is_whitespace) {
+        return Err("contains whitespace (to the kernel also byte 0xa0, as in 'à')");
     }
     Ok(())
 }
 
-/// Checks a container ID as the spec restricts it: alphanumerics, `-`, `_`, `.`.
-pub fn valid_container_id(id: &str) -> Result<(), &'static str> {
-    if id.is_empty() {
-        return Err("empty");
+/// Checks a container ID as the spec and libcni's `ValidateContainerID` do — an ASCII letter or
+/// digit, then letters, digits, `_`, `.` and `-` — and that it is at most
+/// [`MAX_CONTAINER_ID_LEN`] bytes.
+pub fn valid_container_id(id: &str) -> Result<(), String> {
+    let mut bytes = id.bytes();
+    match bytes.next() {
+        None => return Err("empty".into()),
+        Some(b) if !b.is_ascii_alphanumeric() => {
+            return Err("must start with a letter or a digit".into());
+        }
+        Some(_) => {}
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
-        return Err("only alphanumerics, '-', '_' and '.' are allowed");
+    if !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err("only letters, digits, '-', '_' and '.' are allowed".into());
+    }
+    if id.len() > MAX_CONTAINER_ID_LEN {
+        return Err(format!("longer than {MAX_CONTAINER_ID_LEN} bytes"));
     }
     Ok(())
 }
@@ -137,10 +154,11 @@ impl CniEnv {
         if command.per_container() {
             let id = get("CNI_CONTAINERID").ok_or_else(|| invalid("CNI_CONTAINERID", "not set"))?;
             valid_container_id(id)
-                .map_err(|why| invalid("CNI_CONTAINERID", format!("{id:?}: {why}")))?;
+                .map_err(|why| invalid("CNI_CONTAINERID", format!("{}: {why}", quoted(id))))?;
             container_id = id.to_string();
             let name = get("CNI_IFNAME").ok_or_else(|| invalid("CNI_IFNAME", "not set"))?;
-            valid_ifname(name).map_err(|why| invalid("CNI_IFNAME", format!("{name:?}: {why}")))?;
+            valid_ifname(name)
+                .map_err(|why| invalid("CNI_IFNAME", format!("{}: {why}", quoted(name))))?;
             ifname = name.to_string();
             match get("CNI_NETNS") {
                 Some(p) if !p.starts_with('/') => {
@@ -280,6 +298,79 @@ mod tests {
     fn gc_and_status_need_no_container() {
         for cmd in ["GC", "STATUS", "VERSION"] {
             CniEnv::from_map(vars(&[("CNI_COMMAND", cmd)])).unwrap();
+        }
+    }
+
+    fn add_env(id: &str, ifname: &str) -> Result<CniEnv, CniError> {
+        CniEnv::from_map(vars(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", ifname),
+        ]))
+    }
+
+    #[test]
+    fn ifname_is_checked_as_the_kernel_and_libcni_check_it() {
+        for good in ["eth0", "net1", "vé", "a.b-c_d", "0123456789abcde"] {
+            add_env("c1", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+        // `%` makes the kernel treat the name as a template (`eth%d` becomes `eth0`); byte 0xa0
+        // (in "à") and \v are spaces to the kernel; U+2003 is a space to libcni.
+        for bad in [
+            "eth%d",
+            "a%b",
+            "a\u{b}b",
+            "và",
+            "eth\u{2003}0",
+            "a:b",
+            "a/b",
+            "a b",
+            ".",
+            "..",
+            "0123456789abcdef",
+        ] {
+            let e = add_env("c1", bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad:?}: {e}");
+            assert!(
+                e.msg.contains("CNI_IFNAME") && e.msg.contains(&format!("{bad:?}")),
+                "{bad:?}: {}",
+                e.msg
+            );
+        }
+    }
+
+    #[test]
+    fn container_id_is_checked_as_libcni_checks_it() {
+        let longest = "a".repeat(MAX_CONTAINER_ID_LEN);
+        for good in ["abc", "0f3e", "A.b-c_d", longest.as_str()] {
+            add_env(good, "eth0").unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+        for bad in ["-abc", ".abc", "_abc", "a b", "a/b", "a:b", "é"] {
+            let e = add_env(bad, "eth0").unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad:?}: {e}");
+            assert!(
+                e.msg.contains("CNI_CONTAINERID") && e.msg.contains(&format!("{bad:?}")),
+                "{bad:?}: {}",
+                e.msg
+            );
+        }
+        // Too long for the host veth's alias: refused with its start and its length.
+        for len in [MAX_CONTAINER_ID_LEN + 1, 10_000] {
+            let e = add_env(&"b".repeat(len), "eth0").unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{e}");
+            assert!(
+                e.msg.contains("CNI_CONTAINERID")
+                    && e.msg.contains("bbbbbbbb")
+                    && e.msg.contains(&format!("{len} bytes")),
+                "{}",
+                e.msg
+            );
+            assert!(
+                e.msg.len() < 300,
+                "the message repeats the whole value: {}",
+                e.msg
+            );
         }
     }
 

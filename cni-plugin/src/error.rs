@@ -66,16 +66,22 @@ impl CniError {
         }
     }
 
-    /// An error whose message is `err`'s top line and whose details are its whole source chain.
+    /// An error whose message is `err`'s top line and whose details are the rest of its source
+    /// chain: the causes the message does not already say. (The module errors print their
+    /// source in their own message, `"read {path}: {source}"`; a runtime shows `msg; details`,
+    /// so repeating them there would say the errno twice.)
     pub fn from_error(code: u32, err: &(dyn std::error::Error + 'static)) -> Self {
         let msg = err.to_string();
         let mut details = String::new();
         let mut cur = err.source();
         while let Some(e) = cur {
-            if !details.is_empty() {
-                details.push_str(": ");
+            let text = e.to_string();
+            if !msg.contains(&text) && !details.contains(&text) {
+                if !details.is_empty() {
+                    details.push_str(": ");
+                }
+                details.push_str(&text);
             }
-            details.push_str(&e.to_string());
             cur = e.source();
         }
         Self { code, msg, details }
@@ -107,6 +113,17 @@ impl CniError {
         })
         .unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"error\"}}", self.code))
     }
+}
+
+/// `value` quoted for an error message; a long one (a 10,000-byte container ID) is cut to its
+/// start and its length.
+pub fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN + 16 {
+        return format!("{value:?}");
+    }
+    let start: String = value.chars().take(SHOWN).collect();
+    format!("{start:?}… ({} bytes)", value.len())
 }
 
 impl fmt::Display for CniError {
@@ -145,6 +162,19 @@ mod tests {
             serde_json::from_str(&CniError::new(11, "busy").to_json("1.1.0")).unwrap();
         assert!(v.get("details").is_none());
         assert_eq!(v.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn from_error_says_each_cause_once() {
+        // thiserror's usual shape: the source in the message and as `source()`.
+        #[derive(Debug, thiserror::Error)]
+        #[error("read /x/subnet.env: {0}")]
+        struct Read(#[source] std::io::Error);
+        let e = CniError::from_error(5, &Read(std::io::Error::from_raw_os_error(libc::ENOENT)));
+        // What a runtime shows (libcni prints `msg; details`) and what the log gets.
+        for shown in [format!("{}; {}", e.msg, e.details), e.to_string()] {
+            assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
+        }
     }
 
     #[test]

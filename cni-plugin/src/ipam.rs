@@ -90,6 +90,9 @@ impl From<IpamError> for CniError {
     }
 }
 
+/// The operation of [`IpamError::Io`] when the lock file cannot be opened.
+const LOCK_OPEN: &str = "open lock file";
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> IpamError + use<> {
     let path = path.to_path_buf();
     move |source| IpamError::Io { op, path, source }
@@ -242,16 +245,41 @@ pub struct Store {
 
 impl Store {
     /// Creates `<data_dir>/<network>/` if needed and takes its lock, waiting at most `timeout`.
+    /// For ADD, the one command that allocates.
     pub fn open(data_dir: &Path, network: &str, timeout: Duration) -> Result<Self, IpamError> {
         let dir = data_dir.join(network);
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        Self::lock(dir, timeout)
+    }
+
+    /// Takes the lock of `<data_dir>/<network>/` if that directory exists; `None` when it does
+    /// not (nothing was ever allocated there). For DEL, GC, CHECK and rollbacks, which only
+    /// read or release and must not leave a state directory behind where there was none.
+    pub fn open_existing(
+        data_dir: &Path,
+        network: &str,
+        timeout: Duration,
+    ) -> Result<Option<Self>, IpamError> {
+        match Self::lock(data_dir.join(network), timeout) {
+            Ok(store) => Ok(Some(store)),
+            Err(IpamError::Io { op, source, .. })
+                if op == LOCK_OPEN && source.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens (creating) `dir/lock` and locks it, waiting at most `timeout`.
+    fn lock(dir: PathBuf, timeout: Duration) -> Result<Self, IpamError> {
         let lock_path = dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(io_err("open lock file", &lock_path))?;
+            .map_err(io_err(LOCK_OPEN, &lock_path))?;
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((file, Errno::EWOULDBLOCK)) => {
@@ -603,6 +631,27 @@ mod tests {
             .allocate("net", &[pool("10.0.0.1/24")], "n", "eth0", &[])
             .unwrap();
         assert_eq!(got[0].0, ip("10.0.0.10"));
+    }
+
+    #[test]
+    fn open_existing_creates_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Duration::from_millis(200);
+        assert!(
+            Store::open_existing(tmp.path(), "net", t)
+                .unwrap()
+                .is_none()
+        );
+        assert!(!tmp.path().join("net").exists());
+        assert!(
+            Store::open_existing(&tmp.path().join("none"), "net", t)
+                .unwrap()
+                .is_none()
+        );
+        assert!(!tmp.path().join("none").exists());
+        drop(store(tmp.path()));
+        let s = Store::open_existing(tmp.path(), "net", t).unwrap().unwrap();
+        assert_eq!(s.dir(), tmp.path().join("net"));
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub fn run(vars: impl IntoIterator<Item = (String, String)>, stdin: &[u8]) -> Ou
             error!(
                 ?took,
                 code = e.code,
-                details = e.details.as_str(),
+                details = (!e.details.is_empty()).then_some(e.details.as_str()),
                 "{}",
                 e.msg
             );

@@ -15,6 +15,20 @@ use std::net::Ipv4Addr;
 /// Prefix of every host-side veth twill creates.
 pub const VETH_PREFIX: &str = "tw";
 
+/// The longest alias the kernel keeps on a link (`IFALIASZ` - 1).
+pub const MAX_ALIAS_LEN: usize = 255;
+
+// The longest network name, container ID and interface name twill takes fit in an alias.
+const _: () = assert!(
+    "twill:".len()
+        + crate::config::MAX_NETWORK_NAME_LEN
+        + 1
+        + crate::env::MAX_CONTAINER_ID_LEN
+        + 1
+        + 15
+        <= MAX_ALIAS_LEN
+);
+
 /// The alias twill writes on a host veth: `twill:<network>:<containerID>:<ifname>`.
 /// `:` cannot occur in any of the three (network names and container IDs are restricted, and
 /// Linux rejects `:` in interface names), so the alias splits back unambiguously.

@@ -231,6 +231,74 @@ impl Rig {
         }
     }
 
+    /// [`Rig::invoke`] for calls that could hang or eat memory if the plugin misbehaved: the
+    /// plugin runs with a 512 MiB address-space limit and is killed after `deadline`, which
+    /// fails the test instead of hanging it.
+    fn invoke_bounded(&self, env: &[(&str, &str)], stdin: &[u8], deadline: Duration) -> Reply {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Self::netns_path(&self.node)))
+            .arg(BIN)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 512 << 20,
+                    rlim_max: 512 << 20,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &raw const limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn nsenter twill-cni");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let Ok(out) = rx.recv_timeout(deadline) else {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("twill-cni did not answer within {deadline:?}");
+        };
+        let out = out.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Reply {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Nothing of this network on the node: no bridge, no twill veth, no IPAM state directory.
+    fn assert_untouched(&self, what: &str) {
+        let links = ip_in(&self.node, &["-o", "link", "show"]);
+        assert!(
+            !links.contains("cni0"),
+            "{what}: a bridge was created: {links}"
+        );
+        assert!(
+            self.host_veths().is_empty(),
+            "{what}: {:?}",
+            self.host_veths()
+        );
+        assert!(
+            !self.data_dir().exists(),
+            "{what}: {} was created",
+            self.data_dir().display()
+        );
+    }
+
     fn cni(&self, command: &str, id: &str, pod: &str, conf: &Value) -> Reply {
         self.cni_if(command, id, pod, "eth0", conf)
     }
@@ -594,6 +662,9 @@ fn pods_on_one_node_reach_each_other_bridge_mode() {
     let d = ip_in(&rig.node, &["-d", "link", "show", &port]);
     assert!(d.contains("master cni0") && d.contains("hairpin on"), "{d}");
     assert!(d.contains("alias twill:twtest:a:eth0"), "{d}");
+    // The log file (not a terminal) is plain text.
+    let log = std::fs::read_to_string(rig.dir.path().join("twill-cni.log")).unwrap();
+    assert!(log.contains("ok") && !log.contains('\x1b'), "{log}");
 }
 
 #[test]
@@ -1086,4 +1157,323 @@ fn every_error_code() {
     // CHECK without prevResult is an invalid config.
     rig.cni("CHECK", "e", &pod, &one)
         .expect_err(7, "CHECK without prevResult");
+}
+
+#[test]
+fn invalid_environment_is_4_before_anything_is_created() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let conf = rig.conf("1.0.0", &json!({}));
+    let env = |netns: &str, id: &str, ifname: &str, cmd: &'static str| {
+        vec![
+            ("CNI_COMMAND", cmd.to_string()),
+            ("CNI_CONTAINERID", id.to_string()),
+            ("CNI_NETNS", netns.to_string()),
+            ("CNI_IFNAME", ifname.to_string()),
+        ]
+    };
+    let call = |vars: Vec<(&str, String)>, conf: &Value| {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        rig.invoke(&vars, conf.to_string().as_bytes())
+    };
+    // CNI_NETNS that is no network namespace: a plain file, another kind of namespace.
+    let file = rig.dir.path().join("not-a-netns");
+    File::create(&file).unwrap();
+    let file = file.display().to_string();
+    let mut check = conf.clone();
+    check["prevResult"] = json!({"cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": file}], "ips": []});
+    for (netns, what) in [
+        (file.as_str(), "regular file"),
+        ("/proc/self/ns/mnt", "mnt namespace"),
+    ] {
+        for (cmd, c) in [("ADD", &conf), ("CHECK", &check)] {
+            let r = call(env(netns, "c1", "eth0", cmd), c)
+                .expect_err(4, &format!("{cmd} with CNI_NETNS={netns}"));
+            assert!(
+                r.msg().contains("CNI_NETNS") && r.msg().contains(netns) && r.msg().contains(what),
+                "{}",
+                r.msg()
+            );
+        }
+    }
+    // An interface name the kernel would take as a template, and one with its whitespace.
+    let netns = Rig::netns_path(&pod);
+    for ifname in ["eth%d", "et\u{a0}h0"] {
+        let r = call(env(&netns, "c1", ifname, "ADD"), &conf)
+            .expect_err(4, &format!("ADD with CNI_IFNAME={ifname:?}"));
+        assert!(
+            r.msg().contains("CNI_IFNAME") && r.msg().contains(&format!("{ifname:?}")),
+            "{}",
+            r.msg()
+        );
+    }
+    // A container ID the alias cannot hold, and one libcni refuses.
+    let long = "a".repeat(10_000);
+    let r = call(env(&netns, &long, "eth0", "ADD"), &conf).expect_err(4, "10,000-byte ID");
+    assert!(
+        r.msg().contains("CNI_CONTAINERID") && r.msg().contains("10000 bytes"),
+        "{}",
+        r.msg()
+    );
+    assert!(
+        r.stdout.len() < 1000,
+        "the whole ID echoed: {} bytes",
+        r.stdout.len()
+    );
+    call(env(&netns, "-c1", "eth0", "ADD"), &conf).expect_err(4, "ID starting with '-'");
+    rig.assert_untouched("refused ADDs");
+    assert_eq!(
+        ip_in(&pod, &["-o", "link", "show"]).lines().count(),
+        1,
+        "the pod got an interface"
+    );
+}
+
+#[test]
+fn bad_subnet_files_are_103_before_anything_is_created() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let conf = rig.conf("1.0.0", &json!({}));
+    let subnet = rig.subnet_file().display().to_string();
+    let good = std::fs::read_to_string(rig.subnet_file()).unwrap();
+    let t = rig.third;
+    for (text, names, why) in [
+        (
+            [good.as_bytes(), b"# caf\xe9\n"].concat(),
+            subnet.clone(),
+            "UTF-8",
+        ),
+        (
+            format!(
+                "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.98.{t}.1/24\nFLANNEL_MTU=1450\n"
+            )
+            .into_bytes(),
+            format!("10.98.{t}.1/24"),
+            "outside FLANNEL_NETWORK 10.99.0.0/16",
+        ),
+        (
+            b"FLANNEL_SUBNET=0.0.0.1/0\nFLANNEL_MTU=1450\n".to_vec(),
+            "0.0.0.1/0".to_string(),
+            "FLANNEL_SUBNET",
+        ),
+    ] {
+        std::fs::write(rig.subnet_file(), &text).unwrap();
+        let r = rig
+            .cni("ADD", "c1", &pod, &conf)
+            .expect_err(103, &format!("ADD with {}", String::from_utf8_lossy(&text)));
+        assert!(
+            r.msg().contains(&names) && r.msg().contains(why),
+            "{}",
+            r.msg()
+        );
+        rig.assert_untouched(&names);
+    }
+    // Not written yet: try again, and the OS error said once (stdout and stderr).
+    std::fs::remove_file(rig.subnet_file()).unwrap();
+    let r = rig
+        .cni("ADD", "c1", &pod, &conf)
+        .expect_err(11, "no subnet file");
+    assert_eq!(r.stdout.matches("os error 2").count(), 1, "{}", r.stdout);
+    assert_eq!(r.stderr.matches("os error 2").count(), 1, "{}", r.stderr);
+    rig.assert_untouched("no subnet file");
+}
+
+#[test]
+fn subnet_file_that_never_ends_is_refused_at_once() {
+    let Some(mut rig) = Rig::new() else { return };
+    let pod = rig.pod();
+    let fifo = rig.dir.path().join("fifo.env");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = fifo.display().to_string();
+    for (path, what) in [("/dev/zero", "character device"), (fifo.as_str(), "FIFO")] {
+        let conf = rig.conf("1.0.0", &json!({"subnetFile": path}));
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", &*Rig::netns_path(&pod)),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let r = rig
+            .invoke_bounded(&env, conf.to_string().as_bytes(), Duration::from_secs(20))
+            .expect_err(103, &format!("subnetFile {path}"));
+        assert!(
+            r.msg().contains(path) && r.msg().contains(what),
+            "{}",
+            r.msg()
+        );
+        let status = rig.conf("1.1.0", &json!({"subnetFile": path}));
+        rig.invoke_bounded(
+            &[("CNI_COMMAND", "STATUS")],
+            status.to_string().as_bytes(),
+            Duration::from_secs(20),
+        )
+        .expect_err(50, &format!("STATUS with subnetFile {path}"));
+    }
+    rig.assert_untouched("endless subnet files");
+}
+
+#[test]
+fn del_and_gc_create_no_ipam_directory() {
+    let Some(rig) = Rig::new() else { return };
+    let conf = rig.conf("1.1.0", &json!({}));
+    rig.cni("DEL", "never", "", &conf)
+        .expect_ok("DEL of an unknown container");
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    rig.invoke(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes())
+        .expect_ok("GC");
+    rig.assert_untouched("DEL and GC");
+}
+
+/// The conflist of the README's containerd section, as the runtime reads it.
+fn readme_conflist() -> Value {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read cni-plugin/README.md");
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("containerd"))
+        .expect("README has a containerd section");
+    let block = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("containerd section has a json block");
+    serde_json::from_str(block).unwrap_or_else(|e| panic!("README conflist: {e}\n{block}"))
+}
+
+/// The CNI versions libcni 1.1.x (containerd 1.6 and 1.7, podman 4) parses results of.
+const LIBCNI_1_1_RESULTS: [&str; 6] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+
+/// The README's containerd conflist run the way libcni runs a list (ADD in order, each plugin
+/// given the previous result; DEL in reverse order with the cached result), with twill-cni and
+/// the reference portmap installed here: every plugin supports the list's version, every
+/// command succeeds, the results are in a version containerd 1.6/1.7 parses, and DEL leaves
+/// nothing behind.
+#[test]
+fn readme_containerd_conflist_runs_with_the_reference_portmap() {
+    let Some(mut rig) = Rig::new() else { return };
+    if !reference_plugins() {
+        return;
+    }
+    let list = readme_conflist();
+    let version = list["cniVersion"].as_str().expect("cniVersion").to_string();
+    let plugins = list["plugins"].as_array().expect("plugins").clone();
+    assert_eq!(plugins[0]["type"], "twill-cni");
+    let binary = |plugin: &Value| -> String {
+        match plugin["type"].as_str().unwrap() {
+            "twill-cni" => BIN.to_string(),
+            other => format!("/usr/lib/cni/{other}"),
+        }
+    };
+    let pod = rig.pod();
+    let netns = Rig::netns_path(&pod);
+    let exec = |plugin: &Value, command: &str, conf: &Value| -> Reply {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
+            .arg(binary(plugin))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs([
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "readme"),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/usr/lib/cni"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Reply {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    // What libcni hands each plugin: its object with the list's version and name, runtimeConfig
+    // for the capabilities it declares, the previous result. (The node's paths are the test's.)
+    let netconf = |plugin: &Value, prev: Option<&Value>| -> Value {
+        let mut c = plugin.clone();
+        c["cniVersion"] = json!(version);
+        c["name"] = list["name"].clone();
+        if c["type"] == "twill-cni" {
+            c["subnetFile"] = json!(rig.subnet_file());
+            c["dataDir"] = json!(rig.data_dir());
+        }
+        if c["capabilities"]["portMappings"] == true {
+            c["runtimeConfig"] = json!({"portMappings": [
+                {"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}]});
+        }
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    };
+    for plugin in &plugins {
+        let v = exec(plugin, "VERSION", &json!({"cniVersion": version}))
+            .expect_ok(&format!("VERSION of {}", plugin["type"]));
+        assert!(
+            v.json["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(version)),
+            "{} does not support the README's cniVersion {version}: {}",
+            plugin["type"],
+            v.stdout
+        );
+    }
+    let mut prev: Option<Value> = None;
+    for plugin in &plugins {
+        let r = exec(plugin, "ADD", &netconf(plugin, prev.as_ref()))
+            .expect_ok(&format!("ADD {}", plugin["type"]));
+        assert_eq!(r.json["cniVersion"], json!(version), "{}", r.stdout);
+        prev = Some(r.json);
+    }
+    assert!(
+        LIBCNI_1_1_RESULTS.contains(&version.as_str()),
+        "containerd 1.6/1.7 cannot parse a {version} result"
+    );
+    let result = prev.unwrap();
+    assert!(
+        result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("10.99.{}.", rig.third))
+    );
+    let nat = || {
+        let out = run(
+            "nsenter",
+            &[
+                &format!("--net={}", Rig::netns_path(&rig.node)),
+                "iptables-save",
+                "-t",
+                "nat",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        nat().contains("18081"),
+        "portmap's hostPort rule is missing"
+    );
+    // CHECK of twill-cni with the list's result (portmap 1.1.1's own CHECK looks for its IPv6
+    // chain even for an IPv4-only pod, and fails whatever came before it).
+    exec(&plugins[0], "CHECK", &netconf(&plugins[0], Some(&result))).expect_ok("CHECK twill-cni");
+    for plugin in plugins.iter().rev() {
+        exec(plugin, "DEL", &netconf(plugin, Some(&result)))
+            .expect_ok(&format!("DEL {}", plugin["type"]));
+    }
+    assert!(rig.leases().is_empty(), "{:?}", rig.leases());
+    assert!(rig.host_veths().is_empty(), "{:?}", rig.host_veths());
+    assert!(!nat().contains("18081"), "portmap's hostPort rule stayed");
 }

@@ -6,16 +6,35 @@
 //!
 //! The format is flannel's: `KEY=VALUE` lines, `FLANNEL_SUBNET` carrying the subnet's first host
 //! address (the pod gateway) with the subnet's prefix length, e.g. `10.244.1.1/24`.
+//!
+//! The file is written by another process (and sometimes by hand, or by a flannel of another
+//! version), so reading it trusts nothing: [`SubnetFacts::read`] opens it without blocking and
+//! takes only a regular file (a FIFO would wait for a writer forever, `/dev/zero` never ends),
+//! reads at most [`MAX_FILE_SIZE`] bytes, and wants UTF-8; [`SubnetFacts::parse`] refuses a node
+//! subnet outside the cluster network or with a prefix no pod subnet can have (a `/0` would put
+//! the whole address space on the pod bridge). Every refusal names the file or the key and value.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Default location of the facts file (flannel's).
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
+
+/// The largest facts file [`SubnetFacts::read`] takes. flannel's is about 150 bytes; anything near
+/// this size is not a subnet file.
+pub const MAX_FILE_SIZE: u64 = 64 * 1024;
+
+/// Prefix lengths a node's IPv4 pod subnet may have: at least one pod besides the gateway, and
+/// not a large part of the address space.
+pub const IPV4_SUBNET_PREFIX: std::ops::RangeInclusive<u8> = 8..=30;
+
+/// Prefix lengths a node's IPv6 pod subnet may have.
+pub const IPV6_SUBNET_PREFIX: std::ops::RangeInclusive<u8> = 16..=126;
 
 /// Errors reading or writing the facts file.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +49,30 @@ pub enum FactsError {
         /// The underlying error, errno kept.
         #[source]
         source: std::io::Error,
+    },
+    /// The path is not a regular file (a FIFO, a device, a directory, ...).
+    #[error("read {path}: not a regular file but a {kind}")]
+    NotRegular {
+        /// The file.
+        path: String,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_FILE_SIZE`].
+    #[error("read {path}: larger than {limit} bytes, not a subnet file")]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The file is not UTF-8 text.
+    #[error("read {path}: not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 {
+        /// The file.
+        path: String,
+        /// Where the first invalid byte is.
+        offset: usize,
     },
     /// A line has a value that does not parse.
     #[error("invalid {key} value {value:?}: {reason}")]
@@ -151,6 +194,22 @@ impl SubnetFacts {
         if !have_mtu {
             return Err(FactsError::Missing("FLANNEL_MTU"));
         }
+        if let Some(s) = facts.subnet {
+            check_subnet(
+                ("FLANNEL_SUBNET", IpNet::V4(s)),
+                facts.network.map(|n| ("FLANNEL_NETWORK", IpNet::V4(n))),
+                &IPV4_SUBNET_PREFIX,
+            )?;
+        }
+        if let Some(s) = facts.ipv6_subnet {
+            check_subnet(
+                ("FLANNEL_IPV6_SUBNET", IpNet::V6(s)),
+                facts
+                    .ipv6_network
+                    .map(|n| ("FLANNEL_IPV6_NETWORK", IpNet::V6(n))),
+                &IPV6_SUBNET_PREFIX,
+            )?;
+        }
         Ok(facts)
     }
 
@@ -174,12 +233,40 @@ impl SubnetFacts {
         out
     }
 
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`: a regular file of at most [`MAX_FILE_SIZE`] bytes of
+    /// UTF-8. Never blocks on what is not a regular file (it is opened non-blocking and refused).
     pub fn read(path: &Path) -> Result<Self, FactsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FactsError::Io {
-            op: "read",
-            path: path.display().to_string(),
+        let shown = || path.display().to_string();
+        let io = |op, source| FactsError::Io {
+            op,
+            path: shown(),
             source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| io("read", e))?;
+        let kind = file.metadata().map_err(|e| io("stat", e))?.file_type();
+        if !kind.is_file() {
+            return Err(FactsError::NotRegular {
+                path: shown(),
+                kind: file_kind(kind),
+            });
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io("read", e))?;
+        if bytes.len() as u64 > MAX_FILE_SIZE {
+            return Err(FactsError::TooLarge {
+                path: shown(),
+                limit: MAX_FILE_SIZE,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| FactsError::NotUtf8 {
+            path: shown(),
+            offset: e.utf8_error().valid_up_to(),
         })?;
         Self::parse(&text)
     }
@@ -207,6 +294,51 @@ impl SubnetFacts {
             return Err(io("write", e));
         }
         Ok(())
+    }
+}
+
+/// Refuses a node subnet (`key` and its value) whose prefix is outside `range`, or that does not
+/// lie inside the cluster network (its key and value) when the file names one.
+fn check_subnet(
+    (key, subnet): (&str, IpNet),
+    network: Option<(&str, IpNet)>,
+    range: &std::ops::RangeInclusive<u8>,
+) -> Result<(), FactsError> {
+    let bad = |reason: String| FactsError::BadValue {
+        key: key.to_string(),
+        value: subnet.to_string(),
+        reason,
+    };
+    let prefix = subnet.prefix_len();
+    if !range.contains(&prefix) {
+        return Err(bad(format!(
+            "prefix /{prefix} is not a pod subnet's (/{} to /{})",
+            range.start(),
+            range.end()
+        )));
+    }
+    if let Some((net_key, net)) = network
+        && !net.contains(&subnet.trunc())
+    {
+        return Err(bad(format!("outside {net_key} {net}")));
+    }
+    Ok(())
+}
+
+/// What a non-regular file is, for an error message.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
     }
 }
 
@@ -260,6 +392,183 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("FLANNEL_MTU") && err.contains('9'), "{err}");
+    }
+
+    /// Runs `f` on a thread and waits at most `secs` for it: a read that blocks (a FIFO without
+    /// a writer) fails the test instead of hanging it.
+    fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(secs))
+            .expect("read did not return in time")
+    }
+
+    #[test]
+    fn read_refuses_what_is_not_a_subnet_file_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        // A valid file padded past the size limit with comments: refused, naming the file.
+        let big = dir.path().join("big.env");
+        let mut text = sample().render();
+        while text.len() <= 64 * 1024 {
+            text.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&big, &text).unwrap();
+        let err = SubnetFacts::read(&big).unwrap_err().to_string();
+        assert!(
+            err.contains("big.env") && err.contains("larger than"),
+            "{err}"
+        );
+        // A FIFO nobody writes to: refused at once (opening it must not wait for a writer).
+        let fifo = dir.path().join("fifo.env");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let f = fifo.clone();
+        let err = within(10, move || SubnetFacts::read(&f))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fifo.env") && err.contains("not a regular file"),
+            "{err}"
+        );
+        // Endless devices and directories: refused, naming the path.
+        for path in ["/dev/zero", "/dev/urandom"] {
+            let err = within(10, move || SubnetFacts::read(Path::new(path)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(path) && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
+        let err = SubnetFacts::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_names_the_file_and_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.env");
+        let mut bytes = sample().render().into_bytes();
+        let at = bytes.len();
+        bytes.extend_from_slice(b"# caf\xe9\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = SubnetFacts::read(&path).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("latin1.env") && text.contains(&format!("offset {}", at + 5)),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn subnet_must_lie_inside_the_network_with_a_sane_prefix() {
+        let ok = |t: &str| SubnetFacts::parse(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+        let bad = |t: &str, value: &str, why: &str| {
+            let e = SubnetFacts::parse(t).expect_err(t).to_string();
+            assert!(e.contains(value) && e.contains(why), "{t}: {e}");
+        };
+        ok("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n");
+        // The node's subnet may be the whole network (one node), and needs no network line.
+        ok("FLANNEL_NETWORK=10.244.0.0/24\nFLANNEL_SUBNET=10.244.0.1/24\nFLANNEL_MTU=1450\n");
+        ok("FLANNEL_SUBNET=10.244.0.1/30\nFLANNEL_MTU=1450\n");
+        ok(
+            "FLANNEL_IPV6_NETWORK=fd00:10::/56\nFLANNEL_IPV6_SUBNET=fd00:10:0:3::1/64\nFLANNEL_MTU=1450\n",
+        );
+        bad(
+            "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.98.5.1/24\nFLANNEL_MTU=1450\n",
+            "10.98.5.1/24",
+            "outside FLANNEL_NETWORK 10.99.0.0/16",
+        );
+        bad(
+            "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.0.0.1/8\nFLANNEL_MTU=1450\n",
+            "10.0.0.1/8",
+            "outside FLANNEL_NETWORK",
+        );
+        bad(
+            "FLANNEL_SUBNET=0.0.0.1/0\nFLANNEL_MTU=1450\n",
+            "0.0.0.1/0",
+            "/8 to /30",
+        );
+        bad(
+            "FLANNEL_NETWORK=0.0.0.0/0\nFLANNEL_SUBNET=0.0.0.1/0\nFLANNEL_MTU=1450\n",
+            "0.0.0.1/0",
+            "/8 to /30",
+        );
+        bad(
+            "FLANNEL_SUBNET=10.0.0.1/31\nFLANNEL_MTU=1450\n",
+            "10.0.0.1/31",
+            "/8 to /30",
+        );
+        bad(
+            "FLANNEL_IPV6_NETWORK=fd00:10::/56\nFLANNEL_IPV6_SUBNET=fd00:11::1/64\nFLANNEL_MTU=1450\n",
+            "fd00:11::1/64",
+            "outside FLANNEL_IPV6_NETWORK fd00:10::/56",
+        );
+        bad(
+            "FLANNEL_IPV6_SUBNET=::1/0\nFLANNEL_MTU=1450\n",
+            "::1/0",
+            "/16 to /126",
+        );
+        bad(
+            "FLANNEL_IPV6_SUBNET=fd00::1/127\nFLANNEL_MTU=1450\n",
+            "fd00::1/127",
+            "/16 to /126",
+        );
+    }
+
+    /// What every accepted file satisfies (the fuzz target `subnet_file` checks the same).
+    fn assert_sane(f: &SubnetFacts) {
+        if let Some(s) = f.subnet {
+            assert!(IPV4_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+            assert!(f.network.is_none_or(|n| n.contains(&s.trunc())), "{f:?}");
+        }
+        if let Some(s) = f.ipv6_subnet {
+            assert!(IPV6_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+            assert!(
+                f.ipv6_network.is_none_or(|n| n.contains(&s.trunc())),
+                "{f:?}"
+            );
+        }
+        assert!((68..=65535).contains(&f.mtu), "{f:?}");
+        assert_eq!(SubnetFacts::parse(&f.render()).as_ref().ok(), Some(f));
+    }
+
+    #[test]
+    fn mutated_files_never_panic_and_accepted_ones_are_sane() {
+        let seed = sample().render();
+        let alphabet = b"=/:.\n#\"0123456789abcdefFLANNEL_SUBNETWORKIPV6MTU ";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut b = seed.as_bytes().to_vec();
+            for _ in 0..=next() % 4 {
+                let i = usize::try_from(next() % b.len() as u64).unwrap();
+                let c = alphabet[usize::try_from(next() % alphabet.len() as u64).unwrap()];
+                match next() % 3 {
+                    0 => b[i] = c,
+                    1 if b.len() > 1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, c),
+                }
+            }
+            match SubnetFacts::parse(&String::from_utf8(b).unwrap()) {
+                Ok(f) => {
+                    assert_sane(&f);
+                    accepted += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        // Both sides are exercised, or the test proves nothing.
+        assert!(accepted > 1_000 && refused > 1_000, "{accepted} {refused}");
     }
 
     #[test]

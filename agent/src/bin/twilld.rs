@@ -6,6 +6,8 @@
 //! after the subcommand (`twilld apply -f web.yaml --etcd-endpoints X`). Agent flags and a
 //! subcommand do not mix (`args_conflicts_with_subcommands`), so neither can be misread.
 
+use std::io::IsTerminal as _;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use twill_agent::agent::{Options, run};
@@ -33,9 +35,14 @@ fn main() -> anyhow::Result<()> {
     let default_level = if cmd.is_some() { "warn" } else { "info" };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colours only for a person at a terminal: a log file or a pipe gets plain text (and
+    // NO_COLOR turns them off anywhere).
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if opts.log_format == "json" {
         builder.json().init();
     } else {
