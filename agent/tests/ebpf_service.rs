@@ -1058,3 +1058,63 @@ fn check_maglev_tables(pin_dir: &Path, services: &[LbService]) {
         }
     }
 }
+
+/// Re-opening the dataplane over its pinned state (what a restarted agent does) never clears,
+/// not even for a moment, the setting that leaves pods' connected UDP to the tc path: a pod
+/// socket connected meanwhile would be balanced at `connect()` by socket-LB and keep that
+/// backend for its whole life, out of reach of the tc path that moves flows off removed
+/// endpoints. The setting is read, as the programs read it, from the pinned map while the
+/// dataplane re-opens again and again.
+#[test]
+fn reopening_never_clears_the_pods_udp_setting() {
+    use aya::maps::{Array, Map, MapData};
+    use twill_common::service::{CFG_UDP_CONNECT_VIA_TC, LbConfig, MAP_CONFIG};
+
+    if !require_root("reopening_never_clears_the_pods_udp_setting") {
+        return;
+    }
+    let env = Env::new("r");
+    ip_batch(
+        &env.node,
+        "link add br0 type bridge
+addr add 10.253.0.1/24 dev br0
+link set br0 up
+",
+    );
+    let mut config = env.config();
+    config.ifaces.push(TcIface::pods("br0"));
+    env.on_node(|| drop(EbpfLb::open_with(&config).expect("open")));
+    let settings = |path: &Path| -> Array<MapData, LbConfig> {
+        let map = MapData::from_pin(path).expect("open the pinned settings");
+        Array::try_from(Map::Array(map)).expect("an array")
+    };
+    let pinned = env.pin_dir.join(MAP_CONFIG);
+    let now = settings(&pinned).get(&0, 0).expect("read the settings");
+    assert_ne!(now.flags & CFG_UDP_CONNECT_VIA_TC, 0, "{now:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = thread::spawn({
+        let (map, stop) = (settings(&pinned), stop.clone());
+        move || {
+            let (mut reads, mut cleared) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let value = map.get(&0, 0).expect("read the settings");
+                reads += 1;
+                cleared += u64::from(value.flags & CFG_UDP_CONNECT_VIA_TC == 0);
+            }
+            (reads, cleared)
+        }
+    });
+    for _ in 0..6 {
+        env.on_node(|| drop(EbpfLb::open_with(&config).expect("re-open")));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (reads, cleared) = watcher.join().expect("watcher");
+    assert!(reads > 0);
+    assert_eq!(
+        cleared, 0,
+        "{cleared} of {reads} reads during 6 re-opens found the setting cleared"
+    );
+    env.on_node(|| EbpfLb::open_with(&config).expect("open"))
+        .uninstall()
+        .expect("uninstall");
+}
