@@ -1058,3 +1058,160 @@ fn check_maglev_tables(pin_dir: &Path, services: &[LbService]) {
         }
     }
 }
+
+/// Re-opening the dataplane over its pinned state (what a restarted agent does) never clears,
+/// not even for a moment, the setting that leaves pods' connected UDP to the tc path: a pod
+/// socket connected meanwhile would be balanced at `connect()` by socket-LB and keep that
+/// backend for its whole life, out of reach of the tc path that moves flows off removed
+/// endpoints. The setting is read, as the programs read it, from the pinned map while the
+/// dataplane re-opens again and again.
+#[test]
+fn reopening_never_clears_the_pods_udp_setting() {
+    use aya::maps::{Array, Map, MapData};
+    use twill_common::service::{CFG_UDP_CONNECT_VIA_TC, LbConfig, MAP_CONFIG};
+
+    if !require_root("reopening_never_clears_the_pods_udp_setting") {
+        return;
+    }
+    let env = Env::new("r");
+    ip_batch(
+        &env.node,
+        "link add br0 type bridge
+addr add 10.253.0.1/24 dev br0
+link set br0 up
+",
+    );
+    let mut config = env.config();
+    config.ifaces.push(TcIface::pods("br0"));
+    env.on_node(|| drop(EbpfLb::open_with(&config).expect("open")));
+    let settings = |path: &Path| -> Array<MapData, LbConfig> {
+        let map = MapData::from_pin(path).expect("open the pinned settings");
+        Array::try_from(Map::Array(map)).expect("an array")
+    };
+    let pinned = env.pin_dir.join(MAP_CONFIG);
+    let now = settings(&pinned).get(&0, 0).expect("read the settings");
+    assert_ne!(now.flags & CFG_UDP_CONNECT_VIA_TC, 0, "{now:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = thread::spawn({
+        let (map, stop) = (settings(&pinned), stop.clone());
+        move || {
+            let (mut reads, mut cleared) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let value = map.get(&0, 0).expect("read the settings");
+                reads += 1;
+                cleared += u64::from(value.flags & CFG_UDP_CONNECT_VIA_TC == 0);
+            }
+            (reads, cleared)
+        }
+    });
+    for _ in 0..6 {
+        env.on_node(|| drop(EbpfLb::open_with(&config).expect("re-open")));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (reads, cleared) = watcher.join().expect("watcher");
+    assert!(reads > 0);
+    assert_eq!(
+        cleared, 0,
+        "{cleared} of {reads} reads during 6 re-opens found the setting cleared"
+    );
+    env.on_node(|| EbpfLb::open_with(&config).expect("open"))
+        .uninstall()
+        .expect("uninstall");
+}
+
+/// A flow that must be source-NATed (a NodePort from outside to a backend on another node) gets
+/// a port while 85 % of the node's SNAT ports towards that backend are held by live
+/// flows: a SYN that finds its first tries taken is not dropped for good, nor its
+/// retransmissions (every try is a random port; ports derived from the flow made every
+/// retransmission of one SYN probe the same taken ports until the client gave up).
+#[test]
+fn snat_finds_a_free_port_when_most_are_taken() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use twill_common::service::{
+        CT_DIR_REPLY, CT_F_SNAT, CtKey, CtValue, FAMILY_V4, MAP_CT, PROTO_TCP, SNAT_PORT_COUNT,
+        SNAT_PORT_MIN,
+    };
+
+    if !require_root("snat_finds_a_free_port_when_most_are_taken") {
+        return;
+    }
+    let env = Env::new("s");
+    env.serve("be1", BE1, 8080, 5353);
+    let mut config = env.config();
+    config.limits.max_ct = 65_536;
+    let desired = vec![service(
+        4,
+        FrontendKind::NodePort,
+        "0.0.0.0",
+        NODE_PORT,
+        Proto::Tcp,
+        vec![backend(BE1, 8080)],
+    )];
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    // Live reply entries of other flows on 85 % of the SNAT ports (spread by a hash, so no
+    // stride of tries can step around them), as busy NodePort traffic leaves them.
+    let map = MapData::from_pin(env.pin_dir.join(MAP_CT)).expect("open the pinned conntrack");
+    let mut ct: BpfHashMap<MapData, CtKey, CtValue> =
+        BpfHashMap::try_from(Map::LruHashMap(map)).expect("a hash map");
+    let addr = |ip: &str| {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        a
+    };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let now =
+        u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap();
+    let mut taken = 0;
+    for i in 0..SNAT_PORT_COUNT {
+        if (u32::from(i).wrapping_mul(2_654_435_761) >> 16) % 20 < 3 {
+            continue;
+        }
+        let key = CtKey {
+            src: addr(BE1),
+            dst: addr(NODE_TO_BE),
+            sport: 8080u16.to_be(),
+            dport: (SNAT_PORT_MIN + i).to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            dir: CT_DIR_REPLY,
+            pad: 0,
+        };
+        let value = CtValue {
+            nat_addr: addr(NODE_TO_OUT),
+            alt_addr: addr(OUTSIDE),
+            nat_port: NODE_PORT.to_be(),
+            alt_port: 1,
+            flags: CT_F_SNAT,
+            svc_id: 4,
+            created_ns: now,
+            last_seen_ns: now,
+            ..CtValue::default()
+        };
+        ct.insert(key, value, 0).expect("insert a conntrack entry");
+        taken += 1;
+    }
+    assert!(taken * 100 > u32::from(SNAT_PORT_COUNT) * 80, "{taken}");
+    let replies = client(
+        &env.outside,
+        None,
+        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 40"),
+    );
+    assert_all_ok("NodePort with most SNAT ports taken", &replies, 40);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.seen_as.starts_with(&format!("{NODE_TO_BE}:"))),
+        "SNAT to the node: {replies:?}"
+    );
+    lb.uninstall().expect("uninstall");
+}

@@ -769,6 +769,18 @@ impl EbpfLb {
             local_addrs: take_map(&mut ebpf, MAP_LOCAL_ADDR)?,
             config: take_map(&mut ebpf, MAP_CONFIG)?,
         };
+        // The flags a previous run set stay until this run's attachments change them: writing
+        // them cleared would hand pods' connected UDP to socket-LB (which cannot move it off a
+        // removed endpoint) until the pod-facing interface is attached again below.
+        let host_netns_cookie = netns_cookie()?;
+        let pinned = maps.config.get(&0, 0).ok();
+        let settings = LbConfig {
+            host_netns_cookie,
+            flags: pinned
+                .filter(|c| c.host_netns_cookie == host_netns_cookie)
+                .map_or(0, |c| c.flags),
+            pad: 0,
+        };
         let mut lb = Self {
             pin_dir,
             limits: config.limits,
@@ -776,15 +788,13 @@ impl EbpfLb {
             maps,
             links: Vec::new(),
             pending: Vec::new(),
-            settings: LbConfig {
-                host_netns_cookie: netns_cookie()?,
-                flags: 0,
-                pad: 0,
-            },
+            settings,
             programmed: StdHashMap::new(),
             ids: StdHashMap::new(),
         };
-        lb.write_settings()?;
+        if pinned != Some(settings) {
+            lb.write_settings()?;
+        }
         lb.sync_local_addrs()?;
         lb.read_back()?;
 
@@ -821,7 +831,7 @@ impl EbpfLb {
                 continue;
             }
             self.attach_tc(&iface)?;
-            if iface.role == IfaceRole::Pods {
+            if iface.role == IfaceRole::Pods && self.settings.flags & CFG_UDP_CONNECT_VIA_TC == 0 {
                 // Pods' connected UDP is left to the tc path only once a pod-facing hook exists.
                 self.settings.flags |= CFG_UDP_CONNECT_VIA_TC;
                 self.write_settings()?;

@@ -998,6 +998,8 @@ struct Loop<D: LbDataplane> {
     need_full: bool,
     metrics: Arc<ServiceMetrics>,
     conflicts: usize,
+    /// A sync has succeeded since the loop started.
+    synced_once: bool,
 }
 
 impl<D: LbDataplane> Loop<D> {
@@ -1023,6 +1025,18 @@ impl<D: LbDataplane> Loop<D> {
         match res {
             Ok(()) => {
                 self.state.ids_mut().commit();
+                if !self.synced_once {
+                    // Logged even when nothing changed: after a restart, `ops` says how much of
+                    // what the previous run programmed had to be rewritten (nothing, normally).
+                    self.synced_once = true;
+                    tracing::info!(
+                        kind,
+                        ops,
+                        ?took,
+                        frontends = self.applied.len(),
+                        "first service sync since start"
+                    );
+                }
                 if ops > 0 {
                     tracing::info!(
                         kind,
@@ -1153,6 +1167,7 @@ where
         need_full: true,
         metrics,
         conflicts: 0,
+        synced_once: false,
     };
     // Re-derive the ids the dataplane already uses before anything is computed.
     match on_dataplane(&mut lp.dp, |d| d.observed().map_err(|e| e.to_string())).await? {

@@ -12,6 +12,10 @@
 //!   each time it changes: the benchmark timestamps those lines to see when an endpoint change
 //!   reached the dataplane.
 //! - `get` makes one request and prints the body.
+//! - `stream` opens fresh connections one after the other and prints one line per connection
+//!   with its start time, its duration and its outcome (the answer, or why it failed: refused,
+//!   reset, timeout, ... and `retrans` when the handshake needed a retransmitted SYN, i.e. a
+//!   packet of it was lost): the restart tests line these up with what the agent did.
 //!
 //! Why it is shaped as it is:
 //! - The server closes first: it writes its answer, then `shutdown(SHUT_WR)`, then drains what
@@ -78,6 +82,21 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         samples: usize,
     },
+    /// Fresh connections one after the other until stdin closes (or SECS pass), one line per
+    /// connection: `<start, µs since the Unix epoch> <duration, µs> <outcome> [detail]`.
+    Stream {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// Connect and read timeout, ms.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Start a connection at most every INTERVAL_US (0: back to back).
+        #[arg(long, default_value_t = 0)]
+        interval_us: u64,
+        /// Upper bound on the run, seconds.
+        #[arg(long, default_value_t = 600.0)]
+        secs: f64,
+    },
     /// Connect every INTERVAL_US and print the answering backend's name whenever it changes
     /// (`! <error>` when connections start failing), for at most SECS or until stdin closes.
     Follow {
@@ -108,6 +127,20 @@ fn main() -> Result<()> {
         } => {
             let figures = rate(&addrs, secs_duration(secs)?, expect.as_deref(), samples);
             println!("{}", serde_json::to_string(&figures)?);
+            Ok(())
+        }
+        Cmd::Stream {
+            addr,
+            timeout_ms,
+            interval_us,
+            secs,
+        } => {
+            stream(
+                addr,
+                Duration::from_millis(timeout_ms),
+                Duration::from_micros(interval_us),
+                secs_duration(secs)?,
+            );
             Ok(())
         }
         Cmd::Follow {
@@ -286,6 +319,122 @@ fn rate(addrs: &[SocketAddr], dur: Duration, expect: Option<&str>, samples: usiz
     RateRun { secs, targets }
 }
 
+/// How one connection of `stream` ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Answered at the first try: the body.
+    Ok(String),
+    /// Answered, but a SYN (or its SYN-ACK) was lost and retransmitted: the body.
+    Retrans(String),
+    /// Failed: a one-word reason (`refused`, `reset`, `timeout`, `unreachable`, `rejected`,
+    /// `eof`, `error`) and the error.
+    Failed(&'static str, String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Ok(body) => write!(f, "ok {body}"),
+            Outcome::Retrans(body) => write!(f, "retrans {body}"),
+            Outcome::Failed(reason, detail) => write!(f, "{reason} {detail}"),
+        }
+    }
+}
+
+/// The one-word reason of a failed connect or read.
+fn reason(err: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    match err.kind() {
+        K::ConnectionRefused => "refused",
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => "reset",
+        K::TimedOut | K::WouldBlock => "timeout",
+        K::HostUnreachable | K::NetworkUnreachable => "unreachable",
+        // A socket-level load balancer refusing connect() (a frontend without backends).
+        K::PermissionDenied => "rejected",
+        _ => "error",
+    }
+}
+
+/// Retransmissions the socket has made so far (`TCP_INFO`); right after `connect` only the SYN
+/// can have been retransmitted.
+fn retransmissions(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    #[expect(clippy::cast_possible_truncation, reason = "tcp_info is ~200 bytes")]
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { info.tcpi_total_retrans } else { 0 }
+}
+
+/// One connection of `stream`.
+fn attempt(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(reason(&e), format!("connect: {e}")),
+    };
+    let retrans = retransmissions(&s) > 0;
+    let mut raw = Vec::with_capacity(160);
+    if let Err(e) = s
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| s.read_to_end(&mut raw))
+    {
+        return Outcome::Failed(reason(&e), format!("read: {e}"));
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(&*text, |(_, b)| b)
+        .trim();
+    match body.split_whitespace().next() {
+        None => Outcome::Failed("eof", "closed without an answer".into()),
+        Some(name) if retrans => Outcome::Retrans(name.to_string()),
+        Some(name) => Outcome::Ok(name.to_string()),
+    }
+}
+
+/// Microseconds since the Unix epoch (the clock of the agent's log lines).
+fn unix_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().lock().read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    let mut out = std::io::stdout().lock();
+    let start = Instant::now();
+    while start.elapsed() < dur && rx.try_recv().is_err() {
+        let at = unix_us();
+        let t0 = Instant::now();
+        let outcome = attempt(addr, timeout);
+        let took = t0.elapsed();
+        if writeln!(out, "{at} {} {outcome}", took.as_micros())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return;
+        }
+        if let Some(rest) = interval.checked_sub(took) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
 fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
     // The reader of our stdout closing its end of stdin (or dying) ends the run.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -369,6 +518,32 @@ mod tests {
         assert!(x.ok >= 1 && y.ok >= 1, "{run:?}");
         // Taken in turn: the counts differ by at most one (or the last ones found no server).
         assert!(x.ok.abs_diff(y.ok) <= 1 || x.ok + y.ok >= 79, "{run:?}");
+    }
+
+    #[test]
+    fn stream_outcomes_name_the_answer_or_the_reason() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let c = l.incoming().next().unwrap().unwrap();
+            let _ = answer_one(c, &response("n1p1 extra"));
+            let c = l.incoming().next().unwrap().unwrap();
+            drop(c);
+        });
+        let t = Duration::from_secs(2);
+        assert_eq!(attempt(addr, t), Outcome::Ok("n1p1".into()));
+        assert!(matches!(attempt(addr, t), Outcome::Failed("eof", _)));
+        server.join().unwrap();
+        // Nobody listens there any more.
+        let refused = attempt(addr, t);
+        assert!(
+            matches!(refused, Outcome::Failed("refused", _)),
+            "{refused}"
+        );
+        assert_eq!(
+            refused.to_string().split_whitespace().next(),
+            Some("refused")
+        );
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //!   `externalTrafficPolicy: Cluster` (else the reply would leave the backend's node directly);
 //!   from the pod bridge when the backend is a local pod ("hairpin": the reply would be bridged
 //!   straight back to the client pod, never crossing a hook of ours). The address is the one the
-//!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is taken from
-//!   61000–65535, above the kernel's ephemeral range, and claimed with `BPF_NOEXIST` on the reply
-//!   key so two flows never share one.
+//!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is a random one of
+//!   61000–65535, above the kernel's ephemeral range, claimed with `BPF_NOEXIST` on the reply
+//!   key so two flows never share one (another random one when it is taken).
 //! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or bridge
 //!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself).
 //! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
@@ -51,7 +51,10 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, tcx_action_base::TCX_NEXT,
     },
     cty::c_long,
-    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     macros::{classifier, map},
     maps::PerCpuArray,
     programs::TcContext,
@@ -107,8 +110,10 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 /// Idle timeout of a TCP flow after FIN or RST.
 const CT_TIMEOUT_CLOSING_NS: u64 = 10_000_000_000;
-/// SNAT ports tried per new flow before giving up (the client retries).
-const SNAT_TRIES: u16 = 8;
+/// SNAT ports tried per new flow before giving up (the client retries): with half of the ports
+/// held by flows of the last [`CT_TIMEOUT_CLOSING_NS`], 32 random tries all fail once in 4
+/// billion flows; 8 failed once in 256 (the 3 s connect timeouts of a NodePort stream).
+const SNAT_TRIES: u16 = 32;
 /// Conntrack flag (kernel-only): a FIN or RST was seen.
 const CT_F_CLOSING: u8 = 0x80;
 
@@ -378,15 +383,18 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
         s.entry.flags = CT_F_SNAT;
         s.back.flags = CT_F_SNAT;
         s.key.dst = s.entry.alt_addr;
-        #[expect(clippy::cast_possible_truncation, reason = "a slice of the hash")]
-        let base = (hash >> 40) as u16;
+        // A random port per try, not one derived from the flow: a SYN that found its ports
+        // taken is retransmitted with the same 5-tuple, and ports derived from it made every
+        // retransmission probe the same taken ports until the client gave up.
         let mut tries = 0;
         loop {
             if tries == SNAT_TRIES {
                 return Ok(false);
             }
-            let port =
-                SNAT_PORT_MIN + base.wrapping_add(tries.wrapping_mul(1031)) % SNAT_PORT_COUNT;
+            // SAFETY: no arguments.
+            let random = unsafe { bpf_get_prandom_u32() };
+            #[expect(clippy::cast_possible_truncation, reason = "below SNAT_PORT_COUNT")]
+            let port = SNAT_PORT_MIN + (random % u32::from(SNAT_PORT_COUNT)) as u16;
             s.key.dport = port.to_be();
             if claim(s, now) {
                 s.entry.alt_port = port.to_be();
