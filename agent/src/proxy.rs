@@ -4,6 +4,11 @@
 //! The overlay loop in [`crate::agent`] and this loop share nothing but the process: the service
 //! loop runs on its own task, never blocks the overlay, and keeps the dataplane it has while etcd
 //! is away (the source's contract).
+//!
+//! It also tells the service loop which addresses no frontend may take — the node's own (read
+//! again at every resync), every etcd endpoint's, the API server's — and which external IPs it
+//! programs (`--allowed-external-ips`; none by default with the etcd source, every one the API
+//! server admitted with the Kubernetes source, as kube-proxy).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -75,7 +80,8 @@ pub fn allowed_external_ips(opts: &Options) -> Option<Vec<ipnet::IpNet>> {
     }
 }
 
-/// The addresses of the calling thread's network namespace (the node's, in `twilld`).
+/// The addresses of the calling thread's network namespace (the node's, in `twilld`) that a
+/// Service could name (loopback and link-local ones, one per veth on a busy node, cannot).
 fn own_addresses() -> Vec<IpAddr> {
     match nix::ifaddrs::getifaddrs() {
         Ok(addrs) => addrs
@@ -85,6 +91,7 @@ fn own_addresses() -> Vec<IpAddr> {
                     .map(|v4| IpAddr::V4(v4.ip()))
                     .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
             })
+            .filter(|ip| crate::services::model::special_ip(*ip).is_none())
             .collect(),
         Err(errno) => {
             tracing::warn!(error = %std::io::Error::from(errno), "getifaddrs: read the node's addresses");
