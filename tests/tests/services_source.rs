@@ -563,6 +563,34 @@ fn a_service_on_etcds_address_is_never_programmed() {
         })
         .unwrap_or_else(|e| panic!("{mode}: {e:#}: {}\n{}", wide(), rig.twilld_log(1)));
         assert!(etcd_reachable(&rig, 1), "{mode}: the node lost etcd");
+        // An object apply would refuse (a cluster IP of 0.0.0.0), written straight to etcd: the
+        // agent treats it as absent, logs it once and counts it.
+        let bad = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"zero","namespace":"default"},"spec":{"clusterIP":"0.0.0.0","ports":[{"port":80}]}}"#;
+        rig.etcdctl(&[
+            "put",
+            &format!("{ETCD_PREFIX}/services/services/default/zero"),
+            bad,
+        ])
+        .unwrap();
+        wait_for(Duration::from_secs(15), || {
+            (metric_value(
+                &metrics(&rig, 1, metrics_addr),
+                "twill_services_invalid_objects",
+            ) == Some(1.0))
+            .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", rig.twilld_log(1)));
+        assert!(
+            !wide().contains("0.0.0.0:80/TCP"),
+            "{mode}: the invalid Service is programmed"
+        );
+        let log = rig.twilld_log(1);
+        assert_eq!(
+            log.matches("spec.clusterIP: 0.0.0.0 may not be unspecified")
+                .count(),
+            1,
+            "{mode}: {log}"
+        );
     }
 }
 
