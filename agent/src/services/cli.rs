@@ -513,19 +513,43 @@ pub async fn delete<S: ServiceStore>(
                 }
             }
             Err(cause) => {
-                let done: Vec<String> = chunks[..i]
+                // Are the failed transaction's keys gone after all (its answer lost)? Read back.
+                let after = Deadline::after(Duration::from_secs(3));
+                let stored = with_retry(after, "read back", || store.list()).await.ok();
+                let mut written: Vec<String> = chunks[..i]
                     .iter()
                     .flat_map(|c| c.iter().map(ToString::to_string))
                     .collect();
+                let mut not_written = Vec::new();
+                let mut unknown = Vec::new();
+                let names = chunk.iter().map(ToString::to_string);
+                match stored {
+                    Some(l) => {
+                        let left: std::collections::BTreeSet<ObjectKey> = l
+                            .objects
+                            .iter()
+                            .map(Object::key)
+                            .chain(l.invalid.into_iter().map(|(k, _)| k))
+                            .collect();
+                        if chunk.iter().any(|k| left.contains(k)) {
+                            not_written.extend(names);
+                        } else {
+                            written.extend(names);
+                        }
+                    }
+                    None => unknown.extend(names),
+                }
+                not_written.extend(
+                    chunks[i + 1..]
+                        .iter()
+                        .flat_map(|c| c.iter().map(ToString::to_string)),
+                );
                 return Err(PartialWrite {
                     op: "delete",
                     total: keys.len(),
-                    written: done,
-                    not_written: chunks[i + 1..]
-                        .iter()
-                        .flat_map(|c| c.iter().map(ToString::to_string))
-                        .collect(),
-                    unknown: chunk.iter().map(ToString::to_string).collect(),
+                    written,
+                    not_written,
+                    unknown,
                     cause,
                 }
                 .into());
@@ -1185,7 +1209,7 @@ ports: [{name: http, port: 8080}]
         let short = || Deadline::after(Duration::from_millis(700));
         // The second transaction fails (and so every later attempt of it).
         let store = MemServiceStore::new();
-        store.fail_puts(1, false);
+        store.fail_writes(1, false);
         let e = apply(&store, &objs, 128, short()).await.unwrap_err();
         let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
         assert_eq!(p.written, (0..128).map(name).collect::<Vec<_>>());
@@ -1202,17 +1226,39 @@ ports: [{name: http, port: 8080}]
         // The second transaction is committed but its answer lost: read back, it counts as
         // written.
         let store = MemServiceStore::new();
-        store.fail_puts(1, true);
+        store.fail_writes(1, true);
         let e = apply(&store, &objs, 128, short()).await.unwrap_err();
         let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
         assert_eq!(p.written.len(), 256);
         assert_eq!(p.not_written, (256..300).map(name).collect::<Vec<_>>());
         // Running it again completes it (writes are idempotent).
         let store2 = store.clone();
-        store2.fail_puts(usize::MAX, false);
+        store2.fail_writes(usize::MAX, false);
         let r = apply(&store, &objs, 128, soon()).await.unwrap();
         assert_eq!(r.written, 44);
         assert_eq!(store.objects().len(), 300);
+        // Deleting, the same: the first transaction done, the second failing, read back.
+        store.fail_writes(1, false);
+        let e = delete(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(p.written, (0..128).map(name).collect::<Vec<_>>());
+        assert_eq!(p.not_written, (128..300).map(name).collect::<Vec<_>>());
+        assert!(
+            format!("{e:#}").starts_with(
+                "delete stopped after 128 of 300 objects: delete transaction 2 of 3: "
+            ),
+            "{e:#}"
+        );
+        assert_eq!(store.objects().len(), 172);
+        store.fail_writes(1, true);
+        let e = delete(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(
+            p.written,
+            (0..256).map(name).collect::<Vec<_>>(),
+            "the lost answer's deletes happened"
+        );
+        assert_eq!(p.not_written, (256..300).map(name).collect::<Vec<_>>());
     }
 
     /// Unreachable etcd is retried until the deadline, then the error says so; an answer that

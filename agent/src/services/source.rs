@@ -617,9 +617,9 @@ struct MemInner {
     config: Option<i64>,
     down: bool,
     generation: u64,
-    /// `put_all` calls left before writes start failing, and whether a failing write is
-    /// applied anyway (an answer lost after the commit); `None`: writes succeed.
-    put_failures: Option<(usize, bool)>,
+    /// Writes left before writes start failing, and whether a failing write is applied anyway
+    /// (an answer lost after the commit); `None`: writes succeed.
+    write_failures: Option<(usize, bool)>,
 }
 
 impl Default for MemInner {
@@ -633,7 +633,7 @@ impl Default for MemInner {
             config: Some(1),
             down: false,
             generation: 0,
-            put_failures: None,
+            write_failures: None,
         }
     }
 }
@@ -642,6 +642,18 @@ impl MemInner {
     fn bump(&mut self) -> i64 {
         self.revision += 1;
         self.revision
+    }
+
+    /// Whether the next write fails (see [`MemServiceStore::fail_writes`]): `Some(applied)`.
+    fn write_fails(&mut self) -> Option<bool> {
+        match &mut self.write_failures {
+            Some((0, applied)) => Some(*applied),
+            Some((n, _)) => {
+                *n -= 1;
+                None
+            }
+            None => None,
+        }
     }
 }
 
@@ -732,11 +744,11 @@ impl MemServiceStore {
         self.notify.notify_waiters();
     }
 
-    /// Lets `after` more `put_all` calls succeed, then makes every later one fail with
-    /// [`SourceError::Unavailable`]; with `applied`, a failing write is applied anyway (its
-    /// answer lost after the commit).
-    pub fn fail_puts(&self, after: usize, applied: bool) {
-        self.lock().put_failures = Some((after, applied));
+    /// Lets `after` more writes (`put_all`, `delete_all`) succeed, then makes every later one
+    /// fail with [`SourceError::Unavailable`]; with `applied`, a failing write is applied
+    /// anyway (its answer lost after the commit).
+    pub fn fail_writes(&self, after: usize, applied: bool) {
+        self.lock().write_failures = Some((after, applied));
     }
 
     /// Every valid object.
@@ -821,14 +833,7 @@ impl ServiceStore for MemServiceStore {
         if g.down {
             return Err(SourceError::Unavailable);
         }
-        let fail = match &mut g.put_failures {
-            Some((0, applied)) => Some(*applied),
-            Some((n, _)) => {
-                *n -= 1;
-                None
-            }
-            None => None,
-        };
+        let fail = g.write_fails();
         if fail == Some(false) {
             return Err(SourceError::Unavailable);
         }
@@ -851,6 +856,10 @@ impl ServiceStore for MemServiceStore {
         if g.down {
             return Err(SourceError::Unavailable);
         }
+        let fail = g.write_fails();
+        if fail == Some(false) {
+            return Err(SourceError::Unavailable);
+        }
         let rev = g.bump();
         let mut out = Vec::new();
         for k in keys {
@@ -861,6 +870,9 @@ impl ServiceStore for MemServiceStore {
         }
         drop(g);
         self.notify.notify_waiters();
+        if fail == Some(true) {
+            return Err(SourceError::Unavailable);
+        }
         Ok(out)
     }
 }
