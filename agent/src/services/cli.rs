@@ -958,7 +958,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                 .collect();
             check_reserved(&objects, &reserved)
                 .context("refusing the whole apply; nothing was written")?;
-            let store = connect(&etcd).await?;
+            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
             let report = apply(&store, &objects, max_txn_ops, retry.deadline()).await?;
             for line in &report.lines {
                 println!("{line}");
@@ -975,7 +975,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             etcd,
         } => {
             let objects = load_manifests(&files)?;
-            let store = connect(&etcd).await?;
+            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
             let report = delete(&store, &objects, max_txn_ops, retry.deadline()).await?;
             for line in &report.lines {
                 println!("{line}");
