@@ -84,7 +84,8 @@ fn txn_ops(s: &str) -> Result<usize, String> {
 /// The service subcommands of `twilld`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ServiceCmd {
-    /// Create or replace Services and EndpointSlices from YAML/JSON manifests (all or nothing).
+    /// Create or replace Services and EndpointSlices from YAML/JSON manifests (nothing written
+    /// unless every object is valid; written in transactions of at most `--max-txn-ops`).
     Apply {
         /// Manifest file (`-` for stdin); repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
