@@ -127,6 +127,12 @@ pub struct Options {
     /// (empty: off).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
+    /// Networks (CIDRs or addresses) a Service's `externalIPs` may be in to be programmed;
+    /// repeatable or comma-separated. Default with the etcd service source: none (as
+    /// Kubernetes' `AllowServiceExternalIPs` is now off by default); with the Kubernetes
+    /// source: every one the API server admitted (restrict them there, or with this flag).
+    #[arg(long, value_delimiter = ',', value_parser = crate::proxy::parse_allowed_network)]
+    pub allowed_external_ips: Option<Vec<ipnet::IpNet>>,
 }
 
 /// Exponential backoff between 100 ms and 10 s.

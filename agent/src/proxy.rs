@@ -4,7 +4,14 @@
 //! The overlay loop in [`crate::agent`] and this loop share nothing but the process: the service
 //! loop runs on its own task, never blocks the overlay, and keeps the dataplane it has while etcd
 //! is away (the source's contract).
+//!
+//! It also tells the service loop which addresses no frontend may take — the node's own (read
+//! again at every resync), every etcd endpoint's, the API server's — and which external IPs it
+//! programs (`--allowed-external-ips`; none by default with the etcd source, every one the API
+//! server admitted with the Kubernetes source, as kube-proxy).
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,10 +26,12 @@ use crate::ebpf::{EbpfLb, TcIface};
 use crate::metrics::Metrics;
 use crate::overlay::{Devices, Uplink};
 use crate::services::dataplane::{self, AnyLb, Mode};
-use crate::services::desired::NodeIdentity;
+use crate::services::desired::{NodeIdentity, Reserved};
 use crate::services::iptables::{IptBackend, IptLb, detect_backend};
 use crate::services::nft::NftLb;
-use crate::services::source::{EtcdServiceStore, ServiceMetrics, run_services};
+use crate::services::source::{
+    EtcdServiceStore, LoopSettings, ServiceMetrics, run_services, url_addresses,
+};
 
 /// The default cgroup for socket-level load balancing: the cgroup2 root, so every process of
 /// the node is balanced (mounted at `/sys/fs/cgroup/unified` on hybrid hosts).
@@ -41,6 +50,77 @@ pub fn node_name(opts: &Options) -> String {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map_or_else(|_| "localhost".to_string(), |h| h.trim().to_string())
     })
+}
+
+/// Parses one `--allowed-external-ips` value: a network in CIDR notation with no host bits
+/// set, or a single address.
+pub fn parse_allowed_network(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    let net: ipnet::IpNet = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither a network (CIDR) nor an address"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has bits set beyond the prefix length (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// The external IPs this node programs: `--allowed-external-ips`, else none with the etcd
+/// source and every one with the Kubernetes source (the API server admitted them).
+pub fn allowed_external_ips(opts: &Options) -> Option<Vec<ipnet::IpNet>> {
+    match &opts.allowed_external_ips {
+        Some(nets) => Some(nets.clone()),
+        None if crate::kube::services_from_kubernetes(opts) => None,
+        None => Some(Vec::new()),
+    }
+}
+
+/// The addresses of the calling thread's network namespace (the node's, in `twilld`) that a
+/// Service could name (loopback and link-local ones, one per veth on a busy node, cannot).
+fn own_addresses() -> Vec<IpAddr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| {
+                let a = a.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .filter(|ip| crate::services::model::special_ip(*ip).is_none())
+            .collect(),
+        Err(errno) => {
+            tracing::warn!(error = %std::io::Error::from(errno), "getifaddrs: read the node's addresses");
+            Vec::new()
+        }
+    }
+}
+
+/// The addresses no frontend may take besides the node's own: every etcd endpoint's when etcd
+/// is used (for leases or services), the API server's when Kubernetes is.
+async fn control_plane_addresses(opts: &Options) -> BTreeMap<IpAddr, Reserved> {
+    let mut out = BTreeMap::new();
+    let kube = opts.kube_subnet_mgr || crate::kube::services_from_kubernetes(opts);
+    if !opts.kube_subnet_mgr || !crate::kube::services_from_kubernetes(opts) {
+        for ip in url_addresses(&opts.etcd.etcd_endpoints).await {
+            out.insert(ip, Reserved::Etcd);
+        }
+    }
+    if kube {
+        match crate::kube::config(opts.kube_api_url.as_deref(), opts.kubeconfig.as_deref()).await {
+            Ok(cfg) => {
+                for ip in url_addresses(&[cfg.cluster_url.to_string()]).await {
+                    out.insert(ip, Reserved::ApiServer);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "read the API server's address"),
+        }
+    }
+    out
 }
 
 /// How often interfaces that do not exist yet (the pod bridge, created with the first pod) are
@@ -139,6 +219,15 @@ async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<An
     .await?
 }
 
+/// The service loop's settings: `--resync-interval`, and the node's own addresses read from
+/// its network namespace.
+pub fn loop_settings(opts: &Options) -> LoopSettings {
+    LoopSettings {
+        resync: Duration::from_secs(opts.resync_interval.max(1)),
+        own_addresses: Some(Arc::new(own_addresses)),
+    }
+}
+
 /// Opens the dataplane `--proxy-mode` names and spawns the service loop; `None` when the mode is
 /// `none`. `auto` tries eBPF, then nftables, then iptables; the choice and the reason are
 /// logged and exported. The other modes' state is removed.
@@ -216,7 +305,14 @@ pub async fn start(
     let node = NodeIdentity {
         name,
         addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
+        reserved: control_plane_addresses(opts).await,
+        allowed_external_ips: allowed_external_ips(opts),
     };
+    tracing::info!(
+        reserved = ?node.reserved.keys().collect::<Vec<_>>(),
+        allowed_external_ips = ?node.allowed_external_ips,
+        "addresses no frontend may take besides the node's own; external IPs programmed"
+    );
     if crate::kube::services_from_kubernetes(opts) {
         return crate::kube::services::spawn(opts, node, dp, svc_metrics, metrics)
             .await
@@ -226,10 +322,109 @@ pub async fn start(
     let store = EtcdServiceStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls)
         .await
         .context("connect the service source to etcd")?;
-    let resync = Duration::from_secs(opts.resync_interval.max(1));
+    let settings = loop_settings(opts);
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = run_services(store, node, dp, resync, svc_metrics).await {
+        if let Err(e) = run_services(store, node, dp, settings, svc_metrics).await {
             tracing::error!(error = format!("{e:#}"), "service loop stopped");
         }
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn opts(args: &[&str]) -> Options {
+        Options::try_parse_from(std::iter::once("twilld").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn allowed_external_ips_flag_and_defaults() {
+        assert_eq!(
+            parse_allowed_network("198.18.0.0/16").unwrap().to_string(),
+            "198.18.0.0/16"
+        );
+        assert_eq!(
+            parse_allowed_network("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_allowed_network("2001:db8::/64").unwrap().to_string(),
+            "2001:db8::/64"
+        );
+        assert_eq!(
+            parse_allowed_network("198.18.0.1/16").unwrap_err(),
+            "\"198.18.0.1/16\" has bits set beyond the prefix length (did you mean 198.18.0.0/16?)"
+        );
+        assert_eq!(
+            parse_allowed_network("eth0").unwrap_err(),
+            "\"eth0\" is neither a network (CIDR) nor an address"
+        );
+        let e = Options::try_parse_from(["twilld", "--allowed-external-ips", "10.0.0.1/8"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--allowed-external-ips") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
+        // Repeatable and comma-separated.
+        let o = opts(&[
+            "--allowed-external-ips",
+            "198.18.200.0/24,192.0.2.7",
+            "--allowed-external-ips=2001:db8::/64",
+        ]);
+        let got: Vec<String> = allowed_external_ips(&o)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["198.18.200.0/24", "192.0.2.7/32", "2001:db8::/64"]);
+        // Defaults: none with the etcd source, all (the API server's choice) with Kubernetes.
+        assert_eq!(allowed_external_ips(&opts(&[])), Some(Vec::new()));
+        assert_eq!(
+            allowed_external_ips(&opts(&["--kube-api-url", "https://10.0.0.1:6443"])),
+            None
+        );
+        assert_eq!(
+            allowed_external_ips(&opts(&[
+                "--kube-api-url",
+                "https://10.0.0.1:6443",
+                "--allowed-external-ips",
+                "192.0.2.0/24"
+            ]))
+            .map(|v| v.len()),
+            Some(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn control_plane_addresses_are_reserved() {
+        let o = opts(&[
+            "--etcd-endpoints",
+            "http://198.18.0.1:2379,https://[fd00::1]:2379,http://user@198.18.0.2",
+        ]);
+        let got = control_plane_addresses(&o).await;
+        let want: BTreeMap<IpAddr, Reserved> = [
+            ("198.18.0.1", Reserved::Etcd),
+            ("198.18.0.2", Reserved::Etcd),
+            ("fd00::1", Reserved::Etcd),
+        ]
+        .into_iter()
+        .map(|(ip, r)| (ip.parse().unwrap(), r))
+        .collect();
+        assert_eq!(got, want);
+        // Kubernetes for leases and services: the API server's address, not etcd's.
+        let o = opts(&[
+            "--kube-subnet-mgr",
+            "--kube-api-url",
+            "https://198.18.0.9:6443",
+        ]);
+        let got = control_plane_addresses(&o).await;
+        assert_eq!(
+            got,
+            BTreeMap::from([("198.18.0.9".parse().unwrap(), Reserved::ApiServer)])
+        );
+    }
 }

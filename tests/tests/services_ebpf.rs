@@ -50,13 +50,16 @@ const EXTERNAL_IP: &str = "198.18.200.10";
 /// matches it): the rig's nodes share the host's UTS namespace, so without it every node would
 /// be named after the host, no endpoint would be local, `externalTrafficPolicy: Local` would
 /// have no endpoints and a pod reaching a backend on its own node through tc would get no
-/// hairpin SNAT.
+/// hairpin SNAT. `--allowed-external-ips` lets the nodes program the test's external IP (none
+/// is programmed by default).
 fn proxy_flags(mode: &str, node: usize, cgroup: &Path) -> Vec<String> {
     let mut flags = vec![
         "--proxy-mode".into(),
         mode.into(),
         "--node-name".into(),
         format!("n{node}"),
+        "--allowed-external-ips".into(),
+        EXTERNAL_IP.into(),
     ];
     if mode == "ebpf" || mode == "auto" {
         flags.extend(["--lb-cgroup".into(), cgroup.display().to_string()]);

@@ -5,6 +5,7 @@
 //!
 //! Privileged: as root they run; under CI a non-root run fails (see `require_root`).
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,8 @@ metadata:
 ports:
 - {name: http, port: 8080, protocol: TCP}
 ";
+
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
 const DNS_JSON: &str = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"dns","namespace":"kube-system"},
  "spec":{"clusterIP":"10.96.0.53","ports":[{"name":"dns","port":53,"protocol":"UDP"},{"name":"dns-tcp","port":53,"protocol":"TCP"}]}}"#;
@@ -271,13 +274,429 @@ fn etcd_down_fails_cleanly() {
     rig.stop_etcd().unwrap();
     let dir = rig.temp_dir().to_path_buf();
     let web = write(&dir, "web.yaml", WEB);
-    let out = twilld(&rig, &["apply", "-f", &web], None);
+    let out = twilld(&rig, &["apply", "-f", &web, "--etcd-deadline", "2"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("connect to etcd") || err.contains("list stored services"),
+        err.contains("list stored services: etcd did not answer within --etcd-deadline 2s ("),
         "{err}"
     );
+}
+
+/// `n` Services (`svc-0` …) in one file, each with a cluster IP of its own.
+fn many_services(n: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  \
+             clusterIP: 10.96.{}.{}\n  ports: [{{port: 80}}]\n",
+            1 + i / 200,
+            1 + i % 200
+        );
+    }
+    out
+}
+
+/// A file larger than etcd's transaction limit (128 operations) applies, in transactions of at
+/// most the limit, and says so; `get` lists every Service and `delete` takes the same file.
+/// An apply started while etcd is down waits for it (within `--etcd-deadline`) instead of
+/// failing on its first connection attempt.
+#[test]
+fn a_file_of_300_services_applies_in_transactions_and_etcd_is_retried() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).expect("rig");
+    let file = write(rig.temp_dir(), "many.yaml", &many_services(300));
+    let out = twilld(&rig, &["apply", "-f", &file], None);
+    let stdout = ok(&out);
+    assert_eq!(stdout.lines().count(), 300, "{stdout}");
+    assert!(stdout.lines().all(|l| l.ends_with(" created")), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("300 written in 3 transactions of at most 128 operations"),
+        "{stderr}"
+    );
+    assert_eq!(keys(&rig).len(), 300);
+    let table = ok(&twilld(&rig, &["get", "services"], None));
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("default/svc-"))
+        .collect();
+    assert_eq!(rows.len(), 300, "{table}");
+    assert!(table.contains("default/svc-299 "), "{table}");
+
+    // Deleting the same file takes three transactions too.
+    let out = twilld(&rig, &["delete", "-f", &file], None);
+    assert_eq!(
+        ok(&out).lines().filter(|l| l.ends_with(" deleted")).count(),
+        300
+    );
+    assert!(keys(&rig).is_empty());
+
+    // etcd down when the apply starts: it retries, and succeeds once etcd is back.
+    rig.stop_etcd().unwrap();
+    let bin = rig.twilld_path().unwrap();
+    let log = rig.temp_dir().join("apply-retry.log");
+    let child = twill_tests::nsenter(
+        &rig.node_ns(1),
+        &[
+            bin.to_str().unwrap(),
+            "apply",
+            "-f",
+            &file,
+            "--etcd-deadline",
+            "60",
+            "--etcd-endpoints",
+            ETCD_ENDPOINT,
+        ],
+    )
+    .env("RUST_LOG", "twill_agent=debug")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .expect("spawn twilld apply");
+    let mut child = KillOnDrop(child);
+    wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("etcd not answering; retrying"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "apply gave up while etcd was down"
+    );
+    rig.start_etcd().unwrap();
+    let status =
+        wait_for(Duration::from_mins(1), || child.0.try_wait().unwrap()).unwrap_or_else(|e| {
+            panic!(
+                "{e:#}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("300 written in 3 transactions"), "{text}");
+    assert_eq!(keys(&rig).len(), 300);
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The metrics `twilld` on node `node` exports at `addr`, or an empty string.
+fn metrics(rig: &Rig, node: usize, addr: SocketAddr) -> String {
+    http_get(&rig.node_ns(node), addr, "/metrics")
+        .map(|r| r.body)
+        .unwrap_or_default()
+}
+
+/// The value of the metric line starting with `series` (name and labels), if present.
+fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// etcd's `/health` over a new connection from node `node`'s namespace.
+fn etcd_reachable(rig: &Rig, node: usize) -> bool {
+    let etcd: SocketAddr = ETCD_ENDPOINT.trim_start_matches("http://").parse().unwrap();
+    http_get(&rig.node_ns(node), etcd, "/health")
+        .is_ok_and(|r| r.body.contains("\"health\":\"true\""))
+}
+
+/// The same from a process inside the node's LB cgroup (what socket-level load balancing sees).
+fn etcd_reachable_from_cgroup(rig: &Rig, node: usize, cgroup: &Path) -> bool {
+    let url = format!("{ETCD_ENDPOINT}/health");
+    twill_tests::rig::nsenter_in_cgroup(
+        &rig.node_ns(node),
+        cgroup,
+        &["timeout", "5", "busybox", "wget", "-q", "-O-", &url],
+    )
+    .output()
+    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""))
+}
+
+/// A Service whose external IP is etcd's address, on etcd's port, written to etcd by a client
+/// that skips `twilld apply`'s check (by hand, here): no node programs that frontend, so every
+/// node keeps reaching etcd; the refusal is counted and the Service's other frontends work.
+/// `twilld apply` refuses the same Service outright.
+#[test]
+fn a_service_on_etcds_address_is_never_programmed() {
+    if !require_root() {
+        return;
+    }
+    for mode in ["nftables", "iptables", "ebpf"] {
+        let rig = Rig::new(1).expect("rig");
+        rig.put_network_config(HOST_GW).unwrap();
+        let metrics_addr: SocketAddr = (Rig::node_ip(1), 9615).into();
+        let mut args = rig.proxy_args(1, mode).unwrap();
+        args.extend([
+            "--metrics-addr".into(),
+            metrics_addr.to_string(),
+            // Every external IP of the underlay is allowed: only etcd's address is refused.
+            "--allowed-external-ips".into(),
+            "198.18.0.0/16".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rig.start_twilld(1, &args).unwrap();
+        let facts = rig
+            .wait_subnet_file(1, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", rig.twilld_log(1)));
+        assert!(
+            etcd_reachable(&rig, 1),
+            "{mode}: etcd unreachable before the test"
+        );
+        // The endpoint: an address of the node's pod subnet nobody answers on.
+        let dead = std::net::Ipv4Addr::from(u32::from(facts.subnet.unwrap().addr()) + 200);
+        let evil = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: evil, namespace: default}}\n\
+             spec:\n  clusterIP: 10.96.0.66\n  externalIPs: [198.18.0.1]\n  \
+             ports: [{{name: etcd, port: 2379}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: evil-1\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: evil}}\n\
+             addressType: IPv4\nendpoints: [{{addresses: [{dead}]}}]\nports: [{{name: etcd, port: 2379}}]\n"
+        );
+        // apply refuses it, naming the frontend and why.
+        let out = twilld(&rig, &["apply", "-f", "-"], Some(&evil));
+        assert!(!out.status.success(), "{mode}: apply took it");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("default/evil:etcd ExternalIP 198.18.0.1:2379/TCP: 198.18.0.1 is an etcd endpoint's address"),
+            "{mode}: {err}"
+        );
+        assert!(keys(&rig).is_empty());
+        // Written directly, as a hostile or old client would.
+        let svc_json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"evil","namespace":"default"},"spec":{"clusterIP":"10.96.0.66","externalIPs":["198.18.0.1"],"ports":[{"name":"etcd","port":2379}]}}"#;
+        let slice_json = format!(
+            r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"evil-1","namespace":"default","labels":{{"kubernetes.io/service-name":"evil"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["{dead}"]}}],"ports":[{{"name":"etcd","port":2379}}]}}"#
+        );
+        rig.etcdctl(&[
+            "put",
+            &format!("{ETCD_PREFIX}/services/endpointslices/default/evil-1"),
+            &slice_json,
+        ])
+        .unwrap();
+        rig.etcdctl(&[
+            "put",
+            &format!("{ETCD_PREFIX}/services/services/default/evil"),
+            svc_json,
+        ])
+        .unwrap();
+        // The agent has seen it: its cluster IP is programmed, the external IP refused.
+        let wide = || {
+            ok(&twilld(
+                &rig,
+                &[
+                    "get",
+                    "services",
+                    "--node-name",
+                    "n1",
+                    "-o",
+                    "wide",
+                    "--bpf-pin-dir",
+                    &rig.pin_dir(1).display().to_string(),
+                ],
+                None,
+            ))
+        };
+        wait_for(Duration::from_secs(15), || {
+            let w = wide();
+            w.lines()
+                .any(|l| l.starts_with("10.96.0.66:2379/TCP") && l.contains("in sync"))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}: {}\n{}", wide(), rig.twilld_log(1)));
+        let body = metrics(&rig, 1, metrics_addr);
+        assert_eq!(
+            metric_value(
+                &body,
+                "twill_services_refused_frontends{reason=\"etcd address\"}"
+            ),
+            Some(1.0),
+            "{mode}: {body}"
+        );
+        assert!(
+            rig.twilld_log(1)
+                .contains("198.18.0.1 is an etcd endpoint's address"),
+            "{mode}: the refusal is not logged"
+        );
+        // New connections to etcd from the node keep working.
+        for _ in 0..5 {
+            assert!(etcd_reachable(&rig, 1), "{mode}: the node lost etcd");
+        }
+        if mode == "ebpf" {
+            let cg = rig.node_cgroup(1).unwrap();
+            assert!(
+                etcd_reachable_from_cgroup(&rig, 1, &cg),
+                "{mode}: a balanced process lost etcd"
+            );
+        }
+        // twilld's own writes and watch still reach etcd: a new Service is programmed.
+        ok(&twilld(
+            &rig,
+            &["apply", "-f", "-"],
+            Some(
+                &evil
+                    .replace("evil", "good")
+                    .replace("10.96.0.66", "10.96.0.67")
+                    .replace("  externalIPs: [198.18.0.1]\n", ""),
+            ),
+        ));
+        wait_for(Duration::from_secs(15), || {
+            wide()
+                .lines()
+                .any(|l| l.starts_with("10.96.0.67:2379/TCP") && l.contains("in sync"))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}: {}\n{}", wide(), rig.twilld_log(1)));
+        assert!(etcd_reachable(&rig, 1), "{mode}: the node lost etcd");
+        // An object apply would refuse (a cluster IP of 0.0.0.0), written straight to etcd: the
+        // agent treats it as absent, logs it once and counts it.
+        let bad = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"zero","namespace":"default"},"spec":{"clusterIP":"0.0.0.0","ports":[{"port":80}]}}"#;
+        rig.etcdctl(&[
+            "put",
+            &format!("{ETCD_PREFIX}/services/services/default/zero"),
+            bad,
+        ])
+        .unwrap();
+        wait_for(Duration::from_secs(15), || {
+            (metric_value(
+                &metrics(&rig, 1, metrics_addr),
+                "twill_services_invalid_objects",
+            ) == Some(1.0))
+            .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", rig.twilld_log(1)));
+        assert!(
+            !wide().contains("0.0.0.0:80/TCP"),
+            "{mode}: the invalid Service is programmed"
+        );
+        let log = rig.twilld_log(1);
+        assert_eq!(
+            log.matches("spec.clusterIP: 0.0.0.0 may not be unspecified")
+                .count(),
+            1,
+            "{mode}: {log}"
+        );
+    }
+}
+
+/// A wiped etcd (the whole prefix deleted at once, the network config key with it) does not
+/// flush the node's services: they keep answering across resyncs and re-lists. Once the config
+/// key is written again, the empty store is a real deletion and the services go. With the
+/// config key present, deleting services works as always.
+#[test]
+fn a_wiped_etcd_keeps_the_services_until_its_config_is_back() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).expect("rig");
+    rig.put_network_config(HOST_GW).unwrap();
+    let metrics_addr: SocketAddr = (Rig::node_ip(1), 9615).into();
+    let mut args = rig.proxy_args(1, "nftables").unwrap();
+    args.extend([
+        "--metrics-addr".into(),
+        metrics_addr.to_string(),
+        "--resync-interval".into(),
+        "1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    rig.start_twilld(1, &args).unwrap();
+    let facts = rig
+        .wait_subnet_file(1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    let backend = rig.add_pod(1, &facts).unwrap();
+    let client = rig.add_pod(1, &facts).unwrap();
+    rig.start_responder(&backend, "b1", &[8080]).unwrap();
+    let manifest = twill_tests::rig::service_manifest(
+        "web",
+        "10.96.0.10".parse().unwrap(),
+        80,
+        8080,
+        None,
+        &[(backend.ip().unwrap(), 1)],
+    );
+    let file = write(rig.temp_dir(), "web.yaml", &manifest);
+    ok(&twilld(&rig, &["apply", "-f", &file], None));
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let answers = || http_get(&client.ns, vip, "/").is_ok_and(|r| r.body.trim() == "b1");
+    wait_for(Duration::from_secs(15), || answers().then_some(()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    let full_syncs = || {
+        metric_value(
+            &metrics(&rig, 1, metrics_addr),
+            "twill_services_syncs_total{kind=\"full\",result=\"ok\"}",
+        )
+        .unwrap_or_default()
+    };
+
+    // The whole prefix goes in one deletion.
+    rig.etcdctl(&["del", "--prefix", ETCD_PREFIX]).unwrap();
+    // Two full resyncs later (the agent has seen the wipe and re-listed), the service answers.
+    let before = full_syncs();
+    wait_for(Duration::from_secs(15), || {
+        (full_syncs() >= before + 2.0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    for _ in 0..5 {
+        assert!(
+            answers(),
+            "the service stopped answering after the wipe\n{}",
+            rig.twilld_log(1)
+        );
+    }
+    let body = metrics(&rig, 1, metrics_addr);
+    assert_eq!(
+        metric_value(&body, "twill_services_store_suspect"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric_value(&body, "twill_services_suspect_listings_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        rig.twilld_log(1)
+            .contains("the network config key is absent"),
+        "the held listing is not logged with its reason"
+    );
+
+    // The config key is back: the empty store is a deletion, acted on.
+    rig.put_network_config(HOST_GW).unwrap();
+    wait_for(Duration::from_secs(15), || {
+        let body = metrics(&rig, 1, metrics_addr);
+        (metric_value(&body, "twill_services_frontends") == Some(0.0)
+            && metric_value(&body, "twill_services_store_suspect") == Some(0.0))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    assert!(!answers(), "the deleted service still answers");
+
+    // With the config key present, services come and go as applied and deleted.
+    ok(&twilld(&rig, &["apply", "-f", &file], None));
+    wait_for(Duration::from_secs(15), || answers().then_some(()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    ok(&twilld(&rig, &["delete", "-f", &file], None));
+    wait_for(Duration::from_secs(15), || {
+        (metric_value(&metrics(&rig, 1, metrics_addr), "twill_services_frontends") == Some(0.0))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    assert!(!answers(), "the deleted service still answers");
 }
 
 /// A cgroup under the cgroup2 mount for one node's socket-LB, removed on drop (after moving out

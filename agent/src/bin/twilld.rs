@@ -103,12 +103,19 @@ mod tests {
             "/p",
         ])
         .unwrap();
-        let Some(ServiceCmd::Apply { files, etcd }) = c.cmd else {
+        let Some(ServiceCmd::Apply {
+            files,
+            etcd,
+            max_txn_ops,
+            retry,
+        }) = c.cmd
+        else {
             panic!("not apply")
         };
         assert_eq!(files, vec![std::path::PathBuf::from("a.yaml"), "-".into()]);
         assert_eq!(etcd.etcd_endpoints, vec!["http://198.18.0.1:2379"]);
         assert_eq!(etcd.etcd_prefix, "/p");
+        assert_eq!((max_txn_ops, retry.etcd_deadline), (128, 15));
         let c = Cli::try_parse_from(["twilld", "get", "services"]).unwrap();
         assert!(matches!(c.cmd, Some(ServiceCmd::Get { .. })));
         assert!(Cli::try_parse_from(["twilld", "delete"]).is_err());

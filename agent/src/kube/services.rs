@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 
@@ -199,9 +199,10 @@ impl Mirror {
             objects: both.iter().flat_map(|s| s.live.values().cloned()).collect(),
             invalid: both
                 .iter()
-                .flat_map(|s| s.invalid.iter().map(|(k, e)| (k.to_string(), e.clone())))
+                .flat_map(|s| s.invalid.iter().map(|(k, e)| (k.clone(), e.clone())))
                 .collect(),
             revision: 0,
+            facts: None,
         }
     }
 
@@ -214,17 +215,18 @@ impl Mirror {
         };
         let mut out = Vec::new();
         let mut change = None;
+        let mut refused = None;
         let mut trigger_time = None;
         match ev {
             Ev::Init => st.listing = Some(Default::default()),
             Ev::InitApply(k, c) => {
+                // Invalid ones are logged (once) by the service loop, from the listing.
                 let (live, invalid) = st.listing.get_or_insert_with(Default::default);
                 match c {
                     Converted::Valid(o) => {
                         live.insert(k, o);
                     }
                     Converted::Invalid(e) => {
-                        tracing::warn!(object = %k, error = %e, "object refused; treating it as absent");
                         invalid.insert(k, e);
                     }
                     Converted::NotOurs => {}
@@ -248,8 +250,8 @@ impl Mirror {
                         change = Some(Change::Put(o));
                     }
                     Converted::Invalid(e) => {
-                        tracing::warn!(object = %k, error = %e, "object refused; treating it as absent");
-                        st.invalid.insert(k.clone(), e);
+                        st.invalid.insert(k.clone(), e.clone());
+                        refused = Some((k.clone(), e));
                         change = st.live.remove(&k).map(|_| Change::Delete(k));
                     }
                     Converted::NotOurs => {
@@ -265,13 +267,17 @@ impl Mirror {
             }
         }
         // Before both kinds are listed, the first Reset carries everything.
-        if self.synced()
-            && let Some(c) = change
-        {
+        if !self.synced() {
+            return out;
+        }
+        if let Some(c) = change {
             out.push(SourceUpdate::Changes(vec![c]));
             if let Some(t) = trigger_time {
                 out.push(SourceUpdate::Triggers(vec![t]));
             }
+        }
+        if let Some(r) = refused {
+            out.push(SourceUpdate::Invalid(vec![r]));
         }
         out
     }
@@ -384,7 +390,8 @@ pub async fn spawn<D: LbDataplane>(
     let client = super::client(opts)
         .await
         .context("connect the service source to the Kubernetes API")?;
-    let resync = Duration::from_secs(opts.resync_interval.max(1));
+    let settings = crate::proxy::loop_settings(opts);
+    let resync = settings.resync;
     // kube-proxy's health timeout: twice its sync period.
     let health = Arc::new(ProxyHealth::new(svc_metrics.clone(), 2 * resync));
     let h = health.clone();
@@ -406,7 +413,7 @@ pub async fn spawn<D: LbDataplane>(
             move |tx| run_source(client, node_name, proxy_name, Some(health), tx),
             node,
             dataplane,
-            resync,
+            settings,
             svc_metrics,
         )
         .await;
@@ -421,6 +428,8 @@ pub async fn spawn<D: LbDataplane>(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::services::desired::{NodeIdentity, Snapshot, desired};
 
@@ -550,6 +559,7 @@ mod tests {
         let node = NodeIdentity {
             name: "n1".into(),
             addresses: vec!["198.18.0.11".parse().unwrap()],
+            ..NodeIdentity::default()
         };
         let d = desired(&snap, &node);
         let http: Vec<_> = d
@@ -703,9 +713,11 @@ mod tests {
             Ev::Apply(sk.clone(), Converted::Invalid(bad), None),
         );
         assert!(
-            matches!(&out[..], [SourceUpdate::Changes(c)] if c == &vec![Change::Delete(sk.clone())])
+            matches!(&out[..], [SourceUpdate::Changes(c), SourceUpdate::Invalid(i)]
+                if c == &vec![Change::Delete(sk.clone())] && i[0].0 == sk && i[0].1.field == "spec.ports[0].protocol"),
+            "{out:?}"
         );
         assert_eq!(m.listing().invalid.len(), 1);
-        assert_eq!(m.listing().invalid[0].0, "Service shop/web");
+        assert_eq!(m.listing().invalid[0].0.to_string(), "Service shop/web");
     }
 }

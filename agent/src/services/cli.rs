@@ -2,11 +2,21 @@
 //! command line, as a library so it is tested without a binary.
 //!
 //! Why this shape:
-//! - Apply is all-or-nothing: every file is read and every document parsed and validated first;
-//!   the result is checked against what etcd already holds (a node port, external IP or
-//!   cluster IP:port that another Service owns is refused); then everything is written in one
-//!   etcd transaction. A bad document means nothing is written, and the error names the file,
-//!   the document (kind, namespace/name or its number) and the field.
+//! - Apply validates everything first: every file is read and every document parsed and
+//!   validated; the result is checked against what etcd already holds (a node port, external IP
+//!   or cluster IP:port that another Service owns is refused) and against the addresses of the
+//!   etcd endpoints it talks to (a Service there would take every node's etcd traffic; the
+//!   agents refuse such frontends too, for objects that bypass this check). A bad document means
+//!   nothing is written, and the error names the file, the document (kind, namespace/name or its
+//!   number) and the field.
+//! - Then it writes in transactions of at most `--max-txn-ops` operations (etcd's limit, 128 by
+//!   default), so a file of any size applies; it says how many. Each transaction is all or
+//!   nothing, the file as a whole is not: if etcd fails half way, the report names the objects
+//!   written and the ones not written (a transaction whose answer was lost is checked by reading
+//!   back), and the command fails. Writes are idempotent, so running it again completes it.
+//! - etcd is retried (connect, reads, writes) until `--etcd-deadline` (15 s by default) when it
+//!   is unreachable or slow, rather than failing on the client's first 2 s connect timeout; an
+//!   answer that retrying cannot change (a refused request) fails at once.
 //! - The etcd flags are the agent's (`--etcd-endpoints`, `--etcd-prefix`, `--etcd-cafile`,
 //!   `--etcd-certfile`, `--etcd-keyfile`) with the same defaults, so one prefix serves both.
 //! - `get services` reads etcd for what should be, and the node's dataplane for what is: the
@@ -20,20 +30,25 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Read as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
+use tokio::time::Instant;
 
 use crate::ebpf::service::EbpfLbView;
-use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
+use crate::services::desired::{Desired, NodeIdentity, RefuseReason, Reserved, Snapshot, desired};
 use crate::services::iptables::IptLb;
 use crate::services::lb::{FrontendKey, LbService};
 use crate::services::model::{
     EndpointSlice, Kind, Object, ObjectKey, Service, ServiceType, parse_manifest,
 };
 use crate::services::nft::NftLb;
-use crate::services::source::{EtcdServiceStore, ServiceStore};
+use crate::services::source::{
+    EtcdServiceStore, Listing, MAX_TXN_OPS, ServiceStore, SourceError, url_addresses,
+};
 use crate::store::EtcdArgs;
 
 /// Connects to the etcd the flags name.
@@ -43,23 +58,59 @@ async fn connect(etcd: &EtcdArgs) -> anyhow::Result<EtcdServiceStore> {
         .context("connect to etcd")
 }
 
+/// How `apply`, `delete` and `get` talk to etcd, beside the etcd flags.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct EtcdRetry {
+    /// Seconds to keep retrying etcd while it is unreachable or slow (connect, reads, writes),
+    /// in total.
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    pub etcd_deadline: u64,
+}
+
+impl EtcdRetry {
+    fn deadline(self) -> Deadline {
+        Deadline::after(Duration::from_secs(self.etcd_deadline))
+    }
+}
+
+/// The most operations `apply` and `delete` put in one transaction.
+fn txn_ops(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a positive number of operations")),
+    }
+}
+
 /// The service subcommands of `twilld`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ServiceCmd {
-    /// Create or replace Services and EndpointSlices from YAML/JSON manifests (all or nothing).
+    /// Create or replace Services and EndpointSlices from YAML/JSON manifests (nothing written
+    /// unless every object is valid; written in transactions of at most `--max-txn-ops`).
     Apply {
         /// Manifest file (`-` for stdin); repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Operations per etcd transaction: etcd's `--max-txn-ops` (128 unless changed).
+        #[arg(long, default_value_t = MAX_TXN_OPS, value_parser = txn_ops)]
+        max_txn_ops: usize,
+        /// Retrying etcd.
+        #[command(flatten)]
+        retry: EtcdRetry,
         /// etcd flags.
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// Delete the objects named in manifests (all in one transaction).
+    /// Delete the objects named in manifests (in transactions of at most `--max-txn-ops`).
     Delete {
         /// Manifest file (`-` for stdin); repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Operations per etcd transaction: etcd's `--max-txn-ops` (128 unless changed).
+        #[arg(long, default_value_t = MAX_TXN_OPS, value_parser = txn_ops)]
+        max_txn_ops: usize,
+        /// Retrying etcd.
+        #[command(flatten)]
+        retry: EtcdRetry,
         /// etcd flags.
         #[command(flatten)]
         etcd: EtcdArgs,
@@ -79,6 +130,13 @@ pub enum ServiceCmd {
         /// `wide`: one line per frontend, with its backends and what the dataplane holds.
         #[arg(short = 'o', long = "output", value_parser = ["wide"])]
         output: Option<String>,
+        /// The node's `--allowed-external-ips` (external IPs outside them are not programmed;
+        /// none by default, as the agent's default with the etcd source).
+        #[arg(long, value_delimiter = ',', value_parser = crate::proxy::parse_allowed_network)]
+        allowed_external_ips: Vec<ipnet::IpNet>,
+        /// Retrying etcd.
+        #[command(flatten)]
+        retry: EtcdRetry,
         /// etcd flags.
         #[command(flatten)]
         etcd: EtcdArgs,
@@ -164,15 +222,220 @@ pub fn check_conflicts(existing: &[Object], new: &[Object]) -> anyhow::Result<()
     Ok(())
 }
 
-/// `apply`: validates everything, checks conflicts, writes in one transaction. Returns the
-/// report lines (`Service default/web created|configured|unchanged`).
-pub async fn apply<S: ServiceStore>(store: &S, objects: &[Object]) -> anyhow::Result<Vec<String>> {
-    let listing = store.list().await.context("list stored services")?;
+/// Refuses Services whose cluster IPs, external IPs or load-balancer IPs are addresses the
+/// nodes depend on (`reserved`: the etcd endpoints'), naming the Service, the frontend and why.
+pub fn check_reserved(
+    objects: &[Object],
+    reserved: &BTreeMap<IpAddr, Reserved>,
+) -> anyhow::Result<()> {
+    if reserved.is_empty() {
+        return Ok(());
+    }
+    let node = NodeIdentity {
+        reserved: reserved.clone(),
+        ..NodeIdentity::default()
+    };
+    let d = desired(&Snapshot::from_objects(objects.iter().cloned()), &node);
+    let msgs: Vec<String> = d
+        .refused
+        .iter()
+        .filter(|r| matches!(r.reason, RefuseReason::Reserved(_)))
+        .map(|r| format!("Service {r}: every node refuses it"))
+        .collect();
+    if !msgs.is_empty() {
+        bail!("{}", msgs.join("; "));
+    }
+    Ok(())
+}
+
+/// A note for each Service with external IPs: nodes program them only inside their
+/// `--allowed-external-ips`, which is empty unless given.
+pub fn external_ip_notes(objects: &[Object]) -> Vec<String> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(s) if !s.spec.external_ips.is_empty() => Some(format!(
+                "note: Service {}/{} has externalIPs ({}): a node programs them only inside its --allowed-external-ips (none unless given)",
+                s.metadata.namespace,
+                s.metadata.name,
+                s.spec.external_ips.join(", ")
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The point in time after which etcd is not retried any more.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: Instant,
+    total: Duration,
+}
+
+impl Deadline {
+    /// `total` from now.
+    pub fn after(total: Duration) -> Self {
+        Deadline {
+            at: Instant::now() + total,
+            total,
+        }
+    }
+}
+
+/// Whether retrying can change the outcome: etcd was unreachable, slow or busy, not refusing.
+fn transient(e: &SourceError) -> bool {
+    match e {
+        SourceError::Unavailable => true,
+        SourceError::Etcd { cause, .. } => match cause {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            // Cancelled, Unknown (how transport failures surface), DeadlineExceeded, Aborted,
+            // Unavailable.
+            etcd_client::Error::GRpcStatus(s) => matches!(i32::from(s.code()), 1 | 2 | 4 | 10 | 14),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or `deadline` passes (each attempt is cut at
+/// the deadline too), with backoff from 200 ms to 2 s between attempts.
+pub async fn with_retry<T, Fut>(
+    deadline: Deadline,
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<T, SourceError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let last = match tokio::time::timeout_at(deadline.at, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if !transient(&e) => {
+                return Err(anyhow::Error::new(e).context(what.to_string()));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_string(),
+        };
+        let now = Instant::now();
+        if now + delay >= deadline.at {
+            bail!(
+                "{what}: etcd did not answer within --etcd-deadline {:?} ({attempts} attempts): {last}",
+                deadline.total
+            );
+        }
+        tracing::debug!(what, attempts, error = %last, "etcd not answering; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What `apply` and `delete` did: one line per object, and how the writes went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReport {
+    /// `Service default/web created|configured|unchanged|deleted|not found`, in input order.
+    pub lines: Vec<String>,
+    /// Objects written (or deleted).
+    pub written: usize,
+    /// Transactions used.
+    pub transactions: usize,
+}
+
+impl WriteReport {
+    /// The summary for stderr: how many objects in how many transactions.
+    pub fn summary(&self, verb: &str, max_ops: usize) -> String {
+        match self.transactions {
+            0 => format!("nothing to {verb}"),
+            1 => format!(
+                "{} {} in 1 transaction",
+                self.written,
+                if verb == "write" {
+                    "written"
+                } else {
+                    "deleted"
+                }
+            ),
+            n => format!(
+                "{} {} in {n} transactions of at most {max_ops} operations",
+                self.written,
+                if verb == "write" {
+                    "written"
+                } else {
+                    "deleted"
+                }
+            ),
+        }
+    }
+}
+
+/// etcd failed half way through a write: what was written and what was not.
+#[derive(Debug)]
+pub struct PartialWrite {
+    /// `apply` or `delete`.
+    pub op: &'static str,
+    /// Objects asked for.
+    pub total: usize,
+    /// Done (written or deleted).
+    pub written: Vec<String>,
+    /// Not done.
+    pub not_written: Vec<String>,
+    /// Whose transaction's outcome could not be read back.
+    pub unknown: Vec<String>,
+    /// Why it stopped.
+    pub cause: anyhow::Error,
+}
+
+impl std::fmt::Display for PartialWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} stopped after {} of {} objects: {:#}\n  done: {}\n  not done: {}",
+            self.op,
+            self.written.len(),
+            self.total,
+            self.cause,
+            list(&self.written),
+            list(&self.not_written)
+        )?;
+        if !self.unknown.is_empty() {
+            write!(
+                f,
+                "\n  unknown (etcd did not answer; the command is idempotent, run it again): {}",
+                list(&self.unknown)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PartialWrite {}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `apply`: validates everything (against what is stored too), then writes what changed in
+/// transactions of at most `max_ops` objects. Returns the report lines
+/// (`Service default/web created|configured|unchanged`); a failure half way is a
+/// [`PartialWrite`].
+pub async fn apply<S: ServiceStore>(
+    store: &S,
+    objects: &[Object],
+    max_ops: usize,
+    deadline: Deadline,
+) -> anyhow::Result<WriteReport> {
+    let listing: Listing = with_retry(deadline, "list stored services", || store.list()).await?;
     check_conflicts(&listing.objects, objects)
         .context("refusing the whole apply; nothing was written")?;
     let existing: BTreeMap<ObjectKey, &Object> =
         listing.objects.iter().map(|o| (o.key(), o)).collect();
-    let mut report = Vec::new();
+    let mut lines = Vec::new();
     let mut changed = Vec::new();
     for o in objects {
         let verb = match existing.get(&o.key()) {
@@ -183,26 +446,122 @@ pub async fn apply<S: ServiceStore>(store: &S, objects: &[Object]) -> anyhow::Re
         if verb != "unchanged" {
             changed.push(o.clone());
         }
-        report.push(format!("{} {verb}", o.key()));
+        lines.push(format!("{} {verb}", o.key()));
     }
-    if !changed.is_empty() {
-        store
-            .put_all(&changed)
-            .await
-            .context("write objects (one transaction; nothing was written)")?;
+    let chunks: Vec<&[Object]> = changed.chunks(max_ops.max(1)).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let what = format!("write transaction {} of {}", i + 1, chunks.len());
+        if let Err(cause) = with_retry(deadline, &what, || store.put_all(chunk)).await {
+            // Is the failed transaction in etcd after all (its answer lost)? Read it back.
+            let after = Deadline::after(Duration::from_secs(3));
+            let stored = with_retry(after, "read back", || store.list()).await.ok();
+            let (mut written, mut not_written, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+            for c in &chunks[..i] {
+                written.extend(c.iter().map(|o| o.key().to_string()));
+            }
+            let names = chunk.iter().map(|o| o.key().to_string());
+            match stored {
+                Some(l) => {
+                    let have: BTreeMap<ObjectKey, &Object> =
+                        l.objects.iter().map(|o| (o.key(), o)).collect();
+                    if chunk.iter().all(|o| have.get(&o.key()) == Some(&o)) {
+                        written.extend(names);
+                    } else {
+                        not_written.extend(names);
+                    }
+                }
+                None => unknown.extend(names),
+            }
+            for c in &chunks[i + 1..] {
+                not_written.extend(c.iter().map(|o| o.key().to_string()));
+            }
+            return Err(PartialWrite {
+                op: "apply",
+                total: changed.len(),
+                written,
+                not_written,
+                unknown,
+                cause,
+            }
+            .into());
+        }
     }
-    Ok(report)
+    Ok(WriteReport {
+        lines,
+        written: changed.len(),
+        transactions: chunks.len(),
+    })
 }
 
-/// `delete`: deletes every object named, in one transaction.
-pub async fn delete<S: ServiceStore>(store: &S, objects: &[Object]) -> anyhow::Result<Vec<String>> {
+/// `delete`: deletes every object named, in transactions of at most `max_ops` keys.
+pub async fn delete<S: ServiceStore>(
+    store: &S,
+    objects: &[Object],
+    max_ops: usize,
+    deadline: Deadline,
+) -> anyhow::Result<WriteReport> {
     let keys: Vec<ObjectKey> = objects.iter().map(Object::key).collect();
-    let existed = store.delete_all(&keys).await.context("delete objects")?;
-    Ok(keys
-        .iter()
-        .zip(existed)
-        .map(|(k, e)| format!("{k} {}", if e { "deleted" } else { "not found" }))
-        .collect())
+    let chunks: Vec<&[ObjectKey]> = keys.chunks(max_ops.max(1)).collect();
+    let mut lines = Vec::new();
+    let mut deleted = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let what = format!("delete transaction {} of {}", i + 1, chunks.len());
+        match with_retry(deadline, &what, || store.delete_all(chunk)).await {
+            Ok(existed) => {
+                for (k, e) in chunk.iter().zip(existed) {
+                    deleted += usize::from(e);
+                    lines.push(format!("{k} {}", if e { "deleted" } else { "not found" }));
+                }
+            }
+            Err(cause) => {
+                // Are the failed transaction's keys gone after all (its answer lost)? Read back.
+                let after = Deadline::after(Duration::from_secs(3));
+                let stored = with_retry(after, "read back", || store.list()).await.ok();
+                let mut written: Vec<String> = chunks[..i]
+                    .iter()
+                    .flat_map(|c| c.iter().map(ToString::to_string))
+                    .collect();
+                let mut not_written = Vec::new();
+                let mut unknown = Vec::new();
+                let names = chunk.iter().map(ToString::to_string);
+                match stored {
+                    Some(l) => {
+                        let left: std::collections::BTreeSet<ObjectKey> = l
+                            .objects
+                            .iter()
+                            .map(Object::key)
+                            .chain(l.invalid.into_iter().map(|(k, _)| k))
+                            .collect();
+                        if chunk.iter().any(|k| left.contains(k)) {
+                            not_written.extend(names);
+                        } else {
+                            written.extend(names);
+                        }
+                    }
+                    None => unknown.extend(names),
+                }
+                not_written.extend(
+                    chunks[i + 1..]
+                        .iter()
+                        .flat_map(|c| c.iter().map(ToString::to_string)),
+                );
+                return Err(PartialWrite {
+                    op: "delete",
+                    total: keys.len(),
+                    written,
+                    not_written,
+                    unknown,
+                    cause,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(WriteReport {
+        lines,
+        written: deleted,
+        transactions: chunks.len(),
+    })
 }
 
 fn ports_column(s: &Service) -> String {
@@ -536,6 +895,17 @@ pub fn frontends_table(
             ]);
         }
     }
+    for r in &d.refused {
+        rows.push([
+            r.frontend.key().to_string(),
+            r.frontend.kind.as_str().into(),
+            r.service.clone(),
+            "<refused>".into(),
+            format!("refused: {}", r.reason.as_str()),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
     let mut out = columns(&rows);
     out.push_str(&dataplane_footer(&d, dp));
     out
@@ -572,36 +942,64 @@ fn dataplane_footer(d: &Desired, dp: Option<&DataplaneReading>) -> String {
     }
 }
 
-/// Runs a subcommand, printing its report to stdout.
+/// Runs a subcommand, printing its report to stdout (and what it did or noted to stderr).
 pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Apply { files, etcd } => {
+        ServiceCmd::Apply {
+            files,
+            max_txn_ops,
+            retry,
+            etcd,
+        } => {
             let objects = load_manifests(&files)?;
-            let store = connect(&etcd).await?;
-            for line in apply(&store, &objects).await? {
+            let reserved: BTreeMap<IpAddr, Reserved> = url_addresses(&etcd.etcd_endpoints)
+                .await
+                .into_iter()
+                .map(|ip| (ip, Reserved::Etcd))
+                .collect();
+            check_reserved(&objects, &reserved)
+                .context("refusing the whole apply; nothing was written")?;
+            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
+            let report = apply(&store, &objects, max_txn_ops, retry.deadline()).await?;
+            for line in &report.lines {
                 println!("{line}");
             }
+            for note in external_ip_notes(&objects) {
+                eprintln!("{note}");
+            }
+            eprintln!("{}", report.summary("write", max_txn_ops));
         }
-        ServiceCmd::Delete { files, etcd } => {
+        ServiceCmd::Delete {
+            files,
+            max_txn_ops,
+            retry,
+            etcd,
+        } => {
             let objects = load_manifests(&files)?;
-            let store = connect(&etcd).await?;
-            for line in delete(&store, &objects).await? {
+            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
+            let report = delete(&store, &objects, max_txn_ops, retry.deadline()).await?;
+            for line in &report.lines {
                 println!("{line}");
             }
+            eprintln!("{}", report.summary("delete", max_txn_ops));
         }
         ServiceCmd::Get {
             what: _,
             node_name,
             bpf_pin_dir,
             output,
+            allowed_external_ips,
+            retry,
             etcd,
         } => {
             let store = connect(&etcd).await?;
-            let listing = store.list().await.context("list stored services")?;
+            let listing =
+                with_retry(retry.deadline(), "list stored services", || store.list()).await?;
             let dp = read_dataplane(&bpf_pin_dir)?;
             let node = NodeIdentity {
                 name: node_name,
-                addresses: Vec::new(),
+                allowed_external_ips: Some(allowed_external_ips),
+                ..NodeIdentity::default()
             };
             let table = if output.as_deref() == Some("wide") {
                 frontends_table(&listing.objects, &node, dp.as_ref())
@@ -610,7 +1008,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             };
             print!("{table}");
             for (key, e) in &listing.invalid {
-                println!("invalid (ignored by the agent): {key}: {e}");
+                println!("invalid (ignored by the agent): {}: {e}", store.key(key));
             }
         }
     }
@@ -654,6 +1052,21 @@ ports: [{name: http, port: 8080}]
         d
     }
 
+    fn soon() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    async fn apply_lines(store: &MemServiceStore, objs: &[Object]) -> Vec<String> {
+        apply(store, objs, MAX_TXN_OPS, soon()).await.unwrap().lines
+    }
+
+    async fn delete_lines(store: &MemServiceStore, objs: &[Object]) -> Vec<String> {
+        delete(store, objs, MAX_TXN_OPS, soon())
+            .await
+            .unwrap()
+            .lines
+    }
+
     #[tokio::test]
     async fn apply_is_all_or_nothing_and_reports() {
         let dir = tmpdir("apply");
@@ -677,14 +1090,14 @@ ports: [{name: http, port: 8080}]
         assert!(store.objects().is_empty());
         let objs = load_manifests(std::slice::from_ref(&good)).unwrap();
         assert_eq!(
-            apply(&store, &objs).await.unwrap(),
+            apply_lines(&store, &objs).await,
             vec![
                 "Service shop/web created",
                 "EndpointSlice shop/web-1 created"
             ]
         );
         assert_eq!(
-            apply(&store, &objs).await.unwrap(),
+            apply_lines(&store, &objs).await,
             vec![
                 "Service shop/web unchanged",
                 "EndpointSlice shop/web-1 unchanged"
@@ -697,7 +1110,7 @@ ports: [{name: http, port: 8080}]
         )])
         .unwrap();
         assert_eq!(
-            apply(&store, &objs2).await.unwrap(),
+            apply_lines(&store, &objs2).await,
             vec![
                 "Service shop/web unchanged",
                 "EndpointSlice shop/web-1 configured"
@@ -718,7 +1131,9 @@ ports: [{name: http, port: 8080}]
             .replace("web-1", "other-1")
             .replace("service-name: web", "service-name: other");
         let objs3 = load_manifests(&[write(&dir, "clash.yaml", &clash)]).unwrap();
-        let e = apply(&store, &objs3).await.unwrap_err();
+        let e = apply(&store, &objs3, MAX_TXN_OPS, soon())
+            .await
+            .unwrap_err();
         assert_eq!(
             format!("{e:#}"),
             "refusing the whole apply; nothing was written: \
@@ -728,17 +1143,197 @@ ports: [{name: http, port: 8080}]
         assert_eq!(store.objects().len(), 2);
         // Delete.
         assert_eq!(
-            delete(&store, &objs).await.unwrap(),
+            delete_lines(&store, &objs).await,
             vec![
                 "Service shop/web deleted",
                 "EndpointSlice shop/web-1 deleted"
             ]
         );
         assert_eq!(
-            delete(&store, &objs).await.unwrap()[0],
+            delete_lines(&store, &objs).await[0],
             "Service shop/web not found"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `n` Services (`svc-0` … ), each with its cluster IP.
+    fn many(n: usize) -> Vec<Object> {
+        let mut text = String::new();
+        for i in 0..n {
+            let _ = write!(
+                text,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports: [{{port: 80}}]\n",
+                i / 200,
+                i % 200 + 1
+            );
+        }
+        parse_manifest(&text).unwrap()
+    }
+
+    /// A file bigger than one transaction applies, in transactions of at most the limit, and
+    /// says how many; delete takes the same file.
+    #[tokio::test]
+    async fn apply_and_delete_write_in_transactions_of_at_most_the_limit() {
+        let store = MemServiceStore::new();
+        let objs = many(300);
+        let r = apply(&store, &objs, 128, soon()).await.unwrap();
+        assert_eq!((r.written, r.transactions), (300, 3));
+        assert_eq!(
+            r.summary("write", 128),
+            "300 written in 3 transactions of at most 128 operations"
+        );
+        assert_eq!(r.lines.len(), 300);
+        assert_eq!(store.objects().len(), 300);
+        // Chunks follow the input order and are never larger than the limit.
+        let r = apply(&store, &objs, 128, soon()).await.unwrap();
+        assert_eq!((r.written, r.transactions), (0, 0));
+        assert_eq!(r.summary("write", 128), "nothing to write");
+        let r = apply(&store, &objs[..5], 2, soon()).await.unwrap();
+        assert_eq!(r.transactions, 0, "unchanged objects are not written");
+        let r = delete(&store, &objs, 128, soon()).await.unwrap();
+        assert_eq!((r.written, r.transactions), (300, 3));
+        assert_eq!(
+            r.summary("delete", 128),
+            "300 deleted in 3 transactions of at most 128 operations"
+        );
+        assert!(store.objects().is_empty());
+        let r = apply(&store, &objs[..1], 128, soon()).await.unwrap();
+        assert_eq!(r.summary("write", 128), "1 written in 1 transaction");
+    }
+
+    /// etcd failing half way: the objects written and not written are named (a transaction
+    /// whose answer was lost is read back), and the command fails.
+    #[tokio::test]
+    async fn apply_reports_which_objects_were_written_when_etcd_fails_half_way() {
+        let objs = many(300);
+        let name = |i: usize| format!("Service default/svc-{i}");
+        let short = || Deadline::after(Duration::from_millis(700));
+        // The second transaction fails (and so every later attempt of it).
+        let store = MemServiceStore::new();
+        store.fail_writes(1, false);
+        let e = apply(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(p.written, (0..128).map(name).collect::<Vec<_>>());
+        assert_eq!(p.not_written, (128..300).map(name).collect::<Vec<_>>());
+        assert!(p.unknown.is_empty());
+        assert_eq!(store.objects().len(), 128);
+        let text = format!("{e:#}");
+        assert!(text.starts_with("apply stopped after 128 of 300 objects: write transaction 2 of 3: etcd did not answer within --etcd-deadline 700ms"), "{text}");
+        assert!(text.contains("\n  done: Service default/svc-0, "), "{text}");
+        assert!(
+            text.contains("\n  not done: Service default/svc-128, "),
+            "{text}"
+        );
+        // The second transaction is committed but its answer lost: read back, it counts as
+        // written.
+        let store = MemServiceStore::new();
+        store.fail_writes(1, true);
+        let e = apply(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(p.written.len(), 256);
+        assert_eq!(p.not_written, (256..300).map(name).collect::<Vec<_>>());
+        // Running it again completes it (writes are idempotent).
+        let store2 = store.clone();
+        store2.fail_writes(usize::MAX, false);
+        let r = apply(&store, &objs, 128, soon()).await.unwrap();
+        assert_eq!(r.written, 44);
+        assert_eq!(store.objects().len(), 300);
+        // Deleting, the same: the first transaction done, the second failing, read back.
+        store.fail_writes(1, false);
+        let e = delete(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(p.written, (0..128).map(name).collect::<Vec<_>>());
+        assert_eq!(p.not_written, (128..300).map(name).collect::<Vec<_>>());
+        assert!(
+            format!("{e:#}").starts_with(
+                "delete stopped after 128 of 300 objects: delete transaction 2 of 3: "
+            ),
+            "{e:#}"
+        );
+        assert_eq!(store.objects().len(), 172);
+        store.fail_writes(1, true);
+        let e = delete(&store, &objs, 128, short()).await.unwrap_err();
+        let p = e.downcast_ref::<PartialWrite>().expect("a partial write");
+        assert_eq!(
+            p.written,
+            (0..256).map(name).collect::<Vec<_>>(),
+            "the lost answer's deletes happened"
+        );
+        assert_eq!(p.not_written, (256..300).map(name).collect::<Vec<_>>());
+    }
+
+    /// Unreachable etcd is retried until the deadline, then the error says so; an answer that
+    /// retrying cannot change fails at once.
+    #[tokio::test]
+    async fn etcd_is_retried_within_the_deadline_only_when_retrying_can_help() {
+        let store = MemServiceStore::new();
+        store.set_down(true);
+        let start = std::time::Instant::now();
+        let e = apply(
+            &store,
+            &many(1),
+            128,
+            Deadline::after(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            format!("{e:#}").starts_with(
+                "list stored services: etcd did not answer within --etcd-deadline 1s ("
+            ),
+            "{e:#}"
+        );
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        // etcd comes back within the deadline: the command succeeds.
+        let back = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            back.set_down(false);
+        });
+        let r = apply(&store, &many(1), 128, soon()).await.unwrap();
+        assert_eq!(r.written, 1);
+        // A refusal is not retried.
+        let mut attempts = 0;
+        let e = with_retry(soon(), "write", || {
+            attempts += 1;
+            async {
+                Err::<(), _>(SourceError::TooMany {
+                    count: 200,
+                    max: 128,
+                })
+            }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(attempts, 1);
+        assert_eq!(
+            format!("{e:#}"),
+            "write: 200 operations in one transaction; etcd takes at most 128 (its --max-txn-ops)"
+        );
+    }
+
+    /// A Service on an etcd endpoint's address is refused at apply time, naming it.
+    #[test]
+    fn services_on_etcd_addresses_are_refused() {
+        let reserved = BTreeMap::from([("198.18.0.1".parse().unwrap(), Reserved::Etcd)]);
+        let evil = parse_manifest("apiVersion: v1\nkind: Service\nmetadata: {name: evil}\nspec:\n  clusterIP: 10.96.0.66\n  externalIPs: [198.18.0.1]\n  ports: [{name: etcd, port: 2379}]\n").unwrap();
+        let e = check_reserved(&evil, &reserved).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Service default/evil:etcd ExternalIP 198.18.0.1:2379/TCP: 198.18.0.1 is an etcd endpoint's address (--etcd-endpoints): every node refuses it"
+        );
+        check_reserved(&parse_manifest(WEB).unwrap(), &reserved).unwrap();
+        // An external IP is worth a note: nodes program it only where allowed.
+        assert_eq!(
+            external_ip_notes(&parse_manifest(WEB).unwrap()),
+            vec![
+                "note: Service shop/web has externalIPs (192.0.2.10): a node programs them only inside its --allowed-external-ips (none unless given)"
+            ]
+        );
     }
 
     #[test]
@@ -798,11 +1393,29 @@ ports: [{name: http, port: 8080}]
             "{t}"
         );
         let w = frontends_table(&objs, &node, Some(&dp));
+        assert!(!w.contains("refused"), "{w}");
         assert!(w.contains("in sync"), "{w}");
         assert!(w.contains("differs: 10.244.9.9:"), "{w}");
         assert!(w.contains("missing"), "{w}");
         assert!(
             w.contains("10.96.0.99:80/TCP") && w.contains("stale: 10.244.1.5:8080"),
+            "{w}"
+        );
+        // A node that programs no external IP: those frontends are listed as refused, not
+        // counted as wanted.
+        let strict = NodeIdentity {
+            allowed_external_ips: Some(Vec::new()),
+            ..NodeIdentity::default()
+        };
+        let t = services_table(&objs, &strict, None);
+        assert!(t.lines().nth(1).unwrap().contains(" 1/2         4 "), "{t}");
+        let w = frontends_table(&objs, &strict, None);
+        let refused: Vec<&str> = w.lines().filter(|l| l.contains("<refused>")).collect();
+        assert_eq!(refused.len(), 2, "{w}");
+        assert!(
+            refused.iter().all(|l| l.starts_with("192.0.2.10:")
+                && l.contains("ExternalIP")
+                && l.contains("refused: external IP not allowed")),
             "{w}"
         );
     }

@@ -20,6 +20,15 @@
 //! - Two Services claiming one frontend (the same external IP and port, the same node port) can
 //!   only happen without an API server; the first by namespace/name keeps it and the clash is
 //!   reported ([`Desired::conflicts`]), so `twilld apply` can refuse it and the agent logs it.
+//! - A frontend address is a claim on traffic to that address. Two kinds of claim are refused
+//!   here, for every dataplane, and reported ([`Refused`]) rather than programmed: an address
+//!   this node depends on ([`NodeIdentity::reserved`]: its own addresses, etcd's, the API
+//!   server's — a Service with `externalIPs: [<etcd's address>]` and port 2379 would otherwise
+//!   send every node's new etcd connections to its endpoints, the CVE-2020-8554 class), and
+//!   an external IP outside `--allowed-external-ips` ([`NodeIdentity::allowed_external_ips`];
+//!   Kubernetes itself now admits none unless told). The API server's address is allowed for
+//!   the ClusterIP of `default/kubernetes` only: in a cluster the agent may reach the API server
+//!   through that very VIP.
 //! - Ids come from [`IdAllocator`], which keeps an id for as long as its frontend exists, hands
 //!   out the lowest free one (compact: dataplanes can size arrays by the number of frontends),
 //!   never reuses an id in the same build that freed it, and is re-seeded from what the
@@ -27,8 +36,11 @@
 //!   derives the same ids as its predecessor.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use crate::services::lb::{
     Backend, BackendState, Frontend, FrontendKey, FrontendKind, LbService, Proto,
@@ -37,14 +49,127 @@ use crate::services::model::{
     AddressType, Change, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, TargetPort,
 };
 
-/// What the node is: its name (matched against `nodeName`) and addresses (their families decide
-/// which NodePort frontends exist; empty means both).
+/// What the node is: its name (matched against `nodeName`), addresses (their families decide
+/// which NodePort frontends exist; empty means both), the addresses no frontend may take, and
+/// which external IPs it programs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeIdentity {
     /// The node's name, as in EndpointSlices' `nodeName`.
     pub name: String,
     /// The node's addresses.
     pub addresses: Vec<IpAddr>,
+    /// Addresses no ClusterIP, ExternalIP or LoadBalancer frontend may take, and whose they are.
+    pub reserved: BTreeMap<IpAddr, Reserved>,
+    /// `--allowed-external-ips`: an external IP gets a frontend only inside one of these
+    /// networks; `None`: every external IP does (what the API server admitted, in a cluster).
+    pub allowed_external_ips: Option<Vec<IpNet>>,
+}
+
+impl NodeIdentity {
+    /// Replaces the [`Reserved::Node`] addresses with `own`, keeping the others (an address
+    /// that is etcd's and the node's stays etcd's, the more telling name).
+    pub fn set_own_addresses(&mut self, own: impl IntoIterator<Item = IpAddr>) {
+        self.reserved.retain(|_, r| *r != Reserved::Node);
+        for ip in own {
+            self.reserved.entry(ip).or_insert(Reserved::Node);
+        }
+    }
+}
+
+/// Whose an address in [`NodeIdentity::reserved`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reserved {
+    /// One of this node's own addresses.
+    Node,
+    /// An etcd endpoint's (`--etcd-endpoints`).
+    Etcd,
+    /// The Kubernetes API server's.
+    ApiServer,
+}
+
+impl Reserved {
+    /// Whose it is, for messages and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reserved::Node => "node address",
+            Reserved::Etcd => "etcd address",
+            Reserved::ApiServer => "API server address",
+        }
+    }
+}
+
+/// Why a frontend a Service asks for is not programmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefuseReason {
+    /// Its address is one the node depends on.
+    Reserved(Reserved),
+    /// An external IP outside `--allowed-external-ips`.
+    ExternalIpNotAllowed,
+}
+
+impl RefuseReason {
+    /// A short label (`etcd address`, `external IP not allowed`), as in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::Reserved(r) => r.as_str(),
+            RefuseReason::ExternalIpNotAllowed => "external IP not allowed",
+        }
+    }
+}
+
+/// A frontend a Service asks for and does not get.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refused {
+    /// The frontend.
+    pub frontend: Frontend,
+    /// Whose (`ns/name:port`).
+    pub service: String,
+    /// Why.
+    pub reason: RefuseReason,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ip = self.frontend.ip;
+        write!(f, "{} {}: ", self.service, self.frontend)?;
+        match self.reason {
+            RefuseReason::Reserved(Reserved::Node) => {
+                write!(f, "{ip} is an address of this node")
+            }
+            RefuseReason::Reserved(Reserved::Etcd) => {
+                write!(f, "{ip} is an etcd endpoint's address (--etcd-endpoints)")
+            }
+            RefuseReason::Reserved(Reserved::ApiServer) => {
+                write!(f, "{ip} is the Kubernetes API server's address")
+            }
+            RefuseReason::ExternalIpNotAllowed => write!(
+                f,
+                "{ip} is not inside --allowed-external-ips (external IPs are programmed only there)"
+            ),
+        }
+    }
+}
+
+/// Why `node` does not program `frontend` of the Service `key`, if it does not.
+fn refusal(node: &NodeIdentity, key: &NsName, frontend: &Frontend) -> Option<RefuseReason> {
+    if frontend.kind == FrontendKind::NodePort {
+        return None; // any address of the node, by definition
+    }
+    if let Some(&r) = node.reserved.get(&frontend.ip) {
+        let api_vip = r == Reserved::ApiServer
+            && frontend.kind == FrontendKind::ClusterIp
+            && (&*key.0, &*key.1) == ("default", "kubernetes");
+        if !api_vip {
+            return Some(RefuseReason::Reserved(r));
+        }
+    }
+    if frontend.kind == FrontendKind::ExternalIp
+        && let Some(allowed) = &node.allowed_external_ips
+        && !allowed.iter().any(|n| n.contains(&frontend.ip))
+    {
+        return Some(RefuseReason::ExternalIpNotAllowed);
+    }
+    None
 }
 
 /// (namespace, name) of a Service or an EndpointSlice. The strings are shared (see
@@ -370,6 +495,8 @@ pub struct Desired {
     pub services: Vec<LbService>,
     /// Frontends claimed twice, sorted by frontend key.
     pub conflicts: Vec<Conflict>,
+    /// Frontends asked for and refused, sorted.
+    pub refused: Vec<Refused>,
 }
 
 /// An endpoint address and port, with what decides its eligibility.
@@ -459,14 +586,16 @@ fn categorize(eps: &BTreeMap<(IpAddr, u16), Ep>) -> (Vec<Backend>, Vec<Backend>)
     (cluster, local)
 }
 
-/// The frontends (ids 0) one Service asks for, before conflicts between Services are resolved.
+/// The frontends (ids 0) one Service gets, before conflicts between Services are resolved, and
+/// the ones it asks for and does not get ([`refusal`]).
 pub fn service_frontends(
     snap: &Snapshot,
     key: &NsName,
     svc: &ServiceInfo,
     node: &NodeIdentity,
-) -> Vec<LbService> {
+) -> (Vec<LbService>, Vec<Refused>) {
     let mut out = Vec::new();
+    let mut refused = Vec::new();
     let node_v4 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv4);
     let node_v6 = node.addresses.is_empty() || node.addresses.iter().any(IpAddr::is_ipv6);
     let families: BTreeSet<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
@@ -501,6 +630,14 @@ pub fn service_frontends(
                 frontends.push(fe(*ip, sp.port, FrontendKind::LoadBalancer));
             }
             for frontend in frontends {
+                if let Some(reason) = refusal(node, key, &frontend) {
+                    refused.push(Refused {
+                        frontend,
+                        service: name.clone(),
+                        reason,
+                    });
+                    continue;
+                }
                 let internal = frontend.kind == FrontendKind::ClusterIp;
                 let (internal_local, external_local) = if internal {
                     (svc.internal_local, false)
@@ -524,7 +661,7 @@ pub fn service_frontends(
             }
         }
     }
-    out
+    (out, refused)
 }
 
 /// Computes the desired frontends (ids 0) for every Service: the first Service by
@@ -532,8 +669,11 @@ pub fn service_frontends(
 pub fn desired(snap: &Snapshot, node: &NodeIdentity) -> Desired {
     let mut out: BTreeMap<FrontendKey, LbService> = BTreeMap::new();
     let mut conflicts = Vec::new();
+    let mut refused = Vec::new();
     for (key, svc) in &snap.services {
-        for lb in service_frontends(snap, key, svc, node) {
+        let (frontends, r) = service_frontends(snap, key, svc, node);
+        refused.extend(r);
+        for lb in frontends {
             let k = lb.frontend.key();
             match out.get(&k) {
                 Some(kept) => conflicts.push(Conflict {
@@ -548,9 +688,11 @@ pub fn desired(snap: &Snapshot, node: &NodeIdentity) -> Desired {
         }
     }
     conflicts.sort_by(|a, b| (a.frontend, &a.refused).cmp(&(b.frontend, &b.refused)));
+    refused.sort();
     Desired {
         services: out.into_values().collect(),
         conflicts,
+        refused,
     }
 }
 
@@ -680,6 +822,8 @@ pub struct LbState {
     /// Who claims each frontend, sorted by (namespace, name): the first owns it. Almost always
     /// one.
     claims: BTreeMap<FrontendKey, Vec<NsName>>,
+    /// The frontends each Service asks for and does not get (almost always none).
+    refused: BTreeMap<NsName, Box<[Refused]>>,
     ids: IdAllocator,
 }
 
@@ -698,8 +842,30 @@ impl LbState {
             snap: Snapshot::default(),
             per_service: BTreeMap::new(),
             claims: BTreeMap::new(),
+            refused: BTreeMap::new(),
             ids: IdAllocator::new(),
         }
+    }
+
+    /// The node this state is computed for.
+    pub fn node(&self) -> &NodeIdentity {
+        &self.node
+    }
+
+    /// Replaces the node's identity (its own addresses changed); recomputes every Service if it
+    /// differs and returns the frontends that may have changed.
+    pub fn set_node(&mut self, node: NodeIdentity) -> BTreeSet<FrontendKey> {
+        if node == self.node {
+            return BTreeSet::new();
+        }
+        self.node = node;
+        let all: BTreeSet<NsName> = self.snap.services.keys().cloned().collect();
+        self.recompute(all)
+    }
+
+    /// Every frontend asked for and refused, by Service.
+    pub fn refused(&self) -> impl Iterator<Item = &Refused> {
+        self.refused.values().flat_map(|r| r.iter())
     }
 
     /// The objects.
@@ -746,16 +912,22 @@ impl LbState {
     fn recompute(&mut self, services: BTreeSet<NsName>) -> BTreeSet<FrontendKey> {
         let mut dirty = BTreeSet::new();
         for key in services {
-            let new: Box<[Arc<LbService>]> = match self.snap.services.get(&key) {
-                Some(svc) => service_frontends(&self.snap, &key, svc, &self.node)
-                    .into_iter()
-                    .map(|s| (s.frontend.key(), s))
-                    .collect::<BTreeMap<_, _>>()
-                    .into_values()
-                    .map(Arc::new)
-                    .collect(),
-                None => Box::default(),
+            let (frontends, refused) = match self.snap.services.get(&key) {
+                Some(svc) => service_frontends(&self.snap, &key, svc, &self.node),
+                None => (Vec::new(), Vec::new()),
             };
+            if refused.is_empty() {
+                self.refused.remove(&key);
+            } else {
+                self.refused.insert(key.clone(), refused.into());
+            }
+            let new: Box<[Arc<LbService>]> = frontends
+                .into_iter()
+                .map(|s| (s.frontend.key(), s))
+                .collect::<BTreeMap<_, _>>()
+                .into_values()
+                .map(Arc::new)
+                .collect();
             let old = self.per_service.remove(&key).unwrap_or_default();
             for s in &old {
                 let k = s.frontend.key();
@@ -897,6 +1069,7 @@ mod tests {
         NodeIdentity {
             name: "node-1".into(),
             addresses: vec!["198.18.0.11".parse().unwrap()],
+            ..NodeIdentity::default()
         }
     }
 
@@ -1021,7 +1194,7 @@ ports:
         // On another node with only a terminating local endpoint: that one is used.
         let other = NodeIdentity {
             name: "node-2".into(),
-            addresses: vec![],
+            ..NodeIdentity::default()
         };
         let y2 = y.replace("- {addresses: [10.244.2.6], nodeName: node-2}\n", "");
         let d = desired(&snap(&y2), &other);
@@ -1088,6 +1261,7 @@ ports: [{port: 9000}]
                 "198.18.0.11".parse().unwrap(),
                 "fd00:18::11".parse().unwrap(),
             ],
+            ..NodeIdentity::default()
         };
         let d = desired(&snap(y), &both);
         assert_eq!(
@@ -1220,6 +1394,106 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}
         );
     }
 
+    /// Frontends on an address the node depends on, or external IPs outside the allowed
+    /// networks, are refused and reported; NodePorts and the API server's own VIP are not.
+    #[test]
+    fn reserved_addresses_and_unallowed_external_ips_are_refused() {
+        let y = r"
+apiVersion: v1
+kind: Service
+metadata: {name: evil}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.0.11
+  externalIPs: [198.18.0.1, 192.0.2.10, 198.51.100.7]
+  ports: [{name: etcd, port: 2379, nodePort: 32379}]
+status:
+  loadBalancer: {ingress: [{ip: 203.0.113.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kubernetes, namespace: default}
+spec:
+  clusterIP: 10.96.0.1
+  ports: [{name: https, port: 443}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fake-api, namespace: default}
+spec:
+  clusterIP: 10.96.0.2
+  externalIPs: [10.96.0.1]
+  ports: [{name: https, port: 443}]
+";
+        let mut node = node();
+        node.set_own_addresses([
+            "198.18.0.11".parse().unwrap(),
+            "203.0.113.1".parse().unwrap(),
+        ]);
+        node.reserved
+            .insert("198.18.0.1".parse().unwrap(), Reserved::Etcd);
+        node.reserved
+            .insert("10.96.0.1".parse().unwrap(), Reserved::ApiServer);
+        node.allowed_external_ips = Some(vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "10.96.0.0/12".parse().unwrap(),
+        ]);
+        let d = desired(&snap(y), &node);
+        let got: Vec<String> = d
+            .services
+            .iter()
+            .map(|s| format!("{} {}", s.name, s.frontend))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "default/evil:etcd NodePort 0.0.0.0:32379/TCP",
+                "default/kubernetes:https ClusterIP 10.96.0.1:443/TCP",
+                "default/fake-api:https ClusterIP 10.96.0.2:443/TCP",
+                "default/evil:etcd ExternalIP 192.0.2.10:2379/TCP",
+            ]
+        );
+        let refused: Vec<String> = d.refused.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            refused,
+            vec![
+                "default/fake-api:https ExternalIP 10.96.0.1:443/TCP: 10.96.0.1 is the Kubernetes API server's address",
+                "default/evil:etcd ExternalIP 198.18.0.1:2379/TCP: 198.18.0.1 is an etcd endpoint's address (--etcd-endpoints)",
+                "default/evil:etcd ClusterIP 198.18.0.11:2379/TCP: 198.18.0.11 is an address of this node",
+                "default/evil:etcd ExternalIP 198.51.100.7:2379/TCP: 198.51.100.7 is not inside --allowed-external-ips (external IPs are programmed only there)",
+                "default/evil:etcd LoadBalancer 203.0.113.1:2379/TCP: 203.0.113.1 is an address of this node",
+            ]
+        );
+        // No list of allowed networks: every external IP (a cluster's default); none: none.
+        node.allowed_external_ips = None;
+        assert_eq!(desired(&snap(y), &node).refused.len(), 4);
+        node.allowed_external_ips = Some(Vec::new());
+        assert_eq!(desired(&snap(y), &node).refused.len(), 6);
+        // Incrementally: the node's addresses change and the refusals follow.
+        let mut state = LbState::new(node.clone());
+        state.reset(parse_manifest(y).unwrap());
+        assert_eq!(state.refused().count(), 6);
+        let mut moved = node.clone();
+        moved.set_own_addresses(["198.18.0.12".parse().unwrap()]);
+        assert_eq!(
+            moved.reserved.get(&"198.18.0.1".parse().unwrap()),
+            Some(&Reserved::Etcd)
+        );
+        let dirty = state.set_node(moved.clone());
+        assert!(dirty.iter().any(|k| k.ip.to_string() == "198.18.0.11"));
+        assert_eq!(state.refused().count(), 4);
+        assert!(
+            state.set_node(moved).is_empty(),
+            "same node: nothing recomputed"
+        );
+        assert!(
+            state
+                .desired()
+                .iter()
+                .any(|s| s.frontend.ip.to_string() == "198.18.0.11")
+        );
+    }
+
     /// The incremental state equals the batch computation after every step of random changes
     /// (services appearing, disappearing, clashing; slices moving between services).
     #[test]
@@ -1231,11 +1505,11 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}
             seed ^= seed << 17;
             seed % n
         };
-        let svc = |i: u64, ip: u64, np: u64, ext: bool| {
-            let ext = if ext {
-                "\n  externalIPs: [192.0.2.1]"
-            } else {
-                ""
+        let svc = |i: u64, ip: u64, np: u64, ext: u64| {
+            let ext = match ext {
+                0 => "\n  externalIPs: [192.0.2.1]",
+                1 => "\n  externalIPs: [198.51.100.1]",
+                _ => "",
             };
             format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.{ip}{ext}\n  ports: [{{port: 80, nodePort: {}}}]\n",
@@ -1248,6 +1522,12 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{i}, labels: {{kubernetes.io/service-name: s{owner}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.{ep}], nodeName: {node}}}]\nports: [{{port: 8080}}]\n"
             )
         };
+        // 10.96.0.3 is etcd's; external IPs only in 192.0.2.0/24.
+        let mut node = node();
+        node.reserved
+            .insert("10.96.0.3".parse().unwrap(), Reserved::Etcd);
+        node.allowed_external_ips = Some(vec!["192.0.2.0/24".parse().unwrap()]);
+        let node = || node.clone();
         let mut state = LbState::new(node());
         let mut batch_ids = IdAllocator::new();
         let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
@@ -1256,7 +1536,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}
             for _ in 0..=rnd(3) {
                 let i = rnd(8);
                 let text = match rnd(5) {
-                    0 | 1 => svc(i, rnd(6) + 1, rnd(4), rnd(4) == 0),
+                    0 | 1 => svc(i, rnd(6) + 1, rnd(4), rnd(6)),
                     2 | 3 => slice(i, rnd(8), rnd(20) + 1, rnd(2) == 0),
                     _ => {
                         let kind = if rnd(2) == 0 {
@@ -1294,6 +1574,9 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30000}
             };
             assert_eq!(strip(&got), strip(&want.services), "step {step}");
             assert_eq!(state.conflicts(), want.conflicts, "step {step}");
+            let mut refused: Vec<Refused> = state.refused().cloned().collect();
+            refused.sort();
+            assert_eq!(refused, want.refused, "step {step}");
             // Ids: unique, non-zero.
             let ids: BTreeSet<u32> = got.iter().map(|s| s.id).collect();
             assert_eq!(ids.len(), got.len());

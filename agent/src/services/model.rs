@@ -18,6 +18,11 @@
 //!   `clusterIP`, a `NodePort` Service its `nodePort`s, and an EndpointSlice its
 //!   `kubernetes.io/service-name` label. Features twill does not implement and whose absence
 //!   would change behaviour unsafely (`loadBalancerSourceRanges`, SCTP) are refused, not ignored.
+//! - Addresses follow Kubernetes' rules ([`special_ip`]): no unspecified, loopback, link-local
+//!   or multicast address (nor the IPv4 broadcast address, nor an IPv4-mapped IPv6 one) as a
+//!   cluster, external, load-balancer or endpoint address. The agents validate what they read
+//!   with the same code, so an object written to etcd by hand or by an old client is refused
+//!   there too.
 //! - Condition semantics follow kube-proxy: `ready` and `serving` default to true when absent,
 //!   `terminating` to false; only an endpoint's first address is used.
 //! - What is stored (in etcd) is the typed object re-serialised as JSON: ignored fields are
@@ -333,8 +338,10 @@ pub struct ServiceSpec {
     ip_families: Ignored,
     #[serde(default, skip_serializing)]
     ip_family_policy: Ignored,
+    /// Deprecated in Kubernetes and not programmed by twill (the ingress IPs in
+    /// `status.loadBalancer` are), but validated like every other service address.
     #[serde(rename = "loadBalancerIP", default, skip_serializing)]
-    load_balancer_ip: Ignored,
+    load_balancer_ip: Option<String>,
     #[serde(default, skip_serializing)]
     load_balancer_class: Ignored,
     #[serde(default, skip_serializing)]
@@ -827,6 +834,56 @@ fn parse_ip(field: &str, s: &str) -> Result<IpAddr, FieldError> {
         .map_err(|_| bad(field, format!("{s:?} is not an IP address")))
 }
 
+/// Why `ip` cannot be a service address (a cluster IP, an external or load-balancer IP) or an
+/// endpoint address, if it cannot.
+///
+/// Kubernetes refuses unspecified, loopback, link-local unicast and link-local multicast
+/// addresses for endpoints and external IPs (`ValidateEndpointIP`, formerly
+/// `ValidateNonSpecialIP`), and since 1.33 IPv4-mapped IPv6 addresses in every IP field
+/// (`StrictIPCIDRValidation`: one address must not mean an IPv4 address to one program and an
+/// IPv6 one to another; octets with leading zeros, the other half of that rule, never parse
+/// here). twill applies this to every address it programs, and refuses all multicast and the
+/// IPv4 broadcast address too: no frontend or backend can be one, and without an API server to
+/// allocate cluster IPs from a service CIDR nothing else would stop `clusterIP: 224.0.0.1`.
+pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => Some("may not be unspecified (0.0.0.0, ::)"),
+        IpAddr::V4(a) if a.is_loopback() => {
+            Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
+        }
+        IpAddr::V4(a) if a.is_link_local() => {
+            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+        }
+        IpAddr::V4(a) if a.is_multicast() => {
+            Some("may not be a multicast address (224.0.0.0/4, ff00::/8)")
+        }
+        IpAddr::V4(a) if a.is_broadcast() => Some("may not be the broadcast address"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("must not be an IPv4-mapped IPv6 address (write the IPv4 address)")
+        }
+        IpAddr::V6(a) if a.is_unspecified() => Some("may not be unspecified (0.0.0.0, ::)"),
+        IpAddr::V6(a) if a.is_loopback() => {
+            Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
+        }
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+        }
+        IpAddr::V6(a) if a.is_multicast() => {
+            Some("may not be a multicast address (224.0.0.0/4, ff00::/8)")
+        }
+        _ => None,
+    }
+}
+
+/// Parses a service or endpoint address and refuses the [`special_ip`]s, naming the field.
+fn service_ip(field: &str, s: &str) -> Result<IpAddr, FieldError> {
+    let ip = parse_ip(field, s)?;
+    match special_ip(ip) {
+        Some(why) => Err(bad(field, format!("{s} {why}"))),
+        None => Ok(ip),
+    }
+}
+
 fn validate_meta(m: &mut ObjectMeta, kind: Kind) -> Result<(), FieldError> {
     if m.name.is_empty() {
         return Err(bad("metadata.name", "required"));
@@ -1060,7 +1117,7 @@ impl Service {
                 })?,
                 Some(s) => s.to_string(),
             };
-            let primary_ip = parse_ip("spec.clusterIP", &primary)?;
+            let primary_ip = service_ip("spec.clusterIP", &primary)?;
             if spec.cluster_ips.len() > 2 {
                 return Err(bad(
                     "spec.clusterIPs",
@@ -1070,7 +1127,7 @@ impl Service {
             let mut families = BTreeSet::new();
             for (i, s) in spec.cluster_ips.iter().enumerate() {
                 let f = format!("spec.clusterIPs[{i}]");
-                let ip = parse_ip(&f, s)?;
+                let ip = service_ip(&f, s)?;
                 if i == 0 && ip != primary_ip {
                     return Err(bad(f, format!("{s} must equal spec.clusterIP {primary}")));
                 }
@@ -1167,7 +1224,10 @@ impl Service {
             }
         }
         for (i, s) in spec.external_ips.iter().enumerate() {
-            parse_ip(&format!("spec.externalIPs[{i}]"), s)?;
+            service_ip(&format!("spec.externalIPs[{i}]"), s)?;
+        }
+        if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
+            service_ip("spec.loadBalancerIP", ip)?;
         }
         // Affinity.
         if let Some(cfg) = &spec.session_affinity_config {
@@ -1211,7 +1271,7 @@ impl Service {
                 }
                 match (&ing.ip, &ing.hostname) {
                     (Some(ip), _) => {
-                        parse_ip(&f, ip)?;
+                        service_ip(&f, ip)?;
                     }
                     (None, Some(_)) => {}
                     (None, None) => return Err(bad(f, "ip or hostname is required")),
@@ -1299,7 +1359,7 @@ impl EndpointSlice {
             }
             for (j, a) in ep.addresses.iter().enumerate() {
                 let f = format!("endpoints[{i}].addresses[{j}]");
-                let ip = parse_ip(&f, a)?;
+                let ip = service_ip(&f, a)?;
                 let want_v6 = self.address_type == AddressType::IPv6;
                 if ip.is_ipv6() != want_v6 {
                     return Err(bad(
@@ -1564,6 +1624,109 @@ metadata:
             let e = err(&text);
             assert!(e.contains(want), "want {want:?}\n got {e:?}\n for {text}");
         }
+    }
+
+    /// Kubernetes' address rules (and twill's stricter ones), for every field that names an
+    /// address: each refused value is named with its field.
+    #[test]
+    fn special_addresses_are_refused_in_every_address_field() {
+        let bad = [
+            ("0.0.0.0", "may not be unspecified"),
+            ("::", "may not be unspecified"),
+            ("127.0.0.1", "loopback range"),
+            ("127.1.2.3", "loopback range"),
+            ("::1", "loopback range"),
+            ("169.254.169.254", "link-local range"),
+            ("fe80::1", "link-local range"),
+            ("224.0.0.1", "multicast"),
+            ("239.1.2.3", "multicast"),
+            ("ff02::1", "multicast"),
+            ("ff0e::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("::ffff:10.96.0.10", "IPv4-mapped"),
+        ];
+        let lb = "apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.12\n  ports: [{port: 80}]\n";
+        for (ip, why) in bad {
+            let v6 = ip.contains(':');
+            let cip = if v6 { "fd00::10" } else { "10.96.0.10" };
+            let svc = SVC.replace("10.96.0.10", cip);
+            let cases = [
+                (svc.replace(cip, &format!("\"{ip}\"")), "spec.clusterIP"),
+                (
+                    svc.replace(
+                        "spec:\n",
+                        &format!("spec:\n  clusterIPs: [\"{ip}\"]\n  clusterIP: \"\"\n"),
+                    )
+                    .replace(&format!("  clusterIP: {cip}\n"), ""),
+                    "spec.clusterIP",
+                ),
+                (
+                    svc.replace("spec:\n", &format!("spec:\n  externalIPs: [\"{ip}\"]\n")),
+                    "spec.externalIPs[0]",
+                ),
+                (
+                    svc.replace("spec:\n", &format!("spec:\n  loadBalancerIP: \"{ip}\"\n")),
+                    "spec.loadBalancerIP",
+                ),
+                (
+                    format!("{lb}status:\n  loadBalancer:\n    ingress:\n    - ip: \"{ip}\"\n"),
+                    "status.loadBalancer.ingress[0].ip",
+                ),
+                (
+                    SLICE
+                        .replace("[10.244.1.5]", &format!("[\"{ip}\"]"))
+                        .replace("IPv4", if v6 { "IPv6" } else { "IPv4" }),
+                    "endpoints[0].addresses[0]",
+                ),
+            ];
+            for (text, field) in cases {
+                let e = err(&text);
+                assert!(
+                    e.contains(&format!("{field}: {ip} ")) && e.contains(why),
+                    "{ip} in {field}: got {e:?}"
+                );
+            }
+        }
+        // Only the first endpoint address is used, but every one is checked, as Kubernetes does.
+        let two = SLICE.replace("[10.244.1.5]", "[10.244.1.5, 127.0.0.1]");
+        assert!(
+            err(&two)
+                .contains("endpoints[0].addresses[1]: 127.0.0.1 may not be in the loopback range")
+        );
+        // Octal-looking octets never parse (Kubernetes 1.33's strict rule).
+        assert!(
+            err(&SVC.replace("10.96.0.10", "010.96.0.10"))
+                .contains("spec.clusterIP: \"010.96.0.10\" is not an IP address")
+        );
+        // Ordinary unicast addresses pass, in every family and range the rig and users use.
+        for ip in [
+            "10.96.0.10",
+            "198.18.0.1",
+            "192.0.2.1",
+            "100.64.0.1",
+            "fd00::10",
+            "2001:db8::1",
+        ] {
+            let cip = if ip.contains(':') {
+                "fd00::99"
+            } else {
+                "10.96.0.99"
+            };
+            let text = SVC
+                .replace("10.96.0.10", cip)
+                .replace("spec:\n", &format!("spec:\n  externalIPs: [\"{ip}\"]\n"));
+            assert!(
+                parse_manifest(&text).is_ok(),
+                "{ip}: {:?}",
+                parse_manifest(&text)
+            );
+        }
+        assert_eq!(special_ip("172.16.0.1".parse().unwrap()), None);
+        assert_eq!(
+            special_ip("0.1.2.3".parse().unwrap()),
+            None,
+            "only 0.0.0.0 itself, as Kubernetes"
+        );
     }
 
     #[test]

@@ -14,8 +14,14 @@
 //!   **changes**, not whole snapshots: the loop recomputes only the Services a change touches,
 //!   which keeps one endpoint change far below the 10 ms budget with 10k services.
 //! - An object in etcd that does not parse or validate (written by hand with etcdctl) is
-//!   treated as absent and logged: the state is always a function of the valid stored objects,
-//!   the same after a re-list as live.
+//!   treated as absent, logged once by the loop and counted: the state is always a function of
+//!   the valid stored objects, the same after a re-list as live.
+//! - A store that suddenly lost everything is not believed at once ([`StoreGuard`]): a fresh or
+//!   wiped etcd would otherwise flush every node's services at the same moment. The watch covers
+//!   the whole prefix so the network config key's deletion arrives with the objects' (one
+//!   revision, when the prefix is wiped), and any change that could empty the store — the config
+//!   key written or deleted, the last object deleted — ends the watch so a listing, with the
+//!   store's facts ([`StoreFacts`]: cluster id, revision, config key), is what gets judged.
 //! - [`run_services`] never blocks on the source: before the first successful list it programs
 //!   nothing (and deletes nothing — a restarted agent keeps the pinned state it finds); when
 //!   etcd goes away, the dataplane keeps what it has. Each batch of changes is planned against
@@ -26,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,7 +40,7 @@ use anyhow::Context as _;
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::{Notify, mpsc};
 
-use crate::services::desired::{LbState, NodeIdentity, Snapshot};
+use crate::services::desired::{LbState, NodeIdentity, RefuseReason, Refused, Reserved, Snapshot};
 use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan_refs};
 use crate::services::model::{
     Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
@@ -60,10 +67,8 @@ pub enum SourceError {
     /// Connecting to etcd failed (or its TLS files could not be read).
     #[error(transparent)]
     Connect(#[from] crate::store::StoreError),
-    /// Too many objects for one transaction.
-    #[error(
-        "{count} objects in one apply; etcd takes at most {max} operations per transaction (--max-txn-ops): split the manifest"
-    )]
+    /// Too many operations for one transaction (callers split their writes).
+    #[error("{count} operations in one transaction; etcd takes at most {max} (its --max-txn-ops)")]
     TooMany {
         /// Objects asked for.
         count: usize,
@@ -73,6 +78,10 @@ pub enum SourceError {
     /// The watch stream ended or broke; the caller re-lists.
     #[error("service watch ended: {0}")]
     WatchEnded(String),
+    /// The store changed in a way a listing must judge (the network config key was written or
+    /// deleted, the last object was deleted); the caller re-lists.
+    #[error("{0}; re-listing")]
+    StoreChanged(String),
     /// The store is unreachable (the in-memory fake, when told so).
     #[error("service store unavailable")]
     Unavailable,
@@ -83,10 +92,25 @@ pub enum SourceError {
 pub struct Listing {
     /// Valid objects.
     pub objects: Vec<Object>,
-    /// Keys whose values are invalid, with the reason (treated as absent).
-    pub invalid: Vec<(String, FieldError)>,
+    /// Objects whose stored values are invalid, with the reason (treated as absent).
+    pub invalid: Vec<(ObjectKey, FieldError)>,
     /// The revision the list was read at.
     pub revision: i64,
+    /// What the listing says about the store itself (etcd; `None` for sources without such
+    /// facts): the service loop judges a listing that lost everything by them ([`StoreGuard`]).
+    pub facts: Option<StoreFacts>,
+}
+
+/// Facts about the store a listing was read from, beside its objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreFacts {
+    /// etcd's cluster id (a wiped and re-created etcd has a new one).
+    pub cluster_id: u64,
+    /// The revision the listing was read at.
+    pub revision: i64,
+    /// The network config key's (`<prefix>/config`) last modification revision; `None`: the
+    /// key is absent.
+    pub config: Option<i64>,
 }
 
 /// The service store seam.
@@ -104,12 +128,16 @@ pub trait ServiceStore: Clone + Send + Sync + 'static {
         let _ = pages;
         self.list()
     }
-    /// Streams changes after `revision` into `tx` until the stream breaks (then returns the
-    /// error; the caller re-lists).
+    /// Streams what changes after `revision` into `tx` ([`SourceUpdate::Changes`], and
+    /// [`SourceUpdate::Invalid`] for values that do not validate, which the changes already
+    /// delete) until the stream breaks, then returns the error; the caller re-lists. It also
+    /// returns ([`SourceError::StoreChanged`]) instead of sending changes when the network
+    /// config key is written or deleted, or when a batch deletes the last object: those are
+    /// judged on a listing ([`StoreGuard`]).
     fn watch(
         &self,
         revision: i64,
-        tx: mpsc::Sender<Vec<Change>>,
+        tx: mpsc::Sender<SourceUpdate>,
     ) -> impl Future<Output = SourceError> + Send;
     /// Writes every object in one transaction.
     fn put_all(&self, objects: &[Object]) -> impl Future<Output = Result<(), SourceError>> + Send;
@@ -133,6 +161,39 @@ fn kind_dir(kind: Kind) -> &'static str {
 /// `<prefix>/services/` (prefix without a trailing `/`).
 pub fn services_prefix(prefix: &str) -> String {
     format!("{}/services/", prefix.trim_end_matches('/'))
+}
+
+/// The addresses of the hosts `urls` name (`http://198.18.0.1:2379`, `https://etcd:2379`,
+/// `[fd00::1]:2379`): literal addresses as they are, names resolved (each within 2 s; a name
+/// that does not resolve is logged and skipped). What no frontend may take ([`Reserved`]).
+pub async fn url_addresses(urls: &[String]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for url in urls {
+        let authority = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let authority = authority.split(['/', '?']).next().unwrap_or_default();
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        let host = if let Some(rest) = authority.strip_prefix('[') {
+            rest.split_once(']').map_or(rest, |(h, _)| h)
+        } else {
+            authority.split(':').next().unwrap_or_default()
+        };
+        if host.is_empty() {
+            continue;
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            out.push(ip);
+            continue;
+        }
+        let lookup = tokio::net::lookup_host((host, 0));
+        match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+            Ok(Ok(addrs)) => out.extend(addrs.map(|a| a.ip())),
+            Ok(Err(e)) => tracing::warn!(%url, error = %e, "resolve the host of an endpoint"),
+            Err(_) => tracing::warn!(%url, "resolve the host of an endpoint: no answer within 2 s"),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The etcd key of an object.
@@ -189,6 +250,8 @@ pub fn decode(key: &ObjectKey, value: &[u8]) -> Result<Object, FieldError> {
 pub struct EtcdServiceStore {
     client: Client,
     prefix: String,
+    /// The most operations one transaction may hold (etcd's `--max-txn-ops`).
+    max_txn_ops: usize,
 }
 
 fn etcd(
@@ -205,7 +268,16 @@ impl EtcdServiceStore {
         EtcdServiceStore {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
+            max_txn_ops: MAX_TXN_OPS,
         }
+    }
+
+    /// Sets the most operations one transaction may hold (etcd's `--max-txn-ops`, when the
+    /// server was started with another value than its default, [`MAX_TXN_OPS`]).
+    #[must_use]
+    pub fn with_max_txn_ops(mut self, max: usize) -> Self {
+        self.max_txn_ops = max;
+        self
     }
 
     /// Connects to `endpoints` with the agent's client settings.
@@ -237,19 +309,31 @@ impl EtcdServiceStore {
     /// Objects per page of a listing.
     const PAGE: i64 = 1000;
 
+    /// The network config key (`<prefix>/config`).
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    /// The end of the services prefix's range (the prefix with its last byte incremented).
+    fn services_end(&self) -> Vec<u8> {
+        let mut end = services_prefix(&self.prefix).into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        end
+    }
+
     /// Reads one page of the listing from `start` (at `revision`, or the current one when 0):
-    /// the decoded page and where the next one starts.
+    /// the decoded page (its revision set), where the next one starts, and etcd's cluster id.
     async fn page(
         &self,
         start: Vec<u8>,
         revision: i64,
-    ) -> Result<(Listing, Option<Vec<u8>>), SourceError> {
+    ) -> Result<(Listing, Option<Vec<u8>>, u64), SourceError> {
         let prefix = services_prefix(&self.prefix);
-        let mut end = prefix.as_bytes().to_vec();
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
-        let mut opts = GetOptions::new().with_range(end).with_limit(Self::PAGE);
+        let mut opts = GetOptions::new()
+            .with_range(self.services_end())
+            .with_limit(Self::PAGE);
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
@@ -259,19 +343,19 @@ impl EtcdServiceStore {
             .get(start, Some(opts))
             .await
             .map_err(etcd("get", &prefix))?;
+        let header = resp.header();
         let mut out = Listing {
             revision: if revision > 0 {
                 revision
             } else {
-                resp.header()
-                    .map_or(0, etcd_client::ResponseHeader::revision)
+                header.map_or(0, etcd_client::ResponseHeader::revision)
             },
             ..Listing::default()
         };
         for kv in resp.kvs() {
             match self.decode_kv(kv) {
                 Some((_, Ok(o))) => out.objects.push(o),
-                Some((k, Err(e))) => out.invalid.push((self.key(&k), e)),
+                Some((k, Err(e))) => out.invalid.push((k, e)),
                 None => {}
             }
         }
@@ -283,8 +367,118 @@ impl EtcdServiceStore {
             }
             _ => None,
         };
-        Ok((out, next))
+        Ok((
+            out,
+            next,
+            header.map_or(0, etcd_client::ResponseHeader::cluster_id),
+        ))
     }
+
+    /// The store's facts at `revision`: the network config key's state then.
+    async fn facts(&self, revision: i64, cluster_id: u64) -> Result<StoreFacts, SourceError> {
+        let key = self.config_key();
+        let resp = self
+            .client
+            .clone()
+            .get(
+                key.as_str(),
+                Some(GetOptions::new().with_revision(revision).with_keys_only()),
+            )
+            .await
+            .map_err(etcd("get", &key))?;
+        Ok(StoreFacts {
+            cluster_id,
+            revision,
+            config: resp.kvs().first().map(etcd_client::KeyValue::mod_revision),
+        })
+    }
+
+    /// How many keys the services prefix holds at `revision`.
+    async fn count_at(&self, revision: i64) -> Result<i64, SourceError> {
+        let prefix = services_prefix(&self.prefix);
+        let resp = self
+            .client
+            .clone()
+            .get(
+                prefix.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_range(self.services_end())
+                        .with_count_only()
+                        .with_revision(revision),
+                ),
+            )
+            .await
+            .map_err(etcd("count", &prefix))?;
+        Ok(resp.count())
+    }
+
+    /// Sends one decoded watch response on, unless the store changed in a way a listing must
+    /// judge (see [`ServiceStore::watch`]).
+    async fn forward(
+        &self,
+        batch: Vec<(i64, Watched)>,
+        tx: &mpsc::Sender<SourceUpdate>,
+    ) -> Result<(), SourceError> {
+        let revision = batch.iter().map(|(r, _)| *r).max().unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut invalid = Vec::new();
+        let mut deletes = false;
+        for (_, w) in batch {
+            match w {
+                Watched::Config { deleted } => {
+                    return Err(SourceError::StoreChanged(format!(
+                        "the network config key {} was {}",
+                        self.config_key(),
+                        if deleted { "deleted" } else { "written" }
+                    )));
+                }
+                Watched::Change(c) => {
+                    deletes |= matches!(c, Change::Delete(_));
+                    changes.push(c);
+                }
+                Watched::Invalid(k, e) => {
+                    changes.push(Change::Delete(k.clone()));
+                    invalid.push((k, e));
+                }
+            }
+        }
+        if deletes && self.count_at(revision).await? == 0 {
+            return Err(SourceError::StoreChanged(format!(
+                "no service object is left under {} at revision {revision}",
+                services_prefix(&self.prefix)
+            )));
+        }
+        let closed = || SourceError::WatchEnded("receiver gone".into());
+        if !changes.is_empty() {
+            tx.send(SourceUpdate::Changes(changes))
+                .await
+                .map_err(|_| closed())?;
+        }
+        if !invalid.is_empty() {
+            tx.send(SourceUpdate::Invalid(invalid))
+                .await
+                .map_err(|_| closed())?;
+        }
+        Ok(())
+    }
+}
+
+/// One event of the etcd watch, decoded.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "short-lived, moved not copied, as `Change`"
+)]
+enum Watched {
+    /// A service object changed.
+    Change(Change),
+    /// A service object's new value is invalid (treated as a delete).
+    Invalid(ObjectKey, FieldError),
+    /// The network config key was written or deleted.
+    Config {
+        /// Deleted (else written).
+        deleted: bool,
+    },
 }
 
 impl ServiceStore for EtcdServiceStore {
@@ -292,14 +486,15 @@ impl ServiceStore for EtcdServiceStore {
         let mut start = services_prefix(&self.prefix).into_bytes();
         let mut out = Listing::default();
         loop {
-            let (page, next) = self.page(start, out.revision).await?;
+            let (page, next, cluster_id) = self.page(start, out.revision).await?;
             out.revision = page.revision;
             out.objects.extend(page.objects);
             out.invalid.extend(page.invalid);
-            match next {
-                Some(n) => start = n,
-                None => return Ok(out),
-            }
+            let Some(n) = next else {
+                out.facts = Some(self.facts(out.revision, cluster_id).await?);
+                return Ok(out);
+            };
+            start = n;
         }
     }
 
@@ -307,47 +502,69 @@ impl ServiceStore for EtcdServiceStore {
         let mut start = services_prefix(&self.prefix).into_bytes();
         let mut revision = 0;
         loop {
-            let (page, next) = self.page(start, revision).await?;
+            let (mut page, next, cluster_id) = self.page(start, revision).await?;
             revision = page.revision;
-            let Some(n) = next else { return Ok(page) };
+            let Some(n) = next else {
+                page.facts = Some(self.facts(revision, cluster_id).await?);
+                return Ok(page);
+            };
             start = n;
-            for (key, e) in &page.invalid {
-                tracing::warn!(%key, error = %e, "invalid object in etcd; treating it as absent");
-            }
             if pages.send(SourceUpdate::Page(page)).await.is_err() {
                 return Err(SourceError::WatchEnded("receiver gone".into()));
             }
         }
     }
 
-    async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<Change>>) -> SourceError {
-        let prefix = services_prefix(&self.prefix);
-        let end = watch_prefix(&self.client, &prefix, revision, &tx, |ev| {
+    async fn watch(&self, revision: i64, tx: mpsc::Sender<SourceUpdate>) -> SourceError {
+        // The whole prefix, so the config key's events arrive in the same stream, ordered with
+        // the services' (a wipe deletes both at one revision). Leases' events are dropped.
+        let root = format!("{}/", self.prefix);
+        let config_key = self.config_key();
+        let (itx, mut irx) = mpsc::channel(64);
+        let watch = watch_prefix(&self.client, &root, revision, &itx, |ev| {
             let kv = ev.kv()?;
-            let key = parse_object_key(&self.prefix, kv.key_str().ok()?)?;
-            Some(match ev.event_type() {
-                EventType::Delete => Change::Delete(key),
-                EventType::Put => match decode(&key, kv.value()) {
-                    Ok(o) => Change::Put(o),
-                    Err(e) => {
-                        tracing::warn!(key = %self.key(&key), error = %e, "invalid object in etcd; treating it as absent");
-                        Change::Delete(key)
+            let key_str = kv.key_str().ok()?;
+            let deleted = ev.event_type() == EventType::Delete;
+            if key_str == config_key {
+                return Some((kv.mod_revision(), Watched::Config { deleted }));
+            }
+            let key = parse_object_key(&self.prefix, key_str)?;
+            let w = if deleted {
+                Watched::Change(Change::Delete(key))
+            } else {
+                match decode(&key, kv.value()) {
+                    Ok(o) => Watched::Change(Change::Put(o)),
+                    Err(e) => Watched::Invalid(key, e),
+                }
+            };
+            Some((kv.mod_revision(), w))
+        });
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                end = &mut watch => {
+                    return match end {
+                        WatchEnd::Etcd(e) => etcd("watch", &root)(e),
+                        WatchEnd::Ended(why) => SourceError::WatchEnded(why),
+                    };
+                }
+                batch = irx.recv() => {
+                    let Some(batch) = batch else {
+                        return SourceError::WatchEnded("watch channel closed".into());
+                    };
+                    if let Err(e) = self.forward(batch, &tx).await {
+                        return e;
                     }
-                },
-            })
-        })
-        .await;
-        match end {
-            WatchEnd::Etcd(e) => etcd("watch", &prefix)(e),
-            WatchEnd::Ended(why) => SourceError::WatchEnded(why),
+                }
+            }
         }
     }
 
     async fn put_all(&self, objects: &[Object]) -> Result<(), SourceError> {
-        if objects.len() > MAX_TXN_OPS {
+        if objects.len() > self.max_txn_ops {
             return Err(SourceError::TooMany {
                 count: objects.len(),
-                max: MAX_TXN_OPS,
+                max: self.max_txn_ops,
             });
         }
         let ops: Vec<TxnOp> = objects
@@ -364,10 +581,10 @@ impl ServiceStore for EtcdServiceStore {
     }
 
     async fn delete_all(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, SourceError> {
-        if keys.len() > MAX_TXN_OPS {
+        if keys.len() > self.max_txn_ops {
             return Err(SourceError::TooMany {
                 count: keys.len(),
-                max: MAX_TXN_OPS,
+                max: self.max_txn_ops,
             });
         }
         let ops: Vec<TxnOp> = keys
@@ -392,18 +609,67 @@ impl ServiceStore for EtcdServiceStore {
 // ---------------------------------------------------------------------------------------------
 // In-memory fake.
 
-#[derive(Default)]
+/// What the in-memory store's log records, in revision order.
+#[derive(Debug, Clone)]
+#[expect(clippy::large_enum_variant, reason = "a test fake")]
+enum MemEvent {
+    Change(Change),
+    Invalid(ObjectKey, FieldError),
+    Config { deleted: bool },
+}
+
 struct MemInner {
     objects: BTreeMap<ObjectKey, Object>,
     invalid: BTreeMap<ObjectKey, FieldError>,
-    log: Vec<(i64, Change)>,
+    log: Vec<(i64, MemEvent)>,
     revision: i64,
+    cluster_id: u64,
+    /// The network config key's modification revision; `None`: absent.
+    config: Option<i64>,
     down: bool,
     generation: u64,
+    /// Writes left before writes start failing, and whether a failing write is applied anyway
+    /// (an answer lost after the commit); `None`: writes succeed.
+    write_failures: Option<(usize, bool)>,
+}
+
+impl Default for MemInner {
+    fn default() -> Self {
+        MemInner {
+            objects: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+            log: Vec::new(),
+            revision: 1,
+            cluster_id: 1,
+            config: Some(1),
+            down: false,
+            generation: 0,
+            write_failures: None,
+        }
+    }
+}
+
+impl MemInner {
+    fn bump(&mut self) -> i64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Whether the next write fails (see [`MemServiceStore::fail_writes`]): `Some(applied)`.
+    fn write_fails(&mut self) -> Option<bool> {
+        match &mut self.write_failures {
+            Some((0, applied)) => Some(*applied),
+            Some((n, _)) => {
+                *n -= 1;
+                None
+            }
+            None => None,
+        }
+    }
 }
 
 /// In-memory store for tests: same semantics (revisions, all-or-nothing writes, watches that
-/// can be broken).
+/// can be broken, a network config key present from the start, a cluster id).
 #[derive(Clone, Default)]
 pub struct MemServiceStore {
     inner: Arc<Mutex<MemInner>>,
@@ -411,7 +677,7 @@ pub struct MemServiceStore {
 }
 
 impl MemServiceStore {
-    /// An empty store.
+    /// An empty store (with its network config key).
     pub fn new() -> Self {
         Self::default()
     }
@@ -438,13 +704,62 @@ impl MemServiceStore {
     /// Stores an invalid value under `key` (as a hand-written etcdctl put would).
     pub fn put_invalid(&self, key: ObjectKey, error: FieldError) {
         let mut g = self.lock();
-        g.revision += 1;
-        let rev = g.revision;
+        let rev = g.bump();
         g.objects.remove(&key);
-        g.invalid.insert(key.clone(), error);
-        g.log.push((rev, Change::Delete(key)));
+        g.invalid.insert(key.clone(), error.clone());
+        g.log.push((rev, MemEvent::Invalid(key, error)));
         drop(g);
         self.notify.notify_waiters();
+    }
+
+    /// Writes (`true`) or deletes the network config key.
+    pub fn set_config(&self, present: bool) {
+        let mut g = self.lock();
+        let rev = g.bump();
+        g.config = present.then_some(rev);
+        g.log.push((rev, MemEvent::Config { deleted: !present }));
+        drop(g);
+        self.notify.notify_waiters();
+    }
+
+    /// Deletes everything, the config key included, at one revision (`etcdctl del --prefix`).
+    pub fn wipe(&self) {
+        let mut g = self.lock();
+        let rev = g.bump();
+        let keys: Vec<ObjectKey> = g.objects.keys().chain(g.invalid.keys()).cloned().collect();
+        g.objects.clear();
+        g.invalid.clear();
+        for k in keys {
+            g.log.push((rev, MemEvent::Change(Change::Delete(k))));
+        }
+        if g.config.take().is_some() {
+            g.log.push((rev, MemEvent::Config { deleted: true }));
+        }
+        drop(g);
+        self.notify.notify_waiters();
+    }
+
+    /// Replaces the store with a fresh, empty etcd cluster (a new cluster id, revisions from 1,
+    /// the config key written at revision 1 if `with_config`); running watches break.
+    pub fn replace_cluster(&self, with_config: bool) {
+        let mut g = self.lock();
+        let cluster_id = g.cluster_id + 1;
+        let generation = g.generation + 1;
+        *g = MemInner {
+            cluster_id,
+            generation,
+            config: with_config.then_some(1),
+            ..MemInner::default()
+        };
+        drop(g);
+        self.notify.notify_waiters();
+    }
+
+    /// Lets `after` more writes (`put_all`, `delete_all`) succeed, then makes every later one
+    /// fail with [`SourceError::Unavailable`]; with `applied`, a failing write is applied
+    /// anyway (its answer lost after the commit).
+    pub fn fail_writes(&self, after: usize, applied: bool) {
+        self.lock().write_failures = Some((after, applied));
     }
 
     /// Every valid object.
@@ -464,13 +779,18 @@ impl ServiceStore for MemServiceStore {
             invalid: g
                 .invalid
                 .iter()
-                .map(|(k, e)| (k.to_string(), e.clone()))
+                .map(|(k, e)| (k.clone(), e.clone()))
                 .collect(),
             revision: g.revision,
+            facts: Some(StoreFacts {
+                cluster_id: g.cluster_id,
+                revision: g.revision,
+                config: g.config,
+            }),
         })
     }
 
-    async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<Change>>) -> SourceError {
+    async fn watch(&self, revision: i64, tx: mpsc::Sender<SourceUpdate>) -> SourceError {
         let (mut seen, generation) = {
             let g = self.lock();
             if g.down {
@@ -480,21 +800,39 @@ impl ServiceStore for MemServiceStore {
         };
         loop {
             let notified = self.notify.notified();
-            let batch: Vec<Change> = {
+            let (changes, invalid) = {
                 let g = self.lock();
                 if g.generation != generation {
                     return SourceError::WatchEnded("broken by the test".into());
                 }
-                let b = g
-                    .log
-                    .iter()
-                    .filter(|(r, _)| *r > seen)
-                    .map(|(_, c)| c.clone())
-                    .collect();
+                let mut changes = Vec::new();
+                let mut invalid = Vec::new();
+                for (_, ev) in g.log.iter().filter(|(r, _)| *r > seen) {
+                    match ev {
+                        MemEvent::Config { deleted } => {
+                            return SourceError::StoreChanged(format!(
+                                "the network config key was {}",
+                                if *deleted { "deleted" } else { "written" }
+                            ));
+                        }
+                        MemEvent::Change(c) => changes.push(c.clone()),
+                        MemEvent::Invalid(k, e) => {
+                            changes.push(Change::Delete(k.clone()));
+                            invalid.push((k.clone(), e.clone()));
+                        }
+                    }
+                }
+                let deletes = changes.iter().any(|c| matches!(c, Change::Delete(_)));
+                if deletes && g.objects.is_empty() && g.invalid.is_empty() {
+                    return SourceError::StoreChanged("no service object is left".into());
+                }
                 seen = g.revision;
-                b
+                (changes, invalid)
             };
-            if !batch.is_empty() && tx.send(batch).await.is_err() {
+            if !changes.is_empty() && tx.send(SourceUpdate::Changes(changes)).await.is_err() {
+                return SourceError::WatchEnded("receiver gone".into());
+            }
+            if !invalid.is_empty() && tx.send(SourceUpdate::Invalid(invalid)).await.is_err() {
                 return SourceError::WatchEnded("receiver gone".into());
             }
             notified.await;
@@ -506,15 +844,21 @@ impl ServiceStore for MemServiceStore {
         if g.down {
             return Err(SourceError::Unavailable);
         }
-        g.revision += 1;
-        let rev = g.revision;
+        let fail = g.write_fails();
+        if fail == Some(false) {
+            return Err(SourceError::Unavailable);
+        }
+        let rev = g.bump();
         for o in objects {
             g.invalid.remove(&o.key());
             g.objects.insert(o.key(), o.clone());
-            g.log.push((rev, Change::Put(o.clone())));
+            g.log.push((rev, MemEvent::Change(Change::Put(o.clone()))));
         }
         drop(g);
         self.notify.notify_waiters();
+        if fail == Some(true) {
+            return Err(SourceError::Unavailable);
+        }
         Ok(())
     }
 
@@ -523,16 +867,23 @@ impl ServiceStore for MemServiceStore {
         if g.down {
             return Err(SourceError::Unavailable);
         }
-        g.revision += 1;
-        let rev = g.revision;
+        let fail = g.write_fails();
+        if fail == Some(false) {
+            return Err(SourceError::Unavailable);
+        }
+        let rev = g.bump();
         let mut out = Vec::new();
         for k in keys {
             let existed = g.objects.remove(k).is_some() | g.invalid.remove(k).is_some();
             out.push(existed);
-            g.log.push((rev, Change::Delete(k.clone())));
+            g.log
+                .push((rev, MemEvent::Change(Change::Delete(k.clone()))));
         }
         drop(g);
         self.notify.notify_waiters();
+        if fail == Some(true) {
+            return Err(SourceError::Unavailable);
+        }
         Ok(out)
     }
 }
@@ -552,6 +903,9 @@ pub enum SourceUpdate {
     Page(Listing),
     /// Changes since the last update.
     Changes(Vec<Change>),
+    /// Objects whose new values are invalid (sent after the changes that delete them): logged
+    /// once and counted by the loop.
+    Invalid(Vec<(ObjectKey, FieldError)>),
     /// When the changes sent just before were triggered (the Kubernetes source reads
     /// EndpointSlices' `endpoints.kubernetes.io/last-change-trigger-time`): observed as
     /// `kubeproxy_network_programming_duration_seconds` once a sync has applied them. Sent after
@@ -574,7 +928,8 @@ impl Backoff {
 }
 
 /// Lists, then watches from the listed revision, forwarding updates; re-lists with backoff
-/// whenever the watch breaks. Runs until `out` is closed.
+/// whenever the watch breaks or the store changed in a way a listing must judge. Runs until
+/// `out` is closed.
 pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUpdate>) {
     let mut backoff = Backoff::new();
     loop {
@@ -587,9 +942,6 @@ pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUp
             }
         };
         backoff = Backoff::new();
-        for (key, e) in &listing.invalid {
-            tracing::warn!(%key, error = %e, "invalid object in etcd; treating it as absent");
-        }
         let rev = listing.revision;
         if out.send(SourceUpdate::Reset(listing)).await.is_err() {
             return;
@@ -599,22 +951,151 @@ pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUp
         let mut watch_task = tokio::spawn(async move { w.watch(rev, tx).await });
         loop {
             tokio::select! {
-                batch = rx.recv() => {
-                    let Some(batch) = batch else { break };
-                    if out.send(SourceUpdate::Changes(batch)).await.is_err() {
+                up = rx.recv() => {
+                    let Some(up) = up else { break };
+                    if out.send(up).await.is_err() {
                         watch_task.abort();
                         return;
                     }
                 }
                 res = &mut watch_task => {
-                    let e = res.unwrap_or_else(|j| SourceError::WatchEnded(j.to_string()));
-                    tracing::warn!(error = %e, "service watch broke; re-listing");
+                    match res.unwrap_or_else(|j| SourceError::WatchEnded(j.to_string())) {
+                        e @ SourceError::StoreChanged(_) => tracing::warn!(reason = %e, "service store changed"),
+                        e => tracing::warn!(error = %e, "service watch broke; re-listing"),
+                    }
+                    // What the watch sent before it ended (a listing supersedes it anyway).
+                    while let Ok(up) = rx.try_recv() {
+                        if out.send(up).await.is_err() {
+                            return;
+                        }
+                    }
                     break;
                 }
             }
         }
         watch_task.abort();
         tokio::time::sleep(backoff.next()).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guard against a store that lost everything.
+
+/// What the loop does with a listing ([`StoreGuard::judge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Act on it.
+    Act,
+    /// Act on it: the store that was suspect is confirmed (its config key was written again,
+    /// or it holds objects).
+    Confirmed,
+    /// Keep the dataplane as it is and wait: the listing lost everything and the store looks
+    /// new or wiped. `first`: the store just became suspect (warn and count once).
+    Hold {
+        /// Why, for the log.
+        reasons: Vec<String>,
+        /// The store just became suspect.
+        first: bool,
+    },
+}
+
+/// Judges listings that lost everything, so a fresh or wiped etcd does not flush every node's
+/// services at once.
+///
+/// A listing is suspect when it is empty while the node holds services (in its state or its
+/// dataplane) and the store looks new or wiped: the network config key is absent, etcd's cluster
+/// id changed, or the revision went backwards. A suspect listing (and every change after it) is
+/// held; the dataplane keeps what it has. The store is confirmed, and the next listing acted
+/// on, once its config key exists and was written after the suspect listing was read (an
+/// operator's deliberate step), or once it holds objects again. An empty listing with the
+/// config key present, the same cluster and a revision that only moved forward is an ordinary
+/// deletion of everything: acted on at once. Listings without facts (the Kubernetes source)
+/// are always acted on.
+#[derive(Debug, Clone, Default)]
+pub struct StoreGuard {
+    /// The facts of the last listing acted on.
+    last: Option<StoreFacts>,
+    /// The listing held back while the store is suspect.
+    suspect: Option<StoreFacts>,
+}
+
+impl StoreGuard {
+    /// While suspect: the facts of the listing that made it so.
+    pub fn suspect(&self) -> Option<StoreFacts> {
+        self.suspect
+    }
+
+    /// Objects arrived in the suspect store (watched after its empty listing): confirms it if
+    /// its network config key exists (a store in use again); else it stays suspect.
+    pub fn objects_arrived(&mut self) -> bool {
+        match self.suspect {
+            Some(s) if s.config.is_some() => {
+                self.suspect = None;
+                self.last = Some(s);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What to do with a listing with `facts`; `empty`: it holds no object (valid or not);
+    /// `have_state`: the node holds services (known objects or programmed frontends).
+    pub fn judge(&mut self, facts: Option<StoreFacts>, empty: bool, have_state: bool) -> Verdict {
+        let Some(f) = facts else {
+            return Verdict::Act;
+        };
+        if let Some(s) = self.suspect {
+            let rewritten = f.cluster_id == s.cluster_id
+                && f.revision >= s.revision
+                && f.config.is_some_and(|c| c > s.revision);
+            if rewritten || (!empty && f.config.is_some()) {
+                self.suspect = None;
+                self.last = Some(f);
+                return Verdict::Confirmed;
+            }
+            if f.cluster_id != s.cluster_id || f.revision < s.revision {
+                self.suspect = Some(f); // another new store: its config must be written anew
+            }
+            return Verdict::Hold {
+                reasons: Self::reasons(self.last, f),
+                first: false,
+            };
+        }
+        if !empty || !have_state {
+            self.last = Some(f);
+            return Verdict::Act;
+        }
+        let reasons = Self::reasons(self.last, f);
+        if reasons.is_empty() {
+            self.last = Some(f);
+            return Verdict::Act;
+        }
+        self.suspect = Some(f);
+        Verdict::Hold {
+            reasons,
+            first: true,
+        }
+    }
+
+    fn reasons(last: Option<StoreFacts>, f: StoreFacts) -> Vec<String> {
+        let mut out = Vec::new();
+        if f.config.is_none() {
+            out.push("the network config key is absent".to_string());
+        }
+        if let Some(l) = last {
+            if l.cluster_id != f.cluster_id {
+                out.push(format!(
+                    "the etcd cluster id changed from {:x} to {:x}",
+                    l.cluster_id, f.cluster_id
+                ));
+            } else if f.revision < l.revision {
+                out.push(format!(
+                    "the store's revision went backwards from {} to {}",
+                    l.revision, f.revision
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -715,6 +1196,12 @@ struct MetricsInner {
     backends: usize,
     conflicts: usize,
     invalid_objects: usize,
+    /// Frontends refused, by reason label.
+    refused: BTreeMap<&'static str, usize>,
+    /// Listings held back right now (the store looks new or wiped).
+    store_suspect: bool,
+    /// Times the store became suspect.
+    suspect_listings: u64,
     last_ops: usize,
     last_error: Option<String>,
 }
@@ -879,11 +1366,39 @@ impl ServiceMetrics {
                 "Upserts and deletes in the last successful sync.",
                 g.last_ops,
             ),
+            (
+                "store_suspect",
+                "1 while listings are held back because the store looks new or wiped.",
+                usize::from(g.store_suspect),
+            ),
         ] {
             let _ = writeln!(o, "# HELP twill_services_{name} {help}");
             let _ = writeln!(o, "# TYPE twill_services_{name} gauge");
             let _ = writeln!(o, "twill_services_{name} {v}");
         }
+        let _ = writeln!(
+            o,
+            "# HELP twill_services_refused_frontends Frontends asked for and not programmed, by reason."
+        );
+        let _ = writeln!(o, "# TYPE twill_services_refused_frontends gauge");
+        for reason in REFUSE_REASONS {
+            let n = g.refused.get(reason.as_str()).copied().unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "twill_services_refused_frontends{{reason=\"{}\"}} {n}",
+                reason.as_str()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP twill_services_suspect_listings_total Times a listing that lost everything was held back (new or wiped store)."
+        );
+        let _ = writeln!(o, "# TYPE twill_services_suspect_listings_total counter");
+        let _ = writeln!(
+            o,
+            "twill_services_suspect_listings_total {}",
+            g.suspect_listings
+        );
         render_kube_proxy(&mut o, &g.kube_proxy);
         o
     }
@@ -970,8 +1485,40 @@ impl ServiceMetrics {
     }
 }
 
+/// Every reason a frontend is refused, in the order `/metrics` lists them.
+const REFUSE_REASONS: [RefuseReason; 4] = [
+    RefuseReason::Reserved(Reserved::Node),
+    RefuseReason::Reserved(Reserved::Etcd),
+    RefuseReason::Reserved(Reserved::ApiServer),
+    RefuseReason::ExternalIpNotAllowed,
+];
+
 // ---------------------------------------------------------------------------------------------
 // The loop.
+
+/// Reads the node's own addresses.
+pub type OwnAddresses = Arc<dyn Fn() -> Vec<IpAddr> + Send + Sync>;
+
+/// How the service loop runs, beyond its source, node and dataplane.
+#[derive(Clone)]
+pub struct LoopSettings {
+    /// Period of the full resync against what the dataplane reports.
+    pub resync: Duration,
+    /// Reads the node's own addresses, which no frontend may take ([`Reserved::Node`]): called
+    /// when the loop starts and before every full resync, since addresses come and go (a pod
+    /// bridge's gateway address appears with the first pod). `None`: the node's reserved
+    /// addresses are the ones it was given.
+    pub own_addresses: Option<OwnAddresses>,
+}
+
+impl From<Duration> for LoopSettings {
+    fn from(resync: Duration) -> Self {
+        LoopSettings {
+            resync,
+            own_addresses: None,
+        }
+    }
+}
 
 /// Runs a synchronous dataplane call on the blocking pool.
 async fn on_dataplane<D: LbDataplane, T: Send + 'static>(
@@ -1000,9 +1547,81 @@ struct Loop<D: LbDataplane> {
     conflicts: usize,
     /// A sync has succeeded since the loop started.
     synced_once: bool,
+    /// Refused frontends already logged.
+    refused: BTreeSet<Refused>,
+    /// Objects known to be invalid, with the error already logged for each.
+    invalid: BTreeMap<ObjectKey, String>,
+    guard: StoreGuard,
+    own_addresses: Option<OwnAddresses>,
 }
 
 impl<D: LbDataplane> Loop<D> {
+    /// Re-reads the node's own addresses; returns the frontends that may have changed.
+    fn refresh_own_addresses(&mut self) -> BTreeSet<FrontendKey> {
+        let Some(read) = &self.own_addresses else {
+            return BTreeSet::new();
+        };
+        let mut node = self.state.node().clone();
+        node.set_own_addresses(read());
+        self.state.set_node(node)
+    }
+
+    /// Replaces the known invalid objects (after a listing), logging the new ones.
+    fn set_invalid(&mut self, invalid: Vec<(ObjectKey, FieldError)>) {
+        let old = std::mem::take(&mut self.invalid);
+        for (k, e) in invalid {
+            let e = e.to_string();
+            if old.get(&k) != Some(&e) {
+                tracing::warn!(object = %k, error = %e, "invalid object in the store; treating it as absent");
+            }
+            self.invalid.insert(k, e);
+        }
+        self.metrics.lock().invalid_objects = self.invalid.len();
+    }
+
+    /// Records objects found invalid by a watch, logging the new ones.
+    fn add_invalid(&mut self, invalid: Vec<(ObjectKey, FieldError)>) {
+        for (k, e) in invalid {
+            let e = e.to_string();
+            if self.invalid.get(&k) != Some(&e) {
+                tracing::warn!(object = %k, error = %e, "invalid object in the store; treating it as absent");
+            }
+            self.invalid.insert(k, e);
+        }
+        self.metrics.lock().invalid_objects = self.invalid.len();
+    }
+
+    /// Forgets the invalid objects `changes` replace or delete.
+    fn changed(&mut self, changes: &[Change]) {
+        if self.invalid.is_empty() {
+            return;
+        }
+        for c in changes {
+            match c {
+                Change::Put(o) => self.invalid.remove(&o.key()),
+                Change::Delete(k) => self.invalid.remove(k),
+            };
+        }
+        self.metrics.lock().invalid_objects = self.invalid.len();
+    }
+
+    /// Logs the refused frontends not logged yet and exports how many there are.
+    fn report_refused(&mut self) {
+        let now: BTreeSet<Refused> = self.state.refused().cloned().collect();
+        if now == self.refused {
+            return;
+        }
+        for r in now.difference(&self.refused) {
+            tracing::warn!(refused = %r, "frontend not programmed");
+        }
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for r in &now {
+            *counts.entry(r.reason.as_str()).or_default() += 1;
+        }
+        self.metrics.lock().refused = counts;
+        self.refused = now;
+    }
+
     async fn apply(&mut self, plan: LbPlan) -> anyhow::Result<Result<(), String>> {
         if plan.is_empty() {
             return Ok(Ok(()));
@@ -1052,6 +1671,7 @@ impl<D: LbDataplane> Loop<D> {
                 tracing::warn!(kind, error = %e, "service dataplane sync failed; will re-read it and retry");
             }
         }
+        self.report_refused();
         let conflicts = self.state.conflicts();
         if conflicts.len() != self.conflicts {
             for c in &conflicts {
@@ -1120,8 +1740,8 @@ impl<D: LbDataplane> Loop<D> {
 }
 
 /// Drives `dataplane` from `store` until the task is aborted: applies a plan on every change
-/// and a full, read-back-based plan every `resync` (and after any failure). Returns only if the
-/// dataplane panicked or the source task died.
+/// and a full, read-back-based plan every `settings.resync` (and after any failure). Returns
+/// only if the dataplane panicked or the source task died.
 ///
 /// The agent calls it once, spawned, after it knows the node's name and addresses:
 /// `tokio::spawn(run_services(EtcdServiceStore::new(client, &prefix), node, dp, resync, metrics))`.
@@ -1129,14 +1749,14 @@ pub async fn run_services<S: ServiceStore, D: LbDataplane>(
     store: S,
     node: NodeIdentity,
     dataplane: D,
-    resync: Duration,
+    settings: impl Into<LoopSettings> + Send,
     metrics: Arc<ServiceMetrics>,
 ) -> anyhow::Result<()> {
     run_services_with(
         |tx| service_cache(store, tx),
         node,
         dataplane,
-        resync,
+        settings,
         metrics,
     )
     .await
@@ -1151,7 +1771,7 @@ pub async fn run_services_with<F, Fut, D>(
     source: F,
     node: NodeIdentity,
     dataplane: D,
-    resync: Duration,
+    settings: impl Into<LoopSettings> + Send,
     metrics: Arc<ServiceMetrics>,
 ) -> anyhow::Result<()>
 where
@@ -1159,6 +1779,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
     D: LbDataplane,
 {
+    let settings = settings.into();
     metrics.lock().mode = dataplane.mode();
     let mut lp = Loop {
         dp: Some(dataplane),
@@ -1168,7 +1789,12 @@ where
         metrics,
         conflicts: 0,
         synced_once: false,
+        refused: BTreeSet::new(),
+        invalid: BTreeMap::new(),
+        guard: StoreGuard::default(),
+        own_addresses: settings.own_addresses,
     };
+    lp.refresh_own_addresses();
     // Re-derive the ids the dataplane already uses before anything is computed.
     match on_dataplane(&mut lp.dp, |d| d.observed().map_err(|e| e.to_string())).await? {
         Ok(obs) => {
@@ -1185,9 +1811,12 @@ where
     let cache = tokio::spawn(source(tx));
     let _guard = AbortOnDrop(cache);
     let mut have_snapshot = false;
+    // While the store is suspect (see StoreGuard): what it holds, from its held (empty)
+    // listing and the changes since.
+    let mut held: Option<Snapshot> = None;
     // A listing arriving page by page: its revision, what is kept of it, its invalid objects.
-    let mut staged: Option<(i64, Snapshot, usize)> = None;
-    let mut tick = tokio::time::interval(resync.max(Duration::from_millis(100)));
+    let mut staged: Option<(i64, Snapshot, Vec<Invalid>)> = None;
+    let mut tick = tokio::time::interval(settings.resync.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut backoff = Backoff::new();
@@ -1216,21 +1845,53 @@ where
                             lp.metrics.queued(svcs, eps);
                             let st = match staged.take() {
                                 Some(st) if st.0 == l.revision => st,
-                                _ => (l.revision, Snapshot::default(), 0),
+                                _ => (l.revision, Snapshot::default(), Vec::new()),
                             };
                             let (_, snap, invalid) = staged.insert(st);
-                            *invalid += l.invalid.len();
+                            invalid.extend(l.invalid);
                             for o in l.objects {
                                 snap.put(o);
                             }
                         }
                         SourceUpdate::Reset(l) => {
-                            have_snapshot = true;
-                            let (mut snap, invalid) = match staged.take() {
-                                Some((rev, snap, n)) if rev == l.revision => (snap, n),
-                                _ => (Snapshot::default(), 0),
+                            let (mut snap, mut invalid) = match staged.take() {
+                                Some((rev, snap, inv)) if rev == l.revision => (snap, inv),
+                                _ => (Snapshot::default(), Vec::new()),
                             };
-                            lp.metrics.lock().invalid_objects = invalid + l.invalid.len();
+                            let empty = l.objects.is_empty()
+                                && l.invalid.is_empty()
+                                && invalid.is_empty()
+                                && snap.services().is_empty()
+                                && snap.slice_count() == 0;
+                            let snapshot = lp.state.snapshot();
+                            let have_state = !snapshot.services().is_empty()
+                                || snapshot.slice_count() > 0
+                                || !lp.applied.is_empty();
+                            match lp.guard.judge(l.facts, empty, have_state) {
+                                Verdict::Act => {}
+                                Verdict::Confirmed => {
+                                    tracing::warn!("the service store is confirmed (its network config key was written again, or it holds objects); acting on its listing");
+                                    lp.metrics.lock().store_suspect = false;
+                                    held = None;
+                                }
+                                Verdict::Hold { reasons, first } => {
+                                    if first {
+                                        tracing::warn!(
+                                            reasons = %reasons.join("; "),
+                                            frontends = lp.applied.len(),
+                                            "the service store lost everything and looks new or wiped: keeping the dataplane as it is until its network config key is written again (then an empty store is a deletion of everything)"
+                                        );
+                                        let mut g = lp.metrics.lock();
+                                        g.store_suspect = true;
+                                        g.suspect_listings += 1;
+                                    }
+                                    held = Some(snap);
+                                    continue;
+                                }
+                            }
+                            have_snapshot = true;
+                            invalid.extend(l.invalid);
+                            lp.set_invalid(invalid);
                             let (svcs, eps) = count_kinds(l.objects.iter().map(Object::key));
                             lp.metrics.queued(svcs, eps);
                             for o in l.objects {
@@ -1239,12 +1900,39 @@ where
                             dirty.extend(lp.state.replace(snap));
                         }
                         SourceUpdate::Changes(c) => {
+                            if let Some(h) = held.as_mut() {
+                                // Held with the listing (see StoreGuard), until the store is
+                                // confirmed by objects arriving in it.
+                                for change in c {
+                                    match change {
+                                        Change::Put(o) => { h.put(o); }
+                                        Change::Delete(k) => { h.remove(&k); }
+                                    }
+                                }
+                                if (!h.services().is_empty() || h.slice_count() > 0)
+                                    && lp.guard.objects_arrived()
+                                {
+                                    tracing::warn!("objects arrived in the suspect service store, whose network config key exists: acting on it");
+                                    lp.metrics.lock().store_suspect = false;
+                                    have_snapshot = true;
+                                    lp.set_invalid(Vec::new());
+                                    let snap = held.take().unwrap_or_default();
+                                    dirty.extend(lp.state.replace(snap));
+                                }
+                                continue;
+                            }
                             let (svcs, eps) = count_kinds(c.iter().map(|c| match c {
                                 Change::Put(o) => o.key(),
                                 Change::Delete(k) => k.clone(),
                             }));
                             lp.metrics.queued(svcs, eps);
+                            lp.changed(&c);
                             dirty.extend(lp.state.change(c));
+                        }
+                        SourceUpdate::Invalid(i) => {
+                            if held.is_none() {
+                                lp.add_invalid(i);
+                            }
                         }
                         SourceUpdate::Triggers(t) => lp.metrics.add_triggers(t),
                     }
@@ -1255,7 +1943,10 @@ where
                 if lp.need_full { lp.full().await?; } else { lp.partial(&dirty).await?; }
             }
             _ = tick.tick() => {
-                if have_snapshot { lp.full().await?; }
+                if have_snapshot {
+                    lp.refresh_own_addresses();
+                    lp.full().await?;
+                }
             }
             () = retry => {
                 retry_at = None;
@@ -1271,6 +1962,9 @@ where
         }
     }
 }
+
+/// An invalid stored object and why.
+type Invalid = (ObjectKey, FieldError);
 
 /// How many of `keys` are Services and how many EndpointSlices.
 fn count_kinds(keys: impl Iterator<Item = ObjectKey>) -> (u64, u64) {
@@ -1325,7 +2019,7 @@ ports: [{port: 8080}]
     fn node() -> NodeIdentity {
         NodeIdentity {
             name: "node-1".into(),
-            addresses: vec![],
+            ..NodeIdentity::default()
         }
     }
 
@@ -1441,13 +2135,12 @@ ports: [{port: 8080}]
             .unwrap()
             .id;
         store.delete_all(&[objs(WEB)[0].key()]).await.unwrap();
-        eventually("service deletion", || dp.services().len() == 1).await;
+        // The loop records a sync in its metrics just after the dataplane holds it.
+        eventually("service deletion", || {
+            dp.services().len() == 1 && metrics.render().contains("twill_services_frontends 1\n")
+        })
+        .await;
         assert_eq!(dp.services()[0].id, api_id);
-        assert!(
-            metrics.render().contains("twill_services_frontends 1"),
-            "{}",
-            metrics.render()
-        );
         assert!(
             metrics
                 .render()
@@ -1586,8 +2279,15 @@ ports: [{port: 8080}]
         if let Ok(client) = client {
             let s = EtcdServiceStore::new(client, "/p");
             let many = vec![objs(WEB)[0].clone(); MAX_TXN_OPS + 1];
-            let e = s.put_all(&many).await.unwrap_err();
-            assert!(e.to_string().starts_with("129 objects in one apply"), "{e}");
+            let e = s.clone().put_all(&many).await.unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("129 operations in one transaction"),
+                "{e}"
+            );
+            // A server with a higher --max-txn-ops: the request is sent (and fails to connect).
+            let e = s.with_max_txn_ops(200).put_all(&many).await.unwrap_err();
+            assert!(!matches!(e, SourceError::TooMany { .. }), "{e}");
         }
     }
 
@@ -1669,6 +2369,7 @@ ports: [{port: 8080}]
                 objects,
                 invalid: Vec::new(),
                 revision,
+                facts: None,
             })
         };
         let task = tokio::spawn(run_services_with(
@@ -1680,13 +2381,18 @@ ports: [{port: 8080}]
                 let last = Listing {
                     objects: vec![slice],
                     invalid: vec![(
-                        "/x/services/services/default/bad".into(),
+                        ObjectKey {
+                            kind: Kind::Service,
+                            namespace: "default".into(),
+                            name: "bad".into(),
+                        },
                         FieldError {
                             field: "spec".into(),
                             message: "bad".into(),
                         },
                     )],
                     revision: 6,
+                    facts: None,
                 };
                 let _ = tx.send(SourceUpdate::Reset(last)).await;
                 std::future::pending::<()>().await;
@@ -1704,6 +2410,293 @@ ports: [{port: 8080}]
         assert_eq!(names, BTreeSet::from(["default/web".to_string()]));
         assert_eq!(backends_of(&dp, 30080), vec!["10.244.1.5", "10.244.2.5"]);
         assert!(m.render().contains("twill_services_invalid_objects 1\n"));
+        task.abort();
+    }
+
+    fn facts(cluster_id: u64, revision: i64, config: Option<i64>) -> StoreFacts {
+        StoreFacts {
+            cluster_id,
+            revision,
+            config,
+        }
+    }
+
+    fn hold(first: bool, reason: &str) -> Verdict {
+        Verdict::Hold {
+            reasons: vec![reason.to_string()],
+            first,
+        }
+    }
+
+    /// Every way a listing can lose everything, and what confirms the store again.
+    #[test]
+    fn store_guard_holds_listings_that_lost_everything() {
+        let absent = "the network config key is absent";
+        let mut g = StoreGuard::default();
+        assert_eq!(
+            g.judge(Some(facts(1, 10, Some(2))), false, false),
+            Verdict::Act
+        );
+        // Everything deleted with the config key present: an ordinary deletion.
+        assert_eq!(
+            g.judge(Some(facts(1, 12, Some(2))), true, true),
+            Verdict::Act
+        );
+        // Nothing held on this node: nothing to lose.
+        assert_eq!(g.judge(Some(facts(1, 13, None)), true, false), Verdict::Act);
+        // The config key gone while the node holds services: held, reported once.
+        assert_eq!(
+            g.judge(Some(facts(1, 20, None)), true, true),
+            hold(true, absent)
+        );
+        assert_eq!(
+            g.judge(Some(facts(1, 21, None)), true, true),
+            hold(false, absent)
+        );
+        // Objects without a config key: still held.
+        assert_eq!(
+            g.judge(Some(facts(1, 22, None)), false, true),
+            hold(false, absent)
+        );
+        // The config key written again: the (empty) listing is a real deletion.
+        assert_eq!(
+            g.judge(Some(facts(1, 23, Some(23))), true, true),
+            Verdict::Confirmed
+        );
+        assert_eq!(g.suspect(), None);
+        // Another cluster: held even though its config key exists, until it is written anew.
+        let moved = "the etcd cluster id changed from 1 to 7";
+        assert_eq!(
+            g.judge(Some(facts(7, 3, Some(1))), true, true),
+            hold(true, moved)
+        );
+        assert_eq!(
+            g.judge(Some(facts(7, 4, Some(1))), true, true),
+            hold(false, moved)
+        );
+        assert_eq!(
+            g.judge(Some(facts(7, 5, Some(5))), true, true),
+            Verdict::Confirmed
+        );
+        // The revision went backwards in one cluster (a restored snapshot) and nothing is left:
+        // held; services applied to it confirm it.
+        assert_eq!(
+            g.judge(Some(facts(7, 2, Some(1))), true, true),
+            hold(true, "the store's revision went backwards from 5 to 2")
+        );
+        assert_eq!(
+            g.judge(Some(facts(7, 3, Some(1))), false, true),
+            Verdict::Confirmed
+        );
+        // Objects watched into a suspect store confirm it only if its config key exists.
+        assert!(matches!(
+            g.judge(Some(facts(8, 1, Some(1))), true, true),
+            Verdict::Hold { first: true, .. }
+        ));
+        assert!(g.objects_arrived());
+        assert!(matches!(
+            g.judge(Some(facts(9, 1, None)), true, true),
+            Verdict::Hold { first: true, .. }
+        ));
+        assert!(!g.objects_arrived());
+        // A source without facts (Kubernetes) is always acted on.
+        assert_eq!(StoreGuard::default().judge(None, true, true), Verdict::Act);
+    }
+
+    fn start(
+        store: &MemServiceStore,
+        dp: &FakeLbDataplane,
+        resync: Duration,
+    ) -> (
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+        Arc<ServiceMetrics>,
+    ) {
+        let m = Arc::new(ServiceMetrics::default());
+        let settings = LoopSettings::from(resync);
+        let task = tokio::spawn(run_services(
+            store.clone(),
+            node(),
+            dp.clone(),
+            settings,
+            m.clone(),
+        ));
+        (task, m)
+    }
+
+    fn metric(m: &ServiceMetrics, line: &str) -> bool {
+        m.render().lines().any(|l| l == line)
+    }
+
+    /// A wiped store (everything under the prefix deleted at once, the config key too) does
+    /// not flush the dataplane; once the config key is written again the empty store is a
+    /// deletion of everything and acted on. With the config key present, deleting every
+    /// object works at once.
+    #[tokio::test]
+    async fn a_wiped_store_keeps_the_dataplane_until_its_config_is_written_again() {
+        let store = MemServiceStore::new();
+        store.put_all(&objs(WEB)).await.unwrap();
+        let dp = FakeLbDataplane::new();
+        let (task, m) = start(&store, &dp, Duration::from_millis(200));
+        eventually("first sync", || dp.services().len() == 3).await;
+        let before = dp.services();
+        store.wipe();
+        eventually("the wiped store held", || {
+            metric(&m, "twill_services_store_suspect 1")
+        })
+        .await;
+        // Re-lists and resyncs (every 200 ms) change nothing.
+        store.break_watches();
+        let syncs = m.ok_syncs();
+        eventually("two resyncs", || m.ok_syncs() >= syncs + 2).await;
+        assert_eq!(dp.services(), before);
+        assert!(
+            metric(&m, "twill_services_suspect_listings_total 1"),
+            "{}",
+            m.render()
+        );
+        // Objects written without a config key: still held.
+        store.put_all(&objs(WEB)[1..2]).await.unwrap();
+        let syncs = m.ok_syncs();
+        eventually("a resync", || m.ok_syncs() > syncs).await;
+        assert_eq!(dp.services(), before);
+        // The config key written again: acted on (only `api` is left in the store).
+        store.set_config(true);
+        eventually("the deletion acted on", || dp.services().len() == 1).await;
+        assert!(metric(&m, "twill_services_store_suspect 0"));
+        // With the config key present, deleting everything is an ordinary deletion.
+        store.put_all(&objs(WEB)).await.unwrap();
+        eventually("re-applied", || dp.services().len() == 3).await;
+        let keys: Vec<ObjectKey> = objs(WEB).iter().map(Object::key).collect();
+        store.delete_all(&keys).await.unwrap();
+        eventually("everything deleted", || dp.services().is_empty()).await;
+        assert!(metric(&m, "twill_services_suspect_listings_total 1"));
+        task.abort();
+    }
+
+    /// An agent restarted against a new, empty etcd (another cluster, no config key) keeps
+    /// what its predecessor programmed; objects applied to the new store are held until its
+    /// config key exists, then the new store is what counts.
+    #[tokio::test]
+    async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
+        let old = MemServiceStore::new();
+        old.put_all(&objs(WEB)).await.unwrap();
+        let dp = FakeLbDataplane::new();
+        let (task, _) = start(&old, &dp, Duration::from_hours(1));
+        eventually("first sync", || dp.services().len() == 3).await;
+        task.abort();
+        let programmed = FakeLbDataplane::with_services(dp.services());
+        let fresh = MemServiceStore::new();
+        fresh.replace_cluster(false);
+        let (task, m) = start(&fresh, &programmed, Duration::from_hours(1));
+        // Held from its first listing: nothing is applied (nothing can be, until a listing is
+        // acted on).
+        eventually("held", || metric(&m, "twill_services_store_suspect 1")).await;
+        assert_eq!(programmed.state().apply_calls, 0);
+        assert_eq!(programmed.services().len(), 3);
+        // The operator writes the config key: the new (empty) store is what counts.
+        fresh.set_config(true);
+        eventually("the new store acted on", || {
+            programmed.services().is_empty()
+        })
+        .await;
+        fresh.put_all(&objs(WEB)[1..2]).await.unwrap();
+        eventually("and its objects", || {
+            programmed.services().len() == 1 && programmed.services()[0].name == "default/api"
+        })
+        .await;
+        task.abort();
+        // A new cluster with its config key already written: objects watched into it confirm it.
+        let other = MemServiceStore::new();
+        let dp = FakeLbDataplane::new();
+        let (task, m) = start(&other, &dp, Duration::from_hours(1));
+        other.put_all(&objs(WEB)).await.unwrap();
+        eventually("first sync", || dp.services().len() == 3).await;
+        other.replace_cluster(true);
+        eventually("held", || metric(&m, "twill_services_store_suspect 1")).await;
+        assert_eq!(dp.services().len(), 3);
+        other.put_all(&objs(WEB)[1..2]).await.unwrap();
+        eventually("confirmed by its objects", || dp.services().len() == 1).await;
+        assert!(metric(&m, "twill_services_store_suspect 0"));
+        task.abort();
+    }
+
+    /// Invalid values arriving by the watch are treated as absent, logged once and counted
+    /// like the ones a listing finds; a valid value clears them.
+    #[tokio::test]
+    async fn invalid_objects_from_the_watch_are_counted() {
+        let store = MemServiceStore::new();
+        store.put_all(&objs(WEB)).await.unwrap();
+        let dp = FakeLbDataplane::new();
+        let (task, m) = start(&store, &dp, Duration::from_hours(1));
+        eventually("first sync", || dp.services().len() == 3).await;
+        let api = objs(WEB)[1].key();
+        store.put_invalid(
+            api.clone(),
+            FieldError {
+                field: "spec.clusterIP".into(),
+                message: "127.0.0.1 may not be in the loopback range".into(),
+            },
+        );
+        eventually("the invalid object absent and counted", || {
+            dp.services().len() == 2 && metric(&m, "twill_services_invalid_objects 1")
+        })
+        .await;
+        store.put_all(&objs(WEB)[1..2]).await.unwrap();
+        eventually("valid again", || {
+            dp.services().len() == 3 && metric(&m, "twill_services_invalid_objects 0")
+        })
+        .await;
+        task.abort();
+    }
+
+    /// Frontends on the node's own addresses are refused, reported and counted, and follow
+    /// the addresses as they change (read again at every full resync).
+    #[tokio::test]
+    async fn frontends_on_the_nodes_own_addresses_are_refused() {
+        let y = "apiVersion: v1\nkind: Service\nmetadata: {name: grab}\nspec:\n  clusterIP: 10.96.0.20\n  externalIPs: [198.18.0.11]\n  ports: [{port: 22}]\n";
+        let store = MemServiceStore::new();
+        store.put_all(&objs(y)).await.unwrap();
+        let own = Arc::new(Mutex::new(vec!["198.18.0.11".parse::<IpAddr>().unwrap()]));
+        let read = own.clone();
+        let settings = LoopSettings {
+            resync: Duration::from_millis(200),
+            own_addresses: Some(Arc::new(move || read.lock().unwrap().clone())),
+        };
+        let dp = FakeLbDataplane::new();
+        let m = Arc::new(ServiceMetrics::default());
+        let mut node = node();
+        node.allowed_external_ips = None;
+        let task = tokio::spawn(run_services(
+            store.clone(),
+            node,
+            dp.clone(),
+            settings,
+            m.clone(),
+        ));
+        eventually("first sync", || !dp.services().is_empty()).await;
+        let ips = || {
+            dp.services()
+                .iter()
+                .map(|s| s.frontend.ip.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ips(), vec!["10.96.0.20"]);
+        eventually("the refusal counted", || {
+            metric(
+                &m,
+                "twill_services_refused_frontends{reason=\"node address\"} 1",
+            )
+        })
+        .await;
+        *own.lock().unwrap() = vec!["198.18.0.12".parse().unwrap()];
+        eventually("the address is no longer the node's", || {
+            ips().len() == 2
+                && metric(
+                    &m,
+                    "twill_services_refused_frontends{reason=\"node address\"} 0",
+                )
+        })
+        .await;
         task.abort();
     }
 
@@ -1727,8 +2720,10 @@ ports: [{port: 8080}]
         // (The retry waits 100 ms of backoff; this runs within 10 ms of the failure.)
         assert!(dp.services().is_empty());
         assert!(m.proxy_health_times().0.is_some());
-        eventually("the retry", || dp.services().len() == 3).await;
-        assert_eq!(m.proxy_health_times().0, None);
+        eventually("the retry, recorded", || {
+            dp.services().len() == 3 && m.proxy_health_times().0.is_none()
+        })
+        .await;
         task.abort();
     }
 }
