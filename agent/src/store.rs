@@ -34,14 +34,65 @@ pub enum StoreError {
     /// The network config key is absent.
     #[error("network config key {0} not found in etcd")]
     NoConfig(String),
+    /// `--etcd-endpoints` is empty.
+    #[error("no etcd endpoint given (--etcd-endpoints)")]
+    NoEndpoint,
+    /// An `--etcd-endpoints` entry is not a URL etcd's client can dial.
+    #[error("etcd endpoint {endpoint:?} is not an http:// or https:// URL: {reason}")]
+    BadEndpoint {
+        /// The entry as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Plain and TLS endpoints in one list.
+    #[error(
+        "etcd endpoints mix http ({http}) and https ({https}): use one scheme for every endpoint"
+    )]
+    MixedSchemes {
+        /// The first http endpoint.
+        http: String,
+        /// The first https endpoint.
+        https: String,
+    },
+    /// A client certificate without its key, or a key without its certificate.
+    #[error("{given} is given without {missing}: a client certificate and its key go together")]
+    TlsFlagAlone {
+        /// The flag given.
+        given: &'static str,
+        /// The flag missing.
+        missing: &'static str,
+    },
+    /// TLS files with plain http endpoints (they would not be used).
+    #[error(
+        "{flags} given, but etcd endpoint {endpoint} is plain http: use https:// or drop the TLS flags"
+    )]
+    TlsOverHttp {
+        /// The TLS flags given.
+        flags: String,
+        /// The first http endpoint.
+        endpoint: String,
+    },
     /// A TLS file could not be read.
-    #[error("read {path}: {source}")]
+    #[error("read {flag} {path}: {cause}")]
     TlsFile {
+        /// The flag naming the file.
+        flag: &'static str,
         /// The file.
         path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error, with its errno. (In the message, not chained as a source: `{:#}` would
+        /// print it twice.)
+        cause: std::io::Error,
+    },
+    /// A TLS file holds no PEM block of the kind its flag needs.
+    #[error("{flag} {path}: no PEM {want} in it")]
+    NotPem {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The file.
+        path: String,
+        /// The block looked for (`certificate`, `private key`).
+        want: &'static str,
     },
     /// The watch stream ended or broke; the caller re-lists.
     #[error("lease watch ended: {0}")]
@@ -130,7 +181,38 @@ pub trait LeaseStore: Send + Sync + 'static {
     }
 }
 
+impl StoreError {
+    /// Whether the error is bad input (the etcd flags, the TLS files): retrying cannot help, the
+    /// caller stops with it.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::NoEndpoint
+                | Self::BadEndpoint { .. }
+                | Self::MixedSchemes { .. }
+                | Self::TlsFlagAlone { .. }
+                | Self::TlsOverHttp { .. }
+                | Self::TlsFile { .. }
+                | Self::NotPem { .. }
+                | Self::Etcd { op: "connect", .. }
+        )
+    }
+}
+
+/// The flags that name etcd's TLS files.
+const CAFILE_FLAG: &str = "--etcd-cafile";
+const CERTFILE_FLAG: &str = "--etcd-certfile";
+const KEYFILE_FLAG: &str = "--etcd-keyfile";
+
 /// TLS material for etcd (flannel's `--etcd-cafile/--etcd-certfile/--etcd-keyfile`).
+///
+/// The rules, etcd's own client's (`transport.TLSInfo`) where it has one: a certificate and its
+/// key go together (one without the other is refused, where flannel silently fell back to plain
+/// http); a CA alone means TLS that verifies etcd without a client identity; `https://`
+/// endpoints without a CA verify etcd against the system's trust store. Where etcd's client
+/// silently drops TLS (files given with `http://` endpoints), twill refuses: files given for
+/// TLS mean TLS was wanted. Every file is read and checked for PEM when the flags are checked,
+/// so a missing or wrong file stops the start instead of a retry loop.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdTls {
     /// CA bundle.
@@ -141,35 +223,68 @@ pub struct EtcdTls {
     pub key_file: Option<String>,
 }
 
+impl EtcdTls {
+    /// The TLS flags given, by name.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            (CAFILE_FLAG, &self.ca_file),
+            (CERTFILE_FLAG, &self.cert_file),
+            (KEYFILE_FLAG, &self.key_file),
+        ]
+        .into_iter()
+        .filter(|(_, f)| f.is_some())
+        .map(|(flag, _)| flag)
+        .collect()
+    }
+}
+
 /// flannel's etcd flags, shared by the agent and by `twilld apply/get/delete`, so one prefix
 /// serves both.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    /// etcd endpoints, comma-separated `http://HOST:PORT` or `https://HOST:PORT` URLs (one
+    /// scheme for all). Given twice, the last one counts (as flannel's flags).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ',',
+        action = clap::ArgAction::Set
+    )]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix holding `config`, `subnets/` and `services/`.
     #[arg(long, default_value = "/coreos.com/network")]
     pub etcd_prefix: String,
-    /// CA bundle for etcd TLS.
+    /// CA bundle (PEM) that etcd's certificate is checked against; with https endpoints and no
+    /// CA, the system's trust store is used.
     #[arg(long)]
     pub etcd_cafile: Option<String>,
-    /// Client certificate for etcd mTLS.
+    /// Client certificate (PEM) for etcd mTLS; needs --etcd-keyfile and https endpoints.
     #[arg(long)]
     pub etcd_certfile: Option<String>,
-    /// Client key for etcd mTLS.
+    /// Client key (PEM) for etcd mTLS; needs --etcd-certfile and https endpoints.
     #[arg(long)]
     pub etcd_keyfile: Option<String>,
 }
 
 impl EtcdArgs {
-    /// The TLS material the flags name.
+    /// The TLS material the flags name (an empty value, as flannel's templates pass, is none).
     pub fn tls(&self) -> EtcdTls {
+        let named = |f: &Option<String>| f.clone().filter(|p| !p.is_empty());
         EtcdTls {
-            ca_file: self.etcd_cafile.clone(),
-            cert_file: self.etcd_certfile.clone(),
-            key_file: self.etcd_keyfile.clone(),
+            ca_file: named(&self.etcd_cafile),
+            cert_file: named(&self.etcd_certfile),
+            key_file: named(&self.etcd_keyfile),
         }
+    }
+
+    /// Checks the flags as a whole before anything is dialled or retried: the endpoints, the
+    /// TLS flags' pairing, the TLS files' presence and form; then builds (without dialling; the
+    /// client connects lazily) a client, so whatever else etcd's client refuses is refused here
+    /// too. An error is bad input ([`StoreError::is_config`]): stop, do not retry.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        connect_client(&self.etcd_endpoints, &self.tls())
+            .await
+            .map(drop)
     }
 }
 
@@ -185,34 +300,402 @@ fn etcd(op: &'static str, key: impl Into<String>) -> impl FnOnce(etcd_client::Er
     move |source| StoreError::Etcd { op, key, source }
 }
 
-fn read_file(path: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|source| StoreError::TlsFile {
+/// Whether an endpoint speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+/// Checks one `--etcd-endpoints` entry: `http://` or `https://`, a host, an optional port and
+/// nothing else (etcd's gRPC API has no path). etcd's own tools also take a bare `HOST:PORT`;
+/// twill wants the scheme written out, so whether TLS is used is never a guess.
+fn endpoint_scheme(endpoint: &str) -> Result<Scheme, StoreError> {
+    let bad = |reason: &str| StoreError::BadEndpoint {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    };
+    let scheme = match endpoint.split_once("://") {
+        Some(("http", _)) => Scheme::Http,
+        Some(("https", _)) => Scheme::Https,
+        Some((other, _)) => return Err(bad(&format!("scheme {other:?} is not http or https"))),
+        None => {
+            return Err(bad(
+                "no scheme (write http://HOST:PORT or https://HOST:PORT)",
+            ));
+        }
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    let Some(authority) = uri.authority() else {
+        return Err(bad("no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(bad("user information is not supported"));
+    }
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    if let Some(port) = authority
+        .as_str()
+        .strip_prefix(authority.host())
+        .and_then(|rest| rest.strip_prefix(':'))
+    {
+        match port.parse::<u16>() {
+            Ok(1..) => {}
+            _ if port.is_empty() => return Err(bad("empty port")),
+            _ => {
+                return Err(bad(&format!(
+                    "port {port:?} is not a number from 1 to 65535"
+                )));
+            }
+        }
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("a path or query is not used by etcd's API"));
+    }
+    Ok(scheme)
+}
+
+/// Reads a TLS file and checks that it holds a PEM block of the kind `want` names.
+fn read_pem(flag: &'static str, path: &str, want: &'static str) -> Result<Vec<u8>, StoreError> {
+    let bytes = std::fs::read(path).map_err(|cause| StoreError::TlsFile {
+        flag,
         path: path.to_string(),
-        source,
-    })
+        cause,
+    })?;
+    // `-----BEGIN CERTIFICATE-----`; `-----BEGIN (RSA |EC )?PRIVATE KEY-----`.
+    let label = want.to_ascii_uppercase();
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text.lines().any(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+            .is_some_and(|l| l == label || (label == "PRIVATE KEY" && l.ends_with(" PRIVATE KEY")))
+    });
+    if !found {
+        return Err(StoreError::NotPem {
+            flag,
+            path: path.to_string(),
+            want,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks `endpoints` and `tls` together (see [`EtcdTls`] for the rules) and reads the TLS
+/// files: the client's TLS settings, `None` for plain http.
+fn tls_options(endpoints: &[String], tls: &EtcdTls) -> Result<Option<TlsOptions>, StoreError> {
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => {
+            return Err(StoreError::TlsFlagAlone {
+                given: CERTFILE_FLAG,
+                missing: KEYFILE_FLAG,
+            });
+        }
+        (None, Some(_)) => {
+            return Err(StoreError::TlsFlagAlone {
+                given: KEYFILE_FLAG,
+                missing: CERTFILE_FLAG,
+            });
+        }
+        _ => {}
+    }
+    if endpoints.iter().all(String::is_empty) {
+        return Err(StoreError::NoEndpoint);
+    }
+    let mut first = (None, None);
+    for e in endpoints {
+        match endpoint_scheme(e)? {
+            Scheme::Http => first.0 = first.0.or(Some(e)),
+            Scheme::Https => first.1 = first.1.or(Some(e)),
+        }
+    }
+    match first {
+        (Some(http), Some(https)) => Err(StoreError::MixedSchemes {
+            http: http.clone(),
+            https: https.clone(),
+        }),
+        (Some(http), None) => {
+            let given = tls.given();
+            if given.is_empty() {
+                Ok(None)
+            } else {
+                Err(StoreError::TlsOverHttp {
+                    flags: given.join(", "),
+                    endpoint: http.clone(),
+                })
+            }
+        }
+        _ => {
+            let mut t = TlsOptions::new();
+            t = match &tls.ca_file {
+                Some(ca) => t.ca_certificate(Certificate::from_pem(read_pem(
+                    CAFILE_FLAG,
+                    ca,
+                    "certificate",
+                )?)),
+                None => t.with_native_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                t = t.identity(Identity::from_pem(
+                    read_pem(CERTFILE_FLAG, cert, "certificate")?,
+                    read_pem(KEYFILE_FLAG, key, "private key")?,
+                ));
+            }
+            Ok(Some(t))
+        }
+    }
 }
 
 /// Dials etcd with twill's client settings (2 s connect, 5 s request timeouts, keep-alives) and
-/// the (m)TLS material of flannel's `--etcd-*file` flags. Shared by every etcd user in the agent.
+/// the (m)TLS material of flannel's `--etcd-*file` flags, after checking both (see [`EtcdTls`]).
+/// Shared by every etcd user in the agent. The client connects lazily: an error here is bad
+/// input ([`StoreError::is_config`]), never an unreachable etcd.
 pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Client, StoreError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
-    if tls.ca_file.is_some() || tls.cert_file.is_some() {
-        let mut t = TlsOptions::new();
-        if let Some(ca) = &tls.ca_file {
-            t = t.ca_certificate(Certificate::from_pem(read_file(ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            t = t.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
-        }
+    if let Some(t) = tls_options(endpoints, tls)? {
         opts = opts.with_tls(t);
     }
     Client::connect(endpoints, Some(opts))
         .await
         .map_err(etcd("connect", endpoints.join(",")))
+}
+
+#[cfg(test)]
+mod etcd_flag_tests {
+    use super::*;
+
+    fn tls(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> EtcdTls {
+        EtcdTls {
+            ca_file: ca.map(String::from),
+            cert_file: cert.map(String::from),
+            key_file: key.map(String::from),
+        }
+    }
+
+    fn eps(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    /// A temporary directory with PEM-looking files (the contents are not real keys: the checks
+    /// before the client look for the PEM block only).
+    struct Files(std::path::PathBuf);
+
+    impl Files {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("twill-etcd-flags-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("ca.pem"),
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join("key.pem"),
+                "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+            )
+            .unwrap();
+            std::fs::write(dir.join("junk.pem"), "not a pem file\n").unwrap();
+            Files(dir)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.join(name).display().to_string()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn err(endpoints: &[&str], t: &EtcdTls) -> String {
+        match tls_options(&eps(endpoints), t) {
+            Ok(_) => panic!("{endpoints:?} with {t:?} was accepted"),
+            Err(e) => {
+                assert!(e.is_config(), "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn endpoints_must_be_http_or_https_urls() {
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd.example.internal:2379",
+            "http://[fd00::1]:2379/",
+            "https://etcd-0",
+        ] {
+            assert!(endpoint_scheme(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("198.18.0.1:2379", "no scheme"),
+            ("etcd:2379", "no scheme"),
+            ("unix:///run/etcd.sock", "not http or https"),
+            ("grpc://198.18.0.1:2379", "not http or https"),
+            ("http://", "http://"),
+            ("http://:2379", "no host"),
+            ("http://198.18.0.1:", "empty port"),
+            (
+                "http://198.18.0.1:0",
+                "port \"0\" is not a number from 1 to 65535",
+            ),
+            ("http://[fd00::1]:99999", "port \"99999\""),
+            ("http://198.18.0.1:port", "198.18.0.1:port"),
+            ("http://user:pw@198.18.0.1:2379", "user information"),
+            ("http://198.18.0.1:2379/v3", "path"),
+            (" http://198.18.0.1:2379", "\" http"),
+            ("", "\"\""),
+        ] {
+            let e = match endpoint_scheme(bad) {
+                Ok(s) => panic!("{bad:?} accepted as {s:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_go_together() {
+        let e = err(
+            &["https://198.18.0.1:2379"],
+            &tls(None, None, Some("/k.pem")),
+        );
+        assert!(
+            e.starts_with("--etcd-keyfile is given without --etcd-certfile"),
+            "{e}"
+        );
+        // Named even with http endpoints (where flannel fell back to plain http without a word).
+        let e = err(
+            &["http://198.18.0.1:2379"],
+            &tls(None, Some("/c.pem"), None),
+        );
+        assert!(
+            e.starts_with("--etcd-certfile is given without --etcd-keyfile"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_files_with_http_endpoints_are_refused() {
+        let e = err(
+            &["http://198.18.0.1:2379"],
+            &tls(Some("/ca.pem"), None, None),
+        );
+        assert!(e.contains("--etcd-cafile given"), "{e}");
+        assert!(e.contains("http://198.18.0.1:2379 is plain http"), "{e}");
+        let e = err(
+            &["http://198.18.0.1:2379", "https://198.18.0.2:2379"],
+            &tls(None, None, None),
+        );
+        assert!(
+            e.contains("mix http (http://198.18.0.1:2379) and https (https://198.18.0.2:2379)"),
+            "{e}"
+        );
+        assert_eq!(
+            err(&[""], &tls(None, None, None)),
+            "no etcd endpoint given (--etcd-endpoints)"
+        );
+    }
+
+    #[test]
+    fn plain_http_has_no_tls_and_https_verifies_etcd() {
+        assert!(
+            tls_options(&eps(&["http://198.18.0.1:2379"]), &EtcdTls::default())
+                .unwrap()
+                .is_none()
+        );
+        // Without a CA: the system's trust store (as etcd's client does).
+        assert!(
+            tls_options(&eps(&["https://198.18.0.1:2379"]), &EtcdTls::default())
+                .unwrap()
+                .is_some()
+        );
+        let f = Files::new("ok");
+        let t = tls(
+            Some(&f.path("ca.pem")),
+            Some(&f.path("ca.pem")),
+            Some(&f.path("key.pem")),
+        );
+        assert!(
+            tls_options(&eps(&["https://198.18.0.1:2379"]), &t)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn unreadable_or_wrong_tls_files_name_the_flag_path_and_errno() {
+        let f = Files::new("bad");
+        let https = ["https://198.18.0.1:2379"];
+        let missing = f.path("nope.pem");
+        let e = err(&https, &tls(Some(&missing), None, None));
+        assert_eq!(
+            e,
+            format!("read --etcd-cafile {missing}: No such file or directory (os error 2)")
+        );
+        let dir = f.path("");
+        let e = err(&https, &tls(None, Some(&dir), Some(&f.path("key.pem"))));
+        assert_eq!(
+            e,
+            format!("read --etcd-certfile {dir}: Is a directory (os error 21)")
+        );
+        let junk = f.path("junk.pem");
+        let e = err(&https, &tls(Some(&junk), None, None));
+        assert_eq!(e, format!("--etcd-cafile {junk}: no PEM certificate in it"));
+        // A certificate where the key belongs.
+        let ca = f.path("ca.pem");
+        let e = err(&https, &tls(None, Some(&ca), Some(&ca)));
+        assert_eq!(e, format!("--etcd-keyfile {ca}: no PEM private key in it"));
+    }
+
+    #[test]
+    fn empty_tls_flags_are_none() {
+        let args = EtcdArgs {
+            etcd_endpoints: eps(&["http://127.0.0.1:2379"]),
+            etcd_prefix: "/p".into(),
+            etcd_cafile: Some(String::new()),
+            etcd_certfile: Some(String::new()),
+            etcd_keyfile: None,
+        };
+        let t = args.tls();
+        assert!(t.ca_file.is_none() && t.cert_file.is_none() && t.key_file.is_none());
+    }
+
+    #[tokio::test]
+    async fn check_refuses_bad_flags_without_dialling() {
+        let args = |endpoints: &[&str], key: Option<&str>| EtcdArgs {
+            etcd_endpoints: eps(endpoints),
+            etcd_prefix: "/p".into(),
+            etcd_cafile: None,
+            etcd_certfile: None,
+            etcd_keyfile: key.map(String::from),
+        };
+        let e = args(&["http://127.0.0.1:2379"], Some("/k.pem"))
+            .check()
+            .await
+            .unwrap_err();
+        assert!(e.is_config(), "{e}");
+        // Nothing listens on port 1 of loopback: a client that dialled would fail or time out;
+        // the check neither dials nor waits.
+        let start = std::time::Instant::now();
+        args(&["http://127.0.0.1:1"], None).check().await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 }
 
 /// Why [`watch_prefix`] returned.
