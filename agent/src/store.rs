@@ -84,15 +84,23 @@ pub enum StoreError {
         /// print it twice.)
         cause: std::io::Error,
     },
-    /// A TLS file holds no PEM block of the kind its flag needs.
-    #[error("{flag} {path}: no PEM {want} in it")]
-    NotPem {
+    /// etcd's client refused the settings (it dials lazily: this is never an unreachable etcd).
+    #[error("etcd client settings for {endpoints}: {reason}")]
+    ClientSettings {
+        /// The endpoints.
+        endpoints: String,
+        /// The client's error with its causes.
+        reason: String,
+    },
+    /// A TLS file holds nothing the client can use in its place.
+    #[error("{flag} {path}: {reason}")]
+    BadTlsFile {
         /// The flag naming the file.
         flag: &'static str,
         /// The file.
         path: String,
-        /// The block looked for (`certificate`, `private key`).
-        want: &'static str,
+        /// What is wrong (no PEM certificate in it, a certificate that does not parse, ...).
+        reason: String,
     },
     /// The watch stream ended or broke; the caller re-lists.
     #[error("lease watch ended: {0}")]
@@ -193,8 +201,8 @@ impl StoreError {
                 | Self::TlsFlagAlone { .. }
                 | Self::TlsOverHttp { .. }
                 | Self::TlsFile { .. }
-                | Self::NotPem { .. }
-                | Self::Etcd { op: "connect", .. }
+                | Self::BadTlsFile { .. }
+                | Self::ClientSettings { .. }
         )
     }
 }
@@ -211,8 +219,9 @@ const KEYFILE_FLAG: &str = "--etcd-keyfile";
 /// http); a CA alone means TLS that verifies etcd without a client identity; `https://`
 /// endpoints without a CA verify etcd against the system's trust store. Where etcd's client
 /// silently drops TLS (files given with `http://` endpoints), twill refuses: files given for
-/// TLS mean TLS was wanted. Every file is read and checked for PEM when the flags are checked,
-/// so a missing or wrong file stops the start instead of a retry loop.
+/// TLS mean TLS was wanted. Every file is read and parsed (PEM, and the certificates and key in
+/// it) when the flags are checked, so a missing or wrong file stops the start instead of a retry
+/// loop.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdTls {
     /// CA bundle.
@@ -358,28 +367,57 @@ fn endpoint_scheme(endpoint: &str) -> Result<Scheme, StoreError> {
     Ok(scheme)
 }
 
-/// Reads a TLS file and checks that it holds a PEM block of the kind `want` names.
-fn read_pem(flag: &'static str, path: &str, want: &'static str) -> Result<Vec<u8>, StoreError> {
+/// What a TLS file must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsFile {
+    /// CA certificates, each a usable trust anchor.
+    Ca,
+    /// A client certificate (chain).
+    Cert,
+    /// A private key.
+    Key,
+}
+
+/// Reads a TLS file and parses it as the client will (PEM, DER inside), so a wrong file is
+/// refused at start with the reason rather than failing every handshake later (rustls skips CA
+/// certificates it cannot parse, which leaves a client that trusts nothing).
+fn read_tls_file(flag: &'static str, path: &str, kind: TlsFile) -> Result<Vec<u8>, StoreError> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
     let bytes = std::fs::read(path).map_err(|cause| StoreError::TlsFile {
         flag,
         path: path.to_string(),
         cause,
     })?;
-    // `-----BEGIN CERTIFICATE-----`; `-----BEGIN (RSA |EC )?PRIVATE KEY-----`.
-    let label = want.to_ascii_uppercase();
-    let text = String::from_utf8_lossy(&bytes);
-    let found = text.lines().any(|l| {
-        l.trim()
-            .strip_prefix("-----BEGIN ")
-            .and_then(|l| l.strip_suffix("-----"))
-            .is_some_and(|l| l == label || (label == "PRIVATE KEY" && l.ends_with(" PRIVATE KEY")))
-    });
-    if !found {
-        return Err(StoreError::NotPem {
-            flag,
-            path: path.to_string(),
-            want,
-        });
+    let bad = |reason: String| StoreError::BadTlsFile {
+        flag,
+        path: path.to_string(),
+        reason,
+    };
+    if kind == TlsFile::Key {
+        PrivateKeyDer::from_pem_slice(&bytes)
+            .map_err(|e| bad(format!("no PEM private key in it ({e})")))?;
+        return Ok(bytes);
+    }
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not a PEM file ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        let parsed = match kind {
+            TlsFile::Ca => webpki::anchor_from_trusted_cert(cert).map(drop),
+            _ => webpki::EndEntityCert::try_from(cert).map(drop),
+        };
+        parsed.map_err(|e| {
+            bad(format!(
+                "certificate {} of {} does not parse ({e})",
+                i + 1,
+                certs.len()
+            ))
+        })?;
     }
     Ok(bytes)
 }
@@ -431,17 +469,17 @@ fn tls_options(endpoints: &[String], tls: &EtcdTls) -> Result<Option<TlsOptions>
         _ => {
             let mut t = TlsOptions::new();
             t = match &tls.ca_file {
-                Some(ca) => t.ca_certificate(Certificate::from_pem(read_pem(
+                Some(ca) => t.ca_certificate(Certificate::from_pem(read_tls_file(
                     CAFILE_FLAG,
                     ca,
-                    "certificate",
+                    TlsFile::Ca,
                 )?)),
                 None => t.with_native_roots(),
             };
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(Identity::from_pem(
-                    read_pem(CERTFILE_FLAG, cert, "certificate")?,
-                    read_pem(KEYFILE_FLAG, key, "private key")?,
+                    read_tls_file(CERTFILE_FLAG, cert, TlsFile::Cert)?,
+                    read_tls_file(KEYFILE_FLAG, key, TlsFile::Key)?,
                 ));
             }
             Ok(Some(t))
@@ -459,12 +497,37 @@ pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Clien
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
-    if let Some(t) = tls_options(endpoints, tls)? {
+    let settings = tls_options(endpoints, tls)?;
+    let system_roots = settings.is_some() && tls.ca_file.is_none();
+    if let Some(t) = settings {
         opts = opts.with_tls(t);
     }
-    Client::connect(endpoints, Some(opts))
-        .await
-        .map_err(etcd("connect", endpoints.join(",")))
+    Client::connect(endpoints, Some(opts)).await.map_err(|e| {
+        let mut reason = client_error(&e);
+        if system_roots {
+            reason
+                .push_str(" (no --etcd-cafile: etcd is verified against the system's trust store)");
+        }
+        StoreError::ClientSettings {
+            endpoints: endpoints.join(","),
+            reason,
+        }
+    })
+}
+
+/// etcd's client error with the causes its `Display` leaves out: a transport error's sources
+/// (a TLS file rustls cannot parse, no system certificates) are not chained by the client.
+fn client_error(e: &etcd_client::Error) -> String {
+    let mut text = e.to_string();
+    if let etcd_client::Error::TransportError(t) = e {
+        let mut source = std::error::Error::source(t);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -483,8 +546,35 @@ mod etcd_flag_tests {
         list.iter().map(|s| (*s).to_string()).collect()
     }
 
-    /// A temporary directory with PEM-looking files (the contents are not real keys: the checks
-    /// before the client look for the PEM block only).
+    /// A self-signed CA certificate (P-256) made for these tests only, valid until 2126.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBojCCAUegAwIBAgIUGo+x1YeDZ2e+EwbBP+S1LWU70MQwCgYIKoZIzj0EAwIw\n\
+HTEbMBkGA1UEAwwSdHdpbGwgdW5pdCB0ZXN0IENBMCAXDTI2MTIwNzE3MTExNloY\n\
+DzIxMjYxMTEzMTcxMTE2WjAdMRswGQYDVQQDDBJ0d2lsbCB1bml0IHRlc3QgQ0Ew\n\
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASkSx6MqDrPZEnxg2FltqxE72EGbU9Q\n\
+qb8lDCsv7l2w79/I1BZ+BakSf8xOM5E5+Rd6vCvA8xzlJkfWxr+x1Nj4o2MwYTAd\n\
+BgNVHQ4EFgQU0CU7qUaQlMqvNW8sD1pYiLSexKYwHwYDVR0jBBgwFoAU0CU7qUaQ\n\
+lMqvNW8sD1pYiLSexKYwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYw\n\
+CgYIKoZIzj0EAwIDSQAwRgIhAPnoSoe/vKsST/CnoOpcWigkWruoFb4OB3JPK1kT\n\
+3aezAiEA6mBaKmS6v02HXvfoJOVu7vvs/KExAERABkKrEbSGXRc=\n\
+-----END CERTIFICATE-----\n\
+";
+    /// Its key.
+    const CA_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgHobG/lNdh9LZrliK\n\
+6w+48gjb3n3p+nPFtz34Vp6yN1ShRANCAASkSx6MqDrPZEnxg2FltqxE72EGbU9Q\n\
+qb8lDCsv7l2w79/I1BZ+BakSf8xOM5E5+Rd6vCvA8xzlJkfWxr+x1Nj4\n\
+-----END PRIVATE KEY-----\n\
+";
+    /// A key that belongs to no certificate here.
+    const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgKOuxQCazeRk7WvL0\n\
+jsO8VtFbBoNVsrKmpax4gEoiSM2hRANCAAShmTyMxJoVjiGUqrHz6FGCLsxUwTty\n\
+zF92Gns/ZlXq/2vic5lxtzo8BWxkTMjPbysr0DzGO1Aaa6Js1u6eP+V8\n\
+-----END PRIVATE KEY-----\n\
+";
+
+    /// A temporary directory with TLS files, good and bad.
     struct Files(std::path::PathBuf);
 
     impl Files {
@@ -492,17 +582,18 @@ mod etcd_flag_tests {
             let dir = std::env::temp_dir()
                 .join(format!("twill-etcd-flags-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(
-                dir.join("ca.pem"),
-                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-            )
-            .unwrap();
-            std::fs::write(
-                dir.join("key.pem"),
-                "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
-            )
-            .unwrap();
-            std::fs::write(dir.join("junk.pem"), "not a pem file\n").unwrap();
+            for (file, text) in [
+                ("ca.pem", CA_PEM),
+                ("ca.key", CA_KEY),
+                ("other.key", OTHER_KEY),
+                ("junk.pem", "not a pem file\n"),
+                (
+                    "bad-der.pem",
+                    "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                ),
+            ] {
+                std::fs::write(dir.join(file), text).unwrap();
+            }
             Files(dir)
         }
 
@@ -625,7 +716,7 @@ mod etcd_flag_tests {
         let t = tls(
             Some(&f.path("ca.pem")),
             Some(&f.path("ca.pem")),
-            Some(&f.path("key.pem")),
+            Some(&f.path("ca.key")),
         );
         assert!(
             tls_options(&eps(&["https://198.18.0.1:2379"]), &t)
@@ -645,7 +736,7 @@ mod etcd_flag_tests {
             format!("read --etcd-cafile {missing}: No such file or directory (os error 2)")
         );
         let dir = f.path("");
-        let e = err(&https, &tls(None, Some(&dir), Some(&f.path("key.pem"))));
+        let e = err(&https, &tls(None, Some(&dir), Some(&f.path("ca.key"))));
         assert_eq!(
             e,
             format!("read --etcd-certfile {dir}: Is a directory (os error 21)")
@@ -653,10 +744,25 @@ mod etcd_flag_tests {
         let junk = f.path("junk.pem");
         let e = err(&https, &tls(Some(&junk), None, None));
         assert_eq!(e, format!("--etcd-cafile {junk}: no PEM certificate in it"));
-        // A certificate where the key belongs.
-        let ca = f.path("ca.pem");
+        // A key where the CA belongs, a certificate where the key belongs.
+        let (ca, key) = (f.path("ca.pem"), f.path("ca.key"));
+        let e = err(&https, &tls(Some(&key), None, None));
+        assert_eq!(e, format!("--etcd-cafile {key}: no PEM certificate in it"));
         let e = err(&https, &tls(None, Some(&ca), Some(&ca)));
-        assert_eq!(e, format!("--etcd-keyfile {ca}: no PEM private key in it"));
+        assert!(
+            e.starts_with(&format!("--etcd-keyfile {ca}: no PEM private key in it (")),
+            "{e}"
+        );
+        // PEM markers around something that is no certificate (rustls would skip it and trust
+        // nothing).
+        let bad = f.path("bad-der.pem");
+        let e = err(&https, &tls(Some(&bad), None, None));
+        assert!(
+            e.starts_with(&format!(
+                "--etcd-cafile {bad}: certificate 1 of 1 does not parse ("
+            )),
+            "{e}"
+        );
     }
 
     #[test]
@@ -670,6 +776,33 @@ mod etcd_flag_tests {
         };
         let t = args.tls();
         assert!(t.ca_file.is_none() && t.cert_file.is_none() && t.key_file.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_key_that_is_not_the_certificates_is_refused_with_the_clients_reason() {
+        // Each file parses; the pair does not match: rustls says so when the client is built
+        // (before any dial), and its reason is kept.
+        let f = Files::new("parse");
+        let args = EtcdArgs {
+            etcd_endpoints: eps(&["https://127.0.0.1:1"]),
+            etcd_prefix: "/p".into(),
+            etcd_cafile: Some(f.path("ca.pem")),
+            etcd_certfile: Some(f.path("ca.pem")),
+            etcd_keyfile: Some(f.path("other.key")),
+        };
+        let e = args.check().await.unwrap_err();
+        assert!(e.is_config(), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("etcd client settings for https://127.0.0.1:1: transport error"),
+            "{text}"
+        );
+        assert!(
+            text.len()
+                > "etcd client settings for https://127.0.0.1:1: transport error: transport error"
+                    .len(),
+            "no cause in {text}"
+        );
     }
 
     #[tokio::test]
