@@ -65,14 +65,15 @@ pub struct Options {
     /// Renew the lease this many minutes before it expires.
     #[arg(long, default_value_t = 60)]
     pub subnet_lease_renew_margin: u64,
-    /// Address for /healthz.
+    /// Address of the /healthz listener (flannel's health check; it serves /healthz only).
     #[arg(long, default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
-    /// Port for /healthz (0: off).
+    /// Port of the /healthz listener (0: off).
     #[arg(long, default_value_t = 0)]
     pub healthz_port: u16,
-    /// Address for /metrics (and /healthz), e.g. 127.0.0.1:9615.
-    #[arg(long)]
+    /// Address for /metrics (and /healthz): IP:PORT, or a bare PORT meaning 127.0.0.1:PORT
+    /// (default: off). /metrics is served here only.
+    #[arg(long, value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
@@ -133,6 +134,24 @@ pub struct Options {
     /// source: every one the API server admitted (restrict them there, or with this flag).
     #[arg(long, value_delimiter = ',', value_parser = crate::proxy::parse_allowed_network)]
     pub allowed_external_ips: Option<Vec<ipnet::IpNet>>,
+}
+
+/// `--metrics-addr`: `IP:PORT`, or a bare `PORT` on loopback (what a node-local scraper needs,
+/// without publishing the node's state on every address).
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr = if let Ok(port) = text.parse::<u16>() {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    } else {
+        text.parse::<SocketAddr>().map_err(|_| {
+            format!("{text:?} is not IP:PORT or a bare PORT (meaning 127.0.0.1:PORT)")
+        })?
+    };
+    if addr.port() == 0 {
+        return Err(format!(
+            "{text:?} has port 0: give the port to serve /metrics on"
+        ));
+    }
+    Ok(addr)
 }
 
 /// Exponential backoff between 100 ms and 10 s.
@@ -315,26 +334,32 @@ where
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
+///
+/// Bad input ends it at once, before anything is retried or changed: the etcd flags and TLS
+/// files are checked as a whole, then the health and metrics addresses are bound (a port taken
+/// or an address not on the node would otherwise leave a node without the endpoint that shows
+/// whether it is alive).
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    opts.etcd.check().await.context("refusing the etcd flags")?;
     let metrics = Arc::new(Metrics::default());
-    let mut servers = Vec::new();
+    let mut listeners = Vec::new();
     if opts.healthz_port != 0 {
         let addr = SocketAddr::new(opts.healthz_ip, opts.healthz_port);
-        let m = metrics.clone();
-        servers.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
-                tracing::error!(error = %e, %addr, "healthz server failed");
-            }
-        }));
+        let l = crate::http::bind(addr)
+            .await
+            .with_context(|| format!("bind /healthz on {addr} (--healthz-ip, --healthz-port)"))?;
+        listeners.push((l, crate::metrics::Endpoints::Health));
     }
     if let Some(addr) = opts.metrics_addr {
-        let m = metrics.clone();
-        servers.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
-                tracing::error!(error = %e, %addr, "metrics server failed");
-            }
-        }));
+        let l = crate::http::bind(addr)
+            .await
+            .with_context(|| format!("bind /metrics on {addr} (--metrics-addr)"))?;
+        listeners.push((l, crate::metrics::Endpoints::MetricsAndHealth));
     }
+    let servers: Vec<_> = listeners
+        .into_iter()
+        .map(|(l, endpoints)| tokio::spawn(crate::metrics::serve_on(l, endpoints, metrics.clone())))
+        .collect();
 
     let kernel = Netlink::connect().context("open netlink")?;
     let tls = opts.etcd.tls();

@@ -1,5 +1,6 @@
-//! The small HTTP/1.x server behind twilld's own endpoints (`/healthz` and `/metrics` on
-//! `--metrics-addr`, kube-proxy's `/healthz` and `/livez` on `--healthz-bind-address`).
+//! The small HTTP/1.x server behind twilld's own endpoints (flannel's `/healthz` on
+//! `--healthz-port`, `/metrics` and `/healthz` on `--metrics-addr`, kube-proxy's `/healthz` and
+//! `/livez` on `--healthz-bind-address`).
 //!
 //! Why not a framework: the endpoints answer a handful of GETs from probes and scrapers; a
 //! request line, a bounded read of the headers and one response with `Connection: close` is all
@@ -25,6 +26,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEADERS: usize = 64;
 /// How long a streamed body's client may take to accept each write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause after a failed accept; doubled up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+/// Longest pause after a failed accept.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Writes a streamed body into the connection; runs on a blocking thread.
 pub type BodyWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send>;
@@ -173,6 +178,13 @@ fn path_of(request_line: &str) -> &str {
     target.split('?').next().unwrap_or(target)
 }
 
+/// Binds `addr` for [`serve_replies_on`]. The agent binds its endpoints at start-up, before
+/// anything else: an address that cannot be bound (taken, not on the node) stops it with the
+/// reason, rather than leaving it running without the endpoint a probe or a scraper expects.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
 /// Serves `addr` until the task is dropped, answering every request with `handler(path)`.
 pub async fn serve<F, Fut>(addr: SocketAddr, what: &str, handler: F) -> std::io::Result<()>
 where
@@ -192,10 +204,37 @@ where
     F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send,
 {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind(addr).await?;
+    serve_replies_on(listener, what, handler).await;
+    Ok(())
+}
+
+/// [`serve_replies`] on a listener already bound ([`bind`]), until the task is dropped. A failed
+/// accept (out of file descriptors, say) is logged and retried after a pause that grows to a
+/// second: the endpoint outlives a passing shortage instead of vanishing.
+pub async fn serve_replies_on<F, Fut>(listener: TcpListener, what: &str, handler: F)
+where
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send,
+{
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("<{e}>"), |a| a.to_string());
     tracing::info!(%addr, "serving {what}");
+    let mut pause = ACCEPT_PAUSE_MIN;
     loop {
-        let (sock, _) = listener.accept().await?;
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => {
+                pause = ACCEPT_PAUSE_MIN;
+                sock
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %addr, "accept a connection for {what}; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                continue;
+            }
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             // Head and body are two writes: no Nagle wait between them.

@@ -4,17 +4,31 @@
 //! is a feature; the server reads one request line per connection and answers with
 //! `Connection: close`.
 //!
+//! Two listeners, two purposes ([`Endpoints`]): `--healthz-ip/--healthz-port` is flannel's health
+//! check, often bound to every address of the node, and serves `/healthz` only; `/metrics` (the
+//! node's leases, peers, services and errors) is served on `--metrics-addr` only, loopback unless
+//! the operator says otherwise.
+//!
+//! Errors are kept per operation, so what is exported is what is failing now: an operation's
+//! error stays until that operation succeeds ([`Metrics::clear_error`]). Errors recorded without
+//! an operation ([`Metrics::set_error`]) belong to the overlay loop and are cleared by its next
+//! successful reconcile. A counter per operation keeps the history the gauge forgets.
+//!
 //! A scrape is written to the client as it is made, in pieces of [`SCRAPE_PIECE`] bytes: with
 //! 10k frontends the eBPF service series are megabytes, and a body held whole (twice, while a
 //! subsystem's text was appended to it) was the agent's peak resident set during its first
 //! full sync. No lock the agent's loops take is held while a piece goes out to the client.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::http::{Reply, Response};
+
+/// The operation errors recorded by [`Metrics::set_error`] belong to: the overlay loop, whose
+/// next successful reconcile clears them.
+pub const OVERLAY_OP: &str = "overlay";
 
 /// Bytes of scrape text gathered before they go out to the client.
 const SCRAPE_PIECE: usize = 64 * 1024;
@@ -126,8 +140,18 @@ struct Inner {
     reconcile_errors: u64,
     buckets: [u64; BUCKETS.len()],
     duration_sum: f64,
-    last_error: Option<(SystemTime, String)>,
+    /// The current error of each operation that failed and has not succeeded since.
+    errors: BTreeMap<String, (SystemTime, String)>,
+    /// Errors met per operation, cleared ones included.
+    error_counts: BTreeMap<String, u64>,
     last_ops: usize,
+}
+
+impl Inner {
+    /// The most recent current error.
+    fn latest_error(&self) -> Option<&(SystemTime, String)> {
+        self.errors.values().max_by_key(|(t, _)| *t)
+    }
 }
 
 fn secs(t: SystemTime) -> f64 {
@@ -158,11 +182,13 @@ impl Metrics {
         self.inner.lock().unwrap().lease_expiry = Some(t);
     }
 
-    /// Records a reconcile.
+    /// Records a reconcile; a successful one clears the overlay's error ([`OVERLAY_OP`]).
     pub fn observe_reconcile(&self, took: Duration, peers: usize, ops: usize, ok: bool) {
         let mut g = self.inner.lock().unwrap();
         g.reconciles += 1;
-        if !ok {
+        if ok {
+            g.errors.remove(OVERLAY_OP);
+        } else {
             g.reconcile_errors += 1;
         }
         g.peers = peers;
@@ -176,9 +202,25 @@ impl Metrics {
         }
     }
 
-    /// Records an error (shown in `/healthz` and as `twill_last_error_info`).
+    /// Records an error of the overlay loop ([`OVERLAY_OP`]), shown in `/healthz` and as
+    /// `twill_last_error_info` until the overlay next reconciles successfully.
     pub fn set_error(&self, e: &str) {
-        self.inner.lock().unwrap().last_error = Some((SystemTime::now(), e.to_string()));
+        self.set_op_error(OVERLAY_OP, e);
+    }
+
+    /// Records an error of operation `op` (a short fixed name, such as `renew lease`), shown in
+    /// `/healthz` and as `twill_last_error_info{operation="<op>"}` until [`Metrics::clear_error`]
+    /// says `op` succeeded.
+    pub fn set_op_error(&self, op: &str, e: &str) {
+        let mut g = self.inner.lock().unwrap();
+        g.errors
+            .insert(op.to_string(), (SystemTime::now(), e.to_string()));
+        *g.error_counts.entry(op.to_string()).or_default() += 1;
+    }
+
+    /// Operation `op` succeeded: its error, if any, is no longer current.
+    pub fn clear_error(&self, op: &str) {
+        self.inner.lock().unwrap().errors.remove(op);
     }
 
     /// Registers the eBPF counter of the overlay device.
@@ -272,17 +314,40 @@ impl Metrics {
         );
         let _ = writeln!(o, "twill_reconcile_duration_seconds_sum {}", g.duration_sum);
         let _ = writeln!(o, "twill_reconcile_duration_seconds_count {}", g.reconciles);
-        if let Some((t, e)) = &g.last_error {
+        if !g.errors.is_empty() {
             let _ = writeln!(
                 o,
-                "# HELP twill_last_error_info The last error twilld met.\n# TYPE twill_last_error_info gauge\ntwill_last_error_info{{error=\"{}\"}} 1",
-                escape(e)
+                "# HELP twill_last_error_info The last error of each operation that failed and has not succeeded since (errors without an operation are the overlay's, cleared by its next successful reconcile); no series when nothing is failing.\n# TYPE twill_last_error_info gauge"
             );
+            for (op, (_, e)) in &g.errors {
+                let _ = writeln!(
+                    o,
+                    "twill_last_error_info{{operation=\"{}\",error=\"{}\"}} 1",
+                    escape(op),
+                    escape(e)
+                );
+            }
             let _ = writeln!(
                 o,
-                "# HELP twill_last_error_timestamp_seconds When the last error happened.\n# TYPE twill_last_error_timestamp_seconds gauge\ntwill_last_error_timestamp_seconds {}",
-                secs(*t)
+                "# HELP twill_last_error_timestamp_seconds When each current error of twill_last_error_info happened.\n# TYPE twill_last_error_timestamp_seconds gauge"
             );
+            for (op, (t, _)) in &g.errors {
+                let _ = writeln!(
+                    o,
+                    "twill_last_error_timestamp_seconds{{operation=\"{}\"}} {}",
+                    escape(op),
+                    secs(*t)
+                );
+            }
+        }
+        if !g.error_counts.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP twill_errors_total Errors met, by operation (cleared ones included).\n# TYPE twill_errors_total counter"
+            );
+            for (op, n) in &g.error_counts {
+                let _ = writeln!(o, "twill_errors_total{{operation=\"{}\"}} {n}", escape(op));
+            }
         }
         drop(g);
         if let Some((dev, f)) = &*self.counts.lock().unwrap()
@@ -336,8 +401,7 @@ impl Metrics {
             (200, "ok\n".into())
         } else {
             let why = g
-                .last_error
-                .as_ref()
+                .latest_error()
                 .map_or("starting".to_string(), |(_, e)| e.clone());
             (503, format!("not ready: {why}\n"))
         }
@@ -374,28 +438,58 @@ fn render_udp(o: &mut String, c: &UdpCounts) {
     }
 }
 
-/// Serves `/healthz` (and `/livez`) and `/metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    crate::http::serve_replies(addr, "/healthz and /metrics", move |path| {
-        let metrics = metrics.clone();
-        async move {
-            match path.as_str() {
-                "/healthz" | "/livez" => {
-                    let (code, text) = metrics.health();
-                    Response::new(code, "text/plain", text).into()
-                }
-                // Streamed (see the module notes); renderers read kernel maps (syscalls, maybe
-                // many), and the server runs the writer on a blocking thread.
-                "/metrics" => Reply::Streamed {
-                    code: 200,
-                    content_type: "text/plain; version=0.0.4",
-                    write: Box::new(move |w| metrics.write_to(w)),
-                },
-                _ => Response::new(404, "text/plain", "not found\n").into(),
+/// What one of the agent's listeners serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/healthz` only (`--healthz-ip`/`--healthz-port`, as flannel's health check).
+    Health,
+    /// `/metrics` and `/healthz` (`--metrics-addr`).
+    MetricsAndHealth,
+}
+
+impl Endpoints {
+    /// What the listener serves, for its log line.
+    fn what(self) -> &'static str {
+        match self {
+            Endpoints::Health => "/healthz",
+            Endpoints::MetricsAndHealth => "/metrics and /healthz",
+        }
+    }
+}
+
+/// The answer to `path` on a listener serving `endpoints`.
+fn route(metrics: &Arc<Metrics>, endpoints: Endpoints, path: &str) -> Reply {
+    match (path, endpoints) {
+        ("/healthz", _) => {
+            let (code, text) = metrics.health();
+            Response::new(code, "text/plain", text).into()
+        }
+        // Streamed (see the module notes); renderers read kernel maps (syscalls, maybe many),
+        // and the server runs the writer on a blocking thread.
+        ("/metrics", Endpoints::MetricsAndHealth) => {
+            let metrics = metrics.clone();
+            Reply::Streamed {
+                code: 200,
+                content_type: "text/plain; version=0.0.4",
+                write: Box::new(move |w| metrics.write_to(w)),
             }
         }
+        _ => Response::new(404, "text/plain", "not found\n").into(),
+    }
+}
+
+/// Serves `endpoints` on `listener` (bound at start-up with [`crate::http::bind`]) until the
+/// task is dropped.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    endpoints: Endpoints,
+    metrics: Arc<Metrics>,
+) {
+    crate::http::serve_replies_on(listener, endpoints.what(), move |path| {
+        let reply = route(&metrics, endpoints, &path);
+        async move { reply }
     })
-    .await
+    .await;
 }
 
 #[cfg(test)]
@@ -453,7 +547,9 @@ mod tests {
         assert!(t.contains("twill_peers 2\n"));
         assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0\n"));
         assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(t.contains("twill_last_error_info{error=\"etcd get: \\\"down\\\"\"} 1"));
+        assert!(t.contains(
+            "twill_last_error_info{operation=\"overlay\",error=\"etcd get: \\\"down\\\"\"} 1"
+        ));
         assert!(t.contains("twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6"));
         m.set_udp_counts(Box::new(|| UdpCounts {
             peers: 2,
@@ -483,5 +579,136 @@ mod tests {
         assert_eq!(m.health().0, 503);
         m.set_ready();
         assert_eq!(m.health().0, 200);
+    }
+
+    /// The `twill_last_error_info` samples of a scrape.
+    fn error_samples(m: &Metrics) -> Vec<String> {
+        m.render()
+            .lines()
+            .filter(|l| l.starts_with("twill_last_error_info{"))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn an_error_is_exported_until_its_operation_succeeds() {
+        let m = Metrics::default();
+        m.observe_reconcile(Duration::from_millis(1), 1, 1, true);
+        m.set_ready();
+        // The overlay's error (no operation named) goes with its next successful reconcile.
+        m.set_error("reconcile: add route 10.244.2.0/24: Invalid argument (os error 22)");
+        assert_eq!(error_samples(&m).len(), 1, "{}", m.render());
+        m.observe_reconcile(Duration::from_millis(1), 1, 0, false);
+        assert_eq!(error_samples(&m).len(), 1);
+        m.observe_reconcile(Duration::from_millis(1), 1, 1, true);
+        assert!(error_samples(&m).is_empty(), "{}", m.render());
+        assert!(!m.render().contains("twill_last_error_timestamp_seconds{"));
+        // A named operation's error stays until that operation succeeds, whatever else does.
+        m.set_op_error("renew lease", "etcd lease keep-alive: deadline exceeded");
+        m.observe_reconcile(Duration::from_millis(1), 1, 0, true);
+        assert_eq!(
+            error_samples(&m),
+            [
+                "twill_last_error_info{operation=\"renew lease\",error=\"etcd lease keep-alive: deadline exceeded\"} 1"
+            ]
+        );
+        m.clear_error("renew lease");
+        assert!(error_samples(&m).is_empty(), "{}", m.render());
+        // The counter keeps the history.
+        let t = m.render();
+        assert!(
+            t.contains("twill_errors_total{operation=\"overlay\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twill_errors_total{operation=\"renew lease\"} 1\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn healthz_names_the_latest_current_error() {
+        let m = Metrics::default();
+        assert_eq!(m.health(), (503, "not ready: starting\n".to_string()));
+        m.set_op_error("connect to etcd", "etcd connect: refused");
+        m.set_error("read network config: key not found");
+        assert_eq!(
+            m.health(),
+            (
+                503,
+                "not ready: read network config: key not found\n".to_string()
+            )
+        );
+        m.observe_reconcile(Duration::from_millis(1), 0, 0, true);
+        assert_eq!(
+            m.health(),
+            (503, "not ready: etcd connect: refused\n".to_string())
+        );
+    }
+
+    /// Code and body of a whole answer; the code of a streamed one.
+    fn answer(r: Reply) -> (u16, String) {
+        match r {
+            Reply::Whole(r) => (r.code, r.body),
+            Reply::Streamed { code, .. } => (code, "<streamed>".to_string()),
+        }
+    }
+
+    #[test]
+    fn the_healthz_listener_serves_healthz_only() {
+        let m = Arc::new(Metrics::default());
+        let on = |e, path| answer(route(&m, e, path));
+        assert_eq!(on(Endpoints::Health, "/healthz").0, 503);
+        assert_eq!(on(Endpoints::Health, "/metrics").0, 404);
+        assert_eq!(on(Endpoints::Health, "/livez").0, 404);
+        assert_eq!(
+            on(Endpoints::MetricsAndHealth, "/metrics"),
+            (200, "<streamed>".to_string())
+        );
+        m.set_ready();
+        assert_eq!(on(Endpoints::Health, "/healthz"), (200, "ok\n".to_string()));
+        assert_eq!(on(Endpoints::MetricsAndHealth, "/healthz").0, 200);
+        assert_eq!(on(Endpoints::MetricsAndHealth, "/").0, 404);
+    }
+
+    /// One GET on loopback; the status line and the body.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn listeners_bound_first_serve_their_endpoints() {
+        let m = Arc::new(Metrics::default());
+        m.set_ready();
+        let health = crate::http::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let scrape = crate::http::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let (h, s) = (health.local_addr().unwrap(), scrape.local_addr().unwrap());
+        let tasks = [
+            tokio::spawn(serve_on(health, Endpoints::Health, m.clone())),
+            tokio::spawn(serve_on(scrape, Endpoints::MetricsAndHealth, m.clone())),
+        ];
+        assert_eq!(get(h, "/healthz").await.0, "HTTP/1.1 200 OK");
+        assert_eq!(get(h, "/metrics").await.0, "HTTP/1.1 404 Not Found");
+        let (status, body) = get(s, "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains("twill_up 1\n"), "{body}");
+        // A second bind of a bound address fails with the reason.
+        let e = crate::http::bind(h).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        for t in tasks {
+            t.abort();
+        }
     }
 }

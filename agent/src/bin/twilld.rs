@@ -5,6 +5,10 @@
 //! `get` manage the standalone service source in etcd; they take the same `--etcd-*` flags
 //! after the subcommand (`twilld apply -f web.yaml --etcd-endpoints X`). Agent flags and a
 //! subcommand do not mix (`args_conflicts_with_subcommands`), so neither can be misread.
+//!
+//! Logs go to stderr, coloured only when stderr is a terminal (and `NO_COLOR` is unset): a log
+//! file or a container runtime's log holds plain text. An agent that cannot start logs why as
+//! its last line (in the chosen log format) and exits with status 1.
 
 use std::io::IsTerminal as _;
 
@@ -35,14 +39,13 @@ fn main() -> anyhow::Result<()> {
     let default_level = if cmd.is_some() { "warn" } else { "info" };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    // Colours only for a person at a terminal: a log file or a pipe gets plain text (and
-    // NO_COLOR turns them off anywhere).
-    let ansi = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
+        .with_writer(std::io::stderr);
     if opts.log_format == "json" {
         builder.json().init();
     } else {
@@ -52,17 +55,24 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    match cmd {
+    if let Some(cmd) = cmd {
         // A user-facing tool: one line naming what failed, no backtrace, exit status 1.
-        Some(cmd) => {
-            if let Err(e) = rt.block_on(cli::run(cmd)) {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
-            Ok(())
+        if let Err(e) = rt.block_on(cli::run(cmd)) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
         }
-        None => rt.block_on(run(opts)),
+    } else if let Err(e) = rt.block_on(run(opts)) {
+        // The agent: its reason as its last log line, in the log's format.
+        tracing::error!("twilld stopped: {e:#}");
+        std::process::exit(1);
     }
+    Ok(())
+}
+
+/// Whether log lines carry ANSI colours: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (no-color.org).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]
@@ -86,6 +96,72 @@ mod tests {
         assert_eq!(c.agent.iface, vec!["eth0"]);
         assert!(c.agent.ip_masq);
         assert!(Cli::try_parse_from(["twilld"]).unwrap().cmd.is_none());
+    }
+
+    #[test]
+    fn a_repeated_etcd_endpoints_flag_replaces_the_list() {
+        // As flannel's flags (and every other flag of twilld): the last one counts, rather than
+        // a silent merge of two lists.
+        for args in [
+            &[
+                "twilld",
+                "--etcd-endpoints",
+                "http://a:1,http://b:2",
+                "--etcd-endpoints",
+                "https://c:3",
+            ][..],
+            &[
+                "twilld",
+                "get",
+                "services",
+                "--etcd-endpoints=http://a:1",
+                "--etcd-endpoints=https://c:3",
+            ],
+        ] {
+            let c = Cli::try_parse_from(args).unwrap();
+            let etcd = match c.cmd {
+                Some(ServiceCmd::Get { etcd, .. }) => etcd,
+                _ => c.agent.etcd,
+            };
+            assert_eq!(etcd.etcd_endpoints, vec!["https://c:3"], "{args:?}");
+        }
+        let c =
+            Cli::try_parse_from(["twilld", "--etcd-endpoints", "http://a:1,http://b:2"]).unwrap();
+        assert_eq!(
+            c.agent.etcd.etcd_endpoints,
+            vec!["http://a:1", "http://b:2"]
+        );
+    }
+
+    #[test]
+    fn logs_are_coloured_on_a_terminal_only() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
+
+    #[test]
+    fn metrics_addr_takes_a_bare_port_on_loopback() {
+        let addr = |a: &str| {
+            Cli::try_parse_from(["twilld", "--metrics-addr", a])
+                .map(|c| c.agent.metrics_addr)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(addr("9615"), Ok(Some("127.0.0.1:9615".parse().unwrap())));
+        assert_eq!(
+            addr("0.0.0.0:9615"),
+            Ok(Some("0.0.0.0:9615".parse().unwrap()))
+        );
+        assert_eq!(addr("[::1]:9615"), Ok(Some("[::1]:9615".parse().unwrap())));
+        assert_eq!(
+            Cli::try_parse_from(["twilld"]).unwrap().agent.metrics_addr,
+            None
+        );
+        for bad in [":9615", "localhost:9615", "0", "127.0.0.1:0", "70000"] {
+            let e = addr(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
     }
 
     #[test]

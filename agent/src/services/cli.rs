@@ -51,8 +51,10 @@ use crate::services::source::{
 };
 use crate::store::EtcdArgs;
 
-/// Connects to the etcd the flags name.
+/// Connects to the etcd the flags name, once they are checked as a whole (bad flags or TLS
+/// files are refused with the reason; see `EtcdArgs::check`).
 async fn connect(etcd: &EtcdArgs) -> anyhow::Result<EtcdServiceStore> {
+    etcd.check().await.context("refusing the etcd flags")?;
     EtcdServiceStore::connect(&etcd.etcd_endpoints, &etcd.etcd_prefix, &etcd.tls())
         .await
         .context("connect to etcd")
