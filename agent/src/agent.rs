@@ -463,6 +463,10 @@ pub struct Snapshot {
     pub leases: Vec<StoredLease>,
     /// The highest store revision the snapshot reflects.
     pub revision: i64,
+    /// Which store the revision counts in: bumped whenever the store turns out to be another
+    /// one (another etcd cluster id, or its revision went backwards), so a revision is never
+    /// compared with one of another store.
+    pub epoch: u64,
 }
 
 /// What the lease cache remembers of the store it last saw, to tell a store that lost its data
@@ -525,6 +529,7 @@ pub async fn lease_cache<S: LeaseStore + Clone>(
 ) {
     let mut backoff = Backoff::new();
     let mut seen = StoreSeen::default();
+    let mut epoch = 0;
     loop {
         let listing = match store.list().await {
             Ok(x) => x,
@@ -534,8 +539,13 @@ pub async fn lease_cache<S: LeaseStore + Clone>(
                 continue;
             }
         };
-        if seen.cluster_id != 0 && listing.cluster_id != 0 && listing.cluster_id != seen.cluster_id
-        {
+        let other_cluster = seen.cluster_id != 0
+            && listing.cluster_id != 0
+            && listing.cluster_id != seen.cluster_id;
+        if other_cluster || listing.revision < seen.revision {
+            epoch += 1;
+        }
+        if other_cluster {
             tracing::warn!(
                 before = format!("{:x}", seen.cluster_id),
                 now = format!("{:x}", listing.cluster_id),
@@ -548,6 +558,9 @@ pub async fn lease_cache<S: LeaseStore + Clone>(
                 "the lease store's revision went backwards (etcd restored or replaced)"
             );
         }
+        // Remember the store as it is now (a hold below must not count it as new again).
+        seen.revision = listing.revision;
+        seen.cluster_id = listing.cluster_id;
         if listing.leases.is_empty() && seen.had_leases && !config_present(&store).await {
             hold_until_config(&store, "every lease is gone from the listing").await;
             continue;
@@ -568,6 +581,7 @@ pub async fn lease_cache<S: LeaseStore + Clone>(
             let _ = out.send(Some(Arc::new(Snapshot {
                 leases: cache.values().cloned().collect(),
                 revision,
+                epoch,
             })));
         };
         publish(&cache, revision);
@@ -753,17 +767,24 @@ impl Loss {
 }
 
 /// Whether our lease is still ours in `snap`: `None` if it is, else what happened to it. A
-/// snapshot older than our last write of the key proves nothing and is ignored.
-fn lease_lost(snap: &Snapshot, held: &HeldLease, attrs: &LeaseAttrs) -> Option<Loss> {
-    if snap.revision < held.revision {
+/// snapshot older than our last write of the key proves nothing and is ignored; `same_store`
+/// says whether the snapshot's revisions count in the store we wrote to (else, after an etcd
+/// was replaced, only what the snapshot holds counts).
+fn lease_lost(
+    snap: &Snapshot,
+    held: &HeldLease,
+    attrs: &LeaseAttrs,
+    same_store: bool,
+) -> Option<Loss> {
+    let held_rev = if same_store { held.revision } else { 0 };
+    if snap.revision < held_rev {
         return None;
     }
     let key = held.subnets.key();
     let Some(stored) = snap.leases.iter().find(|l| l.lease.subnets == held.subnets) else {
         return Some(Loss::Gone(format!("lease {key} was deleted or expired")));
     };
-    let rewritten = held.revision != 0
-        && stored.mod_revision > held.revision
+    let rewritten = (held_rev == 0 || stored.mod_revision > held_rev)
         && (stored.etcd_lease != held.etcd_lease || stored.lease.attrs.node_id != attrs.node_id);
     let by = &stored.lease.attrs;
     rewritten.then(|| {
@@ -797,19 +818,22 @@ fn usable_peers(
         snap.leases.iter().map(|l| (&l.lease, l.create_revision)),
     );
     if let Some(mine) = snap.leases.iter().find(|l| l.lease.subnets == held.subnets) {
+        // Leases the other nodes use rather than ours: valid but for the overlap, and older.
+        let overlapping: BTreeSet<&str> = v
+            .ignored
+            .iter()
+            .filter(|i| i.reason == IgnoreReason::OverlapsOwnSubnet)
+            .map(|i| i.key.as_str())
+            .collect();
+        let mine_at = (mine.create_revision, mine.lease.subnets.key());
         let older: BTreeSet<String> = snap
             .leases
             .iter()
-            .filter(|l| {
-                l.lease.subnets != held.subnets
-                    && (l.create_revision, l.lease.subnets.key())
-                        < (mine.create_revision, mine.lease.subnets.key())
-                    && v.ignored.iter().any(|i| {
-                        i.key == l.lease.subnets.key()
-                            && i.reason == IgnoreReason::OverlapsOwnSubnet
-                    })
+            .map(|l| (l.create_revision, l.lease.subnets.key()))
+            .filter(|(rev, key)| {
+                overlapping.contains(key.as_str()) && (*rev, key.clone()) < mine_at
             })
-            .map(|l| l.lease.subnets.key())
+            .map(|(_, key)| key)
             .collect();
         report.update_shadowed(&held.subnets.key(), older);
     }
@@ -1025,6 +1049,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut snapshot: Arc<Snapshot> = Arc::new(Snapshot::default());
     let mut peers: Vec<Lease> = Vec::new();
     let mut have_snapshot = false;
+    // The store epoch (see `Snapshot::epoch`) our lease was last written in.
+    let mut held_epoch = 0;
     let mut report = LeaseReport::default();
     let mut config_gone = false;
 
@@ -1038,7 +1064,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
                 snapshot = snap;
                 have_snapshot = true;
-                lost = lease_lost(&snapshot, &held, &attrs);
+                lost = lease_lost(&snapshot, &held, &attrs, snapshot.epoch == held_epoch);
                 if lost.is_none() {
                     peers = usable_peers(&cfg, &snapshot, &held, &attrs, &mut report, &metrics);
                     if let Some(u) = &udp {
@@ -1068,6 +1094,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                             write_facts(&h)?;
                         }
                         held = h;
+                        held_epoch = snapshot.epoch;
                         metrics.set_lease_expiry(held.expires);
                     }
                     Ok(_) => {}
@@ -1149,6 +1176,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             break 'main;
         };
         held = h;
+        held_epoch = snapshot.epoch;
         metrics.set_lease_expiry(held.expires);
         write_facts(&held)?;
         tracing::info!(subnet = %held.subnets.key(), file = %opts.subnet_file.display(), "subnet file written");
@@ -1556,16 +1584,23 @@ mod tests {
         let snap = |store: &MemStore, revision: i64| Snapshot {
             leases: store.leases(),
             revision,
+            epoch: 0,
         };
-        assert_eq!(lease_lost(&snap(&store, h.revision), &h, &me), None);
+        assert_eq!(lease_lost(&snap(&store, h.revision), &h, &me, true), None);
         // Deleted: noticed; but a snapshot from before our write proves nothing.
         let empty = Snapshot {
             leases: Vec::new(),
             revision: h.revision - 1,
+            epoch: 0,
         };
-        assert_eq!(lease_lost(&empty, &h, &me), None);
+        assert_eq!(lease_lost(&empty, &h, &me, true), None);
+        // Unless the snapshot is of another store (an etcd replaced, its revisions anew).
+        assert!(matches!(
+            lease_lost(&empty, &h, &me, false),
+            Some(Loss::Gone(_))
+        ));
         store.remove(&h.subnets);
-        let gone = lease_lost(&snap(&store, h.revision + 1), &h, &me).unwrap();
+        let gone = lease_lost(&snap(&store, h.revision + 1), &h, &me, true).unwrap();
         assert!(
             matches!(&gone, Loss::Gone(w) if w.contains("deleted")),
             "{gone:?}"
@@ -1579,7 +1614,7 @@ mod tests {
             attrs: thief,
             expires: None,
         });
-        let taken = lease_lost(&snap(&store, h.revision + 1), &h, &me).unwrap();
+        let taken = lease_lost(&snap(&store, h.revision + 1), &h, &me, true).unwrap();
         assert!(
             matches!(&taken, Loss::Taken(w) if w.contains("taken over") && w.contains("id-thief")),
             "{taken:?}"
@@ -1618,6 +1653,7 @@ mod tests {
         let snap = Snapshot {
             leases: store.leases(),
             revision: i64::MAX,
+            epoch: 0,
         };
         for _ in 0..2 {
             let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
@@ -1635,6 +1671,42 @@ mod tests {
         );
         assert!(
             text.contains("twill_leases_ignored{reason=\"wrong_length\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_lease_over_ours_is_counted_as_a_conflict() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        // Another node's lease, created first, names our subnet in another key (with an IPv6
+        // part this IPv4-only cluster ignores); ours comes second.
+        let mut other = lease_of("198.18.0.12", 5);
+        other.subnets = LeaseSubnets::parse_key("10.244.5.0-24&fd00::-64").unwrap();
+        store.insert(other);
+        let me = attrs("198.18.0.11");
+        let h = store
+            .create(
+                LeaseSubnets::parse_key("10.244.5.0-24").unwrap(),
+                &me,
+                LEASE_TTL,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let metrics = Metrics::default();
+        let mut report = LeaseReport::default();
+        let snap = Snapshot {
+            leases: store.leases(),
+            revision: h.revision,
+            epoch: 0,
+        };
+        let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
+        assert!(peers.is_empty(), "{peers:?}");
+        let text = metrics.render();
+        assert!(text.contains("twill_lease_conflicts 1\n"), "{text}");
+        assert!(
+            text.contains("twill_leases_ignored{reason=\"overlaps_own_subnet\"} 1\n"),
             "{text}"
         );
     }
@@ -1717,6 +1789,7 @@ mod tests {
         store.replace_with_fresh(None);
         tokio::time::sleep(Duration::from_mins(1)).await;
         assert_eq!(keys(&rx).len(), 1);
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 0);
         store.set_config(Some(CFG));
         tokio::time::timeout(
             Duration::from_mins(1),
@@ -1725,6 +1798,8 @@ mod tests {
         .await
         .expect("the fresh store was never acted on")
         .unwrap();
+        // Its revisions count anew: the snapshot says it is another store.
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 1);
         // A fresh store that comes with its config is acted on at once.
         store.insert(lease_of("198.18.0.11", 1));
         rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))

@@ -17,7 +17,7 @@
 //! entry. Of two overlapping leases the one created first (lower etcd create revision, then the
 //! lower key) wins on every node alike, so all nodes agree on which one is ignored.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
@@ -569,7 +569,9 @@ fn check_one(
 
 /// Splits the leases into the peers the overlay uses and the ones it ignores (see the module
 /// notes). Each lease comes with its creation order (etcd's create revision): of overlapping
-/// leases the first created wins. The node's own lease (same subnets) is neither.
+/// leases the first created wins. The node's own lease (same subnets) is neither. Every subnet
+/// checked for overlaps has the configured length by then, so overlapping means equal: the
+/// check is a lookup, and thousands of leases cost no more than a sort.
 pub fn validate_peers<'a>(
     cfg: &NetworkConfig,
     own: &OwnNode,
@@ -582,22 +584,33 @@ pub fn validate_peers<'a>(
         .collect();
     ordered.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
     let mut out = Validated::default();
-    let mut accepted: Vec<(&Lease, &str)> = Vec::new();
-    for (lease, _, key) in &ordered {
+    let mut taken_v4: HashMap<Ipv4Net, usize> = HashMap::new();
+    let mut taken_v6: HashMap<Ipv6Net, usize> = HashMap::new();
+    for (i, (lease, _, key)) in ordered.iter().enumerate() {
+        let v4 = lease.subnets.v4.filter(|_| cfg.enable_ipv4);
+        let v6 = lease.subnets.v6.filter(|_| cfg.enable_ipv6);
         let verdict = check_one(cfg, own, lease).and_then(|()| {
-            match accepted
-                .iter()
-                .find(|(a, _)| overlaps(&a.subnets, &lease.subnets))
-            {
-                Some((_, winner)) => Err((
+            let winner = v4
+                .and_then(|n| taken_v4.get(&n))
+                .or_else(|| v6.and_then(|n| taken_v6.get(&n)));
+            match winner {
+                Some(&w) => Err((
                     IgnoreReason::OverlapsLease,
-                    format!("overlaps the older lease {winner}"),
+                    format!("overlaps the older lease {}", ordered[w].2),
                 )),
                 None => Ok(()),
             }
         });
         match verdict {
-            Ok(()) => accepted.push((lease, key)),
+            Ok(()) => {
+                if let Some(n) = v4 {
+                    taken_v4.insert(n, i);
+                }
+                if let Some(n) = v6 {
+                    taken_v6.insert(n, i);
+                }
+                out.peers.push((*lease).clone());
+            }
             Err((reason, detail)) => out.ignored.push(Ignored {
                 key: key.clone(),
                 reason,
@@ -605,7 +618,6 @@ pub fn validate_peers<'a>(
             }),
         }
     }
-    out.peers = accepted.into_iter().map(|(l, _)| l.clone()).collect();
     out
 }
 

@@ -1002,10 +1002,8 @@ mod tests {
         // An older twill's route to a peer that is still there is adopted: rewritten with the mark.
         k.tamper(|s| {
             s.routes.retain(|r| r.dst.to_string() != "10.244.2.0/24");
-            s.routes.insert(Route {
-                proto: PROTO_BOOT,
-                ..route("10.244.2.0/24", Some("10.244.2.0"), vx, PROTO_BOOT)
-            });
+            s.routes
+                .insert(route("10.244.2.0/24", Some("10.244.2.0"), vx, PROTO_BOOT));
         });
         reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
         let r = k

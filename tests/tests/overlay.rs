@@ -1077,3 +1077,63 @@ fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
     }
     assert_full_mesh(&rig, &pods, false);
 }
+
+#[test]
+fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(
+        VXLAN,
+        2,
+        &["--resync-interval", "1", "--metrics-addr", METRICS],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let routes_before: Vec<String> = (1..=2)
+        .map(|n| run(&rig.node_ns(n), &["ip", "route", "show", "proto", "116"]).unwrap())
+        .collect();
+    // etcd is replaced by an empty one (its data gone): revisions start again from 1.
+    rig.stop_etcd().unwrap();
+    std::fs::remove_dir_all(rig.temp_dir().join("etcd")).unwrap();
+    rig.start_etcd().unwrap();
+    let keys = || {
+        rig.etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/"])
+            .unwrap_or_default()
+    };
+    // Until both nodes have listed the new etcd (they say so), or one wrote a lease into it.
+    wait_until(UP, || {
+        (1..=2).all(|n| log_lines(&rig, n, &["etcd looks wiped"]) > 0) || !keys().trim().is_empty()
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        wait_reconciles(&rig, node, 3.0);
+    }
+    let now = keys();
+    assert!(
+        now.trim().is_empty(),
+        "leases written into an etcd without a config: {now}"
+    );
+    for node in 1..=2 {
+        let now = run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap();
+        assert_eq!(now, routes_before[node - 1], "n{node}'s routes changed");
+    }
+    assert_full_mesh(&rig, &pods, false);
+    // The admin writes the config: every node notices its lease is not in this etcd and leases
+    // its subnet again.
+    rig.put_network_config(VXLAN).unwrap();
+    wait_until(UP, || {
+        rig.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        let f = rig.wait_subnet_file(node, UP).unwrap();
+        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
+    }
+    assert_full_mesh(&rig, &pods, false);
+}
