@@ -625,6 +625,7 @@ pub fn validate_peers<'a>(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use std::collections::BTreeSet;
 
     fn cfg(json: &str) -> NetworkConfig {
         NetworkConfig::parse(json).unwrap()
@@ -894,6 +895,88 @@ mod tests {
             reasons,
             [IgnoreReason::OutsideNetwork, IgnoreReason::BadPublicIp]
         );
+    }
+
+    #[test]
+    fn validation_property_every_node_agrees_and_keeps_only_disjoint_valid_peers() {
+        use rand::seq::SliceRandom;
+        let c = cfg(
+            r#"{"Network":"10.244.0.0/20","EnableIPv6":true,"IPv6Network":"fd74:10::/60","Backend":{"Type":"vxlan"}}"#,
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let own = OwnNode {
+            subnets: Some(LeaseSubnets::parse_key("10.244.1.0-24&fd74:10:0:1::-64").unwrap()),
+            public_v4: Some("198.18.0.11".parse().unwrap()),
+            public_v6: Some("fd74:7769::11".parse().unwrap()),
+        };
+        let publics = [
+            "198.18.0.12",
+            "198.18.0.11",
+            "0.0.0.0",
+            "224.0.0.5",
+            "10.244.3.3",
+        ];
+        let macs = ["0e:00:00:00:00:02", "ff:ff:ff:ff:ff:ff", "bad"];
+        for _ in 0..300 {
+            let n = rng.random_range(0..40);
+            let leases: Vec<(Lease, i64)> = (0..n)
+                .map(|_| {
+                    let len = [24u8, 24, 24, 23, 25][rng.random_range(0..5)];
+                    let third = rng.random_range(0u8..20);
+                    let v4 = Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), len)
+                        .unwrap()
+                        .trunc();
+                    let v6 = Ipv6Net::new(
+                        Ipv6Addr::new(0xfd74, 0x10, 0, rng.random_range(0..20), 0, 0, 0, 0),
+                        64,
+                    )
+                    .unwrap();
+                    let subnets = LeaseSubnets {
+                        v4: Some(v4),
+                        v6: rng.random_bool(0.8).then_some(v6),
+                    };
+                    let mac = macs[rng.random_range(0..macs.len())];
+                    let mut l = lease(
+                        &subnets.key(),
+                        publics[rng.random_range(0..publics.len())],
+                        mac,
+                    );
+                    l.attrs.public_ipv6 = Some("fd74:7769::12".parse().unwrap());
+                    l.attrs.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac}));
+                    (l.subnets.key(), (l, rng.random_range(0..50)))
+                })
+                .collect::<std::collections::BTreeMap<_, _>>() // keys are unique in a store
+                .into_values()
+                .collect();
+            let v = validate_peers(&c, &own, leases.iter().map(|(l, r)| (l, *r)));
+            // Every lease but ours is used or ignored, once.
+            let others = leases
+                .iter()
+                .filter(|(l, _)| Some(l.subnets) != own.subnets)
+                .count();
+            assert_eq!(v.peers.len() + v.ignored.len(), others);
+            // What is used is valid and disjoint, from ours and from each other.
+            for (i, p) in v.peers.iter().enumerate() {
+                assert!(check_one(&c, &own, p).is_ok(), "{p:?}");
+                for q in &v.peers[i + 1..] {
+                    assert!(!overlaps(&p.subnets, &q.subnets), "{p:?} / {q:?}");
+                }
+            }
+            // Every node sees the leases in its own order and decides alike.
+            let mut shuffled = leases.clone();
+            shuffled.shuffle(&mut rng);
+            let w = validate_peers(&c, &own, shuffled.iter().map(|(l, r)| (l, *r)));
+            let keys =
+                |ls: &[Lease]| -> BTreeSet<String> { ls.iter().map(|l| l.subnets.key()).collect() };
+            assert_eq!(keys(&v.peers), keys(&w.peers));
+            let ignored = |x: &Validated| -> BTreeSet<(String, IgnoreReason)> {
+                x.ignored
+                    .iter()
+                    .map(|i| (i.key.clone(), i.reason))
+                    .collect()
+            };
+            assert_eq!(ignored(&v), ignored(&w));
+        }
     }
 
     #[test]

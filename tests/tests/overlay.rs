@@ -960,6 +960,10 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
     .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
     let start = Instant::now();
     let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!(
+        "SIGTERM during exhaustion: {status} after {:?}",
+        start.elapsed()
+    );
     assert!(
         status.success() && start.elapsed() < Duration::from_secs(3),
         "SIGTERM during exhaustion: {status} after {:?}\n{}",
@@ -992,6 +996,10 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
     );
     let start = Instant::now();
     let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!(
+        "SIGTERM while re-acquiring: {status} after {:?}",
+        start.elapsed()
+    );
     assert!(
         status.success() && start.elapsed() < Duration::from_secs(3),
         "SIGTERM while re-acquiring: {status} after {:?}",
