@@ -4,10 +4,31 @@
 //! The loop never blocks the dataplane on etcd: when etcd is away, what is programmed stays, the
 //! watch re-lists with backoff, and renewal retries until etcd answers again. Exiting leaves the
 //! dataplane in place (as flannel does), so a restart moves no packet differently.
+//!
+//! Why the lease handling is shaped as it is:
+//! - Every wait (etcd retries, "no free subnet", a lease conflict) ends on SIGTERM/SIGINT: they
+//!   all select on one [`Shutdown`] signal, installed before the first wait.
+//! - A lease is reclaimed only with proof that it is this node's: its `TwillNodeID` is ours
+//!   (`--node-id-file`, kept across reboots), or our previous subnet file names its subnet (a
+//!   lease flannel or an older twill wrote on this node; a node whose identity file was lost).
+//!   A lease with our public IP and no such proof belongs to another node, which we must not
+//!   take over: we report the conflict (log, `twill_lease_conflicts`, `/healthz` 503), leave a
+//!   claim its holder sees (it logs and counts the conflict too), and keep trying without a
+//!   lease until the key goes. After a takeover of our lease, our own last subnet is no proof
+//!   (it is exactly what the other node now holds).
+//! - A node notices that its lease was deleted or rewritten by someone else from the lease watch
+//!   (at the latest at its next renewal, which checks the key): it says so, becomes not ready,
+//!   removes its subnet file (so `twill-cni` hands out no address of a subnet it no longer holds;
+//!   it reports `NOT_AVAILABLE` until the file is back), re-acquires and writes the file anew.
+//! - Peer leases are validated before use ([`lease::validate_peers`]); each ignored one is
+//!   logged once per key and reason and counted in `twill_leases_ignored`.
+//! - An etcd that suddenly holds nothing (every lease gone and the network config key gone too,
+//!   as after a wipe or a fresh cluster) is suspect: the lease cache keeps the last snapshot and
+//!   acts on the empty listing only once the config key is back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,7 +41,7 @@ use crate::config::{BackendType, NetworkConfig};
 use crate::kernel::Kernel;
 use crate::kernel::netlink::Netlink;
 use crate::kube::subnet::{AnyLeaseStore, KubeSubnetStore};
-use crate::lease::{self, Lease, LeaseAttrs, LeaseSubnets};
+use crate::lease::{self, IgnoreReason, Ignored, Lease, LeaseAttrs, LeaseSubnets, OwnNode};
 use crate::masq;
 use crate::metrics::Metrics;
 use crate::overlay::{self, Devices, Uplink};
@@ -33,6 +54,13 @@ use twill_facts::SubnetFacts;
 
 /// Lease TTL (flannel's: 24 h).
 pub const LEASE_TTL: Duration = Duration::from_hours(24);
+/// The lease TTL in minutes, the bound of `--subnet-lease-renew-margin`.
+pub const LEASE_TTL_MINUTES: u64 = LEASE_TTL.as_secs() / 60;
+/// How long a claim on a conflicting lease lives unless renewed (the claimant renews it on every
+/// attempt, at most 10 s apart).
+pub const CLAIM_TTL: Duration = Duration::from_secs(30);
+/// Where the node's identity is kept by default (it must survive a reboot, as the lease does).
+pub const DEFAULT_NODE_ID_FILE: &str = "/var/lib/twill/node-id";
 
 /// twilld's command line: flannel's flags, plus twill's own.
 #[derive(Debug, Clone, Parser)]
@@ -62,9 +90,17 @@ pub struct Options {
     /// Masquerade pod traffic leaving the cluster network.
     #[arg(long)]
     pub ip_masq: bool,
-    /// Renew the lease this many minutes before it expires.
-    #[arg(long, default_value_t = 60)]
+    /// Renew the lease this many minutes before it expires (1 to 1439: the lease lasts 24 h).
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=LEASE_TTL_MINUTES - 1)
+    )]
     pub subnet_lease_renew_margin: u64,
+    /// File holding this node's identity (created on first start), published with the lease
+    /// (`TwillNodeID`) so that a restarted node can prove a lease is its own.
+    #[arg(long, default_value = DEFAULT_NODE_ID_FILE)]
+    pub node_id_file: PathBuf,
     /// Address of the /healthz listener (flannel's health check; it serves /healthz only).
     #[arg(long, default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
@@ -168,33 +204,148 @@ impl Backoff {
     }
 }
 
-/// Acquires a lease: our previous one (same PublicIP) if it is still there, else the subnet we had
-/// before (from the subnet file) if free, else a random free subnet. Loses races gracefully: a
-/// taken candidate means list again and retry.
+/// The end of the agent: set once SIGTERM or SIGINT arrives; every wait of the agent selects on
+/// it, so no loop outlives a signal.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Installs the SIGTERM and SIGINT handlers (from then on the signals no longer kill the
+    /// process: this value reports them).
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "shutting down");
+            let _ = tx.send(true);
+            // Keep the sender: a later wait still sees the signal.
+            std::future::pending::<()>().await;
+        });
+        Ok(Shutdown(rx))
+    }
+
+    /// A signal fired by hand (tests): send `true` to shut down.
+    pub fn manual() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    /// Returns once the agent is to shut down.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether the agent is to shut down.
+    pub fn fired(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Reads this node's identity from `path`, creating it (32 random hex digits) on first start.
+/// An unreadable file or one that does not hold an identity is an error naming the file.
+pub fn node_identity(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let id = text.trim();
+            let ok = (8..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                let shown: String = id.chars().take(70).collect();
+                bail!(
+                    "node identity file {} holds {shown:?}, not an identity (8 to 64 letters, \
+                     digits, '-' or '_'); remove it to have a new one made",
+                    path.display()
+                );
+            }
+            Ok(id.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("{:032x}", rand::random::<u128>());
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create directory {}", dir.display()))?;
+            }
+            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+            std::fs::write(&tmp, format!("{id}\n"))
+                .with_context(|| format!("write node identity file {}", tmp.display()))?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+            tracing::info!(file = %path.display(), node_id = %id, "new node identity");
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("read node identity file {}", path.display())),
+    }
+}
+
+/// What [`acquire`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// A lease, ours now.
+    Held(HeldLease),
+    /// A lease carries our public IP but is not provably ours: its holder is another node.
+    Conflict(StoredLease),
+}
+
+/// Whether `stored` is provably this node's lease: it carries our identity, or it is the subnet
+/// of our previous subnet file (a lease flannel or an older twill wrote here, or ours from
+/// before our identity file was lost).
+fn provably_ours(stored: &StoredLease, attrs: &LeaseAttrs, previous: Option<LeaseSubnets>) -> bool {
+    (attrs.node_id.is_some() && stored.lease.attrs.node_id == attrs.node_id)
+        || previous == Some(stored.lease.subnets)
+}
+
+/// Whether a lease publishes one of our public addresses.
+fn same_public_ip(l: &LeaseAttrs, attrs: &LeaseAttrs) -> bool {
+    (attrs.public_ip.is_some() && l.public_ip == attrs.public_ip)
+        || (attrs.public_ipv6.is_some() && l.public_ipv6 == attrs.public_ipv6)
+}
+
+/// Acquires a lease: our previous one (same PublicIP, provably ours) if it is still there, else
+/// the subnet we had before (from the subnet file) if free, else a random free subnet. A lease
+/// with our public IP that is not provably ours is never taken over ([`Acquired::Conflict`]).
+/// Loses races gracefully: a taken candidate means list again and retry.
 pub async fn acquire<S: LeaseStore>(
     store: &S,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
     previous: Option<LeaseSubnets>,
-) -> anyhow::Result<HeldLease> {
+) -> anyhow::Result<Acquired> {
     // Kubernetes assigns the subnet in kube-subnet-mgr mode: publish our attributes for it.
     if let Some(held) = store.acquire_assigned(cfg, attrs, LEASE_TTL).await? {
-        return Ok(held);
+        return Ok(Acquired::Held(held));
     }
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     for attempt in 0..20 {
-        let (leases, _) = store.list().await.context("list leases")?;
+        let leases = store.list().await.context("list leases")?.leases;
         let mine = leases.iter().find(|l| {
             l.lease.attrs.public_ip == attrs.public_ip
                 && l.lease.attrs.public_ipv6 == attrs.public_ipv6
                 && lease::in_range(cfg, &l.lease.subnets)
+                && provably_ours(l, attrs, previous)
         });
         if let Some(old) = mine {
             if let Some(held) = store.reclaim(old, attrs, LEASE_TTL).await? {
                 tracing::info!(subnet = %held.subnets.key(), "reclaimed our lease");
-                return Ok(held);
+                return Ok(Acquired::Held(held));
             }
             continue;
+        }
+        if let Some(other) = leases
+            .iter()
+            .find(|l| same_public_ip(&l.lease.attrs, attrs) && !provably_ours(l, attrs, previous))
+        {
+            return Ok(Acquired::Conflict(other.clone()));
         }
         let taken: Vec<&LeaseSubnets> = leases.iter().map(|l| &l.lease.subnets).collect();
         let candidate = match previous {
@@ -226,11 +377,83 @@ pub async fn acquire<S: LeaseStore>(
         };
         if let Some(held) = store.create(candidate, attrs, LEASE_TTL).await? {
             tracing::info!(subnet = %held.subnets.key(), "acquired a new lease");
-            return Ok(held);
+            return Ok(Acquired::Held(held));
         }
         tracing::debug!(subnet = %candidate.key(), "lost a race for a subnet, retrying");
     }
     bail!("could not acquire a lease after 20 attempts (heavy contention?)")
+}
+
+/// The message for a lease conflict.
+fn conflict_message(other: &StoredLease) -> String {
+    let a = &other.lease.attrs;
+    let ip = a
+        .public_ip
+        .map(|i| i.to_string())
+        .or_else(|| a.public_ipv6.map(|i| i.to_string()))
+        .unwrap_or_default();
+    format!(
+        "no subnet lease: lease {} carries this node's public IP {ip} but is held by node {}; \
+         not taking it over (does another node run with the same --public-ip? if that node is \
+         gone, delete the key or wait for its TTL)",
+        other.lease.subnets.key(),
+        a.node_id
+            .as_deref()
+            .unwrap_or("(no identity: flannel or an older twill)")
+    )
+}
+
+/// Acquires a lease, retrying with backoff until it gets one or `shutdown` fires (`None`).
+/// Meanwhile the node is not ready (`/healthz` says why); a conflict is logged once per lease,
+/// counted, and claimed so that its holder learns of it.
+pub async fn acquire_until<S: LeaseStore>(
+    store: &S,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<LeaseSubnets>,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Option<HeldLease> {
+    let mut backoff = Backoff::new();
+    let mut reported: Option<String> = None;
+    loop {
+        let got = tokio::select! {
+            () = shutdown.wait() => return None,
+            got = acquire(store, cfg, attrs, previous) => got,
+        };
+        match got {
+            Ok(Acquired::Held(held)) => {
+                if reported.is_some() {
+                    tracing::info!(subnet = %held.subnets.key(), "lease conflict over: holding a lease");
+                }
+                metrics.set_lease_conflicts(0);
+                return Some(held);
+            }
+            Ok(Acquired::Conflict(other)) => {
+                let msg = conflict_message(&other);
+                let key = other.lease.subnets.key();
+                if reported.as_deref() != Some(key.as_str()) {
+                    tracing::error!(lease = %key, "{msg}");
+                    reported = Some(key);
+                }
+                metrics.set_not_ready(&msg);
+                metrics.set_lease_conflicts(1);
+                if let Err(e) = store.claim(&other.lease.subnets, attrs, CLAIM_TTL).await {
+                    tracing::warn!(error = %e, "leaving a claim on the conflicting lease failed");
+                }
+            }
+            Err(e) => {
+                let msg = format!("no subnet lease: acquire a subnet lease: {e:#}");
+                tracing::warn!(error = %msg, "retrying");
+                metrics.set_not_ready(&msg);
+                metrics.set_error(&msg);
+            }
+        }
+        tokio::select! {
+            () = shutdown.wait() => return None,
+            () = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
 }
 
 /// The facts written for the CNI plugin.
@@ -258,12 +481,82 @@ fn masq_spec(cfg: &NetworkConfig, own: &LeaseSubnets) -> masq::MasqSpec {
     }
 }
 
-/// Keeps a cache of every lease, fed by list + watch, and publishes snapshots. Re-lists whenever
-/// the watch breaks (compaction, etcd restart), with backoff; never gives up.
-async fn lease_cache<S: LeaseStore + Clone>(store: S, out: watch::Sender<Option<Arc<Vec<Lease>>>>) {
+/// The lease cache's view of the store: every lease, as of a store revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every lease (ours included).
+    pub leases: Vec<StoredLease>,
+    /// The highest store revision the snapshot reflects.
+    pub revision: i64,
+    /// Which store the revision counts in: bumped whenever the store turns out to be another
+    /// one (another etcd cluster id, or its revision went backwards), so a revision is never
+    /// compared with one of another store.
+    pub epoch: u64,
+}
+
+/// What the lease cache remembers of the store it last saw, to tell a store that lost its data
+/// (or was replaced by a fresh one) from one where the nodes really left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StoreSeen {
+    revision: i64,
+    cluster_id: u64,
+    had_leases: bool,
+}
+
+/// Whether the network config can be read (the key is there): the proof that an empty listing
+/// is a cluster without leases, not a store that lost everything.
+async fn config_present<S: LeaseStore>(store: &S) -> bool {
+    store.get_config().await.is_ok()
+}
+
+/// Waits, polling with backoff, until the network config can be read again.
+async fn hold_until_config<S: LeaseStore>(store: &S, why: &str) {
+    tracing::warn!(
+        "{why}, and the network config key is gone: etcd looks wiped or replaced; keeping the \
+         overlay as it is until the config key is back"
+    );
     let mut backoff = Backoff::new();
     loop {
-        let (leases, rev) = match store.list().await {
+        tokio::time::sleep(backoff.next().min(Duration::from_secs(2))).await;
+        if config_present(store).await {
+            tracing::info!("the network config key is back; acting on the lease listing again");
+            return;
+        }
+    }
+}
+
+fn apply_events(
+    cache: &mut BTreeMap<String, StoredLease>,
+    revision: &mut i64,
+    batch: Vec<LeaseEvent>,
+) {
+    for ev in batch {
+        match ev {
+            LeaseEvent::Put(l) => {
+                *revision = (*revision).max(l.mod_revision);
+                cache.insert(l.lease.subnets.key(), l);
+            }
+            LeaseEvent::Delete(s, rev) => {
+                *revision = (*revision).max(rev);
+                cache.remove(&s.key());
+            }
+        }
+    }
+}
+
+/// Keeps a cache of every lease, fed by list + watch, and publishes snapshots. Re-lists whenever
+/// the watch breaks (compaction, etcd restart), with backoff; never gives up. A listing (or a
+/// watch batch) that empties a cache that held leases is published only while the network
+/// config key is there; otherwise the cache holds the last snapshot until the key is back.
+pub async fn lease_cache<S: LeaseStore + Clone>(
+    store: S,
+    out: watch::Sender<Option<Arc<Snapshot>>>,
+) {
+    let mut backoff = Backoff::new();
+    let mut seen = StoreSeen::default();
+    let mut epoch = 0;
+    loop {
+        let listing = match store.list().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "listing leases failed; keeping the dataplane as it is");
@@ -271,66 +564,306 @@ async fn lease_cache<S: LeaseStore + Clone>(store: S, out: watch::Sender<Option<
                 continue;
             }
         };
+        let other_cluster = seen.cluster_id != 0
+            && listing.cluster_id != 0
+            && listing.cluster_id != seen.cluster_id;
+        if other_cluster || listing.revision < seen.revision {
+            epoch += 1;
+        }
+        if other_cluster {
+            tracing::warn!(
+                before = format!("{:x}", seen.cluster_id),
+                now = format!("{:x}", listing.cluster_id),
+                "the lease store is another etcd cluster than before"
+            );
+        } else if listing.revision < seen.revision {
+            tracing::warn!(
+                before = seen.revision,
+                now = listing.revision,
+                "the lease store's revision went backwards (etcd restored or replaced)"
+            );
+        }
+        // Remember the store as it is now (a hold below must not count it as new again).
+        seen.revision = listing.revision;
+        seen.cluster_id = listing.cluster_id;
+        if listing.leases.is_empty() && seen.had_leases && !config_present(&store).await {
+            hold_until_config(&store, "every lease is gone from the listing").await;
+            continue;
+        }
         backoff = Backoff::new();
-        let mut cache: BTreeMap<String, Lease> = leases
+        seen = StoreSeen {
+            revision: listing.revision,
+            cluster_id: listing.cluster_id,
+            had_leases: !listing.leases.is_empty(),
+        };
+        let mut revision = listing.revision;
+        let mut cache: BTreeMap<String, StoredLease> = listing
+            .leases
             .into_iter()
-            .map(|l: StoredLease| (l.lease.subnets.key(), l.lease))
+            .map(|l| (l.lease.subnets.key(), l))
             .collect();
-        let _ = out.send(Some(Arc::new(cache.values().cloned().collect())));
+        let publish = |cache: &BTreeMap<String, StoredLease>, revision: i64| {
+            let _ = out.send(Some(Arc::new(Snapshot {
+                leases: cache.values().cloned().collect(),
+                revision,
+                epoch,
+            })));
+        };
+        publish(&cache, revision);
         let (tx, mut rx) = mpsc::channel(256);
         let w = store.clone();
-        let mut watch_task = tokio::spawn(async move { w.watch(rev, tx).await });
+        let mut watch_task = tokio::spawn(async move { w.watch(listing.revision, tx).await });
+        let mut suspect = false;
         loop {
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { break };
-                    for ev in batch {
-                        match ev {
-                            LeaseEvent::Put(l) => { cache.insert(l.lease.subnets.key(), l.lease); }
-                            LeaseEvent::Delete(s) => { cache.remove(&s.key()); }
-                        }
+                    let had = !cache.is_empty();
+                    apply_events(&mut cache, &mut revision, batch);
+                    seen.revision = revision;
+                    if had && cache.is_empty() && !config_present(&store).await {
+                        suspect = true;
+                        break;
                     }
-                    let _ = out.send(Some(Arc::new(cache.values().cloned().collect())));
+                    seen.had_leases = !cache.is_empty();
+                    publish(&cache, revision);
                 }
                 res = &mut watch_task => {
                     let e = res.unwrap_or_else(|j| StoreError::WatchEnded(j.to_string()));
                     tracing::warn!(error = %e, "lease watch broke; re-listing");
                     // Drain what arrived before the break.
+                    let had = !cache.is_empty();
                     while let Ok(batch) = rx.try_recv() {
-                        for ev in batch {
-                            match ev {
-                                LeaseEvent::Put(l) => { cache.insert(l.lease.subnets.key(), l.lease); }
-                                LeaseEvent::Delete(s) => { cache.remove(&s.key()); }
-                            }
-                        }
+                        apply_events(&mut cache, &mut revision, batch);
                     }
+                    seen.revision = revision;
+                    if had && cache.is_empty() && !config_present(&store).await {
+                        suspect = true;
+                        break;
+                    }
+                    seen.had_leases = !cache.is_empty();
+                    publish(&cache, revision);
                     break;
                 }
             }
         }
         watch_task.abort();
+        if suspect {
+            hold_until_config(&store, "every lease was deleted").await;
+            continue;
+        }
         tokio::time::sleep(backoff.next()).await;
     }
 }
 
-/// Retries `f` with backoff until it succeeds or `stop` fires.
-async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, mut f: F) -> T
+/// Retries `f` with backoff until it succeeds (`Some`) or `shutdown` fires (`None`).
+async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, shutdown: &Shutdown, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let mut backoff = Backoff::new();
     loop {
-        match f().await {
-            Ok(v) => return v,
+        let res = tokio::select! {
+            () = shutdown.wait() => return None,
+            res = f() => res,
+        };
+        match res {
+            Ok(v) => return Some(v),
             Err(e) => {
                 let msg = format!("{what}: {e:#}");
                 tracing::warn!(error = %msg, "retrying");
                 metrics.set_error(&msg);
-                tokio::time::sleep(backoff.next()).await;
             }
         }
+        tokio::select! {
+            () = shutdown.wait() => return None,
+            () = tokio::time::sleep(backoff.next()) => {}
+        }
     }
+}
+
+/// Logs each ignored peer lease once per key and reason (not on every reconcile), says when one
+/// is used again, and keeps `twill_leases_ignored` current; the same for conflicts over our own
+/// lease (another node's lease with our public IP or overlapping ours, claims on ours).
+#[derive(Debug, Default)]
+struct LeaseReport {
+    ignored: BTreeSet<(String, IgnoreReason)>,
+    /// Older leases that overlap ours (peers use theirs, not ours).
+    shadowed_by: BTreeSet<String>,
+    /// Claims on our lease, by the claimant's identity.
+    claims: BTreeSet<String>,
+}
+
+impl LeaseReport {
+    fn update_ignored(&mut self, ignored: &[Ignored], metrics: &Metrics) {
+        let now: BTreeSet<(String, IgnoreReason)> =
+            ignored.iter().map(|i| (i.key.clone(), i.reason)).collect();
+        for i in ignored {
+            if !self.ignored.contains(&(i.key.clone(), i.reason)) {
+                tracing::warn!(lease = %i.key, reason = i.reason.label(), "ignoring peer lease: {}", i.detail);
+            }
+        }
+        for (key, reason) in self.ignored.difference(&now) {
+            tracing::info!(lease = %key, reason = reason.label(), "peer lease no longer ignored for this reason");
+        }
+        self.ignored = now;
+        let counts: Vec<(&'static str, usize)> = IgnoreReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.label(),
+                    self.ignored.iter().filter(|(_, x)| x == r).count(),
+                )
+            })
+            .collect();
+        metrics.set_leases_ignored(&counts);
+        self.export_conflicts(metrics);
+    }
+
+    fn update_shadowed(&mut self, own: &str, older: BTreeSet<String>) {
+        for k in older.difference(&self.shadowed_by) {
+            tracing::error!(
+                lease = %own,
+                older = %k,
+                "our lease overlaps an older lease: every node uses that one and ignores ours"
+            );
+        }
+        self.shadowed_by = older;
+    }
+
+    fn update_claims(
+        &mut self,
+        own: &str,
+        claims: &[LeaseAttrs],
+        ours: Option<&str>,
+        metrics: &Metrics,
+    ) {
+        let now: BTreeSet<String> = claims
+            .iter()
+            .filter_map(|c| c.node_id.clone())
+            .filter(|id| Some(id.as_str()) != ours)
+            .collect();
+        for c in claims {
+            let Some(id) = &c.node_id else { continue };
+            if Some(id.as_str()) != ours && !self.claims.contains(id) {
+                tracing::error!(
+                    lease = %own,
+                    claimant = %id,
+                    public_ip = ?c.public_ip,
+                    public_ipv6 = ?c.public_ipv6,
+                    "another node with this node's public IP wants our lease (not handed over): \
+                     two nodes run with the same --public-ip"
+                );
+            }
+        }
+        for id in self.claims.difference(&now) {
+            tracing::info!(lease = %own, claimant = %id, "the claim on our lease is gone");
+        }
+        self.claims = now;
+        self.export_conflicts(metrics);
+    }
+
+    fn export_conflicts(&self, metrics: &Metrics) {
+        let own_ip = self
+            .ignored
+            .iter()
+            .filter(|(_, r)| *r == IgnoreReason::OwnPublicIp)
+            .count();
+        metrics.set_lease_conflicts(own_ip + self.claims.len() + self.shadowed_by.len());
+    }
+}
+
+/// How our lease stopped being ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Loss {
+    /// The key was deleted or expired.
+    Gone(String),
+    /// Another holder rewrote the key.
+    Taken(String),
+}
+
+impl Loss {
+    fn why(&self) -> &str {
+        match self {
+            Loss::Gone(w) | Loss::Taken(w) => w,
+        }
+    }
+}
+
+/// Whether our lease is still ours in `snap`: `None` if it is, else what happened to it. A
+/// snapshot older than our last write of the key proves nothing and is ignored; `same_store`
+/// says whether the snapshot's revisions count in the store we wrote to (else, after an etcd
+/// was replaced, only what the snapshot holds counts).
+fn lease_lost(
+    snap: &Snapshot,
+    held: &HeldLease,
+    attrs: &LeaseAttrs,
+    same_store: bool,
+) -> Option<Loss> {
+    let held_rev = if same_store { held.revision } else { 0 };
+    if snap.revision < held_rev {
+        return None;
+    }
+    let key = held.subnets.key();
+    let Some(stored) = snap.leases.iter().find(|l| l.lease.subnets == held.subnets) else {
+        return Some(Loss::Gone(format!("lease {key} was deleted or expired")));
+    };
+    let rewritten = (held_rev == 0 || stored.mod_revision > held_rev)
+        && (stored.etcd_lease != held.etcd_lease || stored.lease.attrs.node_id != attrs.node_id);
+    let by = &stored.lease.attrs;
+    rewritten.then(|| {
+        Loss::Taken(format!(
+            "lease {key} was taken over: rewritten by node {} (PublicIP {})",
+            by.node_id.as_deref().unwrap_or("(no identity)"),
+            by.public_ip
+                .map_or_else(|| "-".to_string(), |i| i.to_string())
+        ))
+    })
+}
+
+/// Validates the snapshot's peer leases for this node (see [`lease::validate_peers`]), reports
+/// the ignored ones and the conflicts over our own lease, and returns the peers to program.
+fn usable_peers(
+    cfg: &NetworkConfig,
+    snap: &Snapshot,
+    held: &HeldLease,
+    attrs: &LeaseAttrs,
+    report: &mut LeaseReport,
+    metrics: &Metrics,
+) -> Vec<Lease> {
+    let own = OwnNode {
+        subnets: Some(held.subnets),
+        public_v4: attrs.public_ip,
+        public_v6: attrs.public_ipv6,
+    };
+    let v = lease::validate_peers(
+        cfg,
+        &own,
+        snap.leases.iter().map(|l| (&l.lease, l.create_revision)),
+    );
+    if let Some(mine) = snap.leases.iter().find(|l| l.lease.subnets == held.subnets) {
+        // Leases the other nodes use rather than ours: valid but for the overlap, and older.
+        let overlapping: BTreeSet<&str> = v
+            .ignored
+            .iter()
+            .filter(|i| i.reason == IgnoreReason::OverlapsOwnSubnet)
+            .map(|i| i.key.as_str())
+            .collect();
+        let mine_at = (mine.create_revision, mine.lease.subnets.key());
+        let older: BTreeSet<String> = snap
+            .leases
+            .iter()
+            .map(|l| (l.create_revision, l.lease.subnets.key()))
+            .filter(|(rev, key)| {
+                overlapping.contains(key.as_str()) && (*rev, key.clone()) < mine_at
+            })
+            .map(|(_, key)| key)
+            .collect();
+        report.update_shadowed(&held.subnets.key(), older);
+    }
+    report.update_ignored(&v.ignored, metrics);
+    v.peers
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -341,6 +874,7 @@ where
 /// whether it is alive).
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     opts.etcd.check().await.context("refusing the etcd flags")?;
+    let shutdown = Shutdown::install().context("install the SIGTERM/SIGINT handlers")?;
     let metrics = Arc::new(Metrics::default());
     let mut listeners = Vec::new();
     if opts.healthz_port != 0 {
@@ -360,58 +894,108 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .into_iter()
         .map(|(l, endpoints)| tokio::spawn(crate::metrics::serve_on(l, endpoints, metrics.clone())))
         .collect();
+    let stop = |servers: Vec<tokio::task::JoinHandle<()>>| -> anyhow::Result<()> {
+        tracing::info!("shutting down; the dataplane stays in place");
+        for s in servers {
+            s.abort();
+        }
+        Ok(())
+    };
 
     let kernel = Netlink::connect().context("open netlink")?;
     let tls = opts.etcd.tls();
     let store = if opts.kube_subnet_mgr {
-        AnyLeaseStore::Kube(
-            retry("start the kube subnet manager", &metrics, || async {
-                Ok(KubeSubnetStore::connect(&opts).await?)
-            })
-            .await,
+        let Some(s) = retry(
+            "start the kube subnet manager",
+            &metrics,
+            &shutdown,
+            || async { Ok(KubeSubnetStore::connect(&opts).await?) },
         )
+        .await
+        else {
+            return stop(servers);
+        };
+        AnyLeaseStore::Kube(s)
     } else {
-        AnyLeaseStore::Etcd(
-            retry("connect to etcd", &metrics, || async {
-                Ok(
-                    EtcdStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls)
-                        .await?,
-                )
-            })
-            .await,
-        )
+        let Some(s) = retry("connect to etcd", &metrics, &shutdown, || async {
+            Ok(EtcdStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls).await?)
+        })
+        .await
+        else {
+            return stop(servers);
+        };
+        AnyLeaseStore::Etcd(s)
     };
     let cfg_at = store.config_location(&opts.etcd.etcd_prefix);
-
-    // The config: refused as a whole when invalid; we wait for a valid one and touch nothing.
-    let (cfg_text, cfg) = retry("read network config", &metrics, || async {
-        let text = store.get_config().await?;
-        let cfg = NetworkConfig::parse(&text)
-            .with_context(|| format!("refusing network config at {cfg_at}"))?;
-        Ok((text, cfg))
-    })
-    .await;
-    if cfg.backend.kind == BackendType::Udp {
-        udp::check_config(&cfg).with_context(|| format!("refusing network config at {cfg_at}"))?;
-        udp::check_proxy_mode(&opts.proxy_mode).with_context(|| {
-            format!(
-                "refusing --proxy-mode {} with the network config at {cfg_at}",
-                opts.proxy_mode
-            )
-        })?;
-    }
-    tracing::info!(?cfg, "network config");
-
-    let wish = uplink::Wish {
-        ifaces: opts.iface.clone(),
-        want_v4: cfg.enable_ipv4,
-        want_v6: cfg.enable_ipv6,
-        public_v4: opts.public_ip,
-        public_v6: opts.public_ipv6,
+    let node_id = if opts.kube_subnet_mgr {
+        None
+    } else {
+        Some(node_identity(&opts.node_id_file)?)
     };
-    let up = uplink::discover(&kernel, &wish)
+
+    // The config: refused as a whole when invalid, or when its Network would swallow this
+    // node's own underlay; we wait for a valid one and touch nothing.
+    let mut backoff = Backoff::new();
+    let mut refused: Option<String> = None;
+    let (cfg_text, cfg, up) = loop {
+        let Some((cfg_text, cfg)) = retry("read network config", &metrics, &shutdown, || async {
+            let text = store.get_config().await?;
+            let cfg = NetworkConfig::parse(&text)
+                .with_context(|| format!("refusing network config at {cfg_at}"))?;
+            Ok((text, cfg))
+        })
         .await
-        .context("choose the uplink interface")?;
+        else {
+            return stop(servers);
+        };
+        if cfg.backend.kind == BackendType::Udp {
+            udp::check_config(&cfg)
+                .with_context(|| format!("refusing network config at {cfg_at}"))?;
+            udp::check_proxy_mode(&opts.proxy_mode).with_context(|| {
+                format!(
+                    "refusing --proxy-mode {} with the network config at {cfg_at}",
+                    opts.proxy_mode
+                )
+            })?;
+        }
+        let wish = uplink::Wish {
+            ifaces: opts.iface.clone(),
+            want_v4: cfg.enable_ipv4,
+            want_v6: cfg.enable_ipv6,
+            public_v4: opts.public_ip,
+            public_v6: opts.public_ipv6,
+        };
+        let up = uplink::discover(&kernel, &wish)
+            .await
+            .context("choose the uplink interface")?;
+        let mut routes = Vec::new();
+        if cfg.enable_ipv4 {
+            routes.extend(kernel.routes(false).await.context("read the routes")?);
+        }
+        if cfg.enable_ipv6 {
+            routes.extend(kernel.routes(true).await.context("read the routes")?);
+        }
+        match overlay::check_network(&cfg, &up, &routes) {
+            Ok(()) => break (cfg_text, cfg, up),
+            Err(e) => {
+                let msg = format!("refusing network config at {cfg_at}: {e}");
+                if refused.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(
+                        error = %msg,
+                        "waiting for a network config this node can use; nothing was changed"
+                    );
+                    refused = Some(msg.clone());
+                }
+                metrics.set_error(&msg);
+                metrics.set_not_ready(&msg);
+                tokio::select! {
+                    () = shutdown.wait() => return stop(servers),
+                    () = tokio::time::sleep(backoff.next().max(Duration::from_secs(1))) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(?cfg, "network config");
     tracing::info!(iface = %up.name, public_ip = ?up.public_v4, public_ipv6 = ?up.public_v6, mtu = up.mtu, "uplink");
 
     if cfg.enable_ipv4 {
@@ -438,7 +1022,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .context("set up the VXLAN device")?;
     let mtu = overlay::overlay_mtu(&cfg, &up);
-    let mut attrs = overlay::lease_attrs(&cfg, &up, &devices);
+    let node_attrs = |devices: &Devices| LeaseAttrs {
+        node_id: node_id.clone(),
+        ..overlay::lease_attrs(&cfg, &up, devices)
+    };
+    let mut attrs = node_attrs(&devices);
 
     let previous = SubnetFacts::read(&opts.subnet_file)
         .ok()
@@ -446,10 +1034,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             v4: f.subnet_v4(),
             v6: f.subnet_v6(),
         });
-    let mut held = retry("acquire a subnet lease", &metrics, || {
-        acquire(&store, &cfg, &attrs, previous)
-    })
-    .await;
+    let Some(mut held) = acquire_until(&store, &cfg, &attrs, previous, &metrics, &shutdown).await
+    else {
+        return stop(servers);
+    };
     metrics.set_lease_expiry(held.expires);
 
     let write_facts = |held: &HeldLease| {
@@ -484,39 +1072,37 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (snap_tx, mut snap_rx) = watch::channel(None);
     let cache = tokio::spawn(lease_cache(store.clone(), snap_tx));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let resync = Duration::from_secs(opts.resync_interval.max(1));
     let mut resync_tick = tokio::time::interval(resync);
     resync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let margin = Duration::from_secs(opts.subnet_lease_renew_margin * 60);
     let mut renew_at = Instant::now() + renew_delay(held.expires, margin);
-    let mut peers: Arc<Vec<Lease>> = Arc::new(Vec::new());
+    let mut snapshot: Arc<Snapshot> = Arc::new(Snapshot::default());
+    let mut peers: Vec<Lease> = Vec::new();
     let mut have_snapshot = false;
+    // The store epoch (see `Snapshot::epoch`) our lease was last written in.
+    let mut held_epoch = 0;
+    let mut report = LeaseReport::default();
+    let mut config_gone = false;
 
-    loop {
+    'main: loop {
+        // Why our lease is no longer ours, when it is not.
+        let mut lost: Option<Loss> = None;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            () = shutdown.wait() => break 'main,
             changed = snap_rx.changed() => {
                 if changed.is_err() { bail!("lease cache stopped"); }
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
-                peers = snap;
+                snapshot = snap;
                 have_snapshot = true;
-                if let Some(u) = &udp {
-                    u.set_table(held.subnets.v4, &peers);
-                }
-                if !peers.iter().any(|l| l.subnets == held.subnets) {
-                    tracing::warn!(subnet = %held.subnets.key(), "our lease is gone (deleted or expired); re-acquiring");
-                    held = retry("re-acquire a subnet lease", &metrics, || acquire(&store, &cfg, &attrs, Some(held.subnets))).await;
-                    metrics.set_lease_expiry(held.expires);
-                    write_facts(&held)?;
-                    renew_at = Instant::now() + renew_delay(held.expires, margin);
+                lost = lease_lost(&snapshot, &held, &attrs, snapshot.epoch == held_epoch);
+                if lost.is_none() {
+                    peers = usable_peers(&cfg, &snapshot, &held, &attrs, &mut report, &metrics);
                     if let Some(u) = &udp {
                         u.set_table(held.subnets.v4, &peers);
                     }
-                    continue;
+                    reconcile_once(&kernel, &cfg, &up, &devices, &held, &peers, &metrics).await;
                 }
-                reconcile_once(&kernel, &cfg, &up, &devices, &held, &peers, &metrics).await;
             }
             _ = resync_tick.tick() => {
                 // Heal: devices someone deleted, entries someone removed, masq table, config drift.
@@ -531,8 +1117,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     Ok(d) if d != devices => {
                         tracing::warn!("overlay device changed; republishing the lease");
                         devices = d;
-                        attrs = overlay::lease_attrs(&cfg, &up, &devices);
-                        held = retry("republish the lease", &metrics, || acquire(&store, &cfg, &attrs, Some(held.subnets))).await;
+                        attrs = node_attrs(&devices);
+                        let again = Some(held.subnets);
+                        let got = acquire_until(&store, &cfg, &attrs, again, &metrics, &shutdown);
+                        let Some(h) = got.await else { break 'main };
+                        if h.subnets != held.subnets {
+                            write_facts(&h)?;
+                        }
+                        held = h;
+                        held_epoch = snapshot.epoch;
                         metrics.set_lease_expiry(held.expires);
                     }
                     Ok(_) => {}
@@ -550,7 +1143,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if !opts.subnet_file.exists() {
                     write_facts(&held)?;
                 }
-                check_config(&store, &cfg_text, &cfg_at, &metrics).await;
+                check_config(&store, &cfg_text, &cfg_at, &metrics, &mut config_gone).await;
+                match store.claims(&held.subnets).await {
+                    Ok(claims) => {
+                        let own = held.subnets.key();
+                        report.update_claims(&own, &claims, attrs.node_id.as_deref(), &metrics);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reading claims on our lease failed"),
+                }
             }
             () = tokio::time::sleep_until(renew_at.into()) => {
                 match store.renew(&held).await {
@@ -560,6 +1160,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                         tracing::info!(subnet = %held.subnets.key(), "lease renewed");
                         renew_at = Instant::now() + renew_delay(exp, margin);
                     }
+                    Err(StoreError::LeaseLost { key, reason, taken }) => {
+                        if config_present(&store).await {
+                            let why = format!("lease {key} is no longer ours: {reason}");
+                            lost = Some(if taken { Loss::Taken(why) } else { Loss::Gone(why) });
+                        } else {
+                            tracing::warn!(
+                                lease = %key,
+                                %reason,
+                                "our lease is gone and so is the network config key: etcd \
+                                 looks wiped; keeping everything until the config key is back"
+                            );
+                            renew_at = Instant::now() + Duration::from_secs(10);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "lease renewal failed; retrying");
                         metrics.set_error(&e.to_string());
@@ -568,23 +1182,63 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
         }
+        let Some(loss) = lost else { continue };
+        // Our lease is gone or someone else's now: say so, stop handing out its addresses,
+        // get a lease again (the same subnet if it is free) and write the facts anew.
+        let why = loss.why();
+        tracing::error!(subnet = %held.subnets.key(), "our lease is no longer ours ({why}); re-acquiring");
+        metrics.set_not_ready(&format!("no subnet lease: {why}"));
+        // Taken: our last subnet is what the other node holds now, no proof of anything.
+        let previous = match loss {
+            Loss::Gone(_) => Some(held.subnets),
+            Loss::Taken(_) => None,
+        };
+        match std::fs::remove_file(&opts.subnet_file) {
+            Ok(()) => {
+                tracing::warn!(file = %opts.subnet_file.display(), "subnet file removed until this node holds a lease again");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, file = %opts.subnet_file.display(), "removing the subnet file failed");
+            }
+        }
+        let Some(h) = acquire_until(&store, &cfg, &attrs, previous, &metrics, &shutdown).await
+        else {
+            break 'main;
+        };
+        held = h;
+        held_epoch = snapshot.epoch;
+        metrics.set_lease_expiry(held.expires);
+        write_facts(&held)?;
+        tracing::info!(subnet = %held.subnets.key(), file = %opts.subnet_file.display(), "subnet file written");
+        renew_at = Instant::now() + renew_delay(held.expires, margin);
+        if opts.ip_masq
+            && let Err(e) = masq::nft_batch(&masq::render(&masq_spec(&cfg, &held.subnets))).await
+        {
+            tracing::warn!(error = %e, "reinstalling the masquerade rules failed");
+            metrics.set_error(&e.to_string());
+        }
+        peers = usable_peers(&cfg, &snapshot, &held, &attrs, &mut report, &metrics);
+        if let Some(u) = &udp {
+            u.set_table(held.subnets.v4, &peers);
+        }
+        reconcile_once(&kernel, &cfg, &up, &devices, &held, &peers, &metrics).await;
     }
-    tracing::info!("shutting down; the dataplane stays in place");
     cache.abort();
     if let Some(s) = services {
         s.abort();
     }
-    for s in servers {
-        s.abort();
-    }
-    Ok(())
+    stop(servers)
 }
 
+/// When to renew: `margin` before expiry, but never sooner than a second from now (no tight
+/// loop, whatever the store answers).
 fn renew_delay(expires: SystemTime, margin: Duration) -> Duration {
     expires
         .duration_since(SystemTime::now())
         .unwrap_or_default()
         .saturating_sub(margin)
+        .max(Duration::from_secs(1))
 }
 
 async fn reconcile_once<K: Kernel>(
@@ -621,20 +1275,46 @@ async fn reconcile_once<K: Kernel>(
     }
 }
 
-async fn check_config<S: LeaseStore>(store: &S, running: &str, at: &str, metrics: &Metrics) {
+/// Re-reads the network config: a change is reported (restart to apply), an invalid one refused,
+/// a deleted key logged once (and its return).
+async fn check_config<S: LeaseStore>(
+    store: &S,
+    running: &str,
+    at: &str,
+    metrics: &Metrics,
+    gone: &mut bool,
+) {
     match store.get_config().await {
-        Ok(text) if text != running => match NetworkConfig::parse(&text) {
-            Ok(_) => tracing::warn!(
-                config = %at,
-                "network config changed; restart twilld to apply it (running on the previous one)"
-            ),
-            Err(e) => {
-                let msg = format!("refusing network config at {at}: {e}");
-                tracing::error!(error = %msg, "keeping the running config and dataplane");
+        Ok(text) => {
+            if std::mem::take(gone) {
+                tracing::info!(config = %at, "the network config key is back");
+            }
+            if text != running {
+                match NetworkConfig::parse(&text) {
+                    Ok(_) => tracing::warn!(
+                        config = %at,
+                        "network config changed; restart twilld to apply it (running on the previous one)"
+                    ),
+                    Err(e) => {
+                        let msg = format!("refusing network config at {at}: {e}");
+                        tracing::error!(error = %msg, "keeping the running config and dataplane");
+                        metrics.set_error(&msg);
+                    }
+                }
+            }
+        }
+        Err(StoreError::NoConfig(_)) => {
+            if !*gone {
+                *gone = true;
+                let msg = format!("network config key {at} was deleted");
+                tracing::error!(
+                    error = %msg,
+                    "running on the config read at start; an empty lease listing is not acted on until the key is back"
+                );
                 metrics.set_error(&msg);
             }
-        },
-        _ => {}
+        }
+        Err(e) => tracing::debug!(error = %e, "re-reading the network config failed"),
     }
 }
 
@@ -674,6 +1354,7 @@ mod tests {
 
     const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
+    /// A node's attributes: its public IP, identity `id-<ip>`.
     fn attrs(ip: &str) -> LeaseAttrs {
         LeaseAttrs {
             public_ip: Some(ip.parse().unwrap()),
@@ -681,6 +1362,14 @@ mod tests {
             backend_type: "vxlan".into(),
             backend_data: Some(serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:01"})),
             backend_v6_data: None,
+            node_id: Some(format!("id-{ip}")),
+        }
+    }
+
+    async fn held(store: &MemStore, cfg: &NetworkConfig, a: &LeaseAttrs) -> HeldLease {
+        match acquire(store, cfg, a, None).await.unwrap() {
+            Acquired::Held(h) => h,
+            Acquired::Conflict(c) => panic!("conflict with {c:?}"),
         }
     }
 
@@ -688,17 +1377,13 @@ mod tests {
     async fn restart_gets_the_same_subnet_back() {
         let store = MemStore::new(CFG);
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), None)
-            .await
-            .unwrap();
-        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), None)
-            .await
-            .unwrap();
+        let a = held(&store, &cfg, &attrs("198.18.0.11")).await;
+        let b = held(&store, &cfg, &attrs("198.18.0.12")).await;
         assert_ne!(a.subnets, b.subnets);
         // Restart of node a (new VTEP MAC even): same subnet, new etcd lease, one key.
         let mut a2_attrs = attrs("198.18.0.11");
         a2_attrs.backend_data = Some(serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:09"}));
-        let a2 = acquire(&store, &cfg, &a2_attrs, None).await.unwrap();
+        let a2 = held(&store, &cfg, &a2_attrs).await;
         assert_eq!(a2.subnets, a.subnets);
         assert_ne!(a2.etcd_lease, a.etcd_lease);
         assert_eq!(store.leases().len(), 2);
@@ -711,6 +1396,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_live_holder_with_our_public_ip_is_not_taken_over() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let first = attrs("198.18.0.11");
+        let a = held(&store, &cfg, &first).await;
+        let before = store.leases();
+        // A second node started with the same --public-ip: another identity, no subnet file.
+        let mut second = attrs("198.18.0.11");
+        second.node_id = Some("id-second".into());
+        second.backend_data = Some(serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}));
+        let elsewhere = LeaseSubnets::parse_key("10.244.250.0-24").unwrap();
+        for previous in [None, Some(elsewhere)] {
+            match acquire(&store, &cfg, &second, previous).await.unwrap() {
+                Acquired::Conflict(c) => {
+                    assert_eq!(c.lease.subnets, a.subnets);
+                    assert_eq!(c.lease.attrs.node_id, first.node_id);
+                }
+                Acquired::Held(h) => panic!("took {h:?} over"),
+            }
+        }
+        assert_eq!(store.leases(), before, "the holder's lease was touched");
+        // The holder renews as before.
+        store.renew(&a).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lost_identity_file_is_made_up_for_by_the_previous_subnet_file() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let before = held(&store, &cfg, &attrs("198.18.0.11")).await;
+        // Restarted with a new identity (its file was on a disk that did not survive) but with
+        // its subnet file: it gets its lease back; without the file it could not prove it.
+        let mut reborn = attrs("198.18.0.11");
+        reborn.node_id = Some("id-reborn".into());
+        assert!(matches!(
+            acquire(&store, &cfg, &reborn, None).await.unwrap(),
+            Acquired::Conflict(_)
+        ));
+        match acquire(&store, &cfg, &reborn, Some(before.subnets))
+            .await
+            .unwrap()
+        {
+            Acquired::Held(h) => assert_eq!(h.subnets, before.subnets),
+            Acquired::Conflict(c) => panic!("{c:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_without_identity_is_reclaimed_only_with_the_previous_subnet_file() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        // Written by flannel (or an older twill) on this node.
+        let sn = LeaseSubnets::parse_key("10.244.42.0-24").unwrap();
+        let mut old = attrs("198.18.0.11");
+        old.node_id = None;
+        store.insert(Lease {
+            subnets: sn,
+            attrs: old,
+            expires: None,
+        });
+        let me = attrs("198.18.0.11");
+        assert!(matches!(
+            acquire(&store, &cfg, &me, None).await.unwrap(),
+            Acquired::Conflict(c) if c.lease.subnets == sn
+        ));
+        match acquire(&store, &cfg, &me, Some(sn)).await.unwrap() {
+            Acquired::Held(h) => assert_eq!(h.subnets, sn),
+            Acquired::Conflict(c) => panic!("{c:?}"),
+        }
+        assert_eq!(store.leases()[0].lease.attrs.node_id, me.node_id);
+    }
+
+    #[tokio::test]
     async fn previous_subnet_from_file_is_preferred_when_free() {
         let store = MemStore::new(CFG);
         let cfg = NetworkConfig::parse(CFG).unwrap();
@@ -718,14 +1476,20 @@ mod tests {
             v4: Some("10.244.77.0/24".parse().unwrap()),
             v6: None,
         };
-        let a = acquire(&store, &cfg, &attrs("198.18.0.11"), Some(prev))
+        let Acquired::Held(a) = acquire(&store, &cfg, &attrs("198.18.0.11"), Some(prev))
             .await
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("conflict")
+        };
         assert_eq!(a.subnets, prev);
         // Taken by someone else: another one.
-        let b = acquire(&store, &cfg, &attrs("198.18.0.12"), Some(prev))
+        let Acquired::Held(b) = acquire(&store, &cfg, &attrs("198.18.0.12"), Some(prev))
             .await
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("conflict")
+        };
         assert_ne!(b.subnets, prev);
     }
 
@@ -739,9 +1503,7 @@ mod tests {
             let s = store.clone();
             let c = cfg.clone();
             tasks.push(tokio::spawn(async move {
-                acquire(&s, &c, &attrs(&format!("198.18.0.{}", 10 + i)), None)
-                    .await
-                    .unwrap()
+                held(&s, &c, &attrs(&format!("198.18.0.{}", 10 + i))).await
             }));
         }
         let mut got = std::collections::HashSet::new();
@@ -756,6 +1518,372 @@ mod tests {
             format!("{err:#}").contains("no free IPv4 subnet"),
             "{err:#}"
         );
+    }
+
+    /// Waits (real time, bounded) until `f` holds.
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signal_ends_the_wait_for_a_free_subnet() {
+        let cfg_json = r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#;
+        let store = MemStore::new(cfg_json);
+        let cfg = NetworkConfig::parse(cfg_json).unwrap();
+        for ip in ["198.18.0.12", "198.18.0.13", "198.18.0.14"] {
+            held(&store, &cfg, &attrs(ip)).await;
+        }
+        let metrics = Arc::new(Metrics::default());
+        let (fire, shutdown) = Shutdown::manual();
+        let task = {
+            let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
+            tokio::spawn(async move {
+                acquire_until(
+                    &store,
+                    &cfg,
+                    &attrs("198.18.0.11"),
+                    None,
+                    &metrics,
+                    &shutdown,
+                )
+                .await
+            })
+        };
+        eventually("not ready for want of a subnet", || {
+            metrics.health().0 == 503 && metrics.health().1.contains("no free IPv4 subnet")
+        })
+        .await;
+        let start = Instant::now();
+        fire.send(true).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("acquire_until did not end on the signal")
+            .unwrap();
+        assert!(got.is_none());
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_reported_and_claimed_until_the_holder_goes() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let a = held(&store, &cfg, &attrs("198.18.0.11")).await;
+        let mut second = attrs("198.18.0.11");
+        second.node_id = Some("id-second".into());
+        let metrics = Arc::new(Metrics::default());
+        let (_fire, shutdown) = Shutdown::manual();
+        let task = {
+            let (store, cfg, metrics, second) =
+                (store.clone(), cfg.clone(), metrics.clone(), second.clone());
+            tokio::spawn(async move {
+                acquire_until(&store, &cfg, &second, None, &metrics, &shutdown).await
+            })
+        };
+        eventually("conflict reported", || {
+            let (code, text) = metrics.health();
+            code == 503
+                && text.contains(&a.subnets.key())
+                && text.contains("id-198.18.0.11")
+                && metrics.render().contains("twill_lease_conflicts 1\n")
+        })
+        .await;
+        // The holder sees the claim.
+        let claims = store.claims(&a.subnets).await.unwrap();
+        assert_eq!(claims, vec![second.clone()]);
+        // The holder's lease goes (it stopped and its TTL ran out): the second gets a lease.
+        store.remove(&a.subnets);
+        let got = tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(metrics.render().contains("twill_lease_conflicts 0\n"));
+        assert_eq!(store.leases()[0].lease.attrs, second);
+        assert_eq!(store.leases()[0].lease.subnets, got.subnets);
+    }
+
+    #[tokio::test]
+    async fn a_lost_or_taken_lease_is_noticed_but_not_from_a_stale_snapshot() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let me = attrs("198.18.0.11");
+        let h = held(&store, &cfg, &me).await;
+        let snap = |store: &MemStore, revision: i64| Snapshot {
+            leases: store.leases(),
+            revision,
+            epoch: 0,
+        };
+        assert_eq!(lease_lost(&snap(&store, h.revision), &h, &me, true), None);
+        // Deleted: noticed; but a snapshot from before our write proves nothing.
+        let empty = Snapshot {
+            leases: Vec::new(),
+            revision: h.revision - 1,
+            epoch: 0,
+        };
+        assert_eq!(lease_lost(&empty, &h, &me, true), None);
+        // Unless the snapshot is of another store (an etcd replaced, its revisions anew).
+        assert!(matches!(
+            lease_lost(&empty, &h, &me, false),
+            Some(Loss::Gone(_))
+        ));
+        store.remove(&h.subnets);
+        let gone = lease_lost(&snap(&store, h.revision + 1), &h, &me, true).unwrap();
+        assert!(
+            matches!(&gone, Loss::Gone(w) if w.contains("deleted")),
+            "{gone:?}"
+        );
+        // Rewritten by another node (an older twill that "reclaimed" it by public IP).
+        let h = held(&store, &cfg, &me).await;
+        let mut thief = attrs("198.18.0.11");
+        thief.node_id = Some("id-thief".into());
+        store.insert(Lease {
+            subnets: h.subnets,
+            attrs: thief,
+            expires: None,
+        });
+        let taken = lease_lost(&snap(&store, h.revision + 1), &h, &me, true).unwrap();
+        assert!(
+            matches!(&taken, Loss::Taken(w) if w.contains("taken over") && w.contains("id-thief")),
+            "{taken:?}"
+        );
+        // The renewal says so too.
+        let err = store.renew(&h).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::LeaseLost { taken: true, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ignored_leases_are_counted_and_the_peers_kept() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        let me = attrs("198.18.0.11");
+        let h = held(&store, &cfg, &me).await;
+        held(&store, &cfg, &attrs("198.18.0.12")).await;
+        let mut bad = attrs("0.0.0.0");
+        bad.node_id = None;
+        // (10.244.0.0/24 is below SubnetMin: never one the nodes above were given.)
+        for key in ["198.18.0.0-25", "8.8.8.0-24", "10.244.0.0-24"] {
+            store.insert(Lease {
+                subnets: LeaseSubnets::parse_key(key).unwrap(),
+                attrs: if key.starts_with("10.") {
+                    bad.clone()
+                } else {
+                    attrs("198.18.0.13")
+                },
+                expires: None,
+            });
+        }
+        let metrics = Metrics::default();
+        let mut report = LeaseReport::default();
+        let snap = Snapshot {
+            leases: store.leases(),
+            revision: i64::MAX,
+            epoch: 0,
+        };
+        for _ in 0..2 {
+            let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
+            assert_eq!(peers.len(), 1, "{peers:?}");
+            assert_eq!(peers[0].attrs.public_ip.unwrap().to_string(), "198.18.0.12");
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains("twill_leases_ignored{reason=\"outside_network\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("twill_leases_ignored{reason=\"bad_public_ip\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("twill_leases_ignored{reason=\"wrong_length\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_lease_over_ours_is_counted_as_a_conflict() {
+        let store = MemStore::new(CFG);
+        let cfg = NetworkConfig::parse(CFG).unwrap();
+        // Another node's lease, created first, names our subnet in another key (with an IPv6
+        // part this IPv4-only cluster ignores); ours comes second.
+        let mut other = lease_of("198.18.0.12", 5);
+        other.subnets = LeaseSubnets::parse_key("10.244.5.0-24&fd00::-64").unwrap();
+        store.insert(other);
+        let me = attrs("198.18.0.11");
+        let h = store
+            .create(
+                LeaseSubnets::parse_key("10.244.5.0-24").unwrap(),
+                &me,
+                LEASE_TTL,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let metrics = Metrics::default();
+        let mut report = LeaseReport::default();
+        let snap = Snapshot {
+            leases: store.leases(),
+            revision: h.revision,
+            epoch: 0,
+        };
+        let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
+        assert!(peers.is_empty(), "{peers:?}");
+        let text = metrics.render();
+        assert!(text.contains("twill_lease_conflicts 1\n"), "{text}");
+        assert!(
+            text.contains("twill_leases_ignored{reason=\"overlaps_own_subnet\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    fn lease_of(ip: &str, n: u8) -> Lease {
+        Lease {
+            subnets: LeaseSubnets::parse_key(&format!("10.244.{n}.0-24")).unwrap(),
+            attrs: attrs(ip),
+            expires: None,
+        }
+    }
+
+    /// The lease cache on `store`: its task and the keys of its latest snapshot.
+    fn cache_on(
+        store: &MemStore,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        watch::Receiver<Option<Arc<Snapshot>>>,
+    ) {
+        let (tx, rx) = watch::channel(None);
+        (tokio::spawn(lease_cache(store.clone(), tx)), rx)
+    }
+
+    fn keys(rx: &watch::Receiver<Option<Arc<Snapshot>>>) -> Vec<String> {
+        rx.borrow()
+            .as_ref()
+            .map(|s| s.leases.iter().map(|l| l.lease.subnets.key()).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wiped_store_is_not_acted_on_until_the_config_is_back() {
+        let store = MemStore::new(CFG);
+        store.insert(lease_of("198.18.0.11", 1));
+        store.insert(lease_of("198.18.0.12", 2));
+        let (task, mut rx) = cache_on(&store);
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 2))
+            .await
+            .unwrap();
+        // etcdctl del --prefix: every lease and the config key at once.
+        store.wipe();
+        // A minute (of paused time: every task runs until idle first) brings no empty snapshot.
+        tokio::time::sleep(Duration::from_mins(1)).await;
+        assert_eq!(keys(&rx).len(), 2);
+        assert!(!rx.has_changed().unwrap());
+        // The config key is back: the empty listing is acted on.
+        store.set_config(Some(CFG));
+        tokio::time::timeout(
+            Duration::from_mins(1),
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        )
+        .await
+        .expect("the empty listing was never published")
+        .unwrap();
+        // Leases deleted one by one, the config in place, are acted on at once.
+        store.insert(lease_of("198.18.0.11", 1));
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
+            .await
+            .unwrap();
+        store.remove(&lease_of("198.18.0.11", 1).subnets);
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        )
+        .await
+        .expect("a real departure was held back")
+        .unwrap();
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_store_is_acted_on_only_with_its_config() {
+        let store = MemStore::new(CFG);
+        store.insert(lease_of("198.18.0.11", 1));
+        let (task, mut rx) = cache_on(&store);
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
+            .await
+            .unwrap();
+        // Another etcd (revision from the start, another cluster id), empty, no config yet.
+        store.replace_with_fresh(None);
+        tokio::time::sleep(Duration::from_mins(1)).await;
+        assert_eq!(keys(&rx).len(), 1);
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 0);
+        store.set_config(Some(CFG));
+        tokio::time::timeout(
+            Duration::from_mins(1),
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        )
+        .await
+        .expect("the fresh store was never acted on")
+        .unwrap();
+        // Its revisions count anew: the snapshot says it is another store.
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 1);
+        // A fresh store that comes with its config is acted on at once.
+        store.insert(lease_of("198.18.0.11", 1));
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
+            .await
+            .unwrap();
+        store.replace_with_fresh(Some(CFG));
+        tokio::time::timeout(
+            Duration::from_mins(1),
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        )
+        .await
+        .expect("the fresh store with its config was not acted on")
+        .unwrap();
+        task.abort();
+    }
+
+    #[test]
+    fn renew_margin_must_be_shorter_than_the_lease() {
+        for bad in ["1440", "5000", "0"] {
+            let err = Options::try_parse_from(["twilld", "--subnet-lease-renew-margin", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(bad) && err.contains("1..=1439"),
+                "{bad}: {err}"
+            );
+        }
+        let ok =
+            Options::try_parse_from(["twilld", "--subnet-lease-renew-margin", "1439"]).unwrap();
+        assert_eq!(ok.subnet_lease_renew_margin, 1439);
+        // Whatever the store answers, renewals never come back to back.
+        let soon = SystemTime::now() + Duration::from_secs(30);
+        assert_eq!(
+            renew_delay(soon, Duration::from_hours(1)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn the_node_identity_is_made_once_and_checked() {
+        let dir = std::env::temp_dir().join(format!("twill-node-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub").join("node-id");
+        let id = node_identity(&path).unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(node_identity(&path).unwrap(), id);
+        std::fs::write(&path, "not an id!").unwrap();
+        let err = format!("{:#}", node_identity(&path).unwrap_err());
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("not an id!"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -134,6 +134,12 @@ impl std::fmt::Write for Pieces<'_> {
 #[derive(Default)]
 struct Inner {
     ready: bool,
+    /// Why the agent is not ready (a lease lost, a conflict, a refused config), if known.
+    not_ready: Option<String>,
+    /// Peer leases ignored right now, by reason label.
+    leases_ignored: Vec<(&'static str, usize)>,
+    /// Conflicts over this node's lease right now.
+    lease_conflicts: usize,
     lease_expiry: Option<SystemTime>,
     peers: usize,
     reconciles: u64,
@@ -169,7 +175,27 @@ fn escape(s: &str) -> String {
 impl Metrics {
     /// Marks the agent ready (it holds a lease and programmed the overlay once).
     pub fn set_ready(&self) {
-        self.inner.lock().unwrap().ready = true;
+        let mut g = self.inner.lock().unwrap();
+        g.ready = true;
+        g.not_ready = None;
+    }
+
+    /// Marks the agent not ready (again), with the reason `/healthz` gives.
+    pub fn set_not_ready(&self, reason: &str) {
+        let mut g = self.inner.lock().unwrap();
+        g.ready = false;
+        g.not_ready = Some(reason.to_string());
+    }
+
+    /// Records how many peer leases are ignored, per reason label (every reason, zeros too).
+    pub fn set_leases_ignored(&self, counts: &[(&'static str, usize)]) {
+        self.inner.lock().unwrap().leases_ignored = counts.to_vec();
+    }
+
+    /// Records how many conflicts over this node's lease there are (another node with our
+    /// public IP, claims on our lease, an older lease overlapping ours).
+    pub fn set_lease_conflicts(&self, n: usize) {
+        self.inner.lock().unwrap().lease_conflicts = n;
     }
 
     /// Whether the agent is ready.
@@ -286,6 +312,20 @@ impl Metrics {
             "# HELP twill_peers Remote nodes programmed in the overlay.\n# TYPE twill_peers gauge\ntwill_peers {}",
             g.peers
         );
+        if !g.leases_ignored.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP twill_leases_ignored Peer leases the overlay ignores, by reason.\n# TYPE twill_leases_ignored gauge"
+            );
+            for (reason, n) in &g.leases_ignored {
+                let _ = writeln!(o, "twill_leases_ignored{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP twill_lease_conflicts Conflicts over this node's lease (another node with its public IP).\n# TYPE twill_lease_conflicts gauge\ntwill_lease_conflicts {}",
+            g.lease_conflicts
+        );
         let _ = writeln!(
             o,
             "# HELP twill_reconcile_operations Kernel operations of the last reconcile.\n# TYPE twill_reconcile_operations gauge\ntwill_reconcile_operations {}",
@@ -395,14 +435,16 @@ impl Metrics {
         }
     }
 
-    fn health(&self) -> (u16, String) {
+    /// What `/healthz` answers: 200 when ready, else 503 with the reason.
+    pub fn health(&self) -> (u16, String) {
         let g = self.inner.lock().unwrap();
         if g.ready {
             (200, "ok\n".into())
         } else {
-            let why = g
-                .latest_error()
-                .map_or("starting".to_string(), |(_, e)| e.clone());
+            let why = g.not_ready.clone().unwrap_or_else(|| {
+                g.latest_error()
+                    .map_or("starting".to_string(), |(_, e)| e.clone())
+            });
             (503, format!("not ready: {why}\n"))
         }
     }

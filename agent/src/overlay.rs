@@ -9,8 +9,21 @@
 //! cannot happen for a known peer. host-gw needs only the route, via the peer's public IP.
 //!
 //! Ownership: twill owns the VXLAN devices it creates, every permanent neighbour and FDB entry on
-//! them, and every main-table route whose destination lies inside the cluster network (other than
-//! the node's own subnet). Nothing else is read as "ours" and nothing else is ever deleted.
+//! them, and the main-table routes it wrote. Every route twill writes carries the routing
+//! protocol [`PROTO_TWILL`] (`proto 116`), and a route is read as twill's only when it carries
+//! that mark, whatever its destination: a route someone added by hand inside the cluster network,
+//! the kernel's connected routes (`proto kernel`, never touched) and a route to a subnet a peer
+//! lease names but twill never wrote are all left alone. A destination inside the Network is no
+//! proof of ownership: a Network that overlaps the underlay would make the node's own routes
+//! look like stale peers (so such a Network is also refused, see [`check_network`]).
+//!
+//! Routes written before the mark existed (older twill, or flannel before a node was switched
+//! to twill) are adopted only on twill's own devices: a route whose output device is the VXLAN
+//! or TUN device twill owns, and which the kernel did not make itself, is twill's; the next
+//! reconcile rewrites it with the mark, or deletes it if no lease wants it. An unmarked host-gw
+//! route of an older version (via the uplink) is never adopted: it is replaced with a marked one
+//! when a lease still names its subnet, and otherwise left for the admin
+//! (`ip route show proto boot`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -18,7 +31,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{BackendType, NetworkConfig};
-use crate::kernel::{Addr, Fdb, Kernel, KernelError, LinkInfo, Neigh, Route, VxlanSpec};
+use crate::kernel::{
+    Addr, Fdb, Kernel, KernelError, LinkInfo, Neigh, PROTO_KERNEL, PROTO_TWILL, Route, VxlanSpec,
+};
 use crate::lease::{Lease, LeaseAttrs, LeaseSubnets, VxlanData, format_mac, parse_mac};
 
 /// VXLAN overhead over an IPv4 underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
@@ -218,7 +233,119 @@ pub fn lease_attrs(cfg: &NetworkConfig, uplink: &Uplink, devices: &Devices) -> L
         backend_type: cfg.backend.kind.as_str().to_string(),
         backend_data: data(&devices.v4),
         backend_v6_data: data(&devices.v6),
+        node_id: None,
     }
+}
+
+/// Why a network config cannot be used on this node: its Network would swallow the node's own
+/// place in the underlay, so routes to "peer subnets" would shadow the underlay itself.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NetworkClash {
+    /// The Network contains an address of the uplink (or the public address given).
+    #[error(
+        "network config {field} {network} contains {what} {addr} of the uplink {iface}: the \
+         overlay would route the node's own underlay into the tunnel; choose a {field} that \
+         does not hold the node's addresses"
+    )]
+    UplinkAddress {
+        /// `Network` or `IPv6Network`.
+        field: &'static str,
+        /// Its value.
+        network: IpNet,
+        /// "the address" or "the public address".
+        what: &'static str,
+        /// The address (with its prefix when it is on the uplink).
+        addr: String,
+        /// The uplink's name.
+        iface: String,
+    },
+    /// The Network contains the node's default route (or its gateway).
+    #[error(
+        "network config {field} {network} contains the node's default route ({route}): the \
+         overlay would route the node's way out into the tunnel; choose a {field} that does not \
+         hold the default route or its gateway"
+    )]
+    DefaultRoute {
+        /// `Network` or `IPv6Network`.
+        field: &'static str,
+        /// Its value.
+        network: IpNet,
+        /// The default route, as `ip route` prints it.
+        route: String,
+    },
+}
+
+/// Refuses a Network (or IPv6Network) that contains the uplink's addresses, the public address,
+/// the default route (a `/0` Network) or the default route's gateway. `routes` are the node's
+/// main-table routes (only the default ones matter). Pure; run before anything is changed.
+pub fn check_network(
+    cfg: &NetworkConfig,
+    uplink: &Uplink,
+    routes: &[Route],
+) -> Result<(), NetworkClash> {
+    let nets: [(&'static str, Option<IpNet>); 2] = [
+        (
+            "Network",
+            cfg.network.filter(|_| cfg.enable_ipv4).map(IpNet::V4),
+        ),
+        (
+            "IPv6Network",
+            cfg.ipv6_network.filter(|_| cfg.enable_ipv6).map(IpNet::V6),
+        ),
+    ];
+    for (field, network) in nets {
+        let Some(network) = network else { continue };
+        let publics = [
+            uplink.public_v4.map(IpAddr::V4),
+            uplink.public_v6.map(IpAddr::V6),
+        ];
+        let on_uplink = uplink
+            .nets
+            .iter()
+            .filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
+            .map(|n| ("the address", n.addr(), n.to_string()));
+        let public = publics
+            .into_iter()
+            .flatten()
+            .map(|a| ("the public address", a, a.to_string()));
+        if let Some((what, _, addr)) = on_uplink
+            .chain(public)
+            .find(|(_, a, _)| network.contains(a))
+        {
+            return Err(NetworkClash::UplinkAddress {
+                field,
+                network,
+                what,
+                addr,
+                iface: uplink.name.clone(),
+            });
+        }
+        for r in routes.iter().filter(|r| {
+            r.dst.prefix_len() == 0 && r.dst.addr().is_ipv4() == network.addr().is_ipv4()
+        }) {
+            if network.prefix_len() == 0 || r.gateway.is_some_and(|g| network.contains(&g)) {
+                let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+                let dev = if r.oif == uplink.index {
+                    format!(" dev {}", uplink.name)
+                } else {
+                    format!(" dev #{}", r.oif)
+                };
+                return Err(NetworkClash::DefaultRoute {
+                    field,
+                    network,
+                    route: format!("default{via}{dev}"),
+                });
+            }
+        }
+        if network.prefix_len() == 0 {
+            return Err(NetworkClash::DefaultRoute {
+                field,
+                network,
+                route: "default".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Everything the overlay wants in the kernel.
@@ -268,6 +395,7 @@ pub fn desired(
             gateway: None,
             oif: dev.index,
             onlink: false,
+            proto: PROTO_TWILL,
         });
     }
     for peer in peers {
@@ -332,6 +460,7 @@ fn peer_entries(
         gateway: Some(public),
         oif: uplink.index,
         onlink: false,
+        proto: PROTO_TWILL,
     };
     match cfg.backend.kind {
         BackendType::HostGw => {
@@ -368,6 +497,7 @@ fn peer_entries(
                 gateway: Some(vtep_ip),
                 oif: dev.index,
                 onlink: true,
+                proto: PROTO_TWILL,
             });
         }
         // Per-peer state lives in the udp backend's routing table, not in the kernel.
@@ -380,7 +510,7 @@ fn peer_entries(
 pub struct Observed {
     /// Addresses on the VXLAN devices.
     pub addrs: Vec<Addr>,
-    /// Main-table routes inside the cluster network.
+    /// Main-table routes twill owns (see the module notes).
     pub routes: Vec<Route>,
     /// Permanent neighbours on the VXLAN devices.
     pub neighs: Vec<Neigh>,
@@ -388,12 +518,23 @@ pub struct Observed {
     pub fdb: Vec<Fdb>,
 }
 
+/// Whether a route read from the kernel is twill's: it carries twill's mark, or (adopted from
+/// an older version, see the module notes) it leaves through one of twill's own devices and the
+/// kernel did not make it.
+pub fn owned_route(route: &Route, devices: &Devices) -> bool {
+    route.proto == PROTO_TWILL
+        || (route.proto != PROTO_KERNEL
+            && [&devices.v4, &devices.v6]
+                .into_iter()
+                .flatten()
+                .any(|d| d.index == route.oif))
+}
+
 /// Reads the part of the kernel state the overlay owns.
 pub async fn observe<K: Kernel>(
     k: &K,
     cfg: &NetworkConfig,
     devices: &Devices,
-    own: &LeaseSubnets,
 ) -> Result<Observed, KernelError> {
     let mut o = Observed::default();
     let dev_indices: Vec<u32> = [&devices.v4, &devices.v6]
@@ -410,19 +551,21 @@ pub async fn observe<K: Kernel>(
             .filter(|a| !matches!(a.net.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .collect();
     }
-    if let Some(net) = cfg.network.filter(|_| cfg.enable_ipv4) {
-        let own_v4 = own.v4.map(IpNet::V4);
-        o.routes
-            .extend(k.routes(false).await?.into_iter().filter(|r| {
-                matches!(r.dst, IpNet::V4(d) if net.contains(&d)) && Some(r.dst) != own_v4
-            }));
+    if cfg.enable_ipv4 {
+        o.routes.extend(
+            k.routes(false)
+                .await?
+                .into_iter()
+                .filter(|r| owned_route(r, devices)),
+        );
     }
-    if let Some(net) = cfg.ipv6_network.filter(|_| cfg.enable_ipv6) {
-        let own_v6 = own.v6.map(IpNet::V6);
-        o.routes
-            .extend(k.routes(true).await?.into_iter().filter(|r| {
-                matches!(r.dst, IpNet::V6(d) if net.contains(&d)) && Some(r.dst) != own_v6
-            }));
+    if cfg.enable_ipv6 {
+        o.routes.extend(
+            k.routes(true)
+                .await?
+                .into_iter()
+                .filter(|r| owned_route(r, devices)),
+        );
     }
     for i in dev_indices {
         o.neighs.extend(k.neighbours(i).await?);
@@ -553,7 +696,7 @@ pub async fn reconcile<K: Kernel>(
     peers: &[Lease],
 ) -> Result<Vec<Op>, KernelError> {
     let want = desired(cfg, uplink, devices, own, peers);
-    let have = observe(k, cfg, devices, own).await?;
+    let have = observe(k, cfg, devices).await?;
     let ops = plan(&want, &have);
     apply(k, &ops).await?;
     Ok(ops)
@@ -562,6 +705,7 @@ pub async fn reconcile<K: Kernel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::PROTO_BOOT;
     use crate::kernel::fake::FakeKernel;
 
     fn cfg(backend: &str) -> NetworkConfig {
@@ -608,6 +752,7 @@ mod tests {
                 backend_v6_data: Some(
                     serde_json::json!({"VNI":1,"VtepMAC":format!("0e:00:00:00:01:{mac_last:02x}")}),
                 ),
+                node_id: None,
             },
             expires: None,
         }
@@ -701,6 +846,7 @@ mod tests {
                 gateway: None,
                 oif: 2,
                 onlink: false,
+                proto: PROTO_BOOT,
             });
         });
         k.take_calls();
@@ -802,6 +948,156 @@ mod tests {
         assert!(via.contains(&("10.244.2.0/24".into(), 2)), "{via:?}");
         assert!(via.contains(&("10.244.3.0/24".into(), 9)), "{via:?}");
         assert_eq!(desired.fdb.len(), 1);
+    }
+
+    fn route(dst: &str, gateway: Option<&str>, oif: u32, proto: u8) -> Route {
+        Route {
+            dst: dst.parse().unwrap(),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            oif,
+            onlink: false,
+            proto,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_marked_routes_and_unmarked_ones_on_our_device_are_ours() {
+        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+        let mut c = cfg(r#"{"Type":"vxlan"}"#);
+        c.enable_ipv6 = false;
+        let up = uplink();
+        let devs = ensure_devices(&k, &c, &up).await.unwrap();
+        let vx = devs.v4.as_ref().unwrap().index;
+        let peers = vec![peer(2, "198.18.0.12", 2)];
+        reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
+        assert!(k.state().routes.iter().all(|r| r.proto == PROTO_TWILL));
+        // Routes that are not twill's, inside the Network and out: by hand via the uplink (no
+        // mark), the kernel's connected routes (on the uplink, on the cluster's own subnet and
+        // even on our device). And routes twill wrote: one with the mark to a subnet no lease
+        // names any more (outside the Network, as a bad lease once made), one without the mark
+        // on our device (an older twill's).
+        let foreign = [
+            route("10.244.250.0/24", Some("198.18.0.1"), 2, PROTO_BOOT),
+            route("198.18.0.0/24", None, 2, PROTO_KERNEL),
+            route("10.244.1.0/24", None, 7, PROTO_KERNEL),
+            route("10.244.9.0/24", None, vx, PROTO_KERNEL),
+        ];
+        k.tamper(|s| {
+            s.routes.extend(foreign.iter().cloned());
+            s.routes
+                .insert(route("8.8.8.0/24", Some("8.8.8.0"), vx, PROTO_TWILL));
+            s.routes
+                .insert(route("10.244.7.0/24", Some("10.244.7.0"), vx, PROTO_BOOT));
+        });
+        for _ in 0..3 {
+            reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
+        }
+        let s = k.state();
+        for f in &foreign {
+            assert!(s.routes.contains(f), "{f:?} was touched: {:?}", s.routes);
+        }
+        let dsts: Vec<String> = s.routes.iter().map(|r| r.dst.to_string()).collect();
+        assert!(!dsts.contains(&"8.8.8.0/24".to_string()), "{dsts:?}");
+        assert!(!dsts.contains(&"10.244.7.0/24".to_string()), "{dsts:?}");
+        // An older twill's route to a peer that is still there is adopted: rewritten with the mark.
+        k.tamper(|s| {
+            s.routes.retain(|r| r.dst.to_string() != "10.244.2.0/24");
+            s.routes
+                .insert(route("10.244.2.0/24", Some("10.244.2.0"), vx, PROTO_BOOT));
+        });
+        reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
+        let r = k
+            .state()
+            .routes
+            .into_iter()
+            .find(|r| r.dst.to_string() == "10.244.2.0/24")
+            .unwrap();
+        assert_eq!((r.proto, r.onlink, r.oif), (PROTO_TWILL, true, vx));
+    }
+
+    #[tokio::test]
+    async fn a_network_over_the_underlay_takes_no_route_of_the_node() {
+        // What a Network of 198.18.0.0/16 did before it was refused: every route of the node
+        // inside it looked like a stale peer. With ownership by mark, none is touched.
+        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+        let c = NetworkConfig::parse(r#"{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        let up = uplink();
+        let devs = ensure_devices(&k, &c, &up).await.unwrap();
+        let kernel_route = route("198.18.0.0/24", None, 2, PROTO_KERNEL);
+        let by_hand = route("198.18.7.0/24", Some("198.18.0.1"), 2, PROTO_BOOT);
+        k.tamper(|s| {
+            s.routes.insert(kernel_route.clone());
+            s.routes.insert(by_hand.clone());
+        });
+        let own = LeaseSubnets {
+            v4: Some("198.18.1.0/24".parse().unwrap()),
+            v6: None,
+        };
+        let ops = reconcile(&k, &c, &up, &devs, &own, &[]).await.unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelRoute(_))), "{ops:?}");
+        let s = k.state();
+        assert!(s.routes.contains(&kernel_route) && s.routes.contains(&by_hand));
+        // And the config itself is refused for this node, naming the Network and the address.
+        let err = check_network(&c, &up, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("Network 198.18.0.0/16")
+                && err.contains("198.18.0.11/24")
+                && err.contains("eth0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn networks_holding_the_uplink_or_the_default_route_are_refused() {
+        let up = uplink();
+        let parse = |j: &str| NetworkConfig::parse(j).unwrap();
+        let default = route("0.0.0.0/0", Some("198.18.0.1"), 2, PROTO_BOOT);
+        let default6 = route("::/0", Some("fe80::1"), 2, PROTO_BOOT);
+        // The usual: fine.
+        let ok = cfg(r#"{"Type":"vxlan"}"#);
+        check_network(&ok, &up, &[default.clone(), default6.clone()]).unwrap();
+        for (json, needles) in [
+            (
+                r#"{"Network":"0.0.0.0/0","SubnetLen":24}"#,
+                vec!["Network 0.0.0.0/0", "198.18.0.11/24"],
+            ),
+            (
+                r#"{"Network":"198.18.0.0/16"}"#,
+                vec!["Network 198.18.0.0/16", "198.18.0.11/24", "eth0"],
+            ),
+            (
+                r#"{"Network":"10.0.0.0/8","EnableIPv6":true,"IPv6Network":"fd74::/16"}"#,
+                vec!["IPv6Network fd74::/16", "fd74:7769::11/64"],
+            ),
+        ] {
+            let err = check_network(&parse(json), &up, std::slice::from_ref(&default))
+                .unwrap_err()
+                .to_string();
+            for n in needles {
+                assert!(err.contains(n), "{json}: {n:?} not in {err}");
+            }
+        }
+        // The default route's gateway inside the Network (the uplink elsewhere).
+        let mut far = up.clone();
+        far.nets = vec!["203.0.113.5/24".parse().unwrap()];
+        far.public_v4 = Some("203.0.113.5".parse().unwrap());
+        far.public_v6 = None;
+        let err = check_network(
+            &parse(r#"{"Network":"198.18.0.0/16"}"#),
+            &far,
+            std::slice::from_ref(&default),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, NetworkClash::DefaultRoute { route, .. } if route == "default via 198.18.0.1 dev eth0"),
+            "{err}"
+        );
+        // --public-ip inside the Network, though the uplink's address is not.
+        let mut lying = far.clone();
+        lying.public_v4 = Some("10.244.3.3".parse().unwrap());
+        let err = check_network(&ok, &lying, &[]).unwrap_err().to_string();
+        assert!(err.contains("public address 10.244.3.3"), "{err}");
     }
 
     #[test]

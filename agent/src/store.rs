@@ -4,6 +4,14 @@
 //! about the dataplane. Creation is a transaction that succeeds only if the key is absent, and a
 //! reclaim only if the key still has the revision we saw, so two nodes can never hold one subnet.
 //! Every key is bound to an etcd lease: a node that vanishes loses its subnet when the TTL runs out.
+//!
+//! Renewing checks more than the etcd lease: the key must still exist and still hang on the
+//! etcd lease we hold ([`StoreError::LeaseLost`] otherwise), so a node whose key was deleted or
+//! rewritten by another node learns it at the latest at its next renewal. Listings carry the
+//! revision and the cluster id they were read at, so the agent can tell an etcd that lost its
+//! data (or was replaced) from one where every node really left. A node that finds its public
+//! IP in a lease it cannot prove is its own leaves a short-lived claim under
+//! `<prefix>/claims/<lease key>/`, so the node holding the lease learns of the conflict too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -73,6 +81,16 @@ pub enum StoreError {
         /// The first http endpoint.
         endpoint: String,
     },
+    /// The lease key we hold is gone, or hangs on another etcd lease (another node rewrote it).
+    #[error("lease {key} is no longer ours: {reason}")]
+    LeaseLost {
+        /// The key.
+        key: String,
+        /// What was found instead.
+        reason: String,
+        /// Whether another holder rewrote the key (not merely deleted or expired).
+        taken: bool,
+    },
     /// A TLS file could not be read.
     #[error("read {flag} {path}: {cause}")]
     TlsFile {
@@ -118,6 +136,8 @@ pub struct StoredLease {
     pub lease: Lease,
     /// Revision of the last change of the key (for compare-and-swap).
     pub mod_revision: i64,
+    /// Revision the key was created at (which of two overlapping leases came first).
+    pub create_revision: i64,
     /// The etcd lease the key is bound to (0: none).
     pub etcd_lease: i64,
 }
@@ -131,6 +151,20 @@ pub struct HeldLease {
     pub etcd_lease: i64,
     /// When it expires unless renewed.
     pub expires: SystemTime,
+    /// The store revision of our last write of the key (0: unknown); a listing older than this
+    /// cannot show our write yet.
+    pub revision: i64,
+}
+
+/// Every lease, as of one store revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// The leases.
+    pub leases: Vec<StoredLease>,
+    /// The store revision the listing was read at.
+    pub revision: i64,
+    /// The etcd cluster's id (0: not known, e.g. Kubernetes).
+    pub cluster_id: u64,
 }
 
 /// A change seen by the watch.
@@ -138,16 +172,16 @@ pub struct HeldLease {
 pub enum LeaseEvent {
     /// A lease was created or changed.
     Put(StoredLease),
-    /// A lease was deleted or expired.
-    Delete(LeaseSubnets),
+    /// A lease was deleted or expired, at this store revision.
+    Delete(LeaseSubnets, i64),
 }
 
 /// The lease store seam.
 pub trait LeaseStore: Send + Sync + 'static {
     /// The raw network config JSON.
     fn get_config(&self) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// Every lease, and the revision the list was read at.
-    fn list(&self) -> impl Future<Output = Result<(Vec<StoredLease>, i64), StoreError>> + Send;
+    /// Every lease, with the revision and cluster the list was read at.
+    fn list(&self) -> impl Future<Output = Result<Listing, StoreError>> + Send;
     /// Creates the lease if its key is absent. `Ok(None)` when another node got there first.
     fn create(
         &self,
@@ -163,7 +197,8 @@ pub trait LeaseStore: Send + Sync + 'static {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<HeldLease>, StoreError>> + Send;
-    /// Renews a held lease; returns the new expiry.
+    /// Renews a held lease; returns the new expiry. [`StoreError::LeaseLost`] when the key is
+    /// gone or no longer hangs on our etcd lease.
     fn renew(
         &self,
         held: &HeldLease,
@@ -186,6 +221,25 @@ pub trait LeaseStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<HeldLease>, StoreError>> + Send {
         let _ = (cfg, attrs, ttl);
         async { Ok(None) }
+    }
+    /// Leaves a claim on `lease` (held by another node with our public IP) for `ttl`, so its
+    /// holder learns that a node with `attrs` wants it. Stores without claims do nothing.
+    fn claim(
+        &self,
+        lease: &LeaseSubnets,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (lease, attrs, ttl);
+        async { Ok(()) }
+    }
+    /// The live claims on `lease` (what each claimant published).
+    fn claims(
+        &self,
+        lease: &LeaseSubnets,
+    ) -> impl Future<Output = Result<Vec<LeaseAttrs>, StoreError>> + Send {
+        let _ = lease;
+        async { Ok(Vec::new()) }
     }
 }
 
@@ -900,6 +954,10 @@ impl EtcdStore {
         format!("{}{}", self.subnets_prefix(), subnets.key())
     }
 
+    fn claims_prefix(&self, subnets: &LeaseSubnets) -> String {
+        format!("{}/claims/{}/", self.prefix, subnets.key())
+    }
+
     fn decode(&self, kv: &etcd_client::KeyValue) -> Option<StoredLease> {
         let key = kv.key_str().ok()?;
         let short = key.strip_prefix(&self.subnets_prefix())?;
@@ -924,17 +982,20 @@ impl EtcdStore {
                 expires: None,
             },
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
             etcd_lease: kv.lease(),
         })
     }
 
+    /// Puts `attrs` at `key` on a new etcd lease if `cmp` holds: the etcd lease id and the
+    /// revision of the write.
     async fn put_if(
         &self,
         key: String,
         cmp: Compare,
         attrs: &LeaseAttrs,
         ttl: Duration,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         let mut c = self.client.clone();
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let grant = c
@@ -948,7 +1009,10 @@ impl EtcdStore {
         )]);
         let resp = c.txn(txn).await.map_err(etcd("txn", &key))?;
         if resp.succeeded() {
-            Ok(Some(grant.id()))
+            let rev = resp
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
+            Ok(Some((grant.id(), rev)))
         } else {
             let _ = c.lease_revoke(grant.id()).await;
             Ok(None)
@@ -969,7 +1033,7 @@ impl LeaseStore for EtcdStore {
         Ok(String::from_utf8_lossy(kv.value()).into_owned())
     }
 
-    async fn list(&self) -> Result<(Vec<StoredLease>, i64), StoreError> {
+    async fn list(&self) -> Result<Listing, StoreError> {
         let prefix = self.subnets_prefix();
         let resp = self
             .client
@@ -977,13 +1041,12 @@ impl LeaseStore for EtcdStore {
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(etcd("get", &prefix))?;
-        let rev = resp
-            .header()
-            .map_or(0, etcd_client::ResponseHeader::revision);
-        Ok((
-            resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
-            rev,
-        ))
+        let header = resp.header();
+        Ok(Listing {
+            leases: resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
+            revision: header.map_or(0, etcd_client::ResponseHeader::revision),
+            cluster_id: header.map_or(0, etcd_client::ResponseHeader::cluster_id),
+        })
     }
 
     async fn create(
@@ -997,10 +1060,11 @@ impl LeaseStore for EtcdStore {
         Ok(self
             .put_if(key, cmp, attrs, ttl)
             .await?
-            .map(|id| HeldLease {
+            .map(|(id, revision)| HeldLease {
                 subnets,
                 etcd_lease: id,
                 expires: SystemTime::now() + ttl,
+                revision,
             }))
     }
 
@@ -1017,10 +1081,11 @@ impl LeaseStore for EtcdStore {
             // The key now hangs on the new etcd lease; the old one holds nothing of ours.
             let _ = self.client.clone().lease_revoke(old.etcd_lease).await;
         }
-        Ok(got.map(|id| HeldLease {
+        Ok(got.map(|(id, revision)| HeldLease {
             subnets: old.lease.subnets,
             etcd_lease: id,
             expires: SystemTime::now() + ttl,
+            revision,
         }))
     }
 
@@ -1040,16 +1105,46 @@ impl LeaseStore for EtcdStore {
             .message()
             .await
             .map_err(etcd("lease keep-alive", &key))?;
-        match resp {
-            Some(r) if r.ttl() > 0 => {
-                Ok(SystemTime::now()
-                    + Duration::from_secs(u64::try_from(r.ttl()).unwrap_or_default()))
+        let ttl = match resp {
+            Some(r) if r.ttl() > 0 => r.ttl(),
+            _ => {
+                return Err(StoreError::LeaseLost {
+                    key,
+                    reason: format!(
+                        "its etcd lease {:x} expired or was revoked",
+                        held.etcd_lease
+                    ),
+                    taken: false,
+                });
             }
-            _ => Err(StoreError::Etcd {
-                op: "lease keep-alive",
+        };
+        // The etcd lease lives on, but is the key still on it? Someone may have deleted the key
+        // or rewritten it on an etcd lease of their own.
+        let got = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .map_err(etcd("get", &key))?;
+        match got.kvs().first() {
+            None => Err(StoreError::LeaseLost {
                 key,
-                source: etcd_client::Error::LeaseKeepAliveError("lease expired".into()),
+                reason: "the key was deleted".into(),
+                taken: false,
             }),
+            Some(kv) if kv.lease() != held.etcd_lease => Err(StoreError::LeaseLost {
+                taken: true,
+                reason: format!(
+                    "the key was rewritten on etcd lease {:x} (ours is {:x}): {}",
+                    kv.lease(),
+                    held.etcd_lease,
+                    String::from_utf8_lossy(kv.value())
+                ),
+                key,
+            }),
+            Some(_) => {
+                Ok(SystemTime::now() + Duration::from_secs(u64::try_from(ttl).unwrap_or_default()))
+            }
         }
     }
 
@@ -1061,7 +1156,9 @@ impl LeaseStore for EtcdStore {
                 EventType::Put => self.decode(kv).map(LeaseEvent::Put),
                 EventType::Delete => {
                     let short = kv.key_str().ok()?.strip_prefix(&prefix)?;
-                    LeaseSubnets::parse_key(short).ok().map(LeaseEvent::Delete)
+                    LeaseSubnets::parse_key(short)
+                        .ok()
+                        .map(|s| LeaseEvent::Delete(s, kv.mod_revision()))
                 }
             }
         })
@@ -1071,29 +1168,89 @@ impl LeaseStore for EtcdStore {
             WatchEnd::Ended(why) => StoreError::WatchEnded(why),
         }
     }
+
+    async fn claim(
+        &self,
+        lease: &LeaseSubnets,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let id = attrs.node_id.clone().unwrap_or_default();
+        let key = format!("{}{id}", self.claims_prefix(lease));
+        let mut c = self.client.clone();
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let grant = c
+            .lease_grant(ttl_secs, None)
+            .await
+            .map_err(etcd("lease grant", &key))?;
+        c.put(
+            key.as_str(),
+            attrs.to_json(),
+            Some(PutOptions::new().with_lease(grant.id())),
+        )
+        .await
+        .map_err(etcd("put", &key))?;
+        Ok(())
+    }
+
+    async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
+        let prefix = self.claims_prefix(lease);
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd("get", &prefix))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| LeaseAttrs::parse(kv.key_str().unwrap_or(""), kv.value()).ok())
+            .collect())
+    }
 }
 
-/// In-memory store for unit tests: same semantics (create-if-absent, compare mod revision).
+/// In-memory store for unit tests: same semantics (create-if-absent, compare mod revision), plus
+/// what an etcd can go through (down, wiped, replaced by a fresh cluster).
 #[derive(Clone, Default)]
 pub struct MemStore {
     inner: Arc<Mutex<MemInner>>,
+    /// Wakes watches when the store is replaced (their stream breaks, as etcd's would).
+    replaced: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
 struct MemInner {
     config: Option<String>,
     revision: i64,
+    cluster_id: u64,
     next_lease: i64,
     leases: BTreeMap<String, StoredLease>,
+    claims: BTreeMap<String, BTreeMap<String, LeaseAttrs>>,
+    /// Every change so far, by revision, for watches that start behind (as etcd keeps them).
+    history: Vec<(i64, Vec<LeaseEvent>)>,
     watchers: Vec<mpsc::Sender<Vec<LeaseEvent>>>,
     down: bool,
+}
+
+impl MemInner {
+    fn send(&mut self, batch: Vec<LeaseEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.watchers.retain(|w| w.try_send(batch.clone()).is_ok());
+        self.history.push((self.revision, batch));
+    }
 }
 
 impl MemStore {
     /// A store holding `config`.
     pub fn new(config: &str) -> Self {
         let s = MemStore::default();
-        s.inner.lock().unwrap().config = Some(config.to_string());
+        {
+            let mut g = s.inner.lock().unwrap();
+            g.config = Some(config.to_string());
+            g.cluster_id = 1;
+        }
         s
     }
 
@@ -1102,28 +1259,67 @@ impl MemStore {
         self.inner.lock().unwrap().down = down;
     }
 
+    /// Writes (`Some`) or deletes (`None`) the network config key.
+    pub fn set_config(&self, config: Option<&str>) {
+        let mut g = self.inner.lock().unwrap();
+        g.revision += 1;
+        g.config = config.map(str::to_string);
+    }
+
     /// Inserts a lease as another node would.
     pub fn insert(&self, lease: Lease) {
         let mut g = self.inner.lock().unwrap();
         g.revision += 1;
+        let key = lease.subnets.key();
+        let create_revision = g.leases.get(&key).map_or(g.revision, |l| l.create_revision);
         let stored = StoredLease {
             lease,
             mod_revision: g.revision,
+            create_revision,
             etcd_lease: 0,
         };
-        g.leases.insert(stored.lease.subnets.key(), stored.clone());
-        g.watchers
-            .retain(|w| w.try_send(vec![LeaseEvent::Put(stored.clone())]).is_ok());
+        g.leases.insert(key, stored.clone());
+        g.send(vec![LeaseEvent::Put(stored)]);
     }
 
     /// Deletes a lease as an admin (or expiry) would.
     pub fn remove(&self, subnets: &LeaseSubnets) {
         let mut g = self.inner.lock().unwrap();
         g.revision += 1;
+        let rev = g.revision;
         if g.leases.remove(&subnets.key()).is_some() {
-            g.watchers
-                .retain(|w| w.try_send(vec![LeaseEvent::Delete(*subnets)]).is_ok());
+            g.send(vec![LeaseEvent::Delete(*subnets, rev)]);
         }
+    }
+
+    /// `etcdctl del --prefix <prefix>`: every lease and the config key go in one revision.
+    pub fn wipe(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.revision += 1;
+        let rev = g.revision;
+        let gone: Vec<LeaseEvent> = std::mem::take(&mut g.leases)
+            .into_values()
+            .map(|l| LeaseEvent::Delete(l.lease.subnets, rev))
+            .collect();
+        g.config = None;
+        g.claims.clear();
+        g.send(gone);
+    }
+
+    /// The store is replaced by a fresh cluster (another cluster id, revisions from the start)
+    /// holding `config` and no lease: running watches break, as they would on a new etcd.
+    pub fn replace_with_fresh(&self, config: Option<&str>) {
+        {
+            let mut g = self.inner.lock().unwrap();
+            g.revision = 1;
+            g.cluster_id += 1;
+            g.leases.clear();
+            g.claims.clear();
+            g.history.clear();
+            g.watchers.clear();
+            g.config = config.map(str::to_string);
+        }
+        self.replaced.notify_waiters();
     }
 
     /// A snapshot of every lease.
@@ -1153,6 +1349,8 @@ impl MemStore {
     ) -> HeldLease {
         g.revision += 1;
         g.next_lease += 1;
+        let key = subnets.key();
+        let create_revision = g.leases.get(&key).map_or(g.revision, |l| l.create_revision);
         let stored = StoredLease {
             lease: Lease {
                 subnets,
@@ -1160,15 +1358,16 @@ impl MemStore {
                 expires: None,
             },
             mod_revision: g.revision,
+            create_revision,
             etcd_lease: g.next_lease,
         };
-        g.leases.insert(subnets.key(), stored.clone());
-        g.watchers
-            .retain(|w| w.try_send(vec![LeaseEvent::Put(stored.clone())]).is_ok());
+        g.leases.insert(key, stored.clone());
+        g.send(vec![LeaseEvent::Put(stored)]);
         HeldLease {
             subnets,
             etcd_lease: g.next_lease,
             expires: SystemTime::now() + ttl,
+            revision: g.revision,
         }
     }
 }
@@ -1181,9 +1380,13 @@ impl LeaseStore for MemStore {
             .ok_or_else(|| StoreError::NoConfig("config".into()))
     }
 
-    async fn list(&self) -> Result<(Vec<StoredLease>, i64), StoreError> {
+    async fn list(&self) -> Result<Listing, StoreError> {
         let g = self.check()?;
-        Ok((g.leases.values().cloned().collect(), g.revision))
+        Ok(Listing {
+            leases: g.leases.values().cloned().collect(),
+            revision: g.revision,
+            cluster_id: g.cluster_id,
+        })
     }
 
     async fn create(
@@ -1216,20 +1419,67 @@ impl LeaseStore for MemStore {
 
     async fn renew(&self, held: &HeldLease) -> Result<SystemTime, StoreError> {
         let g = self.check()?;
-        match g.leases.get(&held.subnets.key()) {
+        let key = held.subnets.key();
+        match g.leases.get(&key) {
             Some(l) if l.etcd_lease == held.etcd_lease => {
                 Ok(SystemTime::now() + Duration::from_hours(24))
             }
-            _ => Err(StoreError::WatchEnded("lease gone".into())),
+            Some(l) => Err(StoreError::LeaseLost {
+                key,
+                taken: true,
+                reason: format!(
+                    "the key was rewritten on etcd lease {:x} (ours is {:x})",
+                    l.etcd_lease, held.etcd_lease
+                ),
+            }),
+            None => Err(StoreError::LeaseLost {
+                key,
+                reason: "the key was deleted".into(),
+                taken: false,
+            }),
         }
     }
 
-    async fn watch(&self, _revision: i64, tx: mpsc::Sender<Vec<LeaseEvent>>) -> StoreError {
+    async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<LeaseEvent>>) -> StoreError {
+        let replaced = self.replaced.notified();
+        tokio::pin!(replaced);
+        replaced.as_mut().enable();
         match self.check() {
-            Ok(mut g) => g.watchers.push(tx.clone()),
+            Ok(mut g) => {
+                for (_, batch) in g.history.iter().filter(|(rev, _)| *rev > revision) {
+                    if tx.try_send(batch.clone()).is_err() {
+                        return StoreError::WatchEnded("receiver full or gone".into());
+                    }
+                }
+                g.watchers.push(tx.clone());
+            }
             Err(e) => return e,
         }
-        tx.closed().await;
-        StoreError::WatchEnded("receiver gone".into())
+        tokio::select! {
+            () = tx.closed() => StoreError::WatchEnded("receiver gone".into()),
+            () = replaced => StoreError::WatchEnded("store replaced".into()),
+        }
+    }
+
+    async fn claim(
+        &self,
+        lease: &LeaseSubnets,
+        attrs: &LeaseAttrs,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut g = self.check()?;
+        g.claims
+            .entry(lease.key())
+            .or_default()
+            .insert(attrs.node_id.clone().unwrap_or_default(), attrs.clone());
+        Ok(())
+    }
+
+    async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
+        let g = self.check()?;
+        Ok(g.claims
+            .get(&lease.key())
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default())
     }
 }

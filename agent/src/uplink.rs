@@ -199,6 +199,7 @@ mod tests {
             gateway: None,
             oif: 3,
             onlink: false,
+            proto: crate::kernel::PROTO_BOOT,
         };
         let up = choose(
             &links,

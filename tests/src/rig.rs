@@ -583,10 +583,17 @@ impl Rig {
         self.node_dir(node).join("twilld.log")
     }
 
+    /// The identity file node `node`'s twilld keeps (`<temp>/n<node>/node-id`): the rig's nodes
+    /// share the host's file system, so each gets its own instead of the default path.
+    pub fn node_id_file(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("node-id")
+    }
+
     /// Starts twilld on node `node`:
     /// `twilld --etcd-endpoints http://198.18.0.1:2379 --iface eth0 --subnet-file
-    /// <temp>/n<node>/subnet.env --healthz-port 0 --bpf-pin-dir <pin dir> <extra_args>`, with
-    /// `RUST_LOG` and its output appended to [`Rig::twilld_log_path`].
+    /// <temp>/n<node>/subnet.env --healthz-port 0 --bpf-pin-dir <pin dir> --node-id-file
+    /// <temp>/n<node>/node-id <extra_args>`, with `RUST_LOG` and its output appended to
+    /// [`Rig::twilld_log_path`].
     pub fn start_twilld(&self, node: usize, extra_args: &[&str]) -> Result<()> {
         self.start_twilld_env(node, extra_args, &[])
     }
@@ -635,6 +642,12 @@ impl Rig {
                 );
             }
             args.extend(["--bpf-pin-dir".into(), pin.display().to_string()]);
+        }
+        if !extra_args.contains(&"--node-id-file") {
+            args.extend([
+                "--node-id-file".into(),
+                self.node_id_file(node).display().to_string(),
+            ]);
         }
         args.extend(extra_args.iter().map(|s| (*s).to_string()));
         let log_path = self.twilld_log_path(node);

@@ -549,3 +549,599 @@ fn metrics_and_healthz_report_the_node() {
         .unwrap();
     assert!(tx >= 1, "{}", m.body);
 }
+
+// ---- leases and routes written by others --------------------------------------------------
+
+/// Where the tests below ask twilld to serve /metrics, inside each node's namespace.
+const METRICS: &str = "127.0.0.1:9615";
+/// Where they ask it to serve /healthz.
+const HEALTHZ: &str = "127.0.0.1:9616";
+
+/// Node `node`'s /metrics text (empty while it cannot be read).
+fn scrape(rig: &Rig, node: usize) -> String {
+    http_get(&rig.node_ns(node), METRICS.parse().unwrap(), "/metrics")
+        .map(|r| r.body)
+        .unwrap_or_default()
+}
+
+/// The value of the series `series` (name and labels, as printed) in node `node`'s /metrics.
+fn metric(rig: &Rig, node: usize, series: &str) -> Option<f64> {
+    scrape(rig, node).lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Node `node`'s /healthz: status and body.
+fn healthz(rig: &Rig, node: usize) -> Option<(u16, String)> {
+    http_get(&rig.node_ns(node), HEALTHZ.parse().unwrap(), "/healthz")
+        .ok()
+        .map(|r| (r.status, r.body))
+}
+
+/// Waits until node `node`'s twilld has reconciled `n` more times (resyncs included): "several
+/// reconciles have run since", without a fixed sleep.
+fn wait_reconciles(rig: &Rig, node: usize, n: f64) {
+    let series = "twill_reconcile_duration_seconds_count";
+    let start = wait_for_metric(rig, node, series);
+    wait_until(UP, || {
+        metric(rig, node, series).is_some_and(|v| v >= start + n)
+    })
+    .unwrap_or_else(|_| panic!("n{node} did not reconcile {n} more times"));
+}
+
+fn wait_for_metric(rig: &Rig, node: usize, series: &str) -> f64 {
+    twill_tests::wait_for(UP, || metric(rig, node, series))
+        .unwrap_or_else(|_| panic!("no {series} on n{node}:\n{}", scrape(rig, node)))
+}
+
+/// The etcd key of a lease.
+fn lease_key(short: &str) -> String {
+    format!("/coreos.com/network/subnets/{short}")
+}
+
+/// A VXLAN lease value as flannel writes it.
+fn vxlan_lease(public_ip: &str, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// How many log lines of node `node` contain every one of `needles`.
+fn log_lines(rig: &Rig, node: usize, needles: &[&str]) -> usize {
+    rig.twilld_log(node)
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+#[test]
+fn bad_peer_leases_are_ignored_and_traffic_keeps_flowing() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(
+        VXLAN,
+        3,
+        &["--resync-interval", "1", "--metrics-addr", METRICS],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let n1 = facts[0].subnet_v4().unwrap();
+    let base = n1.addr().to_string();
+    let inside_n1 = format!("{}.128-25", base.trim_end_matches(".0"));
+    let half_n1 = format!("{base}-25");
+    // Written by a careless tool: the underlay (where etcd lives), a foreign network, node 1's
+    // own subnet split in halves, and a lease whose PublicIP would become an FDB entry to 0.0.0.0.
+    let bad = [
+        (
+            "198.18.0.0-25",
+            vxlan_lease("198.18.0.13", "0e:99:00:00:00:01"),
+        ),
+        (
+            "8.8.8.0-24",
+            vxlan_lease("198.18.0.13", "0e:99:00:00:00:02"),
+        ),
+        (
+            inside_n1.as_str(),
+            vxlan_lease("198.18.0.13", "0e:99:00:00:00:03"),
+        ),
+        (
+            half_n1.as_str(),
+            vxlan_lease("198.18.0.13", "0e:99:00:00:00:04"),
+        ),
+        ("10.244.0.0-24", vxlan_lease("0.0.0.0", "0e:99:00:00:00:05")),
+    ];
+    for (key, value) in &bad {
+        rig.etcdctl(&["put", &lease_key(key), value]).unwrap();
+    }
+    for node in 1..=3 {
+        // Several resyncs later: nothing of them in the kernel.
+        wait_reconciles(&rig, node, 3.0);
+        let ns = rig.node_ns(node);
+        let r = routes(&ns).unwrap();
+        let own = facts[node - 1].subnet_v4().unwrap();
+        for line in r.lines() {
+            let dst = line.split_whitespace().next().unwrap_or_default();
+            assert!(
+                !["198.18.0.0/25", "8.8.8.0/24", "10.244.0.0/24"].contains(&dst),
+                "n{node} routes {dst}:\n{r}"
+            );
+            if let Some((addr, len)) = dst.split_once('/')
+                && let (Ok(addr), Ok(len)) = (addr.parse::<std::net::Ipv4Addr>(), len.parse::<u8>())
+            {
+                assert!(
+                    !(own.contains(&addr) && len > own.prefix_len()),
+                    "n{node} routes part of its own subnet {own}: {line}\n{r}"
+                );
+            }
+        }
+        let f = fdb(&ns, "flannel.1").unwrap();
+        assert!(
+            !f.contains("dst 0.0.0.0"),
+            "n{node} has an FDB entry to 0.0.0.0:\n{f}"
+        );
+        // Counted by reason, and logged once each (not on every reconcile).
+        for (reason, n) in [
+            ("outside_network", 2.0),
+            ("wrong_length", 2.0),
+            ("bad_public_ip", 1.0),
+        ] {
+            let series = format!("twill_leases_ignored{{reason=\"{reason}\"}}");
+            wait_until(UP, || metric(&rig, node, &series) == Some(n)).unwrap_or_else(|_| {
+                panic!("n{node}: {series} is not {n}:\n{}", scrape(&rig, node))
+            });
+        }
+        for (key, _) in &bad {
+            assert_eq!(
+                log_lines(&rig, node, &["ignoring peer lease", key]),
+                1,
+                "n{node} did not log {key} exactly once:\n{}",
+                rig.twilld_log(node)
+            );
+        }
+    }
+    assert_full_mesh(&rig, &pods, false);
+    // etcd stays reachable from every node: the deletion of a bad lease reaches them all.
+    rig.etcdctl(&["del", &lease_key("8.8.8.0-24")]).unwrap();
+    for node in 1..=3 {
+        let series = "twill_leases_ignored{reason=\"outside_network\"}";
+        wait_until(UP, || metric(&rig, node, series) == Some(1.0))
+            .unwrap_or_else(|_| panic!("n{node} never saw the deletion:\n{}", scrape(&rig, node)));
+    }
+}
+
+#[test]
+fn a_network_over_the_underlay_is_refused_and_the_node_keeps_its_routes() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).unwrap();
+    let ns = rig.node_ns(1);
+    // The node's way out: a default route via the underlay bridge (it leads nowhere else).
+    run(&ns, &["ip", "route", "add", "default", "via", "198.18.0.1"]).unwrap();
+    let before = routes(&ns).unwrap();
+    assert!(
+        before.contains("198.18.0.0/24 dev eth0 proto kernel"),
+        "{before}"
+    );
+    rig.put_network_config(r#"{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}"#)
+        .unwrap();
+    rig.start_twilld(1, &["--resync-interval", "1"]).unwrap();
+    wait_until(UP, || {
+        log_lines(
+            &rig,
+            1,
+            &["refusing network config", "198.18.0.0/16", "198.18.0.11/24"],
+        ) > 0
+    })
+    .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    // A Network holding everything: refused too, naming it.
+    rig.put_network_config(r#"{"Network":"0.0.0.0/0","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#)
+        .unwrap();
+    wait_until(UP, || {
+        log_lines(&rig, 1, &["refusing network config", "0.0.0.0/0"]) > 0
+    })
+    .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    assert!(
+        rig.twilld_running(1),
+        "twilld gave up instead of waiting for a usable config"
+    );
+    assert_eq!(routes(&ns).unwrap(), before, "the node's routes changed");
+    assert!(!rig.subnet_file(1).exists());
+    assert!(
+        run(&ns, &["ip", "link", "show", "flannel.1"]).is_err(),
+        "a device was created"
+    );
+    // A usable config: the node comes up, its own routes still in place.
+    rig.put_network_config(VXLAN).unwrap();
+    wait_facts(&rig, [1]);
+    let after = routes(&ns).unwrap();
+    for line in before.lines() {
+        assert!(after.contains(line), "{line:?} went:\n{after}");
+    }
+}
+
+#[test]
+fn a_foreign_route_inside_the_network_survives_reconciles() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(
+        VXLAN,
+        2,
+        &["--resync-interval", "1", "--metrics-addr", METRICS],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let ns = rig.node_ns(1);
+    // An admin's route inside the cluster Network, via the uplink (no mark: `proto boot`).
+    run(
+        &ns,
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.244.250.0/24",
+            "via",
+            "198.18.0.1",
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    wait_reconciles(&rig, 1, 3.0);
+    let r = routes(&ns).unwrap();
+    assert!(
+        r.contains("10.244.250.0/24 via 198.18.0.1 dev eth0"),
+        "the admin's route went:\n{r}"
+    );
+    // twill's own routes carry its mark.
+    let peer = facts[1].subnet_v4().unwrap().to_string();
+    let marked = run(&ns, &["ip", "route", "show", "proto", "116"]).unwrap();
+    assert!(marked.contains(&peer), "{marked}");
+    assert!(!marked.contains("10.244.250.0/24"), "{marked}");
+    assert_full_mesh(&rig, &pods, false);
+}
+
+#[test]
+fn two_agents_on_one_public_ip_do_not_take_each_others_lease() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(3).unwrap();
+    rig.put_network_config(VXLAN).unwrap();
+    let watch_args = ["--resync-interval", "1", "--metrics-addr", METRICS];
+    for node in [1, 3] {
+        rig.start_twilld(node, &watch_args).unwrap();
+    }
+    let facts = wait_facts(&rig, [1, 3]);
+    let pods: Vec<Pod> = [(1, &facts[0]), (3, &facts[1])]
+        .iter()
+        .map(|&(n, f)| rig.add_pod(n, f).unwrap())
+        .collect();
+    assert_full_mesh(&rig, &pods, false);
+    let sn1 = facts[0].subnet_v4().unwrap();
+    let key1 = lease_key(&format!("{}-{}", sn1.addr(), sn1.prefix_len()));
+    let value_before = rig.etcdctl(&["get", "--print-value-only", &key1]).unwrap();
+
+    // Node 2 is started with node 1's public IP by mistake.
+    let n1_ip = Rig::node_ip(1).to_string();
+    rig.start_twilld(
+        2,
+        &[
+            "--public-ip",
+            &n1_ip,
+            "--healthz-ip",
+            "127.0.0.1",
+            "--healthz-port",
+            "9616",
+        ],
+    )
+    .unwrap();
+    // Several attempts of node 2 later, node 1's lease is untouched and node 2 has none.
+    wait_until(UP, || log_lines(&rig, 2, &["uplink"]) > 0).unwrap();
+    wait_reconciles(&rig, 1, 3.0);
+    assert_eq!(
+        rig.etcdctl(&["get", "--print-value-only", &key1]).unwrap(),
+        value_before,
+        "node 1's lease was taken over:\n{}",
+        rig.twilld_log(2)
+    );
+    assert!(!rig.subnet_file(2).exists(), "n2 wrote a subnet file");
+    assert!(value_before.contains("TwillNodeID"), "{value_before}");
+    wait_until(UP, || {
+        healthz(&rig, 2).is_some_and(|(code, body)| {
+            code == 503 && body.contains(&format!("{}-{}", sn1.addr(), sn1.prefix_len()))
+        })
+    })
+    .unwrap_or_else(|_| panic!("n2 does not report the conflict:\n{}", rig.twilld_log(2)));
+    assert!(
+        log_lines(&rig, 2, &["carries this node's public IP", &n1_ip]) > 0,
+        "{}",
+        rig.twilld_log(2)
+    );
+    // The holder learns of it too.
+    wait_until(UP, || log_lines(&rig, 1, &["wants our lease"]) > 0)
+        .unwrap_or_else(|_| panic!("n1 never heard of the conflict:\n{}", rig.twilld_log(1)));
+    wait_until(UP, || metric(&rig, 1, "twill_lease_conflicts") == Some(1.0))
+        .unwrap_or_else(|_| panic!("{}", scrape(&rig, 1)));
+    // Nothing was taken: node 1's lease is as it was, node 2 has no subnet, traffic flows.
+    let value_now = rig.etcdctl(&["get", "--print-value-only", &key1]).unwrap();
+    assert_eq!(value_now, value_before, "node 1's lease was rewritten");
+    assert!(!rig.subnet_file(2).exists(), "n2 wrote a subnet file");
+    assert_full_mesh(&rig, &pods, false);
+    // Node 2 goes (promptly, on SIGTERM); node 1 keeps its lease and its traffic.
+    let start = Instant::now();
+    let status = rig.kill_twilld(2, Signal::SIGTERM).unwrap();
+    assert!(
+        status.success() && start.elapsed() < Duration::from_secs(3),
+        "{status}"
+    );
+    assert_eq!(
+        rig.etcdctl(&["get", "--print-value-only", &key1]).unwrap(),
+        value_before
+    );
+    assert_full_mesh(&rig, &pods, false);
+}
+
+#[test]
+fn a_node_whose_lease_was_taken_notices_and_reacquires() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(2).unwrap();
+    rig.put_network_config(VXLAN).unwrap();
+    for node in 1..=2 {
+        rig.start_twilld(node, &["--resync-interval", "1"]).unwrap();
+    }
+    let facts = wait_facts(&rig, 1..=2);
+    let old = facts[0].subnet_v4().unwrap();
+    let key = lease_key(&format!("{}-{}", old.addr(), old.prefix_len()));
+    // Another tool (or an older twill elsewhere) rewrites node 1's key as its own.
+    rig.etcdctl(&[
+        "put",
+        &key,
+        &vxlan_lease("198.18.0.99", "0e:99:00:00:00:09"),
+    ])
+    .unwrap();
+    wait_until(UP, || {
+        log_lines(&rig, 1, &["no longer ours", "taken over"]) > 0
+    })
+    .unwrap_or_else(|_| panic!("n1 did not notice:\n{}", rig.twilld_log(1)));
+    // A new lease, and the subnet file names it.
+    let again = twill_tests::wait_for(UP, || {
+        SubnetFacts::read(&rig.subnet_file(1))
+            .ok()
+            .filter(|f| f.subnet_v4() != Some(old))
+    })
+    .unwrap_or_else(|_| panic!("n1 did not re-acquire:\n{}", rig.twilld_log(1)));
+    let new = again.subnet_v4().unwrap();
+    let value = rig
+        .etcdctl(&[
+            "get",
+            "--print-value-only",
+            &lease_key(&format!("{}-{}", new.addr(), new.prefix_len())),
+        ])
+        .unwrap();
+    assert!(value.contains(&Rig::node_ip(1).to_string()), "{value}");
+    // The peer routes to node 1's new subnet; pods there are reachable (made now: the rig's
+    // hand-made pods do not follow a subnet change, twill-cni's would be made in the new one).
+    let p1 = rig.add_pod(1, &again).unwrap();
+    let p2 = rig.add_pod(2, &facts[1]).unwrap();
+    assert_full_mesh(&rig, &[p1, p2], false);
+}
+
+#[test]
+fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).unwrap();
+    // Three subnets (10.244.1-3.0/24), all leased by other nodes.
+    rig.put_network_config(r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#)
+        .unwrap();
+    for n in 1..=3 {
+        rig.etcdctl(&[
+            "put",
+            &lease_key(&format!("10.244.{n}.0-24")),
+            &vxlan_lease(
+                &format!("198.18.0.{}", 20 + n),
+                &format!("0e:99:00:00:00:0{n}"),
+            ),
+        ])
+        .unwrap();
+    }
+    let health = ["--healthz-ip", "127.0.0.1", "--healthz-port", "9616"];
+    rig.start_twilld(1, &health).unwrap();
+    wait_until(UP, || {
+        healthz(&rig, 1)
+            .is_some_and(|(code, body)| code == 503 && body.contains("no free IPv4 subnet"))
+    })
+    .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    let start = Instant::now();
+    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!(
+        "SIGTERM during exhaustion: {status} after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        status.success() && start.elapsed() < Duration::from_secs(3),
+        "SIGTERM during exhaustion: {status} after {:?}\n{}",
+        start.elapsed(),
+        rig.twilld_log(1)
+    );
+
+    // The same once the node held a lease and lost it: not ready, no subnet file, and a
+    // SIGTERM still ends it.
+    rig.etcdctl(&["del", &lease_key("10.244.2.0-24")]).unwrap();
+    rig.start_twilld(1, &health).unwrap();
+    let f = wait_facts(&rig, [1]).remove(0);
+    assert_eq!(f.subnet_v4().unwrap().to_string(), "10.244.2.0/24");
+    wait_until(UP, || healthz(&rig, 1).is_some_and(|(code, _)| code == 200))
+        .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    rig.etcdctl(&[
+        "put",
+        &lease_key("10.244.2.0-24"),
+        &vxlan_lease("198.18.0.29", "0e:99:00:00:00:29"),
+    ])
+    .unwrap();
+    wait_until(UP, || {
+        healthz(&rig, 1)
+            .is_some_and(|(code, body)| code == 503 && body.contains("no free IPv4 subnet"))
+    })
+    .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
+    assert!(
+        !rig.subnet_file(1).exists(),
+        "the subnet file still names a lost subnet"
+    );
+    let start = Instant::now();
+    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!(
+        "SIGTERM while re-acquiring: {status} after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        status.success() && start.elapsed() < Duration::from_secs(3),
+        "SIGTERM while re-acquiring: {status} after {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_renew_margin_as_long_as_the_lease_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(1).unwrap();
+    rig.put_network_config(VXLAN).unwrap();
+    rig.start_twilld(1, &["--subnet-lease-renew-margin", "1440"])
+        .unwrap();
+    wait_until(UP, || !rig.twilld_running(1)).unwrap_or_else(|_| panic!("twilld runs on"));
+    let log = rig.twilld_log(1);
+    assert!(log.contains("1440") && log.contains("1..=1439"), "{log}");
+    assert!(!rig.subnet_file(1).exists());
+}
+
+#[test]
+fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(
+        VXLAN,
+        2,
+        &["--resync-interval", "1", "--metrics-addr", METRICS],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let routes_before: Vec<String> = (1..=2)
+        .map(|n| run(&rig.node_ns(n), &["ip", "route", "show", "proto", "116"]).unwrap())
+        .collect();
+    // Everything under the prefix goes: config and leases.
+    rig.etcdctl(&["del", "--prefix", "/coreos.com/network"])
+        .unwrap();
+    for node in 1..=2 {
+        wait_reconciles(&rig, node, 3.0);
+    }
+    // Nobody wrote a lease into an etcd without a config; the overlay is as it was.
+    let keys = rig
+        .etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/"])
+        .unwrap();
+    assert!(
+        keys.trim().is_empty(),
+        "leases re-created in a wiped etcd: {keys}"
+    );
+    for node in 1..=2 {
+        wait_until(UP, || log_lines(&rig, node, &["etcd looks wiped"]) > 0)
+            .unwrap_or_else(|_| panic!("n{node}:\n{}", rig.twilld_log(node)));
+        wait_until(UP, || {
+            log_lines(&rig, node, &["network config key", "was deleted"]) > 0
+        })
+        .unwrap_or_else(|_| panic!("n{node}:\n{}", rig.twilld_log(node)));
+    }
+    for node in 1..=2 {
+        let now = run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap();
+        assert_eq!(now, routes_before[node - 1], "n{node}'s routes changed");
+        assert_eq!(
+            SubnetFacts::read(&rig.subnet_file(node)).unwrap().subnet,
+            facts[node - 1].subnet
+        );
+    }
+    assert_full_mesh(&rig, &pods, false);
+    // The config is back: the nodes lease their subnets again and the overlay is whole.
+    rig.put_network_config(VXLAN).unwrap();
+    wait_until(UP, || {
+        rig.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        let f = rig.wait_subnet_file(node, UP).unwrap();
+        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
+    }
+    assert_full_mesh(&rig, &pods, false);
+}
+
+#[test]
+fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods) = cluster(
+        VXLAN,
+        2,
+        &["--resync-interval", "1", "--metrics-addr", METRICS],
+    );
+    assert_full_mesh(&rig, &pods, false);
+    let routes_before: Vec<String> = (1..=2)
+        .map(|n| run(&rig.node_ns(n), &["ip", "route", "show", "proto", "116"]).unwrap())
+        .collect();
+    // etcd is replaced by an empty one (its data gone): revisions start again from 1.
+    rig.stop_etcd().unwrap();
+    std::fs::remove_dir_all(rig.temp_dir().join("etcd")).unwrap();
+    rig.start_etcd().unwrap();
+    let keys = || {
+        rig.etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/"])
+            .unwrap_or_default()
+    };
+    // Until both nodes have listed the new etcd (they say so), or one wrote a lease into it.
+    wait_until(UP, || {
+        (1..=2).all(|n| log_lines(&rig, n, &["etcd looks wiped"]) > 0) || !keys().trim().is_empty()
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        wait_reconciles(&rig, node, 3.0);
+    }
+    let now = keys();
+    assert!(
+        now.trim().is_empty(),
+        "leases written into an etcd without a config: {now}"
+    );
+    for node in 1..=2 {
+        let now = run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap();
+        assert_eq!(now, routes_before[node - 1], "n{node}'s routes changed");
+    }
+    assert_full_mesh(&rig, &pods, false);
+    // The admin writes the config: every node notices its lease is not in this etcd and leases
+    // its subnet again.
+    rig.put_network_config(VXLAN).unwrap();
+    wait_until(UP, || {
+        rig.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        let f = rig.wait_subnet_file(node, UP).unwrap();
+        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
+    }
+    assert_full_mesh(&rig, &pods, false);
+}

@@ -4,6 +4,11 @@
 //! One real implementation talks rtnetlink ([`netlink::Netlink`]); one recording fake
 //! ([`fake::FakeKernel`]) keeps the same state in memory so the reconciler's plans can be checked
 //! without root. The types here are plain data: what the overlay wants, in the kernel's terms.
+//!
+//! Routes carry their routing protocol (`rtm_protocol`, `proto` in `ip route`): twill writes its
+//! own, [`PROTO_TWILL`], and that mark is how the overlay tells its routes from everyone
+//! else's. The protocol is a local attribute of the node's routing table: peers (flannel nodes
+//! included) never see it.
 
 pub mod fake;
 pub mod netlink;
@@ -108,6 +113,15 @@ impl VxlanSpec {
     }
 }
 
+/// The routing protocol twill's routes carry (`ip route show proto 116`; 116 is ASCII `t`).
+/// Not one of the numbers `/etc/iproute2/rt_protos` reserves, nor one a well-known routing
+/// daemon or CNI uses (Calico: 80, BIRD: 12, kernel: 2, boot: 3).
+pub const PROTO_TWILL: u8 = 116;
+/// Routes the kernel made itself (connected prefixes of addresses): never twill's.
+pub const PROTO_KERNEL: u8 = 2;
+/// The protocol `ip route add` and most tools write by default (and older twill versions did).
+pub const PROTO_BOOT: u8 = 3;
+
 /// A route in the main table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
@@ -119,6 +133,9 @@ pub struct Route {
     pub oif: u32,
     /// `onlink`: the gateway is reachable on the device without a covering prefix.
     pub onlink: bool,
+    /// The routing protocol: [`PROTO_TWILL`] on every route twill writes; what the kernel
+    /// reports on routes read back.
+    pub proto: u8,
 }
 
 /// A permanent neighbour entry.

@@ -104,7 +104,7 @@ impl Netlink {
                 b.build()
             }
         };
-        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.protocol = RouteProtocol::from(route.proto);
         msg.header.scope = if route.gateway.is_some() {
             RouteScope::Universe
         } else {
@@ -306,6 +306,7 @@ impl Kernel for Netlink {
                     gateway,
                     oif,
                     onlink: m.header.flags.contains(RouteFlags::Onlink),
+                    proto: u8::from(m.header.protocol),
                 })
             })
             .collect())
@@ -441,9 +442,9 @@ impl Kernel for Netlink {
 
     async fn del_route(&self, route: &Route) -> Result<(), KernelError> {
         let mut msg = Self::route_message(route);
-        // Match on destination, table and device only: what the kernel stored may differ in
-        // protocol or scope from what we would write.
-        msg.header.protocol = RouteProtocol::Unspec;
+        // Match on destination, gateway, table, device and protocol (the kernel deletes only a
+        // route of the protocol given, so a route someone else wrote with the same destination
+        // is never taken along); not on scope, which the kernel may have stored differently.
         msg.header.scope = RouteScope::NoWhere;
         tolerate_absent(self.handle.route().del(msg).execute().await)
             .map_err(nl("delete route", format!("{route:?}")))

@@ -283,6 +283,7 @@ pub fn node_lease(
             .to_string(),
         backend_data: None,
         backend_v6_data: None,
+        node_id: None,
     };
     if cfg.enable_ipv4 {
         let v = annotation(node, &a.public_ip).unwrap_or_default();
@@ -531,6 +532,7 @@ mod tests {
             backend_type: kind.into(),
             backend_data: data.clone(),
             backend_v6_data: if v6 { data } else { None },
+            node_id: None,
         }
     }
 

@@ -33,7 +33,9 @@ use super::{KubeError, api_err};
 use crate::agent::Options;
 use crate::config::{ConfigError, NetworkConfig};
 use crate::lease::{LeaseAttrs, LeaseSubnets};
-use crate::store::{EtcdStore, HeldLease, LeaseEvent, LeaseStore, StoreError, StoredLease};
+use crate::store::{
+    EtcdStore, HeldLease, LeaseEvent, LeaseStore, Listing, StoreError, StoredLease,
+};
 
 /// The watch timeout asked of the API server (client-go's informers use 5-10 min; kube-rs 290 s).
 const WATCH_TIMEOUT_SECS: u32 = 290;
@@ -148,6 +150,8 @@ impl KubeSubnetStore {
             Ok(Some(lease)) => Some(StoredLease {
                 lease,
                 mod_revision: parse_rv(node.metadata.resource_version.as_deref()),
+                // Kubernetes assigns podCIDRs without overlaps; the version orders them anyway.
+                create_revision: parse_rv(node.metadata.resource_version.as_deref()),
                 etcd_lease: 0,
             }),
             Ok(None) => None,
@@ -167,19 +171,21 @@ impl KubeSubnetStore {
         Ok(match ev {
             WatchEvent::Added(n) | WatchEvent::Modified(n) => {
                 let rv = n.metadata.resource_version.clone();
+                let at = parse_rv(rv.as_deref());
                 let ev = match self.decode(&n) {
                     Some(l) => Some(LeaseEvent::Put(l)),
                     None => annotations::node_subnets(&self.cfg, &n)
                         .ok()
-                        .map(LeaseEvent::Delete),
+                        .map(|s| LeaseEvent::Delete(s, at)),
                 };
                 (rv, ev.into_iter().collect())
             }
             WatchEvent::Deleted(n) => {
                 let rv = n.metadata.resource_version.clone();
+                let at = parse_rv(rv.as_deref());
                 let ev = annotations::node_subnets(&self.cfg, &n)
                     .ok()
-                    .map(LeaseEvent::Delete);
+                    .map(|s| LeaseEvent::Delete(s, at));
                 (rv, ev.into_iter().collect())
             }
             WatchEvent::Bookmark(b) => (Some(b.metadata.resource_version), Vec::new()),
@@ -239,18 +245,18 @@ impl LeaseStore for KubeSubnetStore {
         Ok(read_config(&self.config_path)?.0)
     }
 
-    async fn list(&self) -> Result<(Vec<StoredLease>, i64), StoreError> {
+    async fn list(&self) -> Result<Listing, StoreError> {
         let list = self
             .api
             .list(&ListParams::default())
             .await
             .map_err(api_err("list", "nodes"))
             .map_err(SubnetError::from)?;
-        let rv = parse_rv(list.metadata.resource_version.as_deref());
-        Ok((
-            list.items.iter().filter_map(|n| self.decode(n)).collect(),
-            rv,
-        ))
+        Ok(Listing {
+            leases: list.items.iter().filter_map(|n| self.decode(n)).collect(),
+            revision: parse_rv(list.metadata.resource_version.as_deref()),
+            cluster_id: 0,
+        })
     }
 
     async fn create(
@@ -309,6 +315,7 @@ impl LeaseStore for KubeSubnetStore {
             subnets,
             etcd_lease: 0,
             expires: SystemTime::now() + ttl,
+            revision: 0,
         }))
     }
 }
@@ -344,7 +351,7 @@ impl LeaseStore for AnyLeaseStore {
         }
     }
 
-    async fn list(&self) -> Result<(Vec<StoredLease>, i64), StoreError> {
+    async fn list(&self) -> Result<Listing, StoreError> {
         match self {
             AnyLeaseStore::Etcd(s) => s.list().await,
             AnyLeaseStore::Kube(s) => s.list().await,
@@ -398,6 +405,25 @@ impl LeaseStore for AnyLeaseStore {
         match self {
             AnyLeaseStore::Etcd(s) => s.acquire_assigned(cfg, attrs, ttl).await,
             AnyLeaseStore::Kube(s) => s.acquire_assigned(cfg, attrs, ttl).await,
+        }
+    }
+
+    async fn claim(
+        &self,
+        lease: &LeaseSubnets,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyLeaseStore::Etcd(s) => s.claim(lease, attrs, ttl).await,
+            AnyLeaseStore::Kube(s) => s.claim(lease, attrs, ttl).await,
+        }
+    }
+
+    async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
+        match self {
+            AnyLeaseStore::Etcd(s) => s.claims(lease).await,
+            AnyLeaseStore::Kube(s) => s.claims(lease).await,
         }
     }
 }
@@ -458,9 +484,9 @@ mod tests {
         }
         // Its annotations removed: no longer a lease, so a delete of its subnet.
         let (_, evs) = s.events(WatchEvent::Modified(node("8", false))).unwrap();
-        assert_eq!(evs, vec![LeaseEvent::Delete(sn)]);
+        assert_eq!(evs, vec![LeaseEvent::Delete(sn, 8)]);
         let (_, evs) = s.events(WatchEvent::Deleted(node("9", true))).unwrap();
-        assert_eq!(evs, vec![LeaseEvent::Delete(sn)]);
+        assert_eq!(evs, vec![LeaseEvent::Delete(sn, 9)]);
         // A bookmark moves the version on; a 410 ends the watch (the cache re-lists).
         let bm: Bookmark = serde_json::from_value(serde_json::json!({
             "kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "12"}

@@ -1381,6 +1381,7 @@ mod tests {
                 backend_type: kind.into(),
                 backend_data: None,
                 backend_v6_data: None,
+                node_id: None,
             },
             expires: None,
         };

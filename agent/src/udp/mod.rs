@@ -482,6 +482,7 @@ mod tests {
                 backend_type: "udp".into(),
                 backend_data: None,
                 backend_v6_data: None,
+                node_id: None,
             },
             expires: None,
         }
@@ -524,7 +525,8 @@ mod tests {
         let up = uplink();
         // No device yet: the overlay cannot go on without the backend's TUN.
         assert!(overlay::ensure_devices(&k, &cfg, &up).await.is_err());
-        // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left.
+        // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left
+        // (twill's: it carries the mark).
         k.tamper(|s| {
             s.links.push(LinkInfo {
                 index: 50,
@@ -539,6 +541,7 @@ mod tests {
                 gateway: Some("10.244.3.0".parse().unwrap()),
                 oif: 9,
                 onlink: true,
+                proto: crate::kernel::PROTO_TWILL,
             });
         });
         let devs = overlay::ensure_devices(&k, &cfg, &up).await.unwrap();
@@ -574,6 +577,7 @@ mod tests {
                 gateway: None,
                 oif: 50,
                 onlink: false,
+                proto: crate::kernel::PROTO_TWILL,
             }],
             "one route for the Network, none per peer, the stale one gone"
         );
