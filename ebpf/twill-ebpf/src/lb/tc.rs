@@ -3,8 +3,9 @@
 //! whose sockets are outside the attached cgroup, and pods' connected UDP sockets.
 //!
 //! - Three entry points share one body: `twl_lb_ext_in` (ingress of the uplink and overlay
-//!   devices), `twl_lb_pod_in` (ingress of the pod bridge) and `twl_lb_egress` (egress of both).
-//!   Where a packet comes from decides SNAT, nothing else.
+//!   devices), `twl_lb_pod_in` (ingress of every pod-facing interface: a pod bridge, or each
+//!   pod's own veth when pods are routed without a bridge) and `twl_lb_egress` (egress of all of
+//!   them). Where a packet comes from decides SNAT, nothing else.
 //! - Forward direction (ingress only): a packet to a frontend looks up its flow in [`CT`]; a new
 //!   flow gets a Maglev backend (or its affinity one), a forward entry (client → VIP, rewrite to
 //!   backend) and a reply entry (backend → client, rewrite back to the VIP). Entries are
@@ -12,8 +13,13 @@
 //!   endpoint gets no more packets and the flow is re-balanced at its next packet, UDP included.
 //! - SNAT to the node: from the uplink when the backend is on another node and the service is
 //!   `externalTrafficPolicy: Cluster` (else the reply would leave the backend's node directly);
-//!   from the pod bridge when the backend is a local pod ("hairpin": the reply would be bridged
-//!   straight back to the client pod, never crossing a hook of ours). The address is the one the
+//!   from a pod-facing interface when the FIB sends the backend back out of the very interface
+//!   the packet came in on ("hairpin": a pod on the same bridge, whose reply would be bridged
+//!   straight back to the client, or the client pod itself behind its own veth; either way the
+//!   reply would never cross a hook of ours). A local backend behind *another* pod-facing
+//!   interface keeps the client's address: its reply enters that interface, whose hook
+//!   translates it. This rests on the FIB, not on the endpoint's `nodeName`, so it holds for
+//!   any pod networking and for EndpointSlices that name no node. The address is the one the
 //!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is taken from
 //!   61000–65535, above the kernel's ephemeral range, and claimed with `BPF_NOEXIST` on the reply
 //!   key so two flows never share one.
@@ -70,7 +76,7 @@ use super::{CT, backend_still, count, lookup_service, select_backend};
 enum Hook {
     /// Ingress of an interface facing the outside (uplink, overlay).
     ExtIngress,
-    /// Ingress of the pod bridge.
+    /// Ingress of a pod-facing interface (a pod bridge or a pod's veth).
     PodIngress,
     /// Egress of any attached interface: replies only.
     Egress,
@@ -339,8 +345,9 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
         return Ok(false);
     }
     let local = s.be.flags & BE_F_NODE_LOCAL != 0;
+    // From a pod-facing interface the FIB decides (hairpin only, see the module notes).
     let want_snat = match hook {
-        Hook::PodIngress => local,
+        Hook::PodIngress => true,
         Hook::ExtIngress => !local && s.svc.flags & SVC_F_EXTERNAL_LOCAL == 0,
         Hook::Egress => false,
     };
@@ -373,7 +380,7 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
     s.key.src = s.be.addr;
     s.key.sport = s.be.port;
     s.key.dir = CT_DIR_REPLY;
-    if want_snat && source_towards(ctx, s) {
+    if want_snat && source_towards(ctx, s, hook == Hook::PodIngress) {
         // `source_towards` left the node's address in `s.entry.alt_addr`.
         s.entry.flags = CT_F_SNAT;
         s.back.flags = CT_F_SNAT;
@@ -504,13 +511,15 @@ fn redirect(ctx: &TcContext, s: &mut Scratch) -> Result<i32, c_long> {
 
 /// Puts the address the node would use towards the chosen backend (`s.be`) in
 /// `s.entry.alt_addr` (`BPF_FIB_LOOKUP_SRC`, Linux >= 6.7); `false` when the FIB has no
-/// forwarding route.
+/// forwarding route, or, with `hairpin_only`, when that route leaves through another interface
+/// than the packet's own (the reply then crosses a hook of ours without SNAT).
 #[inline(never)]
-fn source_towards(ctx: &TcContext, s: &mut Scratch) -> bool {
+fn source_towards(ctx: &TcContext, s: &mut Scratch, hairpin_only: bool) -> bool {
     let real_dst = s.pkt.dst;
     s.pkt.dst = s.be.addr;
     fib_params(ctx, &mut s.fib, &s.pkt);
     s.pkt.dst = real_dst;
+    let in_ifindex = s.fib.ifindex;
     // SAFETY: as in `redirect`.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -526,6 +535,10 @@ fn source_towards(ctx: &TcContext, s: &mut Scratch) -> bool {
     )]
     let rc = rc as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return false;
+    }
+    // The helper wrote the egress interface over the ingress one.
+    if hairpin_only && s.fib.ifindex != in_ifindex {
         return false;
     }
     let out = &mut s.entry.alt_addr;
