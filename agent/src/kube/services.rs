@@ -550,6 +550,7 @@ mod tests {
         let node = NodeIdentity {
             name: "n1".into(),
             addresses: vec!["198.18.0.11".parse().unwrap()],
+            pod_subnets: Vec::new(),
         };
         let d = desired(&snap, &node);
         let http: Vec<_> = d

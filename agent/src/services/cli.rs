@@ -72,6 +72,10 @@ pub enum ServiceCmd {
         /// The node name to compute node-local endpoints for (FRONTENDS column).
         #[arg(long, default_value = "")]
         node_name: String,
+        /// The node's subnet file: endpoints in its pod subnet are node-local too, as the agent
+        /// counts them (ignored when absent).
+        #[arg(long, default_value = twill_facts::DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
         /// The agent's pin directory: its eBPF service maps (`<dir>/lb`) are read to show what
         /// the dataplane holds.
         #[arg(long, default_value = "/sys/fs/bpf/twill")]
@@ -592,6 +596,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Get {
             what: _,
             node_name,
+            subnet_file,
             bpf_pin_dir,
             output,
             etcd,
@@ -602,6 +607,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             let node = NodeIdentity {
                 name: node_name,
                 addresses: Vec::new(),
+                pod_subnets: twill_facts::SubnetFacts::read(&subnet_file)
+                    .map(|f| {
+                        let v4 = f.subnet_v4().map(ipnet::IpNet::V4);
+                        v4.into_iter()
+                            .chain(f.subnet_v6().map(ipnet::IpNet::V6))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             };
             let table = if output.as_deref() == Some("wide") {
                 frontends_table(&listing.objects, &node, dp.as_ref())

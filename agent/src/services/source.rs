@@ -1311,6 +1311,7 @@ ports: [{port: 8080}]
         NodeIdentity {
             name: "node-1".into(),
             addresses: vec![],
+            pod_subnets: Vec::new(),
         }
     }
 
