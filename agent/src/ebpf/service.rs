@@ -839,18 +839,21 @@ impl EbpfLb {
                 continue;
             }
             self.attach_tc(&iface)?;
-            self.update_udp_setting()?;
+            if iface.role == IfaceRole::Pods {
+                self.set_udp_via_tc(true)?;
+            }
             attached.push(iface.name);
         }
         Ok(attached)
     }
 
-    /// Pods' connected UDP is left to the tc path only while a pod-facing hook exists.
-    fn update_udp_setting(&mut self) -> Result<(), EbpfLbError> {
-        let flags = if self.pod_ifaces.is_empty() {
-            self.settings.flags & !CFG_UDP_CONNECT_VIA_TC
-        } else {
+    /// Pods' connected UDP is left to the tc path only while a pod-facing hook exists; written
+    /// only when it changes.
+    fn set_udp_via_tc(&mut self, on: bool) -> Result<(), EbpfLbError> {
+        let flags = if on {
             self.settings.flags | CFG_UDP_CONNECT_VIA_TC
+        } else {
+            self.settings.flags & !CFG_UDP_CONNECT_VIA_TC
         };
         if flags != self.settings.flags {
             self.settings.flags = flags;
@@ -896,7 +899,7 @@ impl EbpfLb {
                 }
             }
         }
-        if let Err(err) = self.update_udp_setting() {
+        if let Err(err) = self.set_udp_via_tc(!self.pod_ifaces.is_empty()) {
             changes.failed.push((MAP_CONFIG.to_string(), err));
         }
         changes
