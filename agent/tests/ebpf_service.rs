@@ -1113,6 +1113,90 @@ fn routed_pod_veths() {
     lb.uninstall().expect("uninstall");
 }
 
+/// One TCP exchange from `src` (address and port, bound first, as a client reusing a port does)
+/// to `dst`, inside namespace `ns`: the line the server sent, or the error.
+fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    in_netns(ns, || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        // connect() gives up after SO_SNDTIMEO.
+        let timeout = nix::sys::time::TimeVal::new(2, 0);
+        setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
+            .map_err(|e| format!("bind {src}: {e}"))?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
+            .map_err(|e| format!("connect {src} -> {dst}: {e}"))?;
+        let stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .map_err(|e| format!("read from {dst}: {e}"))?;
+        Ok(line.trim().to_owned())
+    })
+}
+
+/// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and
+/// then connects to that backend directly from the same port, as a pod does when socket-LB or
+/// its own code picks the backend's address and the kernel hands out a port a closed VIP flow
+/// used: the closed flow's reply entry must not translate the new connection's replies (it
+/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up).
+#[test]
+fn direct_connection_reusing_a_closed_flows_tuple() {
+    if !require_root("direct_connection_reusing_a_closed_flows_tuple") {
+        return;
+    }
+    let env = Env::new("t");
+    env.serve("be1", BE1, 8080, 5353);
+    let mut local = backend(BE1, 8080);
+    local.node_local = true;
+    let desired = vec![service(
+        1,
+        FrontendKind::ClusterIp,
+        VIP,
+        80,
+        Proto::Tcp,
+        vec![local],
+    )];
+    let config = env.config();
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let direct: SocketAddr = format!("{BE1}:8080").parse().unwrap();
+    for port in [40_001, 40_002, 40_003] {
+        let src: SocketAddr = format!("{OUTSIDE}:{port}").parse().unwrap();
+        let line = tcp_from(&env.outside, src, vip).expect("through the VIP");
+        assert_eq!(
+            line,
+            format!("be1 peer={src}"),
+            "no SNAT to a local backend"
+        );
+        let line = tcp_from(&env.outside, src, direct);
+        assert_eq!(
+            line,
+            Ok(format!("be1 peer={src}")),
+            "direct connection from a port a closed VIP flow used"
+        );
+    }
+    lb.uninstall().expect("uninstall");
+}
+
 /// Loads 10 000 services × 10 backends, prints the map memory and the sync time.
 #[test]
 fn ten_thousand_services() {

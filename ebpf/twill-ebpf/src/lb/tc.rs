@@ -23,8 +23,10 @@
 //!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is taken from
 //!   61000–65535, above the kernel's ephemeral range, and claimed with `BPF_NOEXIST` on the reply
 //!   key so two flows never share one.
-//! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or bridge
-//!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself).
+//! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or pod-side
+//!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself),
+//!   and used only while it is live: an idle one, or a closing one met by a SYN-ACK, belongs to
+//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped.
 //! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
 //!   packet: once its source is a node address (an SNATed packet, a reply whose VIP is a node
 //!   address, i.e. a NodePort) an ingress packet is a martian and fails the input route's source
@@ -110,7 +112,9 @@ const IP6_DST: usize = ETH_HLEN + 24;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// Idle timeout of a TCP flow after FIN or RST.
 const CT_TIMEOUT_CLOSING_NS: u64 = 10_000_000_000;
 /// SNAT ports tried per new flow before giving up (the client retries).
@@ -274,7 +278,9 @@ fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> 
 }
 
 /// Looks up the live forward entry of `s.key` and copies it to `s.back` (refreshing its
-/// timestamp); `false` when there is none, it expired, or its backend is gone.
+/// timestamp); `false` when there is none, it expired, its backend is gone, or it is closing and
+/// the packet opens a new connection on the same tuple (a SYN: a new flow, as conntrack reopens
+/// one, with fresh entries both ways).
 #[inline(always)]
 fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
@@ -284,6 +290,9 @@ fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     // the validation below, which then re-balances the flow.
     s.back = unsafe { *ptr };
     if expired(&s.back, s.pkt.proto, now) {
+        return false;
+    }
+    if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && s.back.flags & CT_F_CLOSING != 0 {
         return false;
     }
     if !backend_still(
@@ -296,6 +305,17 @@ fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     }
     touch(ptr, &s.back, &s.pkt, now);
     true
+}
+
+/// Whether a reply entry is not this packet's: idle past its timeout, or closing while the
+/// packet opens a connection (a SYN-ACK). The 4-tuple is then reused by a connection that never
+/// crossed our forward path (a client talking to the backend directly, by socket-LB or by its
+/// address, from a port a closed flow of the VIP used): translating its packets would break it.
+/// A flow of ours reopened on the same tuple has fresh entries (see [`lookup_flow`]).
+#[inline(always)]
+fn stale_reply(entry: &CtValue, pkt: &Packet, now: u64) -> bool {
+    expired(entry, pkt.proto, now)
+        || (pkt.tcp_flags & TCP_SYN != 0 && entry.flags & CT_F_CLOSING != 0)
 }
 
 #[inline(always)]
@@ -452,6 +472,11 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     s.back = unsafe { *ptr };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if stale_reply(&s.back, &s.pkt, now) {
+        // Best effort: the LRU would evict it anyway.
+        let _ = CT.remove(&s.key);
+        return Ok(TCX_NEXT);
+    }
     touch(ptr, &s.back, &s.pkt, now);
 
     rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.nat_addr)?;
