@@ -132,6 +132,11 @@ pub struct Options {
     /// cgroup2 directory the socket-level load balancer attaches to (default: the cgroup2 root).
     #[arg(long)]
     pub lb_cgroup: Option<PathBuf>,
+    /// Interfaces facing pods, which get the eBPF proxy's pod-side programs: `auto` (pod
+    /// bridges of any name and routed pods' veths, found as they appear) and/or interface
+    /// names or globs (`cni0`, `cali*`); comma-separated or repeated.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub pod_interfaces: Vec<String>,
     /// Directory for pinned eBPF objects.
     #[arg(long, default_value = "/sys/fs/bpf/twill")]
     pub bpf_pin_dir: PathBuf,

@@ -10,7 +10,15 @@
 //! programs (`--allowed-external-ips`; none by default with the etcd source, every one the API
 //! server admitted with the Kubernetes source, as kube-proxy).
 
-use std::collections::BTreeMap;
+//!
+//! The eBPF dataplane's outside-facing programs go on the uplink and the overlay devices; its
+//! pod-side programs on every pod-facing interface, whatever the CNI made
+//! ([`crate::ebpf::service::podif`], `--pod-interfaces`): found before the dataplane opens (so
+//! a restart keeps them attached), then followed by a task of their own on netlink events.
+//! Which endpoints are local comes from their `nodeName` and from the node's pod subnet in the
+//! subnet file (standalone EndpointSlices often name no node).
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,7 +29,8 @@ use tokio::task::JoinHandle;
 
 use crate::agent::Options;
 use crate::config::BackendType;
-use crate::ebpf::service::EbpfLbView;
+use crate::ebpf::service::podif::{Changes, LinkWatch, PodIfacePolicy, pod_facing};
+use crate::ebpf::service::{EbpfLbView, error_chain};
 use crate::ebpf::{EbpfLb, TcIface};
 use crate::metrics::Metrics;
 use crate::overlay::{Devices, Uplink};
@@ -123,63 +132,120 @@ async fn control_plane_addresses(opts: &Options) -> BTreeMap<IpAddr, Reserved> {
     out
 }
 
-/// How often interfaces that do not exist yet (the pod bridge, created with the first pod) are
-/// looked for.
-const PENDING_POLL: Duration = Duration::from_secs(1);
+/// How often the pod-facing interfaces are re-read without an event (heals events lost to a
+/// netlink socket overrun).
+const POD_IFACE_HEAL: Duration = Duration::from_secs(30);
+/// Wait before a new netlink subscription when the event stream broke.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
 
-/// Attaches the tc programs to configured interfaces as soon as they appear, then stops.
-///
-/// The pod bridge appears with the node's first pod, usually just after the agent started; until
-/// its hooks exist, pods whose sockets are outside the LB cgroup (and pods' connected UDP) reach
-/// no service at all, so waiting for the next full resync (`--resync-interval`) is too late.
-/// The node's addresses are refreshed on the tick of the attach and the one after it, so a
-/// NodePort on the bridge's gateway address (assigned just after the bridge is created) works
-/// at once too.
-async fn attach_when_present(lb: Arc<Mutex<EbpfLb>>) {
-    let mut tick = tokio::time::interval(PENDING_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refresh_addrs = 0u8;
+/// What follows the pod-facing interfaces of an open eBPF dataplane.
+struct PodSide {
+    watch: LinkWatch,
+    external: BTreeSet<String>,
+    policy: PodIfacePolicy,
+}
+
+/// Keeps the pod-side programs on exactly the pod-facing interfaces: re-reads the links on
+/// every burst of link events (and every [`POD_IFACE_HEAL`]), attaches and detaches, and
+/// refreshes the node's addresses on address events (a NodePort on a bridge's gateway address
+/// works as soon as it is assigned). Configured interfaces still missing are attached here too.
+async fn follow_pod_interfaces(lb: Arc<Mutex<EbpfLb>>, mut side: PodSide) {
+    let mut changes = Changes {
+        links: true,
+        addresses: true,
+    };
     loop {
-        tick.tick().await;
-        let Ok(mut lb) = lb.lock() else {
-            return;
-        };
-        match lb.attach_pending() {
-            Ok(names) if !names.is_empty() => {
-                tracing::info!(?names, "attached pending interfaces");
-                refresh_addrs = 2;
+        if changes.links {
+            match side.watch.links().await {
+                Ok(links) => {
+                    let want = pod_facing(&links, &side.external, &side.policy);
+                    let Ok(mut lb) = lb.lock() else {
+                        return;
+                    };
+                    let done = lb.sync_pod_interfaces(&want);
+                    if !done.attached.is_empty() || !done.detached.is_empty() {
+                        tracing::info!(
+                            attached = ?done.attached,
+                            detached = ?done.detached,
+                            "pod-facing interfaces changed"
+                        );
+                        changes.addresses = true;
+                    }
+                    for (name, e) in done.failed {
+                        let error = error_chain(&e);
+                        tracing::warn!(ifname = %name, %error, "pod-facing interface");
+                    }
+                    match lb.attach_pending() {
+                        Ok(names) if !names.is_empty() => {
+                            tracing::info!(?names, "attached pending interfaces");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "attach pending interfaces");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %error_chain(&e), "read the node's links"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "attach pending interfaces"),
         }
-        if refresh_addrs > 0 {
-            refresh_addrs -= 1;
+        if changes.addresses {
+            let Ok(mut lb) = lb.lock() else {
+                return;
+            };
             if let Err(e) = lb.sync_local_addrs() {
                 tracing::warn!(error = %e, "refresh node addresses");
             }
         }
-        if lb.pending_interfaces().is_empty() && refresh_addrs == 0 {
-            return;
-        }
+        changes = tokio::select! {
+            next = side.watch.changed() => match next {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "link events; subscribing again");
+                    tokio::time::sleep(RESUBSCRIBE).await;
+                    match LinkWatch::subscribe() {
+                        Ok(w) => side.watch = w,
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "subscribe to link events");
+                        }
+                    }
+                    Changes { links: true, addresses: true }
+                }
+            },
+            () = tokio::time::sleep(POD_IFACE_HEAL) => {
+                Changes { links: true, addresses: false }
+            }
+        };
     }
 }
 
-/// Loads and attaches the eBPF service dataplane (`EbpfLb::open`) on the node's interfaces.
+/// Loads and attaches the eBPF service dataplane (`EbpfLb::open`) on the node's interfaces:
+/// the uplink and overlay devices, and the pod-facing interfaces there are now (subscribed to
+/// link events first, so none that appears meanwhile is missed).
 async fn open_ebpf(
     opts: &Options,
     up: &Uplink,
     devices: &Devices,
     pin_dir: &std::path::Path,
-) -> anyhow::Result<EbpfLb> {
+) -> anyhow::Result<(EbpfLb, PodSide)> {
     if dataplane::ebpf_disabled() {
         anyhow::bail!("disabled by {}=1", dataplane::DISABLE_EBPF_ENV);
     }
-    let mut ifaces = vec![TcIface::external(&up.name), TcIface::pods("cni0")];
+    let policy = PodIfacePolicy::parse(&opts.pod_interfaces)?;
+    let mut external = BTreeSet::from([up.name.clone()]);
     for dev in [&devices.v4, &devices.v6].into_iter().flatten() {
-        ifaces.push(TcIface::external(&dev.name));
+        external.insert(dev.name.clone());
     }
+    let watch = LinkWatch::subscribe()?;
+    let links = watch.links().await?;
+    let pods = pod_facing(&links, &external, &policy);
+    tracing::info!(pods = ?pods.keys().collect::<Vec<_>>(), ?policy, "pod-facing interfaces");
+    let ifaces: Vec<TcIface> = external
+        .iter()
+        .map(TcIface::external)
+        .chain(pods.into_keys().map(TcIface::pods))
+        .collect();
     let cgroup = opts.lb_cgroup.clone().unwrap_or_else(default_cgroup);
-    tokio::task::spawn_blocking({
+    let lb = tokio::task::spawn_blocking({
         let (pin_dir, cgroup) = (pin_dir.to_path_buf(), cgroup.clone());
         move || EbpfLb::open(&pin_dir, &cgroup, &ifaces)
     })
@@ -190,7 +256,36 @@ async fn open_ebpf(
             pin_dir.display(),
             cgroup.display()
         )
-    })
+    })?;
+    Ok((
+        lb,
+        PodSide {
+            watch,
+            external,
+            policy,
+        },
+    ))
+}
+
+/// The node's pod subnets, from the subnet file the agent wrote before the proxy starts: an
+/// endpoint inside them is on this node whatever its EndpointSlice says (or does not say).
+fn pod_subnets(opts: &Options) -> Vec<ipnet::IpNet> {
+    match twill_facts::SubnetFacts::read(&opts.subnet_file) {
+        Ok(facts) => facts
+            .subnet_v4()
+            .map(ipnet::IpNet::V4)
+            .into_iter()
+            .chain(facts.subnet_v6().map(ipnet::IpNet::V6))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(
+                file = %opts.subnet_file.display(),
+                error = %e,
+                "no pod subnet for endpoint locality; nodeName alone decides"
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// Opens the netfilter dataplane of `mode` (nftables or iptables).
@@ -241,6 +336,8 @@ pub async fn start(
     if opts.proxy_mode == "none" {
         return Ok(None);
     }
+    // Refused before anything is opened, whatever the mode (`auto` may end up in eBPF).
+    PodIfacePolicy::parse(&opts.pod_interfaces)?;
     let pin_dir = opts.bpf_pin_dir.join("lb");
     let mut probe = dataplane::Probe::default();
     let mut ebpf = None;
@@ -263,18 +360,17 @@ pub async fn start(
     }
     let (mode, reason) = dataplane::choose(&opts.proxy_mode, &probe).map_err(anyhow::Error::msg)?;
     tracing::info!(mode = mode.as_str(), reason = %reason, "service proxy mode");
-    let (dp, pending) = match mode {
+    let (dp, pod_side) = match mode {
         Mode::Ebpf => {
-            let lb = match ebpf {
-                Some(lb) => lb,
+            let (lb, side) = match ebpf {
+                Some(opened) => opened,
                 None => open_ebpf(opts, up, devices, &pin_dir).await?,
             };
-            let pending = !lb.pending_interfaces().is_empty();
-            (AnyLb::Ebpf(Arc::new(Mutex::new(lb))), pending)
+            (AnyLb::Ebpf(Arc::new(Mutex::new(lb))), Some(side))
         }
         Mode::Nftables | Mode::Iptables => {
             drop(ebpf);
-            (open_netfilter(mode, &opts.iptables_backend).await?, false)
+            (open_netfilter(mode, &opts.iptables_backend).await?, None)
         }
     };
     tokio::task::spawn_blocking({
@@ -287,8 +383,8 @@ pub async fn start(
     // shows as failing connections.
     let name = node_name(opts);
     tracing::info!(mode = mode.as_str(), node = %name, "service dataplane ready");
-    if let (AnyLb::Ebpf(shared), true) = (&dp, pending) {
-        tokio::spawn(attach_when_present(shared.clone()));
+    if let (AnyLb::Ebpf(shared), Some(side)) = (&dp, pod_side) {
+        tokio::spawn(follow_pod_interfaces(shared.clone(), side));
     }
     // Per-service counters and map occupancy, read through handles of its own (see
     // `EbpfLbView`): a scrape never waits for, or delays, a sync.
@@ -307,6 +403,7 @@ pub async fn start(
         addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
         reserved: control_plane_addresses(opts).await,
         allowed_external_ips: allowed_external_ips(opts),
+        pod_subnets: pod_subnets(opts),
     };
     tracing::info!(
         reserved = ?node.reserved.keys().collect::<Vec<_>>(),

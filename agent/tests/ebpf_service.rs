@@ -960,6 +960,243 @@ fn pods_behind_a_bridge() {
     lb.uninstall().expect("uninstall");
 }
 
+/// Routed pods, as twill-cni's routed mode, `ptp` and Calico plug them in (a veth per pod, no
+/// bridge, a /32 route each): discovery finds their veths on the kernel's own link messages (and
+/// not the outside-facing veths), and with the pod-side programs on each veth a pod reaches a
+/// backend pod behind another veth keeping its address, itself through hairpin SNAT, and a
+/// remote backend; a NodePort reaches a local pod even when its endpoint is not marked local
+/// (SNAT, the reply caught at the pod's veth). A veth that goes loses its programs and pins.
+#[test]
+fn routed_pod_veths() {
+    use twill_agent::ebpf::service::podif::{LinkWatch, PodIfacePolicy, pod_facing};
+
+    if !require_root("routed_pod_veths") {
+        return;
+    }
+    let env = Env::new("r");
+    let pid = std::process::id();
+    let pods = Pods(vec![format!("tws{pid}r1"), format!("tws{pid}r2")]);
+    for ns in &pods.0 {
+        run("ip", &["netns", "add", ns]);
+    }
+    let (p1, p2) = (&pods.0[0], &pods.0[1]);
+    ip_batch(
+        &env.node,
+        &format!(
+            "link add rp1 address ee:ee:ee:ee:ee:01 type veth peer name eth0 netns {p1}\n\
+             link add rp2 address ee:ee:ee:ee:ee:02 type veth peer name eth0 netns {p2}\n\
+             link set rp1 up\nlink set rp2 up\n\
+             route add 10.253.1.2/32 dev rp1\nroute add 10.253.1.3/32 dev rp2\n"
+        ),
+    );
+    for (ns, ip, mac) in [
+        (p1, "10.253.1.2", "ee:ee:ee:ee:ee:01"),
+        (p2, "10.253.1.3", "ee:ee:ee:ee:ee:02"),
+    ] {
+        ip_batch(
+            ns,
+            &format!(
+                "link set lo up\nlink set eth0 up\naddr add {ip}/32 dev eth0\n\
+                 route add 169.254.1.1 dev eth0 scope link\n\
+                 neigh add 169.254.1.1 lladdr {mac} dev eth0 nud permanent\n\
+                 route add default via 169.254.1.1 dev eth0\n"
+            ),
+        );
+    }
+    ip_batch(&env.backends, "route add 10.253.1.0/24 via 10.251.0.1\n");
+    env.serve_in(p2, "pod2", "10.253.1.3", 8080, 5353);
+    env.serve("be1", BE1, 8080, 5353);
+
+    let external: BTreeSet<String> = ["nb", "nc"].map(String::from).into();
+    let find = || {
+        env.on_node(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let watch = LinkWatch::subscribe().expect("subscribe");
+                let links = watch.links().await.expect("dump links");
+                pod_facing(&links, &external, &PodIfacePolicy::default())
+            })
+        })
+    };
+    let want = find();
+    assert_eq!(
+        want.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["rp1", "rp2"],
+        "the outside-facing veths nb and nc are not pods'"
+    );
+
+    let desired = vec![
+        service(
+            1,
+            FrontendKind::ClusterIp,
+            VIP,
+            80,
+            Proto::Tcp,
+            vec![backend("10.253.1.3", 8080)],
+        ),
+        service(
+            2,
+            FrontendKind::ClusterIp,
+            "10.96.0.11",
+            80,
+            Proto::Tcp,
+            vec![backend(BE1, 8080)],
+        ),
+        service(
+            3,
+            FrontendKind::NodePort,
+            "0.0.0.0",
+            NODE_PORT,
+            Proto::Tcp,
+            vec![backend("10.253.1.3", 8080)],
+        ),
+    ];
+    let config = env.config();
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        let done = lb.sync_pod_interfaces(&want);
+        assert!(done.failed.is_empty(), "{:?}", done.failed);
+        assert_eq!(done.attached, ["rp1", "rp2"]);
+        lb
+    });
+
+    let replies = client(p1, None, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("pod to a pod behind another veth", &replies, 5);
+    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
+    assert!(
+        replies.iter().all(|r| r.seen_as.starts_with("10.253.1.2:")),
+        "no SNAT between two pods' veths: {replies:?}"
+    );
+    let replies = client(p2, None, &format!("tcp {VIP}:80 5"));
+    assert_all_ok("pod to itself", &replies, 5);
+    assert!(
+        replies
+            .iter()
+            .all(|r| !r.seen_as.starts_with("10.253.1.3:") && !r.seen_as.is_empty()),
+        "hairpin SNAT to a node address: {replies:?}"
+    );
+    let replies = client(p1, None, "tcp 10.96.0.11:80 5");
+    assert_all_ok("pod to a remote backend", &replies, 5);
+    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.1.2:")));
+    let replies = client(
+        &env.outside,
+        None,
+        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
+    );
+    assert_all_ok("NodePort to a local pod not marked local", &replies, 5);
+
+    // Pod 1 goes: its veth's programs and pins go with it.
+    ip_batch(&env.node, "link del rp1\n");
+    let want = find();
+    let lb = env.on_node(move || {
+        let mut lb = lb;
+        let done = lb.sync_pod_interfaces(&want);
+        assert!(done.failed.is_empty(), "{:?}", done.failed);
+        assert_eq!(done.detached, ["rp1"]);
+        assert_eq!(lb.pod_interfaces().collect::<Vec<_>>(), ["rp2"]);
+        lb
+    });
+    let pins: Vec<String> = fs::read_dir(env.pin_dir.join("links"))
+        .expect("links dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        pins.iter().all(|p| !p.starts_with("tc_rp1_")) && pins.iter().any(|p| p == "tc_rp2_in"),
+        "{pins:?}"
+    );
+    lb.uninstall().expect("uninstall");
+}
+
+/// One TCP exchange from `src` (address and port, bound first, as a client reusing a port does)
+/// to `dst`, inside namespace `ns`: the line the server sent, or the error.
+fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    in_netns(ns, || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        // connect() gives up after SO_SNDTIMEO.
+        let timeout = nix::sys::time::TimeVal::new(2, 0);
+        setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
+            .map_err(|e| format!("bind {src}: {e}"))?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
+            .map_err(|e| format!("connect {src} -> {dst}: {e}"))?;
+        let stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .map_err(|e| format!("read from {dst}: {e}"))?;
+        Ok(line.trim().to_owned())
+    })
+}
+
+/// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and
+/// then connects to that backend directly from the same port, as a pod does when socket-LB or
+/// its own code picks the backend's address and the kernel hands out a port a closed VIP flow
+/// used: the closed flow's reply entry must not translate the new connection's replies (it
+/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up).
+#[test]
+fn direct_connection_reusing_a_closed_flows_tuple() {
+    if !require_root("direct_connection_reusing_a_closed_flows_tuple") {
+        return;
+    }
+    let env = Env::new("t");
+    env.serve("be1", BE1, 8080, 5353);
+    let mut local = backend(BE1, 8080);
+    local.node_local = true;
+    let desired = vec![service(
+        1,
+        FrontendKind::ClusterIp,
+        VIP,
+        80,
+        Proto::Tcp,
+        vec![local],
+    )];
+    let config = env.config();
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let direct: SocketAddr = format!("{BE1}:8080").parse().unwrap();
+    for port in [40_001, 40_002, 40_003] {
+        let src: SocketAddr = format!("{OUTSIDE}:{port}").parse().unwrap();
+        let line = tcp_from(&env.outside, src, vip).expect("through the VIP");
+        assert_eq!(
+            line,
+            format!("be1 peer={src}"),
+            "no SNAT to a local backend"
+        );
+        let line = tcp_from(&env.outside, src, direct);
+        assert_eq!(
+            line,
+            Ok(format!("be1 peer={src}")),
+            "direct connection from a port a closed VIP flow used"
+        );
+    }
+    lb.uninstall().expect("uninstall");
+}
+
 /// Loads 10 000 services × 10 backends, prints the map memory and the sync time.
 #[test]
 fn ten_thousand_services() {

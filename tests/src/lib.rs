@@ -34,7 +34,7 @@ use anyhow::{Result, bail};
 
 pub use net::{PingStats, fdb, neigh, ping, routes};
 pub use ns::{HttpResponse, exec, exec_timeout, http_get, nsenter, run, spawn};
-pub use rig::{Pod, Rig, RigOptions};
+pub use rig::{Pod, PodShape, Rig, RigOptions};
 pub use state::{leftovers, sweep_stale};
 
 /// Set by [`interrupt`]: waits and commands of the rig stop early with an "interrupted" error.

@@ -20,7 +20,10 @@
 //!   real `twill-cni` ([`Rig::add_cni_pod`]), exec'ed exactly as a runtime execs it (CNI
 //!   environment, the network config on stdin, inside the node's namespace), for everything that
 //!   should look like a real node. Both give the same layout (`cni0`, `eth0`, the subnet file's
-//!   gateway and MTU), so tests switch without changing shape.
+//!   gateway and MTU), so tests switch without changing shape. The service proxy must also work
+//!   with whatever else plugs pods in: [`Rig::add_shaped_pod`] makes a pod in each
+//!   [`PodShape`] (twill-cni bridged or routed, the reference `bridge` plugin on another bridge,
+//!   `ptp`, Calico-style routed veths by hand).
 //! - Services: [`Rig::node_cgroup`] gives each node a cgroup2 directory of its own (recorded, so
 //!   a sweep removes it) for the eBPF socket-level load balancer, [`Rig::proxy_args`] the flags
 //!   that turn a node's service proxy on, [`Rig::start_responder`] a `twill-probe serve` in a pod
@@ -128,6 +131,32 @@ impl Pod {
             .map(IpAddr::from)
             .or_else(|| self.ipv6.map(IpAddr::from))
     }
+}
+
+/// Where the reference CNI plugins are (Debian's containernetworking-plugins).
+pub const REFERENCE_CNI_DIR: &str = "/usr/lib/cni";
+/// The bridge [`PodShape::RefBridge`] puts pods on: any name but flannel's `cni0`.
+pub const REF_BRIDGE: &str = "podbr0";
+
+/// How a pod is plugged into its node: the pod networking shapes a service proxy meets in
+/// clusters (every one gives the pod an address of the node's subnet, so the other nodes'
+/// host-gw or VXLAN routes reach it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodShape {
+    /// twill-cni in its default bridge mode: a veth per pod on the bridge `cni0`, which holds
+    /// the gateway (flannel's layout).
+    TwillBridge,
+    /// twill-cni in routed mode: a veth per pod, no bridge, a /32 route per pod.
+    TwillRouted,
+    /// The reference `bridge` plugin on a bridge named [`REF_BRIDGE`] holding the gateway,
+    /// host-local IPAM (podman's and many hand-written configs' layout).
+    RefBridge,
+    /// The reference `ptp` plugin: a veth per pod whose host end holds the gateway as a /32,
+    /// a /32 route per pod, host-local IPAM.
+    Ptp,
+    /// Calico's layout, made by hand: a veth per pod whose host end has no address and answers
+    /// ARP by `proxy_arp`, a /32 route per pod, the pod routing via 169.254.1.1 on-link.
+    RoutedVeth,
 }
 
 /// A netns cluster; dropping it removes everything it made, pass or fail.
@@ -760,12 +789,7 @@ impl Rig {
     /// the next free address(es) of the subnet, default routes via the gateway, MTU from `facts`.
     pub fn add_pod(&self, node: usize, facts: &SubnetFacts) -> Result<Pod> {
         let node_ns = self.node_ns(node);
-        let j = {
-            let mut inner = self.lock();
-            let j = inner.pods.entry(node).or_insert(0);
-            *j += 1;
-            *j
-        };
+        let j = self.next_pod_number(node);
         let pod_ns = format!("{node_ns}p{j}");
         let host_if = format!("vp{j}");
         let mtu = facts.mtu;
@@ -867,7 +891,6 @@ impl Rig {
     /// subnet file. The pod's addresses are the ones in the plugin's result.
     pub fn add_cni_pod(&self, node: usize) -> Result<Pod> {
         let cni = self.binary("twill-cni")?;
-        let node_ns = self.node_ns(node);
         let conflist = self.cni_conflist_path(node);
         if !conflist.exists() {
             let list = serde_json::json!({
@@ -891,30 +914,154 @@ impl Rig {
         let mut netconf = list["plugins"][0].clone();
         netconf["cniVersion"] = list["cniVersion"].clone();
         netconf["name"] = list["name"].clone();
+        self.cni_add(node, &cni, &netconf)
+    }
 
-        let j = {
-            let mut inner = self.lock();
-            let j = inner.pods.entry(node).or_insert(0);
-            *j += 1;
-            *j
+    /// Creates a pod on node `node` shaped as `shape` (see [`PodShape`]); `facts` is the node's
+    /// subnet file (the plugins and the hand-made shapes take the pod's address from its
+    /// subnet, so the other nodes' routes reach it).
+    pub fn add_shaped_pod(&self, node: usize, shape: PodShape, facts: &SubnetFacts) -> Result<Pod> {
+        let subnet = facts
+            .subnet_v4()
+            .with_context(|| format!("node {node}'s facts carry no IPv4 subnet: {facts:?}"))?;
+        // The reference plugins speak CNI 1.0.0 (containernetworking-plugins 1.1.1); host-local
+        // keeps its state in the node's directory, so rigs never share it.
+        let host_local = serde_json::json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": subnet.to_string()}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": self.node_dir(node).join("host-local"),
+        });
+        let reference = |plugin: serde_json::Value| -> Result<Pod> {
+            let mut netconf = serde_json::json!({"cniVersion": "1.0.0", "name": CNI_NETWORK});
+            for (k, v) in plugin.as_object().into_iter().flatten() {
+                netconf[k] = v.clone();
+            }
+            let bin = Path::new(REFERENCE_CNI_DIR).join(netconf["type"].as_str().unwrap_or(""));
+            ensure!(
+                bin.is_file(),
+                "{} not found: install the reference CNI plugins (cargo xtask setup)",
+                bin.display()
+            );
+            self.cni_add(node, &bin, &netconf)
         };
+        match shape {
+            PodShape::TwillBridge => self.add_cni_pod(node),
+            PodShape::TwillRouted => {
+                let netconf = serde_json::json!({
+                    "cniVersion": CNI_VERSION,
+                    "name": CNI_NETWORK,
+                    "type": "twill-cni",
+                    "subnetFile": self.subnet_file(node),
+                    "dataDir": self.node_dir(node).join("cni"),
+                    "mode": "routed",
+                });
+                self.cni_add(node, &self.binary("twill-cni")?, &netconf)
+            }
+            PodShape::RefBridge => reference(serde_json::json!({
+                "type": "bridge",
+                "bridge": REF_BRIDGE,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": host_local,
+            })),
+            PodShape::Ptp => reference(serde_json::json!({
+                "type": "ptp",
+                "ipMasq": false,
+                "ipam": host_local,
+            })),
+            PodShape::RoutedVeth => self.add_routed_veth_pod(node, facts),
+        }
+    }
+
+    /// A pod shaped as Calico makes them, by hand: a veth `cali<j>` whose host end has no
+    /// address, answers ARP for everything (`proxy_arp`) and carries a /32 route to the pod; the
+    /// pod has its address as a /32 and a default route via 169.254.1.1 on-link. Proxy ARP
+    /// answers only for addresses the node routes elsewhere, as a real node does through its
+    /// default route: the node gets one, towards the underlay bridge (inside the rig).
+    fn add_routed_veth_pod(&self, node: usize, facts: &SubnetFacts) -> Result<Pod> {
+        let node_ns = self.node_ns(node);
+        let gw = facts
+            .subnet
+            .with_context(|| format!("node {node}'s facts carry no IPv4 subnet: {facts:?}"))?;
+        let j = self.next_pod_number(node);
+        let ip = Ipv4Addr::from(u32::from(gw.addr()) + j);
+        ensure!(
+            gw.contains(&ip) && ip != gw.broadcast(),
+            "subnet {gw} is full"
+        );
+        let pod_ns = format!("{node_ns}p{j}");
+        let host_if = format!("cali{j}");
+        let mtu = facts.mtu;
+        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
+        ip_batch(
+            Some(&node_ns),
+            &format!("link add {host_if} mtu {mtu} type veth peer name eth0 netns {pod_ns}\n"),
+        )?;
+        ns::sysctl(&node_ns, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+        ns::sysctl(
+            &node_ns,
+            &format!("net.ipv4.neigh.{host_if}.proxy_delay"),
+            "0",
+        )?;
+        ip_batch(
+            Some(&node_ns),
+            &format!(
+                "link set {host_if} up\nroute add {ip}/32 dev {host_if} scope link\n\
+                 route replace default via {UNDERLAY_V4} dev eth0\n"
+            ),
+        )?;
+        ip_batch(
+            Some(&pod_ns),
+            &format!(
+                "link set lo up\nlink set eth0 mtu {mtu} up\naddr add {ip}/32 dev eth0\n\
+                 route add 169.254.1.1 dev eth0 scope link\n\
+                 route add default via 169.254.1.1 dev eth0\n"
+            ),
+        )?;
+        Ok(Pod {
+            ns: pod_ns,
+            node,
+            ipv4: Some(ip),
+            ipv6: None,
+        })
+    }
+
+    /// The next pod number of node `node` (pod namespaces are `<node ns>p<j>`).
+    fn next_pod_number(&self, node: usize) -> u32 {
+        let mut inner = self.lock();
+        let j = inner.pods.entry(node).or_insert(0);
+        *j += 1;
+        *j
+    }
+
+    /// Runs CNI `ADD` of the plugin `plugin` with `netconf` for a new pod namespace of node
+    /// `node`, exec'ed inside the node's namespace with the CNI environment, as a runtime does
+    /// it; the pod's addresses are the ones in the plugin's result.
+    fn cni_add(&self, node: usize, plugin: &Path, netconf: &serde_json::Value) -> Result<Pod> {
+        let node_ns = self.node_ns(node);
+        let j = self.next_pod_number(node);
         let pod_ns = format!("{node_ns}p{j}");
         self.create_namespaces(std::slice::from_ref(&pod_ns))?;
         ip_batch(Some(&pod_ns), "link set lo up\n")?;
 
-        let cni_dir = cni.parent().context("twill-cni has no directory")?;
-        let mut cmd = nsenter(&node_ns, &[&cni]);
+        let twill_dir = self.bin_dir()?;
+        let mut cmd = nsenter(&node_ns, &[plugin]);
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", "ADD")
             .env("CNI_CONTAINERID", &pod_ns)
             .env("CNI_NETNS", ns::netns_path(&pod_ns))
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", format!("{}:/usr/lib/cni", cni_dir.display()));
-        let what = format!("twill-cni ADD {pod_ns} in netns {node_ns}");
+            .env(
+                "CNI_PATH",
+                format!("{}:{REFERENCE_CNI_DIR}", twill_dir.display()),
+            );
+        let what = format!("{} ADD {pod_ns} in netns {node_ns}", plugin.display());
         let out = ns::output_bounded(
             cmd,
-            Some(&serde_json::to_vec(&netconf)?),
+            Some(&serde_json::to_vec(netconf)?),
             Duration::from_secs(30),
             true,
             &what,

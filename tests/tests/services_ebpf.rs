@@ -33,13 +33,19 @@ use std::time::{Duration, Instant};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
-use twill_tests::{Pod, Rig, require_root, wait_until};
+use twill_tests::{Pod, PodShape, Rig, require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const UP: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const NODE_PORT: u16 = 30080;
+/// The ClusterIP and NodePort of the pod-shape scenario's Service whose EndpointSlice has no
+/// `nodeName`.
+const BARE_VIP: &str = "10.96.0.11";
+const BARE_NODE_PORT: u16 = 30081;
+/// Requests per client and path in the pod-shape scenario.
+const SHAPE_REQUESTS: usize = 20;
 /// An external IP of the test service: an address of the rig's underlay range that no
 /// interface holds; the underlay (the "outside") routes it to node 1.
 const EXTERNAL_IP: &str = "198.18.200.10";
@@ -143,6 +149,13 @@ impl Cluster {
 
     fn pod(&self, node: usize) -> Pod {
         self.rig.add_pod(node, &self.facts[node - 1]).unwrap()
+    }
+
+    /// A pod on `node` plugged in as `shape`.
+    fn shaped_pod(&self, node: usize, shape: PodShape) -> Pod {
+        self.rig
+            .add_shaped_pod(node, shape, &self.facts[node - 1])
+            .unwrap_or_else(|e| panic!("{shape:?} pod on node {node}: {e:#}"))
     }
 
     fn cgroup(&self, node: usize) -> &Path {
@@ -302,6 +315,114 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
             assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
         }
     }
+}
+
+/// Two Services in front of the same two backends (one per node): `web` with `nodeName` in its
+/// EndpointSlice, `web-bare` without (as standalone users write them).
+fn shaped_services(b1: &Pod, b2: &Pod) -> String {
+    let (a1, a2) = (b1.ipv4.expect("pod v4"), b2.ipv4.expect("pod v4"));
+    let service = |name: &str, vip: &str, node_port: u16, endpoints: String| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  \
+             type: NodePort\n  clusterIP: {vip}\n  ports:\n  \
+             - {{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+             name: {name}-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nendpoints:\n{endpoints}ports:\n- {{name: http, port: 8080}}\n"
+        )
+    };
+    let named =
+        format!("- {{addresses: [{a1}], nodeName: n1}}\n- {{addresses: [{a2}], nodeName: n2}}\n");
+    let bare = format!("- {{addresses: [{a1}]}}\n- {{addresses: [{a2}]}}\n");
+    format!(
+        "{}---\n{}",
+        service("web", VIP, NODE_PORT, named),
+        service("web-bare", BARE_VIP, BARE_NODE_PORT, bare)
+    )
+}
+
+/// Whatever plugs the pods in (`shape`), with and without `nodeName` in the EndpointSlice:
+/// every NodePort request from outside the cluster to node 1 succeeds (the backends are b1 on
+/// node 1 and b2 on node 2), and so does every ClusterIP request from a pod on node 1, from a
+/// pod on node 2 and from b1 itself, through socket-LB and through the tc path.
+fn pods_shaped_as(mode: &'static str, shape: PodShape) {
+    let c = Cluster::new(mode, 2);
+    let (b1, b2) = (c.shaped_pod(1, shape), c.shaped_pod(2, shape));
+    let (c1, c2) = (c.shaped_pod(1, shape), c.shaped_pod(2, shape));
+    c.serve(&b1, "b1");
+    c.serve(&b2, "b2");
+    c.apply(&shaped_services(&b1, &b2));
+    let outside = c.rig.underlay_ns();
+    let variants = [
+        ("with nodeName", VIP, NODE_PORT),
+        ("without nodeName", BARE_VIP, BARE_NODE_PORT),
+    ];
+    let node_port = |port| SocketAddr::new(Rig::node_ip(1).into(), port);
+    // Programmed: each NodePort has answered once.
+    wait_until(UP, || {
+        variants
+            .iter()
+            .all(|(_, _, port)| twill_tests::ns::tcp_line(&outside, node_port(*port)).is_some())
+    })
+    .unwrap_or_else(|e| panic!("{shape:?}: {e:#}\n{}", c.rig.twilld_log(1)));
+
+    let mut failures = Vec::new();
+    for (variant, vip, port) in variants {
+        let mut tally = |what: &str, attempt: &dyn Fn() -> Option<String>| {
+            let (seen, failed) = tally(attempt);
+            if failed > 0 {
+                failures.push(format!(
+                    "{variant}: {what}: {failed} of {SHAPE_REQUESTS} failed (answered: {seen:?})"
+                ));
+            }
+            seen
+        };
+        let from_outside = tally("NodePort from outside", &|| {
+            twill_tests::ns::tcp_line(&outside, node_port(port))
+        });
+        let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
+        let mut from_pods = std::collections::BTreeSet::new();
+        for (client, who) in [
+            (&c1, "a pod on node 1"),
+            (&c2, "a pod on node 2"),
+            (&b1, "b1"),
+        ] {
+            let cgroup = c.cgroup(client.node);
+            from_pods.extend(tally(&format!("ClusterIP from {who} via tc"), &|| {
+                twill_tests::ns::tcp_line(&client.ns, vip)
+            }));
+            from_pods.extend(tally(
+                &format!("ClusterIP from {who} via socket-LB"),
+                &|| twill_tests::ns::tcp_line_in_cgroup(&client.ns, cgroup, vip),
+            ));
+        }
+        for (what, seen) in [("NodePort", from_outside), ("ClusterIP", from_pods)] {
+            if seen.len() == 1 {
+                failures.push(format!("{variant}: {what}: only {seen:?} answered"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{shape:?} pods, {mode} proxy:\n{}\n{}",
+        failures.join("\n"),
+        c.rig.twilld_log(1)
+    );
+}
+
+/// [`SHAPE_REQUESTS`] attempts: the backends that answered and the number of failures.
+fn tally(attempt: &dyn Fn() -> Option<String>) -> (std::collections::BTreeSet<String>, usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut failed = 0;
+    for _ in 0..SHAPE_REQUESTS {
+        match attempt() {
+            Some(line) => {
+                seen.insert(backend_name(&line).to_owned());
+            }
+            None => failed += 1,
+        }
+    }
+    (seen, failed)
 }
 
 /// A UDP flow (a pod's connected socket) to a removed endpoint moves within 1 s.
@@ -1014,6 +1135,31 @@ macro_rules! modes {
             #[test]
             fn restart_under_fresh_connections_loses_none() {
                 run(super::restart_under_fresh_connections_loses_none);
+            }
+
+            #[test]
+            fn pods_of_twill_cni_bridge_mode() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::TwillBridge));
+            }
+
+            #[test]
+            fn pods_of_twill_cni_routed_mode() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::TwillRouted));
+            }
+
+            #[test]
+            fn pods_of_the_reference_bridge_plugin_on_another_bridge() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::RefBridge));
+            }
+
+            #[test]
+            fn pods_of_the_reference_ptp_plugin() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::Ptp));
+            }
+
+            #[test]
+            fn pods_on_calico_style_routed_veths() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::RoutedVeth));
             }
 
             $(

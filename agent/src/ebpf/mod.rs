@@ -24,7 +24,9 @@ mod counter;
 pub mod service;
 
 pub use counter::{CountSource, Counts, PacketCounter};
-pub use service::{EbpfLb, EbpfLbConfig, EbpfLbError, IfaceRole, LbLimits, TcIface};
+pub use service::{
+    EbpfLb, EbpfLbConfig, EbpfLbError, IfaceRole, LbLimits, PodIfaceChanges, TcIface,
+};
 
 use std::sync::OnceLock;
 

@@ -37,7 +37,9 @@
 //!   `TWL_LB_LADDR`; [`EbpfLb::sync_local_addrs`] fills it from `getifaddrs` in the calling
 //!   thread's network namespace (at open, on each `apply` and each full resync). Every call
 //!   that may refresh them must run in the node's namespace (true for all of `twilld`).
-//! - Interfaces that do not exist yet (the pod bridge appears with the first pod) stay pending
+//! - Pod-facing interfaces (pod bridges of any name, routed pods' veths) come and go with pods:
+//!   the [`podif`] module finds them and [`EbpfLb::sync_pod_interfaces`] attaches and detaches
+//!   the pod-side programs as they do. Configured interfaces that do not exist yet stay pending
 //!   and are attached by [`EbpfLb::attach_pending`], which every full resync calls.
 //! - Interfaces and the cgroup are resolved in the calling thread's network namespace and mount
 //!   view: `twilld` runs under `nsenter --net=...`; tests call from a thread that did `setns`.
@@ -49,6 +51,7 @@
 //! per-map memory in fdinfo 6.4) and `CAP_BPF` + `CAP_NET_ADMIN` + `CAP_SYS_ADMIN` (or root).
 
 mod entries;
+pub mod podif;
 mod sockdiag;
 mod view;
 
@@ -122,7 +125,7 @@ pub enum IfaceRole {
     /// The uplink or the overlay device: traffic from outside the node and replies from other
     /// nodes.
     External,
-    /// The pod-facing bridge (`cni0`).
+    /// A pod-facing interface: a pod bridge, or a routed pod's veth (see [`podif`]).
     Pods,
 }
 
@@ -144,7 +147,7 @@ impl TcIface {
         }
     }
 
-    /// The pod bridge.
+    /// A pod-facing interface.
     pub fn pods(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -306,7 +309,8 @@ impl From<EbpfLbError> for LbError {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error with its sources, `: `-separated (for logs).
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(err) = source {
@@ -337,6 +341,17 @@ pub struct MapUsage {
     pub max_entries: u32,
     /// Kernel memory charged to the map (`memlock` in fdinfo).
     pub memlock_bytes: Option<u64>,
+}
+
+/// What [`EbpfLb::sync_pod_interfaces`] did.
+#[derive(Debug, Default)]
+pub struct PodIfaceChanges {
+    /// Interfaces that got the pod-side programs.
+    pub attached: Vec<String>,
+    /// Interfaces whose programs were removed.
+    pub detached: Vec<String>,
+    /// Interfaces that could not be changed, with the reason.
+    pub failed: Vec<(String, EbpfLbError)>,
 }
 
 /// What [`EbpfLb::gc`] removed.
@@ -586,6 +601,8 @@ pub struct EbpfLb {
     links: Vec<(PathBuf, PinnedLink)>,
     /// Configured interfaces that did not exist yet (see [`EbpfLb::attach_pending`]).
     pending: Vec<TcIface>,
+    /// Pod-facing interfaces with the pod-side programs: name → ifindex when attached.
+    pod_ifaces: BTreeMap<String, u32>,
     /// The global settings last written.
     settings: LbConfig,
     programmed: StdHashMap<SvcKey, Programmed>,
@@ -788,6 +805,7 @@ impl EbpfLb {
             maps,
             links: Vec::new(),
             pending: Vec::new(),
+            pod_ifaces: BTreeMap::new(),
             settings,
             programmed: StdHashMap::new(),
             ids: StdHashMap::new(),
@@ -831,14 +849,105 @@ impl EbpfLb {
                 continue;
             }
             self.attach_tc(&iface)?;
-            if iface.role == IfaceRole::Pods && self.settings.flags & CFG_UDP_CONNECT_VIA_TC == 0 {
-                // Pods' connected UDP is left to the tc path only once a pod-facing hook exists.
-                self.settings.flags |= CFG_UDP_CONNECT_VIA_TC;
-                self.write_settings()?;
+            if iface.role == IfaceRole::Pods {
+                self.set_udp_via_tc(true)?;
             }
             attached.push(iface.name);
         }
         Ok(attached)
+    }
+
+    /// Pods' connected UDP is left to the tc path only while a pod-facing hook exists; written
+    /// only when it changes.
+    fn set_udp_via_tc(&mut self, on: bool) -> Result<(), EbpfLbError> {
+        let flags = if on {
+            self.settings.flags | CFG_UDP_CONNECT_VIA_TC
+        } else {
+            self.settings.flags & !CFG_UDP_CONNECT_VIA_TC
+        };
+        if flags != self.settings.flags {
+            self.settings.flags = flags;
+            self.write_settings()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the pod-side programs sit exactly on `want` (name → ifindex, as
+    /// [`podif::pod_facing`] finds them): attaches the new ones (and ones whose device was
+    /// re-created under the same name), detaches the ones that went. An interface that fails
+    /// (it vanished meanwhile) is reported in [`PodIfaceChanges::failed`] and the others are
+    /// still done; the next call retries it.
+    pub fn sync_pod_interfaces(&mut self, want: &BTreeMap<String, u32>) -> PodIfaceChanges {
+        let mut changes = PodIfaceChanges::default();
+        // Pod interfaces are this call's from now on, configured or not.
+        self.pending.retain(|i| i.role != IfaceRole::Pods);
+        let gone: Vec<String> = self
+            .pod_ifaces
+            .keys()
+            .filter(|name| !want.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.pod_ifaces.remove(&name);
+            match self.detach_tc(&name) {
+                Ok(()) => changes.detached.push(name),
+                Err(err) => changes.failed.push((name, err)),
+            }
+        }
+        for (name, &index) in want {
+            if self.pod_ifaces.get(name) == Some(&index) {
+                continue;
+            }
+            // A device re-created under the same name: its old links are defunct; they are
+            // dropped once the new ones are pinned in their place, and kept if that fails.
+            let old = self.take_links(name);
+            match self.attach_tc(&TcIface::pods(name.clone())) {
+                Ok(()) => changes.attached.push(name.clone()),
+                Err(err) => {
+                    self.links.extend(old);
+                    changes.failed.push((name.clone(), err));
+                }
+            }
+        }
+        if let Err(err) = self.set_udp_via_tc(!self.pod_ifaces.is_empty()) {
+            changes.failed.push((MAP_CONFIG.to_string(), err));
+        }
+        changes
+    }
+
+    /// The pod-facing interfaces with the pod-side programs.
+    pub fn pod_interfaces(&self) -> impl Iterator<Item = &str> {
+        self.pod_ifaces.keys().map(String::as_str)
+    }
+
+    /// Removes the links of interface `name` from `self.links` (still pinned).
+    fn take_links(&mut self, name: &str) -> Vec<(PathBuf, PinnedLink)> {
+        let paths: Vec<PathBuf> = TC_TAGS
+            .iter()
+            .map(|tag| self.tc_pin(&TcIface::pods(name), tag))
+            .collect();
+        let (taken, kept) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(path, _)| paths.contains(path));
+        self.links = kept;
+        taken
+    }
+
+    /// Detaches the tc programs of interface `name` and removes their pins.
+    fn detach_tc(&mut self, name: &str) -> Result<(), EbpfLbError> {
+        let mut first_err = None;
+        for (path, link) in self.take_links(name) {
+            // Dropping the unpinned link's last reference detaches it.
+            if let Err(source) = link.unpin() {
+                first_err.get_or_insert(EbpfLbError::Link {
+                    operation: "unpin",
+                    path,
+                    source: Box::new(source),
+                });
+            }
+        }
+        info!(ifname = name, "tc programs detached");
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Configured interfaces still waiting for [`attach_pending`](Self::attach_pending).
@@ -938,6 +1047,10 @@ impl EbpfLb {
             })?;
             let pinned = replace_pin(&path, link)?;
             self.links.push((path, pinned));
+        }
+        if iface.role == IfaceRole::Pods {
+            let index = nix::net::if_::if_nametoindex(iface.name.as_str()).unwrap_or(0);
+            self.pod_ifaces.insert(iface.name.clone(), index);
         }
         info!(ifname = %iface.name, role = ?iface.role, "tc programs attached");
         Ok(())

@@ -125,6 +125,10 @@ pub enum ServiceCmd {
         /// The node name to compute node-local endpoints for (FRONTENDS column).
         #[arg(long, default_value = "")]
         node_name: String,
+        /// The node's subnet file: endpoints in its pod subnet are node-local too, as the agent
+        /// counts them (ignored when absent).
+        #[arg(long, default_value = twill_facts::DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
         /// The agent's pin directory: its eBPF service maps (`<dir>/lb`) are read to show what
         /// the dataplane holds.
         #[arg(long, default_value = "/sys/fs/bpf/twill")]
@@ -988,6 +992,7 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Get {
             what: _,
             node_name,
+            subnet_file,
             bpf_pin_dir,
             output,
             allowed_external_ips,
@@ -1001,6 +1006,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
             let node = NodeIdentity {
                 name: node_name,
                 allowed_external_ips: Some(allowed_external_ips),
+                pod_subnets: twill_facts::SubnetFacts::read(&subnet_file)
+                    .map(|f| {
+                        let v4 = f.subnet_v4().map(ipnet::IpNet::V4);
+                        v4.into_iter()
+                            .chain(f.subnet_v6().map(ipnet::IpNet::V6))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 ..NodeIdentity::default()
             };
             let table = if output.as_deref() == Some("wide") {

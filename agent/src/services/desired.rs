@@ -50,8 +50,8 @@ use crate::services::model::{
 };
 
 /// What the node is: its name (matched against `nodeName`), addresses (their families decide
-/// which NodePort frontends exist; empty means both), the addresses no frontend may take, and
-/// which external IPs it programs.
+/// which NodePort frontends exist; empty means both), the addresses no frontend may take, which
+/// external IPs it programs, and the pod subnets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeIdentity {
     /// The node's name, as in EndpointSlices' `nodeName`.
@@ -63,9 +63,18 @@ pub struct NodeIdentity {
     /// `--allowed-external-ips`: an external IP gets a frontend only inside one of these
     /// networks; `None`: every external IP does (what the API server admitted, in a cluster).
     pub allowed_external_ips: Option<Vec<IpNet>>,
+    /// The node's pod subnets (its lease): an endpoint address inside one is local whatever
+    /// its `nodeName` says, since standalone EndpointSlices often name no node.
+    pub pod_subnets: Vec<ipnet::IpNet>,
 }
 
 impl NodeIdentity {
+    /// Whether an endpoint with this address and `nodeName` runs on this node.
+    fn hosts(&self, ip: IpAddr, node_name: Option<&str>) -> bool {
+        (!self.name.is_empty() && node_name == Some(self.name.as_str()))
+            || self.pod_subnets.iter().any(|net| net.contains(&ip))
+    }
+
     /// Replaces the [`Reserved::Node`] addresses with `own`, keeping the others (an address
     /// that is etcd's and the node's stays etcd's, the more telling name).
     pub fn set_own_addresses(&mut self, own: impl IntoIterator<Item = IpAddr>) {
@@ -531,7 +540,7 @@ fn endpoints(
     key: &NsName,
     sp: &PortInfo,
     v6: bool,
-    node: &str,
+    node: &NodeIdentity,
 ) -> BTreeMap<(IpAddr, u16), Ep> {
     let mut out: BTreeMap<(IpAddr, u16), Ep> = BTreeMap::new();
     for slice in snap.slices_of(key).filter(|s| s.v6 == Some(v6)) {
@@ -543,7 +552,7 @@ fn endpoints(
                 ready: e.ready,
                 serving: e.serving,
                 terminating: e.terminating,
-                local: !node.is_empty() && e.node.as_deref() == Some(node),
+                local: node.hosts(e.ip, e.node.as_deref()),
             };
             out.entry((e.ip, port))
                 .and_modify(|old| {
@@ -606,7 +615,7 @@ pub fn service_frontends(
             format!("{}/{}:{}", key.0, key.1, sp.name)
         };
         for &v6 in &families {
-            let eps = endpoints(snap, key, sp, v6, &node.name);
+            let eps = endpoints(snap, key, sp, v6, node);
             let (cluster, local) = categorize(&eps);
             let mut frontends: Vec<Frontend> = Vec::new();
             let fe = |ip: IpAddr, port: u16, kind: FrontendKind| Frontend {
@@ -1175,6 +1184,51 @@ ports:
         );
         let d = desired(&snap(&y), &node());
         assert!(d.services.iter().all(|s| s.backends.is_empty()));
+    }
+
+    #[test]
+    fn endpoints_in_the_node_pod_subnet_are_local_without_node_name() {
+        // Standalone EndpointSlices often name no node.
+        let y = WEB
+            .replace(", nodeName: node-1}", "}")
+            .replace(", nodeName: node-2", "");
+        let bare = NodeIdentity {
+            pod_subnets: vec!["10.244.1.0/24".parse().unwrap()],
+            ..node()
+        };
+        let d = desired(&snap(&y), &bare);
+        assert_eq!(
+            show(&d.services[..1]),
+            vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L 10.244.2.6:8080]"]
+        );
+        // Without the subnet nothing is local; `nodeName` alone still counts.
+        let d = desired(&snap(&y), &node());
+        assert!(
+            d.services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .all(|b| !b.node_local)
+        );
+        let d = desired(&snap(WEB), &bare);
+        assert_eq!(
+            show(&d.services[..1]),
+            vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L 10.244.2.6:8080]"]
+        );
+        // And `externalTrafficPolicy: Local` finds the endpoint by its subnet.
+        let y = y.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
+        );
+        let d = desired(&snap(&y), &bare);
+        let np = d
+            .services
+            .iter()
+            .find(|s| s.frontend.kind == FrontendKind::NodePort)
+            .unwrap();
+        assert_eq!(
+            show(std::slice::from_ref(np)),
+            vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L]"]
+        );
     }
 
     #[test]

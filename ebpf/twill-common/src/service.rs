@@ -125,7 +125,7 @@ pub const PROG_GETPEERNAME4: &str = "twl_lb_peer4";
 pub const PROG_GETPEERNAME6: &str = "twl_lb_peer6";
 /// tc (TCX) ingress of interfaces facing the outside (uplink, overlay).
 pub const PROG_TC_EXT_INGRESS: &str = "twl_lb_ext_in";
-/// tc (TCX) ingress of the pod-facing bridge.
+/// tc (TCX) ingress of a pod-facing interface (a pod bridge or a pod's own veth).
 pub const PROG_TC_POD_INGRESS: &str = "twl_lb_pod_in";
 /// tc (TCX) egress of every attached interface (replies of host-network backends).
 pub const PROG_TC_EGRESS: &str = "twl_lb_egress";
@@ -163,7 +163,9 @@ pub const SVC_F_EXTERNAL_LOCAL: u16 = 2;
 /// [`SvcValue::flags`]: `internalTrafficPolicy: Local`.
 pub const SVC_F_INTERNAL_LOCAL: u16 = 4;
 
-/// [`BackendValue::flags`]: the endpoint runs on this node.
+/// [`BackendValue::flags`]: the endpoint runs on this node (its EndpointSlice names this node,
+/// or its address lies in the node's pod subnet). Decides SNAT of traffic from outside the node
+/// only; traffic from pods is SNATed by what the FIB says (see the tc program's notes).
 pub const BE_F_NODE_LOCAL: u8 = 1;
 /// [`BackendValue::flags`]: the endpoint is serving but terminating.
 pub const BE_F_TERMINATING: u8 = 2;

@@ -3,8 +3,9 @@
 //! whose sockets are outside the attached cgroup, and pods' connected UDP sockets.
 //!
 //! - Three entry points share one body: `twl_lb_ext_in` (ingress of the uplink and overlay
-//!   devices), `twl_lb_pod_in` (ingress of the pod bridge) and `twl_lb_egress` (egress of both).
-//!   Where a packet comes from decides SNAT, nothing else.
+//!   devices), `twl_lb_pod_in` (ingress of every pod-facing interface: a pod bridge, or each
+//!   pod's own veth when pods are routed without a bridge) and `twl_lb_egress` (egress of all of
+//!   them). Where a packet comes from decides SNAT, nothing else.
 //! - Forward direction (ingress only): a packet to a frontend looks up its flow in [`CT`]; a new
 //!   flow gets a Maglev backend (or its affinity one), a forward entry (client → VIP, rewrite to
 //!   backend) and a reply entry (backend → client, rewrite back to the VIP). Entries are
@@ -12,13 +13,20 @@
 //!   endpoint gets no more packets and the flow is re-balanced at its next packet, UDP included.
 //! - SNAT to the node: from the uplink when the backend is on another node and the service is
 //!   `externalTrafficPolicy: Cluster` (else the reply would leave the backend's node directly);
-//!   from the pod bridge when the backend is a local pod ("hairpin": the reply would be bridged
-//!   straight back to the client pod, never crossing a hook of ours). The address is the one the
-//!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is a random one of
-//!   61000–65535, above the kernel's ephemeral range, claimed with `BPF_NOEXIST` on the reply
+//!   from a pod-facing interface when the FIB sends the backend back out of the very interface
+//!   the packet came in on ("hairpin": a pod on the same bridge, whose reply would be bridged
+//!   straight back to the client, or the client pod itself behind its own veth; either way the
+//!   reply would never cross a hook of ours). A local backend behind *another* pod-facing
+//!   interface keeps the client's address: its reply enters that interface, whose hook
+//!   translates it. This rests on the FIB, not on the endpoint's `nodeName`, so it holds for
+//!   any pod networking and for EndpointSlices that name no node. The address is the one the
+//!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is a random one
+//!   of 61000–65535, above the kernel's ephemeral range, claimed with `BPF_NOEXIST` on the reply
 //!   key so two flows never share one (another random one when it is taken).
-//! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or bridge
-//!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself).
+//! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or pod-side
+//!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself),
+//!   and used only while it is live: an idle one, or a closing one met by a SYN-ACK, belongs to
+//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped.
 //! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
 //!   packet: once its source is a node address (an SNATed packet, a reply whose VIP is a node
 //!   address, i.e. a NodePort) an ingress packet is a martian and fails the input route's source
@@ -73,7 +81,7 @@ use super::{CT, backend_still, count, lookup_service, select_backend};
 enum Hook {
     /// Ingress of an interface facing the outside (uplink, overlay).
     ExtIngress,
-    /// Ingress of the pod bridge.
+    /// Ingress of a pod-facing interface (a pod bridge or a pod's veth).
     PodIngress,
     /// Egress of any attached interface: replies only.
     Egress,
@@ -107,7 +115,9 @@ const IP6_DST: usize = ETH_HLEN + 24;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// Idle timeout of a TCP flow after FIN or RST.
 const CT_TIMEOUT_CLOSING_NS: u64 = 10_000_000_000;
 /// SNAT ports tried per new flow before giving up (the client retries): with half of the ports
@@ -273,7 +283,9 @@ fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> 
 }
 
 /// Looks up the live forward entry of `s.key` and copies it to `s.back` (refreshing its
-/// timestamp); `false` when there is none, it expired, or its backend is gone.
+/// timestamp); `false` when there is none, it expired, its backend is gone, or it is closing and
+/// the packet opens a new connection on the same tuple (a SYN: a new flow, as conntrack reopens
+/// one, with fresh entries both ways).
 #[inline(always)]
 fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
@@ -283,6 +295,9 @@ fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     // the validation below, which then re-balances the flow.
     s.back = unsafe { *ptr };
     if expired(&s.back, s.pkt.proto, now) {
+        return false;
+    }
+    if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && s.back.flags & CT_F_CLOSING != 0 {
         return false;
     }
     if !backend_still(
@@ -295,6 +310,17 @@ fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
     }
     touch(ptr, &s.back, &s.pkt, now);
     true
+}
+
+/// Whether a reply entry is not this packet's: idle past its timeout, or closing while the
+/// packet opens a connection (a SYN-ACK). The 4-tuple is then reused by a connection that never
+/// crossed our forward path (a client talking to the backend directly, by socket-LB or by its
+/// address, from a port a closed flow of the VIP used): translating its packets would break it.
+/// A flow of ours reopened on the same tuple has fresh entries (see [`lookup_flow`]).
+#[inline(always)]
+fn stale_reply(entry: &CtValue, pkt: &Packet, now: u64) -> bool {
+    expired(entry, pkt.proto, now)
+        || (pkt.tcp_flags & TCP_SYN != 0 && entry.flags & CT_F_CLOSING != 0)
 }
 
 #[inline(always)]
@@ -344,8 +370,9 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
         return Ok(false);
     }
     let local = s.be.flags & BE_F_NODE_LOCAL != 0;
+    // From a pod-facing interface the FIB decides (hairpin only, see the module notes).
     let want_snat = match hook {
-        Hook::PodIngress => local,
+        Hook::PodIngress => true,
         Hook::ExtIngress => !local && s.svc.flags & SVC_F_EXTERNAL_LOCAL == 0,
         Hook::Egress => false,
     };
@@ -378,7 +405,7 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
     s.key.src = s.be.addr;
     s.key.sport = s.be.port;
     s.key.dir = CT_DIR_REPLY;
-    if want_snat && source_towards(ctx, s) {
+    if want_snat && source_towards(ctx, s, hook == Hook::PodIngress) {
         // `source_towards` left the node's address in `s.entry.alt_addr`.
         s.entry.flags = CT_F_SNAT;
         s.back.flags = CT_F_SNAT;
@@ -453,6 +480,11 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     s.back = unsafe { *ptr };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if stale_reply(&s.back, &s.pkt, now) {
+        // Best effort: the LRU would evict it anyway.
+        let _ = CT.remove(&s.key);
+        return Ok(TCX_NEXT);
+    }
     touch(ptr, &s.back, &s.pkt, now);
 
     rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.nat_addr)?;
@@ -512,13 +544,15 @@ fn redirect(ctx: &TcContext, s: &mut Scratch) -> Result<i32, c_long> {
 
 /// Puts the address the node would use towards the chosen backend (`s.be`) in
 /// `s.entry.alt_addr` (`BPF_FIB_LOOKUP_SRC`, Linux >= 6.7); `false` when the FIB has no
-/// forwarding route.
+/// forwarding route, or, with `hairpin_only`, when that route leaves through another interface
+/// than the packet's own (the reply then crosses a hook of ours without SNAT).
 #[inline(never)]
-fn source_towards(ctx: &TcContext, s: &mut Scratch) -> bool {
+fn source_towards(ctx: &TcContext, s: &mut Scratch, hairpin_only: bool) -> bool {
     let real_dst = s.pkt.dst;
     s.pkt.dst = s.be.addr;
     fib_params(ctx, &mut s.fib, &s.pkt);
     s.pkt.dst = real_dst;
+    let in_ifindex = s.fib.ifindex;
     // SAFETY: as in `redirect`.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -534,6 +568,10 @@ fn source_towards(ctx: &TcContext, s: &mut Scratch) -> bool {
     )]
     let rc = rc as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return false;
+    }
+    // The helper wrote the egress interface over the ingress one.
+    if hairpin_only && s.fib.ifindex != in_ifindex {
         return false;
     }
     let out = &mut s.entry.alt_addr;
