@@ -1,5 +1,5 @@
 //! Builds twill's eBPF programs (`ebpf/twill-ebpf`) and leaves the object in `OUT_DIR`, where
-//! `twill_agent::ebpf` embeds it with `aya::include_bytes_aligned!`.
+//! `twill_agent::shared::bpf` embeds it with `aya::include_bytes_aligned!`.
 //!
 //! Why it is shaped as it is (model: aya-template's `build.rs`):
 //! - `aya_build::build_ebpf` runs `rustup run nightly cargo build --target bpfel-unknown-none
@@ -14,7 +14,7 @@
 //!   `~/.cargo/bin`, where rustup and `cargo install` put them) to the `PATH` the nested cargo
 //!   inherits.
 //! - `AYA_BUILD_SKIP=1` (honoured by aya-build) skips the eBPF build, e.g. for a lint job without
-//!   nightly; we then embed an empty object, which `twill_agent::ebpf` reports as
+//!   nightly; we then embed an empty object, which `twill_agent::shared::bpf` reports as
 //!   `EbpfError::NotBuilt` at load time instead of failing the host build.
 //! - aya-build only watches the eBPF crate's directory; the shared `twill-common` crate and
 //!   `Cargo.lock` (the aya-ebpf version) are watched too, since both end up in the object.

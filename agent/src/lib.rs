@@ -8,19 +8,7 @@
 //! and every etcd effect crosses [`store::LeaseStore`].
 #![deny(missing_docs)]
 
-pub mod agent;
-pub mod config;
-pub mod ebpf;
-pub mod http;
-pub mod kernel;
-pub mod kube;
-pub mod lease;
-pub mod masq;
-pub mod memory;
-pub mod metrics;
+pub mod daemon;
 pub mod overlay;
-pub mod proxy;
 pub mod services;
-pub mod store;
-pub mod udp;
-pub mod uplink;
+pub mod shared;

@@ -1,4 +1,4 @@
-//! Privileged test of `twill_agent::ebpf::PacketCounter`: build, load, verify, attach (TCX) and
+//! Privileged test of `twill_agent::overlay::counter::PacketCounter`: build, load, verify, attach (TCX) and
 //! read the per-interface counter on a real veth.
 //!
 //! Why it is shaped as it is:
@@ -15,7 +15,8 @@ use std::process::Command;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use common::{error_chain, in_netns, require_root, run};
-use twill_agent::ebpf::{Counts, EbpfError, PacketCounter};
+use twill_agent::overlay::counter::{Counts, PacketCounter};
+use twill_agent::shared::bpf::EbpfError;
 use twill_common::counter::{PROG_EGRESS, PROG_INGRESS};
 
 mod common;

@@ -1,4 +1,4 @@
-//! Privileged tests of `twill_agent::ebpf::EbpfLb`, the eBPF service dataplane: load and verify
+//! Privileged tests of `twill_agent::services::dataplane::ebpf::EbpfLb`, the eBPF service dataplane: load and verify
 //! every program, then drive real traffic through socket-LB and the tc path.
 //!
 //! Why it is shaped as it is:
@@ -34,7 +34,7 @@ use std::{
 
 use common::{add_netns, error_chain, in_netns, ip_batch, join_netns, require_root, run};
 use twill_agent::{
-    ebpf::{EbpfLb, EbpfLbConfig, LbLimits, TcIface, service::EbpfLbView},
+    services::dataplane::ebpf::{EbpfLb, EbpfLbConfig, EbpfLbView, LbLimits, TcIface},
     services::lb::{
         Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, Proto, plan,
     },
@@ -968,7 +968,7 @@ fn pods_behind_a_bridge() {
 /// (SNAT, the reply caught at the pod's veth). A veth that goes loses its programs and pins.
 #[test]
 fn routed_pod_veths() {
-    use twill_agent::ebpf::service::podif::{LinkWatch, PodIfacePolicy, pod_facing};
+    use twill_agent::services::dataplane::ebpf::podif::{LinkWatch, PodIfacePolicy, pod_facing};
 
     if !require_root("routed_pod_veths") {
         return;

@@ -24,11 +24,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::{add_netns, ip_batch, join_netns, require_root, run};
-use twill_agent::services::iptables::{IptBackend, IptLb};
+use twill_agent::services::dataplane::iptables::{IptBackend, IptLb};
+use twill_agent::services::dataplane::nft::NftLb;
 use twill_agent::services::lb::{
     Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, Proto, plan,
 };
-use twill_agent::services::nft::NftLb;
 
 mod common;
 

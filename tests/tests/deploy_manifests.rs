@@ -209,11 +209,11 @@ fn daemonset_args_and_configs_are_what_twill_reads() {
     let c = &pod.containers[0];
     let mut argv = vec!["twilld".to_string()];
     argv.extend(c.args.clone().unwrap());
-    let opts = twill_agent::agent::Options::try_parse_from(&argv)
+    let opts = twill_agent::daemon::Options::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("DaemonSet args are not twilld flags: {e}"));
     assert!(opts.kube_subnet_mgr);
     assert_eq!(opts.proxy_mode, "ebpf");
-    assert!(twill_agent::kube::services_from_kubernetes(&opts));
+    assert!(twill_agent::shared::kube::services_from_kubernetes(&opts));
     assert_eq!(opts.healthz_bind_address, "0.0.0.0:10256");
     // The probes hit the health server twilld opens.
     let probe = c
@@ -243,7 +243,7 @@ fn daemonset_args_and_configs_are_what_twill_reads() {
         opts.net_config_path,
         std::path::Path::new(&mount.mount_path).join("net-conf.json")
     );
-    let cfg = twill_agent::config::NetworkConfig::parse(&data["net-conf.json"]).unwrap();
+    let cfg = twill_agent::overlay::config::NetworkConfig::parse(&data["net-conf.json"]).unwrap();
     assert_eq!(cfg.network.unwrap().to_string(), "10.244.0.0/16");
     // The conflist: each plugin's config as the runtime hands it to the plugin.
     let conflist: Value = serde_json::from_str(&data["cni-conf.json"]).unwrap();

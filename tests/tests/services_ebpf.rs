@@ -1051,7 +1051,9 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
         c.rig
             .twilld_log(2)
             .lines()
-            .filter(|l| l.contains("twill_agent::proxy") && l.contains("service dataplane ready"))
+            .filter(|l| {
+                l.contains("twill_agent::services::proxy") && l.contains("service dataplane ready")
+            })
             .count()
     };
     let restart = |mode: &str, env: &[(&str, &str)]| {

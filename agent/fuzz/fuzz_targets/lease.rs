@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twill_agent::lease::{LeaseAttrs, LeaseSubnets};
+use twill_agent::overlay::lease::{LeaseAttrs, LeaseSubnets};
 
 fuzz_target!(|data: &[u8]| {
     let split = data.iter().position(|b| *b == 0).unwrap_or(data.len());

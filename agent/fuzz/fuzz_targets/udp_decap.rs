@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use twill_agent::udp::core::{
+use twill_agent::overlay::backend::udp::core::{
     Csum, Encap, Gro, MAX_HEAD_LEN, RouteTable, VNET_HDR_LEN, VnetHdr, decapsulate, encapsulate,
     split_datagrams,
 };

@@ -14,7 +14,7 @@ use std::io::IsTerminal as _;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use twill_agent::agent::{Options, run};
+use twill_agent::daemon::{Options, run};
 use twill_agent::services::cli::{self, ServiceCmd};
 
 /// The command line: the agent's options, or a service subcommand.
@@ -34,7 +34,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    twill_agent::memory::tune();
+    twill_agent::daemon::memory::tune();
     let Cli { agent: opts, cmd } = Cli::parse();
     let default_level = if cmd.is_some() { "warn" } else { "info" };
     let filter =

@@ -38,18 +38,18 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use tokio::time::Instant;
 
-use crate::ebpf::service::EbpfLbView;
+use crate::overlay::source::EtcdArgs;
+use crate::services::dataplane::ebpf::EbpfLbView;
+use crate::services::dataplane::iptables::IptLb;
+use crate::services::dataplane::nft::NftLb;
 use crate::services::desired::{Desired, NodeIdentity, RefuseReason, Reserved, Snapshot, desired};
-use crate::services::iptables::IptLb;
 use crate::services::lb::{FrontendKey, LbService};
 use crate::services::model::{
     EndpointSlice, Kind, Object, ObjectKey, Service, ServiceType, parse_manifest,
 };
-use crate::services::nft::NftLb;
 use crate::services::source::{
     EtcdServiceStore, Listing, MAX_TXN_OPS, ServiceStore, SourceError, url_addresses,
 };
-use crate::store::EtcdArgs;
 
 /// Connects to the etcd the flags name, once they are checked as a whole (bad flags or TLS
 /// files are refused with the reason; see `EtcdArgs::check`).
@@ -138,7 +138,7 @@ pub enum ServiceCmd {
         output: Option<String>,
         /// The node's `--allowed-external-ips` (external IPs outside them are not programmed;
         /// none by default, as the agent's default with the etcd source).
-        #[arg(long, value_delimiter = ',', value_parser = crate::proxy::parse_allowed_network)]
+        #[arg(long, value_delimiter = ',', value_parser = crate::services::proxy::parse_allowed_network)]
         allowed_external_ips: Vec<ipnet::IpNet>,
         /// Retrying etcd.
         #[command(flatten)]

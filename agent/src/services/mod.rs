@@ -12,7 +12,7 @@
 //! - [`lb`]: the dataplane-facing desired state, [`lb::plan`] (the minimal diff) and the
 //!   [`lb::LbDataplane`] seam with its recording fake.
 //! - [`cli`]: `twilld apply -f`, `twilld delete -f`, `twilld get services`.
-//! - [`nft`] and [`iptables`]: the netfilter dataplanes (the eBPF one is in `crate::ebpf`), with
+//! - [`nft`] and [`iptables`]: the netfilter dataplanes (the eBPF one is in `crate::shared::bpf`), with
 //!   [`nfnl`] (nf_tables/ctnetlink netlink) and [`conntrack`] (UDP entries of removed
 //!   backends); [`dataplane`] picks one for `--proxy-mode` and removes the others' state.
 //!
@@ -21,13 +21,11 @@
 //! dataplane, resync, metrics))`; `metrics.render()` is appended to `/metrics`.
 
 pub mod cli;
-pub mod conntrack;
 pub mod dataplane;
 pub mod desired;
-pub mod iptables;
+pub mod healthz;
 pub mod lb;
 pub mod maglev;
 pub mod model;
-pub mod nfnl;
-pub mod nft;
+pub mod proxy;
 pub mod source;

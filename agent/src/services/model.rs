@@ -3,7 +3,7 @@
 //!
 //! Why this shape:
 //! - A hand-written serde subset, not `k8s-openapi`'s types, is the model: the agent needs ~30
-//!   fields of two kinds, and both sources (etcd manifests and, through `crate::kube`, the API
+//!   fields of two kinds, and both sources (etcd manifests and, through `crate::shared::kube`, the API
 //!   server, whose objects are re-serialised and parsed here) must mean the same and be
 //!   validated the same way. Every field a real object carries is listed, though: the fields twill
 //!   uses are typed, the ones it ignores (`managedFields`, `uid`, `selector`, `ipFamilies`,

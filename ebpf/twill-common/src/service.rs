@@ -1,5 +1,5 @@
 //! Map layout of the eBPF service load balancer (issue 4), shared by the kernel programs
-//! (`twill-ebpf`, module `lb`) and user space (`twill_agent::ebpf::service`).
+//! (`twill-ebpf`, module `lb`) and user space (`twill_agent::services::dataplane::ebpf`).
 //!
 //! Why the maps are shaped as they are:
 //! - **One hash lookup per question, none per service.** A VIP is found with one lookup in
