@@ -212,8 +212,11 @@ fn daemonset_args_and_configs_are_what_twill_reads() {
     let opts = twill_agent::daemon::Options::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("DaemonSet args are not twilld flags: {e}"));
     assert!(opts.kube_subnet_mgr);
-    assert_eq!(opts.proxy_mode, "ebpf");
-    assert!(twill_agent::shared::kube::services_from_kubernetes(&opts));
+    assert_eq!(
+        opts.proxy_mode,
+        twill_agent::services::dataplane::ProxyMode::Ebpf
+    );
+    assert!(opts.services_from_kubernetes());
     assert_eq!(opts.healthz_bind_address, "0.0.0.0:10256");
     // The probes hit the health server twilld opens.
     let probe = c

@@ -34,7 +34,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    twill_agent::daemon::memory::tune();
+    twill_agent::shared::memory::tune();
     let Cli { agent: opts, cmd } = Cli::parse();
     let default_level = if cmd.is_some() { "warn" } else { "info" };
     let filter =
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             std::env::var_os("NO_COLOR"),
         ))
         .with_writer(std::io::stderr);
-    if opts.log_format == "json" {
+    if opts.log_format == twill_agent::daemon::options::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -19,13 +19,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::overlay::config::NetworkConfig;
+
+/// Lease TTL (flannel's: 24 h).
+pub const LEASE_TTL: Duration = Duration::from_hours(24);
+
+/// The lease TTL in minutes, the bound of `--subnet-lease-renew-margin`.
+pub const LEASE_TTL_MINUTES: u64 = LEASE_TTL.as_secs() / 60;
 
 /// Errors about lease keys and values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

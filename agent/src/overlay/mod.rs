@@ -31,6 +31,7 @@ pub mod counter;
 pub mod kernel;
 pub mod lease;
 pub mod masq;
+pub mod node;
 pub mod source;
 pub mod uplink;
 

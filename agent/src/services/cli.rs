@@ -38,7 +38,6 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use tokio::time::Instant;
 
-use crate::overlay::source::EtcdArgs;
 use crate::services::dataplane::ebpf::EbpfLbView;
 use crate::services::dataplane::iptables::IptLb;
 use crate::services::dataplane::nft::NftLb;
@@ -50,6 +49,7 @@ use crate::services::model::{
 use crate::services::source::{
     EtcdServiceStore, Listing, MAX_TXN_OPS, ServiceStore, SourceError, url_addresses,
 };
+use crate::shared::etcd::EtcdArgs;
 
 /// Connects to the etcd the flags name, once they are checked as a whole (bad flags or TLS
 /// files are refused with the reason; see `EtcdArgs::check`).

@@ -1,22 +1,22 @@
 //! The service proxy inside the agent: which dataplane (`--proxy-mode`), opened on which
 //! interfaces and cgroup, fed by the standalone etcd source.
 //!
-//! The overlay loop in [`crate::daemon`] and this loop share nothing but the process: the service
-//! loop runs on its own task, never blocks the overlay, and keeps the dataplane it has while etcd
-//! is away (the source's contract).
+//! The overlay loop and this loop share nothing but the process: the daemon starts the service
+//! loop on its own task once the overlay is up (it needs the uplink's and the overlay devices'
+//! names, which [`OverlayView`] carries), it never blocks the overlay, and it keeps the
+//! dataplane it has while its source is away (the source's contract).
 //!
 //! It also tells the service loop which addresses no frontend may take — the node's own (read
 //! again at every resync), every etcd endpoint's, the API server's — and which external IPs it
 //! programs (`--allowed-external-ips`; none by default with the etcd source, every one the API
 //! server admitted with the Kubernetes source, as kube-proxy).
-
 //!
 //! The eBPF dataplane's outside-facing programs go on the uplink and the overlay devices; its
 //! pod-side programs on every pod-facing interface, whatever the CNI made
 //! ([`crate::services::dataplane::ebpf::podif`], `--pod-interfaces`): found before the dataplane opens (so
 //! a restart keeps them attached), then followed by a task of their own on netlink events.
-//! Which endpoints are local comes from their `nodeName` and from the node's pod subnet in the
-//! subnet file (standalone EndpointSlices often name no node).
+//! Which endpoints are local comes from their `nodeName` and from the node's pod subnets
+//! (standalone EndpointSlices often name no node).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -27,20 +27,80 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
-use crate::daemon::Options;
-use crate::overlay::config::BackendType;
-use crate::overlay::{Devices, Uplink};
 use crate::services::dataplane::ebpf::podif::{Changes, LinkWatch, PodIfacePolicy, pod_facing};
 use crate::services::dataplane::ebpf::{EbpfLb, TcIface};
 use crate::services::dataplane::ebpf::{EbpfLbView, error_chain};
-use crate::services::dataplane::iptables::{IptBackend, IptLb, detect_backend};
+use crate::services::dataplane::iptables::{IptBackendChoice, IptLb};
 use crate::services::dataplane::nft::NftLb;
-use crate::services::dataplane::{self, AnyLb, Mode};
+use crate::services::dataplane::{self, AnyLb, Mode, ProxyMode};
 use crate::services::desired::{NodeIdentity, Reserved};
+use crate::services::source::kube::KubeSource;
 use crate::services::source::{
     EtcdServiceStore, LoopSettings, ServiceMetrics, run_services, url_addresses,
 };
+use crate::shared::etcd::EtcdTls;
+use crate::shared::kube::KubeApi;
 use crate::shared::metrics::Metrics;
+
+/// The service proxy's settings (the daemon builds them from the command line).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `--proxy-mode`.
+    pub mode: ProxyMode,
+    /// `--iptables-backend`.
+    pub iptables_backend: IptBackendChoice,
+    /// This node's name, matched against EndpointSlices' `nodeName`.
+    pub node_name: String,
+    /// The cgroup2 directory socket-level load balancing attaches to.
+    pub lb_cgroup: PathBuf,
+    /// Pinned eBPF objects go under `<dir>/lb`.
+    pub bpf_pin_dir: PathBuf,
+    /// `--pod-interfaces`.
+    pub pod_interfaces: Vec<String>,
+    /// External IPs are programmed only inside these (`None`: every one).
+    pub allowed_external_ips: Option<Vec<ipnet::IpNet>>,
+    /// Full resyncs this far apart.
+    pub resync: Duration,
+    /// Where services come from.
+    pub source: SourceConfig,
+    /// etcd endpoints the node depends on (for leases or services): no frontend takes their
+    /// addresses.
+    pub etcd_endpoints: Vec<String>,
+    /// The API server the node depends on, if any: no frontend takes its address.
+    pub kube_api: Option<KubeApi>,
+}
+
+/// Where services come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// Manifests kept in etcd under `<prefix>/services/`.
+    Etcd {
+        /// The endpoints.
+        endpoints: Vec<String>,
+        /// The prefix.
+        prefix: String,
+        /// (m)TLS.
+        tls: EtcdTls,
+    },
+    /// The Kubernetes API.
+    Kubernetes(KubeSource),
+}
+
+/// What the proxy needs to know of the overlay, once it is up.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayView {
+    /// The uplink's name.
+    pub uplink: String,
+    /// The overlay devices' names (none for host-gw).
+    pub devices: Vec<String>,
+    /// Whether the overlay devices carry no Ethernet header (the udp backend's TUN device):
+    /// the eBPF tc programs cannot parse their packets.
+    pub l3_devices: bool,
+    /// The uplink's addresses.
+    pub node_addresses: Vec<IpAddr>,
+    /// The node's pod subnets (its lease).
+    pub pod_subnets: Vec<ipnet::IpNet>,
+}
 
 /// The default cgroup for socket-level load balancing: the cgroup2 root, so every process of
 /// the node is balanced (mounted at `/sys/fs/cgroup/unified` on hybrid hosts).
@@ -51,14 +111,6 @@ pub fn default_cgroup() -> PathBuf {
     } else {
         PathBuf::from("/sys/fs/cgroup")
     }
-}
-
-/// The node's name for EndpointSlice locality: `--node-name`, else the host name.
-pub fn node_name(opts: &Options) -> String {
-    opts.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "localhost".to_string(), |h| h.trim().to_string())
-    })
 }
 
 /// Parses one `--allowed-external-ips` value: a network in CIDR notation with no host bits
@@ -77,16 +129,6 @@ pub fn parse_allowed_network(s: &str) -> Result<ipnet::IpNet, String> {
         ));
     }
     Ok(net)
-}
-
-/// The external IPs this node programs: `--allowed-external-ips`, else none with the etcd
-/// source and every one with the Kubernetes source (the API server admitted them).
-pub fn allowed_external_ips(opts: &Options) -> Option<Vec<ipnet::IpNet>> {
-    match &opts.allowed_external_ips {
-        Some(nets) => Some(nets.clone()),
-        None if crate::shared::kube::services_from_kubernetes(opts) => None,
-        None => Some(Vec::new()),
-    }
 }
 
 /// The addresses of the calling thread's network namespace (the node's, in `twilld`) that a
@@ -109,20 +151,15 @@ fn own_addresses() -> Vec<IpAddr> {
     }
 }
 
-/// The addresses no frontend may take besides the node's own: every etcd endpoint's when etcd
-/// is used (for leases or services), the API server's when Kubernetes is.
-async fn control_plane_addresses(opts: &Options) -> BTreeMap<IpAddr, Reserved> {
+/// The addresses no frontend may take besides the node's own: every etcd endpoint's the node
+/// uses (for leases or services), the API server's when it uses Kubernetes.
+async fn control_plane_addresses(cfg: &ProxyConfig) -> BTreeMap<IpAddr, Reserved> {
     let mut out = BTreeMap::new();
-    let kube = opts.kube_subnet_mgr || crate::shared::kube::services_from_kubernetes(opts);
-    if !opts.kube_subnet_mgr || !crate::shared::kube::services_from_kubernetes(opts) {
-        for ip in url_addresses(&opts.etcd.etcd_endpoints).await {
-            out.insert(ip, Reserved::Etcd);
-        }
+    for ip in url_addresses(&cfg.etcd_endpoints).await {
+        out.insert(ip, Reserved::Etcd);
     }
-    if kube {
-        match crate::shared::kube::config(opts.kube_api_url.as_deref(), opts.kubeconfig.as_deref())
-            .await
-        {
+    if let Some(api) = &cfg.kube_api {
+        match api.config().await {
             Ok(cfg) => {
                 for ip in url_addresses(&[cfg.cluster_url.to_string()]).await {
                     out.insert(ip, Reserved::ApiServer);
@@ -224,19 +261,16 @@ async fn follow_pod_interfaces(lb: Arc<Mutex<EbpfLb>>, mut side: PodSide) {
 /// the uplink and overlay devices, and the pod-facing interfaces there are now (subscribed to
 /// link events first, so none that appears meanwhile is missed).
 async fn open_ebpf(
-    opts: &Options,
-    up: &Uplink,
-    devices: &Devices,
+    cfg: &ProxyConfig,
+    overlay: &OverlayView,
     pin_dir: &std::path::Path,
 ) -> anyhow::Result<(EbpfLb, PodSide)> {
     if dataplane::ebpf_disabled() {
         anyhow::bail!("disabled by {}=1", dataplane::DISABLE_EBPF_ENV);
     }
-    let policy = PodIfacePolicy::parse(&opts.pod_interfaces)?;
-    let mut external = BTreeSet::from([up.name.clone()]);
-    for dev in [&devices.v4, &devices.v6].into_iter().flatten() {
-        external.insert(dev.name.clone());
-    }
+    let policy = PodIfacePolicy::parse(&cfg.pod_interfaces)?;
+    let mut external = BTreeSet::from([overlay.uplink.clone()]);
+    external.extend(overlay.devices.iter().cloned());
     let watch = LinkWatch::subscribe()?;
     let links = watch.links().await?;
     let pods = pod_facing(&links, &external, &policy);
@@ -246,7 +280,7 @@ async fn open_ebpf(
         .map(TcIface::external)
         .chain(pods.into_keys().map(TcIface::pods))
         .collect();
-    let cgroup = opts.lb_cgroup.clone().unwrap_or_else(default_cgroup);
+    let cgroup = cfg.lb_cgroup.clone();
     let lb = tokio::task::spawn_blocking({
         let (pin_dir, cgroup) = (pin_dir.to_path_buf(), cgroup.clone());
         move || EbpfLb::open(&pin_dir, &cgroup, &ifaces)
@@ -269,30 +303,8 @@ async fn open_ebpf(
     ))
 }
 
-/// The node's pod subnets, from the subnet file the agent wrote before the proxy starts: an
-/// endpoint inside them is on this node whatever its EndpointSlice says (or does not say).
-fn pod_subnets(opts: &Options) -> Vec<ipnet::IpNet> {
-    match twill_facts::SubnetFacts::read(&opts.subnet_file) {
-        Ok(facts) => facts
-            .subnet_v4()
-            .map(ipnet::IpNet::V4)
-            .into_iter()
-            .chain(facts.subnet_v6().map(ipnet::IpNet::V6))
-            .collect(),
-        Err(e) => {
-            tracing::warn!(
-                file = %opts.subnet_file.display(),
-                error = %e,
-                "no pod subnet for endpoint locality; nodeName alone decides"
-            );
-            Vec::new()
-        }
-    }
-}
-
 /// Opens the netfilter dataplane of `mode` (nftables or iptables).
-async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<AnyLb> {
-    let backend = iptables_backend.to_string();
+async fn open_netfilter(mode: Mode, iptables_backend: IptBackendChoice) -> anyhow::Result<AnyLb> {
     tokio::task::spawn_blocking(move || -> anyhow::Result<AnyLb> {
         dataplane::ensure_bridge_nf();
         if mode == Mode::Nftables {
@@ -300,11 +312,7 @@ async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<An
                 "open the nftables service dataplane (table inet twill)",
             )?));
         }
-        let (b, why) = match backend.as_str() {
-            "legacy" => (IptBackend::Legacy, "requested".to_string()),
-            "nft" => (IptBackend::Nft, "requested".to_string()),
-            _ => detect_backend(),
-        };
+        let (b, why) = iptables_backend.resolve();
         tracing::info!(backend = b.as_str(), reason = %why, "iptables backend");
         Ok(AnyLb::Ipt(IptLb::open(b).with_context(|| {
             format!(
@@ -316,11 +324,11 @@ async fn open_netfilter(mode: Mode, iptables_backend: &str) -> anyhow::Result<An
     .await?
 }
 
-/// The service loop's settings: `--resync-interval`, and the node's own addresses read from
-/// its network namespace.
-pub fn loop_settings(opts: &Options) -> LoopSettings {
+/// The service loop's settings: the resync period, and the node's own addresses read from its
+/// network namespace.
+pub fn loop_settings(resync: Duration) -> LoopSettings {
     LoopSettings {
-        resync: Duration::from_secs(opts.resync_interval.max(1)),
+        resync,
         own_addresses: Some(Arc::new(own_addresses)),
     }
 }
@@ -329,28 +337,26 @@ pub fn loop_settings(opts: &Options) -> LoopSettings {
 /// `none`. `auto` tries eBPF, then nftables, then iptables; the choice and the reason are
 /// logged and exported. The other modes' state is removed.
 pub async fn start(
-    opts: &Options,
-    backend: BackendType,
-    up: &Uplink,
-    devices: &Devices,
+    cfg: &ProxyConfig,
+    overlay: &OverlayView,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
-    if opts.proxy_mode == "none" {
+    if cfg.mode == ProxyMode::None {
         return Ok(None);
     }
     // Refused before anything is opened, whatever the mode (`auto` may end up in eBPF).
-    PodIfacePolicy::parse(&opts.pod_interfaces)?;
-    let pin_dir = opts.bpf_pin_dir.join("lb");
+    PodIfacePolicy::parse(&cfg.pod_interfaces)?;
+    let pin_dir = cfg.bpf_pin_dir.join("lb");
     let mut probe = dataplane::Probe::default();
     let mut ebpf = None;
-    if opts.proxy_mode == "auto" {
-        if backend == BackendType::Udp {
-            // See `udp::check_proxy_mode`: the tc programs need an Ethernet header.
+    if cfg.mode == ProxyMode::Auto {
+        if overlay.l3_devices {
+            // The tc programs need an Ethernet header (see the udp backend's `check_proxy_mode`).
             probe.ebpf = Err(
                 "the udp backend's flannel0 is an L3 device the tc programs cannot parse".into(),
             );
         } else {
-            match open_ebpf(opts, up, devices, &pin_dir).await {
+            match open_ebpf(cfg, overlay, &pin_dir).await {
                 Ok(lb) => ebpf = Some(lb),
                 Err(e) => probe.ebpf = Err(format!("{e:#}")),
             }
@@ -360,19 +366,21 @@ pub async fn start(
                 tokio::task::spawn_blocking(|| NftLb::probe().map_err(|e| e.to_string())).await?;
         }
     }
-    let (mode, reason) = dataplane::choose(&opts.proxy_mode, &probe).map_err(anyhow::Error::msg)?;
+    let Some((mode, reason)) = dataplane::choose(cfg.mode, &probe) else {
+        return Ok(None);
+    };
     tracing::info!(mode = mode.as_str(), reason = %reason, "service proxy mode");
     let (dp, pod_side) = match mode {
         Mode::Ebpf => {
             let (lb, side) = match ebpf {
                 Some(opened) => opened,
-                None => open_ebpf(opts, up, devices, &pin_dir).await?,
+                None => open_ebpf(cfg, overlay, &pin_dir).await?,
             };
             (AnyLb::Ebpf(Arc::new(Mutex::new(lb))), Some(side))
         }
         Mode::Nftables | Mode::Iptables => {
             drop(ebpf);
-            (open_netfilter(mode, &opts.iptables_backend).await?, None)
+            (open_netfilter(mode, cfg.iptables_backend).await?, None)
         }
     };
     tokio::task::spawn_blocking({
@@ -383,7 +391,7 @@ pub async fn start(
     // The node name decides which endpoints are local (`externalTrafficPolicy: Local`, hairpin
     // SNAT): logged, since a wrong one (the host name where EndpointSlices say otherwise) only
     // shows as failing connections.
-    let name = node_name(opts);
+    let name = cfg.node_name.clone();
     tracing::info!(mode = mode.as_str(), node = %name, "service dataplane ready");
     if let (AnyLb::Ebpf(shared), Some(side)) = (&dp, pod_side) {
         tokio::spawn(follow_pod_interfaces(shared.clone(), side));
@@ -402,26 +410,39 @@ pub async fn start(
     metrics.add_renderer(Box::new(move || render.render()));
     let node = NodeIdentity {
         name,
-        addresses: up.nets.iter().map(ipnet::IpNet::addr).collect(),
-        reserved: control_plane_addresses(opts).await,
-        allowed_external_ips: allowed_external_ips(opts),
-        pod_subnets: pod_subnets(opts),
+        addresses: overlay.node_addresses.clone(),
+        reserved: control_plane_addresses(cfg).await,
+        allowed_external_ips: cfg.allowed_external_ips.clone(),
+        pod_subnets: overlay.pod_subnets.clone(),
     };
     tracing::info!(
         reserved = ?node.reserved.keys().collect::<Vec<_>>(),
         allowed_external_ips = ?node.allowed_external_ips,
         "addresses no frontend may take besides the node's own; external IPs programmed"
     );
-    if crate::shared::kube::services_from_kubernetes(opts) {
-        return crate::services::source::kube::spawn(opts, node, dp, svc_metrics, metrics)
+    let settings = loop_settings(cfg.resync);
+    let (endpoints, prefix, tls) = match &cfg.source {
+        SourceConfig::Kubernetes(source) => {
+            return crate::services::source::kube::spawn(
+                source,
+                node,
+                dp,
+                settings,
+                svc_metrics,
+                metrics,
+            )
             .await
             .map(Some);
-    }
-    let tls = opts.etcd.tls();
-    let store = EtcdServiceStore::connect(&opts.etcd.etcd_endpoints, &opts.etcd.etcd_prefix, &tls)
+        }
+        SourceConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => (endpoints, prefix, tls),
+    };
+    let store = EtcdServiceStore::connect(endpoints, prefix, tls)
         .await
         .context("connect the service source to etcd")?;
-    let settings = loop_settings(opts);
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = run_services(store, node, dp, settings, svc_metrics).await {
             tracing::error!(error = format!("{e:#}"), "service loop stopped");
@@ -431,16 +452,10 @@ pub async fn start(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
 
-    fn opts(args: &[&str]) -> Options {
-        Options::try_parse_from(std::iter::once("twilld").chain(args.iter().copied())).unwrap()
-    }
-
     #[test]
-    fn allowed_external_ips_flag_and_defaults() {
+    fn allowed_external_ips_values() {
         assert_eq!(
             parse_allowed_network("198.18.0.0/16").unwrap().to_string(),
             "198.18.0.0/16"
@@ -461,50 +476,39 @@ mod tests {
             parse_allowed_network("eth0").unwrap_err(),
             "\"eth0\" is neither a network (CIDR) nor an address"
         );
-        let e = Options::try_parse_from(["twilld", "--allowed-external-ips", "10.0.0.1/8"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--allowed-external-ips") && e.contains("10.0.0.0/8"),
-            "{e}"
-        );
-        // Repeatable and comma-separated.
-        let o = opts(&[
-            "--allowed-external-ips",
-            "198.18.200.0/24,192.0.2.7",
-            "--allowed-external-ips=2001:db8::/64",
-        ]);
-        let got: Vec<String> = allowed_external_ips(&o)
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(got, ["198.18.200.0/24", "192.0.2.7/32", "2001:db8::/64"]);
-        // Defaults: none with the etcd source, all (the API server's choice) with Kubernetes.
-        assert_eq!(allowed_external_ips(&opts(&[])), Some(Vec::new()));
-        assert_eq!(
-            allowed_external_ips(&opts(&["--kube-api-url", "https://10.0.0.1:6443"])),
-            None
-        );
-        assert_eq!(
-            allowed_external_ips(&opts(&[
-                "--kube-api-url",
-                "https://10.0.0.1:6443",
-                "--allowed-external-ips",
-                "192.0.2.0/24"
-            ]))
-            .map(|v| v.len()),
-            Some(1)
-        );
     }
 
     #[tokio::test]
     async fn control_plane_addresses_are_reserved() {
-        let o = opts(&[
-            "--etcd-endpoints",
-            "http://198.18.0.1:2379,https://[fd00::1]:2379,http://user@198.18.0.2",
-        ]);
-        let got = control_plane_addresses(&o).await;
+        let cfg = |etcd: &[&str], api: Option<&str>| ProxyConfig {
+            mode: ProxyMode::Ebpf,
+            iptables_backend: IptBackendChoice::Auto,
+            node_name: "n1".into(),
+            lb_cgroup: PathBuf::from("/sys/fs/cgroup"),
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/twill"),
+            pod_interfaces: vec!["auto".into()],
+            allowed_external_ips: None,
+            resync: Duration::from_secs(30),
+            source: SourceConfig::Etcd {
+                endpoints: Vec::new(),
+                prefix: String::new(),
+                tls: EtcdTls::default(),
+            },
+            etcd_endpoints: etcd.iter().map(ToString::to_string).collect(),
+            kube_api: api.map(|u| KubeApi {
+                url: Some(u.into()),
+                kubeconfig: None,
+            }),
+        };
+        let got = control_plane_addresses(&cfg(
+            &[
+                "http://198.18.0.1:2379",
+                "https://[fd00::1]:2379",
+                "http://user@198.18.0.2",
+            ],
+            None,
+        ))
+        .await;
         let want: BTreeMap<IpAddr, Reserved> = [
             ("198.18.0.1", Reserved::Etcd),
             ("198.18.0.2", Reserved::Etcd),
@@ -514,13 +518,7 @@ mod tests {
         .map(|(ip, r)| (ip.parse().unwrap(), r))
         .collect();
         assert_eq!(got, want);
-        // Kubernetes for leases and services: the API server's address, not etcd's.
-        let o = opts(&[
-            "--kube-subnet-mgr",
-            "--kube-api-url",
-            "https://198.18.0.9:6443",
-        ]);
-        let got = control_plane_addresses(&o).await;
+        let got = control_plane_addresses(&cfg(&[], Some("https://198.18.0.9:6443"))).await;
         assert_eq!(
             got,
             BTreeMap::from([("198.18.0.9".parse().unwrap(), Reserved::ApiServer)])

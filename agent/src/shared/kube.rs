@@ -1,7 +1,7 @@
-//! twill in a Kubernetes cluster: the API client, the Services/EndpointSlices source of the
-//! service proxy ([`services`]), the kube subnet manager that takes each node's subnet from its
-//! `podCIDR` and publishes flannel's node annotations ([`subnet`], [`annotations`]), and
-//! kube-proxy's health server ([`healthz`]).
+//! The Kubernetes API client both loops use: the kube subnet manager of the overlay
+//! ([`crate::overlay::source::kube`], with flannel's node annotations) and the Services and
+//! EndpointSlices source of the service proxy ([`crate::services::source::kube`], with
+//! kube-proxy's health server in [`crate::services::healthz`]).
 //!
 //! Why this shape:
 //! - Both halves of the agent keep their seams: the overlay loop sees one more
@@ -21,8 +21,6 @@
 //!   in `deploy/` runs.
 
 use std::path::{Path, PathBuf};
-
-use crate::daemon::Options;
 
 /// Errors talking to Kubernetes.
 #[derive(Debug, thiserror::Error)]
@@ -113,19 +111,26 @@ pub async fn config(
     }
 }
 
-/// A client for the API server the agent's flags name.
-pub async fn client(opts: &Options) -> Result<kube::Client, KubeError> {
-    let cfg = config(opts.kube_api_url.as_deref(), opts.kubeconfig.as_deref()).await?;
-    let url = cfg.cluster_url.to_string();
-    kube::Client::try_from(cfg).map_err(|source| KubeError::Client { url, source })
+/// Which API server to talk to (flannel's `--kube-api-url` and `--kubeconfig-file`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeApi {
+    /// The server's URL; with a kubeconfig, replaces its server.
+    pub url: Option<String>,
+    /// A kubeconfig file.
+    pub kubeconfig: Option<PathBuf>,
 }
 
-/// Whether services come from the Kubernetes API: `--service-source`, else whenever a
-/// Kubernetes flag is given (`--kube-subnet-mgr`, `--kube-api-url`, `--kubeconfig`).
-pub fn services_from_kubernetes(opts: &Options) -> bool {
-    match opts.service_source.as_deref() {
-        Some(s) => s == "kubernetes",
-        None => opts.kube_subnet_mgr || opts.kube_api_url.is_some() || opts.kubeconfig.is_some(),
+impl KubeApi {
+    /// The API server configuration, as client-go's `BuildConfigFromFlags` builds it.
+    pub async fn config(&self) -> Result<kube::Config, KubeError> {
+        config(self.url.as_deref(), self.kubeconfig.as_deref()).await
+    }
+
+    /// A client for the API server.
+    pub async fn client(&self) -> Result<kube::Client, KubeError> {
+        let cfg = self.config().await?;
+        let url = cfg.cluster_url.to_string();
+        kube::Client::try_from(cfg).map_err(|source| KubeError::Client { url, source })
     }
 }
 
@@ -178,21 +183,5 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn which_source_serves_services() {
-        use clap::Parser as _;
-        let parse = |args: &[&str]| {
-            let mut argv = vec!["twilld"];
-            argv.extend(args);
-            services_from_kubernetes(&Options::try_parse_from(argv).unwrap())
-        };
-        assert!(!parse(&[]));
-        assert!(parse(&["--kube-subnet-mgr"]));
-        assert!(parse(&["--kubeconfig-file", "/etc/k"]));
-        assert!(parse(&["--kube-api-url", "http://a:8080"]));
-        assert!(!parse(&["--kube-subnet-mgr", "--service-source", "etcd"]));
-        assert!(parse(&["--service-source", "kubernetes"]));
     }
 }

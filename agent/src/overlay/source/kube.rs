@@ -29,12 +29,13 @@ use kube::api::{Api, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use tokio::sync::mpsc;
 
 use super::annotations::{self, AnnotationError, Annotations};
-use crate::daemon::Options;
 use crate::overlay::config::{ConfigError, NetworkConfig};
+use crate::overlay::lease::LEASE_TTL;
 use crate::overlay::lease::{LeaseAttrs, LeaseSubnets};
 use crate::overlay::source::{
     EtcdStore, HeldLease, LeaseEvent, LeaseStore, Listing, StoreError, StoredLease,
 };
+use crate::shared::kube::KubeApi;
 use crate::shared::kube::{KubeError, api_err};
 
 /// The watch timeout asked of the API server (client-go's informers use 5-10 min; kube-rs 290 s).
@@ -134,15 +135,14 @@ impl KubeSubnetStore {
         })
     }
 
-    /// The store the agent's flags describe.
-    pub async fn connect(opts: &Options) -> Result<Self, SubnetError> {
-        let client = crate::shared::kube::client(opts).await?;
-        Self::new(
-            client,
-            &crate::services::proxy::node_name(opts),
-            &opts.kube_annotation_prefix,
-            &opts.net_config_path,
-        )
+    /// The store of node `node` on the API server `api`.
+    pub async fn connect(
+        api: &KubeApi,
+        node: &str,
+        annotation_prefix: &str,
+        config_path: &Path,
+    ) -> Result<Self, SubnetError> {
+        Self::new(api.client().await?, node, annotation_prefix, config_path)
     }
 
     fn decode(&self, node: &Node) -> Option<StoredLease> {
@@ -279,7 +279,7 @@ impl LeaseStore for KubeSubnetStore {
 
     async fn renew(&self, _held: &HeldLease) -> Result<SystemTime, StoreError> {
         // Nothing expires: the lease lasts as long as the Node (flannel: "unimplemented").
-        Ok(SystemTime::now() + crate::daemon::LEASE_TTL)
+        Ok(SystemTime::now() + LEASE_TTL)
     }
 
     async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<LeaseEvent>>) -> StoreError {

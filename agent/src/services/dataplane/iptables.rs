@@ -96,6 +96,28 @@ const FILTER: &str = "filter";
 /// The chains a frontend's dispatch rule can live in: (table, chain).
 const DISPATCH: [(&str, &str); 3] = [(NAT, SERVICES), (NAT, NODEPORTS), (FILTER, SERVICES)];
 
+/// The iptables implementation asked for (`--iptables-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IptBackendChoice {
+    /// The one already holding rules, else what `iptables --version` names.
+    Auto,
+    /// `iptables-legacy`.
+    Legacy,
+    /// `iptables-nft`.
+    Nft,
+}
+
+impl IptBackendChoice {
+    /// The backend to use and why.
+    pub fn resolve(self) -> (IptBackend, String) {
+        match self {
+            IptBackendChoice::Legacy => (IptBackend::Legacy, "requested".to_string()),
+            IptBackendChoice::Nft => (IptBackend::Nft, "requested".to_string()),
+            IptBackendChoice::Auto => detect_backend(),
+        }
+    }
+}
+
 /// Which iptables implementation the node uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IptBackend {

@@ -31,6 +31,40 @@ use crate::services::dataplane::ebpf::EbpfLb;
 /// The environment variable that makes eBPF unavailable (tests of `auto`'s fallback).
 pub const DISABLE_EBPF_ENV: &str = "TWILL_TEST_DISABLE_EBPF";
 
+/// The service proxy mode asked for (`--proxy-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// No service dataplane.
+    None,
+    /// Socket-level load balancing on cgroup hooks and tc programs with conntrack.
+    Ebpf,
+    /// The `inet twill` nftables table.
+    Nftables,
+    /// kube-proxy's iptables chains.
+    Iptables,
+    /// eBPF where twill's programs load and attach, else nftables, else iptables.
+    Auto,
+}
+
+impl ProxyMode {
+    /// Its name, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::None => "none",
+            ProxyMode::Ebpf => "ebpf",
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A concrete proxy mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -72,13 +106,14 @@ impl Default for Probe {
     }
 }
 
-/// Picks the mode for `requested` (`ebpf`, `nftables`, `iptables` or `auto`) and says why.
-pub fn choose(requested: &str, probe: &Probe) -> Result<(Mode, String), String> {
+/// Picks the mode for `requested` and says why; `None` for [`ProxyMode::None`].
+pub fn choose(requested: ProxyMode, probe: &Probe) -> Option<(Mode, String)> {
     match requested {
-        "ebpf" => Ok((Mode::Ebpf, "requested".into())),
-        "nftables" => Ok((Mode::Nftables, "requested".into())),
-        "iptables" => Ok((Mode::Iptables, "requested".into())),
-        "auto" => Ok(match (&probe.ebpf, &probe.nftables) {
+        ProxyMode::None => None,
+        ProxyMode::Ebpf => Some((Mode::Ebpf, "requested".into())),
+        ProxyMode::Nftables => Some((Mode::Nftables, "requested".into())),
+        ProxyMode::Iptables => Some((Mode::Iptables, "requested".into())),
+        ProxyMode::Auto => Some(match (&probe.ebpf, &probe.nftables) {
             (Ok(()), _) => (Mode::Ebpf, "auto: eBPF programs load and attach".into()),
             (Err(e), Ok(())) => (Mode::Nftables, format!("auto: eBPF unavailable ({e})")),
             (Err(e), Err(n)) => (
@@ -86,9 +121,6 @@ pub fn choose(requested: &str, probe: &Probe) -> Result<(Mode, String), String> 
                 format!("auto: eBPF unavailable ({e}); nftables unavailable ({n})"),
             ),
         }),
-        other => Err(format!(
-            "unknown proxy mode {other:?} (want ebpf, nftables, iptables, auto or none)"
-        )),
     }
 }
 
@@ -219,23 +251,23 @@ mod tests {
             ebpf: Ok(()),
             nftables: Ok(()),
         };
-        assert_eq!(choose("auto", &all).unwrap().0, Mode::Ebpf);
+        assert_eq!(choose(ProxyMode::Auto, &all).unwrap().0, Mode::Ebpf);
         let no_ebpf = Probe {
             ebpf: Err("disabled".into()),
             nftables: Ok(()),
         };
-        let (m, why) = choose("auto", &no_ebpf).unwrap();
+        let (m, why) = choose(ProxyMode::Auto, &no_ebpf).unwrap();
         assert_eq!(m, Mode::Nftables);
         assert!(why.contains("disabled"), "{why}");
         let none = Probe {
             ebpf: Err("no BTF".into()),
             nftables: Err("EPROTONOSUPPORT".into()),
         };
-        assert_eq!(choose("auto", &none).unwrap().0, Mode::Iptables);
+        assert_eq!(choose(ProxyMode::Auto, &none).unwrap().0, Mode::Iptables);
         assert_eq!(
-            choose("iptables", &all).unwrap(),
+            choose(ProxyMode::Iptables, &all).unwrap(),
             (Mode::Iptables, "requested".into())
         );
-        assert!(choose("ipvs", &all).unwrap_err().contains("\"ipvs\""));
+        assert_eq!(choose(ProxyMode::None, &all), None);
     }
 }

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -40,14 +39,16 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::daemon::Options;
 use crate::services::desired::NodeIdentity;
 use crate::services::healthz::{ProxyHealth, node_eligible};
 use crate::services::lb::LbDataplane;
 use crate::services::model::{
     self, Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
 };
-use crate::services::source::{Listing, ServiceMetrics, SourceUpdate, run_services_with};
+use crate::services::source::{
+    Listing, LoopSettings, ServiceMetrics, SourceUpdate, run_services_with,
+};
+use crate::shared::kube::KubeApi;
 use crate::shared::metrics::Metrics;
 
 /// The label naming the proxy that should program a Service (kube-proxy skips labelled ones).
@@ -377,29 +378,44 @@ pub fn healthz_addr(text: &str) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(ip, 10256))
 }
 
+/// The Kubernetes service source's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeSource {
+    /// The API server.
+    pub api: KubeApi,
+    /// This proxy's name (`--service-proxy-name`): Services labelled
+    /// `service.kubernetes.io/service-proxy-name` with it are programmed, other labelled ones
+    /// skipped.
+    pub proxy_name: String,
+    /// kube-proxy's health server (`--healthz-bind-address`; empty: off).
+    pub healthz_bind_address: String,
+}
+
 /// Starts the service loop fed by the Kubernetes API, and kube-proxy's health server unless
-/// `--healthz-bind-address` is empty. The loop reports to `svc_metrics` (which the caller
+/// `healthz_bind_address` is empty. The loop reports to `svc_metrics` (which the caller
 /// exports); the health server's counters are added to the agent's `/metrics`.
 pub async fn spawn<D: LbDataplane>(
-    opts: &Options,
+    source: &KubeSource,
     node: NodeIdentity,
     dataplane: D,
+    settings: LoopSettings,
     svc_metrics: Arc<ServiceMetrics>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let client = crate::shared::kube::client(opts)
+    let client = source
+        .api
+        .client()
         .await
         .context("connect the service source to the Kubernetes API")?;
-    let settings = crate::services::proxy::loop_settings(opts);
     let resync = settings.resync;
     // kube-proxy's health timeout: twice its sync period.
     let health = Arc::new(ProxyHealth::new(svc_metrics.clone(), 2 * resync));
     let h = health.clone();
     metrics.add_renderer(Box::new(move || h.render()));
-    let server = if opts.healthz_bind_address.is_empty() {
+    let server = if source.healthz_bind_address.is_empty() {
         None
     } else {
-        let addr = healthz_addr(&opts.healthz_bind_address)?;
+        let addr = healthz_addr(&source.healthz_bind_address)?;
         let h = health.clone();
         Some(tokio::spawn(async move {
             if let Err(e) = crate::services::healthz::serve(addr, h).await {
@@ -407,7 +423,7 @@ pub async fn spawn<D: LbDataplane>(
             }
         }))
     };
-    let (node_name, proxy_name) = (node.name.clone(), opts.service_proxy_name.clone());
+    let (node_name, proxy_name) = (node.name.clone(), source.proxy_name.clone());
     Ok(tokio::spawn(async move {
         let res = run_services_with(
             move |tx| run_source(client, node_name, proxy_name, Some(health), tx),

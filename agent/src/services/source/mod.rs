@@ -42,12 +42,13 @@ use anyhow::Context as _;
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::{Notify, mpsc};
 
-use crate::overlay::source::{EtcdTls, WatchEnd, watch_prefix};
 use crate::services::desired::{LbState, NodeIdentity, RefuseReason, Refused, Reserved, Snapshot};
 use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan_refs};
 use crate::services::model::{
     Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
 };
+use crate::shared::backoff::Backoff;
+use crate::shared::etcd::{EtcdTls, WatchEnd, watch_prefix};
 
 /// At most this many objects per transaction (etcd's default `--max-txn-ops`).
 pub const MAX_TXN_OPS: usize = 128;
@@ -68,7 +69,7 @@ pub enum SourceError {
     },
     /// Connecting to etcd failed (or its TLS files could not be read).
     #[error(transparent)]
-    Connect(#[from] crate::overlay::source::StoreError),
+    Connect(#[from] crate::shared::etcd::EtcdError),
     /// Too many operations for one transaction (callers split their writes).
     #[error("{count} operations in one transaction; etcd takes at most {max} (its --max-txn-ops)")]
     TooMany {
@@ -288,7 +289,7 @@ impl EtcdServiceStore {
         prefix: &str,
         tls: &EtcdTls,
     ) -> Result<Self, SourceError> {
-        let client = crate::overlay::source::connect_client(endpoints, tls).await?;
+        let client = crate::shared::etcd::connect_client(endpoints, tls).await?;
         Ok(Self::new(client, prefix))
     }
 
@@ -915,20 +916,6 @@ pub enum SourceUpdate {
     Triggers(Vec<SystemTime>),
 }
 
-/// Exponential backoff between 100 ms and 10 s.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(10));
-        d
-    }
-}
-
 /// Lists, then watches from the listed revision, forwarding updates; re-lists with backoff
 /// whenever the watch breaks or the store changed in a way a listing must judge. Runs until
 /// `out` is closed.
@@ -939,7 +926,7 @@ pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUp
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing services failed; keeping the dataplane as it is");
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
@@ -976,7 +963,7 @@ pub async fn service_cache<S: ServiceStore>(store: S, out: mpsc::Sender<SourceUp
             }
         }
         watch_task.abort();
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -1709,7 +1696,7 @@ impl<D: LbDataplane> Loop<D> {
         }
         self.after("full", start, ops, &res);
         // A full sync's copies (the read-back, the plan) are gone: hand their pages back.
-        crate::daemon::memory::trim();
+        crate::shared::memory::trim();
         Ok(())
     }
 
@@ -1957,7 +1944,7 @@ where
         }
         if lp.need_full && have_snapshot {
             if retry_at.is_none() {
-                retry_at = Some(tokio::time::Instant::now() + backoff.next());
+                retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
             }
         } else {
             backoff = Backoff::new();

@@ -152,15 +152,15 @@ pub fn check_config(cfg: &NetworkConfig) -> Result<(), UdpError> {
     Ok(())
 }
 
-/// Checks the agent's `--proxy-mode` against this backend: the eBPF service dataplane is refused.
+/// Checks the agent's service proxy against this backend: the eBPF dataplane (`ebpf`) is refused.
 ///
 /// Its tc programs parse Ethernet frames, and `flannel0` is an L3 TUN device whose packets start
 /// at the IP header: attached there, they would see no IPv4 or IPv6 packet at all, and replies of
 /// NodePort flows SNATed to a backend on another node (they come back through `flannel0`) would
 /// reach the node's stack untranslated and be reset. Refused at start, before anything is
 /// created, rather than half-working.
-pub fn check_proxy_mode(mode: &str) -> Result<(), UdpError> {
-    if mode == "ebpf" {
+pub fn check_proxy_mode(ebpf: bool) -> Result<(), UdpError> {
+    if ebpf {
         return Err(UdpError::Config(
             "--proxy-mode ebpf does not work with Backend.Type \"udp\" yet: its tc programs \
              parse Ethernet frames and the udp backend's flannel0 is an L3 TUN device without \
@@ -510,8 +510,8 @@ mod tests {
         let mut up = uplink();
         up.public_v4 = None;
         assert!(Spec::new(&cfg, &up).is_err());
-        assert!(check_proxy_mode("none").is_ok());
-        let err = check_proxy_mode("ebpf").unwrap_err().to_string();
+        assert!(check_proxy_mode(false).is_ok());
+        let err = check_proxy_mode(true).unwrap_err().to_string();
         assert!(
             err.contains("--proxy-mode ebpf") && err.contains("L3 TUN"),
             "{err}"
