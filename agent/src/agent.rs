@@ -22,6 +22,13 @@
 //!   it reports `NOT_AVAILABLE` until the file is back), re-acquires and writes the file anew.
 //! - Peer leases are validated before use ([`lease::validate_peers`]); each ignored one is
 //!   logged once per key and reason and counted in `twill_leases_ignored`.
+//! - The service proxy starts beside the overlay loop, not before it: opening the eBPF
+//!   dataplane (loading, verifying and attaching its programs) takes a second, several on a busy
+//!   node, and the subnet file already lets pods be created here. Had the loop waited, those pods
+//!   could neither reach nor be reached from other nodes' pods until then (the peers' routes
+//!   missing here, and a peer that started as slowly missing ours), while services through the
+//!   node's own backends and NodePorts already answered. A proxy that fails to start still
+//!   stops twilld.
 //! - An etcd that suddenly holds nothing (every lease gone and the network config key gone too,
 //!   as after a wipe or a fresh cluster) is suspect: the lease cache keeps the last snapshot and
 //!   acts on the empty listing only once the config key is back.
@@ -1066,10 +1073,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None
     };
 
-    // Services: a task of its own; the overlay loop below never waits on it.
-    let services = crate::proxy::start(&opts, cfg.backend.kind, &up, &devices, &metrics)
-        .await
-        .context("start the service proxy")?;
+    // Services: a task of their own, started beside the overlay loop below, which never waits
+    // on them (see the module notes).
+    let mut proxy_start = tokio::spawn({
+        let (opts, up, devices, metrics) =
+            (opts.clone(), up.clone(), devices.clone(), metrics.clone());
+        let backend = cfg.backend.kind;
+        async move { crate::proxy::start(&opts, backend, &up, &devices, &metrics).await }
+    });
+    let mut proxy_starting = true;
+    let mut services: Option<tokio::task::JoinHandle<()>> = None;
     if let Some(u) = &udp {
         u.set_table(held.subnets.v4, &[]);
     }
@@ -1095,6 +1108,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let mut lost: Option<Loss> = None;
         tokio::select! {
             () = shutdown.wait() => break 'main,
+            started = &mut proxy_start, if proxy_starting => {
+                proxy_starting = false;
+                services = started
+                    .context("start the service proxy")?
+                    .context("start the service proxy")?;
+            }
             changed = snap_rx.changed() => {
                 if changed.is_err() { bail!("lease cache stopped"); }
                 let Some(snap) = snap_rx.borrow_and_update().clone() else { continue };
@@ -1230,6 +1249,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         reconcile_once(&kernel, &cfg, &up, &devices, &held, &peers, &metrics).await;
     }
     cache.abort();
+    proxy_start.abort();
     if let Some(s) = services {
         s.abort();
     }
