@@ -132,12 +132,17 @@ impl Cluster {
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             rig.start_twilld(node, &flags).unwrap();
         }
-        let facts = (1..=n)
+        let facts: Vec<SubnetFacts> = (1..=n)
             .map(|node| {
                 rig.wait_subnet_file(node, UP)
                     .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
             })
             .collect();
+        // Pods made from here on must reach each other across nodes at once: a scenario's
+        // readiness checks can pass through a local backend or a NodePort while another node
+        // still has no route back to this node's pods.
+        rig.wait_peer_routes(&facts, UP)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Cluster {
             mode,
             rig,
