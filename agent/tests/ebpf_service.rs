@@ -1310,7 +1310,7 @@ fn reopening_never_clears_the_pods_udp_setting() {
     if !require_root("reopening_never_clears_the_pods_udp_setting") {
         return;
     }
-    let env = Env::new("r");
+    let env = Env::new("o");
     ip_batch(
         &env.node,
         "link add br0 type bridge
