@@ -1452,3 +1452,172 @@ fn snat_finds_a_free_port_when_most_are_taken() {
     );
     lb.uninstall().expect("uninstall");
 }
+
+/// A NodePort flow's SNAT port that the backend still holds in TIME_WAIT from an earlier
+/// connection (the kernel keeps it 60 s; the port of a closed flow is taken again after 10 s)
+/// gets the SYN answered with an ACK when the new SYN's timestamp is older; the client resets
+/// the tuple, which ends that TIME_WAIT, and sends its SYN again at once. That SYN must keep the
+/// flow's backend and port: given a new random port it met another TIME_WAIT now and then, and
+/// the client waited a whole retransmission timeout (1 s). Here every SNAT port towards the
+/// backend is in TIME_WAIT: connections are answered after a quick retransmission at worst.
+#[test]
+fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
+    use twill_common::service::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
+
+    if !require_root("snat_retry_after_a_time_wait_collision_keeps_its_port") {
+        return;
+    }
+    let env = Env::new("w");
+    // A backend that answers and closes first, so TIME_WAIT lands on its side.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    thread::spawn({
+        let (ns, stop) = (env.backends.clone(), env.stop.clone());
+        move || {
+            join_netns(&ns);
+            let tcp = TcpListener::bind((BE1.parse::<IpAddr>().unwrap(), 8080)).expect("bind");
+            tcp.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = writeln!(stream, "be1 peer={peer}");
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(err) => panic!("accept: {err}"),
+                }
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+    let desired = vec![service(
+        5,
+        FrontendKind::NodePort,
+        "0.0.0.0",
+        NODE_PORT,
+        Proto::Tcp,
+        vec![backend(BE1, 8080)],
+    )];
+    let config = env.config();
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    // Every SNAT tuple (the node's address towards the backend, one of the SNAT ports) left in
+    // TIME_WAIT on the backend by a connection of the node's own, read to its end so that the
+    // backend closes first.
+    let be: SocketAddr = format!("{BE1}:8080").parse().unwrap();
+    in_netns(&env.node, || {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+            sockopt,
+        };
+        for i in 0..SNAT_PORT_COUNT {
+            let src: SocketAddr = format!("{NODE_TO_BE}:{}", SNAT_PORT_MIN + i)
+                .parse()
+                .unwrap();
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .expect("socket");
+            setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+            let timeout = nix::sys::time::TimeVal::new(2, 0);
+            setsockopt(&fd, sockopt::SendTimeout, &timeout).expect("SO_SNDTIMEO");
+            bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
+                .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+            connect(fd.as_raw_fd(), &SockaddrStorage::from(be))
+                .unwrap_or_else(|e| panic!("connect {src} -> {be}: {e}"));
+            let mut stream = TcpStream::from(fd);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut line = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut line)
+                .unwrap_or_else(|e| panic!("read from {be} at {src}: {e}"));
+            assert!(line.starts_with("be1 "), "from {src}: {line:?}");
+        }
+    });
+    let time_wait = in_netns(&env.backends, || {
+        // This thread's namespace (`/proc/net` is the main thread's).
+        let table = fs::read_to_string("/proc/thread-self/net/tcp").expect("read tcp sockets");
+        // `local rem st`: the backend's 8080 (1F90) in state 06 (TIME_WAIT).
+        table
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(":1F90") && f[3] == "06"
+            })
+            .count()
+    });
+    assert!(
+        time_wait * 10 >= usize::from(SNAT_PORT_COUNT) * 9,
+        "only {time_wait} tuples in TIME_WAIT on the backend"
+    );
+
+    let nodeport: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut slow = Vec::new();
+    let mut quick = 0;
+    for i in 0..40 {
+        let got = in_netns(&env.outside, || {
+            let t0 = Instant::now();
+            let mut s = TcpStream::connect_timeout(&nodeport, Duration::from_secs(5))
+                .map_err(|e| format!("{e} after {:?}", t0.elapsed()))?;
+            let took = t0.elapsed();
+            // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+                .expect("tcp_info size");
+            // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&raw mut info).cast(),
+                    &raw mut len,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_INFO");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut line);
+            Ok::<_, String>((took, info.tcpi_total_retrans, line.trim().to_owned()))
+        });
+        let (took, retrans, line) = match got {
+            Ok(got) => got,
+            Err(e) => {
+                slow.push((i, e));
+                continue;
+            }
+        };
+        assert!(
+            line.starts_with(&format!("be1 peer={NODE_TO_BE}:")),
+            "connection {i}: {line:?}"
+        );
+        if took >= Duration::from_millis(900) {
+            slow.push((i, format!("connected after {took:?}")));
+        } else if retrans > 0 {
+            quick += 1;
+        }
+    }
+    // A SYN older than the tuple's TIME_WAIT (timestamps are offset per tuple: about one in
+    // two) is answered with an ACK: without any, the test would prove nothing.
+    assert!(
+        quick + slow.len() > 0,
+        "no connection met a TIME_WAIT tuple"
+    );
+    assert!(
+        slow.is_empty(),
+        "connections that waited for a SYN retransmission timeout: {slow:?} ({quick} quick \
+         retransmissions)"
+    );
+    lb.uninstall().expect("uninstall");
+}
