@@ -1113,9 +1113,20 @@ fn routed_pod_veths() {
     lb.uninstall().expect("uninstall");
 }
 
+/// What [`tcp_from`] saw of one TCP exchange.
+struct Exchange {
+    /// The line the server sent.
+    line: String,
+    /// How long `connect` took.
+    connect: Duration,
+    /// Segments retransmitted by the time the connection was up (SYNs: it had sent nothing
+    /// else).
+    syn_retrans: u32,
+}
+
 /// One TCP exchange from `src` (address and port, bound first, as a client reusing a port does)
-/// to `dst`, inside namespace `ns`: the line the server sent, or the error.
-fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+/// to `dst`, inside namespace `ns`: what it saw, or the error.
+fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
         sockopt,
@@ -1134,8 +1145,27 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String
         setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
         bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
             .map_err(|e| format!("bind {src}: {e}"))?;
+        let t0 = Instant::now();
         connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
-            .map_err(|e| format!("connect {src} -> {dst}: {e}"))?;
+            .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
+        let connect_took = t0.elapsed();
+        // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+            .expect("tcp_info size");
+        // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
+        }
         let stream = TcpStream::from(fd);
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -1144,15 +1174,23 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String
         BufReader::new(&stream)
             .read_line(&mut line)
             .map_err(|e| format!("read from {dst}: {e}"))?;
-        Ok(line.trim().to_owned())
+        Ok(Exchange {
+            line: line.trim().to_owned(),
+            connect: connect_took,
+            syn_retrans: info.tcpi_total_retrans,
+        })
     })
 }
 
 /// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and
 /// then connects to that backend directly from the same port, as a pod does when socket-LB or
 /// its own code picks the backend's address and the kernel hands out a port a closed VIP flow
-/// used: the closed flow's reply entry must not translate the new connection's replies (it
-/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up).
+/// used: the closed flow's reply entry must not translate the new connection's replies. It
+/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up; and
+/// it turned the ACK the backend answers an older SYN with from its TIME_WAIT (the server
+/// closes first) into one from the VIP, so the client never reset that tuple and waited a
+/// whole SYN retransmission timeout (1 s). A SYN meets that TIME_WAIT about one time in two
+/// (timestamps are offset per tuple): ports are tried until three did.
 #[test]
 fn direct_connection_reusing_a_closed_flows_tuple() {
     if !require_root("direct_connection_reusing_a_closed_flows_tuple") {
@@ -1179,21 +1217,43 @@ fn direct_connection_reusing_a_closed_flows_tuple() {
     });
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BE1}:8080").parse().unwrap();
-    for port in [40_001, 40_002, 40_003] {
+    let mut met_time_wait = 0;
+    let mut slow = Vec::new();
+    for port in 40_001..=40_032 {
         let src: SocketAddr = format!("{OUTSIDE}:{port}").parse().unwrap();
-        let line = tcp_from(&env.outside, src, vip).expect("through the VIP");
+        let got = tcp_from(&env.outside, src, vip).expect("through the VIP");
         assert_eq!(
-            line,
+            got.line,
             format!("be1 peer={src}"),
             "no SNAT to a local backend"
         );
-        let line = tcp_from(&env.outside, src, direct);
+        let got = tcp_from(&env.outside, src, direct).unwrap_or_else(|e| {
+            panic!("direct connection from a port a closed VIP flow used: {e}")
+        });
         assert_eq!(
-            line,
-            Ok(format!("be1 peer={src}")),
+            got.line,
+            format!("be1 peer={src}"),
             "direct connection from a port a closed VIP flow used"
         );
+        // The initial retransmission timeout is 1 s: a connection that took 900 ms waited for it.
+        if got.connect >= Duration::from_millis(900) {
+            slow.push((port, got.connect));
+        }
+        if got.syn_retrans > 0 {
+            met_time_wait += 1;
+            if met_time_wait == 3 {
+                break;
+            }
+        }
     }
+    assert!(
+        met_time_wait > 0,
+        "no direct connection met the backend's TIME_WAIT"
+    );
+    assert!(
+        slow.is_empty(),
+        "direct connections that waited for a SYN retransmission timeout: {slow:?}"
+    );
     lb.uninstall().expect("uninstall");
 }
 

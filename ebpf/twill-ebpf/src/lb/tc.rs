@@ -28,7 +28,9 @@
 //! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or pod-side
 //!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself),
 //!   and used only while it is live: an idle one, or a closing one met by a SYN-ACK, belongs to
-//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped.
+//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped; so is a
+//!   closing one whose client sends a SYN to the backend directly ([`retire_closed_reply`]: the
+//!   backend may answer it with a bare ACK from TIME_WAIT, which the client must see as is).
 //! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
 //!   packet: once its source is a node address (an SNATed packet, a reply whose VIP is a node
 //!   address, i.e. a NodePort) an ingress packet is a martian and fails the input route's source
@@ -570,6 +572,9 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
         pad: 0,
     };
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
+        if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            retire_closed_reply(s);
+        }
         return Ok(TCX_NEXT);
     };
     // SAFETY: pointer from a successful LRU lookup, copied out at once.
@@ -595,6 +600,33 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     }
     s.pkt.src = s.back.nat_addr;
     redirect(ctx, s)
+}
+
+/// A SYN that is no packet of ours (no frontend, no reply entry) towards the backend end of a
+/// closing flow's reply entry, from that flow's client tuple: a direct connection (socket-LB, or
+/// the backend's address) reusing the tuple of a closed flow of ours. The entry is removed, so
+/// the backend's answer reaches the client untranslated. A SYN-ACK would find the entry stale
+/// ([`stale_reply`]), but a backend holding the tuple in TIME_WAIT answers an older SYN with a
+/// bare ACK: translated to come from the frontend, it never reached the connecting socket, which
+/// would have reset the tuple (ending that TIME_WAIT) and sent its SYN again at once; the client
+/// waited a whole retransmission timeout (1 s) instead. A live entry is left alone. Our own SYNs
+/// (the forward path's, seen again at egress) find their flow's entries fresh (see
+/// [`lookup_flow`]).
+#[inline(never)]
+fn retire_closed_reply(s: &mut Scratch) {
+    s.key.src = s.pkt.dst;
+    s.key.dst = s.pkt.src;
+    s.key.sport = s.pkt.dport;
+    s.key.dport = s.pkt.sport;
+    let closing = match CT.get_ptr(&s.key) {
+        // SAFETY: pointer from a successful LRU lookup; one field is read.
+        Some(entry) => unsafe { (*entry).flags & CT_F_CLOSING != 0 },
+        None => false,
+    };
+    if closing {
+        // Best effort: the LRU would evict it anyway.
+        let _ = CT.remove(&s.key);
+    }
 }
 
 /// Forwards a translated ingress packet (now `s.pkt.src` → `s.pkt.dst`) itself (see the
