@@ -1113,9 +1113,20 @@ fn routed_pod_veths() {
     lb.uninstall().expect("uninstall");
 }
 
+/// What [`tcp_from`] saw of one TCP exchange.
+struct Exchange {
+    /// The line the server sent.
+    line: String,
+    /// How long `connect` took.
+    connect: Duration,
+    /// Segments retransmitted by the time the connection was up (SYNs: it had sent nothing
+    /// else).
+    syn_retrans: u32,
+}
+
 /// One TCP exchange from `src` (address and port, bound first, as a client reusing a port does)
-/// to `dst`, inside namespace `ns`: the line the server sent, or the error.
-fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+/// to `dst`, inside namespace `ns`: what it saw, or the error.
+fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
         sockopt,
@@ -1134,8 +1145,27 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String
         setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
         bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
             .map_err(|e| format!("bind {src}: {e}"))?;
+        let t0 = Instant::now();
         connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
-            .map_err(|e| format!("connect {src} -> {dst}: {e}"))?;
+            .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
+        let connect_took = t0.elapsed();
+        // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+            .expect("tcp_info size");
+        // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
+        }
         let stream = TcpStream::from(fd);
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -1144,15 +1174,23 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String
         BufReader::new(&stream)
             .read_line(&mut line)
             .map_err(|e| format!("read from {dst}: {e}"))?;
-        Ok(line.trim().to_owned())
+        Ok(Exchange {
+            line: line.trim().to_owned(),
+            connect: connect_took,
+            syn_retrans: info.tcpi_total_retrans,
+        })
     })
 }
 
 /// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and
 /// then connects to that backend directly from the same port, as a pod does when socket-LB or
 /// its own code picks the backend's address and the kernel hands out a port a closed VIP flow
-/// used: the closed flow's reply entry must not translate the new connection's replies (it
-/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up).
+/// used: the closed flow's reply entry must not translate the new connection's replies. It
+/// turned the backend's SYN-ACK into one from the VIP, and the connection never came up; and
+/// it turned the ACK the backend answers an older SYN with from its TIME_WAIT (the server
+/// closes first) into one from the VIP, so the client never reset that tuple and waited a
+/// whole SYN retransmission timeout (1 s). A SYN meets that TIME_WAIT about one time in two
+/// (timestamps are offset per tuple): ports are tried until three did.
 #[test]
 fn direct_connection_reusing_a_closed_flows_tuple() {
     if !require_root("direct_connection_reusing_a_closed_flows_tuple") {
@@ -1179,21 +1217,43 @@ fn direct_connection_reusing_a_closed_flows_tuple() {
     });
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BE1}:8080").parse().unwrap();
-    for port in [40_001, 40_002, 40_003] {
+    let mut met_time_wait = 0;
+    let mut slow = Vec::new();
+    for port in 40_001..=40_032 {
         let src: SocketAddr = format!("{OUTSIDE}:{port}").parse().unwrap();
-        let line = tcp_from(&env.outside, src, vip).expect("through the VIP");
+        let got = tcp_from(&env.outside, src, vip).expect("through the VIP");
         assert_eq!(
-            line,
+            got.line,
             format!("be1 peer={src}"),
             "no SNAT to a local backend"
         );
-        let line = tcp_from(&env.outside, src, direct);
+        let got = tcp_from(&env.outside, src, direct).unwrap_or_else(|e| {
+            panic!("direct connection from a port a closed VIP flow used: {e}")
+        });
         assert_eq!(
-            line,
-            Ok(format!("be1 peer={src}")),
+            got.line,
+            format!("be1 peer={src}"),
             "direct connection from a port a closed VIP flow used"
         );
+        // The initial retransmission timeout is 1 s: a connection that took 900 ms waited for it.
+        if got.connect >= Duration::from_millis(900) {
+            slow.push((port, got.connect));
+        }
+        if got.syn_retrans > 0 {
+            met_time_wait += 1;
+            if met_time_wait == 3 {
+                break;
+            }
+        }
     }
+    assert!(
+        met_time_wait > 0,
+        "no direct connection met the backend's TIME_WAIT"
+    );
+    assert!(
+        slow.is_empty(),
+        "direct connections that waited for a SYN retransmission timeout: {slow:?}"
+    );
     lb.uninstall().expect("uninstall");
 }
 
@@ -1310,7 +1370,7 @@ fn reopening_never_clears_the_pods_udp_setting() {
     if !require_root("reopening_never_clears_the_pods_udp_setting") {
         return;
     }
-    let env = Env::new("r");
+    let env = Env::new("o");
     ip_batch(
         &env.node,
         "link add br0 type bridge
@@ -1449,6 +1509,175 @@ fn snat_finds_a_free_port_when_most_are_taken() {
             .iter()
             .all(|r| r.seen_as.starts_with(&format!("{NODE_TO_BE}:"))),
         "SNAT to the node: {replies:?}"
+    );
+    lb.uninstall().expect("uninstall");
+}
+
+/// A NodePort flow's SNAT port that the backend still holds in TIME_WAIT from an earlier
+/// connection (the kernel keeps it 60 s; the port of a closed flow is taken again after 10 s)
+/// gets the SYN answered with an ACK when the new SYN's timestamp is older; the client resets
+/// the tuple, which ends that TIME_WAIT, and sends its SYN again at once. That SYN must keep the
+/// flow's backend and port: given a new random port it met another TIME_WAIT now and then, and
+/// the client waited a whole retransmission timeout (1 s). Here every SNAT port towards the
+/// backend is in TIME_WAIT: connections are answered after a quick retransmission at worst.
+#[test]
+fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
+    use twill_common::service::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
+
+    if !require_root("snat_retry_after_a_time_wait_collision_keeps_its_port") {
+        return;
+    }
+    let env = Env::new("w");
+    // A backend that answers and closes first, so TIME_WAIT lands on its side.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    thread::spawn({
+        let (ns, stop) = (env.backends.clone(), env.stop.clone());
+        move || {
+            join_netns(&ns);
+            let tcp = TcpListener::bind((BE1.parse::<IpAddr>().unwrap(), 8080)).expect("bind");
+            tcp.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = writeln!(stream, "be1 peer={peer}");
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(err) => panic!("accept: {err}"),
+                }
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+    let desired = vec![service(
+        5,
+        FrontendKind::NodePort,
+        "0.0.0.0",
+        NODE_PORT,
+        Proto::Tcp,
+        vec![backend(BE1, 8080)],
+    )];
+    let config = env.config();
+    let first = plan(&desired, &[]);
+    let lb = env.on_node(|| {
+        let mut lb = EbpfLb::open_with(&config).expect("open");
+        lb.apply(&first).expect("apply");
+        lb
+    });
+    // Every SNAT tuple (the node's address towards the backend, one of the SNAT ports) left in
+    // TIME_WAIT on the backend by a connection of the node's own, read to its end so that the
+    // backend closes first.
+    let be: SocketAddr = format!("{BE1}:8080").parse().unwrap();
+    in_netns(&env.node, || {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+            sockopt,
+        };
+        for i in 0..SNAT_PORT_COUNT {
+            let src: SocketAddr = format!("{NODE_TO_BE}:{}", SNAT_PORT_MIN + i)
+                .parse()
+                .unwrap();
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .expect("socket");
+            setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+            let timeout = nix::sys::time::TimeVal::new(2, 0);
+            setsockopt(&fd, sockopt::SendTimeout, &timeout).expect("SO_SNDTIMEO");
+            bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
+                .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+            connect(fd.as_raw_fd(), &SockaddrStorage::from(be))
+                .unwrap_or_else(|e| panic!("connect {src} -> {be}: {e}"));
+            let mut stream = TcpStream::from(fd);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut line = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut line)
+                .unwrap_or_else(|e| panic!("read from {be} at {src}: {e}"));
+            assert!(line.starts_with("be1 "), "from {src}: {line:?}");
+        }
+    });
+    let time_wait = in_netns(&env.backends, || {
+        // This thread's namespace (`/proc/net` is the main thread's).
+        let table = fs::read_to_string("/proc/thread-self/net/tcp").expect("read tcp sockets");
+        // `local rem st`: the backend's 8080 (1F90) in state 06 (TIME_WAIT).
+        table
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(":1F90") && f[3] == "06"
+            })
+            .count()
+    });
+    assert!(
+        time_wait * 10 >= usize::from(SNAT_PORT_COUNT) * 9,
+        "only {time_wait} tuples in TIME_WAIT on the backend"
+    );
+
+    let nodeport: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut slow = Vec::new();
+    let mut quick = 0;
+    for i in 0..40 {
+        let got = in_netns(&env.outside, || {
+            let t0 = Instant::now();
+            let mut s = TcpStream::connect_timeout(&nodeport, Duration::from_secs(5))
+                .map_err(|e| format!("{e} after {:?}", t0.elapsed()))?;
+            let took = t0.elapsed();
+            // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+                .expect("tcp_info size");
+            // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&raw mut info).cast(),
+                    &raw mut len,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_INFO");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut line);
+            Ok::<_, String>((took, info.tcpi_total_retrans, line.trim().to_owned()))
+        });
+        let (took, retrans, line) = match got {
+            Ok(got) => got,
+            Err(e) => {
+                slow.push((i, e));
+                continue;
+            }
+        };
+        assert!(
+            line.starts_with(&format!("be1 peer={NODE_TO_BE}:")),
+            "connection {i}: {line:?}"
+        );
+        if took >= Duration::from_millis(900) {
+            slow.push((i, format!("connected after {took:?}")));
+        } else if retrans > 0 {
+            quick += 1;
+        }
+    }
+    // A SYN older than the tuple's TIME_WAIT (timestamps are offset per tuple: about one in
+    // two) is answered with an ACK: without any, the test would prove nothing.
+    assert!(
+        quick + slow.len() > 0,
+        "no connection met a TIME_WAIT tuple"
+    );
+    assert!(
+        slow.is_empty(),
+        "connections that waited for a SYN retransmission timeout: {slow:?} ({quick} quick \
+         retransmissions)"
     );
     lb.uninstall().expect("uninstall");
 }

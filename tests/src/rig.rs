@@ -777,6 +777,64 @@ impl Rig {
         }
     }
 
+    /// Waits until the overlay has converged: every node routes the pod subnet(s) of every other
+    /// node, `facts[i]` being node `i + 1`'s subnet file (one route per peer subnet, as the
+    /// vxlan and host-gw backends write them; not for the udp backend, whose routing table
+    /// lives in twilld). A node learns a peer's lease from its lease watch, some time after the
+    /// peer wrote its subnet file: until then a pod on one node reaches another node's pods one
+    /// way only (the replies have no route), while everything else already answers. An error
+    /// naming the missing routes and the nodes' logs on timeout.
+    pub fn wait_peer_routes(&self, facts: &[SubnetFacts], timeout: Duration) -> Result<()> {
+        let missing = || -> Result<Vec<String>> {
+            let mut missing = Vec::new();
+            for node in 1..=facts.len() {
+                let table = crate::net::routes(&self.node_ns(node))?;
+                let peers = facts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i + 1 != node)
+                    .flat_map(|(_, f)| {
+                        let v4 = f.subnet_v4().map(|n| n.to_string());
+                        v4.into_iter().chain(f.subnet_v6().map(|n| n.to_string()))
+                    });
+                for net in peers {
+                    let routed = table
+                        .lines()
+                        .any(|l| l.split_whitespace().next() == Some(net.as_str()));
+                    if !routed {
+                        missing.push(format!("node {node} has no route to {net}"));
+                    }
+                }
+            }
+            Ok(missing)
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now_missing = missing()?;
+            if now_missing.is_empty() {
+                return Ok(());
+            }
+            if crate::interrupted() {
+                bail!("interrupted");
+            }
+            if Instant::now() >= deadline {
+                let mut logs = String::new();
+                for n in 1..=facts.len() {
+                    let _ = writeln!(
+                        logs,
+                        "twilld's log on node {n} ends:\n{}",
+                        tail(&self.twilld_log_path(n), 20)
+                    );
+                }
+                bail!(
+                    "the overlay did not converge within {timeout:?}: {}\n{logs}",
+                    now_missing.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Node `node`'s twilld log so far (empty if it never ran).
     pub fn twilld_log(&self, node: usize) -> String {
         std::fs::read_to_string(self.twilld_log_path(node)).unwrap_or_default()

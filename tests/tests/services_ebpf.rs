@@ -132,12 +132,17 @@ impl Cluster {
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             rig.start_twilld(node, &flags).unwrap();
         }
-        let facts = (1..=n)
+        let facts: Vec<SubnetFacts> = (1..=n)
             .map(|node| {
                 rig.wait_subnet_file(node, UP)
                     .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
             })
             .collect();
+        // Pods made from here on must reach each other across nodes at once: a scenario's
+        // readiness checks can pass through a local backend or a NodePort while another node
+        // still has no route back to this node's pods.
+        rig.wait_peer_routes(&facts, UP)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         Cluster {
             mode,
             rig,
@@ -1018,6 +1023,32 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
     c.apply(&web(&[(&b1, "n1")], "  sessionAffinity: ClientIP\n"));
     wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some()).unwrap();
     assert_eq!(foreign(&c.rig, 2), before, "another owner's rules changed");
+}
+
+/// A starting node programs its overlay without waiting for its eBPF service proxy, whose
+/// programs take a second to load, verify and attach (several on a busy machine): its route to
+/// the other node's pods is in place, and logged, before the proxy says it is ready. Had the
+/// overlay waited, pods placed on the node as soon as its subnet file existed could not reach
+/// the other node's pods (nor be reached from them) for that long, while its services already
+/// answered through local backends and NodePorts.
+#[test]
+fn the_overlay_does_not_wait_for_the_ebpf_proxy() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new("ebpf", 2);
+    let proxy_ready =
+        |l: &str| l.contains("twill_agent::proxy") && l.contains("service dataplane ready");
+    wait_until(UP, || c.rig.twilld_log(2).lines().any(proxy_ready))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    let log: Vec<String> = c.rig.twilld_log(2).lines().map(plain).collect();
+    let overlay = log.iter().position(|l| l.contains("overlay reconciled"));
+    let proxy = log.iter().position(|l| proxy_ready(l));
+    assert!(
+        matches!((overlay, proxy), (Some(o), Some(p)) if o < p),
+        "node 2's overlay waited for its service proxy:\n{}",
+        log.join("\n")
+    );
 }
 
 /// `--proxy-mode auto` picks eBPF here; with eBPF made unavailable it falls back to nftables;

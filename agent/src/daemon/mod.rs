@@ -9,6 +9,13 @@
 //!   TLS files are checked as a whole, then the health and metrics addresses are bound (a port
 //!   taken or an address not on the node would otherwise leave a node without the endpoint that
 //!   shows whether it is alive).
+//! - The service proxy starts beside the overlay loop, not before it: opening the eBPF
+//!   dataplane (loading, verifying and attaching its programs) takes a second, several on a busy
+//!   node, and the subnet file already lets pods be created here. Had the loop waited, those pods
+//!   could neither reach nor be reached from other nodes' pods until then (the peers' routes
+//!   missing here, and a peer that started as slowly missing ours), while services through the
+//!   node's own backends and NodePorts already answered. A proxy that fails to start still
+//!   stops twilld.
 //! - The two loops share nothing but the process: the service proxy needs the overlay's device
 //!   names (to attach its tc programs) and the node's pod subnets, handed over once the overlay
 //!   is up; it runs on its own task and the overlay loop never waits on it.
@@ -142,11 +149,27 @@ async fn run_node(
     else {
         return Ok(());
     };
-    let services =
-        crate::services::proxy::start(&opts.proxy_config(), &overlay_view(&node.facts()), metrics)
-            .await
-            .context("start the service proxy")?;
-    let res = Box::pin(node.run()).await;
+    // The service proxy starts on a task of its own beside the overlay loop (see the module
+    // notes); a proxy that fails to start still stops twilld.
+    let mut proxy_start = tokio::spawn({
+        let (config, view, metrics) = (
+            opts.proxy_config(),
+            overlay_view(&node.facts()),
+            metrics.clone(),
+        );
+        async move { crate::services::proxy::start(&config, &view, &metrics).await }
+    });
+    let mut run = Box::pin(node.run());
+    let services = tokio::select! {
+        res = &mut run => {
+            proxy_start.abort();
+            return res;
+        }
+        started = &mut proxy_start => started
+            .context("start the service proxy")?
+            .context("start the service proxy")?,
+    };
+    let res = run.await;
     if let Some(s) = services {
         s.abort();
     }

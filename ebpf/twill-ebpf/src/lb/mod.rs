@@ -86,17 +86,31 @@ pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u32> =
 #[map(name = "TWL_LB_CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 
-/// Byte-wise equality of two map addresses (a plain `==` on arrays may become a `bcmp` call,
-/// which BPF cannot link).
+/// Equality of two map addresses (a plain `==` on arrays may become a `bcmp` call, which BPF
+/// cannot link).
 #[inline(always)]
 pub fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let mut diff = 0u8;
-    let mut i = 0;
-    while i < 16 {
-        diff |= a[i] ^ b[i];
-        i += 1;
-    }
-    diff == 0
+    addr_diff(a, b) == 0
+}
+
+/// Zero when two map addresses are equal, computed without branches: a byte-wise comparison
+/// was compiled into one branch per byte, each a path the verifier walks again (together they
+/// took the tc forward hook past its limit of a million instructions).
+#[inline(always)]
+pub fn addr_diff(a: &[u8; 16], b: &[u8; 16]) -> u64 {
+    let word = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
+    };
+    (word(a, 0) ^ word(b, 0)) | (word(a, 8) ^ word(b, 8))
 }
 
 /// Whether `addr` is one of the node's addresses; with `loopback`, 127.0.0.0/8 and ::1 count too

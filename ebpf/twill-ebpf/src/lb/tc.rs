@@ -22,11 +22,15 @@
 //!   any pod networking and for EndpointSlices that name no node. The address is the one the
 //!   FIB would use towards the backend (`BPF_FIB_LOOKUP_SRC`); the port is a random one
 //!   of 61000–65535, above the kernel's ephemeral range, claimed with `BPF_NOEXIST` on the reply
-//!   key so two flows never share one (another random one when it is taken).
+//!   key so two flows never share one (another random one when it is taken). A SYN on a flow
+//!   an RST closed keeps its backend and port ([`reopen`]): that is the client getting past a
+//!   port the backend still holds in TIME_WAIT, which its RST has just ended.
 //! - Replies: the reply entry is found at whichever hook the reply crosses (uplink or pod-side
 //!   ingress, or egress for host-network backends and for flows the kernel masqueraded itself),
 //!   and used only while it is live: an idle one, or a closing one met by a SYN-ACK, belongs to
-//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped.
+//!   an earlier flow whose 4-tuple a direct connection now reuses, and is dropped; so is a
+//!   closing one whose client sends a SYN to the backend directly ([`retire_closed_reply`]: the
+//!   backend may answer it with a bare ACK from TIME_WAIT, which the client must see as is).
 //! - After the rewrite, **let the kernel route (`TCX_NEXT`)** unless the stack would drop the
 //!   packet: once its source is a node address (an SNATed packet, a reply whose VIP is a node
 //!   address, i.e. a NodePort) an ingress packet is a martian and fails the input route's source
@@ -74,7 +78,7 @@ use twill_common::service::{
     mix64,
 };
 
-use super::{CT, backend_still, count, lookup_service, select_backend};
+use super::{CT, addr_diff, backend_still, count, lookup_service, select_backend};
 
 /// Where the program is attached.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -126,6 +130,23 @@ const CT_TIMEOUT_CLOSING_NS: u64 = 10_000_000_000;
 const SNAT_TRIES: u16 = 32;
 /// Conntrack flag (kernel-only): a FIN or RST was seen.
 const CT_F_CLOSING: u8 = 0x80;
+/// Conntrack flag (kernel-only): an RST was seen (with [`CT_F_CLOSING`]).
+const CT_F_RESET: u8 = 0x40;
+/// Conntrack flag (kernel-only): the flow was reopened once ([`reopen`]); closed by an RST again,
+/// its next SYN opens a new flow (a backend that ignores RSTs in TIME_WAIT, `tcp_rfc1337`,
+/// would otherwise answer every SYN on the same port with an ACK until its TIME_WAIT ends).
+const CT_F_REOPENED: u8 = 0x20;
+
+/// What [`lookup_flow`] found for a packet's forward key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// No usable entry: the packet opens a new flow.
+    Nothing,
+    /// A live entry, copied to `Scratch::back`.
+    Live,
+    /// A SYN on a flow an RST closed (see [`reopen`]), its entry in `Scratch::back`.
+    Reset,
+}
 
 /// The parsed headers of a TCP or UDP packet.
 #[repr(C)]
@@ -265,7 +286,11 @@ fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> 
         dir: CT_DIR_FORWARD,
         pad: 0,
     };
-    if !lookup_flow(s, now) && (s.svc.backends == 0 || !new_flow(ctx, hook, s, now)?) {
+    let mut found = lookup_flow(s, now);
+    if found == Found::Reset && !reopen(s, now) {
+        found = Found::Nothing;
+    }
+    if found == Found::Nothing && (s.svc.backends == 0 || !new_flow(ctx, hook, s, now)?) {
         return Ok(TC_ACT_SHOT);
     }
     // `s.back` now holds the flow's forward entry.
@@ -282,23 +307,26 @@ fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> 
     redirect(ctx, s)
 }
 
-/// Looks up the live forward entry of `s.key` and copies it to `s.back` (refreshing its
-/// timestamp); `false` when there is none, it expired, its backend is gone, or it is closing and
-/// the packet opens a new connection on the same tuple (a SYN: a new flow, as conntrack reopens
-/// one, with fresh entries both ways).
+/// Looks up the forward entry of `s.key` and copies it to `s.back`: [`Found::Live`] (its
+/// timestamp refreshed) for a flow in use; [`Found::Nothing`] when there is none, it expired,
+/// its backend is gone, or it was closed by FINs and the packet opens a new connection on the
+/// same tuple (a SYN: a new flow, as conntrack reopens one, with fresh entries both ways);
+/// [`Found::Reset`] for such a SYN on a flow an RST closed (once: see [`CT_F_REOPENED`]).
 #[inline(always)]
-fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
+fn lookup_flow(s: &mut Scratch, now: u64) -> Found {
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
-        return false;
+        return Found::Nothing;
     };
     // SAFETY: pointer from a successful LRU lookup, copied out at once; a torn read can only fail
     // the validation below, which then re-balances the flow.
     s.back = unsafe { *ptr };
     if expired(&s.back, s.pkt.proto, now) {
-        return false;
+        return Found::Nothing;
     }
-    if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && s.back.flags & CT_F_CLOSING != 0 {
-        return false;
+    let reopens =
+        s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && s.back.flags & CT_F_CLOSING != 0;
+    if reopens && s.back.flags & (CT_F_RESET | CT_F_REOPENED) != CT_F_RESET {
+        return Found::Nothing;
     }
     if !backend_still(
         s.back.svc_id,
@@ -306,10 +334,72 @@ fn lookup_flow(s: &mut Scratch, now: u64) -> bool {
         &s.back.nat_addr,
         s.back.nat_port,
     ) {
-        return false;
+        return Found::Nothing;
+    }
+    if reopens {
+        return Found::Reset;
     }
     touch(ptr, &s.back, &s.pkt, now);
-    true
+    Found::Live
+}
+
+/// Reopens the flow in `s.back` (key `s.key`), closed by an RST, for a SYN on the same client
+/// tuple: the same backend and SNAT port, both entries live again. This is how a client gets
+/// past a SNAT tuple the backend still holds in TIME_WAIT (for 60 s; a closed flow's port is
+/// taken again after [`CT_TIMEOUT_CLOSING_NS`]): the backend answers the SYN with an ACK, the
+/// client resets the tuple, which ends that TIME_WAIT, and sends its SYN again at once. Given a
+/// new random port, that SYN could meet another TIME_WAIT, and the client then waited a whole
+/// retransmission timeout. An RST leaves no TIME_WAIT behind, so the tuple is safe to reuse.
+/// `false` (a new flow then) when the reply key is another flow's by now.
+#[inline(never)]
+fn reopen(s: &mut Scratch, now: u64) -> bool {
+    s.key.src = s.back.nat_addr;
+    s.key.sport = s.back.nat_port;
+    if s.back.flags & CT_F_SNAT != 0 {
+        s.key.dst = s.back.alt_addr;
+        s.key.dport = s.back.alt_port;
+    } else {
+        s.key.dst = s.pkt.src;
+        s.key.dport = s.pkt.sport;
+    }
+    s.key.dir = CT_DIR_REPLY;
+    // An evicted reply entry is written only if no new flow claimed its key meanwhile.
+    let (ours, insert_flags) = match CT.get_ptr(&s.key) {
+        // SAFETY: pointer from a successful LRU lookup; three fields are read. Compared without
+        // branches (each one multiplies the verifier's paths through the forward hook).
+        Some(old) => unsafe {
+            let diff = addr_diff(&(*old).alt_addr, &s.pkt.src)
+                | u64::from((*old).alt_port ^ s.pkt.sport)
+                | u64::from((*old).svc_id ^ s.back.svc_id);
+            (diff == 0, 0)
+        },
+        None => (true, u64::from(BPF_NOEXIST)),
+    };
+    let e = &mut s.entry;
+    e.nat_addr = s.pkt.dst;
+    e.alt_addr = s.pkt.src;
+    e.nat_port = s.pkt.dport;
+    e.alt_port = s.pkt.sport;
+    e.flags = s.back.flags & CT_F_SNAT;
+    e.pad = 0;
+    e.slot = s.back.slot;
+    e.svc_id = s.back.svc_id;
+    e.pad2 = 0;
+    e.created_ns = now;
+    e.last_seen_ns = now;
+    let written = ours && CT.insert(&s.key, &s.entry, insert_flags).is_ok();
+    s.key.src = s.pkt.src;
+    s.key.dst = s.pkt.dst;
+    s.key.sport = s.pkt.sport;
+    s.key.dport = s.pkt.dport;
+    s.key.dir = CT_DIR_FORWARD;
+    if !written {
+        return false;
+    }
+    s.back.flags = (s.back.flags & !(CT_F_CLOSING | CT_F_RESET)) | CT_F_REOPENED;
+    s.back.created_ns = now;
+    s.back.last_seen_ns = now;
+    CT.insert(&s.key, &s.back, 0).is_ok()
 }
 
 /// Whether a reply entry is not this packet's: idle past its timeout, or closing while the
@@ -335,14 +425,22 @@ fn expired(entry: &CtValue, proto: u8, now: u64) -> bool {
     now.wrapping_sub(entry.last_seen_ns) > timeout
 }
 
-/// Refreshes `last_seen_ns` (at most every [`CT_REFRESH_NS`]) and marks a closing TCP flow.
+/// Refreshes `last_seen_ns` (at most every [`CT_REFRESH_NS`]) and marks a closing TCP flow
+/// (and one an RST closed).
 #[inline(always)]
 fn touch(ptr: *mut CtValue, entry: &CtValue, pkt: &Packet, now: u64) {
-    let closing = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & CT_F_CLOSING == 0;
+    let mark = if pkt.tcp_flags & TCP_RST != 0 {
+        CT_F_CLOSING | CT_F_RESET
+    } else if pkt.tcp_flags & TCP_FIN != 0 {
+        CT_F_CLOSING
+    } else {
+        0
+    };
+    let closing = entry.flags & mark != mark;
     // SAFETY: pointer from a successful LRU lookup; racing writers can only lose a refresh.
     unsafe {
         if closing {
-            (*ptr).flags = entry.flags | CT_F_CLOSING;
+            (*ptr).flags = entry.flags | mark;
         }
         if closing || now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
             (*ptr).last_seen_ns = now;
@@ -474,6 +572,9 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
         pad: 0,
     };
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
+        if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            retire_closed_reply(s);
+        }
         return Ok(TCX_NEXT);
     };
     // SAFETY: pointer from a successful LRU lookup, copied out at once.
@@ -499,6 +600,33 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     }
     s.pkt.src = s.back.nat_addr;
     redirect(ctx, s)
+}
+
+/// A SYN that is no packet of ours (no frontend, no reply entry) towards the backend end of a
+/// closing flow's reply entry, from that flow's client tuple: a direct connection (socket-LB, or
+/// the backend's address) reusing the tuple of a closed flow of ours. The entry is removed, so
+/// the backend's answer reaches the client untranslated. A SYN-ACK would find the entry stale
+/// ([`stale_reply`]), but a backend holding the tuple in TIME_WAIT answers an older SYN with a
+/// bare ACK: translated to come from the frontend, it never reached the connecting socket, which
+/// would have reset the tuple (ending that TIME_WAIT) and sent its SYN again at once; the client
+/// waited a whole retransmission timeout (1 s) instead. A live entry is left alone. Our own SYNs
+/// (the forward path's, seen again at egress) find their flow's entries fresh (see
+/// [`lookup_flow`]).
+#[inline(never)]
+fn retire_closed_reply(s: &mut Scratch) {
+    s.key.src = s.pkt.dst;
+    s.key.dst = s.pkt.src;
+    s.key.sport = s.pkt.dport;
+    s.key.dport = s.pkt.sport;
+    let closing = match CT.get_ptr(&s.key) {
+        // SAFETY: pointer from a successful LRU lookup; one field is read.
+        Some(entry) => unsafe { (*entry).flags & CT_F_CLOSING != 0 },
+        None => false,
+    };
+    if closing {
+        // Best effort: the LRU would evict it anyway.
+        let _ = CT.remove(&s.key);
+    }
 }
 
 /// Forwards a translated ingress packet (now `s.pkt.src` → `s.pkt.dst`) itself (see the
