@@ -206,11 +206,7 @@ impl DiagSocket {
     fn open() -> io::Result<Self> {
         let sock = Socket::new(NETLINK_SOCK_DIAG)?;
         let timeout = nix::sys::time::TimeVal::new(RECV_TIMEOUT_S, 0);
-        nix::sys::socket::setsockopt(
-            &sock,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &timeout,
-        )?;
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
         Ok(Self(sock))
     }
 
@@ -417,7 +413,10 @@ mod tests {
         err[0..4].copy_from_slice(&200u32.to_ne_bytes());
         let e = parse(&err).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(e.to_string().starts_with("decode a sock_diag answer"), "{e}");
+        assert!(
+            e.to_string().starts_with("decode a sock_diag answer"),
+            "{e}"
+        );
         assert!(parse(&[1, 2, 3]).is_err());
         assert!(parse(&[]).unwrap().is_empty());
     }
