@@ -2,22 +2,21 @@
 //! read the per-interface counter on a real veth.
 //!
 //! Why it is shaped as it is:
-//! - Two throw-away network namespaces (`twe<pid>a`, `twe<pid>b`) joined by a veth with
-//!   10.250.0.0/30 addresses: every packet stays inside them, names are unique per process so runs
-//!   can overlap, and a guard deletes both namespaces on drop, pass or fail.
+//! - Two throw-away network namespaces joined by a veth with 10.250.0.0/30 addresses, made by
+//!   twill-tests' namespace guard: every packet stays inside them, names are unique, and the
+//!   guard deletes both namespaces on drop, pass or fail.
 //! - The counter is attached from a dedicated thread that did `setns` into namespace A, the way
 //!   `twilld` attaches by ifname in its own namespace; setns affects only the calling thread, and
 //!   the resulting links and map fds keep working from any thread afterwards.
 //! - Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Without root it skips loudly,
 //!   except under `CI=true`, where a skip would hide a broken pipeline, so it fails.
 
-use std::process::Command;
-
 use aya::programs::{SchedClassifier, TcAttachType};
-use common::{error_chain, in_netns, require_root, run};
+use common::{error_chain, ip_batch, run_in};
 use twill_agent::overlay::counter::{Counts, PacketCounter};
 use twill_agent::shared::bpf::EbpfError;
 use twill_common::counter::{PROG_EGRESS, PROG_INGRESS};
+use twill_tests::{NetnsGuard, in_netns, require_root};
 
 mod common;
 
@@ -29,98 +28,53 @@ const ECHO_IP_BYTES: u64 = 84;
 const ADDR_A: &str = "10.250.0.1";
 const ADDR_B: &str = "10.250.0.2";
 
-/// Two network namespaces, deleted (with the veth between them) on drop.
-struct NetNsPair {
-    a: String,
-    b: String,
-}
-
-impl NetNsPair {
-    fn create() -> Self {
-        let pid = std::process::id();
-        let pair = Self {
-            a: format!("twe{pid}a"),
-            b: format!("twe{pid}b"),
-        };
-        // Create the guard first: a failure below still deletes whatever was created.
-        for ns in [&pair.a, &pair.b] {
-            run("ip", &["netns", "add", ns]);
-        }
-        pair
-    }
-}
-
-impl Drop for NetNsPair {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            match Command::new("ip").args(["netns", "del", ns]).output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => eprintln!(
-                    "cleanup: ip netns del {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-                Err(err) => eprintln!("cleanup: ip netns del {ns}: {err}"),
-            }
-        }
-    }
-}
-
 /// Names of the TCX programs attached to `ifname` at `attach_type`, queried from inside `ns`.
 fn tcx_programs(ns: &str, ifname: &str, attach_type: TcAttachType) -> Vec<String> {
-    let ifname = ifname.to_owned();
-    in_netns(ns, move || {
-        let (_revision, programs) = SchedClassifier::query_tcx(&ifname, attach_type)
+    in_netns(ns, || {
+        let (_revision, programs) = SchedClassifier::query_tcx(ifname, attach_type)
             .unwrap_or_else(|err| panic!("query tcx {ifname}: {err}"));
-        programs
+        Ok(programs
             .iter()
             .map(|info| info.name_as_str().unwrap_or_default().to_owned())
-            .collect()
+            .collect())
     })
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
 fn counts_veth_traffic_both_ways() {
-    if !require_root("counts_veth_traffic_both_ways") {
+    if !require_root() {
         return;
     }
 
-    let pair = NetNsPair::create();
-    let pid = std::process::id();
-    let (veth_a, veth_b) = (format!("twe{pid}x"), format!("twe{pid}y"));
-    run(
-        "ip",
-        &[
-            "-n", &pair.a, "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
-            "netns", &pair.b,
-        ],
+    let guard = NetnsGuard::new().expect("namespace guard");
+    let names = guard.netns_all(&["a", "b"]).expect("namespaces");
+    let (a, b) = (&names[0], &names[1]);
+    let (veth_a, veth_b) = ("vetha", "vethb");
+    ip_batch(
+        a,
+        &format!(
+            "link add {veth_a} type veth peer name {veth_b} netns {b}\n\
+             addr add {ADDR_A}/30 dev {veth_a}\nlink set {veth_a} up\n"
+        ),
     );
-    for (ns, veth, addr) in [(&pair.a, &veth_a, ADDR_A), (&pair.b, &veth_b, ADDR_B)] {
-        run(
-            "ip",
-            &["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", veth],
-        );
-        run("ip", &["-n", ns, "link", "set", veth, "up"]);
-        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-    }
+    ip_batch(
+        b,
+        &format!("addr add {ADDR_B}/30 dev {veth_b}\nlink set {veth_b} up\n"),
+    );
 
-    let counter = {
-        let veth_a = veth_a.clone();
-        in_netns(&pair.a, move || PacketCounter::attach(&veth_a))
-    }
-    .unwrap_or_else(|err| panic!("attach counter to {veth_a}: {}", error_chain(&err)));
+    let counter = in_netns(a, || Ok(PacketCounter::attach(veth_a)))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|err| panic!("attach counter to {veth_a}: {}", error_chain(err)));
     assert_eq!(counter.ifname(), veth_a);
-    assert!(
-        tcx_programs(&pair.a, &veth_a, TcAttachType::Ingress).contains(&PROG_INGRESS.to_owned())
-    );
-    assert!(tcx_programs(&pair.a, &veth_a, TcAttachType::Egress).contains(&PROG_EGRESS.to_owned()));
+    assert!(tcx_programs(a, veth_a, TcAttachType::Ingress).contains(&PROG_INGRESS.to_owned()));
+    assert!(tcx_programs(a, veth_a, TcAttachType::Egress).contains(&PROG_EGRESS.to_owned()));
     let before = counter.read().expect("read counts");
 
     let count = PINGS.to_string();
-    run(
-        "ip",
-        &[
-            "netns", "exec", &pair.a, "ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", ADDR_B,
-        ],
+    run_in(
+        a,
+        &["ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", ADDR_B],
     );
 
     let Counts {
@@ -148,7 +102,7 @@ fn counts_veth_traffic_both_ways() {
         (TcAttachType::Ingress, PROG_INGRESS),
         (TcAttachType::Egress, PROG_EGRESS),
     ] {
-        let programs = tcx_programs(&pair.a, &veth_a, attach_type);
+        let programs = tcx_programs(a, veth_a, attach_type);
         assert!(
             !programs.contains(&program.to_owned()),
             "{program} still attached after drop: {programs:?}"
@@ -156,11 +110,12 @@ fn counts_veth_traffic_both_ways() {
     }
 
     // An unknown interface is an attach error naming the interface, with the errno kept.
-    let err = in_netns(&pair.a, || PacketCounter::attach("twe-no-such-if"))
+    let err = in_netns(a, || Ok(PacketCounter::attach("twe-no-such-if")))
+        .unwrap_or_else(|e| panic!("{e:#}"))
         .expect_err("attach to a missing interface");
     assert!(
         matches!(&err, EbpfError::Attach { ifname, .. } if ifname == "twe-no-such-if"),
         "unexpected error: {}",
-        error_chain(&err)
+        error_chain(err)
     );
 }

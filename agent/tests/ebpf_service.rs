@@ -2,27 +2,27 @@
 //! every program, then drive real traffic through socket-LB and the tc path.
 //!
 //! Why it is shaped as it is:
-//! - Three throw-away network namespaces per test (`tws<pid><tag>n` the node, `...b` the
-//!   backends, `...c` a host outside the cluster) joined by veths; a unique cgroup under the
-//!   cgroup2 mount and a unique pin directory under `/sys/fs/bpf`. A guard removes all of them
-//!   on drop, pass or fail, and traffic never leaves namespaces the test created.
+//! - Three throw-away network namespaces per test (the node, the backends, a host outside the
+//!   cluster) joined by veths, a cgroup under the cgroup2 mount and a pin directory under
+//!   `/sys/fs/bpf/twill`, all made by twill-tests' namespace guard (`common::Env`): unique
+//!   names, removed on drop, pass or fail; traffic never leaves namespaces the test created.
 //! - Socket-LB only affects processes in the cgroup, so clients run as a child process (this test
 //!   binary re-executed in "helper" mode through the `helper` test) that joins the cgroup and
 //!   the node namespace between fork and exec. Its results come back as `R ...` lines.
 //! - The dataplane is driven from threads that `setns` into the node namespace, as `twilld`
 //!   runs inside it (interfaces, addresses and the netns cookie are resolved there).
-//! - Backends are plain std listeners in the backend namespace that answer with their name and
-//!   the peer address they saw, so the tests can tell which backend served a flow and whether it
-//!   was source-NATed.
+//! - Backends are twill-tests' name servers in the backend namespace, answering with their name
+//!   and the peer address they saw, so the tests can tell which backend served a flow and
+//!   whether it was source-NATed.
 //! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
 
 use std::{
     collections::BTreeSet,
     fs::{self, File, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -32,25 +32,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{add_netns, error_chain, in_netns, ip_batch, join_netns, require_root, run};
+use common::{
+    BE1, BE1_V6, BE2, Env, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, backend, error_chain, ip_batch,
+    service, within,
+};
 use twill_agent::{
     services::dataplane::ebpf::{EbpfLb, EbpfLbConfig, EbpfLbView, LbLimits, TcIface},
-    services::lb::{
-        Backend, BackendState, Frontend, FrontendKind, LbDataplane as _, LbService, Proto, plan,
-    },
+    services::lb::{FrontendKind, LbDataplane as _, LbService, Proto, plan},
 };
+use twill_tests::{NetnsGuard, in_netns, require_root};
 
 mod common;
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const HELPER_ENV: &str = "TWILL_LB_HELPER";
 
-const NODE_TO_BE: &str = "10.251.0.1";
-const BE1: &str = "10.251.0.2";
-const BE2: &str = "10.251.0.3";
-const NODE_TO_OUT: &str = "10.252.0.1";
-const OUTSIDE: &str = "10.252.0.2";
-const BE1_V6: &str = "fd51::2";
 const VIP: &str = "10.96.0.10";
 const VIP_V6: &str = "fd96::10";
 const NODE_PORT: u16 = 30080;
@@ -231,195 +226,20 @@ fn client_command(ns: &str, cgroup: Option<&Path>, spec: &str) -> Command {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The environment: namespaces, cgroup, pin directory, backends.
+// The dataplane's configuration in a test's namespaces, and the services.
 
-/// Namespaces, cgroup and pin directory of one test; removed on drop.
-struct Env {
-    node: String,
-    backends: String,
-    outside: String,
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
-    stop: Arc<AtomicBool>,
-}
-
-impl Env {
-    fn new(tag: &str) -> Self {
-        let pid = std::process::id();
-        let env = Self {
-            node: format!("tws{pid}{tag}n"),
-            backends: format!("tws{pid}{tag}b"),
-            outside: format!("tws{pid}{tag}c"),
-            cgroup: Path::new(CGROUP_ROOT).join(format!("twill-lb-test-{pid}-{tag}")),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/twill-lb-test-{pid}-{tag}")),
-            stop: Arc::new(AtomicBool::new(false)),
-        };
-        for ns in [&env.node, &env.backends, &env.outside] {
-            add_netns(ns);
-        }
-        fs::create_dir(&env.cgroup).expect("create test cgroup");
-        let (n, b, c) = (&env.node, &env.backends, &env.outside);
-        let script = format!(
-            "link add nb type veth peer name bn netns {b}\n\
-             link add nc type veth peer name cn netns {c}\n\
-             link set lo up\nlink set nb up\nlink set nc up\n\
-             addr add {NODE_TO_BE}/24 dev nb\naddr add fd51::1/64 dev nb nodad\n\
-             addr add {NODE_TO_OUT}/24 dev nc\naddr add fd52::1/64 dev nc nodad\n"
-        );
-        ip_batch(n, &script);
-        ip_batch(
-            b,
-            &format!(
-                "link set lo up\nlink set bn up\naddr add {BE1}/24 dev bn\n\
-                 addr add {BE2}/24 dev bn\naddr add {BE1_V6}/64 dev bn nodad\n\
-                 route add default via {NODE_TO_BE}\nroute add default via fd51::1\n"
-            ),
-        );
-        ip_batch(
-            c,
-            &format!(
-                "link set lo up\nlink set cn up\naddr add {OUTSIDE}/24 dev cn\n\
-                 addr add fd52::2/64 dev cn nodad\n\
-                 route add default via {NODE_TO_OUT}\nroute add default via fd52::1\n"
-            ),
-        );
-        in_netns(n, || {
-            fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
-            fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding6");
-        });
-        env
-    }
-
-    fn config(&self) -> EbpfLbConfig {
-        EbpfLbConfig {
-            pin_dir: self.pin_dir.clone(),
-            cgroup: Some(self.cgroup.clone()),
-            ifaces: vec![TcIface::external("nb"), TcIface::external("nc")],
-            limits: LbLimits {
-                max_ct: 4096,
-                max_affinity: 1024,
-                max_sock: 4096,
-                ..LbLimits::default()
-            },
-        }
-    }
-
-    /// Starts a TCP and a UDP server answering `<name> peer=<client>` on `addr`, in the
-    /// backend namespace.
-    fn serve(&self, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
-        self.serve_in(&self.backends.clone(), name, ip, tcp_port, udp_port);
-    }
-
-    /// [`serve`](Self::serve) in namespace `ns`.
-    fn serve_in(&self, ns: &str, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
-        let ip: IpAddr = ip.parse().unwrap();
-        let stop = self.stop.clone();
-        let ns = ns.to_owned();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            join_netns(&ns);
-            let tcp = TcpListener::bind((ip, tcp_port)).expect("bind tcp");
-            tcp.set_nonblocking(true).unwrap();
-            let udp = UdpSocket::bind((ip, udp_port)).expect("bind udp");
-            udp.set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut buf = [0u8; 256];
-            while !stop.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((mut stream, peer)) => {
-                        let _ = writeln!(stream, "{name} peer={peer}");
-                    }
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(err) => panic!("accept: {err}"),
-                }
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server ready");
-    }
-
-    /// Runs `f` with the dataplane on a thread inside the node namespace.
-    fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns = self.node.clone();
-        thread::scope(|s| {
-            s.spawn(move || {
-                join_netns(&ns);
-                f()
-            })
-            .join()
-            .expect("node thread panicked")
-        })
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Links and maps pinned by the test (uninstall normally removed them already).
-        remove_tree(&self.pin_dir);
-        for ns in [&self.node, &self.backends, &self.outside] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        // Helper processes have exited (`output()` waits), so the cgroup is empty.
-        if let Err(err) = fs::remove_dir(&self.cgroup) {
-            eprintln!("cleanup: rmdir {}: {err}", self.cgroup.display());
-        }
-    }
-}
-
-fn remove_tree(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            remove_tree(&path);
-        } else {
-            let _ = fs::remove_file(&path);
-        }
-    }
-    let _ = fs::remove_dir(dir);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Services.
-
-fn backend(ip: &str, port: u16) -> Backend {
-    Backend {
-        ip: ip.parse().unwrap(),
-        port,
-        node_local: false,
-        state: BackendState::Ready,
-    }
-}
-
-fn service(
-    id: u32,
-    kind: FrontendKind,
-    vip: &str,
-    port: u16,
-    proto: Proto,
-    backends: Vec<Backend>,
-) -> LbService {
-    LbService {
-        id,
-        name: format!("test/svc{id}"),
-        frontend: Frontend {
-            ip: vip.parse().unwrap(),
-            port,
-            proto,
-            kind,
+/// The dataplane on the test node: the node's cgroup and pin directory, both veths external.
+fn config(env: &Env) -> EbpfLbConfig {
+    EbpfLbConfig {
+        pin_dir: env.pin_dir.clone(),
+        cgroup: Some(env.cgroup.clone()),
+        ifaces: vec![TcIface::external("nb"), TcIface::external("nc")],
+        limits: LbLimits {
+            max_ct: 4096,
+            max_affinity: 1024,
+            max_sock: 4096,
+            ..LbLimits::default()
         },
-        backends,
-        affinity_timeout_secs: None,
-        external_local: false,
-        internal_local: false,
     }
 }
 
@@ -486,18 +306,18 @@ fn assert_all_ok(what: &str, replies: &[Reply], n: usize) {
 /// outside, with SNAT), endpoint removal, restart with pinned state, counters, uninstall.
 #[test]
 fn socket_and_tc_load_balancing() {
-    if !require_root("socket_and_tc_load_balancing") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("a");
+    let env = Env::new();
     env.serve("be1", BE1, 8080, 5353);
     env.serve("be2", BE2, 8080, 5353);
     env.serve("be1v6", BE1_V6, 8080, 5353);
 
-    let config = env.config();
+    let config = config(&env);
     let mut lb = env
         .on_node(|| EbpfLb::open_with(&config))
-        .unwrap_or_else(|err| panic!("open: {}", error_chain(&err)));
+        .unwrap_or_else(|err| panic!("open: {}", error_chain(err)));
     let desired = services(true);
     let first = plan(&desired, &[]);
     let mut lb = env.on_node(move || {
@@ -703,8 +523,8 @@ fn socket_and_tc_load_balancing() {
     );
     assert_all_ok("nodeport while no agent runs", &replies, 5);
     let (lb, observed) = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config)
-            .unwrap_or_else(|err| panic!("reopen: {}", error_chain(&err)));
+        let mut lb =
+            EbpfLb::open_with(&config).unwrap_or_else(|err| panic!("reopen: {}", error_chain(err)));
         let observed = lb.observed().expect("observed after restart");
         (lb, observed)
     });
@@ -725,10 +545,10 @@ fn socket_and_tc_load_balancing() {
 /// endpoint: after removal plus 1 s, the removed backend gets nothing.
 #[test]
 fn udp_flow_leaves_removed_endpoint() {
-    if !require_root("udp_flow_leaves_removed_endpoint") {
+    if !require_root() {
         return;
     }
-    udp_stream_leaves_removed_endpoint("u", false);
+    udp_stream_leaves_removed_endpoint(false);
 }
 
 /// The node's own connected UDP socket, which socket-LB connected to a backend at `connect()`:
@@ -736,20 +556,20 @@ fn udp_flow_leaves_removed_endpoint() {
 /// and lands on a live backend; after removal plus 1 s the removed backend gets nothing.
 #[test]
 fn node_connected_udp_leaves_removed_endpoint() {
-    if !require_root("node_connected_udp_leaves_removed_endpoint") {
+    if !require_root() {
         return;
     }
-    udp_stream_leaves_removed_endpoint("k", true);
+    udp_stream_leaves_removed_endpoint(true);
 }
 
 /// 60 datagrams 100 ms apart on one connected socket, from the node inside the LB cgroup
 /// (`via_socket_lb`) or from the outside host through the tc path; the backend serving it is
 /// removed mid-stream.
-fn udp_stream_leaves_removed_endpoint(tag: &str, via_socket_lb: bool) {
-    let env = Env::new(tag);
+fn udp_stream_leaves_removed_endpoint(via_socket_lb: bool) {
+    let env = Env::new();
     env.serve("be1", BE1, 8080, 5353);
     env.serve("be2", BE2, 8080, 5353);
-    let config = env.config();
+    let config = config(&env);
     let desired = services(true);
     let first = plan(&desired, &[]);
     let lb = env.on_node(|| {
@@ -823,41 +643,17 @@ fn udp_stream_leaves_removed_endpoint(tag: &str, via_socket_lb: bool) {
     lb.uninstall().expect("uninstall");
 }
 
-/// Removes a pin directory on drop.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        remove_tree(&self.0);
-    }
-}
-
-/// Pod namespaces behind a bridge in the node namespace; deleted on drop.
-struct Pods(Vec<String>);
-
-impl Drop for Pods {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
 /// The pod-bridge path (`IfaceRole::Pods`): pods behind a bridge reach a local backend pod
 /// through hairpin SNAT, a remote backend without SNAT (the reply comes back through the uplink
 /// hook), and pods' connected UDP sockets take the tc path even inside the cgroup.
 #[test]
 fn pods_behind_a_bridge() {
-    if !require_root("pods_behind_a_bridge") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("p");
-    let pid = std::process::id();
-    let pods = Pods(vec![format!("tws{pid}p1"), format!("tws{pid}p2")]);
-    for ns in &pods.0 {
-        run("ip", &["netns", "add", ns]);
-    }
-    let (p1, p2) = (&pods.0[0], &pods.0[1]);
+    let env = Env::new();
+    let pods = env.pods(&["p1", "p2"]);
+    let (p1, p2) = (&pods[0], &pods[1]);
 
     let mut local = backend("10.253.0.3", 8080);
     local.node_local = true;
@@ -883,7 +679,7 @@ fn pods_behind_a_bridge() {
         ),
     ];
     // The bridge does not exist yet when the dataplane starts (as `cni0` before the first pod).
-    let mut config = env.config();
+    let mut config = config(&env);
     config.ifaces.push(TcIface::pods("br0"));
     let first = plan(&desired, &[]);
     let mut lb = env.on_node(|| {
@@ -904,7 +700,7 @@ fn pods_behind_a_bridge() {
         ip_batch(
             ns,
             &format!(
-                "link set lo up\nlink set eth0 up\naddr add {ip}/24 dev eth0\n\
+                "link set eth0 up\naddr add {ip}/24 dev eth0\n\
                  route add default via 10.253.0.1\n"
             ),
         );
@@ -970,16 +766,12 @@ fn pods_behind_a_bridge() {
 fn routed_pod_veths() {
     use twill_agent::services::dataplane::ebpf::podif::{LinkWatch, PodIfacePolicy, pod_facing};
 
-    if !require_root("routed_pod_veths") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("r");
-    let pid = std::process::id();
-    let pods = Pods(vec![format!("tws{pid}r1"), format!("tws{pid}r2")]);
-    for ns in &pods.0 {
-        run("ip", &["netns", "add", ns]);
-    }
-    let (p1, p2) = (&pods.0[0], &pods.0[1]);
+    let env = Env::new();
+    let pods = env.pods(&["r1", "r2"]);
+    let (p1, p2) = (&pods[0], &pods[1]);
     ip_batch(
         &env.node,
         &format!(
@@ -996,7 +788,7 @@ fn routed_pod_veths() {
         ip_batch(
             ns,
             &format!(
-                "link set lo up\nlink set eth0 up\naddr add {ip}/32 dev eth0\n\
+                "link set eth0 up\naddr add {ip}/32 dev eth0\n\
                  route add 169.254.1.1 dev eth0 scope link\n\
                  neigh add 169.254.1.1 lladdr {mac} dev eth0 nud permanent\n\
                  route add default via 169.254.1.1 dev eth0\n"
@@ -1054,7 +846,7 @@ fn routed_pod_veths() {
             vec![backend("10.253.1.3", 8080)],
         ),
     ];
-    let config = env.config();
+    let config = config(&env);
     let first = plan(&desired, &[]);
     let lb = env.on_node(|| {
         let mut lb = EbpfLb::open_with(&config).expect("open");
@@ -1127,58 +919,59 @@ struct Exchange {
 /// One TCP exchange from `src` (address and port, bound first, as a client reusing a port does)
 /// to `dst`, inside namespace `ns`: what it saw, or the error.
 fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
+    in_netns(ns, || Ok(tcp_from_here(src, dst))).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
         sockopt,
     };
-    in_netns(ns, || {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    // connect() gives up after SO_SNDTIMEO.
+    let timeout = nix::sys::time::TimeVal::new(2, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
+    let t0 = Instant::now();
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
+        .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
+    let connect_took = t0.elapsed();
+    // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("tcp_info size");
+    // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
         )
-        .map_err(|e| format!("socket: {e}"))?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-        // connect() gives up after SO_SNDTIMEO.
-        let timeout = nix::sys::time::TimeVal::new(2, 0);
-        setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-        bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
-            .map_err(|e| format!("bind {src}: {e}"))?;
-        let t0 = Instant::now();
-        connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
-            .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
-        let connect_took = t0.elapsed();
-        // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
-            .expect("tcp_info size");
-        // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &raw mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
-        }
-        let stream = TcpStream::from(fd);
-        stream
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .map_err(|e| format!("read from {dst}: {e}"))?;
-        Ok(Exchange {
-            line: line.trim().to_owned(),
-            connect: connect_took,
-            syn_retrans: info.tcpi_total_retrans,
-        })
+    };
+    if rc != 0 {
+        return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
+    }
+    let stream = TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("read from {dst}: {e}"))?;
+    Ok(Exchange {
+        line: line.trim().to_owned(),
+        connect: connect_took,
+        syn_retrans: info.tcpi_total_retrans,
     })
 }
 
@@ -1193,10 +986,10 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<Exchange, Stri
 /// (timestamps are offset per tuple): ports are tried until three did.
 #[test]
 fn direct_connection_reusing_a_closed_flows_tuple() {
-    if !require_root("direct_connection_reusing_a_closed_flows_tuple") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("t");
+    let env = Env::new();
     env.serve("be1", BE1, 8080, 5353);
     let mut local = backend(BE1, 8080);
     local.node_local = true;
@@ -1208,7 +1001,7 @@ fn direct_connection_reusing_a_closed_flows_tuple() {
         Proto::Tcp,
         vec![local],
     )];
-    let config = env.config();
+    let config = config(&env);
     let first = plan(&desired, &[]);
     let lb = env.on_node(|| {
         let mut lb = EbpfLb::open_with(&config).expect("open");
@@ -1260,19 +1053,18 @@ fn direct_connection_reusing_a_closed_flows_tuple() {
 /// Loads 10 000 services × 10 backends, prints the map memory and the sync time.
 #[test]
 fn ten_thousand_services() {
-    if !require_root("ten_thousand_services") {
+    if !require_root() {
         return;
     }
-    let pid = std::process::id();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/twill-lb-test-{pid}-10k"));
-    let _cleanup = Cleanup(pin_dir.clone());
+    let guard = NetnsGuard::new().expect("namespace guard");
+    let pin_dir = guard.pin_dir("10k").expect("pin directory");
     let mut lb = EbpfLb::open_with(&EbpfLbConfig {
         pin_dir: pin_dir.clone(),
         cgroup: None,
         ifaces: Vec::new(),
         limits: LbLimits::default(),
     })
-    .unwrap_or_else(|err| panic!("open: {}", error_chain(&err)));
+    .unwrap_or_else(|err| panic!("open: {}", error_chain(err)));
     let empty = lb.counters().expect("counters");
     assert!(empty.is_empty());
     let services: Vec<LbService> = (1..=10_000u32)
@@ -1367,10 +1159,10 @@ fn reopening_never_clears_the_pods_udp_setting() {
     use aya::maps::{Array, Map, MapData};
     use twill_common::service::{CFG_UDP_CONNECT_VIA_TC, LbConfig, MAP_CONFIG};
 
-    if !require_root("reopening_never_clears_the_pods_udp_setting") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("o");
+    let env = Env::new();
     ip_batch(
         &env.node,
         "link add br0 type bridge
@@ -1378,7 +1170,7 @@ addr add 10.253.0.1/24 dev br0
 link set br0 up
 ",
     );
-    let mut config = env.config();
+    let mut config = config(&env);
     config.ifaces.push(TcIface::pods("br0"));
     env.on_node(|| drop(EbpfLb::open_with(&config).expect("open")));
     let settings = |path: &Path| -> Array<MapData, LbConfig> {
@@ -1429,12 +1221,12 @@ fn snat_finds_a_free_port_when_most_are_taken() {
         SNAT_PORT_MIN,
     };
 
-    if !require_root("snat_finds_a_free_port_when_most_are_taken") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("s");
+    let env = Env::new();
     env.serve("be1", BE1, 8080, 5353);
-    let mut config = env.config();
+    let mut config = config(&env);
     config.limits.max_ct = 65_536;
     let desired = vec![service(
         4,
@@ -1524,17 +1316,19 @@ fn snat_finds_a_free_port_when_most_are_taken() {
 fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
     use twill_common::service::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
 
-    if !require_root("snat_retry_after_a_time_wait_collision_keeps_its_port") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("w");
+    let env = Env::new();
     // A backend that answers and closes first, so TIME_WAIT lands on its side.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    thread::spawn({
-        let (ns, stop) = (env.backends.clone(), env.stop.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = thread::spawn({
+        let (ns, stop) = (env.backends.clone(), stop.clone());
         move || {
-            join_netns(&ns);
-            let tcp = TcpListener::bind((BE1.parse::<IpAddr>().unwrap(), 8080)).expect("bind");
+            twill_tests::ns::join_netns(&ns).expect("enter the backends' namespace");
+            let tcp =
+                std::net::TcpListener::bind((BE1.parse::<IpAddr>().unwrap(), 8080)).expect("bind");
             tcp.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
@@ -1561,7 +1355,7 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
         Proto::Tcp,
         vec![backend(BE1, 8080)],
     )];
-    let config = env.config();
+    let config = config(&env);
     let first = plan(&desired, &[]);
     let lb = env.on_node(|| {
         let mut lb = EbpfLb::open_with(&config).expect("open");
@@ -1572,7 +1366,7 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
     // TIME_WAIT on the backend by a connection of the node's own, read to its end so that the
     // backend closes first.
     let be: SocketAddr = format!("{BE1}:8080").parse().unwrap();
-    in_netns(&env.node, || {
+    within(&env.node, || {
         use nix::sys::socket::{
             AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
             sockopt,
@@ -1605,7 +1399,7 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
             assert!(line.starts_with("be1 "), "from {src}: {line:?}");
         }
     });
-    let time_wait = in_netns(&env.backends, || {
+    let time_wait = within(&env.backends, || {
         // This thread's namespace (`/proc/net` is the main thread's).
         let table = fs::read_to_string("/proc/thread-self/net/tcp").expect("read tcp sockets");
         // `local rem st`: the backend's 8080 (1F90) in state 06 (TIME_WAIT).
@@ -1626,7 +1420,7 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
     let mut slow = Vec::new();
     let mut quick = 0;
     for i in 0..40 {
-        let got = in_netns(&env.outside, || {
+        let got = within(&env.outside, || {
             let t0 = Instant::now();
             let mut s = TcpStream::connect_timeout(&nodeport, Duration::from_secs(5))
                 .map_err(|e| format!("{e} after {:?}", t0.elapsed()))?;
@@ -1680,4 +1474,6 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
          retransmissions)"
     );
     lb.uninstall().expect("uninstall");
+    stop.store(true, Ordering::Relaxed);
+    server.join().expect("backend server");
 }

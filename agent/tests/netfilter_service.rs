@@ -4,9 +4,11 @@
 //! exercise the seam directly and faster.)
 //!
 //! Why it is shaped as it is:
-//! - Three throw-away namespaces per test (`twn<pid><tag>n` the node, `...b` the backends,
-//!   `...c` a host outside the cluster) joined by veths, removed by a guard on drop, pass or
-//!   fail. Traffic never leaves them.
+//! - Three throw-away namespaces per test (the node, the backends, a host outside the cluster)
+//!   joined by veths, made and removed by twill-tests' namespace guard (`common::Env`), pass or
+//!   fail. Traffic never leaves them. The node has a default route (towards the backends'
+//!   namespace, as a real node has one somewhere), so a service address without endpoints
+//!   reaches the forward hook and is rejected there instead of being unroutable.
 //! - The dataplane is driven from a thread that `setns`es into the node namespace, as `twilld`
 //!   runs inside it; netfilter state is per namespace, so nothing outside is touched.
 //! - Backends answer `<name> peer=<client>`, so a test sees which backend served a flow and
@@ -15,29 +17,20 @@
 //! - Needs root. Without root it skips loudly, except under `CI=true`, where it fails.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{add_netns, ip_batch, join_netns, require_root, run};
+use common::{
+    BE1, BE1_V6, BE2, Env, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, backend as be, ip_batch, run_in,
+    service,
+};
 use twill_agent::services::dataplane::iptables::{IptBackend, IptLb};
 use twill_agent::services::dataplane::nft::NftLb;
-use twill_agent::services::lb::{
-    Backend, BackendState, Frontend, FrontendKind, LbDataplane, LbService, Proto, plan,
-};
+use twill_agent::services::lb::{FrontendKind, LbDataplane as _, LbService, Proto, plan};
+use twill_tests::{require_root, server_name as name, tcp_exchange};
 
 mod common;
 
-const NODE_TO_BE: &str = "10.253.0.1";
-const BE1: &str = "10.253.0.2";
-const BE2: &str = "10.253.0.3";
-const NODE_TO_OUT: &str = "10.254.0.1";
-const OUTSIDE: &str = "10.254.0.2";
-const BE1_V6: &str = "fd53::2";
 const VIP: &str = "10.96.0.10";
 const VIP_NOEP: &str = "10.96.0.11";
 const EXT_IP: &str = "192.0.2.10";
@@ -45,229 +38,51 @@ const VIP_V6: &str = "fd96::10";
 const NODE_PORT: u16 = 30080;
 const NODE_PORT_NOEP: u16 = 30081;
 
-/// The namespaces of one test; removed on drop. The node has a default route (towards the
-/// backends' namespace, as a real node has one somewhere), so a service address without
-/// endpoints reaches the forward hook and is rejected there instead of being unroutable.
-struct Env {
-    node: String,
-    backends: String,
-    outside: String,
-    stop: Arc<AtomicBool>,
+/// The test's namespaces, with the node's default route towards the backends.
+fn env() -> Env {
+    let env = Env::new();
+    ip_batch(&env.node, &format!("route add default via {BE1}\n"));
+    env
 }
 
-impl Env {
-    fn new(tag: &str) -> Self {
-        let pid = std::process::id();
-        let env = Self {
-            node: format!("twn{pid}{tag}n"),
-            backends: format!("twn{pid}{tag}b"),
-            outside: format!("twn{pid}{tag}c"),
-            stop: Arc::new(AtomicBool::new(false)),
-        };
-        for ns in [&env.node, &env.backends, &env.outside] {
-            add_netns(ns);
-        }
-        let (n, b, c) = (&env.node, &env.backends, &env.outside);
-        ip_batch(
-            n,
-            &format!(
-                "link add nb type veth peer name bn netns {b}\n\
-                 link add nc type veth peer name cn netns {c}\n\
-                 link set lo up\nlink set nb up\nlink set nc up\n\
-                 addr add {NODE_TO_BE}/24 dev nb\naddr add fd53::1/64 dev nb nodad\n\
-                 addr add {NODE_TO_OUT}/24 dev nc\naddr add fd54::1/64 dev nc nodad\n\
-                 route add default via {BE1}\n"
-            ),
-        );
-        ip_batch(
-            b,
-            &format!(
-                "link set lo up\nlink set bn up\naddr add {BE1}/24 dev bn\n\
-                 addr add {BE2}/24 dev bn\naddr add {BE1_V6}/64 dev bn nodad\n\
-                 route add default via {NODE_TO_BE}\nroute add default via fd53::1\n"
-            ),
-        );
-        ip_batch(
-            c,
-            &format!(
-                "link set lo up\nlink set cn up\naddr add {OUTSIDE}/24 dev cn\n\
-                 addr add fd54::2/64 dev cn nodad\n\
-                 route add default via {NODE_TO_OUT}\nroute add default via fd54::1\n"
-            ),
-        );
-        env.on_node(|| {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
-            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding6");
-        });
-        env
-    }
-
-    /// Starts a TCP and a UDP server answering `<name> peer=<client>` in the backend namespace.
-    fn serve(&self, name: &'static str, ip: &str, tcp_port: u16, udp_port: u16) {
-        let ip: IpAddr = ip.parse().unwrap();
-        let stop = self.stop.clone();
-        let ns = self.backends.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            join_netns(&ns);
-            let tcp = TcpListener::bind((ip, tcp_port)).expect("bind tcp");
-            tcp.set_nonblocking(true).unwrap();
-            let udp = UdpSocket::bind((ip, udp_port)).expect("bind udp");
-            udp.set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut buf = [0u8; 256];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((mut stream, peer)) = tcp.accept() {
-                    let _ = writeln!(stream, "{name} peer={peer}");
-                }
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server ready");
-    }
-
-    /// Runs `f` on a thread inside the node namespace.
-    fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns = self.node.clone();
-        thread::scope(|s| {
-            s.spawn(move || {
-                join_netns(&ns);
-                f()
-            })
-            .join()
-            .expect("node thread panicked")
-        })
-    }
-
-    /// One TCP exchange from the outside namespace: the server's line, or the error kind.
-    fn tcp(&self, addr: SocketAddr) -> Result<String, std::io::ErrorKind> {
-        let ns = self.outside.clone();
-        thread::spawn(move || {
-            join_netns(&ns);
-            let s =
-                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind())?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut line = String::new();
-            BufReader::new(s)
-                .read_line(&mut line)
-                .map_err(|e| e.kind())?;
-            Ok(line.trim().to_owned())
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn nft(&self, args: &str) -> String {
-        let mut a = vec!["netns", "exec", self.node.as_str(), "nft"];
-        a.extend(args.split_whitespace());
-        String::from_utf8_lossy(&run("ip", &a).stdout).into_owned()
-    }
+/// One TCP exchange from the outside namespace: the server's line, or the error kind.
+fn tcp(env: &Env, addr: SocketAddr) -> Result<String, std::io::ErrorKind> {
+    tcp_exchange(&env.outside, addr).map_err(|e| e.kind())
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for ns in [&self.node, &self.backends, &self.outside] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-fn be(ip: &str, port: u16) -> Backend {
-    Backend {
-        ip: ip.parse().unwrap(),
-        port,
-        node_local: false,
-        state: BackendState::Ready,
-    }
-}
-
-fn svc(
-    id: u32,
-    ip: &str,
-    port: u16,
-    proto: Proto,
-    kind: FrontendKind,
-    backends: Vec<Backend>,
-) -> LbService {
-    LbService {
-        id,
-        name: format!("test/s{id}:p"),
-        frontend: Frontend {
-            ip: ip.parse().unwrap(),
-            port,
-            proto,
-            kind,
-        },
-        backends,
-        affinity_timeout_secs: None,
-        external_local: false,
-        internal_local: false,
-    }
+/// `nft ARGS` in the node namespace.
+fn nft(env: &Env, args: &str) -> String {
+    let mut a = vec!["nft"];
+    a.extend(args.split_whitespace());
+    run_in(&env.node, &a)
 }
 
 /// The services of the functional tests: ClusterIP (TCP and UDP, v4 and v6), a NodePort, an
 /// external IP with affinity, and two frontends without endpoints.
 fn services() -> Vec<LbService> {
-    let two = || vec![be(BE1, 8080), be(BE2, 8080)];
-    let mut ext = svc(4, EXT_IP, 80, Proto::Tcp, FrontendKind::ExternalIp, two());
+    use FrontendKind::{ClusterIp, ExternalIp, NodePort};
+    let two = |port| vec![be(BE1, port), be(BE2, port)];
+    let mut ext = service(4, ExternalIp, EXT_IP, 80, Proto::Tcp, two(8080));
     ext.affinity_timeout_secs = Some(60);
     let mut out = vec![
-        svc(1, VIP, 80, Proto::Tcp, FrontendKind::ClusterIp, two()),
-        svc(
-            2,
-            VIP,
-            53,
-            Proto::Udp,
-            FrontendKind::ClusterIp,
-            vec![be(BE1, 5353), be(BE2, 5353)],
-        ),
-        svc(
-            3,
-            "0.0.0.0",
-            NODE_PORT,
-            Proto::Tcp,
-            FrontendKind::NodePort,
-            two(),
-        ),
+        service(1, ClusterIp, VIP, 80, Proto::Tcp, two(8080)),
+        service(2, ClusterIp, VIP, 53, Proto::Udp, two(5353)),
+        service(3, NodePort, "0.0.0.0", NODE_PORT, Proto::Tcp, two(8080)),
         ext,
-        svc(
-            5,
-            VIP_V6,
-            80,
-            Proto::Tcp,
-            FrontendKind::ClusterIp,
-            vec![be(BE1_V6, 8080)],
-        ),
-        svc(6, VIP_NOEP, 80, Proto::Tcp, FrontendKind::ClusterIp, vec![]),
-        svc(
-            7,
-            "0.0.0.0",
-            NODE_PORT_NOEP,
-            Proto::Tcp,
-            FrontendKind::NodePort,
-            vec![],
-        ),
+        service(5, ClusterIp, VIP_V6, 80, Proto::Tcp, vec![be(BE1_V6, 8080)]),
+        service(6, ClusterIp, VIP_NOEP, 80, Proto::Tcp, vec![]),
+        service(7, NodePort, "0.0.0.0", NODE_PORT_NOEP, Proto::Tcp, vec![]),
     ];
     out.sort_by_key(|s| s.frontend.key());
     out
 }
 
-fn name(line: &str) -> &str {
-    line.split_whitespace().next().unwrap_or_default()
-}
-
 #[test]
 fn nft_programs_reads_back_restarts_and_balances() {
-    if !require_root("nft_programs_reads_back_restarts_and_balances") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("a");
+    let env = env();
     env.serve("b1", BE1, 8080, 5353);
     env.serve("b2", BE2, 8080, 5353);
     env.serve("b1v6", BE1_V6, 8080, 5353);
@@ -279,7 +94,7 @@ fn nft_programs_reads_back_restarts_and_balances() {
         assert_eq!(lb.observed().unwrap(), want);
     });
     // `nft` decodes what we wrote (a wrong encoding shows as an error or garbage here).
-    let listing = env.nft("list table inet twill");
+    let listing = nft(&env, "list table inet twill");
     for needle in [
         "numgen random mod 2 map @be4",
         "jump pick",
@@ -301,11 +116,11 @@ fn nft_programs_reads_back_restarts_and_balances() {
     let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
-        let line = env.tcp(vip).expect("ClusterIP from outside");
+        let line = tcp(&env, vip).expect("ClusterIP from outside");
         // ClusterIP keeps the client's address.
         assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
         seen.insert(name(&line).to_owned());
-        let line = env.tcp(np).expect("NodePort");
+        let line = tcp(&env, np).expect("NodePort");
         // External traffic to a backend on another node is masqueraded to the node.
         assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
         seen.insert(name(&line).to_owned());
@@ -314,24 +129,24 @@ fn nft_programs_reads_back_restarts_and_balances() {
     // Affinity: one backend for one client.
     let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
     let sticky: BTreeSet<String> = (0..8)
-        .map(|_| name(&env.tcp(ext).expect("external IP")).to_owned())
+        .map(|_| name(&tcp(&env, ext).expect("external IP")).to_owned())
         .collect();
     assert_eq!(sticky.len(), 1, "{sticky:?}");
     // IPv6.
     let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
-    assert_eq!(name(&env.tcp(v6).expect("v6 ClusterIP")), "b1v6");
+    assert_eq!(name(&tcp(&env, v6).expect("v6 ClusterIP")), "b1v6");
     // No endpoints: refused (not a timeout).
     let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
-    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
     let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
-    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
 
     // A UDP flow moves off a removed endpoint at the next datagram.
     let ns = env.outside.clone();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let client = thread::spawn(move || {
-        join_netns(&ns);
+    let client = std::thread::spawn(move || {
+        twill_tests::ns::join_netns(&ns).unwrap();
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         sock.connect(format!("{VIP}:53")).unwrap();
@@ -371,25 +186,23 @@ fn nft_programs_reads_back_restarts_and_balances() {
 
     // Uninstall removes the table.
     env.on_node(|| assert!(NftLb::uninstall().unwrap()));
-    assert!(!env.nft("list tables").contains("twill"));
+    assert!(!nft(&env, "list tables").contains("twill"));
 }
 
 fn ipt_save(env: &Env, backend: IptBackend) -> String {
     let mut out = String::new();
     for v6 in ["", "6"] {
         let tool = format!("ip{v6}tables-{}-save", backend.as_str());
-        out.push_str(&String::from_utf8_lossy(
-            &run("ip", &["netns", "exec", &env.node, &tool]).stdout,
-        ));
+        out.push_str(&run_in(&env.node, &[tool.as_str()]));
     }
     out
 }
 
-fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: &str) {
-    if !require_root("iptables_programs_reads_back_restarts_and_balances") {
+fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend) {
+    if !require_root() {
         return;
     }
-    let env = Env::new(tag);
+    let env = env();
     env.serve("b1", BE1, 8080, 5353);
     env.serve("b2", BE2, 8080, 5353);
     env.serve("b1v6", BE1_V6, 8080, 5353);
@@ -410,25 +223,25 @@ fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: 
     let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
-        let line = env.tcp(vip).expect("ClusterIP from outside");
+        let line = tcp(&env, vip).expect("ClusterIP from outside");
         assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
         seen.insert(name(&line).to_owned());
-        let line = env.tcp(np).expect("NodePort");
+        let line = tcp(&env, np).expect("NodePort");
         assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
         seen.insert(name(&line).to_owned());
     }
     assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
     let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
     let sticky: BTreeSet<String> = (0..8)
-        .map(|_| name(&env.tcp(ext).expect("external IP")).to_owned())
+        .map(|_| name(&tcp(&env, ext).expect("external IP")).to_owned())
         .collect();
     assert_eq!(sticky.len(), 1, "{sticky:?}");
     let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
-    assert_eq!(name(&env.tcp(v6).expect("v6 ClusterIP")), "b1v6");
+    assert_eq!(name(&tcp(&env, v6).expect("v6 ClusterIP")), "b1v6");
     let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
-    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
     let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
-    assert_eq!(env.tcp(noep), Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
     // Uninstalling (services still programmed) leaves no TWILL- chain and no jump; so does
     // removing everything first.
     env.on_node(|| {
@@ -449,37 +262,26 @@ fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend, tag: 
 
 #[test]
 fn iptables_legacy_programs_reads_back_restarts_and_balances() {
-    iptables_programs_reads_back_restarts_and_balances(IptBackend::Legacy, "l");
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Legacy);
 }
 
 #[test]
 fn iptables_nft_programs_reads_back_restarts_and_balances() {
-    iptables_programs_reads_back_restarts_and_balances(IptBackend::Nft, "i");
+    iptables_programs_reads_back_restarts_and_balances(IptBackend::Nft);
 }
 
 #[test]
 fn nft_leaves_other_tables_alone() {
-    if !require_root("nft_leaves_other_tables_alone") {
+    if !require_root() {
         return;
     }
-    let env = Env::new("f");
+    let env = env();
     let foreign = "table inet filter {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 22 counter accept\n }\n}\ntable ip nat {\n chain POSTROUTING {\n  type nat hook postrouting priority 100; policy accept;\n  oifname \"nc\" masquerade\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("twill-foreign-{}.nft", std::process::id()));
+    let path = env.guard.temp_dir().join("foreign.nft");
     std::fs::write(&path, foreign).unwrap();
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &env.node,
-            "nft",
-            "-f",
-            path.to_str().unwrap(),
-        ],
-    );
-    let _ = std::fs::remove_file(&path);
-    let before_filter = env.nft("list table inet filter");
-    let before_nat = env.nft("list table ip nat");
+    run_in(&env.node, &["nft", "-f", path.to_str().unwrap()]);
+    let before_filter = nft(&env, "list table inet filter");
+    let before_nat = nft(&env, "list table ip nat");
     let want = services();
     env.on_node(|| {
         let mut lb = NftLb::open().expect("open");
@@ -488,6 +290,6 @@ fn nft_leaves_other_tables_alone() {
         assert!(lb.observed().unwrap().is_empty());
         NftLb::uninstall().expect("uninstall");
     });
-    assert_eq!(env.nft("list table inet filter"), before_filter);
-    assert_eq!(env.nft("list table ip nat"), before_nat);
+    assert_eq!(nft(&env, "list table inet filter"), before_filter);
+    assert_eq!(nft(&env, "list table ip nat"), before_nat);
 }

@@ -7,6 +7,10 @@
 //! (`args`, `runtimeConfig`, `capabilities`, `prevResult`, `cniVersions`, the GC attachment lists,
 //! ...) are accepted. When `ipam.type` names an external IPAM plugin the rest of `ipam` belongs to
 //! that plugin and is not checked here.
+//!
+//! No crate does this part: the CNI crates (`cni-plugin` 0.2.1, `rscni-types` 0.2.0) model the
+//! keys every plugin shares and pass a plugin's own keys through as an untyped map, with none
+//! of the error codes above; twill's keys, their checks and the error each one gets are twill's.
 
 use std::collections::HashSet;
 use std::net::IpAddr;

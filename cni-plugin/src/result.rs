@@ -7,6 +7,15 @@
 //! [`CniResult::to_version`] writes the fields the target version has. Chaining (`portmap`
 //! after twill, twill after something else) appends twill's interfaces, IPs and routes to the
 //! previous result, shifting twill's interface indices past the ones already there.
+//!
+//! Why not a crate: `cni-plugin` (0.2.1) answers 0.4.0 and 1.0.0 only (no 0.3.x, no 1.1.0 and
+//! so no GC or STATUS). `rscni-types` (0.2.0) has all five versions and a legacy (0.3.x/0.4.0)
+//! layout, but of eleven golden results (twill's own ADD result in every version, a chained
+//! 0.4.0 `prevResult`, 1.1.0 route keys, a delegated IPAM result) it writes six differently: a
+//! 1.0.0 result keeps the 1.1.0-only interface `mtu` and route `mtu`/`table`; a vendor key of a
+//! `prevResult` (`"x-vendor"` on an interface, `"foo"` on a route) is dropped, where a chained
+//! plugin must pass the previous result on; an empty `ips` is left out; and 0.4.0 results gain an
+//! empty `"dns": {}`. Each of those is a result a runtime would read differently than today.
 
 use std::net::IpAddr;
 

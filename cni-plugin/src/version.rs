@@ -3,6 +3,9 @@
 //! A runtime states the version in the config's `cniVersion` and expects the result in exactly that
 //! version. Versions are compared numerically (`0.10.0 > 0.4.0`); the set twill answers is closed,
 //! so an unknown version is error 1 rather than a guess at a format.
+//!
+//! Kept with the result model it serves (see [`crate::result`] for why neither `cni-plugin` nor
+//! `rscni-types` replaces them).
 
 use std::fmt;
 

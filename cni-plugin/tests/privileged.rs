@@ -1,64 +1,37 @@
 //! Privileged end-to-end tests: the built `twill-cni` binary executed exactly as a runtime
 //! executes it (CNI_* environment, config on stdin, result or error JSON on stdout).
 //!
-//! Each test builds its own little node: a network namespace `twc<pid>t<n>n` in which the plugin
-//! runs (through `nsenter --net=`, as a runtime on that node would run it), a subnet file and an
-//! IPAM directory in a temporary directory, and pod namespaces `twc<pid>t<n>p<i>`. All traffic
-//! stays inside those namespaces. The [`Rig`] guard deletes every namespace it made when dropped,
-//! pass or fail; deleting the node namespace takes the bridge and the host veths with it.
+//! Each test builds its own little node on twill-tests' namespace guard: a node namespace in
+//! which the plugin runs (through `nsenter --net=`, as a runtime on that node would run it), a
+//! subnet file and an IPAM directory in the guard's temporary directory, and pod namespaces. All
+//! traffic stays inside those namespaces. The guard names them uniquely and deletes everything
+//! it made when dropped, pass or fail; deleting the node namespace takes the bridge and the host
+//! veths with it.
 //!
 //! Needs root (netns, veth, bridge). Without root the tests print why and pass as skipped —
-//! unless `CI=true`, where a skip is a failure.
+//! unless `CI=true`, where a skip is a failure (twill-tests' `require_root`).
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use twill_tests::traffic::udp_round_trip;
+use twill_tests::{NetnsGuard, require_root, require_tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_twill-cni");
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-static SAID: std::sync::Once = std::sync::Once::new();
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "twill-cni privileged tests need root (netns, veth, bridge); CI=true, so not skipping"
-    );
-    // Straight to fd 2, past the test harness's output capture, once per run.
-    SAID.call_once(|| {
-        let _ = std::io::stderr().write_all(
-            b"SKIPPED: twill-cni privileged tests need root (netns, veth, bridge); run as root \
-              (CI=true makes this a failure)\n",
-        );
-    });
-    false
-}
-
 /// The reference plugins (Debian's containernetworking-plugins) used as delegate and chain peers.
 fn reference_plugins() -> bool {
-    if Path::new("/usr/lib/cni/host-local").exists() && Path::new("/usr/lib/cni/portmap").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "/usr/lib/cni/{{host-local,portmap}} missing (apt-get install containernetworking-plugins); \
-         CI=true, so not skipping"
-    );
-    let _ =
-        std::io::stderr().write_all(b"SKIPPED: /usr/lib/cni/{host-local,portmap} not installed\n");
-    false
+    require_tools(&["/usr/lib/cni/host-local", "/usr/lib/cni/portmap"])
 }
 
 fn run(cmd: &str, args: &[&str]) -> Output {
@@ -125,30 +98,27 @@ impl Reply {
 
 /// One node with its pods; everything it made is deleted on drop.
 struct Rig {
-    tag: String,
     node: String,
     pods: Vec<String>,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
     third: usize,
+    guard: NetnsGuard,
 }
 
 impl Rig {
     fn new() -> Option<Rig> {
-        if !privileged() {
+        if !require_root() {
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("twc{}t{n}", std::process::id());
-        let node = format!("{tag}n");
+        let guard = NetnsGuard::new().expect("namespace guard");
         let rig = Rig {
-            node: node.clone(),
-            tag,
+            node: guard.netns("n").expect("node namespace"),
             pods: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
+            dir: guard.temp_dir().to_path_buf(),
             third: 10 + n,
+            guard,
         };
-        run("ip", &["netns", "add", &node]);
-        run("ip", &["-n", &node, "link", "set", "lo", "up"]);
         rig.write_subnet(&format!(
             "FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.99.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
             rig.third
@@ -164,11 +134,11 @@ impl Rig {
     }
 
     fn subnet_file(&self) -> PathBuf {
-        self.dir.path().join("subnet.env")
+        self.dir.join("subnet.env")
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("ipam")
+        self.dir.join("ipam")
     }
 
     fn gateway(&self) -> String {
@@ -176,8 +146,10 @@ impl Rig {
     }
 
     fn pod(&mut self) -> String {
-        let name = format!("{}p{}", self.tag, self.pods.len());
-        run("ip", &["netns", "add", &name]);
+        let name = self
+            .guard
+            .netns(&format!("p{}", self.pods.len()))
+            .expect("pod namespace");
         self.pods.push(name.clone());
         name
     }
@@ -194,7 +166,7 @@ impl Rig {
             "type": "twill-cni",
             "subnetFile": self.subnet_file(),
             "dataDir": self.data_dir(),
-            "logFile": self.dir.path().join("twill-cni.log"),
+            "logFile": self.dir.join("twill-cni.log"),
         });
         if let Value::Object(m) = extra {
             for (k, v) in m {
@@ -345,60 +317,10 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for ns in self.pods.iter().chain(std::iter::once(&self.node)) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 /// A UDP round trip from `from` (a pod namespace) to `to_ip` in pod `to`: proves pod-to-pod
-/// reachability without depending on `ping`. Sockets are opened by threads that enter the pods'
-/// namespaces (setns changes only the calling thread).
+/// reachability without depending on `ping`.
 fn udp_reachable(from: &str, to: &str, to_ip: IpAddr) -> bool {
-    fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(Rig::netns_path(ns)).unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-    let server = in_netns(to, || UdpSocket::bind(SocketAddr::new(to_ip, 0)).unwrap());
-    let addr = server.local_addr().unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let client = in_netns(from, || {
-        let unspecified: IpAddr = if to_ip.is_ipv4() {
-            "0.0.0.0".parse().unwrap()
-        } else {
-            "::".parse().unwrap()
-        };
-        UdpSocket::bind(SocketAddr::new(unspecified, 0)).unwrap()
-    });
-    client
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    // A few tries: the first datagram may wait on ARP/ND.
-    for _ in 0..3 {
-        client.send_to(b"twill", addr).unwrap();
-        let mut buf = [0u8; 16];
-        if let Ok((n, peer)) = server.recv_from(&mut buf) {
-            server.send_to(&buf[..n], peer).unwrap();
-            if client.recv_from(&mut buf).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
+    udp_round_trip(from, to, to_ip).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
@@ -550,8 +472,9 @@ fn del_succeeds_when_things_are_gone() {
     let pod = rig.pod();
     let conf = rig.conf("1.0.0", &json!({}));
     rig.cni("ADD", "gone", &pod, &conf).expect_ok("ADD");
-    run("ip", &["netns", "del", &pod]);
-    rig.pods.retain(|p| *p != pod);
+    rig.guard
+        .delete_netns(&pod)
+        .expect("delete the pod namespace");
     // The netns is gone: with its path, and with CNI_NETNS empty as runtimes may send.
     rig.cni("DEL", "gone", &pod, &conf)
         .expect_ok("DEL after netns removed");
@@ -663,7 +586,7 @@ fn pods_on_one_node_reach_each_other_bridge_mode() {
     assert!(d.contains("master cni0") && d.contains("hairpin on"), "{d}");
     assert!(d.contains("alias twill:twtest:a:eth0"), "{d}");
     // The log file (not a terminal) is plain text.
-    let log = std::fs::read_to_string(rig.dir.path().join("twill-cni.log")).unwrap();
+    let log = std::fs::read_to_string(rig.dir.join("twill-cni.log")).unwrap();
     assert!(log.contains("ok") && !log.contains('\x1b'), "{log}");
 }
 
@@ -871,7 +794,7 @@ fn delegated_ipam_host_local() {
         return;
     }
     let pod = rig.pod();
-    let hl = rig.dir.path().join("host-local");
+    let hl = rig.dir.join("host-local");
     let conf = rig.conf(
         "1.0.0",
         &json!({"ipam": {
@@ -1177,7 +1100,7 @@ fn invalid_environment_is_4_before_anything_is_created() {
         rig.invoke(&vars, conf.to_string().as_bytes())
     };
     // CNI_NETNS that is no network namespace: a plain file, another kind of namespace.
-    let file = rig.dir.path().join("not-a-netns");
+    let file = rig.dir.join("not-a-netns");
     File::create(&file).unwrap();
     let file = file.display().to_string();
     let mut check = conf.clone();
@@ -1283,7 +1206,7 @@ fn bad_subnet_files_are_103_before_anything_is_created() {
 fn subnet_file_that_never_ends_is_refused_at_once() {
     let Some(mut rig) = Rig::new() else { return };
     let pod = rig.pod();
-    let fifo = rig.dir.path().join("fifo.env");
+    let fifo = rig.dir.join("fifo.env");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let fifo = fifo.display().to_string();
     for (path, what) in [("/dev/zero", "character device"), (fifo.as_str(), "FIFO")] {

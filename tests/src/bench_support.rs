@@ -332,58 +332,8 @@ impl Drop for LineMonitor {
 
 /// Runs `cmd` to completion with stdout and stderr captured, killing it after `timeout` (or on
 /// [`crate::interrupt`]); its output whatever its exit status.
-pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawn {what}"))?;
-    let mut out_pipe = child.stdout.take().expect("stdout is piped");
-    let mut err_pipe = child.stderr.take().expect("stderr is piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .with_context(|| format!("wait for {what}"))?
-        {
-            break status;
-        }
-        if start.elapsed() >= timeout || crate::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            if crate::interrupted() {
-                bail!("{what}: interrupted");
-            }
-            bail!("{what}: killed after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(Output {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    })
-}
-
-/// The value of the Prometheus sample `series` (name and labels exactly as exposed, e.g.
-/// `twill_services_syncs_total{kind="full",result="ok"}`) in a `/metrics` text, if present.
-pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(series)?;
-        let value = rest.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
+pub fn output_within(cmd: Command, timeout: Duration, what: &str) -> Result<Output> {
+    crate::ns::output_bounded(cmd, None, timeout, true, what)
 }
 
 #[cfg(test)]
@@ -404,31 +354,6 @@ mod tests {
         for (plain, encoded) in cases {
             assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
         }
-    }
-
-    #[test]
-    fn reads_prometheus_samples() {
-        let text = "# HELP x y\n# TYPE x counter\n\
-                    twill_services_syncs_total{kind=\"full\",result=\"ok\"} 3\n\
-                    twill_services_frontends 10000\n\
-                    twill_services_frontends_extra 1\n\
-                    twill_services_sync_duration_seconds_sum 0.3125\n";
-        assert_eq!(
-            prometheus_value(
-                text,
-                r#"twill_services_syncs_total{kind="full",result="ok"}"#
-            ),
-            Some(3.0)
-        );
-        assert_eq!(
-            prometheus_value(text, "twill_services_frontends"),
-            Some(10000.0)
-        );
-        assert_eq!(
-            prometheus_value(text, "twill_services_sync_duration_seconds_sum"),
-            Some(0.3125)
-        );
-        assert_eq!(prometheus_value(text, "twill_services_backends"), None);
     }
 
     #[test]

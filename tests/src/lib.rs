@@ -20,11 +20,16 @@
 #![deny(missing_docs)]
 
 pub mod apiserver;
+pub mod backend;
 pub mod bench_support;
+pub mod guard;
+pub mod manifest;
+pub mod metrics;
 pub mod net;
 pub mod ns;
 pub mod rig;
 pub mod state;
+pub mod traffic;
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,10 +37,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+pub use backend::Backend;
+pub use guard::NetnsGuard;
+pub use manifest::ServiceSpec;
 pub use net::{PingStats, fdb, neigh, ping, routes};
-pub use ns::{HttpResponse, exec, exec_timeout, http_get, nsenter, run, spawn};
+pub use ns::{HttpResponse, exec, exec_timeout, http_get, in_netns, nsenter, run, spawn};
 pub use rig::{Pod, PodShape, Rig, RigOptions};
 pub use state::{leftovers, sweep_stale};
+pub use traffic::{NameServer, PingFlood, server_name, tcp_exchange, tcp_line, tcp_line_in_cgroup};
 
 /// Set by [`interrupt`]: waits and commands of the rig stop early with an "interrupted" error.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -56,27 +65,45 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// Checks that the test may do privileged things (create namespaces, run etcd and twilld).
+/// Checks that the test may do privileged things (create namespaces, load eBPF programs, run
+/// etcd and twilld).
 ///
-/// Returns `true` as root. Otherwise, under CI (`CI=true`) it panics, since a skip in CI is a
-/// failure; outside CI it says loudly why the test does nothing and returns `false`, so the test
-/// can `return` early.
+/// Returns `true` as root. Otherwise it skips by the one rule every privileged test follows:
+/// under CI (`CI=true` or `CI=1`) a skip is a failure, so it panics; outside CI it says loudly
+/// why the test does nothing and returns `false`, so the test can `return` early.
 pub fn require_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
+    nix::unistd::Uid::effective().is_root()
+        || skip(
+            "privileged test needs root (network namespaces, eBPF, etcd, twilld); run it as \
+                 root, e.g. with `cargo xtask test`",
+        )
+}
+
+/// Checks that the programs or files at `paths` exist (the tools a test drives: podman, the
+/// reference CNI plugins, busybox), by the rule of [`require_root`]: a failure under CI, a loud
+/// skip naming what is missing elsewhere.
+pub fn require_tools(paths: &[&str]) -> bool {
+    let missing: Vec<&str> = paths
+        .iter()
+        .copied()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
+    missing.is_empty()
+        || skip(&format!(
+            "missing {missing:?}; `cargo xtask setup` installs them"
+        ))
+}
+
+/// Skips the running test: panics under CI, says why on stderr elsewhere; always `false`.
+fn skip(why: &str) -> bool {
+    let test = std::thread::current().name().unwrap_or("test").to_string();
     assert!(
         !in_ci(),
-        "privileged test needs root (CI=true: a skipped privileged test is a failure)"
+        "{test}: {why} (CI=true: a skipped privileged test is a failure)"
     );
     // Straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a skip
     // must not pass silently.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {}: privileged test needs root (network namespaces, etcd, twilld); \
-         run it as root, e.g. with `cargo xtask test`",
-        std::thread::current().name().unwrap_or("test")
-    );
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
     false
 }
 

@@ -123,6 +123,17 @@ pub fn delete_netns(ns: &str) -> Result<()> {
     check_output(&out, &format!("ip netns del {ns}")).map(|_| ())
 }
 
+/// Moves the calling thread into namespace `ns` for the rest of its life. Only for threads
+/// spawned for that purpose (a server in a pod): `setns` changes only the calling thread, and
+/// one left in a foreign namespace would poison whatever ran on it next. [`in_netns`] is the
+/// usual way in.
+pub fn join_netns(ns: &str) -> Result<()> {
+    let path = netns_path(ns);
+    let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("setns(CLONE_NEWNET) into {}", path.display()))
+}
+
 /// Runs `f` on a fresh thread that has joined namespace `ns`, and returns its result. Sockets
 /// created inside `f` belong to that namespace for their whole life.
 pub fn in_netns<T, F>(ns: &str, f: F) -> Result<T>
@@ -130,12 +141,9 @@ where
     T: Send,
     F: FnOnce() -> Result<T> + Send,
 {
-    let path = netns_path(ns);
-    let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
     std::thread::scope(|s| {
         s.spawn(move || {
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns(CLONE_NEWNET) into {}", path.display()))?;
+            join_netns(ns)?;
             f()
         })
         .join()
@@ -159,37 +167,6 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     })
 }
 
-/// One TCP exchange from a thread in `ns` (outside every node cgroup, so an eBPF proxy sees it
-/// on its tc path): the first line the server sends, trimmed; `None` on any failure or an empty
-/// answer (2 s connect and read timeouts).
-pub fn tcp_line(ns: &str, addr: SocketAddr) -> Option<String> {
-    in_netns(ns, || {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)?;
-        Ok(line)
-    })
-    .ok()
-    .map(|l| l.trim().to_owned())
-    .filter(|l| !l.is_empty())
-}
-
-/// The same from a process in `ns` inside `cgroup` (so socket-level load balancing attached to
-/// that cgroup sees it): `busybox nc` with a 2 s timeout.
-pub fn tcp_line_in_cgroup(ns: &str, cgroup: &Path, addr: SocketAddr) -> Option<String> {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- \
-         busybox nc -w 2 {} {} </dev/null",
-        cgroup.display(),
-        addr.ip(),
-        addr.port()
-    );
-    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (!line.is_empty()).then_some(line)
-}
-
 /// A response from [`http_get`].
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -208,10 +185,10 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<HttpResponse> 
         let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
+        // One write: a server that answers after the request line and closes (twilld's) would
+        // reset a request written piecewise.
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes())?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).context("read response")?;
         let text = String::from_utf8_lossy(&raw);

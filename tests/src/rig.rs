@@ -39,7 +39,6 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,10 +47,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use twill_facts::SubnetFacts;
 
+use crate::guard::NetnsGuard;
 use crate::ns::{self, ip_batch, nsenter};
-use crate::state::{
-    self, CGROUP_PREFIX, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time,
-};
+use crate::state::PIN_ROOT;
 
 /// The underlay bridge's IPv4 address (etcd listens here).
 pub const UNDERLAY_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -73,8 +71,6 @@ const ETCD_READY: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Lines of each log printed when a test fails.
 const LOG_TAIL_LINES: usize = 60;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How to build a rig.
 #[derive(Debug, Clone)]
@@ -164,20 +160,20 @@ pub enum PodShape {
 /// Nodes are numbered from 1. Methods take `&self`, so scoped threads can share a rig.
 #[derive(Debug)]
 pub struct Rig {
-    id: String,
     nodes: usize,
-    temp_dir: PathBuf,
     bin_dir: Option<PathBuf>,
     rust_log: String,
     detachable: bool,
-    /// Set by [`Rig::detach`]: the guard's drop leaves everything in place.
+    /// Set by [`Rig::detach`]: the drop leaves everything in place.
     detached: bool,
     inner: Mutex<Inner>,
+    /// Dropped after the processes in `inner` are killed: removes namespaces, pins, cgroups and
+    /// the temporary directory.
+    guard: NetnsGuard,
 }
 
 #[derive(Debug)]
 struct Inner {
-    state: RigState,
     etcd: Option<Child>,
     twilld: BTreeMap<usize, Child>,
     pods: BTreeMap<usize, u32>,
@@ -198,43 +194,29 @@ impl Rig {
     /// etcd, healthy. Needs root. On error everything built so far is removed.
     pub fn with_options(opts: RigOptions) -> Result<Rig> {
         ensure!(
-            nix::unistd::Uid::effective().is_root(),
-            "the netns rig needs root"
-        );
-        ensure!(
             (1..=200).contains(&opts.nodes),
             "a rig has 1 to 200 nodes, not {}",
             opts.nodes
         );
-        if let Err(e) = state::sweep_stale() {
-            eprintln!("twill-rig: sweeping stale rigs failed: {e:#}");
-        }
+        let guard = NetnsGuard::new().context("the netns rig")?;
         if let Err(e) = ensure_bpffs() {
             eprintln!("twill-rig: {e:#}");
         }
-        let id = next_id();
-        let temp_dir = state::temp_base().join(format!("{TEMP_PREFIX}{id}"));
-        let state = RigState::new(&id, temp_dir.clone())?;
-        state.save()?;
         // From here on the guard exists: an error below drops it, which removes what was built.
         let rig = Rig {
-            id,
             nodes: opts.nodes,
-            temp_dir,
             bin_dir: opts.bin_dir,
             rust_log: opts.rust_log,
             detachable: opts.detachable,
             detached: false,
             inner: Mutex::new(Inner {
-                state,
                 etcd: None,
                 twilld: BTreeMap::new(),
                 pods: BTreeMap::new(),
                 helpers: Vec::new(),
             }),
+            guard,
         };
-        std::fs::create_dir_all(&rig.temp_dir)
-            .with_context(|| format!("create {}", rig.temp_dir.display()))?;
         rig.build_network().context("build the rig network")?;
         if opts.etcd {
             rig.start_etcd()?;
@@ -243,18 +225,14 @@ impl Rig {
     }
 
     /// Lets the rig outlive this guard and this process (`cargo xtask rig up`): marks its state
-    /// file detached, so [`state::sweep_stale`] leaves it alone, and drops the guard without
-    /// tearing anything down. etcd and twilld keep running (build the rig with
+    /// file detached, so [`crate::state::sweep_stale`] leaves it alone, and drops the guard
+    /// without tearing anything down. etcd and twilld keep running (build the rig with
     /// [`RigOptions::detachable`] so they also survive signals to this process's group).
-    /// Returns the id for [`Rig::attach`] or [`state::remove`].
+    /// Returns the id for [`Rig::attach`] or [`crate::state::remove`].
     pub fn detach(mut self) -> Result<String> {
-        {
-            let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
-            inner.state.detached = true;
-            inner.state.save()?;
-        }
+        self.guard.detach()?;
         self.detached = true;
-        Ok(self.id.clone())
+        Ok(self.id().to_string())
     }
 
     /// A guard for detached rig `id`, owned by this process from now on: dropping it tears the
@@ -262,16 +240,11 @@ impl Rig {
     /// pods from the namespaces; it has no handles on the processes an earlier owner started, so
     /// [`Rig::kill_twilld`] and [`Rig::twilld_running`] do not see those (teardown does).
     pub fn attach(id: &str) -> Result<Rig> {
-        let mut state = RigState::load(id)?;
-        let me = std::process::id();
-        state.owner_pid = me;
-        state.owner_start = proc_start_time(i32::try_from(me).context("pid out of range")?)
-            .context("read own start time in /proc/self/stat")?;
-        state.detached = false;
+        let guard = NetnsGuard::attach(id)?;
         let node_prefix = format!("{id}-n");
         let mut nodes = 0;
         let mut pods: BTreeMap<usize, u32> = BTreeMap::new();
-        for name in &state.namespaces {
+        for name in &guard.namespaces() {
             let Some(rest) = name.strip_prefix(&node_prefix) else {
                 continue;
             };
@@ -286,28 +259,25 @@ impl Rig {
             }
         }
         ensure!(nodes > 0, "rig {id} has no node namespaces");
-        state.save()?;
         Ok(Rig {
-            id: id.to_string(),
             nodes,
-            temp_dir: state.temp_dir.clone(),
             bin_dir: None,
             rust_log: "info".to_string(),
             detachable: true,
             detached: false,
             inner: Mutex::new(Inner {
-                state,
                 etcd: None,
                 twilld: BTreeMap::new(),
                 pods,
                 helpers: Vec::new(),
             }),
+            guard,
         })
     }
 
     /// The rig id: the prefix of every namespace, directory and pin path it uses.
     pub fn id(&self) -> &str {
-        &self.id
+        self.guard.id()
     }
 
     /// The number of nodes.
@@ -317,18 +287,24 @@ impl Rig {
 
     /// The rig's temporary directory (etcd data, logs, subnet files).
     pub fn temp_dir(&self) -> &Path {
-        &self.temp_dir
+        self.guard.temp_dir()
+    }
+
+    /// The guard holding the rig's namespaces, cgroups and pins: a test that needs more of
+    /// them (a namespace outside the rig's network) takes them from here.
+    pub fn guard(&self) -> &NetnsGuard {
+        &self.guard
     }
 
     /// The underlay namespace (the bridge `br0` and etcd).
     pub fn underlay_ns(&self) -> String {
-        format!("{}-u", self.id)
+        self.guard.name("u")
     }
 
     /// Node `node`'s namespace (`<id>-n<node>`).
     pub fn node_ns(&self, node: usize) -> String {
         self.check_node(node);
-        format!("{}-n{node}", self.id)
+        self.guard.name(&format!("n{node}"))
     }
 
     /// Node `node`'s underlay IPv4 address, `198.18.0.(10+node)`.
@@ -348,7 +324,7 @@ impl Rig {
     /// Node `node`'s directory in the temp dir (subnet file, twilld log).
     pub fn node_dir(&self, node: usize) -> PathBuf {
         self.check_node(node);
-        self.temp_dir.join(format!("n{node}"))
+        self.temp_dir().join(format!("n{node}"))
     }
 
     fn check_node(&self, node: usize) {
@@ -363,31 +339,15 @@ impl Rig {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records namespaces in the state file, then creates them with DAD off.
-    fn create_namespaces(&self, names: &[String]) -> Result<()> {
-        {
-            let mut inner = self.lock();
-            inner.state.namespaces.extend(names.iter().cloned());
-            inner.state.save()?;
-        }
-        for name in names {
-            ns::create_netns(name)?;
-            ns::sysctl(name, "net.ipv6.conf.all.accept_dad", "0")?;
-            ns::sysctl(name, "net.ipv6.conf.default.accept_dad", "0")?;
-        }
-        Ok(())
-    }
-
     fn build_network(&self) -> Result<()> {
-        let underlay = self.underlay_ns();
-        let nodes: Vec<String> = (1..=self.nodes).map(|i| self.node_ns(i)).collect();
-        let mut all = vec![underlay.clone()];
-        all.extend(nodes.iter().cloned());
-        self.create_namespaces(&all)?;
+        let mut shorts = vec!["u".to_string()];
+        shorts.extend((1..=self.nodes).map(|i| format!("n{i}")));
+        let shorts: Vec<&str> = shorts.iter().map(String::as_str).collect();
+        let mut nodes = self.guard.netns_all(&shorts)?;
+        let underlay = nodes.remove(0);
 
         let mut script = format!(
-            "link set lo up\n\
-             link add br0 type bridge mcast_snooping 0\n\
+            "link add br0 type bridge mcast_snooping 0\n\
              addr add {UNDERLAY_V4}/24 dev br0\n\
              addr add {UNDERLAY_V6}/64 dev br0 nodad\n\
              link set br0 up\n"
@@ -410,8 +370,7 @@ impl Rig {
             ip_batch(
                 Some(node_ns),
                 &format!(
-                    "link set lo up\n\
-                     addr add {}/24 dev eth0\n\
+                    "addr add {}/24 dev eth0\n\
                      addr add {}/64 dev eth0 nodad\n\
                      link set eth0 up\n",
                     Rig::node_ip(n),
@@ -433,14 +392,15 @@ impl Rig {
         {
             bail!("etcd is already running");
         }
-        let data_dir = self.temp_dir.join("etcd");
-        let log_path = self.temp_dir.join("etcd.log");
+        let data_dir = self.temp_dir().join("etcd");
+        let log_path = self.temp_dir().join("etcd.log");
+        let id = self.id().to_string();
         let log = append_log(&log_path, "starting etcd")?;
         let peer = "http://198.18.0.1:2380";
         let args: Vec<String> = vec![
             "etcd".into(),
             "--name".into(),
-            self.id.clone(),
+            id.clone(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--listen-client-urls".into(),
@@ -452,9 +412,9 @@ impl Rig {
             "--initial-advertise-peer-urls".into(),
             peer.into(),
             "--initial-cluster".into(),
-            format!("{}={peer}", self.id),
+            format!("{id}={peer}"),
             "--initial-cluster-token".into(),
-            self.id.clone(),
+            id,
             "--initial-cluster-state".into(),
             "new".into(),
             "--logger".into(),
@@ -477,14 +437,8 @@ impl Rig {
             .stderr(log)
             .spawn()
             .context("spawn etcd (is etcd-server installed? run cargo xtask setup)")?;
-        let pid = child_pid(&child);
-        inner.state.pids.push(ProcRecord {
-            pid,
-            start: proc_start_time(pid).unwrap_or(0),
-            what: "etcd".into(),
-        });
+        self.guard.record_process(&child, "etcd")?;
         inner.etcd = Some(child);
-        inner.state.save()?;
 
         let addr = SocketAddr::from((UNDERLAY_V4, 2379));
         let deadline = Instant::now() + ETCD_READY;
@@ -524,11 +478,9 @@ impl Rig {
             .etcd
             .take()
             .ok_or_else(|| anyhow!("etcd is not running"))?;
-        let pid = child_pid(&child);
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let _ = kill(Pid::from_raw(child_pid(&child)), Signal::SIGTERM);
         let status = ns::wait_uninterruptible(&mut child, STOP_GRACE).context("stop etcd");
-        inner.state.pids.retain(|p| p.pid != pid);
-        inner.state.save()?;
+        self.guard.forget_process(child.id())?;
         status.map(|_| ())
     }
 
@@ -604,7 +556,7 @@ impl Rig {
     /// The bpf pin directory the rig gives node `node`'s twilld (`/sys/fs/bpf/twill/<id>-n<node>`).
     pub fn pin_dir(&self, node: usize) -> PathBuf {
         self.check_node(node);
-        Path::new(PIN_ROOT).join(format!("{}-n{node}", self.id))
+        Path::new(PIN_ROOT).join(self.guard.name(&format!("n{node}")))
     }
 
     /// The log of node `node`'s twilld (all its runs, appended).
@@ -658,17 +610,8 @@ impl Rig {
         ];
         if !extra_args.contains(&"--bpf-pin-dir") {
             let pin = self.pin_dir(node);
-            if !inner.state.pin_dirs.contains(&pin) {
-                inner.state.pin_dirs.push(pin.clone());
-                inner.state.save()?;
-            }
-            // A second try: another rig's teardown may remove the shared parent in between.
-            if let Err(e) = std::fs::create_dir_all(&pin).or_else(|_| std::fs::create_dir_all(&pin))
-            {
-                eprintln!(
-                    "twill-rig: create {}: {e} (is bpffs mounted?)",
-                    pin.display()
-                );
+            if let Err(e) = self.guard.pin_dir(&format!("n{node}")) {
+                eprintln!("twill-rig: {e:#}");
             }
             args.extend(["--bpf-pin-dir".into(), pin.display().to_string()]);
         }
@@ -693,14 +636,10 @@ impl Rig {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn twilld on node {node}"))?;
-        let pid = child_pid(&child);
-        inner.state.pids.push(ProcRecord {
-            pid,
-            start: proc_start_time(pid).unwrap_or(0),
-            what: format!("twilld n{node}"),
-        });
+        self.guard
+            .record_process(&child, &format!("twilld n{node}"))?;
         inner.twilld.insert(node, child);
-        inner.state.save()
+        Ok(())
     }
 
     /// Sends `signal` to node `node`'s twilld and waits (up to 10 s, then SIGKILL) for it to
@@ -711,12 +650,10 @@ impl Rig {
             .twilld
             .remove(&node)
             .ok_or_else(|| anyhow!("twilld was not started on node {node}"))?;
-        let pid = child_pid(&child);
-        let _ = kill(Pid::from_raw(pid), signal);
+        let _ = kill(Pid::from_raw(child_pid(&child)), signal);
         let status = ns::wait_uninterruptible(&mut child, STOP_GRACE)
             .with_context(|| format!("stop twilld on node {node} with {signal}"));
-        inner.state.pids.retain(|p| p.pid != pid);
-        inner.state.save()?;
+        self.guard.forget_process(child.id())?;
         status
     }
 
@@ -848,7 +785,7 @@ impl Rig {
     pub fn add_pod(&self, node: usize, facts: &SubnetFacts) -> Result<Pod> {
         let node_ns = self.node_ns(node);
         let j = self.next_pod_number(node);
-        let pod_ns = format!("{node_ns}p{j}");
+        let pod_short = format!("n{node}p{j}");
         let host_if = format!("vp{j}");
         let mtu = facts.mtu;
 
@@ -876,7 +813,7 @@ impl Rig {
             "facts carry no subnet: {facts:?}"
         );
 
-        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
+        let pod_ns = self.guard.netns(&pod_short)?;
 
         let has_bridge = ns::output_bounded(
             {
@@ -909,7 +846,7 @@ impl Rig {
         );
         ip_batch(Some(&node_ns), &node_script)?;
 
-        let mut pod_script = format!("link set lo up\nlink set eth0 mtu {mtu} up\n");
+        let mut pod_script = format!("link set eth0 mtu {mtu} up\n");
         if let Some((ip, gw)) = ipv4 {
             let _ = write!(
                 pod_script,
@@ -1049,10 +986,10 @@ impl Rig {
             gw.contains(&ip) && ip != gw.broadcast(),
             "subnet {gw} is full"
         );
-        let pod_ns = format!("{node_ns}p{j}");
+        let pod_short = format!("n{node}p{j}");
         let host_if = format!("cali{j}");
         let mtu = facts.mtu;
-        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
+        let pod_ns = self.guard.netns(&pod_short)?;
         ip_batch(
             Some(&node_ns),
             &format!("link add {host_if} mtu {mtu} type veth peer name eth0 netns {pod_ns}\n"),
@@ -1073,7 +1010,7 @@ impl Rig {
         ip_batch(
             Some(&pod_ns),
             &format!(
-                "link set lo up\nlink set eth0 mtu {mtu} up\naddr add {ip}/32 dev eth0\n\
+                "link set eth0 mtu {mtu} up\naddr add {ip}/32 dev eth0\n\
                  route add 169.254.1.1 dev eth0 scope link\n\
                  route add default via 169.254.1.1 dev eth0\n"
             ),
@@ -1100,9 +1037,8 @@ impl Rig {
     fn cni_add(&self, node: usize, plugin: &Path, netconf: &serde_json::Value) -> Result<Pod> {
         let node_ns = self.node_ns(node);
         let j = self.next_pod_number(node);
-        let pod_ns = format!("{node_ns}p{j}");
-        self.create_namespaces(std::slice::from_ref(&pod_ns))?;
-        ip_batch(Some(&pod_ns), "link set lo up\n")?;
+        let pod_short = format!("n{node}p{j}");
+        let pod_ns = self.guard.netns(&pod_short)?;
 
         let twill_dir = self.bin_dir()?;
         let mut cmd = nsenter(&node_ns, &[plugin]);
@@ -1152,20 +1088,7 @@ impl Rig {
     /// should be balanced at connect() run inside it ([`nsenter_in_cgroup`]).
     pub fn node_cgroup(&self, node: usize) -> Result<PathBuf> {
         self.check_node(node);
-        let dir = state::cgroup2_root().join(format!("{CGROUP_PREFIX}{}-n{node}", self.id));
-        {
-            let mut inner = self.lock();
-            if !inner.state.cgroups.contains(&dir) {
-                inner.state.cgroups.push(dir.clone());
-                inner.state.save()?;
-            }
-        }
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                Err(e).with_context(|| format!("create cgroup {}", dir.display()))
-            }
-            _ => Ok(dir),
-        }
+        self.guard.cgroup(&format!("n{node}"))
     }
 
     /// The twilld flags that turn node `node`'s service proxy on in `mode` (`ebpf`, `nftables`,
@@ -1205,7 +1128,7 @@ impl Rig {
         args.push("--name".into());
         args.push(name.to_string());
         let log = append_log(
-            &self.temp_dir.join("responders.log"),
+            &self.temp_dir().join("responders.log"),
             &format!("starting {}", args.join(" ")),
         )?;
         let mut cmd = nsenter(&pod.ns, &args);
@@ -1218,17 +1141,9 @@ impl Rig {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn the responder in {}", pod.ns))?;
-        let pid = child_pid(&child);
-        {
-            let mut inner = self.lock();
-            inner.state.pids.push(ProcRecord {
-                pid,
-                start: proc_start_time(pid).unwrap_or(0),
-                what: format!("responder {name}"),
-            });
-            inner.helpers.push(child);
-            inner.state.save()?;
-        }
+        self.guard
+            .record_process(&child, &format!("responder {name}"))?;
+        self.lock().helpers.push(child);
         let addr = SocketAddr::new(ip, ports[0]);
         crate::wait_until(Duration::from_secs(10), || {
             ns::in_netns(&pod.ns, || {
@@ -1240,7 +1155,7 @@ impl Rig {
             format!(
                 "the responder in {} does not accept on {addr}:\n{}",
                 pod.ns,
-                tail(&self.temp_dir.join("responders.log"), 10)
+                tail(&self.temp_dir().join("responders.log"), 10)
             )
         })
     }
@@ -1248,7 +1163,7 @@ impl Rig {
     /// `twilld apply -f` of `manifest` (YAML or JSON, several documents allowed), run in the
     /// underlay namespace against the rig's etcd.
     pub fn apply_manifest(&self, manifest: &str) -> Result<()> {
-        let dir = self.temp_dir.join("manifests");
+        let dir = self.temp_dir().join("manifests");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let n = std::fs::read_dir(&dir).map_or(0, Iterator::count);
         let file = dir.join(format!("{n:04}.yaml"));
@@ -1280,12 +1195,12 @@ impl Rig {
     /// this by itself when dropped during a panic (a failing test) or when `TWILL_RIG_LOGS` is set.
     pub fn print_logs(&self) {
         let mut out = String::new();
-        let etcd = self.temp_dir.join("etcd.log");
+        let etcd = self.temp_dir().join("etcd.log");
         if etcd.exists() {
             let _ = write!(
                 out,
                 "---- rig {}: etcd log (last 20 lines) ----\n{}\n",
-                self.id,
+                self.id(),
                 tail(&etcd, 20)
             );
         }
@@ -1295,7 +1210,7 @@ impl Rig {
                 let _ = write!(
                     out,
                     "---- rig {}: twilld log of node {node} (last {LOG_TAIL_LINES} lines) ----\n{}\n",
-                    self.id,
+                    self.id(),
                     tail(&path, LOG_TAIL_LINES)
                 );
             }
@@ -1322,9 +1237,7 @@ impl Drop for Rig {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for err in state::teardown(&inner.state) {
-            eprintln!("twill-rig: teardown of {}: {err:#}", self.id);
-        }
+        // The guard, dropped next, removes namespaces, pins, cgroups and files.
     }
 }
 
@@ -1389,32 +1302,14 @@ pub fn service_manifest(
     node_port: Option<u16>,
     endpoints: &[(IpAddr, usize)],
 ) -> String {
-    let (kind, node_port) = match node_port {
-        Some(p) => ("NodePort", format!(", nodePort: {p}")),
-        None => ("ClusterIP", String::new()),
-    };
-    let family = if cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
-    let mut eps = String::new();
-    for (addr, node) in endpoints {
-        let _ = writeln!(
-            eps,
-            "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: n{node}}}"
-        );
+    let mut spec = crate::ServiceSpec::new(name, cluster_ip).tcp("http", port, target_port);
+    if let Some(p) = node_port {
+        spec = spec.node_port(p);
     }
-    let eps = if eps.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        format!("endpoints:\n{eps}")
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-         spec:\n  type: {kind}\n  clusterIP: \"{cluster_ip}\"\n  ports:\n  \
-         - {{name: http, port: {port}, targetPort: {target_port}{node_port}}}\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
-         name: {name}-1\n  namespace: default\n  \
-         labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\n\
-         {eps}ports:\n- {{name: http, port: {target_port}}}\n"
-    )
+    for (addr, node) in endpoints {
+        spec = spec.endpoint(*addr, Some(&format!("n{node}")));
+    }
+    spec.manifest()
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` unless it is there already; whether it mounted it.
@@ -1434,30 +1329,6 @@ pub fn ensure_bpffs() -> Result<bool> {
     )
     .with_context(|| format!("mount bpffs at {}", target.display()))?;
     Ok(true)
-}
-
-/// A fresh rig id: `tw`, the pid in base36 (5 digits, enough for any pid), a counter in base36.
-fn next_id() -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "tw{:0>5}{}",
-        base36(u64::from(std::process::id())),
-        base36(u64::from(n))
-    )
-}
-
-fn base36(mut n: u64) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[usize::try_from(n % 36).expect("below 36")]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
 }
 
 fn child_pid(child: &Child) -> i32 {
@@ -1492,19 +1363,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_short_and_unique() {
-        assert_eq!(base36(0), "0");
-        assert_eq!(base36(35), "z");
-        assert_eq!(base36(36), "10");
-        assert_eq!(base36(4_194_304).len(), 5); // pid_max on 64-bit
-        let (a, b) = (next_id(), next_id());
-        assert_ne!(a, b);
-        assert!(a.len() <= 9, "{a}");
-        // The longest names: pod namespaces and pin dirs stay short.
-        assert!(format!("{a}-n200p99").len() <= 16);
-    }
-
-    #[test]
     fn cni_results_give_the_pod_addresses() {
         let r: serde_json::Value = serde_json::from_str(
             r#"{"cniVersion":"1.1.0","ips":[{"address":"10.244.3.2/24","gateway":"10.244.3.1"},
@@ -1522,6 +1380,7 @@ mod tests {
 
     #[test]
     fn service_manifests_name_every_endpoint_and_its_node() {
+        use serde::Deserialize as _;
         let m = service_manifest(
             "echo",
             "10.96.0.10".parse().unwrap(),
@@ -1533,20 +1392,27 @@ mod tests {
                 ("10.244.2.2".parse().unwrap(), 2),
             ],
         );
-        for needle in [
-            "kind: Service",
-            "type: NodePort",
-            "clusterIP: \"10.96.0.10\"",
-            "- {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
-            "kind: EndpointSlice",
-            "labels: {kubernetes.io/service-name: echo}",
-            "- {addresses: [\"10.244.2.2\"], conditions: {ready: true}, nodeName: n2}",
-            "addressType: IPv4",
-        ] {
-            assert!(m.contains(needle), "{needle:?} missing in\n{m}");
-        }
+        let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&m)
+            .map(|d| serde_json::Value::deserialize(d).unwrap())
+            .collect();
+        let (svc, slice) = (&docs[0], &docs[1]);
+        assert_eq!(svc["kind"], "Service");
+        assert_eq!(svc["spec"]["type"], "NodePort");
+        assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(
+            svc["spec"]["ports"][0],
+            serde_json::json!({"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080})
+        );
+        assert_eq!(slice["kind"], "EndpointSlice");
+        assert_eq!(
+            slice["metadata"]["labels"]["kubernetes.io/service-name"],
+            "echo"
+        );
+        assert_eq!(slice["endpoints"][1]["addresses"][0], "10.244.2.2");
+        assert_eq!(slice["endpoints"][1]["nodeName"], "n2");
+        assert_eq!(slice["addressType"], "IPv4");
         let empty = service_manifest("x", "10.96.0.11".parse().unwrap(), 80, 80, None, &[]);
-        assert!(empty.contains("type: ClusterIP") && empty.contains("endpoints: []"));
+        assert!(empty.contains("\"ClusterIP\"") && empty.contains("\"endpoints\": []"));
     }
 
     #[test]

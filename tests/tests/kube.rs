@@ -15,59 +15,33 @@
 //! - Privileged: as root they run; under CI a non-root run fails (see `require_root`).
 
 use std::fs;
-use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 use twill_facts::SubnetFacts;
 use twill_tests::apiserver::{ApiServer, Resource, api_url, node};
-use twill_tests::{Pod, Rig, RigOptions, http_get, require_root, wait_until};
+use twill_tests::{NameServer, Pod, Rig, RigOptions, http_get, require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const UP: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const NS: &str = "shop";
 const FLANNEL: &str = "flannel.alpha.coreos.com";
 
-/// Per-node cgroups, removed on drop (after the rig's processes are gone).
-struct Cgroups(Vec<PathBuf>);
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs.lines() {
-                    let _ = fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
-                }
-            }
-            if let Err(err) = fs::remove_dir(dir) {
-                eprintln!("cleanup: rmdir {}: {err}", dir.display());
-            }
-        }
-    }
-}
-
 /// A rig whose nodes run twilld against the stand-in API server.
 struct Cluster {
-    // Dropped first: stops twilld, removes namespaces and pins.
+    /// The backends' servers (stopped first).
+    servers: Mutex<Vec<NameServer>>,
+    /// Stops twilld and removes namespaces, cgroups and pins when dropped.
     rig: Rig,
     api: ApiServer,
-    cgroups: Cgroups,
+    /// The nodes' cgroups, made by the rig.
+    cgroups: Vec<PathBuf>,
     facts: Vec<SubnetFacts>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 fn pod_cidr(node: usize) -> String {
@@ -90,21 +64,15 @@ impl Cluster {
                 .unwrap();
         }
         fs::write(rig.temp_dir().join("net-conf.json"), net_conf).unwrap();
-        let cgroups = Cgroups(
-            (1..=n)
-                .map(|i| {
-                    let dir = Path::new(CGROUP_ROOT).join(format!("twill-{}-n{i}", rig.id()));
-                    fs::create_dir(&dir).expect("create node cgroup");
-                    dir
-                })
-                .collect(),
-        );
+        let cgroups: Vec<PathBuf> = (1..=n)
+            .map(|i| rig.node_cgroup(i).expect("node cgroup"))
+            .collect();
         let mut c = Cluster {
+            servers: Mutex::new(Vec::new()),
             rig,
             api,
             cgroups,
             facts: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
         };
         for &i in twill_nodes {
             let flags = c.flags(i, proxy);
@@ -157,7 +125,7 @@ impl Cluster {
                     "--proxy-mode",
                     "ebpf",
                     "--lb-cgroup",
-                    &self.cgroups.0[i - 1].display().to_string(),
+                    &self.cgroups[i - 1].display().to_string(),
                 ]
                 .map(String::from),
             );
@@ -170,30 +138,18 @@ impl Cluster {
     }
 
     fn cgroup(&self, node: usize) -> &Path {
-        &self.cgroups.0[node - 1]
+        &self.cgroups[node - 1]
     }
 
     /// A TCP server in `pod` on port 8080 answering `<name> peer=<client>`.
     fn serve(&self, pod: &Pod, name: &'static str) {
         let ip = IpAddr::V4(pod.ipv4.expect("pod v4"));
-        let ns = pod.ns.clone();
-        let stop = self.stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            join_netns(&ns);
-            let tcp = TcpListener::bind((ip, 8080)).expect("bind tcp");
-            tcp.set_nonblocking(true).unwrap();
-            tx.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = writeln!(s, "{name} peer={peer}");
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+        let server = NameServer::start(&pod.ns, name, Some(SocketAddr::new(ip, 8080)), None)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
     }
 
     /// GET `path` on node `node`'s `port` from the underlay.
@@ -210,11 +166,6 @@ impl Cluster {
             .and_then(|n| n["metadata"]["annotations"].as_object().cloned())
             .unwrap_or_default()
     }
-}
-
-fn join_netns(ns: &str) {
-    let file = fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
 fn backend_name(line: &str) -> &str {
@@ -338,15 +289,13 @@ fn services_follow_the_api_server() {
     c.api
         .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
         .unwrap();
-    wait_until(UP, || {
-        twill_tests::ns::tcp_line(&client.ns, vip(80)).is_some()
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip(80)).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..16 {
-        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(80))
+        let a = twill_tests::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(80))
             .expect("socket-LB connect");
-        let b = twill_tests::ns::tcp_line(&client.ns, vip(80)).expect("tc-path connect");
+        let b = twill_tests::tcp_line(&client.ns, vip(80)).expect("tc-path connect");
         seen.insert(backend_name(&a).to_owned());
         seen.insert(backend_name(&b).to_owned());
     }
@@ -376,25 +325,25 @@ fn services_follow_the_api_server() {
         .apply(service("web", VIP, 8000, &json!({"app": "web"})))
         .unwrap();
     wait_until(UP, || {
-        twill_tests::ns::tcp_line(&client.ns, vip(8000)).is_some()
+        twill_tests::tcp_line(&client.ns, vip(8000)).is_some()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     for _ in 0..10 {
-        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(8000))
+        let a = twill_tests::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(8000))
             .expect("socket-LB connect");
-        let b = twill_tests::ns::tcp_line(&client.ns, vip(8000)).expect("tc-path connect");
+        let b = twill_tests::tcp_line(&client.ns, vip(8000)).expect("tc-path connect");
         for line in [&a, &b] {
             assert_eq!(backend_name(line), "b2", "removed endpoint served: {line}");
         }
     }
     assert_eq!(
-        twill_tests::ns::tcp_line(&client.ns, vip(80)),
+        twill_tests::tcp_line(&client.ns, vip(80)),
         None,
         "old port still served"
     );
     let other: SocketAddr = "10.96.0.20:80".parse().unwrap();
     assert_eq!(
-        twill_tests::ns::tcp_line(&client.ns, other),
+        twill_tests::tcp_line(&client.ns, other),
         None,
         "a service for another proxy was programmed"
     );
@@ -432,7 +381,7 @@ fn services_follow_the_api_server() {
     // Deleted: the VIP stops answering.
     assert!(c.api.delete(Resource::Services, NS, "web"));
     wait_until(UP, || {
-        twill_tests::ns::tcp_line(&client.ns, vip(8000)).is_none()
+        twill_tests::tcp_line(&client.ns, vip(8000)).is_none()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
 
@@ -507,10 +456,8 @@ fn a_broken_watch_relists_without_dropping_state() {
     c.api
         .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
         .unwrap();
-    wait_until(UP, || {
-        twill_tests::ns::tcp_line(&client.ns, vip(80)).is_some()
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip(80)).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let lists_before = c.api.lists(Resource::EndpointSlices);
 
     let (failures, after) = std::thread::scope(|s| {
@@ -521,7 +468,7 @@ fn a_broken_watch_relists_without_dropping_state() {
             let mut landed_at = None;
             while start.elapsed() < Duration::from_secs(40) {
                 tries += 1;
-                match twill_tests::ns::tcp_line(&client.ns, vip(80)) {
+                match twill_tests::tcp_line(&client.ns, vip(80)) {
                     None => failures.push(start.elapsed()),
                     Some(line) if start.elapsed() > Duration::from_secs(4) => {
                         after.push(backend_name(&line).to_owned());

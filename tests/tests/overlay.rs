@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
 use twill_tests::{
-    Pod, Rig, RigOptions, exec, fdb, http_get, ping, require_root, routes, run, wait_until,
+    Backend, PingFlood, Pod, Rig, RigOptions, exec, fdb, http_get, ping, require_root, routes, run,
+    wait_until,
 };
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan"}}"#;
 const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"host-gw"}}"#;
 
@@ -79,43 +79,48 @@ fn subnets_unique(facts: &[SubnetFacts]) {
     assert_eq!(set.len(), facts.len(), "subnets shared: {facts:?}");
 }
 
-#[test]
-fn vxlan_three_nodes_full_mesh() {
-    if !require_root() {
-        return;
-    }
-    let (rig, facts, pods) = cluster(VXLAN, 3, &[]);
+/// Three nodes: unique subnets, the backend's pod MTU, every pod reaches every other, and the
+/// backend's own kernel state (flannel's VXLAN device with an FDB entry per peer; a route via
+/// each peer's address; the TUN device holding the whole network).
+fn three_nodes_full_mesh(backend: Backend) {
+    let (rig, facts, pods) = cluster(&backend.network_config(), 3, &[]);
     subnets_unique(&facts);
     for f in &facts {
-        assert_eq!(f.mtu, 1450, "VXLAN MTU is the uplink's minus 50");
+        assert_eq!(
+            f.mtu,
+            backend.pod_mtu(),
+            "{backend}: the uplink's MTU minus the encapsulation"
+        );
         assert_eq!(f.network.unwrap().to_string(), "10.244.0.0/16");
     }
     assert_full_mesh(&rig, &pods, false);
-    // flannel's device, and one route + neighbour + FDB entry per peer.
-    let link = run(&rig.node_ns(1), &["ip", "-d", "link", "show", "flannel.1"]).unwrap();
-    assert!(
-        link.contains("vxlan id 1") && link.contains("dstport 8472") && link.contains("nolearning"),
-        "{link}"
-    );
-    let f = fdb(&rig.node_ns(1), "flannel.1").unwrap();
-    assert_eq!(f.lines().filter(|l| l.contains(" dst ")).count(), 2, "{f}");
-}
-
-#[test]
-fn host_gw_three_nodes_full_mesh() {
-    if !require_root() {
-        return;
+    let ns = rig.node_ns(1);
+    match backend {
+        Backend::Vxlan => {
+            // flannel's device, and one route + neighbour + FDB entry per peer.
+            let link = run(&ns, &["ip", "-d", "link", "show", "flannel.1"]).unwrap();
+            assert!(
+                link.contains("vxlan id 1")
+                    && link.contains("dstport 8472")
+                    && link.contains("nolearning"),
+                "{link}"
+            );
+            let f = fdb(&ns, "flannel.1").unwrap();
+            assert_eq!(f.lines().filter(|l| l.contains(" dst ")).count(), 2, "{f}");
+        }
+        Backend::HostGw => {
+            let r = routes(&ns).unwrap();
+            let peer = facts[1].subnet_v4().unwrap();
+            assert!(
+                r.contains(&format!("{peer} via {} dev eth0", Rig::node_ip(2))),
+                "host-gw route via the peer's address: {r}"
+            );
+        }
+        Backend::Udp => {
+            let r = routes(&ns).unwrap();
+            assert!(r.contains("10.244.0.0/16 dev flannel0"), "{r}");
+        }
     }
-    let (rig, facts, pods) = cluster(HOST_GW, 3, &[]);
-    subnets_unique(&facts);
-    assert_eq!(facts[0].mtu, 1500, "host-gw keeps the uplink MTU");
-    assert_full_mesh(&rig, &pods, false);
-    let r = routes(&rig.node_ns(1)).unwrap();
-    let peer = facts[1].subnet_v4().unwrap();
-    assert!(
-        r.contains(&format!("{peer} via {} dev eth0", Rig::node_ip(2))),
-        "host-gw route via the peer's address: {r}"
-    );
 }
 
 #[test]
@@ -313,56 +318,56 @@ fn interoperates_with_a_flannel_node() {
     }
 }
 
-#[test]
-fn kill_and_restart_during_ping_flood_loses_nothing() {
-    if !require_root() {
-        return;
-    }
-    let (rig, facts, pods) = cluster(VXLAN, 2, &[]);
+/// A ping flood between two nodes' pods crosses a kill -9 of one agent and its restart
+/// without losing a packet; the node keeps its subnet and its device.
+fn kill_and_restart_during_ping_flood_loses_nothing(backend: Backend) {
+    let (rig, facts, pods) = cluster(&backend.network_config(), 2, &[]);
     assert_full_mesh(&rig, &pods, false);
-    let link_before = run(&rig.node_ns(1), &["ip", "-o", "link", "show", "flannel.1"]).unwrap();
-    // 600 pings 10 ms apart (~6 s) span a kill -9 and a restart of node 1's agent.
-    let dst = pods[1].ipv4.unwrap().to_string();
-    let flood = twill_tests::nsenter(
+    let device = |rig: &Rig| {
+        backend.device().map(|dev| {
+            let link = run(&rig.node_ns(1), &["ip", "-o", "link", "show", dev]).unwrap();
+            link.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+    };
+    let device_before = device(&rig);
+    let routes_before = routes(&rig.node_ns(1)).unwrap();
+    // 600 pings 10 ms apart (~6 s) span a kill -9 and a restart of node 1's agent: the kill
+    // comes once 100 have crossed, the restart once 100 more have crossed the dead agent.
+    let mut flood = PingFlood::start(
         &pods[0].ns,
-        &["ping", "-q", "-c", "600", "-i", "0.01", "-W", "1", &dst],
+        pods[1].ipv4.unwrap().into(),
+        600,
+        Duration::from_millis(10),
     )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    flood.wait_past(0, 100, UP).unwrap();
     rig.kill_twilld(1, Signal::SIGKILL).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let at_kill = flood.sent();
+    flood.wait_past(at_kill, 100, UP).unwrap();
     rig.start_twilld(1, &[]).unwrap();
-    let out = flood.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let stats = twill_tests::PingStats::parse(&text).unwrap();
+    let (stats, text) = flood.finish().unwrap();
     assert_eq!(stats.transmitted, 600, "{text}");
     assert_eq!(
         stats.received, stats.transmitted,
-        "packets lost across a restart: {text}"
+        "{backend}: packets lost across a restart: {text}"
     );
-    // Same subnet and same device after the restart.
+    // Same subnet, same device and same routes after the restart.
     wait_until(UP, || rig.twilld_log(1).contains("reclaimed our lease"))
         .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
     let again = rig.wait_subnet_file(1, UP).unwrap();
     assert_eq!(again.subnet, facts[0].subnet);
-    let link_after = run(&rig.node_ns(1), &["ip", "-o", "link", "show", "flannel.1"]).unwrap();
-    assert_eq!(
-        link_before.split_whitespace().next(),
-        link_after.split_whitespace().next(),
-        "the device was recreated"
-    );
+    assert_eq!(device(&rig), device_before, "the device was recreated");
+    assert_eq!(routes(&rig.node_ns(1)).unwrap(), routes_before);
 }
 
-#[test]
-fn etcd_outage_disturbs_nothing() {
-    if !require_root() {
-        return;
-    }
+/// Traffic between two nodes' pods keeps flowing for 30 s without etcd and no agent dies; once
+/// etcd is back, a node joining is programmed on the others.
+fn etcd_outage_disturbs_nothing(backend: Backend) {
     let rig = Rig::new(3).unwrap();
-    rig.put_network_config(VXLAN).unwrap();
+    rig.put_network_config(&backend.network_config()).unwrap();
     for node in [1, 2] {
         rig.start_twilld(node, &["--resync-interval", "2"]).unwrap();
     }
@@ -377,7 +382,10 @@ fn etcd_outage_disturbs_nothing() {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         let s = ping(&pods[0].ns, pods[1].ipv4.unwrap(), 3).unwrap();
-        assert!(s.all_received(), "traffic broke while etcd was down: {s}");
+        assert!(
+            s.all_received(),
+            "{backend}: traffic broke while etcd was down: {s}"
+        );
         assert!(
             rig.twilld_running(1) && rig.twilld_running(2),
             "an agent died while etcd was down"
@@ -1144,4 +1152,38 @@ fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
         assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
     }
     assert_full_mesh(&rig, &pods, false);
+}
+
+/// The scenarios above, once per backend: `cargo test --test overlay udp::` runs one backend,
+/// and the backends run in parallel test threads. A scenario that does not apply to a backend
+/// is listed with the reason.
+macro_rules! backends {
+    ($($backend:ident: $variant:ident [$($scenario:ident),*]);* $(;)?) => {$(
+        mod $backend {
+            $(
+                #[test]
+                fn $scenario() {
+                    if twill_tests::require_root() {
+                        super::$scenario(twill_tests::Backend::$variant);
+                    }
+                }
+            )*
+        }
+    )*};
+}
+
+backends! {
+    vxlan: Vxlan [
+        three_nodes_full_mesh,
+        kill_and_restart_during_ping_flood_loses_nothing,
+        etcd_outage_disturbs_nothing
+    ];
+    host_gw: HostGw [
+        three_nodes_full_mesh,
+        kill_and_restart_during_ping_flood_loses_nothing,
+        etcd_outage_disturbs_nothing
+    ];
+    // Not kill_and_restart_during_ping_flood_loses_nothing: udp's data path is twilld itself, so
+    // a kill -9 stops forwarding until the restart (udp.rs: udp_kill_and_restart_recovers).
+    udp: Udp [three_nodes_full_mesh, etcd_outage_disturbs_nothing];
 }

@@ -23,20 +23,17 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
-use twill_tests::{Pod, PodShape, Rig, require_root, wait_until};
+use twill_tests::{NameServer, Pod, PodShape, Rig, require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const UP: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 const NODE_PORT: u16 = 30080;
@@ -73,31 +70,15 @@ fn proxy_flags(mode: &str, node: usize, cgroup: &Path) -> Vec<String> {
     flags
 }
 
-/// Per-node cgroups, removed on drop (after the rig's processes are gone).
-struct Cgroups(Vec<PathBuf>);
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            // Processes still inside (a failed test's clients) are moved out first.
-            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs.lines() {
-                    let _ = fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
-                }
-            }
-            if let Err(err) = fs::remove_dir(dir) {
-                eprintln!("cleanup: rmdir {}: {err}", dir.display());
-            }
-        }
-    }
-}
-
 /// A cluster of `n` host-gw nodes running twilld with one proxy mode, and its cgroups.
 struct Cluster {
     mode: &'static str,
-    // Dropped first: stops twilld, removes namespaces and pins.
+    /// The backends' servers (stopped first).
+    servers: Mutex<Vec<NameServer>>,
+    /// Stops twilld and removes namespaces, cgroups and pins when dropped.
     rig: Rig,
-    cgroups: Cgroups,
+    /// The nodes' cgroups, made by the rig.
+    cgroups: Vec<PathBuf>,
     facts: Vec<SubnetFacts>,
     stop: Arc<AtomicBool>,
 }
@@ -117,18 +98,12 @@ impl Cluster {
     fn with(mode: &'static str, n: usize, prepare: impl FnOnce(&Rig)) -> Self {
         let rig = Rig::new(n).expect("rig");
         rig.put_network_config(HOST_GW).unwrap();
-        let cgroups = Cgroups(
-            (1..=n)
-                .map(|node| {
-                    let dir = Path::new(CGROUP_ROOT).join(format!("twill-{}-n{node}", rig.id()));
-                    fs::create_dir(&dir).expect("create node cgroup");
-                    dir
-                })
-                .collect(),
-        );
+        let cgroups: Vec<PathBuf> = (1..=n)
+            .map(|node| rig.node_cgroup(node).expect("node cgroup"))
+            .collect();
         prepare(&rig);
         for node in 1..=n {
-            let flags = proxy_flags(mode, node, &cgroups.0[node - 1]);
+            let flags = proxy_flags(mode, node, &cgroups[node - 1]);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             rig.start_twilld(node, &flags).unwrap();
         }
@@ -145,6 +120,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e:#}"));
         Cluster {
             mode,
+            servers: Mutex::new(Vec::new()),
             rig,
             cgroups,
             facts,
@@ -164,7 +140,7 @@ impl Cluster {
     }
 
     fn cgroup(&self, node: usize) -> &Path {
-        &self.cgroups.0[node - 1]
+        &self.cgroups[node - 1]
     }
 
     /// `twilld apply -f` of `yaml`.
@@ -197,34 +173,18 @@ impl Cluster {
     /// A TCP and a UDP server in `pod` answering `<name> peer=<client>`.
     fn serve(&self, pod: &Pod, name: &'static str) {
         let ip = IpAddr::V4(pod.ipv4.expect("pod v4"));
-        let ns = pod.ns.clone();
-        let stop = self.stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            join_netns(&ns);
-            let tcp = TcpListener::bind((ip, 8080)).expect("bind tcp");
-            tcp.set_nonblocking(true).unwrap();
-            let udp = UdpSocket::bind((ip, 5353)).expect("bind udp");
-            udp.set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
-            tx.send(()).unwrap();
-            let mut buf = [0u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((mut s, peer)) = tcp.accept() {
-                    let _ = writeln!(s, "{name} peer={peer}");
-                }
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{name} peer={peer}").as_bytes(), peer);
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+        let server = NameServer::start(
+            &pod.ns,
+            name,
+            Some(SocketAddr::new(ip, 8080)),
+            Some(SocketAddr::new(ip, 5353)),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
     }
-}
-
-fn join_netns(ns: &str) {
-    let file = fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
 fn backend_name(line: &str) -> &str {
@@ -269,14 +229,14 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     )
     .unwrap();
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
 
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let a = twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
+        let a = twill_tests::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
             .expect("socket-LB connect");
-        let b = twill_tests::ns::tcp_line(&client.ns, vip).expect("tc-path connect");
+        let b = twill_tests::tcp_line(&client.ns, vip).expect("tc-path connect");
         seen.insert(backend_name(&a).to_owned());
         seen.insert(backend_name(&b).to_owned());
     }
@@ -289,7 +249,7 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     // through node 1, while b1's reply leaves node 1 anyway and b1 keeps the client's address.
     // Kubernetes promises source preservation only for `Local`; for `Cluster` either is allowed.
     for _ in 0..10 {
-        let line = twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort from outside");
+        let line = twill_tests::tcp_line(&outside, node_port).expect("NodePort from outside");
         let peer = match backend_name(&line) {
             "b1" => "peer=198.18.0.1:",
             _ => "peer=198.18.0.11:",
@@ -299,8 +259,7 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     let external_ip: SocketAddr = format!("{EXTERNAL_IP}:80").parse().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let line =
-            twill_tests::ns::tcp_line(&outside, external_ip).expect("ExternalIP from outside");
+        let line = twill_tests::tcp_line(&outside, external_ip).expect("ExternalIP from outside");
         seen.insert(backend_name(&line).to_owned());
     }
     assert_eq!(seen, ["b1", "b2"].map(String::from).into(), "ExternalIP");
@@ -310,11 +269,11 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
         let lines = [
-            twill_tests::ns::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
+            twill_tests::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip)
                 .expect("socket-LB connect"),
-            twill_tests::ns::tcp_line(&client.ns, vip).expect("tc-path connect"),
-            twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort connect"),
-            twill_tests::ns::tcp_line(&outside, external_ip).expect("ExternalIP connect"),
+            twill_tests::tcp_line(&client.ns, vip).expect("tc-path connect"),
+            twill_tests::tcp_line(&outside, node_port).expect("NodePort connect"),
+            twill_tests::tcp_line(&outside, external_ip).expect("ExternalIP connect"),
         ];
         for line in &lines {
             assert_eq!(backend_name(line), "b2", "removed backend served: {line}");
@@ -367,7 +326,7 @@ fn pods_shaped_as(mode: &'static str, shape: PodShape) {
     wait_until(UP, || {
         variants
             .iter()
-            .all(|(_, _, port)| twill_tests::ns::tcp_line(&outside, node_port(*port)).is_some())
+            .all(|(_, _, port)| twill_tests::tcp_line(&outside, node_port(*port)).is_some())
     })
     .unwrap_or_else(|e| panic!("{shape:?}: {e:#}\n{}", c.rig.twilld_log(1)));
 
@@ -383,7 +342,7 @@ fn pods_shaped_as(mode: &'static str, shape: PodShape) {
             seen
         };
         let from_outside = tally("NodePort from outside", &|| {
-            twill_tests::ns::tcp_line(&outside, node_port(port))
+            twill_tests::tcp_line(&outside, node_port(port))
         });
         let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
         let mut from_pods = std::collections::BTreeSet::new();
@@ -394,11 +353,11 @@ fn pods_shaped_as(mode: &'static str, shape: PodShape) {
         ] {
             let cgroup = c.cgroup(client.node);
             from_pods.extend(tally(&format!("ClusterIP from {who} via tc"), &|| {
-                twill_tests::ns::tcp_line(&client.ns, vip)
+                twill_tests::tcp_line(&client.ns, vip)
             }));
             from_pods.extend(tally(
                 &format!("ClusterIP from {who} via socket-LB"),
-                &|| twill_tests::ns::tcp_line_in_cgroup(&client.ns, cgroup, vip),
+                &|| twill_tests::tcp_line_in_cgroup(&client.ns, cgroup, vip),
             ));
         }
         for (what, seen) in [("NodePort", from_outside), ("ClusterIP", from_pods)] {
@@ -441,7 +400,7 @@ fn udp_flow_moves_off_a_removed_endpoint_within_a_second(mode: &'static str) {
     let ns = client.ns.clone();
     let stop = c.stop.clone();
     std::thread::spawn(move || {
-        join_netns(&ns);
+        twill_tests::ns::join_netns(&ns).expect("join the client's namespace");
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
@@ -510,13 +469,11 @@ fn external_local_keeps_source_and_affinity_sticks(mode: &'static str) {
     ));
     let node_port: SocketAddr = SocketAddr::new(Rig::node_ip(1).into(), NODE_PORT);
     let outside = c.rig.underlay_ns();
-    wait_until(UP, || {
-        twill_tests::ns::tcp_line(&outside, node_port).is_some()
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(1)));
+    wait_until(UP, || twill_tests::tcp_line(&outside, node_port).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(1)));
     let mut backends = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let line = twill_tests::ns::tcp_line(&outside, node_port).expect("NodePort");
+        let line = twill_tests::tcp_line(&outside, node_port).expect("NodePort");
         assert!(
             line.contains("peer=198.18.0.1:"),
             "Local policy must keep the client address: {line}"
@@ -827,9 +784,9 @@ fn restart_under_fresh_connections_loses_none(mode: &'static str) {
     let node_port = SocketAddr::new(Rig::node_ip(2).into(), NODE_PORT);
     let outside = c.rig.underlay_ns();
     wait_until(UP, || {
-        twill_tests::ns::tcp_line_in_cgroup(&lb_client.ns, c.cgroup(2), vip).is_some()
-            && twill_tests::ns::tcp_line(&tc_client.ns, vip).is_some()
-            && twill_tests::ns::tcp_line(&outside, node_port).is_some()
+        twill_tests::tcp_line_in_cgroup(&lb_client.ns, c.cgroup(2), vip).is_some()
+            && twill_tests::tcp_line(&tc_client.ns, vip).is_some()
+            && twill_tests::tcp_line(&outside, node_port).is_some()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     wait_until(UP, || first_syncs(&c, 2).len() == 1)
@@ -1014,14 +971,14 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
     c.serve(&b1, "b1");
     c.apply(&web(&[(&b1, "n1")], ""));
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     c.rig.kill_twilld(2, Signal::SIGKILL).unwrap();
     let flags = proxy_flags(mode, 2, c.cgroup(2));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.rig.start_twilld(2, &flags).unwrap();
     c.apply(&web(&[(&b1, "n1")], "  sessionAffinity: ClientIP\n"));
-    wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some()).unwrap();
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some()).unwrap();
     assert_eq!(foreign(&c.rig, 2), before, "another owner's rules changed");
 }
 
@@ -1037,8 +994,9 @@ fn the_overlay_does_not_wait_for_the_ebpf_proxy() {
         return;
     }
     let c = Cluster::new("ebpf", 2);
-    let proxy_ready =
-        |l: &str| l.contains("twill_agent::proxy") && l.contains("service dataplane ready");
+    let proxy_ready = |l: &str| {
+        l.contains("twill_agent::services::proxy") && l.contains("service dataplane ready")
+    };
     wait_until(UP, || c.rig.twilld_log(2).lines().any(proxy_ready))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let log: Vec<String> = c.rig.twilld_log(2).lines().map(plain).collect();
@@ -1095,11 +1053,11 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
         c.rig.start_twilld_env(2, &flags, env).unwrap();
         wait_until(UP, || ready() > before)
             .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
-        wait_until(UP, || twill_tests::ns::tcp_line(&client.ns, vip).is_some())
+        wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some())
             .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", c.rig.twilld_log(2)));
     };
     wait_until(UP, || {
-        ready() > 0 && twill_tests::ns::tcp_line(&client.ns, vip).is_some()
+        ready() > 0 && twill_tests::tcp_line(&client.ns, vip).is_some()
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
     let log = c.rig.twilld_log(2);

@@ -15,7 +15,6 @@
 //! - [`RigInfo`] is what `up` knows that the rig's state file does not (backend, proxy mode,
 //!   pods, the Service); `rig up` writes it next to the rig's logs, `rig status` reads it back.
 
-use std::fmt;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -26,6 +25,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use twill_facts::SubnetFacts;
+pub use twill_tests::Backend;
 use twill_tests::rig::{nsenter_in_cgroup, service_manifest};
 use twill_tests::{Pod, Rig, ns, ping, wait_for, wait_until};
 
@@ -49,48 +49,6 @@ pub const POD_PORT: u16 = 8080;
 pub const SAMPLE_NODE_PORT: u16 = 30080;
 /// Where each node's twilld serves /metrics (loopback of the node's namespace).
 pub const METRICS_ADDR: &str = "127.0.0.1:9615";
-
-/// An overlay backend, as in the network config's `Backend.Type`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// Kernel VXLAN (`flannel.1`).
-    Vxlan,
-    /// Plain routes via the peer node.
-    HostGw,
-    /// Userspace UDP encapsulation over TUN.
-    Udp,
-}
-
-impl Backend {
-    /// Every backend, in report order.
-    pub const ALL: [Backend; 3] = [Backend::Vxlan, Backend::HostGw, Backend::Udp];
-
-    /// The name in the network config (`host-gw`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Vxlan => "vxlan",
-            Backend::HostGw => "host-gw",
-            Backend::Udp => "udp",
-        }
-    }
-
-    /// The network config twill's rigs use for this backend.
-    pub fn network_config(self) -> String {
-        format!(
-            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#,
-            self.as_str()
-        )
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A service proxy mode of twilld (`--proxy-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]

@@ -1,8 +1,13 @@
-//! `/healthz` and Prometheus `/metrics`, on a tiny HTTP/1.1 server.
+//! `/healthz` and Prometheus `/metrics`, on the agent's HTTP server ([`crate::http`]).
 //!
-//! Two endpoints and a text format do not justify a web framework in a node agent whose memory
-//! is a feature; the server reads one request line per connection and answers with
-//! `Connection: close`.
+//! The text exposition is written here, not by `prometheus-client` (0.26.0, the official Rust
+//! client, whose Prometheus-text encoder was measured against this one): the kube-proxy series
+//! the service loop exports must match kube-proxy's byte for byte, and with the library 5 of
+//! 111 lines of two kube-proxy histograms, a counter and a gauge came out differently — every
+//! `# HELP` gets a `.` appended (`Registry::register` adds it), and a float gauge or an
+//! integral histogram sum is written `0.0` where Go's client writes `0`. A custom collector
+//! avoids the first and not the second. The histograms themselves are a few buckets and two
+//! numbers ([`Histogram`]); the scrape is streamed from the same writers either way.
 //!
 //! Two listeners, two purposes ([`Endpoints`]): `--healthz-ip/--healthz-port` is flannel's health
 //! check, often bound to every address of the node, and serves `/healthz` only; `/metrics` (the
@@ -35,6 +40,50 @@ const SCRAPE_PIECE: usize = 64 * 1024;
 
 /// Upper bounds of the reconcile duration histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A Prometheus histogram whose upper bounds are given at each call (they are constants of the
+/// series), rendered in the text exposition as kube-proxy's Go client writes it. The agent's
+/// and the service loop's histograms are all of this kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations at or below each bound.
+    buckets: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    /// Records `v` against `bounds` (ascending).
+    pub fn observe(&mut self, bounds: &[f64], v: f64) {
+        self.buckets.resize(bounds.len(), 0);
+        for (i, b) in bounds.iter().enumerate() {
+            if v <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Writes the series `name` (`# HELP`, `# TYPE`, a bucket per bound and `+Inf`, `_sum`,
+    /// `_count`).
+    pub fn render(&self, o: &mut String, name: &str, help: &str, bounds: &[f64]) {
+        let _ = writeln!(o, "# HELP {name} {help}");
+        let _ = writeln!(o, "# TYPE {name} histogram");
+        for (i, b) in bounds.iter().enumerate() {
+            let n = self.buckets.get(i).copied().unwrap_or_default();
+            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(o, "{name}_sum {}", self.sum);
+        let _ = writeln!(o, "{name}_count {}", self.count);
+    }
+}
 
 /// Packet counts of the overlay device, from the eBPF counter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -142,10 +191,8 @@ struct Inner {
     lease_conflicts: usize,
     lease_expiry: Option<SystemTime>,
     peers: usize,
-    reconciles: u64,
     reconcile_errors: u64,
-    buckets: [u64; BUCKETS.len()],
-    duration_sum: f64,
+    reconcile_duration: Histogram,
     /// The current error of each operation that failed and has not succeeded since.
     errors: BTreeMap<String, (SystemTime, String)>,
     /// Errors met per operation, cleared ones included.
@@ -211,7 +258,6 @@ impl Metrics {
     /// Records a reconcile; a successful one clears the overlay's error ([`OVERLAY_OP`]).
     pub fn observe_reconcile(&self, took: Duration, peers: usize, ops: usize, ok: bool) {
         let mut g = self.inner.lock().unwrap();
-        g.reconciles += 1;
         if ok {
             g.errors.remove(OVERLAY_OP);
         } else {
@@ -219,13 +265,7 @@ impl Metrics {
         }
         g.peers = peers;
         g.last_ops = ops;
-        let s = took.as_secs_f64();
-        g.duration_sum += s;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                g.buckets[i] += 1;
-            }
-        }
+        g.reconcile_duration.observe(&BUCKETS, took.as_secs_f64());
     }
 
     /// Records an error of the overlay loop ([`OVERLAY_OP`]), shown in `/healthz` and as
@@ -336,24 +376,12 @@ impl Metrics {
             "# HELP twill_reconcile_errors_total Reconciles that failed.\n# TYPE twill_reconcile_errors_total counter\ntwill_reconcile_errors_total {}",
             g.reconcile_errors
         );
-        let _ = writeln!(
-            o,
-            "# HELP twill_reconcile_duration_seconds Time to observe, plan and apply the overlay.\n# TYPE twill_reconcile_duration_seconds histogram"
+        g.reconcile_duration.render(
+            &mut o,
+            "twill_reconcile_duration_seconds",
+            "Time to observe, plan and apply the overlay.",
+            &BUCKETS,
         );
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "twill_reconcile_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                g.buckets[i]
-            );
-        }
-        let _ = writeln!(
-            o,
-            "twill_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            g.reconciles
-        );
-        let _ = writeln!(o, "twill_reconcile_duration_seconds_sum {}", g.duration_sum);
-        let _ = writeln!(o, "twill_reconcile_duration_seconds_count {}", g.reconciles);
         if !g.errors.is_empty() {
             let _ = writeln!(
                 o,
@@ -567,6 +595,28 @@ mod tests {
         assert!(text.contains("twill_extra 1\ntwill_series{n=\"0\"} 0\n"));
         assert!(w.1.len() > 1, "one piece for {} bytes", text.len());
         assert!(w.1.iter().all(|&n| n < SCRAPE_PIECE + 4096), "{:?}", w.1);
+    }
+
+    #[test]
+    fn histograms_render_as_gos_client_writes_them() {
+        let bounds = [0.5, 1.0, 2.5];
+        let mut h = Histogram::default();
+        let mut o = String::new();
+        h.render(&mut o, "x_seconds", "Time to x", &bounds);
+        assert_eq!(
+            o,
+            "# HELP x_seconds Time to x\n# TYPE x_seconds histogram\nx_seconds_bucket{le=\"0.5\"} 0\nx_seconds_bucket{le=\"1\"} 0\nx_seconds_bucket{le=\"2.5\"} 0\nx_seconds_bucket{le=\"+Inf\"} 0\nx_seconds_sum 0\nx_seconds_count 0\n"
+        );
+        for v in [1.0, 2.0, 7.0] {
+            h.observe(&bounds, v);
+        }
+        let mut o = String::new();
+        h.render(&mut o, "x_seconds", "Time to x", &bounds);
+        assert_eq!(
+            o,
+            "# HELP x_seconds Time to x\n# TYPE x_seconds histogram\nx_seconds_bucket{le=\"0.5\"} 0\nx_seconds_bucket{le=\"1\"} 1\nx_seconds_bucket{le=\"2.5\"} 2\nx_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 10\nx_seconds_count 3\n"
+        );
+        assert_eq!(h.count(), 3);
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //!   kernel directly makes a change cost the size of the change.
 //! - The Rust nftables crates are GPL or wrap libnftnl (a C dependency); the subset twill needs
 //!   (a dozen message types, fifteen expressions) is small and fully unit-tested here.
+//! - Why not `netlink-packet-netfilter` (0.4.0, the rtnetlink family's netfilter codec): it has
+//!   the nf_tables messages, the batch begin/end and ctnetlink, but of the 13 expressions twill
+//!   writes it knows 6 (meta, payload, cmp, bitwise, lookup, immediate); ct, numgen, nat, masq,
+//!   fib, dynset and reject would be raw attribute lists built by hand, as here. Its decoder
+//!   allocates a vector per attribute: a ctnetlink dump of 100k UDP entries (14.8 MB) took
+//!   170–290 ms to decode with it against 13–20 ms for the borrowed walk of [`Attrs`] (same
+//!   entries, same matches, release build, three rounds on a loaded 2-core machine), and the
+//!   conntrack purge runs after every sync that removes a UDP backend.
 //! - One batch = one transaction: `NFNL_MSG_BATCH_BEGIN`, the messages, `NFNL_MSG_BATCH_END` in
 //!   one `sendmsg`. Only the last message asks for an ACK; the kernel reports every failing
 //!   message and then aborts the whole batch, so reading up to the last message's ACK tells

@@ -1,115 +1,189 @@
-//! What the agent's privileged tests share: running a command that must succeed, `ip -batch`
-//! into a namespace, joining a namespace on a thread, per-namespace sysctls, the root check and
-//! error chains. Each test binary uses part of it.
+//! What the agent's privileged tests share, on twill-tests' layer (its namespace guard, its
+//! servers, its root check): the three-namespace node the dataplanes are driven in, the
+//! services they are given, and error chains. Each test binary uses part of it.
+//!
+//! The node: `n` (the node, where the dataplane runs), `b` (the backends, behind veth
+//! `nb`/`bn`), `c` (a host outside the cluster, behind `nc`/`cn`), IPv4 and IPv6 on both
+//! links, forwarding on in the node; a cgroup and a pin directory for the eBPF dataplane. The
+//! guard names everything uniquely and removes it when the test ends, pass or fail; traffic
+//! never leaves these namespaces.
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
-use std::thread;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
 
-use nix::sched::{CloneFlags, setns};
+use twill_agent::services::lb::{Backend, BackendState, Frontend, FrontendKind, LbService, Proto};
+use twill_tests::{NameServer, NetnsGuard};
 
-/// Whether the test may run: root, or (outside CI) a loud skip. Under `CI=true` a privileged test
-/// without root fails instead of skipping.
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
+/// The node's address towards the backends.
+pub const NODE_TO_BE: &str = "10.251.0.1";
+/// The first backend.
+pub const BE1: &str = "10.251.0.2";
+/// The second backend (a second address of the backend namespace).
+pub const BE2: &str = "10.251.0.3";
+/// The node's address towards the outside host.
+pub const NODE_TO_OUT: &str = "10.252.0.1";
+/// The outside host.
+pub const OUTSIDE: &str = "10.252.0.2";
+/// The first backend's IPv6 address.
+pub const BE1_V6: &str = "fd51::2";
+/// The node's IPv6 address towards the outside host.
+pub const NODE_TO_OUT_V6: &str = "fd52::1";
+
+/// The namespaces, cgroup and pin directory of one test, and the servers in them.
+pub struct Env {
+    /// The node namespace.
+    pub node: String,
+    /// The backends' namespace.
+    pub backends: String,
+    /// The outside host's namespace.
+    pub outside: String,
+    /// A cgroup for socket-level load balancing.
+    pub cgroup: PathBuf,
+    /// A pin directory for the eBPF dataplane.
+    pub pin_dir: PathBuf,
+    servers: Mutex<Vec<NameServer>>,
+    /// Dropped last: the servers stop first.
+    pub guard: NetnsGuard,
+}
+
+impl Env {
+    /// The node, its backends and the outside host, connected and addressed.
+    pub fn new() -> Env {
+        let guard = NetnsGuard::new().expect("namespace guard");
+        let mut names = guard.netns_all(&["n", "b", "c"]).expect("namespaces");
+        let outside = names.pop().unwrap();
+        let backends = names.pop().unwrap();
+        let node = names.pop().unwrap();
+        let env = Env {
+            cgroup: guard.cgroup("lb").expect("test cgroup"),
+            pin_dir: guard.pin_dir("lb").expect("test pin directory"),
+            node,
+            backends,
+            outside,
+            servers: Mutex::new(Vec::new()),
+            guard,
+        };
+        let (n, b, c) = (&env.node, &env.backends, &env.outside);
+        ip_batch(
+            n,
+            &format!(
+                "link add nb type veth peer name bn netns {b}\n\
+                 link add nc type veth peer name cn netns {c}\n\
+                 link set nb up\nlink set nc up\n\
+                 addr add {NODE_TO_BE}/24 dev nb\naddr add fd51::1/64 dev nb nodad\n\
+                 addr add {NODE_TO_OUT}/24 dev nc\naddr add {NODE_TO_OUT_V6}/64 dev nc nodad\n"
+            ),
+        );
+        ip_batch(
+            b,
+            &format!(
+                "link set bn up\naddr add {BE1}/24 dev bn\n\
+                 addr add {BE2}/24 dev bn\naddr add {BE1_V6}/64 dev bn nodad\n\
+                 route add default via {NODE_TO_BE}\nroute add default via fd51::1\n"
+            ),
+        );
+        ip_batch(
+            c,
+            &format!(
+                "link set cn up\naddr add {OUTSIDE}/24 dev cn\n\
+                 addr add fd52::2/64 dev cn nodad\n\
+                 route add default via {NODE_TO_OUT}\nroute add default via {NODE_TO_OUT_V6}\n"
+            ),
+        );
+        twill_tests::ns::sysctl(n, "net.ipv4.ip_forward", "1").expect("ip_forward");
+        twill_tests::ns::sysctl(n, "net.ipv6.conf.all.forwarding", "1").expect("forwarding6");
+        env
     }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "privileged test {test} needs root"
-    );
-    eprintln!("SKIPPED {test}: privileged test needs root");
-    false
+
+    /// A TCP and a UDP server answering `<name> peer=<client>` on `ip`, in the backend
+    /// namespace.
+    pub fn serve(&self, name: &str, ip: &str, tcp_port: u16, udp_port: u16) {
+        self.serve_in(&self.backends, name, ip, tcp_port, udp_port);
+    }
+
+    /// [`Env::serve`] in namespace `ns`.
+    pub fn serve_in(&self, ns: &str, name: &str, ip: &str, tcp_port: u16, udp_port: u16) {
+        let ip = ip.parse().expect("server address");
+        let server = NameServer::start(
+            ns,
+            name,
+            Some(SocketAddr::new(ip, tcp_port)),
+            Some(SocketAddr::new(ip, udp_port)),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
+    }
+
+    /// Runs `f` on a thread inside the node namespace (the dataplane resolves interfaces,
+    /// addresses and the netns cookie there, as in twilld).
+    pub fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        within(&self.node, f)
+    }
+
+    /// Pod namespaces `short`... made by the guard (for pods plugged into the node by hand).
+    pub fn pods(&self, shorts: &[&str]) -> Vec<String> {
+        self.guard.netns_all(shorts).expect("pod namespaces")
+    }
 }
 
-/// Runs `program`; panics with its output unless it succeeds.
-pub fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    output
-}
-
-/// `ip -n NS -batch -` with `script` on stdin; panics unless it succeeds.
+/// `ip -n NS -batch -` with `script`; panics with the failing line unless it succeeds.
 pub fn ip_batch(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ip -batch");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip -n {ns} -batch failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    twill_tests::ns::ip_batch(Some(ns), script).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-/// Moves the calling thread into network namespace `ns` (`/run/netns/<ns>`).
-pub fn join_netns(ns: &str) {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
-    setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|err| panic!("setns {path}: {err}"));
+/// `args` in namespace `ns`; its stdout, or a panic with its stderr.
+pub fn run_in(ns: &str, args: &[&str]) -> String {
+    twill_tests::run(ns, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Runs `f` on a thread that first joins network namespace `ns`.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            join_netns(ns);
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
-    })
+/// A ready backend `ip:port` on another node.
+pub fn backend(ip: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip.parse().unwrap(),
+        port,
+        node_local: false,
+        state: BackendState::Ready,
+    }
 }
 
-/// Writes sysctl `key` (dotted) in namespace `ns`: `/proc/sys/net` is the reading thread's
-/// namespace's, so no `sysctl` binary is needed.
-pub fn sysctl(ns: &str, key: &str, value: &str) {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    in_netns(ns, || {
-        std::fs::write(&path, value).unwrap_or_else(|err| panic!("write {path} in {ns}: {err}"));
-    });
-}
-
-/// `ip netns add NS` with IPv6 duplicate address detection off for every link made in it later
-/// (a tentative link-local address delays the first IPv6 exchanges by a second or more).
-pub fn add_netns(ns: &str) {
-    run("ip", &["netns", "add", ns]);
-    for key in [
-        "net.ipv6.conf.all.accept_dad",
-        "net.ipv6.conf.default.accept_dad",
-    ] {
-        sysctl(ns, key, "0");
+/// Service `id` (`test/svc<id>`): frontend `vip:port/proto` of `kind`, `backends`, no
+/// affinity, traffic policies Cluster.
+pub fn service(
+    id: u32,
+    kind: FrontendKind,
+    vip: &str,
+    port: u16,
+    proto: Proto,
+    backends: Vec<Backend>,
+) -> LbService {
+    LbService {
+        id,
+        name: format!("test/svc{id}"),
+        frontend: Frontend {
+            ip: vip.parse().unwrap(),
+            port,
+            proto,
+            kind,
+        },
+        backends,
+        affinity_timeout_secs: None,
+        external_local: false,
+        internal_local: false,
     }
 }
 
 /// An error with its sources, `: `-separated.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
+pub fn error_chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(err))
+}
+
+/// Runs `f` on a thread inside namespace `ns` and returns what it returned (a failure to enter
+/// the namespace fails the test).
+pub fn within<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    twill_tests::in_netns(ns, || Ok(f())).unwrap_or_else(|e| panic!("{e:#}"))
 }

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
-use twill_tests::bench_support::{EtcdHttp, LineMonitor, prometheus_value};
+use twill_tests::bench_support::{EtcdHttp, LineMonitor};
+use twill_tests::metrics::sample;
 use twill_tests::ns::{http_get, in_netns};
 use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
 use twill_tests::state::RigState;
@@ -410,8 +411,8 @@ fn measure(
         if services.is_none()
             && let Ok(resp) = http_get(&ns, metrics_addr, "/metrics")
         {
-            rep.frontends = prometheus_value(&resp.body, "twill_services_frontends").unwrap_or(0.0);
-            rep.backends = prometheus_value(&resp.body, "twill_services_backends").unwrap_or(0.0);
+            rep.frontends = sample(&resp.body, "twill_services_frontends").unwrap_or(0.0);
+            rep.backends = sample(&resp.body, "twill_services_backends").unwrap_or(0.0);
             if rep.frontends >= want_fe && rep.backends >= want_be {
                 services = Some(t0.elapsed());
             }

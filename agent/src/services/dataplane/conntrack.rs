@@ -12,6 +12,11 @@
 //! source (the backend), then one `IPCTNL_MSG_CT_DELETE` per match with the entry's original
 //! tuple. Entries already gone (`ENOENT`) are fine. TCP entries are left alone, as kube-proxy
 //! does: an established TCP connection to a removed endpoint ends on its own.
+//!
+//! Why not `netlink-packet-netfilter`'s ctnetlink types (0.4.0; they cover the get, the delete
+//! and these tuples): decoding a dump with them was 12–14x slower than the borrowed walk here
+//! (100k entries: 170 ms against 13 ms), on a table that grows with the node's traffic; see
+//! [`super::nfnl`].
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use twill_tests::bench_support::{LineMonitor, prometheus_value};
+use twill_tests::bench_support::LineMonitor;
+use twill_tests::metrics::sample;
 use twill_tests::ns::in_netns;
 use twill_tests::rig::ETCD_PREFIX;
 use twill_tests::wait_for;
@@ -143,10 +144,8 @@ pub(crate) fn full_syncs(
         let (sum, start, m) = fresh_full_sync(b, 3 + r, n, &[], progress, &what)?;
         res.full_sync_s.push(sum);
         res.start_to_programmed_s.push(start);
-        res.full_sync_frontends =
-            prometheus_value(&m, "twill_services_frontends").unwrap_or(f64::NAN);
-        res.full_sync_backends =
-            prometheus_value(&m, "twill_services_backends").unwrap_or(f64::NAN);
+        res.full_sync_frontends = sample(&m, "twill_services_frontends").unwrap_or(f64::NAN);
+        res.full_sync_backends = sample(&m, "twill_services_backends").unwrap_or(f64::NAN);
     }
     Ok(())
 }
@@ -216,14 +215,14 @@ pub(crate) fn fresh_full_sync(
     let done = b.wait_programmed(node, n, progress, what)?;
     let m = wait_for(Duration::from_secs(10), || {
         let m = b.metrics(node).ok()?;
-        let full = prometheus_value(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
+        let full = sample(&m, r#"twill_services_syncs_total{kind="full",result="ok"}"#)?;
         (full >= 1.0).then_some(m)
     })
     .context("no full sync in the metrics")?;
-    let count = prometheus_value(&m, "twill_services_sync_duration_seconds_count")
-        .context("no sync histogram")?;
-    let sum = prometheus_value(&m, "twill_services_sync_duration_seconds_sum")
-        .context("no sync histogram")?;
+    let count =
+        sample(&m, "twill_services_sync_duration_seconds_count").context("no sync histogram")?;
+    let sum =
+        sample(&m, "twill_services_sync_duration_seconds_sum").context("no sync histogram")?;
     ensure!(
         (count - 1.0).abs() < f64::EPSILON,
         "expected the fresh twilld's first sync alone, found {count} syncs"
@@ -294,9 +293,9 @@ pub(crate) fn one_change(
         }
         let (to_name, to_ip) = if i % 2 == 0 { ("b", b_ip) } else { ("a", a_ip) };
         let before = b.metrics(2)?;
-        let count0 = prometheus_value(&before, "twill_services_sync_duration_seconds_count")
+        let count0 = sample(&before, "twill_services_sync_duration_seconds_count")
             .context("no sync histogram")?;
-        let sum0 = prometheus_value(&before, "twill_services_sync_duration_seconds_sum")
+        let sum0 = sample(&before, "twill_services_sync_duration_seconds_sum")
             .context("no sync histogram")?;
         follow.drain();
         let value = slice_json(name, &[to_ip]);
@@ -323,14 +322,13 @@ pub(crate) fn one_change(
         // The agent's own account of the change: the one sync it caused.
         let after = wait_for(Duration::from_secs(2), || {
             let m = b.metrics(2).ok()?;
-            let c = prometheus_value(&m, "twill_services_sync_duration_seconds_count")?;
+            let c = sample(&m, "twill_services_sync_duration_seconds_count")?;
             (c > count0).then_some(m)
         });
         if let Ok(m) = after {
-            let count = prometheus_value(&m, "twill_services_sync_duration_seconds_count")
-                .unwrap_or(f64::NAN);
-            let sum = prometheus_value(&m, "twill_services_sync_duration_seconds_sum")
-                .unwrap_or(f64::NAN);
+            let count =
+                sample(&m, "twill_services_sync_duration_seconds_count").unwrap_or(f64::NAN);
+            let sum = sample(&m, "twill_services_sync_duration_seconds_sum").unwrap_or(f64::NAN);
             if (count - count0 - 1.0).abs() < f64::EPSILON {
                 res.change_agent_ms.push((sum - sum0) * 1000.0);
             }

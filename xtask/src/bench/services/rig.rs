@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use twill_tests::bench_support::{output_within, prometheus_value};
+use twill_tests::bench_support::output_within;
+use twill_tests::metrics::sample;
 use twill_tests::ns::http_get;
 use twill_tests::{Pod, Rig, RigOptions, wait_for};
 
@@ -221,7 +222,7 @@ impl Bench {
             let now = self
                 .metrics(node)
                 .ok()
-                .and_then(|m| prometheus_value(&m, "twill_services_frontends"))
+                .and_then(|m| sample(&m, "twill_services_frontends"))
                 .unwrap_or(f64::INFINITY);
             if now <= want {
                 return Ok(());
@@ -254,7 +255,7 @@ impl Bench {
             let now = self
                 .metrics(node)
                 .ok()
-                .and_then(|m| prometheus_value(&m, "twill_services_frontends"))
+                .and_then(|m| sample(&m, "twill_services_frontends"))
                 .unwrap_or(0.0);
             if now >= want {
                 return Ok(Instant::now());

@@ -16,34 +16,29 @@
 //! entry per socket-LB TCP connection too, and one endpoint change must stay cheap.) TCP is left alone, as kube-proxy leaves it:
 //! the backend's own reset or the application's timeout ends it.
 //!
-//! The messages are encoded and decoded by pure functions (unit tested); [`destroy_udp`] is the
-//! thin I/O edge, acting on the calling thread's network namespace.
+//! The messages are encoded and decoded by `netlink-packet-sock-diag` (`InetRequest`, and
+//! `SockDiagDestroy` for the `SOCK_DESTROY` type), the socket is `netlink-sys`'s: both of the
+//! rtnetlink family already in the agent. [`request`] and [`parse`] stay pure (unit tested
+//! against the kernel's byte layout); [`destroy_udp`] is the thin I/O edge, acting on the
+//! calling thread's network namespace.
 //!
 //! Needs Linux >= 4.5 (`SOCK_DESTROY`) with `CONFIG_INET_DIAG_DESTROY`, and `CAP_NET_ADMIN`.
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::net::IpAddr;
 
-/// `SOCK_DIAG_BY_FAMILY`.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-/// `SOCK_DESTROY`.
-const SOCK_DESTROY: u16 = 21;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_HDRLEN: usize = 16;
-/// `struct inet_diag_sockid`.
-const SOCKID_LEN: usize = 48;
-/// `struct inet_diag_req_v2`.
-const REQ_LEN: usize = 8 + SOCKID_LEN;
-/// `struct inet_diag_msg`.
-const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
-/// `TCP_ESTABLISHED`: a connected UDP socket's state.
-const STATE_ESTABLISHED: u32 = 1;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable,
+};
+use netlink_packet_sock_diag::SockDiagDestroy;
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::message::SockDiagMessage;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// How long the kernel may take to answer one read.
+const RECV_TIMEOUT_S: i64 = 2;
 
 /// A socket as `sock_diag` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,56 +59,87 @@ pub struct SockId {
     pub cookie: u64,
 }
 
-fn put_addr(buf: &mut [u8], addr: IpAddr) {
-    match addr {
-        IpAddr::V4(a) => buf[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => buf[..16].copy_from_slice(&a.octets()),
-    }
-}
-
-fn get_addr(family: u8, buf: &[u8]) -> IpAddr {
-    if i32::from(family) == libc::AF_INET {
-        IpAddr::V4(Ipv4Addr::new(buf[0], buf[1], buf[2], buf[3]))
-    } else {
-        let mut o = [0u8; 16];
-        o.copy_from_slice(&buf[..16]);
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
-}
-
-/// Encodes one request: a dump of `family` UDP sockets in `states` (no `id`), or the destruction
-/// of socket `id`.
-fn request(kind: u16, seq: u32, family: u8, states: u32, id: Option<&SockId>) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + REQ_LEN;
-    let mut b = vec![0u8; len];
-    let flags = if kind == SOCK_DESTROY {
-        NLM_F_REQUEST | NLM_F_ACK
-    } else {
-        NLM_F_REQUEST | NLM_F_DUMP
-    };
-    b[0..4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
-    b[4..6].copy_from_slice(&kind.to_ne_bytes());
-    b[6..8].copy_from_slice(&flags.to_ne_bytes());
-    b[8..12].copy_from_slice(&seq.to_ne_bytes());
-    let r = &mut b[NLMSG_HDRLEN..];
-    r[0] = family;
-    r[1] = u8::try_from(libc::IPPROTO_UDP).unwrap_or(17);
-    r[4..8].copy_from_slice(&states.to_ne_bytes());
-    if let Some(id) = id {
-        let s = &mut r[8..8 + SOCKID_LEN];
-        s[0..2].copy_from_slice(&id.sport.to_be_bytes());
-        s[2..4].copy_from_slice(&id.dport.to_be_bytes());
-        put_addr(&mut s[4..20], id.src);
-        put_addr(&mut s[20..36], id.dst);
-        s[36..40].copy_from_slice(&id.ifindex.to_ne_bytes());
-        // The kernel compares the cookie as two native-endian u32 halves, low half first.
-        let cookie = id.cookie.to_le_bytes();
-        let (lo, hi) = cookie.split_at(4);
-        let half = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_ne_bytes();
-        s[40..44].copy_from_slice(&half(lo));
-        s[44..48].copy_from_slice(&half(hi));
-    }
+/// The kernel compares the cookie as two native-endian u32 halves, low half first.
+fn cookie_bytes(cookie: u64) -> [u8; 8] {
+    let lo = u32::try_from(cookie & 0xffff_ffff).unwrap_or_default();
+    let hi = u32::try_from(cookie >> 32).unwrap_or_default();
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&lo.to_ne_bytes());
+    b[4..].copy_from_slice(&hi.to_ne_bytes());
     b
+}
+
+fn cookie_of(b: [u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let hi = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
+/// A wildcard socket id of `family` (a dump's).
+fn any_socket(family: u8) -> SocketId {
+    if i32::from(family) == libc::AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask<'a> {
+    /// A dump of the family's connected UDP sockets.
+    Dump(u8),
+    /// The destruction of one socket.
+    Destroy(&'a SockId),
+}
+
+/// Encodes one request (`seq` is its sequence number).
+fn request(ask: Ask<'_>, seq: u32) -> Vec<u8> {
+    let (family, states, socket_id, flags) = match ask {
+        Ask::Dump(family) => (
+            family,
+            StateFlags::ESTABLISHED,
+            any_socket(family),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        ),
+        Ask::Destroy(id) => (
+            id.family,
+            StateFlags::empty(),
+            SocketId {
+                source_port: id.sport,
+                destination_port: id.dport,
+                source_address: id.src,
+                destination_address: id.dst,
+                interface_id: id.ifindex,
+                cookie: cookie_bytes(id.cookie),
+            },
+            NLM_F_REQUEST | NLM_F_ACK,
+        ),
+    };
+    let req = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: u8::try_from(libc::IPPROTO_UDP).unwrap_or(17),
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id,
+    });
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    match ask {
+        Ask::Dump(_) => encode(NetlinkMessage::new(header, NetlinkPayload::from(req))),
+        Ask::Destroy(_) => encode(NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(SockDiagDestroy::new(req)),
+        )),
+    }
+}
+
+fn encode<T: NetlinkSerializable>(mut msg: NetlinkMessage<T>) -> Vec<u8> {
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
 }
 
 /// One message of a netlink reply.
@@ -129,43 +155,39 @@ enum Reply {
     Other,
 }
 
-/// Splits a datagram of replies.
-fn parse(mut buf: &[u8]) -> Vec<Reply> {
+/// Splits a datagram of replies; a message that does not decode is an error naming why.
+fn parse(mut buf: &[u8]) -> io::Result<Vec<Reply>> {
     let mut out = Vec::new();
-    while buf.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        let body = &buf[NLMSG_HDRLEN..len];
-        out.push(match kind {
-            NLMSG_DONE => Reply::Done,
-            NLMSG_ERROR if body.len() >= 4 => {
-                Reply::Error(i32::from_ne_bytes([body[0], body[1], body[2], body[3]]))
-            }
-            SOCK_DIAG_BY_FAMILY if body.len() >= MSG_LEN => {
-                let family = body[0];
-                let s = &body[4..4 + SOCKID_LEN];
-                let lo = u32::from_ne_bytes([s[40], s[41], s[42], s[43]]);
-                let hi = u32::from_ne_bytes([s[44], s[45], s[46], s[47]]);
+    while !buf.is_empty() {
+        let msg = NetlinkMessage::<SockDiagMessage>::deserialize(buf).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("decode a sock_diag answer: {e}"),
+            )
+        })?;
+        let len = usize::try_from(msg.header.length).unwrap_or(usize::MAX);
+        out.push(match msg.payload {
+            NetlinkPayload::Done(_) => Reply::Done,
+            NetlinkPayload::Error(e) => Reply::Error(e.raw_code()),
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                let h = &r.header;
                 Reply::Sock(SockId {
-                    family,
-                    sport: u16::from_be_bytes([s[0], s[1]]),
-                    dport: u16::from_be_bytes([s[2], s[3]]),
-                    src: get_addr(family, &s[4..20]),
-                    dst: get_addr(family, &s[20..36]),
-                    ifindex: u32::from_ne_bytes([s[36], s[37], s[38], s[39]]),
-                    cookie: u64::from(lo) | (u64::from(hi) << 32),
+                    family: h.family,
+                    src: h.socket_id.source_address,
+                    sport: h.socket_id.source_port,
+                    dst: h.socket_id.destination_address,
+                    dport: h.socket_id.destination_port,
+                    ifindex: h.socket_id.interface_id,
+                    cookie: cookie_of(h.socket_id.cookie),
                 })
             }
             _ => Reply::Other,
         });
         // Messages are 4-byte aligned.
-        let next = (len + 3) & !3;
-        buf = &buf[next.min(buf.len())..];
+        let next = len.saturating_add(3) & !3;
+        buf = buf.get(next..).unwrap_or_default();
     }
-    out
+    Ok(out)
 }
 
 /// The peer of `id` as an application sees it: a v4-mapped IPv6 address is the IPv4 address.
@@ -178,84 +200,34 @@ fn peer(id: &SockId) -> (IpAddr, u16) {
 }
 
 /// A `NETLINK_SOCK_DIAG` socket.
-struct DiagSocket(OwnedFd);
+struct DiagSocket(Socket);
 
 impl DiagSocket {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: valid option pointer and length.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::from_ref(&timeout).cast(),
-                u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap_or(16),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self(fd))
+        let sock = Socket::new(NETLINK_SOCK_DIAG)?;
+        let timeout = nix::sys::time::TimeVal::new(RECV_TIMEOUT_S, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        Ok(Self(sock))
     }
 
     fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: a zeroed sockaddr_nl addresses the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or(16);
-        // SAFETY: valid buffer and address.
-        let rc = unsafe {
-            libc::sendto(
-                self.0.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                std::ptr::from_ref(&kernel).cast(),
-                u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or(12),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.0.send_to(msg, &SocketAddr::new(0, 0), 0).map(drop)
     }
 
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: valid buffer.
-        let rc = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+    /// Reads one datagram into `buf` (cleared first).
+    fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        buf.clear();
+        self.0.recv(buf, 0).map(drop)
     }
 
     /// Every connected UDP socket of `family` in the calling thread's network namespace.
     fn dump(&self, family: u8, seq: u32) -> io::Result<Vec<SockId>> {
-        self.send(&request(
-            SOCK_DIAG_BY_FAMILY,
-            seq,
-            family,
-            1 << STATE_ESTABLISHED,
-            None,
-        ))?;
+        self.send(&request(Ask::Dump(family), seq))?;
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = Vec::with_capacity(32 * 1024);
         loop {
-            let n = self.recv(&mut buf)?;
-            for reply in parse(&buf[..n]) {
+            self.recv(&mut buf)?;
+            for reply in parse(&buf)? {
                 match reply {
                     Reply::Sock(id) => out.push(id),
                     Reply::Done => return Ok(out),
@@ -267,10 +239,10 @@ impl DiagSocket {
     }
 
     fn destroy(&self, id: &SockId, seq: u32) -> io::Result<()> {
-        self.send(&request(SOCK_DESTROY, seq, id.family, 0, Some(id)))?;
-        let mut buf = [0u8; 512];
-        let n = self.recv(&mut buf)?;
-        for reply in parse(&buf[..n]) {
+        self.send(&request(Ask::Destroy(id), seq))?;
+        let mut buf = Vec::with_capacity(512);
+        self.recv(&mut buf)?;
+        for reply in parse(&buf)? {
             match reply {
                 Reply::Error(0) => return Ok(()),
                 Reply::Error(errno) => return Err(io::Error::from_raw_os_error(-errno)),
@@ -333,6 +305,14 @@ pub fn destroy_udp(
 mod tests {
     use super::*;
 
+    /// Netlink header, then `struct inet_diag_req_v2` (8 bytes, then the 48-byte socket id).
+    const HDR: usize = 16;
+    const SOCKID_LEN: usize = 48;
+    /// `struct inet_diag_msg`: 4 bytes, the socket id, 20 more.
+    const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const SOCK_DESTROY: u16 = 21;
+
     fn id(src: &str, dst: &str) -> SockId {
         let src: IpAddr = src.parse().unwrap();
         SockId {
@@ -346,15 +326,15 @@ mod tests {
         }
     }
 
-    /// Wraps `req`'s socket id in an `inet_diag_msg` reply, as the kernel sends it.
+    /// Wraps `req`'s socket id in an `inet_diag_msg` reply, byte by byte as the kernel sends it.
     fn reply_for(req: &[u8]) -> Vec<u8> {
-        let r = &req[NLMSG_HDRLEN..];
+        let r = &req[HDR..];
         let mut body = vec![0u8; MSG_LEN];
         body[0] = r[0];
         body[1] = 1;
         body[4..4 + SOCKID_LEN].copy_from_slice(&r[8..8 + SOCKID_LEN]);
-        let len = NLMSG_HDRLEN + MSG_LEN;
-        let mut msg = vec![0u8; NLMSG_HDRLEN];
+        let len = HDR + MSG_LEN;
+        let mut msg = vec![0u8; HDR];
         msg[0..4].copy_from_slice(&u32::try_from(len).unwrap().to_ne_bytes());
         msg[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
         msg.extend(body);
@@ -362,50 +342,83 @@ mod tests {
     }
 
     #[test]
-    fn destroy_request_round_trips_through_a_reply() {
+    fn destroy_request_has_the_kernels_layout_and_round_trips_through_a_reply() {
         for (src, dst) in [("10.0.0.1", "10.244.1.5"), ("fd00::1", "fd00:244::5")] {
             let want = id(src, dst);
-            let req = request(SOCK_DESTROY, 7, want.family, 0, Some(&want));
+            let req = request(Ask::Destroy(&want), 7);
             assert_eq!(req.len(), 72);
+            assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 72);
             assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DESTROY);
             assert_eq!(
                 u16::from_ne_bytes([req[6], req[7]]),
                 NLM_F_REQUEST | NLM_F_ACK
             );
-            assert_eq!(req[NLMSG_HDRLEN + 1], 17, "protocol UDP");
+            assert_eq!(u32::from_ne_bytes(req[8..12].try_into().unwrap()), 7);
+            assert_eq!(req[HDR], want.family);
+            assert_eq!(req[HDR + 1], 17, "protocol UDP");
+            let s = &req[HDR + 8..];
+            assert_eq!(&s[0..2], &40_000u16.to_be_bytes(), "ports in network order");
+            assert_eq!(&s[2..4], &53u16.to_be_bytes());
+            assert_eq!(u32::from_ne_bytes(s[36..40].try_into().unwrap()), 3);
+            // The cookie as two native-endian halves, low half first.
+            assert_eq!(
+                u32::from_ne_bytes(s[40..44].try_into().unwrap()),
+                0x9abc_def0
+            );
+            assert_eq!(
+                u32::from_ne_bytes(s[44..48].try_into().unwrap()),
+                0x1234_5678
+            );
             let mut datagram = reply_for(&req);
-            let done = [16u32.to_ne_bytes(), [3, 0, 0, 0], [0; 4], [0; 4]].concat();
+            let done = [20u32.to_ne_bytes(), [3, 0, 2, 0], [0; 4], [0; 4], [0; 4]].concat();
             datagram.extend(done);
-            assert_eq!(parse(&datagram), vec![Reply::Sock(want), Reply::Done]);
+            assert_eq!(
+                parse(&datagram).unwrap(),
+                vec![Reply::Sock(want), Reply::Done]
+            );
         }
     }
 
     #[test]
     fn dump_asks_for_connected_sockets_of_one_family() {
-        let req = request(SOCK_DIAG_BY_FAMILY, 1, 10, 1 << STATE_ESTABLISHED, None);
-        assert_eq!(
-            u16::from_ne_bytes([req[6], req[7]]),
-            NLM_F_REQUEST | NLM_F_DUMP
-        );
-        assert_eq!(req[NLMSG_HDRLEN], 10);
-        assert_eq!(
-            u32::from_ne_bytes(req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].try_into().unwrap()),
-            2
-        );
-        assert!(req[NLMSG_HDRLEN + 8..].iter().all(|b| *b == 0));
+        for family in [2, 10] {
+            let req = request(Ask::Dump(family), 1);
+            assert_eq!(req.len(), 72);
+            assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DIAG_BY_FAMILY);
+            assert_eq!(
+                u16::from_ne_bytes([req[6], req[7]]),
+                NLM_F_REQUEST | NLM_F_DUMP
+            );
+            assert_eq!(req[HDR], family);
+            assert_eq!(req[HDR + 1], 17, "protocol UDP");
+            assert_eq!(
+                u32::from_ne_bytes(req[HDR + 4..HDR + 8].try_into().unwrap()),
+                2,
+                "TCP_ESTABLISHED only"
+            );
+            assert!(req[HDR + 8..].iter().all(|b| *b == 0), "a wildcard id");
+        }
     }
 
     #[test]
-    fn errors_and_truncation() {
-        let mut err = vec![0u8; NLMSG_HDRLEN + 4];
-        err[0..4].copy_from_slice(&20u32.to_ne_bytes());
-        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+    fn errors_acks_and_malformed_answers() {
+        let mut err = vec![0u8; HDR + 4 + HDR];
+        err[0..4].copy_from_slice(&36u32.to_ne_bytes());
+        err[4..6].copy_from_slice(&2u16.to_ne_bytes());
         err[16..20].copy_from_slice(&(-libc::ENOENT).to_ne_bytes());
-        assert_eq!(parse(&err), vec![Reply::Error(-libc::ENOENT)]);
-        // A length past the buffer ends parsing instead of reading garbage.
+        assert_eq!(parse(&err).unwrap(), vec![Reply::Error(-libc::ENOENT)]);
+        err[16..20].copy_from_slice(&0i32.to_ne_bytes());
+        assert_eq!(parse(&err).unwrap(), vec![Reply::Error(0)]);
+        // A length past the buffer is an error naming the answer, never garbage.
         err[0..4].copy_from_slice(&200u32.to_ne_bytes());
-        assert!(parse(&err).is_empty());
-        assert!(parse(&[1, 2, 3]).is_empty());
+        let e = parse(&err).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string().starts_with("decode a sock_diag answer"),
+            "{e}"
+        );
+        assert!(parse(&[1, 2, 3]).is_err());
+        assert!(parse(&[]).unwrap().is_empty());
     }
 
     #[test]
@@ -414,5 +427,12 @@ mod tests {
         assert_eq!(peer(&s), ("10.244.1.5".parse().unwrap(), 53));
         let s = id("fd00::1", "fd00:244::5");
         assert_eq!(peer(&s), ("fd00:244::5".parse().unwrap(), 53));
+    }
+
+    #[test]
+    fn cookies_round_trip() {
+        for c in [0, 1, 0x1234_5678_9abc_def0, u64::MAX] {
+            assert_eq!(cookie_of(cookie_bytes(c)), c);
+        }
     }
 }
