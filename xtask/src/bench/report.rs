@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::plot::Plot;
+use super::plot::{CdfChart, Plot};
 
 /// Version of the `results.json` layout.
 pub const SCHEMA: u32 = 1;
@@ -88,6 +88,40 @@ pub struct Section {
     pub raw: serde_json::Value,
 }
 
+impl Section {
+    /// An empty section of benchmark `name` under the heading `title`, to be filled in.
+    pub fn new(name: &str, title: impl Into<String>) -> Self {
+        Section {
+            name: name.into(),
+            title: title.into(),
+            ..Section::default()
+        }
+    }
+
+    /// Adds the headline figure `name` = `value` `unit`.
+    pub fn metric(&mut self, name: impl Into<String>, unit: &str, value: f64) {
+        self.metrics.push(Metric::new(name, unit, value));
+    }
+
+    /// Adds a CDF plot of `series` (named samples), unless there is no series.
+    pub fn cdf(
+        &mut self,
+        file: &str,
+        title: impl Into<String>,
+        x_label: &str,
+        series: Vec<(String, Vec<f64>)>,
+    ) {
+        if !series.is_empty() {
+            self.plots.push(Plot::Cdf(CdfChart {
+                file: file.into(),
+                title: title.into(),
+                x_label: x_label.into(),
+                series,
+            }));
+        }
+    }
+}
+
 /// A headline figure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
@@ -99,6 +133,17 @@ pub struct Metric {
     pub value: f64,
 }
 
+impl Metric {
+    /// The figure `name` = `value` `unit`.
+    pub fn new(name: impl Into<String>, unit: &str, value: f64) -> Self {
+        Metric {
+            name: name.into(),
+            unit: unit.into(),
+            value,
+        }
+    }
+}
+
 /// A table with preformatted cells.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
@@ -108,6 +153,17 @@ pub struct Table {
     pub header: Vec<String>,
     /// Rows (each as long as the header).
     pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with its caption and column headings, no rows yet.
+    pub fn new(title: impl Into<String>, header: &[&str]) -> Self {
+        Table {
+            title: title.into(),
+            header: header.iter().map(|h| (*h).to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
 }
 
 /// A target from the issues.

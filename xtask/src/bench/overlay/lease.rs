@@ -9,7 +9,7 @@ use twill_tests::ns::in_netns;
 use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
 
 use super::params::{LEASE_DEADLINE, LeaseSamples};
-use super::report::ms;
+use crate::bench::stats::ms;
 use super::setup::Setup;
 use crate::cluster::Backend;
 
