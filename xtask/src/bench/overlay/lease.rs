@@ -9,8 +9,8 @@ use twill_tests::ns::in_netns;
 use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
 
 use super::params::{LEASE_DEADLINE, LeaseSamples};
-use crate::bench::stats::ms;
 use super::setup::Setup;
+use crate::bench::stats::ms;
 use crate::cluster::Backend;
 
 /// A fake peer's lease.
