@@ -30,7 +30,7 @@ use twill_tests::{Rig, RigOptions, leftovers, ns};
 use xtask::cluster::Backend;
 use xtask::cluster::{self, ProxyMode, RigInfo, Spec};
 
-use crate::util::{cargo, is_root, say, step, target_dir};
+use crate::util::{build_binaries, is_root, say, target_dir};
 
 /// The file `up` writes into the rig's temp dir.
 const INFO_FILE: &str = "xtask-rig.json";
@@ -137,30 +137,6 @@ struct UpOptions {
     proxy_mode: ProxyMode,
     debug: bool,
     no_build: bool,
-}
-
-/// `cargo build` of what a rig runs: twilld, twill-cni and the pods' responder.
-pub fn build_binaries(release: bool) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "-p",
-        "twill-agent",
-        "--bin",
-        "twilld",
-        "-p",
-        "twill-cni",
-        "--bin",
-        "twill-cni",
-        "-p",
-        "twill-probe",
-        "--bin",
-        "twill-probe",
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    step(&mut build)
 }
 
 fn up(o: &UpOptions) -> Result<()> {
