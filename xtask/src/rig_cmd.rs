@@ -534,14 +534,16 @@ mod tests {
             }),
         };
         let text = describe(&info, None);
-        assert!(text.contains("backend host-gw"), "{text}");
-        assert!(text.contains("proxy mode nftables"), "{text}");
-        assert!(text.contains("subnet 10.244.7.0/24"), "{text}");
-        assert!(text.contains("n1p1    tw00abc0-n1p1  10.244.7.2"), "{text}");
-        assert!(
-            text.contains("service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080  endpoints n1p1=10.244.7.2:8080"),
-            "{text}"
-        );
+        for needle in [
+            "backend host-gw",
+            "proxy mode nftables",
+            "subnet 10.244.7.0/24",
+            "n1p1    tw00abc0-n1p1  10.244.7.2",
+            "service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080  endpoints \
+             n1p1=10.244.7.2:8080",
+        ] {
+            assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+        }
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<RigInfo>(&json).unwrap(), info);
     }

@@ -4,9 +4,11 @@
 //! Why it is shaped as it is:
 //! - A benchmark returns a [`Section`]: headline [`Metric`]s (what the sanity check and the
 //!   smoke test look at), [`Table`]s of preformatted cells (rendered twice, for the terminal and
-//!   for Markdown), [`Check`]s against the issues' targets, free-form notes (a skipped backend
+//!   for Markdown), [`Check`]s against the targets, free-form notes (a skipped backend
 //!   says why), plot data, and its raw samples as JSON. New benchmarks plug in by producing one
-//!   more section; nothing here knows what "overlay" means.
+//!   more section; nothing here knows what "overlay" means. A benchmark fills its section in as
+//!   it goes ([`Section::new`], [`Section::metric`], [`Section::cdf`], [`Table::new`]), so the
+//!   three benchmarks share one way of naming a figure and adding a plot.
 //! - Rendering is pure (strings in, strings out) so it is unit tested without root.
 //! - `results.json` carries every sample, not just medians, so figures can be recomputed and runs
 //!   compared later without re-running anything.
@@ -75,7 +77,7 @@ pub struct Section {
     pub metrics: Vec<Metric>,
     /// Tables, cells preformatted.
     pub tables: Vec<Table>,
-    /// Targets from the issues, met or not.
+    /// Targets, met or not.
     pub checks: Vec<Check>,
     /// Anything a reader must know (a skipped backend and why).
     pub notes: Vec<String>,
@@ -166,7 +168,7 @@ impl Table {
     }
 }
 
-/// A target from the issues.
+/// A target the benchmark is held to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     /// What is compared, e.g. `vxlan TCP 1 stream twill/kernel`.
