@@ -196,19 +196,19 @@ mod tests {
         assert_eq!(CniError::from(e).code, code::DELEGATE);
     }
 
-    /// An executable shell script `name` in `dir` that reads its stdin and then runs `body`.
-    fn plugin(dir: &tempfile::TempDir, name: &str, body: &str) -> std::path::PathBuf {
+    /// An executable shell script `name` in a fresh directory (removed when the first value is
+    /// dropped) that reads its stdin and then runs `body`.
+    fn plugin(name: &str, body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(name);
         std::fs::write(&p, format!("#!/bin/sh\ncat >/dev/null\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        p
+        (dir, p)
     }
 
     #[test]
     fn passes_a_plugin_error_through() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = plugin(
-            &tmp,
+        let (_dir, p) = plugin(
             "fail",
             "echo '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"busy\"}'\nexit 1",
         );
@@ -220,9 +220,7 @@ mod tests {
 
     #[test]
     fn reads_json_output_and_env() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = plugin(
-            &tmp,
+        let (_dir, p) = plugin(
             "ok",
             "echo \"{\\\"cmd\\\":\\\"$CNI_COMMAND\\\",\\\"id\\\":\\\"$CNI_CONTAINERID\\\"}\"",
         );

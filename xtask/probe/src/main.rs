@@ -33,6 +33,7 @@
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -409,12 +410,20 @@ fn unix_us() -> u128 {
         .map_or(0, |d| d.as_micros())
 }
 
-fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration) {
+/// A channel that gets a message once `read` has returned from reading stdin on a thread of its
+/// own: the reader of our stdout closing its end of our stdin (or dying) ends a run.
+fn on_stdin(read: impl FnOnce(&mut std::io::StdinLock<'static>) + Send + 'static) -> Receiver<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().lock().read_to_end(&mut sink);
+        read(&mut std::io::stdin().lock());
         let _ = tx.send(());
+    });
+    rx
+}
+
+fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration) {
+    let rx = on_stdin(|stdin| {
+        let _ = stdin.read_to_end(&mut Vec::new());
     });
     let mut out = std::io::stdout().lock();
     let start = Instant::now();
@@ -436,12 +445,8 @@ fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration
 }
 
 fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
-    // The reader of our stdout closing its end of stdin (or dying) ends the run.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        let _ = tx.send(());
+    let rx = on_stdin(|stdin| {
+        let _ = stdin.read_line(&mut String::new());
     });
     let mut out = std::io::stdout().lock();
     let mut last = String::new();

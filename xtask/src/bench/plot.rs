@@ -137,15 +137,24 @@ fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
 
+/// The white SVG canvas a plot is drawn on.
+type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
 /// Draws `plot` into `dir`; the path written.
 pub fn render(plot: &Plot, dir: &Path) -> Result<PathBuf> {
     let path = dir.join(plot.file());
-    match plot {
-        Plot::Bars(b) => draw_bars(b, &path),
-        Plot::Cdf(c) => draw_cdf(c, &path),
-        Plot::Lines(l) => draw_lines(l, &path),
+    {
+        let root = SVGBackend::new(&path, SIZE).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(err)
+            .and_then(|()| match plot {
+                Plot::Bars(b) => draw_bars(b, &root),
+                Plot::Cdf(c) => draw_cdf(c, &root),
+                Plot::Lines(l) => draw_lines(l, &root),
+            })
+            .and_then(|()| root.present().map_err(err))
+            .with_context(|| format!("draw {}", path.display()))?;
     }
-    .with_context(|| format!("draw {}", path.display()))?;
     Ok(path)
 }
 
@@ -192,9 +201,7 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .map_err(err)
 }
 
-fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     let top = chart
         .series
         .iter()
@@ -206,7 +213,7 @@ fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups and series")]
     let (groups, nseries) = (chart.groups.len() as f64, chart.series.len().max(1) as f64);
     // Groups sit at integers 0..n, so that plotters puts one x label at each.
-    let mut ctx = ChartBuilder::on(&root)
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -278,13 +285,10 @@ fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
         }))
         .map_err(err)?;
     }
-    draw_legend(&mut ctx, SeriesLabelPosition::UpperRight)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::UpperRight)
 }
 
-fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
     let all = || {
         chart
             .series
@@ -293,7 +297,7 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
             .filter(|v| v.is_finite() && *v > 0.0)
     };
     let (lo, hi) = log_range(all(), 1.2, (0.01, 1.0));
-    let mut ctx = ChartBuilder::on(&root)
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -315,13 +319,10 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    draw_legend(&mut ctx, SeriesLabelPosition::LowerRight)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::LowerRight)
 }
 
-fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
     let points = || {
         chart
             .series
@@ -335,7 +336,7 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
     let y_max = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
-    let mut ctx = ChartBuilder::on(&root)
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -376,8 +377,7 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
         )
         .map_err(err)?;
     }
-    draw_legend(&mut ctx, SeriesLabelPosition::LowerLeft)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::LowerLeft)
 }
 
 /// At most this many steps per CDF line: beyond it a line is drawn through evenly spaced ranks
