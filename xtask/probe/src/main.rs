@@ -471,15 +471,21 @@ fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn answers_name_and_closes_first() {
+    /// A loopback server answering `name` to its first `conns` connections, as `serve` does.
+    fn answering(name: &'static str, conns: usize) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
-            for c in l.incoming().take(3) {
-                let _ = answer_one(c.unwrap(), &response("n1p2"));
+            for c in l.incoming().take(conns) {
+                let _ = answer_one(c.unwrap(), &response(name));
             }
         });
+        addr
+    }
+
+    #[test]
+    fn answers_name_and_closes_first() {
+        let addr = answering("n1p2", 3);
         assert_eq!(request(addr, Duration::from_secs(2)).unwrap(), "n1p2");
         let run = rate(&[addr], Duration::from_millis(50), Some("n1p2"), 10);
         let figures = &run.targets[0];
@@ -491,13 +497,7 @@ mod tests {
 
     #[test]
     fn wrong_answers_and_refusals_count_as_failures() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for c in l.incoming().take(1) {
-                let _ = answer_one(c.unwrap(), &response("other"));
-            }
-        });
+        let addr = answering("other", 1);
         let mut run = rate(&[addr], Duration::from_millis(300), Some("n1p1"), 10);
         let f = run.targets.remove(0);
         assert_eq!(f.ok, 0);
@@ -507,16 +507,7 @@ mod tests {
 
     #[test]
     fn alternates_between_targets() {
-        let mut addrs = Vec::new();
-        for name in ["x", "y"] {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            addrs.push(l.local_addr().unwrap());
-            std::thread::spawn(move || {
-                for c in l.incoming().take(40) {
-                    let _ = answer_one(c.unwrap(), &response(name));
-                }
-            });
-        }
+        let addrs = [answering("x", 40), answering("y", 40)];
         let run = rate(&addrs, Duration::from_millis(100), None, 100);
         let (x, y) = (&run.targets[0], &run.targets[1]);
         assert_eq!(x.addr, addrs[0]);
