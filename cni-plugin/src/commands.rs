@@ -518,16 +518,22 @@ fn check_failed(msg: impl Into<String>) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
 }
 
+/// The error for a config field a command needs (`why`) and was not given.
+fn missing_field(field: &str, why: &str) -> CniError {
+    CniError::new(
+        code::INVALID_CONFIG,
+        format!("missing field {field}: {why}"),
+    )
+}
+
 /// CHECK: the pod end, its addresses and default routes, the host end, and the lease are as the
 /// `prevResult` of ADD says.
 pub fn check(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError> {
     let (env, conf) = (inv.env, inv.conf);
-    let prev = conf.prev_result.as_ref().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "missing field prevResult: CHECK needs ADD's result",
-        )
-    })?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| missing_field("prevResult", "CHECK needs ADD's result"))?;
     let netns_path = env
         .netns
         .as_deref()
@@ -649,9 +655,9 @@ fn is_valid(valid: &HashSet<Attachment>, id: &str, ifname: Option<&str>) -> bool
 pub fn gc(dp: &mut dyn Dataplane, inv: Invocation<'_>) -> Result<(), CniError> {
     let (env, conf) = (inv.env, inv.conf);
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "missing field cni.dev/valid-attachments: GC needs the list of live attachments",
+        missing_field(
+            "cni.dev/valid-attachments",
+            "GC needs the list of live attachments",
         )
     })?;
     match &conf.ipam {

@@ -756,39 +756,17 @@ mod tests {
         );
     }
 
-    /// A tiny xorshift generator: property tests without a dependency, reproducible.
-    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed;
-        move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        }
-    }
-
     #[test]
     fn mutated_configs_never_panic_and_answer_config_codes() {
         let seeds = [
             r#"{"cniVersion":"1.1.0","name":"twill","type":"twill-cni","subnetFile":"/s","dataDir":"/d","bridge":"cni0","mode":"routed","mtu":1450,"ipam":{"rangeStart":"10.0.0.2","rangeEnd":"10.0.0.9","lockTimeoutMs":5},"dns":{"nameservers":["1.1.1.1"]},"runtimeConfig":{"ips":["10.0.0.5/24"],"dns":{"servers":["9.9.9.9"]}},"prevResult":{"ips":[{"address":"10.0.0.5/24","interface":0,"version":"4"}],"interfaces":[{"name":"eth0"}],"routes":[{"dst":"0.0.0.0/0"}]}}"#,
             r#"{"cniVersion":"0.4.0","name":"n","type":"t","ipam":{"type":"host-local","ranges":[[{"subnet":"10.0.0.0/24"}]]},"cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#,
         ];
-        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut rng = twill_facts::testing::Mutator::new(0x9e37_79b9_7f4a_7c15);
         let alphabet = b"{}[]\":,0123456789-./aeiz \\";
         for _ in 0..20_000 {
-            let pick = usize::try_from(next() % 2).unwrap();
-            let mut b = seeds[pick].as_bytes().to_vec();
-            for _ in 0..=next() % 4 {
-                let i = usize::try_from(next() % b.len() as u64).unwrap();
-                let c = alphabet[usize::try_from(next() % alphabet.len() as u64).unwrap()];
-                match next() % 3 {
-                    0 => b[i] = c,
-                    1 if b.len() > 1 => {
-                        b.remove(i);
-                    }
-                    _ => b.insert(i, c),
-                }
-            }
+            let pick = rng.below(seeds.len());
+            let b = rng.mutate(seeds[pick].as_bytes(), alphabet);
             if let Err(e) = load_conf(&b) {
                 assert!(
                     matches!(e.code, 1 | 2 | 6 | 7),

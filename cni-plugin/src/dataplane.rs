@@ -142,7 +142,7 @@ impl Netns {
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| failed("fstatfs", e.into()))?;
         if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
             let kind = file.metadata().map_err(|e| failed("stat", e))?.file_type();
-            return Err(not(file_kind(kind).to_string()));
+            return Err(not(twill_facts::file_kind(kind).to_string()));
         }
         // SAFETY: NS_GET_NSTYPE takes no argument and only returns the type; the fd is open.
         let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
@@ -170,26 +170,6 @@ fn ns_kind(nstype: libc::c_int) -> &'static str {
         libc::CLONE_NEWCGROUP => "cgroup",
         0x80 => "time",
         _ => "other",
-    }
-}
-
-/// What a file that is not a namespace is, for an error message.
-fn file_kind(t: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt as _;
-    if t.is_file() {
-        "regular file"
-    } else if t.is_dir() {
-        "directory"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_socket() {
-        "socket"
-    } else {
-        "special file"
     }
 }
 

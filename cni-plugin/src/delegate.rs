@@ -196,16 +196,22 @@ mod tests {
         assert_eq!(CniError::from(e).code, code::DELEGATE);
     }
 
+    /// An executable shell script `name` in a fresh directory (removed when the first value is
+    /// dropped) that reads its stdin and then runs `body`.
+    fn plugin(name: &str, body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("#!/bin/sh\ncat >/dev/null\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        (dir, p)
+    }
+
     #[test]
     fn passes_a_plugin_error_through() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("fail");
-        std::fs::write(
-            &p,
-            "#!/bin/sh\ncat >/dev/null\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"busy\"}'\nexit 1\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (_dir, p) = plugin(
+            "fail",
+            "echo '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"busy\"}'\nexit 1",
+        );
         let e = exec(&p, "ADD", &HashMap::new(), b"{}").unwrap_err();
         let c = CniError::from(e);
         assert_eq!(c.code, 11);
@@ -214,14 +220,10 @@ mod tests {
 
     #[test]
     fn reads_json_output_and_env() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("ok");
-        std::fs::write(
-            &p,
-            "#!/bin/sh\ncat >/dev/null\necho \"{\\\"cmd\\\":\\\"$CNI_COMMAND\\\",\\\"id\\\":\\\"$CNI_CONTAINERID\\\"}\"\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (_dir, p) = plugin(
+            "ok",
+            "echo \"{\\\"cmd\\\":\\\"$CNI_COMMAND\\\",\\\"id\\\":\\\"$CNI_CONTAINERID\\\"}\"",
+        );
         let env: HashMap<String, String> =
             [("CNI_CONTAINERID".to_string(), "abc".to_string())].into();
         let v = exec(&p, "DEL", &env, b"{}").unwrap().unwrap();

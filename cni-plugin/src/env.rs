@@ -210,10 +210,11 @@ impl CniEnv {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    /// An environment of `pairs`, as [`CniEnv::from_map`] and `run` take it.
+    pub(crate) fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
@@ -261,37 +262,29 @@ mod tests {
     fn rejects_bad_values() {
         let e = CniEnv::from_map(vars(&[("CNI_COMMAND", "FROB")])).unwrap_err();
         assert!(e.msg.contains("CNI_COMMAND") && e.msg.contains("FROB"));
-        let e = CniEnv::from_map(vars(&[
+        // Each case: a valid environment of its command with one variable set to a bad value.
+        let add = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "abc"),
             ("CNI_NETNS", "/run/netns/x"),
-            ("CNI_IFNAME", "this-name-is-too-long"),
-        ]))
-        .unwrap_err();
-        assert!(e.msg.contains("CNI_IFNAME"));
-        let e = CniEnv::from_map(vars(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "a b"),
             ("CNI_IFNAME", "eth0"),
-        ]))
-        .unwrap_err();
-        assert!(e.msg.contains("CNI_CONTAINERID"));
-        let e = CniEnv::from_map(vars(&[
+        ];
+        let del = [
             ("CNI_COMMAND", "DEL"),
             ("CNI_CONTAINERID", "a"),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "novalue"),
-        ]))
-        .unwrap_err();
-        assert!(e.msg.contains("CNI_ARGS"));
-        let e = CniEnv::from_map(vars(&[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "a"),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_NETNS", "relative"),
-        ]))
-        .unwrap_err();
-        assert!(e.msg.contains("CNI_NETNS"));
+        ];
+        for (base, (key, bad)) in [
+            (&add[..], ("CNI_IFNAME", "this-name-is-too-long")),
+            (&del[..], ("CNI_CONTAINERID", "a b")),
+            (&del[..], ("CNI_ARGS", "novalue")),
+            (&add[..], ("CNI_NETNS", "relative")),
+        ] {
+            let mut env = vars(base);
+            env.insert(key.into(), bad.into());
+            let e = CniEnv::from_map(env).unwrap_err();
+            assert!(e.msg.contains(key), "{key}={bad}: {}", e.msg);
+        }
     }
 
     #[test]

@@ -704,13 +704,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = store(tmp.path());
         let pools = [pool("10.0.0.1/28")]; // 13 usable addresses
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = twill_facts::testing::Mutator::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         let mut held: std::collections::HashMap<String, IpAddr> = std::collections::HashMap::new();
         for _ in 0..2_000 {
             let id = format!("c{}", next() % 20);

@@ -181,13 +181,7 @@ fn dispatch(command: Command, inv: Invocation<'_>) -> Result<String, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-            .collect()
-    }
+    use crate::env::tests::vars;
 
     #[test]
     fn version_needs_no_config() {

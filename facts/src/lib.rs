@@ -325,9 +325,13 @@ fn check_subnet(
     Ok(())
 }
 
-/// What a non-regular file is, for an error message.
-fn file_kind(t: std::fs::FileType) -> &'static str {
-    if t.is_dir() {
+/// What kind of file `t` is, in words, for an error that names what was found instead of what
+/// was wanted (a regular file, a network namespace).
+#[must_use]
+pub fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "regular file"
+    } else if t.is_dir() {
         "directory"
     } else if t.is_fifo() {
         "FIFO"
@@ -341,6 +345,9 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
         "special file"
     }
 }
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 #[cfg(test)]
 mod tests {
@@ -538,27 +545,10 @@ mod tests {
     fn mutated_files_never_panic_and_accepted_ones_are_sane() {
         let seed = sample().render();
         let alphabet = b"=/:.\n#\"0123456789abcdefFLANNEL_SUBNETWORKIPV6MTU ";
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::testing::Mutator::new(0x9e37_79b9_7f4a_7c15);
         let (mut accepted, mut refused) = (0, 0);
         for _ in 0..20_000 {
-            let mut b = seed.as_bytes().to_vec();
-            for _ in 0..=next() % 4 {
-                let i = usize::try_from(next() % b.len() as u64).unwrap();
-                let c = alphabet[usize::try_from(next() % alphabet.len() as u64).unwrap()];
-                match next() % 3 {
-                    0 => b[i] = c,
-                    1 if b.len() > 1 => {
-                        b.remove(i);
-                    }
-                    _ => b.insert(i, c),
-                }
-            }
+            let b = rng.mutate(seed.as_bytes(), alphabet);
             match SubnetFacts::parse(&String::from_utf8(b).unwrap()) {
                 Ok(f) => {
                     assert_sane(&f);

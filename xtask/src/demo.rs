@@ -36,7 +36,7 @@ pub fn demo(hold: bool, debug: bool) -> Result<()> {
 
     crate::setup::setup()?;
     check_interrupt()?;
-    crate::rig_cmd::build_binaries(!debug)?;
+    crate::util::build_binaries(!debug)?;
     check_interrupt()?;
 
     let bin_dir = target_dir()?.join(if debug { "debug" } else { "release" });

@@ -30,7 +30,7 @@ use twill_tests::{Rig, RigOptions, leftovers, ns};
 use xtask::cluster::Backend;
 use xtask::cluster::{self, ProxyMode, RigInfo, Spec};
 
-use crate::util::{cargo, is_root, say, step, target_dir};
+use crate::util::{build_binaries, is_root, say, target_dir};
 
 /// The file `up` writes into the rig's temp dir.
 const INFO_FILE: &str = "xtask-rig.json";
@@ -137,30 +137,6 @@ struct UpOptions {
     proxy_mode: ProxyMode,
     debug: bool,
     no_build: bool,
-}
-
-/// `cargo build` of what a rig runs: twilld, twill-cni and the pods' responder.
-pub fn build_binaries(release: bool) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "-p",
-        "twill-agent",
-        "--bin",
-        "twilld",
-        "-p",
-        "twill-cni",
-        "--bin",
-        "twill-cni",
-        "-p",
-        "twill-probe",
-        "--bin",
-        "twill-probe",
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    step(&mut build)
 }
 
 fn up(o: &UpOptions) -> Result<()> {
@@ -558,14 +534,16 @@ mod tests {
             }),
         };
         let text = describe(&info, None);
-        assert!(text.contains("backend host-gw"), "{text}");
-        assert!(text.contains("proxy mode nftables"), "{text}");
-        assert!(text.contains("subnet 10.244.7.0/24"), "{text}");
-        assert!(text.contains("n1p1    tw00abc0-n1p1  10.244.7.2"), "{text}");
-        assert!(
-            text.contains("service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080  endpoints n1p1=10.244.7.2:8080"),
-            "{text}"
-        );
+        for needle in [
+            "backend host-gw",
+            "proxy mode nftables",
+            "subnet 10.244.7.0/24",
+            "n1p1    tw00abc0-n1p1  10.244.7.2",
+            "service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080  endpoints \
+             n1p1=10.244.7.2:8080",
+        ] {
+            assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+        }
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<RigInfo>(&json).unwrap(), info);
     }

@@ -50,6 +50,31 @@ pub fn show(cmd: &Command) -> String {
     parts.join(" ")
 }
 
+/// `cargo build` of what a rig and the benchmarks run: twilld, twill-cni and the pods'
+/// responder (`twill-probe`), in the release profile or the debug one.
+pub fn build_binaries(release: bool) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "-p",
+        "twill-agent",
+        "--bin",
+        "twilld",
+        "-p",
+        "twill-cni",
+        "--bin",
+        "twill-cni",
+        "-p",
+        "twill-probe",
+        "--bin",
+        "twill-probe",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    step(&mut build)
+}
+
 /// Runs `cmd` with the terminal's stdio after printing it; an error naming it if it fails.
 pub fn step(cmd: &mut Command) -> Result<()> {
     let line = show(cmd);

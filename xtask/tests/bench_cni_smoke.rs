@@ -1,4 +1,4 @@
-//! The CI smoke run of `cargo xtask bench cni` (issue 3): a `--quick`, single-repetition run of
+//! The CI smoke run of `cargo xtask bench cni`: a `--quick`, single-repetition run of
 //! twill-cni against the reference bridge + host-local, checking that the report is complete and
 //! its figures are sane (finite, positive, the ones that matter present). Not a timed test:
 //! whether the targets are met is for the full runs people read, not for CI.
@@ -7,31 +7,24 @@
 //! (`cargo build --workspace --bins`, which `cargo xtask test` does) and Debian's
 //! containernetworking-plugins. Under CI a non-root run fails. About 15 s.
 
-use twill_tests::require_root;
 use xtask::bench::kit::{BenchOptions, Which};
 
 mod common;
 
-use common::Report;
-
 #[test]
 fn quick_cni_run_writes_a_sane_report() {
-    if !require_root() {
-        return;
-    }
-    let report = Report::run(
-        "bench-cni-smoke",
+    let Some(report) = common::quick_run(
+        Which::Cni,
+        1,
         BenchOptions {
-            which: Which::Cni,
-            quick: true,
-            reps: 1,
             command: "cargo xtask bench cni --quick --reps 1".into(),
             ..BenchOptions::default()
         },
         &["cni-latency.svg", "cni-concurrent.svg"],
         &["## CNI", "### Targets", "reference bridge + host-local"],
-        "cni",
-    );
+    ) else {
+        return;
+    };
     report.require(&[
         "cni.twill.add.p50",
         "cni.twill.add.p99",

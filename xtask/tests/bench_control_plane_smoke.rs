@@ -1,37 +1,30 @@
-//! The CI smoke run of `cargo xtask bench control-plane` (issue 7): a `--quick` run (50 nodes'
+//! The CI smoke run of `cargo xtask bench control-plane`: a `--quick` run (50 nodes'
 //! leases and 100 services × 10 endpoints into one twilld, two repetitions), checking that the
 //! report is written and its figures are sane, and that twilld really programmed every peer and
 //! every service, on the VXLAN backend with the eBPF proxy (as the full benchmark).
 //!
 //! Privileged: under CI a non-root run fails. About 10 s.
 
-use twill_tests::require_root;
 use xtask::bench::kit::{BenchOptions, Which};
 use xtask::cluster::Backend;
 
 mod common;
 
-use common::Report;
-
 #[test]
 fn quick_control_plane_run_writes_a_sane_report() {
-    if !require_root() {
-        return;
-    }
-    let report = Report::run(
-        "bench-control-plane-smoke",
+    let Some(report) = common::quick_run(
+        Which::ControlPlane,
+        2,
         BenchOptions {
-            which: Which::ControlPlane,
             backends: vec![Backend::Vxlan],
-            quick: true,
-            reps: 2,
             command: "cargo xtask bench control-plane --backend vxlan --quick --reps 2".into(),
             ..BenchOptions::default()
         },
         &["control-plane-lease.svg"],
         &["## Control plane", "### Targets", "VmHWM", "Cilium"],
-        "control-plane",
-    );
+    ) else {
+        return;
+    };
     report.require(&[
         "control_plane.programmed",
         "control_plane.overlay_programmed",

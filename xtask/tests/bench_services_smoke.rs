@@ -1,4 +1,4 @@
-//! The CI smoke run of `cargo xtask bench services` (issues 4, 5 and 7): a `--quick` run over
+//! The CI smoke run of `cargo xtask bench services`: a `--quick` run over
 //! every proxy mode (100 services instead of 30k, short runs) plus the hand-written nft and
 //! iptables-legacy baselines, checking that the report is written and its figures are sane: every
 //! metric finite and positive, and the ones that matter present for every mode. Not a timed
@@ -7,26 +7,18 @@
 //! Privileged (namespaces, etcd, twilld, twill-cni and twill-probe from `target/<profile>/`):
 //! under CI a non-root run fails. About 10 s per mode.
 
-use twill_tests::require_root;
 use xtask::bench::kit::{BenchOptions, Which};
 use xtask::cluster::ProxyMode;
 
 mod common;
 
-use common::Report;
-
 #[test]
 fn quick_services_run_writes_a_sane_report() {
-    if !require_root() {
-        return;
-    }
-    let report = Report::run(
-        "bench-services-smoke",
+    let Some(report) = common::quick_run(
+        Which::Services,
+        1,
         BenchOptions {
-            which: Which::Services,
             modes: ProxyMode::SERVICE_MODES.to_vec(),
-            quick: true,
-            reps: 1,
             command: "cargo xtask bench services --mode all --quick --reps 1".into(),
             ..BenchOptions::default()
         },
@@ -43,8 +35,9 @@ fn quick_services_run_writes_a_sane_report() {
             "iptables-legacy (by hand)",
             "services-rate.svg",
         ],
-        "services",
-    );
+    ) else {
+        return;
+    };
     // Every proxy mode is measured, with the figures that matter.
     for mode in ["ebpf", "nftables", "iptables"] {
         report.require(&[

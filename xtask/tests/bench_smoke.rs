@@ -1,4 +1,4 @@
-//! The CI smoke run of the benchmarks (issue: rig and benchmark report): a `--quick` overlay run
+//! The CI smoke run of the benchmarks and their report: a `--quick` overlay run
 //! through twill's VXLAN against the hand-built kernel VXLAN, checking that the report
 //! directory is complete and its numbers are sane (no zero, no NaN). Not a timed test: whether
 //! the targets are met is for the full runs people read, not for CI.
@@ -6,27 +6,18 @@
 //! Privileged (namespaces, etcd, twilld from `target/<profile>/`): under CI a non-root run
 //! fails. About 30 s.
 
-use twill_tests::require_root;
 use xtask::bench::kit::{BenchOptions, Which};
 use xtask::cluster::Backend;
 
 mod common;
 
-use common::Report;
-
 #[test]
 fn quick_overlay_run_writes_a_sane_report() {
-    if !require_root() {
-        return;
-    }
-    let report = Report::run(
-        "bench-smoke",
+    let Some(report) = common::quick_run(
+        Which::Overlay,
+        3,
         BenchOptions {
-            which: Which::Overlay,
             backends: vec![Backend::Vxlan],
-            quick: true,
-            reps: 3,
-            bin_dir: None,
             command: "cargo xtask bench overlay --backend vxlan --quick".into(),
             ..BenchOptions::default()
         },
@@ -41,8 +32,9 @@ fn quick_overlay_run_writes_a_sane_report() {
             "### Targets",
             "overlay-throughput.svg",
         ],
-        "overlay",
-    );
+    ) else {
+        return;
+    };
     report.require(&[
         "vxlan.twill.tcp1.median",
         "vxlan.kernel.tcp1.median",

@@ -51,6 +51,13 @@ fn assert_gone(id: &str) {
     assert!(left.is_empty(), "rig {id} left:\n{}", left.join("\n"));
 }
 
+/// `rig down` of `id`, which must succeed and leave nothing behind.
+fn down(id: &str) {
+    let out = xtask(&["rig", "down", "--id", id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_gone(id);
+}
+
 /// `rig up` with the debug twilld; the rig id.
 fn up(nodes: &str) -> String {
     let out = xtask(&[
@@ -98,17 +105,21 @@ fn up_exec_status_down_leaves_nothing() {
     let status = xtask(&["rig", "status", "--id", &id]);
     let status_text = text(&status);
     assert!(status.status.success(), "{status_text}");
-    assert!(status_text.contains("twilld running"), "{status_text}");
-    assert!(status_text.contains("n1p1"), "{status_text}");
-    assert!(status_text.contains("proxy mode ebpf"), "{status_text}");
-    assert!(status_text.contains("responder running"), "{status_text}");
-    assert!(status_text.contains("leases in etcd (2)"), "{status_text}");
-    assert!(
-        status_text.contains("service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080"),
-        "{status_text}"
-    );
-    // twilld's own view of the service source.
-    assert!(status_text.contains("10.96.0.10"), "{status_text}");
+    for needle in [
+        "twilld running",
+        "n1p1",
+        "proxy mode ebpf",
+        "responder running",
+        "leases in etcd (2)",
+        "service default/echo  ClusterIP 10.96.0.10:80  NodePort 30080",
+        // twilld's own view of the service source.
+        "10.96.0.10",
+    ] {
+        assert!(
+            status_text.contains(needle),
+            "no {needle:?} in:\n{status_text}"
+        );
+    }
     assert!(
         state.cgroups.iter().all(|c| c.is_dir()),
         "{:?}",
@@ -155,9 +166,7 @@ fn up_exec_status_down_leaves_nothing() {
     let f = xtask(&["rig", "exec", "--id", &id, "n1", "--", "sh", "-c", "exit 3"]);
     assert_eq!(f.status.code(), Some(3), "{}", text(&f));
 
-    let down = xtask(&["rig", "down", "--id", &id]);
-    assert!(down.status.success(), "{}", text(&down));
-    assert_gone(&id);
+    down(&id);
 }
 
 /// `--proxy-mode iptables` (a dataplane of another branch) either comes up with a working
@@ -198,9 +207,7 @@ fn a_proxy_mode_twilld_does_not_know_is_refused_cleanly() {
             .unwrap()
             .to_string();
         let _down = Down(id.clone());
-        let down = xtask(&["rig", "down", "--id", &id]);
-        assert!(down.status.success(), "{}", text(&down));
-        assert_gone(&id);
+        down(&id);
     } else {
         assert!(
             all.contains("does not support --proxy-mode iptables"),
@@ -250,9 +257,7 @@ fn down_after_kill_9_of_the_rig_processes() {
         "status does not notice: {}",
         text(&status)
     );
-    let down = xtask(&["rig", "down", "--id", &id]);
-    assert!(down.status.success(), "{}", text(&down));
-    assert_gone(&id);
+    down(&id);
 }
 
 #[test]
@@ -298,9 +303,7 @@ fn down_after_up_was_killed_half_way() {
     child.wait().unwrap();
     assert!(Path::new(STATE_DIR).join(format!("{id}.json")).exists());
 
-    let down = xtask(&["rig", "down", "--id", &id]);
-    assert!(down.status.success(), "{}", text(&down));
-    assert_gone(&id);
+    down(&id);
 }
 
 #[test]

@@ -33,6 +33,7 @@
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -409,12 +410,20 @@ fn unix_us() -> u128 {
         .map_or(0, |d| d.as_micros())
 }
 
-fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration) {
+/// A channel that gets a message once `read` has returned from reading stdin on a thread of its
+/// own: the reader of our stdout closing its end of our stdin (or dying) ends a run.
+fn on_stdin(read: impl FnOnce(&mut std::io::StdinLock<'static>) + Send + 'static) -> Receiver<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().lock().read_to_end(&mut sink);
+        read(&mut std::io::stdin().lock());
         let _ = tx.send(());
+    });
+    rx
+}
+
+fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration) {
+    let rx = on_stdin(|stdin| {
+        let _ = stdin.read_to_end(&mut Vec::new());
     });
     let mut out = std::io::stdout().lock();
     let start = Instant::now();
@@ -436,12 +445,8 @@ fn stream(addr: SocketAddr, timeout: Duration, interval: Duration, dur: Duration
 }
 
 fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
-    // The reader of our stdout closing its end of stdin (or dying) ends the run.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        let _ = tx.send(());
+    let rx = on_stdin(|stdin| {
+        let _ = stdin.read_line(&mut String::new());
     });
     let mut out = std::io::stdout().lock();
     let mut last = String::new();
@@ -466,15 +471,21 @@ fn follow(addr: SocketAddr, interval: Duration, dur: Duration) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn answers_name_and_closes_first() {
+    /// A loopback server answering `name` to its first `conns` connections, as `serve` does.
+    fn answering(name: &'static str, conns: usize) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
-            for c in l.incoming().take(3) {
-                let _ = answer_one(c.unwrap(), &response("n1p2"));
+            for c in l.incoming().take(conns) {
+                let _ = answer_one(c.unwrap(), &response(name));
             }
         });
+        addr
+    }
+
+    #[test]
+    fn answers_name_and_closes_first() {
+        let addr = answering("n1p2", 3);
         assert_eq!(request(addr, Duration::from_secs(2)).unwrap(), "n1p2");
         let run = rate(&[addr], Duration::from_millis(50), Some("n1p2"), 10);
         let figures = &run.targets[0];
@@ -486,13 +497,7 @@ mod tests {
 
     #[test]
     fn wrong_answers_and_refusals_count_as_failures() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for c in l.incoming().take(1) {
-                let _ = answer_one(c.unwrap(), &response("other"));
-            }
-        });
+        let addr = answering("other", 1);
         let mut run = rate(&[addr], Duration::from_millis(300), Some("n1p1"), 10);
         let f = run.targets.remove(0);
         assert_eq!(f.ok, 0);
@@ -502,16 +507,7 @@ mod tests {
 
     #[test]
     fn alternates_between_targets() {
-        let mut addrs = Vec::new();
-        for name in ["x", "y"] {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            addrs.push(l.local_addr().unwrap());
-            std::thread::spawn(move || {
-                for c in l.incoming().take(40) {
-                    let _ = answer_one(c.unwrap(), &response(name));
-                }
-            });
-        }
+        let addrs = [answering("x", 40), answering("y", 40)];
         let run = rate(&addrs, Duration::from_millis(100), None, 100);
         let (x, y) = (&run.targets[0], &run.targets[1]);
         assert_eq!(x.addr, addrs[0]);

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use super::kit::{BenchOptions, Which};
 use crate::cluster::Backend;
 use crate::cluster::ProxyMode;
-use crate::util::{cargo, step, target_dir};
+use crate::util::{build_binaries, target_dir};
 
 /// `--backend`: one backend or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -31,15 +31,6 @@ impl BackendArg {
             BackendArg::HostGw => vec![Backend::HostGw],
             BackendArg::Udp => vec![Backend::Udp],
             BackendArg::All => Backend::ALL.to_vec(),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            BackendArg::All => "all",
-            BackendArg::Vxlan => "vxlan",
-            BackendArg::HostGw => "host-gw",
-            BackendArg::Udp => "udp",
         }
     }
 }
@@ -64,15 +55,6 @@ impl ModeArg {
             ModeArg::Nftables => vec![ProxyMode::Nftables],
             ModeArg::Iptables => vec![ProxyMode::Iptables],
             ModeArg::All => ProxyMode::SERVICE_MODES.to_vec(),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            ModeArg::Ebpf => "ebpf",
-            ModeArg::Nftables => "nftables",
-            ModeArg::Iptables => "iptables",
-            ModeArg::All => "all",
         }
     }
 }
@@ -111,10 +93,10 @@ impl BenchArgs {
     pub fn command(&self) -> String {
         let mut cmd = format!("cargo xtask bench {}", self.which.as_str());
         if matches!(self.which, Which::Overlay | Which::All) {
-            let _ = write!(cmd, " --backend {}", self.backend.as_str());
+            let _ = write!(cmd, " --backend {}", arg_name(&self.backend));
         }
         if matches!(self.which, Which::Services | Which::All) {
-            let _ = write!(cmd, " --mode {}", self.mode.as_str());
+            let _ = write!(cmd, " --mode {}", arg_name(&self.mode));
         }
         if self.quick {
             cmd.push_str(" --quick");
@@ -129,6 +111,14 @@ impl BenchArgs {
     }
 }
 
+/// `value` as it is spelled on the command line.
+fn arg_name(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Runs `cargo xtask bench`.
 pub fn main(args: &BenchArgs) -> Result<()> {
     install_interrupt_handler()?;
@@ -138,26 +128,7 @@ pub fn main(args: &BenchArgs) -> Result<()> {
         _ => target_dir()?.join(profile),
     };
     if !args.no_build {
-        let mut build = cargo();
-        build.args([
-            "build",
-            "-p",
-            "twill-agent",
-            "--bin",
-            "twilld",
-            "-p",
-            "twill-cni",
-            "--bin",
-            "twill-cni",
-            "-p",
-            "twill-probe",
-            "--bin",
-            "twill-probe",
-        ]);
-        if !args.debug {
-            build.arg("--release");
-        }
-        step(&mut build)?;
+        build_binaries(!args.debug)?;
     }
     let opts = BenchOptions {
         which: args.which,
@@ -187,4 +158,41 @@ pub fn install_interrupt_handler() -> Result<()> {
         twill_tests::interrupt();
     })
     .context("install the Ctrl-C handler")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_spells_the_options_as_given() {
+        let mut args = BenchArgs {
+            which: Which::All,
+            backend: BackendArg::HostGw,
+            mode: ModeArg::Iptables,
+            quick: true,
+            reps: 3,
+            out: None,
+            debug: false,
+            no_build: false,
+        };
+        assert_eq!(
+            args.command(),
+            "cargo xtask bench all --backend host-gw --mode iptables --quick"
+        );
+        args.which = Which::Overlay;
+        args.backend = BackendArg::All;
+        args.reps = 5;
+        args.debug = true;
+        assert_eq!(
+            args.command(),
+            "cargo xtask bench overlay --backend all --quick --reps 5 --debug"
+        );
+        args.which = Which::Services;
+        args.mode = ModeArg::Ebpf;
+        args.quick = false;
+        args.reps = 3;
+        args.debug = false;
+        assert_eq!(args.command(), "cargo xtask bench services --mode ebpf");
+    }
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
+use super::stats::{median, sorted};
+
 /// A plot to draw into `file` inside the report directory.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plot {
@@ -95,6 +97,18 @@ pub struct Bar {
     pub high: f64,
 }
 
+impl Bar {
+    /// The median of `samples`, whiskers at their extremes; `None` when there is none.
+    pub fn of(samples: &[f64]) -> Option<Bar> {
+        let s = sorted(samples);
+        Some(Bar {
+            value: median(samples),
+            low: *s.first()?,
+            high: *s.last()?,
+        })
+    }
+}
+
 /// Empirical CDFs on a logarithmic x axis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CdfChart {
@@ -123,15 +137,24 @@ fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
 
+/// The white SVG canvas a plot is drawn on.
+type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
 /// Draws `plot` into `dir`; the path written.
 pub fn render(plot: &Plot, dir: &Path) -> Result<PathBuf> {
     let path = dir.join(plot.file());
-    match plot {
-        Plot::Bars(b) => draw_bars(b, &path),
-        Plot::Cdf(c) => draw_cdf(c, &path),
-        Plot::Lines(l) => draw_lines(l, &path),
+    {
+        let root = SVGBackend::new(&path, SIZE).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(err)
+            .and_then(|()| match plot {
+                Plot::Bars(b) => draw_bars(b, &root),
+                Plot::Cdf(c) => draw_cdf(c, &root),
+                Plot::Lines(l) => draw_lines(l, &root),
+            })
+            .and_then(|()| root.present().map_err(err))
+            .with_context(|| format!("draw {}", path.display()))?;
     }
-    .with_context(|| format!("draw {}", path.display()))?;
     Ok(path)
 }
 
@@ -140,9 +163,45 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
-fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+/// A log axis's range: from the least to the greatest of `values` (finite and positive), widened
+/// by the factor `pad` either way (by 2 around a single value), or `fallback` without values.
+fn log_range(
+    values: impl Iterator<Item = f64> + Clone,
+    pad: f64,
+    fallback: (f64, f64),
+) -> (f64, f64) {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(0.0_f64, f64::max);
+    let (mut lo, hi) = if lo.is_finite() && hi > lo {
+        (lo / pad, hi * pad)
+    } else if lo.is_finite() {
+        (lo / 2.0, lo * 2.0)
+    } else {
+        fallback
+    };
+    // plotters labels a log axis from the first power of ten inside the range: make sure there
+    // is one.
+    if 10f64.powf(lo.log10().ceil()) > hi {
+        lo = 10f64.powf(lo.log10().floor());
+    }
+    (lo, hi)
+}
+
+/// The series' legend, boxed, at `at`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    ctx: &mut ChartContext<'a, DB, CT>,
+    at: SeriesLabelPosition,
+) -> Result<()> {
+    ctx.configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)
+}
+
+fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     let top = chart
         .series
         .iter()
@@ -154,7 +213,7 @@ fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups and series")]
     let (groups, nseries) = (chart.groups.len() as f64, chart.series.len().max(1) as f64);
     // Groups sit at integers 0..n, so that plotters puts one x label at each.
-    let mut ctx = ChartBuilder::on(&root)
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -226,19 +285,10 @@ fn draw_bars(chart: &BarChart, path: &Path) -> Result<()> {
         }))
         .map_err(err)?;
     }
-    ctx.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::UpperRight)
 }
 
-fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
     let all = || {
         chart
             .series
@@ -246,21 +296,8 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
             .flat_map(|(_, s)| s.iter().copied())
             .filter(|v| v.is_finite() && *v > 0.0)
     };
-    let lo = all().fold(f64::INFINITY, f64::min);
-    let hi = all().fold(0.0_f64, f64::max);
-    let (mut lo, hi) = if lo.is_finite() && hi > lo {
-        (lo / 1.2, hi * 1.2)
-    } else if lo.is_finite() {
-        (lo / 2.0, lo * 2.0)
-    } else {
-        (0.01, 1.0)
-    };
-    // plotters labels a log axis from the first power of ten inside the range: make sure there
-    // is one.
-    if 10f64.powf(lo.log10().ceil()) > hi {
-        lo = 10f64.powf(lo.log10().floor());
-    }
-    let mut ctx = ChartBuilder::on(&root)
+    let (lo, hi) = log_range(all(), 1.2, (0.01, 1.0));
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -282,19 +319,10 @@ fn draw_cdf(chart: &CdfChart, path: &Path) -> Result<()> {
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    ctx.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::LowerRight)
 }
 
-fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
     let points = || {
         chart
             .series
@@ -302,24 +330,13 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
             .flat_map(|s| s.points.iter())
             .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
     };
-    let x_lo = points().map(|(x, _)| *x).fold(f64::INFINITY, f64::min);
-    let x_hi = points().map(|(x, _)| *x).fold(0.0_f64, f64::max);
-    let (mut x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo {
-        (x_lo / 1.5, x_hi * 1.5)
-    } else if x_lo.is_finite() {
-        (x_lo / 2.0, x_lo * 2.0)
-    } else {
-        (1.0, 10.0)
-    };
-    if 10f64.powf(x_lo.log10().ceil()) > x_hi {
-        x_lo = 10f64.powf(x_lo.log10().floor());
-    }
+    let (x_lo, x_hi) = log_range(points().map(|(x, _)| *x), 1.5, (1.0, 10.0));
     let y_top = points()
         .map(|(_, b)| b.high.max(b.value))
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
     let y_max = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
-    let mut ctx = ChartBuilder::on(&root)
+    let mut ctx = ChartBuilder::on(root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
@@ -360,14 +377,7 @@ fn draw_lines(chart: &LineChart, path: &Path) -> Result<()> {
         )
         .map_err(err)?;
     }
-    ctx.configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    draw_legend(&mut ctx, SeriesLabelPosition::LowerLeft)
 }
 
 /// At most this many steps per CDF line: beyond it a line is drawn through evenly spaced ranks

@@ -4,9 +4,11 @@
 //! Why it is shaped as it is:
 //! - A benchmark returns a [`Section`]: headline [`Metric`]s (what the sanity check and the
 //!   smoke test look at), [`Table`]s of preformatted cells (rendered twice, for the terminal and
-//!   for Markdown), [`Check`]s against the issues' targets, free-form notes (a skipped backend
+//!   for Markdown), [`Check`]s against the targets, free-form notes (a skipped backend
 //!   says why), plot data, and its raw samples as JSON. New benchmarks plug in by producing one
-//!   more section; nothing here knows what "overlay" means.
+//!   more section; nothing here knows what "overlay" means. A benchmark fills its section in as
+//!   it goes ([`Section::new`], [`Section::metric`], [`Section::cdf`], [`Table::new`]), so the
+//!   three benchmarks share one way of naming a figure and adding a plot.
 //! - Rendering is pure (strings in, strings out) so it is unit tested without root.
 //! - `results.json` carries every sample, not just medians, so figures can be recomputed and runs
 //!   compared later without re-running anything.
@@ -15,7 +17,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::plot::Plot;
+use super::plot::{CdfChart, Plot};
 
 /// Version of the `results.json` layout.
 pub const SCHEMA: u32 = 1;
@@ -75,7 +77,7 @@ pub struct Section {
     pub metrics: Vec<Metric>,
     /// Tables, cells preformatted.
     pub tables: Vec<Table>,
-    /// Targets from the issues, met or not.
+    /// Targets, met or not.
     pub checks: Vec<Check>,
     /// Anything a reader must know (a skipped backend and why).
     pub notes: Vec<String>,
@@ -86,6 +88,40 @@ pub struct Section {
     pub plots: Vec<Plot>,
     /// Raw samples, benchmark-specific.
     pub raw: serde_json::Value,
+}
+
+impl Section {
+    /// An empty section of benchmark `name` under the heading `title`, to be filled in.
+    pub fn new(name: &str, title: impl Into<String>) -> Self {
+        Section {
+            name: name.into(),
+            title: title.into(),
+            ..Section::default()
+        }
+    }
+
+    /// Adds the headline figure `name` = `value` `unit`.
+    pub fn metric(&mut self, name: impl Into<String>, unit: &str, value: f64) {
+        self.metrics.push(Metric::new(name, unit, value));
+    }
+
+    /// Adds a CDF plot of `series` (named samples), unless there is no series.
+    pub fn cdf(
+        &mut self,
+        file: &str,
+        title: impl Into<String>,
+        x_label: &str,
+        series: Vec<(String, Vec<f64>)>,
+    ) {
+        if !series.is_empty() {
+            self.plots.push(Plot::Cdf(CdfChart {
+                file: file.into(),
+                title: title.into(),
+                x_label: x_label.into(),
+                series,
+            }));
+        }
+    }
 }
 
 /// A headline figure.
@@ -99,6 +135,17 @@ pub struct Metric {
     pub value: f64,
 }
 
+impl Metric {
+    /// The figure `name` = `value` `unit`.
+    pub fn new(name: impl Into<String>, unit: &str, value: f64) -> Self {
+        Metric {
+            name: name.into(),
+            unit: unit.into(),
+            value,
+        }
+    }
+}
+
 /// A table with preformatted cells.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
@@ -110,7 +157,18 @@ pub struct Table {
     pub rows: Vec<Vec<String>>,
 }
 
-/// A target from the issues.
+impl Table {
+    /// A table with its caption and column headings, no rows yet.
+    pub fn new(title: impl Into<String>, header: &[&str]) -> Self {
+        Table {
+            title: title.into(),
+            header: header.iter().map(|h| (*h).to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+}
+
+/// A target the benchmark is held to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     /// What is compared, e.g. `vxlan TCP 1 stream twill/kernel`.

@@ -5,6 +5,8 @@
 //! not. Percentiles use the nearest-rank definition (the value of an actual sample, never an
 //! interpolation), which is what "p99 of 200 lease writes" means to a reader.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 /// The median of `samples` (mean of the middle two for an even count); NaN when empty.
@@ -31,6 +33,11 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
     )]
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
+}
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// The arithmetic mean; NaN when empty.

@@ -5,7 +5,38 @@
 
 use std::path::PathBuf;
 
-use xtask::bench::{self, kit::BenchOptions};
+use twill_tests::require_root;
+use xtask::bench::{self, kit::BenchOptions, kit::Which};
+
+/// The smoke run of benchmark `which`: `--quick`, `reps` repetitions, the rest of `opts` (the
+/// backends or modes, the command line for the report) as given, into a fresh directory named
+/// after the benchmark, checked as [`Report::run`] checks. `None` when the test cannot run here
+/// (not root, outside CI).
+pub fn quick_run(
+    which: Which,
+    reps: usize,
+    opts: BenchOptions,
+    files: &[&str],
+    needles: &[&str],
+) -> Option<Report> {
+    if !require_root() {
+        return None;
+    }
+    let name = which.as_str();
+    let opts = BenchOptions {
+        which,
+        quick: true,
+        reps,
+        ..opts
+    };
+    Some(Report::run(
+        &format!("bench-{name}-smoke"),
+        opts,
+        files,
+        needles,
+        name,
+    ))
+}
 
 /// A fresh directory, removed on drop.
 pub struct TempDir(pub PathBuf);

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use twill_tests::run;
 
 use super::params::{CALL_TIMEOUT, CNI_VERSION, Cmd, Params, Plugin, Samples};
-use super::report::ms;
+use crate::bench::stats::ms;
 
 /// Kills plugins that outlive [`CALL_TIMEOUT`] (or every watched one on Ctrl-C). A pid is
 /// unwatched before its process is reaped, so a pid the watchdog kills is never a reused one.

@@ -13,9 +13,9 @@ pub(crate) const CNI_VERSION: &str = "0.4.0";
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pods started at once in the concurrent phase.
 pub(crate) const CONCURRENCY: usize = 100;
-/// Target: twill's ADD p50 at most this fraction of the reference's (issue 3).
+/// Target: twill's ADD p50 at most this fraction of the reference's.
 pub(crate) const ADD_RATIO_TARGET: f64 = 0.5;
-/// Target: p99 of 100 concurrent twill ADDs, ms (issue 3).
+/// Target: p99 of 100 concurrent twill ADDs, ms.
 pub(crate) const CONCURRENT_P99_TARGET_MS: f64 = 20.0;
 
 /// Counts, full or `--quick`.

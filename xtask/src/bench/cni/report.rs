@@ -1,14 +1,13 @@
 //! The report section (pure: unit tested on made-up samples).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::params::{
     ADD_RATIO_TARGET, Batches, CNI_VERSION, CONCURRENT_P99_TARGET_MS, Params, Plugin,
     REFERENCE_DIR, Results, Samples,
 };
-use crate::bench::plot::{CdfChart, Plot};
-use crate::bench::report::{Check, Metric, Section, Table, fmt_num};
+use crate::bench::report::{Check, Section, Table, fmt_num};
 use crate::bench::stats::{Summary, mean, median};
 
 /// A count as a float (counts here are far below 2^52).
@@ -16,18 +15,6 @@ pub(crate) fn n_f64(n: usize) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "counts are far below 2^52")]
     let f = n as f64;
     f
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-pub(crate) fn metric(metrics: &mut Vec<Metric>, name: String, unit: &str, value: f64) {
-    metrics.push(Metric {
-        name,
-        unit: unit.into(),
-        value,
-    });
 }
 
 /// `path` and its modification time, so a stale binary shows in the report.
@@ -45,20 +32,21 @@ pub(crate) fn describe_binary(path: &Path) -> String {
 
 /// The report section (pure: unit tested on made-up samples).
 pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
-    let mut metrics = Vec::new();
-    let mut checks = Vec::new();
-    let mut notes = Vec::new();
+    let mut sec = Section::new(
+        "cni",
+        "CNI: twill-cni ADD/DEL vs the reference bridge + host-local",
+    );
     let empty = Samples::default();
     let seq = |pl: Plugin| res.sequential.get(&pl).unwrap_or(&empty);
 
     let ref_add = Summary::of(&seq(Plugin::Reference).add_ms);
     let ref_del = Summary::of(&seq(Plugin::Reference).del_ms);
-    let mut one = Table {
-        title: format!(
+    let mut one = Table::new(
+        format!(
             "One pod at a time: {} pods × {} repetitions per plugin, interleaved; ms",
             p.pods, p.reps
         ),
-        header: [
+        &[
             "plugin",
             "ADD p50",
             "ADD p99",
@@ -68,33 +56,20 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             "DEL p50 / ref",
             "CPU per ADD",
             "CPU per DEL",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
+        ],
+    );
     for pl in Plugin::SEQUENTIAL {
         let add = Summary::of(&seq(pl).add_ms);
         let del = Summary::of(&seq(pl).del_ms);
         let key = pl.key();
-        metric(&mut metrics, format!("cni.{key}.add.p50"), "ms", add.p50);
-        metric(&mut metrics, format!("cni.{key}.add.p99"), "ms", add.p99);
-        metric(&mut metrics, format!("cni.{key}.del.p50"), "ms", del.p50);
-        metric(&mut metrics, format!("cni.{key}.del.p99"), "ms", del.p99);
+        sec.metric(format!("cni.{key}.add.p50"), "ms", add.p50);
+        sec.metric(format!("cni.{key}.add.p99"), "ms", add.p99);
+        sec.metric(format!("cni.{key}.del.p50"), "ms", del.p50);
+        sec.metric(format!("cni.{key}.del.p99"), "ms", del.p99);
         let (ra, rd) = (add.p50 / ref_add.p50, del.p50 / ref_del.p50);
         if matches!(pl, Plugin::Twill | Plugin::Routed) {
-            metric(
-                &mut metrics,
-                format!("cni.ratio.{key}.add.p50"),
-                "ratio",
-                ra,
-            );
-            metric(
-                &mut metrics,
-                format!("cni.ratio.{key}.del.p50"),
-                "ratio",
-                rd,
-            );
+            sec.metric(format!("cni.ratio.{key}.add.p50"), "ratio", ra);
+            sec.metric(format!("cni.ratio.{key}.del.p50"), "ratio", rd);
         }
         one.rows.push(vec![
             pl.label().into(),
@@ -109,19 +84,19 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
         ]);
     }
     let twill_add = Summary::of(&seq(Plugin::Twill).add_ms);
-    checks.push(Check::at_most(
+    sec.checks.push(Check::at_most(
         "ADD p50 twill-cni / reference",
         twill_add.p50 / ref_add.p50,
         ADD_RATIO_TARGET,
         "",
     ));
 
-    let mut conc = Table {
-        title: format!(
+    let mut conc = Table::new(
+        format!(
             "{} concurrent ADDs, then {} DELs ({} batches each); ms",
             p.concurrency, p.concurrency, p.reps
         ),
-        header: [
+        &[
             "plugin",
             "ADD p50",
             "ADD p99",
@@ -132,11 +107,8 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             "DEL p99",
             "all DELs done",
             "CPU per DEL",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
+        ],
+    );
     let none = Batches::default();
     for pl in Plugin::CONCURRENT {
         let b = res.concurrent.get(&pl).unwrap_or(&none);
@@ -145,30 +117,10 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
         let (span_add, span_del) = (median(&b.add_makespan_ms), median(&b.del_makespan_ms));
         let per_call = |total: &[f64]| median(total) / n_f64(p.concurrency);
         let key = pl.key();
-        metric(
-            &mut metrics,
-            format!("cni.{key}.concurrent.add.p50"),
-            "ms",
-            add.p50,
-        );
-        metric(
-            &mut metrics,
-            format!("cni.{key}.concurrent.add.p99"),
-            "ms",
-            add.p99,
-        );
-        metric(
-            &mut metrics,
-            format!("cni.{key}.concurrent.add.makespan"),
-            "ms",
-            span_add,
-        );
-        metric(
-            &mut metrics,
-            format!("cni.{key}.concurrent.del.p99"),
-            "ms",
-            del.p99,
-        );
+        sec.metric(format!("cni.{key}.concurrent.add.p50"), "ms", add.p50);
+        sec.metric(format!("cni.{key}.concurrent.add.p99"), "ms", add.p99);
+        sec.metric(format!("cni.{key}.concurrent.add.makespan"), "ms", span_add);
+        sec.metric(format!("cni.{key}.concurrent.del.p99"), "ms", del.p99);
         conc.rows.push(vec![
             pl.label().into(),
             fmt_num(add.p50),
@@ -182,8 +134,7 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             fmt_num(per_call(&b.del_cpu_ms)),
         ]);
         if pl.is_cni() {
-            metric(
-                &mut metrics,
+            sec.metric(
                 format!("cni.{key}.concurrent.add.cpu_per_call"),
                 "ms",
                 per_call(&b.add_cpu_ms),
@@ -194,7 +145,7 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
         .concurrent
         .get(&Plugin::Twill)
         .map_or(f64::NAN, |b| Summary::of(&b.add_ms).p99);
-    checks.push(Check::at_most(
+    sec.checks.push(Check::at_most(
         format!("{} concurrent ADDs p99, twill-cni", p.concurrency),
         twill_conc,
         CONCURRENT_P99_TARGET_MS,
@@ -211,7 +162,7 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             .concurrent
             .get(&Plugin::Floor)
             .map_or(f64::NAN, |f| Summary::of(&f.add_ms).p99);
-        notes.push(format!(
+        sec.notes.push(format!(
             "Concurrent target: a batch of {n} twill-cni ADDs used {} ms of CPU per ADD (process \
              start included, median of the batches); on {} CPU(s) the 99th of {n} calls \
              started together cannot finish before ≈ 0.99 × {n} × {} / {} = {} ms. A p99 of \
@@ -227,13 +178,13 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             n = p.concurrency,
         ));
     }
-    notes.push(format!("twill-cni: {}", describe_binary(twill)));
-    notes.push(format!(
+    sec.notes
+        .push(format!("twill-cni: {}", describe_binary(twill)));
+    sec.notes.push(format!(
         "reference: {} (containernetworking-plugins)",
         describe_binary(&Path::new(REFERENCE_DIR).join("bridge"))
     ));
 
-    let mut plots = Vec::new();
     let series: Vec<(String, Vec<f64>)> = Plugin::SEQUENTIAL
         .iter()
         .map(|&pl| (format!("{} ADD", pl.label()), seq(pl).add_ms.clone()))
@@ -244,14 +195,12 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
         )
         .filter(|(_, v)| !v.is_empty())
         .collect();
-    if !series.is_empty() {
-        plots.push(Plot::Cdf(CdfChart {
-            file: "cni-latency.svg".into(),
-            title: "CNI call latency, one pod at a time (exec to exit)".into(),
-            x_label: "latency, ms (log scale)".into(),
-            series,
-        }));
-    }
+    sec.cdf(
+        "cni-latency.svg",
+        "CNI call latency, one pod at a time (exec to exit)",
+        "latency, ms (log scale)",
+        series,
+    );
     let series: Vec<(String, Vec<f64>)> = Plugin::CONCURRENT
         .iter()
         .filter_map(|pl| {
@@ -259,14 +208,12 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
             (!b.add_ms.is_empty()).then(|| (pl.label().to_string(), b.add_ms.clone()))
         })
         .collect();
-    if !series.is_empty() {
-        plots.push(Plot::Cdf(CdfChart {
-            file: "cni-concurrent.svg".into(),
-            title: format!("{} concurrent ADDs: per-call latency", p.concurrency),
-            x_label: "latency, ms (log scale)".into(),
-            series,
-        }));
-    }
+    sec.cdf(
+        "cni-concurrent.svg",
+        format!("{} concurrent ADDs: per-call latency", p.concurrency),
+        "latency, ms (log scale)",
+        series,
+    );
 
     let about = format!(
         "The plugins are exec'ed as a runtime on the node execs them — `CNI_*` environment, \
@@ -284,15 +231,8 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
     );
 
     Section {
-        name: "cni".into(),
-        title: "CNI: twill-cni ADD/DEL vs the reference bridge + host-local".into(),
         about,
-        metrics,
         tables: vec![one, conc],
-        checks,
-        notes,
-        plot_files: Vec::new(),
-        plots,
         raw: serde_json::json!({
             "params": p,
             "sequential": res.sequential,
@@ -301,5 +241,6 @@ pub(crate) fn section(res: &Results, p: Params, twill: &Path) -> Section {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         }),
+        ..sec
     }
 }

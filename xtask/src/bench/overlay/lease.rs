@@ -9,8 +9,8 @@ use twill_tests::ns::in_netns;
 use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
 
 use super::params::{LEASE_DEADLINE, LeaseSamples};
-use super::report::ms;
 use super::setup::Setup;
+use crate::bench::stats::ms;
 use crate::cluster::Backend;
 
 /// A fake peer's lease.
@@ -150,12 +150,7 @@ pub(crate) fn lease_latency(
                 );
                 continue;
             }
-            if let Some(t) = done {
-                out.add_ms.push(ms(t - t0));
-            } else {
-                out.add_timeouts += 1;
-                out.add_ms.push(ms(LEASE_DEADLINE));
-            }
+            record(&mut out.add_ms, &mut out.add_timeouts, done.map(|t| t - t0));
         }
         for (i, lease) in leases.iter().enumerate() {
             if i % 10 == 0 {
@@ -168,13 +163,17 @@ pub(crate) fn lease_latency(
             if i == 0 {
                 continue;
             }
-            if let Some(t) = done {
-                out.del_ms.push(ms(t - t0));
-            } else {
-                out.del_timeouts += 1;
-                out.del_ms.push(ms(LEASE_DEADLINE));
-            }
+            record(&mut out.del_ms, &mut out.del_timeouts, done.map(|t| t - t0));
         }
         Ok(out)
     })
+}
+
+/// Records one lease's time to programmed (`None`: not within [`LEASE_DEADLINE`], counted as the
+/// deadline and as a timeout).
+fn record(samples_ms: &mut Vec<f64>, timeouts: &mut usize, took: Option<Duration>) {
+    if took.is_none() {
+        *timeouts += 1;
+    }
+    samples_ms.push(ms(took.unwrap_or(LEASE_DEADLINE)));
 }

@@ -14,7 +14,7 @@ pub(crate) const LEASE_DEADLINE: Duration = Duration::from_secs(5);
 /// The gap between pings.
 pub(crate) const PING_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Throughput targets (twill / baseline), from the issues.
+/// Throughput targets (twill / its kernel baseline) per backend.
 pub(crate) fn target(backend: Backend) -> f64 {
     match backend {
         Backend::Vxlan => 0.97,

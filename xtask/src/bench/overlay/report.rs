@@ -2,20 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use super::measure::{baseline_of, paired_ratio};
 use super::params::{
     LEASE_DEADLINE, LEASE_P99_TARGET_MS, LeaseSamples, Params, Plane, Samples, Test, target,
 };
-use crate::bench::plot::{Bar, BarChart, BarSeries, CdfChart, Plot};
-use crate::bench::report::{Check, Metric, Section, Table, fmt_num};
-use crate::bench::stats::{Summary, median, sorted};
+use crate::bench::plot::{Bar, BarChart, BarSeries, Plot};
+use crate::bench::report::{Check, Section, Table, fmt_num};
+use crate::bench::stats::{Summary, median, ms, sorted};
 use crate::cluster::Backend;
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// "9.81 [9.5–10.1]": the median and the repetitions' range.
 pub(crate) fn med_range(v: &[f64]) -> String {
@@ -28,120 +23,81 @@ pub(crate) fn med_range(v: &[f64]) -> String {
     }
 }
 
-pub(crate) fn bar(v: &[f64]) -> Option<Bar> {
-    let s = sorted(v);
-    Some(Bar {
-        value: median(v),
-        low: *s.first()?,
-        high: *s.last()?,
-    })
-}
-
 /// The report section: tables, targets, plots, raw samples.
 pub(crate) fn section(
     setups: &[(String, Backend, Plane)],
     samples: &BTreeMap<String, Samples>,
     leases: &[LeaseSamples],
     p: Params,
-    mut notes: Vec<String>,
+    notes: Vec<String>,
 ) -> Section {
-    let mut metrics = Vec::new();
-    let mut checks = Vec::new();
-    let metric = |metrics: &mut Vec<Metric>, name: String, unit: &str, value: f64| {
-        metrics.push(Metric {
-            name,
-            unit: unit.into(),
-            value,
-        });
-    };
+    let mut sec = Section::new(
+        "overlay",
+        "Overlay: pod-to-pod throughput and latency, lease-to-programmed",
+    );
+    sec.notes = notes;
     for (label, ..) in setups {
         let Some(s) = samples.get(label) else {
             continue;
         };
         let key = label.replace(' ', ".");
-        metric(
-            &mut metrics,
-            format!("{key}.tcp1.median"),
-            "Gbit/s",
-            median(&s.tcp1_gbps),
-        );
-        metric(
-            &mut metrics,
-            format!("{key}.tcp2.median"),
-            "Gbit/s",
-            median(&s.tcp2_gbps),
-        );
-        metric(
-            &mut metrics,
-            format!("{key}.ping_avg.median"),
-            "ms",
-            median(&s.ping_avg_ms),
-        );
-        metric(
-            &mut metrics,
-            format!("{key}.ping_p99.median"),
-            "ms",
-            median(&s.ping_p99_ms),
-        );
+        for (name, unit, v) in [
+            ("tcp1", "Gbit/s", &s.tcp1_gbps),
+            ("tcp2", "Gbit/s", &s.tcp2_gbps),
+            ("ping_avg", "ms", &s.ping_avg_ms),
+            ("ping_p99", "ms", &s.ping_p99_ms),
+        ] {
+            sec.metric(format!("{key}.{name}.median"), unit, median(v));
+        }
         if s.ping_lost > 0 {
-            notes.push(format!("{label}: {} ping(s) lost", s.ping_lost));
+            sec.notes
+                .push(format!("{label}: {} ping(s) lost", s.ping_lost));
         }
     }
 
     // Pairs: each twill configuration with its kernel baseline (udp's is kernel VXLAN).
-    let mut tput = Table {
-        title: "Pod-to-pod TCP throughput, Gbit/s (median [min–max] of the repetitions)".into(),
-        header: [
+    let mut tput = Table::new(
+        "Pod-to-pod TCP throughput, Gbit/s (median [min–max] of the repetitions)",
+        &[
             "backend",
             "test",
             "twill",
             "kernel baseline",
             "twill/kernel",
             "target",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut lat = Table {
-        title: format!(
+        ],
+    );
+    let mut lat = Table::new(
+        format!(
             "Pod-to-pod ping RTT, ms ({} pings {} ms apart per repetition; median of the \
              repetitions' mean and p99)",
             p.ping_count, p.ping_interval_ms
         ),
-        header: [
+        &[
             "backend",
             "twill avg",
             "kernel avg",
             "twill p99",
             "kernel p99",
             "avg twill/kernel",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut cpu = Table {
-        title: "CPU cost per GB moved, CPU-seconds (iperf3 client + server + twilld on both \
-                nodes; the kernel's forwarding work counts where it runs; median [min–max] of \
-                the repetitions)"
-            .into(),
-        header: [
+        ],
+    );
+    let mut cpu = Table::new(
+        "CPU cost per GB moved, CPU-seconds (iperf3 client + server + twilld on both \
+         nodes; the kernel's forwarding work counts where it runs; median [min–max] of \
+         the repetitions)",
+        &[
             "backend",
             "test",
             "twill",
             "kernel baseline",
             "twill/kernel",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut reps = Table {
-        title: "Per repetition: throughput (Gbit/s) and CPU cost (CPU-s/GB), twill next to its \
-                baseline"
-            .into(),
-        header: [
+        ],
+    );
+    let mut reps = Table::new(
+        "Per repetition: throughput (Gbit/s) and CPU cost (CPU-s/GB), twill next to its \
+         baseline",
+        &[
             "backend",
             "test",
             "rep",
@@ -150,11 +106,8 @@ pub(crate) fn section(
             "ratio",
             "twill CPU-s/GB",
             "kernel CPU-s/GB",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
+        ],
+    );
     let mut groups = Vec::new();
     let mut twill_bars = Vec::new();
     let mut kernel_bars = Vec::new();
@@ -193,24 +146,13 @@ pub(crate) fn section(
             let kc: Vec<f64> = kc.iter().copied().filter(|v| v.is_finite()).collect();
             if !tc.is_empty() && !kc.is_empty() {
                 let cost = paired_ratio(&tc, &kc);
-                metric(
-                    &mut metrics,
-                    format!("{backend}.{short}.cpu_s_per_gb.twill"),
-                    "CPU-s/GB",
-                    median(&tc),
-                );
-                metric(
-                    &mut metrics,
-                    format!("{backend}.{short}.cpu_s_per_gb.kernel"),
-                    "CPU-s/GB",
-                    median(&kc),
-                );
-                metric(
-                    &mut metrics,
-                    format!("{backend}.ratio.{short}_cpu"),
-                    "ratio",
-                    cost,
-                );
+                for (name, unit, v) in [
+                    ("cpu_s_per_gb.twill", "CPU-s/GB", median(&tc)),
+                    ("cpu_s_per_gb.kernel", "CPU-s/GB", median(&kc)),
+                ] {
+                    sec.metric(format!("{backend}.{short}.{name}"), unit, v);
+                }
+                sec.metric(format!("{backend}.ratio.{short}_cpu"), "ratio", cost);
                 cpu.rows.push(vec![
                     backend.to_string(),
                     test.label().into(),
@@ -240,16 +182,9 @@ pub(crate) fn section(
             }
             let ratio = paired_ratio(tv, kv);
             let what = format!("{backend} {} twill/{base_name}", test.label());
-            metric(
-                &mut metrics,
-                format!(
-                    "{backend}.ratio.{}",
-                    if test == Test::Tcp1 { "tcp1" } else { "tcp2" }
-                ),
-                "ratio",
-                ratio,
-            );
-            checks.push(Check::at_least(what, ratio, target(*backend)));
+            sec.metric(format!("{backend}.ratio.{short}"), "ratio", ratio);
+            sec.checks
+                .push(Check::at_least(what, ratio, target(*backend)));
             tput.rows.push(vec![
                 backend.to_string(),
                 test.label().into(),
@@ -264,16 +199,11 @@ pub(crate) fn section(
             ]);
             let streams = if test == Test::Tcp1 { 1 } else { 2 };
             groups.push(format!("{backend} -P{streams}: {ratio:.3}"));
-            twill_bars.push(bar(tv));
-            kernel_bars.push(bar(kv));
+            twill_bars.push(Bar::of(tv));
+            kernel_bars.push(Bar::of(kv));
         }
         let ratio = paired_ratio(&t.ping_avg_ms, &k.ping_avg_ms);
-        metric(
-            &mut metrics,
-            format!("{backend}.ratio.ping_avg"),
-            "ratio",
-            ratio,
-        );
+        sec.metric(format!("{backend}.ratio.ping_avg"), "ratio", ratio);
         lat.rows.push(vec![
             if *backend == Backend::Udp {
                 "udp (kernel: VXLAN)".to_string()
@@ -288,12 +218,12 @@ pub(crate) fn section(
         ]);
     }
 
-    let mut lease_table = Table {
-        title: format!(
+    let mut lease_table = Table::new(
+        format!(
             "Lease written in etcd → programmed on node 1, ms ({} leases one at a time)",
             p.leases
         ),
-        header: [
+        &[
             "backend",
             "add p50",
             "add p99",
@@ -302,11 +232,8 @@ pub(crate) fn section(
             "delete p99",
             "delete max",
             "timeouts",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
+        ],
+    );
     for l in leases {
         let add = Summary::of(&l.add_ms);
         let del = Summary::of(&l.del_ms);
@@ -317,9 +244,9 @@ pub(crate) fn section(
             ("delete.p50", del.p50),
             ("delete.p99", del.p99),
         ] {
-            metric(&mut metrics, format!("{}.lease.{name}", l.backend), "ms", v);
+            sec.metric(format!("{}.lease.{name}", l.backend), "ms", v);
         }
-        checks.push(Check::at_most(
+        sec.checks.push(Check::at_most(
             format!("{} lease→programmed p99", l.backend),
             add.p99,
             LEASE_P99_TARGET_MS,
@@ -336,7 +263,7 @@ pub(crate) fn section(
             format!("{} / {}", l.add_timeouts, l.del_timeouts),
         ]);
         if l.add_timeouts + l.del_timeouts > 0 {
-            notes.push(format!(
+            sec.notes.push(format!(
                 "{}: {} add and {} delete timeouts (> {LEASE_DEADLINE:?}), counted as {} ms",
                 l.backend,
                 l.add_timeouts,
@@ -346,9 +273,8 @@ pub(crate) fn section(
         }
     }
 
-    let mut plots = Vec::new();
     if !groups.is_empty() {
-        plots.push(Plot::Bars(BarChart {
+        sec.plots.push(Plot::Bars(BarChart {
             file: "overlay-throughput.svg".into(),
             title: "Pod-to-pod TCP throughput (iperf3 -P1/-P2; labels: twill/kernel ratio)".into(),
             y_label: "Gbit/s (median; whiskers: min–max of repetitions)".into(),
@@ -373,27 +299,23 @@ pub(crate) fn section(
         .iter()
         .filter_map(|(label, ..)| Some((label.clone(), samples.get(label)?.rtts_ms.clone())))
         .collect();
-    if !rtt_series.is_empty() {
-        plots.push(Plot::Cdf(CdfChart {
-            file: "overlay-ping.svg".into(),
-            title: "Pod-to-pod ping RTT distribution".into(),
-            x_label: "RTT, ms (log scale)".into(),
-            series: rtt_series,
-        }));
+    sec.cdf(
+        "overlay-ping.svg",
+        "Pod-to-pod ping RTT distribution",
+        "RTT, ms (log scale)",
+        rtt_series,
+    );
+    let mut lease_series = Vec::new();
+    for l in leases {
+        lease_series.push((format!("{} add", l.backend), l.add_ms.clone()));
+        lease_series.push((format!("{} delete", l.backend), l.del_ms.clone()));
     }
-    if !leases.is_empty() {
-        let mut series = Vec::new();
-        for l in leases {
-            series.push((format!("{} add", l.backend), l.add_ms.clone()));
-            series.push((format!("{} delete", l.backend), l.del_ms.clone()));
-        }
-        plots.push(Plot::Cdf(CdfChart {
-            file: "overlay-lease.svg".into(),
-            title: "Lease written in etcd → node programmed".into(),
-            x_label: "latency, ms (log scale)".into(),
-            series,
-        }));
-    }
+    sec.cdf(
+        "overlay-lease.svg",
+        "Lease written in etcd → node programmed",
+        "latency, ms (log scale)",
+        lease_series,
+    );
 
     let mut about = String::new();
     let _ = write!(
@@ -414,22 +336,16 @@ pub(crate) fn section(
     );
 
     Section {
-        name: "overlay".into(),
-        title: "Overlay: pod-to-pod throughput and latency, lease-to-programmed".into(),
         about,
-        metrics,
         tables: [tput, cpu, reps, lat, lease_table]
             .into_iter()
             .filter(|t| !t.rows.is_empty())
             .collect(),
-        checks,
-        notes,
-        plot_files: Vec::new(),
-        plots,
         raw: serde_json::json!({
             "params": p,
             "configurations": samples,
             "leases": leases,
         }),
+        ..sec
     }
 }

@@ -19,7 +19,7 @@ use crate::cluster::ProxyMode;
 /// The measured VIP of the baselines (after every filler, in every order).
 pub(crate) const BASELINE_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 254);
 
-/// An nft table in the shape issue 5 asks of twill: one verdict map keyed on address .
+/// An nft table in the shape twill's nftables mode takes: one verdict map keyed on address .
 /// protocol . port, a chain per service. Fillers DNAT to their first endpoint.
 pub(crate) fn nft_ruleset(n: usize, a: Ipv4Addr) -> String {
     let mut elements = String::new();

@@ -26,7 +26,7 @@ pub(crate) const PROGRAM_TIMEOUT: Duration = Duration::from_mins(10);
 /// How long one endpoint change gets to show up before it counts as lost.
 pub(crate) const CHANGE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Targets from issues 4 (eBPF) and 5 (nftables, iptables).
+/// Targets of the eBPF and nftables modes (the iptables one is [`IPT_FULL_SYNC_TARGET_S`]).
 pub(crate) const EBPF_SCALE_TARGET: f64 = 0.97;
 pub(crate) const EBPF_VIP_DIRECT_TARGET: f64 = 0.95;
 pub(crate) const EBPF_FULL_SYNC_TARGET_S: f64 = 0.5;

@@ -5,18 +5,9 @@ use super::params::{
     EBPF_SCALE_TARGET, EBPF_VIP_DIRECT_TARGET, ENDPOINTS, IPT_FULL_SYNC_TARGET_S, ModeOutcome,
     NFT_CHANGE_P99_TARGET_MS, NFT_SCALE_TARGET, PORT, Params, Step,
 };
-use crate::bench::plot::{Bar, BarChart, BarSeries, CdfChart, Line, LineChart, Plot};
-use crate::bench::report::{Check, Metric, Section, Table, fmt_num};
-use crate::bench::stats::{Summary, median, sorted};
-
-pub(crate) fn bar(v: &[f64]) -> Option<Bar> {
-    let s = sorted(v);
-    Some(Bar {
-        value: median(v),
-        low: *s.first()?,
-        high: *s.last()?,
-    })
-}
+use crate::bench::plot::{Bar, BarChart, BarSeries, Line, LineChart, Plot};
+use crate::bench::report::{Check, Section, Table, fmt_num};
+use crate::bench::stats::{Summary, median};
 
 /// The "as measured" cell: median VIP and pod-IP rates, stalls included.
 pub(crate) fn measured_cell(step: &Step) -> String {
@@ -25,6 +16,17 @@ pub(crate) fn measured_cell(step: &Step) -> String {
         fmt_num(median(&step.vip_measured)),
         fmt_num(median(&step.direct_measured))
     )
+}
+
+/// The VIP's and the pod IP's connection rates of `key` (a mode, or a hand-written baseline) at
+/// `services` services.
+fn rate_metrics(sec: &mut Section, key: &str, services: usize, vip: f64, direct: f64) {
+    sec.metric(format!("services.{key}.vip_rate.{services}"), "conn/s", vip);
+    sec.metric(
+        format!("services.{key}.direct_rate.{services}"),
+        "conn/s",
+        direct,
+    );
 }
 
 /// Median of the per-repetition VIP/direct ratios.
@@ -43,25 +45,21 @@ pub(crate) fn section(
     p: &Params,
     outcomes: &[ModeOutcome],
     baseline: Option<&BaselineResult>,
-    mut notes: Vec<String>,
+    notes: Vec<String>,
 ) -> Section {
-    let mut metrics = Vec::new();
-    let mut checks = Vec::new();
-    let mut metric = |name: String, unit: &str, value: f64| {
-        metrics.push(Metric {
-            name,
-            unit: unit.into(),
-            value,
-        });
-    };
-    let mut rates = Table {
-        title: format!(
+    let mut sec = Section::new(
+        "services",
+        "Services: connection rate vs number of services, sync and one-change latency",
+    );
+    sec.notes = notes;
+    let mut rates = Table::new(
+        format!(
             "Fresh TCP connections/s, one at a time from a pod on another node ({} runs of {} s \
              per step, VIP and pod IP taken in turn; rates at the median connection latency, \
              medians of the runs)",
             p.runs, p.rate_secs
         ),
-        header: [
+        &[
             "mode",
             "services",
             "VIP conn/s",
@@ -70,19 +68,16 @@ pub(crate) fn section(
             "VIP/pod IP vs 1 service",
             "as measured, stalls included: VIP / pod IP conn/s",
             "written → programmed",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut syncs = Table {
-        title: format!(
+        ],
+    );
+    let mut syncs = Table::new(
+        format!(
             "Programming: full sync of {} services × {ENDPOINTS} endpoints (and × 1) by a fresh \
              twilld, one endpoint change with {} services installed",
             p.sync_step,
             p.steps.last().copied().unwrap_or(0)
         ),
-        header: [
+        &[
             "mode",
             "full sync (agent)",
             "start → programmed",
@@ -91,11 +86,8 @@ pub(crate) fn section(
             "one change p50 / p99 (agent)",
             "one change p50 / p99 (etcd write → traffic)",
             "lost",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
+        ],
+    );
     let mut lines = Vec::new();
     let mut lat_series = Vec::new();
     let mut change_series = Vec::new();
@@ -124,7 +116,8 @@ pub(crate) fn section(
                     "unavailable".into(),
                     "-".into(),
                 ]);
-                notes.push(format!("{mode}: unavailable (not measured) — {reason}"));
+                sec.notes
+                    .push(format!("{mode}: unavailable (not measured) — {reason}"));
                 continue;
             }
             ModeOutcome::Measured(r) => r,
@@ -139,23 +132,16 @@ pub(crate) fn section(
             let direct = median(&s.direct);
             let ratio = paired(s);
             let scale_rel = ratio / base_ratio;
-            metric(
-                format!("services.{mode}.vip_rate.{}", s.services),
+            let n = s.services;
+            rate_metrics(&mut sec, mode, n, vip, direct);
+            let measured = median(&s.vip_measured);
+            sec.metric(
+                format!("services.{mode}.vip_rate_measured.{n}"),
                 "conn/s",
-                vip,
+                measured,
             );
-            metric(
-                format!("services.{mode}.direct_rate.{}", s.services),
-                "conn/s",
-                direct,
-            );
-            metric(
-                format!("services.{mode}.vip_rate_measured.{}", s.services),
-                "conn/s",
-                median(&s.vip_measured),
-            );
-            metric(
-                format!("services.{mode}.vip_over_direct.{}", s.services),
+            sec.metric(
+                format!("services.{mode}.vip_over_direct.{n}"),
                 "ratio",
                 ratio,
             );
@@ -170,8 +156,8 @@ pub(crate) fn section(
                 s.programmed_s
                     .map_or_else(|| "-".into(), |t| format!("{} s", fmt_num(t))),
             ]);
-            vip_line.extend(bar(&s.vip).map(|b| (s.services as f64, b)));
-            direct_line.extend(bar(&s.direct).map(|b| (s.services as f64, b)));
+            vip_line.extend(Bar::of(&s.vip).map(|b| (s.services as f64, b)));
+            direct_line.extend(Bar::of(&s.direct).map(|b| (s.services as f64, b)));
             if s.services == last_step {
                 lat_series.push((
                     format!("{mode} VIP, {} svc", s.services),
@@ -182,7 +168,7 @@ pub(crate) fn section(
         }
         if let Some(a) = &r.after {
             let ratio = paired(a);
-            metric(
+            sec.metric(
                 format!("services.{mode}.vip_over_direct.fillers_deleted"),
                 "ratio",
                 ratio,
@@ -213,8 +199,8 @@ pub(crate) fn section(
         let vip_direct = last.map_or(f64::NAN, paired);
         let scale = vip_direct / base_ratio;
         let scale_raw = last.map_or(f64::NAN, |s| median(&s.vip)) / base_rate;
-        metric(format!("services.{mode}.scale_ratio"), "ratio", scale);
-        metric(
+        sec.metric(format!("services.{mode}.scale_ratio"), "ratio", scale);
+        sec.metric(
             format!("services.{mode}.scale_ratio_raw"),
             "ratio",
             scale_raw,
@@ -224,30 +210,30 @@ pub(crate) fn section(
         let full_one = median(&r.full_sync_one_s);
         let start_one = median(&r.start_to_programmed_one_s);
         if let Some(e) = &r.full_sync_error {
-            notes.push(format!(
+            sec.notes.push(format!(
                 "{mode}: full sync of {} services not measured: {e}",
                 p.sync_step
             ));
         } else {
-            metric(format!("services.{mode}.full_sync"), "s", full);
-            metric(format!("services.{mode}.start_to_programmed"), "s", start);
-            metric(
-                format!("services.{mode}.full_sync_one_endpoint"),
-                "s",
-                full_one,
-            );
-            metric(
-                format!("services.{mode}.start_to_programmed_one_endpoint"),
-                "s",
-                start_one,
-            );
+            for (name, v) in [
+                ("full_sync", full),
+                ("start_to_programmed", start),
+                ("full_sync_one_endpoint", full_one),
+                ("start_to_programmed_one_endpoint", start_one),
+            ] {
+                sec.metric(format!("services.{mode}.{name}"), "s", v);
+            }
         }
         let agent = Summary::of(&r.change_agent_ms);
         let e2e = Summary::of(&r.change_e2e_ms);
-        metric(format!("services.{mode}.change.agent.p50"), "ms", agent.p50);
-        metric(format!("services.{mode}.change.agent.p99"), "ms", agent.p99);
-        metric(format!("services.{mode}.change.e2e.p50"), "ms", e2e.p50);
-        metric(format!("services.{mode}.change.e2e.p99"), "ms", e2e.p99);
+        for (name, v) in [
+            ("agent.p50", agent.p50),
+            ("agent.p99", agent.p99),
+            ("e2e.p50", e2e.p50),
+            ("e2e.p99", e2e.p99),
+        ] {
+            sec.metric(format!("services.{mode}.change.{name}"), "ms", v);
+        }
         let failed = |v: f64, text: String| {
             if v.is_finite() {
                 text
@@ -266,14 +252,14 @@ pub(crate) fn section(
             format!("{}", r.change_lost),
         ]);
         if r.change_lost > 0 || r.change_glitches > 0 {
-            notes.push(format!(
+            sec.notes.push(format!(
                 "{mode}: {} endpoint change(s) not seen by the client within {CHANGE_DEADLINE:?}, \
                  {} failed connection(s) of the follower while endpoints changed",
                 r.change_lost, r.change_glitches
             ));
         }
         if r.change_agent_ms.len() < r.change_e2e_ms.len() {
-            notes.push(format!(
+            sec.notes.push(format!(
                 "{mode}: {} of {} changes had no single matching sync in the agent's histogram \
                  (two changes coalesced, or a sync came from elsewhere): left out of the agent \
                  figures",
@@ -285,7 +271,7 @@ pub(crate) fn section(
         change_series.push((format!("{mode} etcd → traffic"), r.change_e2e_ms.clone()));
         if !r.full_sync_s.is_empty() {
             sync_groups.push(format!("twill {mode}"));
-            sync_bars.push(bar(&r.full_sync_s));
+            sync_bars.push(Bar::of(&r.full_sync_s));
         }
         let scale_what = format!(
             "{mode}: VIP rate at {last_step} / at {first_step} services (each relative to the pod \
@@ -294,19 +280,20 @@ pub(crate) fn section(
         let change_what = format!("{mode}: one endpoint change p99 (agent), {last_step} services");
         match mode {
             "ebpf" => {
-                checks.push(Check::at_least(scale_what, scale, EBPF_SCALE_TARGET));
-                checks.push(Check::at_least(
+                sec.checks
+                    .push(Check::at_least(scale_what, scale, EBPF_SCALE_TARGET));
+                sec.checks.push(Check::at_least(
                     format!("ebpf: VIP / direct pod IP rate, {last_step} services"),
                     vip_direct,
                     EBPF_VIP_DIRECT_TARGET,
                 ));
-                checks.push(Check::at_most(
+                sec.checks.push(Check::at_most(
                     format!("ebpf: full sync of {} services × {ENDPOINTS}", p.sync_step),
                     full,
                     EBPF_FULL_SYNC_TARGET_S,
                     "s",
                 ));
-                checks.push(Check::at_most(
+                sec.checks.push(Check::at_most(
                     change_what,
                     agent.p99,
                     EBPF_CHANGE_P99_TARGET_MS,
@@ -314,8 +301,9 @@ pub(crate) fn section(
                 ));
             }
             "nftables" => {
-                checks.push(Check::at_least(scale_what, scale, NFT_SCALE_TARGET));
-                checks.push(Check::at_most(
+                sec.checks
+                    .push(Check::at_least(scale_what, scale, NFT_SCALE_TARGET));
+                sec.checks.push(Check::at_most(
                     change_what,
                     agent.p99,
                     NFT_CHANGE_P99_TARGET_MS,
@@ -323,7 +311,7 @@ pub(crate) fn section(
                 ));
             }
             // The shape of the hand-written iptables-legacy-restore baseline: one endpoint.
-            "iptables" => checks.push(Check::at_most(
+            "iptables" => sec.checks.push(Check::at_most(
                 format!(
                     "iptables: full sync of {} services × 1 endpoint (target is for the legacy \
                      backend)",
@@ -353,17 +341,8 @@ pub(crate) fn section(
         ] {
             let vip = median(&step.vip);
             let direct = median(&step.direct);
-            metric(
-                format!("services.{key}.vip_rate.{}", bl.services),
-                "conn/s",
-                vip,
-            );
-            metric(
-                format!("services.{key}.direct_rate.{}", bl.services),
-                "conn/s",
-                direct,
-            );
-            metric(format!("services.{key}.load"), "s", load);
+            rate_metrics(&mut sec, key, bl.services, vip, direct);
+            sec.metric(format!("services.{key}.load"), "s", load);
             rates.rows.push(vec![
                 label.into(),
                 bl.services.to_string(),
@@ -376,7 +355,7 @@ pub(crate) fn section(
             ]);
             lines.push(Line {
                 name: format!("{label}: VIP"),
-                points: bar(&step.vip)
+                points: Bar::of(&step.vip)
                     .map(|b| (bl.services as f64, b))
                     .into_iter()
                     .collect(),
@@ -386,7 +365,7 @@ pub(crate) fn section(
                 step.vip_lat_us.clone(),
             ));
         }
-        notes.push(format!(
+        sec.notes.push(format!(
             "iptables (by hand, and twill's iptables mode): the first packet of *every* new \
              connection through node 2 walks the nat table's services chain, direct ones \
              included, so a VIP/direct ratio near 1 there does not mean the {} rules are free — \
@@ -394,7 +373,7 @@ pub(crate) fn section(
             bl.services
         ));
         let add_one = Summary::of(&bl.nft_add_one_ms);
-        metric("services.nft_by_hand.add_one.p50".into(), "ms", add_one.p50);
+        sec.metric("services.nft_by_hand.add_one.p50", "ms", add_one.p50);
         syncs.rows.push(vec![
             format!("nft -f by hand ({} services × 1 endpoint)", bl.services),
             format!("{} ms", fmt_num(bl.nft_load_s * 1000.0)),
@@ -415,22 +394,13 @@ pub(crate) fn section(
             "-".into(),
         ]);
         sync_groups.push(format!("nft -f by hand ({}×1)", bl.services));
-        sync_bars.push(Some(Bar {
-            value: bl.nft_load_s,
-            low: bl.nft_load_s,
-            high: bl.nft_load_s,
-        }));
+        sync_bars.push(Bar::of(&[bl.nft_load_s]));
         sync_groups.push(format!("iptables-legacy-restore ({}×1)", bl.services));
-        sync_bars.push(Some(Bar {
-            value: bl.ipt_load_s,
-            low: bl.ipt_load_s,
-            high: bl.ipt_load_s,
-        }));
+        sync_bars.push(Bar::of(&[bl.ipt_load_s]));
     }
 
-    let mut plots = Vec::new();
     if lines.iter().any(|l| !l.points.is_empty()) {
-        plots.push(Plot::Lines(LineChart {
+        sec.plots.push(Plot::Lines(LineChart {
             file: "services-rate.svg".into(),
             title: "Fresh connections/s vs services installed (median; whiskers: min–max)".into(),
             x_label: "services installed (log scale)".into(),
@@ -438,24 +408,22 @@ pub(crate) fn section(
             series: lines,
         }));
     }
-    if !lat_series.is_empty() {
-        plots.push(Plot::Cdf(CdfChart {
-            file: "services-connect-latency.svg".into(),
-            title: "Connection latency (connect to the server's close), largest step".into(),
-            x_label: "µs (log scale)".into(),
-            series: lat_series,
-        }));
-    }
+    sec.cdf(
+        "services-connect-latency.svg",
+        "Connection latency (connect to the server's close), largest step",
+        "µs (log scale)",
+        lat_series,
+    );
     if change_series.iter().any(|(_, v)| !v.is_empty()) {
-        plots.push(Plot::Cdf(CdfChart {
-            file: "services-one-change.svg".into(),
-            title: format!("One endpoint change with {last_step} services"),
-            x_label: "ms (log scale)".into(),
-            series: change_series,
-        }));
+        sec.cdf(
+            "services-one-change.svg",
+            format!("One endpoint change with {last_step} services"),
+            "ms (log scale)",
+            change_series,
+        );
     }
     if sync_bars.iter().any(Option::is_some) {
-        plots.push(Plot::Bars(BarChart {
+        sec.plots.push(Plot::Bars(BarChart {
             file: "services-full-sync.svg".into(),
             title: format!("Full sync: twill ({} services × {ENDPOINTS} endpoints) and hand-written rule loads", p.sync_step),
             y_label: "seconds".into(),
@@ -516,20 +484,13 @@ pub(crate) fn section(
         p.runs, p.rate_secs, p.sync_step, last_step, p.changes, p.baseline_services
     );
     Section {
-        name: "services".into(),
-        title: "Services: connection rate vs number of services, sync and one-change latency"
-            .into(),
         about,
-        metrics,
         tables: vec![rates, syncs],
-        checks,
-        notes,
-        plot_files: Vec::new(),
-        plots,
         raw: serde_json::json!({
             "params": p,
             "modes": outcomes,
             "baseline": baseline,
         }),
+        ..sec
     }
 }
