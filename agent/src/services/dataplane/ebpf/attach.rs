@@ -84,22 +84,8 @@ impl EbpfLb {
             object: OBJECT_NAME,
             source: Box::new(source),
         })?;
-        for program in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, program)?;
-            prog.load().map_err(|source| EbpfError::Program {
-                operation: "load",
-                program,
-                source: Box::new(source),
-            })?;
-        }
-        for program in TC_PROGRAMS {
-            let prog: &mut SchedClassifier = program_mut(&mut ebpf, program)?;
-            prog.load().map_err(|source| EbpfError::Program {
-                operation: "load",
-                program,
-                source: Box::new(source),
-            })?;
-        }
+        load_programs(&mut ebpf, &SOCK_PROGRAMS, CgroupSockAddr::load)?;
+        load_programs(&mut ebpf, &TC_PROGRAMS, SchedClassifier::load)?;
 
         let maps = AyaMaps::take(&mut ebpf)?;
         // The flags a previous run set stay until this run's attachments change them: writing
@@ -412,6 +398,25 @@ where
             program,
             source: Box::new(source),
         })
+}
+
+/// Loads (verifies) the programs `names` of one kind.
+fn load_programs<T>(
+    ebpf: &mut Ebpf,
+    names: &[&'static str],
+    load: fn(&mut T) -> Result<(), ProgramError>,
+) -> Result<(), EbpfError>
+where
+    for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    for &program in names {
+        load(program_mut(ebpf, program)?).map_err(|source| EbpfError::Program {
+            operation: "load",
+            program,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
 }
 
 /// Pins `link` at `path`, replacing (and so detaching) a link pinned there by a previous run.

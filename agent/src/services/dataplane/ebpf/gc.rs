@@ -12,7 +12,7 @@ use twill_common::service::{
     CtKey, MAP_AFFINITY, MAP_CT, MAP_SOCK, PROTO_TCP, SockKey, encode_addr,
 };
 
-use super::maps::remove;
+use super::maps::{keys_where, remove_all};
 use super::{EbpfLb, EbpfLbError, GcStats, sockdiag};
 use crate::services::lb::StaleBackend;
 
@@ -27,42 +27,24 @@ impl EbpfLb {
                 (addr, family, s.port.to_be())
             })
             .collect();
-        let ct: Vec<CtKey> = self
-            .maps
-            .ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| match k.dir {
-                CT_DIR_FORWARD => gone.contains(&(v.nat_addr, k.family, v.nat_port)),
-                CT_DIR_REPLY => gone.contains(&(k.src, k.family, k.sport)),
-                _ => false,
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in &ct {
-            remove(&mut self.maps.ct, MAP_CT, key)?;
-        }
-        let affinity: Vec<AffinityKey> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let family = if k.family == 0 {
-                    // Socket-path entries do not record the family; match on address and port.
-                    gone.iter()
-                        .find(|(a, _, p)| *a == v.addr && *p == v.port)
-                        .map_or(0, |(_, f, _)| *f)
-                } else {
-                    k.family
-                };
-                gone.contains(&(v.addr, family, v.port))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in &affinity {
-            remove(&mut self.maps.affinity, MAP_AFFINITY, key)?;
-        }
+        let ct: Vec<CtKey> = keys_where(&self.maps.ct, |k, v| match k.dir {
+            CT_DIR_FORWARD => gone.contains(&(v.nat_addr, k.family, v.nat_port)),
+            CT_DIR_REPLY => gone.contains(&(k.src, k.family, k.sport)),
+            _ => false,
+        });
+        remove_all(&mut self.maps.ct, MAP_CT, &ct)?;
+        let affinity: Vec<AffinityKey> = keys_where(&self.maps.affinity, |k, v| {
+            let family = if k.family == 0 {
+                // Socket-path entries do not record the family; match on address and port.
+                gone.iter()
+                    .find(|(a, _, p)| *a == v.addr && *p == v.port)
+                    .map_or(0, |(_, f, _)| *f)
+            } else {
+                k.family
+            };
+            gone.contains(&(v.addr, family, v.port))
+        });
+        remove_all(&mut self.maps.affinity, MAP_AFFINITY, &affinity)?;
         // Sockets socket-LB connected to a removed backend (see `sockdiag`): the node's own
         // connected UDP would keep sending there. The node's connected UDP sockets are few, the
         // socket map may hold an entry per TCP connection too: list the sockets and look each
@@ -114,68 +96,40 @@ impl EbpfLb {
         let live = |id: u32, slot: u16, addr: &[u8; 16], port: u16| {
             backend_at(id, slot).is_some_and(|b| b.addr == *addr && b.port == port)
         };
-        let ct: Vec<CtKey> = self
-            .maps
-            .ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let timeout = if k.proto == PROTO_TCP {
-                    CT_TIMEOUT_TCP_NS
-                } else {
-                    CT_TIMEOUT_UDP_NS
-                };
-                let idle = now.saturating_sub(v.last_seen_ns) > timeout;
-                let stale = match k.dir {
-                    CT_DIR_FORWARD => !live(v.svc_id, v.slot, &v.nat_addr, v.nat_port),
-                    _ => !live(v.svc_id, v.slot, &k.src, k.sport),
-                };
-                idle || stale
+        let ct: Vec<CtKey> = keys_where(&self.maps.ct, |k, v| {
+            let timeout = if k.proto == PROTO_TCP {
+                CT_TIMEOUT_TCP_NS
+            } else {
+                CT_TIMEOUT_UDP_NS
+            };
+            let idle = now.saturating_sub(v.last_seen_ns) > timeout;
+            let stale = match k.dir {
+                CT_DIR_FORWARD => !live(v.svc_id, v.slot, &v.nat_addr, v.nat_port),
+                _ => !live(v.svc_id, v.slot, &k.src, k.sport),
+            };
+            idle || stale
+        });
+        let affinity: Vec<AffinityKey> = keys_where(&self.maps.affinity, |k, v| {
+            let timeout = self
+                .mirror
+                .key_of(k.svc_id)
+                .and_then(|key| self.mirror.service(key))
+                .map_or(0, |v| u64::from(v.affinity_timeout_secs) * 1_000_000_000);
+            now.saturating_sub(v.last_seen_ns) > timeout || !live(k.svc_id, v.slot, &v.addr, v.port)
+        });
+        let sock: Vec<SockKey> = keys_where(&self.maps.sock, |k, v| {
+            let Some(key) = self.mirror.key_of(v.svc_id) else {
+                return true;
+            };
+            self.mirror.backends(key).is_none_or(|backends| {
+                !backends
+                    .values()
+                    .any(|(_, b)| b.addr == k.addr && b.port == k.port)
             })
-            .map(|(k, _)| k)
-            .collect();
-        let affinity: Vec<AffinityKey> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let timeout = self
-                    .mirror
-                    .key_of(k.svc_id)
-                    .and_then(|key| self.mirror.service(key))
-                    .map_or(0, |v| u64::from(v.affinity_timeout_secs) * 1_000_000_000);
-                now.saturating_sub(v.last_seen_ns) > timeout
-                    || !live(k.svc_id, v.slot, &v.addr, v.port)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let sock: Vec<SockKey> = self
-            .maps
-            .sock
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let Some(key) = self.mirror.key_of(v.svc_id) else {
-                    return true;
-                };
-                self.mirror.backends(key).is_none_or(|backends| {
-                    !backends
-                        .values()
-                        .any(|(_, b)| b.addr == k.addr && b.port == k.port)
-                })
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in &ct {
-            remove(&mut self.maps.ct, MAP_CT, key)?;
-        }
-        for key in &affinity {
-            remove(&mut self.maps.affinity, MAP_AFFINITY, key)?;
-        }
-        for key in &sock {
-            remove(&mut self.maps.sock, MAP_SOCK, key)?;
-        }
+        });
+        remove_all(&mut self.maps.ct, MAP_CT, &ct)?;
+        remove_all(&mut self.maps.affinity, MAP_AFFINITY, &affinity)?;
+        remove_all(&mut self.maps.sock, MAP_SOCK, &sock)?;
         Ok(GcStats {
             ct: ct.len(),
             affinity: affinity.len(),

@@ -230,6 +230,28 @@ pub(super) fn remove<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     }
 }
 
+/// The keys of `map` whose entries `pick` selects (an entry that cannot be read is skipped:
+/// the kernel may replace LRU entries while the map is iterated).
+pub(super) fn keys_where<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    mut pick: impl FnMut(&K, &V) -> bool,
+) -> Vec<K> {
+    map.iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| pick(k, v))
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Deletes `keys`, tolerating absent ones.
+pub(super) fn remove_all<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    keys: &[K],
+) -> Result<(), EbpfLbError> {
+    keys.iter().try_for_each(|key| remove(map, name, key))
+}
+
 /// Number of keys a map iteration yields.
 fn count_keys<K: aya::Pod>(keys: aya::maps::MapKeys<'_, K>) -> u64 {
     keys.flatten().count() as u64

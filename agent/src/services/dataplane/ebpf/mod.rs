@@ -1,7 +1,22 @@
 //! The eBPF service dataplane ([`EbpfLb`]): socket-level load balancing on a cgroup, tc (TCX)
-//! load balancing with BPF conntrack on the node's interfaces, Maglev backend choice; the
-//! kube-proxy replacement of issue 4. The kernel programs are in `ebpf/twill-ebpf/src/lb/`, the
-//! map layout (and why) in `twill_common::service`.
+//! load balancing with BPF conntrack on the node's interfaces, Maglev backend choice: twill's
+//! kube-proxy replacement. The kernel programs are in `ebpf/twill-ebpf/src/lb/`, the map layout
+//! (and why) in `twill_common::service`.
+//!
+//! What lives where in this folder:
+//! - `entries` (pure): one service's map values, slot choice, Maglev table, and the inverse
+//!   (map entries back to the service); `writes` (pure): the ordered [`MapWrite`]s of an upsert
+//!   or a delete over the [`Mirror`] of what is programmed;
+//! - `apply`: the seam under the maps ([`LbMaps`]) and the one generic apply
+//!   ([`apply_services`]) and read-back ([`read_services`]); `maps`: its aya implementation
+//!   ([`AyaMaps`]) and the pinned-map layout checks; `fake`: [`FakeLbMaps`], the recording
+//!   (and optionally failing) fake; `golden/` with `golden_tests.rs`: manifests and the exact
+//!   map writes they produce, checked without root;
+//! - `attach`: loading, the cgroup and tc attachments and their pinned links; `gc`: freeing
+//!   per-flow entries (conntrack, affinity, socket-LB) of removed backends; `podif`: finding
+//!   pod-facing interfaces; `sockdiag`: aborting sockets tied to removed backends; `view`: the
+//!   read-only view of the pinned maps (`twilld get services`, `/metrics`); `error`: the error
+//!   enum.
 //!
 //! Why it is shaped as it is:
 //! - **Everything survives the agent.** Maps are pinned under the pin directory (default
@@ -19,10 +34,13 @@
 //!   is kept (logged), as maps cannot be resized.
 //! - **Incremental, ordered updates.** [`LbDataplane::apply`] touches only the entries of the
 //!   services in the plan. Per service: write new backend slots, replace the Maglev table (one
-//!   atomic hash update), write the service entry, then delete the freed slots; slot choice is
-//!   in the private `entries` module (pure, unit-tested). A user-space mirror of what is programmed (everything
-//!   but the Maglev tables) makes unchanged entries cost nothing; it is rebuilt from the maps at
-//!   open and by [`LbDataplane::observed`].
+//!   atomic hash update), write the service entry, then delete the freed slots. That order is a
+//!   pure list ([`Mirror::plan_upsert`], golden-tested) run through the [`LbMaps`] seam; a
+//!   failed write stops the apply, and the next read-back sees a service that differs from the
+//!   desired one and is rewritten (tested for a failure at every write with the faulty fake).
+//!   The user-space [`Mirror`] of what is programmed (everything but the Maglev tables) makes
+//!   unchanged entries cost nothing; it is rebuilt from the maps at open and by
+//!   [`LbDataplane::observed`].
 //! - **Removed endpoints stop at once.** The kernel validates every conntrack and affinity entry
 //!   against the backend slot on each use, so a flow to a removed endpoint is re-balanced at its
 //!   next packet (UDP included). `apply` then purges the conntrack and affinity entries of the
