@@ -301,16 +301,27 @@ impl EbpfLb {
                 .map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
             let path = self.pin_dir.join(LINKS_DIR).join(format!("cg_{program}"));
-            let link = FdLink::try_from(link).map_err(|source| EbpfLbError::Link {
-                operation: "convert",
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-            let pinned = replace_pin(&path, link)?;
-            self.links.push((path.clone(), pinned));
+            self.keep_link(path.clone(), link)?;
             pins.insert(path);
         }
         debug!(cgroup = %cgroup.display(), "socket programs attached");
+        Ok(())
+    }
+
+    /// Pins a program's `link` at `path`, replacing (and so detaching) a previous run's, and
+    /// keeps it.
+    fn keep_link<L>(&mut self, path: PathBuf, link: L) -> Result<(), EbpfLbError>
+    where
+        FdLink: TryFrom<L>,
+        <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let link = FdLink::try_from(link).map_err(|source| EbpfLbError::Link {
+            operation: "convert",
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let pinned = replace_pin(&path, link)?;
+        self.links.push((path, pinned));
         Ok(())
     }
 
@@ -341,13 +352,7 @@ impl EbpfLb {
                 .map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
             let path = self.tc_pin(iface, tag);
-            let link = FdLink::try_from(link).map_err(|source| EbpfLbError::Link {
-                operation: "convert",
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-            let pinned = replace_pin(&path, link)?;
-            self.links.push((path, pinned));
+            self.keep_link(path, link)?;
         }
         if iface.role == IfaceRole::Pods {
             let index = nix::net::if_::if_nametoindex(iface.name.as_str()).unwrap_or(0);
