@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 use twill_common::service::{MAP_SVC, MAPS, SvcCount};
 
-use super::{EbpfLbError, LbMaps, MapUsage, ServiceState, entries, map_err, optional};
+use super::{
+    AyaMaps, EbpfLbError, LbMaps as _, MapUsage, ServiceState, entries, map_err, read_services,
+};
 use crate::services::lb::LbService;
-use twill_common::service::MAP_REVNAT;
 
 /// One programmed frontend's identity and counters (no backends: cheap enough for every
 /// scrape).
@@ -34,7 +35,7 @@ pub struct ServiceCounters {
 /// The pinned maps of one dataplane, opened read-only. See the module notes.
 pub struct EbpfLbView {
     pin_dir: PathBuf,
-    maps: LbMaps,
+    maps: AyaMaps,
 }
 
 impl std::fmt::Debug for EbpfLbView {
@@ -55,7 +56,7 @@ impl EbpfLbView {
     /// Opens the maps pinned in `pin_dir` (the agent's `--bpf-pin-dir` followed by `lb`).
     pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self, EbpfLbError> {
         let pin_dir = pin_dir.as_ref().to_owned();
-        let maps = LbMaps::from_pins(&pin_dir)?;
+        let maps = AyaMaps::from_pins(&pin_dir)?;
         Ok(Self { pin_dir, maps })
     }
 
@@ -66,8 +67,8 @@ impl EbpfLbView {
 
     /// Every programmed service with its backends, Maglev table and counters.
     pub fn dump(&self) -> Result<Vec<ServiceState>, EbpfLbError> {
-        let (services, _, ids) = self.maps.read_services()?;
-        let counters = self.maps.counters(ids.keys().copied())?;
+        let (services, _) = read_services(&self.maps)?;
+        let counters = self.maps.counters(services.iter().map(|s| s.id))?;
         Ok(services
             .into_iter()
             .map(|service| ServiceState {
@@ -84,8 +85,7 @@ impl EbpfLbView {
         for entry in &self.maps.svc {
             let (key, mut value) = entry.map_err(map_err("iterate", MAP_SVC, ""))?;
             let counts = self.maps.count_of(value.id)?;
-            let revnat = optional(self.maps.revnat.get(&value.id, 0))
-                .map_err(map_err("lookup", MAP_REVNAT, value.id))?;
+            let revnat = self.maps.revnat(value.id)?;
             // Backends are not read here; count them as none so the name stays as written.
             let backends = std::mem::take(&mut value.backends);
             if let Some(service) = entries::reconstruct(&key, &value, revnat.as_ref(), Vec::new()) {
