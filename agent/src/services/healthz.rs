@@ -31,7 +31,7 @@ use k8s_openapi::api::core::v1::Node;
 use crate::shared::http::Response;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::services::source::ServiceMetrics;
+use crate::services::metrics::ServiceMetrics;
 
 /// The cluster autoscaler's taint on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";

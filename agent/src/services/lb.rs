@@ -437,32 +437,7 @@ impl LbDataplane for FakeLbDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn be(ip: &str, port: u16) -> Backend {
-        Backend {
-            ip: ip.parse().unwrap(),
-            port,
-            node_local: false,
-            state: BackendState::Ready,
-        }
-    }
-
-    fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbService {
-        LbService {
-            id,
-            name: format!("default/s{id}"),
-            frontend: Frontend {
-                ip: ip.parse().unwrap(),
-                port,
-                proto: Proto::Tcp,
-                kind: FrontendKind::ClusterIp,
-            },
-            backends,
-            affinity_timeout_secs: None,
-            external_local: false,
-            internal_local: false,
-        }
-    }
+    use crate::services::testutil::{be, svc};
 
     #[test]
     fn unchanged_services_are_not_replanned() {

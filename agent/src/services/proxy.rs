@@ -28,16 +28,16 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::services::dataplane::ebpf::podif::{Changes, LinkWatch, PodIfacePolicy, pod_facing};
-use crate::services::dataplane::ebpf::{EbpfLb, TcIface};
-use crate::services::dataplane::ebpf::{EbpfLbView, error_chain};
+use crate::services::dataplane::ebpf::{EbpfLb, EbpfLbView, TcIface, error_chain};
 use crate::services::dataplane::iptables::{IptBackendChoice, IptLb};
 use crate::services::dataplane::nft::NftLb;
 use crate::services::dataplane::{self, AnyLb, Mode, ProxyMode};
 use crate::services::desired::{NodeIdentity, Reserved};
+use crate::services::metrics::ServiceMetrics;
+use crate::services::source::etcd::EtcdServiceStore;
 use crate::services::source::kube::KubeSource;
-use crate::services::source::{
-    EtcdServiceStore, LoopSettings, ServiceMetrics, run_services, url_addresses,
-};
+use crate::services::source::url_addresses;
+use crate::services::sync::{LoopSettings, run_services};
 use crate::shared::etcd::EtcdTls;
 use crate::shared::kube::KubeApi;
 use crate::shared::metrics::Metrics;

@@ -42,12 +42,12 @@ use tokio::task::JoinHandle;
 use crate::services::desired::NodeIdentity;
 use crate::services::healthz::{ProxyHealth, node_eligible};
 use crate::services::lb::LbDataplane;
+use crate::services::metrics::ServiceMetrics;
 use crate::services::model::{
     self, Change, FieldError, Kind, Object, ObjectKey, endpoint_slice_from_json, service_from_json,
 };
-use crate::services::source::{
-    Listing, LoopSettings, ServiceMetrics, SourceUpdate, run_services_with,
-};
+use crate::services::source::{Listing, SourceUpdate};
+use crate::services::sync::{LoopSettings, run_services_with};
 use crate::shared::kube::KubeApi;
 use crate::shared::metrics::Metrics;
 

@@ -1,0 +1,92 @@
+//! Builders shared by the services loop's unit tests: a small manifest ([`WEB`]), a node, the
+//! frontends' backends as the recording dataplane holds them, and a wait on an observable
+//! condition with a deadline.
+
+use std::time::Duration;
+
+use crate::services::desired::NodeIdentity;
+use crate::services::lb::{
+    Backend, BackendState, FakeLbDataplane, Frontend, FrontendKind, LbService, Proto,
+};
+use crate::services::model::{Object, parse_manifest};
+
+pub(crate) const WEB: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5]}, {addresses: [10.244.2.5]}]
+ports: [{port: 8080}]
+";
+
+pub(crate) fn objs(y: &str) -> Vec<Object> {
+    parse_manifest(y).unwrap()
+}
+
+pub(crate) fn node() -> NodeIdentity {
+    NodeIdentity {
+        name: "node-1".into(),
+        ..NodeIdentity::default()
+    }
+}
+
+pub(crate) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub(crate) fn backends_of(dp: &FakeLbDataplane, port: u16) -> Vec<String> {
+    dp.services()
+        .iter()
+        .find(|s| s.frontend.port == port)
+        .map(|s| s.backends.iter().map(|b| b.ip.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// A ready backend of a cluster-wide frontend.
+pub(crate) fn be(ip: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip.parse().unwrap(),
+        port,
+        node_local: false,
+        state: BackendState::Ready,
+    }
+}
+
+/// A TCP ClusterIP frontend `ip:port` named `default/s<id>`.
+pub(crate) fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbService {
+    LbService {
+        id,
+        name: format!("default/s{id}"),
+        frontend: Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            proto: Proto::Tcp,
+            kind: FrontendKind::ClusterIp,
+        },
+        backends,
+        affinity_timeout_secs: None,
+        external_local: false,
+        internal_local: false,
+    }
+}
