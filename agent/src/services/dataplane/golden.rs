@@ -9,6 +9,7 @@
 //! the plan must be empty (a restart changes nothing), so a golden file cannot pin a ruleset
 //! that does not read back as what was asked for.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::services::desired::{LbState, NodeIdentity};
@@ -68,7 +69,7 @@ pub fn run<L: LbDataplane>(case: &Path, lb: &mut L, mut take: impl FnMut() -> St
         let desired = state.desired();
         lb.apply(&plan(&desired, &applied)).expect("apply");
         let name = step.file_name().expect("name").to_string_lossy();
-        out.push_str(&format!("## {name}\n{}", take()));
+        let _ = write!(out, "## {name}\n{}", take());
         applied = lb.observed().expect("observe");
         let again = plan(&desired, &applied);
         assert!(
