@@ -63,11 +63,12 @@
 //!   The token is taken before the read, so a change during the read only causes another read.
 //! - UDP conntrack entries of removed backends are deleted after each apply
 //!   ([`super::conntrack`]).
-//! - **Pure parts, one seam.** [`render`] writes the chains and the restore inputs,
-//!   [`readback`] turns `iptables-save` text back into frontends; every tool run, the change
-//!   token and the conntrack purge go through [`IptRunner`] ([`runner`]), whose recording fake
-//!   keeps the tables as `iptables-restore` would. Golden files (`golden/` beside this module)
-//!   pin the exact restore text a manifest produces.
+//! - **Pure parts, one seam.** [`render`] writes the chains, [`repair_input`] and
+//!   [`render_plan`] the restore inputs, [`readback`] turns `iptables-save` text back into
+//!   frontends; every tool run, the change token and the conntrack purge go through
+//!   [`IptRunner`] ([`runner`]), whose recording fake keeps the tables as `iptables-restore`
+//!   would. Golden files (`services/dataplane/golden/<case>/iptables.txt`) pin the exact
+//!   restore text a manifest produces.
 
 pub mod readback;
 pub mod render;
@@ -76,13 +77,13 @@ pub mod runner;
 mod sim_tests;
 mod token;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use tracing::{debug, info, warn};
 
-use self::readback::{Programmed, Saved, reconstruct};
-use self::render::{jumps, render_plan, repair_input, same_rule};
+use self::readback::{Found, Programmed, Saved, reconstruct};
+use self::render::{dispatch_rule, frontend_chains, jumps, same, same_rule, static_nat, table_of};
 pub use self::runner::{FakeIptables, IptRunner, ToolRunner, detect_backend};
 use crate::services::lb::{Frontend, FrontendKey, LbDataplane, LbError, LbPlan, LbService};
 
@@ -383,6 +384,179 @@ fn save_family(runner: &mut dyn IptRunner, v6: bool) -> Result<String, IptError>
     text.push('\n');
     text.push_str(&runner.save(v6, FILTER)?);
     Ok(text)
+}
+
+/// The `iptables-restore` input that repairs what a read found: static chains that differ,
+/// missing dispatch chains, jump rules (all of a built-in chain's again, first, in order, if
+/// one is missing), dispatch chains with rules of nobody's (rewritten with the frontends'
+/// rules as they are), stray chains (removed). Empty when all is in order. Pure.
+pub fn repair_input(saved: &Saved<'_>, found: &Found) -> String {
+    let mut nat = String::new();
+    let mut filter = String::new();
+    let mut decl: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut body: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (chain, rules) in static_nat() {
+        if saved
+            .rules(NAT, &chain)
+            .is_none_or(|have| !same(have, &rules))
+        {
+            decl.entry(NAT).or_default().push(chain);
+            body.entry(NAT).or_default().extend(rules);
+        }
+    }
+    for (table, chain) in DISPATCH {
+        if !saved.has(table, chain) {
+            decl.entry(table).or_default().push(chain.to_string());
+        }
+    }
+    for &(table, chain) in &found.junk {
+        decl.entry(table).or_default().push(chain.to_string());
+        let prefix = format!("-A {chain} ");
+        body.entry(table).or_default().extend(
+            found
+                .frontends
+                .values()
+                .filter(|p| p.table == table && p.dispatch.starts_with(&prefix))
+                .map(|p| p.dispatch.clone()),
+        );
+    }
+    // Our jumps go first in each built-in chain, in order; if one is missing, the present ones
+    // are removed and all are inserted again (one commit, no gap).
+    let mut groups: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+    for (table, chain, rule) in jumps() {
+        groups.entry((table, chain)).or_default().push(rule);
+    }
+    for ((table, chain), rules) in groups {
+        let present = |rule: &str| {
+            let want = format!("-A {chain} {rule}");
+            saved
+                .rules(table, chain)
+                .is_some_and(|have| have.iter().any(|h| same_rule(h, &want)))
+        };
+        if rules.iter().all(|r| present(r)) {
+            continue;
+        }
+        let out = body.entry(table).or_default();
+        for r in rules.iter().filter(|r| present(r)) {
+            out.push(format!("-D {chain} {r}"));
+        }
+        for (i, r) in rules.iter().enumerate() {
+            out.push(format!("-I {chain} {} {r}", i + 1));
+        }
+    }
+    let mut remove: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (table, c) in &found.stray {
+        decl.entry(table).or_default().push(c.clone());
+        remove.entry(table).or_default().push(c);
+    }
+    for table in [NAT, FILTER] {
+        let out = if table == NAT { &mut nat } else { &mut filter };
+        for c in decl.get(table).into_iter().flatten() {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for r in body.get(table).into_iter().flatten() {
+            let _ = writeln!(out, "{r}");
+        }
+        for c in remove.get(table).into_iter().flatten() {
+            let _ = writeln!(out, "-X {c}");
+        }
+    }
+    let mut input = String::new();
+    for (table, text) in [(NAT, &nat), (FILTER, &filter)] {
+        if !text.is_empty() {
+            let _ = write!(input, "*{table}\n{text}COMMIT\n");
+        }
+    }
+    input
+}
+
+/// The `iptables-restore` input for one family that applies a plan's part of that family.
+/// Pure. Per table: chain declarations (a declared chain is flushed), removals of dispatch
+/// rules (named as the kernel holds them), the rewritten chains' rules, new dispatch rules,
+/// removals of chains.
+pub fn render_plan(
+    have: &BTreeMap<FrontendKey, Programmed>,
+    upserts: &[&LbService],
+    deletes: &[FrontendKey],
+) -> String {
+    #[derive(Default)]
+    struct Table {
+        decl: Vec<String>,
+        del: Vec<String>,
+        rules: Vec<String>,
+        add: Vec<String>,
+        remove: Vec<String>,
+    }
+    fn pick<'t>(table: &str, nat: &'t mut Table, filter: &'t mut Table) -> &'t mut Table {
+        if table == NAT { nat } else { filter }
+    }
+    let mut nat = Table::default();
+    let mut filter = Table::default();
+    for key in deletes {
+        let Some(old) = have.get(key) else {
+            continue;
+        };
+        pick(old.table, &mut nat, &mut filter)
+            .del
+            .push(old.dispatch.replacen("-A ", "-D ", 1));
+        for c in &old.chains {
+            nat.decl.push(c.clone());
+            nat.remove.push(c.clone());
+        }
+    }
+    for new in upserts {
+        let old = have.get(&new.frontend.key());
+        let line = dispatch_rule(new);
+        let table = table_of(new);
+        match old {
+            Some(o) if o.table == table && o.dispatch == line => {}
+            _ => {
+                if let Some(o) = old {
+                    pick(o.table, &mut nat, &mut filter)
+                        .del
+                        .push(o.dispatch.replacen("-A ", "-D ", 1));
+                }
+                pick(table, &mut nat, &mut filter).add.push(line);
+            }
+        }
+        // A drifted frontend's chains are rewritten whole.
+        let old_chains: HashMap<String, Vec<String>> = match old {
+            Some(o) if !o.drifted => frontend_chains(&o.svc).into_iter().collect(),
+            _ => HashMap::new(),
+        };
+        let new_chains = frontend_chains(new);
+        for (c, rules) in &new_chains {
+            if old_chains.get(c) != Some(rules) {
+                nat.decl.push(c.clone());
+                nat.rules.extend(rules.iter().cloned());
+            }
+        }
+        for c in old.into_iter().flat_map(|o| &o.chains) {
+            if !new_chains.iter().any(|(n, _)| n == c) {
+                nat.decl.push(c.clone());
+                nat.remove.push(c.clone());
+            }
+        }
+    }
+    let mut out = String::new();
+    for (name, t) in [(NAT, &nat), (FILTER, &filter)] {
+        if t.decl.is_empty() && t.del.is_empty() && t.add.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{name}");
+        for c in &t.decl {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for r in t.del.iter().chain(&t.rules).chain(&t.add) {
+            out.push_str(r);
+            out.push('\n');
+        }
+        for c in &t.remove {
+            let _ = writeln!(out, "-X {c}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
 }
 
 impl LbDataplane for IptLb {

@@ -4,11 +4,11 @@
 //! its set and one `pick` rule; nothing else is touched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::IpAddr;
 
 use super::frontend::{
-    ElemData, Record, affinity_rules, affinity_sets, hairpin_key, local_key, record, slot_key,
+    ElemData, Record, affinity_rules, affinity_sets, hairpin_key, hex, local_key, record, slot_key,
     slot_value,
 };
 use super::render::{
@@ -54,13 +54,6 @@ pub enum Op {
         /// Key.
         key: Vec<u8>,
     },
-}
-
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().fold(String::new(), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
 }
 
 impl fmt::Display for Op {

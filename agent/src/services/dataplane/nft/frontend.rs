@@ -3,9 +3,9 @@
 //! and sets, and the parsers that read each back. The layout and why it is shaped so are in
 //! [`super::render`].
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::diff::hex;
 use super::expr::{
     BASE_NETWORK, CMP_EQ, DYNSET_UPDATE, Expr, Imm, NAT_DNAT, NAT_F_PROTO_SPECIFIED, NG_RANDOM,
 };
@@ -407,4 +407,11 @@ pub fn parse_local_key(k: &[u8]) -> Option<IpAddr> {
         16 => Some(IpAddr::V6(<[u8; 16]>::try_from(k).ok()?.into())),
         _ => None,
     }
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
