@@ -15,6 +15,8 @@
 
 pub mod conntrack;
 pub mod ebpf;
+#[cfg(test)]
+mod golden;
 pub mod iptables;
 pub mod nft;
 

@@ -2,11 +2,12 @@
 //! nf_tables netlink transactions.
 //!
 //! Why it is shaped as it is:
-//! - The layout and the reasons for it are in [`render`]; the expressions in [`expr`]; the
-//!   netlink plumbing in [`super::nfnl`]. This module only moves data between them and the
-//!   kernel.
+//! - The layout and the reasons for it are in [`render`], one frontend's elements and chain
+//!   in [`frontend`], the transaction a plan turns into (the diff) in [`diff`], the expressions
+//!   in [`expr`], the messages in [`wire`]; the netlink socket is `crate::shared::nfnl`. This
+//!   module only moves data between them and the kernel.
 //! - **One transaction per sync, the size of the change.** [`LbDataplane::apply`] turns the plan
-//!   into operations against a mirror of the table ([`render::Mirror`]): a changed endpoint set
+//!   into operations against a mirror of the table ([`diff::Mirror`]): a changed endpoint set
 //!   is a flush of one chain and its new rules; a new frontend is a chain, its rules and one map
 //!   element. All of it goes to the kernel as one nf_tables batch, so packets see the old or the
 //!   new state, never a mix, and nothing outside `inet twill` is read or written (other tables,
@@ -29,87 +30,40 @@
 //! Needs Linux >= 5.10 (inet NAT chains 5.2, `fib` in inet, userdata on elements) and
 //! `CAP_NET_ADMIN`. Everything happens in the calling thread's network namespace.
 
+pub mod diff;
 pub mod expr;
+pub mod frontend;
 pub mod render;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use tracing::{debug, info, warn};
 
-use self::expr::{VERDICT_GOTO, data_verdict, decode, decode_verdict};
+use self::diff::{Mirror, Op, Programmed, counts};
+use self::expr::{VERDICT_GOTO, decode, decode_verdict};
+use self::frontend::{
+    ElemData, Record, affinity_rules, affinity_set_id, affinity_sets, chain_id, hairpin_key,
+    local_key, parse_backend_comment, parse_comment, parse_hairpin_key, parse_key, parse_local_key,
+    parse_slot_key, parse_slot_value, record,
+};
 use self::render::{
-    ChainDef, Class, ElemData, Mirror, Op, PICK, Programmed, Record, RecordSet, Rule, SetData,
-    SetDef, TABLE, affinity_rules, affinity_set_id, backend_map, chain_id, counts, hairpin_key,
-    hairpin_set, local_key, local_set, parse_backend_comment, parse_comment, parse_hairpin_key,
-    parse_key, parse_local_key, parse_slot_key, parse_slot_value, record, static_chains,
+    Class, PICK, RecordSet, Rule, TABLE, backend_map, hairpin_set, local_set, static_chains,
     static_sets,
+};
+use self::wire::{
+    CHAIN_NAME, CHAIN_TABLE, DATA_VALUE, ELEM_DATA, ELEM_KEY, ELEM_LIST_ELEMENTS, ELEM_LIST_SET,
+    ELEM_LIST_TABLE, ELEM_USERDATA, ENOENT, GEN_ID, LIST_ELEM, MSG_DELTABLE, MSG_GETCHAIN,
+    MSG_GETGEN, MSG_GETRULE, MSG_GETSET, MSG_GETSETELEM, MSG_GETTABLE, MSG_NEWTABLE, NFPROTO_INET,
+    RULE_CHAIN, RULE_EXPRESSIONS, RULE_TABLE, RULE_USERDATA, SET_FLAGS, SET_KEY_LEN, SET_NAME,
+    SET_TABLE, TABLE_NAME, encode_ops, parse_udata_comment,
 };
 use super::conntrack;
 use crate::services::lb::{
     Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService,
 };
-use crate::shared::nfnl::{
-    Attr, Batch, F_APPEND, F_CREATE, Msg, MsgBuf, NfSocket, NfnlError, SUBSYS_NFTABLES,
-};
-
-const NFPROTO_INET: u8 = 1;
-const NF_ACCEPT: u32 = 1;
-const ENOENT: i32 = 2;
-
-// Message types.
-const MSG_NEWTABLE: u16 = 0;
-const MSG_GETTABLE: u16 = 1;
-const MSG_DELTABLE: u16 = 2;
-const MSG_NEWCHAIN: u16 = 3;
-const MSG_GETCHAIN: u16 = 4;
-const MSG_DELCHAIN: u16 = 5;
-const MSG_NEWRULE: u16 = 6;
-const MSG_GETRULE: u16 = 7;
-const MSG_DELRULE: u16 = 8;
-const MSG_NEWSET: u16 = 9;
-const MSG_GETSET: u16 = 10;
-const MSG_DELSET: u16 = 11;
-const MSG_NEWSETELEM: u16 = 12;
-const MSG_GETSETELEM: u16 = 13;
-const MSG_DELSETELEM: u16 = 14;
-const MSG_GETGEN: u16 = 16;
-const GEN_ID: u16 = 1;
-
-// Attributes.
-const TABLE_NAME: u16 = 1;
-const CHAIN_TABLE: u16 = 1;
-const CHAIN_NAME: u16 = 3;
-const CHAIN_HOOK: u16 = 4;
-const CHAIN_POLICY: u16 = 5;
-const CHAIN_TYPE: u16 = 7;
-const HOOK_HOOKNUM: u16 = 1;
-const HOOK_PRIORITY: u16 = 2;
-const RULE_TABLE: u16 = 1;
-const RULE_CHAIN: u16 = 2;
-const RULE_EXPRESSIONS: u16 = 4;
-const RULE_USERDATA: u16 = 7;
-const SET_TABLE: u16 = 1;
-const SET_NAME: u16 = 2;
-const SET_FLAGS: u16 = 3;
-const SET_KEY_TYPE: u16 = 4;
-const SET_KEY_LEN: u16 = 5;
-const SET_DATA_TYPE: u16 = 6;
-const SET_DATA_LEN: u16 = 7;
-const SET_DESC: u16 = 9;
-const SET_ID: u16 = 10;
-const SET_TIMEOUT: u16 = 11;
-const SET_DESC_SIZE: u16 = 1;
-const ELEM_LIST_TABLE: u16 = 1;
-const ELEM_LIST_SET: u16 = 2;
-const ELEM_LIST_ELEMENTS: u16 = 3;
-const LIST_ELEM: u16 = 1;
-const ELEM_KEY: u16 = 1;
-const ELEM_DATA: u16 = 2;
-const ELEM_USERDATA: u16 = 6;
-const DATA_VALUE: u16 = 1;
-/// `NFTNL_UDATA_*_COMMENT`: the comment TLV type for rules, chains and elements alike.
-const UDATA_COMMENT: u8 = 0;
+use crate::shared::nfnl::{Attr, Batch, F_CREATE, Msg, NfSocket, NfnlError, SUBSYS_NFTABLES};
 
 /// Errors of the nftables dataplane.
 #[derive(Debug, thiserror::Error)]
@@ -142,195 +96,6 @@ impl From<NftError> for LbError {
 fn nl(op: &'static str, object: impl Into<String>) -> impl FnOnce(NfnlError) -> NftError {
     let object = object.into();
     move |source| NftError::Netlink { op, object, source }
-}
-
-fn comment_udata(c: &str) -> Vec<u8> {
-    let c = render::clip(c);
-    let mut v = vec![UDATA_COMMENT, u8::try_from(c.len() + 1).expect("clipped")];
-    v.extend_from_slice(c.as_bytes());
-    v.push(0);
-    v
-}
-
-fn parse_udata_comment(data: &[u8]) -> Option<String> {
-    let mut rest = data;
-    while rest.len() >= 2 {
-        let (ty, len) = (rest[0], usize::from(rest[1]));
-        let value = rest.get(2..2 + len)?;
-        if ty == UDATA_COMMENT {
-            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
-            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
-        }
-        rest = &rest[2 + len..];
-    }
-    None
-}
-
-/// Encodes operations into one nf_tables batch on `table`.
-pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
-    let mut b = Batch::new();
-    let mut set_id = 0u32;
-    for op in ops {
-        match op {
-            Op::AddSet(s) => {
-                set_id += 1;
-                encode_set(&mut b, table, s, set_id);
-            }
-            Op::DelSet(name) => {
-                b.push(
-                    MSG_DELSET,
-                    0,
-                    NFPROTO_INET,
-                    format!("delete set {name}"),
-                    |m| {
-                        m.str(SET_TABLE, table);
-                        m.str(SET_NAME, name);
-                    },
-                );
-            }
-            Op::AddChain(c) => encode_chain(&mut b, table, c),
-            Op::FlushChain(c) => {
-                b.push(
-                    MSG_DELRULE,
-                    0,
-                    NFPROTO_INET,
-                    format!("flush chain {c}"),
-                    |m| {
-                        m.str(RULE_TABLE, table);
-                        m.str(RULE_CHAIN, c);
-                    },
-                );
-            }
-            Op::DelChain(c) => {
-                b.push(
-                    MSG_DELCHAIN,
-                    0,
-                    NFPROTO_INET,
-                    format!("delete chain {c}"),
-                    |m| {
-                        m.str(CHAIN_TABLE, table);
-                        m.str(CHAIN_NAME, c);
-                    },
-                );
-            }
-            Op::AddRule { chain, rule } => b.push(
-                MSG_NEWRULE,
-                F_CREATE | F_APPEND,
-                NFPROTO_INET,
-                format!("add rule to chain {chain}"),
-                |m| {
-                    m.str(RULE_TABLE, table);
-                    m.str(RULE_CHAIN, chain);
-                    expr::encode(m, RULE_EXPRESSIONS, &rule.exprs);
-                    if let Some(c) = &rule.comment {
-                        m.attr(RULE_USERDATA, &comment_udata(c));
-                    }
-                },
-            ),
-            Op::AddElem {
-                set,
-                key,
-                data,
-                comment,
-            } => b.push(
-                MSG_NEWSETELEM,
-                F_CREATE,
-                NFPROTO_INET,
-                format!("add element to {set}"),
-                |m| {
-                    elem_list(m, table, set, key, |m| {
-                        match data {
-                            ElemData::None => {}
-                            ElemData::Goto(c) => data_verdict(m, ELEM_DATA, VERDICT_GOTO, Some(c)),
-                            ElemData::Value(v) => {
-                                m.nest(ELEM_DATA);
-                                m.attr(DATA_VALUE, v);
-                                m.nest_end();
-                            }
-                        }
-                        if let Some(c) = comment {
-                            m.attr(ELEM_USERDATA, &comment_udata(c));
-                        }
-                    });
-                },
-            ),
-            Op::DelElem { set, key } => b.push(
-                MSG_DELSETELEM,
-                0,
-                NFPROTO_INET,
-                format!("delete element from {set}"),
-                |m| elem_list(m, table, set, key, |_| {}),
-            ),
-        }
-    }
-    b
-}
-
-fn elem_list(m: &mut MsgBuf, table: &str, set: &str, key: &[u8], extra: impl FnOnce(&mut MsgBuf)) {
-    m.str(ELEM_LIST_TABLE, table);
-    m.str(ELEM_LIST_SET, set);
-    m.nest(ELEM_LIST_ELEMENTS);
-    m.nest(LIST_ELEM);
-    m.nest(ELEM_KEY);
-    m.attr(DATA_VALUE, key);
-    m.nest_end();
-    extra(m);
-    m.nest_end();
-    m.nest_end();
-}
-
-fn encode_set(b: &mut Batch, table: &str, s: &SetDef, id: u32) {
-    b.push(
-        MSG_NEWSET,
-        F_CREATE,
-        NFPROTO_INET,
-        format!("add set {}", s.name),
-        |m| {
-            m.str(SET_TABLE, table);
-            m.str(SET_NAME, &s.name);
-            m.u32_be(SET_FLAGS, s.flags);
-            m.u32_be(SET_KEY_TYPE, s.key_type);
-            m.u32_be(SET_KEY_LEN, s.key_len);
-            match s.data {
-                SetData::None => {}
-                SetData::Verdict => m.u32_be(SET_DATA_TYPE, render::DATA_VERDICT_TYPE),
-                SetData::Value(ty, len) => {
-                    m.u32_be(SET_DATA_TYPE, ty);
-                    m.u32_be(SET_DATA_LEN, len);
-                }
-            }
-            m.u32_be(SET_ID, id);
-            if let Some(t) = s.timeout_ms {
-                m.u64_be(SET_TIMEOUT, t);
-            }
-            if let Some(size) = s.size {
-                m.nest(SET_DESC);
-                m.u32_be(SET_DESC_SIZE, size);
-                m.nest_end();
-            }
-        },
-    );
-}
-
-fn encode_chain(b: &mut Batch, table: &str, c: &ChainDef) {
-    b.push(
-        MSG_NEWCHAIN,
-        F_CREATE,
-        NFPROTO_INET,
-        format!("add chain {}", c.name),
-        |m| {
-            m.str(CHAIN_TABLE, table);
-            m.str(CHAIN_NAME, &c.name);
-            if let Some(h) = c.hook {
-                m.nest(CHAIN_HOOK);
-                m.u32_be(HOOK_HOOKNUM, h.hooknum);
-                m.u32_be(HOOK_PRIORITY, h.priority.cast_unsigned());
-                m.nest_end();
-                m.u32_be(CHAIN_POLICY, NF_ACCEPT);
-                m.str(CHAIN_TYPE, h.ty);
-            }
-        },
-    );
 }
 
 /// The operations that create the skeleton (idempotently) and rewrite the static chains.
@@ -868,10 +633,8 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
                 .cloned()
                 .collect();
             let wanted = record(&svc);
-            let wanted_sets: BTreeSet<String> = render::affinity_sets(&svc)
-                .into_iter()
-                .map(|s| s.name)
-                .collect();
+            let wanted_sets: BTreeSet<String> =
+                affinity_sets(&svc).into_iter().map(|s| s.name).collect();
             let slots_ok = match rs {
                 RecordSet::Class(_) => {
                     let n = u32::try_from(my_slots.len()).unwrap_or(u32::MAX);
@@ -1008,217 +771,4 @@ impl LbDataplane for NftLb {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::services::lb::{FrontendKind, Proto, plan};
-    use render::slot_key;
-
-    fn svc(id: u32, ip: &str, backends: &[&str], affinity: bool) -> LbService {
-        LbService {
-            id,
-            name: format!("default/s{id}"),
-            frontend: Frontend {
-                ip: ip.parse().unwrap(),
-                port: 80,
-                proto: Proto::Tcp,
-                kind: FrontendKind::ClusterIp,
-            },
-            backends: backends
-                .iter()
-                .enumerate()
-                .map(|(k, b)| Backend {
-                    ip: b.parse().unwrap(),
-                    port: 8080,
-                    node_local: k == 0,
-                    state: BackendState::Ready,
-                })
-                .collect(),
-            affinity_timeout_secs: affinity.then_some(100),
-            external_local: false,
-            internal_local: false,
-        }
-    }
-
-    /// Builds the dump a kernel holding exactly `ops` would return.
-    fn dump_of(ops: &[Op]) -> Dump {
-        let mut d = Dump::default();
-        for s in static_sets() {
-            d.sets.insert(
-                s.name.clone(),
-                DumpedSet {
-                    flags: s.flags,
-                    key_len: s.key_len,
-                },
-            );
-        }
-        for op in ops {
-            match op {
-                Op::AddSet(s) => {
-                    d.sets.insert(
-                        s.name.clone(),
-                        DumpedSet {
-                            flags: s.flags,
-                            key_len: s.key_len,
-                        },
-                    );
-                }
-                Op::DelSet(s) => {
-                    d.sets.remove(s);
-                }
-                Op::AddChain(c) => {
-                    d.chains.insert(c.name.clone());
-                }
-                Op::FlushChain(c) => {
-                    d.rules.remove(c);
-                }
-                Op::DelChain(c) => {
-                    d.chains.remove(c);
-                }
-                Op::AddRule { chain, rule } => {
-                    d.rules.entry(chain.clone()).or_default().push(rule.clone());
-                }
-                Op::AddElem {
-                    set,
-                    key,
-                    data,
-                    comment,
-                } => d.elems.entry(set.clone()).or_default().push((
-                    key.clone(),
-                    data.clone(),
-                    comment.clone(),
-                )),
-                Op::DelElem { set, key } => {
-                    d.elems
-                        .entry(set.clone())
-                        .or_default()
-                        .retain(|(k, _, _)| k != key);
-                }
-            }
-        }
-        d
-    }
-
-    /// What a restarted agent does first (`ensure_skeleton` over the table its predecessor
-    /// programmed) leaves every service translated: nothing for the read-back to repair, so no
-    /// moment without the services' rules.
-    #[test]
-    fn the_skeleton_over_a_programmed_table_keeps_every_service() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
-        let b = svc(2, "fd00::2", &[], false);
-        let c = svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true);
-        let mut ops = skeleton_ops();
-        let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone(), c.clone()], &[]));
-        ops.extend(tx.ops);
-        ops.extend(skeleton_ops());
-        let (services, _, repairs) = reconstruct(&dump_of(&ops));
-        assert!(
-            repairs.is_empty(),
-            "{:?}",
-            repairs.iter().map(ToString::to_string).collect::<Vec<_>>()
-        );
-        assert_eq!(services, vec![a, c, b]);
-    }
-
-    #[test]
-    fn a_table_read_back_yields_the_same_services_and_no_repairs() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
-        let b = svc(2, "fd00::2", &[], false);
-        let c = svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true);
-        let mut ops = skeleton_ops();
-        let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone(), c.clone()], &[]));
-        ops.extend(tx.ops.clone());
-        let (services, mirror, repairs) = reconstruct(&dump_of(&ops));
-        assert!(repairs.is_empty(), "{repairs:?}");
-        assert_eq!(services, vec![a.clone(), c.clone(), b.clone()]);
-        let mut m = Mirror::default();
-        m.commit(tx);
-        assert_eq!(mirror, m);
-    }
-
-    #[test]
-    fn drift_is_detected_and_strays_are_removed() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
-        let c = svc(3, "10.96.0.3", &["10.0.1.2"], true);
-        let mut ops = skeleton_ops();
-        ops.extend(
-            Mirror::default()
-                .transaction(&plan(&[a.clone(), c.clone()], &[]))
-                .ops,
-        );
-        let mut d = dump_of(&ops);
-        // Someone removed a backend slot, changed an affinity rule, left a chain, a set and a
-        // slot behind, and flushed a static chain.
-        d.elems
-            .get_mut("be4")
-            .unwrap()
-            .retain(|(k, _, _)| *k != slot_key(&a.frontend.key(), 1));
-        d.rules.get_mut("s3").unwrap()[0].exprs.pop();
-        d.chains.insert("s99".into());
-        d.sets.insert(
-            "a99-0a0000010050".into(),
-            DumpedSet {
-                flags: 0x30,
-                key_len: 4,
-            },
-        );
-        d.elems.get_mut("be4").unwrap().push((
-            slot_key(&svc(42, "10.96.0.42", &[], false).frontend.key(), 0),
-            ElemData::Value(render::slot_value("10.9.9.9".parse().unwrap(), 1)),
-            None,
-        ));
-        d.rules.remove("nat_output");
-        d.elems.get_mut("hairpin4").unwrap().push((
-            hairpin_key("10.9.9.9".parse().unwrap()),
-            ElemData::None,
-            None,
-        ));
-        let (services, _, repairs) = reconstruct(&d);
-        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, vec!["default/s1 (drifted)", "default/s3 (drifted)"]);
-        let text: Vec<String> = repairs.iter().map(ToString::to_string).collect();
-        for want in [
-            "add chain nat_output",
-            "flush chain nat_output",
-            "flush chain s99",
-            "delete chain s99",
-            "delete set a99-0a0000010050",
-            "delete element hairpin4 0a0909090a090909",
-        ] {
-            assert!(
-                text.contains(&want.to_string()),
-                "{want} missing in {text:?}"
-            );
-        }
-        assert!(
-            text.iter()
-                .any(|t| t.starts_with("delete element be4 0a60002a"))
-        );
-        // Drifted services differ from the desired ones, so the plan rewrites them, and the
-        // rewrite restores the missing slot.
-        let p = plan(&[a.clone(), c.clone()], &services);
-        assert_eq!(p.upserts.len(), 2);
-        let (_, mirror, _) = reconstruct(&d);
-        let tx = mirror.transaction(&p);
-        assert!(
-            tx.ops
-                .iter()
-                .any(|o| matches!(o, Op::AddElem { set, key, .. } if set == "be4" && *key == slot_key(&a.frontend.key(), 1)))
-        );
-    }
-
-    #[test]
-    fn udata_comments_round_trip() {
-        let u = comment_udata("b 10.0.0.1 80");
-        assert_eq!(parse_udata_comment(&u).as_deref(), Some("b 10.0.0.1 80"));
-        assert_eq!(parse_udata_comment(&[1, 1, 0]), None);
-    }
-
-    #[test]
-    fn encoded_batches_describe_their_messages() {
-        let a = svc(1, "10.96.0.1", &["10.0.1.2"], false);
-        let tx = Mirror::default().transaction(&plan(std::slice::from_ref(&a), &[]));
-        let b = encode_ops(TABLE, &tx.ops);
-        assert_eq!(b.len(), tx.ops.len());
-        assert_eq!(b.descriptions()[0], "add set c4-1");
-    }
-}
+mod tests;
