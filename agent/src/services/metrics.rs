@@ -3,8 +3,8 @@
 //! (appended to `/metrics` by the agent) and read by the kube-proxy health server.
 //!
 //! Why this shape: the loop records into one [`ServiceMetrics`] behind a mutex (one lock per
-//! sync, never held across an await); the histogram ([`Hist`]) is written here and kept in
-//! this one module so it can be replaced by a metrics library without touching the loop.
+//! sync, never held across an await); the histograms are the agent's one [`Histogram`] type (why
+//! not a metrics library: `shared::metrics`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::services::desired::{RefuseReason, Reserved};
+use crate::shared::metrics::Histogram;
 
 // Metrics.
 
@@ -36,39 +37,6 @@ fn network_programming_buckets() -> Vec<f64> {
     b
 }
 
-/// A Prometheus histogram whose bounds are given at each call (they are constants).
-#[derive(Default)]
-struct Hist {
-    buckets: Vec<u64>,
-    count: u64,
-    sum: f64,
-}
-
-impl Hist {
-    fn observe(&mut self, bounds: &[f64], v: f64) {
-        self.buckets.resize(bounds.len(), 0);
-        for (i, b) in bounds.iter().enumerate() {
-            if v <= *b {
-                self.buckets[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += v;
-    }
-
-    fn render(&self, o: &mut String, name: &str, help: &str, bounds: &[f64]) {
-        let _ = writeln!(o, "# HELP {name} {help}");
-        let _ = writeln!(o, "# TYPE {name} histogram");
-        for (i, b) in bounds.iter().enumerate() {
-            let n = self.buckets.get(i).copied().unwrap_or_default();
-            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {n}");
-        }
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(o, "{name}_sum {}", self.sum);
-        let _ = writeln!(o, "{name}_count {}", self.count);
-    }
-}
-
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -78,10 +46,10 @@ fn unix_secs(t: SystemTime) -> f64 {
 /// the same names, and what its `/healthz` and `/livez` are computed from.
 #[derive(Default)]
 pub(super) struct KubeProxyState {
-    sync: Hist,
-    full: Hist,
-    partial: Hist,
-    network_programming: Hist,
+    sync: Histogram,
+    full: Histogram,
+    partial: Histogram,
+    network_programming: Histogram,
     /// The last successful sync.
     last_synced: Option<SystemTime>,
     /// The oldest update received and not yet synced (kube-proxy's `oldestPendingQueued`).
@@ -102,9 +70,7 @@ pub(super) struct MetricsInner {
     pub(super) mode: &'static str,
     pub(super) reason: String,
     pub(super) syncs: BTreeMap<(&'static str, &'static str), u64>,
-    pub(super) buckets: [u64; BUCKETS.len()],
-    pub(super) count: u64,
-    pub(super) sum: f64,
+    pub(super) duration: Histogram,
     pub(super) frontends: usize,
     pub(super) backends: usize,
     pub(super) conflicts: usize,
@@ -136,13 +102,7 @@ impl ServiceMetrics {
             .entry((kind, if ok { "ok" } else { "error" }))
             .or_default() += 1;
         let s = took.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                g.buckets[i] += 1;
-            }
-        }
-        g.count += 1;
-        g.sum += s;
+        g.duration.observe(&BUCKETS, s);
         if ok {
             g.last_ops = ops;
         }
@@ -234,25 +194,12 @@ impl ServiceMetrics {
                 "twill_services_syncs_total{{kind=\"{kind}\",result=\"{result}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP twill_services_sync_duration_seconds Time to plan and apply one sync."
+        g.duration.render(
+            &mut o,
+            "twill_services_sync_duration_seconds",
+            "Time to plan and apply one sync.",
+            &BUCKETS,
         );
-        let _ = writeln!(o, "# TYPE twill_services_sync_duration_seconds histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "twill_services_sync_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                g.buckets[i]
-            );
-        }
-        let _ = writeln!(
-            o,
-            "twill_services_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            g.count
-        );
-        let _ = writeln!(o, "twill_services_sync_duration_seconds_sum {}", g.sum);
-        let _ = writeln!(o, "twill_services_sync_duration_seconds_count {}", g.count);
         for (name, help, v) in [
             (
                 "frontends",
