@@ -9,16 +9,15 @@
 //! [`Backend`]: crate::overlay::backend::Backend
 //! [`Backend::peer_entries`]: crate::overlay::backend::Backend::peer_entries
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use crate::overlay::backend::{PeerFamily, for_kind};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::kernel::{Addr, Fdb, Neigh, Route};
+use crate::overlay::kernel::Addr;
 use crate::overlay::lease::{Lease, LeaseAttrs, LeaseSubnets};
-use crate::overlay::{Devices, Uplink};
+use crate::overlay::{Desired, Devices, Uplink};
 
 /// The overlay MTU pods must use: `Backend.MTU` when set, else the uplink's less the
 /// backend's overhead.
@@ -45,19 +44,6 @@ pub fn lease_attrs(cfg: &NetworkConfig, uplink: &Uplink, devices: &Devices) -> L
         backend_v6_data: data(&devices.v6),
         node_id: None,
     }
-}
-
-/// Everything the overlay wants in the kernel.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    /// Addresses on the VXLAN devices.
-    pub addrs: Vec<Addr>,
-    /// Routes to peer subnets.
-    pub routes: BTreeSet<Route>,
-    /// Neighbours for peer VTEPs.
-    pub neighs: BTreeSet<Neigh>,
-    /// FDB entries for peer VTEPs.
-    pub fdb: BTreeSet<Fdb>,
 }
 
 /// Computes the desired overlay state: a pure function of the config, the node and the leases.

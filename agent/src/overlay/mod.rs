@@ -48,9 +48,12 @@ pub mod plan;
 pub mod source;
 pub mod uplink;
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+
+use crate::overlay::kernel::{Addr, Fdb, Neigh, Route};
 
 /// The node's place in the underlay, found once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,19 @@ pub struct Devices {
     pub v4: Option<Device>,
     /// `flannel-v6.<VNI>` (IPv6 overlay).
     pub v6: Option<Device>,
+}
+
+/// Everything the overlay wants in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Addresses on the VXLAN devices.
+    pub addrs: Vec<Addr>,
+    /// Routes to peer subnets.
+    pub routes: BTreeSet<Route>,
+    /// Neighbours for peer VTEPs.
+    pub neighs: BTreeSet<Neigh>,
+    /// FDB entries for peer VTEPs.
+    pub fdb: BTreeSet<Fdb>,
 }
 
 #[cfg(test)]

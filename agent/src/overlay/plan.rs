@@ -7,9 +7,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::overlay::Devices;
-use crate::overlay::desired::Desired;
 use crate::overlay::kernel::{Addr, Fdb, Neigh, PROTO_KERNEL, PROTO_TWILL, Route};
+use crate::overlay::{Desired, Devices};
 
 /// What the kernel has that the overlay owns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

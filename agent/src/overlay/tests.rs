@@ -1,22 +1,16 @@
 //! The overlay loop on the fake kernel: desired, plan and apply for each backend.
 
+use ipnet::IpNet;
+
 use super::*;
-use crate::overlay::apply::ensure_devices;
-use crate::overlay::apply::reconcile;
-use crate::overlay::check::NetworkClash;
-use crate::overlay::check::check_network;
+use crate::overlay::apply::{ensure_devices, reconcile};
+use crate::overlay::backend::udp::TUN_NAME;
+use crate::overlay::check::{NetworkClash, check_network};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::desired::desired;
-use crate::overlay::desired::lease_attrs;
-use crate::overlay::desired::overlay_mtu;
-use crate::overlay::kernel::PROTO_BOOT;
-use crate::overlay::kernel::PROTO_KERNEL;
-use crate::overlay::kernel::PROTO_TWILL;
-use crate::overlay::kernel::Route;
+use crate::overlay::desired::{desired, lease_attrs, overlay_mtu};
 use crate::overlay::kernel::fake::FakeKernel;
-use crate::overlay::lease::Lease;
-use crate::overlay::lease::LeaseAttrs;
-use crate::overlay::lease::LeaseSubnets;
+use crate::overlay::kernel::{LinkInfo, PROTO_BOOT, PROTO_KERNEL, PROTO_TWILL, Route};
+use crate::overlay::lease::{Lease, LeaseAttrs, LeaseSubnets};
 use crate::overlay::plan::Op;
 
 fn cfg(backend: &str) -> NetworkConfig {
@@ -80,6 +74,8 @@ fn mtu_maths() {
     assert_eq!(overlay_mtu(&c, &up), 1400);
     let hg = cfg(r#"{"Type":"host-gw"}"#);
     assert_eq!(overlay_mtu(&hg, &up), 1500);
+    let udp = NetworkConfig::parse(UDP_CFG).unwrap();
+    assert_eq!(overlay_mtu(&udp, &udp_uplink()), 1472);
 }
 
 #[tokio::test]
@@ -426,5 +422,96 @@ fn lease_attrs_publish_vtep_macs() {
     assert_eq!(
         a.to_json(),
         r#"{"PublicIP":"198.18.0.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:01:02:03:04:05"}}"#
+    );
+}
+
+const UDP_CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+/// The uplink of an IPv4-only node (the udp backend carries IPv4 only).
+fn udp_uplink() -> Uplink {
+    let mut up = uplink();
+    up.public_v6 = None;
+    up.nets.truncate(1);
+    up
+}
+
+fn udp_lease(n: u8) -> Lease {
+    let mut l = peer(n, &format!("198.18.0.{}", 10 + n), n);
+    l.subnets.v6 = None;
+    l.attrs.public_ipv6 = None;
+    l.attrs.backend_type = "udp".into();
+    l.attrs.backend_data = None;
+    l.attrs.backend_v6_data = None;
+    l
+}
+
+#[tokio::test]
+async fn tun_gets_address_and_network_route_from_the_reconciler() {
+    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+    let cfg = NetworkConfig::parse(UDP_CFG).unwrap();
+    let up = udp_uplink();
+    // No device yet: the overlay cannot go on without the backend's TUN.
+    assert!(ensure_devices(&k, &cfg, &up).await.is_err());
+    // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left
+    // (twill's: it carries the mark).
+    k.tamper(|s| {
+        s.links.push(LinkInfo {
+            index: 50,
+            name: TUN_NAME.into(),
+            mac: None,
+            mtu: 1500,
+            up: false,
+            vxlan: None,
+        });
+        s.routes.insert(Route {
+            dst: "10.244.3.0/24".parse().unwrap(),
+            gateway: Some("10.244.3.0".parse().unwrap()),
+            oif: 9,
+            onlink: true,
+            proto: crate::overlay::kernel::PROTO_TWILL,
+        });
+    });
+    let devs = ensure_devices(&k, &cfg, &up).await.unwrap();
+    assert_eq!(devs.v4.as_ref().unwrap().index, 50);
+    assert!(devs.v6.is_none());
+    assert!(
+        k.take_calls()
+            .iter()
+            .any(|c| c.contains("set_up") && c.contains("1472"))
+    );
+    let own = udp_lease(1).subnets;
+    let peers = [udp_lease(1), udp_lease(2), udp_lease(3)];
+    reconcile(&k, &cfg, &up, &devs, &own, &peers).await.unwrap();
+    let s = k.state();
+    let on_tun: Vec<String> = s
+        .addrs
+        .iter()
+        .filter(|a| a.ifindex == 50)
+        .map(|a| a.net.to_string())
+        .collect();
+    assert_eq!(on_tun, ["10.244.1.0/32"]);
+    let routes: Vec<&Route> = s
+        .routes
+        .iter()
+        .filter(|r| matches!(r.dst, IpNet::V4(_)))
+        .collect();
+    assert_eq!(
+        routes,
+        [&Route {
+            dst: "10.244.0.0/16".parse().unwrap(),
+            gateway: None,
+            oif: 50,
+            onlink: false,
+            proto: crate::overlay::kernel::PROTO_TWILL,
+        }],
+        "one route for the Network, none per peer, the stale one gone"
+    );
+    k.take_calls();
+    let ops = reconcile(&k, &cfg, &up, &devs, &own, &peers).await.unwrap();
+    assert!(ops.is_empty(), "{ops:?}");
+    // flannel's udp lease: no BackendData.
+    assert_eq!(
+        lease_attrs(&cfg, &up, &devs).to_json(),
+        r#"{"PublicIP":"198.18.0.11","BackendType":"udp"}"#
     );
 }

@@ -7,8 +7,7 @@
 
 use crate::overlay::backend::{Backend, DeviceSpec, PeerFamily, direct_route, same_l2};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::desired::Desired;
-use crate::overlay::{Device, Uplink};
+use crate::overlay::{Desired, Device, Uplink};
 
 /// The host-gw backend.
 #[derive(Debug, Clone, Copy)]

@@ -28,10 +28,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::overlay::config::{BackendType, NetworkConfig};
-use crate::overlay::desired::Desired;
 use crate::overlay::kernel::{PROTO_TWILL, Route, VxlanSpec};
 use crate::overlay::lease::LeaseAttrs;
-use crate::overlay::{Device, Devices, Uplink};
+use crate::overlay::{Desired, Device, Devices, Uplink};
 
 /// A device the node needs, as the kernel seam knows how to make or find it.
 #[derive(Debug, Clone, PartialEq, Eq)]

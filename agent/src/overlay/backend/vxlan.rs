@@ -13,10 +13,9 @@ use std::net::IpAddr;
 
 use crate::overlay::backend::{Backend, DeviceSpec, PeerFamily, direct_route, same_l2};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::desired::Desired;
 use crate::overlay::kernel::{Fdb, Neigh, PROTO_TWILL, Route, VxlanSpec};
 use crate::overlay::lease::{VxlanData, format_mac, parse_mac};
-use crate::overlay::{Device, Uplink};
+use crate::overlay::{Desired, Device, Uplink};
 
 /// VXLAN overhead over an IPv4 underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD_V4: u32 = 50;

@@ -227,7 +227,7 @@ impl<S: LeaseStore + Clone> Node<S> {
         // udp: the data path (TUN device, port, workers) comes first, so the device exists for
         // ensure_devices; it drops everything until the routing table arrives with the leases.
         let udp = if cfg.backend.kind == BackendType::Udp {
-            let spec = udp::Spec::new(&cfg, &up)?;
+            let spec = udp::Spec::new(&cfg, &up, overlay_mtu(&cfg, &up))?;
             let b = UdpBackend::start(&kernel, spec)
                 .await
                 .context("start the udp backend")?;

@@ -64,10 +64,9 @@ use ipnet::{IpNet, Ipv4Net};
 
 use crate::overlay::backend::{Backend, DeviceSpec, PeerFamily};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::desired::{Desired, overlay_mtu};
 use crate::overlay::kernel::{Kernel, KernelError, PROTO_TWILL, Route};
 use crate::overlay::lease::Lease;
-use crate::overlay::{Device, Devices, Uplink};
+use crate::overlay::{Desired, Device, Devices, Uplink};
 use crate::shared::metrics::UdpCounts;
 
 use self::core::{DropReason, OVERHEAD, RouteTable};
@@ -122,8 +121,8 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// The spec for a config and an uplink: one worker per core (at most 8).
-    pub fn new(cfg: &NetworkConfig, up: &Uplink) -> Result<Spec, UdpError> {
+    /// The spec for a config, an uplink and the overlay MTU: one worker per core (at most 8).
+    pub fn new(cfg: &NetworkConfig, up: &Uplink, mtu: u32) -> Result<Spec, UdpError> {
         let ip = up.public_v4.ok_or_else(|| {
             UdpError::Config(format!(
                 "the udp backend needs an IPv4 public address, and {} has none",
@@ -133,7 +132,7 @@ impl Spec {
         let max = usize::try_from(up.mtu).unwrap_or(usize::MAX);
         Ok(Spec {
             name: TUN_NAME.to_string(),
-            mtu: overlay_mtu(cfg, up),
+            mtu,
             max_packet: max.saturating_sub(OVERHEAD),
             bind: SocketAddrV4::new(ip, cfg.backend.port),
             workers: std::thread::available_parallelism()
@@ -478,11 +477,6 @@ impl Drop for UdpBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::overlay::apply::{ensure_devices, reconcile};
-    use crate::overlay::desired::lease_attrs;
-    use crate::overlay::kernel::LinkInfo;
-    use crate::overlay::kernel::fake::FakeKernel;
-    use crate::overlay::lease::{LeaseAttrs, LeaseSubnets};
 
     const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
@@ -497,28 +491,10 @@ mod tests {
         }
     }
 
-    fn lease(n: u8) -> Lease {
-        Lease {
-            subnets: LeaseSubnets {
-                v4: Some(format!("10.244.{n}.0/24").parse().unwrap()),
-                v6: None,
-            },
-            attrs: LeaseAttrs {
-                public_ip: Some(format!("198.18.0.{}", 10 + n).parse().unwrap()),
-                public_ipv6: None,
-                backend_type: "udp".into(),
-                backend_data: None,
-                backend_v6_data: None,
-                node_id: None,
-            },
-            expires: None,
-        }
-    }
-
     #[test]
     fn spec_and_config_checks() {
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let spec = Spec::new(&cfg, &uplink()).unwrap();
+        let spec = Spec::new(&cfg, &uplink(), 1472).unwrap();
         assert_eq!(spec.name, "flannel0");
         assert_eq!(spec.mtu, 1472);
         assert_eq!(spec.max_packet, 1472);
@@ -536,83 +512,12 @@ mod tests {
         );
         let mut up = uplink();
         up.public_v4 = None;
-        assert!(Spec::new(&cfg, &up).is_err());
+        assert!(Spec::new(&cfg, &up, 1472).is_err());
         assert!(check_proxy_mode(false).is_ok());
         let err = check_proxy_mode(true).unwrap_err().to_string();
         assert!(
             err.contains("--proxy-mode ebpf") && err.contains("L3 TUN"),
             "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn tun_gets_address_and_network_route_from_the_reconciler() {
-        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-        let cfg = NetworkConfig::parse(CFG).unwrap();
-        let up = uplink();
-        // No device yet: the overlay cannot go on without the backend's TUN.
-        assert!(ensure_devices(&k, &cfg, &up).await.is_err());
-        // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left
-        // (twill's: it carries the mark).
-        k.tamper(|s| {
-            s.links.push(LinkInfo {
-                index: 50,
-                name: TUN_NAME.into(),
-                mac: None,
-                mtu: 1500,
-                up: false,
-                vxlan: None,
-            });
-            s.routes.insert(Route {
-                dst: "10.244.3.0/24".parse().unwrap(),
-                gateway: Some("10.244.3.0".parse().unwrap()),
-                oif: 9,
-                onlink: true,
-                proto: crate::overlay::kernel::PROTO_TWILL,
-            });
-        });
-        let devs = ensure_devices(&k, &cfg, &up).await.unwrap();
-        assert_eq!(devs.v4.as_ref().unwrap().index, 50);
-        assert!(devs.v6.is_none());
-        assert!(
-            k.take_calls()
-                .iter()
-                .any(|c| c.contains("set_up") && c.contains("1472"))
-        );
-        let own = lease(1).subnets;
-        let peers = [lease(1), lease(2), lease(3)];
-        reconcile(&k, &cfg, &up, &devs, &own, &peers).await.unwrap();
-        let s = k.state();
-        let on_tun: Vec<String> = s
-            .addrs
-            .iter()
-            .filter(|a| a.ifindex == 50)
-            .map(|a| a.net.to_string())
-            .collect();
-        assert_eq!(on_tun, ["10.244.1.0/32"]);
-        let routes: Vec<&Route> = s
-            .routes
-            .iter()
-            .filter(|r| matches!(r.dst, IpNet::V4(_)))
-            .collect();
-        assert_eq!(
-            routes,
-            [&Route {
-                dst: "10.244.0.0/16".parse().unwrap(),
-                gateway: None,
-                oif: 50,
-                onlink: false,
-                proto: crate::overlay::kernel::PROTO_TWILL,
-            }],
-            "one route for the Network, none per peer, the stale one gone"
-        );
-        k.take_calls();
-        let ops = reconcile(&k, &cfg, &up, &devs, &own, &peers).await.unwrap();
-        assert!(ops.is_empty(), "{ops:?}");
-        // flannel's udp lease: no BackendData.
-        assert_eq!(
-            lease_attrs(&cfg, &up, &devs).to_json(),
-            r#"{"PublicIP":"198.18.0.11","BackendType":"udp"}"#
         );
     }
 }
