@@ -1,7 +1,8 @@
 //! Acquiring a lease: our own back (with proof), the previous subnet if free, else a free one; conflicts reported.
 
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::lease::{self, LEASE_TTL, LeaseAttrs, LeaseSubnets};
+use crate::overlay::lease::alloc;
+use crate::overlay::lease::{LEASE_TTL, LeaseAttrs, LeaseSubnets};
 use crate::overlay::source::{HeldLease, LeaseStore, StoredLease};
 use crate::shared::backoff::Backoff;
 use crate::shared::metrics::Metrics;
@@ -61,7 +62,7 @@ pub async fn acquire<S: LeaseStore>(
         let mine = leases.iter().find(|l| {
             l.lease.attrs.public_ip == attrs.public_ip
                 && l.lease.attrs.public_ipv6 == attrs.public_ipv6
-                && lease::in_range(cfg, &l.lease.subnets)
+                && alloc::in_range(cfg, &l.lease.subnets)
                 && provably_ours(l, attrs, previous)
         });
         if let Some(old) = mine {
@@ -81,7 +82,7 @@ pub async fn acquire<S: LeaseStore>(
         let candidate = match previous {
             Some(p)
                 if attempt == 0
-                    && lease::in_range(cfg, &p)
+                    && alloc::in_range(cfg, &p)
                     && !taken.iter().any(|t| {
                         (p.v4.is_some() && t.v4 == p.v4) || (p.v6.is_some() && t.v6 == p.v6)
                     }) =>
@@ -93,12 +94,12 @@ pub async fn acquire<S: LeaseStore>(
                 let v6s: Vec<Ipv6Net> = taken.iter().filter_map(|t| t.v6).collect();
                 LeaseSubnets {
                     v4: if cfg.enable_ipv4 {
-                        Some(lease::choose_v4(cfg, &v4s, &mut rng)?)
+                        Some(alloc::choose_v4(cfg, &v4s, &mut rng)?)
                     } else {
                         None
                     },
                     v6: if cfg.enable_ipv6 {
-                        Some(lease::choose_v6(cfg, &v6s, &mut rng)?)
+                        Some(alloc::choose_v6(cfg, &v6s, &mut rng)?)
                     } else {
                         None
                     },

@@ -1,7 +1,8 @@
 //! What the loop says about leases: ignored peers, conflicts and claims, a lease lost or taken, the usable peers.
 
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::lease::{self, IgnoreReason, Ignored, Lease, LeaseAttrs, OwnNode};
+use crate::overlay::lease::validate::{self, IgnoreReason, Ignored, OwnNode};
+use crate::overlay::lease::{Lease, LeaseAttrs};
 use crate::overlay::node::cache::Snapshot;
 use crate::overlay::source::HeldLease;
 use crate::shared::metrics::Metrics;
@@ -146,7 +147,7 @@ pub(crate) fn lease_lost(
     })
 }
 
-/// Validates the snapshot's peer leases for this node (see [`lease::validate_peers`]), reports
+/// Validates the snapshot's peer leases for this node (see [`validate::validate_peers`]), reports
 /// the ignored ones and the conflicts over our own lease, and returns the peers to program.
 pub(crate) fn usable_peers(
     cfg: &NetworkConfig,
@@ -161,7 +162,7 @@ pub(crate) fn usable_peers(
         public_v4: attrs.public_ip,
         public_v6: attrs.public_ipv6,
     };
-    let v = lease::validate_peers(
+    let v = validate::validate_peers(
         cfg,
         &own,
         snap.leases.iter().map(|l| (&l.lease, l.create_revision)),

@@ -38,8 +38,9 @@
 //!   whole with `arc-swap`; workers load it once per batch. A lease that goes away is gone from
 //!   the next batch on.
 //! - The device's address (`<subnet>.0/32`, as flannel does today) and the route of the whole
-//!   cluster Network into it are ordinary overlay state: [`ensure_device`] hands the device to
-//!   the overlay reconciler, which programs and heals them like any backend's entries.
+//!   cluster Network into it are ordinary overlay state: [`Udp`], this backend's side of the
+//!   overlay's [`Backend`] trait, names the device and the route, and the overlay reconciler
+//!   programs and heals them like any backend's entries.
 //!
 //! Minimum kernel: 4.18 for UDP GSO, 5.0 for UDP GRO (the socket works without it, one datagram
 //! per receive), 6.2 for USO on the TUN (without it the kernel segments UDP itself).
@@ -59,12 +60,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
+use crate::overlay::backend::{Backend, DeviceSpec, PeerFamily};
 use crate::overlay::config::NetworkConfig;
-use crate::overlay::kernel::{Kernel, KernelError};
+use crate::overlay::kernel::{Kernel, KernelError, PROTO_TWILL, Route};
 use crate::overlay::lease::Lease;
-use crate::overlay::{self, Device, Uplink};
+use crate::overlay::{Desired, Device, Devices, Uplink};
 use crate::shared::metrics::UdpCounts;
 
 use self::core::{DropReason, OVERHEAD, RouteTable};
@@ -119,8 +121,8 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// The spec for a config and an uplink: one worker per core (at most 8).
-    pub fn new(cfg: &NetworkConfig, up: &Uplink) -> Result<Spec, UdpError> {
+    /// The spec for a config, an uplink and the overlay MTU: one worker per core (at most 8).
+    pub fn new(cfg: &NetworkConfig, up: &Uplink, mtu: u32) -> Result<Spec, UdpError> {
         let ip = up.public_v4.ok_or_else(|| {
             UdpError::Config(format!(
                 "the udp backend needs an IPv4 public address, and {} has none",
@@ -130,7 +132,7 @@ impl Spec {
         let max = usize::try_from(up.mtu).unwrap_or(usize::MAX);
         Ok(Spec {
             name: TUN_NAME.to_string(),
-            mtu: overlay::overlay_mtu(cfg, up),
+            mtu,
             max_packet: max.saturating_sub(OVERHEAD),
             bind: SocketAddrV4::new(ip, cfg.backend.port),
             workers: std::thread::available_parallelism()
@@ -172,24 +174,47 @@ pub fn check_proxy_mode(ebpf: bool) -> Result<(), UdpError> {
     Ok(())
 }
 
-/// Finds the TUN device for the overlay reconciler and makes sure it is up with the overlay
-/// MTU. The device itself is made by [`UdpBackend::start`] (it needs the queues' descriptors).
-pub async fn ensure_device<K: Kernel>(k: &K, mtu: u32) -> Result<Device, KernelError> {
-    let link = k
-        .links()
-        .await?
-        .into_iter()
-        .find(|l| l.name == TUN_NAME)
-        .ok_or_else(|| KernelError::NotFound(format!("TUN device {TUN_NAME}")))?;
-    if !link.up || link.mtu != mtu {
-        k.set_up(link.index, mtu).await?;
+/// The udp backend as the overlay loop sees it: its TUN device, and one route of the whole
+/// cluster Network into it (the data path picks the peer from its own routing table, so no
+/// kernel entry is per peer). flannel publishes no `BackendData` for udp, nor does twill.
+#[derive(Debug, Clone, Copy)]
+pub struct Udp;
+
+impl Backend for Udp {
+    fn overhead(&self, _cfg: &NetworkConfig) -> u32 {
+        u32::try_from(OVERHEAD).expect("28 bytes")
     }
-    Ok(Device {
-        index: link.index,
-        name: link.name,
-        mac: [0; 6],
-        mtu,
-    })
+
+    fn devices(&self, _cfg: &NetworkConfig, _up: &Uplink, mtu: u32) -> Vec<(bool, DeviceSpec)> {
+        // Made by [`UdpBackend::start`] (it needs the queues' descriptors); the apply only finds
+        // it and keeps it up at the overlay MTU.
+        vec![(
+            false,
+            DeviceSpec::Tun {
+                name: TUN_NAME.to_string(),
+                mtu,
+            },
+        )]
+    }
+
+    fn lease_data(&self, _cfg: &NetworkConfig, _dev: &Device) -> Option<serde_json::Value> {
+        None
+    }
+
+    fn node_entries(&self, d: &mut Desired, cfg: &NetworkConfig, devices: &Devices) {
+        if let (Some(dev), Some(net)) = (&devices.v4, cfg.network) {
+            d.routes.insert(Route {
+                dst: IpNet::V4(net),
+                gateway: None,
+                oif: dev.index,
+                onlink: false,
+                proto: PROTO_TWILL,
+            });
+        }
+    }
+
+    fn peer_entries(&self, _d: &mut Desired, _c: &NetworkConfig, _u: &Uplink, _p: &PeerFamily<'_>) {
+    }
 }
 
 /// Threads of one generation of the data path.
@@ -452,10 +477,6 @@ impl Drop for UdpBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::overlay::kernel::fake::FakeKernel;
-    use crate::overlay::kernel::{LinkInfo, Route};
-    use crate::overlay::lease::{LeaseAttrs, LeaseSubnets};
-    use ipnet::IpNet;
 
     const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
@@ -470,28 +491,10 @@ mod tests {
         }
     }
 
-    fn lease(n: u8) -> Lease {
-        Lease {
-            subnets: LeaseSubnets {
-                v4: Some(format!("10.244.{n}.0/24").parse().unwrap()),
-                v6: None,
-            },
-            attrs: LeaseAttrs {
-                public_ip: Some(format!("198.18.0.{}", 10 + n).parse().unwrap()),
-                public_ipv6: None,
-                backend_type: "udp".into(),
-                backend_data: None,
-                backend_v6_data: None,
-                node_id: None,
-            },
-            expires: None,
-        }
-    }
-
     #[test]
     fn spec_and_config_checks() {
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let spec = Spec::new(&cfg, &uplink()).unwrap();
+        let spec = Spec::new(&cfg, &uplink(), 1472).unwrap();
         assert_eq!(spec.name, "flannel0");
         assert_eq!(spec.mtu, 1472);
         assert_eq!(spec.max_packet, 1472);
@@ -509,87 +512,12 @@ mod tests {
         );
         let mut up = uplink();
         up.public_v4 = None;
-        assert!(Spec::new(&cfg, &up).is_err());
+        assert!(Spec::new(&cfg, &up, 1472).is_err());
         assert!(check_proxy_mode(false).is_ok());
         let err = check_proxy_mode(true).unwrap_err().to_string();
         assert!(
             err.contains("--proxy-mode ebpf") && err.contains("L3 TUN"),
             "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn tun_gets_address_and_network_route_from_the_reconciler() {
-        let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-        let cfg = NetworkConfig::parse(CFG).unwrap();
-        let up = uplink();
-        // No device yet: the overlay cannot go on without the backend's TUN.
-        assert!(overlay::ensure_devices(&k, &cfg, &up).await.is_err());
-        // The backend made flannel0 (down, default MTU); a route of an earlier VXLAN run is left
-        // (twill's: it carries the mark).
-        k.tamper(|s| {
-            s.links.push(LinkInfo {
-                index: 50,
-                name: TUN_NAME.into(),
-                mac: None,
-                mtu: 1500,
-                up: false,
-                vxlan: None,
-            });
-            s.routes.insert(Route {
-                dst: "10.244.3.0/24".parse().unwrap(),
-                gateway: Some("10.244.3.0".parse().unwrap()),
-                oif: 9,
-                onlink: true,
-                proto: crate::overlay::kernel::PROTO_TWILL,
-            });
-        });
-        let devs = overlay::ensure_devices(&k, &cfg, &up).await.unwrap();
-        assert_eq!(devs.v4.as_ref().unwrap().index, 50);
-        assert!(devs.v6.is_none());
-        assert!(
-            k.take_calls()
-                .iter()
-                .any(|c| c.contains("set_up") && c.contains("1472"))
-        );
-        let own = lease(1).subnets;
-        let peers = [lease(1), lease(2), lease(3)];
-        overlay::reconcile(&k, &cfg, &up, &devs, &own, &peers)
-            .await
-            .unwrap();
-        let s = k.state();
-        let on_tun: Vec<String> = s
-            .addrs
-            .iter()
-            .filter(|a| a.ifindex == 50)
-            .map(|a| a.net.to_string())
-            .collect();
-        assert_eq!(on_tun, ["10.244.1.0/32"]);
-        let routes: Vec<&Route> = s
-            .routes
-            .iter()
-            .filter(|r| matches!(r.dst, IpNet::V4(_)))
-            .collect();
-        assert_eq!(
-            routes,
-            [&Route {
-                dst: "10.244.0.0/16".parse().unwrap(),
-                gateway: None,
-                oif: 50,
-                onlink: false,
-                proto: crate::overlay::kernel::PROTO_TWILL,
-            }],
-            "one route for the Network, none per peer, the stale one gone"
-        );
-        k.take_calls();
-        let ops = overlay::reconcile(&k, &cfg, &up, &devs, &own, &peers)
-            .await
-            .unwrap();
-        assert!(ops.is_empty(), "{ops:?}");
-        // flannel's udp lease: no BackendData.
-        assert_eq!(
-            overlay::lease_attrs(&cfg, &up, &devs).to_json(),
-            r#"{"PublicIP":"198.18.0.11","BackendType":"udp"}"#
         );
     }
 }
