@@ -47,6 +47,7 @@
 //! IPv4 only, as flannel's udp backend.
 
 pub mod core;
+pub mod edge;
 pub mod socket;
 pub mod tun;
 pub mod worker;

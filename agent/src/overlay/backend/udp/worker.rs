@@ -42,6 +42,7 @@ use super::core::{
     Batcher, DropReason, Encap, Flow, Gro, RouteTable, STEER_BUCKETS, VNET_HDR_LEN, bucket,
     decapsulate, default_table, encapsulate, flow_of, rebalance, split_datagrams,
 };
+use super::edge::{Receive, SocketRx, SocketTx, Transmit, Tun};
 use super::socket::{OutMsg, Receiver, Sender, UdpSocket};
 use super::tun::TunQueue;
 
@@ -167,8 +168,8 @@ struct Piece {
 }
 
 /// The transmit side's buffers.
-struct Tx {
-    sender: Sender,
+struct Tx<S> {
+    sender: S,
     inputs: Vec<Box<[u8]>>,
     arena: Box<[u8]>,
     /// Bytes of the arena in use.
@@ -182,10 +183,10 @@ struct Tx {
     msgs: Vec<OutMsg>,
 }
 
-impl Tx {
-    fn new() -> Tx {
+impl<S: Transmit> Tx<S> {
+    fn new(sender: S) -> Tx<S> {
         Tx {
-            sender: Sender::default(),
+            sender,
             inputs: (0..TX_BATCH)
                 .map(|_| vec![0u8; TUN_BUF].into_boxed_slice())
                 .collect(),
@@ -209,7 +210,7 @@ impl Tx {
 
     /// Sends everything queued (one `sendmmsg`, more if the kernel takes fewer) and frees the
     /// arena.
-    fn flush(&mut self, sock: &UdpSocket, local: &mut Local) {
+    fn flush(&mut self, local: &mut Local) {
         if self.batch.packets() > 0 {
             let (inputs, arena) = (&self.inputs, &self.arena);
             let slices = self.pieces.iter().map(|p| {
@@ -227,7 +228,7 @@ impl Tx {
                 gso: s.gso(),
             }));
             let sends = self.batch.sends();
-            self.sender.send(sock, &self.msgs, slices, |i, r| {
+            self.sender.send(&self.msgs, slices, |i, r| {
                 let s = &sends[i];
                 match r {
                     Ok(()) => {
@@ -259,8 +260,7 @@ impl Tx {
         &mut self,
         shared: &Shared,
         table: &RouteTable,
-        tun: &TunQueue,
-        sock: &UdpSocket,
+        tun: &impl Tun,
         local: &mut Local,
     ) -> Result<usize, Detached> {
         let mut n = 0;
@@ -271,7 +271,7 @@ impl Tx {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.flush(sock, local);
+                    self.flush(local);
                     if device_gone(&e) {
                         return Err(Detached);
                     }
@@ -282,10 +282,10 @@ impl Tx {
             };
             local.tun_reads += 1;
             bytes += len;
-            self.encap(shared, table, n, len, sock, local);
+            self.encap(shared, table, n, len, local);
             n += 1;
         }
-        self.flush(sock, local);
+        self.flush(local);
         Ok(n)
     }
 
@@ -296,7 +296,6 @@ impl Tx {
         table: &RouteTable,
         n: usize,
         len: usize,
-        sock: &UdpSocket,
         local: &mut Local,
     ) {
         loop {
@@ -342,7 +341,7 @@ impl Tx {
                     if self.used > 0 && need <= ARENA {
                         // Send what is queued (buffer `n` is not part of it yet), then retry
                         // with the whole arena.
-                        self.flush(sock, local);
+                        self.flush(local);
                         continue;
                     }
                     local.drop(DropReason::TooBig);
@@ -358,23 +357,22 @@ impl Tx {
 struct Detached;
 
 /// The receive side's buffers.
-struct Rx {
-    recv: Receiver,
+struct Rx<R> {
+    recv: R,
     /// The `iovec` array of TUN writes.
     iovs: Vec<libc::iovec>,
 }
 
-impl Rx {
+impl<R: Receive> Rx<R> {
     /// One turn: one `recvmmsg`, decapsulation, coalescing, a `writev` per super-packet. The
     /// number of receives; `Err` when the TUN queue is detached.
     fn turn(
         &mut self,
         table: &RouteTable,
-        tun: &TunQueue,
-        sock: &UdpSocket,
+        tun: &impl Tun,
         local: &mut Local,
     ) -> Result<usize, Detached> {
-        let n = match self.recv.recv(sock) {
+        let n = match self.recv.recv() {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
@@ -419,17 +417,23 @@ impl Rx {
 
 /// Moves packets both ways between `tun` and `sock` until stopped or the device goes away.
 pub fn run(shared: &Shared, tun: &TunQueue, sock: &UdpSocket, stats: &Stats) {
-    let mut tx = Tx::new();
+    let mut tx = Tx::new(SocketTx {
+        sock,
+        sender: Sender::default(),
+    });
     let mut rx = Rx {
-        recv: Receiver::new(RX_BATCH),
+        recv: SocketRx {
+            sock,
+            receiver: Receiver::new(RX_BATCH),
+        },
         iovs: Vec::new(),
     };
     let mut local = Local::default();
     loop {
         let table = shared.table.load();
-        let sent = tx.turn(shared, &table, tun, sock, &mut local);
+        let sent = tx.turn(shared, &table, tun, &mut local);
         let got = match sent {
-            Ok(_) => rx.turn(&table, tun, sock, &mut local),
+            Ok(_) => rx.turn(&table, tun, &mut local),
             Err(Detached) => Err(Detached),
         };
         local.flush(stats);
@@ -536,3 +540,7 @@ pub struct Totals {
     /// Drops by reason index.
     pub drops: [u64; DropReason::ALL.len()],
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
