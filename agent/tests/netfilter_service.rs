@@ -26,7 +26,7 @@ use common::{
 };
 use twill_agent::services::dataplane::iptables::{IptBackend, IptLb};
 use twill_agent::services::dataplane::nft::NftLb;
-use twill_agent::services::lb::{FrontendKind, LbDataplane as _, LbService, Proto, plan};
+use twill_agent::services::lb::{FrontendKind, LbDataplane, LbService, Proto, plan};
 use twill_tests::{require_root, server_name as name, tcp_exchange};
 
 mod common;
@@ -43,6 +43,35 @@ fn env() -> Env {
     let env = Env::new();
     ip_batch(&env.node, &format!("route add default via {BE1}\n"));
     env
+}
+
+/// [`env`] with the backends `b1`, `b2` and `b1v6` serving TCP 8080 and UDP 5353.
+fn serving_env() -> Env {
+    let env = env();
+    env.serve("b1", BE1, 8080, 5353);
+    env.serve("b2", BE2, 8080, 5353);
+    env.serve("b1v6", BE1_V6, 8080, 5353);
+    env
+}
+
+/// A dataplane `open`ed on the node, empty at first, programs `want` and reads it back.
+fn programs<L: LbDataplane>(env: &Env, want: &[LbService], open: impl FnOnce() -> L + Send) {
+    env.on_node(|| {
+        let mut lb = open();
+        assert!(lb.observed().unwrap().is_empty());
+        lb.apply(&plan(want, &[])).expect("apply");
+        assert_eq!(lb.observed().unwrap(), want);
+    });
+}
+
+/// A restarted agent (the dataplane `open`ed again) finds exactly what it would program.
+fn reopened_finds<L: LbDataplane>(env: &Env, want: &[LbService], open: impl FnOnce() -> L + Send) {
+    env.on_node(|| {
+        let mut lb = open();
+        let seen = lb.observed().unwrap();
+        assert_eq!(seen, want);
+        assert!(plan(want, &seen).is_empty());
+    });
 }
 
 /// One TCP exchange from the outside namespace: the server's line, or the error kind.
@@ -82,17 +111,9 @@ fn nft_programs_reads_back_restarts_and_balances() {
     if !require_root() {
         return;
     }
-    let env = env();
-    env.serve("b1", BE1, 8080, 5353);
-    env.serve("b2", BE2, 8080, 5353);
-    env.serve("b1v6", BE1_V6, 8080, 5353);
+    let env = serving_env();
     let want = services();
-    env.on_node(|| {
-        let mut lb = NftLb::open().expect("open");
-        assert!(lb.observed().unwrap().is_empty());
-        lb.apply(&plan(&want, &[])).expect("apply");
-        assert_eq!(lb.observed().unwrap(), want);
-    });
+    programs(&env, &want, || NftLb::open().expect("open"));
     // `nft` decodes what we wrote (a wrong encoding shows as an error or garbage here).
     let listing = nft(&env, "list table inet twill");
     for needle in [
@@ -105,41 +126,9 @@ fn nft_programs_reads_back_restarts_and_balances() {
         assert!(listing.contains(needle), "{needle} missing:\n{listing}");
     }
     // A restarted agent finds exactly what it would program.
-    env.on_node(|| {
-        let mut lb = NftLb::open().expect("reopen");
-        let seen = lb.observed().unwrap();
-        assert_eq!(seen, want);
-        assert!(plan(&want, &seen).is_empty());
-    });
+    reopened_finds(&env, &want, || NftLb::open().expect("reopen"));
 
-    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..20 {
-        let line = tcp(&env, vip).expect("ClusterIP from outside");
-        // ClusterIP keeps the client's address.
-        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
-        seen.insert(name(&line).to_owned());
-        let line = tcp(&env, np).expect("NodePort");
-        // External traffic to a backend on another node is masqueraded to the node.
-        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
-        seen.insert(name(&line).to_owned());
-    }
-    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
-    // Affinity: one backend for one client.
-    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
-    let sticky: BTreeSet<String> = (0..8)
-        .map(|_| name(&tcp(&env, ext).expect("external IP")).to_owned())
-        .collect();
-    assert_eq!(sticky.len(), 1, "{sticky:?}");
-    // IPv6.
-    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
-    assert_eq!(name(&tcp(&env, v6).expect("v6 ClusterIP")), "b1v6");
-    // No endpoints: refused (not a timeout).
-    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
-    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
-    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
-    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
+    balances(&env);
 
     // A UDP flow moves off a removed endpoint at the next datagram.
     let ns = env.outside.clone();
@@ -189,6 +178,40 @@ fn nft_programs_reads_back_restarts_and_balances() {
     assert!(!nft(&env, "list tables").contains("twill"));
 }
 
+/// What a client outside sees of [`services`] programmed: ClusterIP keeping its address,
+/// NodePort masqueraded, both spread over the two backends; affinity, IPv6, and refusals
+/// where there are no endpoints.
+fn balances(env: &Env) {
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let line = tcp(env, vip).expect("ClusterIP from outside");
+        // ClusterIP keeps the client's address.
+        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+        let line = tcp(env, np).expect("NodePort");
+        // External traffic to a backend on another node is masqueraded to the node.
+        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
+        seen.insert(name(&line).to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
+    // Affinity: one backend for one client.
+    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
+    let sticky: BTreeSet<String> = (0..8)
+        .map(|_| name(&tcp(env, ext).expect("external IP")).to_owned())
+        .collect();
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    // IPv6.
+    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
+    assert_eq!(name(&tcp(env, v6).expect("v6 ClusterIP")), "b1v6");
+    // No endpoints: refused (not a timeout).
+    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
+    assert_eq!(tcp(env, noep), Err(std::io::ErrorKind::ConnectionRefused));
+    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
+    assert_eq!(tcp(env, noep), Err(std::io::ErrorKind::ConnectionRefused));
+}
+
 fn ipt_save(env: &Env, backend: IptBackend) -> String {
     let mut out = String::new();
     for v6 in ["", "6"] {
@@ -202,46 +225,11 @@ fn iptables_programs_reads_back_restarts_and_balances(backend: IptBackend) {
     if !require_root() {
         return;
     }
-    let env = env();
-    env.serve("b1", BE1, 8080, 5353);
-    env.serve("b2", BE2, 8080, 5353);
-    env.serve("b1v6", BE1_V6, 8080, 5353);
+    let env = serving_env();
     let want = services();
-    env.on_node(|| {
-        let mut lb = IptLb::open(backend).expect("open");
-        assert!(lb.observed().unwrap().is_empty());
-        lb.apply(&plan(&want, &[])).expect("apply");
-        assert_eq!(lb.observed().unwrap(), want);
-    });
-    env.on_node(|| {
-        let mut lb = IptLb::open(backend).expect("reopen");
-        let seen = lb.observed().unwrap();
-        assert_eq!(seen, want);
-        assert!(plan(&want, &seen).is_empty());
-    });
-    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
-    let np: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT}").parse().unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..20 {
-        let line = tcp(&env, vip).expect("ClusterIP from outside");
-        assert!(line.contains(&format!("peer={OUTSIDE}:")), "{line}");
-        seen.insert(name(&line).to_owned());
-        let line = tcp(&env, np).expect("NodePort");
-        assert!(line.contains(&format!("peer={NODE_TO_BE}:")), "{line}");
-        seen.insert(name(&line).to_owned());
-    }
-    assert_eq!(seen, BTreeSet::from(["b1".to_owned(), "b2".to_owned()]));
-    let ext: SocketAddr = format!("{EXT_IP}:80").parse().unwrap();
-    let sticky: BTreeSet<String> = (0..8)
-        .map(|_| name(&tcp(&env, ext).expect("external IP")).to_owned())
-        .collect();
-    assert_eq!(sticky.len(), 1, "{sticky:?}");
-    let v6: SocketAddr = format!("[{VIP_V6}]:80").parse().unwrap();
-    assert_eq!(name(&tcp(&env, v6).expect("v6 ClusterIP")), "b1v6");
-    let noep: SocketAddr = format!("{NODE_TO_OUT}:{NODE_PORT_NOEP}").parse().unwrap();
-    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
-    let noep: SocketAddr = format!("{VIP_NOEP}:80").parse().unwrap();
-    assert_eq!(tcp(&env, noep), Err(std::io::ErrorKind::ConnectionRefused));
+    programs(&env, &want, || IptLb::open(backend).expect("open"));
+    reopened_finds(&env, &want, || IptLb::open(backend).expect("reopen"));
+    balances(&env);
     // Uninstalling (services still programmed) leaves no TWILL- chain and no jump; so does
     // removing everything first.
     env.on_node(|| {

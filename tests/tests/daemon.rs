@@ -282,11 +282,9 @@ spec:
   ports: [{name: http, port: 80, targetPort: 8080}]
 ";
 
-#[test]
-fn bad_etcd_flags_stop_twilld_and_the_service_commands_at_once() {
-    if !require_root() {
-        return;
-    }
+/// A one-node rig without its etcd (the test starts its own, or none), and a PKI in its
+/// temporary directory.
+fn rig_without_etcd() -> (Rig, Pki) {
     let rig = Rig::with_options(RigOptions {
         nodes: 1,
         etcd: false,
@@ -294,6 +292,15 @@ fn bad_etcd_flags_stop_twilld_and_the_service_commands_at_once() {
     })
     .expect("rig");
     let pki = Pki::new(&rig.temp_dir().join("pki"));
+    (rig, pki)
+}
+
+#[test]
+fn bad_etcd_flags_stop_twilld_and_the_service_commands_at_once() {
+    if !require_root() {
+        return;
+    }
+    let (rig, pki) = rig_without_etcd();
     let (ca, cert, key, junk) = (
         pki.path("ca.pem"),
         pki.path("client.pem"),
@@ -479,13 +486,7 @@ fn twilld_and_the_service_commands_speak_mtls_to_etcd() {
     if !require_root() {
         return;
     }
-    let rig = Rig::with_options(RigOptions {
-        nodes: 1,
-        etcd: false,
-        ..RigOptions::default()
-    })
-    .expect("rig");
-    let pki = Pki::new(&rig.temp_dir().join("pki"));
+    let (rig, pki) = rig_without_etcd();
     let etcd = TlsEtcd::start(&rig, &pki);
     etcd.ctl(&pki, &["put", "/coreos.com/network/config", VXLAN])
         .expect("put the network config over TLS");

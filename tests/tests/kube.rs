@@ -235,6 +235,19 @@ fn slice(name: &str, svc: &str, endpoints: &[(&Pod, &str)]) -> Value {
     })
 }
 
+/// Service `web` at [`VIP`]:80 with backends `b1` on n1 and `b2` on n2, applied to the API
+/// server; returns once `client` (on n2) reaches it.
+fn web_on(c: &Cluster, (b1, b2): (&Pod, &Pod), client: &Pod) {
+    c.api
+        .apply(service("web", VIP, 80, &json!({"app": "web"})))
+        .unwrap();
+    c.api
+        .apply(slice("web-x7k2p", "web", &[(b1, "n1"), (b2, "n2")]))
+        .unwrap();
+    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip(80)).is_some())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+}
+
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP.parse().unwrap(), port)
 }
@@ -283,14 +296,7 @@ fn services_follow_the_api_server() {
         "other annotations kept"
     );
 
-    c.api
-        .apply(service("web", VIP, 80, &json!({"app": "web"})))
-        .unwrap();
-    c.api
-        .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
-        .unwrap();
-    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip(80)).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    web_on(&c, (&b1, &b2), &client);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..16 {
         let a = twill_tests::tcp_line_in_cgroup(&client.ns, c.cgroup(2), vip(80))
@@ -450,14 +456,7 @@ fn a_broken_watch_relists_without_dropping_state() {
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
     c.serve(&b3, "b3");
-    c.api
-        .apply(service("web", VIP, 80, &json!({"app": "web"})))
-        .unwrap();
-    c.api
-        .apply(slice("web-x7k2p", "web", &[(&b1, "n1"), (&b2, "n2")]))
-        .unwrap();
-    wait_until(UP, || twill_tests::tcp_line(&client.ns, vip(80)).is_some())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
+    web_on(&c, (&b1, &b2), &client);
     let lists_before = c.api.lists(Resource::EndpointSlices);
 
     let (failures, after) = std::thread::scope(|s| {

@@ -1030,20 +1030,56 @@ fn a_renew_margin_as_long_as_the_lease_is_refused() {
     assert!(!rig.subnet_file(1).exists());
 }
 
-#[test]
-fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
-    if !require_root() {
-        return;
-    }
+/// The overlay routes (twill's, proto 116) of node `node`.
+fn node_routes(rig: &Rig, node: usize) -> String {
+    run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap()
+}
+
+/// The overlay routes of both nodes of a two-node cluster.
+fn overlay_routes(rig: &Rig) -> Vec<String> {
+    (1..=2).map(|n| node_routes(rig, n)).collect()
+}
+
+/// A two-node VXLAN cluster resyncing every second, its pods in a full mesh, and the overlay
+/// routes of its nodes.
+fn meshed_pair() -> (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>) {
     let (rig, facts, pods) = cluster(
         VXLAN,
         2,
         &["--resync-interval", "1", "--metrics-addr", METRICS],
     );
     assert_full_mesh(&rig, &pods, false);
-    let routes_before: Vec<String> = (1..=2)
-        .map(|n| run(&rig.node_ns(n), &["ip", "route", "show", "proto", "116"]).unwrap())
-        .collect();
+    let routes_before = overlay_routes(&rig);
+    (rig, facts, pods, routes_before)
+}
+
+/// The network config written again into an etcd that lost it: both nodes of the cluster
+/// lease their subnets again, the same ones, and the overlay is whole.
+fn config_written_again(rig: &Rig, facts: &[SubnetFacts], pods: &[Pod]) {
+    rig.put_network_config(VXLAN).unwrap();
+    wait_until(UP, || {
+        rig.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/coreos.com/network/subnets/",
+        ])
+        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
+    })
+    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    for node in 1..=2 {
+        let f = rig.wait_subnet_file(node, UP).unwrap();
+        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
+    }
+    assert_full_mesh(rig, pods, false);
+}
+
+#[test]
+fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
+    if !require_root() {
+        return;
+    }
+    let (rig, facts, pods, routes_before) = meshed_pair();
     // Everything under the prefix goes: config and leases.
     rig.etcdctl(&["del", "--prefix", "/coreos.com/network"])
         .unwrap();
@@ -1067,8 +1103,11 @@ fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
         .unwrap_or_else(|_| panic!("n{node}:\n{}", rig.twilld_log(node)));
     }
     for node in 1..=2 {
-        let now = run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap();
-        assert_eq!(now, routes_before[node - 1], "n{node}'s routes changed");
+        assert_eq!(
+            node_routes(&rig, node),
+            routes_before[node - 1],
+            "n{node}'s routes changed"
+        );
         assert_eq!(
             SubnetFacts::read(&rig.subnet_file(node)).unwrap().subnet,
             facts[node - 1].subnet
@@ -1076,22 +1115,7 @@ fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
     }
     assert_full_mesh(&rig, &pods, false);
     // The config is back: the nodes lease their subnets again and the overlay is whole.
-    rig.put_network_config(VXLAN).unwrap();
-    wait_until(UP, || {
-        rig.etcdctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/coreos.com/network/subnets/",
-        ])
-        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
-    })
-    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
-    for node in 1..=2 {
-        let f = rig.wait_subnet_file(node, UP).unwrap();
-        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
-    }
-    assert_full_mesh(&rig, &pods, false);
+    config_written_again(&rig, &facts, &pods);
 }
 
 #[test]
@@ -1099,15 +1123,7 @@ fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
     if !require_root() {
         return;
     }
-    let (rig, facts, pods) = cluster(
-        VXLAN,
-        2,
-        &["--resync-interval", "1", "--metrics-addr", METRICS],
-    );
-    assert_full_mesh(&rig, &pods, false);
-    let routes_before: Vec<String> = (1..=2)
-        .map(|n| run(&rig.node_ns(n), &["ip", "route", "show", "proto", "116"]).unwrap())
-        .collect();
+    let (rig, facts, pods, routes_before) = meshed_pair();
     // etcd is replaced by an empty one (its data gone): revisions start again from 1.
     rig.stop_etcd().unwrap();
     std::fs::remove_dir_all(rig.temp_dir().join("etcd")).unwrap();
@@ -1130,28 +1146,16 @@ fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
         "leases written into an etcd without a config: {now}"
     );
     for node in 1..=2 {
-        let now = run(&rig.node_ns(node), &["ip", "route", "show", "proto", "116"]).unwrap();
-        assert_eq!(now, routes_before[node - 1], "n{node}'s routes changed");
+        assert_eq!(
+            node_routes(&rig, node),
+            routes_before[node - 1],
+            "n{node}'s routes changed"
+        );
     }
     assert_full_mesh(&rig, &pods, false);
     // The admin writes the config: every node notices its lease is not in this etcd and leases
     // its subnet again.
-    rig.put_network_config(VXLAN).unwrap();
-    wait_until(UP, || {
-        rig.etcdctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/coreos.com/network/subnets/",
-        ])
-        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
-    })
-    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
-    for node in 1..=2 {
-        let f = rig.wait_subnet_file(node, UP).unwrap();
-        assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");
-    }
-    assert_full_mesh(&rig, &pods, false);
+    config_written_again(&rig, &facts, &pods);
 }
 
 /// The scenarios above, once per backend: `cargo test --test overlay udp::` runs one backend,

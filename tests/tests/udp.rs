@@ -204,41 +204,8 @@ fn udp_three_nodes_full_mesh() {
 /// step is bounded.
 fn transfer(from: &Pod, to: &Pod, data: &[u8]) -> Vec<u8> {
     let dst = SocketAddr::from((to.ipv4.unwrap(), 5202));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to_ns = to.ns.clone();
-    let server = std::thread::spawn(move || {
-        in_netns(&to_ns, || {
-            let l = TcpListener::bind("0.0.0.0:5202")?;
-            l.set_nonblocking(true)?;
-            let _ = ready_tx.send(());
-            let deadline = Instant::now() + UP;
-            let mut s = loop {
-                match l.accept() {
-                    Ok((s, _)) => break s,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        anyhow::ensure!(Instant::now() < deadline, "no connection");
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(UP))?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
-            Ok(buf)
-        })
-    });
-    ready_rx.recv_timeout(UP).expect("server listening");
-    in_netns(&from.ns, || {
-        let mut s = TcpStream::connect_timeout(&dst, UP)?;
-        s.set_write_timeout(Some(UP))?;
-        s.write_all(data)?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        Ok(())
-    })
-    .unwrap();
-    server.join().expect("server thread").unwrap()
+    let any = SocketAddr::from(([0, 0, 0, 0], 5202));
+    transfer_bound(&from.ns, &to.ns, any, dst, data)
 }
 
 #[test]
@@ -623,11 +590,23 @@ impl Drop for FlannelNode {
 /// Sends `data` over TCP from namespace `from_ns` to `dst` and returns what arrived at a listener
 /// bound to `dst` in namespace `to_ns`; every step is bounded.
 fn transfer_to(from_ns: &str, to_ns: &str, dst: SocketAddr, data: &[u8]) -> Vec<u8> {
+    transfer_bound(from_ns, to_ns, dst, dst, data)
+}
+
+/// Sends `data` over TCP from namespace `from_ns` to `dst` and returns what arrived at a listener
+/// bound to `bind` in namespace `to_ns`; every step is bounded.
+fn transfer_bound(
+    from_ns: &str,
+    to_ns: &str,
+    bind: SocketAddr,
+    dst: SocketAddr,
+    data: &[u8],
+) -> Vec<u8> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let to_ns = to_ns.to_string();
     let server = std::thread::spawn(move || {
         in_netns(&to_ns, || {
-            let l = TcpListener::bind(dst)?;
+            let l = TcpListener::bind(bind)?;
             l.set_nonblocking(true)?;
             let _ = ready_tx.send(());
             let deadline = Instant::now() + UP;

@@ -179,15 +179,15 @@ mod tests {
             "/p",
         ])
         .unwrap();
-        let Some(ServiceCmd::Apply {
+        let Some(ServiceCmd::Apply { write }) = c.cmd else {
+            panic!("not apply")
+        };
+        let cli::WriteArgs {
             files,
             etcd,
             max_txn_ops,
             retry,
-        }) = c.cmd
-        else {
-            panic!("not apply")
-        };
+        } = write;
         assert_eq!(files, vec![std::path::PathBuf::from("a.yaml"), "-".into()]);
         assert_eq!(etcd.etcd_endpoints, vec!["http://198.18.0.1:2379"]);
         assert_eq!(etcd.etcd_prefix, "/p");

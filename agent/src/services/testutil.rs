@@ -63,30 +63,51 @@ pub(crate) fn backends_of(dp: &FakeLbDataplane, port: u16) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A ready backend of a cluster-wide frontend.
-pub(crate) fn be(ip: &str, port: u16) -> Backend {
+/// A ready backend `ip:port`, local to this node or not.
+pub(crate) fn backend(ip: &str, port: u16, node_local: bool) -> Backend {
     Backend {
         ip: ip.parse().unwrap(),
         port,
-        node_local: false,
+        node_local,
         state: BackendState::Ready,
     }
 }
 
-/// A TCP ClusterIP frontend `ip:port` named `default/s<id>`.
-pub(crate) fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbService {
+/// A ready backend of a cluster-wide frontend.
+pub(crate) fn be(ip: &str, port: u16) -> Backend {
+    backend(ip, port, false)
+}
+
+/// A TCP frontend `ip:port` of `kind`, named `name`, without affinity or local traffic
+/// policies.
+pub(crate) fn service(
+    id: u32,
+    name: String,
+    (ip, port, kind): (&str, u16, FrontendKind),
+    backends: Vec<Backend>,
+) -> LbService {
     LbService {
         id,
-        name: format!("default/s{id}"),
+        name,
         frontend: Frontend {
             ip: ip.parse().unwrap(),
             port,
             proto: Proto::Tcp,
-            kind: FrontendKind::ClusterIp,
+            kind,
         },
         backends,
         affinity_timeout_secs: None,
         external_local: false,
         internal_local: false,
     }
+}
+
+/// A TCP ClusterIP frontend `ip:port` named `default/s<id>`.
+pub(crate) fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbService {
+    service(
+        id,
+        format!("default/s{id}"),
+        (ip, port, FrontendKind::ClusterIp),
+        backends,
+    )
 }

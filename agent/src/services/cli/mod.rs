@@ -84,39 +84,47 @@ fn txn_ops(s: &str) -> Result<usize, String> {
     }
 }
 
+/// What `apply` and `delete` take: the manifests, the transaction size and etcd.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WriteArgs {
+    /// Manifest file (`-` for stdin); repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Operations per etcd transaction: etcd's `--max-txn-ops` (128 unless changed).
+    #[arg(long, default_value_t = MAX_TXN_OPS, value_parser = txn_ops)]
+    pub max_txn_ops: usize,
+    /// Retrying etcd.
+    #[command(flatten)]
+    pub retry: EtcdRetry,
+    /// etcd flags.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+impl WriteArgs {
+    /// The store the objects are written to, in transactions of at most `--max-txn-ops`.
+    async fn store(&self) -> anyhow::Result<EtcdServiceStore> {
+        Ok(connect(&self.etcd)
+            .await?
+            .with_max_txn_ops(self.max_txn_ops))
+    }
+}
+
 /// The service subcommands of `twilld`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ServiceCmd {
     /// Create or replace Services and EndpointSlices from YAML/JSON manifests (nothing written
     /// unless every object is valid; written in transactions of at most `--max-txn-ops`).
     Apply {
-        /// Manifest file (`-` for stdin); repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
-        files: Vec<PathBuf>,
-        /// Operations per etcd transaction: etcd's `--max-txn-ops` (128 unless changed).
-        #[arg(long, default_value_t = MAX_TXN_OPS, value_parser = txn_ops)]
-        max_txn_ops: usize,
-        /// Retrying etcd.
+        /// The manifests, the transaction size and etcd.
         #[command(flatten)]
-        retry: EtcdRetry,
-        /// etcd flags.
-        #[command(flatten)]
-        etcd: EtcdArgs,
+        write: WriteArgs,
     },
     /// Delete the objects named in manifests (in transactions of at most `--max-txn-ops`).
     Delete {
-        /// Manifest file (`-` for stdin); repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
-        files: Vec<PathBuf>,
-        /// Operations per etcd transaction: etcd's `--max-txn-ops` (128 unless changed).
-        #[arg(long, default_value_t = MAX_TXN_OPS, value_parser = txn_ops)]
-        max_txn_ops: usize,
-        /// Retrying etcd.
+        /// The manifests, the transaction size and etcd.
         #[command(flatten)]
-        retry: EtcdRetry,
-        /// etcd flags.
-        #[command(flatten)]
-        etcd: EtcdArgs,
+        write: WriteArgs,
     },
     /// Show stored objects.
     Get {
@@ -190,43 +198,34 @@ pub fn load_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
 /// Runs a subcommand, printing its report to stdout (and what it did or noted to stderr).
 pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Apply {
-            files,
-            max_txn_ops,
-            retry,
-            etcd,
-        } => {
-            let objects = load_manifests(&files)?;
-            let reserved: BTreeMap<IpAddr, Reserved> = url_addresses(&etcd.etcd_endpoints)
+        ServiceCmd::Apply { write } => {
+            let objects = load_manifests(&write.files)?;
+            let reserved: BTreeMap<IpAddr, Reserved> = url_addresses(&write.etcd.etcd_endpoints)
                 .await
                 .into_iter()
                 .map(|ip| (ip, Reserved::Etcd))
                 .collect();
             check_reserved(&objects, &reserved)
                 .context("refusing the whole apply; nothing was written")?;
-            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
-            let report = apply(&store, &objects, max_txn_ops, retry.deadline()).await?;
+            let store = write.store().await?;
+            let report = apply(&store, &objects, write.max_txn_ops, write.retry.deadline()).await?;
             for line in &report.lines {
                 println!("{line}");
             }
             for note in external_ip_notes(&objects) {
                 eprintln!("{note}");
             }
-            eprintln!("{}", report.summary("write", max_txn_ops));
+            eprintln!("{}", report.summary("write", write.max_txn_ops));
         }
-        ServiceCmd::Delete {
-            files,
-            max_txn_ops,
-            retry,
-            etcd,
-        } => {
-            let objects = load_manifests(&files)?;
-            let store = connect(&etcd).await?.with_max_txn_ops(max_txn_ops);
-            let report = delete(&store, &objects, max_txn_ops, retry.deadline()).await?;
+        ServiceCmd::Delete { write } => {
+            let objects = load_manifests(&write.files)?;
+            let store = write.store().await?;
+            let report =
+                delete(&store, &objects, write.max_txn_ops, write.retry.deadline()).await?;
             for line in &report.lines {
                 println!("{line}");
             }
-            eprintln!("{}", report.summary("delete", max_txn_ops));
+            eprintln!("{}", report.summary("delete", write.max_txn_ops));
         }
         ServiceCmd::Get {
             what: _,

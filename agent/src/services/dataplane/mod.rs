@@ -23,12 +23,34 @@ pub mod nft;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::iptables::{IptBackend, IptLb};
 use self::nft::NftLb;
-use super::lb::{LbDataplane, LbError, LbPlan, LbService};
+use super::lb::{LbDataplane, LbError, LbPlan, LbService, StaleBackend};
 use crate::services::dataplane::ebpf::EbpfLb;
+
+/// Deletes the UDP conntrack entries of `stale` backends with `purge` (not called when there
+/// are none) and logs how many went; a failure is logged, not returned: the entries left
+/// behind time out, and the plan itself was applied.
+pub(crate) fn purge_stale_udp<E: std::fmt::Display>(
+    stale: &[StaleBackend],
+    purge: impl FnOnce(&[StaleBackend]) -> Result<Option<usize>, E>,
+) {
+    if stale.is_empty() {
+        return;
+    }
+    match purge(stale) {
+        Ok(Some(n)) if n > 0 => {
+            debug!(
+                deleted = n,
+                "deleted UDP conntrack entries of removed backends"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
+    }
+}
 
 /// The environment variable that makes eBPF unavailable (tests of `auto`'s fallback).
 pub const DISABLE_EBPF_ENV: &str = "TWILL_TEST_DISABLE_EBPF";

@@ -89,6 +89,28 @@ impl MemServiceStore {
         Self::default()
     }
 
+    /// One write at a new revision, `f` doing it, failing as the store is told to: refused
+    /// while down or when the write is to fail before it is done; done, watchers told, and
+    /// an error returned when it is to fail after.
+    fn write<T>(&self, f: impl FnOnce(&mut MemInner, i64) -> T) -> Result<T, SourceError> {
+        let mut g = self.lock();
+        if g.down {
+            return Err(SourceError::Unavailable);
+        }
+        let fail = g.write_fails();
+        if fail == Some(false) {
+            return Err(SourceError::Unavailable);
+        }
+        let rev = g.bump();
+        let out = f(&mut g, rev);
+        drop(g);
+        self.notify.notify_waiters();
+        if fail == Some(true) {
+            return Err(SourceError::Unavailable);
+        }
+        Ok(out)
+    }
+
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
         self.inner.lock().expect("mem service store lock")
     }
@@ -254,50 +276,25 @@ impl ServiceStore for MemServiceStore {
     }
 
     async fn put_all(&self, objects: &[Object]) -> Result<(), SourceError> {
-        let mut g = self.lock();
-        if g.down {
-            return Err(SourceError::Unavailable);
-        }
-        let fail = g.write_fails();
-        if fail == Some(false) {
-            return Err(SourceError::Unavailable);
-        }
-        let rev = g.bump();
-        for o in objects {
-            g.invalid.remove(&o.key());
-            g.objects.insert(o.key(), o.clone());
-            g.log.push((rev, MemEvent::Change(Change::Put(o.clone()))));
-        }
-        drop(g);
-        self.notify.notify_waiters();
-        if fail == Some(true) {
-            return Err(SourceError::Unavailable);
-        }
-        Ok(())
+        self.write(|g, rev| {
+            for o in objects {
+                g.invalid.remove(&o.key());
+                g.objects.insert(o.key(), o.clone());
+                g.log.push((rev, MemEvent::Change(Change::Put(o.clone()))));
+            }
+        })
     }
 
     async fn delete_all(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, SourceError> {
-        let mut g = self.lock();
-        if g.down {
-            return Err(SourceError::Unavailable);
-        }
-        let fail = g.write_fails();
-        if fail == Some(false) {
-            return Err(SourceError::Unavailable);
-        }
-        let rev = g.bump();
-        let mut out = Vec::new();
-        for k in keys {
-            let existed = g.objects.remove(k).is_some() | g.invalid.remove(k).is_some();
-            out.push(existed);
-            g.log
-                .push((rev, MemEvent::Change(Change::Delete(k.clone()))));
-        }
-        drop(g);
-        self.notify.notify_waiters();
-        if fail == Some(true) {
-            return Err(SourceError::Unavailable);
-        }
-        Ok(out)
+        self.write(|g, rev| {
+            let mut out = Vec::new();
+            for k in keys {
+                let existed = g.objects.remove(k).is_some() | g.invalid.remove(k).is_some();
+                out.push(existed);
+                g.log
+                    .push((rev, MemEvent::Change(Change::Delete(k.clone()))));
+            }
+            out
+        })
     }
 }

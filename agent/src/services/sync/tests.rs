@@ -24,17 +24,9 @@ use crate::services::testutil::{WEB, backends_of, eventually, node, objs};
 
 #[tokio::test]
 async fn loop_programs_changes_incrementally() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
-    let metrics = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store.clone(),
-        node(),
-        dp.clone(),
-        Duration::from_hours(1),
-        metrics.clone(),
-    ));
+    let (task, metrics) = start(&store, &dp, Duration::from_hours(1));
     eventually("first sync", || dp.services().len() == 3).await;
     assert_eq!(backends_of(&dp, 30080), vec!["10.244.1.5", "10.244.2.5"]);
     assert!(backends_of(&dp, 80).is_empty() || backends_of(&dp, 80).len() == 2);
@@ -82,31 +74,16 @@ async fn loop_programs_changes_incrementally() {
 #[tokio::test]
 async fn nothing_is_touched_before_the_first_list_and_restart_replans_nothing() {
     // A first agent programs the dataplane.
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
-    let m = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store.clone(),
-        node(),
-        dp.clone(),
-        Duration::from_hours(1),
-        m,
-    ));
+    let (task, _) = start(&store, &dp, Duration::from_hours(1));
     eventually("first sync", || dp.services().len() == 3).await;
     task.abort();
     let before = dp.services();
     // The agent restarts while etcd is down: the dataplane keeps everything.
     let programmed = FakeLbDataplane::with_services(before.clone());
     store.set_down(true);
-    let m = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store.clone(),
-        node(),
-        programmed.clone(),
-        Duration::from_hours(1),
-        m.clone(),
-    ));
+    let (task, m) = start(&store, &programmed, Duration::from_hours(1));
     // Its source keeps failing to list: once it has asked twice (a refusal and a retry after
     // backoff), the loop has been running with nothing listed, and must have touched nothing.
     eventually("a refused listing and its retry", || store.lists() >= 2).await;
@@ -127,17 +104,9 @@ async fn nothing_is_touched_before_the_first_list_and_restart_replans_nothing() 
 
 #[tokio::test]
 async fn broken_watch_relists_and_failed_apply_heals() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
-    let m = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store.clone(),
-        node(),
-        dp.clone(),
-        Duration::from_hours(1),
-        m.clone(),
-    ));
+    let (task, m) = start(&store, &dp, Duration::from_hours(1));
     eventually("first sync", || dp.services().len() == 3).await;
     // Watch broken while etcd is down and an object is deleted meanwhile: re-list catches it.
     store.set_down(true);
@@ -166,8 +135,7 @@ async fn broken_watch_relists_and_failed_apply_heals() {
 
 #[tokio::test]
 async fn resync_heals_drift_and_invalid_objects_are_absent() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     store.put_invalid(
         ObjectKey {
             kind: Kind::Service,
@@ -180,14 +148,7 @@ async fn resync_heals_drift_and_invalid_objects_are_absent() {
         },
     );
     let dp = FakeLbDataplane::new();
-    let m = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store.clone(),
-        node(),
-        dp.clone(),
-        Duration::from_millis(200),
-        m.clone(),
-    ));
+    let (task, m) = start(&store, &dp, Duration::from_millis(200));
     eventually("first sync", || dp.services().len() == 3).await;
     assert!(m.render().contains("twill_services_invalid_objects 1"));
     let victim = dp.services()[0].frontend.key();
@@ -340,6 +301,13 @@ fn start(
     (task, m)
 }
 
+/// A store holding [`WEB`].
+async fn web_store() -> MemServiceStore {
+    let store = MemServiceStore::new();
+    store.put_all(&objs(WEB)).await.unwrap();
+    store
+}
+
 fn metric(m: &ServiceMetrics, line: &str) -> bool {
     m.render().lines().any(|l| l == line)
 }
@@ -350,8 +318,7 @@ fn metric(m: &ServiceMetrics, line: &str) -> bool {
 /// object works at once.
 #[tokio::test]
 async fn a_wiped_store_keeps_the_dataplane_until_its_config_is_written_again() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
     let (task, m) = start(&store, &dp, Duration::from_millis(200));
     eventually("first sync", || dp.services().len() == 3).await;
@@ -441,8 +408,7 @@ async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
 /// like the ones a listing finds; a valid value clears them.
 #[tokio::test]
 async fn invalid_objects_from_the_watch_are_counted() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
     let (task, m) = start(&store, &dp, Duration::from_hours(1));
     eventually("first sync", || dp.services().len() == 3).await;
@@ -519,18 +485,10 @@ async fn frontends_on_the_nodes_own_addresses_are_refused() {
 
 #[tokio::test]
 async fn a_failing_dataplane_leaves_updates_pending() {
-    let store = MemServiceStore::new();
-    store.put_all(&objs(WEB)).await.unwrap();
+    let store = web_store().await;
     let dp = FakeLbDataplane::new();
     dp.tamper(|s| s.fail_next_apply = Some("map full".into()));
-    let m = Arc::new(ServiceMetrics::default());
-    let task = tokio::spawn(run_services(
-        store,
-        node(),
-        dp.clone(),
-        Duration::from_hours(1),
-        m.clone(),
-    ));
+    let (task, m) = start(&store, &dp, Duration::from_hours(1));
     eventually("the failed sync", || dp.state().apply_calls >= 1).await;
     // Between the failure and the retry the update is pending; the health server turns
     // 503 if that lasts (see kube::healthz).

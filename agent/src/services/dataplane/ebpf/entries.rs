@@ -297,31 +297,15 @@ pub fn reconstruct(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn be(ip: &str, port: u16) -> Backend {
-        Backend {
-            ip: ip.parse().unwrap(),
-            port,
-            node_local: false,
-            state: BackendState::Ready,
-        }
-    }
+    use crate::services::testutil::{self, be};
 
     fn service(id: u32, backends: Vec<Backend>) -> LbService {
-        LbService {
+        testutil::service(
             id,
-            name: format!("default/svc{id}:http"),
-            frontend: Frontend {
-                ip: "10.96.0.10".parse().unwrap(),
-                port: 80,
-                proto: Proto::Tcp,
-                kind: FrontendKind::ClusterIp,
-            },
+            format!("default/svc{id}:http"),
+            ("10.96.0.10", 80, FrontendKind::ClusterIp),
             backends,
-            affinity_timeout_secs: None,
-            external_local: false,
-            internal_local: false,
-        }
+        )
     }
 
     fn old_slots(pairs: &[(&str, u16, u16)]) -> BTreeMap<BackendId, u16> {

@@ -80,7 +80,7 @@ mod token;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use self::readback::{Found, Programmed, Saved, reconstruct};
 use self::render::{dispatch_rule, frontend_chains, jumps, same, same_rule, static_nat, table_of};
@@ -595,18 +595,7 @@ impl LbDataplane for IptLb {
                     .insert(s.frontend.key(), Programmed::applied(s));
             }
         }
-        if !plan.stale_backends.is_empty() {
-            match self.runner.purge_udp(&plan.stale_backends) {
-                Ok(Some(n)) if n > 0 => {
-                    debug!(
-                        deleted = n,
-                        "deleted UDP conntrack entries of removed backends"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
-            }
-        }
+        super::purge_stale_udp(&plan.stale_backends, |s| self.runner.purge_udp(s));
         Ok(())
     }
 

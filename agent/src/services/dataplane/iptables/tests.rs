@@ -8,36 +8,20 @@ use super::readback::*;
 use super::render::*;
 use super::token::*;
 use super::*;
-use crate::services::lb::{Backend, BackendState, Frontend, FrontendKind, Proto, plan};
+use crate::services::lb::{Backend, BackendState, FrontendKind, plan};
+use crate::services::testutil::{backend, service};
 
 fn be(ip: &str, local: bool) -> Backend {
-    Backend {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        node_local: local,
-        state: BackendState::Ready,
-    }
+    backend(ip, 8080, local)
 }
 
 fn svc(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
-    LbService {
-        id,
-        name: format!("test/s{id}:http"),
-        frontend: Frontend {
-            ip: ip.parse().unwrap(),
-            port: if kind == FrontendKind::NodePort {
-                30080
-            } else {
-                80
-            },
-            proto: Proto::Tcp,
-            kind,
-        },
-        backends,
-        affinity_timeout_secs: None,
-        external_local: false,
-        internal_local: false,
-    }
+    let port = if kind == FrontendKind::NodePort {
+        30080
+    } else {
+        80
+    };
+    service(id, format!("test/s{id}:http"), (ip, port, kind), backends)
 }
 
 /// What `iptables-save -t nat; iptables-save -t filter` prints for `services` programmed

@@ -752,16 +752,9 @@ impl LbDataplane for NftLb {
             };
         }
         self.mirror.commit(tx);
-        if !plan.stale_backends.is_empty() {
-            match conntrack::purge_udp(&mut self.sock, &plan.stale_backends) {
-                Ok(n) if n > 0 => debug!(
-                    deleted = n,
-                    "deleted UDP conntrack entries of removed backends"
-                ),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
-            }
-        }
+        super::purge_stale_udp(&plan.stale_backends, |s| {
+            conntrack::purge_udp(&mut self.sock, s).map(Some)
+        });
         Ok(())
     }
 
