@@ -4,8 +4,10 @@
 //! Why it is shaped as it is:
 //! - The layout and the reasons for it are in [`render`], one frontend's elements and chain
 //!   in [`frontend`], the transaction a plan turns into (the diff) in [`diff`], the expressions
-//!   in [`expr`], the messages in [`wire`]; the netlink socket is `crate::shared::nfnl`. This
-//!   module only moves data between them and the kernel.
+//!   in [`expr`], the messages in [`wire`]; commits, dumps and the generation go through
+//!   [`transport::Transport`] (the kernel's over `crate::shared::nfnl`, or a recording fake that
+//!   keeps the table in memory). This module only moves data between them. Golden files
+//!   (`services/dataplane/golden/<case>/nftables.txt`) pin the exact transaction of each step.
 //! - **One transaction per sync, the size of the change.** [`LbDataplane::apply`] turns the plan
 //!   into operations against a mirror of the table ([`diff::Mirror`]): a changed endpoint set
 //!   is a flush of one chain and its new rules; a new frontend is a chain, its rules and one map
@@ -34,6 +36,7 @@ pub mod diff;
 pub mod expr;
 pub mod frontend;
 pub mod render;
+pub mod transport;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +45,6 @@ use std::net::IpAddr;
 use tracing::{debug, info, warn};
 
 use self::diff::{Mirror, Op, Programmed, counts};
-use self::expr::{VERDICT_GOTO, decode, decode_verdict};
 use self::frontend::{
     ElemData, Record, affinity_rules, affinity_set_id, affinity_sets, chain_id, hairpin_key,
     local_key, parse_backend_comment, parse_comment, parse_hairpin_key, parse_key, parse_local_key,
@@ -52,18 +54,12 @@ use self::render::{
     Class, PICK, RecordSet, Rule, TABLE, backend_map, hairpin_set, local_set, static_chains,
     static_sets,
 };
-use self::wire::{
-    CHAIN_NAME, CHAIN_TABLE, DATA_VALUE, ELEM_DATA, ELEM_KEY, ELEM_LIST_ELEMENTS, ELEM_LIST_SET,
-    ELEM_LIST_TABLE, ELEM_USERDATA, ENOENT, GEN_ID, LIST_ELEM, MSG_DELTABLE, MSG_GETCHAIN,
-    MSG_GETGEN, MSG_GETRULE, MSG_GETSET, MSG_GETSETELEM, MSG_GETTABLE, MSG_NEWTABLE, NFPROTO_INET,
-    RULE_CHAIN, RULE_EXPRESSIONS, RULE_TABLE, RULE_USERDATA, SET_FLAGS, SET_KEY_LEN, SET_NAME,
-    SET_TABLE, TABLE_NAME, encode_ops, parse_udata_comment,
-};
-use super::conntrack;
+use self::transport::{Commit, NetlinkTransport, Transport};
+use self::wire::{ENOENT, MSG_DELTABLE, MSG_GETTABLE, NFPROTO_INET, TABLE_NAME};
 use crate::services::lb::{
     Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService,
 };
-use crate::shared::nfnl::{Attr, Batch, F_CREATE, Msg, NfSocket, NfnlError, SUBSYS_NFTABLES};
+use crate::shared::nfnl::{Batch, NfSocket, NfnlError, SUBSYS_NFTABLES};
 
 /// Errors of the nftables dataplane.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +119,7 @@ fn skeleton_ops() -> Vec<Op> {
 
 /// A set as dumped.
 #[derive(Debug, Clone)]
-struct DumpedSet {
+pub struct DumpedSet {
     flags: u32,
     key_len: u32,
 }
@@ -132,11 +128,11 @@ struct DumpedSet {
 type Slots = BTreeMap<u32, (IpAddr, u16)>;
 
 /// An element as dumped: key, data, comment.
-type Elem = (Vec<u8>, ElemData, Option<String>);
+pub type Elem = (Vec<u8>, ElemData, Option<String>);
 
 /// Everything in the table, as dumped.
-#[derive(Debug, Default)]
-struct Dump {
+#[derive(Debug, Clone, Default)]
+pub struct Dump {
     sets: BTreeMap<String, DumpedSet>,
     chains: BTreeSet<String>,
     rules: BTreeMap<String, Vec<Rule>>,
@@ -152,7 +148,7 @@ impl Dump {
 
 /// The nftables service dataplane.
 pub struct NftLb {
-    sock: NfSocket,
+    nf: Box<dyn Transport>,
     mirror: Mirror,
     /// The ruleset generation after our last transaction or read-back: while the kernel
     /// reports the same, nothing changed since and the mirror is the table.
@@ -171,9 +167,13 @@ impl NftLb {
     /// Opens the dataplane in the calling thread's network namespace: creates the table's
     /// skeleton if missing (never flushing what is there) and reads the table back.
     pub fn open() -> Result<Self, NftError> {
-        let sock = NfSocket::open().map_err(nl("open", "netlink socket"))?;
+        Self::with_transport(Box::new(NetlinkTransport::open()?))
+    }
+
+    /// [`NftLb::open`] over `nf` (the kernel's, or a fake in tests).
+    pub fn with_transport(nf: Box<dyn Transport>) -> Result<Self, NftError> {
         let mut lb = NftLb {
-            sock,
+            nf,
             mirror: Mirror::default(),
             genid: None,
         };
@@ -185,12 +185,8 @@ impl NftLb {
     /// What the table `inet twill` of the calling thread's namespace holds, read without
     /// creating or repairing anything (for `twilld get services`); `None` without the table.
     pub fn peek() -> Result<Option<Vec<LbService>>, NftError> {
-        let mut lb = NftLb {
-            sock: NfSocket::open().map_err(nl("open", "netlink socket"))?,
-            mirror: Mirror::default(),
-            genid: None,
-        };
-        Ok(lb.dump_table()?.map(|d| reconstruct(&d).0))
+        let mut nf = NetlinkTransport::open()?;
+        Ok(nf.dump()?.map(|d| reconstruct(&d).0))
     }
 
     /// Whether nf_tables answers in this namespace (the kernel has it and we may use it).
@@ -235,12 +231,7 @@ impl NftLb {
     /// The ruleset generation (`NFT_MSG_GETGEN`); it changes with every committed
     /// transaction of any owner in this namespace.
     fn generation(&mut self) -> Option<u32> {
-        let msgs = self
-            .sock
-            .get((SUBSYS_NFTABLES << 8) | MSG_GETGEN, 0, |_| {})
-            .ok()?;
-        msgs.iter()
-            .find_map(|m| m.attrs().get(GEN_ID).and_then(|a| a.u32_be().ok()))
+        self.nf.generation()
     }
 
     /// The services the mirror holds (after a read-back or our own transactions).
@@ -253,163 +244,16 @@ impl NftLb {
     }
 
     fn ensure_skeleton(&mut self) -> Result<(), NftError> {
-        let mut ops = vec![];
-        let mut b = Batch::new();
-        b.push(
-            MSG_NEWTABLE,
-            F_CREATE,
-            NFPROTO_INET,
-            format!("add table inet {TABLE}"),
-            |m| {
-                m.str(TABLE_NAME, TABLE);
-            },
-        );
-        ops.extend(skeleton_ops());
-        let rest = encode_ops(TABLE, &ops);
-        self.commit_two(b, &rest)
+        self.commit(&Commit {
+            create_table: true,
+            ..Commit::ops(skeleton_ops())
+        })
     }
 
-    fn commit_two(&mut self, mut first: Batch, rest: &Batch) -> Result<(), NftError> {
-        first.append(rest);
-        self.sock
-            .commit(&first)
+    fn commit(&mut self, tx: &Commit) -> Result<(), NftError> {
+        self.nf
+            .commit(tx)
             .map_err(nl("transaction", format!("table inet {TABLE}")))
-    }
-
-    fn dump_table(&mut self) -> Result<Option<Dump>, NftError> {
-        let mut d = Dump::default();
-        let sets = match self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETSET, NFPROTO_INET, |m| {
-                m.str(SET_TABLE, TABLE);
-            }) {
-            Ok(s) => s,
-            Err(e) if e.errno() == Some(ENOENT) => return Ok(None),
-            Err(e) => return Err(nl("dump", "sets")(e)),
-        };
-        for m in &sets {
-            let a = m.attrs();
-            if a.get(SET_TABLE).map(|t| t.str()).as_deref() != Some(TABLE) {
-                continue;
-            }
-            let Some(name) = a.get(SET_NAME).map(|n| n.str()) else {
-                continue;
-            };
-            let u = |ty| {
-                a.get(ty)
-                    .and_then(|x: Attr<'_>| x.u32_be().ok())
-                    .unwrap_or(0)
-            };
-            d.sets.insert(
-                name,
-                DumpedSet {
-                    flags: u(SET_FLAGS),
-                    key_len: u(SET_KEY_LEN),
-                },
-            );
-        }
-        for m in self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETCHAIN, NFPROTO_INET, |m| {
-                m.str(CHAIN_TABLE, TABLE);
-            })
-            .map_err(nl("dump", "chains"))?
-        {
-            let a = m.attrs();
-            if a.get(CHAIN_TABLE).map(|t| t.str()).as_deref() == Some(TABLE)
-                && let Some(n) = a.get(CHAIN_NAME)
-            {
-                d.chains.insert(n.str());
-            }
-        }
-        for m in self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETRULE, NFPROTO_INET, |m| {
-                m.str(RULE_TABLE, TABLE);
-            })
-            .map_err(nl("dump", "rules"))?
-        {
-            let a = m.attrs();
-            if a.get(RULE_TABLE).map(|t| t.str()).as_deref() != Some(TABLE) {
-                continue;
-            }
-            let Some(chain) = a.get(RULE_CHAIN).map(|c| c.str()) else {
-                continue;
-            };
-            let exprs = match a.get(RULE_EXPRESSIONS) {
-                Some(list) => decode(list).map_err(nl("decode", format!("rule in {chain}")))?,
-                None => Vec::new(),
-            };
-            let comment = a
-                .get(RULE_USERDATA)
-                .and_then(|u| parse_udata_comment(u.data));
-            d.rules
-                .entry(chain)
-                .or_default()
-                .push(Rule { exprs, comment });
-        }
-        let names: Vec<String> = static_sets()
-            .into_iter()
-            .map(|s| s.name)
-            .filter(|n| d.sets.contains_key(n))
-            .chain(
-                d.sets
-                    .keys()
-                    .filter(|n| Class::from_set(n).is_some())
-                    .cloned(),
-            )
-            .collect();
-        for name in names {
-            let elems = self.dump_elems(&name)?;
-            d.elems.insert(name, elems);
-        }
-        Ok(Some(d))
-    }
-
-    fn dump_elems(&mut self, set: &str) -> Result<Vec<Elem>, NftError> {
-        let msgs: Vec<Msg> = self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETSETELEM, NFPROTO_INET, |m| {
-                m.str(ELEM_LIST_TABLE, TABLE);
-                m.str(ELEM_LIST_SET, set);
-            })
-            .map_err(nl("dump", format!("elements of {set}")))?;
-        let mut out = Vec::new();
-        for m in &msgs {
-            let Some(list) = m.attrs().get(ELEM_LIST_ELEMENTS) else {
-                continue;
-            };
-            for e in list.nested().filter(|e| e.ty == LIST_ELEM) {
-                let e = e.nested();
-                let Some(key) = e
-                    .get(ELEM_KEY)
-                    .and_then(|k| k.nested().get(DATA_VALUE))
-                    .map(|v| v.data.to_vec())
-                else {
-                    continue;
-                };
-                let data = match e.get(ELEM_DATA) {
-                    Some(d) if d.nested().get(expr::DATA_VERDICT).is_some() => {
-                        match decode_verdict(d) {
-                            Ok((VERDICT_GOTO, Some(c))) => ElemData::Goto(c),
-                            _ => ElemData::Value(Vec::new()),
-                        }
-                    }
-                    Some(d) => ElemData::Value(
-                        d.nested()
-                            .get(DATA_VALUE)
-                            .map(|v| v.data.to_vec())
-                            .unwrap_or_default(),
-                    ),
-                    None => ElemData::None,
-                };
-                let comment = e
-                    .get(ELEM_USERDATA)
-                    .and_then(|u| parse_udata_comment(u.data));
-                out.push((key, data, comment));
-            }
-        }
-        Ok(out)
     }
 
     /// Reads the table, repairs what is not twill's doing, rebuilds the mirror, and returns
@@ -423,7 +267,7 @@ impl NftLb {
         if before.is_some() && before == self.genid {
             return Ok(self.mirrored());
         }
-        let dump = match self.dump_table()? {
+        let dump = match self.nf.dump()? {
             Some(d) if layout_ok(&d) => d,
             found => {
                 // No table, or one with another layout (an older twill): start over in one
@@ -434,17 +278,11 @@ impl NftLb {
                         "nftables table has an unexpected layout; recreating it"
                     );
                 }
-                let mut b = Batch::new();
-                if found.is_some() {
-                    b.push(MSG_DELTABLE, 0, NFPROTO_INET, "delete table", |m| {
-                        m.str(TABLE_NAME, TABLE);
-                    });
-                }
-                b.push(MSG_NEWTABLE, F_CREATE, NFPROTO_INET, "add table", |m| {
-                    m.str(TABLE_NAME, TABLE);
-                });
-                let rest = encode_ops(TABLE, &skeleton_ops());
-                self.commit_two(b, &rest)?;
+                self.commit(&Commit {
+                    delete_table: found.is_some(),
+                    create_table: true,
+                    ..Commit::ops(skeleton_ops())
+                })?;
                 self.mirror = Mirror::default();
                 self.genid = None;
                 return Ok(Vec::new());
@@ -454,8 +292,8 @@ impl NftLb {
         if !repairs.is_empty() {
             info!(operations = repairs.len(), "repairing the nftables table");
             debug!(ops = ?repairs.iter().map(ToString::to_string).collect::<Vec<_>>());
-            self.sock
-                .commit(&encode_ops(TABLE, &repairs))
+            self.nf
+                .commit(&Commit::ops(repairs.clone()))
                 .map_err(nl("repair", format!("table inet {TABLE}")))?;
         }
         self.mirror = mirror;
@@ -739,8 +577,7 @@ impl LbDataplane for NftLb {
     fn apply(&mut self, plan: &LbPlan) -> Result<(), LbError> {
         let tx = self.mirror.transaction(plan);
         if !tx.ops.is_empty() {
-            let batch = encode_ops(TABLE, &tx.ops);
-            if let Err(e) = self.sock.commit(&batch) {
+            if let Err(e) = self.nf.commit(&Commit::ops(tx.ops.clone())) {
                 self.genid = None;
                 return Err(nl("transaction", format!("table inet {TABLE}"))(e).into());
             }
@@ -752,9 +589,7 @@ impl LbDataplane for NftLb {
             };
         }
         self.mirror.commit(tx);
-        super::purge_stale_udp(&plan.stale_backends, |s| {
-            conntrack::purge_udp(&mut self.sock, s).map(Some)
-        });
+        super::purge_stale_udp(&plan.stale_backends, |s| self.nf.purge_udp(s).map(Some));
         Ok(())
     }
 

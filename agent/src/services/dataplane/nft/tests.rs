@@ -3,8 +3,10 @@
 use super::diff::{Mirror, Op};
 use super::frontend::{ElemData, hairpin_key, slot_key, slot_value};
 use super::render::{TABLE, static_sets};
+use super::transport::FakeNft;
 use super::wire::{comment_udata, encode_ops, parse_udata_comment};
 use super::*;
+use crate::services::dataplane::golden;
 use crate::services::lb::{FrontendKind, Proto, plan};
 
 fn svc(id: u32, ip: &str, backends: &[&str], affinity: bool) -> LbService {
@@ -46,48 +48,7 @@ fn dump_of(ops: &[Op]) -> Dump {
         );
     }
     for op in ops {
-        match op {
-            Op::AddSet(s) => {
-                d.sets.insert(
-                    s.name.clone(),
-                    DumpedSet {
-                        flags: s.flags,
-                        key_len: s.key_len,
-                    },
-                );
-            }
-            Op::DelSet(s) => {
-                d.sets.remove(s);
-            }
-            Op::AddChain(c) => {
-                d.chains.insert(c.name.clone());
-            }
-            Op::FlushChain(c) => {
-                d.rules.remove(c);
-            }
-            Op::DelChain(c) => {
-                d.chains.remove(c);
-            }
-            Op::AddRule { chain, rule } => {
-                d.rules.entry(chain.clone()).or_default().push(rule.clone());
-            }
-            Op::AddElem {
-                set,
-                key,
-                data,
-                comment,
-            } => d.elems.entry(set.clone()).or_default().push((
-                key.clone(),
-                data.clone(),
-                comment.clone(),
-            )),
-            Op::DelElem { set, key } => {
-                d.elems
-                    .entry(set.clone())
-                    .or_default()
-                    .retain(|(k, _, _)| k != key);
-            }
-        }
+        d.apply(op);
     }
     d
 }
@@ -214,4 +175,60 @@ fn encoded_batches_describe_their_messages() {
     let b = encode_ops(TABLE, &tx.ops);
     assert_eq!(b.len(), tx.ops.len());
     assert_eq!(b.descriptions()[0], "add set c4-1");
+}
+
+/// Drains the transactions the fake was given, as golden text.
+fn take(fake: &FakeNft) -> String {
+    let mut out = String::new();
+    for c in fake.state().commits.drain(..) {
+        out.push_str("# nft transaction\n");
+        out.push_str(&c.render());
+    }
+    out
+}
+
+fn open(fake: &FakeNft) -> NftLb {
+    NftLb::with_transport(Box::new(fake.clone())).expect("open over the fake")
+}
+
+/// Every golden case: the exact nf_tables transaction of each step.
+#[test]
+fn golden_transactions_per_case() {
+    for case in golden::cases() {
+        let fake = FakeNft::new();
+        let mut lb = open(&fake);
+        let text = golden::run(&case, &mut lb, || take(&fake));
+        golden::check(&case, "nftables.txt", &text);
+    }
+}
+
+/// A restarted agent over the table its predecessor programmed re-creates only the skeleton,
+/// repairs nothing and reads back the same services; an unchanged resync dumps nothing.
+#[test]
+fn reopen_commits_only_the_skeleton_and_an_unchanged_resync_dumps_nothing() {
+    let case = golden::cases()
+        .into_iter()
+        .find(|c| c.ends_with("clusterip-three-backends"))
+        .expect("case");
+    let fake = FakeNft::new();
+    let mut lb = open(&fake);
+    golden::run(&case, &mut lb, || take(&fake));
+    let services = lb.observed().expect("observe");
+    assert_eq!(services.len(), 1);
+    let mut again = open(&fake);
+    let commits = std::mem::take(&mut fake.state().commits);
+    assert_eq!(
+        commits,
+        vec![transport::Commit {
+            create_table: true,
+            ..transport::Commit::ops(skeleton_ops())
+        }]
+    );
+    let dumps = fake.state().dumps;
+    assert_eq!(again.observed().expect("observe"), services);
+    assert_eq!(
+        fake.state().dumps,
+        dumps,
+        "an unchanged resync dumped the table"
+    );
 }
