@@ -943,6 +943,25 @@ fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
     connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
         .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
     let connect_took = t0.elapsed();
+    let syn_retrans = total_retrans(&fd)?;
+    let stream = TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("read from {dst}: {e}"))?;
+    Ok(Exchange {
+        line: line.trim().to_owned(),
+        connect: connect_took,
+        syn_retrans,
+    })
+}
+
+/// Segments the connection on `fd` has retransmitted so far (`tcpi_total_retrans`; right after
+/// `connect`, its SYNs).
+fn total_retrans(fd: &impl std::os::fd::AsRawFd) -> Result<u32, String> {
     // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len =
@@ -960,19 +979,7 @@ fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
     if rc != 0 {
         return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
     }
-    let stream = TcpStream::from(fd);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("read from {dst}: {e}"))?;
-    Ok(Exchange {
-        line: line.trim().to_owned(),
-        connect: connect_took,
-        syn_retrans: info.tcpi_total_retrans,
-    })
+    Ok(info.tcpi_total_retrans)
 }
 
 /// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and
@@ -1425,25 +1432,11 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
             let mut s = TcpStream::connect_timeout(&nodeport, Duration::from_secs(5))
                 .map_err(|e| format!("{e} after {:?}", t0.elapsed()))?;
             let took = t0.elapsed();
-            // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
-            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-            let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
-                .expect("tcp_info size");
-            // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_INFO,
-                    (&raw mut info).cast(),
-                    &raw mut len,
-                )
-            };
-            assert_eq!(rc, 0, "TCP_INFO");
+            let retrans = total_retrans(&s)?;
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let mut line = String::new();
             let _ = std::io::Read::read_to_string(&mut s, &mut line);
-            Ok::<_, String>((took, info.tcpi_total_retrans, line.trim().to_owned()))
+            Ok::<_, String>((took, retrans, line.trim().to_owned()))
         });
         let (took, retrans, line) = match got {
             Ok(got) => got,
