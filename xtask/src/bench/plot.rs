@@ -62,6 +62,16 @@ pub struct Line {
     pub points: Vec<(f64, Bar)>,
 }
 
+impl Line {
+    /// The points a log x axis can show: x finite and positive, the value finite.
+    fn plottable(&self) -> impl Iterator<Item = (f64, Bar)> + Clone + '_ {
+        self.points
+            .iter()
+            .copied()
+            .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
+    }
+}
+
 /// Bars for each group (x) and series (colour).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BarChart {
@@ -201,6 +211,22 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .map_err(err)
 }
 
+/// What every chart starts from: its caption, the margin and the axes' label areas
+/// (`y_label_area` wide on the left).
+fn frame<'a, 'b>(
+    root: &'a Canvas<'b>,
+    title: &str,
+    y_label_area: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(y_label_area);
+    builder
+}
+
 fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     let top = chart
         .series
@@ -213,11 +239,7 @@ fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups and series")]
     let (groups, nseries) = (chart.groups.len() as f64, chart.series.len().max(1) as f64);
     // Groups sit at integers 0..n, so that plotters puts one x label at each.
-    let mut ctx = ChartBuilder::on(root)
-        .caption(&chart.title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
+    let mut ctx = frame(root, &chart.title, 70)
         .build_cartesian_2d(-0.5..(groups - 0.5), 0.0..y_max)
         .map_err(err)?;
     let labels = chart.groups.clone();
@@ -297,11 +319,7 @@ fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
             .filter(|v| v.is_finite() && *v > 0.0)
     };
     let (lo, hi) = log_range(all(), 1.2, (0.01, 1.0));
-    let mut ctx = ChartBuilder::on(root)
-        .caption(&chart.title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
+    let mut ctx = frame(root, &chart.title, 60)
         .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
         .map_err(err)?;
     ctx.configure_mesh()
@@ -323,24 +341,14 @@ fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
 }
 
 fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
-    let points = || {
-        chart
-            .series
-            .iter()
-            .flat_map(|s| s.points.iter())
-            .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
-    };
-    let (x_lo, x_hi) = log_range(points().map(|(x, _)| *x), 1.5, (1.0, 10.0));
+    let points = || chart.series.iter().flat_map(Line::plottable);
+    let (x_lo, x_hi) = log_range(points().map(|(x, _)| x), 1.5, (1.0, 10.0));
     let y_top = points()
         .map(|(_, b)| b.high.max(b.value))
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
     let y_max = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
-    let mut ctx = ChartBuilder::on(root)
-        .caption(&chart.title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
+    let mut ctx = frame(root, &chart.title, 70)
         .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_max)
         .map_err(err)?;
     ctx.configure_mesh()
@@ -352,12 +360,7 @@ fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
         .map_err(err)?;
     for (i, series) in chart.series.iter().enumerate() {
         let c = colour(i);
-        let pts: Vec<(f64, Bar)> = series
-            .points
-            .iter()
-            .copied()
-            .filter(|(x, b)| x.is_finite() && *x > 0.0 && b.value.is_finite())
-            .collect();
+        let pts: Vec<(f64, Bar)> = series.plottable().collect();
         ctx.draw_series(LineSeries::new(
             pts.iter().map(|(x, b)| (*x, b.value)),
             c.stroke_width(2),
@@ -454,11 +457,16 @@ mod tests {
 
     #[test]
     fn log_axis_labels() {
-        assert_eq!(log_label(0.1), "0.1");
-        assert_eq!(log_label(2.0), "2");
-        assert_eq!(log_label(50.0), "50");
-        assert_eq!(log_label(3.0), "");
-        assert_eq!(log_label(0.02), "0.02");
+        // 1-2-5 steps are labelled, everything between them is not.
+        for (x, want) in [
+            (0.1, "0.1"),
+            (2.0, "2"),
+            (50.0, "50"),
+            (3.0, ""),
+            (0.02, "0.02"),
+        ] {
+            assert_eq!(log_label(x), want, "log_label({x})");
+        }
     }
 
     #[test]

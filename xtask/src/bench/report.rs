@@ -514,9 +514,13 @@ mod tests {
 
     #[test]
     fn numbers_keep_three_digits() {
-        assert_eq!(fmt_num(123.4), "123");
-        assert_eq!(fmt_num(12.34), "12.3");
-        assert_eq!(fmt_num(1.234), "1.23");
-        assert_eq!(fmt_num(0.01234), "0.012");
+        for (v, want) in [
+            (123.4, "123"),
+            (12.34, "12.3"),
+            (1.234, "1.23"),
+            (0.01234, "0.012"),
+        ] {
+            assert_eq!(fmt_num(v), want, "fmt_num({v})");
+        }
     }
 }
