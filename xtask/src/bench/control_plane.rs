@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
-use twill_tests::bench_support::{EtcdHttp, LineMonitor};
+use twill_tests::bench_support::EtcdHttp;
 use twill_tests::metrics::sample;
 use twill_tests::ns::{http_get, in_netns};
 use twill_tests::rig::{ETCD_PREFIX, UNDERLAY_V4};
@@ -41,6 +41,7 @@ use twill_tests::state::RigState;
 use twill_tests::{Rig, RigOptions, run};
 
 use super::kit::{Benchmark, Context};
+use super::overlay::peer_monitor;
 use super::plot::{CdfChart, Plot};
 use super::progress::Progress;
 use super::report::{Check, Metric, Section, Table, fmt_num};
@@ -171,10 +172,6 @@ struct Rep {
 }
 
 impl Benchmark for ControlPlane {
-    fn name(&self) -> &'static str {
-        "control-plane"
-    }
-
     fn run(&self, ctx: &Context<'_>) -> Result<Section> {
         let backend = if ctx.opts.backends.contains(&Backend::Vxlan) {
             Backend::Vxlan
@@ -483,16 +480,7 @@ fn unlabel(line: &str) -> &str {
 /// Writes `p.leases` more fake leases one at a time and times each to its route, neighbour and
 /// FDB entry on `node`; removes them afterwards.
 fn lease_latency(rig: &Rig, node: usize, p: &Params, etcd: &EtcdHttp, rep: &mut Rep) -> Result<()> {
-    let ns = rig.node_ns(node);
-    let route: &[&str] = &["ip", "-4", "monitor", "route"];
-    let neigh: &[&str] = &["ip", "-4", "monitor", "neigh"];
-    let fdb: &[&str] = &["bridge", "monitor", "fdb"];
-    let commands: Vec<&[&str]> = if p.backend == Backend::Vxlan {
-        vec![route, neigh, fdb]
-    } else {
-        vec![route]
-    };
-    let monitor = LineMonitor::spawn_many(&ns, &commands)?;
+    let monitor = peer_monitor(&rig.node_ns(node), p.backend)?;
     std::thread::sleep(Duration::from_millis(200));
     // Subnet numbers above the cluster's, different per repetition.
     let first = p.nodes + node * (p.leases + 1);

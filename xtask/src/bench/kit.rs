@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -97,10 +97,20 @@ pub struct Context<'a> {
     pub progress: &'a Progress,
 }
 
-/// One benchmark.
+/// One benchmark (its name is that of its [`Which`]).
 pub trait Benchmark {
-    /// The command-line name.
-    fn name(&self) -> &'static str;
     /// Measures; a section for the report. Errors only when it could not measure.
     fn run(&self, ctx: &Context<'_>) -> Result<Section>;
+}
+
+/// `chosen` in order and without repeats; an error naming `what` when that leaves nothing.
+pub(crate) fn selection<T: Ord + Copy>(
+    chosen: impl IntoIterator<Item = T>,
+    what: &str,
+) -> Result<Vec<T>> {
+    let mut all: Vec<T> = chosen.into_iter().collect();
+    all.sort();
+    all.dedup();
+    ensure!(!all.is_empty(), "no {what} selected");
+    Ok(all)
 }

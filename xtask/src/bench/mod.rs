@@ -115,8 +115,8 @@ pub fn run(opts: &BenchOptions) -> Result<Outcome> {
             Ok(section) => sections.push(section),
             Err(e) if twill_tests::interrupted() => return Err(e),
             Err(e) => {
-                progress.note(&format!("bench {} failed: {e:#}", bench.name()));
-                failures.push(format!("{}: {e:#}", bench.name()));
+                progress.note(&format!("bench {} failed: {e:#}", which.as_str()));
+                failures.push(format!("{}: {e:#}", which.as_str()));
             }
         }
     }

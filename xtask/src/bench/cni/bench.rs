@@ -19,13 +19,7 @@ use crate::bench::report::Section;
 pub struct Cni;
 
 impl Benchmark for Cni {
-    fn name(&self) -> &'static str {
-        "cni"
-    }
-
     fn run(&self, ctx: &Context<'_>) -> Result<Section> {
-        let p = Params::new(ctx.opts.quick, ctx.opts.reps);
-        let progress = ctx.progress;
         for plugin in ["bridge", "host-local"] {
             let path = Path::new(REFERENCE_DIR).join(plugin);
             ensure!(
@@ -34,6 +28,8 @@ impl Benchmark for Cni {
                 path.display()
             );
         }
+        let p = Params::new(ctx.opts.quick, ctx.opts.reps);
+        let progress = ctx.progress;
         progress.plan(2 + p.reps * (1 + Plugin::CONCURRENT.len()));
 
         let what = format!("node and {} pods", p.pods.max(p.concurrency));

@@ -7,7 +7,7 @@ use super::measure::measure;
 use super::params::{LEASE_P99_TARGET_MS, Params, Plane, Test};
 use super::report::section;
 use super::setup::{DEFAULT_SUBNETS, Setup, kernel_setup, skip_reason, twill_setup};
-use crate::bench::kit::{Benchmark, Context};
+use crate::bench::kit::{Benchmark, Context, selection};
 use crate::bench::report::{Check, Section, fmt_num};
 use crate::bench::stats::Summary;
 use crate::cluster::Backend;
@@ -17,17 +17,10 @@ use crate::cluster::Backend;
 pub struct Overlay;
 
 impl Benchmark for Overlay {
-    fn name(&self) -> &'static str {
-        "overlay"
-    }
-
     fn run(&self, ctx: &Context<'_>) -> Result<Section> {
+        let backends = selection(ctx.opts.backends.iter().copied(), "backend")?;
         let p = Params::new(ctx.opts.quick, ctx.opts.reps);
         let progress = ctx.progress;
-        let mut backends = ctx.opts.backends.clone();
-        backends.sort();
-        backends.dedup();
-        ensure!(!backends.is_empty(), "no backend selected");
         let mut notes = Vec::new();
 
         // Twill's rigs first: the kernel's copy their subnets.

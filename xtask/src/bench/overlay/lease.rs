@@ -13,6 +13,20 @@ use super::setup::Setup;
 use crate::bench::stats::ms;
 use crate::cluster::Backend;
 
+/// Watches, in namespace `ns`, the kernel entries a peer's lease on `backend` programs: its
+/// route, and on VXLAN also its neighbour and FDB entry.
+pub(crate) fn peer_monitor(ns: &str, backend: Backend) -> Result<LineMonitor> {
+    let route: &[&str] = &["ip", "-4", "monitor", "route"];
+    let neigh: &[&str] = &["ip", "-4", "monitor", "neigh"];
+    let fdb: &[&str] = &["bridge", "monitor", "fdb"];
+    let commands: Vec<&[&str]> = if backend == Backend::Vxlan {
+        vec![route, neigh, fdb]
+    } else {
+        vec![route]
+    };
+    LineMonitor::spawn_many(ns, &commands)
+}
+
 /// A fake peer's lease.
 #[derive(Debug, Clone)]
 pub(crate) struct FakeLease {
@@ -113,16 +127,7 @@ pub(crate) fn lease_latency(
         .enumerate()
         .map(|(i, &k)| FakeLease::new(s.backend, i, k))
         .collect();
-    let node_ns = s.rig.node_ns(1);
-    let route: &[&str] = &["ip", "-4", "monitor", "route"];
-    let neigh: &[&str] = &["ip", "-4", "monitor", "neigh"];
-    let fdb: &[&str] = &["bridge", "monitor", "fdb"];
-    let commands: Vec<&[&str]> = if s.backend == Backend::Vxlan {
-        vec![route, neigh, fdb]
-    } else {
-        vec![route]
-    };
-    let monitor = LineMonitor::spawn_many(&node_ns, &commands)?;
+    let monitor = peer_monitor(&s.rig.node_ns(1), s.backend)?;
     // The monitors subscribe within milliseconds; the warm-up lease proves they did.
     std::thread::sleep(Duration::from_millis(200));
     let etcd = EtcdHttp {

@@ -33,3 +33,4 @@ mod setup;
 mod tests;
 
 pub use bench::Overlay;
+pub(crate) use lease::peer_monitor;

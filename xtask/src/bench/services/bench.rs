@@ -1,12 +1,12 @@
 //! The benchmark: every mode and the baselines, in one run.
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 
 use super::baselines::measure_baselines;
 use super::measure::measure_mode;
 use super::params::{ModeOutcome, Params};
 use super::report::section;
-use crate::bench::kit::{Benchmark, Context};
+use crate::bench::kit::{Benchmark, Context, selection};
 use crate::bench::report::Section;
 use crate::cluster::{ProxyMode, check_proxy_mode};
 
@@ -16,18 +16,17 @@ pub struct Services;
 // ---- the benchmark ------------------------------------------------------------------------
 
 impl Benchmark for Services {
-    fn name(&self) -> &'static str {
-        "services"
-    }
-
     fn run(&self, ctx: &Context<'_>) -> Result<Section> {
+        let modes = selection(
+            ctx.opts
+                .modes
+                .iter()
+                .copied()
+                .filter(|m| *m != ProxyMode::None),
+            "proxy mode",
+        )?;
         let p = Params::new(ctx.opts.quick, ctx.opts.reps);
         let progress = ctx.progress;
-        let mut modes = ctx.opts.modes.clone();
-        modes.sort();
-        modes.dedup();
-        modes.retain(|m| *m != ProxyMode::None);
-        ensure!(!modes.is_empty(), "no proxy mode selected");
         let twilld = crate::bench::twilld_path(ctx.opts.bin_dir.as_deref())?;
         let per_mode = 1 + p.steps.len() * (1 + p.runs) + p.reps + 1 + 1 + p.runs;
         // Which modes this twilld knows, before planning: the progress total stays honest.
