@@ -7,19 +7,12 @@
 //! (`cargo build --workspace --bins`, which `cargo xtask test` does) and Debian's
 //! containernetworking-plugins. Under CI a non-root run fails. About 15 s.
 
-use xtask::bench::kit::{BenchOptions, Which};
-
 mod common;
 
 #[test]
 fn quick_cni_run_writes_a_sane_report() {
     let Some(report) = common::quick_run(
-        Which::Cni,
-        1,
-        BenchOptions {
-            command: "cargo xtask bench cni --quick --reps 1".into(),
-            ..BenchOptions::default()
-        },
+        "cni --quick --reps 1",
         &["cni-latency.svg", "cni-concurrent.svg"],
         &["## CNI", "### Targets", "reference bridge + host-local"],
     ) else {

@@ -5,21 +5,12 @@
 //!
 //! Privileged: under CI a non-root run fails. About 10 s.
 
-use xtask::bench::kit::{BenchOptions, Which};
-use xtask::cluster::Backend;
-
 mod common;
 
 #[test]
 fn quick_control_plane_run_writes_a_sane_report() {
     let Some(report) = common::quick_run(
-        Which::ControlPlane,
-        2,
-        BenchOptions {
-            backends: vec![Backend::Vxlan],
-            command: "cargo xtask bench control-plane --backend vxlan --quick --reps 2".into(),
-            ..BenchOptions::default()
-        },
+        "control-plane --backend vxlan --quick --reps 2",
         &["control-plane-lease.svg"],
         &["## Control plane", "### Targets", "VmHWM", "Cilium"],
     ) else {

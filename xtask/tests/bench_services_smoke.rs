@@ -7,21 +7,12 @@
 //! Privileged (namespaces, etcd, twilld, twill-cni and twill-probe from `target/<profile>/`):
 //! under CI a non-root run fails. About 10 s per mode.
 
-use xtask::bench::kit::{BenchOptions, Which};
-use xtask::cluster::ProxyMode;
-
 mod common;
 
 #[test]
 fn quick_services_run_writes_a_sane_report() {
     let Some(report) = common::quick_run(
-        Which::Services,
-        1,
-        BenchOptions {
-            modes: ProxyMode::SERVICE_MODES.to_vec(),
-            command: "cargo xtask bench services --mode all --quick --reps 1".into(),
-            ..BenchOptions::default()
-        },
+        "services --mode all --quick --reps 1",
         &[
             "services-rate.svg",
             "services-connect-latency.svg",

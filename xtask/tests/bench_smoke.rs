@@ -6,21 +6,12 @@
 //! Privileged (namespaces, etcd, twilld from `target/<profile>/`): under CI a non-root run
 //! fails. About 30 s.
 
-use xtask::bench::kit::{BenchOptions, Which};
-use xtask::cluster::Backend;
-
 mod common;
 
 #[test]
 fn quick_overlay_run_writes_a_sane_report() {
     let Some(report) = common::quick_run(
-        Which::Overlay,
-        3,
-        BenchOptions {
-            backends: vec![Backend::Vxlan],
-            command: "cargo xtask bench overlay --backend vxlan --quick".into(),
-            ..BenchOptions::default()
-        },
+        "overlay --backend vxlan --quick",
         &[
             "overlay-throughput.svg",
             "overlay-ping.svg",

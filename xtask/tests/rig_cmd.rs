@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use twill_tests::rig::ETCD_PREFIX;
 use twill_tests::state::{RigState, STATE_DIR};
 use twill_tests::{leftovers, require_root};
 
@@ -58,8 +59,21 @@ fn down(id: &str) {
     assert_gone(id);
 }
 
-/// `rig up` with the debug twilld; the rig id.
-fn up(nodes: &str) -> String {
+/// The rig id in `rig up`'s `xtask: rig <id> up in ...` line.
+fn rig_id(output: &str) -> Option<String> {
+    output.lines().find_map(|l| {
+        Some(
+            l.strip_prefix("xtask: rig ")?
+                .split_once(" up in ")?
+                .0
+                .to_string(),
+        )
+    })
+}
+
+/// `rig up` with the debug twilld, which must leave a detached rig: its id, its state, and the
+/// guard that takes it down when the test ends.
+fn up(nodes: &str) -> (String, RigState, Down) {
     let out = xtask(&[
         "rig",
         "up",
@@ -71,17 +85,12 @@ fn up(nodes: &str) -> String {
         "--no-build",
     ]);
     assert!(out.status.success(), "rig up failed:\n{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let id = stdout
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("xtask: rig ")?
-                .split_once(" up in ")?
-                .0
-                .into()
-        })
+    let id = rig_id(&String::from_utf8_lossy(&out.stdout))
         .unwrap_or_else(|| panic!("no rig id in:\n{}", text(&out)));
-    id.to_string()
+    let down = Down(id.clone());
+    let state = RigState::load(&id).unwrap();
+    assert!(state.detached, "up must leave a detached rig");
+    (id, state, down)
 }
 
 #[test]
@@ -89,10 +98,7 @@ fn up_exec_status_down_leaves_nothing() {
     if !require_root() {
         return;
     }
-    let id = up("2");
-    let _down = Down(id.clone());
-    let state = RigState::load(&id).unwrap();
-    assert!(state.detached, "up must leave a detached rig");
+    let (id, state, _down) = up("2");
     // The owner (the xtask process) is gone, yet a sweep leaves the rig alone.
     assert!(!state.owner_alive());
     twill_tests::sweep_stale().unwrap();
@@ -197,15 +203,7 @@ fn a_proxy_mode_twilld_does_not_know_is_refused_cleanly() {
     if out.status.success() {
         assert!(all.contains("proxy mode iptables"), "{all}");
         assert!(all.contains("service default/echo"), "{all}");
-        let id = all
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("xtask: rig ")?
-                    .split_once(" up in ")
-                    .map(|(id, _)| id)
-            })
-            .unwrap()
-            .to_string();
+        let id = rig_id(&all).unwrap();
         let _down = Down(id.clone());
         down(&id);
     } else {
@@ -235,9 +233,7 @@ fn down_after_kill_9_of_the_rig_processes() {
     if !require_root() {
         return;
     }
-    let id = up("1");
-    let _down = Down(id.clone());
-    let state = RigState::load(&id).unwrap();
+    let (id, state, _down) = up("1");
     assert!(
         state.pids.iter().any(|p| p.what.starts_with("responder")),
         "{:?}",
@@ -311,7 +307,7 @@ fn attach_takes_a_detached_rig_back_and_its_drop_tears_down() {
     if !require_root() {
         return;
     }
-    let id = up("2");
+    let (id, _, _down) = up("2");
     let rig = twill_tests::Rig::attach(&id).unwrap();
     assert_eq!(rig.nodes(), 2);
     assert!(
@@ -319,13 +315,9 @@ fn attach_takes_a_detached_rig_back_and_its_drop_tears_down() {
         "attached means owned"
     );
     // etcd answers through the guard, and a new pod gets the next free name and address.
+    let subnets = format!("{ETCD_PREFIX}/subnets/");
     let leases = rig
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/coreos.com/network/subnets/",
-        ])
+        .etcdctl(&["get", "--prefix", "--keys-only", &subnets])
         .unwrap();
     assert_eq!(
         leases.lines().filter(|l| !l.is_empty()).count(),

@@ -109,6 +109,21 @@ impl BenchArgs {
         }
         cmd
     }
+
+    /// The run these options ask for, measuring the twilld in `bin_dir` (`None`: where the rig
+    /// finds it).
+    pub fn options(&self, bin_dir: Option<PathBuf>) -> BenchOptions {
+        BenchOptions {
+            which: self.which,
+            backends: self.backend.backends(),
+            modes: self.mode.modes(),
+            quick: self.quick,
+            reps: usize::from(self.reps),
+            out_dir: self.out.clone(),
+            bin_dir,
+            command: self.command(),
+        }
+    }
 }
 
 /// `value` as it is spelled on the command line.
@@ -130,17 +145,7 @@ pub fn main(args: &BenchArgs) -> Result<()> {
     if !args.no_build {
         build_binaries(!args.debug)?;
     }
-    let opts = BenchOptions {
-        which: args.which,
-        backends: args.backend.backends(),
-        modes: args.mode.modes(),
-        quick: args.quick,
-        reps: usize::from(args.reps),
-        out_dir: args.out.clone(),
-        bin_dir: Some(bin_dir),
-        command: args.command(),
-    };
-    super::run(&opts).map(|_| ())
+    super::run(&args.options(Some(bin_dir))).map(|_| ())
 }
 
 /// SIGINT/SIGTERM raise the rig's interrupt flag: waits and commands stop early and the rigs'

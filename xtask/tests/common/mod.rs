@@ -5,33 +5,33 @@
 
 use std::path::PathBuf;
 
+use clap::Parser;
 use twill_tests::require_root;
-use xtask::bench::{self, kit::BenchOptions, kit::Which};
+use xtask::bench::{self, cli::BenchArgs, kit::BenchOptions};
 
-/// The smoke run of benchmark `which`: `--quick`, `reps` repetitions, the rest of `opts` (the
-/// backends or modes, the command line for the report) as given, into a fresh directory named
-/// after the benchmark, checked as [`Report::run`] checks. `None` when the test cannot run here
-/// (not root, outside CI).
-pub fn quick_run(
-    which: Which,
-    reps: usize,
-    opts: BenchOptions,
-    files: &[&str],
-    needles: &[&str],
-) -> Option<Report> {
+/// `cargo xtask bench`'s command line.
+#[derive(Parser)]
+struct BenchCommand {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+/// The smoke run of `cargo xtask bench <args>` (a `--quick` one, with the options it gives, and
+/// the command line the report shows) into a fresh directory named after the benchmark, checked
+/// as [`Report::run`] checks. `None` when the test cannot run here (not root, outside CI).
+pub fn quick_run(args: &str, files: &[&str], needles: &[&str]) -> Option<Report> {
     if !require_root() {
         return None;
     }
-    let name = which.as_str();
-    let opts = BenchOptions {
-        which,
-        quick: true,
-        reps,
-        ..opts
-    };
+    let words = std::iter::once("bench").chain(args.split_whitespace());
+    let args = BenchCommand::try_parse_from(words)
+        .unwrap_or_else(|e| panic!("bench {args}: {e}"))
+        .args;
+    assert!(args.quick, "a smoke run is --quick: {}", args.command());
+    let name = args.which.as_str();
     Some(Report::run(
         &format!("bench-{name}-smoke"),
-        opts,
+        args.options(None),
         files,
         needles,
         name,

@@ -88,7 +88,6 @@ pub(crate) fn measure_mode(
         };
         if n == p.sync_step
             && let Err(e) = full_syncs(&b, n, p.reps, &mut res, progress)
-                .and_then(|()| one_endpoint_full_syncs(&b, n, p.reps, &mut res, progress))
         {
             if twill_tests::interrupted() {
                 return Err(e);
@@ -131,7 +130,10 @@ pub(crate) fn measure_mode(
     Ok(res)
 }
 
-/// Starts a fresh twilld on each extra node in turn and times its first full sync.
+/// Starts a fresh twilld on each extra node in turn and times its first full sync: `reps` times
+/// of the `n` services as they are, then `reps` times of the same `n` services with one endpoint
+/// each, under [`ONE_ENDPOINT_PREFIX`] (with a copy of the network config, so the fresh twilld
+/// is a node of that prefix's cluster of one).
 pub(crate) fn full_syncs(
     b: &Bench,
     n: usize,
@@ -147,18 +149,7 @@ pub(crate) fn full_syncs(
         res.full_sync_frontends = sample(&m, "twill_services_frontends").unwrap_or(f64::NAN);
         res.full_sync_backends = sample(&m, "twill_services_backends").unwrap_or(f64::NAN);
     }
-    Ok(())
-}
 
-/// The same `n` services with one endpoint each, under [`ONE_ENDPOINT_PREFIX`] (with a copy of
-/// the network config, so the fresh twilld is a node of that prefix's cluster of one).
-pub(crate) fn one_endpoint_full_syncs(
-    b: &Bench,
-    n: usize,
-    reps: usize,
-    res: &mut ModeResult,
-    progress: &Progress,
-) -> Result<()> {
     let what = format!("{}: write {n} services × 1 endpoint", b.mode);
     progress.working(&what);
     let mut kvs = one_endpoint_entries(ONE_ENDPOINT_PREFIX, n);
