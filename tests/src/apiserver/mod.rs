@@ -95,6 +95,12 @@ impl Resource {
         self != Resource::Nodes
     }
 
+    /// The store's key of object `name` in namespace `ns` (ignored for a cluster-scoped kind).
+    fn key(self, ns: &str, name: &str) -> Key {
+        let ns = if self.namespaced() { ns } else { "" };
+        (self, ns.to_string(), name.to_string())
+    }
+
     fn from_kind(kind: &str) -> Option<Self> {
         match kind {
             "Node" => Some(Resource::Nodes),
@@ -248,15 +254,7 @@ impl ApiServer {
     /// Deletes an object; whether it existed.
     pub fn delete(&self, res: Resource, ns: &str, name: &str) -> bool {
         let mut st = self.shared.lock();
-        let key = (
-            res,
-            if res.namespaced() {
-                ns.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
+        let key = res.key(ns, name);
         let Some(mut obj) = st.objects.remove(&key) else {
             return false;
         };
@@ -277,15 +275,7 @@ impl ApiServer {
 
     /// An object as stored.
     pub fn get(&self, res: Resource, ns: &str, name: &str) -> Option<Value> {
-        let key = (
-            res,
-            if res.namespaced() {
-                ns.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
+        let key = res.key(ns, name);
         self.shared.lock().objects.get(&key).cloned()
     }
 
