@@ -197,6 +197,25 @@ impl Rig {
         })
     }
 
+    /// The opening of a privileged test: `None` when [`require_root`](crate::require_root)
+    /// skips (not root, outside CI), else a rig of `nodes` nodes with etcd running and, when
+    /// given, `network_config` written as the network config.
+    ///
+    /// # Panics
+    ///
+    /// When the rig cannot be built or the config cannot be written: the test fails there.
+    pub fn for_test(nodes: usize, network_config: Option<&str>) -> Option<Rig> {
+        if !crate::require_root() {
+            return None;
+        }
+        let rig = Rig::new(nodes).unwrap_or_else(|e| panic!("rig of {nodes} nodes: {e:#}"));
+        if let Some(config) = network_config {
+            rig.put_network_config(config)
+                .unwrap_or_else(|e| panic!("network config {config}: {e:#}"));
+        }
+        Some(rig)
+    }
+
     /// Sweeps rigs left by killed runs, then builds the underlay, the nodes and (by default)
     /// etcd, healthy. Needs root. On error everything built so far is removed.
     pub fn with_options(opts: RigOptions) -> Result<Rig> {
