@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use crate::net::ping_args;
 use crate::ns::{display_args, exec_timeout, nsenter};
 
 /// Per-packet round-trip times of `ping -c COUNT -i INTERVAL ADDR` from namespace `from_ns`, in
@@ -34,20 +35,7 @@ pub fn ping_rtts(
     count: u32,
     interval: Duration,
 ) -> Result<Vec<f64>> {
-    let addr = addr.into().to_string();
-    let count_arg = count.to_string();
-    let interval_arg = format!("{:.3}", interval.as_secs_f64());
-    let args = [
-        "ping",
-        "-n",
-        "-c",
-        &count_arg,
-        "-i",
-        &interval_arg,
-        "-W",
-        "1",
-        &addr,
-    ];
+    let args = ping_args(addr.into(), count, interval, &[]);
     let bound = interval * count + Duration::from_secs(10);
     let out = exec_timeout(from_ns, &args, bound)?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -243,28 +231,15 @@ impl LineMonitor {
     /// with its stdout read line by line; its stdin is a pipe that is closed when the monitor is
     /// dropped (a polite "stop" for programs that watch their stdin, such as `twill-probe
     /// follow`), before the process is killed.
-    pub fn from_command(mut cmd: Command, what: &str) -> Result<Self> {
+    pub fn from_command(cmd: Command, what: &str) -> Result<Self> {
         let (tx, lines) = mpsc::channel();
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawn {what}"))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((Instant::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(LineMonitor {
-            children: vec![child],
+        let mut monitor = LineMonitor {
+            children: Vec::new(),
             lines,
-            what: what.to_string(),
-        })
+            what: String::new(),
+        };
+        monitor.start(cmd, Stdio::piped(), what, &tx)?;
+        Ok(monitor)
     }
 
     /// Starts every command of `commands` in namespace `ns`; their lines arrive in one stream,
@@ -278,30 +253,43 @@ impl LineMonitor {
         };
         for args in commands {
             let what = format!("{} in netns {ns}", display_args(args));
-            let mut child = nsenter(ns, args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("spawn {what}"))?;
-            let stdout = child.stdout.take().expect("stdout is piped");
-            // Pushed before anything can fail below, so that drop kills it.
-            monitor.children.push(child);
-            if !monitor.what.is_empty() {
-                monitor.what.push_str(", ");
-            }
-            monitor.what.push_str(&what);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            });
+            monitor.start(nsenter(ns, args), Stdio::null(), &what, &tx)?;
         }
         Ok(monitor)
+    }
+
+    /// Spawns `cmd` (described as `what`) with `stdin`, kept for drop to kill, and a thread that
+    /// sends each line of its stdout to `tx` with the time it was read.
+    fn start(
+        &mut self,
+        mut cmd: Command,
+        stdin: Stdio,
+        what: &str,
+        tx: &mpsc::Sender<(Instant, String)>,
+    ) -> Result<()> {
+        let mut child = cmd
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {what}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // Pushed before anything can fail below, so that drop kills it.
+        self.children.push(child);
+        if !self.what.is_empty() {
+            self.what.push_str(", ");
+        }
+        self.what.push_str(what);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// The next line and when it was read, waiting at most `timeout`; `None` on timeout. An

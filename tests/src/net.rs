@@ -72,11 +72,8 @@ impl fmt::Display for PingStats {
 /// or counted lost (`ping -c N -i 0.2 -W 1`). Returns the statistics whether or not replies came
 /// back; an error only when ping could not run or printed no summary.
 pub fn ping(from_ns: &str, addr: impl Into<IpAddr>, count: u32) -> Result<PingStats> {
-    let addr = addr.into().to_string();
-    let count_arg = count.to_string();
-    let args = [
-        "ping", "-n", "-q", "-c", &count_arg, "-i", "0.2", "-W", "1", &addr,
-    ];
+    let addr = addr.into();
+    let args = ping_args(addr, count, Duration::from_millis(200), &["-q"]);
     let bound = Duration::from_millis(200 * u64::from(count) + 5_000);
     let out = exec_timeout(from_ns, &args, bound)?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -87,6 +84,28 @@ pub fn ping(from_ns: &str, addr: impl Into<IpAddr>, count: u32) -> Result<PingSt
             String::from_utf8_lossy(&out.stderr).trim()
         )
     })
+}
+
+/// `ping -n OPTIONS -c COUNT -i INTERVAL -W 1 DST`: numeric output, `count` requests `interval`
+/// apart, each answered within 1 s or counted lost; `options` (`-q`, `-O`) go before the rest.
+pub(crate) fn ping_args(
+    dst: IpAddr,
+    count: u32,
+    interval: Duration,
+    options: &[&str],
+) -> Vec<String> {
+    let mut args = vec!["ping".to_string(), "-n".to_string()];
+    args.extend(options.iter().map(|o| (*o).to_string()));
+    args.extend([
+        "-c".to_string(),
+        count.to_string(),
+        "-i".to_string(),
+        format!("{:.3}", interval.as_secs_f64()),
+        "-W".to_string(),
+        "1".to_string(),
+        dst.to_string(),
+    ]);
+    args
 }
 
 /// The IPv4 and IPv6 routes of the main table in `ns` (`ip -4 route` then `ip -6 route`).

@@ -97,14 +97,7 @@ pub fn ip_batch(ns: Option<&str>, script: &str) -> Result<()> {
 
 /// Creates the named namespace (`ip netns add`).
 pub fn create_netns(ns: &str) -> Result<()> {
-    let out = output_bounded(
-        cmd(["ip", "netns", "add", ns]),
-        None,
-        DEFAULT_TIMEOUT,
-        false,
-        "ip netns add",
-    )?;
-    check_output(&out, &format!("ip netns add {ns}")).map(|_| ())
+    ip_netns("add", ns)
 }
 
 /// Deletes the named namespace (`ip netns del`); succeeds if it is already gone. Processes still
@@ -113,14 +106,20 @@ pub fn delete_netns(ns: &str) -> Result<()> {
     if !netns_exists(ns) {
         return Ok(());
     }
+    ip_netns("del", ns)
+}
+
+/// Runs `ip netns VERB NS` in the root namespace.
+fn ip_netns(verb: &str, ns: &str) -> Result<()> {
+    let what = format!("ip netns {verb} {ns}");
     let out = output_bounded(
-        cmd(["ip", "netns", "del", ns]),
+        cmd(["ip", "netns", verb, ns]),
         None,
         DEFAULT_TIMEOUT,
         false,
-        "ip netns del",
+        &what,
     )?;
-    check_output(&out, &format!("ip netns del {ns}")).map(|_| ())
+    check_output(&out, &what).map(|_| ())
 }
 
 /// Moves the calling thread into namespace `ns` for the rest of its life. Only for threads

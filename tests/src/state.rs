@@ -273,44 +273,29 @@ pub(crate) fn teardown(state: &RigState) -> Vec<anyhow::Error> {
         }
     }
 
-    for dir in &state.pin_dirs {
-        let named = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&format!("{}-", state.id)));
-        if !dir.starts_with(PIN_ROOT) || !named {
-            errors.push(anyhow!(
-                "refusing to remove {}: not a rig pin dir",
-                dir.display()
-            ));
-            continue;
-        }
-        if let Err(e) = remove_dir_all(dir) {
-            errors.push(e);
-        }
-    }
+    remove_rig_dirs(
+        &state.pin_dirs,
+        &format!("{}-", state.id),
+        |dir| dir.starts_with(PIN_ROOT),
+        "pin dir",
+        remove_dir_all,
+        &mut errors,
+    );
     // The shared parent goes with the last rig: removing a directory fails while it holds
     // anything (another rig's pins, a real twilld's), and rigs create it again as they need it.
     if !state.pin_dirs.is_empty() {
         let _ = std::fs::remove_dir(PIN_ROOT);
     }
 
-    for dir in &state.cgroups {
-        let named = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&format!("{CGROUP_PREFIX}{}-", state.id)));
-        if !named || dir.parent() != Some(cgroup2_root().as_path()) {
-            errors.push(anyhow!(
-                "refusing to remove {}: not a rig cgroup",
-                dir.display()
-            ));
-            continue;
-        }
-        if let Err(e) = remove_cgroup(dir) {
-            errors.push(e);
-        }
-    }
+    let cgroup2 = cgroup2_root();
+    remove_rig_dirs(
+        &state.cgroups,
+        &format!("{CGROUP_PREFIX}{}-", state.id),
+        |dir| dir.parent() == Some(cgroup2.as_path()),
+        "cgroup",
+        remove_cgroup,
+        &mut errors,
+    );
 
     let temp_named = state
         .temp_dir
@@ -403,6 +388,35 @@ pub fn leftovers(id: &str) -> Vec<String> {
 }
 
 /// `remove_dir_all` that treats "already gone" as success.
+/// Removes each of `dirs` with `remove`, if it is one of the rig's `kind`s: its name starts with
+/// `prefix` and `placed` accepts where it is. Any other is refused (a state file is not trusted
+/// to name anything outside the rig); every refusal and failure is pushed to `errors`.
+fn remove_rig_dirs(
+    dirs: &[PathBuf],
+    prefix: &str,
+    placed: impl Fn(&Path) -> bool,
+    kind: &str,
+    remove: fn(&Path) -> Result<()>,
+    errors: &mut Vec<anyhow::Error>,
+) {
+    for dir in dirs {
+        let named = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix));
+        if !named || !placed(dir) {
+            errors.push(anyhow!(
+                "refusing to remove {}: not a rig {kind}",
+                dir.display()
+            ));
+            continue;
+        }
+        if let Err(e) = remove(dir) {
+            errors.push(e);
+        }
+    }
+}
+
 fn remove_dir_all(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != ErrorKind::NotFound => {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::net::PingStats;
+use crate::net::{PingStats, ping_args};
 use crate::ns::{in_netns, join_netns, nsenter};
 
 /// How long a client waits to connect, and then for each read or write.
@@ -209,12 +209,25 @@ pub fn tcp_transfer(
     data: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>> {
+    tcp_transfer_via(from_ns, to_ns, dst, dst, data, timeout)
+}
+
+/// [`tcp_transfer`] to a listener bound to `bind` rather than to `dst` itself: a wildcard or a
+/// node address that `dst` (a service or NAT address) is translated to on the way.
+pub fn tcp_transfer_via(
+    from_ns: &str,
+    to_ns: &str,
+    bind: SocketAddr,
+    dst: SocketAddr,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn({
         let to_ns = to_ns.to_string();
         move || {
             in_netns(&to_ns, || {
-                let l = TcpListener::bind(dst).with_context(|| format!("bind {dst}"))?;
+                let l = TcpListener::bind(bind).with_context(|| format!("bind {bind}"))?;
                 l.set_nonblocking(true)?;
                 let _ = ready_tx.send(());
                 let deadline = Instant::now() + timeout;
@@ -253,7 +266,7 @@ pub fn tcp_transfer(
         .join()
         .map_err(|_| anyhow!("the receiver in {to_ns} panicked"))?;
     sent.with_context(|| format!("send {} bytes from {from_ns} to {dst}", data.len()))?;
-    got.with_context(|| format!("receive at {dst} in {to_ns}"))
+    got.with_context(|| format!("receive at {bind} in {to_ns}"))
 }
 
 /// A `ping` flood from a namespace whose progress is read as it goes.
@@ -280,21 +293,7 @@ impl PingFlood {
     /// Starts `count` pings `interval` apart from `from_ns` to `dst` (each answered within 1 s
     /// or counted lost; every unanswered one reported as it goes, `-O`).
     pub fn start(from_ns: &str, dst: IpAddr, count: u32, interval: Duration) -> Result<PingFlood> {
-        let count_arg = count.to_string();
-        let interval_arg = format!("{:.3}", interval.as_secs_f64());
-        let dst_arg = dst.to_string();
-        let args = [
-            "ping",
-            "-n",
-            "-O",
-            "-c",
-            &count_arg,
-            "-i",
-            &interval_arg,
-            "-W",
-            "1",
-            &dst_arg,
-        ];
+        let args = ping_args(dst, count, interval, &["-O"]);
         let what = format!("{} in netns {from_ns}", args.join(" "));
         let mut child = nsenter(from_ns, &args)
             .stdin(Stdio::null())

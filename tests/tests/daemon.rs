@@ -58,10 +58,9 @@ fn taken_port(ns: &str) -> TcpListener {
 
 #[test]
 fn healthz_port_serves_healthz_only_and_metrics_stay_on_loopback() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, None) else {
         return;
-    }
-    let rig = Rig::new(1).expect("rig");
+    };
     let ns = rig.node_ns(1);
     let node = SocketAddr::from((Rig::node_ip(1), 9616));
     let loopback_metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, 9615));
@@ -123,11 +122,9 @@ fn healthz_port_serves_healthz_only_and_metrics_stay_on_loopback() {
 
 #[test]
 fn an_address_that_cannot_be_bound_stops_twilld_at_start() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, Some(VXLAN)) else {
         return;
-    }
-    let rig = Rig::new(1).expect("rig");
-    rig.put_network_config(VXLAN).unwrap();
+    };
     let held = taken_port(&rig.node_ns(1));
     let port = held.local_addr().unwrap().port().to_string();
     let taken = format!("127.0.0.1:{port}");

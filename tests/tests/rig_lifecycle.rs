@@ -42,10 +42,9 @@ fn assert_nothing_left(id: &str) {
 
 #[test]
 fn three_node_rig_comes_up_and_leaves_nothing() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(3, None) else {
         return;
-    }
-    let rig = Rig::new(3).unwrap();
+    };
     let id = rig.id().to_string();
 
     // etcd answers, from the underlay and from a node.
@@ -104,13 +103,13 @@ fn three_node_rig_comes_up_and_leaves_nothing() {
 /// removes all of it, cgroups included.
 #[test]
 fn cni_pods_responders_and_a_service_leave_nothing() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(
+        2,
+        Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#),
+    ) else {
         return;
-    }
-    let rig = Rig::new(2).unwrap();
+    };
     let id = rig.id().to_string();
-    rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
-        .unwrap();
     for node in 1..=2 {
         let mut args = rig.proxy_args(node, "ebpf").unwrap();
         args.extend(["--resync-interval".to_string(), "3600".to_string()]);
