@@ -29,6 +29,7 @@ pub mod net;
 pub mod ns;
 pub mod rig;
 pub mod state;
+pub mod suite;
 pub mod traffic;
 
 use std::io::Write as _;

@@ -11,68 +11,16 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
+use twill_tests::suite::{
+    UP, assert_full_mesh, cluster, configured_rig, start_nodes, start_with_pods, wait_facts,
+};
 use twill_tests::{
-    Backend, PingFlood, Pod, Rig, RigOptions, exec, fdb, http_get, ping, require_root, routes, run,
-    wait_until,
+    Backend, PingFlood, Pod, Rig, exec, fdb, http_get, ping, require_root, routes, run, wait_until,
 };
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan"}}"#;
 const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"host-gw"}}"#;
-
-const UP: Duration = Duration::from_secs(15);
-
-/// Brings up `n` nodes with twilld (extra args for every node) and one pod each.
-fn cluster(config: &str, n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
-    let rig = Rig::new(n).expect("rig");
-    rig.put_network_config(config).unwrap();
-    for node in 1..=n {
-        rig.start_twilld(node, extra).unwrap();
-    }
-    let facts = wait_facts(&rig, 1..=n);
-    let pods: Vec<Pod> = (1..=n)
-        .map(|node| rig.add_pod(node, &facts[node - 1]).unwrap())
-        .collect();
-    (rig, facts, pods)
-}
-
-/// Waits for the subnet file of each node, printing the agent's log if it never comes.
-fn wait_facts(rig: &Rig, nodes: impl IntoIterator<Item = usize>) -> Vec<SubnetFacts> {
-    nodes
-        .into_iter()
-        .map(|node| {
-            rig.wait_subnet_file(node, UP)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
-        })
-        .collect()
-}
-
-/// Every pod reaches every other pod (bounded pings), waiting for the overlay to converge.
-fn assert_full_mesh(rig: &Rig, pods: &[Pod], v6: bool) {
-    for a in pods {
-        for b in pods {
-            if a == b {
-                continue;
-            }
-            let dst: IpAddr = if v6 {
-                b.ipv6.expect("pod v6").into()
-            } else {
-                b.ipv4.expect("pod v4").into()
-            };
-            let ok = wait_until(UP, || ping(&a.ns, dst, 1).is_ok_and(|s| s.all_received()));
-            if ok.is_err() {
-                rig.print_logs();
-                panic!(
-                    "pod on n{} cannot reach pod on n{} at {dst}\nroutes of n{}:\n{}",
-                    a.node,
-                    b.node,
-                    a.node,
-                    routes(&rig.node_ns(a.node)).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
 
 fn subnets_unique(facts: &[SubnetFacts]) {
     let set: HashSet<_> = facts.iter().map(SubnetFacts::subnet_v4).collect();
@@ -146,11 +94,7 @@ fn deleted_lease_disappears_from_peers() {
     }
     let (rig, facts, _pods) = cluster(VXLAN, 3, &[]);
     let gone = facts[2].subnet_v4().unwrap();
-    let key = format!(
-        "/coreos.com/network/subnets/{}-{}",
-        gone.addr(),
-        gone.prefix_len()
-    );
+    let key = subnet_key(&facts[2]);
     wait_until(UP, || {
         routes(&rig.node_ns(1)).is_ok_and(|r| r.contains(&gone.to_string()))
     })
@@ -180,40 +124,16 @@ fn flannel_by_hand(rig: &Rig, node: usize, subnet: &str, mac: &str) {
     let ns = rig.node_ns(node);
     let ip = Rig::node_ip(node).to_string();
     let vtep = subnet.replace(".0/24", ".0/32");
-    for cmd in [
-        vec![
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &ip,
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ],
-        vec![
-            "ip",
-            "link",
-            "set",
-            "flannel.1",
-            "address",
-            mac,
-            "mtu",
-            "1450",
-            "up",
-        ],
-        vec!["ip", "addr", "add", &vtep, "dev", "flannel.1"],
-    ] {
-        run(&ns, &cmd).unwrap();
-    }
-    let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
+    twill_tests::ns::ip_batch(
+        Some(&ns),
+        &format!(
+            "link add flannel.1 type vxlan id 1 local {ip} dev eth0 dstport 8472 nolearning\n\
+             link set flannel.1 address {mac} mtu 1450 up\n\
+             addr add {vtep} dev flannel.1\n"
+        ),
+    )
+    .unwrap();
+    let key = lease_key(&subnet.replace('/', "-"));
     let value = format!(
         r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
     );
@@ -225,19 +145,15 @@ fn interoperates_with_a_flannel_node() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(3).unwrap();
-    rig.put_network_config(VXLAN).unwrap();
+    let rig = configured_rig(3, VXLAN);
     // Node 3 is "flannel": configured by hand, its lease in etcd before the twill nodes start.
     flannel_by_hand(&rig, 3, "10.244.200.0/24", "0e:fa:00:00:00:03");
-    for node in [1, 2] {
-        rig.start_twilld(node, &[]).unwrap();
-    }
-    let facts = wait_facts(&rig, [1, 2]);
+    let (facts, pods) = start_with_pods(&rig, &[1, 2], &[]);
     // The flannel node programs its peers the way flanneld would, from their twill leases.
     let ns3 = rig.node_ns(3);
     for (i, f) in facts.iter().enumerate() {
         let sn = f.subnet_v4().unwrap();
-        let key = format!("/coreos.com/network/subnets/{}-24", sn.addr());
+        let key = subnet_key(f);
         let value = rig.etcdctl(&["get", "--print-value-only", &key]).unwrap();
         let lease: serde_json::Value = serde_json::from_str(value.trim()).unwrap();
         assert_eq!(lease["BackendType"], "vxlan", "{value}");
@@ -247,40 +163,16 @@ fn interoperates_with_a_flannel_node() {
             "{value}"
         );
         let mac = lease["BackendData"]["VtepMAC"].as_str().unwrap();
-        let vtep = sn.addr().to_string();
-        let peer_ip = Rig::node_ip(i + 1).to_string();
-        let peer_sn = sn.to_string();
-        run(
-            &ns3,
-            &[
-                "ip",
-                "route",
-                "add",
-                &peer_sn,
-                "via",
-                &vtep,
-                "dev",
-                "flannel.1",
-                "onlink",
-            ],
+        let (vtep, peer_ip) = (sn.addr(), Rig::node_ip(i + 1));
+        twill_tests::ns::ip_batch(
+            Some(&ns3),
+            &format!(
+                "route add {sn} via {vtep} dev flannel.1 onlink\n\
+                 neigh replace {vtep} lladdr {mac} dev flannel.1 nud permanent\n"
+            ),
         )
         .unwrap();
-        run(
-            &ns3,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &vtep,
-                "lladdr",
-                mac,
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
-            ],
-        )
-        .unwrap();
+        let peer_ip = peer_ip.to_string();
         run(
             &ns3,
             &[
@@ -297,10 +189,6 @@ fn interoperates_with_a_flannel_node() {
         .unwrap();
     }
     // Traffic both ways between the flannel node's VTEP address and twill pods.
-    let pods: Vec<Pod> = [1, 2]
-        .iter()
-        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
-        .collect();
     let flannel_vtep: IpAddr = "10.244.200.0".parse().unwrap();
     for pod in &pods {
         let ok = wait_until(UP, || {
@@ -366,16 +254,8 @@ fn kill_and_restart_during_ping_flood_loses_nothing(backend: Backend) {
 /// Traffic between two nodes' pods keeps flowing for 30 s without etcd and no agent dies; once
 /// etcd is back, a node joining is programmed on the others.
 fn etcd_outage_disturbs_nothing(backend: Backend) {
-    let rig = Rig::new(3).unwrap();
-    rig.put_network_config(&backend.network_config()).unwrap();
-    for node in [1, 2] {
-        rig.start_twilld(node, &["--resync-interval", "2"]).unwrap();
-    }
-    let facts = wait_facts(&rig, [1, 2]);
-    let pods: Vec<Pod> = [1, 2]
-        .iter()
-        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
-        .collect();
+    let rig = configured_rig(3, &backend.network_config());
+    let (_facts, pods) = start_with_pods(&rig, &[1, 2], &["--resync-interval", "2"]);
     assert_full_mesh(&rig, &pods, false);
 
     rig.stop_etcd().unwrap();
@@ -393,10 +273,8 @@ fn etcd_outage_disturbs_nothing(backend: Backend) {
     }
     rig.start_etcd().unwrap();
     // The agents are back on etcd: a node joining now is programmed on the others.
-    rig.start_twilld(3, &[]).unwrap();
-    let f3 = wait_facts(&rig, [3]).remove(0);
-    let p3 = rig.add_pod(3, &f3).unwrap();
-    assert_full_mesh(&rig, &[pods[0].clone(), pods[1].clone(), p3], false);
+    let (_, p3) = start_with_pods(&rig, &[3], &[]);
+    assert_full_mesh(&rig, &[&pods[..], &p3[..]].concat(), false);
 }
 
 #[test]
@@ -404,34 +282,16 @@ fn twenty_agents_at_once_never_share_a_subnet() {
     if !require_root() {
         return;
     }
-    let rig = Rig::with_options(RigOptions {
-        nodes: 20,
-        ..RigOptions::default()
-    })
-    .unwrap();
     // A small range makes collisions likely if creation were not atomic: 30 subnets, 20 nodes.
-    rig.put_network_config(
-        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.30.0","Backend":{"Type":"host-gw"}}"#,
-    )
-    .unwrap();
-    for node in 1..=20 {
-        rig.start_twilld(node, &[]).unwrap();
-    }
-    let facts = wait_facts(&rig, 1..=20);
-    subnets_unique(&facts);
-    let keys = rig
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/coreos.com/network/subnets/",
-        ])
-        .unwrap();
-    assert_eq!(
-        keys.lines().filter(|l| !l.trim().is_empty()).count(),
+    let rig = configured_rig(
         20,
-        "{keys}"
+        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.30.0","Backend":{"Type":"host-gw"}}"#,
     );
+    let nodes: Vec<usize> = (1..=20).collect();
+    let facts = start_nodes(&rig, &nodes, &[]);
+    subnets_unique(&facts);
+    let keys = lease_keys(&rig).unwrap();
+    assert_eq!(keys.len(), 20, "{keys:?}");
 }
 
 #[test]
@@ -439,12 +299,11 @@ fn invalid_config_is_refused_and_the_dataplane_stays() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(2).unwrap();
     // A node that starts on a bad config does nothing but say why.
-    rig.put_network_config(
+    let rig = configured_rig(
+        2,
         r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":99999999}}"#,
-    )
-    .unwrap();
+    );
     rig.start_twilld(1, &[]).unwrap();
     wait_until(UP, || rig.twilld_log(1).contains("Backend.VNI"))
         .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
@@ -459,14 +318,7 @@ fn invalid_config_is_refused_and_the_dataplane_stays() {
 
     // Running nodes keep their dataplane when the config turns bad under them.
     rig.put_network_config(VXLAN).unwrap();
-    for node in [1, 2] {
-        rig.start_twilld(node, &["--resync-interval", "1"]).unwrap();
-    }
-    let facts = wait_facts(&rig, [1, 2]);
-    let pods: Vec<Pod> = [1, 2]
-        .iter()
-        .map(|&n| rig.add_pod(n, &facts[n - 1]).unwrap())
-        .collect();
+    let (_facts, pods) = start_with_pods(&rig, &[1, 2], &["--resync-interval", "1"]);
     assert_full_mesh(&rig, &pods, false);
     rig.put_network_config(r#"{"Network":"10.244.0.0/33","Backend":{"Type":"vxlan"}}"#)
         .unwrap();
@@ -604,9 +456,25 @@ fn wait_for_metric(rig: &Rig, node: usize, series: &str) -> f64 {
         .unwrap_or_else(|_| panic!("no {series} on n{node}:\n{}", scrape(rig, node)))
 }
 
+/// The keys of every subnet lease in etcd.
+fn lease_keys(rig: &Rig) -> anyhow::Result<Vec<String>> {
+    let keys = rig.etcdctl(&["get", "--prefix", "--keys-only", &lease_key("")])?;
+    Ok(keys
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 /// The etcd key of a lease.
 fn lease_key(short: &str) -> String {
     format!("/coreos.com/network/subnets/{short}")
+}
+
+/// The etcd key of the lease of a node's IPv4 subnet (`<address>-<length>`).
+fn subnet_key(facts: &SubnetFacts) -> String {
+    let subnet = facts.subnet_v4().expect("an IPv4 subnet");
+    lease_key(&format!("{}-{}", subnet.addr(), subnet.prefix_len()))
 }
 
 /// A VXLAN lease value as flannel writes it.
@@ -629,12 +497,7 @@ fn bad_peer_leases_are_ignored_and_traffic_keeps_flowing() {
     if !require_root() {
         return;
     }
-    let (rig, facts, pods) = cluster(
-        VXLAN,
-        3,
-        &["--resync-interval", "1", "--metrics-addr", METRICS],
-    );
-    assert_full_mesh(&rig, &pods, false);
+    let (rig, facts, pods) = watched_cluster(3);
     let n1 = facts[0].subnet_v4().unwrap();
     let base = n1.addr().to_string();
     let inside_n1 = format!("{}.128-25", base.trim_end_matches(".0"));
@@ -763,7 +626,7 @@ fn a_network_over_the_underlay_is_refused_and_the_node_keeps_its_routes() {
     );
     // A usable config: the node comes up, its own routes still in place.
     rig.put_network_config(VXLAN).unwrap();
-    wait_facts(&rig, [1]);
+    wait_facts(&rig, [1], UP);
     let after = routes(&ns).unwrap();
     for line in before.lines() {
         assert!(after.contains(line), "{line:?} went:\n{after}");
@@ -775,12 +638,7 @@ fn a_foreign_route_inside_the_network_survives_reconciles() {
     if !require_root() {
         return;
     }
-    let (rig, facts, pods) = cluster(
-        VXLAN,
-        2,
-        &["--resync-interval", "1", "--metrics-addr", METRICS],
-    );
-    assert_full_mesh(&rig, &pods, false);
+    let (rig, facts, pods) = watched_cluster(2);
     let ns = rig.node_ns(1);
     // An admin's route inside the cluster Network, via the uplink (no mark: `proto boot`).
     run(
@@ -816,20 +674,12 @@ fn two_agents_on_one_public_ip_do_not_take_each_others_lease() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(3).unwrap();
-    rig.put_network_config(VXLAN).unwrap();
+    let rig = configured_rig(3, VXLAN);
     let watch_args = ["--resync-interval", "1", "--metrics-addr", METRICS];
-    for node in [1, 3] {
-        rig.start_twilld(node, &watch_args).unwrap();
-    }
-    let facts = wait_facts(&rig, [1, 3]);
-    let pods: Vec<Pod> = [(1, &facts[0]), (3, &facts[1])]
-        .iter()
-        .map(|&(n, f)| rig.add_pod(n, f).unwrap())
-        .collect();
+    let (facts, pods) = start_with_pods(&rig, &[1, 3], &watch_args);
     assert_full_mesh(&rig, &pods, false);
     let sn1 = facts[0].subnet_v4().unwrap();
-    let key1 = lease_key(&format!("{}-{}", sn1.addr(), sn1.prefix_len()));
+    let key1 = subnet_key(&facts[0]);
     let value_before = rig.etcdctl(&["get", "--print-value-only", &key1]).unwrap();
 
     // Node 2 is started with node 1's public IP by mistake.
@@ -897,14 +747,10 @@ fn a_node_whose_lease_was_taken_notices_and_reacquires() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(2).unwrap();
-    rig.put_network_config(VXLAN).unwrap();
-    for node in 1..=2 {
-        rig.start_twilld(node, &["--resync-interval", "1"]).unwrap();
-    }
-    let facts = wait_facts(&rig, 1..=2);
+    let rig = configured_rig(2, VXLAN);
+    let facts = start_nodes(&rig, &[1, 2], &["--resync-interval", "1"]);
     let old = facts[0].subnet_v4().unwrap();
-    let key = lease_key(&format!("{}-{}", old.addr(), old.prefix_len()));
+    let key = subnet_key(&facts[0]);
     // Another tool (or an older twill elsewhere) rewrites node 1's key as its own.
     rig.etcdctl(&[
         "put",
@@ -923,13 +769,8 @@ fn a_node_whose_lease_was_taken_notices_and_reacquires() {
             .filter(|f| f.subnet_v4() != Some(old))
     })
     .unwrap_or_else(|_| panic!("n1 did not re-acquire:\n{}", rig.twilld_log(1)));
-    let new = again.subnet_v4().unwrap();
     let value = rig
-        .etcdctl(&[
-            "get",
-            "--print-value-only",
-            &lease_key(&format!("{}-{}", new.addr(), new.prefix_len())),
-        ])
+        .etcdctl(&["get", "--print-value-only", &subnet_key(&again)])
         .unwrap();
     assert!(value.contains(&Rig::node_ip(1).to_string()), "{value}");
     // The peer routes to node 1's new subnet; pods there are reachable (made now: the rig's
@@ -944,10 +785,11 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(1).unwrap();
     // Three subnets (10.244.1-3.0/24), all leased by other nodes.
-    rig.put_network_config(r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#)
-        .unwrap();
+    let rig = configured_rig(
+        1,
+        r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#,
+    );
     for n in 1..=3 {
         rig.etcdctl(&[
             "put",
@@ -983,7 +825,7 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
     // SIGTERM still ends it.
     rig.etcdctl(&["del", &lease_key("10.244.2.0-24")]).unwrap();
     rig.start_twilld(1, &health).unwrap();
-    let f = wait_facts(&rig, [1]).remove(0);
+    let f = wait_facts(&rig, [1], UP).remove(0);
     assert_eq!(f.subnet_v4().unwrap().to_string(), "10.244.2.0/24");
     wait_until(UP, || healthz(&rig, 1).is_some_and(|(code, _)| code == 200))
         .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
@@ -1020,8 +862,7 @@ fn a_renew_margin_as_long_as_the_lease_is_refused() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(1).unwrap();
-    rig.put_network_config(VXLAN).unwrap();
+    let rig = configured_rig(1, VXLAN);
     rig.start_twilld(1, &["--subnet-lease-renew-margin", "1440"])
         .unwrap();
     wait_until(UP, || !rig.twilld_running(1)).unwrap_or_else(|_| panic!("twilld runs on"));
@@ -1040,15 +881,22 @@ fn overlay_routes(rig: &Rig) -> Vec<String> {
     (1..=2).map(|n| node_routes(rig, n)).collect()
 }
 
-/// A two-node VXLAN cluster resyncing every second, its pods in a full mesh, and the overlay
-/// routes of its nodes.
-fn meshed_pair() -> (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>) {
+/// A VXLAN cluster of `n` nodes resyncing every second and serving /metrics at [`METRICS`], its
+/// pods in a full mesh.
+fn watched_cluster(n: usize) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
     let (rig, facts, pods) = cluster(
         VXLAN,
-        2,
+        n,
         &["--resync-interval", "1", "--metrics-addr", METRICS],
     );
     assert_full_mesh(&rig, &pods, false);
+    (rig, facts, pods)
+}
+
+/// A two-node VXLAN cluster resyncing every second, its pods in a full mesh, and the overlay
+/// routes of its nodes.
+fn meshed_pair() -> (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>) {
+    let (rig, facts, pods) = watched_cluster(2);
     let routes_before = overlay_routes(&rig);
     (rig, facts, pods, routes_before)
 }
@@ -1057,16 +905,8 @@ fn meshed_pair() -> (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>) {
 /// lease their subnets again, the same ones, and the overlay is whole.
 fn config_written_again(rig: &Rig, facts: &[SubnetFacts], pods: &[Pod]) {
     rig.put_network_config(VXLAN).unwrap();
-    wait_until(UP, || {
-        rig.etcdctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/coreos.com/network/subnets/",
-        ])
-        .is_ok_and(|k| k.lines().filter(|l| !l.trim().is_empty()).count() == 2)
-    })
-    .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
+    wait_until(UP, || lease_keys(rig).is_ok_and(|k| k.len() == 2))
+        .unwrap_or_else(|_| panic!("{}\n{}", rig.twilld_log(1), rig.twilld_log(2)));
     for node in 1..=2 {
         let f = rig.wait_subnet_file(node, UP).unwrap();
         assert_eq!(f.subnet, facts[node - 1].subnet, "n{node} changed subnet");

@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
-use twill_tests::{NameServer, Pod, PodShape, Rig, require_root, wait_until};
+use twill_tests::manifest::manifests;
+use twill_tests::suite::{configured_rig, strip_ansi, wait_facts};
+use twill_tests::{NameServer, Pod, PodShape, Rig, ServiceSpec, require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const UP: Duration = Duration::from_secs(20);
@@ -96,8 +98,7 @@ impl Cluster {
 
     /// A cluster whose node namespaces get `prepare(rig)` before twilld starts.
     fn with(mode: &'static str, n: usize, prepare: impl FnOnce(&Rig)) -> Self {
-        let rig = Rig::new(n).expect("rig");
-        rig.put_network_config(HOST_GW).unwrap();
+        let rig = configured_rig(n, HOST_GW);
         let cgroups: Vec<PathBuf> = (1..=n)
             .map(|node| rig.node_cgroup(node).expect("node cgroup"))
             .collect();
@@ -107,12 +108,7 @@ impl Cluster {
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             rig.start_twilld(node, &flags).unwrap();
         }
-        let facts: Vec<SubnetFacts> = (1..=n)
-            .map(|node| {
-                rig.wait_subnet_file(node, UP)
-                    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
-            })
-            .collect();
+        let facts = wait_facts(&rig, 1..=n, UP);
         // Pods made from here on must reach each other across nodes at once: a scenario's
         // readiness checks can pass through a local backend or a NodePort while another node
         // still has no route back to this node's pods.
@@ -143,13 +139,13 @@ impl Cluster {
         &self.cgroups[node - 1]
     }
 
-    /// `twilld apply -f` of `yaml`.
-    fn apply(&self, yaml: &str) {
+    /// `twilld apply -f` of a manifest of `specs`.
+    fn apply(&self, specs: &[ServiceSpec]) {
         let file = self.rig.temp_dir().join(format!(
             "manifest-{}.yaml",
             Instant::now().elapsed().as_nanos()
         ));
-        fs::write(&file, yaml).unwrap();
+        fs::write(&file, manifests(specs)).unwrap();
         let bin = self.rig.twilld_path().unwrap();
         let out = twill_tests::exec(
             &self.rig.node_ns(1),
@@ -191,25 +187,25 @@ fn backend_name(line: &str) -> &str {
     line.split_whitespace().next().unwrap_or_default()
 }
 
-fn web(endpoints: &[(&Pod, &str)], extra_spec: &str) -> String {
-    let mut eps = String::new();
-    for (p, node) in endpoints {
-        let _ = writeln!(
-            eps,
-            "- {{addresses: [{}], nodeName: {node}}}",
-            p.ipv4.expect("pod v4")
-        );
-    }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: test}}\nspec:\n  \
-         type: NodePort\n  clusterIP: {VIP}\n{extra_spec}  ports:\n  \
-         - {{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}\n  \
-         - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
-         namespace: test\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
-         endpoints:\n{eps}ports:\n- {{name: http, port: 8080}}\n\
-         - {{name: dns, port: 5353, protocol: UDP}}\n"
-    )
+/// The pod's IPv4 address, as an endpoint address.
+fn pod_ip(pod: &Pod) -> IpAddr {
+    IpAddr::V4(pod.ipv4.expect("pod v4"))
+}
+
+/// Service `test/web` at [`VIP`]: `http` 80 → 8080 on NodePort [`NODE_PORT`] and `dns` 53 →
+/// 5353/UDP on NodePort 30053, its endpoints the pods of `endpoints` on the nodes named there.
+fn web(endpoints: &[(&Pod, &str)]) -> ServiceSpec {
+    let endpoints: Vec<(IpAddr, Option<&str>)> = endpoints
+        .iter()
+        .map(|(pod, node)| (pod_ip(pod), Some(*node)))
+        .collect();
+    ServiceSpec::new("web", VIP.parse().unwrap())
+        .namespace("test")
+        .tcp("http", 80, 8080)
+        .node_port(NODE_PORT)
+        .udp("dns", 53, 5353)
+        .node_port(30053)
+        .endpoints(&endpoints)
 }
 
 /// ClusterIP from a pod on another node (socket-LB and tc path) reaches every backend and never
@@ -219,8 +215,8 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
-    let external = format!("  externalIPs: [{EXTERNAL_IP}]\n");
-    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], &external));
+    let external: IpAddr = EXTERNAL_IP.parse().unwrap();
+    c.apply(&[web(&[(&b1, "n1"), (&b2, "n2")]).external_ip(external)]);
     // The outside host routes the external IP to node 1, as a router in front of a cluster
     // would (the address lives only inside the rig).
     twill_tests::ns::ip_batch(
@@ -265,7 +261,7 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
     assert_eq!(seen, ["b1", "b2"].map(String::from).into(), "ExternalIP");
 
     // Remove b1: within a second no new flow reaches it.
-    c.apply(&web(&[(&b2, "n2")], &external));
+    c.apply(&[web(&[(&b2, "n2")]).external_ip(external)]);
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
         let lines = [
@@ -283,26 +279,21 @@ fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend(mode: &'static s
 
 /// Two Services in front of the same two backends (one per node): `web` with `nodeName` in its
 /// EndpointSlice, `web-bare` without (as standalone users write them).
-fn shaped_services(b1: &Pod, b2: &Pod) -> String {
-    let (a1, a2) = (b1.ipv4.expect("pod v4"), b2.ipv4.expect("pod v4"));
-    let service = |name: &str, vip: &str, node_port: u16, endpoints: String| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  \
-             type: NodePort\n  clusterIP: {vip}\n  ports:\n  \
-             - {{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}\n\
-             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
-             name: {name}-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-             addressType: IPv4\nendpoints:\n{endpoints}ports:\n- {{name: http, port: 8080}}\n"
-        )
+fn shaped_services(b1: &Pod, b2: &Pod) -> [ServiceSpec; 2] {
+    let service = |name: &str, vip: &str, node_port: u16| {
+        ServiceSpec::new(name, vip.parse().unwrap())
+            .namespace("test")
+            .tcp("http", 80, 8080)
+            .node_port(node_port)
     };
-    let named =
-        format!("- {{addresses: [{a1}], nodeName: n1}}\n- {{addresses: [{a2}], nodeName: n2}}\n");
-    let bare = format!("- {{addresses: [{a1}]}}\n- {{addresses: [{a2}]}}\n");
-    format!(
-        "{}---\n{}",
-        service("web", VIP, NODE_PORT, named),
-        service("web-bare", BARE_VIP, BARE_NODE_PORT, bare)
-    )
+    [
+        service("web", VIP, NODE_PORT)
+            .endpoint(pod_ip(b1), Some("n1"))
+            .endpoint(pod_ip(b2), Some("n2")),
+        service("web-bare", BARE_VIP, BARE_NODE_PORT)
+            .endpoint(pod_ip(b1), None)
+            .endpoint(pod_ip(b2), None),
+    ]
 }
 
 /// Whatever plugs the pods in (`shape`), with and without `nodeName` in the EndpointSlice:
@@ -395,7 +386,7 @@ fn udp_flow_moves_off_a_removed_endpoint_within_a_second(mode: &'static str) {
     let (b1, b2, client) = (c.pod(1), c.pod(2), c.pod(2));
     c.serve(&b1, "b1");
     c.serve(&b2, "b2");
-    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], ""));
+    c.apply(&[web(&[(&b1, "n1"), (&b2, "n2")])]);
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
     let ns = client.ns.clone();
     let stop = c.stop.clone();
@@ -425,7 +416,7 @@ fn udp_flow_moves_off_a_removed_endpoint_within_a_second(mode: &'static str) {
         ("b2", (&b1, "n1"))
     };
     let removed = Instant::now();
-    c.apply(&web(&[keep], ""));
+    c.apply(&[web(&[keep])]);
     let mut late = 0;
     while removed.elapsed() < Duration::from_secs(4) {
         let (at, reply) = rx.recv_timeout(Duration::from_secs(2)).expect("stream");
@@ -463,10 +454,9 @@ fn external_local_keeps_source_and_affinity_sticks(mode: &'static str) {
     c.serve(&b2, "b2");
     c.serve(&b3, "b3");
     let node_names = [(&b1, "n1"), (&b2, "n1"), (&b3, "n2")];
-    c.apply(&web(
-        &node_names,
-        "  externalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n",
-    ));
+    c.apply(&[web(&node_names)
+        .external_traffic_local()
+        .client_ip_affinity()]);
     let node_port: SocketAddr = SocketAddr::new(Rig::node_ip(1).into(), NODE_PORT);
     let outside = c.rig.underlay_ns();
     wait_until(UP, || twill_tests::tcp_line(&outside, node_port).is_some())
@@ -545,20 +535,6 @@ fn unix_us() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros())
-}
-
-/// A log line without its colours (ANSI escape sequences).
-fn plain(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            out.push(ch);
-        }
-    }
-    out
 }
 
 /// The time stamp of one of twilld's log lines (`2026-12-04T15:44:15.123456Z ...`, without
@@ -737,7 +713,7 @@ fn timeline(
             rows.push((from, format!("{name:<9} {n} ok until {}", rel(to))));
         }
     }
-    for line in log.lines().map(plain) {
+    for line in log.lines().map(strip_ansi) {
         if let Some(t) = log_time_us(&line)
             && near(t)
         {
@@ -756,7 +732,7 @@ fn first_syncs(c: &Cluster, node: usize) -> Vec<String> {
     c.rig
         .twilld_log(node)
         .lines()
-        .map(plain)
+        .map(strip_ansi)
         .filter(|l| l.contains("first service sync since start"))
         .collect()
 }
@@ -779,7 +755,7 @@ fn restart_under_fresh_connections_loses_none(mode: &'static str) {
         c.rig.start_responder(pod, name, &[8080]).unwrap();
     }
     let backends = ["b1", "b2"];
-    c.apply(&web(&[(&b1, "n1"), (&b2, "n2")], ""));
+    c.apply(&[web(&[(&b1, "n1"), (&b2, "n2")])]);
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let node_port = SocketAddr::new(Rig::node_ip(2).into(), NODE_PORT);
     let outside = c.rig.underlay_ns();
@@ -915,7 +891,7 @@ fn restart_under_fresh_connections_loses_none(mode: &'static str) {
         .unwrap_or_default();
     let rewrites: Vec<String> = restarted
         .lines()
-        .map(plain)
+        .map(strip_ansi)
         .filter(|l| l.contains("repairing") || l.contains("recreating"))
         .collect();
     assert!(
@@ -969,7 +945,7 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
     assert!(before.1.contains("--dport 9999"), "{}", before.1);
     let (b1, client) = (c.pod(1), c.pod(2));
     c.serve(&b1, "b1");
-    c.apply(&web(&[(&b1, "n1")], ""));
+    c.apply(&[web(&[(&b1, "n1")])]);
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
@@ -977,7 +953,7 @@ fn other_owners_rules_are_left_alone(mode: &'static str) {
     let flags = proxy_flags(mode, 2, c.cgroup(2));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.rig.start_twilld(2, &flags).unwrap();
-    c.apply(&web(&[(&b1, "n1")], "  sessionAffinity: ClientIP\n"));
+    c.apply(&[web(&[(&b1, "n1")]).client_ip_affinity()]);
     wait_until(UP, || twill_tests::tcp_line(&client.ns, vip).is_some()).unwrap();
     assert_eq!(foreign(&c.rig, 2), before, "another owner's rules changed");
 }
@@ -999,7 +975,7 @@ fn the_overlay_does_not_wait_for_the_ebpf_proxy() {
     };
     wait_until(UP, || c.rig.twilld_log(2).lines().any(proxy_ready))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.rig.twilld_log(2)));
-    let log: Vec<String> = c.rig.twilld_log(2).lines().map(plain).collect();
+    let log: Vec<String> = c.rig.twilld_log(2).lines().map(strip_ansi).collect();
     let overlay = log.iter().position(|l| l.contains("overlay reconciled"));
     let proxy = log.iter().position(|l| proxy_ready(l));
     assert!(
@@ -1020,7 +996,7 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
     let c = Cluster::new("auto", 2);
     let (b1, client) = (c.pod(1), c.pod(2));
     c.serve(&b1, "b1");
-    c.apply(&web(&[(&b1, "n1")], ""));
+    c.apply(&[web(&[(&b1, "n1")])]);
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let ns = c.rig.node_ns(2);
     let pins = c.rig.pin_dir(2).join("lb");
@@ -1098,7 +1074,8 @@ fn auto_mode_picks_ebpf_falls_back_and_mode_switches_clean_up() {
     );
 }
 
-/// One module per proxy mode, each running the shared scenarios (and the mode's extras).
+/// One module per proxy mode, each running the shared scenarios (and the mode's extras): a
+/// test per scenario, and one per pod shape running [`pods_shaped_as`].
 macro_rules! modes {
     ($($mode:ident: [$($extra:ident),*]);* $(;)?) => {$(
         mod $mode {
@@ -1108,59 +1085,42 @@ macro_rules! modes {
                 }
             }
 
-            #[test]
-            fn clusterip_and_nodeport_reach_all_and_never_a_removed_backend() {
-                run(super::clusterip_and_nodeport_reach_all_and_never_a_removed_backend);
+            mode_tests! {
+                scenarios: [
+                    clusterip_and_nodeport_reach_all_and_never_a_removed_backend,
+                    udp_flow_moves_off_a_removed_endpoint_within_a_second,
+                    external_local_keeps_source_and_affinity_sticks,
+                    restart_under_fresh_connections_loses_none
+                    $(, $extra)*
+                ],
+                shapes: [
+                    pods_of_twill_cni_bridge_mode: TwillBridge,
+                    pods_of_twill_cni_routed_mode: TwillRouted,
+                    pods_of_the_reference_bridge_plugin_on_another_bridge: RefBridge,
+                    pods_of_the_reference_ptp_plugin: Ptp,
+                    pods_on_calico_style_routed_veths: RoutedVeth
+                ],
             }
-
-            #[test]
-            fn udp_flow_moves_off_a_removed_endpoint_within_a_second() {
-                run(super::udp_flow_moves_off_a_removed_endpoint_within_a_second);
-            }
-
-            #[test]
-            fn external_local_keeps_source_and_affinity_sticks() {
-                run(super::external_local_keeps_source_and_affinity_sticks);
-            }
-
-            #[test]
-            fn restart_under_fresh_connections_loses_none() {
-                run(super::restart_under_fresh_connections_loses_none);
-            }
-
-            #[test]
-            fn pods_of_twill_cni_bridge_mode() {
-                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::TwillBridge));
-            }
-
-            #[test]
-            fn pods_of_twill_cni_routed_mode() {
-                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::TwillRouted));
-            }
-
-            #[test]
-            fn pods_of_the_reference_bridge_plugin_on_another_bridge() {
-                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::RefBridge));
-            }
-
-            #[test]
-            fn pods_of_the_reference_ptp_plugin() {
-                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::Ptp));
-            }
-
-            #[test]
-            fn pods_on_calico_style_routed_veths() {
-                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::RoutedVeth));
-            }
-
-            $(
-                #[test]
-                fn $extra() {
-                    run(super::$extra);
-                }
-            )*
         }
     )*};
+}
+
+/// The tests of one mode's module (see [`modes`]), each calling the module's `run`.
+macro_rules! mode_tests {
+    (scenarios: [$($scenario:ident),*], shapes: [$($test:ident: $shape:ident),*] $(,)?) => {
+        $(
+            #[test]
+            fn $scenario() {
+                run(super::$scenario);
+            }
+        )*
+        $(
+            #[test]
+            fn $test() {
+                run(|mode| super::pods_shaped_as(mode, twill_tests::PodShape::$shape));
+            }
+        )*
+    };
 }
 
 modes! {

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use twill_facts::SubnetFacts;
 use twill_tests::rig::{ETCD_ENDPOINT, ETCD_PREFIX};
-use twill_tests::{Rig, exec, http_get, nsenter, require_root, wait_for};
+use twill_tests::suite::configured_rig;
+use twill_tests::{Rig, ServiceSpec, exec, http_get, nsenter, require_root, wait_for};
 
 const WEB: &str = r"# what kubectl get -o yaml prints, status and bookkeeping included
 apiVersion: v1
@@ -107,6 +109,28 @@ fn twilld(rig: &Rig, args: &[&str], stdin: Option<&str>) -> Output {
     }
 }
 
+/// What `apply` or `delete` of [`WEB`] and [`DNS_JSON`] prints: a line per object, in file
+/// order, each ending in `verb`.
+fn web_and_dns(verb: &str) -> Vec<String> {
+    [
+        "Service shop/web",
+        "EndpointSlice shop/web-x7k2p",
+        "Service kube-system/dns",
+    ]
+    .map(|object| format!("{object} {verb}"))
+    .to_vec()
+}
+
+/// The stderr of a twilld run that must have failed.
+fn refused(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "twilld succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -138,6 +162,27 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// Where the tests below ask node 1's twilld to serve `/metrics`.
+fn metrics_addr() -> SocketAddr {
+    (Rig::node_ip(1), 9615).into()
+}
+
+/// A one-node host-gw rig whose twilld runs the service proxy in `mode` (the flags of
+/// `Rig::proxy_args`), serves `/metrics` at [`metrics_addr`] and takes the `extra` flags; the
+/// node's subnet facts.
+fn proxy_node(mode: &str, extra: &[&str]) -> (Rig, SubnetFacts) {
+    let rig = configured_rig(1, HOST_GW);
+    let mut args = rig.proxy_args(1, mode).unwrap();
+    args.extend(["--metrics-addr".to_string(), metrics_addr().to_string()]);
+    args.extend(extra.iter().map(ToString::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    rig.start_twilld(1, &args).unwrap();
+    let facts = rig
+        .wait_subnet_file(1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", rig.twilld_log(1)));
+    (rig, facts)
+}
+
 #[test]
 fn apply_get_delete_through_etcd() {
     if !require_root() {
@@ -151,14 +196,7 @@ fn apply_get_delete_through_etcd() {
 
     // Apply two files (YAML with two documents, JSON): one line per object.
     let out = ok(&twilld(&rig, &["apply", "-f", &web, "-f", &dns], None));
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        vec![
-            "Service shop/web created",
-            "EndpointSlice shop/web-x7k2p created",
-            "Service kube-system/dns created"
-        ]
-    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), web_and_dns("created"));
     let svc_key = format!("{ETCD_PREFIX}/services/services/shop/web");
     let slice_key = format!("{ETCD_PREFIX}/services/endpointslices/shop/web-x7k2p");
     let dns_key = format!("{ETCD_PREFIX}/services/services/kube-system/dns");
@@ -187,9 +225,7 @@ fn apply_get_delete_through_etcd() {
 
     // All or nothing: the valid first document of a bad file is not written either, and the
     // error names the file, the document and the field.
-    let out = twilld(&rig, &["apply", "-f", &half_bad], None);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&twilld(&rig, &["apply", "-f", &half_bad], None));
     assert!(
         err.contains(&format!(
             "{half_bad}: document 2 (Service default/bad): spec.ports[1].port: 70000 is not a valid port (1-65535)"
@@ -200,20 +236,19 @@ fn apply_get_delete_through_etcd() {
 
     // A typo that would change behaviour is refused, naming the field.
     let typo = WEB.replace("sessionAffinity: ClientIP", "sesionAffinity: ClientIP");
-    let out = twilld(&rig, &["apply", "-f", "-"], Some(&typo));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&twilld(&rig, &["apply", "-f", "-"], Some(&typo)));
     assert!(
         err.contains("<stdin>: document 1 (Service shop/web): spec.sesionAffinity: unknown field `sesionAffinity`"),
         "{err}"
     );
 
     // A second service on web's node port is refused whole.
-    let clash = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: shop}\n\
-                 spec: {type: NodePort, clusterIP: 10.96.0.30, ports: [{port: 80, nodePort: 30080}]}\n";
-    let out = twilld(&rig, &["apply", "-f", "-"], Some(clash));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let clash = ServiceSpec::new("other", "10.96.0.30".parse().unwrap())
+        .namespace("shop")
+        .tcp("http", 80, 80)
+        .node_port(30080)
+        .manifest();
+    let err = refused(&twilld(&rig, &["apply", "-f", "-"], Some(&clash)));
     assert!(
         err.contains("frontend 0.0.0.0:30080/TCP is also claimed by shop/web"),
         "{err}"
@@ -249,14 +284,7 @@ fn apply_get_delete_through_etcd() {
 
     // Delete: everything named in the files goes, in one transaction.
     let out = ok(&twilld(&rig, &["delete", "-f", &web, "-f", &dns], None));
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        vec![
-            "Service shop/web deleted",
-            "EndpointSlice shop/web-x7k2p deleted",
-            "Service kube-system/dns deleted"
-        ]
-    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), web_and_dns("deleted"));
     assert_eq!(
         keys(&rig),
         vec![format!("{ETCD_PREFIX}/services/services/default/good")]
@@ -274,9 +302,11 @@ fn etcd_down_fails_cleanly() {
     rig.stop_etcd().unwrap();
     let dir = rig.temp_dir().to_path_buf();
     let web = write(&dir, "web.yaml", WEB);
-    let out = twilld(&rig, &["apply", "-f", &web, "--etcd-deadline", "2"], None);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&twilld(
+        &rig,
+        &["apply", "-f", &web, "--etcd-deadline", "2"],
+        None,
+    ));
     assert!(
         err.contains("list stored services: etcd did not answer within --etcd-deadline 2s ("),
         "{err}"
@@ -439,38 +469,23 @@ fn a_service_on_etcds_address_is_never_programmed() {
         return;
     }
     for mode in ["nftables", "iptables", "ebpf"] {
-        let rig = Rig::new(1).expect("rig");
-        rig.put_network_config(HOST_GW).unwrap();
-        let metrics_addr: SocketAddr = (Rig::node_ip(1), 9615).into();
-        let mut args = rig.proxy_args(1, mode).unwrap();
-        args.extend([
-            "--metrics-addr".into(),
-            metrics_addr.to_string(),
-            // Every external IP of the underlay is allowed: only etcd's address is refused.
-            "--allowed-external-ips".into(),
-            "198.18.0.0/16".into(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        rig.start_twilld(1, &args).unwrap();
-        let facts = rig
-            .wait_subnet_file(1, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{mode}: {e:#}\n{}", rig.twilld_log(1)));
+        // Every external IP of the underlay is allowed: only etcd's address is refused.
+        let (rig, facts) = proxy_node(mode, &["--allowed-external-ips", "198.18.0.0/16"]);
+        let metrics_addr = metrics_addr();
         assert!(
             etcd_reachable(&rig, 1),
             "{mode}: etcd unreachable before the test"
         );
         // The endpoint: an address of the node's pod subnet nobody answers on.
         let dead = std::net::Ipv4Addr::from(u32::from(facts.subnet.unwrap().addr()) + 200);
-        let evil = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: evil, namespace: default}}\n\
-             spec:\n  clusterIP: 10.96.0.66\n  externalIPs: [198.18.0.1]\n  \
-             ports: [{{name: etcd, port: 2379}}]\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: evil-1\n  \
-             namespace: default\n  labels: {{kubernetes.io/service-name: evil}}\n\
-             addressType: IPv4\nendpoints: [{{addresses: [{dead}]}}]\nports: [{{name: etcd, port: 2379}}]\n"
-        );
+        let service = |name: &str, cluster_ip: &str| {
+            ServiceSpec::new(name, cluster_ip.parse().unwrap())
+                .tcp("etcd", 2379, 2379)
+                .endpoint(dead.into(), None)
+        };
+        let evil = service("evil", "10.96.0.66").external_ip("198.18.0.1".parse().unwrap());
         // apply refuses it, naming the frontend and why.
-        let out = twilld(&rig, &["apply", "-f", "-"], Some(&evil));
+        let out = twilld(&rig, &["apply", "-f", "-"], Some(&evil.manifest()));
         assert!(!out.status.success(), "{mode}: apply took it");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -479,20 +494,16 @@ fn a_service_on_etcds_address_is_never_programmed() {
         );
         assert!(keys(&rig).is_empty());
         // Written directly, as a hostile or old client would.
-        let svc_json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"evil","namespace":"default"},"spec":{"clusterIP":"10.96.0.66","externalIPs":["198.18.0.1"],"ports":[{"name":"etcd","port":2379}]}}"#;
-        let slice_json = format!(
-            r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"evil-1","namespace":"default","labels":{{"kubernetes.io/service-name":"evil"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["{dead}"]}}],"ports":[{{"name":"etcd","port":2379}}]}}"#
-        );
         rig.etcdctl(&[
             "put",
             &format!("{ETCD_PREFIX}/services/endpointslices/default/evil-1"),
-            &slice_json,
+            &evil.slice().to_string(),
         ])
         .unwrap();
         rig.etcdctl(&[
             "put",
             &format!("{ETCD_PREFIX}/services/services/default/evil"),
-            svc_json,
+            &evil.service().to_string(),
         ])
         .unwrap();
         // The agent has seen it: its cluster IP is programmed, the external IP refused.
@@ -545,16 +556,8 @@ fn a_service_on_etcds_address_is_never_programmed() {
             );
         }
         // twilld's own writes and watch still reach etcd: a new Service is programmed.
-        ok(&twilld(
-            &rig,
-            &["apply", "-f", "-"],
-            Some(
-                &evil
-                    .replace("evil", "good")
-                    .replace("10.96.0.66", "10.96.0.67")
-                    .replace("  externalIPs: [198.18.0.1]\n", ""),
-            ),
-        ));
+        let good = service("good", "10.96.0.67").manifest();
+        ok(&twilld(&rig, &["apply", "-f", "-"], Some(&good)));
         wait_for(Duration::from_secs(15), || {
             wide()
                 .lines()
@@ -603,21 +606,8 @@ fn a_wiped_etcd_keeps_the_services_until_its_config_is_back() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(1).expect("rig");
-    rig.put_network_config(HOST_GW).unwrap();
-    let metrics_addr: SocketAddr = (Rig::node_ip(1), 9615).into();
-    let mut args = rig.proxy_args(1, "nftables").unwrap();
-    args.extend([
-        "--metrics-addr".into(),
-        metrics_addr.to_string(),
-        "--resync-interval".into(),
-        "1".into(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    rig.start_twilld(1, &args).unwrap();
-    let facts = rig
-        .wait_subnet_file(1, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(1)));
+    let (rig, facts) = proxy_node("nftables", &["--resync-interval", "1"]);
+    let metrics_addr = metrics_addr();
     let backend = rig.add_pod(1, &facts).unwrap();
     let client = rig.add_pod(1, &facts).unwrap();
     rig.start_responder(&backend, "b1", &[8080]).unwrap();
@@ -726,9 +716,7 @@ fn get_services_and_metrics_show_the_dataplane() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(1).expect("rig");
-    rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
-        .unwrap();
+    let rig = configured_rig(1, HOST_GW);
     let cg = Cgroup(Path::new(CGROUP_ROOT).join(format!("twill-{}-n1", rig.id())));
     std::fs::create_dir(&cg.0).expect("create node cgroup");
     // Fields drop in order: the rig (and its twilld) before the cgroup.
@@ -852,9 +840,7 @@ fn get_services_reads_the_netfilter_dataplanes() {
         ("nftables", "nftables (table inet twill)"),
         ("iptables", "iptables (TWILL-* chains, iptables-"),
     ] {
-        let rig = Rig::new(1).expect("rig");
-        rig.put_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
-            .unwrap();
+        let rig = configured_rig(1, HOST_GW);
         rig.start_twilld(1, &["--proxy-mode", mode, "--node-name", "node-1"])
             .unwrap();
         rig.wait_subnet_file(1, Duration::from_secs(20))

@@ -14,56 +14,19 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
 use twill_tests::ns::in_netns;
+use twill_tests::suite::{UP, assert_full_mesh, assert_reaches, configured_rig, strip_ansi};
+use twill_tests::traffic::tcp_transfer;
 use twill_tests::{Pod, Rig, exec, ping, require_root, routes, run, wait_until};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
-const UP: Duration = Duration::from_secs(15);
 const METRICS: &str = "127.0.0.1:9615";
 
-/// Brings up `n` nodes with twilld (extra args for every node) and one pod each.
+/// Brings up `n` udp nodes with twilld (extra args for every node) and one pod each; every pod
+/// reaches every other.
 fn cluster(n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
-    let rig = Rig::new(n).expect("rig");
-    rig.put_network_config(UDP).unwrap();
-    for node in 1..=n {
-        rig.start_twilld(node, extra).unwrap();
-    }
-    let facts: Vec<SubnetFacts> = (1..=n)
-        .map(|node| {
-            rig.wait_subnet_file(node, UP)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.twilld_log(node)))
-        })
-        .collect();
-    let pods: Vec<Pod> = (1..=n)
-        .map(|node| rig.add_pod(node, &facts[node - 1]).unwrap())
-        .collect();
+    let (rig, facts, pods) = twill_tests::suite::cluster(UDP, n, extra);
+    assert_full_mesh(&rig, &pods, false);
     (rig, facts, pods)
-}
-
-fn reach(rig: &Rig, from: &Pod, to: &Pod) {
-    let dst: IpAddr = to.ipv4.expect("pod v4").into();
-    let ok = wait_until(UP, || {
-        ping(&from.ns, dst, 1).is_ok_and(|s| s.all_received())
-    });
-    if ok.is_err() {
-        rig.print_logs();
-        panic!(
-            "pod on n{} cannot reach pod on n{} at {dst}\nroutes of n{}:\n{}",
-            from.node,
-            to.node,
-            from.node,
-            routes(&rig.node_ns(from.node)).unwrap_or_default()
-        );
-    }
-}
-
-fn full_mesh(rig: &Rig, pods: &[Pod]) {
-    for a in pods {
-        for b in pods {
-            if a != b {
-                reach(rig, a, b);
-            }
-        }
-    }
 }
 
 /// `/metrics` of node `node` (twilld started with `--metrics-addr 127.0.0.1:9615`).
@@ -151,7 +114,6 @@ fn udp_three_nodes_full_mesh() {
         assert_eq!(f.mtu, 1472, "udp MTU is the uplink's minus 28");
         assert_eq!(f.network.unwrap().to_string(), "10.244.0.0/16");
     }
-    full_mesh(&rig, &pods);
     // flannel's device: a TUN, multi-queue with virtio-net headers, persistent; the node's
     // subnet address on it and the whole Network routed into it.
     let ns = rig.node_ns(1);
@@ -182,7 +144,8 @@ fn udp_three_nodes_full_mesh() {
     let data: Vec<u8> = (0..32usize << 20)
         .map(|i| u8::try_from((i * 7 + i / 4099) & 0xff).unwrap())
         .collect();
-    let got = transfer(&pods[0], &pods[1], &data);
+    let dst = SocketAddr::from((pods[1].ipv4.unwrap(), 5202));
+    let got = tcp_transfer(&pods[0].ns, &pods[1].ns, dst, &data, UP).unwrap();
     assert!(got == data, "{} bytes back, or different ones", got.len());
     let m = metrics(&rig, 1);
     let reads = sample(&m, "twill_udp_tun_packets_total{direction=\"read\"}");
@@ -200,21 +163,12 @@ fn udp_three_nodes_full_mesh() {
     );
 }
 
-/// Sends `data` over TCP from pod `from` to pod `to` (port 5202) and returns what arrived; every
-/// step is bounded.
-fn transfer(from: &Pod, to: &Pod, data: &[u8]) -> Vec<u8> {
-    let dst = SocketAddr::from((to.ipv4.unwrap(), 5202));
-    let any = SocketAddr::from(([0, 0, 0, 0], 5202));
-    transfer_bound(&from.ns, &to.ns, any, dst, data)
-}
-
 #[test]
 fn udp_deleted_lease_leaves_the_routing_table() {
     if !require_root() {
         return;
     }
     let (rig, facts, pods) = cluster(3, &["--metrics-addr", METRICS]);
-    full_mesh(&rig, &pods);
     assert_eq!(sample(&metrics(&rig, 1), "twill_udp_peers"), 2);
     let gone = facts[2].subnet_v4().unwrap();
     let key = format!("/coreos.com/network/subnets/{}-24", gone.network());
@@ -230,7 +184,7 @@ fn udp_deleted_lease_leaves_the_routing_table() {
     let s = ping(&pods[0].ns, pods[2].ipv4.unwrap(), 3).unwrap();
     assert_eq!(s.received, 0, "{s}");
     assert!(drops(&metrics(&rig, 1), "no_route") >= before + 3);
-    reach(&rig, &pods[0], &pods[1]);
+    assert_reaches(&rig, &pods[0], &pods[1], false);
 }
 
 #[test]
@@ -239,7 +193,6 @@ fn udp_mtu_sized_df_passes_and_larger_gets_frag_needed() {
         return;
     }
     let (rig, _facts, pods) = cluster(2, &[]);
-    full_mesh(&rig, &pods);
     // Give the pod a 1500-byte path to its node, so the node has to forward into flannel0
     // (MTU 1472) and it is the TUN's MTU that decides.
     let (pod, node_ns) = (&pods[0], rig.node_ns(1));
@@ -281,7 +234,6 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
         return;
     }
     let (rig, facts, pods) = cluster(2, &["--metrics-addr", METRICS]);
-    full_mesh(&rig, &pods);
     let before = metrics(&rig, 1);
     let target = SocketAddr::from((Rig::node_ip(1), 8285));
     let peer_subnet = facts[1].subnet_v4().unwrap();
@@ -332,7 +284,7 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
         "drops not counted: before\n{before}\nafter\n{now}"
     );
     assert!(rig.twilld_running(1), "twilld died on garbage");
-    full_mesh(&rig, &pods);
+    assert_full_mesh(&rig, &pods, false);
 }
 
 #[test]
@@ -341,7 +293,6 @@ fn udp_kill_and_restart_recovers() {
         return;
     }
     let (rig, facts, pods) = cluster(2, &[]);
-    full_mesh(&rig, &pods);
     let index_before = ifindex(&rig.node_ns(1), "flannel0");
     // 600 pings 10 ms apart (~6 s) span a kill -9 and a restart of node 1's agent.
     let dst = pods[1].ipv4.unwrap().to_string();
@@ -371,8 +322,8 @@ fn udp_kill_and_restart_recovers() {
     );
     // Lost: at most the 0.5 s without agent and the restart (etcd round trips), not more.
     assert!(lost < 250, "{lost} of 600 lost across a restart: {text}");
-    reach(&rig, &pods[0], &pods[1]);
-    reach(&rig, &pods[1], &pods[0]);
+    assert_reaches(&rig, &pods[0], &pods[1], false);
+    assert_reaches(&rig, &pods[1], &pods[0], false);
     let again = rig.wait_subnet_file(1, UP).unwrap();
     assert_eq!(again.subnet, facts[0].subnet);
     assert_eq!(
@@ -388,9 +339,8 @@ fn udp_device_deleted_by_hand_is_healed() {
         return;
     }
     let (rig, _facts, pods) = cluster(2, &["--resync-interval", "1"]);
-    full_mesh(&rig, &pods);
     run(&rig.node_ns(1), &["ip", "link", "del", "flannel0"]).unwrap();
-    full_mesh(&rig, &pods);
+    assert_full_mesh(&rig, &pods, false);
     let r = routes(&rig.node_ns(1)).unwrap();
     assert!(r.contains("10.244.0.0/16 dev flannel0"), "{r}");
 }
@@ -400,8 +350,7 @@ fn udp_speaks_flannels_wire_format() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(2).unwrap();
-    rig.put_network_config(UDP).unwrap();
+    let rig = configured_rig(2, UDP);
     // Node 2 is "flannel": its lease written as flanneld writes it for udp, its port a plain
     // socket of this test.
     let key = "/coreos.com/network/subnets/10.244.200.0-24";
@@ -462,8 +411,7 @@ fn udp_refuses_the_ebpf_proxy_and_creates_nothing() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(1).unwrap();
-    rig.put_network_config(UDP).unwrap();
+    let rig = configured_rig(1, UDP);
     rig.start_twilld(1, &["--proxy-mode", "ebpf"]).unwrap();
     wait_until(UP, || !rig.twilld_running(1)).unwrap_or_else(|_| {
         panic!(
@@ -587,58 +535,6 @@ impl Drop for FlannelNode {
     }
 }
 
-/// Sends `data` over TCP from namespace `from_ns` to `dst` and returns what arrived at a listener
-/// bound to `dst` in namespace `to_ns`; every step is bounded.
-fn transfer_to(from_ns: &str, to_ns: &str, dst: SocketAddr, data: &[u8]) -> Vec<u8> {
-    transfer_bound(from_ns, to_ns, dst, dst, data)
-}
-
-/// Sends `data` over TCP from namespace `from_ns` to `dst` and returns what arrived at a listener
-/// bound to `bind` in namespace `to_ns`; every step is bounded.
-fn transfer_bound(
-    from_ns: &str,
-    to_ns: &str,
-    bind: SocketAddr,
-    dst: SocketAddr,
-    data: &[u8],
-) -> Vec<u8> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to_ns = to_ns.to_string();
-    let server = std::thread::spawn(move || {
-        in_netns(&to_ns, || {
-            let l = TcpListener::bind(bind)?;
-            l.set_nonblocking(true)?;
-            let _ = ready_tx.send(());
-            let deadline = Instant::now() + UP;
-            let mut s = loop {
-                match l.accept() {
-                    Ok((s, _)) => break s,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        anyhow::ensure!(Instant::now() < deadline, "no connection");
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(UP))?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
-            Ok(buf)
-        })
-    });
-    ready_rx.recv_timeout(UP).expect("server listening");
-    in_netns(from_ns, || {
-        let mut s = TcpStream::connect_timeout(&dst, UP)?;
-        s.set_write_timeout(Some(UP))?;
-        s.write_all(data)?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        Ok(())
-    })
-    .unwrap();
-    server.join().expect("server thread").unwrap()
-}
-
 /// TCP both ways between a twill pod and a flannel-style node: twill's segmentation of 64 KiB
 /// super-packets (sequence numbers, IP ids, checksums computed per packet) is accepted by a
 /// kernel that verifies every checksum, and single packets from flannel are coalesced and
@@ -648,8 +544,7 @@ fn udp_tcp_both_ways_with_a_flannel_style_node() {
     if !require_root() {
         return;
     }
-    let rig = Rig::new(2).unwrap();
-    rig.put_network_config(UDP).unwrap();
+    let rig = configured_rig(2, UDP);
     let flannel_ip = Ipv4Addr::new(10, 244, 200, 1);
     let value = format!(
         r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"udp"}}"#,
@@ -671,24 +566,16 @@ fn udp_tcp_both_ways_with_a_flannel_style_node() {
     });
     // Not a multiple of any MSS; a pattern that shows a misplaced or repeated segment.
     let data: Vec<u8> = (0..6_000_001u32).map(|i| (i % 251) as u8).collect();
-    let got = transfer_to(
-        &pod.ns,
-        &flannel_ns,
-        SocketAddr::from((flannel_ip, 5203)),
-        &data,
-    );
+    let to_flannel = SocketAddr::from((flannel_ip, 5203));
+    let got = tcp_transfer(&pod.ns, &flannel_ns, to_flannel, &data, UP).unwrap();
     assert!(
         got == data,
         "twill → flannel: {} of {} bytes, or different",
         got.len(),
         data.len()
     );
-    let got = transfer_to(
-        &flannel_ns,
-        &pod.ns,
-        SocketAddr::from((pod.ipv4.unwrap(), 5204)),
-        &data,
-    );
+    let to_pod = SocketAddr::from((pod.ipv4.unwrap(), 5204));
+    let got = tcp_transfer(&flannel_ns, &pod.ns, to_pod, &data, UP).unwrap();
     assert!(
         got == data,
         "flannel → twill: {} of {} bytes, or different",
@@ -698,25 +585,6 @@ fn udp_tcp_both_ways_with_a_flannel_style_node() {
     let m = metrics(&rig, 1);
     assert_eq!(drops(&m, "malformed"), 0, "{m}");
     assert_eq!(drops(&m, "send_error"), 0, "{m}");
-}
-
-/// `text` without ANSI escape sequences (tracing colours its fields when it likes).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for e in chars.by_ref() {
-                if e.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The steering bucket of a TCP flow, as twilld computes it (`core::bucket`): addresses and
@@ -771,7 +639,6 @@ fn udp_two_heavy_flows_on_one_worker_are_spread() {
         return;
     }
     let (rig, _facts, pods) = cluster(2, &[]);
-    full_mesh(&rig, &pods);
     let workers: u32 = strip_ansi(&rig.twilld_log(1))
         .split("workers=")
         .nth(1)
