@@ -33,12 +33,17 @@ use std::{
 };
 
 use common::{
-    BE1, BE1_V6, BE2, Env, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, backend, error_chain, ip_batch,
-    service, within,
+    BE1, BE1_V6, BE2, Env, NODE_PORT, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, VIP, VIP_V6, backend,
+    error_chain, ip_batch, service, within,
 };
 use twill_agent::{
     services::dataplane::ebpf::{EbpfLb, EbpfLbConfig, EbpfLbView, LbLimits, TcIface},
-    services::lb::{FrontendKind, LbDataplane as _, LbService, Proto, plan},
+    services::lb::{
+        FrontendKind::{ClusterIp, NodePort},
+        LbDataplane as _, LbService,
+        Proto::{Tcp, Udp},
+        plan,
+    },
 };
 use twill_tests::{NetnsGuard, in_netns, require_root};
 
@@ -46,9 +51,8 @@ mod common;
 
 const HELPER_ENV: &str = "TWILL_LB_HELPER";
 
-const VIP: &str = "10.96.0.10";
-const VIP_V6: &str = "fd96::10";
-const NODE_PORT: u16 = 30080;
+/// A second ClusterIP.
+const VIP2: &str = "10.96.0.11";
 
 // ---------------------------------------------------------------------------------------------
 // Helper mode: the client side, run in a child process inside the cgroup and a namespace.
@@ -252,51 +256,101 @@ fn services(with_be2: bool) -> Vec<LbService> {
         v
     };
     vec![
-        service(1, FrontendKind::ClusterIp, VIP, 80, Proto::Tcp, tcp(8080)),
-        service(2, FrontendKind::ClusterIp, VIP, 53, Proto::Udp, tcp(5353)),
-        service(
-            3,
-            FrontendKind::ClusterIp,
-            VIP_V6,
-            80,
-            Proto::Tcp,
-            vec![backend(BE1_V6, 8080)],
-        ),
-        service(
-            4,
-            FrontendKind::NodePort,
-            "0.0.0.0",
-            NODE_PORT,
-            Proto::Tcp,
-            tcp(8080),
-        ),
-        service(
-            5,
-            FrontendKind::ClusterIp,
-            "10.96.0.99",
-            80,
-            Proto::Tcp,
-            vec![],
-        ),
+        service(1, ClusterIp, VIP, 80, Tcp, tcp(8080)),
+        service(2, ClusterIp, VIP, 53, Udp, tcp(5353)),
+        service(3, ClusterIp, VIP_V6, 80, Tcp, vec![backend(BE1_V6, 8080)]),
+        service(4, NodePort, "0.0.0.0", NODE_PORT, Tcp, tcp(8080)),
+        service(5, ClusterIp, "10.96.0.99", 80, Tcp, vec![]),
         service(
             6,
-            FrontendKind::NodePort,
+            NodePort,
             "::",
             NODE_PORT,
-            Proto::Tcp,
+            Tcp,
             vec![backend(BE1_V6, 8080)],
         ),
     ]
+}
+
+/// The test's namespaces (see [`Env`]), or `None` when the test cannot run (not root).
+fn root_env() -> Option<Env> {
+    require_root().then(Env::new)
+}
+
+/// The dataplane opened with `config` in the node namespace, as `twilld` opens it, with
+/// `desired` applied.
+fn running(env: &Env, config: &EbpfLbConfig, desired: &[LbService]) -> EbpfLb {
+    let first = plan(desired, &[]);
+    env.on_node(|| {
+        let mut lb =
+            EbpfLb::open_with(config).unwrap_or_else(|err| panic!("open: {}", error_chain(err)));
+        lb.apply(&first).expect("apply");
+        lb
+    })
 }
 
 fn backends_of(replies: &[Reply]) -> BTreeSet<String> {
     replies.iter().map(|r| r.backend.clone()).collect()
 }
 
-fn assert_all_ok(what: &str, replies: &[Reply], n: usize) {
+/// [`client`] at `at`, asserting that all the exchanges `spec` (`<mode> <address> <count>`) asks for
+/// succeeded (`what` names the case in a failure).
+fn client_ok(what: &str, at: At<'_>, spec: &str) -> Vec<Reply> {
+    let n: usize = spec
+        .rsplit(' ')
+        .next()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no count in {spec:?}"));
+    let replies = client(at.ns, at.cg, spec);
     assert_eq!(replies.len(), n, "{what}: {replies:?}");
     let failed: Vec<&Reply> = replies.iter().filter(|r| r.error.is_some()).collect();
     assert!(failed.is_empty(), "{what}: failures {failed:?}");
+    replies
+}
+
+/// Where the helper runs: a namespace, in the load-balanced cgroup or not.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    ns: &'a str,
+    cg: Option<&'a Path>,
+}
+
+impl<'a> At<'a> {
+    /// Namespace `ns`, outside the cgroup.
+    fn ns(ns: &'a str) -> Self {
+        At { ns, cg: None }
+    }
+}
+
+/// [`client_ok`], asserting too that every reply shows the address `spec` names (what
+/// `getpeername` says; for unconnected `udp`, the source `recvfrom` saw): the translation stays
+/// hidden from the client.
+fn probe(what: &str, at: At<'_>, spec: &str) -> Vec<Reply> {
+    let replies = client_ok(what, at, spec);
+    let mut words = spec.split(' ');
+    let (mode, addr) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
+    assert_every(what, &replies, |r| {
+        if mode == "udp" {
+            r.from == addr
+        } else {
+            r.peer == addr
+        }
+    });
+    replies
+}
+
+/// Asserts that the backends `names`, and only they, served `replies`.
+fn assert_served(what: &str, replies: &[Reply], names: &[&str]) {
+    let want: BTreeSet<String> = names.iter().map(|&n| n.to_owned()).collect();
+    assert_eq!(backends_of(replies), want, "{what}: {replies:?}");
+}
+
+/// Asserts that `holds` is true of every reply (`what` names the check in a failure).
+fn assert_every(what: &str, replies: &[Reply], holds: impl Fn(&Reply) -> bool) {
+    assert!(replies.iter().all(holds), "{what}: {replies:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,80 +360,64 @@ fn assert_all_ok(what: &str, replies: &[Reply], n: usize) {
 /// outside, with SNAT), endpoint removal, restart with pinned state, counters, uninstall.
 #[test]
 fn socket_and_tc_load_balancing() {
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
+    let Some(env) = root_env() else { return };
     env.serve("be1", BE1, 8080, 5353);
     env.serve("be2", BE2, 8080, 5353);
     env.serve("be1v6", BE1_V6, 8080, 5353);
 
     let config = config(&env);
-    let mut lb = env
-        .on_node(|| EbpfLb::open_with(&config))
-        .unwrap_or_else(|err| panic!("open: {}", error_chain(err)));
     let desired = services(true);
-    let first = plan(&desired, &[]);
-    let mut lb = env.on_node(move || {
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let mut lb = running(&env, &config, &desired);
     let cg = Some(env.cgroup.as_path());
+    let node = At { ns: &env.node, cg };
+    let outside = At::ns(&env.outside);
 
     // TCP through socket-LB: every connect works, the peer is the VIP, both backends serve.
-    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 20"));
-    assert_all_ok("tcp via socket-LB", &replies, 20);
-    assert!(
-        replies.iter().all(|r| r.peer == format!("{VIP}:80")),
-        "getpeername must show the VIP: {replies:?}"
-    );
-    assert_eq!(
-        backends_of(&replies),
-        ["be1", "be2"].map(String::from).into()
-    );
+    let replies = probe("tcp via socket-LB", node, &format!("tcp {VIP}:80 20"));
+    assert_served("tcp via socket-LB", &replies, &["be1", "be2"]);
     // Socket-LB does not NAT: the backend sees the node's own address.
-    assert!(replies.iter().all(|r| r.seen_as.starts_with(NODE_TO_BE)));
-
-    // Unconnected UDP: recvfrom shows the VIP; sockets spread over both backends.
-    let replies = client(&env.node, cg, &format!("udp {VIP}:53 20"));
-    assert_all_ok("udp via socket-LB", &replies, 20);
-    assert!(
-        replies.iter().all(|r| r.from == format!("{VIP}:53")),
-        "recvfrom must show the VIP: {replies:?}"
-    );
-    assert_eq!(
-        backends_of(&replies),
-        ["be1", "be2"].map(String::from).into()
-    );
-
-    // Connected UDP from the node's own namespace: socket-LB at connect().
-    let replies = client(&env.node, cg, &format!("udpc {VIP}:53 5"));
-    assert_all_ok("connected udp via socket-LB", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:53")));
-
-    // IPv6.
-    let replies = client(&env.node, cg, &format!("tcp [{VIP_V6}]:80 5"));
-    assert_all_ok("tcp6 via socket-LB", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("[{VIP_V6}]:80")));
-    assert_eq!(backends_of(&replies), ["be1v6"].map(String::from).into());
-
-    // A dual-stack socket connecting to a v4-mapped VIP is balanced as IPv4.
-    let replies = client(&env.node, cg, &format!("tcp [::ffff:{VIP}]:80 3"));
-    assert_all_ok("v4-mapped via socket-LB", &replies, 3);
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.peer == format!("[::ffff:{VIP}]:80"))
-    );
-
-    // NodePort on the node's own address, from the node.
-    let replies = client(&env.node, cg, &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"));
-    assert_all_ok("nodeport via socket-LB", &replies, 5);
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.peer == format!("{NODE_TO_OUT}:{NODE_PORT}"))
-    );
+    assert_every("socket-LB does not NAT", &replies, |r| {
+        r.seen_as.starts_with(NODE_TO_BE)
+    });
+    // More through socket-LB from the node, each showing the service's address to the client;
+    // `serve` (where named) are the backends that answer.
+    for (what, spec, serve) in [
+        // Unconnected UDP: recvfrom shows the VIP; sockets spread over both backends.
+        (
+            "udp via socket-LB",
+            format!("udp {VIP}:53 20"),
+            &["be1", "be2"][..],
+        ),
+        // Connected UDP from the node's own namespace: socket-LB at connect().
+        (
+            "connected udp via socket-LB",
+            format!("udpc {VIP}:53 5"),
+            &[],
+        ),
+        // IPv6.
+        (
+            "tcp6 via socket-LB",
+            format!("tcp [{VIP_V6}]:80 5"),
+            &["be1v6"],
+        ),
+        // A dual-stack socket connecting to a v4-mapped VIP is balanced as IPv4.
+        (
+            "v4-mapped via socket-LB",
+            format!("tcp [::ffff:{VIP}]:80 3"),
+            &[],
+        ),
+        // NodePort on the node's own address, from the node.
+        (
+            "nodeport via socket-LB",
+            format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
+            &[],
+        ),
+    ] {
+        let replies = probe(what, node, &spec);
+        if !serve.is_empty() {
+            assert_served(what, &replies, serve);
+        }
+    }
 
     // A service without endpoints refuses connections.
     let replies = client(&env.node, cg, "tcp 10.96.0.99:80 1");
@@ -387,53 +425,36 @@ fn socket_and_tc_load_balancing() {
 
     // Outside the cgroup nothing is translated by socket-LB: the same connect from the
     // outside namespace goes through the tc path. NodePort from outside: SNAT to the node.
-    let replies = client(
-        &env.outside,
-        None,
-        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10"),
-    );
-    assert_all_ok("nodeport via tc", &replies, 10);
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.peer == format!("{NODE_TO_OUT}:{NODE_PORT}"))
-    );
+    let nodeport = format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10");
+    let replies = probe("nodeport via tc", outside, &nodeport);
     for r in &replies {
         let seen: SocketAddr = r.seen_as.parse().unwrap();
         assert_eq!(seen.ip().to_string(), NODE_TO_BE, "SNAT to the node: {r:?}");
         assert!(seen.port() >= 61_000, "SNAT port range: {r:?}");
     }
-    assert_eq!(
-        backends_of(&replies),
-        ["be1", "be2"].map(String::from).into()
-    );
+    assert_served("nodeport via tc", &replies, &["be1", "be2"]);
 
     // ClusterIP from outside (routed to the node), TCP and UDP.
     ip_batch(&env.outside, "route add 10.96.0.0/16 via 10.252.0.1\n");
-    let replies = client(&env.outside, None, &format!("tcp {VIP}:80 10"));
-    assert_all_ok("clusterip via tc", &replies, 10);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
-    let replies = client(&env.outside, None, &format!("udp {VIP}:53 10"));
-    assert_all_ok("udp clusterip via tc", &replies, 10);
-    assert!(replies.iter().all(|r| r.from == format!("{VIP}:53")));
+    probe("clusterip via tc", outside, &format!("tcp {VIP}:80 10"));
+    probe("udp clusterip via tc", outside, &format!("udp {VIP}:53 10"));
 
     // IPv6 through the tc path: NodePort and ClusterIP from outside, SNAT to the node.
-    let replies = client(&env.outside, None, &format!("tcp [fd52::1]:{NODE_PORT} 5"));
-    assert_all_ok("nodeport6 via tc", &replies, 5);
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.peer == format!("[fd52::1]:{NODE_PORT}"))
+    let replies = probe(
+        "nodeport6 via tc",
+        outside,
+        &format!("tcp [fd52::1]:{NODE_PORT} 5"),
     );
-    assert!(
-        replies.iter().all(|r| r.seen_as.starts_with("[fd51::1]:")),
-        "SNAT6 to the node: {replies:?}"
-    );
+    assert_every("SNAT6 to the node", &replies, |r| {
+        r.seen_as.starts_with("[fd51::1]:")
+    });
     ip_batch(&env.outside, "route add fd96::/64 via fd52::1\n");
-    let replies = client(&env.outside, None, &format!("tcp [{VIP_V6}]:80 5"));
-    assert_all_ok("clusterip6 via tc", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("[{VIP_V6}]:80")));
-    assert_eq!(backends_of(&replies), ["be1v6"].map(String::from).into());
+    let replies = probe(
+        "clusterip6 via tc",
+        outside,
+        &format!("tcp [{VIP_V6}]:80 5"),
+    );
+    assert_served("clusterip6 via tc", &replies, &["be1v6"]);
 
     // Counters saw the connections.
     let counters = lb.counters().expect("counters");
@@ -480,26 +501,15 @@ fn socket_and_tc_load_balancing() {
         lb
     });
     eprintln!("endpoint removal applied in {:?}", start.elapsed());
-    for (ns, cg, spec) in [
-        (&env.node, cg, format!("tcp {VIP}:80 20")),
-        (&env.node, cg, format!("udp {VIP}:53 20")),
-        (
-            &env.outside,
-            None,
-            format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10"),
-        ),
-        (&env.outside, None, format!("udp {VIP}:53 10")),
+    for (at, spec) in [
+        (node, format!("tcp {VIP}:80 20")),
+        (node, format!("udp {VIP}:53 20")),
+        (outside, format!("tcp {NODE_TO_OUT}:{NODE_PORT} 10")),
+        (outside, format!("udp {VIP}:53 10")),
     ] {
-        let replies = client(ns, cg, &spec);
-        assert!(
-            replies.iter().all(|r| r.error.is_none()),
-            "{spec}: {replies:?}"
-        );
-        assert_eq!(
-            backends_of(&replies),
-            ["be1"].map(String::from).into(),
-            "{spec} after removing be2"
-        );
+        let replies = client(at.ns, at.cg, &spec);
+        assert_every(&spec, &replies, |r| r.error.is_none());
+        assert_served(&format!("{spec} after removing be2"), &replies, &["be1"]);
     }
 
     // Read-back equals what was applied: a restarted agent plans nothing. (Like every call that
@@ -514,14 +524,9 @@ fn socket_and_tc_load_balancing() {
 
     // Restart: drop without uninstall; the pinned links keep serving.
     drop(lb);
-    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("tcp while no agent runs", &replies, 5);
-    let replies = client(
-        &env.outside,
-        None,
-        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
-    );
-    assert_all_ok("nodeport while no agent runs", &replies, 5);
+    client_ok("tcp while no agent runs", node, &format!("tcp {VIP}:80 5"));
+    let nodeport = format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5");
+    client_ok("nodeport while no agent runs", outside, &nodeport);
     let (lb, observed) = env.on_node(|| {
         let mut lb =
             EbpfLb::open_with(&config).unwrap_or_else(|err| panic!("reopen: {}", error_chain(err)));
@@ -534,8 +539,7 @@ fn socket_and_tc_load_balancing() {
     );
     let links = fs::read_dir(env.pin_dir.join("links")).unwrap().count();
     assert_eq!(links, 8 + 2 * 2, "old links replaced, not added");
-    let replies = client(&env.node, cg, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("tcp after restart", &replies, 5);
+    client_ok("tcp after restart", node, &format!("tcp {VIP}:80 5"));
 
     lb.uninstall().expect("uninstall");
     assert!(!env.pin_dir.exists(), "uninstall removes the pin directory");
@@ -545,10 +549,9 @@ fn socket_and_tc_load_balancing() {
 /// endpoint: after removal plus 1 s, the removed backend gets nothing.
 #[test]
 fn udp_flow_leaves_removed_endpoint() {
-    if !require_root() {
-        return;
+    if require_root() {
+        udp_stream_leaves_removed_endpoint(false);
     }
-    udp_stream_leaves_removed_endpoint(false);
 }
 
 /// The node's own connected UDP socket, which socket-LB connected to a backend at `connect()`:
@@ -556,10 +559,9 @@ fn udp_flow_leaves_removed_endpoint() {
 /// and lands on a live backend; after removal plus 1 s the removed backend gets nothing.
 #[test]
 fn node_connected_udp_leaves_removed_endpoint() {
-    if !require_root() {
-        return;
+    if require_root() {
+        udp_stream_leaves_removed_endpoint(true);
     }
-    udp_stream_leaves_removed_endpoint(true);
 }
 
 /// 60 datagrams 100 ms apart on one connected socket, from the node inside the LB cgroup
@@ -569,14 +571,8 @@ fn udp_stream_leaves_removed_endpoint(via_socket_lb: bool) {
     let env = Env::new();
     env.serve("be1", BE1, 8080, 5353);
     env.serve("be2", BE2, 8080, 5353);
-    let config = config(&env);
     let desired = services(true);
-    let first = plan(&desired, &[]);
-    let lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let lb = running(&env, &config(&env), &desired);
     ip_batch(&env.outside, "route add 10.96.0.0/16 via 10.252.0.1\n");
 
     // 60 datagrams 100 ms apart on one connected socket (one flow, one backend).
@@ -648,45 +644,22 @@ fn udp_stream_leaves_removed_endpoint(via_socket_lb: bool) {
 /// hook), and pods' connected UDP sockets take the tc path even inside the cgroup.
 #[test]
 fn pods_behind_a_bridge() {
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
-    let pods = env.pods(&["p1", "p2"]);
-    let (p1, p2) = (&pods[0], &pods[1]);
+    let Some(env) = root_env() else { return };
+    let [p1, p2] = &env.pods(["p1", "p2"]);
 
     let mut local = backend("10.253.0.3", 8080);
     local.node_local = true;
     let mut local_udp = backend("10.253.0.3", 5353);
     local_udp.node_local = true;
     let desired = vec![
-        service(1, FrontendKind::ClusterIp, VIP, 80, Proto::Tcp, vec![local]),
-        service(
-            2,
-            FrontendKind::ClusterIp,
-            VIP,
-            53,
-            Proto::Udp,
-            vec![local_udp],
-        ),
-        service(
-            3,
-            FrontendKind::ClusterIp,
-            "10.96.0.11",
-            80,
-            Proto::Tcp,
-            vec![backend(BE1, 8080)],
-        ),
+        service(1, ClusterIp, VIP, 80, Tcp, vec![local]),
+        service(2, ClusterIp, VIP, 53, Udp, vec![local_udp]),
+        service(3, ClusterIp, VIP2, 80, Tcp, vec![backend(BE1, 8080)]),
     ];
     // The bridge does not exist yet when the dataplane starts (as `cni0` before the first pod).
     let mut config = config(&env);
     config.ifaces.push(TcIface::pods("br0"));
-    let first = plan(&desired, &[]);
-    let mut lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let mut lb = running(&env, &config, &desired);
     assert_eq!(lb.pending_interfaces(), [TcIface::pods("br0")]);
     ip_batch(
         &env.node,
@@ -715,43 +688,34 @@ fn pods_behind_a_bridge() {
         lb
     });
     let cg = Some(env.cgroup.as_path());
-
-    // Pod outside the cgroup → local backend pod: hairpin SNAT to the bridge address.
-    let replies = client(p1, None, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("pod to local pod via tc", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
-    assert!(
-        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.1:")),
-        "hairpin SNAT to the bridge address: {replies:?}"
+    let (tc, socket_lb) = (At::ns(p1), At { ns: p1, cg });
+    let (tcp, udpc, udp) = (
+        format!("tcp {VIP}:80 5"),
+        format!("udpc {VIP}:53 5"),
+        format!("udp {VIP}:53 5"),
     );
-
-    // Pod outside the cgroup → backend on another node: no SNAT, the reply is translated at
-    // the uplink's ingress and forwarded to the bridge.
-    let replies = client(p1, None, "tcp 10.96.0.11:80 5");
-    assert_all_ok("pod to remote backend via tc", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == "10.96.0.11:80"));
-    assert!(
-        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")),
-        "no SNAT towards another node: {replies:?}"
-    );
-
-    // Pod in the cgroup: TCP by socket-LB (the backend sees the pod itself) ...
-    let replies = client(p1, cg, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("pod via socket-LB", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
-    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")));
-    // ... connected UDP by the tc path (hairpin SNAT shows it), unconnected UDP by socket-LB.
-    let replies = client(p1, cg, &format!("udpc {VIP}:53 5"));
-    assert_all_ok("pod connected udp", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:53")));
-    assert!(
-        replies.iter().all(|r| r.seen_as.starts_with("10.253.0.1:")),
-        "connected UDP of a pod goes through tc: {replies:?}"
-    );
-    let replies = client(p1, cg, &format!("udp {VIP}:53 5"));
-    assert_all_ok("pod unconnected udp", &replies, 5);
-    assert!(replies.iter().all(|r| r.from == format!("{VIP}:53")));
-    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.0.2:")));
+    let remote = format!("tcp {VIP2}:80 5");
+    // Pod 1, each exchange showing the service's address to the client, and how the backend
+    // sees it: as the bridge address after hairpin SNAT, or as the pod itself.
+    let (snat, pod) = ("10.253.0.1:", "10.253.0.2:");
+    for (what, at, spec, seen_as) in [
+        // Outside the cgroup → local backend pod: hairpin SNAT to the bridge address.
+        ("pod to local pod via tc", tc, &tcp, snat),
+        // Outside the cgroup → backend on another node: no SNAT, the reply is translated at
+        // the uplink's ingress and forwarded to the bridge.
+        ("pod to remote backend via tc", tc, &remote, pod),
+        // In the cgroup: TCP by socket-LB (the backend sees the pod itself) ...
+        ("pod via socket-LB", socket_lb, &tcp, pod),
+        // ... connected UDP by the tc path (hairpin SNAT shows it), unconnected UDP by
+        // socket-LB.
+        ("pod connected udp via tc", socket_lb, &udpc, snat),
+        ("pod unconnected udp", socket_lb, &udp, pod),
+    ] {
+        let replies = probe(what, at, spec);
+        assert_every(&format!("{what}: seen as {seen_as}"), &replies, |r| {
+            r.seen_as.starts_with(seen_as)
+        });
+    }
 
     lb.uninstall().expect("uninstall");
 }
@@ -766,12 +730,8 @@ fn pods_behind_a_bridge() {
 fn routed_pod_veths() {
     use twill_agent::services::dataplane::ebpf::podif::{LinkWatch, PodIfacePolicy, pod_facing};
 
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
-    let pods = env.pods(&["r1", "r2"]);
-    let (p1, p2) = (&pods[0], &pods[1]);
+    let Some(env) = root_env() else { return };
+    let [p1, p2] = &env.pods(["r1", "r2"]);
     ip_batch(
         &env.node,
         &format!(
@@ -820,67 +780,37 @@ fn routed_pod_veths() {
         "the outside-facing veths nb and nc are not pods'"
     );
 
+    let pod2 = || vec![backend("10.253.1.3", 8080)];
     let desired = vec![
-        service(
-            1,
-            FrontendKind::ClusterIp,
-            VIP,
-            80,
-            Proto::Tcp,
-            vec![backend("10.253.1.3", 8080)],
-        ),
-        service(
-            2,
-            FrontendKind::ClusterIp,
-            "10.96.0.11",
-            80,
-            Proto::Tcp,
-            vec![backend(BE1, 8080)],
-        ),
-        service(
-            3,
-            FrontendKind::NodePort,
-            "0.0.0.0",
-            NODE_PORT,
-            Proto::Tcp,
-            vec![backend("10.253.1.3", 8080)],
-        ),
+        service(1, ClusterIp, VIP, 80, Tcp, pod2()),
+        service(2, ClusterIp, VIP2, 80, Tcp, vec![backend(BE1, 8080)]),
+        service(3, NodePort, "0.0.0.0", NODE_PORT, Tcp, pod2()),
     ];
-    let config = config(&env);
-    let first = plan(&desired, &[]);
-    let lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
+    let lb = running(&env, &config(&env), &desired);
+    let lb = env.on_node(move || {
+        let mut lb = lb;
         let done = lb.sync_pod_interfaces(&want);
         assert!(done.failed.is_empty(), "{:?}", done.failed);
         assert_eq!(done.attached, ["rp1", "rp2"]);
         lb
     });
 
-    let replies = client(p1, None, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("pod to a pod behind another veth", &replies, 5);
-    assert!(replies.iter().all(|r| r.peer == format!("{VIP}:80")));
-    assert!(
-        replies.iter().all(|r| r.seen_as.starts_with("10.253.1.2:")),
-        "no SNAT between two pods' veths: {replies:?}"
-    );
-    let replies = client(p2, None, &format!("tcp {VIP}:80 5"));
-    assert_all_ok("pod to itself", &replies, 5);
-    assert!(
-        replies
-            .iter()
-            .all(|r| !r.seen_as.starts_with("10.253.1.3:") && !r.seen_as.is_empty()),
-        "hairpin SNAT to a node address: {replies:?}"
-    );
-    let replies = client(p1, None, "tcp 10.96.0.11:80 5");
-    assert_all_ok("pod to a remote backend", &replies, 5);
-    assert!(replies.iter().all(|r| r.seen_as.starts_with("10.253.1.2:")));
-    let replies = client(
-        &env.outside,
-        None,
-        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5"),
-    );
-    assert_all_ok("NodePort to a local pod not marked local", &replies, 5);
+    let (tcp, remote) = (format!("tcp {VIP}:80 5"), format!("tcp {VIP2}:80 5"));
+    let replies = probe("pod to a pod behind another veth", At::ns(p1), &tcp);
+    assert_every("no SNAT between two pods' veths", &replies, |r| {
+        r.seen_as.starts_with("10.253.1.2:")
+    });
+    let replies = client_ok("pod to itself", At::ns(p2), &tcp);
+    assert_every("hairpin SNAT to a node address", &replies, |r| {
+        !r.seen_as.starts_with("10.253.1.3:") && !r.seen_as.is_empty()
+    });
+    let replies = client_ok("pod to a remote backend", At::ns(p1), &remote);
+    assert_every("no SNAT towards another node", &replies, |r| {
+        r.seen_as.starts_with("10.253.1.2:")
+    });
+    let nodeport = format!("tcp {NODE_TO_OUT}:{NODE_PORT} 5");
+    let what = "NodePort to a local pod not marked local";
+    client_ok(what, At::ns(&env.outside), &nodeport);
 
     // Pod 1 goes: its veth's programs and pins go with it.
     ip_batch(&env.node, "link del rp1\n");
@@ -923,28 +853,8 @@ fn tcp_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<Exchange, Stri
 }
 
 fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
-        sockopt,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("socket: {e}"))?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-    // connect() gives up after SO_SNDTIMEO.
-    let timeout = nix::sys::time::TimeVal::new(2, 0);
-    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
-    let t0 = Instant::now();
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
-        .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
-    let connect_took = t0.elapsed();
-    let syn_retrans = total_retrans(&fd)?;
-    let stream = TcpStream::from(fd);
+    let (stream, connect_took) = connect_from(src, dst)?;
+    let syn_retrans = total_retrans(&stream)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -957,6 +867,30 @@ fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
         connect: connect_took,
         syn_retrans,
     })
+}
+
+/// A TCP connection to `dst` from `src` (bound first, with SO_REUSEADDR, as a client reusing a
+/// port does), and how long `connect` took; `connect` gives up after 2 s (SO_SNDTIMEO).
+fn connect_from(src: SocketAddr, dst: SocketAddr) -> Result<(TcpStream, Duration), String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    let timeout = nix::sys::time::TimeVal::new(2, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
+    let t0 = Instant::now();
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
+        .map_err(|e| format!("connect {src} -> {dst}: {e} after {:?}", t0.elapsed()))?;
+    Ok((TcpStream::from(fd), t0.elapsed()))
 }
 
 /// Segments the connection on `fd` has retransmitted so far (`tcpi_total_retrans`; right after
@@ -993,28 +927,12 @@ fn total_retrans(fd: &impl std::os::fd::AsRawFd) -> Result<u32, String> {
 /// (timestamps are offset per tuple): ports are tried until three did.
 #[test]
 fn direct_connection_reusing_a_closed_flows_tuple() {
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
+    let Some(env) = root_env() else { return };
     env.serve("be1", BE1, 8080, 5353);
     let mut local = backend(BE1, 8080);
     local.node_local = true;
-    let desired = vec![service(
-        1,
-        FrontendKind::ClusterIp,
-        VIP,
-        80,
-        Proto::Tcp,
-        vec![local],
-    )];
-    let config = config(&env);
-    let first = plan(&desired, &[]);
-    let lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let desired = vec![service(1, ClusterIp, VIP, 80, Tcp, vec![local])];
+    let lb = running(&env, &config(&env), &desired);
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BE1}:8080").parse().unwrap();
     let mut met_time_wait = 0;
@@ -1085,7 +1003,7 @@ fn ten_thousand_services() {
                     )
                 })
                 .collect();
-            service(id, FrontendKind::ClusterIp, &vip, 80, Proto::Tcp, backends)
+            service(id, ClusterIp, &vip, 80, Tcp, backends)
         })
         .collect();
     let full = plan(&services, &[]);
@@ -1166,10 +1084,7 @@ fn reopening_never_clears_the_pods_udp_setting() {
     use aya::maps::{Array, Map, MapData};
     use twill_common::service::{CFG_UDP_CONNECT_VIA_TC, LbConfig, MAP_CONFIG};
 
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
+    let Some(env) = root_env() else { return };
     ip_batch(
         &env.node,
         "link add br0 type bridge
@@ -1228,27 +1143,13 @@ fn snat_finds_a_free_port_when_most_are_taken() {
         SNAT_PORT_MIN,
     };
 
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
+    let Some(env) = root_env() else { return };
     env.serve("be1", BE1, 8080, 5353);
     let mut config = config(&env);
     config.limits.max_ct = 65_536;
-    let desired = vec![service(
-        4,
-        FrontendKind::NodePort,
-        "0.0.0.0",
-        NODE_PORT,
-        Proto::Tcp,
-        vec![backend(BE1, 8080)],
-    )];
-    let first = plan(&desired, &[]);
-    let lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let be1 = vec![backend(BE1, 8080)];
+    let desired = [service(4, NodePort, "0.0.0.0", NODE_PORT, Tcp, be1)];
+    let lb = running(&env, &config, &desired);
     // Live reply entries of other flows on 85 % of the SNAT ports (spread by a hash, so no
     // stride of tries can step around them), as busy NodePort traffic leaves them.
     let map = MapData::from_pin(env.pin_dir.join(MAP_CT)).expect("open the pinned conntrack");
@@ -1297,18 +1198,15 @@ fn snat_finds_a_free_port_when_most_are_taken() {
         taken += 1;
     }
     assert!(taken * 100 > u32::from(SNAT_PORT_COUNT) * 80, "{taken}");
-    let replies = client(
-        &env.outside,
-        None,
-        &format!("tcp {NODE_TO_OUT}:{NODE_PORT} 40"),
+    let nodeport = format!("tcp {NODE_TO_OUT}:{NODE_PORT} 40");
+    let replies = client_ok(
+        "NodePort with most SNAT ports taken",
+        At::ns(&env.outside),
+        &nodeport,
     );
-    assert_all_ok("NodePort with most SNAT ports taken", &replies, 40);
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.seen_as.starts_with(&format!("{NODE_TO_BE}:"))),
-        "SNAT to the node: {replies:?}"
-    );
+    assert_every("SNAT to the node", &replies, |r| {
+        r.seen_as.starts_with(&format!("{NODE_TO_BE}:"))
+    });
     lb.uninstall().expect("uninstall");
 }
 
@@ -1323,10 +1221,7 @@ fn snat_finds_a_free_port_when_most_are_taken() {
 fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
     use twill_common::service::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
 
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
+    let Some(env) = root_env() else { return };
     // A backend that answers and closes first, so TIME_WAIT lands on its side.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -1354,49 +1249,19 @@ fn snat_retry_after_a_time_wait_collision_keeps_its_port() {
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("server ready");
-    let desired = vec![service(
-        5,
-        FrontendKind::NodePort,
-        "0.0.0.0",
-        NODE_PORT,
-        Proto::Tcp,
-        vec![backend(BE1, 8080)],
-    )];
-    let config = config(&env);
-    let first = plan(&desired, &[]);
-    let lb = env.on_node(|| {
-        let mut lb = EbpfLb::open_with(&config).expect("open");
-        lb.apply(&first).expect("apply");
-        lb
-    });
+    let be1 = vec![backend(BE1, 8080)];
+    let desired = [service(5, NodePort, "0.0.0.0", NODE_PORT, Tcp, be1)];
+    let lb = running(&env, &config(&env), &desired);
     // Every SNAT tuple (the node's address towards the backend, one of the SNAT ports) left in
     // TIME_WAIT on the backend by a connection of the node's own, read to its end so that the
     // backend closes first.
     let be: SocketAddr = format!("{BE1}:8080").parse().unwrap();
     within(&env.node, || {
-        use nix::sys::socket::{
-            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
-            sockopt,
-        };
         for i in 0..SNAT_PORT_COUNT {
             let src: SocketAddr = format!("{NODE_TO_BE}:{}", SNAT_PORT_MIN + i)
                 .parse()
                 .unwrap();
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .expect("socket");
-            setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
-            let timeout = nix::sys::time::TimeVal::new(2, 0);
-            setsockopt(&fd, sockopt::SendTimeout, &timeout).expect("SO_SNDTIMEO");
-            bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
-                .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-            connect(fd.as_raw_fd(), &SockaddrStorage::from(be))
-                .unwrap_or_else(|e| panic!("connect {src} -> {be}: {e}"));
-            let mut stream = TcpStream::from(fd);
+            let (mut stream, _) = connect_from(src, be).unwrap_or_else(|e| panic!("{e}"));
             stream
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .unwrap();

@@ -21,8 +21,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{
-    BE1, BE1_V6, BE2, Env, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, backend as be, ip_batch, run_in,
-    service,
+    BE1, BE1_V6, BE2, Env, NODE_PORT, NODE_TO_BE, NODE_TO_OUT, OUTSIDE, VIP, VIP_V6, backend as be,
+    ip_batch, run_in, service,
 };
 use twill_agent::services::dataplane::iptables::{IptBackend, IptLb};
 use twill_agent::services::dataplane::nft::NftLb;
@@ -31,11 +31,8 @@ use twill_tests::{require_root, server_name as name, tcp_exchange};
 
 mod common;
 
-const VIP: &str = "10.96.0.10";
 const VIP_NOEP: &str = "10.96.0.11";
 const EXT_IP: &str = "192.0.2.10";
-const VIP_V6: &str = "fd96::10";
-const NODE_PORT: u16 = 30080;
 const NODE_PORT_NOEP: u16 = 30081;
 
 /// The test's namespaces, with the node's default route towards the backends.

@@ -772,6 +772,11 @@ mod tests {
             .unwrap()
         }
 
+        /// ADD of container `c1` on `dp`, with the config `extra` adds to the base one.
+        fn add_c1(&self, dp: &mut FakeDataplane, extra: &str) -> Result<CniResult, CniError> {
+            add(dp, inv(&Self::env("ADD", "c1"), &self.conf(extra)))
+        }
+
         fn env(cmd: &str, id: &str) -> CniEnv {
             Self::env_with(cmd, id, &[])
         }
@@ -829,9 +834,8 @@ mod tests {
     #[test]
     fn add_builds_bridge_veth_pod_in_order() {
         let fx = Fixture::new();
-        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
-        let r = add(&mut dp, inv(&env, &conf)).unwrap();
+        let r = fx.add_c1(&mut dp, "").unwrap();
         let host = names::host_veth("net", "c1", "eth0");
         assert_eq!(
             dp.calls,
@@ -852,10 +856,9 @@ mod tests {
     #[test]
     fn failed_pod_configuration_rolls_back_veth_and_address() {
         let fx = Fixture::new();
-        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         dp.fail.insert("configure_container", libc::EPERM);
-        let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
+        let e = fx.add_c1(&mut dp, "").unwrap_err();
         assert_eq!(e.code, code::NETLINK);
         assert!(
             e.details.contains("os error 1") || e.msg.contains("os error 1"),
@@ -870,10 +873,9 @@ mod tests {
     #[test]
     fn taken_ifname_is_101_and_releases_the_address() {
         let fx = Fixture::new();
-        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
         dp.pod_taken.push("eth0".into());
-        let e = add(&mut dp, inv(&env, &conf)).unwrap_err();
+        let e = fx.add_c1(&mut dp, "").unwrap_err();
         assert_eq!(e.code, code::IFNAME_TAKEN, "{e}");
         assert_eq!(fx.leases(), 0);
         assert!(
@@ -886,26 +888,24 @@ mod tests {
     #[test]
     fn repeated_add_replaces_the_veth_and_keeps_the_address() {
         let fx = Fixture::new();
-        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(""));
         let mut dp = FakeDataplane::default();
-        let a = add(&mut dp, inv(&env, &conf)).unwrap();
-        let b = add(&mut dp, inv(&env, &conf)).unwrap();
+        let a = fx.add_c1(&mut dp, "").unwrap();
+        let b = fx.add_c1(&mut dp, "").unwrap();
         assert_eq!(a.ips, b.ips);
         assert_eq!(fx.leases(), 1);
         let host = names::host_veth("net", "c1", "eth0");
         assert!(dp.calls.contains(&format!("delete_link {host}")));
         // A failing repeated ADD must not release the address the first ADD gave.
         dp.fail.insert("configure_container", libc::EPERM);
-        add(&mut dp, inv(&env, &conf)).unwrap_err();
+        fx.add_c1(&mut dp, "").unwrap_err();
         assert_eq!(fx.leases(), 1);
     }
 
     #[test]
     fn routed_mode_uses_host_routes_and_a_static_neighbour() {
         let fx = Fixture::new();
-        let (env, conf) = (Fixture::env("ADD", "c1"), fx.conf(r#","mode":"routed""#));
         let mut dp = FakeDataplane::default();
-        let r = add(&mut dp, inv(&env, &conf)).unwrap();
+        let r = fx.add_c1(&mut dp, r#","mode":"routed""#).unwrap();
         assert!(!dp.calls.iter().any(|c| c.starts_with("ensure_bridge")));
         assert_eq!(r.ips[0].address.to_string(), "10.244.1.2/32");
     }
@@ -1137,26 +1137,23 @@ mod tests {
             add(&mut dp, inv(&Fixture::env("ADD", id), &conf)).unwrap();
         }
         // An unlabelled port of our bridge (killed mid-ADD) and a foreign veth.
-        dp.links.insert(
-            "tw0000000000000".into(),
-            crate::dataplane::LinkState {
-                name: "tw0000000000000".into(),
-                index: 99,
-                kind: Some("veth".into()),
-                master: Some(dp.links["cni0"].index),
-                ..Default::default()
-            },
-        );
-        dp.links.insert(
-            "tw1111111111111".into(),
-            crate::dataplane::LinkState {
-                name: "tw1111111111111".into(),
-                index: 98,
-                kind: Some("veth".into()),
-                alias: Some("twill:othernet:x:eth0".into()),
-                ..Default::default()
-            },
-        );
+        let veth = |name: &str, index| crate::dataplane::LinkState {
+            name: name.into(),
+            index,
+            kind: Some("veth".into()),
+            ..Default::default()
+        };
+        let port = crate::dataplane::LinkState {
+            master: Some(dp.links["cni0"].index),
+            ..veth("tw0000000000000", 99)
+        };
+        let foreign = crate::dataplane::LinkState {
+            alias: Some("twill:othernet:x:eth0".into()),
+            ..veth("tw1111111111111", 98)
+        };
+        for link in [port, foreign] {
+            dp.links.insert(link.name.clone(), link);
+        }
         let gc_conf = fx.conf(r#","cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"b","ifname":"eth0"}]"#);
         let env = CniEnv::from_map([("CNI_COMMAND".to_string(), "GC".to_string())].into()).unwrap();
         gc(&mut dp, inv(&env, &gc_conf)).unwrap();

@@ -140,6 +140,68 @@ fn socket_in_netns(rt: &tokio::runtime::Handle, netns: &Netns) -> Result<TokioSo
     })
 }
 
+/// [`dump`] with `request`, each message turned into a `T` by `keep` or dropped.
+async fn dump_map<T>(
+    handle: &mut Handle,
+    request: RouteNetlinkMessage,
+    keep: impl FnMut(&RouteNetlinkMessage) -> Option<T>,
+) -> io::Result<Vec<T>> {
+    Ok(dump(handle, request)
+        .await?
+        .iter()
+        .filter_map(keep)
+        .collect())
+}
+
+/// The address an address message gives its interface, with the prefix: IFA_LOCAL (the
+/// interface's own address on point-to-point links) when present, IFA_ADDRESS otherwise.
+fn address_of(a: &AddressMessage) -> Option<IpNet> {
+    let (mut local, mut address) = (None, None);
+    for attr in &a.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => {
+                local.get_or_insert(*ip);
+            }
+            AddressAttribute::Address(ip) => {
+                address.get_or_insert(*ip);
+            }
+            _ => {}
+        }
+    }
+    IpNet::new(local.or(address)?, a.header.prefix_len).ok()
+}
+
+/// The destination (the default route when the message names none) and the gateway of a route
+/// through interface `index`; `None` for a route through another interface.
+fn route_through(r: &RouteMessage, index: u32) -> Option<(IpNet, Option<IpAddr>)> {
+    let mut oif = None;
+    let (mut dst, mut gw) = (None, None);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(d) => dst = route_addr(d),
+            RouteAttribute::Gateway(g) => gw = route_addr(g),
+            _ => {}
+        }
+    }
+    if oif != Some(index) {
+        return None;
+    }
+    let v4 = matches!(
+        r.header.address_family,
+        rtnetlink::packet_route::AddressFamily::Inet
+    );
+    let dst = dst.unwrap_or(if v4 {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    });
+    Some((
+        IpNet::new(dst, r.header.destination_prefix_length).ok()?,
+        gw,
+    ))
+}
+
 /// A dump, restarted while the kernel flags it `NLM_F_DUMP_INTR` (the table changed under it).
 async fn dump(
     handle: &mut Handle,
@@ -533,20 +595,13 @@ impl Dataplane for Netlink {
 
     fn links(&mut self) -> Result<Vec<LinkState>, NetError> {
         let mut h = self.host()?;
-        let msgs = self
-            .rt
-            .block_on(dump(
-                &mut h,
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            ))
-            .map_err(op_err("dump", "links"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
+        let request = RouteNetlinkMessage::GetLink(LinkMessage::default());
+        self.rt
+            .block_on(dump_map(&mut h, request, |m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(link_state(l)),
                 _ => None,
-            })
-            .collect())
+            }))
+            .map_err(op_err("dump", "links"))
     }
 
     fn inspect_container(
@@ -564,71 +619,20 @@ impl Dataplane for Netlink {
                 return Ok(None);
             };
             let link = link_state(&l);
-            let mut addrs = Vec::new();
-            for m in dump(
-                &mut h,
-                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            )
+            let request = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+            let addrs = dump_map(&mut h, request, |m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == link.index => address_of(a),
+                _ => None,
+            })
             .await
-            .map_err(op_err("dump addresses in", where_.clone()))?
-            {
-                let RouteNetlinkMessage::NewAddress(a) = m else {
-                    continue;
-                };
-                if a.header.index != link.index {
-                    continue;
-                }
-                let ip = a.attributes.iter().find_map(|x| match x {
-                    AddressAttribute::Local(ip) => Some(*ip),
-                    _ => None,
-                });
-                let ip = ip.or_else(|| {
-                    a.attributes.iter().find_map(|x| match x {
-                        AddressAttribute::Address(ip) => Some(*ip),
-                        _ => None,
-                    })
-                });
-                if let Some(net) = ip.and_then(|ip| IpNet::new(ip, a.header.prefix_len).ok()) {
-                    addrs.push(net);
-                }
-            }
-            let mut routes = Vec::new();
-            for m in dump(
-                &mut h,
-                RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-            )
+            .map_err(op_err("dump addresses in", where_.clone()))?;
+            let request = RouteNetlinkMessage::GetRoute(RouteMessage::default());
+            let routes = dump_map(&mut h, request, |m| match m {
+                RouteNetlinkMessage::NewRoute(r) => route_through(r, link.index),
+                _ => None,
+            })
             .await
-            .map_err(op_err("dump routes in", where_.clone()))?
-            {
-                let RouteNetlinkMessage::NewRoute(r) = m else {
-                    continue;
-                };
-                let mut oif = None;
-                let (mut dst, mut gw) = (None, None);
-                for a in &r.attributes {
-                    match a {
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        RouteAttribute::Destination(d) => dst = route_addr(d),
-                        RouteAttribute::Gateway(g) => gw = route_addr(g),
-                        _ => {}
-                    }
-                }
-                if oif != Some(link.index) {
-                    continue;
-                }
-                let v4 = matches!(
-                    r.header.address_family,
-                    rtnetlink::packet_route::AddressFamily::Inet
-                );
-                let dst = dst.unwrap_or(if v4 {
-                    IpAddr::from([0u8; 4])
-                } else {
-                    IpAddr::from([0u16; 8])
-                });
-                if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
-                    routes.push((net, gw));
-                }
-            }
+            .map_err(op_err("dump routes in", where_.clone()))?;
             Ok(Some(ContainerState {
                 link,
                 addrs,

@@ -34,24 +34,15 @@ fn reference_plugins() -> bool {
     require_tools(&["/usr/lib/cni/host-local", "/usr/lib/cni/portmap"])
 }
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd} {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+/// `args` run in namespace `netns`: stdout, or a panic naming the command, with its stderr.
+fn run_in(netns: &str, args: &[&str]) -> String {
+    twill_tests::run(netns, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// `ip -n NETNS ARGS...`, stdout.
+/// `ip ARGS...` in namespace `netns`, stdout.
 fn ip_in(netns: &str, args: &[&str]) -> String {
-    let mut a = vec!["-n", netns];
-    a.extend_from_slice(args);
-    String::from_utf8_lossy(&run("ip", &a).stdout).into_owned()
+    let ip: Vec<&str> = std::iter::once("ip").chain(args.iter().copied()).collect();
+    run_in(netns, &ip)
 }
 
 /// What one plugin invocation returned.
@@ -61,6 +52,19 @@ struct Reply {
     json: Value,
     stdout: String,
     stderr: String,
+}
+
+impl From<Output> for Reply {
+    /// The exit status, stdout (and the JSON in it, or `null`) and stderr of a plugin run.
+    fn from(out: Output) -> Self {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Reply {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 impl Reply {
@@ -126,6 +130,11 @@ impl Rig {
         Some(rig)
     }
 
+    /// [`Rig::new`] for a test that also needs the reference plugins (`None`: skip it).
+    fn with_reference_plugins() -> Option<Rig> {
+        Rig::new().filter(|_| reference_plugins())
+    }
+
     fn write_subnet(&self, text: &str) {
         File::create(self.subnet_file())
             .unwrap()
@@ -180,27 +189,34 @@ impl Rig {
         c
     }
 
-    /// Runs the plugin inside the node namespace with a runtime's environment.
-    fn invoke(&self, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+    /// `binary` (a CNI plugin) run inside the node namespace as a runtime runs it: only `env`
+    /// and a `PATH` in its environment, stdin, stdout and stderr piped.
+    fn plugin_command(&self, binary: &str, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", Self::netns_path(&self.node)))
-            .arg(BIN)
+            .arg(binary)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn nsenter twill-cni");
+        cmd
+    }
+
+    /// Runs plugin `binary` ([`Rig::plugin_command`]) with `stdin`, and returns its answer.
+    fn exec(&self, binary: &str, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+        let mut child = self
+            .plugin_command(binary, env)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn nsenter {binary}: {e}"));
         child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        Reply {
-            ok: out.status.success(),
-            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(child.wait_with_output().unwrap())
+    }
+
+    /// Runs the plugin inside the node namespace with a runtime's environment.
+    fn invoke(&self, env: &[(&str, &str)], stdin: &[u8]) -> Reply {
+        self.exec(BIN, env, stdin)
     }
 
     /// [`Rig::invoke`] for calls that could hang or eat memory if the plugin misbehaved: the
@@ -208,15 +224,7 @@ impl Rig {
     /// fails the test instead of hanging it.
     fn invoke_bounded(&self, env: &[(&str, &str)], stdin: &[u8], deadline: Duration) -> Reply {
         use std::os::unix::process::CommandExt as _;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", Self::netns_path(&self.node)))
-            .arg(BIN)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = self.plugin_command(BIN, env);
         // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -242,14 +250,7 @@ impl Rig {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             panic!("twill-cni did not answer within {deadline:?}");
         };
-        let out = out.unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        Reply {
-            ok: out.status.success(),
-            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(out.unwrap())
     }
 
     /// Nothing of this network on the node: no bridge, no twill veth, no IPAM state directory.
@@ -305,10 +306,14 @@ impl Rig {
             .collect()
     }
 
+    /// The node's NAT rules (`iptables-save -t nat`).
+    fn nat_rules(&self) -> String {
+        run_in(&self.node, &["iptables-save", "-t", "nat"])
+    }
+
     /// Names of the twill veths in the node namespace.
     fn host_veths(&self) -> Vec<String> {
-        let out = run("ip", &["-n", &self.node, "-o", "link", "show"]);
-        String::from_utf8_lossy(&out.stdout)
+        ip_in(&self.node, &["-o", "link", "show"])
             .lines()
             .filter_map(|l| l.split(':').nth(1))
             .map(|n| n.trim().split('@').next().unwrap().to_string())
@@ -535,10 +540,10 @@ fn failed_add_rolls_back_address_and_veth() {
     let Some(mut rig) = Rig::new() else { return };
     let pod = rig.pod();
     // Something else already owns eth0 in the pod.
-    run(
-        "ip",
+    ip_in(
+        &pod,
         &[
-            "-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+            "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
         ],
     );
     let conf = rig.conf("1.0.0", &json!({}));
@@ -594,15 +599,7 @@ fn pods_on_one_node_reach_each_other_bridge_mode() {
 fn pods_on_one_node_reach_each_other_routed_mode() {
     let Some(mut rig) = Rig::new() else { return };
     // Forwarding is twilld's job on a real node; the rig does it here.
-    run(
-        "nsenter",
-        &[
-            &format!("--net={}", Rig::netns_path(&rig.node)),
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward",
-        ],
-    );
+    twill_tests::ns::sysctl(&rig.node, "net.ipv4.ip_forward", "1").expect("ip_forward");
     let (p1, p2) = (rig.pod(), rig.pod());
     let conf = rig.conf("1.0.0", &json!({"mode": "routed"}));
     let a = rig.cni("ADD", "a", &p1, &conf).expect_ok("ADD a");
@@ -674,18 +671,14 @@ fn gc_cleans_up_after_killed_adds() {
     let pods: Vec<String> = (0..12).map(|_| rig.pod()).collect();
     let mut children = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", Rig::netns_path(&rig.node)))
-            .arg(BIN)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs([
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_CONTAINERID", &*format!("k{i}")),
-                ("CNI_NETNS", &*Rig::netns_path(pod)),
-                ("CNI_IFNAME", "eth0"),
-            ])
-            .stdin(Stdio::piped())
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", &*format!("k{i}")),
+            ("CNI_NETNS", &*Rig::netns_path(pod)),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let mut child = rig
+            .plugin_command(BIN, &env)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -707,61 +700,20 @@ fn gc_cleans_up_after_killed_adds() {
     // bridge that was never labelled. And another network's veth, which GC must not touch.
     let dir = rig.data_dir().join("twtest");
     File::create(dir.join(format!("10.99.{}.250", rig.third))).unwrap();
-    let node = rig.node.clone();
-    run(
-        "ip",
-        &[
-            "-n",
-            &node,
-            "link",
-            "add",
-            "tw0000000000000",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "xpeer0",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &node,
-            "link",
-            "set",
-            "tw0000000000000",
-            "master",
-            "cni0",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &node,
-            "link",
-            "add",
+    for (veth, peer, setting) in [
+        ("tw0000000000000", "xpeer0", ["master", "cni0"]),
+        (
             "tw1111111111111",
-            "type",
-            "veth",
-            "peer",
-            "name",
             "xpeer1",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &node,
-            "link",
-            "set",
-            "tw1111111111111",
-            "alias",
-            "twill:othernet:x:eth0",
-        ],
-    );
+            ["alias", "twill:othernet:x:eth0"],
+        ),
+    ] {
+        ip_in(
+            &rig.node,
+            &["link", "add", veth, "type", "veth", "peer", "name", peer],
+        );
+        ip_in(&rig.node, &["link", "set", veth, setting[0], setting[1]]);
+    }
 
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
@@ -789,10 +741,9 @@ fn gc_cleans_up_after_killed_adds() {
 
 #[test]
 fn delegated_ipam_host_local() {
-    let Some(mut rig) = Rig::new() else { return };
-    if !reference_plugins() {
+    let Some(mut rig) = Rig::with_reference_plugins() else {
         return;
-    }
+    };
     let pod = rig.pod();
     let hl = rig.dir.join("host-local");
     let conf = rig.conf(
@@ -832,10 +783,9 @@ fn delegated_ipam_host_local() {
 
 #[test]
 fn chained_portmap_accepts_the_result() {
-    let Some(mut rig) = Rig::new() else { return };
-    if !reference_plugins() {
+    let Some(mut rig) = Rig::with_reference_plugins() else {
         return;
-    }
+    };
     let pod = rig.pod();
     let conf = rig.conf("0.4.0", &json!({}));
     let r = rig.cni("ADD", "pm", &pod, &conf).expect_ok("ADD");
@@ -847,69 +797,21 @@ fn chained_portmap_accepts_the_result() {
         "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]},
         "prevResult": r.json,
     });
+    let netns = Rig::netns_path(&pod);
     let env = |cmd| {
         [
             ("CNI_COMMAND", cmd),
             ("CNI_CONTAINERID", "pm"),
-            (
-                "CNI_NETNS",
-                Box::leak(Rig::netns_path(&pod).into_boxed_str()) as &str,
-            ),
+            ("CNI_NETNS", netns.as_str()),
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", "/usr/lib/cni"),
         ]
     };
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
-        .arg("/usr/lib/cni/portmap")
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env("ADD"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(pm.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "portmap ADD: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pr: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(pr["ips"][0]["address"], r.json["ips"][0]["address"]);
-    let nat = run(
-        "nsenter",
-        &[
-            &format!("--net={}", Rig::netns_path(&rig.node)),
-            "iptables-save",
-            "-t",
-            "nat",
-        ],
-    );
-    assert!(String::from_utf8_lossy(&nat.stdout).contains("18080"));
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
-        .arg("/usr/lib/cni/portmap")
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env("DEL"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(pm.to_string().as_bytes())
-        .unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    let portmap = |cmd| rig.exec("/usr/lib/cni/portmap", &env(cmd), pm.to_string().as_bytes());
+    let out = portmap("ADD").expect_ok("portmap ADD");
+    assert_eq!(out.json["ips"][0]["address"], r.json["ips"][0]["address"]);
+    assert!(rig.nat_rules().contains("18080"));
+    portmap("DEL").expect_ok("portmap DEL");
     // twill after something else: prevResult is kept and twill's interface indices are shifted.
     let pod2 = rig.pod();
     let mut chained = rig.conf("1.0.0", &json!({}));
@@ -1042,10 +944,10 @@ fn every_error_code() {
     rig.write_subnet(&text);
     // 100: the bridge name is taken by a non-bridge.
     let conf = rig.conf("1.0.0", &json!({"bridge": "twcbr0"}));
-    run(
-        "ip",
+    ip_in(
+        &rig.node,
         &[
-            "-n", &rig.node, "link", "add", "twcbr0", "type", "veth", "peer", "name", "twcbr0p",
+            "link", "add", "twcbr0", "type", "veth", "peer", "name", "twcbr0p",
         ],
     );
     let r = add(&conf).expect_err(100, "bridge name taken");
@@ -1072,7 +974,7 @@ fn every_error_code() {
     assert!(r.msg().contains("no-such-ipam"), "{}", r.msg());
     // 105: CHECK finds the address gone.
     let r = add(&one).expect_ok("repeat ADD");
-    run("ip", &["-n", &pod, "addr", "flush", "dev", "eth0"]);
+    ip_in(&pod, &["addr", "flush", "dev", "eth0"]);
     let mut check = one.clone();
     check["prevResult"] = r.json.clone();
     rig.cni("CHECK", "e", &pod, &check)
@@ -1275,10 +1177,9 @@ const LIBCNI_1_1_RESULTS: [&str; 6] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.
 /// nothing behind.
 #[test]
 fn readme_containerd_conflist_runs_with_the_reference_portmap() {
-    let Some(mut rig) = Rig::new() else { return };
-    if !reference_plugins() {
+    let Some(mut rig) = Rig::with_reference_plugins() else {
         return;
-    }
+    };
     let list = readme_conflist();
     let version = list["cniVersion"].as_str().expect("cniVersion").to_string();
     let plugins = list["plugins"].as_array().expect("plugins").clone();
@@ -1292,36 +1193,14 @@ fn readme_containerd_conflist_runs_with_the_reference_portmap() {
     let pod = rig.pod();
     let netns = Rig::netns_path(&pod);
     let exec = |plugin: &Value, command: &str, conf: &Value| -> Reply {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", Rig::netns_path(&rig.node)))
-            .arg(binary(plugin))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs([
-                ("CNI_COMMAND", command),
-                ("CNI_CONTAINERID", "readme"),
-                ("CNI_NETNS", &netns),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", "/usr/lib/cni"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        Reply {
-            ok: out.status.success(),
-            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "readme"),
+            ("CNI_NETNS", &netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        rig.exec(&binary(plugin), &env, conf.to_string().as_bytes())
     };
     // What libcni hands each plugin: its object with the list's version and name, runtimeConfig
     // for the capabilities it declares, the previous result. (The node's paths are the test's.)
@@ -1373,18 +1252,7 @@ fn readme_containerd_conflist_runs_with_the_reference_portmap() {
             .unwrap()
             .starts_with(&format!("10.99.{}.", rig.third))
     );
-    let nat = || {
-        let out = run(
-            "nsenter",
-            &[
-                &format!("--net={}", Rig::netns_path(&rig.node)),
-                "iptables-save",
-                "-t",
-                "nat",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let nat = || rig.nat_rules();
     assert!(
         nat().contains("18081"),
         "portmap's hostPort rule is missing"

@@ -524,23 +524,6 @@ mod tests {
         );
     }
 
-    /// What every accepted file satisfies (the fuzz target `subnet_file` checks the same).
-    fn assert_sane(f: &SubnetFacts) {
-        if let Some(s) = f.subnet {
-            assert!(IPV4_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
-            assert!(f.network.is_none_or(|n| n.contains(&s.trunc())), "{f:?}");
-        }
-        if let Some(s) = f.ipv6_subnet {
-            assert!(IPV6_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
-            assert!(
-                f.ipv6_network.is_none_or(|n| n.contains(&s.trunc())),
-                "{f:?}"
-            );
-        }
-        assert!((68..=65535).contains(&f.mtu), "{f:?}");
-        assert_eq!(SubnetFacts::parse(&f.render()).as_ref().ok(), Some(f));
-    }
-
     #[test]
     fn mutated_files_never_panic_and_accepted_ones_are_sane() {
         let seed = sample().render();
@@ -551,7 +534,7 @@ mod tests {
             let b = rng.mutate(seed.as_bytes(), alphabet);
             match SubnetFacts::parse(&String::from_utf8(b).unwrap()) {
                 Ok(f) => {
-                    assert_sane(&f);
+                    crate::testing::assert_sane(&f);
                     accepted += 1;
                 }
                 Err(_) => refused += 1,

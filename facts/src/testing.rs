@@ -1,7 +1,33 @@
 //! Seeded pseudo-random inputs for the property tests of the parsers on both sides of the facts
 //! file (this crate's, twill-cni's network config and address store): reproducible, and without
-//! a dependency. Built for this crate's tests and, through the `testing` feature, for other
-//! crates' tests; never part of a binary.
+//! a dependency; and what every file the parser accepts satisfies, checked by those tests and
+//! the fuzz target alike. Built for this crate's tests and, through the `testing` feature, for
+//! other crates' tests and the fuzz targets; never part of a binary.
+
+use crate::{IPV4_SUBNET_PREFIX, IPV6_SUBNET_PREFIX, SubnetFacts};
+
+/// Asserts what every file [`SubnetFacts::parse`] accepts satisfies: a node subnet of a pod
+/// subnet's size inside the cluster network (each family), a sane MTU, and a rendering that
+/// parses back to the same facts.
+///
+/// # Panics
+///
+/// When `f` breaks one of these.
+pub fn assert_sane(f: &SubnetFacts) {
+    if let Some(s) = f.subnet {
+        assert!(IPV4_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+        assert!(f.network.is_none_or(|n| n.contains(&s.trunc())), "{f:?}");
+    }
+    if let Some(s) = f.ipv6_subnet {
+        assert!(IPV6_SUBNET_PREFIX.contains(&s.prefix_len()), "{f:?}");
+        assert!(
+            f.ipv6_network.is_none_or(|n| n.contains(&s.trunc())),
+            "{f:?}"
+        );
+    }
+    assert!((68..=65535).contains(&f.mtu), "{f:?}");
+    assert_eq!(SubnetFacts::parse(&f.render()).as_ref().ok(), Some(f));
+}
 
 /// A xorshift64 generator and the byte mutations the parser tests feed their parsers.
 #[derive(Debug, Clone)]

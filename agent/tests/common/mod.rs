@@ -30,6 +30,12 @@ pub const OUTSIDE: &str = "10.252.0.2";
 pub const BE1_V6: &str = "fd51::2";
 /// The node's IPv6 address towards the outside host.
 pub const NODE_TO_OUT_V6: &str = "fd52::1";
+/// The ClusterIP the tests' services use first.
+pub const VIP: &str = "10.96.0.10";
+/// The IPv6 ClusterIP.
+pub const VIP_V6: &str = "fd96::10";
+/// The NodePort the tests' services use first.
+pub const NODE_PORT: u16 = 30080;
 
 /// The namespaces, cgroup and pin directory of one test, and the servers in them.
 pub struct Env {
@@ -126,8 +132,9 @@ impl Env {
     }
 
     /// Pod namespaces `short`... made by the guard (for pods plugged into the node by hand).
-    pub fn pods(&self, shorts: &[&str]) -> Vec<String> {
-        self.guard.netns_all(shorts).expect("pod namespaces")
+    pub fn pods<const N: usize>(&self, shorts: [&str; N]) -> [String; N] {
+        let names = self.guard.netns_all(&shorts).expect("pod namespaces");
+        names.try_into().expect("one namespace per name")
     }
 }
 
