@@ -51,27 +51,34 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
 
+/// A map or program name, checked at compile time to fit the kernel's object names
+/// (`BPF_OBJ_NAME_LEN`, 16 bytes with the terminating NUL).
+const fn obj_name(name: &'static str) -> &'static str {
+    assert!(name.len() < 16, "BPF_OBJ_NAME_LEN");
+    name
+}
+
 /// Services (frontends): [`SvcKey`] → [`SvcValue`]. `BPF_MAP_TYPE_HASH`, `BPF_F_NO_PREALLOC`.
-pub const MAP_SVC: &str = "TWL_LB_SVC";
+pub const MAP_SVC: &str = obj_name("TWL_LB_SVC");
 /// Backends: [`BackendKey`] `(service id, slot)` → [`BackendValue`]. Hash, no prealloc.
-pub const MAP_BACKEND: &str = "TWL_LB_BE";
+pub const MAP_BACKEND: &str = obj_name("TWL_LB_BE");
 /// Maglev tables: service id (`u32`) → [`MaglevTable`]. Hash, no prealloc.
-pub const MAP_MAGLEV: &str = "TWL_LB_MAGLEV";
+pub const MAP_MAGLEV: &str = obj_name("TWL_LB_MAGLEV");
 /// BPF conntrack of the tc path: [`CtKey`] → [`CtValue`]. `BPF_MAP_TYPE_LRU_HASH`.
-pub const MAP_CT: &str = "TWL_LB_CT";
+pub const MAP_CT: &str = obj_name("TWL_LB_CT");
 /// Session affinity: [`AffinityKey`] → [`AffinityValue`]. LRU hash.
-pub const MAP_AFFINITY: &str = "TWL_LB_AFF";
+pub const MAP_AFFINITY: &str = obj_name("TWL_LB_AFF");
 /// Socket-LB reverse translation (getpeername, recvmsg): [`SockKey`] → [`SockValue`]. LRU hash.
-pub const MAP_SOCK: &str = "TWL_LB_SOCK";
+pub const MAP_SOCK: &str = obj_name("TWL_LB_SOCK");
 /// Reverse NAT / service info: service id (`u32`) → [`RevNatValue`]. Hash, no prealloc; read by
 /// user space only (see the module notes).
-pub const MAP_REVNAT: &str = "TWL_LB_REVNAT";
+pub const MAP_REVNAT: &str = obj_name("TWL_LB_REVNAT");
 /// Per-service counters: `BPF_MAP_TYPE_PERCPU_ARRAY` of [`SvcCount`] indexed by service id.
-pub const MAP_COUNT: &str = "TWL_LB_COUNT";
+pub const MAP_COUNT: &str = obj_name("TWL_LB_COUNT");
 /// The node's own addresses (what a NodePort answers on): [`LocalAddrKey`] → `u32` (unused).
-pub const MAP_LOCAL_ADDR: &str = "TWL_LB_LADDR";
+pub const MAP_LOCAL_ADDR: &str = obj_name("TWL_LB_LADDR");
 /// One [`LbConfig`] at index 0 (`BPF_MAP_TYPE_ARRAY`).
-pub const MAP_CONFIG: &str = "TWL_LB_CONFIG";
+pub const MAP_CONFIG: &str = obj_name("TWL_LB_CONFIG");
 
 /// Every map of the service load balancer, in a stable order (pinning, occupancy).
 pub const MAPS: [&str; 10] = [
@@ -108,53 +115,27 @@ pub const MAX_LOCAL_ADDRS: u32 = 1024;
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Socket program: `cgroup/connect4`, TCP and connected UDP.
-pub const PROG_CONNECT4: &str = "twl_lb_conn4";
+pub const PROG_CONNECT4: &str = obj_name("twl_lb_conn4");
 /// `cgroup/connect6`.
-pub const PROG_CONNECT6: &str = "twl_lb_conn6";
+pub const PROG_CONNECT6: &str = obj_name("twl_lb_conn6");
 /// `cgroup/sendmsg4`: unconnected UDP.
-pub const PROG_SENDMSG4: &str = "twl_lb_send4";
+pub const PROG_SENDMSG4: &str = obj_name("twl_lb_send4");
 /// `cgroup/sendmsg6`.
-pub const PROG_SENDMSG6: &str = "twl_lb_send6";
+pub const PROG_SENDMSG6: &str = obj_name("twl_lb_send6");
 /// `cgroup/recvmsg4`: shows the VIP as the source of UDP replies.
-pub const PROG_RECVMSG4: &str = "twl_lb_recv4";
+pub const PROG_RECVMSG4: &str = obj_name("twl_lb_recv4");
 /// `cgroup/recvmsg6`.
-pub const PROG_RECVMSG6: &str = "twl_lb_recv6";
+pub const PROG_RECVMSG6: &str = obj_name("twl_lb_recv6");
 /// `cgroup/getpeername4`: shows the VIP as the peer.
-pub const PROG_GETPEERNAME4: &str = "twl_lb_peer4";
+pub const PROG_GETPEERNAME4: &str = obj_name("twl_lb_peer4");
 /// `cgroup/getpeername6`.
-pub const PROG_GETPEERNAME6: &str = "twl_lb_peer6";
+pub const PROG_GETPEERNAME6: &str = obj_name("twl_lb_peer6");
 /// tc (TCX) ingress of interfaces facing the outside (uplink, overlay).
-pub const PROG_TC_EXT_INGRESS: &str = "twl_lb_ext_in";
+pub const PROG_TC_EXT_INGRESS: &str = obj_name("twl_lb_ext_in");
 /// tc (TCX) ingress of a pod-facing interface (a pod bridge or a pod's own veth).
-pub const PROG_TC_POD_INGRESS: &str = "twl_lb_pod_in";
+pub const PROG_TC_POD_INGRESS: &str = obj_name("twl_lb_pod_in");
 /// tc (TCX) egress of every attached interface (replies of host-network backends).
-pub const PROG_TC_EGRESS: &str = "twl_lb_egress";
-
-const _: () = {
-    let names = [
-        PROG_CONNECT4,
-        PROG_CONNECT6,
-        PROG_SENDMSG4,
-        PROG_SENDMSG6,
-        PROG_RECVMSG4,
-        PROG_RECVMSG6,
-        PROG_GETPEERNAME4,
-        PROG_GETPEERNAME6,
-        PROG_TC_EXT_INGRESS,
-        PROG_TC_POD_INGRESS,
-        PROG_TC_EGRESS,
-    ];
-    let mut i = 0;
-    while i < names.len() {
-        assert!(names[i].len() < 16, "BPF_OBJ_NAME_LEN");
-        i += 1;
-    }
-    let mut i = 0;
-    while i < MAPS.len() {
-        assert!(MAPS[i].len() < 16, "BPF_OBJ_NAME_LEN");
-        i += 1;
-    }
-};
+pub const PROG_TC_EGRESS: &str = obj_name("twl_lb_egress");
 
 /// [`SvcValue::flags`]: `sessionAffinity: ClientIP`.
 pub const SVC_F_AFFINITY: u16 = 1;

@@ -214,20 +214,6 @@ fn select_backend_raw(
     now_ns: u64,
     out: &mut BackendValue,
 ) -> i32 {
-    match select(svc, hash, affinity, now_ns, out) {
-        Some(slot) => i32::from(slot),
-        None => -1,
-    }
-}
-
-#[inline(always)]
-fn select(
-    svc: &SvcValue,
-    hash: u64,
-    affinity: Option<&AffinityKey>,
-    now_ns: u64,
-    out: &mut BackendValue,
-) -> Option<u16> {
     let affinity = if svc.flags & SVC_F_AFFINITY != 0 {
         affinity
     } else {
@@ -252,19 +238,25 @@ fn select(
             {
                 (*entry).last_seen_ns = now_ns;
                 *out = *be;
-                return Some((*entry).slot);
+                return i32::from((*entry).slot);
             }
         }
     }
 
-    let table = MAGLEV.get_ptr(&svc.id)?;
+    let Some(table) = MAGLEV.get_ptr(&svc.id) else {
+        return -1;
+    };
     // SAFETY: see `lookup_service`; `get` bounds-checks the index.
-    let slot = unsafe { (*table).slots.get(maglev_index(hash)).copied() }?;
-    let be = BACKENDS.get_ptr(&BackendKey {
+    let Some(slot) = (unsafe { (*table).slots.get(maglev_index(hash)).copied() }) else {
+        return -1;
+    };
+    let Some(be) = BACKENDS.get_ptr(&BackendKey {
         id: svc.id,
         slot,
         pad: 0,
-    })?;
+    }) else {
+        return -1;
+    };
     // SAFETY: see `lookup_service`.
     *out = unsafe { *be };
     if let Some(key) = affinity {
@@ -278,7 +270,7 @@ fn select(
         // Best effort: without the entry the next flow is balanced by Maglev again.
         let _ = AFFINITY.insert(key, &value, 0);
     }
-    Some(slot)
+    i32::from(slot)
 }
 
 /// Adds to service `id`'s counters on this CPU.

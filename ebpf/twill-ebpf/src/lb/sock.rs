@@ -60,49 +60,32 @@ struct UserAddr {
     mapped: bool,
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn twl_lb_conn4(ctx: SockAddrContext) -> i32 {
-    try_forward(&ctx, false, Op::Connect).unwrap_or(ALLOW)
+/// Defines the entry point `$name` of the `sock_addr` hook `$hook`: `forward` (VIP → backend,
+/// for `$op`) or `reverse` (backend → VIP), of the IPv6 variant when `$v6`.
+macro_rules! hook {
+    (forward $hook:ident, $name:ident, $v6:literal, $op:expr) => {
+        #[cgroup_sock_addr($hook)]
+        pub fn $name(ctx: SockAddrContext) -> i32 {
+            try_forward(&ctx, $v6, $op).unwrap_or(ALLOW)
+        }
+    };
+    (reverse $hook:ident, $name:ident, $v6:literal) => {
+        #[cgroup_sock_addr($hook)]
+        pub fn $name(ctx: SockAddrContext) -> i32 {
+            let _ = try_reverse(&ctx, $v6);
+            ALLOW
+        }
+    };
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn twl_lb_conn6(ctx: SockAddrContext) -> i32 {
-    try_forward(&ctx, true, Op::Connect).unwrap_or(ALLOW)
-}
-
-#[cgroup_sock_addr(sendmsg4)]
-pub fn twl_lb_send4(ctx: SockAddrContext) -> i32 {
-    try_forward(&ctx, false, Op::Sendmsg).unwrap_or(ALLOW)
-}
-
-#[cgroup_sock_addr(sendmsg6)]
-pub fn twl_lb_send6(ctx: SockAddrContext) -> i32 {
-    try_forward(&ctx, true, Op::Sendmsg).unwrap_or(ALLOW)
-}
-
-#[cgroup_sock_addr(recvmsg4)]
-pub fn twl_lb_recv4(ctx: SockAddrContext) -> i32 {
-    let _ = try_reverse(&ctx, false);
-    ALLOW
-}
-
-#[cgroup_sock_addr(recvmsg6)]
-pub fn twl_lb_recv6(ctx: SockAddrContext) -> i32 {
-    let _ = try_reverse(&ctx, true);
-    ALLOW
-}
-
-#[cgroup_sock_addr(getpeername4)]
-pub fn twl_lb_peer4(ctx: SockAddrContext) -> i32 {
-    let _ = try_reverse(&ctx, false);
-    ALLOW
-}
-
-#[cgroup_sock_addr(getpeername6)]
-pub fn twl_lb_peer6(ctx: SockAddrContext) -> i32 {
-    let _ = try_reverse(&ctx, true);
-    ALLOW
-}
+hook!(forward connect4, twl_lb_conn4, false, Op::Connect);
+hook!(forward connect6, twl_lb_conn6, true, Op::Connect);
+hook!(forward sendmsg4, twl_lb_send4, false, Op::Sendmsg);
+hook!(forward sendmsg6, twl_lb_send6, true, Op::Sendmsg);
+hook!(reverse recvmsg4, twl_lb_recv4, false);
+hook!(reverse recvmsg6, twl_lb_recv6, true);
+hook!(reverse getpeername4, twl_lb_peer4, false);
+hook!(reverse getpeername6, twl_lb_peer6, true);
 
 /// Nothing to do (not a service, or not ours to translate); the call proceeds unchanged.
 struct Skip;

@@ -276,16 +276,7 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, c_long> {
 fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    s.key = CtKey {
-        src: s.pkt.src,
-        dst: s.pkt.dst,
-        sport: s.pkt.sport,
-        dport: s.pkt.dport,
-        proto: s.pkt.proto,
-        family: s.pkt.family,
-        dir: CT_DIR_FORWARD,
-        pad: 0,
-    };
+    packet_key(&mut s.key, &s.pkt, CT_DIR_FORWARD);
     let mut found = lookup_flow(s, now);
     if found == Found::Reset && !reopen(s, now) {
         found = Found::Nothing;
@@ -375,24 +366,17 @@ fn reopen(s: &mut Scratch, now: u64) -> bool {
         },
         None => (true, u64::from(BPF_NOEXIST)),
     };
-    let e = &mut s.entry;
-    e.nat_addr = s.pkt.dst;
-    e.alt_addr = s.pkt.src;
-    e.nat_port = s.pkt.dport;
-    e.alt_port = s.pkt.sport;
-    e.flags = s.back.flags & CT_F_SNAT;
-    e.pad = 0;
-    e.slot = s.back.slot;
-    e.svc_id = s.back.svc_id;
-    e.pad2 = 0;
-    e.created_ns = now;
-    e.last_seen_ns = now;
+    set_entry(
+        &mut s.entry,
+        (&s.pkt.dst, s.pkt.dport),
+        (&s.pkt.src, s.pkt.sport),
+        s.back.flags & CT_F_SNAT,
+        s.back.slot,
+        s.back.svc_id,
+        now,
+    );
     let written = ours && CT.insert(&s.key, &s.entry, insert_flags).is_ok();
-    s.key.src = s.pkt.src;
-    s.key.dst = s.pkt.dst;
-    s.key.sport = s.pkt.sport;
-    s.key.dport = s.pkt.dport;
-    s.key.dir = CT_DIR_FORWARD;
+    packet_key(&mut s.key, &s.pkt, CT_DIR_FORWARD);
     if !written {
         return false;
     }
@@ -475,31 +459,24 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
         Hook::Egress => false,
     };
 
-    // Field by field: a struct literal would be built on the stack first.
-    let e = &mut s.entry;
-    e.nat_addr = s.be.addr;
-    e.alt_addr = [0; 16];
-    e.nat_port = s.be.port;
-    e.alt_port = 0;
-    e.flags = 0;
-    e.pad = 0;
-    e.slot = slot;
-    e.svc_id = s.svc.id;
-    e.pad2 = 0;
-    e.created_ns = now;
-    e.last_seen_ns = now;
-    let b = &mut s.back;
-    b.nat_addr = s.pkt.dst;
-    b.alt_addr = s.pkt.src;
-    b.nat_port = s.pkt.dport;
-    b.alt_port = s.pkt.sport;
-    b.flags = 0;
-    b.pad = 0;
-    b.slot = slot;
-    b.svc_id = s.svc.id;
-    b.pad2 = 0;
-    b.created_ns = now;
-    b.last_seen_ns = now;
+    set_entry(
+        &mut s.entry,
+        (&s.be.addr, s.be.port),
+        (&[0; 16], 0),
+        0,
+        slot,
+        s.svc.id,
+        now,
+    );
+    set_entry(
+        &mut s.back,
+        (&s.pkt.dst, s.pkt.dport),
+        (&s.pkt.src, s.pkt.sport),
+        0,
+        slot,
+        s.svc.id,
+        now,
+    );
     s.key.src = s.be.addr;
     s.key.sport = s.be.port;
     s.key.dir = CT_DIR_REPLY;
@@ -532,15 +509,50 @@ fn new_flow(ctx: &TcContext, hook: Hook, s: &mut Scratch, now: u64) -> Result<bo
         s.key.dport = s.pkt.sport;
         CT.insert(&s.key, &s.back, 0).map_err(c_long::from)?;
     }
-    s.key.src = s.pkt.src;
-    s.key.dst = s.pkt.dst;
-    s.key.sport = s.pkt.sport;
-    s.key.dport = s.pkt.dport;
-    s.key.dir = CT_DIR_FORWARD;
+    packet_key(&mut s.key, &s.pkt, CT_DIR_FORWARD);
     CT.insert(&s.key, &s.entry, 0).map_err(c_long::from)?;
     count(s.svc.id, 1, 0);
     s.back = s.entry;
     Ok(true)
+}
+
+/// Sets `key` to the packet's own tuple, in direction `dir`.
+#[inline(always)]
+fn packet_key(key: &mut CtKey, pkt: &Packet, dir: u8) {
+    key.src = pkt.src;
+    key.dst = pkt.dst;
+    key.sport = pkt.sport;
+    key.dport = pkt.dport;
+    key.proto = pkt.proto;
+    key.family = pkt.family;
+    key.dir = dir;
+    key.pad = 0;
+}
+
+/// Writes a new conntrack entry of backend `slot` of service `svc_id`, created `now`: rewrite to
+/// `nat` and remember `alt` (address, port each). Field by field: a struct literal would be built
+/// on the stack first.
+#[inline(always)]
+fn set_entry(
+    e: &mut CtValue,
+    nat: (&[u8; 16], u16),
+    alt: (&[u8; 16], u16),
+    flags: u8,
+    slot: u16,
+    svc_id: u32,
+    now: u64,
+) {
+    e.nat_addr = *nat.0;
+    e.alt_addr = *alt.0;
+    e.nat_port = nat.1;
+    e.alt_port = alt.1;
+    e.flags = flags;
+    e.pad = 0;
+    e.slot = slot;
+    e.svc_id = svc_id;
+    e.pad2 = 0;
+    e.created_ns = now;
+    e.last_seen_ns = now;
 }
 
 /// Claims the SNAT reply key `s.key` for `s.back`: free, or held by an idle (expired) flow.
@@ -561,16 +573,7 @@ fn claim(s: &mut Scratch, now: u64) -> bool {
 /// A packet from a backend: translate it back if it belongs to one of our flows.
 #[inline(never)]
 fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
-    s.key = CtKey {
-        src: s.pkt.src,
-        dst: s.pkt.dst,
-        sport: s.pkt.sport,
-        dport: s.pkt.dport,
-        proto: s.pkt.proto,
-        family: s.pkt.family,
-        dir: CT_DIR_REPLY,
-        pad: 0,
-    };
+    packet_key(&mut s.key, &s.pkt, CT_DIR_REPLY);
     let Some(ptr) = CT.get_ptr_mut(&s.key) else {
         if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             retire_closed_reply(s);
