@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use twill_tests::suite::strip_ansi;
 
 /// Prints a progress line.
 pub fn say(msg: &str) {
@@ -146,24 +147,6 @@ pub fn service_failure(log: &str) -> Option<String> {
         .rev()
         .find(|l| SIGNS.iter().any(|s| l.contains(s)))
         .map(strip_ansi)
-}
-
-/// `text` without ANSI escape sequences (`ESC [ ... letter`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
