@@ -219,18 +219,13 @@ mod tests {
         assert!(body.ends_with(", \"nodeEligible\": false}"), "{body}");
         assert_eq!(h.answer("/livez", now).unwrap().0, 200);
         let r = h.render();
-        assert!(
-            r.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 2\n"),
-            "{r}"
-        );
-        assert!(
-            r.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2\n"),
-            "{r}"
-        );
-        assert!(
-            r.contains("kubeproxy_proxy_livez_total{code=\"503\"} 1\n"),
-            "{r}"
-        );
+        for line in [
+            "kubeproxy_proxy_healthz_total{code=\"200\"} 2",
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 2",
+            "kubeproxy_proxy_livez_total{code=\"503\"} 1",
+        ] {
+            assert!(r.lines().any(|l| l == line), "{line} missing from {r}");
+        }
     }
 
     #[test]

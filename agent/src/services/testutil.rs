@@ -2,8 +2,6 @@
 //! frontends' backends as the recording dataplane holds them, and a wait on an observable
 //! condition with a deadline.
 
-use std::time::Duration;
-
 use crate::services::desired::NodeIdentity;
 use crate::services::lb::{
     Backend, BackendState, FakeLbDataplane, Frontend, FrontendKind, LbService, Proto,
@@ -43,16 +41,6 @@ pub(crate) fn node() -> NodeIdentity {
         name: "node-1".into(),
         ..NodeIdentity::default()
     }
-}
-
-pub(crate) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 pub(crate) fn backends_of(dp: &FakeLbDataplane, port: u16) -> Vec<String> {

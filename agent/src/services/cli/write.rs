@@ -244,6 +244,45 @@ impl std::fmt::Display for PartialWrite {
 
 impl std::error::Error for PartialWrite {}
 
+impl PartialWrite {
+    /// What a write of `chunks` (one transaction each) did when transaction `failed` stopped
+    /// with `cause`: the transactions before it are done, the ones after it are not, and the
+    /// failed one is done if `landed` says so of the store read back after it (its answer may
+    /// have been lost after etcd committed it); unknown if even that read fails.
+    async fn after_failure<S: ServiceStore, T>(
+        store: &S,
+        op: &'static str,
+        (chunks, failed): (&[&[T]], usize),
+        cause: anyhow::Error,
+        name: impl Fn(&T) -> String,
+        landed: impl FnOnce(Listing, &[T]) -> bool,
+    ) -> Self {
+        let after = Deadline::after(Duration::from_secs(3));
+        let stored = with_retry(after, "read back", || store.list()).await.ok();
+        let names = |chunks: &[&[T]]| -> Vec<String> {
+            chunks.iter().flat_map(|c| c.iter().map(&name)).collect()
+        };
+        let mut written = names(&chunks[..failed]);
+        let mut not_written = Vec::new();
+        let mut unknown = Vec::new();
+        let chunk = chunks[failed];
+        match stored.map(|l| landed(l, chunk)) {
+            Some(true) => written.extend(chunk.iter().map(&name)),
+            Some(false) => not_written.extend(chunk.iter().map(&name)),
+            None => unknown.extend(chunk.iter().map(&name)),
+        }
+        not_written.extend(names(&chunks[failed + 1..]));
+        PartialWrite {
+            op,
+            total: chunks.iter().map(|c| c.len()).sum(),
+            written,
+            not_written,
+            unknown,
+            cause,
+        }
+    }
+}
+
 pub(super) fn list(v: &[String]) -> String {
     if v.is_empty() {
         "none".into()
@@ -285,37 +324,20 @@ pub async fn apply<S: ServiceStore>(
         let what = format!("write transaction {} of {}", i + 1, chunks.len());
         if let Err(cause) = with_retry(deadline, &what, || store.put_all(chunk)).await {
             // Is the failed transaction in etcd after all (its answer lost)? Read it back.
-            let after = Deadline::after(Duration::from_secs(3));
-            let stored = with_retry(after, "read back", || store.list()).await.ok();
-            let (mut written, mut not_written, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
-            for c in &chunks[..i] {
-                written.extend(c.iter().map(|o| o.key().to_string()));
-            }
-            let names = chunk.iter().map(|o| o.key().to_string());
-            match stored {
-                Some(l) => {
-                    let have: BTreeMap<ObjectKey, &Object> =
-                        l.objects.iter().map(|o| (o.key(), o)).collect();
-                    if chunk.iter().all(|o| have.get(&o.key()) == Some(&o)) {
-                        written.extend(names);
-                    } else {
-                        not_written.extend(names);
-                    }
-                }
-                None => unknown.extend(names),
-            }
-            for c in &chunks[i + 1..] {
-                not_written.extend(c.iter().map(|o| o.key().to_string()));
-            }
-            return Err(PartialWrite {
-                op: "apply",
-                total: changed.len(),
-                written,
-                not_written,
-                unknown,
+            let partial = PartialWrite::after_failure(
+                store,
+                "apply",
+                (&chunks, i),
                 cause,
-            }
-            .into());
+                |o| o.key().to_string(),
+                |stored, chunk| {
+                    let have: BTreeMap<ObjectKey, &Object> =
+                        stored.objects.iter().map(|o| (o.key(), o)).collect();
+                    chunk.iter().all(|o| have.get(&o.key()) == Some(&o))
+                },
+            )
+            .await;
+            return Err(partial.into());
         }
     }
     Ok(WriteReport {
@@ -347,45 +369,24 @@ pub async fn delete<S: ServiceStore>(
             }
             Err(cause) => {
                 // Are the failed transaction's keys gone after all (its answer lost)? Read back.
-                let after = Deadline::after(Duration::from_secs(3));
-                let stored = with_retry(after, "read back", || store.list()).await.ok();
-                let mut written: Vec<String> = chunks[..i]
-                    .iter()
-                    .flat_map(|c| c.iter().map(ToString::to_string))
-                    .collect();
-                let mut not_written = Vec::new();
-                let mut unknown = Vec::new();
-                let names = chunk.iter().map(ToString::to_string);
-                match stored {
-                    Some(l) => {
-                        let left: std::collections::BTreeSet<ObjectKey> = l
+                let partial = PartialWrite::after_failure(
+                    store,
+                    "delete",
+                    (&chunks, i),
+                    cause,
+                    ToString::to_string,
+                    |stored, chunk| {
+                        let left: std::collections::BTreeSet<ObjectKey> = stored
                             .objects
                             .iter()
                             .map(Object::key)
-                            .chain(l.invalid.into_iter().map(|(k, _)| k))
+                            .chain(stored.invalid.into_iter().map(|(k, _)| k))
                             .collect();
-                        if chunk.iter().any(|k| left.contains(k)) {
-                            not_written.extend(names);
-                        } else {
-                            written.extend(names);
-                        }
-                    }
-                    None => unknown.extend(names),
-                }
-                not_written.extend(
-                    chunks[i + 1..]
-                        .iter()
-                        .flat_map(|c| c.iter().map(ToString::to_string)),
-                );
-                return Err(PartialWrite {
-                    op: "delete",
-                    total: keys.len(),
-                    written,
-                    not_written,
-                    unknown,
-                    cause,
-                }
-                .into());
+                        !chunk.iter().any(|k| left.contains(k))
+                    },
+                )
+                .await;
+                return Err(partial.into());
             }
         }
     }

@@ -19,6 +19,14 @@ fn node() -> NodeIdentity {
     }
 }
 
+/// The first frontend of `kind` `d` wants.
+fn first_of(d: &Desired, kind: FrontendKind) -> &LbService {
+    d.services
+        .iter()
+        .find(|s| s.frontend.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind:?} frontend"))
+}
+
 fn show(services: &[LbService]) -> Vec<String> {
     services
         .iter()
@@ -43,6 +51,14 @@ fn show(services: &[LbService]) -> Vec<String> {
             format!("{} {} [{}]", s.name, s.frontend, b.join(" "))
         })
         .collect()
+}
+
+/// `yaml` (holding [`WEB`]'s Service) with `lines` added to the Service's spec.
+fn with_spec(yaml: &str, lines: &str) -> String {
+    yaml.replace(
+        "  type: LoadBalancer\n",
+        &format!("  type: LoadBalancer\n{lines}"),
+    )
 }
 
 const WEB: &str = r"
@@ -152,16 +168,9 @@ fn endpoints_in_the_node_pod_subnet_are_local_without_node_name() {
         vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L 10.244.2.6:8080]"]
     );
     // And `externalTrafficPolicy: Local` finds the endpoint by its subnet.
-    let y = y.replace(
-        "  type: LoadBalancer\n",
-        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
-    );
+    let y = with_spec(&y, "  externalTrafficPolicy: Local\n");
     let d = desired(&snap(&y), &bare);
-    let np = d
-        .services
-        .iter()
-        .find(|s| s.frontend.kind == FrontendKind::NodePort)
-        .unwrap();
+    let np = first_of(&d, FrontendKind::NodePort);
     assert_eq!(
         show(std::slice::from_ref(np)),
         vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.1.5:8080L]"]
@@ -170,9 +179,9 @@ fn endpoints_in_the_node_pod_subnet_are_local_without_node_name() {
 
 #[test]
 fn traffic_policies_local() {
-    let y = WEB.replace(
-        "  type: LoadBalancer\n",
-        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    let y = with_spec(
+        WEB,
+        "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
     );
     let d = desired(&snap(&y), &node());
     for s in &d.services {
@@ -194,22 +203,11 @@ fn traffic_policies_local() {
         vec!["shop/web:http NodePort 0.0.0.0:30080/TCP [10.244.2.5:8080LT]"]
     );
     // External Local only: ClusterIP keeps cluster-wide backends.
-    let y3 = WEB.replace(
-        "  type: LoadBalancer\n",
-        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
-    );
+    let y3 = with_spec(WEB, "  externalTrafficPolicy: Local\n");
     let d = desired(&snap(&y3), &node());
-    let cip = d
-        .services
-        .iter()
-        .find(|s| s.frontend.kind == FrontendKind::ClusterIp)
-        .unwrap();
+    let cip = first_of(&d, FrontendKind::ClusterIp);
     assert_eq!(cip.backends.len(), 2);
-    let np = d
-        .services
-        .iter()
-        .find(|s| s.frontend.kind == FrontendKind::NodePort)
-        .unwrap();
+    let np = first_of(&d, FrontendKind::NodePort);
     assert_eq!(np.backends.len(), 1);
 }
 

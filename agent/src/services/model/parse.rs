@@ -168,18 +168,22 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Object>, ManifestError> {
 
 /// Parses a stored Service (canonical JSON) and validates it.
 pub fn service_from_json(bytes: &[u8]) -> Result<Service, FieldError> {
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| bad("", format!("not JSON: {e}")))?;
-    let mut s: Service = typed(v)?;
-    s.validate()?;
-    Ok(s)
+    stored_from_json(bytes, Service::validate)
 }
 
 /// Parses a stored EndpointSlice (canonical JSON) and validates it.
 pub fn endpoint_slice_from_json(bytes: &[u8]) -> Result<EndpointSlice, FieldError> {
+    stored_from_json(bytes, EndpointSlice::validate)
+}
+
+/// Parses a stored object (canonical JSON) and checks it with `validate`.
+fn stored_from_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    validate: impl FnOnce(&mut T) -> Result<(), FieldError>,
+) -> Result<T, FieldError> {
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| bad("", format!("not JSON: {e}")))?;
-    let mut s: EndpointSlice = typed(v)?;
-    s.validate()?;
-    Ok(s)
+    let mut o: T = typed(v)?;
+    validate(&mut o)?;
+    Ok(o)
 }

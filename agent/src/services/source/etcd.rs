@@ -122,6 +122,17 @@ impl EtcdServiceStore {
         self
     }
 
+    /// Refuses a transaction of `count` operations, more than one may hold.
+    fn within_txn_limit(&self, count: usize) -> Result<(), SourceError> {
+        if count > self.max_txn_ops {
+            return Err(SourceError::TooMany {
+                count,
+                max: self.max_txn_ops,
+            });
+        }
+        Ok(())
+    }
+
     /// Connects to `endpoints` with the agent's client settings.
     pub async fn connect(
         endpoints: &[String],
@@ -403,12 +414,7 @@ impl ServiceStore for EtcdServiceStore {
     }
 
     async fn put_all(&self, objects: &[Object]) -> Result<(), SourceError> {
-        if objects.len() > self.max_txn_ops {
-            return Err(SourceError::TooMany {
-                count: objects.len(),
-                max: self.max_txn_ops,
-            });
-        }
+        self.within_txn_limit(objects.len())?;
         let ops: Vec<TxnOp> = objects
             .iter()
             .map(|o| TxnOp::put(self.key(&o.key()), o.to_json(), None))
@@ -423,12 +429,7 @@ impl ServiceStore for EtcdServiceStore {
     }
 
     async fn delete_all(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, SourceError> {
-        if keys.len() > self.max_txn_ops {
-            return Err(SourceError::TooMany {
-                count: keys.len(),
-                max: self.max_txn_ops,
-            });
-        }
+        self.within_txn_limit(keys.len())?;
         let ops: Vec<TxnOp> = keys
             .iter()
             .map(|k| TxnOp::delete(self.key(k), None))
