@@ -53,20 +53,27 @@ fn rx_table() -> RouteTable {
     )
 }
 
-/// An IPv4 header + TCP header (with a 12-byte timestamp option) + payload, checksums valid.
-fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
-    let thl = 32;
-    let total = 20 + thl + payload.len();
+/// `total` zero bytes from SRC to DST behind a valid IPv4 header: protocol `proto`, TTL 64,
+/// identification `id`, flags and fragment offset `frag`.
+fn ipv4_packet(total: usize, proto: u8, id: u16, frag: u16) -> Vec<u8> {
     let mut p = vec![0u8; total];
     p[0] = 0x45;
     set_u16(&mut p, 2, len_u16(total));
     set_u16(&mut p, 4, id);
-    set_u16(&mut p, 6, 0x4000);
+    set_u16(&mut p, 6, frag);
     p[8] = 64;
-    p[9] = PROTO_TCP;
+    p[9] = proto;
     p[12..16].copy_from_slice(&SRC.octets());
     p[16..20].copy_from_slice(&DST.octets());
     fix_ipv4_checksum(&mut p[..20]);
+    p
+}
+
+/// An IPv4 header + TCP header (with a 12-byte timestamp option) + payload, checksums valid.
+fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
+    let thl = 32;
+    let total = 20 + thl + payload.len();
+    let mut p = ipv4_packet(total, PROTO_TCP, id, 0x4000);
     set_u16(&mut p, 20, 40000);
     set_u16(&mut p, 22, 5201);
     set_u32(&mut p, 24, seq);
@@ -86,14 +93,7 @@ fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
 
 fn udp_packet(payload: &[u8]) -> Vec<u8> {
     let total = 28 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    set_u16(&mut p, 2, len_u16(total));
-    p[8] = 64;
-    p[9] = PROTO_UDP;
-    p[12..16].copy_from_slice(&SRC.octets());
-    p[16..20].copy_from_slice(&DST.octets());
-    fix_ipv4_checksum(&mut p[..20]);
+    let mut p = ipv4_packet(total, PROTO_UDP, 0, 0);
     set_u16(&mut p, 20, 4444);
     set_u16(&mut p, 22, 5555);
     set_u16(&mut p, 24, len_u16(total - 20));
