@@ -122,7 +122,7 @@ pub fn in_range(cfg: &NetworkConfig, subnets: &LeaseSubnets) -> bool {
 
 /// One family's part of [`in_range`]: with the family enabled, a subnet (prefix length and
 /// network address) of length `len` between `min` and `max`; with it disabled, none.
-fn family_in_range<A: PartialOrd>(
+fn family_in_range<A: PartialOrd + Copy>(
     enabled: bool,
     subnet: Option<(u8, A)>,
     len: u8,
