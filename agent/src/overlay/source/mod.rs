@@ -266,6 +266,15 @@ impl EtcdStore {
             .map_err(etcd("lease grant", key))
     }
 
+    /// The key `key`.
+    async fn get_key(&self, key: &str) -> Result<GetResponse, StoreError> {
+        self.client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(etcd("get", key))
+    }
+
     /// Every key under `prefix`.
     async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StoreError> {
         self.client
@@ -307,12 +316,7 @@ impl EtcdStore {
 impl LeaseStore for EtcdStore {
     async fn get_config(&self) -> Result<String, StoreError> {
         let key = self.config_location();
-        let resp = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(etcd("get", &key))?;
+        let resp = self.get_key(&key).await?;
         let kv = resp.kvs().first().ok_or(StoreError::NoConfig(key))?;
         Ok(String::from_utf8_lossy(kv.value()).into_owned())
     }
@@ -399,12 +403,7 @@ impl LeaseStore for EtcdStore {
         };
         // The etcd lease lives on, but is the key still on it? Someone may have deleted the key
         // or rewritten it on an etcd lease of their own.
-        let got = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(etcd("get", &key))?;
+        let got = self.get_key(&key).await?;
         match got.kvs().first() {
             None => Err(StoreError::LeaseLost {
                 key,
