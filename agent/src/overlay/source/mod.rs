@@ -266,22 +266,13 @@ impl EtcdStore {
             .map_err(etcd("lease grant", key))
     }
 
-    /// The key `key`.
-    async fn get_key(&self, key: &str) -> Result<GetResponse, StoreError> {
+    /// The key `key`, or with `opts` (a prefix get) the keys under it.
+    async fn get(&self, key: &str, opts: Option<GetOptions>) -> Result<GetResponse, StoreError> {
         self.client
             .clone()
-            .get(key, None)
+            .get(key, opts)
             .await
             .map_err(etcd("get", key))
-    }
-
-    /// Every key under `prefix`.
-    async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StoreError> {
-        self.client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd("get", prefix))
     }
 
     /// Puts `attrs` at `key` on a new etcd lease if `cmp` holds: the etcd lease id and the
@@ -316,14 +307,16 @@ impl EtcdStore {
 impl LeaseStore for EtcdStore {
     async fn get_config(&self) -> Result<String, StoreError> {
         let key = self.config_location();
-        let resp = self.get_key(&key).await?;
+        let resp = self.get(&key, None).await?;
         let kv = resp.kvs().first().ok_or(StoreError::NoConfig(key))?;
         Ok(String::from_utf8_lossy(kv.value()).into_owned())
     }
 
     async fn list(&self) -> Result<Listing, StoreError> {
         let prefix = self.subnets_prefix();
-        let resp = self.get_prefix(&prefix).await?;
+        let resp = self
+            .get(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         let header = resp.header();
         Ok(Listing {
             leases: resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
@@ -403,7 +396,7 @@ impl LeaseStore for EtcdStore {
         };
         // The etcd lease lives on, but is the key still on it? Someone may have deleted the key
         // or rewritten it on an etcd lease of their own.
-        let got = self.get_key(&key).await?;
+        let got = self.get(&key, None).await?;
         match got.kvs().first() {
             None => Err(StoreError::LeaseLost {
                 key,
@@ -469,7 +462,9 @@ impl LeaseStore for EtcdStore {
 
     async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
         let prefix = self.claims_prefix(lease);
-        let resp = self.get_prefix(&prefix).await?;
+        let resp = self
+            .get(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         Ok(resp
             .kvs()
             .iter()
