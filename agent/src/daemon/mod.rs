@@ -35,8 +35,8 @@ use crate::overlay::backend::udp;
 use crate::overlay::config::{BackendType, NetworkConfig};
 use crate::overlay::node::identity::node_identity;
 use crate::overlay::node::{Node, NodeFacts};
-use crate::overlay::source::EtcdStore;
-use crate::overlay::source::kube::{AnyLeaseStore, KubeSubnetStore};
+use crate::overlay::source::kube::KubeSubnetStore;
+use crate::overlay::source::{EtcdStore, LeaseStore};
 use crate::services::dataplane::ProxyMode;
 use crate::services::proxy::OverlayView;
 use crate::shared::backoff::retry;
@@ -80,13 +80,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     res
 }
 
-/// The lease store, the overlay, then the service proxy; returns on a signal.
+/// The lease store, then [`run_overlay`] over it; returns on a signal.
 async fn run_node(
     opts: &Options,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let store = if opts.kube_subnet_mgr {
+    if opts.kube_subnet_mgr {
         let api = opts.kube_api();
         let node = opts.node_name();
         let Some(s) = retry(
@@ -107,7 +107,8 @@ async fn run_node(
         else {
             return Ok(());
         };
-        AnyLeaseStore::Kube(s)
+        let config_location = s.config_location();
+        Box::pin(run_overlay(s, config_location, opts, metrics, shutdown)).await
     } else {
         let tls = opts.etcd.tls();
         let Some(s) = retry("connect to etcd", metrics, shutdown, || async {
@@ -117,9 +118,20 @@ async fn run_node(
         else {
             return Ok(());
         };
-        AnyLeaseStore::Etcd(s)
-    };
-    let config_location = store.config_location(&opts.etcd.etcd_prefix);
+        let config_location = s.config_location();
+        Box::pin(run_overlay(s, config_location, opts, metrics, shutdown)).await
+    }
+}
+
+/// The overlay over `store` (its network config read from `config_location`), then the
+/// service proxy; returns on a signal.
+async fn run_overlay<S: LeaseStore + Clone>(
+    store: S,
+    config_location: String,
+    opts: &Options,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
     let node_id = if opts.kube_subnet_mgr {
         None
     } else {

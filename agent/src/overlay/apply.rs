@@ -117,21 +117,15 @@ pub async fn observe<K: Kernel>(
             .filter(|a| !matches!(a.net.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .collect();
     }
-    if cfg.enable_ipv4 {
-        o.routes.extend(
-            k.routes(false)
-                .await?
-                .into_iter()
-                .filter(|r| owned_route(r, devices)),
-        );
-    }
-    if cfg.enable_ipv6 {
-        o.routes.extend(
-            k.routes(true)
-                .await?
-                .into_iter()
-                .filter(|r| owned_route(r, devices)),
-        );
+    for (enabled, v6) in [(cfg.enable_ipv4, false), (cfg.enable_ipv6, true)] {
+        if enabled {
+            o.routes.extend(
+                k.routes(v6)
+                    .await?
+                    .into_iter()
+                    .filter(|r| owned_route(r, devices)),
+            );
+        }
     }
     for i in dev_indices {
         o.neighs.extend(k.neighbours(i).await?);

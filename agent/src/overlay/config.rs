@@ -8,9 +8,10 @@
 //! Validation happens before anything touches the kernel: an invalid document is refused as a
 //! whole and the dataplane already in place stays as it is.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{AddrParseError, IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 /// Why a network config is refused.
@@ -208,8 +209,9 @@ impl NetworkConfig {
             cfg.network = Some(net);
             cfg.subnet_len = len;
             let (min, max) = v4_bounds(net, len);
-            cfg.subnet_min = Some(parse_bound_v4("SubnetMin", raw.subnet_min, net, len, min)?);
-            cfg.subnet_max = Some(parse_bound_v4("SubnetMax", raw.subnet_max, net, len, max)?);
+            let any = IpNet::V4(net);
+            cfg.subnet_min = Some(parse_bound("SubnetMin", raw.subnet_min, any, len, min)?);
+            cfg.subnet_max = Some(parse_bound("SubnetMax", raw.subnet_max, any, len, max)?);
             if cfg.subnet_min > cfg.subnet_max {
                 return Err(invalid(
                     "SubnetMin",
@@ -249,17 +251,18 @@ impl NetworkConfig {
             cfg.ipv6_network = Some(net);
             cfg.ipv6_subnet_len = len;
             let (min, max) = v6_bounds(net, len);
-            cfg.ipv6_subnet_min = Some(parse_bound_v6(
+            let any = IpNet::V6(net);
+            cfg.ipv6_subnet_min = Some(parse_bound(
                 "IPv6SubnetMin",
                 raw.ipv6_subnet_min,
-                net,
+                any,
                 len,
                 min,
             )?);
-            cfg.ipv6_subnet_max = Some(parse_bound_v6(
+            cfg.ipv6_subnet_max = Some(parse_bound(
                 "IPv6SubnetMax",
                 raw.ipv6_subnet_max,
-                net,
+                any,
                 len,
                 max,
             )?);
@@ -333,49 +336,37 @@ fn v6_bounds(net: Ipv6Net, len: u8) -> (Ipv6Addr, Ipv6Addr) {
     (Ipv6Addr::from(base + step), Ipv6Addr::from(last))
 }
 
-fn parse_bound_v4(
+/// A `SubnetMin`/`SubnetMax` field (of either family): `default` when absent, else an address
+/// of `net`'s family inside it and aligned to a `/len` subnet.
+fn parse_bound<A>(
     field: &'static str,
     text: Option<String>,
-    net: Ipv4Net,
+    net: IpNet,
     len: u8,
-    default: Ipv4Addr,
-) -> Result<Ipv4Addr, ConfigError> {
+    default: A,
+) -> Result<A, ConfigError>
+where
+    A: Copy + FromStr<Err = AddrParseError> + Into<IpAddr>,
+{
     let Some(text) = text else {
         return Ok(default);
     };
-    let addr: Ipv4Addr = text
+    let (family, network_field) = match net {
+        IpNet::V4(_) => ("IPv4", "Network"),
+        IpNet::V6(_) => ("IPv6", "IPv6Network"),
+    };
+    let addr: A = text
         .parse()
-        .map_err(|e| invalid(field, &text, format!("not an IPv4 address: {e}")))?;
-    if !net.contains(&addr) {
-        return Err(invalid(field, &text, format!("outside Network {net}")));
-    }
-    if u32::from(addr) & ((1u32 << (32 - len)) - 1) != 0 {
+        .map_err(|e| invalid(field, &text, format!("not an {family} address: {e}")))?;
+    let ip = addr.into();
+    if !net.contains(&ip) {
         return Err(invalid(
             field,
             &text,
-            format!("not aligned to a /{len} subnet"),
+            format!("outside {network_field} {net}"),
         ));
     }
-    Ok(addr)
-}
-
-fn parse_bound_v6(
-    field: &'static str,
-    text: Option<String>,
-    net: Ipv6Net,
-    len: u8,
-    default: Ipv6Addr,
-) -> Result<Ipv6Addr, ConfigError> {
-    let Some(text) = text else {
-        return Ok(default);
-    };
-    let addr: Ipv6Addr = text
-        .parse()
-        .map_err(|e| invalid(field, &text, format!("not an IPv6 address: {e}")))?;
-    if !net.contains(&addr) {
-        return Err(invalid(field, &text, format!("outside IPv6Network {net}")));
-    }
-    if u128::from(addr) & ((1u128 << (128 - len)) - 1) != 0 {
+    if IpNet::new(ip, len).ok().map(|n| n.network()) != Some(ip) {
         return Err(invalid(
             field,
             &text,

@@ -108,4 +108,4 @@ pub struct Desired {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -56,6 +56,18 @@ pub enum Op {
     DelFdb(Fdb),
 }
 
+/// The entries of `desired` that `observed` lacks.
+fn missing<'a, T: Ord + Clone>(
+    desired: &'a BTreeSet<T>,
+    observed: &'a [T],
+) -> impl Iterator<Item = T> + 'a {
+    let observed: BTreeSet<&T> = observed.iter().collect();
+    desired
+        .iter()
+        .filter(move |e| !observed.contains(e))
+        .cloned()
+}
+
 /// The minimal list of operations that turns `observed` into `desired`. Additions come in the
 /// order a packet needs them (FDB, neighbour, then route); removals in the reverse order, so no
 /// packet is routed into an entry that is not there.
@@ -66,24 +78,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             ops.push(Op::AddAddr(*a));
         }
     }
-    let observed_fdb: BTreeSet<&Fdb> = observed.fdb.iter().collect();
-    ops.extend(
-        desired
-            .fdb
-            .iter()
-            .filter(|f| !observed_fdb.contains(f))
-            .cloned()
-            .map(Op::ReplaceFdb),
-    );
-    let observed_neigh: BTreeSet<&Neigh> = observed.neighs.iter().collect();
-    ops.extend(
-        desired
-            .neighs
-            .iter()
-            .filter(|n| !observed_neigh.contains(n))
-            .cloned()
-            .map(Op::ReplaceNeigh),
-    );
+    ops.extend(missing(&desired.fdb, &observed.fdb).map(Op::ReplaceFdb));
+    ops.extend(missing(&desired.neighs, &observed.neighs).map(Op::ReplaceNeigh));
     // Routes are keyed by destination: one route per peer subnet.
     let mut observed_routes: BTreeMap<IpNet, Vec<&Route>> = BTreeMap::new();
     for r in &observed.routes {

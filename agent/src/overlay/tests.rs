@@ -20,6 +20,21 @@ fn cfg(backend: &str) -> NetworkConfig {
     .unwrap()
 }
 
+/// [`cfg`] with IPv6 off.
+fn v4_cfg(backend: &str) -> NetworkConfig {
+    let mut c = cfg(backend);
+    c.enable_ipv6 = false;
+    c
+}
+
+/// A fake kernel with [`uplink`] on it, and the devices `c` wants made there.
+async fn node_with(c: &NetworkConfig) -> (FakeKernel, Uplink, Devices) {
+    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
+    let up = uplink();
+    let devs = ensure_devices(&k, c, &up).await.unwrap();
+    (k, up, devs)
+}
+
 fn uplink() -> Uplink {
     Uplink {
         index: 2,
@@ -80,10 +95,8 @@ fn mtu_maths() {
 
 #[tokio::test]
 async fn vxlan_three_entries_per_peer_then_nothing_to_do() {
-    let kernel = FakeKernel::with_uplink("198.18.0.11/24", 1500);
     let conf = cfg(r#"{"Type":"vxlan"}"#);
-    let up = uplink();
-    let devs = ensure_devices(&kernel, &conf, &up).await.unwrap();
+    let (kernel, up, devs) = node_with(&conf).await;
     assert!(devs.v4.is_some() && devs.v6.is_some());
     let peers = vec![
         peer(1, "198.18.0.11", 1),
@@ -136,11 +149,8 @@ async fn vxlan_three_entries_per_peer_then_nothing_to_do() {
 
 #[tokio::test]
 async fn heals_drift_and_removes_departed_peers_only() {
-    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-    let mut c = cfg(r#"{"Type":"vxlan"}"#);
-    c.enable_ipv6 = false;
-    let up = uplink();
-    let devs = ensure_devices(&k, &c, &up).await.unwrap();
+    let c = v4_cfg(r#"{"Type":"vxlan"}"#);
+    let (k, up, devs) = node_with(&c).await;
     let peers = vec![peer(2, "198.18.0.12", 2), peer(3, "198.18.0.13", 3)];
     reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
     // Someone deletes a route by hand, and adds one of their own outside the network.
@@ -179,10 +189,8 @@ async fn heals_drift_and_removes_departed_peers_only() {
 
 #[tokio::test]
 async fn restart_keeps_device_and_entries() {
-    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
     let c = cfg(r#"{"Type":"vxlan"}"#);
-    let up = uplink();
-    let devs = ensure_devices(&k, &c, &up).await.unwrap();
+    let (k, up, devs) = node_with(&c).await;
     reconcile(&k, &c, &up, &devs, &own(), &[peer(2, "198.18.0.12", 2)])
         .await
         .unwrap();
@@ -209,11 +217,8 @@ async fn restart_keeps_device_and_entries() {
 
 #[tokio::test]
 async fn host_gw_and_direct_routing() {
-    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-    let mut c = cfg(r#"{"Type":"host-gw"}"#);
-    c.enable_ipv6 = false;
-    let up = uplink();
-    let devs = ensure_devices(&k, &c, &up).await.unwrap();
+    let c = v4_cfg(r#"{"Type":"host-gw"}"#);
+    let (k, up, devs) = node_with(&c).await;
     assert_eq!(devs, Devices::default());
     let mut p2 = peer(2, "198.18.0.12", 2);
     p2.attrs.backend_type = "host-gw".into();
@@ -228,8 +233,7 @@ async fn host_gw_and_direct_routing() {
     assert_eq!(r.gateway.unwrap().to_string(), "198.18.0.12");
     assert_eq!(r.oif, 2);
 
-    let mut c = cfg(r#"{"Type":"vxlan","DirectRouting":true}"#);
-    c.enable_ipv6 = false;
+    let c = v4_cfg(r#"{"Type":"vxlan","DirectRouting":true}"#);
     let desired = desired(
         &c,
         &up,
@@ -267,11 +271,8 @@ fn route(dst: &str, gateway: Option<&str>, oif: u32, proto: u8) -> Route {
 
 #[tokio::test]
 async fn only_marked_routes_and_unmarked_ones_on_our_device_are_ours() {
-    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
-    let mut c = cfg(r#"{"Type":"vxlan"}"#);
-    c.enable_ipv6 = false;
-    let up = uplink();
-    let devs = ensure_devices(&k, &c, &up).await.unwrap();
+    let c = v4_cfg(r#"{"Type":"vxlan"}"#);
+    let (k, up, devs) = node_with(&c).await;
     let vx = devs.v4.as_ref().unwrap().index;
     let peers = vec![peer(2, "198.18.0.12", 2)];
     reconcile(&k, &c, &up, &devs, &own(), &peers).await.unwrap();
@@ -324,11 +325,9 @@ async fn only_marked_routes_and_unmarked_ones_on_our_device_are_ours() {
 async fn a_network_over_the_underlay_takes_no_route_of_the_node() {
     // What a Network of 198.18.0.0/16 did before it was refused: every route of the node
     // inside it looked like a stale peer. With ownership by mark, none is touched.
-    let k = FakeKernel::with_uplink("198.18.0.11/24", 1500);
     let c =
         NetworkConfig::parse(r#"{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
-    let up = uplink();
-    let devs = ensure_devices(&k, &c, &up).await.unwrap();
+    let (k, up, devs) = node_with(&c).await;
     let kernel_route = route("198.18.0.0/24", None, 2, PROTO_KERNEL);
     let by_hand = route("198.18.7.0/24", Some("198.18.0.1"), 2, PROTO_BOOT);
     k.tamper(|s| {
@@ -407,8 +406,7 @@ fn networks_holding_the_uplink_or_the_default_route_are_refused() {
 
 #[test]
 fn lease_attrs_publish_vtep_macs() {
-    let mut c = cfg(r#"{"Type":"vxlan"}"#);
-    c.enable_ipv6 = false;
+    let c = v4_cfg(r#"{"Type":"vxlan"}"#);
     let devs = Devices {
         v4: Some(Device {
             index: 9,
@@ -428,7 +426,7 @@ fn lease_attrs_publish_vtep_macs() {
 const UDP_CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
 /// The uplink of an IPv4-only node (the udp backend carries IPv4 only).
-fn udp_uplink() -> Uplink {
+pub(crate) fn udp_uplink() -> Uplink {
     let mut up = uplink();
     up.public_v6 = None;
     up.nets.truncate(1);

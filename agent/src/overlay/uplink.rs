@@ -143,19 +143,13 @@ mod tests {
         }
     }
 
-    fn wish(
-        ifaces: Vec<String>,
-        want_v4: bool,
-        want_v6: bool,
-        public_v4: Option<Ipv4Addr>,
-        public_v6: Option<Ipv6Addr>,
-    ) -> Wish {
+    /// `--iface` values `ifaces`, the families wanted, no `--public-ip`.
+    fn wish(ifaces: &[&str], want_v4: bool, want_v6: bool) -> Wish {
         Wish {
-            ifaces,
+            ifaces: ifaces.iter().map(ToString::to_string).collect(),
             want_v4,
             want_v6,
-            public_v4,
-            public_v6,
+            ..Wish::default()
         }
     }
 
@@ -176,22 +170,11 @@ mod tests {
             addr(2, "fd74::11/64"),
             addr(3, "10.9.0.5/16"),
         ];
-        let up = choose(
-            &links,
-            &addrs,
-            &[],
-            &wish(vec!["eth9".into(), "eth1".into()], true, false, None, None),
-        )
-        .unwrap();
+        let pick = |routes: &[Route], w: &Wish| choose(&links, &addrs, routes, w);
+        let up = pick(&[], &wish(&["eth9", "eth1"], true, false)).unwrap();
         assert_eq!(up.name, "eth1");
         assert_eq!(up.public_v4.unwrap().to_string(), "10.9.0.5");
-        let up = choose(
-            &links,
-            &addrs,
-            &[],
-            &wish(vec!["198.18.0.11".into()], true, true, None, None),
-        )
-        .unwrap();
+        let up = pick(&[], &wish(&["198.18.0.11"], true, true)).unwrap();
         assert_eq!(up.name, "eth0");
         assert_eq!(up.public_v6.unwrap().to_string(), "fd74::11");
         let default = Route {
@@ -201,39 +184,19 @@ mod tests {
             onlink: false,
             proto: crate::overlay::kernel::PROTO_BOOT,
         };
-        let up = choose(
-            &links,
-            &addrs,
-            &[default],
-            &wish(
-                vec![],
-                true,
-                false,
-                Some("203.0.113.1".parse().unwrap()),
-                None,
-            ),
-        )
-        .unwrap();
+        let public = Wish {
+            public_v4: Some("203.0.113.1".parse().unwrap()),
+            ..wish(&[], true, false)
+        };
+        let up = pick(&[default], &public).unwrap();
         assert_eq!(up.name, "eth1");
         assert_eq!(up.public_v4.unwrap().to_string(), "203.0.113.1");
-        let err = choose(
-            &links,
-            &addrs,
-            &[],
-            &wish(vec!["eth7".into()], true, false, None, None),
-        )
-        .unwrap_err();
+        let err = pick(&[], &wish(&["eth7"], true, false)).unwrap_err();
         assert!(err.to_string().contains("eth7"));
-        let err = choose(
-            &links,
-            &addrs,
-            &[],
-            &wish(vec!["eth1".into()], true, true, None, None),
-        )
-        .unwrap_err();
+        let err = pick(&[], &wish(&["eth1"], true, true)).unwrap_err();
         assert!(err.to_string().contains("IPv6") && err.to_string().contains("eth1"));
         assert!(matches!(
-            choose(&links, &addrs, &[], &wish(vec![], true, false, None, None)),
+            pick(&[], &wish(&[], true, false)),
             Err(UplinkError::NoDefaultRoute)
         ));
     }

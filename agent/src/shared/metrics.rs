@@ -421,34 +421,26 @@ impl Metrics {
         if let Some((dev, f)) = &*self.counts.lock().unwrap()
             && let Some(c) = f()
         {
-            let _ = writeln!(
-                o,
-                "# HELP twill_vxlan_packets_total Packets through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_packets_total counter"
-            );
-            let _ = writeln!(
-                o,
-                "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"rx\"}} {}",
-                c.rx_packets
-            );
-            let _ = writeln!(
-                o,
-                "twill_vxlan_packets_total{{device=\"{dev}\",direction=\"tx\"}} {}",
-                c.tx_packets
-            );
-            let _ = writeln!(
-                o,
-                "# HELP twill_vxlan_bytes_total Bytes through the overlay device, counted by eBPF.\n# TYPE twill_vxlan_bytes_total counter"
-            );
-            let _ = writeln!(
-                o,
-                "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"rx\"}} {}",
-                c.rx_bytes
-            );
-            let _ = writeln!(
-                o,
-                "twill_vxlan_bytes_total{{device=\"{dev}\",direction=\"tx\"}} {}",
-                c.tx_bytes
-            );
+            for (name, what, rx, tx) in [
+                (
+                    "twill_vxlan_packets_total",
+                    "Packets",
+                    c.rx_packets,
+                    c.tx_packets,
+                ),
+                ("twill_vxlan_bytes_total", "Bytes", c.rx_bytes, c.tx_bytes),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "# HELP {name} {what} through the overlay device, counted by eBPF.\n# TYPE {name} counter"
+                );
+                for (direction, n) in [("rx", rx), ("tx", tx)] {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{device=\"{dev}\",direction=\"{direction}\"}} {n}"
+                    );
+                }
+            }
         }
         if let Some(f) = &*self.udp.lock().unwrap() {
             render_udp(&mut o, &f());

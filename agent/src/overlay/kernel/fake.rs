@@ -78,6 +78,13 @@ impl FakeKernel {
     }
 }
 
+/// Puts `new` into `set` in place of the entries with its key (`same_key`), as the kernel does
+/// on a REPLACE.
+fn replace_in<T: Ord + Clone>(set: &mut BTreeSet<T>, new: &T, same_key: impl Fn(&T) -> bool) {
+    set.retain(|e| !same_key(e));
+    set.insert(new.clone());
+}
+
 impl Kernel for FakeKernel {
     async fn links(&self) -> Result<Vec<LinkInfo>, KernelError> {
         Ok(self.state.lock().unwrap().links.clone())
@@ -173,9 +180,7 @@ impl Kernel for FakeKernel {
     }
     async fn replace_route(&self, route: &Route) -> Result<(), KernelError> {
         let mut s = self.log(format!("replace_route {route:?}"));
-        let dst = route.dst;
-        s.routes.retain(|r| r.dst != dst);
-        s.routes.insert(route.clone());
+        replace_in(&mut s.routes, route, |r| r.dst == route.dst);
         Ok(())
     }
     async fn del_route(&self, route: &Route) -> Result<(), KernelError> {
@@ -185,9 +190,9 @@ impl Kernel for FakeKernel {
     }
     async fn replace_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
         let mut s = self.log(format!("replace_neigh {neigh:?}"));
-        let (i, ip) = (neigh.ifindex, neigh.ip);
-        s.neighs.retain(|n| !(n.ifindex == i && n.ip == ip));
-        s.neighs.insert(neigh.clone());
+        replace_in(&mut s.neighs, neigh, |n| {
+            (n.ifindex, n.ip) == (neigh.ifindex, neigh.ip)
+        });
         Ok(())
     }
     async fn del_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
@@ -197,9 +202,9 @@ impl Kernel for FakeKernel {
     }
     async fn replace_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
         let mut s = self.log(format!("replace_fdb {fdb:?}"));
-        let (i, mac) = (fdb.ifindex, fdb.mac);
-        s.fdb.retain(|n| !(n.ifindex == i && n.mac == mac));
-        s.fdb.insert(fdb.clone());
+        replace_in(&mut s.fdb, fdb, |f| {
+            (f.ifindex, f.mac) == (fdb.ifindex, fdb.mac)
+        });
         Ok(())
     }
     async fn del_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {

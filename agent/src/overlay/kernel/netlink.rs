@@ -51,6 +51,22 @@ fn nl(
     move |source| KernelError::Netlink { op, object, source }
 }
 
+/// Reads a whole dump of `what`.
+async fn dump<T>(
+    what: &'static str,
+    msgs: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
+) -> Result<Vec<T>, KernelError> {
+    msgs.try_collect().await.map_err(nl("dump", what))
+}
+
+/// A neighbour or FDB entry's destination attribute.
+fn neigh_destination(ip: IpAddr) -> NeighbourAttribute {
+    NeighbourAttribute::Destination(match ip {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    })
+}
+
 /// Maps "already exists" to success.
 fn tolerate_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
     match r {
@@ -213,26 +229,12 @@ fn neigh_fields(msg: &NeighbourMessage) -> (Option<IpAddr>, Option<[u8; 6]>) {
 
 impl Kernel for Netlink {
     async fn links(&self) -> Result<Vec<LinkInfo>, KernelError> {
-        let msgs: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "links"))?;
+        let msgs = dump("links", self.handle.link().get().execute()).await?;
         Ok(msgs.iter().map(parse_link).collect())
     }
 
     async fn addresses(&self) -> Result<Vec<Addr>, KernelError> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "addresses"))?;
+        let msgs = dump("addresses", self.handle.address().get().execute()).await?;
         Ok(msgs
             .iter()
             .filter_map(|m| {
@@ -262,14 +264,7 @@ impl Kernel for Netlink {
         } else {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         };
-        let msgs: Vec<_> = self
-            .handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "routes"))?;
+        let msgs = dump("routes", self.handle.route().get(query).execute()).await?;
         Ok(msgs
             .iter()
             .filter(|m| {
@@ -313,14 +308,7 @@ impl Kernel for Netlink {
     }
 
     async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neigh>, KernelError> {
-        let msgs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "neighbours"))?;
+        let msgs = dump("neighbours", self.handle.neighbours().get().execute()).await?;
         Ok(msgs
             .iter()
             .filter(|m| {
@@ -340,15 +328,15 @@ impl Kernel for Netlink {
     }
 
     async fn fdb(&self, ifindex: u32) -> Result<Vec<Fdb>, KernelError> {
-        let msgs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "fdb"))?;
+        let msgs = dump(
+            "fdb",
+            self.handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Bridge)
+                .execute(),
+        )
+        .await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.ifindex == ifindex)
@@ -411,16 +399,16 @@ impl Kernel for Netlink {
     }
 
     async fn del_address(&self, addr: Addr) -> Result<(), KernelError> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(addr.ifindex)
-            .set_address_filter(addr.net.addr())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("dump", "addresses"))?;
+        let msgs = dump(
+            "addresses",
+            self.handle
+                .address()
+                .get()
+                .set_link_index_filter(addr.ifindex)
+                .set_address_filter(addr.net.addr())
+                .execute(),
+        )
+        .await?;
         for m in msgs {
             if m.header.prefix_len == addr.net.prefix_len() {
                 tolerate_absent(self.handle.address().del(m).execute().await)
@@ -469,11 +457,7 @@ impl Kernel for Netlink {
             AddressFamily::Inet6
         };
         let mut m = Self::neigh_message(family, neigh.ifindex);
-        m.attributes
-            .push(NeighbourAttribute::Destination(match neigh.ip {
-                IpAddr::V4(a) => NeighbourAddress::Inet(a),
-                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-            }));
+        m.attributes.push(neigh_destination(neigh.ip));
         tolerate_absent(self.handle.neighbours().del(m).execute().await)
             .map_err(nl("delete neighbour", format!("{neigh:?}")))
     }
@@ -496,11 +480,7 @@ impl Kernel for Netlink {
         m.header.flags = NeighbourFlags::Own;
         m.attributes
             .push(NeighbourAttribute::LinkLayerAddress(fdb.mac.to_vec()));
-        m.attributes
-            .push(NeighbourAttribute::Destination(match fdb.dst {
-                IpAddr::V4(a) => NeighbourAddress::Inet(a),
-                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-            }));
+        m.attributes.push(neigh_destination(fdb.dst));
         tolerate_absent(self.handle.neighbours().del(m).execute().await)
             .map_err(nl("delete fdb", format!("{fdb:?}")))
     }

@@ -105,23 +105,36 @@ pub fn choose_v6(
 /// Whether a subnet lies inside the config's range (a lease left over from an older config
 /// outside the range is not reused).
 pub fn in_range(cfg: &NetworkConfig, subnets: &LeaseSubnets) -> bool {
-    let v4_ok = match (cfg.enable_ipv4, subnets.v4) {
-        (true, Some(n)) => {
-            n.prefix_len() == cfg.subnet_len
-                && Some(n.network()) >= cfg.subnet_min
-                && Some(n.network()) <= cfg.subnet_max
+    family_in_range(
+        cfg.enable_ipv4,
+        subnets.v4.map(|n| (n.prefix_len(), n.network())),
+        cfg.subnet_len,
+        cfg.subnet_min,
+        cfg.subnet_max,
+    ) && family_in_range(
+        cfg.enable_ipv6,
+        subnets.v6.map(|n| (n.prefix_len(), n.network())),
+        cfg.ipv6_subnet_len,
+        cfg.ipv6_subnet_min,
+        cfg.ipv6_subnet_max,
+    )
+}
+
+/// One family's part of [`in_range`]: with the family enabled, a subnet (prefix length and
+/// network address) of length `len` between `min` and `max`; with it disabled, none.
+fn family_in_range<A: PartialOrd + Copy>(
+    enabled: bool,
+    subnet: Option<(u8, A)>,
+    len: u8,
+    min: Option<A>,
+    max: Option<A>,
+) -> bool {
+    match (enabled, subnet) {
+        (true, Some((prefix_len, network))) => {
+            let network = Some(network);
+            prefix_len == len && network >= min && network <= max
         }
         (false, None) => true,
         _ => false,
-    };
-    let v6_ok = match (cfg.enable_ipv6, subnets.v6) {
-        (true, Some(n)) => {
-            n.prefix_len() == cfg.ipv6_subnet_len
-                && Some(n.network()) >= cfg.ipv6_subnet_min
-                && Some(n.network()) <= cfg.ipv6_subnet_max
-        }
-        (false, None) => true,
-        _ => false,
-    };
-    v4_ok && v6_ok
+    }
 }

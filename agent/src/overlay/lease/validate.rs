@@ -93,6 +93,39 @@ pub struct Validated {
     pub ignored: Vec<Ignored>,
 }
 
+/// A peer's public address for its subnet of one family (`field` and `family` name them): there,
+/// a usable unicast underlay address outside the cluster (`in_cluster`), and not `own`.
+fn check_public_ip(
+    (field, family): (&str, &str),
+    ip: Option<IpAddr>,
+    own: Option<IpAddr>,
+    in_cluster: impl Fn(IpAddr) -> bool,
+) -> Result<(), (IgnoreReason, String)> {
+    let ip = ip.ok_or_else(|| {
+        (
+            IgnoreReason::BadPublicIp,
+            format!("no {field} for its {family} subnet"),
+        )
+    })?;
+    let usable = match ip {
+        IpAddr::V4(a) => usable_v4(a),
+        IpAddr::V6(a) => usable_v6(a),
+    };
+    if !usable || in_cluster(ip) {
+        return Err((
+            IgnoreReason::BadPublicIp,
+            format!("{field} {ip} is not a usable unicast underlay address"),
+        ));
+    }
+    if own == Some(ip) {
+        return Err((
+            IgnoreReason::OwnPublicIp,
+            format!("{field} {ip} is this node's own"),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether an IPv4 address can be a node's underlay address: unicast, not unspecified, not
 /// "this network" (0/8), loopback, link-local, multicast or reserved (240/4, broadcast).
 pub fn usable_v4(a: Ipv4Addr) -> bool {
@@ -178,40 +211,20 @@ pub(crate) fn check_one(
     };
     let attrs = &lease.attrs;
     if cfg.enable_ipv4 && subnets.v4.is_some() {
-        let ip = attrs.public_ip.ok_or((
-            IgnoreReason::BadPublicIp,
-            "no PublicIP for its IPv4 subnet".to_string(),
-        ))?;
-        if !usable_v4(ip) || in_cluster(IpAddr::V4(ip)) {
-            return Err((
-                IgnoreReason::BadPublicIp,
-                format!("PublicIP {ip} is not a usable unicast underlay address"),
-            ));
-        }
-        if own.public_v4 == Some(ip) {
-            return Err((
-                IgnoreReason::OwnPublicIp,
-                format!("PublicIP {ip} is this node's own"),
-            ));
-        }
+        check_public_ip(
+            ("PublicIP", "IPv4"),
+            attrs.public_ip.map(IpAddr::V4),
+            own.public_v4.map(IpAddr::V4),
+            in_cluster,
+        )?;
     }
     if cfg.enable_ipv6 && subnets.v6.is_some() {
-        let ip = attrs.public_ipv6.ok_or((
-            IgnoreReason::BadPublicIp,
-            "no PublicIPv6 for its IPv6 subnet".to_string(),
-        ))?;
-        if !usable_v6(ip) || in_cluster(IpAddr::V6(ip)) {
-            return Err((
-                IgnoreReason::BadPublicIp,
-                format!("PublicIPv6 {ip} is not a usable unicast underlay address"),
-            ));
-        }
-        if own.public_v6 == Some(ip) {
-            return Err((
-                IgnoreReason::OwnPublicIp,
-                format!("PublicIPv6 {ip} is this node's own"),
-            ));
-        }
+        check_public_ip(
+            ("PublicIPv6", "IPv6"),
+            attrs.public_ipv6.map(IpAddr::V6),
+            own.public_v6.map(IpAddr::V6),
+            in_cluster,
+        )?;
     }
     if attrs.backend_type == "vxlan"
         && cfg.backend.kind == crate::overlay::config::BackendType::Vxlan

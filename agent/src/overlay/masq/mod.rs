@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::process::Stdio;
 use std::sync::Mutex;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::AsyncWriteExt;
 
 use crate::overlay::config::NetworkConfig;
@@ -71,28 +71,23 @@ pub fn render(spec: &MasqSpec) -> String {
         out,
         "    type nat hook postrouting priority srcnat; policy accept;"
     );
-    if let Some((net, sn)) = spec.v4 {
-        let _ = writeln!(out, "    ip saddr {net} ip daddr {net} return");
+    // Per family: its nft address keyword and multicast range, the network and the subnet.
+    let families = [
+        spec.v4
+            .map(|(net, sn)| ("ip", "224.0.0.0/4", IpNet::V4(net), IpNet::V4(sn))),
+        spec.v6
+            .map(|(net, sn)| ("ip6", "ff00::/8", IpNet::V6(net), IpNet::V6(sn))),
+    ];
+    for (ip, multicast, net, sn) in families.into_iter().flatten() {
+        let _ = writeln!(out, "    {ip} saddr {net} {ip} daddr {net} return");
         let _ = writeln!(
             out,
-            "    ip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random"
+            "    {ip} saddr {net} {ip} daddr != {multicast} masquerade fully-random"
         );
-        let _ = writeln!(out, "    ip saddr != {net} ip daddr {sn} return");
+        let _ = writeln!(out, "    {ip} saddr != {net} {ip} daddr {sn} return");
         let _ = writeln!(
             out,
-            "    ip saddr != {net} ip daddr {net} masquerade fully-random"
-        );
-    }
-    if let Some((net, sn)) = spec.v6 {
-        let _ = writeln!(out, "    ip6 saddr {net} ip6 daddr {net} return");
-        let _ = writeln!(
-            out,
-            "    ip6 saddr {net} ip6 daddr != ff00::/8 masquerade fully-random"
-        );
-        let _ = writeln!(out, "    ip6 saddr != {net} ip6 daddr {sn} return");
-        let _ = writeln!(
-            out,
-            "    ip6 saddr != {net} ip6 daddr {net} masquerade fully-random"
+            "    {ip} saddr != {net} {ip} daddr {net} masquerade fully-random"
         );
     }
     let _ = writeln!(out, "  }}");

@@ -141,36 +141,32 @@ pub async fn lease_cache<S: LeaseStore + Clone>(
         let mut watch_task = tokio::spawn(async move { w.watch(listing.revision, tx).await });
         let mut suspect = false;
         loop {
-            tokio::select! {
+            let had = !cache.is_empty();
+            let broke = tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { break };
-                    let had = !cache.is_empty();
                     apply_events(&mut cache, &mut revision, batch);
-                    seen.revision = revision;
-                    if had && cache.is_empty() && !config_present(&store).await {
-                        suspect = true;
-                        break;
-                    }
-                    seen.had_leases = !cache.is_empty();
-                    publish(&cache, revision);
+                    false
                 }
                 res = &mut watch_task => {
                     let e = res.unwrap_or_else(|j| StoreError::WatchEnded(j.to_string()));
                     tracing::warn!(error = %e, "lease watch broke; re-listing");
                     // Drain what arrived before the break.
-                    let had = !cache.is_empty();
                     while let Ok(batch) = rx.try_recv() {
                         apply_events(&mut cache, &mut revision, batch);
                     }
-                    seen.revision = revision;
-                    if had && cache.is_empty() && !config_present(&store).await {
-                        suspect = true;
-                        break;
-                    }
-                    seen.had_leases = !cache.is_empty();
-                    publish(&cache, revision);
-                    break;
+                    true
                 }
+            };
+            seen.revision = revision;
+            if had && cache.is_empty() && !config_present(&store).await {
+                suspect = true;
+                break;
+            }
+            seen.had_leases = !cache.is_empty();
+            publish(&cache, revision);
+            if broke {
+                break;
             }
         }
         watch_task.abort();

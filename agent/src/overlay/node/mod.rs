@@ -315,6 +315,20 @@ impl<S: LeaseStore + Clone> Node<S> {
         Ok(())
     }
 
+    /// Acquires a lease for this node's attributes, `previous` preferred, until one is held
+    /// (`None`: a signal came first).
+    async fn acquire(&self, previous: Option<LeaseSubnets>) -> Option<HeldLease> {
+        acquire_until(
+            &self.store,
+            &self.cfg,
+            &self.attrs,
+            previous,
+            &self.metrics,
+            &self.shutdown,
+        )
+        .await
+    }
+
     fn node_attrs(&self) -> LeaseAttrs {
         LeaseAttrs {
             node_id: self.settings.node_id.clone(),
@@ -469,15 +483,7 @@ impl<S: LeaseStore + Clone> Node<S> {
                 self.devices = d;
                 self.attrs = self.node_attrs();
                 let again = Some(self.held.subnets);
-                let got = acquire_until(
-                    &self.store,
-                    &self.cfg,
-                    &self.attrs,
-                    again,
-                    &self.metrics,
-                    &self.shutdown,
-                );
-                let Some(h) = got.await else {
+                let Some(h) = self.acquire(again).await else {
                     return Ok(false);
                 };
                 let moved = h.subnets != self.held.subnets;
@@ -547,15 +553,7 @@ impl<S: LeaseStore + Clone> Node<S> {
                 tracing::warn!(error = %e, file = %file.display(), "removing the subnet file failed");
             }
         }
-        let got = acquire_until(
-            &self.store,
-            &self.cfg,
-            &self.attrs,
-            previous,
-            &self.metrics,
-            &self.shutdown,
-        );
-        let Some(h) = got.await else {
+        let Some(h) = self.acquire(previous).await else {
             return Ok(false);
         };
         self.held = h;

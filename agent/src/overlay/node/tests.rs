@@ -5,7 +5,7 @@ use super::*;
 use crate::overlay::lease::LEASE_TTL;
 use crate::overlay::node::acquire::{Acquired, acquire};
 use crate::overlay::node::identity::node_identity;
-use crate::overlay::source::MemStore;
+use crate::overlay::source::{MemStore, StoredLease};
 
 const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
@@ -21,6 +21,29 @@ fn attrs(ip: &str) -> LeaseAttrs {
     }
 }
 
+/// The in-memory store holding the network config `json`, and that config.
+fn store_with(json: &str) -> (MemStore, NetworkConfig) {
+    (MemStore::new(json), NetworkConfig::parse(json).unwrap())
+}
+
+/// Another node's attributes with the public IP `ip` (shared with a node of [`attrs`]) and
+/// identity `id`.
+fn same_ip_as(ip: &str, id: Option<&str>) -> LeaseAttrs {
+    LeaseAttrs {
+        node_id: id.map(String::from),
+        ..attrs(ip)
+    }
+}
+
+/// A snapshot of `leases` read at `revision` of the first store.
+fn snapshot(leases: Vec<StoredLease>, revision: i64) -> Snapshot {
+    Snapshot {
+        leases,
+        revision,
+        epoch: 0,
+    }
+}
+
 async fn held(store: &MemStore, cfg: &NetworkConfig, a: &LeaseAttrs) -> HeldLease {
     match acquire(store, cfg, a, None).await.unwrap() {
         Acquired::Held(h) => h,
@@ -30,8 +53,7 @@ async fn held(store: &MemStore, cfg: &NetworkConfig, a: &LeaseAttrs) -> HeldLeas
 
 #[tokio::test]
 async fn restart_gets_the_same_subnet_back() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let a = held(&store, &cfg, &attrs("198.18.0.11")).await;
     let b = held(&store, &cfg, &attrs("198.18.0.12")).await;
     assert_ne!(a.subnets, b.subnets);
@@ -52,14 +74,12 @@ async fn restart_gets_the_same_subnet_back() {
 
 #[tokio::test]
 async fn a_live_holder_with_our_public_ip_is_not_taken_over() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let first = attrs("198.18.0.11");
     let a = held(&store, &cfg, &first).await;
     let before = store.leases();
     // A second node started with the same --public-ip: another identity, no subnet file.
-    let mut second = attrs("198.18.0.11");
-    second.node_id = Some("id-second".into());
+    let mut second = same_ip_as("198.18.0.11", Some("id-second"));
     second.backend_data = Some(serde_json::json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}));
     let elsewhere = LeaseSubnets::parse_key("10.244.250.0-24").unwrap();
     for previous in [None, Some(elsewhere)] {
@@ -78,13 +98,11 @@ async fn a_live_holder_with_our_public_ip_is_not_taken_over() {
 
 #[tokio::test]
 async fn a_lost_identity_file_is_made_up_for_by_the_previous_subnet_file() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let before = held(&store, &cfg, &attrs("198.18.0.11")).await;
     // Restarted with a new identity (its file was on a disk that did not survive) but with
     // its subnet file: it gets its lease back; without the file it could not prove it.
-    let mut reborn = attrs("198.18.0.11");
-    reborn.node_id = Some("id-reborn".into());
+    let reborn = same_ip_as("198.18.0.11", Some("id-reborn"));
     assert!(matches!(
         acquire(&store, &cfg, &reborn, None).await.unwrap(),
         Acquired::Conflict(_)
@@ -100,12 +118,10 @@ async fn a_lost_identity_file_is_made_up_for_by_the_previous_subnet_file() {
 
 #[tokio::test]
 async fn a_lease_without_identity_is_reclaimed_only_with_the_previous_subnet_file() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     // Written by flannel (or an older twill) on this node.
     let sn = LeaseSubnets::parse_key("10.244.42.0-24").unwrap();
-    let mut old = attrs("198.18.0.11");
-    old.node_id = None;
+    let old = same_ip_as("198.18.0.11", None);
     store.insert(Lease {
         subnets: sn,
         attrs: old,
@@ -125,8 +141,7 @@ async fn a_lease_without_identity_is_reclaimed_only_with_the_previous_subnet_fil
 
 #[tokio::test]
 async fn previous_subnet_from_file_is_preferred_when_free() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let prev = LeaseSubnets {
         v4: Some("10.244.77.0/24".parse().unwrap()),
         v6: None,
@@ -150,9 +165,7 @@ async fn previous_subnet_from_file_is_preferred_when_free() {
 
 #[tokio::test]
 async fn many_nodes_never_share_a_subnet() {
-    let store = MemStore::new(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#);
-    let cfg =
-        NetworkConfig::parse(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#).unwrap();
+    let (store, cfg) = store_with(r#"{"Network":"10.244.0.0/20","Backend":{"Type":"vxlan"}}"#);
     let mut tasks = Vec::new();
     for i in 0..15 {
         let s = store.clone();
@@ -186,9 +199,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_signal_ends_the_wait_for_a_free_subnet() {
-    let cfg_json = r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#;
-    let store = MemStore::new(cfg_json);
-    let cfg = NetworkConfig::parse(cfg_json).unwrap();
+    let (store, cfg) = store_with(r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#);
     for ip in ["198.18.0.12", "198.18.0.13", "198.18.0.14"] {
         held(&store, &cfg, &attrs(ip)).await;
     }
@@ -224,11 +235,9 @@ async fn a_signal_ends_the_wait_for_a_free_subnet() {
 
 #[tokio::test]
 async fn a_conflict_is_reported_and_claimed_until_the_holder_goes() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let a = held(&store, &cfg, &attrs("198.18.0.11")).await;
-    let mut second = attrs("198.18.0.11");
-    second.node_id = Some("id-second".into());
+    let second = same_ip_as("198.18.0.11", Some("id-second"));
     let metrics = Arc::new(Metrics::default());
     let (_fire, shutdown) = Shutdown::manual();
     let task = {
@@ -263,22 +272,13 @@ async fn a_conflict_is_reported_and_claimed_until_the_holder_goes() {
 
 #[tokio::test]
 async fn a_lost_or_taken_lease_is_noticed_but_not_from_a_stale_snapshot() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let me = attrs("198.18.0.11");
     let h = held(&store, &cfg, &me).await;
-    let snap = |store: &MemStore, revision: i64| Snapshot {
-        leases: store.leases(),
-        revision,
-        epoch: 0,
-    };
+    let snap = |store: &MemStore, revision: i64| snapshot(store.leases(), revision);
     assert_eq!(lease_lost(&snap(&store, h.revision), &h, &me, true), None);
     // Deleted: noticed; but a snapshot from before our write proves nothing.
-    let empty = Snapshot {
-        leases: Vec::new(),
-        revision: h.revision - 1,
-        epoch: 0,
-    };
+    let empty = snapshot(Vec::new(), h.revision - 1);
     assert_eq!(lease_lost(&empty, &h, &me, true), None);
     // Unless the snapshot is of another store (an etcd replaced, its revisions anew).
     assert!(matches!(
@@ -293,8 +293,7 @@ async fn a_lost_or_taken_lease_is_noticed_but_not_from_a_stale_snapshot() {
     );
     // Rewritten by another node (an older twill that "reclaimed" it by public IP).
     let h = held(&store, &cfg, &me).await;
-    let mut thief = attrs("198.18.0.11");
-    thief.node_id = Some("id-thief".into());
+    let thief = same_ip_as("198.18.0.11", Some("id-thief"));
     store.insert(Lease {
         subnets: h.subnets,
         attrs: thief,
@@ -315,13 +314,11 @@ async fn a_lost_or_taken_lease_is_noticed_but_not_from_a_stale_snapshot() {
 
 #[tokio::test]
 async fn ignored_leases_are_counted_and_the_peers_kept() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     let me = attrs("198.18.0.11");
     let h = held(&store, &cfg, &me).await;
     held(&store, &cfg, &attrs("198.18.0.12")).await;
-    let mut bad = attrs("0.0.0.0");
-    bad.node_id = None;
+    let bad = same_ip_as("0.0.0.0", None);
     // (10.244.0.0/24 is below SubnetMin: never one the nodes above were given.)
     for key in ["198.18.0.0-25", "8.8.8.0-24", "10.244.0.0-24"] {
         store.insert(Lease {
@@ -336,11 +333,7 @@ async fn ignored_leases_are_counted_and_the_peers_kept() {
     }
     let metrics = Metrics::default();
     let mut report = LeaseReport::default();
-    let snap = Snapshot {
-        leases: store.leases(),
-        revision: i64::MAX,
-        epoch: 0,
-    };
+    let snap = snapshot(store.leases(), i64::MAX);
     for _ in 0..2 {
         let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
         assert_eq!(peers.len(), 1, "{peers:?}");
@@ -363,8 +356,7 @@ async fn ignored_leases_are_counted_and_the_peers_kept() {
 
 #[tokio::test]
 async fn an_older_lease_over_ours_is_counted_as_a_conflict() {
-    let store = MemStore::new(CFG);
-    let cfg = NetworkConfig::parse(CFG).unwrap();
+    let (store, cfg) = store_with(CFG);
     // Another node's lease, created first, names our subnet in another key (with an IPv6
     // part this IPv4-only cluster ignores); ours comes second.
     let mut other = lease_of("198.18.0.12", 5);
@@ -382,11 +374,7 @@ async fn an_older_lease_over_ours_is_counted_as_a_conflict() {
         .unwrap();
     let metrics = Metrics::default();
     let mut report = LeaseReport::default();
-    let snap = Snapshot {
-        leases: store.leases(),
-        revision: h.revision,
-        epoch: 0,
-    };
+    let snap = snapshot(store.leases(), h.revision);
     let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
     assert!(peers.is_empty(), "{peers:?}");
     let text = metrics.render();
@@ -416,6 +404,28 @@ fn cache_on(
     (tokio::spawn(lease_cache(store.clone(), tx)), rx)
 }
 
+/// Waits until the cache publishes a snapshot of `n` leases.
+async fn published(rx: &mut watch::Receiver<Option<Arc<Snapshot>>>, n: usize) {
+    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == n))
+        .await
+        .unwrap();
+}
+
+/// Waits up to `within` until the cache publishes an empty snapshot; `what` is the failure.
+async fn published_empty(
+    rx: &mut watch::Receiver<Option<Arc<Snapshot>>>,
+    within: Duration,
+    what: &str,
+) {
+    tokio::time::timeout(
+        within,
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+    )
+    .await
+    .expect(what)
+    .unwrap();
+}
+
 fn keys(rx: &watch::Receiver<Option<Arc<Snapshot>>>) -> Vec<String> {
     rx.borrow()
         .as_ref()
@@ -429,9 +439,7 @@ async fn a_wiped_store_is_not_acted_on_until_the_config_is_back() {
     store.insert(lease_of("198.18.0.11", 1));
     store.insert(lease_of("198.18.0.12", 2));
     let (task, mut rx) = cache_on(&store);
-    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 2))
-        .await
-        .unwrap();
+    published(&mut rx, 2).await;
     // etcdctl del --prefix: every lease and the config key at once.
     store.wipe();
     // A minute (of paused time: every task runs until idle first) brings no empty snapshot.
@@ -440,26 +448,22 @@ async fn a_wiped_store_is_not_acted_on_until_the_config_is_back() {
     assert!(!rx.has_changed().unwrap());
     // The config key is back: the empty listing is acted on.
     store.set_config(Some(CFG));
-    tokio::time::timeout(
+    published_empty(
+        &mut rx,
         Duration::from_mins(1),
-        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        "the empty listing was never published",
     )
-    .await
-    .expect("the empty listing was never published")
-    .unwrap();
+    .await;
     // Leases deleted one by one, the config in place, are acted on at once.
     store.insert(lease_of("198.18.0.11", 1));
-    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
-        .await
-        .unwrap();
+    published(&mut rx, 1).await;
     store.remove(&lease_of("198.18.0.11", 1).subnets);
-    tokio::time::timeout(
+    published_empty(
+        &mut rx,
         Duration::from_secs(1),
-        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        "a real departure was held back",
     )
-    .await
-    .expect("a real departure was held back")
-    .unwrap();
+    .await;
     task.abort();
 }
 
@@ -468,37 +472,31 @@ async fn a_fresh_store_is_acted_on_only_with_its_config() {
     let store = MemStore::new(CFG);
     store.insert(lease_of("198.18.0.11", 1));
     let (task, mut rx) = cache_on(&store);
-    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
-        .await
-        .unwrap();
+    published(&mut rx, 1).await;
     // Another etcd (revision from the start, another cluster id), empty, no config yet.
     store.replace_with_fresh(None);
     tokio::time::sleep(Duration::from_mins(1)).await;
     assert_eq!(keys(&rx).len(), 1);
     assert_eq!(rx.borrow().as_ref().unwrap().epoch, 0);
     store.set_config(Some(CFG));
-    tokio::time::timeout(
+    published_empty(
+        &mut rx,
         Duration::from_mins(1),
-        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        "the fresh store was never acted on",
     )
-    .await
-    .expect("the fresh store was never acted on")
-    .unwrap();
+    .await;
     // Its revisions count anew: the snapshot says it is another store.
     assert_eq!(rx.borrow().as_ref().unwrap().epoch, 1);
     // A fresh store that comes with its config is acted on at once.
     store.insert(lease_of("198.18.0.11", 1));
-    rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.len() == 1))
-        .await
-        .unwrap();
+    published(&mut rx, 1).await;
     store.replace_with_fresh(Some(CFG));
-    tokio::time::timeout(
+    published_empty(
+        &mut rx,
         Duration::from_mins(1),
-        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.leases.is_empty())),
+        "the fresh store with its config was not acted on",
     )
-    .await
-    .expect("the fresh store with its config was not acted on")
-    .unwrap();
+    .await;
     task.abort();
 }
 

@@ -15,7 +15,8 @@
 //! - Not supported: flannel's `public-ip-overwrite` annotations (set `--public-ip` instead).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{AddrParseError, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
@@ -250,6 +251,23 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// Why annotation `key` of `node`, set to `value`, is refused.
+fn bad_annotation(node: &Node, key: &str, value: &str, reason: String) -> AnnotationError {
+    AnnotationError::BadAnnotation {
+        node: node_name(node),
+        key: key.to_string(),
+        value: value.to_string(),
+        reason,
+    }
+}
+
+/// The address in annotation `key` of `node` (absent reads as empty, so it is refused too).
+fn address<A: FromStr<Err = AddrParseError>>(node: &Node, key: &str) -> Result<A, AnnotationError> {
+    let v = annotation(node, key).unwrap_or_default();
+    v.parse()
+        .map_err(|e: AddrParseError| bad_annotation(node, key, v, e.to_string()))
+}
+
 /// The lease a Node publishes (flannel's `nodeToLease`): `Ok(None)` when the node is not
 /// managed in this mode (no `kube-subnet-manager: "true"`), an error when it is but an
 /// annotation or its `podCIDRs` are unusable.
@@ -261,18 +279,12 @@ pub fn node_lease(
     if annotation(node, &a.kube_subnet_manager) != Some("true") {
         return Ok(None);
     }
-    let bad = |key: &str, value: &str, reason: String| AnnotationError::BadAnnotation {
-        node: node_name(node),
-        key: key.to_string(),
-        value: value.to_string(),
-        reason,
-    };
     let subnets = node_subnets(cfg, node)?;
     let data = |key: &str| -> Result<Option<serde_json::Value>, AnnotationError> {
         match annotation(node, key) {
             None | Some("") => Ok(None),
             Some(v) => serde_json::from_str::<Option<serde_json::Value>>(v)
-                .map_err(|e| bad(key, v, format!("not JSON: {e}"))),
+                .map_err(|e| bad_annotation(node, key, v, format!("not JSON: {e}"))),
         }
     };
     let mut attrs = LeaseAttrs {
@@ -286,19 +298,11 @@ pub fn node_lease(
         node_id: None,
     };
     if cfg.enable_ipv4 {
-        let v = annotation(node, &a.public_ip).unwrap_or_default();
-        attrs.public_ip = Some(
-            v.parse::<Ipv4Addr>()
-                .map_err(|e| bad(&a.public_ip, v, e.to_string()))?,
-        );
+        attrs.public_ip = Some(address(node, &a.public_ip)?);
         attrs.backend_data = data(&a.backend_data)?;
     }
     if cfg.enable_ipv6 {
-        let v = annotation(node, &a.public_ipv6).unwrap_or_default();
-        attrs.public_ipv6 = Some(
-            v.parse::<Ipv6Addr>()
-                .map_err(|e| bad(&a.public_ipv6, v, e.to_string()))?,
-        );
+        attrs.public_ipv6 = Some(address(node, &a.public_ipv6)?);
         attrs.backend_v6_data = data(&a.backend_v6_data)?;
     }
     Ok(Some(Lease {

@@ -17,8 +17,8 @@
 //! - The network config is a file (flannel's `--net-config-path`, a ConfigMap in `deploy/`),
 //!   read at start and re-read on every resync like the etcd key, so a change is reported
 //!   (restart to apply) and an invalid one is refused.
-//! - [`AnyLeaseStore`] lets the agent hold either store in one variable: the overlay loop is
-//!   generic over [`LeaseStore`] and does not change.
+//! - The overlay loop is generic over [`LeaseStore`] and does not change: the agent picks the
+//!   store at start and runs the same loop over either.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -32,9 +32,7 @@ use super::annotations::{self, AnnotationError, Annotations};
 use crate::overlay::config::{ConfigError, NetworkConfig};
 use crate::overlay::lease::LEASE_TTL;
 use crate::overlay::lease::{LeaseAttrs, LeaseSubnets};
-use crate::overlay::source::{
-    EtcdStore, HeldLease, LeaseEvent, LeaseStore, Listing, StoreError, StoredLease,
-};
+use crate::overlay::source::{HeldLease, LeaseEvent, LeaseStore, Listing, StoreError, StoredLease};
 use crate::shared::kube::KubeApi;
 use crate::shared::kube::{KubeError, api_err};
 
@@ -143,6 +141,11 @@ impl KubeSubnetStore {
         config_path: &Path,
     ) -> Result<Self, SubnetError> {
         Self::new(api.client().await?, node, annotation_prefix, config_path)
+    }
+
+    /// Where the network config comes from, for messages: the file.
+    pub fn config_location(&self) -> String {
+        self.config_path.display().to_string()
     }
 
     fn decode(&self, node: &Node) -> Option<StoredLease> {
@@ -320,114 +323,6 @@ impl LeaseStore for KubeSubnetStore {
     }
 }
 
-/// Either lease store, chosen at start (`--kube-subnet-mgr`).
-#[derive(Clone)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one value per agent, never moved in a loop"
-)]
-pub enum AnyLeaseStore {
-    /// flannel's etcd schema.
-    Etcd(EtcdStore),
-    /// Kubernetes Nodes.
-    Kube(KubeSubnetStore),
-}
-
-impl AnyLeaseStore {
-    /// Where the network config comes from, for messages: the etcd key or the file.
-    pub fn config_location(&self, etcd_prefix: &str) -> String {
-        match self {
-            AnyLeaseStore::Etcd(_) => format!("{}/config", etcd_prefix.trim_end_matches('/')),
-            AnyLeaseStore::Kube(k) => k.config_path.display().to_string(),
-        }
-    }
-}
-
-impl LeaseStore for AnyLeaseStore {
-    async fn get_config(&self) -> Result<String, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.get_config().await,
-            AnyLeaseStore::Kube(s) => s.get_config().await,
-        }
-    }
-
-    async fn list(&self) -> Result<Listing, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.list().await,
-            AnyLeaseStore::Kube(s) => s.list().await,
-        }
-    }
-
-    async fn create(
-        &self,
-        subnets: LeaseSubnets,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<HeldLease>, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.create(subnets, attrs, ttl).await,
-            AnyLeaseStore::Kube(s) => s.create(subnets, attrs, ttl).await,
-        }
-    }
-
-    async fn reclaim(
-        &self,
-        old: &StoredLease,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<HeldLease>, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.reclaim(old, attrs, ttl).await,
-            AnyLeaseStore::Kube(s) => s.reclaim(old, attrs, ttl).await,
-        }
-    }
-
-    async fn renew(&self, held: &HeldLease) -> Result<SystemTime, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.renew(held).await,
-            AnyLeaseStore::Kube(s) => s.renew(held).await,
-        }
-    }
-
-    async fn watch(&self, revision: i64, tx: mpsc::Sender<Vec<LeaseEvent>>) -> StoreError {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.watch(revision, tx).await,
-            AnyLeaseStore::Kube(s) => s.watch(revision, tx).await,
-        }
-    }
-
-    async fn acquire_assigned(
-        &self,
-        cfg: &NetworkConfig,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<HeldLease>, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.acquire_assigned(cfg, attrs, ttl).await,
-            AnyLeaseStore::Kube(s) => s.acquire_assigned(cfg, attrs, ttl).await,
-        }
-    }
-
-    async fn claim(
-        &self,
-        lease: &LeaseSubnets,
-        attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.claim(lease, attrs, ttl).await,
-            AnyLeaseStore::Kube(s) => s.claim(lease, attrs, ttl).await,
-        }
-    }
-
-    async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
-        match self {
-            AnyLeaseStore::Etcd(s) => s.claims(lease).await,
-            AnyLeaseStore::Kube(s) => s.claims(lease).await,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,9 +413,8 @@ mod tests {
                 .starts_with("subnets are assigned by Kubernetes"),
             "{e}"
         );
-        let any = AnyLeaseStore::Kube(s);
         assert_eq!(
-            any.config_location("/coreos.com/network"),
+            s.config_location(),
             dir.join("net-conf.json").display().to_string()
         );
         std::fs::remove_dir_all(&dir).unwrap();

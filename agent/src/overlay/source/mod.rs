@@ -20,7 +20,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, GetResponse, LeaseGrantResponse, PutOptions,
+    Txn, TxnOp,
+};
 use tokio::sync::mpsc;
 
 use crate::overlay::lease::{Lease, LeaseAttrs, LeaseSubnets};
@@ -207,6 +210,11 @@ impl EtcdStore {
         })
     }
 
+    /// Where the network config comes from, for messages: the key.
+    pub fn config_location(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
     fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.prefix)
     }
@@ -248,6 +256,25 @@ impl EtcdStore {
         })
     }
 
+    /// A new etcd lease of `ttl`, for writing `key`.
+    async fn grant(&self, ttl: Duration, key: &str) -> Result<LeaseGrantResponse, StoreError> {
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        self.client
+            .clone()
+            .lease_grant(ttl_secs, None)
+            .await
+            .map_err(etcd("lease grant", key))
+    }
+
+    /// The key `key`, or with `opts` (a prefix get) the keys under it.
+    async fn get(&self, key: &str, opts: Option<GetOptions>) -> Result<GetResponse, StoreError> {
+        self.client
+            .clone()
+            .get(key, opts)
+            .await
+            .map_err(etcd("get", key))
+    }
+
     /// Puts `attrs` at `key` on a new etcd lease if `cmp` holds: the etcd lease id and the
     /// revision of the write.
     async fn put_if(
@@ -258,11 +285,7 @@ impl EtcdStore {
         ttl: Duration,
     ) -> Result<Option<(i64, i64)>, StoreError> {
         let mut c = self.client.clone();
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        let grant = c
-            .lease_grant(ttl_secs, None)
-            .await
-            .map_err(etcd("lease grant", &key))?;
+        let grant = self.grant(ttl, &key).await?;
         let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
             key.clone(),
             attrs.to_json(),
@@ -283,13 +306,8 @@ impl EtcdStore {
 
 impl LeaseStore for EtcdStore {
     async fn get_config(&self) -> Result<String, StoreError> {
-        let key = format!("{}/config", self.prefix);
-        let resp = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(etcd("get", &key))?;
+        let key = self.config_location();
+        let resp = self.get(&key, None).await?;
         let kv = resp.kvs().first().ok_or(StoreError::NoConfig(key))?;
         Ok(String::from_utf8_lossy(kv.value()).into_owned())
     }
@@ -297,11 +315,8 @@ impl LeaseStore for EtcdStore {
     async fn list(&self) -> Result<Listing, StoreError> {
         let prefix = self.subnets_prefix();
         let resp = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd("get", &prefix))?;
+            .get(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         let header = resp.header();
         Ok(Listing {
             leases: resp.kvs().iter().filter_map(|kv| self.decode(kv)).collect(),
@@ -381,12 +396,7 @@ impl LeaseStore for EtcdStore {
         };
         // The etcd lease lives on, but is the key still on it? Someone may have deleted the key
         // or rewritten it on an etcd lease of their own.
-        let got = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(etcd("get", &key))?;
+        let got = self.get(&key, None).await?;
         match got.kvs().first() {
             None => Err(StoreError::LeaseLost {
                 key,
@@ -439,11 +449,7 @@ impl LeaseStore for EtcdStore {
         let id = attrs.node_id.clone().unwrap_or_default();
         let key = format!("{}{id}", self.claims_prefix(lease));
         let mut c = self.client.clone();
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        let grant = c
-            .lease_grant(ttl_secs, None)
-            .await
-            .map_err(etcd("lease grant", &key))?;
+        let grant = self.grant(ttl, &key).await?;
         c.put(
             key.as_str(),
             attrs.to_json(),
@@ -457,11 +463,8 @@ impl LeaseStore for EtcdStore {
     async fn claims(&self, lease: &LeaseSubnets) -> Result<Vec<LeaseAttrs>, StoreError> {
         let prefix = self.claims_prefix(lease);
         let resp = self
-            .client
-            .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd("get", &prefix))?;
+            .get(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         Ok(resp
             .kvs()
             .iter()

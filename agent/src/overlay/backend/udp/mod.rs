@@ -478,24 +478,14 @@ impl Drop for UdpBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::overlay::tests::udp_uplink;
 
     const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
-
-    fn uplink() -> Uplink {
-        Uplink {
-            index: 2,
-            name: "eth0".into(),
-            mtu: 1500,
-            public_v4: Some("198.18.0.11".parse().unwrap()),
-            public_v6: None,
-            nets: vec!["198.18.0.11/24".parse().unwrap()],
-        }
-    }
 
     #[test]
     fn spec_and_config_checks() {
         let cfg = NetworkConfig::parse(CFG).unwrap();
-        let spec = Spec::new(&cfg, &uplink(), 1472).unwrap();
+        let spec = Spec::new(&cfg, &udp_uplink(), 1472).unwrap();
         assert_eq!(spec.name, "flannel0");
         assert_eq!(spec.mtu, 1472);
         assert_eq!(spec.max_packet, 1472);
@@ -511,7 +501,7 @@ mod tests {
             err.contains("IPv4 only") && err.contains("EnableIPv6"),
             "{err}"
         );
-        let mut up = uplink();
+        let mut up = udp_uplink();
         up.public_v4 = None;
         assert!(Spec::new(&cfg, &up, 1472).is_err());
         assert!(check_proxy_mode(false).is_ok());

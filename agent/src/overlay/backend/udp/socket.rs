@@ -39,14 +39,28 @@ pub struct UdpSocket {
 }
 
 fn setsockopt(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option is an int that lives across the call.
+    // SAFETY: the option is an int, and `v` lives across the call.
+    unsafe { setsockopt_value(fd, level, opt, &v) }
+}
+
+/// `setsockopt` with `v` (its size passed along).
+///
+/// # Safety
+/// `v` is the type the option takes, and whatever it points to is alive across the call.
+unsafe fn setsockopt_value<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: &T,
+) -> io::Result<()> {
+    // SAFETY: `v` is a live `T` of the size given; the caller vouches for the rest.
     let r = unsafe {
         libc::setsockopt(
             fd,
             level,
             opt,
-            (&raw const v).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("small"),
+            std::ptr::from_ref(v).cast(),
+            libc::socklen_t::try_from(size_of::<T>()).expect("small"),
         )
     };
     if r < 0 {
@@ -172,19 +186,13 @@ impl UdpSocket {
             filter: prog.as_mut_ptr(),
         };
         // SAFETY: a sock_fprog pointing at `prog`, both alive across the call.
-        let r = unsafe {
-            libc::setsockopt(
+        unsafe {
+            setsockopt_value(
                 self.raw(),
                 libc::SOL_SOCKET,
                 libc::SO_ATTACH_REUSEPORT_CBPF,
-                (&raw const fprog).cast(),
-                libc::socklen_t::try_from(size_of::<libc::sock_fprog>()).expect("small"),
+                &fprog,
             )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
         }
     }
 

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use super::super::core::{DropReason, RouteTable, VNET_HDR_LEN, ipv4_header_checksum};
 use super::super::edge::fake::{FakeSocket, FakeTun, Sent};
-use super::{Local, Rx, Shared, Stats, Tx, sum};
+use super::{Local, Rx, Shared, Stats, Totals, Tx, sum};
 
 const PORT: u16 = 8285;
 /// This node's pod and one of the peer's.
@@ -61,6 +61,20 @@ fn from_tun(pkt: &[u8]) -> Vec<u8> {
     v
 }
 
+/// What `local` counted, flushed and summed.
+fn totals(local: &mut Local) -> Totals {
+    let stats = Stats::default();
+    local.flush(&stats);
+    sum(std::slice::from_ref(&stats))
+}
+
+/// Drop counts of one drop, for `reason`.
+fn only_drop(reason: DropReason) -> [u64; DropReason::ALL.len()] {
+    let mut drops = [0; DropReason::ALL.len()];
+    drops[reason.index()] = 1;
+    drops
+}
+
 #[test]
 fn tx_turn_sends_to_the_owning_peer_and_counts_a_packet_without_route() {
     let shared = shared();
@@ -87,16 +101,13 @@ fn tx_turn_sends_to_the_owning_peer_and_counts_a_packet_without_route() {
         }],
         "one datagram, to the peer owning the destination, carrying the packet whole"
     );
-    let stats = Stats::default();
-    local.flush(&stats);
-    let t = sum(std::slice::from_ref(&stats));
+    let t = totals(&mut local);
     assert_eq!(t.tun_reads, 2);
     assert_eq!(t.tx_packets, 1);
     assert_eq!(t.tx_bytes, to_peer.len() as u64);
-    let mut drops = [0; DropReason::ALL.len()];
-    drops[DropReason::NoRoute.index()] = 1;
     assert_eq!(
-        t.drops, drops,
+        t.drops,
+        only_drop(DropReason::NoRoute),
         "the unrouted packet dropped as NoRoute, nothing else"
     );
 
@@ -136,15 +147,12 @@ fn rx_turn_writes_a_peers_datagram_to_the_tun_and_counts_an_unknown_sender() {
         &from_peer[..],
         "the inner packet, whole, behind a virtio-net header"
     );
-    let stats = Stats::default();
-    local.flush(&stats);
-    let t = sum(std::slice::from_ref(&stats));
+    let t = totals(&mut local);
     assert_eq!(t.rx_packets, 2);
     assert_eq!(t.tun_writes, 1);
-    let mut drops = [0; DropReason::ALL.len()];
-    drops[DropReason::UnknownPeer.index()] = 1;
     assert_eq!(
-        t.drops, drops,
+        t.drops,
+        only_drop(DropReason::UnknownPeer),
         "the stranger's datagram dropped as UnknownPeer"
     );
     assert!(!shared.broken.load(Ordering::Relaxed));

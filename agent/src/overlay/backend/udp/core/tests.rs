@@ -53,20 +53,27 @@ fn rx_table() -> RouteTable {
     )
 }
 
-/// An IPv4 header + TCP header (with a 12-byte timestamp option) + payload, checksums valid.
-fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
-    let thl = 32;
-    let total = 20 + thl + payload.len();
+/// `total` zero bytes from SRC to DST behind a valid IPv4 header: protocol `proto`, TTL 64,
+/// identification `id`, flags and fragment offset `frag`.
+fn ipv4_packet(total: usize, proto: u8, id: u16, frag: u16) -> Vec<u8> {
     let mut p = vec![0u8; total];
     p[0] = 0x45;
     set_u16(&mut p, 2, len_u16(total));
     set_u16(&mut p, 4, id);
-    set_u16(&mut p, 6, 0x4000);
+    set_u16(&mut p, 6, frag);
     p[8] = 64;
-    p[9] = PROTO_TCP;
+    p[9] = proto;
     p[12..16].copy_from_slice(&SRC.octets());
     p[16..20].copy_from_slice(&DST.octets());
     fix_ipv4_checksum(&mut p[..20]);
+    p
+}
+
+/// An IPv4 header + TCP header (with a 12-byte timestamp option) + payload, checksums valid.
+fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
+    let thl = 32;
+    let total = 20 + thl + payload.len();
+    let mut p = ipv4_packet(total, PROTO_TCP, id, 0x4000);
     set_u16(&mut p, 20, 40000);
     set_u16(&mut p, 22, 5201);
     set_u32(&mut p, 24, seq);
@@ -86,14 +93,7 @@ fn tcp_packet(seq: u32, flags: u8, payload: &[u8], id: u16) -> Vec<u8> {
 
 fn udp_packet(payload: &[u8]) -> Vec<u8> {
     let total = 28 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    set_u16(&mut p, 2, len_u16(total));
-    p[8] = 64;
-    p[9] = PROTO_UDP;
-    p[12..16].copy_from_slice(&SRC.octets());
-    p[16..20].copy_from_slice(&DST.octets());
-    fix_ipv4_checksum(&mut p[..20]);
+    let mut p = ipv4_packet(total, PROTO_UDP, 0, 0);
     set_u16(&mut p, 20, 4444);
     set_u16(&mut p, 22, 5555);
     set_u16(&mut p, 24, len_u16(total - 20));
@@ -103,21 +103,27 @@ fn udp_packet(payload: &[u8]) -> Vec<u8> {
 
 /// A super-packet as the TUN hands it over: virtio-net header, partial TCP checksum.
 fn tso_input(payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
-    let mut p = tcp_packet(1000, flags, payload, 7);
-    let total = len_u16(p.len());
-    // The TUN gives the pseudo-header sum in the checksum field.
+    let p = tcp_packet(1000, flags, payload, 7);
+    from_tun(p, PROTO_TCP, 16, Some((VnetHdr::GSO_TCPV4, 52, mss)))
+}
+
+/// `p` (SRC to DST, protocol `proto`) as the TUN hands it over: the pseudo-header sum in its
+/// checksum field (`csum_offset` into the transport header), behind a virtio-net header asking
+/// for the checksum and for `gso` (type, header length, segment size; `None`: one packet).
+fn from_tun(mut p: Vec<u8>, proto: u8, csum_offset: u16, gso: Option<(u8, u16, u16)>) -> Vec<u8> {
     let partial = Csum::default()
-        .pseudo_v4(SRC.octets(), DST.octets(), PROTO_TCP, total - 20)
+        .pseudo_v4(SRC.octets(), DST.octets(), proto, len_u16(p.len() - 20))
         .fold();
-    set_u16(&mut p, 36, partial);
+    set_u16(&mut p, 20 + usize::from(csum_offset), partial);
+    let (gso_type, hdr_len, gso_size) = gso.unwrap_or_default();
     let mut input = vec![0u8; VNET_HDR_LEN];
     VnetHdr {
         flags: VnetHdr::F_NEEDS_CSUM,
-        gso_type: VnetHdr::GSO_TCPV4,
-        hdr_len: 52,
-        gso_size: mss,
+        gso_type,
+        hdr_len,
+        gso_size,
         csum_start: 20,
-        csum_offset: 16,
+        csum_offset,
     }
     .write(&mut input);
     input.extend_from_slice(&p);
@@ -273,20 +279,7 @@ fn routing_property_matches_linear_scan() {
 fn plain_packet_is_sent_as_is_with_checksum_completed() {
     let t = table();
     let pkt = udp_packet(b"hello");
-    let mut input = vec![0u8; VNET_HDR_LEN];
-    VnetHdr {
-        flags: VnetHdr::F_NEEDS_CSUM,
-        csum_start: 20,
-        csum_offset: 6,
-        ..VnetHdr::default()
-    }
-    .write(&mut input);
-    let mut partial = pkt.clone();
-    let p = Csum::default()
-        .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, 13)
-        .fold();
-    set_u16(&mut partial, 26, p);
-    input.extend_from_slice(&partial);
+    let mut input = from_tun(pkt.clone(), PROTO_UDP, 6, None);
     let mut out = [0u8; 16];
     let e = encapsulate(&t, 1472, &mut input, &mut out);
     assert_eq!(
@@ -625,22 +618,8 @@ fn uso_segmentation() {
     let t = table();
     let mut rng = StdRng::seed_from_u64(4);
     let data = payload(&mut rng, 5000);
-    let mut p = udp_packet(&data);
-    let partial = Csum::default()
-        .pseudo_v4(SRC.octets(), DST.octets(), PROTO_UDP, len_u16(p.len() - 20))
-        .fold();
-    set_u16(&mut p, 26, partial);
-    let mut input = vec![0u8; VNET_HDR_LEN];
-    VnetHdr {
-        flags: VnetHdr::F_NEEDS_CSUM,
-        gso_type: VnetHdr::GSO_UDP_L4,
-        hdr_len: 28,
-        gso_size: 1200,
-        csum_start: 20,
-        csum_offset: 6,
-    }
-    .write(&mut input);
-    input.extend_from_slice(&p);
+    let gso = Some((VnetHdr::GSO_UDP_L4, 28, 1200));
+    let mut input = from_tun(udp_packet(&data), PROTO_UDP, 6, gso);
     let mut out = vec![0u8; 16_384];
     let Encap::Segments(train) = encapsulate(&t, 1472, &mut input, &mut out) else {
         panic!()
