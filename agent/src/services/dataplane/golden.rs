@@ -54,33 +54,47 @@ fn steps(case: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The desired services of each step of `case`, with the step's manifest name, as the service
+/// loop computes them (ids kept from step to step).
+pub fn desired_steps(case: &Path) -> Vec<(String, Vec<LbService>)> {
+    let mut state = LbState::new(node());
+    steps(case)
+        .into_iter()
+        .map(|step| {
+            let yaml = std::fs::read_to_string(&step).expect("read manifest");
+            let objects =
+                parse_manifest(&yaml).unwrap_or_else(|e| panic!("parse {}: {e}", step.display()));
+            state.reset(objects);
+            let name = step
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            (name, state.desired())
+        })
+        .collect()
+}
+
 /// Runs `case` through `lb`; `take` returns (and forgets) what the fake was given since the
 /// last call, as text. Returns the golden text: per step, the manifest's name and that text.
 pub fn run<L: LbDataplane>(case: &Path, lb: &mut L, mut take: impl FnMut() -> String) -> String {
-    let mut state = LbState::new(node());
     let mut applied: Vec<LbService> = lb.observed().expect("observe after open");
     take();
     let mut out = String::new();
-    for step in steps(case) {
-        let yaml = std::fs::read_to_string(&step).expect("read manifest");
-        let objects =
-            parse_manifest(&yaml).unwrap_or_else(|e| panic!("parse {}: {e}", step.display()));
-        state.reset(objects);
-        let desired = state.desired();
+    for (name, desired) in desired_steps(case) {
         lb.apply(&plan(&desired, &applied)).expect("apply");
-        let name = step.file_name().expect("name").to_string_lossy();
         let _ = write!(out, "## {name}\n{}", take());
         applied = lb.observed().expect("observe");
         let again = plan(&desired, &applied);
         assert!(
             again.upserts.is_empty() && again.deletes.is_empty(),
-            "{}: reads back differently from what was asked: {again:?}",
-            step.display()
+            "{}/{name}: reads back differently from what was asked: {again:?}",
+            case.display()
         );
         assert!(
             take().is_empty(),
-            "{}: the read-back repaired something",
-            step.display()
+            "{}/{name}: the read-back repaired something",
+            case.display()
         );
     }
     out

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use self::iptables::{IptBackend, IptLb};
 use self::nft::NftLb;
-use super::lb::{LbDataplane, LbError, LbPlan, LbService, StaleBackend};
+use super::lb::{BackendState, LbDataplane, LbError, LbPlan, LbService, StaleBackend};
 use crate::services::dataplane::ebpf::EbpfLb;
 
 /// Deletes the UDP conntrack entries of `stale` backends with `purge` (not called when there
@@ -50,6 +50,40 @@ pub(crate) fn purge_stale_udp<E: std::fmt::Display>(
         Ok(_) => {}
         Err(e) => warn!(error = %e, "delete UDP conntrack entries of removed backends"),
     }
+}
+
+/// The metadata the netfilter dataplanes keep in a frontend's comment, from which a read-back
+/// rebuilds the service: `<id> <kind> <flags> <affinity timeout> <name>`, where the flags are
+/// `e` (external traffic local), `i` (internal traffic local) and `t` (serving only terminating
+/// endpoints), `-` for none, and an unset timeout is `-`. Each dataplane clips it to what its
+/// comments hold.
+pub(crate) fn record_meta(svc: &LbService) -> String {
+    let mut flags = String::new();
+    if svc.external_local {
+        flags.push('e');
+    }
+    if svc.internal_local {
+        flags.push('i');
+    }
+    if svc
+        .backends
+        .first()
+        .is_some_and(|b| b.state == BackendState::ServingTerminating)
+    {
+        flags.push('t');
+    }
+    if flags.is_empty() {
+        flags.push('-');
+    }
+    let aff = svc
+        .affinity_timeout_secs
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
+    format!(
+        "{} {} {flags} {aff} {}",
+        svc.id,
+        svc.frontend.kind.as_str(),
+        svc.name
+    )
 }
 
 /// The environment variable that makes eBPF unavailable (tests of `auto`'s fallback).

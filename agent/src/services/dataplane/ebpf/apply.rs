@@ -13,6 +13,8 @@
 //! - Conntrack, affinity and socket entries are the kernel's (it creates them per flow); they
 //!   are read and freed by the `gc` module directly and are not part of this seam.
 
+use std::collections::BTreeSet;
+
 use aya::maps::MapError;
 use tracing::{instrument, warn};
 use twill_common::service::{
@@ -21,7 +23,7 @@ use twill_common::service::{
 };
 
 use super::maps::{AyaMaps, optional, remove};
-use super::writes::{MapWrite, Mirror, Slots};
+use super::writes::{MapWrite, Mirror, Slots, orphan_writes};
 use super::{EbpfLb, EbpfLbError, entries, error_chain, map_err};
 use crate::services::lb::{LbPlan, LbService};
 
@@ -42,6 +44,12 @@ pub trait LbMaps {
     fn revnat(&self, id: u32) -> Result<Option<RevNatValue>, EbpfLbError>;
     /// One backend slot.
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendValue>, EbpfLbError>;
+    /// Every backend slot's key.
+    fn backend_keys(&self) -> Result<Vec<BackendKey>, EbpfLbError>;
+    /// The service ids with a Maglev table.
+    fn maglev_ids(&self) -> Result<Vec<u32>, EbpfLbError>;
+    /// The service ids with a reverse-NAT entry.
+    fn revnat_ids(&self) -> Result<Vec<u32>, EbpfLbError>;
 }
 
 impl LbMaps for AyaMaps {
@@ -83,6 +91,27 @@ impl LbMaps for AyaMaps {
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendValue>, EbpfLbError> {
         optional(self.backends.get(key, 0)).map_err(map_err("lookup", MAP_BACKEND, key))
     }
+
+    fn backend_keys(&self) -> Result<Vec<BackendKey>, EbpfLbError> {
+        self.backends
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate", MAP_BACKEND, ""))
+    }
+
+    fn maglev_ids(&self) -> Result<Vec<u32>, EbpfLbError> {
+        self.maglev
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate", MAP_MAGLEV, ""))
+    }
+
+    fn revnat_ids(&self) -> Result<Vec<u32>, EbpfLbError> {
+        self.revnat
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate", MAP_REVNAT, ""))
+    }
 }
 
 impl AyaMaps {
@@ -121,6 +150,21 @@ pub fn read_services<M: LbMaps + ?Sized>(
     }
     services.sort_by_key(|s| s.frontend.key());
     Ok((services, mirror))
+}
+
+/// Removes what is kept under service ids no service entry holds ([`orphan_writes`]: the
+/// leftovers of a failed delete or a failed new upsert); returns how many writes that took.
+/// Run between applies (the periodic resync does), never in the middle of one.
+pub fn remove_orphans<M: LbMaps + ?Sized>(maps: &mut M) -> Result<usize, EbpfLbError> {
+    let held: BTreeSet<u32> = maps.services()?.iter().map(|(_, v)| v.id).collect();
+    let writes = orphan_writes(
+        &held,
+        &maps.backend_keys()?,
+        &maps.maglev_ids()?,
+        &maps.revnat_ids()?,
+    );
+    run(maps, &writes)?;
+    Ok(writes.len())
 }
 
 /// Runs `writes` in order, stopping at the first that fails.

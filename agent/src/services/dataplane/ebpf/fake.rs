@@ -3,7 +3,7 @@
 //! writes nothing) to test what a failed apply leaves behind. Used by the unit and golden
 //! tests of this dataplane; needs no root and no kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 
 use aya::maps::MapError;
@@ -23,8 +23,9 @@ pub struct FakeLbMaps {
     pub maglev: BTreeMap<u32, Box<MaglevTable>>,
     /// `TWL_LB_REVNAT`.
     pub revnat: BTreeMap<u32, RevNatValue>,
-    /// Service ids whose counters were reset.
-    pub counts_reset: BTreeSet<u32>,
+    /// `TWL_LB_CNT`: packets counted per service id since its last reset (tests add traffic
+    /// as the kernel would; a reset removes the id).
+    pub counts: BTreeMap<u32, u64>,
     /// Every write that succeeded, in order.
     pub log: Vec<MapWrite>,
     /// Writes attempted so far (failed ones included).
@@ -78,7 +79,7 @@ impl LbMaps for FakeLbMaps {
                 self.svc.insert(*key, *value);
             }
             MapWrite::ResetCounts { id } => {
-                self.counts_reset.insert(*id);
+                self.counts.remove(id);
             }
             MapWrite::DeleteBackend(key) => {
                 self.backends.remove(key);
@@ -111,5 +112,17 @@ impl LbMaps for FakeLbMaps {
 
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendValue>, EbpfLbError> {
         Ok(self.backends.get(key).copied())
+    }
+
+    fn backend_keys(&self) -> Result<Vec<BackendKey>, EbpfLbError> {
+        Ok(self.backends.keys().copied().collect())
+    }
+
+    fn maglev_ids(&self) -> Result<Vec<u32>, EbpfLbError> {
+        Ok(self.maglev.keys().copied().collect())
+    }
+
+    fn revnat_ids(&self) -> Result<Vec<u32>, EbpfLbError> {
+        Ok(self.revnat.keys().copied().collect())
     }
 }

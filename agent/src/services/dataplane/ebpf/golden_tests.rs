@@ -15,7 +15,9 @@ use twill_common::service::{
     SVC_F_AFFINITY, SVC_F_EXTERNAL_LOCAL, SVC_F_INTERNAL_LOCAL, SvcValue,
 };
 
-use super::{FakeLbMaps, MapWrite, Mirror, SvcKeyText, apply_services, read_services};
+use super::{
+    FakeLbMaps, MapWrite, Mirror, SvcKeyText, apply_services, read_services, remove_orphans,
+};
 use crate::services::desired::{self, IdAllocator, NodeIdentity, Snapshot};
 use crate::services::lb;
 use crate::services::model::parse_manifest;
@@ -118,22 +120,17 @@ fn write_text(w: &MapWrite) -> String {
 }
 
 fn maps_text(maps: &FakeLbMaps, out: &mut String) {
-    entries_text(maps, |_| true, out);
-}
-
-/// The entries of the service ids `keep` selects.
-fn entries_text(maps: &FakeLbMaps, keep: impl Fn(u32) -> bool, out: &mut String) {
     for (key, value) in &maps.svc {
         writeln!(out, "TWL_LB_SVC {} {}", SvcKeyText(key), svc_text(value)).unwrap();
     }
-    for (key, value) in maps.backends.iter().filter(|(k, _)| keep(k.id)) {
+    for (key, value) in &maps.backends {
         let text = backend_text(value);
         writeln!(out, "TWL_LB_BE id={} slot={} {text}", key.id, key.slot).unwrap();
     }
-    for (id, table) in maps.maglev.iter().filter(|(id, _)| keep(**id)) {
+    for (id, table) in &maps.maglev {
         writeln!(out, "TWL_LB_MAGLEV id={id} {}", maglev_text(table)).unwrap();
     }
-    for (id, value) in maps.revnat.iter().filter(|(id, _)| keep(**id)) {
+    for (id, value) in &maps.revnat {
         writeln!(out, "TWL_LB_REVNAT id={id} {}", revnat_text(value)).unwrap();
     }
 }
@@ -301,6 +298,106 @@ fn assert_reachable_entries_complete(maps: &FakeLbMaps, context: &str) {
     }
 }
 
+/// A packet through every programmed service, counted as the kernel would.
+fn traffic(maps: &mut FakeLbMaps) {
+    for value in maps.svc.values() {
+        *maps.counts.entry(value.id).or_default() += 1;
+    }
+}
+
+/// The counters of the service ids a service entry holds.
+fn held_counts(maps: &FakeLbMaps) -> Vec<(u32, u64)> {
+    let held: std::collections::BTreeSet<u32> = maps.svc.values().map(|v| v.id).collect();
+    held.into_iter()
+        .map(|id| (id, maps.counts.get(&id).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// Reads back (which rebuilds the mirror), removes the leftovers under ids no service holds,
+/// plans `want` against what was read and applies it: the service loop's resync. Returns the
+/// plan and how many leftovers were removed.
+fn resync(maps: &mut FakeLbMaps, want: &[lb::LbService]) -> (lb::LbPlan, usize) {
+    let (applied, mut mirror) = read_services(maps).unwrap();
+    let removed = remove_orphans(maps).unwrap();
+    let plan = lb::plan(want, &applied);
+    apply_services(maps, &mut mirror, &plan, DEFAULT_MAX_SERVICES).unwrap();
+    (plan, removed)
+}
+
+/// The writes `plan` takes over `maps` when none fails.
+fn writes_of(maps: &FakeLbMaps, plan: &lb::LbPlan) -> usize {
+    let mut dry = maps.clone();
+    let (_, mut mirror) = read_services(&dry).unwrap();
+    dry.take_log();
+    apply_services(&mut dry, &mut mirror, plan, DEFAULT_MAX_SERVICES).unwrap();
+    dry.take_log().len()
+}
+
+/// A service that takes over the id of a deleted one starts from zero counters, even when
+/// its counter reset fails: the reset comes before the service entry, so the failure leaves
+/// the service missing and the next sync programs it, reset included.
+#[test]
+fn a_reused_id_starts_from_zero_counters_even_after_a_failed_reset() {
+    let mut ids = IdAllocator::new();
+    let old = desired_of("clusterip.1.yaml", &mut ids);
+    let mut reuse = old[0].clone();
+    reuse.frontend.port += 1;
+    reuse.name = "default/other:http".into();
+    let id = reuse.id;
+    let mut clean = FakeLbMaps::new();
+    resync(&mut clean, &old);
+    traffic(&mut clean);
+    let plan = lb::plan(
+        std::slice::from_ref(&reuse),
+        &read_services(&clean).unwrap().0,
+    );
+    for n in 1..=writes_of(&clean, &plan) {
+        let mut maps = clean.clone();
+        maps.fail_write(n);
+        let (applied, mut mirror) = read_services(&maps).unwrap();
+        let plan = lb::plan(std::slice::from_ref(&reuse), &applied);
+        apply_services(&mut maps, &mut mirror, &plan, DEFAULT_MAX_SERVICES)
+            .expect_err("the faulty write fails the apply");
+        resync(&mut maps, std::slice::from_ref(&reuse));
+        assert_eq!(
+            read_services(&maps).unwrap().0,
+            vec![reuse.clone()],
+            "write {n}: healed"
+        );
+        assert_eq!(
+            held_counts(&maps),
+            [(id, 0)],
+            "write {n} failed: the new service inherited the old one's counters"
+        );
+    }
+}
+
+/// A delete that fails after the service entry is gone leaves the other entries of its id
+/// behind, unreachable; the next resync removes them.
+#[test]
+fn a_failed_delete_leaves_nothing_behind_after_the_next_resync() {
+    let mut ids = IdAllocator::new();
+    let old = desired_of("clusterip.1.yaml", &mut ids);
+    let id = old[0].id;
+    let mut clean = FakeLbMaps::new();
+    resync(&mut clean, &old);
+    traffic(&mut clean);
+    let plan = lb::plan(&[], &read_services(&clean).unwrap().0);
+    let writes = writes_of(&clean, &plan);
+    assert!(writes > 3, "the delete takes {writes} writes");
+    for n in 1..=writes {
+        let mut maps = clean.clone();
+        maps.fail_write(n);
+        let (_, mut mirror) = read_services(&maps).unwrap();
+        apply_services(&mut maps, &mut mirror, &plan, DEFAULT_MAX_SERVICES)
+            .expect_err("the faulty write fails the apply");
+        resync(&mut maps, &[]);
+        let mut left = String::new();
+        maps_text(&maps, &mut left);
+        assert_eq!(left, "", "write {n} failed: entries of id {id} left behind");
+    }
+}
+
 /// A failed write at any point of any step (the faulty fake fails the Nth write) leaves maps
 /// in which every reachable table points at a backend, and the next sync — read back, plan
 /// again, apply — ends with exactly the maps of a run that never failed.
@@ -321,19 +418,21 @@ fn failed_write_at_any_point_leaves_lookups_whole_and_the_next_sync_heals() {
             d
         })
         .collect();
-    // A clean run: the maps after each step, and how many writes each step takes.
+    // A clean run, with traffic through every service before each step: the maps and the
+    // services' counters after each step, and how many writes each step takes.
     let mut clean = FakeLbMaps::new();
     let mut mirror = Mirror::default();
     let mut after = Vec::new();
     let mut writes = Vec::new();
     for want in &desired {
+        traffic(&mut clean);
         let (applied, _) = read_services(&clean).unwrap();
         let plan = lb::plan(want, &applied);
         apply_services(&mut clean, &mut mirror, &plan, DEFAULT_MAX_SERVICES).unwrap();
         writes.push(clean.take_log().len());
         let mut text = String::new();
         maps_text(&clean, &mut text);
-        after.push(text);
+        after.push((text, held_counts(&clean)));
     }
     let mut tried = 0;
     for (step, want) in desired.iter().enumerate() {
@@ -343,10 +442,12 @@ fn failed_write_at_any_point_leaves_lookups_whole_and_the_next_sync_heals() {
             let mut maps = FakeLbMaps::new();
             let mut mirror = Mirror::default();
             for earlier in &desired[..step] {
+                traffic(&mut maps);
                 let (applied, _) = read_services(&maps).unwrap();
                 let plan = lb::plan(earlier, &applied);
                 apply_services(&mut maps, &mut mirror, &plan, DEFAULT_MAX_SERVICES).unwrap();
             }
+            traffic(&mut maps);
             maps.fail_write(n);
             let (applied, _) = read_services(&maps).unwrap();
             let plan = lb::plan(want, &applied);
@@ -355,23 +456,20 @@ fn failed_write_at_any_point_leaves_lookups_whole_and_the_next_sync_heals() {
             let err = err.to_string();
             assert!(err.contains(" map TWL_LB_"), "{context}: {err}");
             assert_reachable_entries_complete(&maps, &context);
-            // The service loop's recovery: read back (which rebuilds the mirror), plan, apply.
-            let (applied, rebuilt) = read_services(&maps).unwrap();
-            let mut mirror = rebuilt;
-            let plan = lb::plan(want, &applied);
-            // Unnoticed: a failed counter reset (the last write of a new service) and a delete
-            // that failed after the service entry was gone (its other entries are
-            // unreachable, keyed by an id no service entry holds).
-            let deleting = err.starts_with("delete") && maps.svc.is_empty();
+            // The service loop's recovery notices every failure: the plan rewrites a service
+            // that differs, or the leftovers of a failed delete are removed.
+            let (plan, removed) = resync(&mut maps, want);
             assert!(
-                !plan.is_empty() || err.contains(twill_common::service::MAP_COUNT) || deleting,
+                !plan.is_empty() || removed > 0,
                 "{context}: the failure went unnoticed"
             );
-            apply_services(&mut maps, &mut mirror, &plan, DEFAULT_MAX_SERVICES).unwrap();
-            let held: std::collections::BTreeSet<u32> = maps.svc.values().map(|v| v.id).collect();
             let mut text = String::new();
-            entries_text(&maps, |id| held.contains(&id), &mut text);
-            assert_eq!(text, after[step], "{context}: healed maps");
+            maps_text(&maps, &mut text);
+            assert_eq!(
+                (text, held_counts(&maps)),
+                after[step],
+                "{context}: healed maps and counters"
+            );
             tried += 1;
         }
     }

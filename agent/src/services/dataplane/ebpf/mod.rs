@@ -37,7 +37,9 @@
 //!   atomic hash update), write the service entry, then delete the freed slots. That order is a
 //!   pure list ([`Mirror::plan_upsert`], golden-tested) run through the [`LbMaps`] seam; a
 //!   failed write stops the apply, and the next read-back sees a service that differs from the
-//!   desired one and is rewritten (tested for a failure at every write with the faulty fake).
+//!   desired one and is rewritten, while what it left under an id no service entry holds (a
+//!   delete that failed after removing the service entry) is removed by the resync
+//!   ([`remove_orphans`]); tested for a failure at every write with the faulty fake.
 //!   The user-space [`Mirror`] of what is programmed (everything but the Maglev tables) makes
 //!   unchanged entries cost nothing; it is rebuilt from the maps at open and by
 //!   [`LbDataplane::observed`].
@@ -82,14 +84,14 @@ mod sockdiag;
 mod view;
 mod writes;
 
-pub use apply::{LbMaps, apply_services, read_services};
+pub use apply::{LbMaps, apply_services, read_services, remove_orphans};
 pub use entries::EntryError;
 pub use error::EbpfLbError;
 pub(crate) use error::error_chain;
 pub use fake::FakeLbMaps;
 pub use maps::AyaMaps;
 pub use view::{EbpfLbView, ServiceCounters};
-pub use writes::{MapWrite, Mirror, SvcKeyText, Upsert, delete_writes};
+pub use writes::{MapWrite, Mirror, SvcKeyText, Upsert, delete_writes, orphan_writes};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -337,7 +339,8 @@ impl EbpfLb {
 
 impl EbpfLb {
     /// The periodic chores, run on every full resync (`observed`): attach interfaces that have
-    /// appeared, refresh the node addresses, read back, and free stale conntrack/affinity/socket
+    /// appeared, refresh the node addresses, read back, remove the entries under service ids no
+    /// service holds (left by a failed apply), and free stale conntrack/affinity/socket
     /// entries. Only the read-back can fail the call; the chores log their errors.
     fn resync(&mut self) -> Result<Vec<LbService>, EbpfLbError> {
         match self.attach_pending() {
@@ -349,6 +352,11 @@ impl EbpfLb {
             warn!(error = %error_chain(&err), "refresh node addresses");
         }
         let services = self.read_back()?;
+        match remove_orphans(&mut self.maps) {
+            Ok(0) => {}
+            Ok(writes) => info!(writes, "removed entries under service ids no service holds"),
+            Err(err) => warn!(error = %error_chain(&err), "remove entries of unheld service ids"),
+        }
         match self.gc() {
             Ok(stats) if stats != GcStats::default() => debug!(?stats, "freed stale entries"),
             Ok(_) => {}

@@ -6,8 +6,9 @@
 //!   the maps while user space writes them, one entry at a time; an upsert therefore writes
 //!   new and changed backend slots first (in slots the installed Maglev table does not
 //!   reference, see [`entries::assign_slots`]), then the Maglev table (one atomic update
-//!   switches every lookup to the new slots), then the reverse-NAT entry and the service entry
-//!   (whose backend count comes last), and only then deletes the freed slots. A delete removes
+//!   switches every lookup to the new slots), then the reverse-NAT entry, a new service's
+//!   counters (zeroed while the service is not yet visible) and the service entry (whose
+//!   backend count comes last), and only then deletes the freed slots. A delete removes
 //!   the service entry first, so no new lookup reaches what follows. At every point the kernel
 //!   sees either the old or the new backend set, never a table pointing at an empty slot.
 //! - **The mirror ([`Mirror`]) is only changed after the writes succeed** ([`Mirror::commit`]):
@@ -17,7 +18,7 @@
 //!   [`LbMaps`](super::LbMaps) seam, the aya maps in production and
 //!   [`FakeLbMaps`](super::FakeLbMaps) in tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -322,12 +323,18 @@ impl Mirror {
             }?;
             writes.push(MapWrite::Maglev { id, table });
         }
-        // 3. Reverse NAT / info and the service entry. The reverse-NAT entry is written with
-        // every upsert (one update) rather than mirrored (168 bytes a frontend).
+        // 3. Reverse NAT / info, a new service's counters and the service entry. The
+        // reverse-NAT entry is written with every upsert (one update) rather than mirrored
+        // (168 bytes a frontend). The counters are zeroed before the entry makes the service
+        // visible: an id once held by a deleted service starts from zero, and a failed reset
+        // fails the upsert while the service is still missing, so the next sync redoes it.
         writes.push(MapWrite::RevNat {
             id,
             value: entries::revnat_value(svc),
         });
+        if old.is_none() {
+            writes.push(MapWrite::ResetCounts { id });
+        }
         let value = entries::svc_value(svc, slots.high);
         if old.is_none_or(|p| p.value != value) {
             writes.push(MapWrite::Service { key, value });
@@ -335,9 +342,6 @@ impl Mirror {
         // 4. Slots nobody references any more.
         for slot in slots.freed {
             writes.push(MapWrite::DeleteBackend(BackendKey { id, slot, pad: 0 }));
-        }
-        if old.is_none() {
-            writes.push(MapWrite::ResetCounts { id });
         }
         Ok(Upsert {
             writes,
@@ -349,6 +353,49 @@ impl Mirror {
             },
         })
     }
+}
+
+/// The writes that remove what is kept under service ids no service entry holds (`held`):
+/// backend slots (`backends`), Maglev tables (`maglev`) and reverse-NAT entries (`revnat`),
+/// and those ids' counters are zeroed. Such entries are what a delete that failed after
+/// removing the service entry, or a new service's upsert that failed before writing it, left
+/// behind; no lookup reaches them (every lookup starts at a service entry), so removing them
+/// is safe whenever no apply is under way.
+pub fn orphan_writes(
+    held: &BTreeSet<u32>,
+    backends: &[BackendKey],
+    maglev: &[u32],
+    revnat: &[u32],
+) -> Vec<MapWrite> {
+    let orphan = |id: &u32| !held.contains(id);
+    let mut writes: Vec<MapWrite> = maglev
+        .iter()
+        .copied()
+        .filter(orphan)
+        .map(MapWrite::DeleteMaglev)
+        .collect();
+    writes.extend(
+        revnat
+            .iter()
+            .copied()
+            .filter(orphan)
+            .map(MapWrite::DeleteRevNat),
+    );
+    writes.extend(
+        backends
+            .iter()
+            .filter(|k| orphan(&k.id))
+            .map(|k| MapWrite::DeleteBackend(*k)),
+    );
+    let ids: BTreeSet<u32> = maglev
+        .iter()
+        .chain(revnat)
+        .chain(backends.iter().map(|k| &k.id))
+        .copied()
+        .filter(orphan)
+        .collect();
+    writes.extend(ids.into_iter().map(|id| MapWrite::ResetCounts { id }));
+    writes
 }
 
 /// The writes that remove frontend `key`, whose service entry is `value`, and everything keyed

@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use super::{
     FILTER, MARK_MASQ, MASQ_MARK, NAT, NODEPORTS, POSTROUTING, SEP_PREFIX, SERVICES, SVC_PREFIX,
 };
-use crate::services::lb::{Backend, BackendState, FrontendKey, FrontendKind, LbService, Proto};
+use crate::services::dataplane::record_meta;
+use crate::services::lb::{Backend, FrontendKey, FrontendKind, LbService, Proto};
 
 pub(crate) fn fnv(data: &str) -> u64 {
     data.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -60,34 +61,9 @@ pub(crate) fn mask(v6: bool) -> &'static str {
     }
 }
 
-/// The metadata comment of a frontend's dispatch rule.
+/// The metadata comment of a frontend's dispatch rule ([`record_meta`], at most 240 bytes).
 pub fn comment(svc: &LbService) -> String {
-    let mut flags = String::new();
-    if svc.external_local {
-        flags.push('e');
-    }
-    if svc.internal_local {
-        flags.push('i');
-    }
-    if svc
-        .backends
-        .first()
-        .is_some_and(|b| b.state == BackendState::ServingTerminating)
-    {
-        flags.push('t');
-    }
-    if flags.is_empty() {
-        flags.push('-');
-    }
-    let aff = svc
-        .affinity_timeout_secs
-        .map_or_else(|| "-".to_string(), |s| s.to_string());
-    let mut c = format!(
-        "{} {} {flags} {aff} {}",
-        svc.id,
-        svc.frontend.kind.as_str(),
-        svc.name
-    );
+    let mut c = record_meta(svc);
     c.truncate(240);
     c
 }

@@ -14,7 +14,8 @@ use super::render::{
     SET_TIMEOUT, SetData, SetDef, T_IPV4, T_IPV6, class_of, cmp, lookup, masquerades, payload,
     saddr, set_masq_mark,
 };
-use crate::services::lb::{Backend, BackendState, FrontendKey, FrontendKind, LbService, Proto};
+use crate::services::dataplane::record_meta;
+use crate::services::lb::{Backend, FrontendKey, FrontendKind, LbService, Proto};
 
 /// The chain of an affinity frontend.
 pub fn chain_name(id: u32) -> String {
@@ -304,36 +305,11 @@ pub fn record(svc: &LbService) -> Record {
     } else {
         (RecordSet::Class(class_of(svc)), ElemData::None)
     };
-    let mut flags = String::new();
-    if svc.external_local {
-        flags.push('e');
-    }
-    if svc.internal_local {
-        flags.push('i');
-    }
-    if svc
-        .backends
-        .first()
-        .is_some_and(|b| b.state == BackendState::ServingTerminating)
-    {
-        flags.push('t');
-    }
-    if flags.is_empty() {
-        flags.push('-');
-    }
-    let aff = svc
-        .affinity_timeout_secs
-        .map_or_else(|| "-".to_string(), |s| s.to_string());
     Record {
         set,
         key: key_bytes(&svc.frontend.key(), np),
         data,
-        comment: clip(&format!(
-            "{} {} {flags} {aff} {}",
-            svc.id,
-            svc.frontend.kind.as_str(),
-            svc.name
-        )),
+        comment: clip(&record_meta(svc)),
     }
 }
 

@@ -55,7 +55,7 @@ use self::render::{
     static_sets,
 };
 use self::transport::{Commit, NetlinkTransport, Transport};
-use self::wire::{ENOENT, MSG_DELTABLE, MSG_GETTABLE, NFPROTO_INET, TABLE_NAME};
+use self::wire::{ENOENT, MSG_DELTABLE, MSG_GETTABLE, NFPROTO_INET};
 use crate::services::lb::{
     Backend, BackendState, Frontend, LbDataplane, LbError, LbPlan, LbService,
 };
@@ -118,7 +118,7 @@ fn skeleton_ops() -> Vec<Op> {
 }
 
 /// A set as dumped.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpedSet {
     flags: u32,
     key_len: u32,
@@ -131,7 +131,7 @@ type Slots = BTreeMap<u32, (IpAddr, u16)>;
 pub type Elem = (Vec<u8>, ElemData, Option<String>);
 
 /// Everything in the table, as dumped.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dump {
     sets: BTreeMap<String, DumpedSet>,
     chains: BTreeSet<String>,
@@ -202,15 +202,7 @@ impl NftLb {
     pub fn uninstall() -> Result<bool, NftError> {
         let mut sock = NfSocket::open().map_err(nl("open", "netlink socket"))?;
         let mut b = Batch::new();
-        b.push(
-            MSG_DELTABLE,
-            0,
-            NFPROTO_INET,
-            format!("delete table inet {TABLE}"),
-            |m| {
-                m.str(TABLE_NAME, TABLE);
-            },
-        );
+        wire::push_table(&mut b, MSG_DELTABLE, 0, "delete");
         match sock.commit(&b) {
             Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(ENOENT) => Ok(false),

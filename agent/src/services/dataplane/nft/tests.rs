@@ -1,8 +1,8 @@
 //! Unit tests of the read-back, the skeleton and the encoding.
 
-use super::diff::{Mirror, Op};
+use super::diff::{self, Mirror, Op};
 use super::frontend::{ElemData, hairpin_key, slot_key, slot_value};
-use super::render::{TABLE, static_sets};
+use super::render::{TABLE, static_chains, static_sets};
 use super::transport::FakeNft;
 use super::wire::{comment_udata, encode_ops, parse_udata_comment};
 use super::*;
@@ -53,17 +53,31 @@ fn dump_of(ops: &[Op]) -> Dump {
     d
 }
 
+/// Two IPv4 services (the second with affinity) and an IPv6 one without backends.
+fn three_services() -> [LbService; 3] {
+    [
+        svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false),
+        svc(2, "fd00::2", &[], false),
+        svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true),
+    ]
+}
+
+/// The skeleton, then the transaction that programs `services` into an empty table: the
+/// operations a kernel holding them has seen, and that transaction.
+fn programmed(services: &[LbService]) -> (Vec<Op>, diff::Tx) {
+    let mut ops = skeleton_ops();
+    let tx = Mirror::default().transaction(&plan(services, &[]));
+    ops.extend(tx.ops.clone());
+    (ops, tx)
+}
+
 /// What a restarted agent does first (`ensure_skeleton` over the table its predecessor
 /// programmed) leaves every service translated: nothing for the read-back to repair, so no
 /// moment without the services' rules.
 #[test]
 fn the_skeleton_over_a_programmed_table_keeps_every_service() {
-    let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
-    let b = svc(2, "fd00::2", &[], false);
-    let c = svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true);
-    let mut ops = skeleton_ops();
-    let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone(), c.clone()], &[]));
-    ops.extend(tx.ops);
+    let [a, b, c] = three_services();
+    let (mut ops, _) = programmed(&[a.clone(), b.clone(), c.clone()]);
     ops.extend(skeleton_ops());
     let (services, _, repairs) = reconstruct(&dump_of(&ops));
     assert!(
@@ -76,12 +90,8 @@ fn the_skeleton_over_a_programmed_table_keeps_every_service() {
 
 #[test]
 fn a_table_read_back_yields_the_same_services_and_no_repairs() {
-    let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
-    let b = svc(2, "fd00::2", &[], false);
-    let c = svc(3, "10.96.0.3", &["10.0.1.2", "10.0.3.2"], true);
-    let mut ops = skeleton_ops();
-    let tx = Mirror::default().transaction(&plan(&[a.clone(), b.clone(), c.clone()], &[]));
-    ops.extend(tx.ops.clone());
+    let [a, b, c] = three_services();
+    let (ops, tx) = programmed(&[a.clone(), b.clone(), c.clone()]);
     let (services, mirror, repairs) = reconstruct(&dump_of(&ops));
     assert!(repairs.is_empty(), "{repairs:?}");
     assert_eq!(services, vec![a.clone(), c.clone(), b.clone()]);
@@ -94,12 +104,7 @@ fn a_table_read_back_yields_the_same_services_and_no_repairs() {
 fn drift_is_detected_and_strays_are_removed() {
     let a = svc(1, "10.96.0.1", &["10.0.1.2", "10.0.2.2"], false);
     let c = svc(3, "10.96.0.3", &["10.0.1.2"], true);
-    let mut ops = skeleton_ops();
-    ops.extend(
-        Mirror::default()
-            .transaction(&plan(&[a.clone(), c.clone()], &[]))
-            .ops,
-    );
+    let (ops, _) = programmed(&[a.clone(), c.clone()]);
     let mut d = dump_of(&ops);
     // Someone removed a backend slot, changed an affinity rule, left a chain, a set and a
     // slot behind, and flushed a static chain.
@@ -231,4 +236,93 @@ fn reopen_commits_only_the_skeleton_and_an_unchanged_resync_dumps_nothing() {
         dumps,
         "an unchanged resync dumped the table"
     );
+}
+
+/// The table the fake holds, each set's elements in key order (the order they were added in
+/// means nothing to a lookup) and sets without elements left out.
+fn table_of(fake: &FakeNft) -> Option<Dump> {
+    let mut table = fake.state().table.clone()?;
+    table.elems.retain(|_, elems| !elems.is_empty());
+    for elems in table.elems.values_mut() {
+        elems.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    Some(table)
+}
+
+/// One sync of the service loop: read back, plan `want` against it, apply.
+fn sync(lb: &mut NftLb, want: &[LbService]) -> Result<(), LbError> {
+    let applied = lb.observed()?;
+    lb.apply(&plan(want, &applied))
+}
+
+/// A transaction that goes wrong at any step of any golden case — refused, applied with its
+/// acknowledgement lost, or preceded by another owner's change to the table — leaves the
+/// table whole: as before the step or as after it (a sync is one transaction, and nf_tables
+/// applies a transaction all or nothing). The next sync then heals the table to exactly what
+/// a run without the fault holds, and reads back as the desired services.
+#[test]
+fn a_failed_transaction_at_any_step_leaves_the_table_whole_and_the_next_sync_heals() {
+    let (flushed, _) = static_chains()
+        .into_iter()
+        .find(|(_, rules)| !rules.is_empty())
+        .expect("a static chain with rules");
+    let faults = [
+        transport::Fault::Refused,
+        transport::Fault::LostAck,
+        transport::Fault::Underneath(transport::Commit::ops(vec![Op::FlushChain(flushed.name)])),
+    ];
+    let mut tried = 0;
+    for case in golden::cases() {
+        let steps = golden::desired_steps(&case);
+        // A clean run: the table before and after each step, and each step's transactions.
+        let fake = FakeNft::new();
+        let mut lb = open(&fake);
+        let mut tables = vec![table_of(&fake)];
+        let mut transactions = Vec::new();
+        for (_, want) in &steps {
+            let before = fake.state().commits.len();
+            sync(&mut lb, want).expect("clean sync");
+            transactions.push(fake.state().commits.len() - before);
+            tables.push(table_of(&fake));
+        }
+        for (step, (name, want)) in steps.iter().enumerate() {
+            for n in 1..=transactions[step] {
+                for fault in &faults {
+                    let context = format!("{}/{name}: transaction {n} {fault:?}", case.display());
+                    let fake = FakeNft::new();
+                    let mut lb = open(&fake);
+                    for (_, earlier) in &steps[..step] {
+                        sync(&mut lb, earlier).expect("earlier step");
+                    }
+                    fake.fail_commit(n, fault.clone());
+                    let result = sync(&mut lb, want);
+                    let table = table_of(&fake);
+                    match fault {
+                        transport::Fault::Refused => {
+                            assert!(result.is_err(), "{context}: no error");
+                            assert!(table == tables[step], "{context}: not the old table");
+                        }
+                        transport::Fault::LostAck => {
+                            assert!(result.is_err(), "{context}: no error");
+                            assert!(table == tables[step + 1], "{context}: not the new table");
+                        }
+                        transport::Fault::Underneath(_) => {
+                            result.unwrap_or_else(|e| panic!("{context}: {e}"));
+                        }
+                    }
+                    sync(&mut lb, want).unwrap_or_else(|e| panic!("{context}: heal: {e}"));
+                    assert!(
+                        table_of(&fake) == tables[step + 1],
+                        "{context}: healed table differs\n--- got\n{:?}\n--- want\n{:?}",
+                        table_of(&fake),
+                        tables[step + 1]
+                    );
+                    let again = plan(want, &lb.observed().expect("observe"));
+                    assert!(again.is_empty(), "{context}: reads back as {again:?}");
+                    tried += 1;
+                }
+            }
+        }
+    }
+    assert!(tried >= 3 * 7, "only {tried} failure points");
 }

@@ -2,7 +2,10 @@
 //! transaction, dumping the table, and the ruleset generation that tells whether anything
 //! changed since. [`NetlinkTransport`] is the kernel's (an [`NfSocket`]); [`FakeNft`] keeps
 //! the table in memory as the kernel would and records every transaction, so the dataplane's
-//! read-back, repairs and golden transactions are tested without root.
+//! read-back, repairs and golden transactions are tested without root; it can make the Nth
+//! transaction go wrong ([`Fault`]: refused, applied with the acknowledgement lost, or
+//! preceded by another owner's change), to test what a failed sync leaves and how the next
+//! one heals.
 //!
 //! A transaction is the dataplane's own [`Op`]s plus the two table-level steps (delete and
 //! create `inet twill`); the encoding into one batch is [`super::wire`]'s, so both
@@ -19,7 +22,7 @@ use super::wire::{
     ELEM_LIST_TABLE, ELEM_USERDATA, ENOENT, GEN_ID, LIST_ELEM, MSG_DELTABLE, MSG_GETCHAIN,
     MSG_GETGEN, MSG_GETRULE, MSG_GETSET, MSG_GETSETELEM, MSG_NEWTABLE, NFPROTO_INET, RULE_CHAIN,
     RULE_EXPRESSIONS, RULE_TABLE, RULE_USERDATA, SET_FLAGS, SET_KEY_LEN, SET_NAME, SET_TABLE,
-    TABLE_NAME, encode_ops, parse_udata_comment,
+    encode_ops, parse_udata_comment, push_table,
 };
 use super::{Dump, DumpedSet, Elem, NftError, nl};
 use crate::services::dataplane::conntrack;
@@ -84,26 +87,10 @@ impl Commit {
     fn encode(&self) -> Batch {
         let mut b = Batch::new();
         if self.delete_table {
-            b.push(
-                MSG_DELTABLE,
-                0,
-                NFPROTO_INET,
-                format!("delete table inet {TABLE}"),
-                |m| {
-                    m.str(TABLE_NAME, TABLE);
-                },
-            );
+            push_table(&mut b, MSG_DELTABLE, 0, "delete");
         }
         if self.create_table {
-            b.push(
-                MSG_NEWTABLE,
-                F_CREATE,
-                NFPROTO_INET,
-                format!("add table inet {TABLE}"),
-                |m| {
-                    m.str(TABLE_NAME, TABLE);
-                },
-            );
+            push_table(&mut b, MSG_NEWTABLE, F_CREATE, "add");
         }
         b.append(&encode_ops(TABLE, &self.ops));
         b
@@ -133,6 +120,21 @@ impl NetlinkTransport {
         Ok(NetlinkTransport {
             sock: NfSocket::open().map_err(nl("open", "netlink socket"))?,
         })
+    }
+
+    /// Dumps the objects of type `msg` (`NFT_MSG_GET*`) of `inet twill`: the request names the
+    /// table in attribute `table_attr`, and only the answers whose `table_attr` names it are
+    /// kept.
+    fn dump_in_table(&mut self, msg: u16, table_attr: u16) -> Result<Vec<Msg>, NfnlError> {
+        let msgs = self
+            .sock
+            .dump((SUBSYS_NFTABLES << 8) | msg, NFPROTO_INET, |m| {
+                m.str(table_attr, TABLE);
+            })?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.attrs().get(table_attr).map(|t| t.str()).as_deref() == Some(TABLE))
+            .collect())
     }
 
     fn dump_elems(&mut self, set: &str) -> Result<Vec<Elem>, NftError> {
@@ -189,20 +191,13 @@ impl Transport for NetlinkTransport {
 
     fn dump(&mut self) -> Result<Option<Dump>, NftError> {
         let mut d = Dump::default();
-        let sets = match self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETSET, NFPROTO_INET, |m| {
-                m.str(SET_TABLE, TABLE);
-            }) {
+        let sets = match self.dump_in_table(MSG_GETSET, SET_TABLE) {
             Ok(s) => s,
             Err(e) if e.errno() == Some(ENOENT) => return Ok(None),
             Err(e) => return Err(nl("dump", "sets")(e)),
         };
         for m in &sets {
             let a = m.attrs();
-            if a.get(SET_TABLE).map(|t| t.str()).as_deref() != Some(TABLE) {
-                continue;
-            }
             let Some(name) = a.get(SET_NAME).map(|n| n.str()) else {
                 continue;
             };
@@ -219,31 +214,19 @@ impl Transport for NetlinkTransport {
                 },
             );
         }
-        for m in self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETCHAIN, NFPROTO_INET, |m| {
-                m.str(CHAIN_TABLE, TABLE);
-            })
-            .map_err(nl("dump", "chains"))?
-        {
-            let a = m.attrs();
-            if a.get(CHAIN_TABLE).map(|t| t.str()).as_deref() == Some(TABLE)
-                && let Some(n) = a.get(CHAIN_NAME)
-            {
+        let chains = self
+            .dump_in_table(MSG_GETCHAIN, CHAIN_TABLE)
+            .map_err(nl("dump", "chains"))?;
+        for m in &chains {
+            if let Some(n) = m.attrs().get(CHAIN_NAME) {
                 d.chains.insert(n.str());
             }
         }
-        for m in self
-            .sock
-            .dump((SUBSYS_NFTABLES << 8) | MSG_GETRULE, NFPROTO_INET, |m| {
-                m.str(RULE_TABLE, TABLE);
-            })
-            .map_err(nl("dump", "rules"))?
-        {
+        let rules = self
+            .dump_in_table(MSG_GETRULE, RULE_TABLE)
+            .map_err(nl("dump", "rules"))?;
+        for m in &rules {
             let a = m.attrs();
-            if a.get(RULE_TABLE).map(|t| t.str()).as_deref() != Some(TABLE) {
-                continue;
-            }
             let Some(chain) = a.get(RULE_CHAIN).map(|c| c.str()) else {
                 continue;
             };
@@ -343,6 +326,20 @@ impl Dump {
     }
 }
 
+/// What goes wrong with the transaction [`FakeNft::fail_commit`] picks. The kernel applies a
+/// transaction all or nothing, and so does the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The kernel refuses it (`EIO`): nothing of it is applied.
+    Refused,
+    /// It is applied, but its acknowledgement is lost (`ENOBUFS` on the socket): the caller
+    /// sees an error.
+    LostAck,
+    /// Another owner's transaction (this one) is committed just before it: the table changed
+    /// underneath, and the generation moved once more than the caller's own commit explains.
+    Underneath(Commit),
+}
+
 /// What [`FakeNft`] holds and was given.
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -350,12 +347,38 @@ pub struct FakeState {
     pub table: Option<Dump>,
     /// The ruleset generation.
     pub genid: u32,
-    /// Every transaction committed, in order (drained by the tests).
+    /// Every transaction committed, in order (drained by the tests); another owner's
+    /// ([`Fault::Underneath`]) is not listed.
     pub commits: Vec<Commit>,
     /// How many table dumps were made.
     pub dumps: usize,
     /// The stale backends handed to the conntrack purge.
     pub purged: usize,
+    /// Transactions attempted so far (failed ones included).
+    attempts: usize,
+    /// The 1-based attempt that goes wrong, and how.
+    fault: Option<(usize, Fault)>,
+}
+
+impl FakeState {
+    /// Applies `tx` as the kernel would (all of it) and moves the generation.
+    fn apply(&mut self, tx: &Commit) {
+        let mut table = if tx.delete_table {
+            None
+        } else {
+            self.table.take()
+        };
+        if tx.create_table && table.is_none() {
+            table = Some(Dump::default());
+        }
+        if let Some(t) = table.as_mut() {
+            for op in &tx.ops {
+                t.apply(op);
+            }
+        }
+        self.table = table;
+        self.genid = self.genid.wrapping_add(1);
+    }
 }
 
 /// An in-memory nf_tables that records transactions; clones share it.
@@ -372,6 +395,13 @@ impl FakeNft {
     pub fn state(&self) -> MutexGuard<'_, FakeState> {
         self.0.lock().expect("fake nft lock")
     }
+
+    /// Makes the `n`th transaction from now (1-based) go wrong as `fault` says; the ones after
+    /// it succeed.
+    pub fn fail_commit(&self, n: usize, fault: Fault) {
+        let mut s = self.state();
+        s.fault = Some((s.attempts + n, fault));
+    }
 }
 
 impl Transport for FakeNft {
@@ -380,22 +410,33 @@ impl Transport for FakeNft {
             return Ok(());
         }
         let mut s = self.state();
-        let mut table = if tx.delete_table {
-            None
-        } else {
-            s.table.take()
-        };
-        if tx.create_table && table.is_none() {
-            table = Some(Dump::default());
-        }
-        if let Some(t) = table.as_mut() {
-            for op in &tx.ops {
-                t.apply(op);
+        s.attempts += 1;
+        let fault = match s.fault.take() {
+            Some((at, fault)) if at == s.attempts => Some(fault),
+            other => {
+                s.fault = other;
+                None
             }
+        };
+        match &fault {
+            Some(Fault::Refused) => {
+                return Err(NfnlError::Kernel {
+                    what: format!("transaction on table inet {TABLE}"),
+                    message: String::new(),
+                    errno: libc::EIO,
+                });
+            }
+            Some(Fault::Underneath(other)) => s.apply(other),
+            Some(Fault::LostAck) | None => {}
         }
-        s.table = table;
-        s.genid = s.genid.wrapping_add(1);
+        s.apply(tx);
         s.commits.push(tx.clone());
+        if fault == Some(Fault::LostAck) {
+            return Err(NfnlError::Io {
+                op: "receive acknowledgement",
+                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+            });
+        }
         Ok(())
     }
 

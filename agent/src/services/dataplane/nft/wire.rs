@@ -6,7 +6,7 @@
 use super::diff::Op;
 use super::expr::{self, VERDICT_GOTO, data_verdict};
 use super::frontend::{ElemData, clip};
-use super::render::{ChainDef, DATA_VERDICT_TYPE, SetData, SetDef};
+use super::render::{ChainDef, DATA_VERDICT_TYPE, SetData, SetDef, TABLE};
 use crate::shared::nfnl::{Batch, F_APPEND, F_CREATE, MsgBuf};
 
 pub(crate) const NF_ACCEPT: u32 = 1;
@@ -85,6 +85,26 @@ pub(crate) fn parse_udata_comment(data: &[u8]) -> Option<String> {
     None
 }
 
+/// Adds one message of type `msg` (`NFT_MSG_*`) to `b`, for the `inet` family every object of
+/// the table lives in; `build` writes its attributes, `what` describes it for errors.
+pub(crate) fn push(
+    b: &mut Batch,
+    msg: u16,
+    flags: u16,
+    what: impl Into<String>,
+    build: impl FnOnce(&mut MsgBuf),
+) {
+    b.push(msg, flags, NFPROTO_INET, what, build);
+}
+
+/// The message that deletes (`MSG_DELTABLE`, flags 0) or creates (`MSG_NEWTABLE`,
+/// `F_CREATE`) the table `inet twill`; `verb` (`delete`, `add`) describes it.
+pub(crate) fn push_table(b: &mut Batch, msg: u16, flags: u16, verb: &str) {
+    push(b, msg, flags, format!("{verb} table inet {TABLE}"), |m| {
+        m.str(TABLE_NAME, TABLE);
+    });
+}
+
 /// Encodes operations into one nf_tables batch on `table`.
 pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
     let mut b = Batch::new();
@@ -96,46 +116,28 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                 encode_set(&mut b, table, s, set_id);
             }
             Op::DelSet(name) => {
-                b.push(
-                    MSG_DELSET,
-                    0,
-                    NFPROTO_INET,
-                    format!("delete set {name}"),
-                    |m| {
-                        m.str(SET_TABLE, table);
-                        m.str(SET_NAME, name);
-                    },
-                );
+                push(&mut b, MSG_DELSET, 0, format!("delete set {name}"), |m| {
+                    m.str(SET_TABLE, table);
+                    m.str(SET_NAME, name);
+                });
             }
             Op::AddChain(c) => encode_chain(&mut b, table, c),
             Op::FlushChain(c) => {
-                b.push(
-                    MSG_DELRULE,
-                    0,
-                    NFPROTO_INET,
-                    format!("flush chain {c}"),
-                    |m| {
-                        m.str(RULE_TABLE, table);
-                        m.str(RULE_CHAIN, c);
-                    },
-                );
+                push(&mut b, MSG_DELRULE, 0, format!("flush chain {c}"), |m| {
+                    m.str(RULE_TABLE, table);
+                    m.str(RULE_CHAIN, c);
+                });
             }
             Op::DelChain(c) => {
-                b.push(
-                    MSG_DELCHAIN,
-                    0,
-                    NFPROTO_INET,
-                    format!("delete chain {c}"),
-                    |m| {
-                        m.str(CHAIN_TABLE, table);
-                        m.str(CHAIN_NAME, c);
-                    },
-                );
+                push(&mut b, MSG_DELCHAIN, 0, format!("delete chain {c}"), |m| {
+                    m.str(CHAIN_TABLE, table);
+                    m.str(CHAIN_NAME, c);
+                });
             }
-            Op::AddRule { chain, rule } => b.push(
+            Op::AddRule { chain, rule } => push(
+                &mut b,
                 MSG_NEWRULE,
                 F_CREATE | F_APPEND,
-                NFPROTO_INET,
                 format!("add rule to chain {chain}"),
                 |m| {
                     m.str(RULE_TABLE, table);
@@ -151,10 +153,10 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                 key,
                 data,
                 comment,
-            } => b.push(
+            } => push(
+                &mut b,
                 MSG_NEWSETELEM,
                 F_CREATE,
-                NFPROTO_INET,
                 format!("add element to {set}"),
                 |m| {
                     elem_list(m, table, set, key, |m| {
@@ -173,10 +175,10 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                     });
                 },
             ),
-            Op::DelElem { set, key } => b.push(
+            Op::DelElem { set, key } => push(
+                &mut b,
                 MSG_DELSETELEM,
                 0,
-                NFPROTO_INET,
                 format!("delete element from {set}"),
                 |m| elem_list(m, table, set, key, |_| {}),
             ),
@@ -205,10 +207,10 @@ pub(crate) fn elem_list(
 }
 
 pub(crate) fn encode_set(b: &mut Batch, table: &str, s: &SetDef, id: u32) {
-    b.push(
+    push(
+        b,
         MSG_NEWSET,
         F_CREATE,
-        NFPROTO_INET,
         format!("add set {}", s.name),
         |m| {
             m.str(SET_TABLE, table);
@@ -238,10 +240,10 @@ pub(crate) fn encode_set(b: &mut Batch, table: &str, s: &SetDef, id: u32) {
 }
 
 pub(crate) fn encode_chain(b: &mut Batch, table: &str, c: &ChainDef) {
-    b.push(
+    push(
+        b,
         MSG_NEWCHAIN,
         F_CREATE,
-        NFPROTO_INET,
         format!("add chain {}", c.name),
         |m| {
             m.str(CHAIN_TABLE, table);
