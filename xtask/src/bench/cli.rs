@@ -92,10 +92,10 @@ impl BenchArgs {
     /// The command line that reproduces this run.
     pub fn command(&self) -> String {
         let mut cmd = format!("cargo xtask bench {}", self.which.as_str());
-        if matches!(self.which, Which::Overlay | Which::All) {
+        if self.which.uses_backend() {
             let _ = write!(cmd, " --backend {}", arg_name(&self.backend));
         }
-        if matches!(self.which, Which::Services | Which::All) {
+        if self.which.uses_mode() {
             let _ = write!(cmd, " --mode {}", arg_name(&self.mode));
         }
         if self.quick {
@@ -199,5 +199,25 @@ mod tests {
         args.reps = 3;
         args.debug = false;
         assert_eq!(args.command(), "cargo xtask bench services --mode ebpf");
+        args.which = Which::Cni;
+        assert_eq!(args.command(), "cargo xtask bench cni");
+    }
+
+    #[test]
+    fn control_plane_command_keeps_the_backend() {
+        let args = BenchArgs {
+            which: Which::ControlPlane,
+            backend: BackendArg::HostGw,
+            mode: ModeArg::Ebpf,
+            quick: true,
+            reps: 3,
+            out: None,
+            debug: false,
+            no_build: false,
+        };
+        assert_eq!(
+            args.command(),
+            "cargo xtask bench control-plane --backend host-gw --quick"
+        );
     }
 }
