@@ -12,7 +12,14 @@ fn quick_control_plane_run_writes_a_sane_report() {
     let Some(report) = common::quick_run(
         "control-plane --backend vxlan --quick --reps 2",
         &["control-plane-lease.svg"],
-        &["## Control plane", "### Targets", "VmHWM", "Cilium"],
+        &[
+            "## Control plane",
+            "### Targets",
+            "VmHWM",
+            "Cilium",
+            // The reproduce line keeps the backend.
+            "cargo xtask bench control-plane --backend vxlan --quick --reps 2",
+        ],
     ) else {
         return;
     };

@@ -39,6 +39,16 @@ impl Which {
         Which::ControlPlane,
     ];
 
+    /// Whether it reads `--backend` (the control-plane benchmark runs one of them too).
+    pub fn uses_backend(self) -> bool {
+        matches!(self, Which::Overlay | Which::ControlPlane | Which::All)
+    }
+
+    /// Whether it reads `--mode`.
+    pub fn uses_mode(self) -> bool {
+        matches!(self, Which::Services | Which::All)
+    }
+
     /// The command-line name.
     pub fn as_str(self) -> &'static str {
         match self {
