@@ -19,7 +19,7 @@
 use std::{
     collections::BTreeSet,
     fs::{self, File, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::Path,
@@ -835,7 +835,7 @@ fn routed_pod_veths() {
     lb.uninstall().expect("uninstall");
 }
 
-/// What [`tcp_from`] saw of one TCP exchange.
+/// What [`tcp_from`] saw of one TCP exchange, closed on both sides.
 struct Exchange {
     /// The line the server sent.
     line: String,
@@ -859,9 +859,28 @@ fn tcp_from_here(src: SocketAddr, dst: SocketAddr) -> Result<Exchange, String> {
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(&stream)
+    let mut reader = BufReader::new(&stream);
+    reader
         .read_line(&mut line)
         .map_err(|e| format!("read from {dst}: {e}"))?;
+    // A closed flow, as the caller means it: the server has closed (EOF) and our FIN is
+    // acknowledged (a lingering close returns then), so the server's socket is in TIME_WAIT.
+    // Without this a server thread preempted between its write and its close still holds the
+    // connection open when the next SYN from this port arrives.
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .map_err(|e| format!("read to the end from {dst}: {e}"))?;
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 2,
+        },
+    )
+    .map_err(|e| format!("SO_LINGER: {e}"))?;
+    drop(stream);
     Ok(Exchange {
         line: line.trim().to_owned(),
         connect: connect_took,
