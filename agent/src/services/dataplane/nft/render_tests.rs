@@ -7,36 +7,20 @@ use super::super::frontend::{
     parse_slot_value, record, slot_key, slot_value,
 };
 use super::*;
-use crate::services::lb::{Backend, BackendState, Frontend, Proto, plan};
+use crate::services::lb::{Backend, plan};
+use crate::services::testutil;
 
 fn be(ip: &str, port: u16, local: bool) -> Backend {
-    Backend {
-        ip: ip.parse().unwrap(),
-        port,
-        node_local: local,
-        state: BackendState::Ready,
-    }
+    testutil::backend(ip, port, local)
 }
 
 fn svc(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
-    LbService {
-        id,
-        name: format!("default/s{id}:http"),
-        frontend: Frontend {
-            ip: ip.parse().unwrap(),
-            port: if kind == FrontendKind::NodePort {
-                30080
-            } else {
-                80
-            },
-            proto: Proto::Tcp,
-            kind,
-        },
-        backends,
-        affinity_timeout_secs: None,
-        external_local: false,
-        internal_local: false,
-    }
+    let port = if kind == FrontendKind::NodePort {
+        30080
+    } else {
+        80
+    };
+    testutil::service(id, format!("default/s{id}:http"), (ip, port, kind), backends)
 }
 
 fn text(ops: &[Op]) -> Vec<String> {
