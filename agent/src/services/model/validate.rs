@@ -25,6 +25,21 @@ pub(super) fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Records that entry `i` of a list has `key`: an error on `field`, worded by `duplicates` from
+/// the index of the earlier entry, when one had the same key.
+fn first_at<K: Ord>(
+    seen: &mut BTreeMap<K, usize>,
+    key: K,
+    i: usize,
+    field: String,
+    duplicates: impl FnOnce(usize) -> String,
+) -> Result<(), FieldError> {
+    match seen.insert(key, i) {
+        Some(j) => Err(bad(field, duplicates(j))),
+        None => Ok(()),
+    }
+}
+
 pub(super) fn is_dns1035_label(s: &str) -> bool {
     is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
 }
@@ -389,20 +404,14 @@ impl Service {
                             ),
                         ));
                     }
-                    if let Some(j) = seen_names.insert(n, i) {
-                        return Err(bad(
-                            f("name"),
-                            format!("{n:?} duplicates spec.ports[{j}].name"),
-                        ));
-                    }
+                    first_at(&mut seen_names, n, i, f("name"), |j| {
+                        format!("{n:?} duplicates spec.ports[{j}].name")
+                    })?;
                 }
             }
-            if let Some(j) = seen_ports.insert((port, proto), i) {
-                return Err(bad(
-                    f("port"),
-                    format!("{port}/{proto} duplicates spec.ports[{j}]"),
-                ));
-            }
+            first_at(&mut seen_ports, (port, proto), i, f("port"), |j| {
+                format!("{port}/{proto} duplicates spec.ports[{j}]")
+            })?;
             match &p.target_port {
                 None => {}
                 Some(IntOrString::Int(t)) => {
@@ -615,12 +624,9 @@ impl EndpointSlice {
                     format!("{name:?} is not a valid port name (a DNS-1123 label)"),
                 ));
             }
-            if let Some(j) = names.insert((name, proto), i) {
-                return Err(bad(
-                    f("name"),
-                    format!("{name:?}/{proto} duplicates ports[{j}]"),
-                ));
-            }
+            first_at(&mut names, (name, proto), i, f("name"), |j| {
+                format!("{name:?}/{proto} duplicates ports[{j}]")
+            })?;
         }
         Ok(())
     }
