@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use crate::services::dataplane::ebpf::EbpfLbView;
 use crate::services::dataplane::iptables::IptLb;
 use crate::services::dataplane::nft::NftLb;
-use crate::services::desired::{Desired, NodeIdentity, Snapshot, desired};
+use crate::services::desired::Desired;
 use crate::services::lb::{FrontendKey, LbService};
 use crate::services::model::{EndpointSlice, Object, Service, ServiceType};
 
@@ -51,6 +51,20 @@ pub struct DataplaneReading {
     pub location: String,
     /// Programmed frontends.
     pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
+}
+
+impl DataplaneReading {
+    /// How many of the `wanted` frontends this dataplane holds exactly as desired.
+    fn count_in_sync<'a>(&self, wanted: impl IntoIterator<Item = &'a LbService>) -> usize {
+        wanted
+            .into_iter()
+            .filter(|w| {
+                self.frontends
+                    .get(&w.frontend.key())
+                    .is_some_and(|h| in_sync(w, &h.service))
+            })
+            .count()
+    }
 }
 
 /// Reads the service dataplane of the node (network namespace) this runs on: the eBPF maps
@@ -154,16 +168,18 @@ pub(super) fn backends_list(s: &LbService) -> String {
         .join(",")
 }
 
-/// Left-aligned columns separated by three spaces.
-pub(super) fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+/// Left-aligned columns separated by three spaces, under the `header` row.
+pub(super) fn columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let header = header.map(String::from);
+    let all = || std::iter::once(&header).chain(rows);
     let mut widths = [0usize; N];
-    for r in rows {
+    for r in all() {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.len());
         }
     }
     let mut out = String::new();
-    for r in rows {
+    for r in all() {
         let mut line = String::new();
         for (i, c) in r.iter().enumerate() {
             if i + 1 == r.len() {
@@ -178,26 +194,11 @@ pub(super) fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-/// The `get services` table: one row per Service, with what the dataplane (`dp`, when one was
-/// found) holds of it.
-pub fn services_table(
-    objects: &[Object],
-    node: &NodeIdentity,
-    dp: Option<&DataplaneReading>,
-) -> String {
-    let snap = Snapshot::from_objects(objects.iter().cloned());
-    let d = desired(&snap, node);
-    let mut rows = vec![[
-        "NAMESPACE/NAME".to_string(),
-        "TYPE".into(),
-        "CLUSTER-IP".into(),
-        "EXTERNAL-IP".into(),
-        "PORT(S)".into(),
-        "ENDPOINTS".into(),
-        "FRONTENDS".into(),
-        "PROGRAMMED".into(),
-        "CONNS".into(),
-    ]];
+/// The `get services` table: one row per Service of `objects`, with the frontends this node
+/// wants of it (`d`, computed from `objects`) and what the dataplane (`dp`, when one was found)
+/// holds of them.
+pub fn services_table(objects: &[Object], d: &Desired, dp: Option<&DataplaneReading>) -> String {
+    let mut rows = Vec::new();
     // The table shows the objects as written: index them here (the snapshot keeps only what
     // the dataplane needs).
     let mut services: BTreeMap<(String, String), &Service> = BTreeMap::new();
@@ -243,21 +244,14 @@ pub fn services_table(
             }
         }
         let prefix = format!("{}/{}", key.0, key.1);
-        let frontends = frontends_of(&d, &prefix);
+        let frontends = frontends_of(d, &prefix);
         let (programmed, conns) = match dp {
             Some(dp) => {
                 let have: Vec<&ProgrammedFrontend> = frontends
                     .iter()
                     .filter_map(|f| dp.frontends.get(&f.frontend.key()))
                     .collect();
-                let synced = frontends
-                    .iter()
-                    .filter(|f| {
-                        dp.frontends
-                            .get(&f.frontend.key())
-                            .is_some_and(|p| in_sync(f, &p.service))
-                    })
-                    .count();
+                let synced = dp.count_in_sync(frontends.iter().copied());
                 let conns: Option<u64> = have.iter().map(|p| p.conns).sum();
                 (
                     format!("{synced}/{}", frontends.len()),
@@ -282,32 +276,29 @@ pub fn services_table(
             conns,
         ]);
     }
-    let mut out = columns(&rows);
+    let header = [
+        "NAMESPACE/NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "ENDPOINTS",
+        "FRONTENDS",
+        "PROGRAMMED",
+        "CONNS",
+    ];
+    let mut out = columns(header, &rows);
     for c in &d.conflicts {
         let _ = writeln!(out, "conflict: {c}");
     }
-    out.push_str(&dataplane_footer(&d, dp));
+    out.push_str(&dataplane_footer(d, dp));
     out
 }
 
-/// `-o wide`: one row per frontend (desired, then programmed-only), with its backends and what
-/// the dataplane holds.
-pub fn frontends_table(
-    objects: &[Object],
-    node: &NodeIdentity,
-    dp: Option<&DataplaneReading>,
-) -> String {
-    let snap = Snapshot::from_objects(objects.iter().cloned());
-    let d = desired(&snap, node);
-    let mut rows = vec![[
-        "FRONTEND".to_string(),
-        "KIND".into(),
-        "SERVICE".into(),
-        "BACKENDS".into(),
-        "DATAPLANE".into(),
-        "CONNS".into(),
-        "PACKETS".into(),
-    ]];
+/// `-o wide`: one row per frontend (desired `d`, then programmed-only), with its backends and
+/// what the dataplane holds.
+pub fn frontends_table(d: &Desired, dp: Option<&DataplaneReading>) -> String {
+    let mut rows = Vec::new();
     let count = |v: Option<u64>| v.map_or_else(|| "-".into(), |c| c.to_string());
     for want in &d.services {
         let have = dp.and_then(|dp| dp.frontends.get(&want.frontend.key()));
@@ -356,8 +347,17 @@ pub fn frontends_table(
             "-".into(),
         ]);
     }
-    let mut out = columns(&rows);
-    out.push_str(&dataplane_footer(&d, dp));
+    let header = [
+        "FRONTEND",
+        "KIND",
+        "SERVICE",
+        "BACKENDS",
+        "DATAPLANE",
+        "CONNS",
+        "PACKETS",
+    ];
+    let mut out = columns(header, &rows);
+    out.push_str(&dataplane_footer(d, dp));
     out
 }
 
@@ -368,15 +368,7 @@ pub(super) fn dataplane_footer(d: &Desired, dp: Option<&DataplaneReading>) -> St
                 .to_string()
         }
         Some(dp) => {
-            let synced = d
-                .services
-                .iter()
-                .filter(|w| {
-                    dp.frontends
-                        .get(&w.frontend.key())
-                        .is_some_and(|h| in_sync(w, &h.service))
-                })
-                .count();
+            let synced = dp.count_in_sync(&d.services);
             let stale = dp
                 .frontends
                 .keys()

@@ -38,7 +38,7 @@ pub use self::write::{
     external_ip_notes, with_retry,
 };
 
-use crate::services::desired::{NodeIdentity, Reserved};
+use crate::services::desired::{NodeIdentity, Reserved, Snapshot, desired};
 use crate::services::model::{Object, ObjectKey, parse_manifest};
 use crate::services::source::ServiceStore;
 use crate::services::source::etcd::EtcdServiceStore;
@@ -254,10 +254,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
                     .unwrap_or_default(),
                 ..NodeIdentity::default()
             };
+            let d = desired(
+                &Snapshot::from_objects(listing.objects.iter().cloned()),
+                &node,
+            );
             let table = if output.as_deref() == Some("wide") {
-                frontends_table(&listing.objects, &node, dp.as_ref())
+                frontends_table(&d, dp.as_ref())
             } else {
-                services_table(&listing.objects, &node, dp.as_ref())
+                services_table(&listing.objects, &d, dp.as_ref())
             };
             print!("{table}");
             for (key, e) in &listing.invalid {

@@ -326,7 +326,8 @@ fn services_on_etcd_addresses_are_refused() {
 fn table() {
     let objs = parse_manifest(WEB).unwrap();
     let node = NodeIdentity::default();
-    let t = services_table(&objs, &node, None);
+    let d = desired(&Snapshot::from_objects(objs.clone()), &node);
+    let t = services_table(&objs, &d, None);
     let lines: Vec<&str> = t.lines().collect();
     assert_eq!(
         lines[0],
@@ -340,7 +341,6 @@ fn table() {
 
     // A dataplane holding two frontends: one as desired, one with a stale backend, plus a
     // frontend nobody wants any more.
-    let d = desired(&Snapshot::from_objects(objs.clone()), &node);
     let mut frontends = BTreeMap::new();
     let pick = |f: &str| {
         d.services
@@ -371,14 +371,14 @@ fn table() {
         location: "pinned maps in /x".into(),
         frontends,
     };
-    let t = services_table(&objs, &node, Some(&dp));
+    let t = services_table(&objs, &d, Some(&dp));
     let row = t.lines().nth(1).unwrap();
     assert!(row.ends_with("6           1/6          7"), "{t}");
     assert!(
         t.contains("dataplane: ebpf (pinned maps in /x): 1/6 frontends in sync, 1 not desired"),
         "{t}"
     );
-    let w = frontends_table(&objs, &node, Some(&dp));
+    let w = frontends_table(&d, Some(&dp));
     assert!(!w.contains("refused"), "{w}");
     assert!(w.contains("in sync"), "{w}");
     assert!(w.contains("differs: 10.244.9.9:"), "{w}");
@@ -393,9 +393,10 @@ fn table() {
         allowed_external_ips: Some(Vec::new()),
         ..NodeIdentity::default()
     };
-    let t = services_table(&objs, &strict, None);
+    let d = desired(&Snapshot::from_objects(objs.clone()), &strict);
+    let t = services_table(&objs, &d, None);
     assert!(t.lines().nth(1).unwrap().contains(" 1/2         4 "), "{t}");
-    let w = frontends_table(&objs, &strict, None);
+    let w = frontends_table(&d, None);
     let refused: Vec<&str> = w.lines().filter(|l| l.contains("<refused>")).collect();
     assert_eq!(refused.len(), 2, "{w}");
     assert!(

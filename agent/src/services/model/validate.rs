@@ -25,6 +25,21 @@ pub(super) fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Records that entry `i` of a list has `key`: an error on `field`, worded by `duplicates` from
+/// the index of the earlier entry, when one had the same key.
+fn first_at<K: Ord>(
+    seen: &mut BTreeMap<K, usize>,
+    key: K,
+    i: usize,
+    field: String,
+    duplicates: impl FnOnce(usize) -> String,
+) -> Result<(), FieldError> {
+    match seen.insert(key, i) {
+        Some(j) => Err(bad(field, duplicates(j))),
+        None => Ok(()),
+    }
+}
+
 pub(super) fn is_dns1035_label(s: &str) -> bool {
     is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
 }
@@ -70,33 +85,37 @@ pub(super) fn parse_ip(field: &str, s: &str) -> Result<IpAddr, FieldError> {
 /// IPv4 broadcast address too: no frontend or backend can be one, and without an API server to
 /// allocate cluster IPs from a service CIDR nothing else would stop `clusterIP: 224.0.0.1`.
 pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(a) if a.is_unspecified() => Some("may not be unspecified (0.0.0.0, ::)"),
-        IpAddr::V4(a) if a.is_loopback() => {
-            Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
-        }
-        IpAddr::V4(a) if a.is_link_local() => {
-            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
-        }
-        IpAddr::V4(a) if a.is_multicast() => {
-            Some("may not be a multicast address (224.0.0.0/4, ff00::/8)")
-        }
-        IpAddr::V4(a) if a.is_broadcast() => Some("may not be the broadcast address"),
-        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
-            Some("must not be an IPv4-mapped IPv6 address (write the IPv4 address)")
-        }
-        IpAddr::V6(a) if a.is_unspecified() => Some("may not be unspecified (0.0.0.0, ::)"),
-        IpAddr::V6(a) if a.is_loopback() => {
-            Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
-        }
-        IpAddr::V6(a) if a.is_unicast_link_local() => {
-            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
-        }
-        IpAddr::V6(a) if a.is_multicast() => {
-            Some("may not be a multicast address (224.0.0.0/4, ff00::/8)")
-        }
-        _ => None,
-    }
+    let (link_local, broadcast, v4_mapped) = match ip {
+        IpAddr::V4(a) => (a.is_link_local(), a.is_broadcast(), false),
+        IpAddr::V6(a) => (
+            a.is_unicast_link_local(),
+            false,
+            a.to_ipv4_mapped().is_some(),
+        ),
+    };
+    // The first rule an address breaks names it: an IPv4-mapped address is refused as such.
+    [
+        (
+            v4_mapped,
+            "must not be an IPv4-mapped IPv6 address (write the IPv4 address)",
+        ),
+        (ip.is_unspecified(), "may not be unspecified (0.0.0.0, ::)"),
+        (
+            ip.is_loopback(),
+            "may not be in the loopback range (127.0.0.0/8, ::1/128)",
+        ),
+        (
+            link_local,
+            "may not be in the link-local range (169.254.0.0/16, fe80::/10)",
+        ),
+        (
+            ip.is_multicast(),
+            "may not be a multicast address (224.0.0.0/4, ff00::/8)",
+        ),
+        (broadcast, "may not be the broadcast address"),
+    ]
+    .into_iter()
+    .find_map(|(breaks, why)| breaks.then_some(why))
 }
 
 /// Parses a service or endpoint address and refuses the [`special_ip`]s, naming the field.
@@ -389,20 +408,14 @@ impl Service {
                             ),
                         ));
                     }
-                    if let Some(j) = seen_names.insert(n, i) {
-                        return Err(bad(
-                            f("name"),
-                            format!("{n:?} duplicates spec.ports[{j}].name"),
-                        ));
-                    }
+                    first_at(&mut seen_names, n, i, f("name"), |j| {
+                        format!("{n:?} duplicates spec.ports[{j}].name")
+                    })?;
                 }
             }
-            if let Some(j) = seen_ports.insert((port, proto), i) {
-                return Err(bad(
-                    f("port"),
-                    format!("{port}/{proto} duplicates spec.ports[{j}]"),
-                ));
-            }
+            first_at(&mut seen_ports, (port, proto), i, f("port"), |j| {
+                format!("{port}/{proto} duplicates spec.ports[{j}]")
+            })?;
             match &p.target_port {
                 None => {}
                 Some(IntOrString::Int(t)) => {
@@ -615,12 +628,9 @@ impl EndpointSlice {
                     format!("{name:?} is not a valid port name (a DNS-1123 label)"),
                 ));
             }
-            if let Some(j) = names.insert((name, proto), i) {
-                return Err(bad(
-                    f("name"),
-                    format!("{name:?}/{proto} duplicates ports[{j}]"),
-                ));
-            }
+            first_at(&mut names, (name, proto), i, f("name"), |j| {
+                format!("{name:?}/{proto} duplicates ports[{j}]")
+            })?;
         }
         Ok(())
     }
