@@ -8,6 +8,7 @@
 //! Validation happens before anything touches the kernel: an invalid document is refused as a
 //! whole and the dataplane already in place stays as it is.
 
+use std::fmt;
 use std::net::{AddrParseError, IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
@@ -176,103 +177,28 @@ impl NetworkConfig {
         };
 
         if enable_ipv4 {
-            let text = raw.network.ok_or(ConfigError::Missing("Network"))?;
-            let net: Ipv4Net = text
-                .parse()
-                .map_err(|e| invalid("Network", &text, format!("not an IPv4 CIDR: {e}")))?;
-            if net != net.trunc() {
-                return Err(invalid(
-                    "Network",
-                    &text,
-                    format!("host bits set (did you mean {}?)", net.trunc()),
-                ));
-            }
-            // flannel: 24 unless Network is smaller than a /22, then two less than the network.
-            let default_len = if net.prefix_len() > 22 {
-                net.prefix_len() + 2
-            } else {
-                24
-            };
-            let len = raw.subnet_len.map_or(Ok(default_len), |l| {
-                u8::try_from(l).map_err(|_| invalid("SubnetLen", l, "must be at most 30"))
-            })?;
-            if len > 30 || len <= net.prefix_len() {
-                return Err(invalid(
-                    "SubnetLen",
-                    len,
-                    format!(
-                        "must be longer than the Network prefix /{} and at most 30",
-                        net.prefix_len()
-                    ),
-                ));
-            }
-            cfg.network = Some(net);
-            cfg.subnet_len = len;
-            let (min, max) = v4_bounds(net, len);
-            let any = IpNet::V4(net);
-            cfg.subnet_min = Some(parse_bound("SubnetMin", raw.subnet_min, any, len, min)?);
-            cfg.subnet_max = Some(parse_bound("SubnetMax", raw.subnet_max, any, len, max)?);
-            if cfg.subnet_min > cfg.subnet_max {
-                return Err(invalid(
-                    "SubnetMin",
-                    cfg.subnet_min.unwrap(),
-                    format!("is above SubnetMax {}", cfg.subnet_max.unwrap()),
-                ));
-            }
+            let v4 = parse_family::<Ipv4Net>(
+                raw.network,
+                raw.subnet_len,
+                raw.subnet_min,
+                raw.subnet_max,
+            )?;
+            cfg.network = Some(v4.net);
+            cfg.subnet_len = v4.len;
+            cfg.subnet_min = Some(v4.min);
+            cfg.subnet_max = Some(v4.max);
         }
-
         if enable_ipv6 {
-            let text = raw
-                .ipv6_network
-                .ok_or(ConfigError::Missing("IPv6Network"))?;
-            let net: Ipv6Net = text
-                .parse()
-                .map_err(|e| invalid("IPv6Network", &text, format!("not an IPv6 CIDR: {e}")))?;
-            if net != net.trunc() {
-                return Err(invalid(
-                    "IPv6Network",
-                    &text,
-                    format!("host bits set (did you mean {}?)", net.trunc()),
-                ));
-            }
-            let len = raw.ipv6_subnet_len.map_or(Ok(64), |l| {
-                u8::try_from(l).map_err(|_| invalid("IPv6SubnetLen", l, "must be at most 126"))
-            })?;
-            if len > 126 || len <= net.prefix_len() {
-                return Err(invalid(
-                    "IPv6SubnetLen",
-                    len,
-                    format!(
-                        "must be longer than the IPv6Network prefix /{} and at most 126",
-                        net.prefix_len()
-                    ),
-                ));
-            }
-            cfg.ipv6_network = Some(net);
-            cfg.ipv6_subnet_len = len;
-            let (min, max) = v6_bounds(net, len);
-            let any = IpNet::V6(net);
-            cfg.ipv6_subnet_min = Some(parse_bound(
-                "IPv6SubnetMin",
+            let v6 = parse_family::<Ipv6Net>(
+                raw.ipv6_network,
+                raw.ipv6_subnet_len,
                 raw.ipv6_subnet_min,
-                any,
-                len,
-                min,
-            )?);
-            cfg.ipv6_subnet_max = Some(parse_bound(
-                "IPv6SubnetMax",
                 raw.ipv6_subnet_max,
-                any,
-                len,
-                max,
-            )?);
-            if cfg.ipv6_subnet_min > cfg.ipv6_subnet_max {
-                return Err(invalid(
-                    "IPv6SubnetMin",
-                    cfg.ipv6_subnet_min.unwrap(),
-                    format!("is above IPv6SubnetMax {}", cfg.ipv6_subnet_max.unwrap()),
-                ));
-            }
+            )?;
+            cfg.ipv6_network = Some(v6.net);
+            cfg.ipv6_subnet_len = v6.len;
+            cfg.ipv6_subnet_min = Some(v6.min);
+            cfg.ipv6_subnet_max = Some(v6.max);
         }
         Ok(cfg)
     }
@@ -322,18 +248,145 @@ fn parse_backend(raw: RawBackend) -> Result<BackendConfig, ConfigError> {
 }
 
 /// flannel's defaults: the second subnet of the network up to the last one.
-fn v4_bounds(net: Ipv4Net, len: u8) -> (Ipv4Addr, Ipv4Addr) {
-    let base = u32::from(net.network());
-    let step = 1u32 << (32 - len);
-    let last = u32::from(net.broadcast()) & !(step - 1);
-    (Ipv4Addr::from(base + step), Ipv4Addr::from(last))
+/// The network of one address family, with the names and limits of its settings.
+trait FamilyNet: Copy + PartialEq + fmt::Display + FromStr + Into<IpNet> {
+    /// The address type of its `SubnetMin`/`SubnetMax`.
+    type Addr: Copy + PartialOrd + fmt::Display + FromStr<Err = AddrParseError> + Into<IpAddr>;
+    /// `IPv4` or `IPv6`.
+    const FAMILY: &'static str;
+    /// The names of its network, subnet length, subnet minimum and subnet maximum fields.
+    const FIELDS: [&'static str; 4];
+    /// The longest subnet prefix it allows.
+    const MAX_LEN: u8;
+    /// The network with its host bits cleared.
+    fn truncated(&self) -> Self;
+    /// Its prefix length.
+    fn prefix(&self) -> u8;
+    /// The subnet length when the config gives none.
+    fn default_len(&self) -> u8;
+    /// The first and last `/len` subnet that may be leased (the network's first subnet is not).
+    fn bounds(self, len: u8) -> (Self::Addr, Self::Addr);
 }
 
-fn v6_bounds(net: Ipv6Net, len: u8) -> (Ipv6Addr, Ipv6Addr) {
-    let base = u128::from(net.network());
-    let step = 1u128 << (128 - len);
-    let last = u128::from(net.broadcast()) & !(step - 1);
-    (Ipv6Addr::from(base + step), Ipv6Addr::from(last))
+impl FamilyNet for Ipv4Net {
+    type Addr = Ipv4Addr;
+    const FAMILY: &'static str = "IPv4";
+    const FIELDS: [&'static str; 4] = ["Network", "SubnetLen", "SubnetMin", "SubnetMax"];
+    const MAX_LEN: u8 = 30;
+
+    fn truncated(&self) -> Self {
+        self.trunc()
+    }
+
+    fn prefix(&self) -> u8 {
+        self.prefix_len()
+    }
+
+    fn default_len(&self) -> u8 {
+        // flannel: 24 unless Network is smaller than a /22, then two less than the network.
+        if self.prefix_len() > 22 {
+            self.prefix_len() + 2
+        } else {
+            24
+        }
+    }
+
+    fn bounds(self, len: u8) -> (Ipv4Addr, Ipv4Addr) {
+        let base = u32::from(self.network());
+        let step = 1u32 << (32 - len);
+        let last = u32::from(self.broadcast()) & !(step - 1);
+        (Ipv4Addr::from(base + step), Ipv4Addr::from(last))
+    }
+}
+
+impl FamilyNet for Ipv6Net {
+    type Addr = Ipv6Addr;
+    const FAMILY: &'static str = "IPv6";
+    const FIELDS: [&'static str; 4] = [
+        "IPv6Network",
+        "IPv6SubnetLen",
+        "IPv6SubnetMin",
+        "IPv6SubnetMax",
+    ];
+    const MAX_LEN: u8 = 126;
+
+    fn truncated(&self) -> Self {
+        self.trunc()
+    }
+
+    fn prefix(&self) -> u8 {
+        self.prefix_len()
+    }
+
+    fn default_len(&self) -> u8 {
+        64
+    }
+
+    fn bounds(self, len: u8) -> (Ipv6Addr, Ipv6Addr) {
+        let base = u128::from(self.network());
+        let step = 1u128 << (128 - len);
+        let last = u128::from(self.broadcast()) & !(step - 1);
+        (Ipv6Addr::from(base + step), Ipv6Addr::from(last))
+    }
+}
+
+/// One enabled family's checked settings.
+struct Family<N: FamilyNet> {
+    net: N,
+    len: u8,
+    min: N::Addr,
+    max: N::Addr,
+}
+
+/// Parses and checks one enabled family's network, subnet length and subnet bounds (the
+/// fields `N::FIELDS` names).
+fn parse_family<N: FamilyNet>(
+    network: Option<String>,
+    subnet_len: Option<u32>,
+    subnet_min: Option<String>,
+    subnet_max: Option<String>,
+) -> Result<Family<N>, ConfigError>
+where
+    N::Err: fmt::Display,
+{
+    let [net_field, len_field, min_field, max_field] = N::FIELDS;
+    let (family, max_len) = (N::FAMILY, N::MAX_LEN);
+    let text = network.ok_or(ConfigError::Missing(net_field))?;
+    let net: N = text
+        .parse()
+        .map_err(|e| invalid(net_field, &text, format!("not an {family} CIDR: {e}")))?;
+    if net != net.truncated() {
+        return Err(invalid(
+            net_field,
+            &text,
+            format!("host bits set (did you mean {}?)", net.truncated()),
+        ));
+    }
+    let len = subnet_len.map_or(Ok(net.default_len()), |l| {
+        u8::try_from(l).map_err(|_| invalid(len_field, l, format!("must be at most {max_len}")))
+    })?;
+    if len > max_len || len <= net.prefix() {
+        return Err(invalid(
+            len_field,
+            len,
+            format!(
+                "must be longer than the {net_field} prefix /{} and at most {max_len}",
+                net.prefix()
+            ),
+        ));
+    }
+    let (min, max) = net.bounds(len);
+    let any = net.into();
+    let min = parse_bound(min_field, subnet_min, any, len, min)?;
+    let max = parse_bound(max_field, subnet_max, any, len, max)?;
+    if min > max {
+        return Err(invalid(
+            min_field,
+            min,
+            format!("is above {max_field} {max}"),
+        ));
+    }
+    Ok(Family { net, len, min, max })
 }
 
 /// A `SubnetMin`/`SubnetMax` field (of either family): `default` when absent, else an address

@@ -25,7 +25,7 @@ use aya::{
 use tracing::{debug, instrument, warn};
 use twill_common::{PacketCount, counter};
 
-use crate::shared::bpf::{EbpfError, OBJECT_NAME, object};
+use crate::shared::bpf::{EbpfError, OBJECT_NAME, object, program_mut};
 
 /// Packet and byte totals of one interface since [`PacketCounter::attach`], summed over CPUs.
 ///
@@ -121,19 +121,7 @@ impl PacketCounter {
         // On an early return, `ebpf` is dropped and detaches what was attached so far.
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for (program, attach_type, direction) in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(EbpfError::Missing {
-                    object: OBJECT_NAME,
-                    kind: "program",
-                    name: program,
-                })?
-                .try_into()
-                .map_err(|source| EbpfError::Program {
-                    operation: "convert",
-                    program,
-                    source: Box::new(source),
-                })?;
+            let prog: &mut SchedClassifier = program_mut(&mut ebpf, program)?;
             prog.load().map_err(|source| EbpfError::Program {
                 operation: "load",
                 program,

@@ -131,6 +131,29 @@ pub enum EbpfError {
     },
 }
 
+/// The program `program` of the loaded twill object as the type `T` the caller attaches it as;
+/// [`EbpfError::Missing`] or a `"convert"` [`EbpfError::Program`] when the object disagrees.
+pub fn program_mut<'a, T>(
+    ebpf: &'a mut aya::Ebpf,
+    program: &'static str,
+) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(program)
+        .ok_or(EbpfError::Missing {
+            object: OBJECT_NAME,
+            kind: "program",
+            name: program,
+        })?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            operation: "convert",
+            program,
+            source: Box::new(source),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,6 +93,29 @@ pub struct Validated {
     pub ignored: Vec<Ignored>,
 }
 
+/// A peer's subnet of one family: inside the cluster network `net` and a `/len` (`fields` name
+/// the network and length settings).
+fn check_subnet(
+    sn: IpNet,
+    net: IpNet,
+    len: u8,
+    (net_field, len_field): (&str, &str),
+) -> Result<(), (IgnoreReason, String)> {
+    if !net.contains(&sn) {
+        return Err((
+            IgnoreReason::OutsideNetwork,
+            format!("subnet {sn} is outside {net_field} {net}"),
+        ));
+    }
+    if sn.prefix_len() != len {
+        return Err((
+            IgnoreReason::WrongLength,
+            format!("subnet {sn} is not a /{len} ({len_field})"),
+        ));
+    }
+    Ok(())
+}
+
 /// A peer's public address for its subnet of one family (`field` and `family` name them): there,
 /// a usable unicast underlay address outside the cluster (`in_cluster`), and not `own`.
 fn check_public_ip(
@@ -165,38 +188,23 @@ pub(crate) fn check_one(
     if cfg.enable_ipv4
         && let (Some(sn), Some(net)) = (subnets.v4, cfg.network)
     {
-        if !net.contains(&sn) {
-            return Err((
-                IgnoreReason::OutsideNetwork,
-                format!("subnet {sn} is outside Network {net}"),
-            ));
-        }
-        if sn.prefix_len() != cfg.subnet_len {
-            return Err((
-                IgnoreReason::WrongLength,
-                format!("subnet {sn} is not a /{} (SubnetLen)", cfg.subnet_len),
-            ));
-        }
+        check_subnet(
+            sn.into(),
+            net.into(),
+            cfg.subnet_len,
+            ("Network", "SubnetLen"),
+        )?;
         usable_family = true;
     }
     if cfg.enable_ipv6
         && let (Some(sn), Some(net)) = (subnets.v6, cfg.ipv6_network)
     {
-        if !net.contains(&sn) {
-            return Err((
-                IgnoreReason::OutsideNetwork,
-                format!("subnet {sn} is outside IPv6Network {net}"),
-            ));
-        }
-        if sn.prefix_len() != cfg.ipv6_subnet_len {
-            return Err((
-                IgnoreReason::WrongLength,
-                format!(
-                    "subnet {sn} is not a /{} (IPv6SubnetLen)",
-                    cfg.ipv6_subnet_len
-                ),
-            ));
-        }
+        check_subnet(
+            sn.into(),
+            net.into(),
+            cfg.ipv6_subnet_len,
+            ("IPv6Network", "IPv6SubnetLen"),
+        )?;
         usable_family = true;
     }
     if !usable_family {

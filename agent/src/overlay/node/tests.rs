@@ -45,7 +45,17 @@ fn snapshot(leases: Vec<StoredLease>, revision: i64) -> Snapshot {
 }
 
 async fn held(store: &MemStore, cfg: &NetworkConfig, a: &LeaseAttrs) -> HeldLease {
-    match acquire(store, cfg, a, None).await.unwrap() {
+    held_from(store, cfg, a, None).await
+}
+
+/// Acquires a lease for `a`, asking for `prev` back; panics on a conflict.
+async fn held_from(
+    store: &MemStore,
+    cfg: &NetworkConfig,
+    a: &LeaseAttrs,
+    prev: Option<LeaseSubnets>,
+) -> HeldLease {
+    match acquire(store, cfg, a, prev).await.unwrap() {
         Acquired::Held(h) => h,
         Acquired::Conflict(c) => panic!("conflict with {c:?}"),
     }
@@ -146,20 +156,10 @@ async fn previous_subnet_from_file_is_preferred_when_free() {
         v4: Some("10.244.77.0/24".parse().unwrap()),
         v6: None,
     };
-    let Acquired::Held(a) = acquire(&store, &cfg, &attrs("198.18.0.11"), Some(prev))
-        .await
-        .unwrap()
-    else {
-        panic!("conflict")
-    };
+    let a = held_from(&store, &cfg, &attrs("198.18.0.11"), Some(prev)).await;
     assert_eq!(a.subnets, prev);
     // Taken by someone else: another one.
-    let Acquired::Held(b) = acquire(&store, &cfg, &attrs("198.18.0.12"), Some(prev))
-        .await
-        .unwrap()
-    else {
-        panic!("conflict")
-    };
+    let b = held_from(&store, &cfg, &attrs("198.18.0.12"), Some(prev)).await;
     assert_ne!(b.subnets, prev);
 }
 
