@@ -31,7 +31,7 @@ use super::{
     EbpfLb, EbpfLbConfig, EbpfLbError, IfaceRole, LINKS_DIR, LbLimits, PodIfaceChanges,
     SOCK_PROGRAMS, TC_PROGRAMS, TC_TAGS, TcIface, map_err,
 };
-use crate::shared::bpf::{EbpfError, OBJECT_NAME, object};
+use crate::shared::bpf::{EbpfError, OBJECT_NAME, object, program_mut};
 
 impl EbpfLb {
     /// Loads (or re-uses) the dataplane: maps pinned in `pin_dir`, socket programs on the cgroup
@@ -385,24 +385,6 @@ impl EbpfLb {
         }
         Ok(want.len())
     }
-}
-
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut T, EbpfError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(program)
-        .ok_or(EbpfError::Missing {
-            object: OBJECT_NAME,
-            kind: "program",
-            name: program,
-        })?
-        .try_into()
-        .map_err(|source| EbpfError::Program {
-            operation: "convert",
-            program,
-            source: Box::new(source),
-        })
 }
 
 /// Loads (verifies) the programs `names` of one kind.

@@ -20,7 +20,12 @@ fn svc(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbServi
     } else {
         80
     };
-    testutil::service(id, format!("default/s{id}:http"), (ip, port, kind), backends)
+    testutil::service(
+        id,
+        format!("default/s{id}:http"),
+        (ip, port, kind),
+        backends,
+    )
 }
 
 fn text(ops: &[Op]) -> Vec<String> {
