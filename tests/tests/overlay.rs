@@ -768,6 +768,19 @@ fn a_node_whose_lease_was_taken_notices_and_reacquires() {
     assert_full_mesh(&rig, &[p1, p2], false);
 }
 
+/// SIGTERM ends node 1's twilld cleanly within 3 s (`when` names the moment, for the messages).
+fn sigterm_ends_twilld_promptly(rig: &Rig, when: &str) {
+    let start = Instant::now();
+    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!("SIGTERM {when}: {status} after {:?}", start.elapsed());
+    assert!(
+        status.success() && start.elapsed() < Duration::from_secs(3),
+        "SIGTERM {when}: {status} after {:?}\n{}",
+        start.elapsed(),
+        rig.twilld_log(1)
+    );
+}
+
 #[test]
 fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
     // Three subnets (10.244.1-3.0/24), all leased by other nodes.
@@ -793,18 +806,7 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
             .is_some_and(|(code, body)| code == 503 && body.contains("no free IPv4 subnet"))
     })
     .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
-    let start = Instant::now();
-    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
-    eprintln!(
-        "SIGTERM during exhaustion: {status} after {:?}",
-        start.elapsed()
-    );
-    assert!(
-        status.success() && start.elapsed() < Duration::from_secs(3),
-        "SIGTERM during exhaustion: {status} after {:?}\n{}",
-        start.elapsed(),
-        rig.twilld_log(1)
-    );
+    sigterm_ends_twilld_promptly(&rig, "during exhaustion");
 
     // The same once the node held a lease and lost it: not ready, no subnet file, and a
     // SIGTERM still ends it.
@@ -829,17 +831,7 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
         !rig.subnet_file(1).exists(),
         "the subnet file still names a lost subnet"
     );
-    let start = Instant::now();
-    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
-    eprintln!(
-        "SIGTERM while re-acquiring: {status} after {:?}",
-        start.elapsed()
-    );
-    assert!(
-        status.success() && start.elapsed() < Duration::from_secs(3),
-        "SIGTERM while re-acquiring: {status} after {:?}",
-        start.elapsed()
-    );
+    sigterm_ends_twilld_promptly(&rig, "while re-acquiring");
 }
 
 #[test]
