@@ -142,10 +142,9 @@ fn flannel_by_hand(rig: &Rig, node: usize, subnet: &str, mac: &str) {
 
 #[test]
 fn interoperates_with_a_flannel_node() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(3, Some(VXLAN)) else {
         return;
-    }
-    let rig = configured_rig(3, VXLAN);
+    };
     // Node 3 is "flannel": configured by hand, its lease in etcd before the twill nodes start.
     flannel_by_hand(&rig, 3, "10.244.200.0/24", "0e:fa:00:00:00:03");
     let (facts, pods) = start_with_pods(&rig, &[1, 2], &[]);
@@ -279,14 +278,11 @@ fn etcd_outage_disturbs_nothing(backend: Backend) {
 
 #[test]
 fn twenty_agents_at_once_never_share_a_subnet() {
-    if !require_root() {
-        return;
-    }
     // A small range makes collisions likely if creation were not atomic: 30 subnets, 20 nodes.
-    let rig = configured_rig(
-        20,
-        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.30.0","Backend":{"Type":"host-gw"}}"#,
-    );
+    let config = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.30.0","Backend":{"Type":"host-gw"}}"#;
+    let Some(rig) = Rig::for_test(20, Some(config)) else {
+        return;
+    };
     let nodes: Vec<usize> = (1..=20).collect();
     let facts = start_nodes(&rig, &nodes, &[]);
     subnets_unique(&facts);
@@ -296,14 +292,11 @@ fn twenty_agents_at_once_never_share_a_subnet() {
 
 #[test]
 fn invalid_config_is_refused_and_the_dataplane_stays() {
-    if !require_root() {
-        return;
-    }
     // A node that starts on a bad config does nothing but say why.
-    let rig = configured_rig(
-        2,
-        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":99999999}}"#,
-    );
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":99999999}}"#;
+    let Some(rig) = Rig::for_test(2, Some(config)) else {
+        return;
+    };
     rig.start_twilld(1, &[]).unwrap();
     wait_until(UP, || rig.twilld_log(1).contains("Backend.VNI"))
         .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
@@ -494,10 +487,9 @@ fn log_lines(rig: &Rig, node: usize, needles: &[&str]) -> usize {
 
 #[test]
 fn bad_peer_leases_are_ignored_and_traffic_keeps_flowing() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = watched_cluster(3) else {
         return;
-    }
-    let (rig, facts, pods) = watched_cluster(3);
+    };
     let n1 = facts[0].subnet_v4().unwrap();
     let base = n1.addr().to_string();
     let inside_n1 = format!("{}.128-25", base.trim_end_matches(".0"));
@@ -584,10 +576,9 @@ fn bad_peer_leases_are_ignored_and_traffic_keeps_flowing() {
 
 #[test]
 fn a_network_over_the_underlay_is_refused_and_the_node_keeps_its_routes() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, None) else {
         return;
-    }
-    let rig = Rig::new(1).unwrap();
+    };
     let ns = rig.node_ns(1);
     // The node's way out: a default route via the underlay bridge (it leads nowhere else).
     run(&ns, &["ip", "route", "add", "default", "via", "198.18.0.1"]).unwrap();
@@ -635,10 +626,9 @@ fn a_network_over_the_underlay_is_refused_and_the_node_keeps_its_routes() {
 
 #[test]
 fn a_foreign_route_inside_the_network_survives_reconciles() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = watched_cluster(2) else {
         return;
-    }
-    let (rig, facts, pods) = watched_cluster(2);
+    };
     let ns = rig.node_ns(1);
     // An admin's route inside the cluster Network, via the uplink (no mark: `proto boot`).
     run(
@@ -671,10 +661,9 @@ fn a_foreign_route_inside_the_network_survives_reconciles() {
 
 #[test]
 fn two_agents_on_one_public_ip_do_not_take_each_others_lease() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(3, Some(VXLAN)) else {
         return;
-    }
-    let rig = configured_rig(3, VXLAN);
+    };
     let watch_args = ["--resync-interval", "1", "--metrics-addr", METRICS];
     let (facts, pods) = start_with_pods(&rig, &[1, 3], &watch_args);
     assert_full_mesh(&rig, &pods, false);
@@ -744,10 +733,9 @@ fn two_agents_on_one_public_ip_do_not_take_each_others_lease() {
 
 #[test]
 fn a_node_whose_lease_was_taken_notices_and_reacquires() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(2, Some(VXLAN)) else {
         return;
-    }
-    let rig = configured_rig(2, VXLAN);
+    };
     let facts = start_nodes(&rig, &[1, 2], &["--resync-interval", "1"]);
     let old = facts[0].subnet_v4().unwrap();
     let key = subnet_key(&facts[0]);
@@ -780,16 +768,26 @@ fn a_node_whose_lease_was_taken_notices_and_reacquires() {
     assert_full_mesh(&rig, &[p1, p2], false);
 }
 
+/// SIGTERM ends node 1's twilld cleanly within 3 s (`when` names the moment, for the messages).
+fn sigterm_ends_twilld_promptly(rig: &Rig, when: &str) {
+    let start = Instant::now();
+    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
+    eprintln!("SIGTERM {when}: {status} after {:?}", start.elapsed());
+    assert!(
+        status.success() && start.elapsed() < Duration::from_secs(3),
+        "SIGTERM {when}: {status} after {:?}\n{}",
+        start.elapsed(),
+        rig.twilld_log(1)
+    );
+}
+
 #[test]
 fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
-    if !require_root() {
-        return;
-    }
     // Three subnets (10.244.1-3.0/24), all leased by other nodes.
-    let rig = configured_rig(
-        1,
-        r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#,
-    );
+    let config = r#"{"Network":"10.244.0.0/22","Backend":{"Type":"vxlan"}}"#;
+    let Some(rig) = Rig::for_test(1, Some(config)) else {
+        return;
+    };
     for n in 1..=3 {
         rig.etcdctl(&[
             "put",
@@ -808,18 +806,7 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
             .is_some_and(|(code, body)| code == 503 && body.contains("no free IPv4 subnet"))
     })
     .unwrap_or_else(|_| panic!("{}", rig.twilld_log(1)));
-    let start = Instant::now();
-    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
-    eprintln!(
-        "SIGTERM during exhaustion: {status} after {:?}",
-        start.elapsed()
-    );
-    assert!(
-        status.success() && start.elapsed() < Duration::from_secs(3),
-        "SIGTERM during exhaustion: {status} after {:?}\n{}",
-        start.elapsed(),
-        rig.twilld_log(1)
-    );
+    sigterm_ends_twilld_promptly(&rig, "during exhaustion");
 
     // The same once the node held a lease and lost it: not ready, no subnet file, and a
     // SIGTERM still ends it.
@@ -844,25 +831,14 @@ fn sigterm_while_no_subnet_is_free_ends_twilld_promptly() {
         !rig.subnet_file(1).exists(),
         "the subnet file still names a lost subnet"
     );
-    let start = Instant::now();
-    let status = rig.kill_twilld(1, Signal::SIGTERM).unwrap();
-    eprintln!(
-        "SIGTERM while re-acquiring: {status} after {:?}",
-        start.elapsed()
-    );
-    assert!(
-        status.success() && start.elapsed() < Duration::from_secs(3),
-        "SIGTERM while re-acquiring: {status} after {:?}",
-        start.elapsed()
-    );
+    sigterm_ends_twilld_promptly(&rig, "while re-acquiring");
 }
 
 #[test]
 fn a_renew_margin_as_long_as_the_lease_is_refused() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, Some(VXLAN)) else {
         return;
-    }
-    let rig = configured_rig(1, VXLAN);
+    };
     rig.start_twilld(1, &["--subnet-lease-renew-margin", "1440"])
         .unwrap();
     wait_until(UP, || !rig.twilld_running(1)).unwrap_or_else(|_| panic!("twilld runs on"));
@@ -882,23 +858,29 @@ fn overlay_routes(rig: &Rig) -> Vec<String> {
 }
 
 /// A VXLAN cluster of `n` nodes resyncing every second and serving /metrics at [`METRICS`], its
-/// pods in a full mesh.
-fn watched_cluster(n: usize) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
+/// pods in a full mesh; `None` when the test cannot run (not root, outside CI).
+fn watched_cluster(n: usize) -> Option<(Rig, Vec<SubnetFacts>, Vec<Pod>)> {
+    if !require_root() {
+        return None;
+    }
     let (rig, facts, pods) = cluster(
         VXLAN,
         n,
         &["--resync-interval", "1", "--metrics-addr", METRICS],
     );
     assert_full_mesh(&rig, &pods, false);
-    (rig, facts, pods)
+    Some((rig, facts, pods))
 }
 
+/// What [`meshed_pair`] gives: the rig, the nodes' subnet facts, their pods, the overlay routes.
+type MeshedPair = (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>);
+
 /// A two-node VXLAN cluster resyncing every second, its pods in a full mesh, and the overlay
-/// routes of its nodes.
-fn meshed_pair() -> (Rig, Vec<SubnetFacts>, Vec<Pod>, Vec<String>) {
-    let (rig, facts, pods) = watched_cluster(2);
+/// routes of its nodes (`None` as [`watched_cluster`]).
+fn meshed_pair() -> Option<MeshedPair> {
+    let (rig, facts, pods) = watched_cluster(2)?;
     let routes_before = overlay_routes(&rig);
-    (rig, facts, pods, routes_before)
+    Some((rig, facts, pods, routes_before))
 }
 
 /// The network config written again into an etcd that lost it: both nodes of the cluster
@@ -916,10 +898,9 @@ fn config_written_again(rig: &Rig, facts: &[SubnetFacts], pods: &[Pod]) {
 
 #[test]
 fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
-    if !require_root() {
+    let Some((rig, facts, pods, routes_before)) = meshed_pair() else {
         return;
-    }
-    let (rig, facts, pods, routes_before) = meshed_pair();
+    };
     // Everything under the prefix goes: config and leases.
     rig.etcdctl(&["del", "--prefix", "/coreos.com/network"])
         .unwrap();
@@ -960,10 +941,9 @@ fn a_wiped_etcd_keeps_the_overlay_until_its_config_is_back() {
 
 #[test]
 fn a_fresh_empty_etcd_keeps_the_overlay_until_its_config_is_written() {
-    if !require_root() {
+    let Some((rig, facts, pods, routes_before)) = meshed_pair() else {
         return;
-    }
-    let (rig, facts, pods, routes_before) = meshed_pair();
+    };
     // etcd is replaced by an empty one (its data gone): revisions start again from 1.
     rig.stop_etcd().unwrap();
     std::fs::remove_dir_all(rig.temp_dir().join("etcd")).unwrap();

@@ -185,10 +185,9 @@ fn proxy_node(mode: &str, extra: &[&str]) -> (Rig, SubnetFacts) {
 
 #[test]
 fn apply_get_delete_through_etcd() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, None) else {
         return;
-    }
-    let rig = Rig::new(1).expect("rig");
+    };
     let dir = rig.temp_dir().to_path_buf();
     let web = write(&dir, "web.yaml", WEB);
     let dns = write(&dir, "dns.json", DNS_JSON);
@@ -295,10 +294,9 @@ fn apply_get_delete_through_etcd() {
 
 #[test]
 fn etcd_down_fails_cleanly() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, None) else {
         return;
-    }
-    let rig = Rig::new(1).expect("rig");
+    };
     rig.stop_etcd().unwrap();
     let dir = rig.temp_dir().to_path_buf();
     let web = write(&dir, "web.yaml", WEB);
@@ -334,10 +332,9 @@ fn many_services(n: usize) -> String {
 /// failing on its first connection attempt.
 #[test]
 fn a_file_of_300_services_applies_in_transactions_and_etcd_is_retried() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, None) else {
         return;
-    }
-    let rig = Rig::new(1).expect("rig");
+    };
     let file = write(rig.temp_dir(), "many.yaml", &many_services(300));
     let out = twilld(&rig, &["apply", "-f", &file], None);
     let stdout = ok(&out);
@@ -713,10 +710,9 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 /// whether the node does what the objects say.
 #[test]
 fn get_services_and_metrics_show_the_dataplane() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, Some(HOST_GW)) else {
         return;
-    }
-    let rig = configured_rig(1, HOST_GW);
+    };
     let cg = Cgroup(Path::new(CGROUP_ROOT).join(format!("twill-{}-n1", rig.id())));
     std::fs::create_dir(&cg.0).expect("create node cgroup");
     // Fields drop in order: the rig (and its twilld) before the cgroup.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
 use twill_tests::ns::in_netns;
-use twill_tests::suite::{UP, assert_full_mesh, assert_reaches, configured_rig, strip_ansi};
+use twill_tests::suite::{UP, assert_full_mesh, assert_reaches, strip_ansi};
 use twill_tests::traffic::tcp_transfer;
 use twill_tests::{Pod, Rig, exec, ping, require_root, routes, run, wait_until};
 
@@ -22,11 +22,14 @@ const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const METRICS: &str = "127.0.0.1:9615";
 
 /// Brings up `n` udp nodes with twilld (extra args for every node) and one pod each; every pod
-/// reaches every other.
-fn cluster(n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
+/// reaches every other. `None` when the test cannot run (not root, outside CI).
+fn cluster(n: usize, extra: &[&str]) -> Option<(Rig, Vec<SubnetFacts>, Vec<Pod>)> {
+    if !require_root() {
+        return None;
+    }
     let (rig, facts, pods) = twill_tests::suite::cluster(UDP, n, extra);
     assert_full_mesh(&rig, &pods, false);
-    (rig, facts, pods)
+    Some((rig, facts, pods))
 }
 
 /// `/metrics` of node `node` (twilld started with `--metrics-addr 127.0.0.1:9615`).
@@ -106,10 +109,9 @@ fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, ttl: u8) -> Vec<u8> {
 
 #[test]
 fn udp_three_nodes_full_mesh() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = cluster(3, &["--metrics-addr", METRICS]) else {
         return;
-    }
-    let (rig, facts, pods) = cluster(3, &["--metrics-addr", METRICS]);
+    };
     for f in &facts {
         assert_eq!(f.mtu, 1472, "udp MTU is the uplink's minus 28");
         assert_eq!(f.network.unwrap().to_string(), "10.244.0.0/16");
@@ -147,28 +149,33 @@ fn udp_three_nodes_full_mesh() {
     let dst = SocketAddr::from((pods[1].ipv4.unwrap(), 5202));
     let got = tcp_transfer(&pods[0].ns, &pods[1].ns, dst, &data, UP).unwrap();
     assert!(got == data, "{} bytes back, or different ones", got.len());
-    let m = metrics(&rig, 1);
-    let reads = sample(&m, "twill_udp_tun_packets_total{direction=\"read\"}");
-    let sent = sample(&m, "twill_udp_packets_total{direction=\"tx\"}");
-    assert!(
-        reads * 4 < sent,
-        "no TSO super-packets from the TUN ({reads} reads, {sent} datagrams):\n{m}"
-    );
-    let m = metrics(&rig, 2);
-    let writes = sample(&m, "twill_udp_tun_packets_total{direction=\"write\"}");
-    let received = sample(&m, "twill_udp_packets_total{direction=\"rx\"}");
-    assert!(
-        writes * 4 < received,
-        "no coalesced writes to the TUN ({writes} writes, {received} datagrams):\n{m}"
-    );
+    // Node 1 reads super-packets from its TUN, node 2 writes coalesced ones: each TUN packet
+    // stands for several datagrams.
+    for (node, tun_op, udp_dir, what) in [
+        (1, "read", "tx", "no TSO super-packets from the TUN"),
+        (2, "write", "rx", "no coalesced writes to the TUN"),
+    ] {
+        let m = metrics(&rig, node);
+        let tun = sample(
+            &m,
+            &format!("twill_udp_tun_packets_total{{direction=\"{tun_op}\"}}"),
+        );
+        let datagrams = sample(
+            &m,
+            &format!("twill_udp_packets_total{{direction=\"{udp_dir}\"}}"),
+        );
+        assert!(
+            tun * 4 < datagrams,
+            "{what} ({tun} {tun_op}s, {datagrams} datagrams):\n{m}"
+        );
+    }
 }
 
 #[test]
 fn udp_deleted_lease_leaves_the_routing_table() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = cluster(3, &["--metrics-addr", METRICS]) else {
         return;
-    }
-    let (rig, facts, pods) = cluster(3, &["--metrics-addr", METRICS]);
+    };
     assert_eq!(sample(&metrics(&rig, 1), "twill_udp_peers"), 2);
     let gone = facts[2].subnet_v4().unwrap();
     let key = format!("/coreos.com/network/subnets/{}-24", gone.network());
@@ -189,10 +196,9 @@ fn udp_deleted_lease_leaves_the_routing_table() {
 
 #[test]
 fn udp_mtu_sized_df_passes_and_larger_gets_frag_needed() {
-    if !require_root() {
+    let Some((rig, _facts, pods)) = cluster(2, &[]) else {
         return;
-    }
-    let (rig, _facts, pods) = cluster(2, &[]);
+    };
     // Give the pod a 1500-byte path to its node, so the node has to forward into flannel0
     // (MTU 1472) and it is the TUN's MTU that decides.
     let (pod, node_ns) = (&pods[0], rig.node_ns(1));
@@ -230,10 +236,9 @@ fn udp_mtu_sized_df_passes_and_larger_gets_frag_needed() {
 
 #[test]
 fn udp_garbage_on_the_port_is_counted_and_survived() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = cluster(2, &["--metrics-addr", METRICS]) else {
         return;
-    }
-    let (rig, facts, pods) = cluster(2, &["--metrics-addr", METRICS]);
+    };
     let before = metrics(&rig, 1);
     let target = SocketAddr::from((Rig::node_ip(1), 8285));
     let peer_subnet = facts[1].subnet_v4().unwrap();
@@ -289,10 +294,9 @@ fn udp_garbage_on_the_port_is_counted_and_survived() {
 
 #[test]
 fn udp_kill_and_restart_recovers() {
-    if !require_root() {
+    let Some((rig, facts, pods)) = cluster(2, &[]) else {
         return;
-    }
-    let (rig, facts, pods) = cluster(2, &[]);
+    };
     let index_before = ifindex(&rig.node_ns(1), "flannel0");
     // 600 pings 10 ms apart (~6 s) span a kill -9 and a restart of node 1's agent.
     let dst = pods[1].ipv4.unwrap().to_string();
@@ -335,10 +339,9 @@ fn udp_kill_and_restart_recovers() {
 
 #[test]
 fn udp_device_deleted_by_hand_is_healed() {
-    if !require_root() {
+    let Some((rig, _facts, pods)) = cluster(2, &["--resync-interval", "1"]) else {
         return;
-    }
-    let (rig, _facts, pods) = cluster(2, &["--resync-interval", "1"]);
+    };
     run(&rig.node_ns(1), &["ip", "link", "del", "flannel0"]).unwrap();
     assert_full_mesh(&rig, &pods, false);
     let r = routes(&rig.node_ns(1)).unwrap();
@@ -347,10 +350,9 @@ fn udp_device_deleted_by_hand_is_healed() {
 
 #[test]
 fn udp_speaks_flannels_wire_format() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(2, Some(UDP)) else {
         return;
-    }
-    let rig = configured_rig(2, UDP);
+    };
     // Node 2 is "flannel": its lease written as flanneld writes it for udp, its port a plain
     // socket of this test.
     let key = "/coreos.com/network/subnets/10.244.200.0-24";
@@ -408,10 +410,9 @@ fn udp_speaks_flannels_wire_format() {
 
 #[test]
 fn udp_refuses_the_ebpf_proxy_and_creates_nothing() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(1, Some(UDP)) else {
         return;
-    }
-    let rig = configured_rig(1, UDP);
+    };
     rig.start_twilld(1, &["--proxy-mode", "ebpf"]).unwrap();
     wait_until(UP, || !rig.twilld_running(1)).unwrap_or_else(|_| {
         panic!(
@@ -541,10 +542,9 @@ impl Drop for FlannelNode {
 /// delivered intact.
 #[test]
 fn udp_tcp_both_ways_with_a_flannel_style_node() {
-    if !require_root() {
+    let Some(rig) = Rig::for_test(2, Some(UDP)) else {
         return;
-    }
-    let rig = configured_rig(2, UDP);
+    };
     let flannel_ip = Ipv4Addr::new(10, 244, 200, 1);
     let value = format!(
         r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"udp"}}"#,
@@ -635,10 +635,9 @@ fn connect_from(src: SocketAddr, dst: SocketAddr) -> anyhow::Result<TcpStream> {
 /// the other worker (its steering table is rewritten), and both transfers arrive whole.
 #[test]
 fn udp_two_heavy_flows_on_one_worker_are_spread() {
-    if !require_root() {
+    let Some((rig, _facts, pods)) = cluster(2, &[]) else {
         return;
-    }
-    let (rig, _facts, pods) = cluster(2, &[]);
+    };
     let workers: u32 = strip_ansi(&rig.twilld_log(1))
         .split("workers=")
         .nth(1)

@@ -48,6 +48,23 @@ impl Rig {
             ipv4.is_some() || ipv6.is_some(),
             "facts carry no subnet: {facts:?}"
         );
+        // Per family: the pod's address, the gateway, its prefix length, the default route's
+        // destination and the `addr add` flags (no DAD for IPv6).
+        let families: Vec<(IpAddr, IpAddr, u8, &str, &str)> = [
+            ipv4.map(|(ip, gw)| (ip.into(), gw.addr().into(), gw.prefix_len(), "default", "")),
+            ipv6.map(|(ip, gw)| {
+                (
+                    ip.into(),
+                    gw.addr().into(),
+                    gw.prefix_len(),
+                    "::/0",
+                    " nodad",
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
 
         let pod_ns = self.guard.netns(&pod_short)?;
 
@@ -67,11 +84,8 @@ impl Rig {
         let mut node_script = String::new();
         if !has_bridge {
             let _ = writeln!(node_script, "link add cni0 mtu {mtu} type bridge");
-            if let Some((_, gw)) = ipv4 {
-                let _ = writeln!(node_script, "addr add {gw} dev cni0");
-            }
-            if let Some((_, gw)) = ipv6 {
-                let _ = writeln!(node_script, "addr add {gw} dev cni0 nodad");
+            for (_, gw, len, _, flags) in &families {
+                let _ = writeln!(node_script, "addr add {gw}/{len} dev cni0{flags}");
             }
             node_script.push_str("link set cni0 up\n");
         }
@@ -83,20 +97,10 @@ impl Rig {
         ip_batch(Some(&node_ns), &node_script)?;
 
         let mut pod_script = format!("link set eth0 mtu {mtu} up\n");
-        if let Some((ip, gw)) = ipv4 {
+        for (ip, gw, len, default, flags) in &families {
             let _ = write!(
                 pod_script,
-                "addr add {ip}/{} dev eth0\nroute add default via {}\n",
-                gw.prefix_len(),
-                gw.addr()
-            );
-        }
-        if let Some((ip, gw)) = ipv6 {
-            let _ = write!(
-                pod_script,
-                "addr add {ip}/{} dev eth0 nodad\nroute add ::/0 via {}\n",
-                gw.prefix_len(),
-                gw.addr()
+                "addr add {ip}/{len} dev eth0{flags}\nroute add {default} via {gw}\n"
             );
         }
         ip_batch(Some(&pod_ns), &pod_script)?;

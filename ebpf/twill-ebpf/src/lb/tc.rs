@@ -285,13 +285,13 @@ fn forward(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> 
         return Ok(TC_ACT_SHOT);
     }
     // `s.back` now holds the flow's forward entry.
-    rewrite_addr(ctx, &s.pkt, Field::Dst, &s.pkt.dst, &s.back.nat_addr)?;
+    rewrite_addr(ctx, &s.pkt, Field::Dst, &s.back.nat_addr)?;
     rewrite_port(ctx, &s.pkt, Field::Dst, s.pkt.dport, s.back.nat_port)?;
     count(s.back.svc_id, 0, 1);
     if s.back.flags & CT_F_SNAT == 0 {
         return Ok(TCX_NEXT);
     }
-    rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.alt_addr)?;
+    rewrite_addr(ctx, &s.pkt, Field::Src, &s.back.alt_addr)?;
     rewrite_port(ctx, &s.pkt, Field::Src, s.pkt.sport, s.back.alt_port)?;
     s.pkt.src = s.back.alt_addr;
     s.pkt.dst = s.back.nat_addr;
@@ -591,10 +591,10 @@ fn reply(ctx: &TcContext, hook: Hook, s: &mut Scratch) -> Result<i32, c_long> {
     }
     touch(ptr, &s.back, &s.pkt, now);
 
-    rewrite_addr(ctx, &s.pkt, Field::Src, &s.pkt.src, &s.back.nat_addr)?;
+    rewrite_addr(ctx, &s.pkt, Field::Src, &s.back.nat_addr)?;
     rewrite_port(ctx, &s.pkt, Field::Src, s.pkt.sport, s.back.nat_port)?;
     if s.back.flags & CT_F_SNAT != 0 {
-        rewrite_addr(ctx, &s.pkt, Field::Dst, &s.pkt.dst, &s.back.alt_addr)?;
+        rewrite_addr(ctx, &s.pkt, Field::Dst, &s.back.alt_addr)?;
         rewrite_port(ctx, &s.pkt, Field::Dst, s.pkt.dport, s.back.alt_port)?;
         s.pkt.dst = s.back.alt_addr;
     }
@@ -780,40 +780,29 @@ fn decrement_ttl(ctx: &TcContext, family: u8) -> Result<bool, c_long> {
     Ok(true)
 }
 
-/// Rewrites the source or destination address, fixing the IPv4 header and L4 checksums.
+/// Rewrites the source or destination address (from its value in `pkt`), fixing the IPv4 header
+/// and L4 checksums.
 #[inline(always)]
-fn rewrite_addr(
-    ctx: &TcContext,
-    pkt: &Packet,
-    field: Field,
-    old: &[u8; 16],
-    new: &[u8; 16],
-) -> Result<(), c_long> {
-    match rewrite_addr_raw(ctx, pkt, field, old, new) {
+fn rewrite_addr(ctx: &TcContext, pkt: &Packet, field: Field, new: &[u8; 16]) -> Result<(), c_long> {
+    match rewrite_addr_raw(ctx, pkt, field, new) {
         0 => Ok(()),
         err => Err(err),
     }
 }
 
 /// [`rewrite_addr`] returning the helpers' error code (0: done): not inlined (its IPv6 buffers
-/// stay in its own frame), and BPF-to-BPF calls take at most five arguments, so no `Result`
-/// out-pointer.
+/// stay in its own frame), and the code comes back in a register (no `Result` out-pointer into
+/// the caller's frame).
 #[inline(never)]
-fn rewrite_addr_raw(
-    ctx: &TcContext,
-    pkt: &Packet,
-    field: Field,
-    old: &[u8; 16],
-    new: &[u8; 16],
-) -> c_long {
+fn rewrite_addr_raw(ctx: &TcContext, pkt: &Packet, field: Field, new: &[u8; 16]) -> c_long {
     let done = |r: Result<(), c_long>| r.err().unwrap_or(0);
     let csum_off = pkt.csum_off as usize;
+    let (old, off4, off6) = if field == Field::Dst {
+        (&pkt.dst, IP4_DST, IP6_DST)
+    } else {
+        (&pkt.src, IP4_SRC, IP6_SRC)
+    };
     if pkt.family == FAMILY_V4 {
-        let off = if field == Field::Dst {
-            IP4_DST
-        } else {
-            IP4_SRC
-        };
         let from = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]);
         let to = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]);
         done(
@@ -824,14 +813,9 @@ fn rewrite_addr_raw(
                 u64::from(BPF_F_PSEUDO_HDR) | 4 | pkt.csum_flags,
             )
             .and_then(|()| ctx.l3_csum_replace(IP4_CSUM, u64::from(from), u64::from(to), 4))
-            .and_then(|()| ctx.store(off, &to, 0)),
+            .and_then(|()| ctx.store(off4, &to, 0)),
         )
     } else {
-        let off = if field == Field::Dst {
-            IP6_DST
-        } else {
-            IP6_SRC
-        };
         let mut from = *old;
         let mut to = *new;
         // SAFETY: both buffers are 16 initialised bytes on our stack.
@@ -849,7 +833,7 @@ fn rewrite_addr_raw(
                 diff,
                 u64::from(BPF_F_PSEUDO_HDR) | pkt.csum_flags,
             )
-            .and_then(|()| ctx.store(off, &to, 0)),
+            .and_then(|()| ctx.store(off6, &to, 0)),
         )
     }
 }
