@@ -2,8 +2,8 @@
 //! one pod each, brought up in one call; the "every pod reaches every other" check with the
 //! routes that explain a failure; twilld's log read without its colours.
 //!
-//! These are [`Rig`] conveniences by nature; they live in a module of their own while the rig
-//! module is being split, and can move next to it afterwards.
+//! Set-ups one test needs stay in the test file; what two suites need comes here, and what
+//! every rig user needs is a [`Rig`] method.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -15,18 +15,10 @@ use crate::{Pod, Rig, ping, routes, wait_until};
 /// How long the suites give a node to lease its subnet and a pod's first ping to cross.
 pub const UP: Duration = Duration::from_secs(15);
 
-/// A rig of `n` nodes with `config` in etcd as the network config; no twilld started yet.
-pub fn configured_rig(n: usize, config: &str) -> Rig {
-    let rig = Rig::new(n).expect("rig");
-    rig.put_network_config(config)
-        .unwrap_or_else(|e| panic!("put network config {config}: {e:#}"));
-    rig
-}
-
 /// A rig of `n` nodes on `config`, twilld (with `extra` args) on every node, and one pod on each:
 /// the rig, the nodes' subnet facts and the pods, in node order.
 pub fn cluster(config: &str, n: usize, extra: &[&str]) -> (Rig, Vec<SubnetFacts>, Vec<Pod>) {
-    let rig = configured_rig(n, config);
+    let rig = Rig::configured(n, config);
     let nodes: Vec<usize> = (1..=n).collect();
     let (facts, pods) = start_with_pods(&rig, &nodes, extra);
     (rig, facts, pods)

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
-use twill_tests::suite::{
-    UP, assert_full_mesh, cluster, configured_rig, start_nodes, start_with_pods, wait_facts,
-};
+use twill_tests::suite::{UP, assert_full_mesh, cluster, start_nodes, start_with_pods, wait_facts};
 use twill_tests::{
     Backend, PingFlood, Pod, Rig, exec, fdb, http_get, ping, require_root, routes, run, wait_until,
 };
@@ -253,7 +251,7 @@ fn kill_and_restart_during_ping_flood_loses_nothing(backend: Backend) {
 /// Traffic between two nodes' pods keeps flowing for 30 s without etcd and no agent dies; once
 /// etcd is back, a node joining is programmed on the others.
 fn etcd_outage_disturbs_nothing(backend: Backend) {
-    let rig = configured_rig(3, &backend.network_config());
+    let rig = Rig::configured(3, &backend.network_config());
     let (_facts, pods) = start_with_pods(&rig, &[1, 2], &["--resync-interval", "2"]);
     assert_full_mesh(&rig, &pods, false);
 

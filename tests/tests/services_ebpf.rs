@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use twill_facts::SubnetFacts;
 use twill_tests::manifest::manifests;
-use twill_tests::suite::{configured_rig, strip_ansi, wait_facts};
+use twill_tests::suite::{strip_ansi, wait_facts};
 use twill_tests::{NameServer, Pod, PodShape, Rig, ServiceSpec, require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -98,7 +98,7 @@ impl Cluster {
 
     /// A cluster whose node namespaces get `prepare(rig)` before twilld starts.
     fn with(mode: &'static str, n: usize, prepare: impl FnOnce(&Rig)) -> Self {
-        let rig = configured_rig(n, HOST_GW);
+        let rig = Rig::configured(n, HOST_GW);
         let cgroups: Vec<PathBuf> = (1..=n)
             .map(|node| rig.node_cgroup(node).expect("node cgroup"))
             .collect();

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use twill_facts::SubnetFacts;
 use twill_tests::rig::{ETCD_ENDPOINT, ETCD_PREFIX};
-use twill_tests::suite::configured_rig;
 use twill_tests::{Rig, ServiceSpec, exec, http_get, nsenter, require_root, wait_for};
 
 const WEB: &str = r"# what kubectl get -o yaml prints, status and bookkeeping included
@@ -171,7 +170,7 @@ fn metrics_addr() -> SocketAddr {
 /// `Rig::proxy_args`), serves `/metrics` at [`metrics_addr`] and takes the `extra` flags; the
 /// node's subnet facts.
 fn proxy_node(mode: &str, extra: &[&str]) -> (Rig, SubnetFacts) {
-    let rig = configured_rig(1, HOST_GW);
+    let rig = Rig::configured(1, HOST_GW);
     let mut args = rig.proxy_args(1, mode).unwrap();
     args.extend(["--metrics-addr".to_string(), metrics_addr().to_string()]);
     args.extend(extra.iter().map(ToString::to_string));
@@ -836,7 +835,7 @@ fn get_services_reads_the_netfilter_dataplanes() {
         ("nftables", "nftables (table inet twill)"),
         ("iptables", "iptables (TWILL-* chains, iptables-"),
     ] {
-        let rig = configured_rig(1, HOST_GW);
+        let rig = Rig::configured(1, HOST_GW);
         rig.start_twilld(1, &["--proxy-mode", mode, "--node-name", "node-1"])
             .unwrap();
         rig.wait_subnet_file(1, Duration::from_secs(20))

@@ -208,12 +208,19 @@ impl Rig {
         if !crate::require_root() {
             return None;
         }
+        Some(match network_config {
+            Some(config) => Rig::configured(nodes, config),
+            None => Rig::new(nodes).unwrap_or_else(|e| panic!("rig of {nodes} nodes: {e:#}")),
+        })
+    }
+
+    /// A rig of `nodes` nodes with `config` in etcd as the network config, no twilld started
+    /// yet; panics with the error if either cannot be done (for tests that checked root).
+    pub fn configured(nodes: usize, config: &str) -> Rig {
         let rig = Rig::new(nodes).unwrap_or_else(|e| panic!("rig of {nodes} nodes: {e:#}"));
-        if let Some(config) = network_config {
-            rig.put_network_config(config)
-                .unwrap_or_else(|e| panic!("network config {config}: {e:#}"));
-        }
-        Some(rig)
+        rig.put_network_config(config)
+            .unwrap_or_else(|e| panic!("network config {config}: {e:#}"));
+        rig
     }
 
     /// Sweeps rigs left by killed runs, then builds the underlay, the nodes and (by default)
