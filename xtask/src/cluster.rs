@@ -30,6 +30,7 @@ use twill_tests::rig::{nsenter_in_cgroup, service_manifest};
 use twill_tests::{Pod, Rig, ns, ping, wait_for, wait_until};
 
 use crate::bench::machine::{now_secs, rfc3339};
+use crate::util::arg_name;
 
 /// The overlay backend of `rig up` and `demo` when none is given: VXLAN, flannel's default.
 pub const DEFAULT_BACKEND: Backend = Backend::Vxlan;
@@ -68,28 +69,19 @@ impl ProxyMode {
     /// The modes with a service dataplane, in report order.
     pub const SERVICE_MODES: [ProxyMode; 3] =
         [ProxyMode::Ebpf, ProxyMode::Nftables, ProxyMode::Iptables];
-
-    /// The value of `--proxy-mode`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyMode::None => "none",
-            ProxyMode::Ebpf => "ebpf",
-            ProxyMode::Nftables => "nftables",
-            ProxyMode::Iptables => "iptables",
-        }
-    }
 }
 
+/// The value of `--proxy-mode`, as clap spells it (twilld's `--proxy-mode` takes the same names).
 impl std::fmt::Display for ProxyMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&arg_name(self))
     }
 }
 
 /// Whether `twilld` accepts `--proxy-mode MODE`: `Err` with its own words when it does not.
 pub fn check_proxy_mode(twilld: &Path, mode: ProxyMode) -> Result<(), String> {
     let out = Command::new(twilld)
-        .args(["--proxy-mode", mode.as_str(), "--help"])
+        .args(["--proxy-mode", &mode.to_string(), "--help"])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", twilld.display()))?;
     if out.status.success() {
@@ -215,7 +207,7 @@ pub fn populate(rig: &Rig, spec: &Spec, say: &dyn Fn(&str)) -> Result<RigInfo> {
             args.push("--ip-masq".into());
         }
         if spec.proxy_mode != ProxyMode::None {
-            args.extend(rig.proxy_args(node, spec.proxy_mode.as_str())?);
+            args.extend(rig.proxy_args(node, &spec.proxy_mode.to_string())?);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         rig.start_twilld(node, &args)?;
@@ -452,11 +444,12 @@ mod tests {
 
     #[test]
     fn proxy_modes_have_their_flag_names() {
-        let names: Vec<&str> = ProxyMode::SERVICE_MODES
+        let names: Vec<String> = ProxyMode::SERVICE_MODES
             .iter()
-            .map(|m| m.as_str())
+            .map(ToString::to_string)
             .collect();
         assert_eq!(names, ["ebpf", "nftables", "iptables"]);
+        assert_eq!(ProxyMode::None.to_string(), "none");
         assert_eq!(
             serde_json::to_string(&ProxyMode::Nftables).unwrap(),
             "\"nftables\""

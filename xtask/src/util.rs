@@ -13,6 +13,14 @@ pub fn say(msg: &str) {
     println!("xtask: {msg}");
 }
 
+/// `value` as it is spelled on the command line.
+pub fn arg_name(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// The workspace root (xtask lives one level below it). `cargo run` and `cargo test` tell the
 /// process where its manifest is; that wins over the directory xtask was compiled in, which
 /// belongs to another checkout when checkouts share a `CARGO_TARGET_DIR` and cargo reused the

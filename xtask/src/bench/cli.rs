@@ -4,57 +4,72 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 
 use super::kit::{BenchOptions, Which};
 use crate::cluster::Backend;
 use crate::cluster::ProxyMode;
-use crate::util::{build_binaries, target_dir};
+use crate::util::{arg_name, build_binaries, target_dir};
 
-/// `--backend`: one backend or all of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendArg {
-    /// Kernel VXLAN.
-    Vxlan,
-    /// Routes via the peer node.
-    HostGw,
-    /// Userspace UDP over TUN (vs kernel VXLAN).
-    Udp,
-    /// vxlan, host-gw and udp.
+/// `--backend`, `--mode`: one value or `all` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice<T> {
+    /// This one.
+    One(T),
+    /// Every one of [`OneOrAll::ALL`].
     All,
 }
 
-impl BackendArg {
-    fn backends(self) -> Vec<Backend> {
+/// A command-line value that `all` can stand in for.
+pub trait OneOrAll: ValueEnum + Copy + Send + Sync + 'static {
+    /// What the option accepts besides `all`, and what `all` stands for, in report order.
+    const ALL: &'static [Self];
+    /// The help line of `all`.
+    const ALL_HELP: &'static str;
+}
+
+impl OneOrAll for Backend {
+    const ALL: &'static [Self] = &Backend::ALL;
+    const ALL_HELP: &'static str = "vxlan, host-gw and udp";
+}
+
+impl OneOrAll for ProxyMode {
+    const ALL: &'static [Self] = &ProxyMode::SERVICE_MODES;
+    const ALL_HELP: &'static str =
+        "ebpf, nftables and iptables (what twilld does not accept is reported unavailable)";
+}
+
+impl<T: OneOrAll> Choice<T> {
+    /// The option's parser: the names of [`OneOrAll::ALL`] (with their help) and `all`.
+    fn parser() -> impl TypedValueParser<Value = Self> {
+        let names = T::ALL
+            .iter()
+            .filter_map(ValueEnum::to_possible_value)
+            .chain([PossibleValue::new("all").help(T::ALL_HELP)]);
+        PossibleValuesParser::new(names).map(|name| {
+            T::ALL
+                .iter()
+                .find(|value| arg_name(*value) == name)
+                .map_or(Choice::All, |value| Choice::One(*value))
+        })
+    }
+
+    /// The values chosen, in report order.
+    fn values(self) -> Vec<T> {
         match self {
-            BackendArg::Vxlan => vec![Backend::Vxlan],
-            BackendArg::HostGw => vec![Backend::HostGw],
-            BackendArg::Udp => vec![Backend::Udp],
-            BackendArg::All => Backend::ALL.to_vec(),
+            Choice::One(value) => vec![value],
+            Choice::All => T::ALL.to_vec(),
         }
     }
 }
 
-/// `--mode`: one service proxy mode or all of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// eBPF socket-level LB + tc.
-    Ebpf,
-    /// nftables verdict maps.
-    Nftables,
-    /// iptables.
-    Iptables,
-    /// ebpf, nftables and iptables (what twilld does not accept is reported unavailable).
-    All,
-}
-
-impl ModeArg {
-    fn modes(self) -> Vec<ProxyMode> {
+/// As spelled on the command line.
+impl<T: OneOrAll> std::fmt::Display for Choice<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ModeArg::Ebpf => vec![ProxyMode::Ebpf],
-            ModeArg::Nftables => vec![ProxyMode::Nftables],
-            ModeArg::Iptables => vec![ProxyMode::Iptables],
-            ModeArg::All => ProxyMode::SERVICE_MODES.to_vec(),
+            Choice::One(value) => f.write_str(&arg_name(value)),
+            Choice::All => f.write_str("all"),
         }
     }
 }
@@ -65,12 +80,13 @@ pub struct BenchArgs {
     /// Which benchmark; `all` runs every one that exists.
     #[arg(value_enum, default_value_t = Which::All)]
     pub which: Which,
-    /// Overlay backend(s) to measure.
-    #[arg(long, value_enum, default_value_t = BackendArg::All)]
-    pub backend: BackendArg,
+    /// Overlay backend(s) to measure (udp next to kernel VXLAN, the others next to the kernel's
+    /// own).
+    #[arg(long, value_parser = Choice::<Backend>::parser(), default_value = "all")]
+    pub backend: Choice<Backend>,
     /// Service proxy mode(s) the services benchmark measures.
-    #[arg(long, value_enum, default_value_t = ModeArg::All)]
-    pub mode: ModeArg,
+    #[arg(long, value_parser = Choice::<ProxyMode>::parser(), default_value = "all")]
+    pub mode: Choice<ProxyMode>,
     /// Short runs and few samples (a smoke run; figures are rougher).
     #[arg(long)]
     pub quick: bool,
@@ -93,10 +109,10 @@ impl BenchArgs {
     pub fn command(&self) -> String {
         let mut cmd = format!("cargo xtask bench {}", self.which.as_str());
         if self.which.uses_backend() {
-            let _ = write!(cmd, " --backend {}", arg_name(&self.backend));
+            let _ = write!(cmd, " --backend {}", self.backend);
         }
         if self.which.uses_mode() {
-            let _ = write!(cmd, " --mode {}", arg_name(&self.mode));
+            let _ = write!(cmd, " --mode {}", self.mode);
         }
         if self.quick {
             cmd.push_str(" --quick");
@@ -115,8 +131,8 @@ impl BenchArgs {
     pub fn options(&self, bin_dir: Option<PathBuf>) -> BenchOptions {
         BenchOptions {
             which: self.which,
-            backends: self.backend.backends(),
-            modes: self.mode.modes(),
+            backends: self.backend.values(),
+            modes: self.mode.values(),
             quick: self.quick,
             reps: usize::from(self.reps),
             out_dir: self.out.clone(),
@@ -124,14 +140,6 @@ impl BenchArgs {
             command: self.command(),
         }
     }
-}
-
-/// `value` as it is spelled on the command line.
-fn arg_name(value: &impl ValueEnum) -> String {
-    value
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
 }
 
 /// Runs `cargo xtask bench`.
@@ -176,6 +184,23 @@ mod tests {
     struct BenchCommand {
         #[command(flatten)]
         args: BenchArgs,
+    }
+
+    #[test]
+    fn all_stands_for_every_backend_and_service_mode() {
+        assert_eq!(Choice::<Backend>::All.values(), Backend::ALL);
+        assert_eq!(Choice::<ProxyMode>::All.values(), ProxyMode::SERVICE_MODES);
+        assert_eq!(
+            Choice::One(Backend::Udp).values(),
+            [Backend::Udp],
+            "one backend"
+        );
+        let names: Vec<String> = Choice::<ProxyMode>::parser()
+            .possible_values()
+            .expect("a list")
+            .map(|value| value.get_name().to_string())
+            .collect();
+        assert_eq!(names, ["ebpf", "nftables", "iptables", "all"], "--mode");
     }
 
     #[test]

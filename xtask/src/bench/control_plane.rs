@@ -358,7 +358,7 @@ fn measure(
         "--resync-interval".to_string(),
         "3600".to_string(),
     ];
-    args.extend(rig.proxy_args(node, ProxyMode::Ebpf.as_str())?);
+    args.extend(rig.proxy_args(node, &ProxyMode::Ebpf.to_string())?);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let peers = p.nodes - 1;
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]

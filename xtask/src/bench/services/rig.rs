@@ -23,7 +23,7 @@ use crate::cluster::{METRICS_ADDR, ProxyMode, pod_command};
 /// target is for (`--iptables-backend auto` would take iptables-nft here, what
 /// `iptables --version` names on Debian).
 pub(crate) fn proxy_args(rig: &Rig, node: usize, mode: ProxyMode) -> Result<Vec<String>> {
-    let mut args = rig.proxy_args(node, mode.as_str())?;
+    let mut args = rig.proxy_args(node, &mode.to_string())?;
     if mode == ProxyMode::Iptables {
         args.extend(["--iptables-backend".to_string(), "legacy".to_string()]);
     }
