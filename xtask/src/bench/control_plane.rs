@@ -42,7 +42,7 @@ use twill_tests::{Rig, RigOptions, run};
 
 use super::kit::{Benchmark, Context};
 use super::overlay::peer_monitor;
-use super::plot::{CdfChart, Plot};
+use super::plot::{CdfChart, Chart, Plot};
 use super::progress::Progress;
 use super::report::{Check, Metric, Section, Table, fmt_num};
 use super::services::filler_entries;
@@ -691,22 +691,24 @@ fn section(p: &Params, reps: &[Rep]) -> Section {
         plots: if leases.is_empty() {
             Vec::new()
         } else {
-            vec![Plot::Cdf(CdfChart {
-                file: "control-plane-lease.svg".into(),
-                title: format!(
+            vec![Plot::new(
+                "control-plane-lease.svg",
+                format!(
                     "One more lease with {} peers in place → programmed",
                     p.nodes - 1
                 ),
-                x_label: "ms (log scale)".into(),
-                series: vec![(
-                    if p.backend == Backend::Vxlan {
-                        "vxlan: route + neighbour + FDB".into()
-                    } else {
-                        format!("{}: route", p.backend)
-                    },
-                    leases,
-                )],
-            })]
+                Chart::Cdf(CdfChart {
+                    x_label: "ms (log scale)".into(),
+                    series: vec![(
+                        if p.backend == Backend::Vxlan {
+                            "vxlan: route + neighbour + FDB".into()
+                        } else {
+                            format!("{}: route", p.backend)
+                        },
+                        leases,
+                    )],
+                }),
+            )]
         },
         raw: serde_json::json!({"params": p, "repetitions": reps}),
     }

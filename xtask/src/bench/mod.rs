@@ -124,7 +124,7 @@ pub fn run(opts: &BenchOptions) -> Result<Outcome> {
     for section in &mut sections {
         for plot in &section.plots {
             plot::render(plot, &dir)?;
-            section.plot_files.push(plot.file().to_string());
+            section.plot_files.push(plot.file.clone());
         }
     }
     let report = Report {

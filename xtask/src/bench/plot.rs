@@ -18,7 +18,29 @@ use super::stats::{median, sorted};
 
 /// A plot to draw into `file` inside the report directory.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Plot {
+pub struct Plot {
+    /// File name, e.g. `overlay-throughput.svg`.
+    pub file: String,
+    /// Caption.
+    pub title: String,
+    /// What is drawn.
+    pub chart: Chart,
+}
+
+impl Plot {
+    /// `chart` captioned `title`, to be drawn into `file`.
+    pub fn new(file: &str, title: impl Into<String>, chart: Chart) -> Plot {
+        Plot {
+            file: file.into(),
+            title: title.into(),
+            chart,
+        }
+    }
+}
+
+/// The kinds of chart.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chart {
     /// Grouped bars.
     Bars(BarChart),
     /// Empirical cumulative distributions.
@@ -27,24 +49,9 @@ pub enum Plot {
     Lines(LineChart),
 }
 
-impl Plot {
-    /// The file name the plot is written to.
-    pub fn file(&self) -> &str {
-        match self {
-            Plot::Bars(b) => &b.file,
-            Plot::Cdf(c) => &c.file,
-            Plot::Lines(l) => &l.file,
-        }
-    }
-}
-
 /// Lines with markers (and min–max whiskers) over a logarithmic x axis; y starts at zero.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineChart {
-    /// File name.
-    pub file: String,
-    /// Caption.
-    pub title: String,
     /// X axis description (with unit).
     pub x_label: String,
     /// Y axis description (with unit).
@@ -75,10 +82,6 @@ impl Line {
 /// Bars for each group (x) and series (colour).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BarChart {
-    /// File name, e.g. `overlay-throughput.svg`.
-    pub file: String,
-    /// Caption.
-    pub title: String,
     /// Y axis description.
     pub y_label: String,
     /// Group labels along x.
@@ -122,10 +125,6 @@ impl Bar {
 /// Empirical CDFs on a logarithmic x axis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CdfChart {
-    /// File name.
-    pub file: String,
-    /// Caption.
-    pub title: String,
     /// X axis description (with unit).
     pub x_label: String,
     /// `(legend entry, samples)`; samples must be positive.
@@ -152,15 +151,15 @@ type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 /// Draws `plot` into `dir`; the path written.
 pub fn render(plot: &Plot, dir: &Path) -> Result<PathBuf> {
-    let path = dir.join(plot.file());
+    let path = dir.join(&plot.file);
     {
         let root = SVGBackend::new(&path, SIZE).into_drawing_area();
         root.fill(&WHITE)
             .map_err(err)
-            .and_then(|()| match plot {
-                Plot::Bars(b) => draw_bars(b, &root),
-                Plot::Cdf(c) => draw_cdf(c, &root),
-                Plot::Lines(l) => draw_lines(l, &root),
+            .and_then(|()| match &plot.chart {
+                Chart::Bars(b) => draw_bars(&plot.title, b, &root),
+                Chart::Cdf(c) => draw_cdf(&plot.title, c, &root),
+                Chart::Lines(l) => draw_lines(&plot.title, l, &root),
             })
             .and_then(|()| root.present().map_err(err))
             .with_context(|| format!("draw {}", path.display()))?;
@@ -227,7 +226,7 @@ fn frame<'a, 'b>(
     builder
 }
 
-fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
+fn draw_bars(title: &str, chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     let top = chart
         .series
         .iter()
@@ -239,7 +238,7 @@ fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups and series")]
     let (groups, nseries) = (chart.groups.len() as f64, chart.series.len().max(1) as f64);
     // Groups sit at integers 0..n, so that plotters puts one x label at each.
-    let mut ctx = frame(root, &chart.title, 70)
+    let mut ctx = frame(root, title, 70)
         .build_cartesian_2d(-0.5..(groups - 0.5), 0.0..y_max)
         .map_err(err)?;
     let labels = chart.groups.clone();
@@ -310,7 +309,7 @@ fn draw_bars(chart: &BarChart, root: &Canvas<'_>) -> Result<()> {
     draw_legend(&mut ctx, SeriesLabelPosition::UpperRight)
 }
 
-fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
+fn draw_cdf(title: &str, chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
     let all = || {
         chart
             .series
@@ -319,7 +318,7 @@ fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
             .filter(|v| v.is_finite() && *v > 0.0)
     };
     let (lo, hi) = log_range(all(), 1.2, (0.01, 1.0));
-    let mut ctx = frame(root, &chart.title, 60)
+    let mut ctx = frame(root, title, 60)
         .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
         .map_err(err)?;
     ctx.configure_mesh()
@@ -340,7 +339,7 @@ fn draw_cdf(chart: &CdfChart, root: &Canvas<'_>) -> Result<()> {
     draw_legend(&mut ctx, SeriesLabelPosition::LowerRight)
 }
 
-fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
+fn draw_lines(title: &str, chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
     let points = || chart.series.iter().flat_map(Line::plottable);
     let (x_lo, x_hi) = log_range(points().map(|(x, _)| x), 1.5, (1.0, 10.0));
     let y_top = points()
@@ -348,7 +347,7 @@ fn draw_lines(chart: &LineChart, root: &Canvas<'_>) -> Result<()> {
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
     let y_max = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
-    let mut ctx = frame(root, &chart.title, 70)
+    let mut ctx = frame(root, title, 70)
         .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_max)
         .map_err(err)?;
     ctx.configure_mesh()
@@ -473,89 +472,95 @@ mod tests {
     fn renders_both_kinds_as_svg() {
         let dir = std::env::temp_dir().join(format!("xtask-plot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let bars = Plot::Bars(BarChart {
-            file: "bars.svg".into(),
-            title: "Throughput".into(),
-            y_label: "Gbit/s".into(),
-            groups: vec!["vxlan 1 stream".into(), "host-gw 1 stream".into()],
-            series: vec![
-                BarSeries {
-                    name: "twill".into(),
-                    values: vec![
-                        Some(Bar {
-                            value: 9.0,
-                            low: 8.5,
-                            high: 9.5,
-                        }),
-                        None,
-                    ],
-                },
-                BarSeries {
-                    name: "kernel".into(),
-                    values: vec![
-                        Some(Bar {
-                            value: 10.0,
-                            low: 9.0,
-                            high: 11.0,
-                        }),
-                        Some(Bar {
-                            value: 14.0,
-                            low: 14.0,
-                            high: 14.0,
-                        }),
-                    ],
-                },
-            ],
-        });
-        let cdf = Plot::Cdf(CdfChart {
-            file: "cdf.svg".into(),
-            title: "Latency".into(),
-            x_label: "ms".into(),
-            series: vec![
-                ("twill".into(), vec![0.05, 0.06, 0.07, 0.5]),
-                ("kernel".into(), vec![0.04, 0.05]),
-            ],
-        });
-        let lines = Plot::Lines(LineChart {
-            file: "lines.svg".into(),
-            title: "Rate".into(),
-            x_label: "services".into(),
-            y_label: "conn/s".into(),
-            series: vec![
-                Line {
-                    name: "twill".into(),
-                    points: vec![
-                        (
-                            1.0,
+        let bars = Plot::new(
+            "bars.svg",
+            "Throughput",
+            Chart::Bars(BarChart {
+                y_label: "Gbit/s".into(),
+                groups: vec!["vxlan 1 stream".into(), "host-gw 1 stream".into()],
+                series: vec![
+                    BarSeries {
+                        name: "twill".into(),
+                        values: vec![
+                            Some(Bar {
+                                value: 9.0,
+                                low: 8.5,
+                                high: 9.5,
+                            }),
+                            None,
+                        ],
+                    },
+                    BarSeries {
+                        name: "kernel".into(),
+                        values: vec![
+                            Some(Bar {
+                                value: 10.0,
+                                low: 9.0,
+                                high: 11.0,
+                            }),
+                            Some(Bar {
+                                value: 14.0,
+                                low: 14.0,
+                                high: 14.0,
+                            }),
+                        ],
+                    },
+                ],
+            }),
+        );
+        let cdf = Plot::new(
+            "cdf.svg",
+            "Latency",
+            Chart::Cdf(CdfChart {
+                x_label: "ms".into(),
+                series: vec![
+                    ("twill".into(), vec![0.05, 0.06, 0.07, 0.5]),
+                    ("kernel".into(), vec![0.04, 0.05]),
+                ],
+            }),
+        );
+        let lines = Plot::new(
+            "lines.svg",
+            "Rate",
+            Chart::Lines(LineChart {
+                x_label: "services".into(),
+                y_label: "conn/s".into(),
+                series: vec![
+                    Line {
+                        name: "twill".into(),
+                        points: vec![
+                            (
+                                1.0,
+                                Bar {
+                                    value: 8000.0,
+                                    low: 7900.0,
+                                    high: 8100.0,
+                                },
+                            ),
+                            (
+                                30_000.0,
+                                Bar {
+                                    value: 7900.0,
+                                    low: 7900.0,
+                                    high: 7900.0,
+                                },
+                            ),
+                        ],
+                    },
+                    Line {
+                        name: "kernel".into(),
+                        points: vec![(
+                            10_000.0,
                             Bar {
-                                value: 8000.0,
-                                low: 7900.0,
-                                high: 8100.0,
+                                value: 5000.0,
+                                low: 5000.0,
+                                high: 5000.0,
                             },
-                        ),
-                        (
-                            30_000.0,
-                            Bar {
-                                value: 7900.0,
-                                low: 7900.0,
-                                high: 7900.0,
-                            },
-                        ),
-                    ],
-                },
-                Line {
-                    name: "kernel".into(),
-                    points: vec![(
-                        10_000.0,
-                        Bar {
-                            value: 5000.0,
-                            low: 5000.0,
-                            high: 5000.0,
-                        },
-                    )],
-                },
-            ],
-        });
+                        )],
+                    },
+                ],
+            }),
+        );
         for plot in [bars, cdf, lines] {
             let path = render(&plot, &dir).unwrap();
             let svg = std::fs::read_to_string(&path).unwrap();

@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::plot::{CdfChart, Plot};
+use super::plot::{CdfChart, Chart, Plot};
 
 /// Version of the `results.json` layout.
 pub const SCHEMA: u32 = 1;
@@ -114,12 +114,14 @@ impl Section {
         series: Vec<(String, Vec<f64>)>,
     ) {
         if !series.is_empty() {
-            self.plots.push(Plot::Cdf(CdfChart {
-                file: file.into(),
-                title: title.into(),
-                x_label: x_label.into(),
-                series,
-            }));
+            self.plots.push(Plot::new(
+                file,
+                title,
+                Chart::Cdf(CdfChart {
+                    x_label: x_label.into(),
+                    series,
+                }),
+            ));
         }
     }
 }

@@ -7,7 +7,7 @@ use super::measure::{baseline_of, paired_ratio};
 use super::params::{
     LEASE_DEADLINE, LEASE_P99_TARGET_MS, LeaseSamples, Params, Plane, Samples, Test, target,
 };
-use crate::bench::plot::{Bar, BarChart, BarSeries, Plot};
+use crate::bench::plot::{Bar, BarChart, BarSeries, Chart, Plot};
 use crate::bench::report::{Check, Section, Table, fmt_num};
 use crate::bench::stats::{Summary, median, ms, sorted};
 use crate::cluster::Backend;
@@ -274,26 +274,28 @@ pub(crate) fn section(
     }
 
     if !groups.is_empty() {
-        sec.plots.push(Plot::Bars(BarChart {
-            file: "overlay-throughput.svg".into(),
-            title: "Pod-to-pod TCP throughput (iperf3 -P1/-P2; labels: twill/kernel ratio)".into(),
-            y_label: "Gbit/s (median; whiskers: min–max of repetitions)".into(),
-            groups,
-            series: vec![
-                BarSeries {
-                    name: "twill".into(),
-                    values: twill_bars,
-                },
-                BarSeries {
-                    name: if setups.iter().any(|(_, b, _)| *b == Backend::Udp) {
-                        "kernel baseline (udp: kernel VXLAN)".into()
-                    } else {
-                        "kernel baseline".into()
+        sec.plots.push(Plot::new(
+            "overlay-throughput.svg",
+            "Pod-to-pod TCP throughput (iperf3 -P1/-P2; labels: twill/kernel ratio)",
+            Chart::Bars(BarChart {
+                y_label: "Gbit/s (median; whiskers: min–max of repetitions)".into(),
+                groups,
+                series: vec![
+                    BarSeries {
+                        name: "twill".into(),
+                        values: twill_bars,
                     },
-                    values: kernel_bars,
-                },
-            ],
-        }));
+                    BarSeries {
+                        name: if setups.iter().any(|(_, b, _)| *b == Backend::Udp) {
+                            "kernel baseline (udp: kernel VXLAN)".into()
+                        } else {
+                            "kernel baseline".into()
+                        },
+                        values: kernel_bars,
+                    },
+                ],
+            }),
+        ));
     }
     let rtt_series: Vec<(String, Vec<f64>)> = setups
         .iter()

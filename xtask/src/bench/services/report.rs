@@ -5,7 +5,7 @@ use super::params::{
     EBPF_SCALE_TARGET, EBPF_VIP_DIRECT_TARGET, ENDPOINTS, IPT_FULL_SYNC_TARGET_S, ModeOutcome,
     NFT_CHANGE_P99_TARGET_MS, NFT_SCALE_TARGET, PORT, Params, Step,
 };
-use crate::bench::plot::{Bar, BarChart, BarSeries, Line, LineChart, Plot};
+use crate::bench::plot::{Bar, BarChart, BarSeries, Chart, Line, LineChart, Plot};
 use crate::bench::report::{Check, Section, Table, fmt_num};
 use crate::bench::stats::{Summary, median};
 
@@ -400,13 +400,15 @@ pub(crate) fn section(
     }
 
     if lines.iter().any(|l| !l.points.is_empty()) {
-        sec.plots.push(Plot::Lines(LineChart {
-            file: "services-rate.svg".into(),
-            title: "Fresh connections/s vs services installed (median; whiskers: min–max)".into(),
-            x_label: "services installed (log scale)".into(),
-            y_label: "connections/s".into(),
-            series: lines,
-        }));
+        sec.plots.push(Plot::new(
+            "services-rate.svg",
+            "Fresh connections/s vs services installed (median; whiskers: min–max)",
+            Chart::Lines(LineChart {
+                x_label: "services installed (log scale)".into(),
+                y_label: "connections/s".into(),
+                series: lines,
+            }),
+        ));
     }
     sec.cdf(
         "services-connect-latency.svg",
@@ -423,16 +425,18 @@ pub(crate) fn section(
         );
     }
     if sync_bars.iter().any(Option::is_some) {
-        sec.plots.push(Plot::Bars(BarChart {
-            file: "services-full-sync.svg".into(),
-            title: format!("Full sync: twill ({} services × {ENDPOINTS} endpoints) and hand-written rule loads", p.sync_step),
+        sec.plots.push(Plot::new(
+            "services-full-sync.svg",
+            format!("Full sync: twill ({} services × {ENDPOINTS} endpoints) and hand-written rule loads", p.sync_step),
+            Chart::Bars(BarChart {
             y_label: "seconds".into(),
             groups: sync_groups,
             series: vec![BarSeries {
                 name: "full sync / load".into(),
                 values: sync_bars,
             }],
-        }));
+        }),
+        ));
     }
 
     let about = format!(
