@@ -32,7 +32,7 @@ use anyhow::{Context, Result, ensure};
 
 use crate::ns;
 use crate::state::{
-    self, CGROUP_PREFIX, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time,
+    self, CGROUP_PREFIX, Owner, PIN_ROOT, ProcRecord, RigState, TEMP_PREFIX, proc_start_time,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -79,10 +79,7 @@ impl NetnsGuard {
     /// from now on.
     pub fn attach(id: &str) -> Result<NetnsGuard> {
         let mut record = RigState::load(id)?;
-        let me = std::process::id();
-        record.owner_pid = me;
-        record.owner_start = proc_start_time(i32::try_from(me).context("pid out of range")?)
-            .context("read own start time in /proc/self/stat")?;
+        record.owner = Owner::me()?;
         record.detached = false;
         record.save()?;
         Ok(NetnsGuard {

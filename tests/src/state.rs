@@ -79,7 +79,34 @@ pub struct ProcRecord {
 impl ProcRecord {
     /// Whether the process still runs (same pid and start time, not a zombie).
     pub fn alive(&self) -> bool {
-        proc_alive(self.pid) && proc_start_time(self.pid) == Some(self.start)
+        still_running(self.pid, self.start)
+    }
+}
+
+/// The process that owns a rig, identified like a [`ProcRecord`]; in the state file its fields
+/// are `owner_pid` and `owner_start`, beside the rig's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Its pid.
+    #[serde(rename = "owner_pid")]
+    pub pid: u32,
+    /// Its start time, see [`ProcRecord::start`].
+    #[serde(rename = "owner_start")]
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn me() -> Result<Self> {
+        let pid = std::process::id();
+        let start = proc_start_time(i32::try_from(pid).context("pid out of range")?)
+            .context("read own start time in /proc/self/stat")?;
+        Ok(Owner { pid, start })
+    }
+
+    /// Whether the owner still runs (same pid and start time, not a zombie).
+    pub fn alive(&self) -> bool {
+        i32::try_from(self.pid).is_ok_and(|pid| still_running(pid, self.start))
     }
 }
 
@@ -89,9 +116,8 @@ pub struct RigState {
     /// The rig id (the prefix of every name it uses).
     pub id: String,
     /// The process that owns the rig.
-    pub owner_pid: u32,
-    /// The owner's start time, see [`ProcRecord::start`].
-    pub owner_start: u64,
+    #[serde(flatten)]
+    pub owner: Owner,
     /// Namespaces, in creation order.
     pub namespaces: Vec<String>,
     /// Processes started by the rig (etcd, twilld).
@@ -113,12 +139,9 @@ pub struct RigState {
 impl RigState {
     /// A record for rig `id`, owned by this process.
     pub fn new(id: &str, temp_dir: PathBuf) -> Result<Self> {
-        let owner_pid = std::process::id();
-        let pid = i32::try_from(owner_pid).context("pid out of range")?;
         Ok(RigState {
             id: id.to_string(),
-            owner_pid,
-            owner_start: proc_start_time(pid).context("read own start time in /proc/self/stat")?,
+            owner: Owner::me()?,
             namespaces: Vec::new(),
             pids: Vec::new(),
             pin_dirs: Vec::new(),
@@ -167,12 +190,6 @@ impl RigState {
         std::fs::write(&tmp, json).with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
-
-    /// Whether the owner is still running (same pid, same start time, not a zombie).
-    pub fn owner_alive(&self) -> bool {
-        i32::try_from(self.owner_pid)
-            .is_ok_and(|pid| proc_alive(pid) && proc_start_time(pid) == Some(self.owner_start))
-    }
 }
 
 /// Removes every rig whose owner process is gone: its processes, namespaces, pin directories,
@@ -209,12 +226,12 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             }
             Err(_) => continue, // removed by its owner meanwhile
         };
-        if state.detached || state.owner_alive() {
+        if state.detached || state.owner.alive() {
             continue;
         }
         eprintln!(
             "twill-rig: sweeping stale rig {} (owner pid {} is gone)",
-            state.id, state.owner_pid
+            state.id, state.owner.pid
         );
         for err in teardown(&state) {
             eprintln!("twill-rig: sweep {}: {err:#}", state.id);
@@ -245,7 +262,7 @@ pub(crate) fn teardown(state: &RigState) -> Vec<anyhow::Error> {
     // rig's namespaces. Twice, in case something forked meanwhile.
     let mut killed = Vec::new();
     for rec in &state.pids {
-        if proc_alive(rec.pid) && proc_start_time(rec.pid) == Some(rec.start) {
+        if rec.alive() {
             let _ = kill(Pid::from_raw(rec.pid), Signal::SIGKILL);
             killed.push(rec.pid);
         }
@@ -464,6 +481,11 @@ pub(crate) fn proc_start_time(pid: i32) -> Option<u64> {
     proc_stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
+/// Whether `pid` is still the process that started at `start` (and not a zombie).
+fn still_running(pid: i32, start: u64) -> bool {
+    proc_alive(pid) && proc_start_time(pid) == Some(start)
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub(crate) fn proc_alive(pid: i32) -> bool {
     proc_stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z" && s != "X"))
@@ -474,5 +496,39 @@ fn wait_gone(pids: &[i32], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while pids.iter().any(|&p| proc_alive(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_is_this_process_and_stays_flat_in_the_state_file() {
+        let state = RigState::new("t1", PathBuf::from("/tmp/twill-rig-t1")).unwrap();
+        assert_eq!(state.owner.pid, std::process::id());
+        assert!(state.owner.alive(), "this process runs");
+        let stale = Owner {
+            start: state.owner.start + 1,
+            ..state.owner
+        };
+        assert!(!stale.alive(), "same pid, another start time");
+
+        // The file a rig of an earlier xtask wrote still reads, and this one writes the same keys.
+        let json = serde_json::json!({
+            "id": "t1",
+            "owner_pid": state.owner.pid,
+            "owner_start": state.owner.start,
+            "namespaces": [],
+            "pids": [],
+            "pin_dirs": [],
+            "temp_dir": "/tmp/twill-rig-t1",
+        });
+        let read: RigState = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(read, state);
+        let written = serde_json::to_value(&state).unwrap();
+        assert_eq!(written["owner_pid"], json["owner_pid"]);
+        assert_eq!(written["owner_start"], json["owner_start"]);
+        assert!(written.get("owner").is_none(), "{written}");
     }
 }

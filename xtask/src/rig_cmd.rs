@@ -454,10 +454,10 @@ fn down(id: Option<&str>, all: bool) -> Result<()> {
     }
     let mut failed = Vec::new();
     for s in &rigs {
-        if !s.detached && s.owner_alive() {
+        if !s.detached && s.owner.alive() {
             failed.push(format!(
                 "{}: owned by running process {} (not a `rig up` rig)",
-                s.id, s.owner_pid
+                s.id, s.owner.pid
             ));
             continue;
         }

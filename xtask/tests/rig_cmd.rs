@@ -100,7 +100,7 @@ fn up_exec_status_down_leaves_nothing() {
     }
     let (id, state, _down) = up("2");
     // The owner (the xtask process) is gone, yet a sweep leaves the rig alone.
-    assert!(!state.owner_alive());
+    assert!(!state.owner.alive());
     twill_tests::sweep_stale().unwrap();
     assert!(
         RigState::load(&id).is_ok(),
@@ -221,7 +221,7 @@ fn a_proxy_mode_twilld_does_not_know_is_refused_cleanly() {
             // Another test's rig may be coming up meanwhile: only ours (owned by no one) counts.
             let s = RigState::load(id);
             assert!(
-                s.is_err() || s.unwrap().owner_alive(),
+                s.is_err() || s.unwrap().owner.alive(),
                 "a refused rig up left rig {id}"
             );
         }
@@ -284,7 +284,7 @@ fn down_after_up_was_killed_half_way() {
         let found = RigState::list()
             .unwrap()
             .into_iter()
-            .find(|s| s.owner_pid == pid && s.pids.iter().any(|p| p.what.starts_with("twilld")));
+            .find(|s| s.owner.pid == pid && s.pids.iter().any(|p| p.what.starts_with("twilld")));
         if let Some(s) = found {
             break s.id;
         }
