@@ -203,6 +203,11 @@ impl Check {
             pass: value <= max,
         }
     }
+
+    /// The measured value as a report prints it, and the verdict: `met` or `missed`.
+    fn shown<'a>(&self, met: &'a str, missed: &'a str) -> (String, &'a str) {
+        (fmt_num(self.value), if self.pass { met } else { missed })
+    }
 }
 
 impl Report {
@@ -241,13 +246,11 @@ impl Report {
             if !s.checks.is_empty() {
                 out.push_str("targets:\n");
                 for c in &s.checks {
+                    let (value, verdict) = c.shown("ok", "MISSED");
                     let _ = writeln!(
                         out,
-                        "  [{}] {}: {} (target {})",
-                        if c.pass { "ok" } else { "MISSED" },
-                        c.what,
-                        fmt_num(c.value),
-                        c.target
+                        "  [{verdict}] {}: {value} (target {})",
+                        c.what, c.target
                     );
                 }
             }
@@ -306,14 +309,8 @@ impl Report {
             if !s.checks.is_empty() {
                 out.push_str("### Targets\n\n| | measured | target | |\n|---|---|---|---|\n");
                 for c in &s.checks {
-                    let _ = writeln!(
-                        out,
-                        "| {} | {} | {} | {} |",
-                        c.what,
-                        fmt_num(c.value),
-                        c.target,
-                        if c.pass { "met" } else { "**missed**" }
-                    );
+                    let (value, verdict) = c.shown("met", "**missed**");
+                    let _ = writeln!(out, "| {} | {value} | {} | {verdict} |", c.what, c.target);
                 }
                 out.push('\n');
             }
@@ -439,7 +436,10 @@ mod tests {
                     header: vec!["backend".into(), "twill".into(), "kernel".into()],
                     rows: vec![vec!["vxlan".into(), "9.80 Gbit/s".into(), "10.0".into()]],
                 }],
-                checks: vec![Check::at_least("vxlan TCP 1 stream", 0.98, 0.97)],
+                checks: vec![
+                    Check::at_least("vxlan TCP 1 stream", 0.98, 0.97),
+                    Check::at_most("lease p99", 150.0, 100.0, "ms"),
+                ],
                 notes: vec!["udp skipped: twilld refused it".into()],
                 plot_files: vec!["overlay-throughput.svg".into()],
                 plots: Vec::new(),
@@ -458,6 +458,7 @@ mod tests {
             "## Overlay",
             "| backend | twill | kernel |\n|---|---|---|\n| vxlan | 9.80 Gbit/s | 10.0 |",
             "| vxlan TCP 1 stream | 0.980 | >= 0.97 | met |",
+            "| lease p99 | 150 | <= 100 ms | **missed** |",
             "![overlay-throughput.svg](overlay-throughput.svg)",
             "- udp skipped: twilld refused it",
         ] {
@@ -477,10 +478,12 @@ mod tests {
             "  a          bbb\n  ---------  ---\n  long cell  x\n"
         );
         let term = sample_report().to_terminal();
-        assert!(
-            term.contains("[ok] vxlan TCP 1 stream: 0.980 (target >= 0.97)"),
-            "{term}"
-        );
+        for needle in [
+            "[ok] vxlan TCP 1 stream: 0.980 (target >= 0.97)",
+            "[MISSED] lease p99: 150 (target <= 100 ms)",
+        ] {
+            assert!(term.contains(needle), "missing {needle:?} in\n{term}");
+        }
     }
 
     #[test]
