@@ -448,6 +448,7 @@ pub async fn watch_prefix<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::TempDir;
 
     fn tls(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> EtcdTls {
         EtcdTls {
@@ -490,13 +491,11 @@ zF92Gns/ZlXq/2vic5lxtzo8BWxkTMjPbysr0DzGO1Aaa6Js1u6eP+V8\n\
 ";
 
     /// A temporary directory with TLS files, good and bad.
-    struct Files(std::path::PathBuf);
+    struct Files(TempDir);
 
     impl Files {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("twill-etcd-flags-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = TempDir::new(&format!("etcd-flags-{name}"));
             for (file, text) in [
                 ("ca.pem", CA_PEM),
                 ("ca.key", CA_KEY),
@@ -507,19 +506,13 @@ zF92Gns/ZlXq/2vic5lxtzo8BWxkTMjPbysr0DzGO1Aaa6Js1u6eP+V8\n\
                     "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                 ),
             ] {
-                std::fs::write(dir.join(file), text).unwrap();
+                dir.write(file, text);
             }
             Files(dir)
         }
 
         fn path(&self, name: &str) -> String {
-            self.0.join(name).display().to_string()
-        }
-    }
-
-    impl Drop for Files {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join(name).display().to_string()
         }
     }
 

@@ -557,6 +557,7 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::assert_samples;
 
     #[test]
     fn a_scrape_streams_what_render_returns_in_pieces() {
@@ -627,14 +628,16 @@ mod tests {
                 })
             }),
         );
-        let t = m.render();
-        assert!(t.contains("twill_peers 2\n"));
-        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0\n"));
-        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(t.contains(
-            "twill_last_error_info{operation=\"overlay\",error=\"etcd get: \\\"down\\\"\"} 1"
-        ));
-        assert!(t.contains("twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6"));
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_peers 2",
+                "twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0",
+                "twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1",
+                "twill_last_error_info{operation=\"overlay\",error=\"etcd get: \\\"down\\\"\"} 1",
+                "twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6",
+            ],
+        );
         m.set_udp_counts(Box::new(|| UdpCounts {
             peers: 2,
             tx_packets: 3,
@@ -642,23 +645,15 @@ mod tests {
             drops: vec![("malformed", 2), ("no_route", 0)],
             ..UdpCounts::default()
         }));
-        let t = m.render();
-        assert!(t.contains("twill_udp_peers 2\n"), "{t}");
-        assert!(
-            t.contains("twill_udp_packets_total{direction=\"tx\"} 3\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_bytes_total{direction=\"rx\"} 99\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_drops_total{reason=\"malformed\"} 2\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_drops_total{reason=\"no_route\"} 0\n"),
-            "{t}"
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_udp_peers 2",
+                "twill_udp_packets_total{direction=\"tx\"} 3",
+                "twill_udp_bytes_total{direction=\"rx\"} 99",
+                "twill_udp_drops_total{reason=\"malformed\"} 2",
+                "twill_udp_drops_total{reason=\"no_route\"} 0",
+            ],
         );
         assert_eq!(m.health().0, 503);
         m.set_ready();
@@ -699,14 +694,12 @@ mod tests {
         m.clear_error("renew lease");
         assert!(error_samples(&m).is_empty(), "{}", m.render());
         // The counter keeps the history.
-        let t = m.render();
-        assert!(
-            t.contains("twill_errors_total{operation=\"overlay\"} 1\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_errors_total{operation=\"renew lease\"} 1\n"),
-            "{t}"
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_errors_total{operation=\"overlay\"} 1",
+                "twill_errors_total{operation=\"renew lease\"} 1",
+            ],
         );
     }
 
@@ -787,7 +780,7 @@ mod tests {
         assert_eq!(get(h, "/metrics").await.0, "HTTP/1.1 404 Not Found");
         let (status, body) = get(s, "/metrics").await;
         assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(body.contains("twill_up 1\n"), "{body}");
+        assert_samples(&body, &["twill_up 1"]);
         // A second bind of a bound address fails with the reason.
         let e = crate::shared::http::bind(h).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
