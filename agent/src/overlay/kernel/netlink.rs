@@ -100,26 +100,22 @@ impl Netlink {
     }
 
     fn route_message(route: &Route) -> RouteMessage {
-        let mut msg = match (route.dst, route.gateway) {
-            (IpNet::V4(d), gw) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                    .destination_prefix(d.addr(), d.prefix_len())
-                    .output_interface(route.oif);
-                if let Some(IpAddr::V4(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-            (IpNet::V6(d), gw) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                    .destination_prefix(d.addr(), d.prefix_len())
-                    .output_interface(route.oif);
-                if let Some(IpAddr::V6(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-        };
+        let dst = route.dst;
+        // Neither can fail: an `IpNet` is a valid prefix, and a gateway of another family than
+        // the destination's is left out.
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .expect("an IpNet is a valid destination prefix")
+            .output_interface(route.oif);
+        if let Some(g) = route
+            .gateway
+            .filter(|g| g.is_ipv4() == dst.addr().is_ipv4())
+        {
+            b = b
+                .gateway(g)
+                .expect("the gateway is of the destination's family");
+        }
+        let mut msg = b.build();
         msg.header.protocol = RouteProtocol::from(route.proto);
         msg.header.scope = if route.gateway.is_some() {
             RouteScope::Universe
