@@ -162,45 +162,35 @@ impl NetworkConfig {
             ));
         }
 
-        let mut cfg = NetworkConfig {
+        let backend = parse_backend(raw.backend.unwrap_or_default())?;
+        let v4 = enable_ipv4
+            .then(|| {
+                parse_family::<Ipv4Net>(raw.network, raw.subnet_len, raw.subnet_min, raw.subnet_max)
+            })
+            .transpose()?;
+        let v6 = enable_ipv6
+            .then(|| {
+                parse_family::<Ipv6Net>(
+                    raw.ipv6_network,
+                    raw.ipv6_subnet_len,
+                    raw.ipv6_subnet_min,
+                    raw.ipv6_subnet_max,
+                )
+            })
+            .transpose()?;
+        Ok(NetworkConfig {
             enable_ipv4,
             enable_ipv6,
-            network: None,
-            subnet_len: 24,
-            subnet_min: None,
-            subnet_max: None,
-            ipv6_network: None,
-            ipv6_subnet_len: 64,
-            ipv6_subnet_min: None,
-            ipv6_subnet_max: None,
-            backend: parse_backend(raw.backend.unwrap_or_default())?,
-        };
-
-        if enable_ipv4 {
-            let v4 = parse_family::<Ipv4Net>(
-                raw.network,
-                raw.subnet_len,
-                raw.subnet_min,
-                raw.subnet_max,
-            )?;
-            cfg.network = Some(v4.net);
-            cfg.subnet_len = v4.len;
-            cfg.subnet_min = Some(v4.min);
-            cfg.subnet_max = Some(v4.max);
-        }
-        if enable_ipv6 {
-            let v6 = parse_family::<Ipv6Net>(
-                raw.ipv6_network,
-                raw.ipv6_subnet_len,
-                raw.ipv6_subnet_min,
-                raw.ipv6_subnet_max,
-            )?;
-            cfg.ipv6_network = Some(v6.net);
-            cfg.ipv6_subnet_len = v6.len;
-            cfg.ipv6_subnet_min = Some(v6.min);
-            cfg.ipv6_subnet_max = Some(v6.max);
-        }
-        Ok(cfg)
+            network: v4.map(|f| f.net),
+            subnet_len: v4.map_or(24, |f| f.len),
+            subnet_min: v4.map(|f| f.min),
+            subnet_max: v4.map(|f| f.max),
+            ipv6_network: v6.map(|f| f.net),
+            ipv6_subnet_len: v6.map_or(64, |f| f.len),
+            ipv6_subnet_min: v6.map(|f| f.min),
+            ipv6_subnet_max: v6.map(|f| f.max),
+            backend,
+        })
     }
 }
 
@@ -331,6 +321,7 @@ impl FamilyNet for Ipv6Net {
 }
 
 /// One enabled family's checked settings.
+#[derive(Clone, Copy)]
 struct Family<N: FamilyNet> {
     net: N,
     len: u8,
