@@ -237,7 +237,6 @@ fn parse_backend(raw: RawBackend) -> Result<BackendConfig, ConfigError> {
     })
 }
 
-/// flannel's defaults: the second subnet of the network up to the last one.
 /// The network of one address family, with the names and limits of its settings.
 trait FamilyNet: Copy + PartialEq + fmt::Display + FromStr + Into<IpNet> {
     /// The address type of its `SubnetMin`/`SubnetMax`.
@@ -248,13 +247,10 @@ trait FamilyNet: Copy + PartialEq + fmt::Display + FromStr + Into<IpNet> {
     const FIELDS: [&'static str; 4];
     /// The longest subnet prefix it allows.
     const MAX_LEN: u8;
-    /// The network with its host bits cleared.
-    fn truncated(&self) -> Self;
-    /// Its prefix length.
-    fn prefix(&self) -> u8;
     /// The subnet length when the config gives none.
     fn default_len(&self) -> u8;
-    /// The first and last `/len` subnet that may be leased (the network's first subnet is not).
+    /// The first and last `/len` subnet that may be leased, flannel's defaults: the second subnet
+    /// of the network up to the last one (the network's first subnet is not leased).
     fn bounds(self, len: u8) -> (Self::Addr, Self::Addr);
 }
 
@@ -263,14 +259,6 @@ impl FamilyNet for Ipv4Net {
     const FAMILY: &'static str = "IPv4";
     const FIELDS: [&'static str; 4] = ["Network", "SubnetLen", "SubnetMin", "SubnetMax"];
     const MAX_LEN: u8 = 30;
-
-    fn truncated(&self) -> Self {
-        self.trunc()
-    }
-
-    fn prefix(&self) -> u8 {
-        self.prefix_len()
-    }
 
     fn default_len(&self) -> u8 {
         // flannel: 24 unless Network is smaller than a /22, then two less than the network.
@@ -299,14 +287,6 @@ impl FamilyNet for Ipv6Net {
         "IPv6SubnetMax",
     ];
     const MAX_LEN: u8 = 126;
-
-    fn truncated(&self) -> Self {
-        self.trunc()
-    }
-
-    fn prefix(&self) -> u8 {
-        self.prefix_len()
-    }
 
     fn default_len(&self) -> u8 {
         64
@@ -346,28 +326,28 @@ where
     let net: N = text
         .parse()
         .map_err(|e| invalid(net_field, &text, format!("not an {family} CIDR: {e}")))?;
-    if net != net.truncated() {
+    let any: IpNet = net.into();
+    if any != any.trunc() {
         return Err(invalid(
             net_field,
             &text,
-            format!("host bits set (did you mean {}?)", net.truncated()),
+            format!("host bits set (did you mean {}?)", any.trunc()),
         ));
     }
     let len = subnet_len.map_or(Ok(net.default_len()), |l| {
         u8::try_from(l).map_err(|_| invalid(len_field, l, format!("must be at most {max_len}")))
     })?;
-    if len > max_len || len <= net.prefix() {
+    if len > max_len || len <= any.prefix_len() {
         return Err(invalid(
             len_field,
             len,
             format!(
                 "must be longer than the {net_field} prefix /{} and at most {max_len}",
-                net.prefix()
+                any.prefix_len()
             ),
         ));
     }
     let (min, max) = net.bounds(len);
-    let any = net.into();
     let min = parse_bound(min_field, subnet_min, any, len, min)?;
     let max = parse_bound(max_field, subnet_max, any, len, max)?;
     if min > max {
