@@ -51,6 +51,19 @@ fn nl(
     move |source| KernelError::Netlink { op, object, source }
 }
 
+/// Sends `req` (a neighbour or an FDB entry) as a REPLACE of a permanent entry.
+async fn replace_permanent(
+    req: rtnetlink::NeighbourAddRequest,
+    op: &'static str,
+    entry: &impl std::fmt::Debug,
+) -> Result<(), KernelError> {
+    req.state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(op, format!("{entry:?}")))
+}
+
 /// Reads a whole dump of `what`.
 async fn dump<T>(
     what: &'static str,
@@ -435,15 +448,12 @@ impl Kernel for Netlink {
     }
 
     async fn replace_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
-        self.handle
+        let req = self
+            .handle
             .neighbours()
             .add(neigh.ifindex, neigh.ip)
-            .link_layer_address(&neigh.mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("replace neighbour", format!("{neigh:?}")))
+            .link_layer_address(&neigh.mac);
+        replace_permanent(req, "replace neighbour", neigh).await
     }
 
     async fn del_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
@@ -459,16 +469,13 @@ impl Kernel for Netlink {
     }
 
     async fn replace_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
-        self.handle
+        let req = self
+            .handle
             .neighbours()
             .add_bridge(fdb.ifindex, &fdb.mac)
             .destination(fdb.dst)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("replace fdb", format!("{fdb:?}")))
+            .flags(NeighbourFlags::Own);
+        replace_permanent(req, "replace fdb", fdb).await
     }
 
     async fn del_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
