@@ -1,6 +1,7 @@
 //! The etcd client both loops use: flannel's etcd flags, checked as a whole, the dialled client with its (m)TLS, and the prefix watch.
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
+use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -387,11 +388,8 @@ pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Clien
 pub(crate) fn client_error(e: &etcd_client::Error) -> String {
     let mut text = e.to_string();
     if let etcd_client::Error::TransportError(t) = e {
-        let mut source = std::error::Error::source(t);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
+        for s in std::iter::successors(std::error::Error::source(t), |s| s.source()) {
+            let _ = write!(text, ": {s}");
         }
     }
     text
