@@ -404,13 +404,39 @@ where
 mod tests {
     use super::*;
 
+    /// flannel's default IPv4 network.
+    const V4: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    /// A network too small for the default `/24` subnets.
+    const SMALL: &str = r#"{"Network":"10.1.2.0/24","Backend":{"Type":"host-gw"}}"#;
+    /// Dual stack, with every backend option set.
+    const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan","VNI":4,"Port":4789,"DirectRouting":true}}"#;
+
+    /// A family's subnet length and leasable range, as the config gives them.
+    fn range<A: fmt::Display>(len: u8, min: Option<A>, max: Option<A>) -> (u8, String, String) {
+        (len, min.unwrap().to_string(), max.unwrap().to_string())
+    }
+
+    #[test]
+    fn subnet_lengths_and_ranges_follow_flannels_defaults() {
+        // (config, whether its IPv6 family is checked, length, first and last subnet)
+        for (json, v6, len, min, max) in [
+            (V4, false, 24, "10.244.1.0", "10.244.255.0"),
+            (SMALL, false, 26, "10.1.2.64", "10.1.2.192"),
+            (DUAL, true, 64, "fd74:10:0:1::", "fd74:10:0:ff::"),
+        ] {
+            let c = NetworkConfig::parse(json).unwrap();
+            let got = if v6 {
+                range(c.ipv6_subnet_len, c.ipv6_subnet_min, c.ipv6_subnet_max)
+            } else {
+                range(c.subnet_len, c.subnet_min, c.subnet_max)
+            };
+            assert_eq!(got, (len, min.to_string(), max.to_string()), "{json}");
+        }
+    }
+
     #[test]
     fn flannel_defaults() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min.unwrap().to_string(), "10.244.1.0");
-        assert_eq!(c.subnet_max.unwrap().to_string(), "10.244.255.0");
+        let c = NetworkConfig::parse(V4).unwrap();
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert!(!c.enable_ipv6);
@@ -420,23 +446,9 @@ mod tests {
     }
 
     #[test]
-    fn small_network_gets_smaller_subnets() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.1.2.0/24","Backend":{"Type":"host-gw"}}"#)
-            .unwrap();
-        assert_eq!(c.subnet_len, 26);
-        assert_eq!(c.subnet_min.unwrap().to_string(), "10.1.2.64");
-        assert_eq!(c.subnet_max.unwrap().to_string(), "10.1.2.192");
-    }
-
-    #[test]
     fn dual_stack() {
-        let c = NetworkConfig::parse(
-            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan","VNI":4,"Port":4789,"DirectRouting":true}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.ipv6_subnet_len, 64);
-        assert_eq!(c.ipv6_subnet_min.unwrap().to_string(), "fd74:10:0:1::");
-        assert_eq!(c.ipv6_subnet_max.unwrap().to_string(), "fd74:10:0:ff::");
+        let c = NetworkConfig::parse(DUAL).unwrap();
+        assert!(c.enable_ipv4 && c.enable_ipv6);
         assert_eq!(c.backend.vni, 4);
         assert_eq!(c.backend.port, 4789);
         assert!(c.backend.direct_routing);
