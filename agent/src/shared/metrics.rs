@@ -383,30 +383,29 @@ impl Metrics {
             &BUCKETS,
         );
         if !g.errors.is_empty() {
-            let _ = writeln!(
-                o,
-                "# HELP twill_last_error_info The last error of each operation that failed and has not succeeded since (errors without an operation are the overlay's, cleared by its next successful reconcile); no series when nothing is failing.\n# TYPE twill_last_error_info gauge"
-            );
-            for (op, (_, e)) in &g.errors {
+            // Both families' samples from one pass over the current errors.
+            let (mut info, mut stamps) = (String::new(), String::new());
+            for (op, (t, e)) in &g.errors {
+                let op = escape(op);
                 let _ = writeln!(
-                    o,
-                    "twill_last_error_info{{operation=\"{}\",error=\"{}\"}} 1",
-                    escape(op),
+                    info,
+                    "twill_last_error_info{{operation=\"{op}\",error=\"{}\"}} 1",
                     escape(e)
                 );
-            }
-            let _ = writeln!(
-                o,
-                "# HELP twill_last_error_timestamp_seconds When each current error of twill_last_error_info happened.\n# TYPE twill_last_error_timestamp_seconds gauge"
-            );
-            for (op, (t, _)) in &g.errors {
                 let _ = writeln!(
-                    o,
-                    "twill_last_error_timestamp_seconds{{operation=\"{}\"}} {}",
-                    escape(op),
+                    stamps,
+                    "twill_last_error_timestamp_seconds{{operation=\"{op}\"}} {}",
                     secs(*t)
                 );
             }
+            let _ = write!(
+                o,
+                "# HELP twill_last_error_info The last error of each operation that failed and has not succeeded since (errors without an operation are the overlay's, cleared by its next successful reconcile); no series when nothing is failing.\n# TYPE twill_last_error_info gauge\n{info}"
+            );
+            let _ = write!(
+                o,
+                "# HELP twill_last_error_timestamp_seconds When each current error of twill_last_error_info happened.\n# TYPE twill_last_error_timestamp_seconds gauge\n{stamps}"
+            );
         }
         if !g.error_counts.is_empty() {
             let _ = writeln!(
@@ -691,6 +690,12 @@ mod tests {
                 "twill_last_error_info{operation=\"renew lease\",error=\"etcd lease keep-alive: deadline exceeded\"} 1"
             ]
         );
+        // Its time, in a family of its own after the info one.
+        let t = m.render();
+        assert_samples(&t, &["# TYPE twill_last_error_timestamp_seconds gauge"]);
+        let info = t.find("\ntwill_last_error_info{").unwrap();
+        let stamp = t.find("\ntwill_last_error_timestamp_seconds{operation=\"renew lease\"} ");
+        assert!(stamp.is_some_and(|stamp| stamp > info), "{t}");
         m.clear_error("renew lease");
         assert!(error_samples(&m).is_empty(), "{}", m.render());
         // The counter keeps the history.
