@@ -162,45 +162,35 @@ impl NetworkConfig {
             ));
         }
 
-        let mut cfg = NetworkConfig {
+        let backend = parse_backend(raw.backend.unwrap_or_default())?;
+        let v4 = enable_ipv4
+            .then(|| {
+                parse_family::<Ipv4Net>(raw.network, raw.subnet_len, raw.subnet_min, raw.subnet_max)
+            })
+            .transpose()?;
+        let v6 = enable_ipv6
+            .then(|| {
+                parse_family::<Ipv6Net>(
+                    raw.ipv6_network,
+                    raw.ipv6_subnet_len,
+                    raw.ipv6_subnet_min,
+                    raw.ipv6_subnet_max,
+                )
+            })
+            .transpose()?;
+        Ok(NetworkConfig {
             enable_ipv4,
             enable_ipv6,
-            network: None,
-            subnet_len: 24,
-            subnet_min: None,
-            subnet_max: None,
-            ipv6_network: None,
-            ipv6_subnet_len: 64,
-            ipv6_subnet_min: None,
-            ipv6_subnet_max: None,
-            backend: parse_backend(raw.backend.unwrap_or_default())?,
-        };
-
-        if enable_ipv4 {
-            let v4 = parse_family::<Ipv4Net>(
-                raw.network,
-                raw.subnet_len,
-                raw.subnet_min,
-                raw.subnet_max,
-            )?;
-            cfg.network = Some(v4.net);
-            cfg.subnet_len = v4.len;
-            cfg.subnet_min = Some(v4.min);
-            cfg.subnet_max = Some(v4.max);
-        }
-        if enable_ipv6 {
-            let v6 = parse_family::<Ipv6Net>(
-                raw.ipv6_network,
-                raw.ipv6_subnet_len,
-                raw.ipv6_subnet_min,
-                raw.ipv6_subnet_max,
-            )?;
-            cfg.ipv6_network = Some(v6.net);
-            cfg.ipv6_subnet_len = v6.len;
-            cfg.ipv6_subnet_min = Some(v6.min);
-            cfg.ipv6_subnet_max = Some(v6.max);
-        }
-        Ok(cfg)
+            network: v4.map(|f| f.net),
+            subnet_len: v4.map_or(24, |f| f.len),
+            subnet_min: v4.map(|f| f.min),
+            subnet_max: v4.map(|f| f.max),
+            ipv6_network: v6.map(|f| f.net),
+            ipv6_subnet_len: v6.map_or(64, |f| f.len),
+            ipv6_subnet_min: v6.map(|f| f.min),
+            ipv6_subnet_max: v6.map(|f| f.max),
+            backend,
+        })
     }
 }
 
@@ -247,7 +237,6 @@ fn parse_backend(raw: RawBackend) -> Result<BackendConfig, ConfigError> {
     })
 }
 
-/// flannel's defaults: the second subnet of the network up to the last one.
 /// The network of one address family, with the names and limits of its settings.
 trait FamilyNet: Copy + PartialEq + fmt::Display + FromStr + Into<IpNet> {
     /// The address type of its `SubnetMin`/`SubnetMax`.
@@ -258,13 +247,10 @@ trait FamilyNet: Copy + PartialEq + fmt::Display + FromStr + Into<IpNet> {
     const FIELDS: [&'static str; 4];
     /// The longest subnet prefix it allows.
     const MAX_LEN: u8;
-    /// The network with its host bits cleared.
-    fn truncated(&self) -> Self;
-    /// Its prefix length.
-    fn prefix(&self) -> u8;
     /// The subnet length when the config gives none.
     fn default_len(&self) -> u8;
-    /// The first and last `/len` subnet that may be leased (the network's first subnet is not).
+    /// The first and last `/len` subnet that may be leased, flannel's defaults: the second subnet
+    /// of the network up to the last one (the network's first subnet is not leased).
     fn bounds(self, len: u8) -> (Self::Addr, Self::Addr);
 }
 
@@ -273,14 +259,6 @@ impl FamilyNet for Ipv4Net {
     const FAMILY: &'static str = "IPv4";
     const FIELDS: [&'static str; 4] = ["Network", "SubnetLen", "SubnetMin", "SubnetMax"];
     const MAX_LEN: u8 = 30;
-
-    fn truncated(&self) -> Self {
-        self.trunc()
-    }
-
-    fn prefix(&self) -> u8 {
-        self.prefix_len()
-    }
 
     fn default_len(&self) -> u8 {
         // flannel: 24 unless Network is smaller than a /22, then two less than the network.
@@ -310,14 +288,6 @@ impl FamilyNet for Ipv6Net {
     ];
     const MAX_LEN: u8 = 126;
 
-    fn truncated(&self) -> Self {
-        self.trunc()
-    }
-
-    fn prefix(&self) -> u8 {
-        self.prefix_len()
-    }
-
     fn default_len(&self) -> u8 {
         64
     }
@@ -331,6 +301,7 @@ impl FamilyNet for Ipv6Net {
 }
 
 /// One enabled family's checked settings.
+#[derive(Clone, Copy)]
 struct Family<N: FamilyNet> {
     net: N,
     len: u8,
@@ -355,28 +326,28 @@ where
     let net: N = text
         .parse()
         .map_err(|e| invalid(net_field, &text, format!("not an {family} CIDR: {e}")))?;
-    if net != net.truncated() {
+    let any: IpNet = net.into();
+    if any != any.trunc() {
         return Err(invalid(
             net_field,
             &text,
-            format!("host bits set (did you mean {}?)", net.truncated()),
+            format!("host bits set (did you mean {}?)", any.trunc()),
         ));
     }
     let len = subnet_len.map_or(Ok(net.default_len()), |l| {
         u8::try_from(l).map_err(|_| invalid(len_field, l, format!("must be at most {max_len}")))
     })?;
-    if len > max_len || len <= net.prefix() {
+    if len > max_len || len <= any.prefix_len() {
         return Err(invalid(
             len_field,
             len,
             format!(
                 "must be longer than the {net_field} prefix /{} and at most {max_len}",
-                net.prefix()
+                any.prefix_len()
             ),
         ));
     }
     let (min, max) = net.bounds(len);
-    let any = net.into();
     let min = parse_bound(min_field, subnet_min, any, len, min)?;
     let max = parse_bound(max_field, subnet_max, any, len, max)?;
     if min > max {
@@ -433,13 +404,39 @@ where
 mod tests {
     use super::*;
 
+    /// flannel's default IPv4 network.
+    const V4: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    /// A network too small for the default `/24` subnets.
+    const SMALL: &str = r#"{"Network":"10.1.2.0/24","Backend":{"Type":"host-gw"}}"#;
+    /// Dual stack, with every backend option set.
+    const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan","VNI":4,"Port":4789,"DirectRouting":true}}"#;
+
+    /// A family's subnet length and leasable range, as the config gives them.
+    fn range<A: fmt::Display>(len: u8, min: Option<A>, max: Option<A>) -> (u8, String, String) {
+        (len, min.unwrap().to_string(), max.unwrap().to_string())
+    }
+
+    #[test]
+    fn subnet_lengths_and_ranges_follow_flannels_defaults() {
+        // (config, whether its IPv6 family is checked, length, first and last subnet)
+        for (json, v6, len, min, max) in [
+            (V4, false, 24, "10.244.1.0", "10.244.255.0"),
+            (SMALL, false, 26, "10.1.2.64", "10.1.2.192"),
+            (DUAL, true, 64, "fd74:10:0:1::", "fd74:10:0:ff::"),
+        ] {
+            let c = NetworkConfig::parse(json).unwrap();
+            let got = if v6 {
+                range(c.ipv6_subnet_len, c.ipv6_subnet_min, c.ipv6_subnet_max)
+            } else {
+                range(c.subnet_len, c.subnet_min, c.subnet_max)
+            };
+            assert_eq!(got, (len, min.to_string(), max.to_string()), "{json}");
+        }
+    }
+
     #[test]
     fn flannel_defaults() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min.unwrap().to_string(), "10.244.1.0");
-        assert_eq!(c.subnet_max.unwrap().to_string(), "10.244.255.0");
+        let c = NetworkConfig::parse(V4).unwrap();
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert!(!c.enable_ipv6);
@@ -449,23 +446,9 @@ mod tests {
     }
 
     #[test]
-    fn small_network_gets_smaller_subnets() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.1.2.0/24","Backend":{"Type":"host-gw"}}"#)
-            .unwrap();
-        assert_eq!(c.subnet_len, 26);
-        assert_eq!(c.subnet_min.unwrap().to_string(), "10.1.2.64");
-        assert_eq!(c.subnet_max.unwrap().to_string(), "10.1.2.192");
-    }
-
-    #[test]
     fn dual_stack() {
-        let c = NetworkConfig::parse(
-            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd74:10::/56","Backend":{"Type":"vxlan","VNI":4,"Port":4789,"DirectRouting":true}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.ipv6_subnet_len, 64);
-        assert_eq!(c.ipv6_subnet_min.unwrap().to_string(), "fd74:10:0:1::");
-        assert_eq!(c.ipv6_subnet_max.unwrap().to_string(), "fd74:10:0:ff::");
+        let c = NetworkConfig::parse(DUAL).unwrap();
+        assert!(c.enable_ipv4 && c.enable_ipv6);
         assert_eq!(c.backend.vni, 4);
         assert_eq!(c.backend.port, 4789);
         assert!(c.backend.direct_routing);

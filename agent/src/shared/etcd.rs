@@ -1,6 +1,7 @@
 //! The etcd client both loops use: flannel's etcd flags, checked as a whole, the dialled client with its (m)TLS, and the prefix watch.
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
+use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -387,11 +388,8 @@ pub async fn connect_client(endpoints: &[String], tls: &EtcdTls) -> Result<Clien
 pub(crate) fn client_error(e: &etcd_client::Error) -> String {
     let mut text = e.to_string();
     if let etcd_client::Error::TransportError(t) = e {
-        let mut source = std::error::Error::source(t);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
+        for s in std::iter::successors(std::error::Error::source(t), |s| s.source()) {
+            let _ = write!(text, ": {s}");
         }
     }
     text
@@ -448,6 +446,7 @@ pub async fn watch_prefix<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::TempDir;
 
     fn tls(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> EtcdTls {
         EtcdTls {
@@ -490,13 +489,11 @@ zF92Gns/ZlXq/2vic5lxtzo8BWxkTMjPbysr0DzGO1Aaa6Js1u6eP+V8\n\
 ";
 
     /// A temporary directory with TLS files, good and bad.
-    struct Files(std::path::PathBuf);
+    struct Files(TempDir);
 
     impl Files {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("twill-etcd-flags-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = TempDir::new(&format!("etcd-flags-{name}"));
             for (file, text) in [
                 ("ca.pem", CA_PEM),
                 ("ca.key", CA_KEY),
@@ -507,19 +504,13 @@ zF92Gns/ZlXq/2vic5lxtzo8BWxkTMjPbysr0DzGO1Aaa6Js1u6eP+V8\n\
                     "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                 ),
             ] {
-                std::fs::write(dir.join(file), text).unwrap();
+                dir.write(file, text);
             }
             Files(dir)
         }
 
         fn path(&self, name: &str) -> String {
-            self.0.join(name).display().to_string()
-        }
-    }
-
-    impl Drop for Files {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join(name).display().to_string()
         }
     }
 

@@ -146,6 +146,7 @@ pub(crate) fn api_err(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::TempDir;
 
     #[tokio::test]
     async fn configuration_from_flags() {
@@ -157,17 +158,14 @@ mod tests {
                 .starts_with("--kube-api-url \"not a url\" is not a URL"),
             "{e}"
         );
-        let dir = std::env::temp_dir().join(format!("twill-kubeconfig-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config");
-        std::fs::write(
-            &path,
+        let dir = TempDir::new("kubeconfig");
+        let path = dir.write(
+            "config",
             "apiVersion: v1\nkind: Config\ncurrent-context: x\n\
              clusters: [{name: c, cluster: {server: 'https://10.0.0.1:6443', insecure-skip-tls-verify: true}}]\n\
              users: [{name: u, user: {token: abc}}]\n\
              contexts: [{name: x, context: {cluster: c, user: u}}]\n",
-        )
-        .unwrap();
+        );
         let c = config(None, Some(&path)).await.unwrap();
         assert_eq!(c.cluster_url.to_string(), "https://10.0.0.1:6443/");
         // --kube-api-url replaces the kubeconfig's server, as flannel's flags do.
@@ -175,13 +173,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.cluster_url.to_string(), "https://10.0.0.2:6443/");
-        let missing = dir.join("missing");
+        let missing = dir.path().join("missing");
         let e = config(None, Some(&missing)).await.unwrap_err();
         assert!(
             e.to_string()
                 .starts_with(&format!("kubeconfig {}", missing.display())),
             "{e}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -383,30 +383,29 @@ impl Metrics {
             &BUCKETS,
         );
         if !g.errors.is_empty() {
-            let _ = writeln!(
-                o,
-                "# HELP twill_last_error_info The last error of each operation that failed and has not succeeded since (errors without an operation are the overlay's, cleared by its next successful reconcile); no series when nothing is failing.\n# TYPE twill_last_error_info gauge"
-            );
-            for (op, (_, e)) in &g.errors {
+            // Both families' samples from one pass over the current errors.
+            let (mut info, mut stamps) = (String::new(), String::new());
+            for (op, (t, e)) in &g.errors {
+                let op = escape(op);
                 let _ = writeln!(
-                    o,
-                    "twill_last_error_info{{operation=\"{}\",error=\"{}\"}} 1",
-                    escape(op),
+                    info,
+                    "twill_last_error_info{{operation=\"{op}\",error=\"{}\"}} 1",
                     escape(e)
                 );
-            }
-            let _ = writeln!(
-                o,
-                "# HELP twill_last_error_timestamp_seconds When each current error of twill_last_error_info happened.\n# TYPE twill_last_error_timestamp_seconds gauge"
-            );
-            for (op, (t, _)) in &g.errors {
                 let _ = writeln!(
-                    o,
-                    "twill_last_error_timestamp_seconds{{operation=\"{}\"}} {}",
-                    escape(op),
+                    stamps,
+                    "twill_last_error_timestamp_seconds{{operation=\"{op}\"}} {}",
                     secs(*t)
                 );
             }
+            let _ = write!(
+                o,
+                "# HELP twill_last_error_info The last error of each operation that failed and has not succeeded since (errors without an operation are the overlay's, cleared by its next successful reconcile); no series when nothing is failing.\n# TYPE twill_last_error_info gauge\n{info}"
+            );
+            let _ = write!(
+                o,
+                "# HELP twill_last_error_timestamp_seconds When each current error of twill_last_error_info happened.\n# TYPE twill_last_error_timestamp_seconds gauge\n{stamps}"
+            );
         }
         if !g.error_counts.is_empty() {
             let _ = writeln!(
@@ -557,6 +556,7 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::assert_samples;
 
     #[test]
     fn a_scrape_streams_what_render_returns_in_pieces() {
@@ -627,14 +627,16 @@ mod tests {
                 })
             }),
         );
-        let t = m.render();
-        assert!(t.contains("twill_peers 2\n"));
-        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0\n"));
-        assert!(t.contains("twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(t.contains(
-            "twill_last_error_info{operation=\"overlay\",error=\"etcd get: \\\"down\\\"\"} 1"
-        ));
-        assert!(t.contains("twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6"));
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_peers 2",
+                "twill_reconcile_duration_seconds_bucket{le=\"0.002\"} 0",
+                "twill_reconcile_duration_seconds_bucket{le=\"0.005\"} 1",
+                "twill_last_error_info{operation=\"overlay\",error=\"etcd get: \\\"down\\\"\"} 1",
+                "twill_vxlan_packets_total{device=\"flannel.1\",direction=\"tx\"} 6",
+            ],
+        );
         m.set_udp_counts(Box::new(|| UdpCounts {
             peers: 2,
             tx_packets: 3,
@@ -642,23 +644,15 @@ mod tests {
             drops: vec![("malformed", 2), ("no_route", 0)],
             ..UdpCounts::default()
         }));
-        let t = m.render();
-        assert!(t.contains("twill_udp_peers 2\n"), "{t}");
-        assert!(
-            t.contains("twill_udp_packets_total{direction=\"tx\"} 3\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_bytes_total{direction=\"rx\"} 99\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_drops_total{reason=\"malformed\"} 2\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_udp_drops_total{reason=\"no_route\"} 0\n"),
-            "{t}"
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_udp_peers 2",
+                "twill_udp_packets_total{direction=\"tx\"} 3",
+                "twill_udp_bytes_total{direction=\"rx\"} 99",
+                "twill_udp_drops_total{reason=\"malformed\"} 2",
+                "twill_udp_drops_total{reason=\"no_route\"} 0",
+            ],
         );
         assert_eq!(m.health().0, 503);
         m.set_ready();
@@ -696,17 +690,21 @@ mod tests {
                 "twill_last_error_info{operation=\"renew lease\",error=\"etcd lease keep-alive: deadline exceeded\"} 1"
             ]
         );
+        // Its time, in a family of its own after the info one.
+        let t = m.render();
+        assert_samples(&t, &["# TYPE twill_last_error_timestamp_seconds gauge"]);
+        let info = t.find("\ntwill_last_error_info{").unwrap();
+        let stamp = t.find("\ntwill_last_error_timestamp_seconds{operation=\"renew lease\"} ");
+        assert!(stamp.is_some_and(|stamp| stamp > info), "{t}");
         m.clear_error("renew lease");
         assert!(error_samples(&m).is_empty(), "{}", m.render());
         // The counter keeps the history.
-        let t = m.render();
-        assert!(
-            t.contains("twill_errors_total{operation=\"overlay\"} 1\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("twill_errors_total{operation=\"renew lease\"} 1\n"),
-            "{t}"
+        assert_samples(
+            &m.render(),
+            &[
+                "twill_errors_total{operation=\"overlay\"} 1",
+                "twill_errors_total{operation=\"renew lease\"} 1",
+            ],
         );
     }
 
@@ -787,7 +785,7 @@ mod tests {
         assert_eq!(get(h, "/metrics").await.0, "HTTP/1.1 404 Not Found");
         let (status, body) = get(s, "/metrics").await;
         assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(body.contains("twill_up 1\n"), "{body}");
+        assert_samples(&body, &["twill_up 1"]);
         // A second bind of a bound address fails with the reason.
         let e = crate::shared::http::bind(h).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");

@@ -10,3 +10,5 @@ pub mod memory;
 pub mod metrics;
 pub mod nfnl;
 pub mod shutdown;
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -534,6 +534,22 @@ pub const fn decode_addr(addr: [u8; 16], family: u8) -> Option<IpAddr> {
     }
 }
 
+/// `ip()` and `port()` of a map type that keeps an endpoint as `addr` + `family` (see
+/// [`encode_addr`]) and a network-order `port`; `$what` names the endpoint in the docs.
+macro_rules! endpoint_accessors {
+    ($what:literal) => {
+        #[doc = concat!("The ", $what, " address.")]
+        pub const fn ip(&self) -> Option<IpAddr> {
+            decode_addr(self.addr, self.family)
+        }
+
+        /// The port in host order.
+        pub const fn port(&self) -> u16 {
+            u16::from_be(self.port)
+        }
+    };
+}
+
 impl SvcKey {
     /// The key of frontend `ip:port/proto` (`port` in host order).
     pub const fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
@@ -546,15 +562,7 @@ impl SvcKey {
         }
     }
 
-    /// The frontend address.
-    pub const fn ip(&self) -> Option<IpAddr> {
-        decode_addr(self.addr, self.family)
-    }
-
-    /// The port in host order.
-    pub const fn port(&self) -> u16 {
-        u16::from_be(self.port)
-    }
+    endpoint_accessors!("frontend");
 }
 
 impl BackendValue {
@@ -569,15 +577,7 @@ impl BackendValue {
         }
     }
 
-    /// The backend address.
-    pub const fn ip(&self) -> Option<IpAddr> {
-        decode_addr(self.addr, self.family)
-    }
-
-    /// The port in host order.
-    pub const fn port(&self) -> u16 {
-        u16::from_be(self.port)
-    }
+    endpoint_accessors!("backend");
 }
 
 impl LocalAddrKey {

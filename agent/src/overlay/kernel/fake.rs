@@ -76,13 +76,42 @@ impl FakeKernel {
         s.calls.push(call);
         s
     }
-}
 
-/// Puts `new` into `set` in place of the entries with its key (`same_key`), as the kernel does
-/// on a REPLACE.
-fn replace_in<T: Ord + Clone>(set: &mut BTreeSet<T>, new: &T, same_key: impl Fn(&T) -> bool) {
-    set.retain(|e| !same_key(e));
-    set.insert(new.clone());
+    /// Records `call` and puts `new` into the set `of` the state picks, in place of the entry
+    /// with its `key`, as the kernel does on a REPLACE.
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "the result of the Kernel method it serves"
+    )]
+    fn replace<T: Ord + Clone + std::fmt::Debug, K: PartialEq>(
+        &self,
+        call: &str,
+        of: impl FnOnce(&mut State) -> &mut BTreeSet<T>,
+        new: &T,
+        key: impl Fn(&T) -> K,
+    ) -> Result<(), KernelError> {
+        let mut s = self.log(format!("{call} {new:?}"));
+        let set = of(&mut s);
+        set.retain(|e| key(e) != key(new));
+        set.insert(new.clone());
+        Ok(())
+    }
+
+    /// Records `call` and removes `old` from the set `of` the state picks.
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "the result of the Kernel method it serves"
+    )]
+    fn delete<T: Ord + std::fmt::Debug>(
+        &self,
+        call: &str,
+        of: impl FnOnce(&mut State) -> &mut BTreeSet<T>,
+        old: &T,
+    ) -> Result<(), KernelError> {
+        let mut s = self.log(format!("{call} {old:?}"));
+        of(&mut s).remove(old);
+        Ok(())
+    }
 }
 
 impl Kernel for FakeKernel {
@@ -179,38 +208,27 @@ impl Kernel for FakeKernel {
         Ok(())
     }
     async fn replace_route(&self, route: &Route) -> Result<(), KernelError> {
-        let mut s = self.log(format!("replace_route {route:?}"));
-        replace_in(&mut s.routes, route, |r| r.dst == route.dst);
-        Ok(())
+        self.replace("replace_route", |s| &mut s.routes, route, |r| r.dst)
     }
     async fn del_route(&self, route: &Route) -> Result<(), KernelError> {
-        let mut s = self.log(format!("del_route {route:?}"));
-        s.routes.remove(route);
-        Ok(())
+        self.delete("del_route", |s| &mut s.routes, route)
     }
     async fn replace_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
-        let mut s = self.log(format!("replace_neigh {neigh:?}"));
-        replace_in(&mut s.neighs, neigh, |n| {
-            (n.ifindex, n.ip) == (neigh.ifindex, neigh.ip)
-        });
-        Ok(())
+        self.replace(
+            "replace_neigh",
+            |s| &mut s.neighs,
+            neigh,
+            |n| (n.ifindex, n.ip),
+        )
     }
     async fn del_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
-        let mut s = self.log(format!("del_neigh {neigh:?}"));
-        s.neighs.remove(neigh);
-        Ok(())
+        self.delete("del_neigh", |s| &mut s.neighs, neigh)
     }
     async fn replace_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
-        let mut s = self.log(format!("replace_fdb {fdb:?}"));
-        replace_in(&mut s.fdb, fdb, |f| {
-            (f.ifindex, f.mac) == (fdb.ifindex, fdb.mac)
-        });
-        Ok(())
+        self.replace("replace_fdb", |s| &mut s.fdb, fdb, |f| (f.ifindex, f.mac))
     }
     async fn del_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
-        let mut s = self.log(format!("del_fdb {fdb:?}"));
-        s.fdb.remove(fdb);
-        Ok(())
+        self.delete("del_fdb", |s| &mut s.fdb, fdb)
     }
     async fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
         let mut s = self.state.lock().unwrap();

@@ -51,6 +51,19 @@ fn nl(
     move |source| KernelError::Netlink { op, object, source }
 }
 
+/// Sends `req` (a neighbour or an FDB entry) as a REPLACE of a permanent entry.
+async fn replace_permanent(
+    req: rtnetlink::NeighbourAddRequest,
+    op: &'static str,
+    entry: &impl std::fmt::Debug,
+) -> Result<(), KernelError> {
+    req.state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(op, format!("{entry:?}")))
+}
+
 /// Reads a whole dump of `what`.
 async fn dump<T>(
     what: &'static str,
@@ -100,26 +113,22 @@ impl Netlink {
     }
 
     fn route_message(route: &Route) -> RouteMessage {
-        let mut msg = match (route.dst, route.gateway) {
-            (IpNet::V4(d), gw) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                    .destination_prefix(d.addr(), d.prefix_len())
-                    .output_interface(route.oif);
-                if let Some(IpAddr::V4(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-            (IpNet::V6(d), gw) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                    .destination_prefix(d.addr(), d.prefix_len())
-                    .output_interface(route.oif);
-                if let Some(IpAddr::V6(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-        };
+        let dst = route.dst;
+        // Neither can fail: an `IpNet` is a valid prefix, and a gateway of another family than
+        // the destination's is left out.
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .expect("an IpNet is a valid destination prefix")
+            .output_interface(route.oif);
+        if let Some(g) = route
+            .gateway
+            .filter(|g| g.is_ipv4() == dst.addr().is_ipv4())
+        {
+            b = b
+                .gateway(g)
+                .expect("the gateway is of the destination's family");
+        }
+        let mut msg = b.build();
         msg.header.protocol = RouteProtocol::from(route.proto);
         msg.header.scope = if route.gateway.is_some() {
             RouteScope::Universe
@@ -439,15 +448,12 @@ impl Kernel for Netlink {
     }
 
     async fn replace_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
-        self.handle
+        let req = self
+            .handle
             .neighbours()
             .add(neigh.ifindex, neigh.ip)
-            .link_layer_address(&neigh.mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("replace neighbour", format!("{neigh:?}")))
+            .link_layer_address(&neigh.mac);
+        replace_permanent(req, "replace neighbour", neigh).await
     }
 
     async fn del_neigh(&self, neigh: &Neigh) -> Result<(), KernelError> {
@@ -463,16 +469,13 @@ impl Kernel for Netlink {
     }
 
     async fn replace_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {
-        self.handle
+        let req = self
+            .handle
             .neighbours()
             .add_bridge(fdb.ifindex, &fdb.mac)
             .destination(fdb.dst)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("replace fdb", format!("{fdb:?}")))
+            .flags(NeighbourFlags::Own);
+        replace_permanent(req, "replace fdb", fdb).await
     }
 
     async fn del_fdb(&self, fdb: &Fdb) -> Result<(), KernelError> {

@@ -6,6 +6,7 @@ use crate::overlay::lease::LEASE_TTL;
 use crate::overlay::node::acquire::{Acquired, acquire};
 use crate::overlay::node::identity::node_identity;
 use crate::overlay::source::{MemStore, StoredLease};
+use crate::shared::testutil::{TempDir, assert_samples};
 
 const CFG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
@@ -265,7 +266,7 @@ async fn a_conflict_is_reported_and_claimed_until_the_holder_goes() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(metrics.render().contains("twill_lease_conflicts 0\n"));
+    assert_samples(&metrics.render(), &["twill_lease_conflicts 0"]);
     assert_eq!(store.leases()[0].lease.attrs, second);
     assert_eq!(store.leases()[0].lease.subnets, got.subnets);
 }
@@ -339,18 +340,13 @@ async fn ignored_leases_are_counted_and_the_peers_kept() {
         assert_eq!(peers.len(), 1, "{peers:?}");
         assert_eq!(peers[0].attrs.public_ip.unwrap().to_string(), "198.18.0.12");
     }
-    let text = metrics.render();
-    assert!(
-        text.contains("twill_leases_ignored{reason=\"outside_network\"} 2\n"),
-        "{text}"
-    );
-    assert!(
-        text.contains("twill_leases_ignored{reason=\"bad_public_ip\"} 1\n"),
-        "{text}"
-    );
-    assert!(
-        text.contains("twill_leases_ignored{reason=\"wrong_length\"} 0\n"),
-        "{text}"
+    assert_samples(
+        &metrics.render(),
+        &[
+            "twill_leases_ignored{reason=\"outside_network\"} 2",
+            "twill_leases_ignored{reason=\"bad_public_ip\"} 1",
+            "twill_leases_ignored{reason=\"wrong_length\"} 0",
+        ],
     );
 }
 
@@ -377,11 +373,12 @@ async fn an_older_lease_over_ours_is_counted_as_a_conflict() {
     let snap = snapshot(store.leases(), h.revision);
     let peers = usable_peers(&cfg, &snap, &h, &me, &mut report, &metrics);
     assert!(peers.is_empty(), "{peers:?}");
-    let text = metrics.render();
-    assert!(text.contains("twill_lease_conflicts 1\n"), "{text}");
-    assert!(
-        text.contains("twill_leases_ignored{reason=\"overlaps_own_subnet\"} 1\n"),
-        "{text}"
+    assert_samples(
+        &metrics.render(),
+        &[
+            "twill_lease_conflicts 1",
+            "twill_leases_ignored{reason=\"overlaps_own_subnet\"} 1",
+        ],
     );
 }
 
@@ -512,9 +509,8 @@ fn renewals_never_come_back_to_back() {
 
 #[test]
 fn the_node_identity_is_made_once_and_checked() {
-    let dir = std::env::temp_dir().join(format!("twill-node-id-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let path = dir.join("sub").join("node-id");
+    let dir = TempDir::new("node-id");
+    let path = dir.path().join("sub").join("node-id");
     let id = node_identity(&path).unwrap();
     assert_eq!(id.len(), 32);
     assert_eq!(node_identity(&path).unwrap(), id);
@@ -524,7 +520,6 @@ fn the_node_identity_is_made_once_and_checked() {
         err.contains(&path.display().to_string()) && err.contains("not an id!"),
         "{err}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -326,15 +326,14 @@ impl LeaseStore for KubeSubnetStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testutil::TempDir;
     use kube::core::watch::Bookmark;
 
-    fn store(dir: &Path) -> KubeSubnetStore {
-        let path = dir.join("net-conf.json");
-        std::fs::write(
-            &path,
+    fn store(dir: &TempDir) -> KubeSubnetStore {
+        let path = dir.write(
+            "net-conf.json",
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
-        )
-        .unwrap();
+        );
         let client =
             kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
                 .unwrap();
@@ -362,8 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn node_events_become_lease_events() {
-        let dir = std::env::temp_dir().join(format!("twill-ksm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("ksm");
         let s = store(&dir);
         let sn: LeaseSubnets = LeaseSubnets::parse_key("10.244.2.0-24").unwrap();
 
@@ -415,9 +413,8 @@ mod tests {
         );
         assert_eq!(
             s.config_location(),
-            dir.join("net-conf.json").display().to_string()
+            dir.path().join("net-conf.json").display().to_string()
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -428,16 +425,13 @@ mod tests {
                 .starts_with("read network config /nonexistent/net-conf.json"),
             "{e}"
         );
-        let dir = std::env::temp_dir().join(format!("twill-ksm-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("net-conf.json");
-        std::fs::write(&path, r#"{"Network":"10.244.0.0/33"}"#).unwrap();
+        let dir = TempDir::new("ksm-bad");
+        let path = dir.write("net-conf.json", r#"{"Network":"10.244.0.0/33"}"#);
         let e = read_config(&path).unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("refusing network config {}: ", path.display()))
                 && e.contains("10.244.0.0/33"),
             "{e}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
