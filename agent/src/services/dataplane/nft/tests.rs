@@ -199,22 +199,14 @@ fn open(fake: &FakeNft) -> NftLb {
 /// Every golden case: the exact nf_tables transaction of each step.
 #[test]
 fn golden_transactions_per_case() {
-    for case in golden::cases() {
-        let fake = FakeNft::new();
-        let mut lb = open(&fake);
-        let text = golden::run(&case, &mut lb, || take(&fake));
-        golden::check(&case, "nftables.txt", &text);
-    }
+    golden::check_every_case("nftables.txt", open, take);
 }
 
 /// A restarted agent over the table its predecessor programmed re-creates only the skeleton,
 /// repairs nothing and reads back the same services; an unchanged resync dumps nothing.
 #[test]
 fn reopen_commits_only_the_skeleton_and_an_unchanged_resync_dumps_nothing() {
-    let case = golden::cases()
-        .into_iter()
-        .find(|c| c.ends_with("clusterip-three-backends"))
-        .expect("case");
+    let case = golden::case("clusterip-three-backends");
     let fake = FakeNft::new();
     let mut lb = open(&fake);
     golden::run(&case, &mut lb, || take(&fake));
