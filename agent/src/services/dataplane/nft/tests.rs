@@ -159,11 +159,9 @@ fn drift_is_detected_and_strays_are_removed() {
     assert_eq!(p.upserts.len(), 2);
     let (_, mirror, _) = reconstruct(&d);
     let tx = mirror.transaction(&p);
-    assert!(
-        tx.ops
-            .iter()
-            .any(|o| matches!(o, Op::AddElem { set, key, .. } if set == "be4" && *key == slot_key(&a.frontend.key(), 1)))
-    );
+    assert!(tx.ops.iter().any(
+        |o| matches!(o, Op::AddElem(elem) if elem.set == "be4" && elem.key == slot_key(&a.frontend.key(), 1))
+    ));
 }
 
 #[test]
