@@ -38,6 +38,7 @@ use common::{
 };
 use twill_agent::{
     services::dataplane::ebpf::{EbpfLb, EbpfLbConfig, EbpfLbView, LbLimits, TcIface},
+    services::dataplane::sockopt,
     services::lb::{
         FrontendKind::{ClusterIp, NodePort},
         LbDataplane as _, LbService,
@@ -914,25 +915,14 @@ fn connect_from(src: SocketAddr, dst: SocketAddr) -> Result<(TcpStream, Duration
 
 /// Segments the connection on `fd` has retransmitted so far (`tcpi_total_retrans`; right after
 /// `connect`, its SYNs).
-fn total_retrans(fd: &impl std::os::fd::AsRawFd) -> Result<u32, String> {
-    // SAFETY: `tcp_info` is plain data; zeroes are a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len =
-        libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("tcp_info size");
-    // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
-    }
-    Ok(info.tcpi_total_retrans)
+fn total_retrans(fd: &impl std::os::fd::AsFd) -> Result<u32, String> {
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    sockopt::get(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)
+        .map_err(|e| format!("TCP_INFO: {e}"))?;
+    let at = std::mem::offset_of!(libc::tcp_info, tcpi_total_retrans);
+    Ok(u32::from_ne_bytes(
+        info[at..at + 4].try_into().expect("4 bytes"),
+    ))
 }
 
 /// A client that reached a backend through a VIP (tc path, no SNAT: the backend is local) and

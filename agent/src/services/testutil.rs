@@ -99,3 +99,29 @@ pub(crate) fn svc(id: u32, ip: &str, port: u16, backends: Vec<Backend>) -> LbSer
         backends,
     )
 }
+
+/// A TCP frontend of `kind` at `ip` on the usual port of its kind (30080 for a NodePort, 80
+/// otherwise), named `default/s<id>:http`.
+pub(crate) fn svc_at(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
+    let port = if kind == FrontendKind::NodePort {
+        30080
+    } else {
+        80
+    };
+    service(
+        id,
+        format!("default/s{id}:http"),
+        (ip, port, kind),
+        backends,
+    )
+}
+
+/// [`svc_at`] of the ClusterIP `10.96.0.<id>`.
+pub(crate) fn cluster_ip(id: u32, backends: Vec<Backend>) -> LbService {
+    svc_at(
+        id,
+        &format!("10.96.0.{id}"),
+        FrontendKind::ClusterIp,
+        backends,
+    )
+}

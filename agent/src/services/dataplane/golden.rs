@@ -42,6 +42,14 @@ pub fn cases() -> Vec<PathBuf> {
     out
 }
 
+/// The case folder `name`.
+pub fn case(name: &str) -> PathBuf {
+    cases()
+        .into_iter()
+        .find(|c| c.ends_with(name))
+        .unwrap_or_else(|| panic!("no golden case {name}"))
+}
+
 /// The manifests of a case, in step order.
 fn steps(case: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(case)
@@ -98,6 +106,21 @@ pub fn run<L: LbDataplane>(case: &Path, lb: &mut L, mut take: impl FnMut() -> St
         );
     }
     out
+}
+
+/// Runs every case through a dataplane that `open` makes over a fresh fake and compares the
+/// text `take` drains from the fake (as for [`run`]) with the case's golden `file`.
+pub fn check_every_case<F: Default, L: LbDataplane>(
+    file: &str,
+    open: impl Fn(&F) -> L,
+    take: impl Fn(&F) -> String,
+) {
+    for case in cases() {
+        let fake = F::default();
+        let mut lb = open(&fake);
+        let text = run(&case, &mut lb, || take(&fake));
+        check(&case, file, &text);
+    }
 }
 
 /// Compares `actual` with the golden file `case/<file>` (rewrites it under `TWILL_BLESS=1`).

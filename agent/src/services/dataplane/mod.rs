@@ -19,6 +19,7 @@ pub mod ebpf;
 mod golden;
 pub mod iptables;
 pub mod nft;
+pub mod sockopt;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -42,14 +42,10 @@ pub struct Desired {
 
 /// An endpoint address and port, with what decides its eligibility.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "mirrors the EndpointSlice conditions one to one"
-)]
 pub(super) struct Ep {
-    pub(super) ready: bool,
-    pub(super) serving: bool,
-    pub(super) terminating: bool,
+    /// What its conditions make it (see [`super::snapshot::EndpointInfo::state`]).
+    pub(super) state: Option<BackendState>,
+    /// On this node.
     pub(super) local: bool,
 }
 
@@ -81,14 +77,13 @@ pub(super) fn endpoints(
         };
         for e in &slice.endpoints {
             let ep = Ep {
-                ready: e.ready,
-                serving: e.serving,
-                terminating: e.terminating,
+                state: e.state,
                 local: node.hosts(e.ip, e.node.as_deref()),
             };
+            let ready = |e: &Ep| e.state == Some(BackendState::Ready);
             out.entry((e.ip, port))
                 .and_modify(|old| {
-                    if ep.ready && !old.ready {
+                    if ready(&ep) && !ready(old) {
                         *old = ep;
                     }
                 })
@@ -98,36 +93,35 @@ pub(super) fn endpoints(
     out
 }
 
+/// The endpoints in `state` (only the local ones when `local_only`), as backends.
 pub(super) fn backends(
     eps: &BTreeMap<(IpAddr, u16), Ep>,
-    pick: impl Fn(&Ep) -> bool,
+    state: BackendState,
+    local_only: bool,
 ) -> Vec<Backend> {
     eps.iter()
-        .filter(|(_, e)| pick(e))
+        .filter(|(_, e)| e.state == Some(state) && (e.local || !local_only))
         .map(|(&(ip, port), e)| Backend {
             ip,
             port,
             node_local: e.local,
-            state: if e.ready {
-                BackendState::Ready
-            } else {
-                BackendState::ServingTerminating
-            },
+            state,
         })
         .collect()
 }
 
-/// kube-proxy's categorisation: (cluster backends, local backends).
+/// kube-proxy's categorisation: (cluster backends, local backends), each the ready endpoints
+/// or, when there is none, the serving-terminating ones.
 pub(super) fn categorize(eps: &BTreeMap<(IpAddr, u16), Ep>) -> (Vec<Backend>, Vec<Backend>) {
-    let mut cluster = backends(eps, |e| e.ready);
-    if cluster.is_empty() {
-        cluster = backends(eps, |e| e.serving && e.terminating);
-    }
-    let mut local = backends(eps, |e| e.ready && e.local);
-    if local.is_empty() {
-        local = backends(eps, |e| e.serving && e.terminating && e.local);
-    }
-    (cluster, local)
+    let pick = |local_only| {
+        let ready = backends(eps, BackendState::Ready, local_only);
+        if ready.is_empty() {
+            backends(eps, BackendState::ServingTerminating, local_only)
+        } else {
+            ready
+        }
+    };
+    (pick(false), pick(true))
 }
 
 /// The frontends (ids 0) one Service gets, before conflicts between Services are resolved, and

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::services::lb::Proto;
+use crate::services::lb::{BackendState, Proto};
 use crate::services::model::{
-    AddressType, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, TargetPort,
+    AddressType, Endpoint, EndpointSlice, Kind, Object, ObjectKey, Protocol, Service, TargetPort,
 };
 
 /// (namespace, name) of a Service or an EndpointSlice. The strings are shared (see
@@ -52,14 +52,26 @@ pub(super) struct SlicePort {
     pub(super) proto: Option<Proto>,
 }
 
-/// An endpoint with an address: its first one (as kube-proxy), its conditions and node.
+/// An endpoint with an address: its first one (as kube-proxy), what its conditions make it
+/// and its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct EndpointInfo {
     pub(super) ip: IpAddr,
-    pub(super) ready: bool,
-    pub(super) serving: bool,
-    pub(super) terminating: bool,
+    /// `Ready` when ready; `ServingTerminating` when serving and terminating but not ready
+    /// (used only when no ready endpoint is left); `None`: neither, never a backend.
+    pub(super) state: Option<BackendState>,
     pub(super) node: Option<Arc<str>>,
+}
+
+/// [`EndpointInfo::state`] from an endpoint's conditions.
+fn state_of(e: &Endpoint) -> Option<BackendState> {
+    if e.ready() {
+        Some(BackendState::Ready)
+    } else if e.serving() && e.terminating() {
+        Some(BackendState::ServingTerminating)
+    } else {
+        None
+    }
 }
 
 /// What of an EndpointSlice the desired state reads.
@@ -153,9 +165,7 @@ impl Strings {
             .filter_map(|e| {
                 Some(EndpointInfo {
                     ip: e.address()?,
-                    ready: e.ready(),
-                    serving: e.serving(),
-                    terminating: e.terminating(),
+                    state: state_of(e),
                     node: e.node_name.as_deref().map(|n| self.get(n)),
                 })
             })

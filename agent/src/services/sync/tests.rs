@@ -39,15 +39,13 @@ const BACKOFF: Duration = Duration::from_millis(100);
 
 #[tokio::test(start_paused = true)]
 async fn loop_programs_changes_incrementally() {
-    let store = web_store().await;
-    let (dp, task, metrics) = synced(&store, NEVER).await;
+    let (store, dp, task, metrics) = synced(NEVER).await;
     assert_eq!(backends_of(&dp, 30080), vec!["10.244.1.5", "10.244.2.5"]);
     assert!(backends_of(&dp, 80).is_empty() || backends_of(&dp, 80).len() == 2);
     dp.take_plans();
     // One endpoint removed: one plan touching web's two frontends only, with the stale one.
     let changed = WEB.replace(", {addresses: [10.244.2.5]}", "");
-    store.put_all(&objs(&changed)[2..]).await.unwrap();
-    settle().await;
+    put_settled(&store, &objs(&changed)[2..]).await;
     assert_eq!(backends_of(&dp, 30080), vec!["10.244.1.5"]);
     let plans = dp.take_plans();
     assert_eq!(plans.len(), 1);
@@ -84,8 +82,7 @@ async fn loop_programs_changes_incrementally() {
 #[tokio::test(start_paused = true)]
 async fn nothing_is_touched_before_the_first_list_and_restart_replans_nothing() {
     // A first agent programs the dataplane.
-    let store = web_store().await;
-    let (dp, task, _) = synced(&store, NEVER).await;
+    let (store, dp, task, _) = synced(NEVER).await;
     task.abort();
     let before = dp.services();
     // The agent restarts while etcd is down: the dataplane keeps everything.
@@ -118,8 +115,7 @@ async fn nothing_is_touched_before_the_first_list_and_restart_replans_nothing() 
 
 #[tokio::test(start_paused = true)]
 async fn broken_watch_relists_and_failed_apply_heals() {
-    let store = web_store().await;
-    let (dp, task, m) = synced(&store, NEVER).await;
+    let (store, dp, task, m) = synced(NEVER).await;
     // Watch broken while etcd is down and an object is deleted meanwhile: re-list catches it.
     store.set_down(true);
     {
@@ -166,7 +162,7 @@ async fn resync_heals_drift_and_invalid_objects_are_absent() {
             message: "0 is not a valid port (1-65535)".into(),
         },
     );
-    let (dp, task, m) = synced(&store, RESYNC).await;
+    let (dp, task, m) = synced_on(&store, RESYNC).await;
     assert!(m.render().contains("twill_services_invalid_objects 1"));
     let victim = dp.services()[0].frontend.key();
     dp.tamper(|s| {
@@ -312,7 +308,7 @@ fn start_on(
 
 /// The loop started on `store` (holding [`WEB`]) and a new recording dataplane, settled: its
 /// first sync has programmed the three frontends.
-async fn synced(
+async fn synced_on(
     store: &MemServiceStore,
     resync: Duration,
 ) -> (FakeLbDataplane, LoopTask, Arc<ServiceMetrics>) {
@@ -321,6 +317,20 @@ async fn synced(
     settle().await;
     assert_eq!(dp.services().len(), 3, "the first sync");
     (dp, task, m)
+}
+
+/// [`synced_on`] a new [`web_store`], returned first.
+async fn synced(
+    resync: Duration,
+) -> (
+    MemServiceStore,
+    FakeLbDataplane,
+    LoopTask,
+    Arc<ServiceMetrics>,
+) {
+    let store = web_store().await;
+    let (dp, task, m) = synced_on(&store, resync).await;
+    (store, dp, task, m)
 }
 
 /// The loop started on a new recording dataplane, fed by a source that sends `updates`, then
@@ -341,6 +351,12 @@ fn start_with(updates: Vec<SourceUpdate>) -> (FakeLbDataplane, LoopTask, Arc<Ser
         m.clone(),
     ));
     (dp, task, m)
+}
+
+/// Writes `objects` to `store` and lets the loop act on them.
+async fn put_settled(store: &MemServiceStore, objects: &[Object]) {
+    store.put_all(objects).await.unwrap();
+    settle().await;
 }
 
 /// A store holding [`WEB`].
@@ -369,8 +385,7 @@ fn full_syncs(m: &ServiceMetrics) -> u64 {
 /// object works at once.
 #[tokio::test(start_paused = true)]
 async fn a_wiped_store_keeps_the_dataplane_until_its_config_is_written_again() {
-    let store = web_store().await;
-    let (dp, task, m) = synced(&store, RESYNC).await;
+    let (store, dp, task, m) = synced(RESYNC).await;
     let before = dp.services();
     store.wipe();
     advance(BACKOFF).await;
@@ -399,8 +414,7 @@ async fn a_wiped_store_keeps_the_dataplane_until_its_config_is_written_again() {
     assert_eq!(dp.services().len(), 1, "the deletion not acted on");
     assert!(metric(&m, "twill_services_store_suspect 0"));
     // With the config key present, deleting everything is an ordinary deletion.
-    store.put_all(&objs(WEB)).await.unwrap();
-    settle().await;
+    put_settled(&store, &objs(WEB)).await;
     assert_eq!(dp.services().len(), 3, "not re-applied");
     let keys: Vec<ObjectKey> = objs(WEB).iter().map(Object::key).collect();
     store.delete_all(&keys).await.unwrap();
@@ -416,8 +430,7 @@ async fn a_wiped_store_keeps_the_dataplane_until_its_config_is_written_again() {
 /// config key exists, then the new store is what counts.
 #[tokio::test(start_paused = true)]
 async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
-    let old = web_store().await;
-    let (dp, task, _) = synced(&old, NEVER).await;
+    let (_old, dp, task, _) = synced(NEVER).await;
     task.abort();
     let programmed = FakeLbDataplane::with_services(dp.services());
     let fresh = MemServiceStore::new();
@@ -436,8 +449,7 @@ async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
         programmed.services().is_empty(),
         "the new store not acted on"
     );
-    fresh.put_all(&objs(WEB)[1..2]).await.unwrap();
-    settle().await;
+    put_settled(&fresh, &objs(WEB)[1..2]).await;
     assert_eq!(programmed.services().len(), 1, "its objects not programmed");
     assert_eq!(programmed.services()[0].name, "default/api");
     task.abort();
@@ -445,15 +457,13 @@ async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
     let other = MemServiceStore::new();
     let dp = FakeLbDataplane::new();
     let (task, m) = start(&other, &dp, NEVER);
-    other.put_all(&objs(WEB)).await.unwrap();
-    settle().await;
+    put_settled(&other, &objs(WEB)).await;
     assert_eq!(dp.services().len(), 3, "the first sync");
     other.replace_cluster(true);
     advance(BACKOFF).await;
     assert!(metric(&m, "twill_services_store_suspect 1"), "not held");
     assert_eq!(dp.services().len(), 3);
-    other.put_all(&objs(WEB)[1..2]).await.unwrap();
-    settle().await;
+    put_settled(&other, &objs(WEB)[1..2]).await;
     assert_eq!(dp.services().len(), 1, "not confirmed by its objects");
     assert!(metric(&m, "twill_services_store_suspect 0"));
     task.abort();
@@ -463,8 +473,7 @@ async fn a_new_store_keeps_the_dataplane_of_a_restarted_agent() {
 /// like the ones a listing finds; a valid value clears them.
 #[tokio::test(start_paused = true)]
 async fn invalid_objects_from_the_watch_are_counted() {
-    let store = web_store().await;
-    let (dp, task, m) = synced(&store, NEVER).await;
+    let (store, dp, task, m) = synced(NEVER).await;
     let api = objs(WEB)[1].key();
     store.put_invalid(
         api.clone(),
@@ -476,8 +485,7 @@ async fn invalid_objects_from_the_watch_are_counted() {
     settle().await;
     assert_eq!(dp.services().len(), 2, "the invalid object programmed");
     assert!(metric(&m, "twill_services_invalid_objects 1"));
-    store.put_all(&objs(WEB)[1..2]).await.unwrap();
-    settle().await;
+    put_settled(&store, &objs(WEB)[1..2]).await;
     assert_eq!(dp.services().len(), 3, "the valid object not programmed");
     assert!(metric(&m, "twill_services_invalid_objects 0"));
     task.abort();

@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -31,6 +31,7 @@ use super::{
     EbpfLb, EbpfLbConfig, EbpfLbError, IfaceRole, LINKS_DIR, LbLimits, PodIfaceChanges,
     SOCK_PROGRAMS, TC_PROGRAMS, TC_TAGS, TcIface, map_err,
 };
+use crate::services::dataplane::sockopt;
 use crate::shared::bpf::{EbpfError, OBJECT_NAME, object, program_mut};
 
 impl EbpfLb {
@@ -184,12 +185,10 @@ impl EbpfLb {
         self.pending.retain(|i| i.role != IfaceRole::Pods);
         let gone: Vec<String> = self
             .pod_ifaces
-            .keys()
-            .filter(|name| !want.contains_key(*name))
-            .cloned()
+            .extract_if(.., |name, _| !want.contains_key(name))
+            .map(|(name, _)| name)
             .collect();
         for name in gone {
-            self.pod_ifaces.remove(&name);
             match self.detach_tc(&name) {
                 Ok(()) => changes.detached.push(name),
                 Err(err) => changes.failed.push((name, err)),
@@ -461,25 +460,15 @@ fn netns_cookie() -> Result<u64, EbpfLbError> {
         None,
     )
     .map_err(|errno| EbpfLbError::System("create socket", io::Error::from(errno)))?;
-    let mut cookie: u64 = 0;
-    let mut len: libc::socklen_t = 8;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes given; the fd is open.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(EbpfLbError::System(
-            "getsockopt SO_NETNS_COOKIE",
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(cookie)
+    let mut cookie = [0u8; 8];
+    sockopt::get(
+        sock.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_NETNS_COOKIE,
+        &mut cookie,
+    )
+    .map_err(|err| EbpfLbError::System("getsockopt SO_NETNS_COOKIE", err))?;
+    Ok(u64::from_ne_bytes(cookie))
 }
 
 /// The addresses of the calling thread's network namespace.

@@ -308,20 +308,20 @@ mod tests {
         )
     }
 
-    fn old_slots(pairs: &[(&str, u16, u16)]) -> BTreeMap<BackendId, u16> {
-        pairs
+    /// [`assign_slots`] from the slots of the old backends, `(ip, port, slot)`, to the new
+    /// backends `(ip, port)`.
+    fn slots(old: &[(&str, u16, u16)], new: &[(&str, u16)]) -> SlotPlan {
+        let old: BTreeMap<BackendId, u16> = old
             .iter()
             .map(|(ip, port, slot)| ((ip.parse().unwrap(), *port), *slot))
-            .collect()
+            .collect();
+        let new: Vec<Backend> = new.iter().map(|(ip, port)| be(ip, *port)).collect();
+        assign_slots(&old, &new).unwrap()
     }
 
     #[test]
     fn fresh_service_gets_dense_slots() {
-        let plan = assign_slots(
-            &BTreeMap::new(),
-            &[be("10.0.0.1", 80), be("10.0.0.2", 80), be("10.0.0.3", 80)],
-        )
-        .unwrap();
+        let plan = slots(&[], &[("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)]);
         assert_eq!(plan.slots, vec![0, 1, 2]);
         assert!(plan.freed.is_empty());
         assert_eq!(plan.high, 3);
@@ -329,51 +329,45 @@ mod tests {
 
     #[test]
     fn kept_backends_keep_slots_and_new_ones_avoid_freed_slots() {
-        let old = old_slots(&[
-            ("10.0.0.1", 80, 0),
-            ("10.0.0.2", 80, 1),
-            ("10.0.0.3", 80, 2),
-        ]);
         // .2 removed, .4 added: .4 must not take slot 1, which the old table still references.
-        let plan = assign_slots(
-            &old,
-            &[be("10.0.0.1", 80), be("10.0.0.3", 80), be("10.0.0.4", 80)],
-        )
-        .unwrap();
+        let plan = slots(
+            &[
+                ("10.0.0.1", 80, 0),
+                ("10.0.0.2", 80, 1),
+                ("10.0.0.3", 80, 2),
+            ],
+            &[("10.0.0.1", 80), ("10.0.0.3", 80), ("10.0.0.4", 80)],
+        );
         assert_eq!(plan.slots, vec![0, 2, 3]);
         assert_eq!(plan.freed, vec![1]);
         assert_eq!(plan.high, 4);
         // Next round, slot 1 is free again.
-        let old = old_slots(&[
-            ("10.0.0.1", 80, 0),
-            ("10.0.0.3", 80, 2),
-            ("10.0.0.4", 80, 3),
-        ]);
-        let plan = assign_slots(
-            &old,
+        let plan = slots(
             &[
-                be("10.0.0.1", 80),
-                be("10.0.0.3", 80),
-                be("10.0.0.4", 80),
-                be("10.0.0.5", 80),
+                ("10.0.0.1", 80, 0),
+                ("10.0.0.3", 80, 2),
+                ("10.0.0.4", 80, 3),
             ],
-        )
-        .unwrap();
+            &[
+                ("10.0.0.1", 80),
+                ("10.0.0.3", 80),
+                ("10.0.0.4", 80),
+                ("10.0.0.5", 80),
+            ],
+        );
         assert_eq!(plan.slots, vec![0, 2, 3, 1]);
     }
 
     #[test]
     fn same_address_other_port_is_another_backend() {
-        let old = old_slots(&[("10.0.0.1", 80, 0)]);
-        let plan = assign_slots(&old, &[be("10.0.0.1", 8080)]).unwrap();
+        let plan = slots(&[("10.0.0.1", 80, 0)], &[("10.0.0.1", 8080)]);
         assert_eq!(plan.slots, vec![1]);
         assert_eq!(plan.freed, vec![0]);
     }
 
     #[test]
     fn empty_service_frees_everything() {
-        let old = old_slots(&[("10.0.0.1", 80, 0), ("10.0.0.2", 80, 5)]);
-        let plan = assign_slots(&old, &[]).unwrap();
+        let plan = slots(&[("10.0.0.1", 80, 0), ("10.0.0.2", 80, 5)], &[]);
         assert!(plan.slots.is_empty());
         assert_eq!(plan.freed, vec![0, 5]);
         assert_eq!(plan.high, 0);

@@ -39,6 +39,13 @@ pub struct AyaMaps {
     pub(super) config: Array<MapData, LbConfig>,
 }
 
+/// Opaque: the maps' contents are read through their accessors, not printed.
+impl std::fmt::Debug for AyaMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AyaMaps").finish_non_exhaustive()
+    }
+}
+
 impl AyaMaps {
     /// Takes the maps out of a loaded object.
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {

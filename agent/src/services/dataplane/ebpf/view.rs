@@ -33,17 +33,10 @@ pub struct ServiceCounters {
 }
 
 /// The pinned maps of one dataplane, opened read-only. See the module notes.
+#[derive(Debug)]
 pub struct EbpfLbView {
     pin_dir: PathBuf,
     maps: AyaMaps,
-}
-
-impl std::fmt::Debug for EbpfLbView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EbpfLbView")
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
-    }
 }
 
 impl EbpfLbView {

@@ -6,7 +6,7 @@
 //! probabilities to 11 places), so a faithful read-back compares as text.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::{
     FILTER, MARK_MASQ, MASQ_MARK, NAT, NODEPORTS, POSTROUTING, SEP_PREFIX, SERVICES, SVC_PREFIX,
@@ -30,12 +30,9 @@ pub fn sep_chain(key: &FrontendKey, ip: IpAddr, port: u16) -> String {
     format!("{SEP_PREFIX}{:016X}", fnv(&format!("{key} {ip} {port}")))
 }
 
+/// `ip` as a single-host prefix (`/32`, `/128`).
 pub(crate) fn host(ip: IpAddr) -> String {
-    if ip.is_ipv6() {
-        format!("{ip}/128")
-    } else {
-        format!("{ip}/32")
-    }
+    format!("{ip}/{}", if ip.is_ipv6() { 128 } else { 32 })
 }
 
 pub(crate) fn proto(p: Proto) -> &'static str {
@@ -45,12 +42,9 @@ pub(crate) fn proto(p: Proto) -> &'static str {
     }
 }
 
+/// `ip:port`, a v6 address in brackets.
 pub(crate) fn dest(ip: IpAddr, port: u16) -> String {
-    if ip.is_ipv6() {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
+    SocketAddr::new(ip, port).to_string()
 }
 
 pub(crate) fn mask(v6: bool) -> &'static str {

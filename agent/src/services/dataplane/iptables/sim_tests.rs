@@ -28,19 +28,11 @@ fn open(fake: &FakeIptables) -> IptLb {
 /// Every golden case: the exact `iptables-restore` input of each step.
 #[test]
 fn golden_restore_text_per_case() {
-    for case in golden::cases() {
-        let fake = FakeIptables::new();
-        let mut lb = open(&fake);
-        let text = golden::run(&case, &mut lb, || take(&fake));
-        golden::check(&case, "iptables.txt", &text);
-    }
+    golden::check_every_case("iptables.txt", open, take);
 }
 
 fn programmed(fake: &FakeIptables) -> (IptLb, Vec<LbService>) {
-    let case = golden::cases()
-        .into_iter()
-        .find(|c| c.ends_with("clusterip-three-backends"))
-        .expect("case");
+    let case = golden::case("clusterip-three-backends");
     let mut lb = open(fake);
     golden::run(&case, &mut lb, || take(fake));
     let services = lb.observed().expect("observe");

@@ -9,19 +9,10 @@ use super::render::*;
 use super::token::*;
 use super::*;
 use crate::services::lb::{Backend, BackendState, FrontendKind, plan};
-use crate::services::testutil::{backend, service};
+use crate::services::testutil::{backend, cluster_ip, svc_at};
 
 fn be(ip: &str, local: bool) -> Backend {
     backend(ip, 8080, local)
-}
-
-fn svc(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
-    let port = if kind == FrontendKind::NodePort {
-        30080
-    } else {
-        80
-    };
-    service(id, format!("test/s{id}:http"), (ip, port, kind), backends)
 }
 
 /// What `iptables-save -t nat; iptables-save -t filter` prints for `services` programmed
@@ -84,7 +75,7 @@ fn chain_names(s: &LbService) -> Vec<String> {
 
 #[test]
 fn mixed_nodeport_keeps_per_endpoint_masquerade_and_even_splits() {
-    let s = svc(
+    let s = svc_at(
         3,
         "0.0.0.0",
         FrontendKind::NodePort,
@@ -98,7 +89,7 @@ fn mixed_nodeport_keeps_per_endpoint_masquerade_and_even_splits() {
     assert_eq!(
         dispatch_rule(&s),
         format!(
-            "-A TWILL-NODEPORTS -p tcp -m comment --comment \"3 NodePort - - test/s3:http\" \
+            "-A TWILL-NODEPORTS -p tcp -m comment --comment \"3 NodePort - - default/s3:http\" \
              -m tcp --dport 30080 -j {}",
             svc_chain(&k)
         )
@@ -139,19 +130,14 @@ fn mixed_nodeport_keeps_per_endpoint_masquerade_and_even_splits() {
 #[test]
 fn chains_only_where_something_happens_per_endpoint() {
     // One remote endpoint: the dispatch rule DNATs, no chain.
-    let one = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.2.2", false)],
-    );
+    let one = cluster_ip(1, vec![be("10.0.2.2", false)]);
     assert!(
         dispatch_rule(&one).ends_with("-m tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080")
     );
     assert!(frontend_chains(&one).is_empty());
     // Ten remote endpoints: one SVC chain of ten DNAT rules.
     let ten: Vec<Backend> = (0..10).map(|i| be(&format!("10.0.2.{i}"), false)).collect();
-    let many = svc(2, "10.96.0.2", FrontendKind::ClusterIp, ten.clone());
+    let many = cluster_ip(2, ten.clone());
     let chains = frontend_chains(&many);
     assert_eq!(chains.len(), 1);
     assert_eq!(chains[0].1.len(), 10);
@@ -162,7 +148,7 @@ fn chains_only_where_something_happens_per_endpoint() {
             .all(|r| r.contains(" -p tcp ") && r.contains("-j DNAT"))
     );
     // External traffic to remote endpoints only: one mark before the split.
-    let np = svc(3, "0.0.0.0", FrontendKind::NodePort, ten);
+    let np = svc_at(3, "0.0.0.0", FrontendKind::NodePort, ten);
     let chains = frontend_chains(&np);
     assert_eq!(chains.len(), 1);
     assert_eq!(
@@ -171,7 +157,7 @@ fn chains_only_where_something_happens_per_endpoint() {
     );
     assert_eq!(chains[0].1.len(), 11);
     // One remote endpoint of a NodePort still needs the mark: an SVC chain.
-    let np1 = svc(
+    let np1 = svc_at(
         4,
         "0.0.0.0",
         FrontendKind::NodePort,
@@ -179,30 +165,20 @@ fn chains_only_where_something_happens_per_endpoint() {
     );
     assert_eq!(frontend_chains(&np1)[0].1.len(), 2);
     // One local endpoint: straight to its SEP chain (hairpin).
-    let local = svc(
-        5,
-        "10.96.0.5",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", true)],
-    );
+    let local = cluster_ip(5, vec![be("10.0.1.2", true)]);
     let k = local.frontend.key();
     let sep = sep_chain(&k, "10.0.1.2".parse().unwrap(), 8080);
     assert!(dispatch_rule(&local).ends_with(&format!("-j {sep}")));
     assert_eq!(chain_names(&local), vec![sep]);
     // Affinity: every endpoint has a SEP chain with `recent --set`, even a single one.
-    let mut aff = svc(
-        6,
-        "10.96.0.6",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.2.2", false)],
-    );
+    let mut aff = cluster_ip(6, vec![be("10.0.2.2", false)]);
     aff.affinity_timeout_secs = Some(60);
     let chains = frontend_chains(&aff);
     assert_eq!(chains.len(), 2);
     assert!(chains[0].1[0].contains("--rcheck --seconds 60 --reap"));
     assert!(chains[1].1[0].contains("-m recent --set"));
     // Policy Local: no masquerade, hairpin only.
-    let mut etp = svc(
+    let mut etp = svc_at(
         7,
         "192.0.2.7",
         FrontendKind::ExternalIp,
@@ -214,7 +190,7 @@ fn chains_only_where_something_happens_per_endpoint() {
     assert_eq!(chains[0].1.len(), 2);
     assert!(chains[0].1[0].contains(" -s 10.0.1.2/32 "));
     // No endpoints: REJECT in filter, no chain.
-    let none = svc(8, "10.96.0.8", FrontendKind::ClusterIp, vec![]);
+    let none = cluster_ip(8, vec![]);
     assert_eq!(table_of(&none), FILTER);
     assert!(dispatch_rule(&none).ends_with("-j REJECT --reject-with icmp-port-unreachable"));
     assert!(frontend_chains(&none).is_empty());
@@ -247,27 +223,17 @@ fn signatures_ignore_save_formatting() {
 /// Every shape of the layout, v4 and v6.
 #[allow(clippy::many_single_char_names)]
 fn zoo() -> Vec<LbService> {
-    let mut a = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", true), be("10.0.2.2", false)],
-    );
+    let mut a = cluster_ip(1, vec![be("10.0.1.2", true), be("10.0.2.2", false)]);
     a.affinity_timeout_secs = Some(60);
-    let n = svc(
+    let n = svc_at(
         2,
         "0.0.0.0",
         FrontendKind::NodePort,
         vec![be("10.0.1.2", true)],
     );
-    let e = svc(3, "10.96.0.3", FrontendKind::ClusterIp, vec![]);
-    let d = svc(
-        4,
-        "10.96.0.4",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.2.4", false)],
-    );
-    let mut t = svc(
+    let e = cluster_ip(3, vec![]);
+    let d = cluster_ip(4, vec![be("10.0.2.4", false)]);
+    let mut t = svc_at(
         5,
         "198.51.100.5",
         FrontendKind::LoadBalancer,
@@ -276,14 +242,14 @@ fn zoo() -> Vec<LbService> {
     for b in &mut t.backends {
         b.state = BackendState::ServingTerminating;
     }
-    let mut l = svc(
+    let mut l = svc_at(
         6,
         "192.0.2.6",
         FrontendKind::ExternalIp,
         vec![be("10.0.1.6", true)],
     );
     l.external_local = true;
-    let mut m = svc(
+    let mut m = svc_at(
         7,
         "0.0.0.0",
         FrontendKind::NodePort,
@@ -294,14 +260,14 @@ fn zoo() -> Vec<LbService> {
     n7.frontend.port = 30081;
     n7.id = 8;
     n7.backends.clear();
-    let mut v6 = svc(
+    let mut v6 = svc_at(
         9,
         "fd96::9",
         FrontendKind::ClusterIp,
         vec![be("fd00::2", true), be("fd00::3", false)],
     );
     v6.affinity_timeout_secs = Some(10800);
-    let v6one = svc(
+    let v6one = svc_at(
         10,
         "fd96::10",
         FrontendKind::ClusterIp,
@@ -379,7 +345,7 @@ fn read_back_detects_drift_strays_and_junk() {
         found
             .services()
             .iter()
-            .any(|s| s.name == "test/s1:http (drifted)")
+            .any(|s| s.name == "default/s1:http (drifted)")
     );
     // A missing hairpin rule too (the endpoint then reads as remote).
     let sep = sep_chain(&want[1].frontend.key(), "10.0.1.2".parse().unwrap(), 8080);
@@ -453,18 +419,8 @@ fn programmed(services: &[&LbService]) -> BTreeMap<FrontendKey, Programmed> {
 
 #[test]
 fn partial_sync_rewrites_only_changed_chains() {
-    let a = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", true), be("10.0.2.2", false)],
-    );
-    let b = svc(
-        2,
-        "10.96.0.2",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.2.3", false), be("10.0.2.4", false)],
-    );
+    let a = cluster_ip(1, vec![be("10.0.1.2", true), be("10.0.2.2", false)]);
+    let b = cluster_ip(2, vec![be("10.0.2.3", false), be("10.0.2.4", false)]);
     let have = programmed(&[&a, &b]);
     let k = a.frontend.key();
     // a loses its local endpoint: the SEP chain goes, the dispatch rule now DNATs.
@@ -527,7 +483,7 @@ fn drifted_frontend_is_rewritten_from_what_the_kernel_holds() {
         "--probability 0.9",
     )
     .replace(
-        "\"1 ClusterIP - 60 test/s1:http\"",
+        "\"1 ClusterIP - 60 default/s1:http\"",
         "\"1 ClusterIP - 60 test/edited\"",
     );
     let found = reconstruct(&Saved::parse(&broken), false);

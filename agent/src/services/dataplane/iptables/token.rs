@@ -1,7 +1,9 @@
 //! Telling "nothing changed" cheaply: a digest of a legacy x_tables table without its
 //! counters, read with `getsockopt` (what `iptables-legacy-save` reads, without formatting it).
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+use crate::services::dataplane::sockopt;
 
 /// `IPT_SO_GET_INFO` / `IP6T_SO_GET_INFO` (`IPT_BASE_CTL`).
 pub(crate) const SO_GET_INFO: libc::c_int = 64;
@@ -69,24 +71,8 @@ pub(crate) fn legacy_table_digest(
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let get = |opt: libc::c_int, buf: &mut [u8]| -> std::io::Result<()> {
-        let mut len = libc::socklen_t::try_from(buf.len()).map_err(std::io::Error::other)?;
-        // SAFETY: `buf` is valid for `len` bytes; the kernel writes at most that many.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                level,
-                opt,
-                buf.as_mut_ptr().cast(),
-                &raw mut len,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
+    let get =
+        |opt: libc::c_int, buf: &mut [u8]| sockopt::get(fd.as_fd(), level, opt, buf).map(drop);
     h.write(table.as_bytes());
     for _ in 0..5 {
         let mut info = [0u8; GETINFO_LEN];

@@ -16,6 +16,31 @@ use super::render::{
 };
 use crate::services::lb::{FrontendKey, LbPlan, LbService};
 
+/// An element to add to a set or map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewElem {
+    /// Set.
+    pub set: String,
+    /// Key.
+    pub key: Vec<u8>,
+    /// What it maps to.
+    pub data: ElemData,
+    /// Comment.
+    pub comment: Option<String>,
+}
+
+impl NewElem {
+    /// A bare member of the set `set`: no data, no comment.
+    pub fn member(set: impl Into<String>, key: Vec<u8>) -> Self {
+        NewElem {
+            set: set.into(),
+            key,
+            data: ElemData::None,
+            comment: None,
+        }
+    }
+}
+
 /// One operation of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -37,16 +62,7 @@ pub enum Op {
         rule: Rule,
     },
     /// Add an element.
-    AddElem {
-        /// Set.
-        set: String,
-        /// Key.
-        key: Vec<u8>,
-        /// What it maps to.
-        data: ElemData,
-        /// Comment.
-        comment: Option<String>,
-    },
+    AddElem(NewElem),
     /// Delete an element.
     DelElem {
         /// Set.
@@ -73,12 +89,12 @@ impl fmt::Display for Op {
                     .map(|c| format!(" {c}"))
                     .unwrap_or_default()
             ),
-            Op::AddElem {
+            Op::AddElem(NewElem {
                 set,
                 key,
                 data,
                 comment,
-            } => {
+            }) => {
                 write!(f, "add element {set} {}", hex(key))?;
                 match data {
                     ElemData::None => {}
@@ -165,12 +181,12 @@ pub(crate) fn programmed(svc: &LbService) -> Programmed {
 }
 
 pub(crate) fn add_record(ops: &mut Vec<Op>, rec: &Record) {
-    ops.push(Op::AddElem {
+    ops.push(Op::AddElem(NewElem {
         set: rec.set.name(),
         key: rec.key.clone(),
         data: rec.data.clone(),
         comment: Some(rec.comment.clone()),
-    });
+    }));
 }
 
 pub(crate) fn del_record(ops: &mut Vec<Op>, rec: &Record) {
@@ -207,12 +223,7 @@ pub(crate) fn counted(
         let had = before.get(&ip).copied().unwrap_or(0);
         let now = had.saturating_add_signed(d);
         if had == 0 && now > 0 {
-            ops.push(Op::AddElem {
-                set: set(ip.is_ipv6()).into(),
-                key: key(ip),
-                data: ElemData::None,
-                comment: None,
-            });
+            ops.push(Op::AddElem(NewElem::member(set(ip.is_ipv6()), key(ip))));
         } else if had > 0 && now == 0 {
             ops.push(Op::DelElem {
                 set: set(ip.is_ipv6()).into(),
@@ -358,12 +369,12 @@ impl Mirror {
                 });
             }
             if let Some((ip, port)) = want {
-                ops.push(Op::AddElem {
+                ops.push(Op::AddElem(NewElem {
                     set: backend_map(v6, np).into(),
                     key: slot_key(&fk, k),
                     data: ElemData::Value(slot_value(*ip, *port)),
                     comment: None,
-                });
+                }));
             }
         }
     }

@@ -44,7 +44,7 @@ use std::net::IpAddr;
 
 use tracing::{debug, info, warn};
 
-use self::diff::{Mirror, Op, Programmed, counts};
+use self::diff::{Mirror, NewElem, Op, Programmed, counts};
 use self::frontend::{
     ElemData, Record, affinity_rules, affinity_set_id, affinity_sets, chain_id, hairpin_key,
     local_key, parse_backend_comment, parse_comment, parse_hairpin_key, parse_key, parse_local_key,
@@ -541,12 +541,7 @@ fn reconstruct(d: &Dump) -> (Vec<LbService>, Mirror, Vec<Op>) {
             .filter_map(|(k, _, _)| parse(k))
             .collect();
         for ip in want.keys().filter(|ip| !have.contains(*ip)) {
-            repairs.push(Op::AddElem {
-                set: set(ip.is_ipv6()).into(),
-                key: key(*ip),
-                data: ElemData::None,
-                comment: None,
-            });
+            repairs.push(Op::AddElem(NewElem::member(set(ip.is_ipv6()), key(*ip))));
         }
         for ip in have.iter().filter(|ip| !want.contains_key(*ip)) {
             repairs.push(Op::DelElem {

@@ -8,24 +8,10 @@ use super::super::frontend::{
 };
 use super::*;
 use crate::services::lb::{Backend, plan};
-use crate::services::testutil;
+use crate::services::testutil::{self, cluster_ip, svc_at};
 
 fn be(ip: &str, port: u16, local: bool) -> Backend {
     testutil::backend(ip, port, local)
-}
-
-fn svc(id: u32, ip: &str, kind: FrontendKind, backends: Vec<Backend>) -> LbService {
-    let port = if kind == FrontendKind::NodePort {
-        30080
-    } else {
-        80
-    };
-    testutil::service(
-        id,
-        format!("default/s{id}:http"),
-        (ip, port, kind),
-        backends,
-    )
 }
 
 fn text(ops: &[Op]) -> Vec<String> {
@@ -41,7 +27,7 @@ fn records_and_classes_round_trip() {
         ("::", FrontendKind::NodePort),
     ] {
         for aff in [None, Some(30)] {
-            let mut s = svc(7, ip, kind, vec![be("10.0.1.2", 8080, true)]);
+            let mut s = svc_at(7, ip, kind, vec![be("10.0.1.2", 8080, true)]);
             s.affinity_timeout_secs = aff;
             s.external_local = kind != FrontendKind::ClusterIp;
             let r = record(&s);
@@ -60,7 +46,7 @@ fn records_and_classes_round_trip() {
             }
         }
     }
-    let empty = svc(8, "10.96.0.11", FrontendKind::ClusterIp, vec![]);
+    let empty = svc_at(8, "10.96.0.11", FrontendKind::ClusterIp, vec![]);
     assert_eq!(
         (record(&empty).set, record(&empty).data),
         (RecordSet::NoEp(false), ElemData::None)
@@ -79,21 +65,14 @@ fn records_and_classes_round_trip() {
         parse_slot_value(&slot_value("fd00::1".parse().unwrap(), 8080)),
         Some(("fd00::1".parse().unwrap(), 8080))
     );
-    let fk = svc(5, "10.96.0.5", FrontendKind::ClusterIp, vec![])
-        .frontend
-        .key();
+    let fk = cluster_ip(5, vec![]).frontend.key();
     let k = slot_key(&fk, 2);
     assert_eq!(parse_slot_key(&k), Some((&k[..12], 2)));
 }
 
 #[test]
 fn one_endpoint_change_is_element_updates_only() {
-    let a = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", 80, true), be("10.0.2.2", 80, false)],
-    );
+    let a = cluster_ip(1, vec![be("10.0.1.2", 80, true), be("10.0.2.2", 80, false)]);
     let mut m = Mirror::default();
     let tx = m.transaction(&plan(std::slice::from_ref(&a), &[]));
     let t = text(&tx.ops);
@@ -108,12 +87,7 @@ fn one_endpoint_change_is_element_updates_only() {
     );
     m.commit(tx);
     // A second frontend of the same class needs no chain.
-    let b = svc(
-        2,
-        "10.96.0.2",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.3", 80, true), be("10.0.2.3", 80, false)],
-    );
+    let b = cluster_ip(2, vec![be("10.0.1.3", 80, true), be("10.0.2.3", 80, false)]);
     let tx = m.transaction(&plan(std::slice::from_ref(&b), &[]));
     assert!(
         !text(&tx.ops)
@@ -153,10 +127,8 @@ fn one_endpoint_change_is_element_updates_only() {
 
 #[test]
 fn affinity_frontends_get_a_chain_sets_and_sticky_rules() {
-    let mut s = svc(
+    let mut s = cluster_ip(
         4,
-        "10.96.0.4",
-        FrontendKind::ClusterIp,
         vec![be("10.0.1.2", 8080, true), be("10.0.2.2", 8080, false)],
     );
     s.affinity_timeout_secs = Some(60);
@@ -199,12 +171,7 @@ fn affinity_frontends_get_a_chain_sets_and_sticky_rules() {
 
 #[test]
 fn losing_all_endpoints_moves_the_record_and_frees_slots() {
-    let a = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", 80, true)],
-    );
+    let a = cluster_ip(1, vec![be("10.0.1.2", 80, true)]);
     let mut m = Mirror::default();
     let tx = m.transaction(&plan(std::slice::from_ref(&a), &[]));
     m.commit(tx);
@@ -236,13 +203,8 @@ fn losing_all_endpoints_moves_the_record_and_frees_slots() {
 
 #[test]
 fn shared_backends_keep_their_elements_until_the_last_user_goes() {
-    let a = svc(
-        1,
-        "10.96.0.1",
-        FrontendKind::ClusterIp,
-        vec![be("10.0.1.2", 80, true)],
-    );
-    let n = svc(
+    let a = cluster_ip(1, vec![be("10.0.1.2", 80, true)]);
+    let n = svc_at(
         2,
         "0.0.0.0",
         FrontendKind::NodePort,

@@ -159,11 +159,9 @@ fn drift_is_detected_and_strays_are_removed() {
     assert_eq!(p.upserts.len(), 2);
     let (_, mirror, _) = reconstruct(&d);
     let tx = mirror.transaction(&p);
-    assert!(
-        tx.ops
-            .iter()
-            .any(|o| matches!(o, Op::AddElem { set, key, .. } if set == "be4" && *key == slot_key(&a.frontend.key(), 1)))
-    );
+    assert!(tx.ops.iter().any(
+        |o| matches!(o, Op::AddElem(elem) if elem.set == "be4" && elem.key == slot_key(&a.frontend.key(), 1))
+    ));
 }
 
 #[test]
@@ -199,22 +197,14 @@ fn open(fake: &FakeNft) -> NftLb {
 /// Every golden case: the exact nf_tables transaction of each step.
 #[test]
 fn golden_transactions_per_case() {
-    for case in golden::cases() {
-        let fake = FakeNft::new();
-        let mut lb = open(&fake);
-        let text = golden::run(&case, &mut lb, || take(&fake));
-        golden::check(&case, "nftables.txt", &text);
-    }
+    golden::check_every_case("nftables.txt", open, take);
 }
 
 /// A restarted agent over the table its predecessor programmed re-creates only the skeleton,
 /// repairs nothing and reads back the same services; an unchanged resync dumps nothing.
 #[test]
 fn reopen_commits_only_the_skeleton_and_an_unchanged_resync_dumps_nothing() {
-    let case = golden::cases()
-        .into_iter()
-        .find(|c| c.ends_with("clusterip-three-backends"))
-        .expect("case");
+    let case = golden::case("clusterip-three-backends");
     let fake = FakeNft::new();
     let mut lb = open(&fake);
     golden::run(&case, &mut lb, || take(&fake));

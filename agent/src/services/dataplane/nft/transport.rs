@@ -306,15 +306,10 @@ impl Dump {
                     .or_default()
                     .push(rule.clone());
             }
-            Op::AddElem {
-                set,
-                key,
-                data,
-                comment,
-            } => {
-                let elems = self.elems.entry(set.clone()).or_default();
-                if !elems.iter().any(|(k, _, _)| k == key) {
-                    elems.push((key.clone(), data.clone(), comment.clone()));
+            Op::AddElem(e) => {
+                let elems = self.elems.entry(e.set.clone()).or_default();
+                if !elems.iter().any(|(k, _, _)| *k == e.key) {
+                    elems.push((e.key.clone(), e.data.clone(), e.comment.clone()));
                 }
             }
             Op::DelElem { set, key } => {

@@ -3,7 +3,7 @@
 //! Kept apart from the dataplane so the bytes a transaction sends are unit-tested without a
 //! socket; the expressions' own encoding is in [`super::expr`].
 
-use super::diff::Op;
+use super::diff::{NewElem, Op};
 use super::expr::{self, VERDICT_GOTO, data_verdict};
 use super::frontend::{ElemData, clip};
 use super::render::{ChainDef, DATA_VERDICT_TYPE, SetData, SetDef, TABLE};
@@ -148,12 +148,12 @@ pub fn encode_ops(table: &str, ops: &[Op]) -> Batch {
                     }
                 },
             ),
-            Op::AddElem {
+            Op::AddElem(NewElem {
                 set,
                 key,
                 data,
                 comment,
-            } => push(
+            }) => push(
                 &mut b,
                 MSG_NEWSETELEM,
                 F_CREATE,
