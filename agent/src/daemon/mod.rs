@@ -74,7 +74,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let dns = start_dns(&opts, &metrics).await?;
+    let dns = start_dns(&opts, &metrics)?;
     let res = Box::pin(run_node(&opts, &metrics, &shutdown)).await;
     tracing::info!("shutting down; the dataplane stays in place");
     for s in servers.into_iter().chain(dns) {
@@ -87,7 +87,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// whatever `--proxy-mode`); `None` when off. Bad flags and addresses that cannot be bound end
 /// the agent at start; a store not reachable yet is retried in the background, while names
 /// outside the cluster domain are already forwarded.
-async fn start_dns(
+fn start_dns(
     opts: &Options,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
@@ -127,7 +127,6 @@ async fn start_dns(
             },
             metrics,
         )
-        .await
     } else {
         let (endpoints, prefix, tls) = (
             opts.etcd.etcd_endpoints.clone(),
@@ -151,7 +150,6 @@ async fn start_dns(
             },
             metrics,
         )
-        .await
     };
     Ok(Some(
         started.context("start the DNS server (--dns-listen)")?,

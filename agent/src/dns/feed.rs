@@ -11,6 +11,10 @@
 //!   whole cannot drift from its inputs.
 //! - The zone is published through an [`ArcSwap`]: queries read it without a lock and never
 //!   wait for a rebuild.
+//! - The zone believes every listing, even one that lost everything (the service loop holds
+//!   such a listing back, so as not to flush traffic of a wiped store): a name answers what
+//!   the store says now. Until the first listing arrives the zone is empty and names of the
+//!   cluster domain are NXDOMAIN (never cached: the answers carry no SOA).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -138,5 +142,60 @@ pub async fn follow(
         on_zone(&z);
         tracing::debug!(names = z.len(), "dns zone rebuilt");
         zone.store(Arc::new(z));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::zone::{DEFAULT_DOMAIN, Lookup, Qtype};
+    use crate::services::model::parse_manifest;
+    use crate::services::source::Listing;
+
+    fn svc(name: &str, ip: &str) -> Object {
+        parse_manifest(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    fn listing(revision: i64, objects: Vec<Object>) -> Listing {
+        Listing {
+            objects,
+            invalid: Vec::new(),
+            revision,
+            facts: None,
+        }
+    }
+
+    fn resolves(o: &Objects, name: &str) -> bool {
+        matches!(
+            o.zone(DEFAULT_DOMAIN)
+                .lookup(&format!("{name}.default.svc.cluster.local"), Qtype::A),
+            Lookup::Answer(_)
+        )
+    }
+
+    #[test]
+    fn pages_then_reset_then_changes() {
+        let mut o = Objects::default();
+        // Pages are staged until the listing of their revision completes.
+        assert!(!o.apply(SourceUpdate::Page(listing(5, vec![svc("a", "10.96.0.1")]))));
+        assert!(!o.listed);
+        assert!(o.apply(SourceUpdate::Reset(listing(5, vec![svc("b", "10.96.0.2")]))));
+        assert!(o.listed && resolves(&o, "a") && resolves(&o, "b"));
+        // A page of another revision is not mixed into a later listing.
+        o.apply(SourceUpdate::Page(listing(6, vec![svc("c", "10.96.0.3")])));
+        o.apply(SourceUpdate::Reset(listing(7, vec![svc("d", "10.96.0.4")])));
+        assert!(!resolves(&o, "a") && !resolves(&o, "c") && resolves(&o, "d"));
+        // Changes.
+        let key = svc("d", "10.96.0.4").key();
+        assert!(o.apply(SourceUpdate::Changes(vec![
+            Change::Put(svc("e", "10.96.0.5")),
+            Change::Delete(key),
+        ])));
+        assert!(resolves(&o, "e") && !resolves(&o, "d"));
+        assert!(!o.apply(SourceUpdate::Triggers(Vec::new())));
     }
 }

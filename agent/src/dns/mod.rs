@@ -90,8 +90,8 @@ impl DnsMetrics {
 /// Starts the DNS server: binds its sockets (an error names the address), then serves, with
 /// the zone following the service source that `source` runs (given the sender of the feed's
 /// channel; as the service loop's sources, it never needs to stop). Returns the server's task;
-/// aborting it stops everything.
-pub async fn start<F, Fut>(
+/// aborting it stops everything. Call it inside the tokio runtime.
+pub fn start<F, Fut>(
     config: DnsConfig,
     source: F,
     metrics: &Arc<Metrics>,

@@ -1,3 +1,5 @@
+use std::fmt::Write as _;
+
 use hickory_proto::rr::RecordType;
 
 use super::*;
@@ -167,7 +169,7 @@ fn a_reply_too_large_for_udp_is_truncated() {
          addressType: IPv4\nendpoints:\n",
     );
     for i in 0..60 {
-        text.push_str(&format!("- addresses: [10.244.3.{i}]\n"));
+        let _ = writeln!(text, "- addresses: [10.244.3.{i}]");
     }
     let mut o = Objects::default();
     o.reset(parse_manifest(&text).unwrap());
