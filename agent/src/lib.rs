@@ -7,6 +7,8 @@
 //!   [`overlay::kernel::Kernel`] seam; masquerade.
 //! - [`services`]: Services and EndpointSlices (etcd manifests or the Kubernetes API), the load
 //!   balancing plan, and one dataplane (eBPF, nftables, iptables) behind its own seam.
+//! - [`dns`]: Service names answered on the node (`--dns-listen`), from a zone that follows the
+//!   service source; other names forwarded.
 //! - [`daemon`]: the command line and the wiring; the only module that knows [`daemon::Options`].
 //! - [`shared`]: what both use (etcd and Kubernetes clients, netfilter's netlink, the HTTP
 //!   server, the metrics registry, backoff, shutdown).
@@ -16,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod daemon;
+pub mod dns;
 pub mod overlay;
 pub mod services;
 pub mod shared;

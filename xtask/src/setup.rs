@@ -33,6 +33,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    // `bench dns`: the reference DNS server and the load generator.
+    "dnsmasq-base",
+    "dnsperf",
 ];
 
 /// Runs every set-up step.

@@ -39,7 +39,9 @@ use crate::overlay::source::kube::KubeSubnetStore;
 use crate::overlay::source::{EtcdStore, LeaseStore};
 use crate::services::dataplane::ProxyMode;
 use crate::services::proxy::OverlayView;
-use crate::shared::backoff::retry;
+use crate::services::source::etcd::EtcdServiceStore;
+use crate::services::source::service_cache;
+use crate::shared::backoff::{Backoff, retry};
 use crate::shared::metrics::{Endpoints, Metrics};
 use crate::shared::shutdown::Shutdown;
 
@@ -72,12 +74,86 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             ))
         })
         .collect();
+    let dns = start_dns(&opts, &metrics)?;
     let res = Box::pin(run_node(&opts, &metrics, &shutdown)).await;
     tracing::info!("shutting down; the dataplane stays in place");
-    for s in servers {
+    for s in servers.into_iter().chain(dns) {
         s.abort();
     }
     res
+}
+
+/// The DNS server (`--dns-listen`), its zone fed by a service source of its own (so it runs
+/// whatever `--proxy-mode`); `None` when off. Bad flags and addresses that cannot be bound end
+/// the agent at start; a store not reachable yet is retried in the background, while names
+/// outside the cluster domain are already forwarded.
+fn start_dns(
+    opts: &Options,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let resolv_conf = || match std::fs::read_to_string(crate::dns::config::RESOLV_CONF) {
+        Ok(text) => crate::dns::config::resolv_conf_nameservers(&text),
+        Err(e) => {
+            tracing::warn!(path = crate::dns::config::RESOLV_CONF, error = %e, "reading the DNS upstreams failed");
+            Vec::new()
+        }
+    };
+    let Some(config) = opts
+        .dns_config(resolv_conf)
+        .context("refusing the DNS flags")?
+    else {
+        return Ok(None);
+    };
+    let started = if opts.services_from_kubernetes() {
+        let (api, node, proxy_name) = (
+            opts.kube_api(),
+            opts.node_name(),
+            opts.service_proxy_name.clone(),
+        );
+        crate::dns::start(
+            config,
+            move |tx| async move {
+                let mut backoff = Backoff::new();
+                let client = loop {
+                    match api.client().await {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dns: connecting to the Kubernetes API failed; retrying");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                };
+                crate::services::source::kube::run_source(client, node, proxy_name, None, tx).await;
+            },
+            metrics,
+        )
+    } else {
+        let (endpoints, prefix, tls) = (
+            opts.etcd.etcd_endpoints.clone(),
+            opts.etcd.etcd_prefix.clone(),
+            opts.etcd.tls(),
+        );
+        crate::dns::start(
+            config,
+            move |tx| async move {
+                let mut backoff = Backoff::new();
+                let store = loop {
+                    match EtcdServiceStore::connect(&endpoints, &prefix, &tls).await {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dns: connecting the service source to etcd failed; retrying");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                };
+                service_cache(store, tx).await;
+            },
+            metrics,
+        )
+    };
+    Ok(Some(
+        started.context("start the DNS server (--dns-listen)")?,
+    ))
 }
 
 /// The lease store, then [`run_overlay`] over it; returns on a signal.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::dns::{DnsConfig, DnsConfigError};
 use crate::overlay::lease::LEASE_TTL_MINUTES;
 use crate::overlay::node::NodeSettings;
 use crate::overlay::node::identity::DEFAULT_NODE_ID_FILE;
@@ -149,6 +150,20 @@ pub struct Options {
     /// source: every one the API server admitted (restrict them there, or with this flag).
     #[arg(long, value_delimiter = ',', value_parser = crate::services::proxy::parse_allowed_network)]
     pub allowed_external_ips: Option<Vec<ipnet::IpNet>>,
+    /// Serve DNS for Service names on ADDR[:PORT] (UDP and TCP; port 53 when absent);
+    /// repeatable. Off when absent. Typically the node's pod-bridge gateway (the first address
+    /// of its pod subnet, e.g. 10.244.1.1), so pods reach it without leaving the node; it may
+    /// be given before the address exists.
+    #[arg(long, value_parser = crate::dns::config::parse_listen)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// The cluster domain: Services answer as `<svc>.<ns>.svc.<domain>`.
+    #[arg(long, default_value = crate::dns::zone::DEFAULT_DOMAIN, value_parser = crate::dns::config::parse_domain)]
+    pub dns_domain: String,
+    /// Resolver (ADDR[:PORT]) that names outside the cluster domain are forwarded to, tried in
+    /// order; repeatable. Default: the nameservers of /etc/resolv.conf, without the DNS
+    /// server's own addresses.
+    #[arg(long, value_parser = crate::dns::config::parse_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 /// `--metrics-addr`: `IP:PORT`, or a bare `PORT` on loopback (what a node-local scraper needs,
@@ -170,6 +185,34 @@ pub(crate) fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
 }
 
 impl Options {
+    /// The DNS server's settings (`None`: no `--dns-listen`, the server is off); upstreams
+    /// read from `resolv_conf` when none is given. Refuses an upstream that is the server itself.
+    pub fn dns_config(
+        &self,
+        resolv_conf: impl FnOnce() -> Vec<SocketAddr>,
+    ) -> Result<Option<DnsConfig>, DnsConfigError> {
+        if self.dns_listen.is_empty() {
+            return Ok(None);
+        }
+        let (upstreams, dropped) =
+            crate::dns::config::upstreams(&self.dns_upstream, resolv_conf, &self.dns_listen)?;
+        if !dropped.is_empty() {
+            tracing::warn!(dropped = ?dropped, "resolv.conf names the DNS server's own address: not forwarding there");
+        }
+        if upstreams.is_empty() {
+            tracing::warn!(
+                "no DNS upstream (--dns-upstream, resolv.conf): names outside the cluster domain get SERVFAIL"
+            );
+        }
+        Ok(Some(DnsConfig {
+            listen: self.dns_listen.clone(),
+            domain: self.dns_domain.clone(),
+            upstreams,
+            ttl: crate::dns::config::DEFAULT_TTL,
+            upstream_timeout: crate::dns::config::UPSTREAM_TIMEOUT,
+        }))
+    }
+
     /// Whether services come from the Kubernetes API: `--service-source`, else whenever a
     /// Kubernetes flag is given (`--kube-subnet-mgr`, `--kube-api-url`, `--kubeconfig`).
     pub fn services_from_kubernetes(&self) -> bool {
@@ -361,6 +404,67 @@ mod tests {
         let ok =
             Options::try_parse_from(["twilld", "--subnet-lease-renew-margin", "1439"]).unwrap();
         assert_eq!(ok.subnet_lease_renew_margin, 1439);
+    }
+
+    #[test]
+    fn dns_flags() {
+        // Off by default; resolv.conf is then not read.
+        assert_eq!(opts(&[]).dns_config(|| unreachable!()).unwrap(), None);
+        let c = opts(&[
+            "--dns-listen",
+            "10.244.1.1",
+            "--dns-listen",
+            "[fd00::1]:5353",
+        ])
+        .dns_config(|| {
+            vec![
+                "10.244.1.1:53".parse().unwrap(),
+                "192.0.2.1:53".parse().unwrap(),
+            ]
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            [
+                "10.244.1.1:53".parse::<SocketAddr>().unwrap(),
+                "[fd00::1]:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.domain, "cluster.local");
+        // resolv.conf's entry for the server itself is dropped.
+        assert_eq!(c.upstreams, ["192.0.2.1:53".parse::<SocketAddr>().unwrap()]);
+        let c = opts(&[
+            "--dns-listen",
+            "10.244.1.1",
+            "--dns-domain",
+            "Corp.Example.",
+            "--dns-upstream",
+            "192.0.2.53:5353",
+        ])
+        .dns_config(|| unreachable!())
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.domain, "corp.example");
+        assert_eq!(
+            c.upstreams,
+            ["192.0.2.53:5353".parse::<SocketAddr>().unwrap()]
+        );
+        for (args, needle) in [
+            (["--dns-listen", "10.244.1"], "--dns-listen \"10.244.1\""),
+            (["--dns-domain", "a..b"], "--dns-domain \"a..b\""),
+            (["--dns-upstream", "0.0.0.0"], "not a unicast address"),
+        ] {
+            let e = Options::try_parse_from(std::iter::once("twilld").chain(args))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let e = opts(&["--dns-listen", "10.244.1.1", "--dns-upstream", "10.244.1.1"])
+            .dns_config(Vec::new)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("would loop"), "{e}");
     }
 
     #[test]

@@ -26,17 +26,20 @@ pub enum Which {
     /// 1000 nodes' leases and 10k services × 10 endpoints into one twilld: time to programmed,
     /// memory.
     ControlPlane,
+    /// twilld's DNS server vs dnsmasq on the same names: queries/s and p99 latency.
+    Dns,
     /// Everything that exists.
     All,
 }
 
 impl Which {
     /// The single benchmarks, in the order `all` runs them.
-    pub const EACH: [Which; 4] = [
+    pub const EACH: [Which; 5] = [
         Which::Overlay,
         Which::Services,
         Which::Cni,
         Which::ControlPlane,
+        Which::Dns,
     ];
 
     /// Whether it reads `--backend` (the control-plane benchmark runs one of them too).
@@ -56,6 +59,7 @@ impl Which {
             Which::Services => "services",
             Which::Cni => "cni",
             Which::ControlPlane => "control-plane",
+            Which::Dns => "dns",
             Which::All => "all",
         }
     }

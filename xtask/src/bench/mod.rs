@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod cni;
 pub mod control_plane;
+pub mod dns;
 pub mod kit;
 pub mod machine;
 pub mod overlay;
@@ -41,6 +42,7 @@ pub fn benchmark(which: Which) -> Result<Box<dyn Benchmark>, &'static str> {
         Which::Services => Ok(Box::new(services::Services)),
         Which::Cni => Ok(Box::new(cni::Cni)),
         Which::ControlPlane => Ok(Box::new(control_plane::ControlPlane)),
+        Which::Dns => Ok(Box::new(dns::Dns)),
         Which::All => Err("`all` is not a single benchmark"),
     }
 }
