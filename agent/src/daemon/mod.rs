@@ -41,7 +41,7 @@ use crate::services::dataplane::ProxyMode;
 use crate::services::proxy::OverlayView;
 use crate::services::source::etcd::EtcdServiceStore;
 use crate::services::source::service_cache;
-use crate::shared::backoff::{Backoff, retry};
+use crate::shared::backoff::{retry, until_ok};
 use crate::shared::metrics::{Endpoints, Metrics};
 use crate::shared::shutdown::Shutdown;
 
@@ -113,16 +113,8 @@ fn start_dns(
         crate::dns::start(
             config,
             move |tx| async move {
-                let mut backoff = Backoff::new();
-                let client = loop {
-                    match api.client().await {
-                        Ok(c) => break c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "dns: connecting to the Kubernetes API failed; retrying");
-                            tokio::time::sleep(backoff.next_delay()).await;
-                        }
-                    }
-                };
+                let client =
+                    until_ok("dns: connecting to the Kubernetes API", || api.client()).await;
                 crate::services::source::kube::run_source(client, node, proxy_name, None, tx).await;
             },
             metrics,
@@ -136,16 +128,10 @@ fn start_dns(
         crate::dns::start(
             config,
             move |tx| async move {
-                let mut backoff = Backoff::new();
-                let store = loop {
-                    match EtcdServiceStore::connect(&endpoints, &prefix, &tls).await {
-                        Ok(s) => break s,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "dns: connecting the service source to etcd failed; retrying");
-                            tokio::time::sleep(backoff.next_delay()).await;
-                        }
-                    }
-                };
+                let store = until_ok("dns: connecting the service source to etcd", || {
+                    EtcdServiceStore::connect(&endpoints, &prefix, &tls)
+                })
+                .await;
                 service_cache(store, tx).await;
             },
             metrics,

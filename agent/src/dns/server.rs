@@ -74,29 +74,24 @@ impl Sockets {
             tcp: Vec::new(),
         };
         for &addr in addrs {
+            let failed = |op, proto| {
+                move |source| BindError {
+                    op,
+                    proto,
+                    addr,
+                    source,
+                }
+            };
             let fd = freebind(addr, SockType::Datagram, "udp")?;
-            let std = std::net::UdpSocket::from(fd);
-            let sock = UdpSocket::from_std(std).map_err(|source| BindError {
-                op: "register",
-                proto: "udp",
-                addr,
-                source,
-            })?;
+            let sock = UdpSocket::from_std(std::net::UdpSocket::from(fd))
+                .map_err(failed("register", "udp"))?;
             out.udp.push(Arc::new(sock));
             let fd = freebind(addr, SockType::Stream, "tcp")?;
-            listen(&fd, Backlog::MAXCONN).map_err(|e| BindError {
-                op: "listen",
-                proto: "tcp",
-                addr,
-                source: e.into(),
-            })?;
-            let std = std::net::TcpListener::from(fd);
-            let l = TcpListener::from_std(std).map_err(|source| BindError {
-                op: "register",
-                proto: "tcp",
-                addr,
-                source,
-            })?;
+            listen(&fd, Backlog::MAXCONN)
+                .map_err(std::io::Error::from)
+                .map_err(failed("listen", "tcp"))?;
+            let l = TcpListener::from_std(std::net::TcpListener::from(fd))
+                .map_err(failed("register", "tcp"))?;
             out.tcp.push(l);
         }
         Ok(out)

@@ -344,4 +344,4 @@ fn is_dns_name(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

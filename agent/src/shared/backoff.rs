@@ -28,6 +28,26 @@ impl Backoff {
     }
 }
 
+/// Retries `f` with backoff until it succeeds, logging each failure as `what`; for a task that
+/// is aborted rather than told to stop.
+pub async fn until_ok<T, E, F, Fut>(what: &str, mut f: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
 /// Retries `f` with backoff until it succeeds (`Some`) or `shutdown` fires (`None`).
 pub async fn retry<T, F, Fut>(
     what: &str,

@@ -4,7 +4,7 @@ use crate::services::model::{Object, parse_manifest};
 
 /// A ClusterIP Service with a named and an unnamed port, a dual-stack one, a headless one with
 /// two ready endpoints and a not-ready one, an ExternalName one.
-const MANIFEST: &str = r"
+pub(crate) const MANIFEST: &str = r"
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
@@ -54,10 +54,17 @@ fn objects(text: &str) -> Vec<Object> {
     parse_manifest(text).unwrap()
 }
 
-fn zone(text: &str) -> Zone {
+pub(crate) fn zone(text: &str) -> Zone {
     let mut o = Objects::default();
     o.reset(objects(text));
     o.zone(DEFAULT_DOMAIN)
+}
+
+/// Asserts that each name looks up as expected, for the type asked.
+fn expect(z: &Zone, cases: &[(&str, Qtype, Lookup<'_>)]) {
+    for (name, q, want) in cases {
+        assert_eq!(z.lookup(name, *q), *want, "{name} {q:?}");
+    }
 }
 
 fn a(ip: &str) -> Rr {
@@ -67,92 +74,117 @@ fn a(ip: &str) -> Rr {
 #[test]
 fn a_service_name_has_its_cluster_ips() {
     let z = zone(MANIFEST);
-    assert_eq!(
-        z.lookup("web.default.svc.cluster.local", Qtype::A),
-        Lookup::Answer(&[a("10.96.0.10")])
-    );
-    // Any case, a trailing dot or none.
-    assert_eq!(
-        z.lookup("WEB.Default.svc.cluster.local.", Qtype::A),
-        Lookup::Answer(&[a("10.96.0.10")])
-    );
-    // Dual stack: one address per family, each under its own type.
-    assert_eq!(
-        z.lookup("dual.shop.svc.cluster.local", Qtype::A),
-        Lookup::Answer(&[a("10.96.0.11")])
-    );
-    assert_eq!(
-        z.lookup("dual.shop.svc.cluster.local", Qtype::Aaaa),
-        Lookup::Answer(&[Rr::Aaaa("fd00:96::11".parse().unwrap())])
-    );
-    // A name without AAAA records exists: NODATA, not NXDOMAIN.
-    assert_eq!(
-        z.lookup("web.default.svc.cluster.local", Qtype::Aaaa),
-        Lookup::NoData
-    );
-    assert_eq!(
-        z.lookup("web.default.svc.cluster.local", Qtype::Other),
-        Lookup::NoData
+    expect(
+        &z,
+        &[
+            (
+                "web.default.svc.cluster.local",
+                Qtype::A,
+                Lookup::Answer(&[a("10.96.0.10")]),
+            ),
+            // Any case, a trailing dot or none.
+            (
+                "WEB.Default.svc.cluster.local.",
+                Qtype::A,
+                Lookup::Answer(&[a("10.96.0.10")]),
+            ),
+            // Dual stack: one address per family, each under its own type.
+            (
+                "dual.shop.svc.cluster.local",
+                Qtype::A,
+                Lookup::Answer(&[a("10.96.0.11")]),
+            ),
+            (
+                "dual.shop.svc.cluster.local",
+                Qtype::Aaaa,
+                Lookup::Answer(&[Rr::Aaaa("fd00:96::11".parse().unwrap())]),
+            ),
+            // A name without AAAA records exists: NODATA, not NXDOMAIN.
+            ("web.default.svc.cluster.local", Qtype::Aaaa, Lookup::NoData),
+            (
+                "web.default.svc.cluster.local",
+                Qtype::Other,
+                Lookup::NoData,
+            ),
+        ],
     );
 }
 
 #[test]
 fn named_ports_have_srv_records() {
     let z = zone(MANIFEST);
-    assert_eq!(
-        z.lookup("_http._tcp.web.default.svc.cluster.local", Qtype::Srv),
-        Lookup::Answer(&[Rr::Srv {
-            port: 80,
-            target: "web.default.svc.cluster.local".into()
-        }])
-    );
-    assert_eq!(
-        z.lookup("_dns._udp.web.default.svc.cluster.local", Qtype::Srv),
-        Lookup::Answer(&[Rr::Srv {
-            port: 53,
-            target: "web.default.svc.cluster.local".into()
-        }])
-    );
-    // The protocol is part of the name.
-    assert_eq!(
-        z.lookup("_dns._tcp.web.default.svc.cluster.local", Qtype::Srv),
-        Lookup::NxDomain
-    );
-    // Unnamed ports have none.
-    assert_eq!(
-        z.lookup("_443._tcp.dual.shop.svc.cluster.local", Qtype::Srv),
-        Lookup::NxDomain
+    expect(
+        &z,
+        &[
+            (
+                "_http._tcp.web.default.svc.cluster.local",
+                Qtype::Srv,
+                Lookup::Answer(&[Rr::Srv {
+                    port: 80,
+                    target: "web.default.svc.cluster.local".into(),
+                }]),
+            ),
+            (
+                "_dns._udp.web.default.svc.cluster.local",
+                Qtype::Srv,
+                Lookup::Answer(&[Rr::Srv {
+                    port: 53,
+                    target: "web.default.svc.cluster.local".into(),
+                }]),
+            ),
+            // The protocol is part of the name.
+            (
+                "_dns._tcp.web.default.svc.cluster.local",
+                Qtype::Srv,
+                Lookup::NxDomain,
+            ),
+            // Unnamed ports have none.
+            (
+                "_443._tcp.dual.shop.svc.cluster.local",
+                Qtype::Srv,
+                Lookup::NxDomain,
+            ),
+        ],
     );
 }
 
 #[test]
 fn a_headless_service_answers_with_its_ready_endpoints() {
     let z = zone(MANIFEST);
-    assert_eq!(
-        z.lookup("db.default.svc.cluster.local", Qtype::A),
-        Lookup::Answer(&[a("10.244.1.5"), a("10.244.2.7")])
-    );
-    // Each endpoint has its own name, the SRV records' targets, with the endpoints' port.
-    assert_eq!(
-        z.lookup("10-244-2-7.db.default.svc.cluster.local", Qtype::A),
-        Lookup::Answer(&[a("10.244.2.7")])
-    );
-    assert_eq!(
-        z.lookup("10-244-2-9.db.default.svc.cluster.local", Qtype::A),
-        Lookup::NxDomain
-    );
-    assert_eq!(
-        z.lookup("_pg._tcp.db.default.svc.cluster.local", Qtype::Srv),
-        Lookup::Answer(&[
-            Rr::Srv {
-                port: 15432,
-                target: "10-244-1-5.db.default.svc.cluster.local".into()
-            },
-            Rr::Srv {
-                port: 15432,
-                target: "10-244-2-7.db.default.svc.cluster.local".into()
-            },
-        ])
+    expect(
+        &z,
+        &[
+            (
+                "db.default.svc.cluster.local",
+                Qtype::A,
+                Lookup::Answer(&[a("10.244.1.5"), a("10.244.2.7")]),
+            ),
+            // Each endpoint has its own name, the SRV records' targets, with the endpoints' port.
+            (
+                "10-244-2-7.db.default.svc.cluster.local",
+                Qtype::A,
+                Lookup::Answer(&[a("10.244.2.7")]),
+            ),
+            (
+                "10-244-2-9.db.default.svc.cluster.local",
+                Qtype::A,
+                Lookup::NxDomain,
+            ),
+            (
+                "_pg._tcp.db.default.svc.cluster.local",
+                Qtype::Srv,
+                Lookup::Answer(&[
+                    Rr::Srv {
+                        port: 15432,
+                        target: "10-244-1-5.db.default.svc.cluster.local".into(),
+                    },
+                    Rr::Srv {
+                        port: 15432,
+                        target: "10-244-2-7.db.default.svc.cluster.local".into(),
+                    },
+                ]),
+            ),
+        ],
     );
 }
 
@@ -183,13 +215,12 @@ fn an_external_name_is_a_cname_whatever_the_type() {
 #[test]
 fn unknown_names_in_the_domain_do_not_exist_and_others_are_outside() {
     let z = zone(MANIFEST);
-    assert_eq!(
-        z.lookup("nope.default.svc.cluster.local", Qtype::A),
-        Lookup::NxDomain
-    );
-    assert_eq!(
-        z.lookup("web.other.svc.cluster.local", Qtype::A),
-        Lookup::NxDomain
+    expect(
+        &z,
+        &[
+            ("nope.default.svc.cluster.local", Qtype::A, Lookup::NxDomain),
+            ("web.other.svc.cluster.local", Qtype::A, Lookup::NxDomain),
+        ],
     );
     // The names between a record and the domain exist (empty non-terminals).
     for name in [
@@ -217,13 +248,16 @@ fn another_domain() {
     o.reset(objects(MANIFEST));
     let z = o.zone("Corp.Example.");
     assert_eq!(z.domain(), "corp.example");
-    assert_eq!(
-        z.lookup("web.default.svc.corp.example", Qtype::A),
-        Lookup::Answer(&[a("10.96.0.10")])
-    );
-    assert_eq!(
-        z.lookup("web.default.svc.cluster.local", Qtype::A),
-        Lookup::Outside
+    expect(
+        &z,
+        &[
+            (
+                "web.default.svc.corp.example",
+                Qtype::A,
+                Lookup::Answer(&[a("10.96.0.10")]),
+            ),
+            ("web.default.svc.cluster.local", Qtype::A, Lookup::Outside),
+        ],
     );
 }
 
@@ -231,10 +265,12 @@ fn another_domain() {
 fn an_empty_zone_has_its_domain_only() {
     let z = ZoneBuilder::new(DEFAULT_DOMAIN).build();
     assert_eq!(z.len(), 1);
-    assert_eq!(z.lookup("cluster.local", Qtype::A), Lookup::NoData);
-    assert_eq!(
-        z.lookup("web.default.svc.cluster.local", Qtype::A),
-        Lookup::NxDomain
+    expect(
+        &z,
+        &[
+            ("cluster.local", Qtype::A, Lookup::NoData),
+            ("web.default.svc.cluster.local", Qtype::A, Lookup::NxDomain),
+        ],
     );
 }
 
