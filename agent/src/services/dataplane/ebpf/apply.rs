@@ -116,14 +116,24 @@ impl LbMaps for AyaMaps {
 
 impl AyaMaps {
     fn reset_counts(&mut self, id: u32) -> Result<(), EbpfLbError> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, err)| EbpfLbError::System("count possible CPUs", err))?;
-        let zero = aya::maps::PerCpuValues::try_from(vec![SvcCount::default(); cpus])
+        let zero = aya::maps::PerCpuValues::try_from(vec![SvcCount::default(); possible_cpus()?])
             .map_err(|err| EbpfLbError::System("build per-CPU counters", err))?;
         self.count
             .set(id, zero, 0)
             .map_err(|source: MapError| map_err("update", MAP_COUNT, id)(source))
     }
+}
+
+/// The kernel's possible CPUs, the length of a per-CPU value: fixed at boot, so read from sysfs
+/// once rather than for every service written.
+fn possible_cpus() -> Result<usize, EbpfLbError> {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(&n) = CPUS.get() {
+        return Ok(n);
+    }
+    let n =
+        aya::util::nr_cpus().map_err(|(_, err)| EbpfLbError::System("count possible CPUs", err))?;
+    Ok(*CPUS.get_or_init(|| n))
 }
 
 /// Every programmed service rebuilt from the maps (sorted by frontend), with the mirror of
