@@ -24,15 +24,15 @@ use tokio::sync::mpsc;
 
 use crate::dns::zone::{Zone, ZoneBuilder};
 use crate::services::model::{Change, EndpointSlice, Kind, Object, ObjectKey, Service};
-use crate::services::source::SourceUpdate;
+use crate::services::source::{Paging, SourceUpdate};
 
 /// The accepted Services and EndpointSlices, by namespace and name.
 #[derive(Debug, Default)]
 pub struct Objects {
     services: BTreeMap<(String, String), Service>,
     slices: BTreeMap<(String, String), EndpointSlice>,
-    /// A listing arriving page by page: its revision and its objects so far.
-    staged: Option<(i64, Vec<Object>)>,
+    /// A listing arriving page by page: its objects so far.
+    staged: Paging<Vec<Object>>,
     /// A full listing has arrived (before it, the zone is empty and says so).
     pub listed: bool,
 }
@@ -77,19 +77,11 @@ impl Objects {
     pub fn apply(&mut self, up: SourceUpdate) -> bool {
         match up {
             SourceUpdate::Page(l) => {
-                let staged = match self.staged.take() {
-                    Some(st) if st.0 == l.revision => st,
-                    _ => (l.revision, Vec::new()),
-                };
-                let (_, objects) = self.staged.insert(staged);
-                objects.extend(l.objects);
+                self.staged.page(l.revision).extend(l.objects);
                 false
             }
             SourceUpdate::Reset(l) => {
-                let mut objects = match self.staged.take() {
-                    Some((rev, objects)) if rev == l.revision => objects,
-                    _ => Vec::new(),
-                };
+                let mut objects = self.staged.finish(l.revision);
                 objects.extend(l.objects);
                 self.reset(objects);
                 true

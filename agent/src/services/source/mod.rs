@@ -189,6 +189,38 @@ pub enum SourceUpdate {
     Triggers(Vec<SystemTime>),
 }
 
+/// A listing in progress, arriving as [`SourceUpdate::Page`]s of one revision: what its pages
+/// gathered so far (`T`: whatever the reader keeps of them).
+#[derive(Debug)]
+pub struct Paging<T>(Option<(i64, T)>);
+
+impl<T> Default for Paging<T> {
+    fn default() -> Self {
+        Paging(None)
+    }
+}
+
+impl<T: Default> Paging<T> {
+    /// Where a page read at `revision` goes: the listing in progress if it is of that
+    /// revision, else a fresh one (a list that failed half way is read again).
+    pub fn page(&mut self, revision: i64) -> &mut T {
+        if self.0.as_ref().is_none_or(|(r, _)| *r != revision) {
+            self.0 = Some((revision, T::default()));
+        }
+        let (_, gathered) = self.0.get_or_insert_with(|| (revision, T::default()));
+        gathered
+    }
+
+    /// Ends the listing read at `revision` (its [`SourceUpdate::Reset`]): what its pages
+    /// gathered, nothing if they were of another revision.
+    pub fn finish(&mut self, revision: i64) -> T {
+        match self.0.take() {
+            Some((r, gathered)) if r == revision => gathered,
+            _ => T::default(),
+        }
+    }
+}
+
 /// Lists, then watches from the listed revision, forwarding updates; re-lists with backoff
 /// whenever the watch breaks or the store changed in a way a listing must judge. Runs until
 /// `out` is closed.

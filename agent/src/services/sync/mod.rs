@@ -27,7 +27,7 @@ use crate::services::desired::{LbState, NodeIdentity, Refused, Snapshot};
 use crate::services::lb::{FrontendKey, LbDataplane, LbPlan, LbService, plan_refs};
 use crate::services::metrics::ServiceMetrics;
 use crate::services::model::{Change, FieldError, Kind, Object, ObjectKey};
-use crate::services::source::{ServiceStore, SourceUpdate, service_cache};
+use crate::services::source::{Paging, ServiceStore, SourceUpdate, service_cache};
 use crate::services::sync::guard::{StoreGuard, Verdict};
 use crate::shared::backoff::Backoff;
 
@@ -353,7 +353,7 @@ where
     // listing and the changes since.
     let mut held: Option<Snapshot> = None;
     // A listing arriving page by page: its revision, what is kept of it, its invalid objects.
-    let mut staged: Option<(i64, Snapshot, Vec<Invalid>)> = None;
+    let mut staged: Paging<(Snapshot, Vec<Invalid>)> = Paging::default();
     let mut tick = tokio::time::interval(settings.resync.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -381,21 +381,14 @@ where
                         SourceUpdate::Page(l) => {
                             let (svcs, eps) = count_kinds(l.objects.iter().map(Object::key));
                             lp.metrics.queued(svcs, eps);
-                            let st = match staged.take() {
-                                Some(st) if st.0 == l.revision => st,
-                                _ => (l.revision, Snapshot::default(), Vec::new()),
-                            };
-                            let (_, snap, invalid) = staged.insert(st);
+                            let (snap, invalid) = staged.page(l.revision);
                             invalid.extend(l.invalid);
                             for o in l.objects {
                                 snap.put(o);
                             }
                         }
                         SourceUpdate::Reset(l) => {
-                            let (mut snap, mut invalid) = match staged.take() {
-                                Some((rev, snap, inv)) if rev == l.revision => (snap, inv),
-                                _ => (Snapshot::default(), Vec::new()),
-                            };
+                            let (mut snap, mut invalid) = staged.finish(l.revision);
                             let empty = l.objects.is_empty()
                                 && l.invalid.is_empty()
                                 && invalid.is_empty()
